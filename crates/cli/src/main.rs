@@ -1,0 +1,277 @@
+//! `popek`: run 32-bit x86 guests, and look at how their instructions
+//! classify after Popek & Goldberg.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use popek_decode::{scan_block, AtRing3, BlockEnd, Class, SPECIALS};
+use popek_machine::{Config, Engine, Machine};
+
+const EXAMPLES: &str = "\
+Examples:
+  popek run hello                     run a bundled guest with the interpreter
+  popek run ./kernel.elf --memory 128M --append 'debug=1'
+  popek run compute --max-insns 1000000
+  popek guests                        list the bundled guests
+  popek classify                      the Popek-Goldberg classification table
+  popek classify popf                 classify the code a guest runs from its entry
+
+Exit status: the guest's isa-debug-exit status ((v << 1) | 1, as QEMU), or
+0 when the guest halts for good, 2 on an error (bad image, unsupported
+operation, triple fault), 4 when --max-insns runs out.";
+
+#[derive(Parser)]
+#[command(name = "popek", version, about = "A binary-translating virtual machine monitor for 32-bit x86", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineArg {
+    /// The reference interpreter.
+    Interp,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a Multiboot kernel (a path or a bundled guest's name).
+    Run {
+        /// Path to a Multiboot ELF, or the name of a bundled guest.
+        guest: String,
+        /// Execution engine.
+        #[arg(long, value_enum, default_value = "interp")]
+        engine: EngineArg,
+        /// Guest RAM, e.g. 64M, 1G, 65536.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        memory: u64,
+        /// Stop after this many guest instructions.
+        #[arg(long)]
+        max_insns: Option<u64>,
+        /// Kernel command line (Multiboot; QEMU's -append).
+        #[arg(long, default_value = "")]
+        append: String,
+        /// Print every executed instruction and the registers before it to
+        /// stderr, optionally only from the N-th instruction on.
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]
+        trace: Option<u64>,
+    },
+    /// Print the classification table, or classify a guest's code.
+    Classify {
+        /// A bundled guest or a path: classify the blocks reachable from its entry.
+        guest: Option<String>,
+    },
+    /// List the bundled guests.
+    Guests,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().as_str() {
+                "K" | "KB" | "KIB" => 1u64 << 10,
+                "M" | "MB" | "MIB" => 1 << 20,
+                "G" | "GB" | "GIB" => 1 << 30,
+                other => return Err(format!("unknown size suffix {other:?}")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+/// Read a guest image: a bundled guest by name, else a file. Returns the
+/// bytes and the path QEMU would have been given.
+fn load_image(guest: &str) -> Result<(Vec<u8>, String), String> {
+    if let Some(g) = popek_guests::find(guest) {
+        if !std::path::Path::new(guest).exists() {
+            return Ok((g.elf.to_vec(), guest.to_string()));
+        }
+    }
+    std::fs::read(guest)
+        .map(|b| (b, guest.to_string()))
+        .map_err(|e| {
+            format!(
+                "cannot read guest {guest:?}: {e} (bundled guests: {})",
+                bundled_names()
+            )
+        })
+}
+
+fn bundled_names() -> String {
+    popek_guests::GUESTS
+        .iter()
+        .map(|g| g.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            guest,
+            engine,
+            memory,
+            max_insns,
+            append,
+            trace,
+        } => {
+            let (image, path) = match load_image(&guest) {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("popek: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let config = Config {
+                memory,
+                max_insns,
+                // QEMU passes "<kernel path> <append>" as the Multiboot command line.
+                cmdline: format!("{path} {append}"),
+                engine: match engine {
+                    EngineArg::Interp => Engine::Interp,
+                },
+                trace,
+            };
+            let mut m = match Machine::multiboot(&image, config) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("popek: {guest}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let exit = m.run(&mut out);
+            let _ = out.flush();
+            if let Some(msg) = exit.message() {
+                eprintln!("popek: {msg}");
+            }
+            ExitCode::from(exit.status() as u8)
+        }
+        Cmd::Classify { guest: None } => {
+            print_table();
+            ExitCode::SUCCESS
+        }
+        Cmd::Classify { guest: Some(g) } => match classify_guest(&g) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Guests => {
+            for g in popek_guests::GUESTS {
+                println!("{:<12} {}", g.name, g.about);
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_table() {
+    println!(
+        "{:<15} {:<11} {:<10} {:<6} what it does",
+        "instruction", "class", "at ring 3", "ends"
+    );
+    println!("{}", "-".repeat(100));
+    for r in SPECIALS {
+        let ring3 = match r.at_ring3 {
+            AtRing3::Traps => "traps",
+            AtRing3::Silent => "SILENT",
+            AtRing3::Sometimes => "sometimes",
+        };
+        println!(
+            "{:<15} {:<11} {:<10} {:<6} {}",
+            format!("{:?}", r.kind),
+            r.class.name(),
+            ring3,
+            if r.ends_block { "block" } else { "" },
+            r.what
+        );
+    }
+    let silent = SPECIALS
+        .iter()
+        .filter(|r| r.at_ring3 == AtRing3::Silent)
+        .count();
+    println!(
+        "\n{silent} sensitive instructions run at ring 3 without trapping (SILENT): x86 fails the \
+         Popek-Goldberg condition that every sensitive instruction be privileged."
+    );
+    println!("Everything else: innocuous, or control flow (near JMP/Jcc/CALL/RET/LOOP), which ends a block.");
+}
+
+/// Follow direct branches from the guest's entry and print every block.
+fn classify_guest(guest: &str) -> Result<(), String> {
+    let (image, path) = load_image(guest)?;
+    let mut m = Machine::multiboot(
+        &image,
+        Config {
+            cmdline: path,
+            ..Config::default()
+        },
+    )
+    .map_err(|e| format!("{guest}: {e}"))?;
+    let mut todo = vec![m.cpu.eip];
+    let mut seen = std::collections::BTreeSet::new();
+    let mut counts = std::collections::BTreeMap::<Class, usize>::new();
+    while let Some(pc) = todo.pop() {
+        if !seen.insert(pc) || seen.len() > 4096 {
+            continue;
+        }
+        let cpu = &mut m.cpu;
+        let block = scan_block(|eip, buf| cpu.fetch(eip, buf).0, pc, 32);
+        println!(
+            "block {pc:#010x} ({} instructions, ends: {:?})",
+            block.insns.len(),
+            block.end
+        );
+        for i in &block.insns {
+            *counts.entry(i.class).or_default() += 1;
+            let bytes: String = i.bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let kind = i.special.map(|s| format!(" [{s:?}]")).unwrap_or_default();
+            println!(
+                "  {:08x}  {:<24} {:<36} {}{}",
+                i.ins.ip32(),
+                bytes,
+                i.ins.to_string(),
+                i.class.name(),
+                kind
+            );
+            // Follow direct near and far branch targets.
+            match i.ins.op0_kind() {
+                iced_x86::OpKind::NearBranch32 | iced_x86::OpKind::NearBranch16 => {
+                    todo.push(i.ins.near_branch_target() as u32)
+                }
+                iced_x86::OpKind::FarBranch32 => todo.push(i.ins.far_branch32()),
+                _ => {}
+            }
+        }
+        if let Some(last) = block.insns.last() {
+            let next = last.ins.next_ip32();
+            let falls_through = !matches!(
+                block.end,
+                BlockEnd::Undecodable(_) | BlockEnd::FetchFault(_)
+            ) && !matches!(
+                last.ins.flow_control(),
+                iced_x86::FlowControl::UnconditionalBranch
+                    | iced_x86::FlowControl::Return
+                    | iced_x86::FlowControl::IndirectBranch
+            );
+            if falls_through {
+                todo.push(next);
+            }
+        }
+    }
+    println!("\nsummary:");
+    for (c, n) in counts {
+        println!("  {:<13} {n}", c.name());
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Every bundled guest under popek, against QEMU as the oracle: the same
+//! serial bytes and the same exit status as
+//! `qemu-system-i386 -kernel G -serial stdio -display none
+//!  -device isa-debug-exit,iobase=0xf4,iosize=4 -no-reboot`.
+//! Guests QEMU cannot judge (see guests/guests.txt) are checked against the
+//! verdicts they print from the Intel SDM's definitions.
+
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const POPEK: &str = env!("CARGO_BIN_EXE_popek");
+
+/// Run a command with a deadline; a hang is a test failure, not a stuck CI.
+fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        stdout.read_to_end(&mut v).unwrap();
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        stderr.read_to_end(&mut v).unwrap();
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+fn qemu(path: &str) -> Output {
+    let mut cmd = Command::new("qemu-system-i386");
+    cmd.args([
+        "-kernel", path, "-serial", "stdio", "-display", "none", "-device",
+    ])
+    .args([
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-no-reboot",
+        "-m",
+        "64",
+    ]);
+    run_with_timeout(&mut cmd, Duration::from_secs(300))
+}
+
+fn popek(args: &[&str]) -> Output {
+    run_with_timeout(Command::new(POPEK).args(args), Duration::from_secs(300))
+}
+
+#[test]
+fn qemu_is_installed() {
+    let out = Command::new("qemu-system-i386").arg("--version").output();
+    assert!(
+        out.map(|o| o.status.success()).unwrap_or(false),
+        "qemu-system-i386 is missing: run the README's test command (.ci/test), which installs qemu-system-x86"
+    );
+}
+
+#[test]
+fn every_qemu_guest_matches_qemu_byte_for_byte() {
+    let guests: Vec<_> = popek_guests::GUESTS.iter().filter(|g| g.qemu).collect();
+    assert!(guests.len() >= 5);
+    let handles: Vec<_> = guests
+        .iter()
+        .map(|g| {
+            let g = **g;
+            std::thread::spawn(move || (g, qemu(g.path), popek(&["run", g.path])))
+        })
+        .collect();
+    for h in handles {
+        let (g, q, p) = h.join().unwrap();
+        let qs = String::from_utf8_lossy(&q.stdout);
+        let ps = String::from_utf8_lossy(&p.stdout);
+        assert!(
+            !q.stdout.is_empty(),
+            "{}: QEMU printed nothing; stderr: {}",
+            g.name,
+            String::from_utf8_lossy(&q.stderr)
+        );
+        assert_eq!(
+            ps,
+            qs,
+            "{}: serial output differs from QEMU (popek stderr: {})",
+            g.name,
+            String::from_utf8_lossy(&p.stderr)
+        );
+        assert_eq!(
+            p.status.code(),
+            q.status.code(),
+            "{}: exit status differs from QEMU",
+            g.name
+        );
+        // The guests' own verdicts hold too (so QEMU and popek are not merely equally wrong).
+        assert!(
+            !ps.contains("WRONG") && !ps.contains("FAIL"),
+            "{}: {ps}",
+            g.name
+        );
+        assert!(
+            p.stderr.is_empty(),
+            "{}: popek stderr: {}",
+            g.name,
+            String::from_utf8_lossy(&p.stderr)
+        );
+    }
+}
+
+#[test]
+fn segments_guest_follows_the_sdm() {
+    let p = popek(&["run", "segments"]);
+    let out = String::from_utf8_lossy(&p.stdout);
+    assert!(out.contains("segments: PASS"), "{out}");
+    assert!(!out.contains("WRONG"), "{out}");
+    assert_eq!(p.status.code(), Some(1));
+}
+
+#[test]
+fn triple_fault_is_reported_with_address_and_bytes() {
+    let p = popek(&["run", "triplefault"]);
+    let err = String::from_utf8_lossy(&p.stderr);
+    assert_eq!(p.status.code(), Some(2));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("triple fault at eip=0x"), "{err}");
+    // the faulting instruction is a DIV (opcode F7 /6)
+    assert!(err.contains("[f7 "), "{err}");
+    assert!(String::from_utf8_lossy(&p.stdout).contains("dividing by zero"));
+}

@@ -1,0 +1,479 @@
+//! Scans 32-bit guest code into basic blocks and classifies every
+//! instruction after Popek & Goldberg (CACM 17(7), 1974):
+//!
+//! - **innocuous**: neither reads nor changes the machine's privileged state;
+//!   runs unchanged.
+//! - **sensitive** (but unprivileged): reads or changes privileged state yet
+//!   does *not* trap at CPL 3. These are the instructions that make x86 fail
+//!   the Popek–Goldberg condition (POPF, PUSHF, SGDT, SIDT, SLDT, SMSW, STR,
+//!   LAR, LSL, VERR, VERW, segment-register moves, far transfers, INT, IRET).
+//! - **privileged**: traps (#GP) when executed outside ring 0 (CLI, STI, HLT,
+//!   IN/OUT, LGDT, MOV CRn, ...).
+//! - **control flow**: near jumps, calls and returns, which end a basic block.
+//!
+//! The classification is data ([`SPECIALS`]) that tools and tests read;
+//! `popek classify` prints it.
+//!
+//! A basic block ends at every control transfer, at a special instruction
+//! that must leave translated code ([`Special::ends_block`]), at
+//! [`MAX_BLOCK_INSNS`] instructions, before an instruction that would start
+//! on another page, or at bytes that do not decode (the block then records
+//! where, and executing there raises a guest #UD).
+
+use iced_x86::{
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
+};
+
+/// The longest x86 instruction.
+pub const MAX_INSN_LEN: usize = 15;
+/// The most instructions a block holds.
+pub const MAX_BLOCK_INSNS: usize = 64;
+/// Blocks never start an instruction on a page other than their first.
+pub const PAGE_SIZE: u32 = 4096;
+
+/// An instruction's class after Popek & Goldberg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// Runs unchanged: touches no privileged state.
+    Innocuous,
+    /// Reads or changes privileged state but does not trap at CPL 3.
+    Sensitive,
+    /// Traps with #GP at CPL > 0 (or CPL > IOPL for the I/O and IF ones).
+    Privileged,
+    /// Near JMP, Jcc, CALL, RET, LOOP, JECXZ.
+    ControlFlow,
+}
+
+impl Class {
+    /// Lower-case name, as printed in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Innocuous => "innocuous",
+            Class::Sensitive => "sensitive",
+            Class::Privileged => "privileged",
+            Class::ControlFlow => "control-flow",
+        }
+    }
+}
+
+/// What happens to a special instruction when a classic trap-and-emulate
+/// VMM runs the guest kernel at CPL 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtRing3 {
+    /// It traps (#GP): the VMM can emulate it. Popek–Goldberg holds.
+    Traps,
+    /// It runs without trapping and does the wrong thing for a guest kernel:
+    /// a Popek–Goldberg violation.
+    Silent,
+    /// It runs without trapping, traps only in some cases (e.g. a segment
+    /// load whose DPL check fails), or behaves differently in a way the VMM
+    /// can partly hide.
+    Sometimes,
+}
+
+macro_rules! specials {
+    ($( $v:ident => $class:ident, $ring3:ident, $ends:expr, $what:expr; )*) => {
+        /// Every special (sensitive, privileged) instruction kind popek knows.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Special { $( #[doc = $what] $v, )* }
+
+        /// One row of the classification table.
+        #[derive(Debug, Clone, Copy)]
+        pub struct SpecialInfo {
+            /// The kind.
+            pub kind: Special,
+            /// Its Popek–Goldberg class.
+            pub class: Class,
+            /// Its behaviour at CPL 3 under trap-and-emulate.
+            pub at_ring3: AtRing3,
+            /// Does it end a basic block (leave translated code)?
+            pub ends_block: bool,
+            /// What it does to privileged state.
+            pub what: &'static str,
+        }
+
+        /// The classification table: one row per special instruction kind.
+        pub const SPECIALS: &[SpecialInfo] = &[
+            $( SpecialInfo { kind: Special::$v, class: Class::$class, at_ring3: AtRing3::$ring3, ends_block: $ends, what: $what }, )*
+        ];
+    };
+}
+
+specials! {
+    Pushf => Sensitive, Silent, false, "PUSHF: pushes EFLAGS, revealing the real IF and IOPL";
+    Popf => Sensitive, Silent, true, "POPF: at CPL > 0 silently ignores IOPL, and IF when CPL > IOPL";
+    Sgdt => Sensitive, Silent, false, "SGDT: stores GDTR, revealing the monitor's GDT";
+    Sidt => Sensitive, Silent, false, "SIDT: stores IDTR, revealing the monitor's IDT";
+    Sldt => Sensitive, Silent, false, "SLDT: stores the LDTR selector";
+    Smsw => Sensitive, Silent, false, "SMSW: stores CR0's low bits (PE, MP, EM, TS)";
+    Str => Sensitive, Silent, false, "STR: stores the task register selector";
+    Lar => Sensitive, Silent, false, "LAR: loads access rights, checked against CPL";
+    Lsl => Sensitive, Silent, false, "LSL: loads a segment limit, checked against CPL";
+    Verr => Sensitive, Silent, false, "VERR: is a segment readable at CPL?";
+    Verw => Sensitive, Silent, false, "VERW: is a segment writable at CPL?";
+    MovFromSeg => Sensitive, Silent, false, "MOV r/m, Sreg: reveals the selector's RPL (the CPL for CS/SS)";
+    PushSeg => Sensitive, Silent, false, "PUSH Sreg: reveals the selector's RPL";
+    MovToSeg => Sensitive, Sometimes, true, "MOV Sreg, r/m: descriptor load with CPL checks";
+    PopSeg => Sensitive, Sometimes, true, "POP Sreg: descriptor load with CPL checks";
+    LoadFarPointer => Sensitive, Sometimes, true, "LDS/LES/LFS/LGS/LSS: descriptor load with CPL checks";
+    FarJmp => Sensitive, Sometimes, true, "far JMP: loads CS, privilege checked";
+    FarCall => Sensitive, Sometimes, true, "far CALL: loads CS, privilege checked";
+    FarRet => Sensitive, Sometimes, true, "far RET: loads CS (and SS), may change privilege";
+    IntN => Sensitive, Sometimes, true, "INT n: interrupt through the IDT, gate DPL checked";
+    Int3 => Sensitive, Sometimes, true, "INT3: breakpoint trap through the IDT";
+    Into => Sensitive, Sometimes, true, "INTO: overflow trap through the IDT";
+    Iret => Sensitive, Silent, true, "IRET: loads CS, EFLAGS (IF, IOPL only with privilege)";
+    Cpuid => Sensitive, Silent, false, "CPUID: reveals the processor";
+    Rdtsc => Sensitive, Silent, false, "RDTSC: reveals real time (privileged only with CR4.TSD)";
+    Cli => Privileged, Traps, false, "CLI: clears IF (CPL <= IOPL)";
+    Sti => Privileged, Traps, true, "STI: sets IF (CPL <= IOPL), one-instruction shadow";
+    Hlt => Privileged, Traps, true, "HLT: waits for an interrupt";
+    In => Privileged, Traps, false, "IN: port input (CPL <= IOPL or the TSS I/O bitmap)";
+    Out => Privileged, Traps, false, "OUT: port output (CPL <= IOPL or the TSS I/O bitmap)";
+    Ins => Privileged, Traps, false, "INS: string port input";
+    Outs => Privileged, Traps, false, "OUTS: string port output";
+    Lgdt => Privileged, Traps, true, "LGDT: loads GDTR";
+    Lidt => Privileged, Traps, true, "LIDT: loads IDTR";
+    Lldt => Privileged, Traps, true, "LLDT: loads LDTR";
+    Ltr => Privileged, Traps, true, "LTR: loads the task register";
+    MovToCr => Privileged, Traps, true, "MOV CRn, r32: paging, protection, caches";
+    MovFromCr => Privileged, Traps, false, "MOV r32, CRn";
+    MovToDr => Privileged, Traps, false, "MOV DRn, r32: debug registers";
+    MovFromDr => Privileged, Traps, false, "MOV r32, DRn";
+    Lmsw => Privileged, Traps, true, "LMSW: loads CR0's low bits";
+    Clts => Privileged, Traps, true, "CLTS: clears CR0.TS";
+    Invlpg => Privileged, Traps, true, "INVLPG: invalidates a TLB entry";
+    Invd => Privileged, Traps, false, "INVD: invalidates caches";
+    Wbinvd => Privileged, Traps, false, "WBINVD: writes back and invalidates caches";
+    Rdmsr => Privileged, Traps, false, "RDMSR: reads a model-specific register";
+    Wrmsr => Privileged, Traps, true, "WRMSR: writes a model-specific register";
+}
+
+impl Special {
+    /// This kind's row in [`SPECIALS`].
+    pub fn info(self) -> &'static SpecialInfo {
+        &SPECIALS[self as usize]
+    }
+    /// Its class.
+    pub fn class(self) -> Class {
+        self.info().class
+    }
+    /// Does it end a basic block?
+    pub fn ends_block(self) -> bool {
+        self.info().ends_block
+    }
+    /// Short name (the enum variant).
+    pub fn name(self) -> String {
+        format!("{self:?}")
+    }
+}
+
+fn is_seg(r: Register) -> bool {
+    r.is_segment_register()
+}
+
+/// The special kind of an instruction, if it is sensitive or privileged.
+pub fn special(ins: &Instruction) -> Option<Special> {
+    use Mnemonic as M;
+    let s = match ins.mnemonic() {
+        M::Pushf | M::Pushfd => Special::Pushf,
+        M::Popf | M::Popfd => Special::Popf,
+        M::Sgdt => Special::Sgdt,
+        M::Sidt => Special::Sidt,
+        M::Sldt => Special::Sldt,
+        M::Smsw => Special::Smsw,
+        M::Str => Special::Str,
+        M::Lar => Special::Lar,
+        M::Lsl => Special::Lsl,
+        M::Verr => Special::Verr,
+        M::Verw => Special::Verw,
+        M::Mov => {
+            let (k0, k1) = (ins.op0_kind(), ins.op1_kind());
+            let r0 = if k0 == OpKind::Register {
+                ins.op0_register()
+            } else {
+                Register::None
+            };
+            let r1 = if k1 == OpKind::Register {
+                ins.op1_register()
+            } else {
+                Register::None
+            };
+            if is_seg(r0) {
+                Special::MovToSeg
+            } else if is_seg(r1) {
+                Special::MovFromSeg
+            } else if r0.is_cr() {
+                Special::MovToCr
+            } else if r1.is_cr() {
+                Special::MovFromCr
+            } else if r0.is_dr() {
+                Special::MovToDr
+            } else if r1.is_dr() {
+                Special::MovFromDr
+            } else {
+                return None;
+            }
+        }
+        M::Push if ins.op0_kind() == OpKind::Register && is_seg(ins.op0_register()) => {
+            Special::PushSeg
+        }
+        M::Pop if ins.op0_kind() == OpKind::Register && is_seg(ins.op0_register()) => {
+            Special::PopSeg
+        }
+        M::Lds | M::Les | M::Lfs | M::Lgs | M::Lss => Special::LoadFarPointer,
+        M::Jmp if ins.is_jmp_far() || ins.is_jmp_far_indirect() => Special::FarJmp,
+        M::Call if ins.is_call_far() || ins.is_call_far_indirect() => Special::FarCall,
+        M::Retf => Special::FarRet,
+        M::Int => Special::IntN,
+        M::Int3 => Special::Int3,
+        M::Into => Special::Into,
+        M::Iret | M::Iretd => Special::Iret,
+        M::Cpuid => Special::Cpuid,
+        M::Rdtsc => Special::Rdtsc,
+        M::Cli => Special::Cli,
+        M::Sti => Special::Sti,
+        M::Hlt => Special::Hlt,
+        M::In => Special::In,
+        M::Out => Special::Out,
+        M::Insb | M::Insw | M::Insd => Special::Ins,
+        M::Outsb | M::Outsw | M::Outsd => Special::Outs,
+        M::Lgdt => Special::Lgdt,
+        M::Lidt => Special::Lidt,
+        M::Lldt => Special::Lldt,
+        M::Ltr => Special::Ltr,
+        M::Lmsw => Special::Lmsw,
+        M::Clts => Special::Clts,
+        M::Invlpg => Special::Invlpg,
+        M::Invd => Special::Invd,
+        M::Wbinvd => Special::Wbinvd,
+        M::Rdmsr => Special::Rdmsr,
+        M::Wrmsr => Special::Wrmsr,
+        _ => return None,
+    };
+    Some(s)
+}
+
+/// Is this a near control transfer (JMP, Jcc, CALL, RET, LOOPcc, JECXZ)?
+pub fn is_control_flow(ins: &Instruction) -> bool {
+    matches!(
+        ins.flow_control(),
+        FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::ConditionalBranch
+            | FlowControl::Return
+            | FlowControl::Call
+            | FlowControl::IndirectCall
+    )
+}
+
+/// Classify an instruction after Popek & Goldberg.
+pub fn classify(ins: &Instruction) -> Class {
+    match special(ins) {
+        Some(s) => s.class(),
+        None if is_control_flow(ins) => Class::ControlFlow,
+        None => Class::Innocuous,
+    }
+}
+
+/// One decoded guest instruction in a block.
+#[derive(Debug, Clone)]
+pub struct Insn {
+    /// The decoded instruction (its `ip()` is the guest EIP).
+    pub ins: Instruction,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Its class.
+    pub class: Class,
+    /// Its special kind, for sensitive and privileged instructions.
+    pub special: Option<Special>,
+}
+
+/// Why a block ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockEnd {
+    /// The last instruction is a control transfer.
+    ControlFlow,
+    /// The last instruction is a special instruction that leaves translated code.
+    Special(Special),
+    /// [`MAX_BLOCK_INSNS`] reached.
+    SizeLimit,
+    /// The next instruction starts on another page.
+    PageBoundary,
+    /// The bytes at this EIP do not decode (a #UD when reached) or UD2.
+    Undecodable(u32),
+    /// Instruction bytes at this EIP could not be fetched (a fault when reached).
+    FetchFault(u32),
+}
+
+/// A basic block of guest code.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Guest EIP of the first instruction.
+    pub start: u32,
+    /// The instructions, in order.
+    pub insns: Vec<Insn>,
+    /// Why the block ended.
+    pub end: BlockEnd,
+}
+
+impl Block {
+    /// Total guest bytes of the block's instructions.
+    pub fn guest_len(&self) -> u32 {
+        self.insns.iter().map(|i| i.bytes.len() as u32).sum()
+    }
+}
+
+/// Decode one instruction from `bytes` at `eip` in a `bitness`-bit code segment.
+pub fn decode_one(bytes: &[u8], eip: u32, bitness: u32) -> Instruction {
+    let mut d = Decoder::with_ip(bitness, bytes, u64::from(eip), DecoderOptions::NONE);
+    d.decode()
+}
+
+/// Scan the basic block that starts at `eip`.
+///
+/// `fetch(eip, buf)` fills `buf` with guest code bytes at `eip` and returns
+/// how many it could fetch (fewer at an unmapped page or segment limit).
+pub fn scan_block(
+    mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
+    start: u32,
+    bitness: u32,
+) -> Block {
+    let mut insns = Vec::new();
+    let mut eip = start;
+    let page = start / PAGE_SIZE;
+    let end = loop {
+        if insns.len() >= MAX_BLOCK_INSNS {
+            break BlockEnd::SizeLimit;
+        }
+        if eip / PAGE_SIZE != page {
+            break BlockEnd::PageBoundary;
+        }
+        let mut buf = [0u8; MAX_INSN_LEN];
+        let n = fetch(eip, &mut buf);
+        if n == 0 {
+            break BlockEnd::FetchFault(eip);
+        }
+        let ins = decode_one(&buf[..n], eip, bitness);
+        if ins.is_invalid() {
+            // Too few bytes fetched to decode is a fetch fault, not #UD.
+            let full = decode_one(
+                &[buf[..n].to_vec(), vec![0u8; MAX_INSN_LEN]].concat(),
+                eip,
+                bitness,
+            );
+            if n < MAX_INSN_LEN && !full.is_invalid() && full.len() > n {
+                break BlockEnd::FetchFault(eip);
+            }
+            break BlockEnd::Undecodable(eip);
+        }
+        if ins.code() == Code::Ud2 {
+            break BlockEnd::Undecodable(eip);
+        }
+        let len = ins.len();
+        let sp = special(&ins);
+        let class = classify(&ins);
+        insns.push(Insn {
+            ins,
+            bytes: buf[..len].to_vec(),
+            class,
+            special: sp,
+        });
+        eip = eip.wrapping_add(len as u32);
+        if class == Class::ControlFlow {
+            break BlockEnd::ControlFlow;
+        }
+        if let Some(s) = sp {
+            if s.ends_block() {
+                break BlockEnd::Special(s);
+            }
+        }
+    };
+    Block { start, insns, end }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(code: &[u8]) -> Block {
+        scan_block(
+            |eip, buf| {
+                let off = (eip - 0x1000) as usize;
+                let avail = code.len().saturating_sub(off).min(buf.len());
+                buf[..avail].copy_from_slice(&code[off..off + avail]);
+                avail
+            },
+            0x1000,
+            32,
+        )
+    }
+
+    #[test]
+    fn classes_of_the_popek_goldberg_breakers() {
+        // pushfd; cli; mov eax,cr0; sgdt [eax]; mov ax,ds; add eax,1; popfd
+        let b = block(&[
+            0x9C, 0xFA, 0x0F, 0x20, 0xC0, 0x0F, 0x01, 0x00, 0x8C, 0xD8, 0x83, 0xC0, 0x01, 0x9D,
+        ]);
+        let got: Vec<_> = b.insns.iter().map(|i| (i.class, i.special)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Class::Sensitive, Some(Special::Pushf)),
+                (Class::Privileged, Some(Special::Cli)),
+                (Class::Privileged, Some(Special::MovFromCr)),
+                (Class::Sensitive, Some(Special::Sgdt)),
+                (Class::Sensitive, Some(Special::MovFromSeg)),
+                (Class::Innocuous, None),
+                (Class::Sensitive, Some(Special::Popf)),
+            ]
+        );
+        assert_eq!(b.end, BlockEnd::Special(Special::Popf));
+    }
+
+    #[test]
+    fn block_ends_at_branch_and_at_bad_bytes() {
+        // nop; jne +0; (never scanned) nop
+        let b = block(&[0x90, 0x75, 0x00, 0x90]);
+        assert_eq!(b.insns.len(), 2);
+        assert_eq!(b.end, BlockEnd::ControlFlow);
+        // nop; then 0x0F 0xFF (UD0 needs a ModRM: 0F FF C0 decodes) vs a reserved opcode
+        let b = block(&[0x90, 0x0F, 0x0B]);
+        assert_eq!(b.end, BlockEnd::Undecodable(0x1001));
+        // a truncated instruction at the end of available bytes is a fetch fault
+        let b = block(&[0x90, 0xB8, 0x01]);
+        assert_eq!(b.end, BlockEnd::FetchFault(0x1001));
+    }
+
+    #[test]
+    fn block_stops_at_page_boundary_and_size_limit() {
+        let b = scan_block(
+            |_, buf| {
+                buf.fill(0x90);
+                buf.len()
+            },
+            0x1FF0,
+            32,
+        );
+        assert_eq!(b.insns.len(), 16);
+        assert_eq!(b.end, BlockEnd::PageBoundary);
+        let b = scan_block(
+            |_, buf| {
+                buf.fill(0x90);
+                buf.len()
+            },
+            0x1000,
+            32,
+        );
+        assert_eq!(b.insns.len(), MAX_BLOCK_INSNS);
+        assert_eq!(b.end, BlockEnd::SizeLimit);
+    }
+
+    #[test]
+    fn table_is_indexed_by_kind() {
+        for (i, row) in SPECIALS.iter().enumerate() {
+            assert_eq!(row.kind as usize, i);
+        }
+        assert!(SPECIALS.iter().any(|r| r.at_ring3 == AtRing3::Silent));
+    }
+}

@@ -1,0 +1,262 @@
+//! The machine: guest RAM, a virtual CPU, devices, a loader and the run
+//! loop (the VMM's *dispatcher*, in the seeds' words: it routes what the
+//! guest does to the engine, to devices or to an exit).
+//!
+//! ```text
+//! Multiboot ELF ─▶ multiboot::load ─▶ Machine { Vcpu { regs, segs, ram, io } }
+//!                                        │
+//!                                  run(): loop { engine step ─▶ UART bytes to the host,
+//!                                                 isa-debug-exit, HLT, budget, stop }
+//! ```
+
+pub mod multiboot;
+
+use std::io::Write;
+
+use popek_memory::GuestRam;
+use popek_vcpu::{reg, Exception, Stop, Vcpu};
+
+/// Default guest RAM: 64 MiB.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+
+/// Errors loading a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No Multiboot header in the first 8 KiB.
+    #[error("no Multiboot header in the first 8 KiB (not a Multiboot kernel)")]
+    NoMultibootHeader,
+    /// The file is not a loadable ELF/Multiboot image.
+    #[error("malformed guest image: {0}")]
+    Malformed(String),
+    /// A segment does not fit into guest RAM.
+    #[error("guest image segment at {addr:#010x} ({len} bytes) does not fit in guest RAM (try --memory)")]
+    DoesNotFit {
+        /// Physical address.
+        addr: u32,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Guest RAM could not be created.
+    #[error("{0}")]
+    Memory(String),
+}
+
+/// Which engine executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// The reference interpreter.
+    #[default]
+    Interp,
+}
+
+/// Machine configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Stop after this many guest instructions.
+    pub max_insns: Option<u64>,
+    /// The Multiboot command line (QEMU passes "<kernel path> <append>").
+    pub cmdline: String,
+    /// The engine.
+    pub engine: Engine,
+    /// Print every executed instruction to stderr (slow), starting with
+    /// the instruction of this number (0 = from the start).
+    pub trace: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            memory: DEFAULT_MEMORY,
+            max_insns: None,
+            cmdline: String::new(),
+            engine: Engine::Interp,
+            trace: None,
+        }
+    }
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest wrote to isa-debug-exit; the process status follows.
+    DebugExit(i32),
+    /// HLT with nothing that could ever wake the CPU (no interrupt sources).
+    Halted {
+        /// EIP after the HLT.
+        eip: u32,
+    },
+    /// The instruction budget ran out.
+    BudgetExhausted {
+        /// Instructions executed.
+        executed: u64,
+        /// EIP of the next instruction.
+        eip: u32,
+    },
+    /// A fault while delivering a double fault.
+    TripleFault {
+        /// The exception that could not be delivered.
+        last: Exception,
+        /// EIP of the instruction that started the cascade.
+        eip: u32,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
+    /// Something popek does not model.
+    Unsupported {
+        /// What.
+        what: String,
+        /// Guest EIP.
+        eip: u32,
+        /// Instruction bytes there.
+        bytes: Vec<u8>,
+    },
+}
+
+impl Exit {
+    /// The process exit status popek ends with. Guest-requested statuses
+    /// are odd ((v << 1) | 1, as QEMU's isa-debug-exit), so popek's own
+    /// endings use even numbers: 0 halted, 2 error, 4 budget exhausted.
+    pub fn status(&self) -> i32 {
+        match self {
+            Exit::DebugExit(s) => *s,
+            Exit::Halted { .. } => 0,
+            Exit::BudgetExhausted { .. } => 4,
+            Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
+        }
+    }
+
+    /// A one-line description for stderr (None for a guest-requested exit).
+    pub fn message(&self) -> Option<String> {
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        match self {
+            Exit::DebugExit(_) => None,
+            Exit::Halted { eip } => Some(format!(
+                "guest halted at eip={eip:#010x} with no interrupt source to wake it"
+            )),
+            Exit::BudgetExhausted { executed, eip } => Some(format!(
+                "instruction budget exhausted after {executed} instructions at eip={eip:#010x}"
+            )),
+            Exit::TripleFault { last, eip, bytes } => Some(format!(
+                "triple fault at eip={eip:#010x} [{}]: {last} while delivering a double fault",
+                hex(bytes)
+            )),
+            Exit::Unsupported { what, eip, bytes } => Some(format!(
+                "unsupported guest operation at eip={eip:#010x} [{}]: {what}",
+                hex(bytes)
+            )),
+        }
+    }
+}
+
+/// A virtual PC with one CPU.
+pub struct Machine {
+    /// The CPU, with RAM and devices.
+    pub cpu: Vcpu,
+    /// Configuration.
+    pub config: Config,
+}
+
+impl Machine {
+    /// Boot a Multiboot kernel image, as `qemu-system-i386 -kernel`.
+    pub fn multiboot(image: &[u8], config: Config) -> Result<Machine, LoadError> {
+        let mut ram = GuestRam::new(config.memory).map_err(|e| LoadError::Memory(e.to_string()))?;
+        let loaded = multiboot::load(&mut ram, image, &config.cmdline)?;
+        let mut cpu = Vcpu::new(ram);
+        cpu.enter_flat_protected_mode(multiboot::ENTRY_CS, multiboot::ENTRY_DS);
+        cpu.gdtr.base = multiboot::GDT_ADDR;
+        cpu.gdtr.limit = 3 * 8 - 1;
+        cpu.idtr.base = 0;
+        cpu.idtr.limit = 0x3FF;
+        cpu.eip = loaded.entry;
+        cpu.regs[reg::EAX] = multiboot::BOOTLOADER_MAGIC;
+        cpu.regs[reg::EBX] = loaded.mbi;
+        cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
+        cpu.set_tsc(0);
+        Ok(Machine { cpu, config })
+    }
+
+    /// Up to 15 instruction bytes at CS:`eip`, for reports.
+    pub fn bytes_at(&mut self, eip: u32) -> Vec<u8> {
+        let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
+        let (n, _) = self.cpu.fetch(eip, &mut buf);
+        let bitness = if self.cpu.code32() { 32 } else { 16 };
+        let ins = popek_decode::decode_one(&buf[..n], eip, bitness);
+        let len = if ins.is_invalid() {
+            n.min(8)
+        } else {
+            ins.len()
+        };
+        buf[..len].to_vec()
+    }
+
+    fn stop_exit(&mut self, stop: Stop) -> Exit {
+        match stop {
+            Stop::DebugExit(s) => Exit::DebugExit(s),
+            Stop::TripleFault { last, eip } => {
+                let bytes = self.bytes_at(eip);
+                Exit::TripleFault { last, eip, bytes }
+            }
+            Stop::Unsupported { what, eip } => {
+                let bytes = self.bytes_at(eip);
+                Exit::Unsupported { what, eip, bytes }
+            }
+        }
+    }
+
+    fn trace_one(&mut self) {
+        let eip = self.cpu.eip;
+        let bytes = self.bytes_at(eip);
+        let bitness = if self.cpu.code32() { 32 } else { 16 };
+        let ins = popek_decode::decode_one(&bytes, eip, bitness);
+        let r = &self.cpu.regs;
+        eprintln!(
+            "{eip:08x}  {:<30} eax={:08x} ecx={:08x} edx={:08x} ebx={:08x} esp={:08x} ebp={:08x} esi={:08x} edi={:08x} fl={:08x}",
+            ins.to_string(), r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], self.cpu.eflags
+        );
+    }
+
+    /// Run until the guest exits, halts for good, or the budget runs out.
+    /// Serial output goes to `out` as it is produced.
+    pub fn run(&mut self, out: &mut dyn Write) -> Exit {
+        let budget = self.config.max_insns.unwrap_or(u64::MAX);
+        let mut executed = 0u64;
+        let exit = loop {
+            if executed >= budget {
+                break Exit::BudgetExhausted {
+                    executed,
+                    eip: self.cpu.eip,
+                };
+            }
+            executed += 1;
+            if self.config.trace.is_some_and(|from| executed > from) {
+                self.trace_one();
+            }
+            let step = popek_interp::step(&mut self.cpu);
+            if self.cpu.io.uart.has_output() {
+                let bytes = self.cpu.io.uart.take_output();
+                let _ = out.write_all(&bytes);
+            }
+            if let Some(s) = self.cpu.io.exit_requested() {
+                break Exit::DebugExit(s);
+            }
+            match step {
+                popek_interp::Step::Executed => {}
+                popek_interp::Step::Halted => {
+                    // No device raises interrupts yet, so nothing can wake
+                    // a halted CPU: end the run rather than spin forever.
+                    break Exit::Halted { eip: self.cpu.eip };
+                }
+                popek_interp::Step::Stop(stop) => break self.stop_exit(stop),
+            }
+        };
+        let _ = out.flush();
+        exit
+    }
+}

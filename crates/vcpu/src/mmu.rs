@@ -1,0 +1,335 @@
+//! Memory access: segmentation (Intel SDM Vol. 3 §5.3), then paging
+//! (Vol. 3 §4.3, 32-bit paging with optional 4 MiB pages), then RAM.
+//!
+//! No TLB is modelled: every access walks the page tables. The architecture
+//! allows that (a TLB may hold fewer entries than the tables, even none), so
+//! guests that forget INVLPG see their new mappings at once, as on a CPU
+//! with a tiny TLB.
+
+use crate::state::{attr, cr0, cr4, SegReg};
+use crate::{vector, Fault, VResult, Vcpu};
+
+/// Why memory is accessed, for permission checks and #PF error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A data read.
+    Read,
+    /// A data write.
+    Write,
+    /// An instruction fetch.
+    Fetch,
+}
+
+impl Vcpu {
+    /// Translate a linear address to a physical one.
+    ///
+    /// `user` is true for accesses made at CPL 3 (not for the CPU's own
+    /// implicit supervisor accesses to descriptor tables and the TSS).
+    pub fn translate(&mut self, lin: u32, access: Access, user: bool) -> VResult<u32> {
+        if self.cr0 & cr0::PG == 0 {
+            return Ok(lin);
+        }
+        let write = access == Access::Write;
+        let pf = |cpu: &mut Vcpu, present: bool| -> Fault {
+            cpu.cr2 = lin;
+            let code = u32::from(present) | (u32::from(write) << 1) | (u32::from(user) << 2);
+            Fault::exc_code(vector::PF, code)
+        };
+        let pde_addr = (self.cr3 & 0xFFFF_F000) | ((lin >> 22) << 2);
+        let pde = self.ram.read(pde_addr, 4) as u32;
+        if pde & 1 == 0 {
+            return Err(pf(self, false));
+        }
+        let big = pde & 0x80 != 0 && self.cr4 & cr4::PSE != 0;
+        let (pte_addr, pte) = if big {
+            (pde_addr, pde)
+        } else {
+            let a = (pde & 0xFFFF_F000) | (((lin >> 12) & 0x3FF) << 2);
+            let e = self.ram.read(a, 4) as u32;
+            if e & 1 == 0 {
+                return Err(pf(self, false));
+            }
+            (a, e)
+        };
+        // Effective rights are the AND of both levels (SDM Vol. 3 §4.6).
+        let user_ok = pde & pte & 4 != 0;
+        let write_ok = pde & pte & 2 != 0;
+        if user && !user_ok {
+            return Err(pf(self, true));
+        }
+        if write && !write_ok && (user || self.cr0 & cr0::WP != 0) {
+            return Err(pf(self, true));
+        }
+        // Accessed and dirty bits.
+        if pde & 0x20 == 0 {
+            self.ram.write(pde_addr, 4, u64::from(pde | 0x20));
+        }
+        if !big {
+            let want = 0x20 | if write { 0x40 } else { 0 };
+            if pte & want != want {
+                self.ram.write(pte_addr, 4, u64::from(pte | want));
+            }
+            Ok((pte & 0xFFFF_F000) | (lin & 0xFFF))
+        } else {
+            if write && pde & 0x40 == 0 {
+                let pde = self.ram.read(pde_addr, 4) as u32;
+                self.ram.write(pde_addr, 4, u64::from(pde | 0x40));
+            }
+            Ok((pde & 0xFFC0_0000) | (lin & 0x003F_FFFF))
+        }
+    }
+
+    /// Read `len` (1..=8) bytes at a linear address.
+    pub fn read_lin(&mut self, lin: u32, len: u32, access: Access, user: bool) -> VResult<u64> {
+        let first_page_left = 0x1000 - (lin & 0xFFF);
+        if len <= first_page_left {
+            let p = self.translate(lin, access, user)?;
+            return Ok(self.ram.read(p, len));
+        }
+        // Crosses a page: translate both halves before reading.
+        let p0 = self.translate(lin, access, user)?;
+        let p1 = self.translate(lin.wrapping_add(first_page_left), access, user)?;
+        let lo = self.ram.read(p0, first_page_left);
+        let hi = self.ram.read(p1, len - first_page_left);
+        Ok(lo | (hi << (8 * first_page_left)))
+    }
+
+    /// Write `len` (1..=8) bytes at a linear address. Both pages of a
+    /// page-crossing write are checked before any byte is written.
+    pub fn write_lin(&mut self, lin: u32, len: u32, v: u64, user: bool) -> VResult<()> {
+        let first_page_left = 0x1000 - (lin & 0xFFF);
+        if len <= first_page_left {
+            let p = self.translate(lin, Access::Write, user)?;
+            self.ram.write(p, len, v);
+            return Ok(());
+        }
+        let p0 = self.translate(lin, Access::Write, user)?;
+        let p1 = self.translate(lin.wrapping_add(first_page_left), Access::Write, user)?;
+        self.ram.write(p0, first_page_left, v);
+        self.ram
+            .write(p1, len - first_page_left, v >> (8 * first_page_left));
+        Ok(())
+    }
+
+    /// Supervisor (implicit) read of the CPU's own structures: GDT, LDT, IDT, TSS.
+    pub fn read_sys(&mut self, lin: u32, len: u32) -> VResult<u64> {
+        self.read_lin(lin, len, Access::Read, false)
+    }
+
+    /// Supervisor (implicit) write of the CPU's own structures.
+    pub fn write_sys(&mut self, lin: u32, len: u32, v: u64) -> VResult<()> {
+        self.write_lin(lin, len, v, false)
+    }
+
+    /// Check a segmented access and return its linear address
+    /// (SDM Vol. 3 §5.3 limit checking, §5.4 type checking).
+    pub fn seg_check(&self, s: SegReg, off: u32, len: u32, access: Access) -> VResult<u32> {
+        let seg = &self.segs[s as usize];
+        let fault = || {
+            if s == SegReg::Ss {
+                Fault::ss(0)
+            } else {
+                Fault::gp(0)
+            }
+        };
+        if !seg.usable() {
+            return Err(fault());
+        }
+        let a = seg.attr;
+        match access {
+            Access::Write if a & attr::CODE != 0 || a & attr::RW == 0 => return Err(Fault::gp(0)),
+            Access::Read if a & attr::CODE != 0 && a & attr::RW == 0 => return Err(Fault::gp(0)),
+            _ => {}
+        }
+        let last = u64::from(off) + u64::from(len) - 1;
+        let ok = if a & attr::CODE == 0 && a & attr::DC != 0 {
+            // expand-down: valid offsets are (limit, upper]
+            let upper: u64 = if seg.big() { 0xFFFF_FFFF } else { 0xFFFF };
+            u64::from(off) > u64::from(seg.limit) && last <= upper
+        } else if seg.limit == 0xFFFF_FFFF {
+            // flat: accesses wrap at 4 GiB like the hardware's 32-bit adder
+            true
+        } else {
+            last <= u64::from(seg.limit)
+        };
+        if !ok {
+            return Err(fault());
+        }
+        Ok(seg.base.wrapping_add(off))
+    }
+
+    /// Are accesses made at user privilege (CPL 3)?
+    #[inline]
+    pub fn user(&self) -> bool {
+        self.cpl() == 3
+    }
+
+    /// Read `len` bytes at `s:off`.
+    pub fn read_mem(&mut self, s: SegReg, off: u32, len: u32) -> VResult<u64> {
+        let lin = self.seg_check(s, off, len, Access::Read)?;
+        let user = self.user();
+        self.read_lin(lin, len, Access::Read, user)
+    }
+
+    /// Write `len` bytes at `s:off`.
+    pub fn write_mem(&mut self, s: SegReg, off: u32, len: u32, v: u64) -> VResult<()> {
+        let lin = self.seg_check(s, off, len, Access::Write)?;
+        let user = self.user();
+        self.write_lin(lin, len, v, user)
+    }
+
+    /// Fetch up to `buf.len()` instruction bytes at CS:EIP. Returns how many
+    /// bytes were fetched and, if fewer than asked, the fault that stopped
+    /// the fetch (raised only if the decoder needs those bytes).
+    pub fn fetch(&mut self, eip: u32, buf: &mut [u8]) -> (usize, Option<Fault>) {
+        let user = self.user();
+        let mut n = 0;
+        while n < buf.len() {
+            let off = eip.wrapping_add(n as u32);
+            let lin = match self.seg_check(SegReg::Cs, off, 1, Access::Fetch) {
+                Ok(l) => l,
+                Err(e) => return (n, Some(e)),
+            };
+            let chunk = ((0x1000 - (lin & 0xFFF)) as usize).min(buf.len() - n);
+            // Bytes in the same page as `lin` within CS's limit.
+            let limit_left = {
+                let cs = self.seg(SegReg::Cs);
+                if cs.limit == 0xFFFF_FFFF {
+                    usize::MAX
+                } else {
+                    (cs.limit - off) as usize + 1
+                }
+            };
+            let chunk = chunk.min(limit_left);
+            let phys = match self.translate(lin, Access::Fetch, user) {
+                Ok(p) => p,
+                Err(e) => return (n, Some(e)),
+            };
+            for i in 0..chunk {
+                buf[n + i] = self.ram.read_u8(phys.wrapping_add(i as u32));
+            }
+            n += chunk;
+        }
+        (n, None)
+    }
+
+    /// Mask for the stack pointer: 32 bits if SS is big, else 16.
+    #[inline]
+    pub fn stack_mask(&self) -> u32 {
+        if self.segs[SegReg::Ss as usize].big() {
+            0xFFFF_FFFF
+        } else {
+            0xFFFF
+        }
+    }
+
+    /// Push `len` (2 or 4) bytes.
+    pub fn push(&mut self, v: u32, len: u32) -> VResult<()> {
+        let mask = self.stack_mask();
+        let esp = self.regs[4];
+        let new = (esp & !mask) | (esp.wrapping_sub(len) & mask);
+        self.write_mem(SegReg::Ss, new & mask, len, u64::from(v))?;
+        self.regs[4] = new;
+        Ok(())
+    }
+
+    /// Pop `len` (2 or 4) bytes.
+    pub fn pop(&mut self, len: u32) -> VResult<u32> {
+        let v = self.peek(0, len)?;
+        let mask = self.stack_mask();
+        let esp = self.regs[4];
+        self.regs[4] = (esp & !mask) | (esp.wrapping_add(len) & mask);
+        Ok(v)
+    }
+
+    /// Read `len` bytes at `SS:(ESP + off)` without popping.
+    pub fn peek(&mut self, off: u32, len: u32) -> VResult<u32> {
+        let mask = self.stack_mask();
+        let a = self.regs[4].wrapping_add(off) & mask;
+        Ok(self.read_mem(SegReg::Ss, a, len)? as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Segment;
+    use popek_memory::GuestRam;
+
+    fn cpu() -> Vcpu {
+        let mut c = Vcpu::new(GuestRam::new(1 << 22).unwrap());
+        let data = attr::P | attr::S | attr::RW | attr::DB | attr::G;
+        for s in SegReg::ALL {
+            c.segs[s as usize] = Segment::flat(0x10, data);
+        }
+        c.segs[1] = Segment::flat(0x08, attr::P | attr::S | attr::CODE | attr::RW | attr::DB);
+        c.cr0 |= cr0::PE;
+        c
+    }
+
+    #[test]
+    fn paging_walk_sets_accessed_dirty_and_faults_with_sdm_error_codes() {
+        let mut c = cpu();
+        // page directory at 0x1000, one page table at 0x2000
+        c.ram.write(0x1000, 4, 0x2000 | 0x7); // P RW US
+        c.ram.write(0x2000 + 5 * 4, 4, 0x0030_0000 | 0x5); // P US, read-only
+        c.cr3 = 0x1000;
+        c.cr0 |= cr0::PG;
+        assert_eq!(c.translate(0x5123, Access::Read, true), Ok(0x30_0123));
+        assert_eq!(c.ram.read(0x2014, 4) as u32 & 0x60, 0x20);
+        // user write to a read-only page: present | write | user = 7
+        assert_eq!(
+            c.translate(0x5000, Access::Write, true),
+            Err(Fault::exc_code(vector::PF, 7))
+        );
+        assert_eq!(c.cr2, 0x5000);
+        // supervisor write is allowed without CR0.WP, and marks the page dirty
+        assert!(c.translate(0x5000, Access::Write, false).is_ok());
+        assert_eq!(c.ram.read(0x2014, 4) as u32 & 0x40, 0x40);
+        c.cr0 |= cr0::WP;
+        assert!(c.translate(0x5000, Access::Write, false).is_err());
+        // not present: error code bit 0 clear
+        assert_eq!(
+            c.translate(0x6000, Access::Read, false),
+            Err(Fault::exc_code(vector::PF, 0))
+        );
+    }
+
+    #[test]
+    fn segment_limits_and_expand_down() {
+        let mut c = cpu();
+        c.segs[SegReg::Ds as usize] = Segment {
+            selector: 0x18,
+            base: 0x1000,
+            limit: 0xFF,
+            attr: attr::P | attr::S | attr::RW | attr::DB,
+        };
+        assert_eq!(c.seg_check(SegReg::Ds, 0xFC, 4, Access::Read), Ok(0x10FC));
+        assert_eq!(
+            c.seg_check(SegReg::Ds, 0xFD, 4, Access::Read),
+            Err(Fault::gp(0))
+        );
+        c.segs[SegReg::Ss as usize] = Segment {
+            selector: 0x20,
+            base: 0,
+            limit: 0xFFF,
+            attr: attr::P | attr::S | attr::RW | attr::DC | attr::DB,
+        };
+        assert!(c.seg_check(SegReg::Ss, 0x1000, 4, Access::Write).is_ok());
+        assert_eq!(
+            c.seg_check(SegReg::Ss, 0xFFF, 4, Access::Write),
+            Err(Fault::ss(0))
+        );
+    }
+
+    #[test]
+    fn push_pop_wrap_in_16_bit_stack() {
+        let mut c = cpu();
+        c.segs[SegReg::Ss as usize].attr &= !attr::DB;
+        c.regs[4] = 0xABCD_0002;
+        c.push(0x1122_3344, 4).unwrap();
+        assert_eq!(c.regs[4], 0xABCD_FFFE);
+        assert_eq!(c.pop(4).unwrap(), 0x1122_3344);
+        assert_eq!(c.regs[4], 0xABCD_0002);
+    }
+}
