@@ -135,3 +135,5 @@ pub fn software_interrupt(cpu: &mut Vcpu, vec: u8) -> Result<(), Fault> {
 mod tests;
 #[cfg(test)]
 pub mod testutil;
+#[cfg(test)]
+mod coverage;
