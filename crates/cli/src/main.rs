@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use popek_decode::{scan_block, AtRing3, BlockEnd, Class, SPECIALS};
+use popek_decode::{reachable_blocks, AtRing3, Class, SPECIALS};
 use popek_machine::{Config, Engine, Machine};
 
 const EXAMPLES: &str = "\
@@ -207,7 +207,7 @@ fn print_table() {
     println!("Everything else: innocuous, or control flow (near JMP/Jcc/CALL/RET/LOOP), which ends a block.");
 }
 
-/// Follow direct branches from the guest's entry and print every block.
+/// Print every block reachable from the guest's entry, classified.
 fn classify_guest(guest: &str) -> Result<(), String> {
     let (image, path) = load_image(guest)?;
     let mut m = Machine::multiboot(
@@ -218,17 +218,14 @@ fn classify_guest(guest: &str) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("{guest}: {e}"))?;
-    let mut todo = vec![m.cpu.eip];
-    let mut seen = std::collections::BTreeSet::new();
+    let entry = m.cpu.eip;
+    let cpu = &mut m.cpu;
+    let blocks = reachable_blocks(|eip, buf| cpu.fetch(eip, buf).0, entry, 32, 4096);
     let mut counts = std::collections::BTreeMap::<Class, usize>::new();
-    while let Some(pc) = todo.pop() {
-        if !seen.insert(pc) || seen.len() > 4096 {
-            continue;
-        }
-        let cpu = &mut m.cpu;
-        let block = scan_block(|eip, buf| cpu.fetch(eip, buf).0, pc, 32);
+    for block in &blocks {
         println!(
-            "block {pc:#010x} ({} instructions, ends: {:?})",
+            "block {:#010x} ({} instructions, ends: {:?})",
+            block.start,
             block.insns.len(),
             block.end
         );
@@ -244,29 +241,6 @@ fn classify_guest(guest: &str) -> Result<(), String> {
                 i.class.name(),
                 kind
             );
-            // Follow direct near and far branch targets.
-            match i.ins.op0_kind() {
-                iced_x86::OpKind::NearBranch32 | iced_x86::OpKind::NearBranch16 => {
-                    todo.push(i.ins.near_branch_target() as u32)
-                }
-                iced_x86::OpKind::FarBranch32 => todo.push(i.ins.far_branch32()),
-                _ => {}
-            }
-        }
-        if let Some(last) = block.insns.last() {
-            let next = last.ins.next_ip32();
-            let falls_through = !matches!(
-                block.end,
-                BlockEnd::Undecodable(_) | BlockEnd::FetchFault(_)
-            ) && !matches!(
-                last.ins.flow_control(),
-                iced_x86::FlowControl::UnconditionalBranch
-                    | iced_x86::FlowControl::Return
-                    | iced_x86::FlowControl::IndirectBranch
-            );
-            if falls_through {
-                todo.push(next);
-            }
         }
     }
     println!("\nsummary:");

@@ -392,6 +392,50 @@ pub fn scan_block(
     Block { start, insns, end }
 }
 
+/// Every basic block reachable from `entry` by following direct near and
+/// far branch targets and fall-through paths (indirect targets are not
+/// known statically). At most `max_blocks` blocks, in discovery order.
+pub fn reachable_blocks(
+    mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
+    entry: u32,
+    bitness: u32,
+    max_blocks: usize,
+) -> Vec<Block> {
+    let mut todo = vec![entry];
+    let mut seen = std::collections::BTreeSet::new();
+    let mut blocks = Vec::new();
+    while let Some(pc) = todo.pop() {
+        if blocks.len() >= max_blocks || !seen.insert(pc) {
+            continue;
+        }
+        let b = scan_block(&mut fetch, pc, bitness);
+        for i in &b.insns {
+            match i.ins.op0_kind() {
+                OpKind::NearBranch32 | OpKind::NearBranch16 => {
+                    todo.push(i.ins.near_branch_target() as u32)
+                }
+                OpKind::FarBranch32 => todo.push(i.ins.far_branch32()),
+                _ => {}
+            }
+        }
+        let falls_through = !matches!(b.end, BlockEnd::Undecodable(_) | BlockEnd::FetchFault(_))
+            && b.insns.last().is_some_and(|last| {
+                !matches!(
+                    last.ins.flow_control(),
+                    FlowControl::UnconditionalBranch
+                        | FlowControl::Return
+                        | FlowControl::IndirectBranch
+                )
+            });
+        if falls_through {
+            let last = b.insns.last().expect("non-empty");
+            todo.push(last.ins.next_ip32());
+        }
+        blocks.push(b);
+    }
+    blocks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,9 @@ use crate::testutil::flat_cpu;
 const TABLE: &str = include_str!("../../../docs/coverage.md");
 
 fn parse_hex(s: &str) -> Vec<u8> {
-    s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
+    s.split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect()
 }
 
 /// Run one instruction in the sandbox the document describes; the outcome
@@ -58,12 +60,17 @@ fn outcome(form: &str, bytes: &[u8]) -> String {
 fn coverage_table() {
     let mut rows = 0;
     let mut wrong = Vec::new();
-    for line in TABLE.lines().filter(|l| l.starts_with("| ") && l.contains('`')) {
+    for line in TABLE
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains('`'))
+    {
         let cols: Vec<&str> = line.split('|').map(str::trim).collect();
         let (form, hex, want) = (cols[2], cols[3].trim_matches('`'), cols[4]);
         let got = outcome(form, &parse_hex(hex));
         if got != want {
-            wrong.push(format!("{form} ({hex}): table says {want}, interpreter gives {got}"));
+            wrong.push(format!(
+                "{form} ({hex}): table says {want}, interpreter gives {got}"
+            ));
         }
         rows += 1;
     }

@@ -132,8 +132,8 @@ pub fn software_interrupt(cpu: &mut Vcpu, vec: u8) -> Result<(), Fault> {
 }
 
 #[cfg(test)]
+mod coverage;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 pub mod testutil;
-#[cfg(test)]
-mod coverage;

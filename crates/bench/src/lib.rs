@@ -1,0 +1,24 @@
+//! Helpers shared by the criterion benchmarks in benches/.
+
+use popek_decode::{reachable_blocks, Block};
+use popek_machine::{Config, Machine};
+
+/// Boot a bundled guest (not run yet).
+pub fn boot(name: &str) -> Machine {
+    let g = popek_guests::find(name).unwrap_or_else(|| panic!("no bundled guest {name}"));
+    Machine::multiboot(
+        g.elf,
+        Config {
+            cmdline: name.into(),
+            ..Config::default()
+        },
+    )
+    .expect("boot")
+}
+
+/// Every basic block reachable from the guest's entry by direct branches.
+pub fn blocks_of(m: &mut Machine) -> Vec<Block> {
+    let entry = m.cpu.eip;
+    let cpu = &mut m.cpu;
+    reachable_blocks(|eip, buf| cpu.fetch(eip, buf).0, entry, 32, 100_000)
+}

@@ -1,0 +1,162 @@
+//! Guests that do what popek does not model, or that misbehave: each run
+//! ends with a clear report naming the guest address and instruction bytes,
+//! never a panic or a hang. The guests are assembled here with iced-x86 and
+//! wrapped in a Multiboot image using the a.out-kludge header fields.
+
+use iced_x86::code_asm::*;
+use popek_machine::{Config, Exit, Machine};
+
+const LOAD: u32 = 0x10_0000;
+const CODE: u32 = LOAD + 32;
+
+/// A Multiboot image: header (with load addresses) followed by the code.
+fn image(f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    f(&mut a);
+    let code = a.assemble(u64::from(CODE)).unwrap();
+    let flags = 1u32 << 16;
+    let magic = 0x1BAD_B002u32;
+    let mut v = Vec::new();
+    for w in [
+        magic,
+        flags,
+        0u32.wrapping_sub(magic).wrapping_sub(flags),
+        LOAD,
+        LOAD,
+        0,
+        0,
+        CODE,
+    ] {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    v.extend_from_slice(&code);
+    v
+}
+
+fn run(img: &[u8]) -> (Exit, Vec<u8>) {
+    let config = Config {
+        max_insns: Some(1_000_000),
+        ..Config::default()
+    };
+    let mut m = Machine::multiboot(img, config).unwrap();
+    let mut out = Vec::new();
+    let e = m.run(&mut out);
+    (e, out)
+}
+
+#[test]
+fn task_gate_is_reported_as_unsupported() {
+    // IDT at 0x2000 with a task gate for vector 0x30; then INT 0x30.
+    let img = image(|a| {
+        a.mov(dword_ptr(0x2000 + 0x30 * 8), 0x0028_0000u32).unwrap();
+        a.mov(dword_ptr(0x2000 + 0x30 * 8 + 4), 0x0000_8500u32)
+            .unwrap();
+        a.mov(word_ptr(0x3000), 0x7FFu32).unwrap();
+        a.mov(dword_ptr(0x3002), 0x2000u32).unwrap();
+        a.lidt(ptr(0x3000)).unwrap();
+        a.int(0x30).unwrap();
+    });
+    let (e, _) = run(&img);
+    let Exit::Unsupported {
+        ref what,
+        eip,
+        ref bytes,
+    } = e
+    else {
+        panic!("{e:?}")
+    };
+    assert!(what.contains("task gate"), "{what}");
+    assert_eq!(bytes, &[0xCD, 0x30]);
+    let msg = e.message().unwrap();
+    assert!(
+        msg.contains(&format!("eip={eip:#010x}")) && msg.contains("[cd 30]"),
+        "{msg}"
+    );
+    assert_eq!(msg.lines().count(), 1);
+    assert_eq!(e.status(), 2);
+}
+
+#[test]
+fn leaving_protected_mode_is_reported() {
+    let img = image(|a| {
+        a.mov(eax, cr0).unwrap();
+        a.and(eax, 0xFFFF_FFFEu32).unwrap();
+        a.mov(cr0, eax).unwrap();
+    });
+    let (e, _) = run(&img);
+    assert!(
+        matches!(e, Exit::Unsupported { ref what, ref bytes, .. }
+            if what.contains("real mode") && bytes == &[0x0F, 0x22, 0xC0]),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn jump_into_unassigned_memory_ends_in_a_triple_fault_report() {
+    // No IDT: the #UD from the all-ones bytes cannot be delivered.
+    let img = image(|a| {
+        a.mov(word_ptr(0x3000), 0u32).unwrap();
+        a.lidt(ptr(0x3000)).unwrap();
+        a.mov(eax, 0xFFFF_F000u32).unwrap();
+        a.jmp(eax).unwrap();
+    });
+    let (e, _) = run(&img);
+    let Exit::TripleFault { eip, .. } = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(eip, 0xFFFF_F000);
+}
+
+#[test]
+fn wild_stores_over_the_whole_address_space_are_contained() {
+    // Store at every 16 MiB step of the 4 GiB space, at the top dword (the
+    // access wraps), and push with ESP = 2; then report through the UART.
+    let img = image(|a| {
+        let mut lp = a.create_label();
+        a.xor(eax, eax).unwrap();
+        a.set_label(&mut lp).unwrap();
+        a.mov(dword_ptr(eax + 0x10), 0xDEAD_BEEFu32).unwrap();
+        a.add(eax, 0x0100_0000u32).unwrap();
+        a.jnz(lp).unwrap();
+        a.mov(dword_ptr(0xFFFF_FFFEu32), 0x1234_5678u32).unwrap();
+        a.mov(esp, 2u32).unwrap();
+        a.push(eax).unwrap();
+        a.mov(dx, 0x3F8u32).unwrap();
+        a.mov(al, b'k' as u32).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(al, 0u32).unwrap();
+        a.out(0xF4, al).unwrap();
+    });
+    let (e, out) = run(&img);
+    assert_eq!(out, b"k");
+    assert_eq!(e, Exit::DebugExit(1));
+}
+
+#[test]
+fn runaway_loop_is_stopped_by_the_budget() {
+    let img = image(|a| {
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.jmp(l).unwrap();
+    });
+    let (e, _) = run(&img);
+    assert_eq!(
+        e,
+        Exit::BudgetExhausted {
+            executed: 1_000_000,
+            eip: CODE
+        }
+    );
+    assert_eq!(e.status(), 4);
+}
+
+#[test]
+fn hlt_with_interrupts_off_halts_for_good() {
+    let img = image(|a| {
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let (e, _) = run(&img);
+    assert_eq!(e, Exit::Halted { eip: CODE + 2 });
+    assert_eq!(e.status(), 0);
+}
