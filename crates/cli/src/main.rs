@@ -36,10 +36,14 @@ enum EngineArg {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot a Multiboot kernel (a path or a bundled guest's name).
+    /// Boot a Multiboot kernel, or start a static i386 Linux program.
     Run {
-        /// Path to a Multiboot ELF, or the name of a bundled guest.
+        /// Path to a Multiboot ELF or a static i386 Linux executable, or the
+        /// name of a bundled guest.
         guest: String,
+        /// Arguments for a Linux program (after the guest; use -- before options).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
         /// Execution engine.
         #[arg(long, value_enum, default_value = "interp")]
         engine: EngineArg,
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Run {
             guest,
+            args,
             engine,
             memory,
             max_insns,
@@ -139,7 +144,14 @@ fn main() -> ExitCode {
                 },
                 trace,
             };
-            let mut m = match Machine::multiboot(&image, config) {
+            let boot = if popek_machine::multiboot::find_header(&image).is_some() {
+                Machine::multiboot(&image, config)
+            } else {
+                let mut argv = vec![path];
+                argv.extend(args);
+                Machine::linux(&image, &argv, config)
+            };
+            let mut m = match boot {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!("popek: {guest}: {e}");

@@ -9,6 +9,7 @@
 //!                                                 isa-debug-exit, HLT, budget, stop }
 //! ```
 
+pub mod linux;
 pub mod multiboot;
 
 use std::io::Write;
@@ -112,6 +113,18 @@ pub enum Exit {
         /// Instruction bytes there.
         bytes: Vec<u8>,
     },
+    /// A Linux process called exit or exit_group.
+    Exited(i32),
+    /// A Linux process was killed by the signal for a CPU exception.
+    Signal {
+        /// Linux signal number.
+        signo: i32,
+        /// The exception.
+        exception: Exception,
+        /// The EIP a signal handler would see (the faulting instruction for
+        /// faults, the next one for traps).
+        eip: u32,
+    },
 }
 
 impl Exit {
@@ -120,7 +133,8 @@ impl Exit {
     /// endings use even numbers: 0 halted, 2 error, 4 budget exhausted.
     pub fn status(&self) -> i32 {
         match self {
-            Exit::DebugExit(s) => *s,
+            Exit::DebugExit(s) | Exit::Exited(s) => *s,
+            Exit::Signal { signo, .. } => 128 + signo,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -136,7 +150,15 @@ impl Exit {
                 .join(" ")
         };
         match self {
-            Exit::DebugExit(_) => None,
+            Exit::DebugExit(_) | Exit::Exited(_) => None,
+            Exit::Signal {
+                signo,
+                exception,
+                eip,
+            } => Some(format!(
+                "guest killed by {} ({exception}) at eip={eip:#010x}",
+                linux::sig::name(*signo)
+            )),
             Exit::Halted { eip } => Some(format!(
                 "guest halted at eip={eip:#010x} with no interrupt source to wake it"
             )),
@@ -155,12 +177,22 @@ impl Exit {
     }
 }
 
+/// What the guest runs on.
+pub enum Platform {
+    /// A bare-metal PC: the guest is the kernel.
+    BareMetal,
+    /// A Linux i386 process: popek is the kernel.
+    Linux(linux::LinuxProcess),
+}
+
 /// A virtual PC with one CPU.
 pub struct Machine {
     /// The CPU, with RAM and devices.
     pub cpu: Vcpu,
     /// Configuration.
     pub config: Config,
+    /// The platform.
+    pub platform: Platform,
 }
 
 impl Machine {
@@ -179,7 +211,21 @@ impl Machine {
         cpu.regs[reg::EBX] = loaded.mbi;
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
         cpu.set_tsc(0);
-        Ok(Machine { cpu, config })
+        Ok(Machine {
+            cpu,
+            config,
+            platform: Platform::BareMetal,
+        })
+    }
+
+    /// Start a static i386 Linux executable as a user-mode process.
+    pub fn linux(image: &[u8], args: &[String], config: Config) -> Result<Machine, LoadError> {
+        let (cpu, process) = linux::load(image, args, config.memory)?;
+        Ok(Machine {
+            cpu,
+            config,
+            platform: Platform::Linux(process),
+        })
     }
 
     /// Up to 15 instruction bytes at CS:`eip`, for reports.
@@ -223,8 +269,14 @@ impl Machine {
     }
 
     /// Run until the guest exits, halts for good, or the budget runs out.
-    /// Serial output goes to `out` as it is produced.
+    /// Serial output (or a Linux process's stdout) goes to `out` as it is
+    /// produced; a Linux process's stderr goes to popek's stderr.
     pub fn run(&mut self, out: &mut dyn Write) -> Exit {
+        self.run_with(out, &mut std::io::stderr())
+    }
+
+    /// As [`Machine::run`], with a Linux process's stderr going to `err`.
+    pub fn run_with(&mut self, out: &mut dyn Write, err: &mut dyn Write) -> Exit {
         let budget = self.config.max_insns.unwrap_or(u64::MAX);
         let mut executed = 0u64;
         let exit = loop {
@@ -245,6 +297,25 @@ impl Machine {
             }
             if let Some(s) = self.cpu.io.exit_requested() {
                 break Exit::DebugExit(s);
+            }
+            if let Platform::Linux(p) = &mut self.platform {
+                if let Some(vector) = p.kernel_entry(&self.cpu) {
+                    match p.handle(&mut self.cpu, vector, out, err) {
+                        linux::KernelExit::Resume => continue,
+                        linux::KernelExit::Exit(s) => break Exit::Exited(s),
+                        linux::KernelExit::Signal {
+                            signo,
+                            exception,
+                            eip,
+                        } => {
+                            break Exit::Signal {
+                                signo,
+                                exception,
+                                eip,
+                            }
+                        }
+                    }
+                }
             }
             match step {
                 popek_interp::Step::Executed => {}

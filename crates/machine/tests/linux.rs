@@ -1,0 +1,93 @@
+//! The minimal Linux user-mode platform against the host: tiny static i386
+//! programs built here with gcc run natively (IA32 emulation) and under
+//! popek; stdout, exit status and the killing signal must agree.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use popek_machine::{Config, Exit, Machine};
+
+fn build(name: &str, asm: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("popek-linux-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join(format!("{name}.S"));
+    let exe = dir.join(name);
+    std::fs::write(&src, format!(".globl _start\n_start:\n{asm}\n")).unwrap();
+    let out = Command::new("gcc")
+        .args(["-m32", "-nostdlib", "-static", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("gcc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// (stdout, exit status or 128 + signal) natively and under popek.
+fn both(exe: &PathBuf) -> ((Vec<u8>, i32), (Vec<u8>, Exit)) {
+    let n = Command::new(exe).output().expect("run natively");
+    let status = n
+        .status
+        .code()
+        .unwrap_or_else(|| 128 + n.status.signal().unwrap());
+    let image = std::fs::read(exe).unwrap();
+    let args = vec![exe.display().to_string()];
+    let config = Config {
+        max_insns: Some(1_000_000),
+        ..Config::default()
+    };
+    let mut m = Machine::linux(&image, &args, config).unwrap();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let e = m.run_with(&mut out, &mut err);
+    ((n.stdout, status), (out, e))
+}
+
+#[test]
+fn write_and_exit_group_match_native() {
+    let exe = build(
+        "hello",
+        "mov $4, %eax\n mov $1, %ebx\n mov $msg, %ecx\n mov $6, %edx\n int $0x80\n\
+         mov $252, %eax\n mov $42, %ebx\n int $0x80\n msg: .ascii \"hello\\n\"",
+    );
+    let ((nout, nstatus), (pout, exit)) = both(&exe);
+    assert_eq!(pout, nout);
+    assert_eq!(exit.status(), nstatus);
+    assert_eq!(exit, Exit::Exited(42));
+}
+
+#[test]
+fn selectors_seen_by_the_program_match_native() {
+    // Print CS, SS, DS as raw bytes.
+    let exe = build(
+        "sel",
+        "mov %cs, %eax\n mov %eax, buf\n mov %ss, %eax\n mov %eax, buf+4\n mov %ds, %eax\n\
+         mov %eax, buf+8\n mov $4, %eax\n mov $1, %ebx\n mov $buf, %ecx\n mov $12, %edx\n\
+         int $0x80\n mov $1, %eax\n xor %ebx, %ebx\n int $0x80\n .data\n buf: .long 0,0,0",
+    );
+    let ((nout, nstatus), (pout, exit)) = both(&exe);
+    assert_eq!(pout, nout);
+    assert_eq!(exit.status(), nstatus);
+}
+
+#[test]
+fn faults_become_the_signals_linux_sends() {
+    for (name, asm, signo) in [
+        ("de", "xor %ecx, %ecx\n div %ecx", 8),
+        ("ud", "ud2", 4),
+        ("gp", "cli", 11),
+        ("int40", "int $0x40", 11),
+        ("bp", "int3", 5),
+        ("segload", "mov $0x1000, %eax\n mov %eax, %ds", 11),
+    ] {
+        let exe = build(name, asm);
+        let ((_, nstatus), (_, exit)) = both(&exe);
+        assert_eq!(nstatus, 128 + signo, "{name}: native");
+        assert_eq!(exit.status(), nstatus, "{name}: {exit:?}");
+    }
+}
