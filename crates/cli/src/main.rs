@@ -144,7 +144,9 @@ fn main() -> ExitCode {
                 },
                 trace,
             };
-            let boot = if popek_machine::multiboot::find_header(&image).is_some() {
+            let boot = if popek_machine::multiboot::find_header(&image).is_some()
+                || !image.starts_with(b"\x7fELF")
+            {
                 Machine::multiboot(&image, config)
             } else {
                 let mut argv = vec![path];

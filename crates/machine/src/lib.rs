@@ -24,7 +24,7 @@ pub const DEFAULT_MEMORY: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// No Multiboot header in the first 8 KiB.
-    #[error("no Multiboot header in the first 8 KiB (not a Multiboot kernel)")]
+    #[error("no Multiboot header in the first 8 KiB and not an ELF executable")]
     NoMultibootHeader,
     /// The file is not a loadable ELF/Multiboot image.
     #[error("malformed guest image: {0}")]
