@@ -327,8 +327,8 @@ fn bcd(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
             } else if ins.mnemonic() == M::Aaa {
                 ax.wrapping_add(0x106)
             } else {
-                let a = ax.wrapping_sub(6);
-                (a & 0xFF) | ((ax >> 8).wrapping_sub(1) & 0xFF) << 8
+                // AX <- AX - 6; AH <- AH - 1 (the borrow from AL reaches AH too)
+                ax.wrapping_sub(6).wrapping_sub(0x100)
             };
             set_reg(cpu, Register::AX, new_ax & 0xFF0F);
             let value = if adjust { CF | AF } else { 0 };

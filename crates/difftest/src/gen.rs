@@ -1,0 +1,638 @@
+//! The generator: random, valid, reproducible sequences of integer
+//! instructions, as raw bytes built from opcode templates.
+//!
+//! Invariants every sequence keeps, so both sides run the same program and
+//! never fault (faulting sequences are the exceptions mode, not yet here):
+//! - EBX holds the scratch area's base and is never written; ESP is only
+//!   moved by balanced templates (PUSH/POP, CALL/RET) within the stack area.
+//! - Memory operands are `[ebx + disp8]` inside the scratch area.
+//! - Divisions are preceded by instructions that make them non-faulting.
+//! - A flag consumer (ADC, SBB, SETcc, CMOVcc, Jcc, LAHF, PUSHF, DAA, ...)
+//!   that reads a flag the previous producers left undefined is preceded
+//!   by a CMP that defines all six arithmetic flags.
+//! - String instructions get ESI/EDI/ECX set up to stay inside scratch.
+
+use iced_x86::{Decoder, DecoderOptions, Instruction, RflagsBits};
+
+/// Scratch area size in bytes (memory operands and strings stay inside).
+pub const SCRATCH: u32 = 512;
+
+/// A small, fast, seedable generator (xorshift64*).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// The next 64 random bits.
+    pub fn bits(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u32) -> u32 {
+        (self.bits() % u64::from(n)) as u32
+    }
+    /// True with probability 1/n.
+    pub fn one_in(&mut self, n: u32) -> bool {
+        self.below(n) == 0
+    }
+    /// An interesting 32-bit value: edge cases often, random otherwise.
+    pub fn value(&mut self) -> u32 {
+        const EDGES: [u32; 12] = [
+            0,
+            1,
+            0x7F,
+            0x80,
+            0xFF,
+            0x7FFF,
+            0x8000,
+            0xFFFF,
+            0x7FFF_FFFF,
+            0x8000_0000,
+            0xFFFF_FFFF,
+            9,
+        ];
+        match self.below(4) {
+            0 => EDGES[self.below(EDGES.len() as u32) as usize],
+            1 => self.below(256),
+            _ => self.bits() as u32,
+        }
+    }
+}
+
+/// One generated test case: initial state and the instruction bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Case {
+    /// Initial EAX, ECX, EDX, (EBX ignored: scratch base), (ESP ignored), EBP, ESI, EDI.
+    pub regs: [u32; 8],
+    /// Initial arithmetic flags and DF.
+    pub flags: u32,
+    /// Initial scratch memory.
+    pub scratch: Vec<u8>,
+    /// The instruction sequence in groups: a template's instructions (with
+    /// the flag producer it needed) form one group, which shrinking keeps
+    /// or drops as a whole, so setup and use are never separated.
+    pub groups: Vec<Vec<Vec<u8>>>,
+}
+
+impl Case {
+    /// All instructions in order.
+    pub fn insns(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.groups.iter().flatten()
+    }
+    /// Number of instructions.
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(Vec::len).sum()
+    }
+    /// Is the sequence empty?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+const EBX: u8 = 3;
+const ESP: u8 = 4;
+
+/// A register number for a 16/32-bit operand that may be written.
+fn wreg(r: &mut Rng) -> u8 {
+    loop {
+        let x = r.below(8) as u8;
+        if x != EBX && x != ESP {
+            return x;
+        }
+    }
+}
+
+/// A register number for an 8-bit operand that may be written (not BL, BH).
+fn wreg8(r: &mut Rng) -> u8 {
+    loop {
+        let x = r.below(8) as u8;
+        if x != 3 && x != 7 {
+            return x;
+        }
+    }
+}
+
+/// A ModRM (plus displacement) with `reg` in the reg field: register-direct
+/// with a writable register, or `[ebx + disp8]` inside scratch.
+fn modrm(r: &mut Rng, reg: u8, byte_op: bool, mem_size: u32) -> Vec<u8> {
+    if r.one_in(3) {
+        // disp8 is signed: stay in 0..=0x77 so [ebx+disp] and 8 bytes fit
+        let disp = r.below(0x78 - mem_size.min(8)) as u8;
+        let d32 = u32::from(disp).to_le_bytes();
+        let r3 = reg << 3;
+        match r.below(5) {
+            0 => vec![0x40 | r3 | EBX, disp],                     // [ebx+disp8]
+            1 => vec![r3 | EBX],                                  // [ebx]
+            2 => [&[0x80 | r3 | EBX][..], &d32].concat(),         // [ebx+disp32]
+            3 => vec![0x44 | r3, 0x20 | EBX, disp],               // SIB [ebx+disp8], no index
+            _ => [&[0x04 | r3, EBX << 3 | 5][..], &d32].concat(), // SIB [ebx*1+disp32], no base
+        }
+    } else {
+        let rm = if byte_op { wreg8(r) } else { wreg(r) };
+        vec![0xC0 | (reg << 3) | rm]
+    }
+}
+
+fn reg_for(r: &mut Rng, byte_op: bool) -> u8 {
+    if byte_op {
+        wreg8(r)
+    } else {
+        wreg(r)
+    }
+}
+
+/// Operand size for a new instruction: (byte_op, prefix 0x66).
+fn size(r: &mut Rng) -> (bool, bool) {
+    match r.below(4) {
+        0 => (true, false),
+        1 => (false, true),
+        _ => (false, false),
+    }
+}
+
+fn with_prefix(p66: bool, mut v: Vec<u8>) -> Vec<u8> {
+    if p66 {
+        v.insert(0, 0x66);
+    }
+    v
+}
+
+fn imm(r: &mut Rng, n: usize) -> Vec<u8> {
+    r.value().to_le_bytes()[..n].to_vec()
+}
+
+/// Generate one template: one or more instructions.
+fn template(r: &mut Rng) -> Vec<Vec<u8>> {
+    let (b, p66) = size(r);
+    let opsz = if b {
+        1
+    } else if p66 {
+        2
+    } else {
+        4
+    };
+    let immn = if b {
+        1
+    } else if p66 {
+        2
+    } else {
+        4
+    };
+    match r.below(24) {
+        // ALU r/m, r and r, r/m: ADD OR ADC SBB AND SUB XOR CMP
+        0..=3 => {
+            let op = ((r.below(8) as u8) << 3) | u8::from(!b);
+            let dir = r.below(2) as u8 * 2;
+            let reg = reg_for(r, b);
+            let mut v = vec![op | dir];
+            v.extend(modrm(r, reg, b, opsz));
+            vec![with_prefix(p66, v)]
+        }
+        // ALU r/m, imm (80, 81, 83)
+        4 | 5 => {
+            let ext = r.below(8) as u8;
+            if b {
+                let mut v = vec![0x80];
+                v.extend(modrm(r, ext, true, 1));
+                v.extend(imm(r, 1));
+                vec![v]
+            } else if r.one_in(2) {
+                let mut v = vec![0x83];
+                v.extend(modrm(r, ext, false, opsz));
+                v.extend(imm(r, 1));
+                vec![with_prefix(p66, v)]
+            } else {
+                let mut v = vec![0x81];
+                v.extend(modrm(r, ext, false, opsz));
+                v.extend(imm(r, immn));
+                vec![with_prefix(p66, v)]
+            }
+        }
+        // TEST, INC, DEC, NOT, NEG, MUL, IMUL (F6/F7 and FE/FF)
+        6 | 7 => {
+            let ext = [0u8, 2, 3, 4, 5][r.below(5) as usize];
+            let mut v = vec![if b { 0xF6 } else { 0xF7 }];
+            v.extend(modrm(r, ext, b, opsz));
+            if ext == 0 {
+                v.extend(imm(r, immn));
+            }
+            let mut out = vec![with_prefix(p66, v)];
+            if r.one_in(2) {
+                let mut w = vec![if b { 0xFE } else { 0xFF }];
+                let ext = r.below(2) as u8;
+                w.extend(modrm(r, ext, b, opsz));
+                out.push(with_prefix(p66, w));
+            }
+            out
+        }
+        // IMUL r, r/m and r, r/m, imm
+        8 => {
+            let reg = wreg(r);
+            let mut v = if r.one_in(2) {
+                vec![0x0F, 0xAF]
+            } else {
+                vec![0x6B]
+            };
+            v.extend(modrm(r, reg, false, if p66 { 2 } else { 4 }));
+            if v[0] == 0x6B {
+                v.extend(imm(r, 1));
+            }
+            vec![with_prefix(p66 && !b, v)]
+        }
+        // shifts and rotates: C0/C1 imm, D0/D1 by 1, D2/D3 by CL
+        9 | 10 => {
+            let ext = loop {
+                let e = r.below(8) as u8;
+                if e != 6 {
+                    break e;
+                }
+            };
+            let form = r.below(3);
+            let base = [0xC0u8, 0xD0, 0xD2][form as usize] + u8::from(!b);
+            let mut v = vec![base];
+            v.extend(modrm(r, ext, b, opsz));
+            if form == 0 {
+                v.push(r.below(64) as u8);
+            }
+            vec![with_prefix(p66, v)]
+        }
+        // SHLD/SHRD imm8 or CL. A 16-bit form with a count above 16 has an
+        // undefined result, so 16-bit forms take an immediate below 16.
+        11 => {
+            let w16 = p66 && !b;
+            let op = [0xA4u8, 0xA5, 0xAC, 0xAD][r.below(4) as usize] & if w16 { !1 } else { 0xFF };
+            let reg = wreg(r);
+            let mut v = vec![0x0F, op];
+            v.extend(modrm(r, reg, false, if w16 { 2 } else { 4 }));
+            if op & 1 == 0 {
+                v.push(r.below(if w16 { 16 } else { 32 }) as u8);
+            }
+            vec![with_prefix(w16, v)]
+        }
+        // DIV/IDIV made non-faulting
+        12 => {
+            let signed = r.one_in(2);
+            let ext = if signed { 0xF9u8 } else { 0xF1 }; // /7 or /6 with rm = ECX
+            match opsz {
+                1 => vec![
+                    vec![0x0F, 0xB6, 0xC0],                             // movzx eax, al
+                    vec![0x83, 0xE1, 0x7F],                             // and ecx, 0x7f
+                    vec![0x83, 0xC9, 0x02],                             // or ecx, 2
+                    if signed { vec![0x66, 0x98] } else { vec![0x90] }, // cbw
+                    vec![0xF6, ext],
+                ],
+                _ => {
+                    let mut v = vec![
+                        vec![0x81, 0xE1, 0xFF, 0x7F, 0, 0], // and ecx, 0x7fff
+                        vec![0x83, 0xC9, 0x02],             // or ecx, 2
+                    ];
+                    let widen = match (opsz, signed) {
+                        (2, true) => vec![0x66, 0x99], // cwd
+                        (4, true) => vec![0x99],       // cdq
+                        _ => vec![0x31, 0xD2],         // xor edx, edx
+                    };
+                    v.push(widen);
+                    v.push(with_prefix(p66, vec![0xF7, ext]));
+                    v
+                }
+            }
+        }
+        // BT family with immediate or register bit offsets (register forms
+        // only with register destinations, so no access leaves scratch)
+        13 => {
+            if r.one_in(2) {
+                let ext = 4 + r.below(4) as u8;
+                let mut v = vec![0x0F, 0xBA];
+                v.extend(modrm(r, ext, false, 4));
+                v.push(r.below(256) as u8);
+                vec![with_prefix(p66, v)]
+            } else {
+                let op = [0xA3u8, 0xAB, 0xB3, 0xBB][r.below(4) as usize];
+                let (reg, rm) = (wreg(r), wreg(r));
+                vec![with_prefix(p66, vec![0x0F, op, 0xC0 | reg << 3 | rm])]
+            }
+        }
+        // BSF/BSR, BSWAP, MOVZX/MOVSX
+        14 => {
+            let reg = wreg(r);
+            match r.below(3) {
+                0 => {
+                    let mut v = vec![0x0F, if r.one_in(2) { 0xBC } else { 0xBD }];
+                    v.extend(modrm(r, reg, false, if p66 { 2 } else { 4 }));
+                    vec![with_prefix(p66, v)]
+                }
+                1 => vec![vec![0x0F, 0xC8 + reg]],
+                _ => {
+                    let op = [0xB6u8, 0xB7, 0xBE, 0xBF][r.below(4) as usize];
+                    let mut v = vec![0x0F, op];
+                    v.extend(modrm(r, reg, op & 1 == 0, 2));
+                    vec![v]
+                }
+            }
+        }
+        // SETcc / CMOVcc / LAHF / PUSHF+POP / SAHF (flag consumers)
+        15 | 16 => {
+            let cc = r.below(16) as u8;
+            match r.below(5) {
+                0 => {
+                    let mut v = vec![0x0F, 0x90 + cc];
+                    v.extend(modrm(r, 0, true, 1));
+                    vec![v]
+                }
+                1 => {
+                    let mut v = vec![0x0F, 0x40 + cc];
+                    let reg = wreg(r);
+                    v.extend(modrm(r, reg, false, 4));
+                    vec![with_prefix(p66, v)]
+                }
+                2 => vec![vec![0x9F]],
+                3 => vec![vec![0x9C], vec![0x58 + wreg(r)]],
+                _ => vec![vec![0x9E]],
+            }
+        }
+        // Jcc short forward over one ALU instruction
+        17 => {
+            let cc = r.below(16) as u8;
+            let body = template_alu(r);
+            let mut out = vec![vec![0x70 + cc, body.len() as u8]];
+            out.push(body);
+            out
+        }
+        // XADD, CMPXCHG, XCHG, CMPXCHG8B, with optional LOCK on memory
+        18 => {
+            let reg = reg_for(r, b);
+            let (mut v, mem_ok) = match r.below(4) {
+                0 => (vec![0x0F, 0xC0 | u8::from(!b)], true),
+                1 => (vec![0x0F, 0xB0 | u8::from(!b)], true),
+                2 => (vec![0x86 | u8::from(!b)], true),
+                _ => {
+                    let disp = (r.below(SCRATCH / 8 - 2) * 8).min(0x78) as u8;
+                    let mut v = vec![0x0F, 0xC7, 0x4B, disp];
+                    if r.one_in(2) {
+                        v.insert(0, 0xF0);
+                    }
+                    return vec![v];
+                }
+            };
+            let m = modrm(r, reg, b, opsz);
+            let is_mem = m[0] >> 6 != 3;
+            v.extend(m);
+            if is_mem && mem_ok && r.one_in(2) {
+                v.insert(0, 0xF0);
+            }
+            vec![with_prefix(p66, v)]
+        }
+        // BCD
+        19 => {
+            let op = [0x27u8, 0x2F, 0x37, 0x3F, 0xD4, 0xD5][r.below(6) as usize];
+            if op >= 0xD4 {
+                vec![vec![op, 1 + r.below(255) as u8]]
+            } else {
+                vec![vec![op]]
+            }
+        }
+        // strings with REP/REPE/REPNE and either direction
+        20 => {
+            let elem = [1u32, 2, 4][r.below(3) as usize];
+            let count = r.below(12);
+            let down = r.one_in(2);
+            let mid = 128 + r.below(256) / elem * elem;
+            let lea = |dst: u8, off: u32| {
+                vec![
+                    0x8D,
+                    0x83 | dst << 3,
+                    (off & 0xFF) as u8,
+                    (off >> 8) as u8,
+                    0,
+                    0,
+                ]
+            };
+            let mut v = vec![
+                lea(6, mid),                              // lea esi, [ebx+mid]
+                lea(7, 128 + r.below(256) / elem * elem), // lea edi, [ebx+...]
+                vec![0xB9, count as u8, 0, 0, 0],         // mov ecx, count
+                vec![if down { 0xFD } else { 0xFC }],     // std / cld
+            ];
+            let base = [0xA4u8, 0xAA, 0xAC, 0xA6, 0xAE][r.below(5) as usize];
+            let op = base + u8::from(elem > 1);
+            let mut ins = vec![op];
+            if elem == 2 {
+                ins.insert(0, 0x66);
+            }
+            match r.below(3) {
+                0 => {}
+                1 => ins.insert(0, 0xF3),
+                _ => ins.insert(0, 0xF2),
+            }
+            v.push(ins);
+            v.push(vec![0xFC]); // cld
+            v
+        }
+        // PUSH/POP pairs, CALL/RET
+        21 => match r.below(3) {
+            0 => vec![vec![0x50 + r.below(8) as u8], vec![0x58 + wreg(r)]],
+            1 => vec![vec![0x6A, r.below(256) as u8], vec![0x8F, 0xC0 + wreg(r)]],
+            _ => vec![vec![0xE8, 2, 0, 0, 0], vec![0xEB, 1], vec![0xC3]],
+        },
+        // LEA, CBW/CWDE/CWD/CDQ, XLAT, MOV from Sreg, CLC/STC/CMC
+        22 => match r.below(6) {
+            0 => vec![vec![
+                0x8D,
+                0x44 | wreg(r) << 3,
+                (r.below(4) as u8) << 6 | wreg(r) << 3 | EBX,
+                r.below(256) as u8,
+            ]],
+            1 => vec![with_prefix(r.one_in(2), vec![0x98])],
+            2 => vec![with_prefix(r.one_in(2), vec![0x99])],
+            3 => vec![vec![0xD7]],
+            4 => vec![vec![0x8C, 0xC0 | (r.below(4) as u8) << 3 | wreg(r)]],
+            _ => vec![vec![[0xF8u8, 0xF9, 0xF5][r.below(3) as usize]]],
+        },
+        // MOV forms
+        _ => {
+            let reg = reg_for(r, b);
+            let mut v = vec![0x88 | u8::from(!b) | (r.below(2) as u8) << 1];
+            v.extend(modrm(r, reg, b, opsz));
+            vec![with_prefix(p66, v)]
+        }
+    }
+}
+
+/// An ALU instruction (for Jcc bodies).
+fn template_alu(r: &mut Rng) -> Vec<u8> {
+    let op = (r.below(8) as u8) << 3 | 1;
+    vec![op, 0xC0 | wreg(r) << 3 | wreg(r)]
+}
+
+/// Decode one instruction's bytes (32-bit).
+pub fn decode(bytes: &[u8]) -> Instruction {
+    Decoder::with_ip(32, bytes, 0, DecoderOptions::NONE).decode()
+}
+
+/// A CMP that defines all six arithmetic flags.
+fn producer(r: &mut Rng) -> Vec<u8> {
+    vec![0x39, 0xC0 | (r.below(8) as u8) << 3 | r.below(8) as u8]
+}
+
+const ARITH: u32 = RflagsBits::CF
+    | RflagsBits::PF
+    | RflagsBits::AF
+    | RflagsBits::ZF
+    | RflagsBits::SF
+    | RflagsBits::OF;
+
+/// Generate a case of about `len` instructions.
+pub fn generate(seed: u64, len: usize) -> Case {
+    let mut r = Rng::new(seed);
+    let mut regs = [0u32; 8];
+    for v in regs.iter_mut() {
+        *v = r.value();
+    }
+    let flags = (r.bits() as u32) & (ARITH | 0x400);
+    let scratch = (0..SCRATCH).map(|_| r.below(256) as u8).collect();
+    let mut groups: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut count = 0;
+    let mut undefined = 0u32; // arithmetic flags currently undefined (iced bits)
+    while count < len {
+        let mut group = Vec::new();
+        for bytes in template(&mut r) {
+            let ins = decode(&bytes);
+            assert!(
+                !ins.is_invalid(),
+                "generator produced invalid bytes {bytes:02x?}"
+            );
+            let reads = ins.rflags_read() & ARITH;
+            // Before a Jcc, define every flag: the skipped body must not
+            // leave the tracking believing in flags only one path defines.
+            let is_jcc = (0x70..=0x7F).contains(&bytes[0]);
+            if reads & undefined != 0 || is_jcc {
+                group.push(producer(&mut r));
+                undefined = 0;
+            }
+            undefined = (undefined & !defined_by(&ins)) | undefined_by(&ins);
+            group.push(bytes);
+        }
+        count += group.len();
+        groups.push(group);
+    }
+    Case {
+        regs,
+        flags,
+        scratch,
+        groups,
+    }
+}
+
+/// The arithmetic flags (iced bits) an instruction surely writes: none for
+/// a REP string instruction, which writes nothing when ECX is 0.
+/// Likewise none for a shift or rotate whose count may be 0 (CL, or an
+/// immediate that masks to 0), which leaves the flags alone.
+pub fn defined_by(ins: &Instruction) -> u32 {
+    if ins.has_rep_prefix() || ins.has_repe_prefix() || ins.has_repne_prefix() {
+        return 0;
+    }
+    if let Some(count) = shift_count(ins) {
+        if count.unwrap_or(0) == 0 {
+            return 0;
+        }
+    }
+    ins.rflags_modified() & ARITH
+}
+
+/// For shifts and rotates: Some(the count masked to 5 bits, or None for CL).
+fn shift_count(ins: &Instruction) -> Option<Option<u32>> {
+    use iced_x86::{Mnemonic as M, OpKind};
+    let m = ins.mnemonic();
+    if !matches!(
+        m,
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Shld | M::Shrd | M::Rol | M::Ror | M::Rcl | M::Rcr
+    ) {
+        return None;
+    }
+    if ins.op_count() == 1 {
+        return Some(Some(1));
+    }
+    Some(match ins.op_kind(ins.op_count() - 1) {
+        OpKind::Immediate8 | OpKind::Immediate8_2nd => Some(u32::from(ins.immediate8()) & 31),
+        _ => None,
+    })
+}
+
+/// The arithmetic flags (iced bits) an instruction leaves undefined,
+/// including the count-dependent cases iced-x86's static tables do not
+/// know: OF after a shift or rotate whose count is not 1, CF after a shift
+/// of a byte or word by at least its width.
+pub fn undefined_by(ins: &Instruction) -> u32 {
+    use iced_x86::{Mnemonic as M, OpKind};
+    let mut u = ins.rflags_undefined() & ARITH;
+    let shift = matches!(
+        ins.mnemonic(),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Shld | M::Shrd
+    );
+    let rotate = matches!(ins.mnemonic(), M::Rol | M::Ror | M::Rcl | M::Rcr);
+    if shift || rotate {
+        let count = shift_count(ins).flatten(); // None: CL, unknown here
+        if count != Some(1) {
+            u |= RflagsBits::OF;
+        }
+        let width = match ins.op_kind(0) {
+            OpKind::Register => ins.op0_register().size() as u32 * 8,
+            _ => ins.memory_size().size() as u32 * 8,
+        };
+        if shift && count.is_none_or(|c| c >= width) {
+            u |= RflagsBits::CF;
+        }
+    }
+    u
+}
+
+/// The arithmetic flags left undefined at the end of the sequence, as
+/// EFLAGS bits.
+pub fn undefined_at_end(case: &Case) -> u32 {
+    let mut undefined = 0u32;
+    for b in case.insns() {
+        let ins = decode(b);
+        undefined = (undefined & !defined_by(&ins)) | undefined_by(&ins);
+    }
+    to_eflags(undefined)
+}
+
+/// Convert iced-x86's `RflagsBits` (its own bit order) to EFLAGS bits.
+pub fn to_eflags(bits: u32) -> u32 {
+    const MAP: [(u32, u32); 6] = [
+        (RflagsBits::CF, 1 << 0),
+        (RflagsBits::PF, 1 << 2),
+        (RflagsBits::AF, 1 << 4),
+        (RflagsBits::ZF, 1 << 6),
+        (RflagsBits::SF, 1 << 7),
+        (RflagsBits::OF, 1 << 11),
+    ];
+    MAP.iter()
+        .filter(|(i, _)| bits & i != 0)
+        .map(|(_, e)| e)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_is_reproducible_and_valid() {
+        let a = generate(7, 50);
+        assert_eq!(a, generate(7, 50));
+        assert_ne!(a, generate(8, 50));
+        for b in a.insns() {
+            assert!(!decode(b).is_invalid());
+            assert_eq!(decode(b).len(), b.len(), "{b:02x?}");
+        }
+    }
+}
