@@ -523,11 +523,108 @@ pub fn generate(seed: u64, len: usize) -> Case {
         count += group.len();
         groups.push(group);
     }
+    // Every fourth case ends with an instruction that faults or traps: the
+    // exceptions mode, compared by signal, trap number, error code and EIP.
+    if seed % 4 == 0 {
+        groups.push(faulting(&mut r));
+    }
     Case {
         regs,
         flags,
         scratch,
         groups,
+    }
+}
+
+/// A group whose last instruction raises an exception at CPL 3.
+pub fn faulting(r: &mut Rng) -> Vec<Vec<u8>> {
+    match r.below(9) {
+        // #DE: divide by zero (32- or 8-bit)
+        0 => vec![
+            vec![0x31, 0xC9],
+            if r.one_in(2) {
+                vec![0xF7, 0xF1]
+            } else {
+                vec![0xF6, 0xF1]
+            },
+        ],
+        // #DE: IDIV overflow
+        1 => vec![
+            vec![0xB8, 0, 0, 0, 0x80],
+            vec![0x99],
+            vec![0xB9, 0xFF, 0xFF, 0xFF, 0xFF],
+            vec![0xF7, 0xF9],
+        ],
+        // #UD: UD2, or LOCK on a register destination
+        2 => vec![if r.one_in(2) {
+            vec![0x0F, 0x0B]
+        } else {
+            vec![0xF0, 0x01, 0xC0]
+        }],
+        // #GP: privileged instructions at CPL 3
+        3 => {
+            const PRIV: [&[u8]; 16] = [
+                &[0xFA],
+                &[0xFB],
+                &[0xF4],
+                &[0xEC],
+                &[0xEE],
+                &[0xE4, 0x60],
+                &[0x0F, 0x20, 0xC0],
+                &[0x0F, 0x01, 0x13],
+                &[0x0F, 0x08],
+                &[0x0F, 0x09],
+                &[0x0F, 0x06],
+                &[0x0F, 0x32],
+                &[0x0F, 0x30],
+                &[0x0F, 0x22, 0xD8],
+                &[0x0F, 0x00, 0xD8],
+                &[0x0F, 0x01, 0xF0],
+            ];
+            vec![PRIV[r.below(PRIV.len() as u32) as usize].to_vec()]
+        }
+        // #GP: INT n through a DPL-0 gate
+        4 => {
+            let n = loop {
+                let n = r.below(256) as u8;
+                if !matches!(n, 3 | 4 | 0x80) {
+                    break n;
+                }
+            };
+            vec![vec![0xCD, n]]
+        }
+        // #GP: loading a selector outside the GDT, an LDT selector, or a null SS
+        5 => {
+            let sel = match r.below(3) {
+                0 => 0x80 + r.below(0xFF00),
+                1 => (r.below(0x2000) << 3) | 4 | r.below(4),
+                _ => 0,
+            };
+            let sreg = if sel == 0 {
+                2
+            } else {
+                [0u8, 2, 3, 4, 5][r.below(5) as usize]
+            };
+            vec![
+                vec![0xB8, sel as u8, (sel >> 8) as u8, 0, 0],
+                vec![0x8E, 0xC0 | sreg << 3],
+            ]
+        }
+        // #BR: BOUND out of range
+        6 => vec![
+            vec![0xC7, 0x03, 10, 0, 0, 0],
+            vec![0xC7, 0x43, 0x04, 20, 0, 0, 0],
+            vec![0xB8, if r.one_in(2) { 30 } else { 5 }, 0, 0, 0],
+            vec![0x62, 0x03],
+        ],
+        // #BP: INT3 (a trap: EIP after it)
+        7 => vec![vec![0xCC]],
+        // #OF: INTO after an overflow (a trap)
+        _ => vec![
+            vec![0xB8, 0xFF, 0xFF, 0xFF, 0x7F],
+            vec![0x83, 0xC0, 0x01],
+            vec![0xCE],
+        ],
     }
 }
 
@@ -630,6 +727,7 @@ mod tests {
         let a = generate(7, 50);
         assert_eq!(a, generate(7, 50));
         assert_ne!(a, generate(8, 50));
+        // seed 7 is not a multiple of 4: no faulting group, all valid
         for b in a.insns() {
             assert!(!decode(b).is_invalid());
             assert_eq!(decode(b).len(), b.len(), "{b:02x?}");

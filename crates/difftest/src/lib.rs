@@ -66,6 +66,13 @@ pub fn run_popek(image: &[u8], engine: Engine) -> Outcome {
     let mut out = Vec::new();
     let mut err = Vec::new();
     let exit = m.run_with(&mut out, &mut err);
+    if let Exit::Signal(f) = &exit {
+        // What the case's signal handler would have written.
+        return Outcome {
+            dump: signal_dump(f),
+            status: 0,
+        };
+    }
     if let Some(msg) = exit.message() {
         let _ = writeln!(out, "\npopek: {msg}");
     }
@@ -74,6 +81,37 @@ pub fn run_popek(image: &[u8], engine: Engine) -> Outcome {
         other => other.status(),
     };
     Outcome { dump: out, status }
+}
+
+/// The signal number and i386 sigcontext a handler sees for a fatal
+/// exception under popek (the layout [`elf::SIGNAL_DUMP_LEN`] describes).
+pub fn signal_dump(f: &popek_machine::linux::Fatal) -> Vec<u8> {
+    use popek_machine::linux::{USER_CS, USER_DS};
+    let r = f.regs;
+    let ds = u32::from(USER_DS);
+    let words = [
+        f.signo as u32,
+        0,  // gs
+        0,  // fs
+        ds, // es
+        ds, // ds
+        r[7],
+        r[6],
+        r[5],
+        r[4],
+        r[3],
+        r[2],
+        r[1],
+        r[0],
+        u32::from(f.exception.vector),
+        f.exception.error.unwrap_or(0),
+        f.eip,
+        u32::from(USER_CS),
+        f.eflags,
+        r[4],
+        ds,
+    ];
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
 /// The final state a dump holds.
@@ -125,9 +163,13 @@ pub fn compare(case: &Case, native: &Outcome, popek: &Outcome) -> Option<String>
         ));
     }
     if native.status != 0 {
-        // Both ended with the same signal: the exceptions mode (faulting EIP
-        // comparison) is not built yet, so the status is all we compare.
+        // Both died the same way without reaching the handler.
         return None;
+    }
+    if native.dump.len() == elf::SIGNAL_DUMP_LEN as usize
+        || popek.dump.len() == elf::SIGNAL_DUMP_LEN as usize
+    {
+        return compare_signal(case, &native.dump, &popek.dump);
     }
     let (Some(n), Some(p)) = (parse(&native.dump), parse(&popek.dump)) else {
         return Some(format!(
@@ -167,6 +209,69 @@ pub fn compare(case: &Case, native: &Outcome, popek: &Outcome) -> Option<String>
         ));
     }
     (!diffs.is_empty()).then(|| diffs.join("; "))
+}
+
+/// Compare two signal dumps: signal, trap number, error code, EIP, the
+/// general registers, segment selectors and the defined flags.
+fn compare_signal(case: &Case, native: &[u8], popek: &[u8]) -> Option<String> {
+    const FIELDS: [&str; 20] = [
+        "signal",
+        "gs",
+        "fs",
+        "es",
+        "ds",
+        "edi",
+        "esi",
+        "ebp",
+        "esp",
+        "ebx",
+        "edx",
+        "ecx",
+        "eax",
+        "trapno",
+        "err",
+        "eip",
+        "cs",
+        "eflags",
+        "esp_at_signal",
+        "ss",
+    ];
+    if native.len() != popek.len() {
+        return Some(format!(
+            "native {} popek {}",
+            describe(native),
+            describe(popek)
+        ));
+    }
+    let word = |d: &[u8], i: usize| u32::from_le_bytes(d[4 * i..4 * i + 4].try_into().unwrap());
+    let mask = FLAGS_COMPARED & !gen::undefined_at_end(case);
+    let diffs: Vec<String> = FIELDS
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| {
+            let (a, b) = (word(native, i), word(popek, i));
+            let differ = if *name == "eflags" {
+                (a ^ b) & mask != 0
+            } else {
+                a != b
+            };
+            differ.then(|| format!("{name}: native {a:#x} popek {b:#x}"))
+        })
+        .collect();
+    (!diffs.is_empty()).then(|| diffs.join("; "))
+}
+
+fn describe(dump: &[u8]) -> String {
+    if dump.len() == elf::SIGNAL_DUMP_LEN as usize {
+        let w = |i: usize| u32::from_le_bytes(dump[4 * i..4 * i + 4].try_into().unwrap());
+        format!("signal {} (trap {}) at eip {:#x}", w(0), w(13), w(15))
+    } else {
+        format!(
+            "{} bytes: {}",
+            dump.len(),
+            String::from_utf8_lossy(dump).lines().last().unwrap_or("")
+        )
+    }
 }
 
 /// Run one case both ways; None if they agree.

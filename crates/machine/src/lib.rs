@@ -116,15 +116,7 @@ pub enum Exit {
     /// A Linux process called exit or exit_group.
     Exited(i32),
     /// A Linux process was killed by the signal for a CPU exception.
-    Signal {
-        /// Linux signal number.
-        signo: i32,
-        /// The exception.
-        exception: Exception,
-        /// The EIP a signal handler would see (the faulting instruction for
-        /// faults, the next one for traps).
-        eip: u32,
-    },
+    Signal(linux::Fatal),
 }
 
 impl Exit {
@@ -134,7 +126,7 @@ impl Exit {
     pub fn status(&self) -> i32 {
         match self {
             Exit::DebugExit(s) | Exit::Exited(s) => *s,
-            Exit::Signal { signo, .. } => 128 + signo,
+            Exit::Signal(f) => 128 + f.signo,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -151,13 +143,11 @@ impl Exit {
         };
         match self {
             Exit::DebugExit(_) | Exit::Exited(_) => None,
-            Exit::Signal {
-                signo,
-                exception,
-                eip,
-            } => Some(format!(
-                "guest killed by {} ({exception}) at eip={eip:#010x}",
-                linux::sig::name(*signo)
+            Exit::Signal(f) => Some(format!(
+                "guest killed by {} ({}) at eip={:#010x}",
+                linux::sig::name(f.signo),
+                f.exception,
+                f.eip
             )),
             Exit::Halted { eip } => Some(format!(
                 "guest halted at eip={eip:#010x} with no interrupt source to wake it"
@@ -303,17 +293,7 @@ impl Machine {
                     match p.handle(&mut self.cpu, vector, out, err) {
                         linux::KernelExit::Resume => continue,
                         linux::KernelExit::Exit(s) => break Exit::Exited(s),
-                        linux::KernelExit::Signal {
-                            signo,
-                            exception,
-                            eip,
-                        } => {
-                            break Exit::Signal {
-                                signo,
-                                exception,
-                                eip,
-                            }
-                        }
+                        linux::KernelExit::Signal(f) => break Exit::Signal(f),
                     }
                 }
             }

@@ -14,8 +14,8 @@
 //! system call and returns with IRET semantics, or ends the process with
 //! the signal Linux would send.
 //!
-//! System calls: write, exit, exit_group; rt_sigaction and rt_sigprocmask
-//! are accepted and ignored (no signal is ever delivered to a handler: a
+//! System calls: write, exit, exit_group; rt_sigaction, rt_sigprocmask and
+//! sigaltstack are accepted and ignored (no signal is ever delivered to a handler: a
 //! fault ends the process, as an unhandled signal does); everything else
 //! returns -ENOSYS. The full Linux ABI comes with the Linux user-mode issue.
 
@@ -48,6 +48,7 @@ mod nr {
     pub const WRITE: u32 = 4;
     pub const RT_SIGACTION: u32 = 174;
     pub const RT_SIGPROCMASK: u32 = 175;
+    pub const SIGALTSTACK: u32 = 186;
     pub const EXIT_GROUP: u32 = 252;
 }
 
@@ -135,14 +136,23 @@ pub enum KernelExit {
     /// The process exited with this status.
     Exit(i32),
     /// The process was killed by a signal for this exception.
-    Signal {
-        /// Linux signal number.
-        signo: i32,
-        /// The exception.
-        exception: Exception,
-        /// The EIP the signal handler would see.
-        eip: u32,
-    },
+    Signal(Fatal),
+}
+
+/// A fatal signal and the user state a signal handler would have seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal {
+    /// Linux signal number.
+    pub signo: i32,
+    /// The exception.
+    pub exception: Exception,
+    /// The EIP in the signal frame (the faulting instruction for faults,
+    /// the next one for traps).
+    pub eip: u32,
+    /// EAX..EDI at the fault, with the user ESP.
+    pub regs: [u32; 8],
+    /// EFLAGS at the fault.
+    pub eflags: u32,
 }
 
 fn user_flat(sel: u16, code: bool) -> Segment {
@@ -328,12 +338,15 @@ impl LinuxProcess {
         let eflags = rd(cpu, sp + 8);
         let user_esp = rd(cpu, sp + 12);
         if vector != 0x80 {
-            let exception = Exception { vector, error };
-            return KernelExit::Signal {
+            let mut regs = cpu.regs;
+            regs[reg::ESP] = user_esp;
+            return KernelExit::Signal(Fatal {
                 signo: signal_for(vector),
-                exception,
+                exception: Exception { vector, error },
                 eip,
-            };
+                regs,
+                eflags,
+            });
         }
         // Restore the user context first (IRET to CPL 3), then run the call.
         cpu.segs[SegReg::Cs as usize] = user_flat(USER_CS, true);
@@ -373,7 +386,7 @@ impl LinuxProcess {
                     -EBADF
                 }
             }
-            nr::RT_SIGACTION | nr::RT_SIGPROCMASK => 0,
+            nr::RT_SIGACTION | nr::RT_SIGPROCMASK | nr::SIGALTSTACK => 0,
             n => {
                 if !self.unknown_syscalls.contains(&n) {
                     self.unknown_syscalls.push(n);
