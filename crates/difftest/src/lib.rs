@@ -277,22 +277,28 @@ fn describe(dump: &[u8]) -> String {
 /// Run one case both ways; None if they agree.
 pub fn check(case: &Case, dir: &Path, engine: Engine) -> Result<Option<String>, String> {
     let image = elf::elf(case);
-    let path = dir.join(format!("case-{:?}", std::thread::current().id()).replace(['(', ')'], ""));
-    write_executable(&path, &image).map_err(|e| format!("cannot write {path:?}: {e}"))?;
+    let native = run_image_natively(&image, dir)?;
+    let popek = run_popek(&image, engine);
+    Ok(compare(case, &native, &popek))
+}
+
+/// Write an ELF image into `dir` (one file per thread) and run it natively.
+pub fn run_image_natively(image: &[u8], dir: &Path) -> Result<Outcome, String> {
+    let name = format!("case-{:?}", std::thread::current().id()).replace(['(', ')'], "");
+    let path = dir.join(name);
+    write_executable(&path, image).map_err(|e| format!("cannot write {path:?}: {e}"))?;
     // Another thread's fork may briefly hold the file open for writing
     // (ETXTBSY); try again.
     let mut tries = 0;
-    let native = loop {
+    loop {
         match run_native(&path) {
-            Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+            Err(e) if e.raw_os_error() == Some(26) && tries < 100 => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            r => break r.map_err(|e| format!("cannot run {path:?}: {e}"))?,
+            r => break r.map_err(|e| format!("cannot run {path:?}: {e}")),
         }
-    };
-    let popek = run_popek(&image, engine);
-    Ok(compare(case, &native, &popek))
+    }
 }
 
 fn write_executable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

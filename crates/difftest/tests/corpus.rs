@@ -83,11 +83,7 @@ fn exceptions_mode_is_exercised() {
     for seed in (4..=400).step_by(4) {
         let case = gen::generate(seed, 5);
         let image = popek_difftest::elf::elf(&case);
-        let path = dir.join("exc");
-        std::fs::write(&path, &image).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let native = popek_difftest::run_native(&path).unwrap();
+        let native = popek_difftest::run_image_natively(&image, &dir).unwrap();
         assert_eq!(
             native.dump.len(),
             popek_difftest::elf::SIGNAL_DUMP_LEN as usize,
