@@ -442,8 +442,23 @@ fn template(r: &mut Rng) -> Vec<Vec<u8>> {
             1 => vec![vec![0x6A, r.below(256) as u8], vec![0x8F, 0xC0 + wreg(r)]],
             _ => vec![vec![0xE8, 2, 0, 0, 0], vec![0xEB, 1], vec![0xC3]],
         },
-        // LEA, CBW/CWDE/CWD/CDQ, XLAT, MOV from Sreg, CLC/STC/CMC
-        22 => match r.below(6) {
+        // LEA (32-bit SIB and 16-bit 0x67 forms), CBW/CWDE/CWD/CDQ, XLAT,
+        // MOV from Sreg, CLC/STC/CMC
+        22 => match r.below(7) {
+            6 => {
+                // LEA computes an address without accessing it, so every
+                // 16-bit addressing form ([bx+si], [bp+di+disp8], [disp16],
+                // ...) can be tested with arbitrary register values.
+                let (md, rm) = (r.below(3) as u8, r.below(8) as u8);
+                let mut v = vec![0x67, 0x8D, md << 6 | wreg(r) << 3 | rm];
+                let disp = match (md, rm) {
+                    (0, 6) | (2, _) => 2,
+                    (1, _) => 1,
+                    _ => 0,
+                };
+                v.extend(imm(r, disp));
+                vec![with_prefix(p66, v)]
+            }
             0 => vec![vec![
                 0x8D,
                 0x44 | wreg(r) << 3,
