@@ -553,7 +553,18 @@ pub fn generate(seed: u64, len: usize) -> Case {
 
 /// A group whose last instruction raises an exception at CPL 3.
 pub fn faulting(r: &mut Rng) -> Vec<Vec<u8>> {
-    match r.below(9) {
+    match r.below(10) {
+        // #PF: a load or store through an absolute address (moffs form) that
+        // is mapped neither in a Linux process nor under popek
+        9 => {
+            let addr = if r.one_in(2) {
+                0x1000 + r.below(0x0800_0000 - 0x2000)
+            } else {
+                0x1000_0000 + r.below(0x3000_0000)
+            };
+            let op = [0xA0u8, 0xA1, 0xA2, 0xA3][r.below(4) as usize];
+            vec![[&[op][..], &addr.to_le_bytes()].concat()]
+        }
         // #DE: divide by zero (32- or 8-bit)
         0 => vec![
             vec![0x31, 0xC9],

@@ -102,7 +102,7 @@ fn exceptions_mode_is_exercised() {
     );
     assert_eq!(
         traps,
-        BTreeSet::from([0, 3, 4, 5, 6, 13]),
-        "#DE #BP #OF #BR #UD #GP"
+        BTreeSet::from([0, 3, 4, 5, 6, 13, 14]),
+        "#DE #BP #OF #BR #UD #GP #PF"
     );
 }

@@ -37,8 +37,10 @@ const KERNEL_CS: u16 = 0x30;
 const KERNEL_DS: u16 = 0x38;
 const TSS_SEL: u16 = 0x40;
 
-/// Size of the reserved kernel region at the top of RAM.
-const KERNEL_REGION: u32 = 0x10000;
+/// Size of the reserved kernel region at the top of RAM: descriptor tables,
+/// TSS, trampoline and kernel stack in the first 64 KiB, then the page
+/// directory and page tables.
+const KERNEL_REGION: u32 = 0x50000;
 /// Size of the user stack below the kernel region.
 const USER_STACK: u32 = 1 << 20;
 
@@ -115,7 +117,10 @@ impl Layout {
         self.base + 0xA00
     }
     fn kernel_stack_top(self) -> u32 {
-        self.base + KERNEL_REGION - 16
+        self.base + 0xFFF0
+    }
+    fn page_tables(self) -> (u32, u32) {
+        (self.base + 0x10000, self.base + KERNEL_REGION)
     }
 }
 
@@ -223,6 +228,26 @@ pub fn load(
     let mut cpu = Vcpu::new(ram);
     build_kernel_tables(&mut cpu, layout);
 
+    // Paging: the image and the stack are user pages (identity-mapped),
+    // the kernel region is supervisor-only, everything else is not present,
+    // so a wild pointer faults (SIGSEGV) as it does under Linux.
+    let mut pager = Pager::new(&mut cpu, layout.page_tables());
+    for ph in phdrs.iter().filter(|p| p.p_type(endian) == elf::PT_LOAD) {
+        let start = ph.p_vaddr(endian);
+        let end = start + ph.p_memsz(endian);
+        let writable = ph.p_flags(endian).contains(elf::PF_W);
+        pager.map(&mut cpu, start, end, true, writable)?;
+    }
+    pager.map(&mut cpu, layout.base - USER_STACK, layout.base, true, true)?;
+    pager.map(
+        &mut cpu,
+        layout.base,
+        layout.base + KERNEL_REGION,
+        false,
+        true,
+    )?;
+    cpu.cr3 = pager.directory;
+
     // The initial stack: argc, argv[], NULL, envp[] (empty), NULL, auxv AT_NULL.
     let mut sp = layout.base - 16;
     let mut argv_ptrs = Vec::new();
@@ -251,7 +276,7 @@ pub fn load(
             _ => user_flat(USER_DS, false),
         };
     }
-    cpu.cr0 = popek_vcpu::cr0::PE | popek_vcpu::cr0::ET;
+    cpu.cr0 = popek_vcpu::cr0::PE | popek_vcpu::cr0::ET | popek_vcpu::cr0::PG;
     cpu.eflags = flags::FIXED1 | flags::IF;
     cpu.regs = [0; 8];
     cpu.regs[reg::ESP] = sp;
@@ -265,6 +290,62 @@ pub fn load(
             unknown_syscalls: Vec::new(),
         },
     ))
+}
+
+/// Builds 32-bit page tables (SDM Vol. 3 §4.3) in the kernel region.
+struct Pager {
+    directory: u32,
+    next: u32,
+    end: u32,
+}
+
+impl Pager {
+    fn new(cpu: &mut Vcpu, (start, end): (u32, u32)) -> Pager {
+        cpu.ram.zero(start, 0x1000);
+        Pager {
+            directory: start,
+            next: start + 0x1000,
+            end,
+        }
+    }
+
+    /// Identity-map `[start, end)` with 4 KiB pages.
+    fn map(
+        &mut self,
+        cpu: &mut Vcpu,
+        start: u32,
+        end: u32,
+        user: bool,
+        writable: bool,
+    ) -> Result<(), LoadError> {
+        let flags = 1 | (u32::from(writable) << 1) | (u32::from(user) << 2);
+        let mut page = start & !0xFFF;
+        while page < end {
+            let pde_addr = self.directory + (page >> 22) * 4;
+            let mut pde = cpu.ram.read(pde_addr, 4) as u32;
+            if pde & 1 == 0 {
+                if self.next >= self.end {
+                    return Err(LoadError::Malformed(
+                        "executable spans too much address space for popek's page tables".into(),
+                    ));
+                }
+                cpu.ram.zero(self.next, 0x1000);
+                pde = self.next | 7; // rights are decided by the page entries
+                self.next += 0x1000;
+                cpu.ram.write(pde_addr, 4, u64::from(pde));
+            }
+            let pte_addr = (pde & !0xFFF) + ((page >> 12) & 0x3FF) * 4;
+            let old = cpu.ram.read(pte_addr, 4) as u32;
+            // Overlapping segments: the union of their rights.
+            cpu.ram
+                .write(pte_addr, 4, u64::from(page | flags | (old & 7)));
+            page = match page.checked_add(0x1000) {
+                Some(p) => p,
+                None => break,
+            };
+        }
+        Ok(())
+    }
 }
 
 fn build_kernel_tables(cpu: &mut Vcpu, l: Layout) {

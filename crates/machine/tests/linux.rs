@@ -91,3 +91,24 @@ fn faults_become_the_signals_linux_sends() {
         assert_eq!(exit.status(), nstatus, "{name}: {exit:?}");
     }
 }
+
+#[test]
+fn wild_pointers_and_the_kernel_region_fault_like_linux() {
+    // An unmapped address, a write to the read-only text, and the top of
+    // the address space all raise #PF, which Linux turns into SIGSEGV.
+    for (name, asm) in [
+        ("wild_read", "mov 0x10, %eax"),
+        ("wild_write", "movl $1, 0x20000000"),
+        ("text_write", "movl $1, _start"),
+        ("top", "mov 0xfffffffc, %eax"),
+    ] {
+        let exe = build(name, asm);
+        let ((_, nstatus), (_, exit)) = both(&exe);
+        assert_eq!(nstatus, 128 + 11, "{name}: native");
+        assert_eq!(exit.status(), nstatus, "{name}: {exit:?}");
+        let Exit::Signal(f) = exit else {
+            unreachable!()
+        };
+        assert_eq!(f.exception.vector, 14, "{name}");
+    }
+}
