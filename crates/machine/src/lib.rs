@@ -9,6 +9,7 @@
 //!                                                 isa-debug-exit, HLT, budget, stop }
 //! ```
 
+pub mod elf32;
 pub mod linux;
 pub mod multiboot;
 

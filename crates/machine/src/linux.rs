@@ -21,12 +21,10 @@
 
 use std::io::Write;
 
-use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader};
-use object::Endianness;
 use popek_memory::GuestRam;
 use popek_vcpu::{attr, flags, reg, Exception, SegReg, Segment, Vcpu};
 
+use crate::elf32::Elf32;
 use crate::LoadError;
 
 /// User code selector (x86-64 Linux's __USER32_CS).
@@ -180,48 +178,22 @@ pub fn load(
     args: &[String],
     mut memory: u64,
 ) -> Result<(Vcpu, LinuxProcess), LoadError> {
-    let hdr = elf::FileHeader32::<Endianness>::parse(image)
-        .map_err(|e| LoadError::Malformed(format!("not an ELF32 file: {e}")))?;
-    let endian = hdr
-        .endian()
-        .map_err(|e| LoadError::Malformed(format!("ELF: {e}")))?;
-    if endian != Endianness::Little || hdr.e_machine(endian) != elf::EM_386 {
-        return Err(LoadError::Malformed("ELF is not little-endian i386".into()));
-    }
-    let phdrs = hdr
-        .program_headers(endian, image)
-        .map_err(|e| LoadError::Malformed(format!("ELF program headers: {e}")))?;
-    if phdrs.iter().any(|p| p.p_type(endian) == elf::PT_INTERP) {
+    let elf = Elf32::parse(image)?;
+    if elf.has_interp() {
         return Err(LoadError::Malformed(
             "dynamically linked executables are not supported yet (PT_INTERP present)".into(),
         ));
     }
-    let top = phdrs
-        .iter()
-        .filter(|p| p.p_type(endian) == elf::PT_LOAD)
-        .map(|p| u64::from(p.p_vaddr(endian)) + u64::from(p.p_memsz(endian)))
+    let top = elf
+        .loads()
+        .map(|(vaddr, _, memsz, _)| u64::from(vaddr) + u64::from(memsz))
         .max()
         .ok_or_else(|| LoadError::Malformed("ELF has no loadable segment".into()))?;
     // Guest RAM must hold the image, the stack and the kernel region; RAM is
     // a lazy mapping, so untouched space costs nothing.
     memory = memory.max((top + u64::from(USER_STACK + KERNEL_REGION) + 0xFFFF) & !0xFFFF);
     let mut ram = GuestRam::new(memory).map_err(|e| LoadError::Memory(e.to_string()))?;
-    for ph in phdrs.iter().filter(|p| p.p_type(endian) == elf::PT_LOAD) {
-        let vaddr = ph.p_vaddr(endian);
-        let filesz = ph.p_filesz(endian);
-        let memsz = ph.p_memsz(endian);
-        let data = ph
-            .data(endian, image)
-            .map_err(|_| LoadError::Malformed("ELF segment outside the file".into()))?;
-        if memsz < filesz || !ram.contains(vaddr, memsz) {
-            return Err(LoadError::DoesNotFit {
-                addr: vaddr,
-                len: u64::from(memsz),
-            });
-        }
-        ram.load(vaddr, data);
-        ram.zero(vaddr + filesz, memsz - filesz);
-    }
+    elf.load_into(&mut ram, false)?;
     let layout = Layout {
         base: ram.size() - KERNEL_REGION,
     };
@@ -232,11 +204,8 @@ pub fn load(
     // the kernel region is supervisor-only, everything else is not present,
     // so a wild pointer faults (SIGSEGV) as it does under Linux.
     let mut pager = Pager::new(&mut cpu, layout.page_tables());
-    for ph in phdrs.iter().filter(|p| p.p_type(endian) == elf::PT_LOAD) {
-        let start = ph.p_vaddr(endian);
-        let end = start + ph.p_memsz(endian);
-        let writable = ph.p_flags(endian).contains(elf::PF_W);
-        pager.map(&mut cpu, start, end, true, writable)?;
+    for (start, _, memsz, writable) in elf.loads() {
+        pager.map(&mut cpu, start, start + memsz, true, writable)?;
     }
     pager.map(&mut cpu, layout.base - USER_STACK, layout.base, true, true)?;
     pager.map(
@@ -280,7 +249,7 @@ pub fn load(
     cpu.eflags = flags::FIXED1 | flags::IF;
     cpu.regs = [0; 8];
     cpu.regs[reg::ESP] = sp;
-    cpu.eip = hdr.e_entry(endian);
+    cpu.eip = elf.entry();
     cpu.set_tsc(0);
     Ok((
         cpu,

@@ -8,11 +8,9 @@
 //! GDT in low memory ([`GDT_ADDR`]) and the information structure at
 //! [`MBI_ADDR`].
 
-use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader};
-use object::Endianness;
 use popek_memory::GuestRam;
 
+use crate::elf32::Elf32;
 use crate::LoadError;
 
 /// The Multiboot header magic.
@@ -124,49 +122,9 @@ fn load_aout_kludge(
 }
 
 fn load_elf(ram: &mut GuestRam, file: &[u8]) -> Result<(u32, (u32, u32)), LoadError> {
-    let hdr = elf::FileHeader32::<Endianness>::parse(file)
-        .map_err(|e| LoadError::Malformed(format!("not an ELF32 file: {e}")))?;
-    let endian = hdr
-        .endian()
-        .map_err(|e| LoadError::Malformed(format!("ELF: {e}")))?;
-    if endian != Endianness::Little || hdr.e_machine(endian) != elf::EM_386 {
-        return Err(LoadError::Malformed("ELF is not little-endian i386".into()));
-    }
-    let phdrs = hdr
-        .program_headers(endian, file)
-        .map_err(|e| LoadError::Malformed(format!("ELF program headers: {e}")))?;
-    let mut lo = u32::MAX;
-    let mut hi = 0u32;
-    for ph in phdrs {
-        if ph.p_type(endian) != elf::PT_LOAD {
-            continue;
-        }
-        let paddr = ph.p_paddr(endian);
-        let filesz = ph.p_filesz(endian);
-        let memsz = ph.p_memsz(endian);
-        if memsz < filesz {
-            return Err(LoadError::Malformed(
-                "ELF segment with memsz < filesz".into(),
-            ));
-        }
-        let data = ph
-            .data(endian, file)
-            .map_err(|_| LoadError::Malformed("ELF segment outside the file".into()))?;
-        if !ram.contains(paddr, memsz) {
-            return Err(LoadError::DoesNotFit {
-                addr: paddr,
-                len: u64::from(memsz),
-            });
-        }
-        ram.load(paddr, data);
-        ram.zero(paddr + filesz, memsz - filesz);
-        lo = lo.min(paddr);
-        hi = hi.max(paddr + memsz);
-    }
-    if lo == u32::MAX {
-        return Err(LoadError::Malformed("ELF has no loadable segment".into()));
-    }
-    Ok((hdr.e_entry(endian), (lo, hi)))
+    let elf = Elf32::parse(file)?;
+    let range = elf.load_into(ram, true)?;
+    Ok((elf.entry(), range))
 }
 
 /// Write the Multiboot information structure (spec §3.3) and the entry GDT.
