@@ -3,7 +3,7 @@
 
 use popek_vcpu::{reg, vector, Fault};
 
-use crate::testutil::flat_cpu;
+use crate::testutil::sandbox_cpu;
 
 const TABLE: &str = include_str!("../../../docs/coverage.md");
 
@@ -16,19 +16,7 @@ fn parse_hex(s: &str) -> Vec<u8> {
 /// Run one instruction in the sandbox the document describes; the outcome
 /// as the table writes it.
 fn outcome(form: &str, bytes: &[u8]) -> String {
-    let mut cpu = flat_cpu();
-    // GDT at 0x500: null, flat ring-0 code 0x08, flat ring-0 data 0x10.
-    cpu.ram.write(0x500, 8, 0);
-    cpu.ram.write(0x508, 8, 0x00CF_9A00_0000_FFFF);
-    cpu.ram.write(0x510, 8, 0x00CF_9200_0000_FFFF);
-    cpu.gdtr.base = 0x500;
-    cpu.gdtr.limit = 23;
-    // IDT at 0x600: 256 interrupt gates to 0x08:0x1000.
-    for v in 0..256u32 {
-        cpu.ram.write(0x600 + 8 * v, 8, 0x0000_8E00_0008_1000);
-    }
-    cpu.idtr.base = 0x600;
-    cpu.idtr.limit = 0x7FF;
+    let mut cpu = sandbox_cpu();
     cpu.regs = [1, 2, 0, 0x2000, 0x8000, 0x5000, 0x3000, 0x4000];
     if form.contains("RDMSR") {
         cpu.regs[reg::ECX] = 0x10;

@@ -98,3 +98,64 @@ fn rep_movsd_backwards_and_cmpsb() {
     assert_eq!(c.regs[ECX], 0);
     assert_eq!(c.eflags & ZF, ZF);
 }
+
+#[test]
+fn single_step_traps_after_one_instruction() {
+    // TF set: the first instruction completes, then #DB is delivered with
+    // the EIP of the next instruction on the stack and DR6.BS set.
+    let mut cpu = crate::testutil::sandbox_cpu();
+    cpu.eip = 0x2000;
+    cpu.eflags |= popek_vcpu::flags::TF;
+    cpu.ram.load(0x2000, &[0x40, 0x40]); // inc eax; inc eax
+    cpu.regs[EAX] = 0;
+    assert_eq!(crate::step(&mut cpu), crate::Step::Executed);
+    assert_eq!(cpu.regs[EAX], 1);
+    assert_eq!(cpu.eip, 0x1000, "in the #DB handler");
+    assert_eq!(cpu.ram.read(cpu.regs[ESP], 4), 0x2001, "saved EIP");
+    assert_eq!(cpu.eflags & popek_vcpu::flags::TF, 0);
+    assert_ne!(cpu.dr[6] & (1 << 14), 0);
+}
+
+#[test]
+fn sixteen_bit_code_segment_decodes_16_bit_forms() {
+    // CS.D = 0: B8 imm16 is MOV AX, imm16 and 66 B8 imm32 is MOV EAX, imm32.
+    let mut cpu = crate::testutil::flat_cpu();
+    cpu.segs[popek_vcpu::SegReg::Cs as usize].attr &= !popek_vcpu::attr::DB;
+    cpu.regs[EAX] = 0xFFFF_FFFF;
+    cpu.ram.load(
+        0x1000,
+        &[0xB8, 0x34, 0x12, 0x66, 0xB9, 0x78, 0x56, 0x34, 0x12],
+    );
+    crate::step(&mut cpu);
+    crate::step(&mut cpu);
+    assert_eq!(cpu.regs[EAX], 0xFFFF_1234);
+    assert_eq!(cpu.regs[ECX], 0x1234_5678);
+    assert_eq!(cpu.eip, 0x1009);
+}
+
+#[test]
+fn int_n_pushes_flags_cs_eip_and_iret_returns() {
+    let mut cpu = crate::testutil::sandbox_cpu();
+    cpu.eip = 0x2000;
+    cpu.eflags |= popek_vcpu::flags::IF | CF;
+    cpu.ram.load(0x2000, &[0xCD, 0x40]); // int 0x40
+    cpu.ram.load(0x1000, &[0xCF]); // iret
+    crate::step(&mut cpu);
+    assert_eq!(cpu.eip, 0x1000);
+    assert_eq!(
+        cpu.eflags & popek_vcpu::flags::IF,
+        0,
+        "interrupt gate clears IF"
+    );
+    let top = cpu.regs[ESP];
+    assert_eq!(cpu.ram.read(top, 4), 0x2002);
+    assert_eq!(cpu.ram.read(top + 4, 4), 0x08);
+    assert_ne!(cpu.ram.read(top + 8, 4) as u32 & popek_vcpu::flags::IF, 0);
+    crate::step(&mut cpu);
+    assert_eq!(cpu.eip, 0x2002);
+    assert_eq!(cpu.regs[ESP], STACK);
+    assert_eq!(
+        cpu.eflags & (popek_vcpu::flags::IF | CF),
+        popek_vcpu::flags::IF | CF
+    );
+}

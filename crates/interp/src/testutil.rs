@@ -25,6 +25,24 @@ pub fn flat_cpu() -> Vcpu {
     c
 }
 
+/// A flat CPU with a GDT at 0x500 (null, flat ring-0 code 0x08, flat
+/// ring-0 data 0x10) and an IDT at 0x600 whose 256 interrupt gates all lead
+/// to 0x08:0x1000.
+pub fn sandbox_cpu() -> Vcpu {
+    let mut cpu = flat_cpu();
+    cpu.ram.write(0x500, 8, 0);
+    cpu.ram.write(0x508, 8, 0x00CF_9A00_0000_FFFF);
+    cpu.ram.write(0x510, 8, 0x00CF_9200_0000_FFFF);
+    cpu.gdtr.base = 0x500;
+    cpu.gdtr.limit = 23;
+    for v in 0..256u32 {
+        cpu.ram.write(0x600 + 8 * v, 8, 0x0000_8E00_0008_1000);
+    }
+    cpu.idtr.base = 0x600;
+    cpu.idtr.limit = 0x7FF;
+    cpu
+}
+
 /// Assemble `f`'s code followed by HLT, run it on `cpu`, return the CPU.
 pub fn run_on(mut cpu: Vcpu, f: impl FnOnce(&mut CodeAssembler)) -> Vcpu {
     let mut a = CodeAssembler::new(32).unwrap();
