@@ -728,6 +728,21 @@ pub fn undefined_at_end(case: &Case) -> u32 {
     to_eflags(undefined)
 }
 
+/// Does any instruction read an arithmetic flag that the instructions
+/// before it left undefined? (The generator never emits such sequences;
+/// subsets of them, as other tools take, may.)
+pub fn reads_undefined_flag<'a>(insns: impl IntoIterator<Item = &'a Vec<u8>>) -> bool {
+    let mut undefined = 0u32;
+    for b in insns {
+        let ins = decode(b);
+        if ins.rflags_read() & ARITH & undefined != 0 {
+            return true;
+        }
+        undefined = (undefined & !defined_by(&ins)) | undefined_by(&ins);
+    }
+    false
+}
+
 /// Convert iced-x86's `RflagsBits` (its own bit order) to EFLAGS bits.
 pub fn to_eflags(bits: u32) -> u32 {
     const MAP: [(u32, u32); 6] = [

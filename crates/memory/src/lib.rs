@@ -5,10 +5,19 @@
 //! writes are dropped, as on a PC bus with nothing decoding the address
 //! (QEMU behaves the same way for unassigned memory).
 //!
-//! RAM is an anonymous private mapping (memmap2), so untouched pages cost no
-//! host memory. The binary translator will later map the same RAM into a
-//! 4 GiB guest window; the interface here (physical reads and writes plus
-//! direct slices) is what both engines use.
+//! RAM lives in a memfd (anonymous shared memory) so it can be mapped twice:
+//! once by memmap2 as the host's view (the slice the interpreter and the
+//! devices use), and on demand into a [`Window`]: a 4 GiB reservation plus
+//! guard pages, RAM at its start and everything else `PROT_NONE`. Translated
+//! code addresses guest memory through the window (a segment base set to the
+//! window, 32-bit address size), so the wrap at 4 GiB is exact and no guest
+//! address can reach host memory. Untouched pages cost no host memory.
+//!
+//! The window is the only unsafe code here: the mappings are created and
+//! destroyed in one place each, with the invariants written beside them.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::ptr::NonNull;
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -17,8 +26,42 @@ pub const PAGE_SIZE: u32 = 4096;
 
 /// Guest physical RAM.
 pub struct GuestRam {
+    fd: OwnedFd,
     map: MmapMut,
     size: u32,
+    window: Option<Window>,
+}
+
+/// Bytes a [`Window`] reserves: the 4 GiB guest address space plus 64 KiB
+/// of guard, so an unaligned access at 0xFFFFFFFE cannot leave it.
+pub const WINDOW_SIZE: usize = (1 << 32) + (64 << 10);
+
+/// The 4 GiB guest window: guest physical address `a` is `base + a`.
+/// RAM is mapped at the start (shared with [`GuestRam`]'s slice); the rest
+/// is `PROT_NONE`, so any access there faults in the host.
+pub struct Window {
+    base: NonNull<u8>,
+}
+
+// SAFETY: the window is plain memory owned by this value; moving it to
+// another thread moves the ownership of the mapping.
+unsafe impl Send for Window {}
+
+impl Window {
+    /// Host address of guest physical address 0.
+    pub fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: `base` is the start of a mapping of exactly WINDOW_SIZE
+        // bytes created in `GuestRam::window` and not unmapped elsewhere.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), WINDOW_SIZE);
+        }
+    }
 }
 
 /// Error creating guest RAM.
@@ -43,14 +86,74 @@ impl GuestRam {
                 "guest memory size {size} bytes is out of range (1 page .. 3 GiB)"
             )));
         }
-        let map = MmapOptions::new()
-            .len(size as usize)
-            .map_anon()
+        // SAFETY: the name is a NUL-terminated C string; memfd_create has no
+        // other preconditions.
+        let raw = unsafe { libc::memfd_create(c"popek-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(RamError(format!(
+                "cannot create guest RAM: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `raw` is a new file descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let file = std::fs::File::from(fd.try_clone().map_err(|e| RamError(e.to_string()))?);
+        file.set_len(size)
             .map_err(|e| RamError(format!("cannot allocate {size} bytes of guest RAM: {e}")))?;
+        // SAFETY: the memfd is private to this process and never shrunk, so
+        // the mapping stays valid for the life of `map`.
+        let map = unsafe { MmapOptions::new().len(size as usize).map_mut(&file) }
+            .map_err(|e| RamError(format!("cannot map {size} bytes of guest RAM: {e}")))?;
         Ok(GuestRam {
+            fd,
             map,
             size: size as u32,
+            window: None,
         })
+    }
+
+    /// The guest window, created on first use.
+    pub fn window(&mut self) -> Result<&Window, RamError> {
+        if self.window.is_none() {
+            let err = |what: &str| RamError(format!("{what}: {}", std::io::Error::last_os_error()));
+            // SAFETY: an anonymous PROT_NONE reservation at an address of the
+            // kernel's choosing; it aliases nothing.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    WINDOW_SIZE,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if base == libc::MAP_FAILED {
+                return Err(err("cannot reserve the 4 GiB guest window"));
+            }
+            let window = Window {
+                base: NonNull::new(base.cast()).expect("mmap returned a non-null mapping"),
+            };
+            use std::os::fd::AsRawFd;
+            // SAFETY: MAP_FIXED replaces the first `size` bytes of the
+            // reservation made just above, which this function owns; the
+            // memfd is at least `size` bytes long.
+            let ram = unsafe {
+                libc::mmap(
+                    base,
+                    self.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    self.fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if ram == libc::MAP_FAILED {
+                return Err(err("cannot map guest RAM into the window"));
+            }
+            self.window = Some(window);
+        }
+        Ok(self.window.as_ref().expect("created above"))
     }
 
     /// Size of RAM in bytes.
@@ -160,6 +263,19 @@ mod tests {
         ram.write(8191, 4, 0);
         assert_eq!(ram.read(8190, 2), 0x0034);
         assert_eq!(ram.read(0xFFFF_FFFF, 1), 0xFF);
+    }
+
+    #[test]
+    fn the_window_shows_the_same_ram() {
+        let mut ram = GuestRam::new(8192).unwrap();
+        ram.write(0x1234, 4, 0xCAFE_F00D);
+        let base = ram.window().unwrap().base();
+        // SAFETY: 0x1234..0x1238 lies inside the RAM mapped at the window base.
+        let seen = unsafe { std::ptr::read_unaligned(base.add(0x1234).cast::<u32>()) };
+        assert_eq!(seen, 0xCAFE_F00D);
+        // SAFETY: as above; a write through the window shows in the slice.
+        unsafe { std::ptr::write_unaligned(base.add(0x10).cast::<u16>(), 0xBEEF) };
+        assert_eq!(ram.read(0x10, 2), 0xBEEF);
     }
 
     #[test]
