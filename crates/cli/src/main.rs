@@ -32,6 +32,9 @@ struct Cli {
 enum EngineArg {
     /// The reference interpreter.
     Interp,
+    /// The binary translator (in progress: innocuous instructions run as
+    /// host code, the interpreter executes the rest).
+    Bt,
 }
 
 #[derive(Subcommand)]
@@ -56,6 +59,9 @@ enum Cmd {
         /// Kernel command line (Multiboot; QEMU's -append).
         #[arg(long, default_value = "")]
         append: String,
+        /// Print execution statistics to stderr when the guest ends.
+        #[arg(long)]
+        stats: bool,
         /// Print every executed instruction and the registers before it to
         /// stderr, optionally only from the N-th instruction on.
         #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]
@@ -125,6 +131,7 @@ fn main() -> ExitCode {
             memory,
             max_insns,
             append,
+            stats,
             trace,
         } => {
             let (image, path) = match load_image(&guest) {
@@ -141,6 +148,7 @@ fn main() -> ExitCode {
                 cmdline: format!("{path} {append}"),
                 engine: match engine {
                     EngineArg::Interp => Engine::Interp,
+                    EngineArg::Bt => Engine::Bt,
                 },
                 trace,
             };
@@ -162,8 +170,13 @@ fn main() -> ExitCode {
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
+            let start = std::time::Instant::now();
             let exit = m.run(&mut out);
+            let elapsed = start.elapsed();
             let _ = out.flush();
+            if stats {
+                print_stats(&m, elapsed);
+            }
             if let Some(msg) = exit.message() {
                 eprintln!("popek: {msg}");
             }
@@ -186,6 +199,47 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn print_stats(m: &Machine, elapsed: std::time::Duration) {
+    let retired = m.cpu.retired;
+    eprintln!("popek stats:");
+    eprintln!("  guest instructions executed   {retired}");
+    eprintln!(
+        "  run time                      {:.3} s",
+        elapsed.as_secs_f64()
+    );
+    if let Some(bt) = &m.bt {
+        let s = bt.stats;
+        let pct = |a: u64, b: u64| {
+            if b == 0 {
+                0.0
+            } else {
+                100.0 * a as f64 / b as f64
+            }
+        };
+        eprintln!("  blocks translated             {}", s.blocks_translated);
+        eprintln!("  guest instructions translated {}", s.insns_translated);
+        eprintln!("  host bytes emitted            {}", s.host_bytes);
+        eprintln!(
+            "  cache lookups / hits          {} / {} ({:.1}%)",
+            s.lookups,
+            s.hits,
+            pct(s.hits, s.lookups)
+        );
+        eprintln!(
+            "  executed as host code         {} ({:.1}%)",
+            s.insns_native,
+            pct(s.insns_native, retired)
+        );
+        eprintln!(
+            "  interpreter fallbacks         {} ({:.1}%)",
+            s.insns_interpreted,
+            pct(s.insns_interpreted, retired)
+        );
+        eprintln!("  faults in translated code     {}", s.faults);
+        eprintln!("  invalidations (code written)  {}", s.invalidations);
     }
 }
 

@@ -76,6 +76,9 @@ fn qemu_is_installed() {
     );
 }
 
+/// Both engines: the reference interpreter and the binary translator.
+const ENGINES: [&str; 2] = ["interp", "bt"];
+
 #[test]
 fn every_qemu_guest_matches_qemu_byte_for_byte() {
     let guests: Vec<_> = popek_guests::GUESTS.iter().filter(|g| g.qemu).collect();
@@ -84,54 +87,57 @@ fn every_qemu_guest_matches_qemu_byte_for_byte() {
         .iter()
         .map(|g| {
             let g = **g;
-            std::thread::spawn(move || (g, qemu(g.path), popek(&["run", g.path])))
+            std::thread::spawn(move || {
+                let runs: Vec<_> = ENGINES
+                    .iter()
+                    .map(|e| (*e, popek(&["run", g.path, "--engine", e])))
+                    .collect();
+                (g, qemu(g.path), runs)
+            })
         })
         .collect();
     for h in handles {
-        let (g, q, p) = h.join().unwrap();
+        let (g, q, runs) = h.join().unwrap();
         let qs = String::from_utf8_lossy(&q.stdout);
-        let ps = String::from_utf8_lossy(&p.stdout);
         assert!(
             !q.stdout.is_empty(),
             "{}: QEMU printed nothing; stderr: {}",
             g.name,
             String::from_utf8_lossy(&q.stderr)
         );
-        assert_eq!(
-            ps,
-            qs,
-            "{}: serial output differs from QEMU (popek stderr: {})",
-            g.name,
-            String::from_utf8_lossy(&p.stderr)
-        );
-        assert_eq!(
-            p.status.code(),
-            q.status.code(),
-            "{}: exit status differs from QEMU",
-            g.name
-        );
-        // The guests' own verdicts hold too (so QEMU and popek are not merely equally wrong).
-        assert!(
-            !ps.contains("WRONG") && !ps.contains("FAIL"),
-            "{}: {ps}",
-            g.name
-        );
-        assert!(
-            p.stderr.is_empty(),
-            "{}: popek stderr: {}",
-            g.name,
-            String::from_utf8_lossy(&p.stderr)
-        );
+        for (engine, p) in runs {
+            let name = format!("{} (--engine {engine})", g.name);
+            let ps = String::from_utf8_lossy(&p.stdout);
+            let err = String::from_utf8_lossy(&p.stderr);
+            assert_eq!(
+                ps, qs,
+                "{name}: serial output differs from QEMU (popek stderr: {err})"
+            );
+            assert_eq!(
+                p.status.code(),
+                q.status.code(),
+                "{name}: exit status differs from QEMU"
+            );
+            // The guests' own verdicts hold too (so QEMU and popek are not
+            // merely equally wrong).
+            assert!(
+                !ps.contains("WRONG") && !ps.contains("FAIL"),
+                "{name}: {ps}"
+            );
+            assert!(p.stderr.is_empty(), "{name}: popek stderr: {err}");
+        }
     }
 }
 
 #[test]
 fn segments_guest_follows_the_sdm() {
-    let p = popek(&["run", "segments"]);
-    let out = String::from_utf8_lossy(&p.stdout);
-    assert!(out.contains("segments: PASS"), "{out}");
-    assert!(!out.contains("WRONG"), "{out}");
-    assert_eq!(p.status.code(), Some(1));
+    for engine in ENGINES {
+        let p = popek(&["run", "segments", "--engine", engine]);
+        let out = String::from_utf8_lossy(&p.stdout);
+        assert!(out.contains("segments: PASS"), "{engine}: {out}");
+        assert!(!out.contains("WRONG"), "{engine}: {out}");
+        assert_eq!(p.status.code(), Some(1));
+    }
 }
 
 #[test]

@@ -49,6 +49,9 @@ pub enum Engine {
     /// The reference interpreter.
     #[default]
     Interp,
+    /// The binary translator (first version: copies innocuous instructions
+    /// into host code, the interpreter does the rest).
+    Bt,
 }
 
 /// Machine configuration.
@@ -184,6 +187,8 @@ pub struct Machine {
     pub config: Config,
     /// The platform.
     pub platform: Platform,
+    /// The binary translator, when the engine is `bt`.
+    pub bt: Option<popek_translate::engine::Bt>,
 }
 
 impl Machine {
@@ -202,20 +207,24 @@ impl Machine {
         cpu.regs[reg::EBX] = loaded.mbi;
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
         cpu.set_tsc(0);
+        let bt = (config.engine == Engine::Bt).then(popek_translate::engine::Bt::new);
         Ok(Machine {
             cpu,
             config,
             platform: Platform::BareMetal,
+            bt,
         })
     }
 
     /// Start a static i386 Linux executable as a user-mode process.
     pub fn linux(image: &[u8], args: &[String], config: Config) -> Result<Machine, LoadError> {
         let (cpu, process) = linux::load(image, args, config.memory)?;
+        let bt = (config.engine == Engine::Bt).then(popek_translate::engine::Bt::new);
         Ok(Machine {
             cpu,
             config,
             platform: Platform::Linux(process),
+            bt,
         })
     }
 
@@ -281,7 +290,10 @@ impl Machine {
             if self.config.trace.is_some_and(|from| executed > from) {
                 self.trace_one();
             }
-            let step = popek_interp::step(&mut self.cpu);
+            let step = match &mut self.bt {
+                Some(bt) => bt.step(&mut self.cpu),
+                None => popek_interp::step(&mut self.cpu),
+            };
             if self.cpu.io.uart.has_output() {
                 let bytes = self.cpu.io.uart.take_output();
                 let _ = out.write_all(&bytes);

@@ -4,7 +4,7 @@
 //! wrapped in a Multiboot image using the a.out-kludge header fields.
 
 use iced_x86::code_asm::*;
-use popek_machine::{Config, Exit, Machine};
+use popek_machine::{Config, Engine, Exit, Machine};
 
 const LOAD: u32 = 0x10_0000;
 const CODE: u32 = LOAD + 32;
@@ -13,7 +13,11 @@ const CODE: u32 = LOAD + 32;
 fn image(f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
     let mut a = CodeAssembler::new(32).unwrap();
     f(&mut a);
-    let code = a.assemble(u64::from(CODE)).unwrap();
+    raw_image(&a.assemble(u64::from(CODE)).unwrap())
+}
+
+/// A Multiboot image around hand-assembled code at `CODE`.
+fn raw_image(code: &[u8]) -> Vec<u8> {
     let flags = 1u32 << 16;
     let magic = 0x1BAD_B002u32;
     let mut v = Vec::new();
@@ -29,19 +33,34 @@ fn image(f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
     ] {
         v.extend_from_slice(&w.to_le_bytes());
     }
-    v.extend_from_slice(&code);
+    v.extend_from_slice(code);
     v
 }
 
-fn run(img: &[u8]) -> (Exit, Vec<u8>) {
+fn run_on(img: &[u8], engine: Engine) -> (Exit, Vec<u8>) {
     let config = Config {
         max_insns: Some(1_000_000),
+        engine,
         ..Config::default()
     };
     let mut m = Machine::multiboot(img, config).unwrap();
     let mut out = Vec::new();
     let e = m.run(&mut out);
     (e, out)
+}
+
+/// Run under the interpreter and under the translator; both must agree
+/// (the budget counts steps, which differ between engines, so a budget
+/// exit is compared by kind only).
+fn run(img: &[u8]) -> (Exit, Vec<u8>) {
+    let (ei, oi) = run_on(img, Engine::Interp);
+    let (eb, ob) = run_on(img, Engine::Bt);
+    assert_eq!(ob, oi, "output under bt");
+    match (&ei, &eb) {
+        (Exit::BudgetExhausted { .. }, Exit::BudgetExhausted { .. }) => {}
+        _ => assert_eq!(eb, ei, "exit under bt"),
+    }
+    (ei, oi)
 }
 
 #[test]
@@ -159,4 +178,32 @@ fn hlt_with_interrupts_off_halts_for_good() {
     let (e, _) = run(&img);
     assert_eq!(e, Exit::Halted { eip: CODE + 2 });
     assert_eq!(e.status(), 0);
+}
+
+#[test]
+fn self_modifying_code_takes_effect_at_once() {
+    // L: mov al, 'A'; out dx, al; mov byte [L+1], 'B'; dec ecx; jnz L
+    // The second iteration must print the patched immediate: "AB".
+    let l = CODE + 9;
+    let mut code = vec![
+        0xB9, 2, 0, 0, 0, 0x66, 0xBA, 0xF8, 0x03, 0xB0, b'A', 0xEE, 0xC6, 0x05,
+    ];
+    code.extend_from_slice(&(l + 1).to_le_bytes());
+    code.extend_from_slice(&[b'B', 0x49, 0x75, 0xF3, 0xB0, 0x00, 0xE6, 0xF4]);
+    let (e, out) = run(&raw_image(&code));
+    assert_eq!(out, b"AB");
+    assert_eq!(e, Exit::DebugExit(1));
+}
+
+#[test]
+fn code_patching_the_next_instruction_of_its_own_block() {
+    // mov byte [N+1], 'Z'; N: mov al, '?'; out to the UART; exit
+    let n = CODE + 7;
+    let mut code = vec![0xC6, 0x05];
+    code.extend_from_slice(&(n + 1).to_le_bytes());
+    code.extend_from_slice(&[
+        b'Z', 0xB0, b'?', 0x66, 0xBA, 0xF8, 0x03, 0xEE, 0xB0, 0x00, 0xE6, 0xF4,
+    ]);
+    let (_, out) = run(&raw_image(&code));
+    assert_eq!(out, b"Z");
 }

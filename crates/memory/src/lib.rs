@@ -30,6 +30,10 @@ pub struct GuestRam {
     map: MmapMut,
     size: u32,
     window: Option<Window>,
+    /// One bit per page: does the translator hold code from this page?
+    code_pages: Vec<u64>,
+    /// Code pages written since the last [`GuestRam::take_code_writes`].
+    code_writes: Vec<u32>,
 }
 
 /// Bytes a [`Window`] reserves: the 4 GiB guest address space plus 64 KiB
@@ -104,11 +108,14 @@ impl GuestRam {
         // the mapping stays valid for the life of `map`.
         let map = unsafe { MmapOptions::new().len(size as usize).map_mut(&file) }
             .map_err(|e| RamError(format!("cannot map {size} bytes of guest RAM: {e}")))?;
+        let pages = (size / u64::from(PAGE_SIZE)) as usize;
         Ok(GuestRam {
             fd,
             map,
             size: size as u32,
             window: None,
+            code_pages: vec![0; pages.div_ceil(64)],
+            code_writes: Vec::new(),
         })
     }
 
@@ -185,8 +192,64 @@ impl GuestRam {
     /// Write one byte of physical memory.
     #[inline]
     pub fn write_u8(&mut self, addr: u32, v: u8) {
+        self.note_write(addr, 1);
         if let Some(b) = self.map.get_mut(addr as usize) {
             *b = v;
+        }
+    }
+
+    /// Record writes that touch pages holding translated code.
+    #[inline]
+    fn note_write(&mut self, addr: u32, len: u32) {
+        let first = addr / PAGE_SIZE;
+        let last = addr.wrapping_add(len - 1) / PAGE_SIZE;
+        for page in [first, last] {
+            let (w, b) = ((page / 64) as usize, page % 64);
+            if self.code_pages.get(w).is_some_and(|x| x & (1 << b) != 0) {
+                self.code_pages[w] &= !(1 << b);
+                self.code_writes.push(page);
+            }
+        }
+    }
+
+    /// Mark a page as holding translated code: writes to it are recorded,
+    /// and in the window it becomes read-only, so translated stores to it
+    /// fault and are redone by the interpreter (which records them).
+    pub fn mark_code_page(&mut self, page: u32) {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        if let Some(x) = self.code_pages.get_mut(w) {
+            if *x & (1 << b) == 0 {
+                *x |= 1 << b;
+                self.protect(page, false);
+            }
+        }
+    }
+
+    /// The code pages written since the last call (each now unmarked and
+    /// writable again in the window). Their translations are stale.
+    pub fn take_code_writes(&mut self) -> Vec<u32> {
+        let pages = std::mem::take(&mut self.code_writes);
+        for &p in &pages {
+            self.protect(p, true);
+        }
+        pages
+    }
+
+    fn protect(&mut self, page: u32, writable: bool) {
+        let Some(w) = &self.window else { return };
+        if page >= self.size / PAGE_SIZE {
+            return;
+        }
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: the page lies inside the RAM part of this window's
+        // mapping, which this value owns; changing its protection affects
+        // only accesses through the window (translated code).
+        unsafe {
+            libc::mprotect(
+                w.base().add((page * PAGE_SIZE) as usize).cast(),
+                PAGE_SIZE as usize,
+                prot,
+            );
         }
     }
 
@@ -211,6 +274,7 @@ impl GuestRam {
     /// Write `len` (1..=8) bytes little-endian to physical memory.
     #[inline]
     pub fn write(&mut self, addr: u32, len: u32, v: u64) {
+        self.note_write(addr, len);
         let a = addr as usize;
         let l = len as usize;
         let bytes = v.to_le_bytes();
@@ -227,6 +291,11 @@ impl GuestRam {
     /// Returns false if any byte fell outside RAM.
     pub fn load(&mut self, addr: u32, data: &[u8]) -> bool {
         if self.contains(addr, data.len() as u32) {
+            let mut p = addr & !(PAGE_SIZE - 1);
+            while p < addr + data.len() as u32 {
+                self.note_write(p, 1);
+                p += PAGE_SIZE;
+            }
             let a = addr as usize;
             self.map[a..a + data.len()].copy_from_slice(data);
             true

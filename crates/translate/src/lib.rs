@@ -8,6 +8,8 @@
 //! cache, chaining, helper calls for special instructions and fault
 //! handling come next.
 
+pub mod engine;
+pub mod fault;
 pub mod lower;
 pub mod straight;
 

@@ -39,6 +39,9 @@ pub fn lower(ins: &Instruction) -> Lowering {
     if ins.is_stack_instruction() || matches!(ins.mnemonic(), M::Enter | M::Leave) {
         return No("stack instruction (64-bit pushes are 8 bytes)");
     }
+    if matches!(ins.segment_prefix(), Register::FS | Register::GS) {
+        return No("FS/GS override (segments other than the flat four)");
+    }
     if touches_esp(ins) {
         return No("uses ESP (the host stack pointer)");
     }

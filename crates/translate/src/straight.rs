@@ -22,6 +22,9 @@ pub struct Context {
     pub regs: [u32; 8],
     /// EFLAGS: only CF, PF, AF, ZF, SF, OF and DF are loaded and stored.
     pub eflags: u32,
+    /// Set by the fault handler: the host address of the instruction that
+    /// faulted (0 if the code ran to its end).
+    pub fault_rip: u64,
 }
 
 /// The EFLAGS bits that live in the host's flags while guest code runs.
@@ -30,6 +33,14 @@ pub const HOST_FLAGS: u32 = 0xCD5 | 0x400;
 /// Compiled host code for one straight-line run.
 pub struct Straight {
     buf: ExecutableBuffer,
+    /// Host offset of each copied instruction, in order.
+    starts: Vec<usize>,
+    /// Host offset of the fault entry (the epilogue, entered by the
+    /// SIGSEGV/SIGFPE handler with the guest state of the faulting
+    /// instruction still in the registers).
+    fault_entry: usize,
+    /// End of the copied instructions (start of the epilogue).
+    body_end: usize,
 }
 
 /// Errors building host code.
@@ -58,9 +69,12 @@ impl Straight {
             ; mov esi, DWORD [r15 + 24]
             ; mov edi, DWORD [r15 + 28]
         );
+        let mut starts = Vec::new();
         for b in body {
+            starts.push(ops.offset().0);
             ops.extend(b.iter().copied());
         }
+        let body_end = ops.offset().0;
         dynasm!(ops
             ; .arch x64
             ; mov DWORD [r15], eax
@@ -86,7 +100,23 @@ impl Straight {
         let buf = ops
             .finalize()
             .map_err(|_| BuildError("finalize failed".into()))?;
-        Ok(Straight { buf })
+        Ok(Straight {
+            buf,
+            starts,
+            fault_entry: body_end,
+            body_end,
+        })
+    }
+
+    /// The index of the copied instruction at host address `rip`, if `rip`
+    /// lies in this code's copied instructions.
+    pub fn instruction_at(&self, rip: u64) -> Option<usize> {
+        let base = self.buf.ptr(dynasmrt::AssemblyOffset(0)) as u64;
+        let off = rip.checked_sub(base)? as usize;
+        if off >= self.body_end || self.starts.first().is_none_or(|s| off < *s) {
+            return None;
+        }
+        Some(self.starts.partition_point(|s| *s <= off) - 1)
     }
 
     /// Host code size in bytes.
@@ -99,21 +129,32 @@ impl Straight {
         self.buf.is_empty()
     }
 
-    /// Run the code on `ctx`.
+    /// Run the code on `ctx`. If a copied instruction faults (a host
+    /// SIGSEGV or SIGFPE), the guest state *before* that instruction is in
+    /// `ctx` and `ctx.fault_rip` says which one ([`Straight::instruction_at`]).
     ///
     /// # Safety
     ///
-    /// The calling thread's GS base must be a guest window in which every
-    /// memory access of the copied instructions lands on mapped memory
-    /// (a fault there is not handled yet), and the instructions must have
-    /// come from [`crate::lower`].
+    /// The calling thread's GS base must be a guest window, the fault
+    /// handler must be installed ([`crate::fault::install`]), and the
+    /// instructions must have come from [`crate::lower`].
     pub unsafe fn run(&self, ctx: &mut Context) {
         type Entry = extern "sysv64" fn(*mut Context);
+        ctx.fault_rip = 0;
+        let start = self.buf.ptr(dynasmrt::AssemblyOffset(0)) as u64;
+        let active = crate::fault::Active {
+            start: start + self.starts.first().copied().unwrap_or(self.body_end) as u64,
+            end: start + self.body_end as u64,
+            fault_entry: start + self.fault_entry as u64,
+            ctx: ctx as *mut Context,
+        };
+        crate::fault::set_active(Some(active));
         // SAFETY: the buffer starts with the prologue emitted in `compile`,
         // a function of type `Entry` that preserves the callee-saved
         // registers it touches and returns with DF clear.
         let f: Entry = unsafe { std::mem::transmute(self.buf.ptr(dynasmrt::AssemblyOffset(0))) };
         f(ctx);
+        crate::fault::set_active(None);
     }
 }
 

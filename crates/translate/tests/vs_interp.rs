@@ -68,6 +68,7 @@ fn interp(case: &Case, guest: &[Vec<u8>]) -> (Context, Vec<u8>) {
     let ctx = Context {
         regs: cpu.regs,
         eflags: cpu.eflags,
+        fault_rip: 0,
     };
     (
         ctx,
@@ -84,9 +85,11 @@ fn translated(case: &Case, host: &[Vec<u8>]) -> (Context, Vec<u8>) {
     let mut ctx = Context {
         regs: initial_regs(case),
         eflags: 2 | (case.flags & HOST_FLAGS),
+        fault_rip: 0,
     };
-    // SAFETY: GS base is this RAM's window; the generator keeps every memory
-    // operand inside the scratch area, which is RAM.
+    popek_translate::fault::install();
+    // SAFETY: GS base is this RAM's window and the fault handler is
+    // installed; the code comes from `lower`.
     unsafe { code.run(&mut ctx) };
     (
         ctx,

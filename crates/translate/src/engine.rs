@@ -1,0 +1,215 @@
+//! The `bt` engine's dispatcher, first version.
+//!
+//! At each step: in a mode the translator handles (flat CS/DS/ES/SS, paging
+//! off, no single-stepping), look up the translation for CS:EIP; on a miss,
+//! scan the basic block and compile its longest prefix of copyable
+//! instructions. Run it on the host; then let the interpreter execute the
+//! instruction that ended the prefix (a special instruction, control
+//! transfer, or anything not copied yet) — the interpreter fallback. A host
+//! fault inside translated code stops it before the faulting instruction,
+//! which the interpreter then executes with the guest's semantics.
+//!
+//! Self-modifying code: pages holding translated code are write-protected
+//! in the guest window and tracked by [`GuestRam`]; a write to one (by
+//! translated code, which faults and is redone by the interpreter, or by
+//! the interpreter itself) invalidates that page's translations before the
+//! next lookup.
+//!
+//! Still missing (issue 4): chaining, indirect-branch lookup, helper calls
+//! instead of interpreter fallbacks for special instructions, ESP mapping,
+//! the LRU bound, `--dump` and `--stats`.
+
+use std::collections::HashMap;
+
+use popek_decode::{scan_block, PAGE_SIZE};
+use popek_interp::Step;
+use popek_vcpu::{cr0, flags, SegReg, Vcpu};
+
+use crate::lower::{lower, Lowering};
+use crate::straight::{set_gs_base, Context, Straight};
+
+/// A cache entry: translated code, or a note that nothing at this EIP
+/// can be copied (so the block is not scanned again).
+enum Entry {
+    Code {
+        code: Straight,
+        /// Guest EIP of each copied instruction, then the EIP after them.
+        eips: Vec<u32>,
+        pages: (u32, u32),
+    },
+    Interpret {
+        pages: (u32, u32),
+    },
+}
+
+impl Entry {
+    fn pages(&self) -> (u32, u32) {
+        match self {
+            Entry::Code { pages, .. } | Entry::Interpret { pages } => *pages,
+        }
+    }
+}
+
+/// Counters of the engine.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Blocks translated (including interpret-only markers).
+    pub blocks_translated: u64,
+    /// Guest instructions copied into host code.
+    pub insns_translated: u64,
+    /// Host code bytes emitted.
+    pub host_bytes: u64,
+    /// Cache lookups, hits and misses.
+    pub lookups: u64,
+    /// Lookups that found a translation.
+    pub hits: u64,
+    /// Guest instructions executed as host code.
+    pub insns_native: u64,
+    /// Guest instructions executed by the interpreter fallback.
+    pub insns_interpreted: u64,
+    /// Host faults inside translated code (redone by the interpreter).
+    pub faults: u64,
+    /// Translations dropped because their code page was written.
+    pub invalidations: u64,
+}
+
+/// The binary-translation engine.
+#[derive(Default)]
+pub struct Bt {
+    cache: HashMap<u32, Entry>,
+    window_thread: Option<std::thread::ThreadId>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+fn flat(cpu: &Vcpu) -> bool {
+    cpu.cr0 & cr0::PG == 0
+        && cpu.eflags & flags::TF == 0
+        && [SegReg::Cs, SegReg::Ds, SegReg::Es, SegReg::Ss]
+            .iter()
+            .all(|s| {
+                let seg = cpu.seg(*s);
+                seg.usable() && seg.base == 0 && seg.limit == u32::MAX
+            })
+        && cpu.code32()
+}
+
+impl Bt {
+    /// A new engine with an empty cache.
+    pub fn new() -> Bt {
+        Bt::default()
+    }
+
+    /// Point this thread's GS at the guest window (once per thread).
+    fn enter(&mut self, cpu: &mut Vcpu) -> bool {
+        let me = std::thread::current().id();
+        if self.window_thread == Some(me) {
+            return true;
+        }
+        crate::fault::install();
+        let Ok(w) = cpu.ram.window() else {
+            return false;
+        };
+        if set_gs_base(w.base()).is_err() {
+            return false;
+        }
+        self.window_thread = Some(me);
+        true
+    }
+
+    fn invalidate(&mut self, cpu: &mut Vcpu) {
+        let written = cpu.ram.take_code_writes();
+        if written.is_empty() {
+            return;
+        }
+        let before = self.cache.len();
+        self.cache.retain(|_, e| {
+            let (a, b) = e.pages();
+            !written.contains(&a) && !written.contains(&b)
+        });
+        self.stats.invalidations += (before - self.cache.len()) as u64;
+    }
+
+    fn translate(&mut self, cpu: &mut Vcpu, eip: u32) -> Entry {
+        let block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
+        let mut eips = Vec::new();
+        let mut host = Vec::new();
+        for i in &block.insns {
+            match lower(&i.ins) {
+                Lowering::Copied(h) => {
+                    eips.push(i.ins.ip32());
+                    host.push(h);
+                }
+                Lowering::NotCopyable(_) => break,
+            }
+        }
+        let last_byte = eips
+            .last()
+            .map(|_| block.insns[eips.len() - 1].ins.next_ip32().wrapping_sub(1))
+            .unwrap_or(eip);
+        let pages = (eip / PAGE_SIZE, last_byte / PAGE_SIZE);
+        cpu.ram.mark_code_page(pages.0);
+        cpu.ram.mark_code_page(pages.1);
+        self.stats.blocks_translated += 1;
+        if host.is_empty() {
+            return Entry::Interpret { pages };
+        }
+        let code = match Straight::compile(host.iter().map(|b| &b[..])) {
+            Ok(c) => c,
+            Err(_) => return Entry::Interpret { pages },
+        };
+        self.stats.insns_translated += host.len() as u64;
+        self.stats.host_bytes += code.len() as u64;
+        eips.push(block.insns[eips.len() - 1].ins.next_ip32());
+        Entry::Code { code, eips, pages }
+    }
+
+    fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
+        self.stats.insns_interpreted += 1;
+        let s = popek_interp::step(cpu);
+        self.invalidate(cpu);
+        s
+    }
+
+    /// Execute one translated run (and the instruction after it), or one
+    /// interpreted instruction.
+    pub fn step(&mut self, cpu: &mut Vcpu) -> Step {
+        if cpu.halted || !flat(cpu) || !self.enter(cpu) {
+            return self.interpret(cpu);
+        }
+        self.invalidate(cpu);
+        let eip = cpu.eip;
+        self.stats.lookups += 1;
+        if self.cache.contains_key(&eip) {
+            self.stats.hits += 1;
+        } else {
+            let e = self.translate(cpu, eip);
+            self.cache.insert(eip, e);
+        }
+        let Some(Entry::Code { code, eips, .. }) = self.cache.get(&eip) else {
+            return self.interpret(cpu);
+        };
+        let mut ctx = Context {
+            regs: cpu.regs,
+            eflags: cpu.eflags,
+            fault_rip: 0,
+        };
+        // SAFETY: `enter` pointed this thread's GS at this CPU's guest
+        // window and installed the fault handler; `code` holds only
+        // instructions from `lower`, run in a flat mode where guest linear
+        // addresses are guest physical addresses.
+        unsafe { code.run(&mut ctx) };
+        let done = if ctx.fault_rip != 0 {
+            self.stats.faults += 1;
+            code.instruction_at(ctx.fault_rip).unwrap_or(0)
+        } else {
+            eips.len() - 1
+        };
+        cpu.regs = ctx.regs;
+        cpu.eflags = ctx.eflags;
+        cpu.eip = eips[done];
+        cpu.retired += done as u64;
+        self.stats.insns_native += done as u64;
+        self.interpret(cpu)
+    }
+}

@@ -1,0 +1,83 @@
+//! Faults inside translated code.
+//!
+//! A copied instruction can fault in the host: a load or store outside
+//! guest RAM hits the window's `PROT_NONE` pages (SIGSEGV), a DIV raises
+//! SIGFPE. x86 faults are precise, so the host registers and flags at the
+//! fault are exactly the guest state before the faulting instruction. The
+//! handler checks that the fault is inside the code this thread is running
+//! (a thread-local set around each run), records the host address in the
+//! guest context and resumes at the code's epilogue, which stores the guest
+//! state and returns to the dispatcher. The dispatcher then lets the
+//! interpreter execute that one instruction, which produces the guest's
+//! semantics (unassigned memory reads as ones, #DE through the guest IDT).
+//!
+//! Every other fault is handed to the default action, so a real host bug
+//! still crashes loudly.
+
+use std::cell::Cell;
+use std::sync::Once;
+
+use crate::straight::Context;
+
+/// The code a thread is running: copied instructions in `[start, end)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Active {
+    /// First copied instruction.
+    pub start: u64,
+    /// End of the copied instructions.
+    pub end: u64,
+    /// Where to resume after a fault (the epilogue).
+    pub fault_entry: u64,
+    /// The context the code runs on.
+    pub ctx: *mut Context,
+}
+
+thread_local! {
+    static ACTIVE: Cell<Option<Active>> = const { Cell::new(None) };
+}
+
+/// Set (or clear) the code this thread is running.
+pub fn set_active(a: Option<Active>) {
+    ACTIVE.with(|c| c.set(a));
+}
+
+extern "C" fn handler(sig: libc::c_int, _info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    let active = ACTIVE.with(|c| c.get());
+    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
+    let gregs = unsafe { &mut (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    let rip = gregs[libc::REG_RIP as usize] as u64;
+    if let Some(a) = active {
+        if (a.start..a.end).contains(&rip) {
+            // SAFETY: `ctx` points at the Context passed to the running
+            // code, alive for the whole run (see Straight::run).
+            unsafe { (*a.ctx).fault_rip = rip };
+            gregs[libc::REG_RIP as usize] = a.fault_entry as i64;
+            return;
+        }
+    }
+    // Not ours: restore the default action and return; the instruction
+    // faults again and the process dies with the right signal.
+    // SAFETY: resetting a signal's disposition to SIG_DFL is always valid.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+    }
+}
+
+/// Install the SIGSEGV and SIGFPE handler (once per process).
+pub fn install() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for sig in [libc::SIGSEGV, libc::SIGFPE, libc::SIGBUS] {
+            // SAFETY: a zeroed sigaction is a valid starting point; the
+            // handler has the SA_SIGINFO signature and only touches a
+            // const-initialised thread-local and the ucontext.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = handler as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    });
+}
