@@ -25,7 +25,7 @@ use popek_decode::{scan_block, PAGE_SIZE};
 use popek_interp::Step;
 use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 
-use crate::lower::{lower, Lowering};
+use crate::lower::{lower, lower_stack, lower_terminator, Lowering};
 use crate::straight::{set_gs_base, Context, Straight};
 
 /// A cache entry: translated code, or a note that nothing at this EIP
@@ -33,8 +33,10 @@ use crate::straight::{set_gs_base, Context, Straight};
 enum Entry {
     Code {
         code: Straight,
-        /// Guest EIP of each copied instruction, then the EIP after them.
+        /// Guest EIP of each translated instruction, then the EIP after them.
         eips: Vec<u32>,
+        /// Does the code end with a lowered branch (which sets the next EIP)?
+        terminated: bool,
         pages: (u32, u32),
     },
     Interpret {
@@ -134,19 +136,30 @@ impl Bt {
         let block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
         let mut eips = Vec::new();
         let mut host = Vec::new();
+        let mut terminated = false;
         for i in &block.insns {
-            match lower(&i.ins) {
-                Lowering::Copied(h) => {
-                    eips.push(i.ins.ip32());
-                    host.push(h);
-                }
-                Lowering::NotCopyable(_) => break,
+            let lowered = match lower(&i.ins) {
+                Lowering::Copied(h) => Some(h),
+                Lowering::NotCopyable(_) => lower_stack(&i.ins),
+            };
+            if let Some(h) = lowered {
+                eips.push(i.ins.ip32());
+                host.push(h);
+                continue;
             }
+            if let Some(h) = lower_terminator(&i.ins) {
+                eips.push(i.ins.ip32());
+                host.push(h);
+                terminated = true;
+            }
+            break;
         }
-        let last_byte = eips
-            .last()
-            .map(|_| block.insns[eips.len() - 1].ins.next_ip32().wrapping_sub(1))
-            .unwrap_or(eip);
+        let n = eips.len();
+        let last_byte = if n > 0 {
+            block.insns[n - 1].ins.next_ip32().wrapping_sub(1)
+        } else {
+            eip
+        };
         let pages = (eip / PAGE_SIZE, last_byte / PAGE_SIZE);
         cpu.ram.mark_code_page(pages.0);
         cpu.ram.mark_code_page(pages.1);
@@ -158,10 +171,15 @@ impl Bt {
             Ok(c) => c,
             Err(_) => return Entry::Interpret { pages },
         };
-        self.stats.insns_translated += host.len() as u64;
+        self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;
-        eips.push(block.insns[eips.len() - 1].ins.next_ip32());
-        Entry::Code { code, eips, pages }
+        eips.push(block.insns[n - 1].ins.next_ip32());
+        Entry::Code {
+            code,
+            eips,
+            terminated,
+            pages,
+        }
     }
 
     fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
@@ -186,30 +204,47 @@ impl Bt {
             let e = self.translate(cpu, eip);
             self.cache.insert(eip, e);
         }
-        let Some(Entry::Code { code, eips, .. }) = self.cache.get(&eip) else {
+        let Some(Entry::Code {
+            code,
+            eips,
+            terminated,
+            ..
+        }) = self.cache.get(&eip)
+        else {
             return self.interpret(cpu);
         };
+        let n = eips.len() - 1;
         let mut ctx = Context {
             regs: cpu.regs,
             eflags: cpu.eflags,
+            next_eip: eips[n],
             fault_rip: 0,
         };
         // SAFETY: `enter` pointed this thread's GS at this CPU's guest
         // window and installed the fault handler; `code` holds only
-        // instructions from `lower`, run in a flat mode where guest linear
-        // addresses are guest physical addresses.
+        // instructions from `lower`, `lower_stack` and `lower_terminator`,
+        // run in a flat mode where guest linear addresses are guest
+        // physical addresses.
         unsafe { code.run(&mut ctx) };
-        let done = if ctx.fault_rip != 0 {
-            self.stats.faults += 1;
-            code.instruction_at(ctx.fault_rip).unwrap_or(0)
-        } else {
-            eips.len() - 1
-        };
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
-        cpu.eip = eips[done];
-        cpu.retired += done as u64;
-        self.stats.insns_native += done as u64;
-        self.interpret(cpu)
+        if ctx.fault_rip != 0 {
+            // Stopped before the faulting instruction: the interpreter
+            // executes it with the guest's semantics.
+            self.stats.faults += 1;
+            let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
+            cpu.eip = eips[done];
+            cpu.retired += done as u64;
+            self.stats.insns_native += done as u64;
+            return self.interpret(cpu);
+        }
+        cpu.eip = ctx.next_eip;
+        cpu.retired += n as u64;
+        self.stats.insns_native += n as u64;
+        if *terminated {
+            Step::Executed
+        } else {
+            self.interpret(cpu)
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! flag bookkeeping is needed. Everything else is reported as not copyable
 //! with the reason; the translator lowers or calls the interpreter for it.
 
-use iced_x86::{Code, Encoder, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register};
 use popek_decode::{classify, Class};
 
 /// How one guest instruction is translated.
@@ -20,11 +20,161 @@ pub enum Lowering {
     NotCopyable(&'static str),
 }
 
-fn touches_esp(ins: &Instruction) -> bool {
-    let esp = |r: Register| r != Register::None && r.full_register32() == Register::ESP;
-    (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Register && esp(ins.op_register(i)))
-        || (ins.op_kinds().any(|k| k == OpKind::Memory)
-            && (esp(ins.memory_base()) || esp(ins.memory_index())))
+/// The host register for a guest register: guest ESP lives in R12D (the
+/// host's RSP is the host's stack); the others keep their numbers.
+fn host_reg(r: Register) -> Register {
+    match r {
+        Register::ESP => Register::R12D,
+        Register::SP => Register::R12W,
+        r => r,
+    }
+}
+
+/// Encode one host instruction.
+fn enc(ins: &Instruction) -> Option<Vec<u8>> {
+    let mut e = Encoder::new(64);
+    e.encode(ins, 0).ok()?;
+    Some(e.take_buffer())
+}
+
+/// `gs:[r12d + disp]`: guest stack memory.
+fn stack_slot(disp: i64) -> MemoryOperand {
+    MemoryOperand::new(
+        Register::R12D,
+        Register::None,
+        1,
+        disp,
+        1,
+        false,
+        Register::GS,
+    )
+}
+
+/// `lea r12d, [r12d + delta]`: move the guest stack pointer (no flags).
+fn adjust_esp(delta: i64) -> Vec<u8> {
+    let m = MemoryOperand::new(
+        Register::R12D,
+        Register::None,
+        1,
+        delta,
+        1,
+        false,
+        Register::None,
+    );
+    enc(&Instruction::with2(Code::Lea_r32_m, Register::R12D, m).expect("valid")).expect("encodable")
+}
+
+/// `mov dword [r15 + NEXT_EIP], imm32`: where the guest goes next.
+pub fn set_next_eip(eip: u32) -> Vec<u8> {
+    let m = MemoryOperand::new(
+        Register::R15,
+        Register::None,
+        1,
+        crate::straight::NEXT_EIP_OFFSET,
+        1,
+        false,
+        Register::None,
+    );
+    enc(&Instruction::with2(Code::Mov_rm32_imm32, m, eip).expect("valid")).expect("encodable")
+}
+
+/// PUSH r32/imm and POP r32 on the guest stack (32-bit operand size). The
+/// store or load comes first, so a fault leaves ESP untouched.
+pub fn lower_stack(ins: &Instruction) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match ins.code() {
+        Code::Push_r32 => {
+            let r = host_reg(ins.op0_register());
+            out.extend(enc(&Instruction::with2(
+                Code::Mov_rm32_r32,
+                stack_slot(-4),
+                r,
+            )
+            .ok()?)?);
+        }
+        Code::Pushd_imm8 | Code::Pushd_imm32 => {
+            let v = ins.immediate32();
+            out.extend(enc(&Instruction::with2(
+                Code::Mov_rm32_imm32,
+                stack_slot(-4),
+                v,
+            )
+            .ok()?)?);
+        }
+        Code::Pop_r32 => {
+            let r = host_reg(ins.op0_register());
+            out.extend(enc(&Instruction::with2(
+                Code::Mov_r32_rm32,
+                r,
+                stack_slot(0),
+            )
+            .ok()?)?);
+            if r == Register::R12D {
+                return Some(out); // POP ESP: ESP is the value popped
+            }
+            out.extend(adjust_esp(4));
+            return Some(out);
+        }
+        _ => return None,
+    }
+    out.extend(adjust_esp(-4));
+    Some(out)
+}
+
+/// A block-ending near transfer lowered to host code that leaves the next
+/// guest EIP in the context: JMP rel, Jcc rel, CALL rel, RET [imm16]
+/// (32-bit operand size). None for every other instruction.
+pub fn lower_terminator(ins: &Instruction) -> Option<Vec<u8>> {
+    let next = ins.next_ip32();
+    match ins.code() {
+        Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => Some(set_next_eip(ins.near_branch32())),
+        Code::Call_rel32_32 => {
+            let mut out =
+                enc(&Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), next).ok()?)?;
+            out.extend(adjust_esp(-4));
+            out.extend(set_next_eip(ins.near_branch32()));
+            Some(out)
+        }
+        Code::Retnd | Code::Retnd_imm16 => {
+            let imm = if ins.code() == Code::Retnd_imm16 {
+                i64::from(ins.immediate16())
+            } else {
+                0
+            };
+            let mut out =
+                enc(&Instruction::with2(Code::Mov_r32_rm32, Register::R13D, stack_slot(0)).ok()?)?;
+            out.extend(adjust_esp(4 + imm));
+            let m = MemoryOperand::new(
+                Register::R15,
+                Register::None,
+                1,
+                crate::straight::NEXT_EIP_OFFSET,
+                1,
+                false,
+                Register::None,
+            );
+            out.extend(enc(&Instruction::with2(
+                Code::Mov_rm32_r32,
+                m,
+                Register::R13D,
+            )
+            .ok()?)?);
+            Some(out)
+        }
+        _ if ins.is_jcc_short_or_near() && ins.op0_kind() == OpKind::NearBranch32 => {
+            // jcc taken; [next = fallthrough; jmp over]; taken: next = target
+            let not_taken = set_next_eip(next);
+            let taken = set_next_eip(ins.near_branch32());
+            let cc = (ins.op_code().op_code() & 0x0F) as u8;
+            let mut out = vec![0x0F, 0x80 | cc];
+            out.extend(((not_taken.len() + 2) as u32).to_le_bytes());
+            out.extend(&not_taken);
+            out.extend([0xEB, taken.len() as u8]);
+            out.extend(&taken);
+            Some(out)
+        }
+        _ => None,
+    }
 }
 
 /// Re-encode `ins` for the host, if it can be copied.
@@ -41,9 +191,6 @@ pub fn lower(ins: &Instruction) -> Lowering {
     }
     if matches!(ins.segment_prefix(), Register::FS | Register::GS) {
         return No("FS/GS override (segments other than the flat four)");
-    }
-    if touches_esp(ins) {
-        return No("uses ESP (the host stack pointer)");
     }
     if matches!(
         ins.mnemonic(),
@@ -67,6 +214,12 @@ pub fn lower(ins: &Instruction) -> Lowering {
         return No("not encodable in 64-bit mode");
     }
     let mut host = *ins;
+    // Guest ESP lives in R12D.
+    for i in 0..ins.op_count() {
+        if ins.op_kind(i) == OpKind::Register {
+            host.set_op_register(i, host_reg(ins.op_register(i)));
+        }
+    }
     // INC/DEC r16/r32 short forms (40+r, 48+r) are REX prefixes in 64-bit mode.
     let code = match ins.code() {
         Code::Inc_r32 => Some(Code::Inc_rm32),
@@ -76,7 +229,7 @@ pub fn lower(ins: &Instruction) -> Lowering {
         _ => None,
     };
     if let Some(c) = code {
-        host = match Instruction::with1(c, ins.op0_register()) {
+        host = match Instruction::with1(c, host_reg(ins.op0_register())) {
             Ok(i) => i,
             Err(_) => return No("INC/DEC re-encoding failed"),
         };
@@ -91,6 +244,8 @@ pub fn lower(ins: &Instruction) -> Lowering {
             return No("16-bit addressing");
         }
         host.set_segment_prefix(Register::GS);
+        host.set_memory_base(host_reg(b));
+        host.set_memory_index(host_reg(i));
         if b == Register::None && i == Register::None {
             // An absolute [disp32]: in 64-bit mode encode it as SIB-absolute
             // with a 32-bit address size (not RIP-relative).
@@ -144,6 +299,12 @@ mod tests {
                 "cmpxchg8b gs:[ebx+8]",
             ),
             (&[0x88, 0xE0], &[0x88, 0xE0], "mov al,ah"),
+            (
+                &[0x8B, 0x44, 0x24, 0x04],
+                &[0x65, 0x67, 0x41, 0x8B, 0x44, 0x24, 0x04],
+                "mov eax,gs:[r12d+4]",
+            ),
+            (&[0x89, 0xEC], &[0x41, 0x89, 0xEC], "mov r12d,ebp"),
         ];
         for (g, h, text) in cases {
             match lower(&guest(g)) {
@@ -157,12 +318,10 @@ mod tests {
     }
 
     #[test]
-    fn special_stack_and_esp_instructions_are_not_copied() {
+    fn special_stack_and_string_instructions_are_not_copied() {
         for g in [
             &[0x9D][..],
             &[0x50],
-            &[0x89, 0xE0],
-            &[0x8B, 0x04, 0x24],
             &[0xA4],
             &[0x27],
             &[0xFA],

@@ -2,10 +2,10 @@
 //! prologue that loads the guest registers and arithmetic flags from a
 //! [`Context`] and an epilogue that stores them back.
 //!
-//! Register mapping: guest EAX..EDI are host EAX..EDI (same encodings), so
-//! copied instructions need no register rewriting; guest ESP is not mapped
-//! (instructions using it are not copied yet). R15 holds the context
-//! pointer. The host's arithmetic flags and DF are the guest's while the
+//! Register mapping: guest EAX, ECX, EDX, EBX, EBP, ESI, EDI are the host
+//! registers with the same numbers, so most copied instructions need no
+//! register rewriting; guest ESP is R12D (the host's RSP stays the host
+//! stack); R13 is a scratch register; R15 holds the context pointer. The host's arithmetic flags and DF are the guest's while the
 //! block runs; the system flags stay virtual in the context.
 //!
 //! Guest memory is reached through GS: the calling thread's GS base must be
@@ -18,14 +18,20 @@ use dynasmrt::{x64::Assembler, DynasmApi, ExecutableBuffer};
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Context {
-    /// EAX, ECX, EDX, EBX, ESP (unused), EBP, ESI, EDI.
+    /// EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI.
     pub regs: [u32; 8],
     /// EFLAGS: only CF, PF, AF, ZF, SF, OF and DF are loaded and stored.
     pub eflags: u32,
+    /// Where the guest goes next, written by a lowered branch at the end of
+    /// the code (otherwise left as the caller set it).
+    pub next_eip: u32,
     /// Set by the fault handler: the host address of the instruction that
     /// faulted (0 if the code ran to its end).
     pub fault_rip: u64,
 }
+
+/// Offset of [`Context::next_eip`].
+pub const NEXT_EIP_OFFSET: i64 = 36;
 
 /// The EFLAGS bits that live in the host's flags while guest code runs.
 pub const HOST_FLAGS: u32 = 0xCD5 | 0x400;
@@ -55,6 +61,8 @@ impl Straight {
             ; .arch x64
             ; push rbx
             ; push rbp
+            ; push r12
+            ; push r13
             ; push r15
             ; mov r15, rdi
             ; mov eax, DWORD [r15 + 32]
@@ -65,6 +73,7 @@ impl Straight {
             ; mov ecx, DWORD [r15 + 4]
             ; mov edx, DWORD [r15 + 8]
             ; mov ebx, DWORD [r15 + 12]
+            ; mov r12d, DWORD [r15 + 16]
             ; mov ebp, DWORD [r15 + 20]
             ; mov esi, DWORD [r15 + 24]
             ; mov edi, DWORD [r15 + 28]
@@ -81,6 +90,7 @@ impl Straight {
             ; mov DWORD [r15 + 4], ecx
             ; mov DWORD [r15 + 8], edx
             ; mov DWORD [r15 + 12], ebx
+            ; mov DWORD [r15 + 16], r12d
             ; mov DWORD [r15 + 20], ebp
             ; mov DWORD [r15 + 24], esi
             ; mov DWORD [r15 + 28], edi
@@ -93,6 +103,8 @@ impl Straight {
             ; mov DWORD [r15 + 32], eax
             ; cld
             ; pop r15
+            ; pop r13
+            ; pop r12
             ; pop rbp
             ; pop rbx
             ; ret

@@ -68,6 +68,7 @@ fn interp(case: &Case, guest: &[Vec<u8>]) -> (Context, Vec<u8>) {
     let ctx = Context {
         regs: cpu.regs,
         eflags: cpu.eflags,
+        next_eip: 0,
         fault_rip: 0,
     };
     (
@@ -85,6 +86,7 @@ fn translated(case: &Case, host: &[Vec<u8>]) -> (Context, Vec<u8>) {
     let mut ctx = Context {
         regs: initial_regs(case),
         eflags: 2 | (case.flags & HOST_FLAGS),
+        next_eip: 0,
         fault_rip: 0,
     };
     popek_translate::fault::install();
