@@ -1,11 +1,10 @@
 //! Foundation benchmarks: the cost of scanning and classifying basic blocks
 //! (what the translator pays before emitting code) and the reference
-//! interpreter's speed on the compute guest (the baseline the translator
-//! must beat). Run with `cargo bench -p popek-bench`.
+//! interpreter's and the translator's speed on the compute guest. Run with `cargo bench -p popek-bench`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use popek_bench::{blocks_of, boot};
-use popek_machine::Exit;
+use popek_bench::{blocks_of, boot, boot_with};
+use popek_machine::{Engine, Exit};
 
 fn scan(c: &mut Criterion) {
     let mut g = c.benchmark_group("scan");
@@ -20,22 +19,24 @@ fn scan(c: &mut Criterion) {
     g.finish();
 }
 
-fn interp(c: &mut Criterion) {
-    let mut g = c.benchmark_group("interp");
+fn engines(c: &mut Criterion) {
+    let mut g = c.benchmark_group("engines");
     g.sample_size(10);
-    // Count the guest's instructions once so throughput is per instruction.
-    let mut m = boot("compute");
-    let exit = m.run(&mut std::io::sink());
-    assert_eq!(exit, Exit::DebugExit(1));
-    g.throughput(Throughput::Elements(m.cpu.retired));
-    g.bench_function(format!("compute ({} instructions)", m.cpu.retired), |b| {
-        b.iter(|| {
-            let mut m = boot("compute");
-            m.run(&mut std::io::sink())
+    for engine in [Engine::Interp, Engine::Bt] {
+        // Count the guest's instructions once so throughput is per instruction.
+        let mut m = boot_with("compute", engine);
+        let exit = m.run(&mut std::io::sink());
+        assert_eq!(exit, Exit::DebugExit(1));
+        g.throughput(Throughput::Elements(m.cpu.retired));
+        g.bench_function(format!("compute/{engine:?}"), |b| {
+            b.iter(|| {
+                let mut m = boot_with("compute", engine);
+                m.run(&mut std::io::sink())
+            });
         });
-    });
+    }
     g.finish();
 }
 
-criterion_group!(benches, scan, interp);
+criterion_group!(benches, scan, engines);
 criterion_main!(benches);

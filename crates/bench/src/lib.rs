@@ -1,19 +1,22 @@
 //! Helpers shared by the criterion benchmarks in benches/.
 
 use popek_decode::{reachable_blocks, Block};
-use popek_machine::{Config, Machine};
+use popek_machine::{Config, Engine, Machine};
 
-/// Boot a bundled guest (not run yet).
+/// Boot a bundled guest (not run yet) for the interpreter.
 pub fn boot(name: &str) -> Machine {
+    boot_with(name, Engine::Interp)
+}
+
+/// Boot a bundled guest (not run yet) for `engine`.
+pub fn boot_with(name: &str, engine: Engine) -> Machine {
     let g = popek_guests::find(name).unwrap_or_else(|| panic!("no bundled guest {name}"));
-    Machine::multiboot(
-        g.elf,
-        Config {
-            cmdline: name.into(),
-            ..Config::default()
-        },
-    )
-    .expect("boot")
+    let config = Config {
+        cmdline: name.into(),
+        engine,
+        ..Config::default()
+    };
+    Machine::multiboot(g.elf, config).expect("boot")
 }
 
 /// Every basic block reachable from the guest's entry by direct branches.

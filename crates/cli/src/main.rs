@@ -238,6 +238,12 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             s.insns_interpreted,
             pct(s.insns_interpreted, retired)
         );
+        let us = s.translate_ns as f64 / 1000.0;
+        eprintln!(
+            "  translation time              {us:.0} us total, {:.2} us per block, {:.2}% of run time",
+            us / s.blocks_translated.max(1) as f64,
+            100.0 * us / 1e6 / elapsed.as_secs_f64().max(1e-9)
+        );
         eprintln!("  faults in translated code     {}", s.faults);
         eprintln!("  invalidations (code written)  {}", s.invalidations);
     }

@@ -73,6 +73,8 @@ pub struct Stats {
     pub faults: u64,
     /// Translations dropped because their code page was written.
     pub invalidations: u64,
+    /// Time spent scanning and translating blocks, in nanoseconds.
+    pub translate_ns: u64,
 }
 
 /// The binary-translation engine.
@@ -201,7 +203,9 @@ impl Bt {
         if self.cache.contains_key(&eip) {
             self.stats.hits += 1;
         } else {
+            let t = std::time::Instant::now();
             let e = self.translate(cpu, eip);
+            self.stats.translate_ns += t.elapsed().as_nanos() as u64;
             self.cache.insert(eip, e);
         }
         let Some(Entry::Code {
