@@ -21,7 +21,8 @@
 //! where, and executing there raises a guest #UD).
 
 use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
+    Code, Decoder, DecoderError, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind,
+    Register,
 };
 
 /// The longest x86 instruction.
@@ -339,33 +340,38 @@ pub fn scan_block(
     start: u32,
     bitness: u32,
 ) -> Block {
+    // One fetch covers the whole block: its instructions start on this
+    // page (the last may run into the next) and there are at most
+    // MAX_BLOCK_INSNS of at most MAX_INSN_LEN bytes.
+    let page_left = (PAGE_SIZE - start % PAGE_SIZE) as usize;
+    let want = (page_left + MAX_INSN_LEN - 1).min(MAX_BLOCK_INSNS * MAX_INSN_LEN);
+    let mut buf = vec![0u8; want];
+    let fetched = fetch(start, &mut buf);
+    buf.truncate(fetched);
+    let mut decoder = Decoder::with_ip(bitness, &buf, u64::from(start), DecoderOptions::NONE);
     let mut insns = Vec::new();
-    let mut eip = start;
-    let page = start / PAGE_SIZE;
+    let mut off = 0usize;
     let end = loop {
+        let eip = start.wrapping_add(off as u32);
         if insns.len() >= MAX_BLOCK_INSNS {
             break BlockEnd::SizeLimit;
         }
-        if eip / PAGE_SIZE != page {
+        if off >= page_left {
             break BlockEnd::PageBoundary;
         }
-        let mut buf = [0u8; MAX_INSN_LEN];
-        let n = fetch(eip, &mut buf);
-        if n == 0 {
+        if off >= fetched {
             break BlockEnd::FetchFault(eip);
         }
-        let ins = decode_one(&buf[..n], eip, bitness);
+        let ins = decoder.decode();
         if ins.is_invalid() {
-            // Too few bytes fetched to decode is a fetch fault, not #UD.
-            let full = decode_one(
-                &[buf[..n].to_vec(), vec![0u8; MAX_INSN_LEN]].concat(),
-                eip,
-                bitness,
-            );
-            if n < MAX_INSN_LEN && !full.is_invalid() && full.len() > n {
-                break BlockEnd::FetchFault(eip);
-            }
-            break BlockEnd::Undecodable(eip);
+            // Running out of fetched bytes (a fetch fault ahead, not the
+            // end of the window) is a fetch fault, not #UD.
+            let short = decoder.last_error() == DecoderError::NoMoreBytes && fetched < want;
+            break if short {
+                BlockEnd::FetchFault(eip)
+            } else {
+                BlockEnd::Undecodable(eip)
+            };
         }
         if ins.code() == Code::Ud2 {
             break BlockEnd::Undecodable(eip);
@@ -375,11 +381,11 @@ pub fn scan_block(
         let class = classify(&ins);
         insns.push(Insn {
             ins,
-            bytes: buf[..len].to_vec(),
+            bytes: buf[off..off + len].to_vec(),
             class,
             special: sp,
         });
-        eip = eip.wrapping_add(len as u32);
+        off += len;
         if class == Class::ControlFlow {
             break BlockEnd::ControlFlow;
         }

@@ -25,6 +25,7 @@ use popek_decode::{scan_block, PAGE_SIZE};
 use popek_interp::Step;
 use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 
+use crate::code_buffer::CodeBuffer;
 use crate::lower::{lower, lower_stack, lower_terminator, Lowering};
 use crate::straight::{set_gs_base, Context, Straight};
 
@@ -77,10 +78,14 @@ pub struct Stats {
     pub translate_ns: u64,
 }
 
+/// Size of the code buffer; when it fills, every translation is dropped.
+pub const CODE_BUFFER_SIZE: usize = 32 << 20;
+
 /// The binary-translation engine.
 #[derive(Default)]
 pub struct Bt {
     cache: HashMap<u32, Entry>,
+    code: Option<CodeBuffer>,
     window_thread: Option<std::thread::ThreadId>,
     /// Counters.
     pub stats: Stats,
@@ -111,6 +116,16 @@ impl Bt {
             return true;
         }
         crate::fault::install();
+        // iced-x86 builds its tables on first use (hundreds of
+        // microseconds): pay that here, not in the first translation.
+        let warm = popek_decode::decode_one(&[0x01, 0xC8], 0, 32);
+        let _ = lower(&warm);
+        if self.code.is_none() {
+            match CodeBuffer::new(CODE_BUFFER_SIZE) {
+                Ok(b) => self.code = Some(b),
+                Err(_) => return false,
+            }
+        }
         let Ok(w) = cpu.ram.window() else {
             return false;
         };
@@ -169,9 +184,20 @@ impl Bt {
         if host.is_empty() {
             return Entry::Interpret { pages };
         }
-        let code = match Straight::compile(host.iter().map(|b| &b[..])) {
+        let Some(buf) = self.code.as_mut() else {
+            return Entry::Interpret { pages };
+        };
+        let code = match Straight::compile(buf, host.iter().map(|b| &b[..])) {
             Ok(c) => c,
-            Err(_) => return Entry::Interpret { pages },
+            Err(_) => {
+                // Full: drop every translation, start the buffer again.
+                self.cache.clear();
+                buf.reset();
+                match Straight::compile(buf, host.iter().map(|b| &b[..])) {
+                    Ok(c) => c,
+                    Err(_) => return Entry::Interpret { pages },
+                }
+            }
         };
         self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;

@@ -8,6 +8,7 @@
 //! cache, chaining, helper calls for special instructions and fault
 //! handling come next.
 
+pub mod code_buffer;
 pub mod engine;
 pub mod fault;
 pub mod lower;

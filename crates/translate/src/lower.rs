@@ -30,11 +30,18 @@ fn host_reg(r: Register) -> Register {
     }
 }
 
+thread_local! {
+    /// One 64-bit encoder per thread, reused (creating one allocates).
+    static ENCODER: std::cell::RefCell<Encoder> = std::cell::RefCell::new(Encoder::new(64));
+}
+
 /// Encode one host instruction.
 fn enc(ins: &Instruction) -> Option<Vec<u8>> {
-    let mut e = Encoder::new(64);
-    e.encode(ins, 0).ok()?;
-    Some(e.take_buffer())
+    ENCODER.with(|e| {
+        let mut e = e.borrow_mut();
+        e.encode(ins, 0).ok()?;
+        Some(e.take_buffer())
+    })
 }
 
 /// `gs:[r12d + disp]`: guest stack memory.
@@ -165,7 +172,9 @@ pub fn lower_terminator(ins: &Instruction) -> Option<Vec<u8>> {
             // jcc taken; [next = fallthrough; jmp over]; taken: next = target
             let not_taken = set_next_eip(next);
             let taken = set_next_eip(ins.near_branch32());
-            let cc = (ins.op_code().op_code() & 0x0F) as u8;
+            // iced's ConditionCode runs o, no, b, ae, ... g from 1: the x86
+            // condition nibble is one less.
+            let cc = (ins.condition_code() as u8).wrapping_sub(1) & 0x0F;
             let mut out = vec![0x0F, 0x80 | cc];
             out.extend(((not_taken.len() + 2) as u32).to_le_bytes());
             out.extend(&not_taken);
@@ -252,10 +261,9 @@ pub fn lower(ins: &Instruction) -> Lowering {
             host.set_memory_displ_size(4);
         }
     }
-    let mut enc = Encoder::new(64);
-    match enc.encode(&host, 0) {
-        Ok(_) => Lowering::Copied(enc.take_buffer()),
-        Err(_) => No("not encodable in 64-bit mode"),
+    match enc(&host) {
+        Some(b) => Lowering::Copied(b),
+        None => No("not encodable in 64-bit mode"),
     }
 }
 

@@ -12,7 +12,9 @@
 //! the guest window ([`set_gs_base`]).
 
 use dynasm::dynasm;
-use dynasmrt::{x64::Assembler, DynasmApi, ExecutableBuffer};
+use dynasmrt::{x64::X64Relocation, DynasmApi, VecAssembler};
+
+use crate::code_buffer::CodeBuffer;
 
 /// Guest state the host code reads and writes.
 #[repr(C)]
@@ -38,7 +40,10 @@ pub const HOST_FLAGS: u32 = 0xCD5 | 0x400;
 
 /// Compiled host code for one straight-line run.
 pub struct Straight {
-    buf: ExecutableBuffer,
+    /// Executable address of the code (in a [`CodeBuffer`]).
+    entry: *const u8,
+    /// Code size in bytes.
+    len: usize,
     /// Host offset of each copied instruction, in order.
     starts: Vec<usize>,
     /// Host offset of the fault entry (the epilogue, entered by the
@@ -54,9 +59,92 @@ pub struct Straight {
 pub struct BuildError(pub String);
 
 impl Straight {
-    /// Compile copied instructions (host bytes, in order).
-    pub fn compile<'a>(body: impl IntoIterator<Item = &'a [u8]>) -> Result<Straight, BuildError> {
-        let mut ops = Assembler::new().map_err(|e| BuildError(e.to_string()))?;
+    /// Compile copied instructions (host bytes, in order) into `buf`.
+    /// Fails with [`BuildError`] when the buffer is full.
+    pub fn compile<'a>(
+        buf: &mut CodeBuffer,
+        body: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Straight, BuildError> {
+        let (prologue, epilogue) = frame();
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(prologue);
+        let mut starts = Vec::new();
+        for b in body {
+            starts.push(bytes.len());
+            bytes.extend_from_slice(b);
+        }
+        let body_end = bytes.len();
+        bytes.extend_from_slice(epilogue);
+        let at = buf
+            .append(&bytes)
+            .ok_or_else(|| BuildError("code buffer full".into()))?;
+        Ok(Straight {
+            entry: buf.exec_addr(at),
+            len: bytes.len(),
+            starts,
+            fault_entry: body_end,
+            body_end,
+        })
+    }
+
+    /// The index of the copied instruction at host address `rip`, if `rip`
+    /// lies in this code's copied instructions.
+    pub fn instruction_at(&self, rip: u64) -> Option<usize> {
+        let base = self.entry as u64;
+        let off = rip.checked_sub(base)? as usize;
+        if off >= self.body_end || self.starts.first().is_none_or(|s| off < *s) {
+            return None;
+        }
+        Some(self.starts.partition_point(|s| *s <= off) - 1)
+    }
+
+    /// Host code size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Is the code empty (never: prologue and epilogue are always there)?
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Run the code on `ctx`. If a copied instruction faults (a host
+    /// SIGSEGV or SIGFPE), the guest state *before* that instruction is in
+    /// `ctx` and `ctx.fault_rip` says which one ([`Straight::instruction_at`]).
+    ///
+    /// # Safety
+    ///
+    /// The calling thread's GS base must be a guest window, the fault
+    /// handler must be installed ([`crate::fault::install`]), the
+    /// instructions must have come from [`crate::lower`], and the
+    /// [`CodeBuffer`] holding the code must not have been reset or dropped.
+    pub unsafe fn run(&self, ctx: &mut Context) {
+        type Entry = extern "sysv64" fn(*mut Context);
+        ctx.fault_rip = 0;
+        let start = self.entry as u64;
+        let active = crate::fault::Active {
+            start: start + self.starts.first().copied().unwrap_or(self.body_end) as u64,
+            end: start + self.body_end as u64,
+            fault_entry: start + self.fault_entry as u64,
+            ctx: ctx as *mut Context,
+        };
+        crate::fault::set_active(Some(active));
+        // SAFETY: `entry` is the executable copy of the code emitted in
+        // `compile`, which starts with a function of type `Entry` that
+        // preserves the callee-saved registers it touches and returns with
+        // DF clear; the caller keeps the code buffer alive and unreset.
+        let f: Entry = unsafe { std::mem::transmute::<*const u8, Entry>(self.entry) };
+        f(ctx);
+        crate::fault::set_active(None);
+    }
+}
+
+/// The prologue and epilogue every run shares, assembled once (dynasmrt).
+/// Both are position-independent.
+fn frame() -> (&'static [u8], &'static [u8]) {
+    static FRAME: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    let (p, e) = FRAME.get_or_init(|| {
+        let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(0);
         dynasm!(ops
             ; .arch x64
             ; push rbx
@@ -78,12 +166,7 @@ impl Straight {
             ; mov esi, DWORD [r15 + 24]
             ; mov edi, DWORD [r15 + 28]
         );
-        let mut starts = Vec::new();
-        for b in body {
-            starts.push(ops.offset().0);
-            ops.extend(b.iter().copied());
-        }
-        let body_end = ops.offset().0;
+        let prologue = ops.take().expect("prologue assembles");
         dynasm!(ops
             ; .arch x64
             ; mov DWORD [r15], eax
@@ -109,65 +192,10 @@ impl Straight {
             ; pop rbx
             ; ret
         );
-        let buf = ops
-            .finalize()
-            .map_err(|_| BuildError("finalize failed".into()))?;
-        Ok(Straight {
-            buf,
-            starts,
-            fault_entry: body_end,
-            body_end,
-        })
-    }
-
-    /// The index of the copied instruction at host address `rip`, if `rip`
-    /// lies in this code's copied instructions.
-    pub fn instruction_at(&self, rip: u64) -> Option<usize> {
-        let base = self.buf.ptr(dynasmrt::AssemblyOffset(0)) as u64;
-        let off = rip.checked_sub(base)? as usize;
-        if off >= self.body_end || self.starts.first().is_none_or(|s| off < *s) {
-            return None;
-        }
-        Some(self.starts.partition_point(|s| *s <= off) - 1)
-    }
-
-    /// Host code size in bytes.
-    pub fn len(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Is the code empty (never: prologue and epilogue are always there)?
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    /// Run the code on `ctx`. If a copied instruction faults (a host
-    /// SIGSEGV or SIGFPE), the guest state *before* that instruction is in
-    /// `ctx` and `ctx.fault_rip` says which one ([`Straight::instruction_at`]).
-    ///
-    /// # Safety
-    ///
-    /// The calling thread's GS base must be a guest window, the fault
-    /// handler must be installed ([`crate::fault::install`]), and the
-    /// instructions must have come from [`crate::lower`].
-    pub unsafe fn run(&self, ctx: &mut Context) {
-        type Entry = extern "sysv64" fn(*mut Context);
-        ctx.fault_rip = 0;
-        let start = self.buf.ptr(dynasmrt::AssemblyOffset(0)) as u64;
-        let active = crate::fault::Active {
-            start: start + self.starts.first().copied().unwrap_or(self.body_end) as u64,
-            end: start + self.body_end as u64,
-            fault_entry: start + self.fault_entry as u64,
-            ctx: ctx as *mut Context,
-        };
-        crate::fault::set_active(Some(active));
-        // SAFETY: the buffer starts with the prologue emitted in `compile`,
-        // a function of type `Entry` that preserves the callee-saved
-        // registers it touches and returns with DF clear.
-        let f: Entry = unsafe { std::mem::transmute(self.buf.ptr(dynasmrt::AssemblyOffset(0))) };
-        f(ctx);
-        crate::fault::set_active(None);
-    }
+        let epilogue = ops.finalize().expect("epilogue assembles");
+        (prologue, epilogue)
+    });
+    (p, e)
 }
 
 /// Set the calling thread's GS base (ARCH_SET_GS). popek's host code reaches

@@ -82,7 +82,8 @@ fn translated(case: &Case, host: &[Vec<u8>]) -> (Context, Vec<u8>) {
     ram.load(SCRATCH_AT, &case.scratch);
     let base = ram.window().unwrap().base();
     set_gs_base(base).unwrap();
-    let code = Straight::compile(host.iter().map(|b| &b[..])).unwrap();
+    let mut buf = popek_translate::code_buffer::CodeBuffer::new(1 << 20).unwrap();
+    let code = Straight::compile(&mut buf, host.iter().map(|b| &b[..])).unwrap();
     let mut ctx = Context {
         regs: initial_regs(case),
         eflags: 2 | (case.flags & HOST_FLAGS),

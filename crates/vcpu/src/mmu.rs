@@ -205,8 +205,17 @@ impl Vcpu {
                 Ok(p) => p,
                 Err(e) => return (n, Some(e)),
             };
-            for i in 0..chunk {
-                buf[n + i] = self.ram.read_u8(phys.wrapping_add(i as u32));
+            match self
+                .ram
+                .as_slice()
+                .get(phys as usize..phys as usize + chunk)
+            {
+                Some(src) => buf[n..n + chunk].copy_from_slice(src),
+                None => {
+                    for i in 0..chunk {
+                        buf[n + i] = self.ram.read_u8(phys.wrapping_add(i as u32));
+                    }
+                }
             }
             n += chunk;
         }
