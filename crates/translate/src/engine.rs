@@ -20,6 +20,26 @@
 //! the LRU bound, `--dump` and `--stats`.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A hasher for guest EIPs: one multiply (the keys are not adversarial
+/// for the host, only for hash-table balance).
+#[derive(Default)]
+struct EipHasher(u64);
+
+impl Hasher for EipHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 use popek_decode::{scan_block, PAGE_SIZE};
 use popek_interp::Step;
@@ -84,9 +104,8 @@ pub const CODE_BUFFER_SIZE: usize = 32 << 20;
 /// The binary-translation engine.
 #[derive(Default)]
 pub struct Bt {
-    cache: HashMap<u32, Entry>,
+    cache: HashMap<u32, Entry, BuildHasherDefault<EipHasher>>,
     code: Option<CodeBuffer>,
-    window_thread: Option<std::thread::ThreadId>,
     /// Counters.
     pub stats: Stats,
 }
@@ -109,31 +128,24 @@ impl Bt {
         Bt::default()
     }
 
-    /// Point this thread's GS at the guest window (once per thread).
+    /// Point this thread's GS at the guest window (a thread-local makes
+    /// the repeat cheap) and set up the code buffer and fault handler.
     fn enter(&mut self, cpu: &mut Vcpu) -> bool {
-        let me = std::thread::current().id();
-        if self.window_thread == Some(me) {
-            return true;
-        }
-        crate::fault::install();
-        // iced-x86 builds its tables on first use (hundreds of
-        // microseconds): pay that here, not in the first translation.
-        let warm = popek_decode::decode_one(&[0x01, 0xC8], 0, 32);
-        let _ = lower(&warm);
         if self.code.is_none() {
+            crate::fault::install();
+            // iced-x86 builds its tables on first use (hundreds of
+            // microseconds): pay that here, not in the first translation.
+            let warm = popek_decode::decode_one(&[0x01, 0xC8], 0, 32);
+            let _ = lower(&warm);
             match CodeBuffer::new(CODE_BUFFER_SIZE) {
                 Ok(b) => self.code = Some(b),
                 Err(_) => return false,
             }
         }
-        let Ok(w) = cpu.ram.window() else {
-            return false;
-        };
-        if set_gs_base(w.base()).is_err() {
-            return false;
+        match cpu.ram.window() {
+            Ok(w) => set_gs_base(w.base()).is_ok(),
+            Err(_) => false,
         }
-        self.window_thread = Some(me);
-        true
     }
 
     fn invalidate(&mut self, cpu: &mut Vcpu) {

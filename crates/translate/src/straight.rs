@@ -198,15 +198,24 @@ fn frame() -> (&'static [u8], &'static [u8]) {
     (p, e)
 }
 
+thread_local! {
+    /// What this thread's GS base was last set to.
+    static GS_BASE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Set the calling thread's GS base (ARCH_SET_GS). popek's host code reaches
 /// guest memory as `gs:[addr32]`; nothing else in a Rust program on x86-64
 /// Linux uses GS (thread-locals use FS).
 pub fn set_gs_base(base: *mut u8) -> std::io::Result<()> {
     const ARCH_SET_GS: libc::c_long = 0x1001;
+    if GS_BASE.with(|g| g.get()) == base as usize {
+        return Ok(());
+    }
     // SAFETY: arch_prctl(ARCH_SET_GS) only changes this thread's GS base,
     // which no Rust or libc code on x86-64 Linux relies on.
     let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, base as libc::c_ulong) };
     if r == 0 {
+        GS_BASE.with(|g| g.set(base as usize));
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
