@@ -59,6 +59,9 @@ enum Cmd {
         /// Kernel command line (Multiboot; QEMU's -append).
         #[arg(long, default_value = "")]
         append: String,
+        /// Bound the translation cache to N blocks (LRU eviction).
+        #[arg(long, value_name = "N")]
+        cache_blocks: Option<std::num::NonZeroUsize>,
         /// Print execution statistics to stderr when the guest ends.
         #[arg(long)]
         stats: bool,
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             memory,
             max_insns,
             append,
+            cache_blocks,
             stats,
             trace,
         } => {
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
                     EngineArg::Interp => Engine::Interp,
                     EngineArg::Bt => Engine::Bt,
                 },
+                cache_blocks,
                 trace,
             };
             let boot = if popek_machine::multiboot::find_header(&image).is_some()
@@ -246,6 +251,10 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
         );
         eprintln!("  faults in translated code     {}", s.faults);
         eprintln!("  invalidations (code written)  {}", s.invalidations);
+        eprintln!(
+            "  evictions / buffer flushes    {} / {}",
+            s.evictions, s.flushes
+        );
     }
 }
 

@@ -130,6 +130,15 @@ fn every_qemu_guest_matches_qemu_byte_for_byte() {
 }
 
 #[test]
+fn a_tiny_translation_cache_changes_nothing_but_speed() {
+    // Eight blocks for a guest with hundreds: constant eviction and retranslation.
+    let want = popek(&["run", "selfcheck", "--engine", "interp"]);
+    let got = popek(&["run", "selfcheck", "--engine", "bt", "--cache-blocks", "8"]);
+    assert_eq!(got.stdout, want.stdout);
+    assert_eq!(got.status.code(), want.status.code());
+}
+
+#[test]
 fn segments_guest_follows_the_sdm() {
     for engine in ENGINES {
         let p = popek(&["run", "segments", "--engine", engine]);

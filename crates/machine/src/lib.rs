@@ -65,6 +65,8 @@ pub struct Config {
     pub cmdline: String,
     /// The engine.
     pub engine: Engine,
+    /// Bound of the translation cache in blocks (None: unbounded).
+    pub cache_blocks: Option<std::num::NonZeroUsize>,
     /// Print every executed instruction to stderr (slow), starting with
     /// the instruction of this number (0 = from the start).
     pub trace: Option<u64>,
@@ -77,6 +79,7 @@ impl Default for Config {
             max_insns: None,
             cmdline: String::new(),
             engine: Engine::Interp,
+            cache_blocks: None,
             trace: None,
         }
     }
@@ -207,7 +210,8 @@ impl Machine {
         cpu.regs[reg::EBX] = loaded.mbi;
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
         cpu.set_tsc(0);
-        let bt = (config.engine == Engine::Bt).then(popek_translate::engine::Bt::new);
+        let bt = (config.engine == Engine::Bt)
+            .then(|| popek_translate::engine::Bt::new(config.cache_blocks));
         Ok(Machine {
             cpu,
             config,
@@ -219,7 +223,8 @@ impl Machine {
     /// Start a static i386 Linux executable as a user-mode process.
     pub fn linux(image: &[u8], args: &[String], config: Config) -> Result<Machine, LoadError> {
         let (cpu, process) = linux::load(image, args, config.memory)?;
-        let bt = (config.engine == Engine::Bt).then(popek_translate::engine::Bt::new);
+        let bt = (config.engine == Engine::Bt)
+            .then(|| popek_translate::engine::Bt::new(config.cache_blocks));
         Ok(Machine {
             cpu,
             config,

@@ -37,10 +37,11 @@ fn raw_image(code: &[u8]) -> Vec<u8> {
     v
 }
 
-fn run_on(img: &[u8], engine: Engine) -> (Exit, Vec<u8>) {
+fn run_on(img: &[u8], engine: Engine, cache_blocks: Option<usize>) -> (Exit, Vec<u8>) {
     let config = Config {
         max_insns: Some(1_000_000),
         engine,
+        cache_blocks: cache_blocks.and_then(std::num::NonZeroUsize::new),
         ..Config::default()
     };
     let mut m = Machine::multiboot(img, config).unwrap();
@@ -49,16 +50,18 @@ fn run_on(img: &[u8], engine: Engine) -> (Exit, Vec<u8>) {
     (e, out)
 }
 
-/// Run under the interpreter and under the translator; both must agree
-/// (the budget counts steps, which differ between engines, so a budget
-/// exit is compared by kind only).
+/// Run under the interpreter and under the translator (unbounded cache and
+/// a two-block cache); all must agree (the budget counts steps, which
+/// differ between engines, so a budget exit is compared by kind only).
 fn run(img: &[u8]) -> (Exit, Vec<u8>) {
-    let (ei, oi) = run_on(img, Engine::Interp);
-    let (eb, ob) = run_on(img, Engine::Bt);
-    assert_eq!(ob, oi, "output under bt");
-    match (&ei, &eb) {
-        (Exit::BudgetExhausted { .. }, Exit::BudgetExhausted { .. }) => {}
-        _ => assert_eq!(eb, ei, "exit under bt"),
+    let (ei, oi) = run_on(img, Engine::Interp, None);
+    for cache in [None, Some(2)] {
+        let (eb, ob) = run_on(img, Engine::Bt, cache);
+        assert_eq!(ob, oi, "output under bt (cache {cache:?})");
+        match (&ei, &eb) {
+            (Exit::BudgetExhausted { .. }, Exit::BudgetExhausted { .. }) => {}
+            _ => assert_eq!(eb, ei, "exit under bt (cache {cache:?})"),
+        }
     }
     (ei, oi)
 }

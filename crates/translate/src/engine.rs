@@ -19,8 +19,10 @@
 //! instead of interpreter fallbacks for special instructions, ESP mapping,
 //! the LRU bound, `--dump` and `--stats`.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
 /// for the host, only for hash-table balance).
@@ -96,15 +98,20 @@ pub struct Stats {
     pub invalidations: u64,
     /// Time spent scanning and translating blocks, in nanoseconds.
     pub translate_ns: u64,
+    /// Translations evicted by the cache bound (`--cache-blocks`).
+    pub evictions: u64,
+    /// Times the code buffer filled and every translation was dropped.
+    pub flushes: u64,
 }
 
 /// Size of the code buffer; when it fills, every translation is dropped.
 pub const CODE_BUFFER_SIZE: usize = 32 << 20;
 
 /// The binary-translation engine.
-#[derive(Default)]
 pub struct Bt {
-    cache: HashMap<u32, Entry, BuildHasherDefault<EipHasher>>,
+    /// The translation cache: guest EIP to translation, least recently
+    /// used first out when bounded.
+    cache: LruCache<u32, Entry, BuildHasherDefault<EipHasher>>,
     code: Option<CodeBuffer>,
     /// Counters.
     pub stats: Stats,
@@ -122,10 +129,26 @@ fn flat(cpu: &Vcpu) -> bool {
         && cpu.code32()
 }
 
+impl Default for Bt {
+    fn default() -> Self {
+        Bt::new(None)
+    }
+}
+
 impl Bt {
-    /// A new engine with an empty cache.
-    pub fn new() -> Bt {
-        Bt::default()
+    /// A new engine with an empty cache holding at most `capacity` blocks
+    /// (unbounded with None). Evicted blocks' host code stays in the code
+    /// buffer until it fills and is flushed.
+    pub fn new(capacity: Option<NonZeroUsize>) -> Bt {
+        let hasher = BuildHasherDefault::<EipHasher>::default();
+        Bt {
+            cache: match capacity {
+                Some(c) => LruCache::with_hasher(c, hasher),
+                None => LruCache::unbounded_with_hasher(hasher),
+            },
+            code: None,
+            stats: Stats::default(),
+        }
     }
 
     /// Point this thread's GS at the guest window (a thread-local makes
@@ -205,6 +228,7 @@ impl Bt {
                 // Full: drop every translation, start the buffer again.
                 self.cache.clear();
                 buf.reset();
+                self.stats.flushes += 1;
                 match Straight::compile(buf, host.iter().map(|b| &b[..])) {
                     Ok(c) => c,
                     Err(_) => return Entry::Interpret { pages },
@@ -238,20 +262,24 @@ impl Bt {
         self.invalidate(cpu);
         let eip = cpu.eip;
         self.stats.lookups += 1;
-        if self.cache.contains_key(&eip) {
+        if self.cache.get(&eip).is_some() {
             self.stats.hits += 1;
         } else {
             let t = std::time::Instant::now();
             let e = self.translate(cpu, eip);
             self.stats.translate_ns += t.elapsed().as_nanos() as u64;
-            self.cache.insert(eip, e);
+            if let Some((old, _)) = self.cache.push(eip, e) {
+                if old != eip {
+                    self.stats.evictions += 1;
+                }
+            }
         }
         let Some(Entry::Code {
             code,
             eips,
             terminated,
             ..
-        }) = self.cache.get(&eip)
+        }) = self.cache.peek(&eip)
         else {
             return self.interpret(cpu);
         };
