@@ -233,6 +233,7 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             s.hits,
             pct(s.hits, s.lookups)
         );
+        eprintln!("  chained block transfers       {}", s.chained);
         eprintln!(
             "  executed as host code         {} ({:.1}%)",
             s.insns_native,

@@ -282,21 +282,26 @@ impl Machine {
 
     /// As [`Machine::run`], with a Linux process's stderr going to `err`.
     pub fn run_with(&mut self, out: &mut dyn Write, err: &mut dyn Write) -> Exit {
+        // The budget counts steps (so a storm of faulting instructions,
+        // which retire nothing, still ends) or retired instructions (so a
+        // translated loop that chains in host code ends), whichever is more.
         let budget = self.config.max_insns.unwrap_or(u64::MAX);
-        let mut executed = 0u64;
+        let start_retired = self.cpu.retired;
+        let mut steps = 0u64;
         let exit = loop {
-            if executed >= budget {
+            let used = steps.max(self.cpu.retired - start_retired);
+            if used >= budget {
                 break Exit::BudgetExhausted {
-                    executed,
+                    executed: used,
                     eip: self.cpu.eip,
                 };
             }
-            executed += 1;
-            if self.config.trace.is_some_and(|from| executed > from) {
+            steps += 1;
+            if self.config.trace.is_some_and(|from| steps > from) {
                 self.trace_one();
             }
             let step = match &mut self.bt {
-                Some(bt) => bt.step(&mut self.cpu),
+                Some(bt) => bt.step_within(&mut self.cpu, budget - used),
                 None => popek_interp::step(&mut self.cpu),
             };
             if self.cpu.io.uart.has_output() {

@@ -78,6 +78,28 @@ impl CodeBuffer {
         Some(at)
     }
 
+    /// Where the next [`CodeBuffer::append`] will put code.
+    pub fn next_offset(&self) -> usize {
+        self.used.next_multiple_of(16)
+    }
+
+    /// Overwrite code already in the buffer (to patch a jump). The caller
+    /// must not be running code from the buffer while patching.
+    pub fn write_at(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.used, "patch outside the code");
+        // SAFETY: the range lies inside the read-write view (checked above)
+        // and `bytes` is a separate allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.rw.as_ptr().add(offset), bytes.len())
+        };
+    }
+
+    /// Point the rel32 field at `site` to code-buffer offset `to`.
+    pub fn patch_rel32(&mut self, site: usize, to: usize) {
+        let rel = to as i64 - (site as i64 + 4);
+        self.write_at(site, &(rel as i32).to_le_bytes());
+    }
+
     /// The executable address of `offset`.
     pub fn exec_addr(&self, offset: usize) -> *const u8 {
         debug_assert!(offset < self.size);

@@ -1,28 +1,45 @@
-//! The `bt` engine's dispatcher, first version.
+//! The `bt` engine's dispatcher.
 //!
-//! At each step: in a mode the translator handles (flat CS/DS/ES/SS, paging
-//! off, no single-stepping), look up the translation for CS:EIP; on a miss,
-//! scan the basic block and compile its longest prefix of copyable
-//! instructions. Run it on the host; then let the interpreter execute the
-//! instruction that ended the prefix (a special instruction, control
-//! transfer, or anything not copied yet) — the interpreter fallback. A host
-//! fault inside translated code stops it before the faulting instruction,
-//! which the interpreter then executes with the guest's semantics.
+//! At each step, in a mode the translator handles (flat CS/DS/ES/SS, paging
+//! off, no single-stepping): look up the translation for CS:EIP in the
+//! translation cache (an LRU, bounded by `--cache-blocks`); on a miss, scan
+//! the basic block and translate its longest lowerable prefix (copied
+//! instructions, PUSH/POP, and a final JMP/Jcc/CALL/RET). Run it. Blocks
+//! that end in a direct transfer are *chained*: the exit stub's jump is
+//! patched to the target block's body as soon as both exist, so loops run
+//! in host code without the dispatcher; a budget in R14 brings control back
+//! every [`CHAIN_BUDGET`] chained jumps. What no block covers (special
+//! instructions, indirect jumps, anything not lowered yet) the interpreter
+//! executes: the fallback, counted in `--stats`.
+//!
+//! A host fault inside translated code stops before the faulting guest
+//! instruction; the dispatcher finds it (code-buffer offset to block, then
+//! the block's side table) and the interpreter executes it with the guest's
+//! semantics.
 //!
 //! Self-modifying code: pages holding translated code are write-protected
 //! in the guest window and tracked by [`GuestRam`]; a write to one (by
 //! translated code, which faults and is redone by the interpreter, or by
-//! the interpreter itself) invalidates that page's translations before the
-//! next lookup.
+//! the interpreter) drops that page's translations, and their chains are
+//! unlinked, before the next lookup.
 //!
-//! Still missing (issue 4): chaining, indirect-branch lookup, helper calls
-//! instead of interpreter fallbacks for special instructions, ESP mapping,
-//! the LRU bound, `--dump` and `--stats`.
+//! Still missing (issue 4): inline indirect-branch lookup, helper calls
+//! instead of interpreter fallbacks for special instructions, `--dump`,
+//! `--stats-json`, `--lockstep`, paging.
 
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
+use popek_decode::{scan_block, PAGE_SIZE};
+use popek_interp::Step;
+use popek_memory::GuestRam;
+use popek_vcpu::{cr0, flags, SegReg, Vcpu};
+
+use crate::code_buffer::CodeBuffer;
+use crate::lower::{lower, lower_stack, lower_terminator, Lowering};
+use crate::straight::{epilogue_offset, set_gs_base, Context, Straight};
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
 /// for the host, only for hash-table balance).
@@ -43,24 +60,24 @@ impl Hasher for EipHasher {
     }
 }
 
-use popek_decode::{scan_block, PAGE_SIZE};
-use popek_interp::Step;
-use popek_vcpu::{cr0, flags, SegReg, Vcpu};
+/// A chained jump into a block: the block holding the jump and the
+/// code-buffer offset of its rel32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    from: u32,
+    rel32: usize,
+}
 
-use crate::code_buffer::CodeBuffer;
-use crate::lower::{lower, lower_stack, lower_terminator, Lowering};
-use crate::straight::{set_gs_base, Context, Straight};
-
-/// A cache entry: translated code, or a note that nothing at this EIP
-/// can be copied (so the block is not scanned again).
+/// A cache entry: translated code, or a note that nothing at this EIP can
+/// be translated (so the block is not scanned again).
 enum Entry {
     Code {
         code: Straight,
         /// Guest EIP of each translated instruction, then the EIP after them.
         eips: Vec<u32>,
-        /// Does the code end with a lowered branch (which sets the next EIP)?
-        terminated: bool,
         pages: (u32, u32),
+        /// Chained jumps that land in this block.
+        incoming: Vec<Link>,
     },
     Interpret {
         pages: (u32, u32),
@@ -80,14 +97,16 @@ impl Entry {
 pub struct Stats {
     /// Blocks translated (including interpret-only markers).
     pub blocks_translated: u64,
-    /// Guest instructions copied into host code.
+    /// Guest instructions translated into host code.
     pub insns_translated: u64,
     /// Host code bytes emitted.
     pub host_bytes: u64,
-    /// Cache lookups, hits and misses.
+    /// Dispatcher lookups of the translation cache.
     pub lookups: u64,
     /// Lookups that found a translation.
     pub hits: u64,
+    /// Block-to-block transfers taken through patched (chained) jumps.
+    pub chained: u64,
     /// Guest instructions executed as host code.
     pub insns_native: u64,
     /// Guest instructions executed by the interpreter fallback.
@@ -107,12 +126,19 @@ pub struct Stats {
 /// Size of the code buffer; when it fills, every translation is dropped.
 pub const CODE_BUFFER_SIZE: usize = 32 << 20;
 
+/// Chained jumps per dispatcher entry before control comes back.
+pub const CHAIN_BUDGET: u64 = 1 << 16;
+
 /// The binary-translation engine.
 pub struct Bt {
     /// The translation cache: guest EIP to translation, least recently
     /// used first out when bounded.
     cache: LruCache<u32, Entry, BuildHasherDefault<EipHasher>>,
     code: Option<CodeBuffer>,
+    /// Exit stubs waiting for their target to be translated, by target EIP.
+    pending: HashMap<u32, Vec<Link>>,
+    /// Code-buffer offset of each block's code, to find a faulting block.
+    by_offset: BTreeMap<usize, u32>,
     /// Counters.
     pub stats: Stats,
 }
@@ -147,13 +173,15 @@ impl Bt {
                 None => LruCache::unbounded_with_hasher(hasher),
             },
             code: None,
+            pending: HashMap::new(),
+            by_offset: BTreeMap::new(),
             stats: Stats::default(),
         }
     }
 
     /// Point this thread's GS at the guest window (a thread-local makes
     /// the repeat cheap) and set up the code buffer and fault handler.
-    fn enter(&mut self, cpu: &mut Vcpu) -> bool {
+    fn enter(&mut self, ram: &mut GuestRam) -> bool {
         if self.code.is_none() {
             crate::fault::install();
             // iced-x86 builds its tables on first use (hundreds of
@@ -165,30 +193,110 @@ impl Bt {
                 Err(_) => return false,
             }
         }
-        match cpu.ram.window() {
+        match ram.window() {
             Ok(w) => set_gs_base(w.base()).is_ok(),
             Err(_) => false,
         }
     }
 
-    fn invalidate(&mut self, cpu: &mut Vcpu) {
-        let written = cpu.ram.take_code_writes();
+    /// Patch a chained jump to land in `target`'s body, or back to the
+    /// shared epilogue.
+    fn patch(&mut self, rel32: usize, to_body_of: Option<u32>) {
+        let to = match to_body_of.and_then(|t| self.cache.peek(&t)) {
+            Some(Entry::Code { code, .. }) => code.body_offset(),
+            _ => epilogue_offset(),
+        };
+        if let Some(buf) = self.code.as_mut() {
+            buf.patch_rel32(rel32, to);
+        }
+    }
+
+    /// Link a new block at `eip`: stubs waiting for it, and its own stubs.
+    fn link(&mut self, eip: u32) {
+        let waiting = self.pending.remove(&eip).unwrap_or_default();
+        for l in &waiting {
+            self.patch(l.rel32, Some(eip));
+        }
+        let sites: Vec<_> = match self.cache.peek_mut(&eip) {
+            Some(Entry::Code { code, incoming, .. }) => {
+                incoming.extend(waiting);
+                code.sites().to_vec()
+            }
+            _ => return,
+        };
+        for site in sites {
+            let link = Link {
+                from: eip,
+                rel32: site.rel32,
+            };
+            if let Some(Entry::Code { incoming, .. }) = self.cache.peek_mut(&site.target) {
+                incoming.push(link);
+                self.patch(site.rel32, Some(site.target));
+            } else {
+                self.pending.entry(site.target).or_default().push(link);
+            }
+        }
+    }
+
+    /// Unlink a block that left the cache.
+    fn unlink(&mut self, eip: u32, entry: Entry) {
+        let Entry::Code { code, incoming, .. } = entry else {
+            return;
+        };
+        self.by_offset.remove(&code.offset());
+        for l in incoming {
+            if l.from != eip && self.cache.contains(&l.from) {
+                self.patch(l.rel32, None);
+                self.pending.entry(eip).or_default().push(l);
+            }
+        }
+        for site in code.sites() {
+            let gone = |l: &Link| l.from == eip && l.rel32 == site.rel32;
+            if let Some(Entry::Code { incoming, .. }) = self.cache.peek_mut(&site.target) {
+                incoming.retain(|l| !gone(l));
+            } else if let Some(list) = self.pending.get_mut(&site.target) {
+                list.retain(|l| !gone(l));
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        self.cache.clear();
+        self.pending.clear();
+        self.by_offset.clear();
+        if let Some(buf) = self.code.as_mut() {
+            buf.reset();
+        }
+        self.stats.flushes += 1;
+    }
+
+    fn invalidate(&mut self, ram: &mut GuestRam) {
+        let written = ram.take_code_writes();
         if written.is_empty() {
             return;
         }
-        let before = self.cache.len();
-        self.cache.retain(|_, e| {
-            let (a, b) = e.pages();
-            !written.contains(&a) && !written.contains(&b)
-        });
-        self.stats.invalidations += (before - self.cache.len()) as u64;
+        let stale: Vec<u32> = self
+            .cache
+            .iter()
+            .filter(|(_, e)| {
+                let (a, b) = e.pages();
+                written.contains(&a) || written.contains(&b)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            if let Some(e) = self.cache.pop(&k) {
+                self.unlink(k, e);
+                self.stats.invalidations += 1;
+            }
+        }
     }
 
     fn translate(&mut self, cpu: &mut Vcpu, eip: u32) -> Entry {
         let block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
         let mut eips = Vec::new();
         let mut host = Vec::new();
-        let mut terminated = false;
+        let mut exit = None;
         for i in &block.insns {
             let lowered = match lower(&i.ins) {
                 Lowering::Copied(h) => Some(h),
@@ -199,10 +307,10 @@ impl Bt {
                 host.push(h);
                 continue;
             }
-            if let Some(h) = lower_terminator(&i.ins) {
+            if let Some((pre, e)) = lower_terminator(&i.ins) {
                 eips.push(i.ins.ip32());
-                host.push(h);
-                terminated = true;
+                host.push(pre);
+                exit = Some(e);
             }
             break;
         }
@@ -216,50 +324,58 @@ impl Bt {
         cpu.ram.mark_code_page(pages.0);
         cpu.ram.mark_code_page(pages.1);
         self.stats.blocks_translated += 1;
-        if host.is_empty() {
+        if n == 0 {
             return Entry::Interpret { pages };
         }
-        let Some(buf) = self.code.as_mut() else {
-            return Entry::Interpret { pages };
-        };
-        let code = match Straight::compile(buf, host.iter().map(|b| &b[..])) {
-            Ok(c) => c,
-            Err(_) => {
-                // Full: drop every translation, start the buffer again.
-                self.cache.clear();
-                buf.reset();
-                self.stats.flushes += 1;
-                match Straight::compile(buf, host.iter().map(|b| &b[..])) {
-                    Ok(c) => c,
-                    Err(_) => return Entry::Interpret { pages },
+        let end = block.insns[n - 1].ins.next_ip32();
+        let mut compiled = None;
+        for attempt in 0..2 {
+            let Some(buf) = self.code.as_mut() else { break };
+            match Straight::compile_block(buf, host.iter().map(|b| &b[..]), n, end, exit.as_ref()) {
+                Ok(c) => {
+                    compiled = Some(c);
+                    break;
                 }
+                Err(_) if attempt == 0 => self.flush(), // full: start again
+                Err(_) => {}
             }
+        }
+        let Some(code) = compiled else {
+            return Entry::Interpret { pages };
         };
         self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;
-        eips.push(block.insns[n - 1].ins.next_ip32());
+        self.by_offset.insert(code.offset(), eip);
+        eips.push(end);
         Entry::Code {
             code,
             eips,
-            terminated,
             pages,
+            incoming: Vec::new(),
         }
     }
 
     fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
         self.stats.insns_interpreted += 1;
         let s = popek_interp::step(cpu);
-        self.invalidate(cpu);
+        self.invalidate(&mut cpu.ram);
         s
     }
 
-    /// Execute one translated run (and the instruction after it), or one
-    /// interpreted instruction.
+    /// Run translated code from CS:EIP (chaining as far as it goes), or
+    /// interpret one instruction.
     pub fn step(&mut self, cpu: &mut Vcpu) -> Step {
-        if cpu.halted || !flat(cpu) || !self.enter(cpu) {
+        self.step_within(cpu, u64::MAX)
+    }
+
+    /// As [`Bt::step`], taking at most `max_blocks` chained jumps (each
+    /// block runs at most 65 guest instructions), so an instruction budget
+    /// is honoured to within one block's worth per block.
+    pub fn step_within(&mut self, cpu: &mut Vcpu, max_blocks: u64) -> Step {
+        if cpu.halted || !flat(cpu) || !self.enter(&mut cpu.ram) {
             return self.interpret(cpu);
         }
-        self.invalidate(cpu);
+        self.invalidate(&mut cpu.ram);
         let eip = cpu.eip;
         self.stats.lookups += 1;
         if self.cache.get(&eip).is_some() {
@@ -268,53 +384,58 @@ impl Bt {
             let t = std::time::Instant::now();
             let e = self.translate(cpu, eip);
             self.stats.translate_ns += t.elapsed().as_nanos() as u64;
-            if let Some((old, _)) = self.cache.push(eip, e) {
-                if old != eip {
+            if let Some((old_eip, old)) = self.cache.push(eip, e) {
+                if old_eip != eip {
                     self.stats.evictions += 1;
                 }
+                self.unlink(old_eip, old);
             }
+            self.link(eip);
         }
-        let Some(Entry::Code {
-            code,
-            eips,
-            terminated,
-            ..
-        }) = self.cache.peek(&eip)
+        let (Some(Entry::Code { code, .. }), Some(buf)) =
+            (self.cache.peek(&eip), self.code.as_ref())
         else {
             return self.interpret(cpu);
         };
-        let n = eips.len() - 1;
         let mut ctx = Context {
             regs: cpu.regs,
             eflags: cpu.eflags,
-            next_eip: eips[n],
+            next_eip: eip,
             fault_rip: 0,
+            retired: 0,
+            chain_budget: CHAIN_BUDGET.min(max_blocks.max(1)),
         };
+        let budget = ctx.chain_budget;
         // SAFETY: `enter` pointed this thread's GS at this CPU's guest
-        // window and installed the fault handler; `code` holds only
-        // instructions from `lower`, `lower_stack` and `lower_terminator`,
-        // run in a flat mode where guest linear addresses are guest
-        // physical addresses.
-        unsafe { code.run(&mut ctx) };
+        // window and installed the fault handler; every block in the buffer
+        // was built by `Straight::compile_block` from lowered instructions
+        // and is reachable only through links to blocks still cached; the
+        // mode is flat, so guest linear addresses are physical addresses.
+        unsafe { code.run(buf, &mut ctx) };
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
+        self.stats.chained += budget - ctx.chain_budget;
+        cpu.retired += ctx.retired;
+        self.stats.insns_native += ctx.retired;
         if ctx.fault_rip != 0 {
-            // Stopped before the faulting instruction: the interpreter
-            // executes it with the guest's semantics.
+            // Stopped before a faulting instruction: find it, and let the
+            // interpreter execute it with the guest's semantics.
             self.stats.faults += 1;
-            let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
-            cpu.eip = eips[done];
-            cpu.retired += done as u64;
-            self.stats.insns_native += done as u64;
+            let off = ctx.fault_rip - buf.exec_addr(0) as u64;
+            let block = self
+                .by_offset
+                .range(..=off as usize)
+                .next_back()
+                .map(|(_, e)| *e);
+            if let Some(Entry::Code { code, eips, .. }) = block.and_then(|b| self.cache.peek(&b)) {
+                let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
+                cpu.eip = eips[done];
+                cpu.retired += done as u64;
+                self.stats.insns_native += done as u64;
+            }
             return self.interpret(cpu);
         }
         cpu.eip = ctx.next_eip;
-        cpu.retired += n as u64;
-        self.stats.insns_native += n as u64;
-        if *terminated {
-            Step::Executed
-        } else {
-            self.interpret(cpu)
-        }
+        Step::Executed
     }
 }

@@ -11,6 +11,8 @@
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register};
 use popek_decode::{classify, Class};
 
+use crate::straight::Exit;
+
 /// How one guest instruction is translated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lowering {
@@ -71,20 +73,6 @@ fn adjust_esp(delta: i64) -> Vec<u8> {
     enc(&Instruction::with2(Code::Lea_r32_m, Register::R12D, m).expect("valid")).expect("encodable")
 }
 
-/// `mov dword [r15 + NEXT_EIP], imm32`: where the guest goes next.
-pub fn set_next_eip(eip: u32) -> Vec<u8> {
-    let m = MemoryOperand::new(
-        Register::R15,
-        Register::None,
-        1,
-        crate::straight::NEXT_EIP_OFFSET,
-        1,
-        false,
-        Register::None,
-    );
-    enc(&Instruction::with2(Code::Mov_rm32_imm32, m, eip).expect("valid")).expect("encodable")
-}
-
 /// PUSH r32/imm and POP r32 on the guest stack (32-bit operand size). The
 /// store or load comes first, so a fault leaves ESP untouched.
 pub fn lower_stack(ins: &Instruction) -> Option<Vec<u8>> {
@@ -128,19 +116,21 @@ pub fn lower_stack(ins: &Instruction) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A block-ending near transfer lowered to host code that leaves the next
-/// guest EIP in the context: JMP rel, Jcc rel, CALL rel, RET [imm16]
-/// (32-bit operand size). None for every other instruction.
-pub fn lower_terminator(ins: &Instruction) -> Option<Vec<u8>> {
+/// A block-ending near transfer: JMP rel, Jcc rel, CALL rel, RET [imm16]
+/// (32-bit operand size). Returns host code to run first (CALL's push of
+/// the return address, RET's pop of the target into the context) and how
+/// the block exits. None for every other instruction.
+pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
     let next = ins.next_ip32();
     match ins.code() {
-        Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => Some(set_next_eip(ins.near_branch32())),
+        Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => {
+            Some((Vec::new(), Exit::Direct(ins.near_branch32())))
+        }
         Code::Call_rel32_32 => {
             let mut out =
                 enc(&Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), next).ok()?)?;
             out.extend(adjust_esp(-4));
-            out.extend(set_next_eip(ins.near_branch32()));
-            Some(out)
+            Some((out, Exit::Direct(ins.near_branch32())))
         }
         Code::Retnd | Code::Retnd_imm16 => {
             let imm = if ins.code() == Code::Retnd_imm16 {
@@ -166,21 +156,20 @@ pub fn lower_terminator(ins: &Instruction) -> Option<Vec<u8>> {
                 Register::R13D,
             )
             .ok()?)?);
-            Some(out)
+            Some((out, Exit::Stored))
         }
         _ if ins.is_jcc_short_or_near() && ins.op0_kind() == OpKind::NearBranch32 => {
-            // jcc taken; [next = fallthrough; jmp over]; taken: next = target
-            let not_taken = set_next_eip(next);
-            let taken = set_next_eip(ins.near_branch32());
             // iced's ConditionCode runs o, no, b, ae, ... g from 1: the x86
             // condition nibble is one less.
             let cc = (ins.condition_code() as u8).wrapping_sub(1) & 0x0F;
-            let mut out = vec![0x0F, 0x80 | cc];
-            out.extend(((not_taken.len() + 2) as u32).to_le_bytes());
-            out.extend(&not_taken);
-            out.extend([0xEB, taken.len() as u8]);
-            out.extend(&taken);
-            Some(out)
+            Some((
+                Vec::new(),
+                Exit::Cond {
+                    cc,
+                    taken: ins.near_branch32(),
+                    not_taken: next,
+                },
+            ))
         }
         _ => None,
     }

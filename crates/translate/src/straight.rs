@@ -1,12 +1,22 @@
-//! Straight-line host code: a run of copied guest instructions between a
-//! prologue that loads the guest registers and arithmetic flags from a
-//! [`Context`] and an epilogue that stores them back.
+//! Host code for translated blocks.
+//!
+//! A block is: a prologue that loads the guest registers and arithmetic
+//! flags from a [`Context`], the translated instructions, and an exit. Every
+//! block leaves through the code buffer's one shared *epilogue*, which
+//! stores the guest state back and returns to the dispatcher; the fault
+//! handler enters the same epilogue. An exit to a known guest address is a
+//! *stub* whose final `jmp` can be patched to go straight to another
+//! block's body (chaining): guest state stays in host registers across the
+//! jump, so a loop of translated blocks runs without the dispatcher.
 //!
 //! Register mapping: guest EAX, ECX, EDX, EBX, EBP, ESI, EDI are the host
 //! registers with the same numbers, so most copied instructions need no
-//! register rewriting; guest ESP is R12D (the host's RSP stays the host
-//! stack); R13 is a scratch register; R15 holds the context pointer. The host's arithmetic flags and DF are the guest's while the
-//! block runs; the system flags stay virtual in the context.
+//! rewriting; guest ESP is R12D (the host's RSP stays the host stack); R13
+//! is a scratch register; R15 holds the context pointer; R8 counts the
+//! guest instructions of completed blocks; R14 is the chaining budget.
+//! The host's arithmetic flags and DF are the guest's while guest code
+//! runs; the system flags stay virtual in the context. Counting and the
+//! budget use only flag-preserving instructions (LEA, XCHG, JRCXZ).
 //!
 //! Guest memory is reached through GS: the calling thread's GS base must be
 //! the guest window ([`set_gs_base`]).
@@ -24,74 +34,190 @@ pub struct Context {
     pub regs: [u32; 8],
     /// EFLAGS: only CF, PF, AF, ZF, SF, OF and DF are loaded and stored.
     pub eflags: u32,
-    /// Where the guest goes next, written by a lowered branch at the end of
-    /// the code (otherwise left as the caller set it).
+    /// Where the guest goes next, written at every block exit.
     pub next_eip: u32,
     /// Set by the fault handler: the host address of the instruction that
-    /// faulted (0 if the code ran to its end).
+    /// faulted (0 if the code ran to its exit).
     pub fault_rip: u64,
+    /// Guest instructions of the blocks that completed in this run.
+    pub retired: u64,
+    /// Chained jumps allowed before returning to the dispatcher; what is
+    /// left on return.
+    pub chain_budget: u64,
 }
 
 /// Offset of [`Context::next_eip`].
 pub const NEXT_EIP_OFFSET: i64 = 36;
 
 /// The EFLAGS bits that live in the host's flags while guest code runs.
-pub const HOST_FLAGS: u32 = 0xCD5 | 0x400;
+pub const HOST_FLAGS: u32 = 0xCD5;
 
-/// Compiled host code for one straight-line run.
+/// How a block ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// To this guest address, through a patchable stub.
+    Direct(u32),
+    /// A Jcc: `cc` (the x86 condition nibble) taken goes to `taken`, else to
+    /// `not_taken`; both through patchable stubs.
+    Cond {
+        /// Condition nibble.
+        cc: u8,
+        /// Target when the condition holds.
+        taken: u32,
+        /// Target otherwise.
+        not_taken: u32,
+    },
+    /// The code before the exit already stored the next EIP (RET).
+    Stored,
+}
+
+/// A patchable jump in a block's exit stub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Site {
+    /// Code-buffer offset of the jump's rel32 field.
+    pub rel32: usize,
+    /// The guest address the stub goes to.
+    pub target: u32,
+}
+
+/// Compiled host code for one block.
 pub struct Straight {
     /// Executable address of the code (in a [`CodeBuffer`]).
     entry: *const u8,
+    /// Code-buffer offset of the code.
+    offset: usize,
     /// Code size in bytes.
     len: usize,
-    /// Host offset of each copied instruction, in order.
+    /// Offset (in the code) of each translated instruction, in order.
     starts: Vec<usize>,
-    /// Host offset of the fault entry (the epilogue, entered by the
-    /// SIGSEGV/SIGFPE handler with the guest state of the faulting
-    /// instruction still in the registers).
-    fault_entry: usize,
-    /// End of the copied instructions (start of the epilogue).
+    /// End of the translated instructions.
     body_end: usize,
+    /// Offset of the first translated instruction: where chained jumps land.
+    body_start: usize,
+    /// The patchable exits.
+    sites: Vec<Site>,
 }
 
 /// Errors building host code.
 #[derive(Debug)]
 pub struct BuildError(pub String);
 
+/// Bytes in one exit stub: store next EIP (8), count (4), xchg (3),
+/// lea (4), jrcxz (2), xchg (3), jmp (5), xchg (3), jmp (5).
+const STUB_LEN: usize = 37;
+
+/// `mov dword [r15 + NEXT_EIP], imm32`
+fn store_next(out: &mut Vec<u8>, eip: u32) {
+    out.extend([0x41, 0xC7, 0x47, NEXT_EIP_OFFSET as u8]);
+    out.extend(eip.to_le_bytes());
+}
+
+/// `lea r8, [r8 + n]` (n below 128): count this block's instructions.
+fn count(out: &mut Vec<u8>, n: usize) {
+    out.extend([0x4D, 0x8D, 0x40, n as u8]);
+}
+
+/// `jmp rel32` to code-buffer offset `to`, from code at offset `base + out.len()`.
+fn jmp_to(out: &mut Vec<u8>, base: usize, to: usize) {
+    let next = base + out.len() + 5;
+    out.push(0xE9);
+    out.extend(((to as i64 - next as i64) as i32).to_le_bytes());
+}
+
 impl Straight {
-    /// Compile copied instructions (host bytes, in order) into `buf`.
-    /// Fails with [`BuildError`] when the buffer is full.
+    /// Compile translated instructions (host bytes, in order) ending in
+    /// `exit` into `buf`. `n` is the number of guest instructions. Fails
+    /// with [`BuildError`] when the buffer is full.
+    pub fn compile_block<'a>(
+        buf: &mut CodeBuffer,
+        body: impl IntoIterator<Item = &'a [u8]>,
+        n: usize,
+        end_eip: u32,
+        exit: Option<&Exit>,
+    ) -> Result<Straight, BuildError> {
+        let epilogue = ensure_epilogue(buf)?;
+        let base = buf.next_offset();
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(prologue());
+        let body_start = out.len();
+        let mut starts = Vec::new();
+        for b in body {
+            starts.push(out.len());
+            out.extend_from_slice(b);
+        }
+        let body_end = out.len();
+        let mut sites = Vec::new();
+        // One stub: next EIP, count, budget, patchable jump.
+        let stub = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32| {
+            store_next(out, target);
+            count(out, n);
+            out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
+            out.extend([0x48, 0x8D, 0x49, 0xFF]); // lea rcx, [rcx - 1]
+            out.extend([0xE3, 0x08]); // jrcxz budget_out
+            out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
+            jmp_to(out, base, epilogue); // the patch site
+            sites.push(Site {
+                rel32: base + out.len() - 4,
+                target,
+            });
+            out.extend([0x4C, 0x87, 0xF1]); // budget_out: xchg rcx, r14
+            jmp_to(out, base, epilogue);
+        };
+        match exit {
+            Some(Exit::Direct(t)) => stub(&mut out, &mut sites, *t),
+            Some(Exit::Cond {
+                cc,
+                taken,
+                not_taken,
+            }) => {
+                // jcc over the not-taken stub (whose length is fixed)
+                out.extend([0x0F, 0x80 | cc]);
+                out.extend((STUB_LEN as u32).to_le_bytes());
+                let before = out.len();
+                stub(&mut out, &mut sites, *not_taken);
+                debug_assert_eq!(out.len() - before, STUB_LEN);
+                stub(&mut out, &mut sites, *taken);
+            }
+            Some(Exit::Stored) => {
+                count(&mut out, n);
+                jmp_to(&mut out, base, epilogue);
+            }
+            None => {
+                store_next(&mut out, end_eip);
+                count(&mut out, n);
+                jmp_to(&mut out, base, epilogue);
+            }
+        }
+        let at = buf
+            .append(&out)
+            .ok_or_else(|| BuildError("code buffer full".into()))?;
+        debug_assert_eq!(at, base);
+        Ok(Straight {
+            entry: buf.exec_addr(at),
+            offset: at,
+            len: out.len(),
+            starts,
+            body_end,
+            body_start,
+            sites,
+        })
+    }
+
+    /// Compile a straight run of instructions that ends by returning to
+    /// the dispatcher (used by tests).
     pub fn compile<'a>(
         buf: &mut CodeBuffer,
         body: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Straight, BuildError> {
-        let (prologue, epilogue) = frame();
-        let mut bytes = Vec::with_capacity(256);
-        bytes.extend_from_slice(prologue);
-        let mut starts = Vec::new();
-        for b in body {
-            starts.push(bytes.len());
-            bytes.extend_from_slice(b);
-        }
-        let body_end = bytes.len();
-        bytes.extend_from_slice(epilogue);
-        let at = buf
-            .append(&bytes)
-            .ok_or_else(|| BuildError("code buffer full".into()))?;
-        Ok(Straight {
-            entry: buf.exec_addr(at),
-            len: bytes.len(),
-            starts,
-            fault_entry: body_end,
-            body_end,
-        })
+        let body: Vec<&[u8]> = body.into_iter().collect();
+        let n = body.len();
+        Straight::compile_block(buf, body, n, 0, None)
     }
 
-    /// The index of the copied instruction at host address `rip`, if `rip`
-    /// lies in this code's copied instructions.
+    /// The index of the translated instruction at host address `rip`, if
+    /// `rip` lies in this block's translated instructions.
     pub fn instruction_at(&self, rip: u64) -> Option<usize> {
-        let base = self.entry as u64;
-        let off = rip.checked_sub(base)? as usize;
+        let off = rip.checked_sub(self.entry as u64)? as usize;
         if off >= self.body_end || self.starts.first().is_none_or(|s| off < *s) {
             return None;
         }
@@ -103,47 +229,95 @@ impl Straight {
         self.len
     }
 
-    /// Is the code empty (never: prologue and epilogue are always there)?
+    /// Is the code empty (never: there is always a prologue and an exit)?
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// Run the code on `ctx`. If a copied instruction faults (a host
-    /// SIGSEGV or SIGFPE), the guest state *before* that instruction is in
-    /// `ctx` and `ctx.fault_rip` says which one ([`Straight::instruction_at`]).
+    /// Executable address of the code.
+    pub fn entry(&self) -> *const u8 {
+        self.entry
+    }
+
+    /// Code-buffer offset of the code.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Code-buffer offset where chained jumps into this block land.
+    pub fn body_offset(&self) -> usize {
+        self.offset + self.body_start
+    }
+
+    /// The patchable exits.
+    pub fn sites(&self) -> &[Site] {
+        &self.sites
+    }
+
+    /// Run the code on `ctx` (and whatever it chains to). If a translated
+    /// instruction faults (a host SIGSEGV or SIGFPE), the guest state
+    /// *before* it is in `ctx` and `ctx.fault_rip` says where it was.
     ///
     /// # Safety
     ///
     /// The calling thread's GS base must be a guest window, the fault
-    /// handler must be installed ([`crate::fault::install`]), the
-    /// instructions must have come from [`crate::lower`], and the
-    /// [`CodeBuffer`] holding the code must not have been reset or dropped.
-    pub unsafe fn run(&self, ctx: &mut Context) {
+    /// handler must be installed ([`crate::fault::install`]), the code
+    /// (and every block it chains to) must have been built by this module
+    /// from instructions lowered by [`crate::lower`], and `buf` must be the
+    /// buffer holding it.
+    pub unsafe fn run(&self, buf: &CodeBuffer, ctx: &mut Context) {
         type Entry = extern "sysv64" fn(*mut Context);
         ctx.fault_rip = 0;
-        let start = self.entry as u64;
+        ctx.retired = 0;
         let active = crate::fault::Active {
-            start: start + self.starts.first().copied().unwrap_or(self.body_end) as u64,
-            end: start + self.body_end as u64,
-            fault_entry: start + self.fault_entry as u64,
+            start: buf.exec_addr(0) as u64,
+            end: buf.exec_addr(0) as u64 + buf.next_offset() as u64,
+            fault_entry: buf.exec_addr(epilogue_offset()) as u64,
             ctx: ctx as *mut Context,
         };
         crate::fault::set_active(Some(active));
-        // SAFETY: `entry` is the executable copy of the code emitted in
-        // `compile`, which starts with a function of type `Entry` that
-        // preserves the callee-saved registers it touches and returns with
-        // DF clear; the caller keeps the code buffer alive and unreset.
+        // SAFETY: `entry` is the executable copy of a block emitted in
+        // `compile_block`: a prologue for a function of type `Entry`, code
+        // that keeps the stack as the prologue left it, and an exit through
+        // the shared epilogue, which restores the callee-saved registers
+        // and returns with DF clear.
         let f: Entry = unsafe { std::mem::transmute::<*const u8, Entry>(self.entry) };
         f(ctx);
         crate::fault::set_active(None);
     }
 }
 
-/// The prologue and epilogue every run shares, assembled once (dynasmrt).
-/// Both are position-independent.
-fn frame() -> (&'static [u8], &'static [u8]) {
+/// The shared epilogue lives at the start of every code buffer.
+pub fn epilogue_offset() -> usize {
+    0
+}
+
+/// Put the shared epilogue at the start of `buf` if it is empty; its offset.
+fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError> {
+    if buf.next_offset() == 0 {
+        let at = buf
+            .append(epilogue())
+            .ok_or_else(|| BuildError("code buffer too small".into()))?;
+        debug_assert_eq!(at, epilogue_offset());
+    }
+    Ok(epilogue_offset())
+}
+
+/// The block prologue (pushes the frame the shared epilogue pops).
+fn prologue() -> &'static [u8] {
+    &frame().0
+}
+
+/// The shared epilogue.
+fn epilogue() -> &'static [u8] {
+    &frame().1
+}
+
+/// The prologue and epilogue, assembled once (dynasmrt); both are
+/// position-independent.
+fn frame() -> &'static (Vec<u8>, Vec<u8>) {
     static FRAME: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
-    let (p, e) = FRAME.get_or_init(|| {
+    FRAME.get_or_init(|| {
         let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(0);
         dynasm!(ops
             ; .arch x64
@@ -151,8 +325,11 @@ fn frame() -> (&'static [u8], &'static [u8]) {
             ; push rbp
             ; push r12
             ; push r13
+            ; push r14
             ; push r15
             ; mov r15, rdi
+            ; xor r8d, r8d
+            ; mov r14, QWORD [r15 + 56]
             ; mov eax, DWORD [r15 + 32]
             ; and eax, HOST_FLAGS as i32
             ; push rax
@@ -177,6 +354,8 @@ fn frame() -> (&'static [u8], &'static [u8]) {
             ; mov DWORD [r15 + 20], ebp
             ; mov DWORD [r15 + 24], esi
             ; mov DWORD [r15 + 28], edi
+            ; mov QWORD [r15 + 48], r8
+            ; mov QWORD [r15 + 56], r14
             ; pushfq
             ; pop rax
             ; and eax, HOST_FLAGS as i32
@@ -186,6 +365,7 @@ fn frame() -> (&'static [u8], &'static [u8]) {
             ; mov DWORD [r15 + 32], eax
             ; cld
             ; pop r15
+            ; pop r14
             ; pop r13
             ; pop r12
             ; pop rbp
@@ -194,8 +374,7 @@ fn frame() -> (&'static [u8], &'static [u8]) {
         );
         let epilogue = ops.finalize().expect("epilogue assembles");
         (prologue, epilogue)
-    });
-    (p, e)
+    })
 }
 
 thread_local! {

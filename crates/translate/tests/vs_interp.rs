@@ -68,8 +68,7 @@ fn interp(case: &Case, guest: &[Vec<u8>]) -> (Context, Vec<u8>) {
     let ctx = Context {
         regs: cpu.regs,
         eflags: cpu.eflags,
-        next_eip: 0,
-        fault_rip: 0,
+        ..Context::default()
     };
     (
         ctx,
@@ -87,13 +86,12 @@ fn translated(case: &Case, host: &[Vec<u8>]) -> (Context, Vec<u8>) {
     let mut ctx = Context {
         regs: initial_regs(case),
         eflags: 2 | (case.flags & HOST_FLAGS),
-        next_eip: 0,
-        fault_rip: 0,
+        ..Context::default()
     };
     popek_translate::fault::install();
     // SAFETY: GS base is this RAM's window and the fault handler is
     // installed; the code comes from `lower`.
-    unsafe { code.run(&mut ctx) };
+    unsafe { code.run(&buf, &mut ctx) };
     (
         ctx,
         ram.as_slice()[SCRATCH_AT as usize..(SCRATCH_AT + SCRATCH) as usize].to_vec(),
