@@ -13,6 +13,7 @@ Examples:
   popek run hello                     run a bundled guest with the interpreter
   popek run ./kernel.elf --memory 128M --append 'debug=1'
   popek run compute --max-insns 1000000
+  popek run compute --engine bt --stats --dump=blocks.txt
   popek guests                        list the bundled guests
   popek classify                      the Popek-Goldberg classification table
   popek classify popf                 classify the code a guest runs from its entry
@@ -62,6 +63,10 @@ enum Cmd {
         /// Bound the translation cache to N blocks (LRU eviction).
         #[arg(long, value_name = "N")]
         cache_blocks: Option<std::num::NonZeroUsize>,
+        /// Write every translated block (guest code, how it was translated,
+        /// host code) to FILE, or to stderr (needs --engine bt).
+        #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+        dump: Option<String>,
         /// Print execution statistics to stderr when the guest ends.
         #[arg(long)]
         stats: bool,
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
             max_insns,
             append,
             cache_blocks,
+            dump,
             stats,
             trace,
         } => {
@@ -173,6 +179,24 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(target) = dump {
+                let Some(bt) = m.bt.as_mut() else {
+                    eprintln!("popek: --dump shows translated code: use it with --engine bt");
+                    return ExitCode::from(2);
+                };
+                let sink: Box<dyn Write> = if target == "-" {
+                    Box::new(std::io::stderr())
+                } else {
+                    match std::fs::File::create(&target) {
+                        Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                        Err(e) => {
+                            eprintln!("popek: cannot create dump file {target:?}: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                };
+                bt.set_dump(sink);
+            }
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let start = std::time::Instant::now();

@@ -140,3 +140,29 @@ fn append_reaches_the_multiboot_command_line() {
 fn popek_vcpu_reg_ebx() -> usize {
     3
 }
+
+#[test]
+fn dump_shows_guest_and_host_code_of_each_block() {
+    let dir = std::env::temp_dir().join(format!("popek-dump-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("blocks.txt");
+    let arg = format!("--dump={}", file.display());
+    let out = popek(&["run", "hello", "--engine", "bt", &arg]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = std::fs::read_to_string(&file).unwrap();
+    assert!(dump.contains("== block 0x"), "{dump}");
+    assert!(dump.contains("copied"));
+    assert!(dump.contains("innocuous"));
+    // the host code is disassembled: the prologue saves RBX first
+    assert!(dump.contains("push rbx"));
+    // OUT to the UART is special: it ends translated code
+    assert!(dump.contains("not translated: ends the block"));
+    let interp = popek(&["run", "hello", "--dump"]);
+    assert_eq!(interp.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&interp.stderr).contains("--engine bt"));
+}

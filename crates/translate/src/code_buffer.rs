@@ -100,6 +100,14 @@ impl CodeBuffer {
         self.write_at(site, &(rel as i32).to_le_bytes());
     }
 
+    /// The code at `offset..offset + len` (for disassembly).
+    pub fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.used, "range outside the code");
+        // SAFETY: the range lies inside the read-write view, which lives as
+        // long as `self`; it is only written through `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.rw.as_ptr().add(offset), len) }
+    }
+
     /// The executable address of `offset`.
     pub fn exec_addr(&self, offset: usize) -> *const u8 {
         debug_assert!(offset < self.size);

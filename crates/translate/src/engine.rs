@@ -141,6 +141,8 @@ pub struct Bt {
     by_offset: BTreeMap<usize, u32>,
     /// Counters.
     pub stats: Stats,
+    /// Where `--dump` writes each translated block.
+    dump: Option<Box<dyn std::io::Write>>,
 }
 
 fn flat(cpu: &Vcpu) -> bool {
@@ -176,6 +178,79 @@ impl Bt {
             pending: HashMap::new(),
             by_offset: BTreeMap::new(),
             stats: Stats::default(),
+            dump: None,
+        }
+    }
+
+    /// Write every translated block (guest instructions, their class and
+    /// how each was translated, then the host code disassembled) to `out`.
+    pub fn set_dump(&mut self, out: Box<dyn std::io::Write>) {
+        self.dump = Some(out);
+    }
+
+    fn dump_block(
+        &mut self,
+        block: &popek_decode::Block,
+        how: &[&str],
+        code: &Straight,
+        exit: Option<&crate::straight::Exit>,
+    ) {
+        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+        use std::fmt::Write as _;
+        let (Some(buf), Some(_)) = (self.code.as_ref(), self.dump.as_ref()) else {
+            return;
+        };
+        let mut s = String::new();
+        let mut fmt = IntelFormatter::new();
+        let _ = writeln!(
+            s,
+            "== block {:#010x}: {} guest instructions translated, {} host bytes, exit {}",
+            block.start,
+            how.len(),
+            code.len(),
+            match exit {
+                Some(crate::straight::Exit::Direct(t)) => format!("to {t:#010x} (chainable)"),
+                Some(crate::straight::Exit::Cond {
+                    taken, not_taken, ..
+                }) => {
+                    format!("to {taken:#010x} or {not_taken:#010x} (chainable)")
+                }
+                Some(crate::straight::Exit::Stored) => "by RET (through the dispatcher)".into(),
+                None => "to the dispatcher (next instruction not translated)".into(),
+            }
+        );
+        for (i, insn) in block.insns.iter().enumerate() {
+            let bytes: Vec<String> = insn.bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut text = String::new();
+            fmt.format(&insn.ins, &mut text);
+            let kind = how
+                .get(i)
+                .copied()
+                .unwrap_or("not translated: ends the block");
+            let _ = writeln!(
+                s,
+                "  {:08x}  {:<30} {:<34} {:<12} {kind}",
+                insn.ins.ip32(),
+                bytes.join(" "),
+                text,
+                insn.class.name()
+            );
+            if i >= how.len() {
+                break;
+            }
+        }
+        let host = buf.bytes(code.offset(), code.len());
+        let start = buf.exec_addr(code.offset()) as u64;
+        let mut d = Decoder::with_ip(64, host, start, DecoderOptions::NONE);
+        let _ = writeln!(s, "  host code:");
+        while d.can_decode() {
+            let ins = d.decode();
+            let mut text = String::new();
+            fmt.format(&ins, &mut text);
+            let _ = writeln!(s, "    {:016x}  {text}", ins.ip());
+        }
+        if let Some(out) = self.dump.as_mut() {
+            let _ = out.write_all(s.as_bytes());
         }
     }
 
@@ -297,19 +372,24 @@ impl Bt {
         let mut eips = Vec::new();
         let mut host = Vec::new();
         let mut exit = None;
+        let mut how = Vec::new();
         for i in &block.insns {
             let lowered = match lower(&i.ins) {
-                Lowering::Copied(h) => Some(h),
-                Lowering::NotCopyable(_) => lower_stack(&i.ins),
+                Lowering::Copied(h) => Some((h, "copied")),
+                Lowering::NotCopyable(_) => {
+                    lower_stack(&i.ins).map(|h| (h, "rewritten (guest stack)"))
+                }
             };
-            if let Some(h) = lowered {
+            if let Some((h, kind)) = lowered {
                 eips.push(i.ins.ip32());
                 host.push(h);
+                how.push(kind);
                 continue;
             }
             if let Some((pre, e)) = lower_terminator(&i.ins) {
                 eips.push(i.ins.ip32());
                 host.push(pre);
+                how.push("rewritten (block exit)");
                 exit = Some(e);
             }
             break;
@@ -346,6 +426,9 @@ impl Bt {
         self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;
         self.by_offset.insert(code.offset(), eip);
+        if self.dump.is_some() {
+            self.dump_block(&block, &how, &code, exit.as_ref());
+        }
         eips.push(end);
         Entry::Code {
             code,
