@@ -70,6 +70,9 @@ enum Cmd {
         /// Print execution statistics to stderr when the guest ends.
         #[arg(long)]
         stats: bool,
+        /// Print the statistics as one JSON object to stderr.
+        #[arg(long)]
+        stats_json: bool,
         /// Print every executed instruction and the registers before it to
         /// stderr, optionally only from the N-th instruction on.
         #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]
@@ -142,6 +145,7 @@ fn main() -> ExitCode {
             cache_blocks,
             dump,
             stats,
+            stats_json,
             trace,
         } => {
             let (image, path) = match load_image(&guest) {
@@ -206,6 +210,9 @@ fn main() -> ExitCode {
             if stats {
                 print_stats(&m, elapsed);
             }
+            if stats_json {
+                eprintln!("{}", stats_json_line(&m, elapsed));
+            }
             if let Some(msg) = exit.message() {
                 eprintln!("popek: {msg}");
             }
@@ -229,6 +236,42 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// The statistics as one JSON object (hand-written: flat numbers only).
+fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> String {
+    let mut fields = vec![
+        ("guest_instructions".to_string(), m.cpu.retired.to_string()),
+        (
+            "run_seconds".to_string(),
+            format!("{:.6}", elapsed.as_secs_f64()),
+        ),
+    ];
+    if let Some(bt) = &m.bt {
+        let s = bt.stats;
+        for (k, v) in [
+            ("blocks_translated", s.blocks_translated),
+            ("guest_instructions_translated", s.insns_translated),
+            ("host_bytes", s.host_bytes),
+            ("cache_lookups", s.lookups),
+            ("cache_hits", s.hits),
+            ("cache_evictions", s.evictions),
+            ("cache_invalidations", s.invalidations),
+            ("code_buffer_flushes", s.flushes),
+            ("chained_transfers", s.chained),
+            ("instructions_native", s.insns_native),
+            ("interpreter_fallbacks", s.insns_interpreted),
+            ("faults_in_translated_code", s.faults),
+            ("translation_ns", s.translate_ns),
+        ] {
+            fields.push((k.to_string(), v.to_string()));
+        }
+    }
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("\"{k}\": {v}"))
+        .collect();
+    format!("{{{}}}", body.join(", "))
 }
 
 fn print_stats(m: &Machine, elapsed: std::time::Duration) {

@@ -166,3 +166,41 @@ fn dump_shows_guest_and_host_code_of_each_block() {
     assert_eq!(interp.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&interp.stderr).contains("--engine bt"));
 }
+
+#[test]
+fn stats_json_is_one_object_with_the_counters() {
+    let out = popek(&["run", "compute", "--engine", "bt", "--stats-json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().last().unwrap();
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    for key in [
+        "guest_instructions",
+        "cache_hits",
+        "chained_transfers",
+        "interpreter_fallbacks",
+        "translation_ns",
+    ] {
+        assert!(
+            line.contains(&format!("\"{key}\": ")),
+            "{key} missing: {line}"
+        );
+    }
+    // guest_instructions is the compute guest's count under the interpreter too
+    let interp = popek(&["run", "compute", "--stats-json"]);
+    let il = String::from_utf8_lossy(&interp.stderr)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let count = |l: &str| {
+        l.split("\"guest_instructions\": ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .trim_end_matches('}')
+            .to_string()
+    };
+    assert_eq!(count(line), count(&il));
+}

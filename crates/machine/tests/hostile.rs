@@ -132,7 +132,9 @@ fn jump_into_unassigned_memory_ends_in_a_triple_fault_report() {
 #[test]
 fn wild_stores_over_the_whole_address_space_are_contained() {
     // Store at every 16 MiB step of the 4 GiB space, at the top dword (the
-    // access wraps), and push with ESP = 2; then report through the UART.
+    // access wraps), push and pop with ESP at 2, 0 and 0xFFFFFFFE; then
+    // report through the UART. Under bt these accesses fault in the guest
+    // window's guard and are redone by the interpreter.
     let img = image(|a| {
         let mut lp = a.create_label();
         a.xor(eax, eax).unwrap();
@@ -143,6 +145,11 @@ fn wild_stores_over_the_whole_address_space_are_contained() {
         a.mov(dword_ptr(0xFFFF_FFFEu32), 0x1234_5678u32).unwrap();
         a.mov(esp, 2u32).unwrap();
         a.push(eax).unwrap();
+        a.mov(esp, 0u32).unwrap();
+        a.push(eax).unwrap();
+        a.pop(ecx).unwrap();
+        a.mov(esp, 0xFFFF_FFFEu32).unwrap();
+        a.pop(ecx).unwrap();
         a.mov(dx, 0x3F8u32).unwrap();
         a.mov(al, b'k' as u32).unwrap();
         a.out(dx, al).unwrap();
