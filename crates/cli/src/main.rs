@@ -261,6 +261,7 @@ fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> String {
             ("chained_transfers", s.chained),
             ("instructions_native", s.insns_native),
             ("interpreter_fallbacks", s.insns_interpreted),
+            ("special_calls", s.special_calls),
             ("faults_in_translated_code", s.faults),
             ("translation_ns", s.translate_ns),
         ] {
@@ -301,6 +302,7 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             pct(s.hits, s.lookups)
         );
         eprintln!("  chained block transfers       {}", s.chained);
+        eprintln!("  special-instruction calls     {}", s.special_calls);
         eprintln!(
             "  executed as host code         {} ({:.1}%)",
             s.insns_native,

@@ -225,6 +225,11 @@ impl GuestRam {
         }
     }
 
+    /// Have code pages been written since the last [`GuestRam::take_code_writes`]?
+    pub fn has_code_writes(&self) -> bool {
+        !self.code_writes.is_empty()
+    }
+
     /// The code pages written since the last call (each now unmarked and
     /// writable again in the window). Their translations are stale.
     pub fn take_code_writes(&mut self) -> Vec<u32> {

@@ -39,7 +39,7 @@ use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 
 use crate::code_buffer::CodeBuffer;
 use crate::lower::{lower, lower_stack, lower_terminator, Lowering};
-use crate::straight::{epilogue_offset, set_gs_base, Context, Straight};
+use crate::straight::{epilogue_offset, set_gs_base, Context, Piece, Straight};
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
 /// for the host, only for hash-table balance).
@@ -109,8 +109,11 @@ pub struct Stats {
     pub chained: u64,
     /// Guest instructions executed as host code.
     pub insns_native: u64,
-    /// Guest instructions executed by the interpreter fallback.
+    /// Guest instructions executed by the interpreter fallback (in the
+    /// dispatcher or through a helper call).
     pub insns_interpreted: u64,
+    /// Special instructions executed through helper calls on the vcpu.
+    pub special_calls: u64,
     /// Host faults inside translated code (redone by the interpreter).
     pub faults: u64,
     /// Translations dropped because their code page was written.
@@ -121,6 +124,62 @@ pub struct Stats {
     pub evictions: u64,
     /// Times the code buffer filled and every translation was dropped.
     pub flushes: u64,
+}
+
+/// What helper calls from translated code work on.
+struct HelperEnv {
+    cpu: *mut Vcpu,
+    stop: Option<popek_vcpu::Stop>,
+    specials: u64,
+    fallbacks: u64,
+}
+
+/// Execute the instruction at `eip` in place of translated code: the
+/// special instructions' vcpu methods and the interpreter's semantics, the
+/// same as everywhere else. Returns 0 to go on with the block, 1 to leave
+/// it (control went elsewhere, the CPU stopped or halted, a device wants
+/// the dispatcher, or code was written).
+extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u32) -> u32 {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `ctx` is the context `Bt::step` passed to the running
+        // code; its `env` points at the HelperEnv on that call's stack,
+        // whose `cpu` is the CPU `step` borrowed and does not touch while
+        // the code runs.
+        let (ctx, env) = unsafe { (&mut *ctx, &mut *((*ctx).env as *mut HelperEnv)) };
+        // SAFETY: see above.
+        let cpu = unsafe { &mut *env.cpu };
+        cpu.regs = ctx.regs;
+        cpu.eflags = ctx.eflags;
+        cpu.eip = eip;
+        if special != 0 {
+            env.specials += 1;
+        } else {
+            env.fallbacks += 1;
+        }
+        let step = popek_interp::step(cpu);
+        ctx.regs = cpu.regs;
+        ctx.eflags = cpu.eflags;
+        ctx.next_eip = cpu.eip;
+        let go_on = match step {
+            Step::Executed => {
+                cpu.eip == next
+                    && !cpu.halted
+                    && cpu.io.exit_requested().is_none()
+                    && !cpu.io.uart.has_output()
+                    && !cpu.ram.has_code_writes()
+                    && flat(cpu)
+            }
+            Step::Halted => false,
+            Step::Stop(s) => {
+                env.stop = Some(s);
+                false
+            }
+        };
+        u32::from(!go_on)
+    }));
+    // Unwinding through translated code is not possible: a panic in the
+    // interpreter is a host bug, so end the process loudly.
+    r.unwrap_or_else(|_| std::process::abort())
 }
 
 /// Size of the code buffer; when it fills, every translation is dropped.
@@ -373,6 +432,7 @@ impl Bt {
         let mut host = Vec::new();
         let mut exit = None;
         let mut how = Vec::new();
+        let mut counted = 0usize;
         for i in &block.insns {
             let lowered = match lower(&i.ins) {
                 Lowering::Copied(h) => Some((h, "copied")),
@@ -382,17 +442,39 @@ impl Bt {
             };
             if let Some((h, kind)) = lowered {
                 eips.push(i.ins.ip32());
-                host.push(h);
+                host.push(Piece::Code(h));
                 how.push(kind);
+                counted += 1;
                 continue;
             }
             if let Some((pre, e)) = lower_terminator(&i.ins) {
                 eips.push(i.ins.ip32());
-                host.push(pre);
+                host.push(Piece::Code(pre));
                 how.push("rewritten (block exit)");
+                counted += 1;
                 exit = Some(e);
+                break;
             }
-            break;
+            // Anything else that does not transfer control runs in place
+            // through a helper call: special instructions on the vcpu
+            // methods, the rest on the interpreter.
+            let ends = i.class == popek_decode::Class::ControlFlow
+                || i.special.is_some_and(|sp| sp.ends_block());
+            if ends {
+                break;
+            }
+            eips.push(i.ins.ip32());
+            host.push(Piece::Helper {
+                eip: i.ins.ip32(),
+                next: i.ins.next_ip32(),
+                special: i.special.is_some(),
+                counted_before: counted,
+            });
+            how.push(if i.special.is_some() {
+                "helper call (vcpu)"
+            } else {
+                "helper call (interpreter fallback)"
+            });
         }
         let n = eips.len();
         let last_byte = if n > 0 {
@@ -411,7 +493,8 @@ impl Bt {
         let mut compiled = None;
         for attempt in 0..2 {
             let Some(buf) = self.code.as_mut() else { break };
-            match Straight::compile_block(buf, host.iter().map(|b| &b[..]), n, end, exit.as_ref()) {
+            match Straight::compile_block(buf, &host, counted, end, exit.as_ref(), Some(run_helper))
+            {
                 Ok(c) => {
                     compiled = Some(c);
                     break;
@@ -480,6 +563,12 @@ impl Bt {
         else {
             return self.interpret(cpu);
         };
+        let mut env = HelperEnv {
+            cpu: std::ptr::null_mut(),
+            stop: None,
+            specials: 0,
+            fallbacks: 0,
+        };
         let mut ctx = Context {
             regs: cpu.regs,
             eflags: cpu.eflags,
@@ -487,19 +576,31 @@ impl Bt {
             fault_rip: 0,
             retired: 0,
             chain_budget: CHAIN_BUDGET.min(max_blocks.max(1)),
+            env: 0,
         };
         let budget = ctx.chain_budget;
+        let cpu_ptr: *mut Vcpu = cpu;
+        env.cpu = cpu_ptr;
+        ctx.env = &mut env as *mut HelperEnv as u64;
         // SAFETY: `enter` pointed this thread's GS at this CPU's guest
         // window and installed the fault handler; every block in the buffer
         // was built by `Straight::compile_block` from lowered instructions
         // and is reachable only through links to blocks still cached; the
-        // mode is flat, so guest linear addresses are physical addresses.
+        // mode is flat, so guest linear addresses are physical addresses;
+        // `cpu` is not used until the code returns (helpers use `cpu_ptr`).
         unsafe { code.run(buf, &mut ctx) };
+        // SAFETY: the code has returned; `cpu_ptr` came from `cpu` above.
+        let cpu = unsafe { &mut *cpu_ptr };
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         self.stats.chained += budget - ctx.chain_budget;
         cpu.retired += ctx.retired;
         self.stats.insns_native += ctx.retired;
+        self.stats.special_calls += env.specials;
+        self.stats.insns_interpreted += env.fallbacks;
+        if let Some(stop) = env.stop {
+            return Step::Stop(stop);
+        }
         if ctx.fault_rip != 0 {
             // Stopped before a faulting instruction: find it, and let the
             // interpreter execute it with the guest's semantics.
@@ -519,6 +620,10 @@ impl Bt {
             return self.interpret(cpu);
         }
         cpu.eip = ctx.next_eip;
-        Step::Executed
+        if cpu.halted {
+            Step::Halted
+        } else {
+            Step::Executed
+        }
     }
 }

@@ -44,7 +44,33 @@ pub struct Context {
     /// Chained jumps allowed before returning to the dispatcher; what is
     /// left on return.
     pub chain_budget: u64,
+    /// Opaque pointer handed to helper functions (the engine's state).
+    pub env: u64,
 }
+
+/// A piece of a block's body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Host code for one guest instruction.
+    Code(Vec<u8>),
+    /// One guest instruction executed by a helper call: the guest state is
+    /// stored, `helper(ctx, eip, next_eip, special)` runs it, and the block
+    /// goes on if the helper returns 0, or leaves (the state is already in
+    /// the context) if it returns 1.
+    Helper {
+        /// The instruction's EIP.
+        eip: u32,
+        /// The EIP after it.
+        next: u32,
+        /// Is it a special (sensitive or privileged) instruction?
+        special: bool,
+        /// Instructions before it in this block that the block counts.
+        counted_before: usize,
+    },
+}
+
+/// The helper a [`Piece::Helper`] calls.
+pub type Helper = extern "sysv64" fn(*mut Context, u32, u32, u32) -> u32;
 
 /// Offset of [`Context::next_eip`].
 pub const NEXT_EIP_OFFSET: i64 = 36;
@@ -128,22 +154,56 @@ impl Straight {
     /// Compile translated instructions (host bytes, in order) ending in
     /// `exit` into `buf`. `n` is the number of guest instructions. Fails
     /// with [`BuildError`] when the buffer is full.
-    pub fn compile_block<'a>(
+    pub fn compile_block(
         buf: &mut CodeBuffer,
-        body: impl IntoIterator<Item = &'a [u8]>,
+        body: &[Piece],
         n: usize,
         end_eip: u32,
         exit: Option<&Exit>,
+        helper: Option<Helper>,
     ) -> Result<Straight, BuildError> {
         let epilogue = ensure_epilogue(buf)?;
         let base = buf.next_offset();
+        let f = frame();
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(prologue());
+        out.extend_from_slice(&f.prologue);
         let body_start = out.len();
         let mut starts = Vec::new();
-        for b in body {
+        for piece in body {
             starts.push(out.len());
-            out.extend_from_slice(b);
+            match piece {
+                Piece::Code(b) => out.extend_from_slice(b),
+                Piece::Helper {
+                    eip,
+                    next,
+                    special,
+                    counted_before,
+                } => {
+                    let h =
+                        helper.ok_or_else(|| BuildError("helper piece without a helper".into()))?;
+                    out.extend_from_slice(&f.store_state);
+                    out.extend([0x4D, 0x89, 0x47, 0x30]); // mov [r15+48], r8
+                    out.extend([0x4C, 0x89, 0xFF]); // mov rdi, r15
+                    out.push(0xBE); // mov esi, eip
+                    out.extend(eip.to_le_bytes());
+                    out.push(0xBA); // mov edx, next
+                    out.extend(next.to_le_bytes());
+                    out.push(0xB9); // mov ecx, special
+                    out.extend(u32::from(*special).to_le_bytes());
+                    out.extend([0x48, 0xB8]); // mov rax, helper
+                    out.extend((h as usize as u64).to_le_bytes());
+                    out.extend([0x48, 0x83, 0xEC, 0x08]); // sub rsp, 8 (16-byte alignment)
+                    out.extend([0xFF, 0xD0]); // call rax
+                    out.extend([0x48, 0x83, 0xC4, 0x08]); // add rsp, 8
+                    out.extend([0x4D, 0x8B, 0x47, 0x30]); // mov r8, [r15+48]
+                    out.extend([0x85, 0xC0]); // test eax, eax
+                                              // jz over the leaving path: count (4) + jmp (5)
+                    out.extend([0x74, 9]);
+                    count(&mut out, *counted_before);
+                    jmp_to(&mut out, base, leave_offset());
+                    out.extend_from_slice(&f.load_state);
+                }
+            }
         }
         let body_end = out.len();
         let mut sites = Vec::new();
@@ -209,9 +269,9 @@ impl Straight {
         buf: &mut CodeBuffer,
         body: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Straight, BuildError> {
-        let body: Vec<&[u8]> = body.into_iter().collect();
+        let body: Vec<Piece> = body.into_iter().map(|b| Piece::Code(b.to_vec())).collect();
         let n = body.len();
-        Straight::compile_block(buf, body, n, 0, None)
+        Straight::compile_block(buf, &body, n, 0, None, None)
     }
 
     /// The index of the translated instruction at host address `rip`, if
@@ -292,44 +352,50 @@ pub fn epilogue_offset() -> usize {
     0
 }
 
-/// Put the shared epilogue at the start of `buf` if it is empty; its offset.
+/// Offset of the shared "leave" routine (after a helper asked to leave:
+/// the guest state is already in the context).
+pub fn leave_offset() -> usize {
+    frame().epilogue.len().next_multiple_of(16)
+}
+
+/// Put the shared epilogue and leave routine at the start of `buf` if it
+/// is empty; the epilogue's offset.
 fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError> {
     if buf.next_offset() == 0 {
+        let f = frame();
         let at = buf
-            .append(epilogue())
+            .append(&f.epilogue)
             .ok_or_else(|| BuildError("code buffer too small".into()))?;
         debug_assert_eq!(at, epilogue_offset());
+        let at = buf
+            .append(&f.leave)
+            .ok_or_else(|| BuildError("code buffer too small".into()))?;
+        debug_assert_eq!(at, leave_offset());
     }
     Ok(epilogue_offset())
 }
 
-/// The block prologue (pushes the frame the shared epilogue pops).
-fn prologue() -> &'static [u8] {
-    &frame().0
-}
-
-/// The shared epilogue.
-fn epilogue() -> &'static [u8] {
-    &frame().1
-}
-
-/// The prologue and epilogue, assembled once (dynasmrt); both are
+/// The fixed code sequences, assembled once (dynasmrt); all are
 /// position-independent.
-fn frame() -> &'static (Vec<u8>, Vec<u8>) {
-    static FRAME: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+struct Frame {
+    /// Block entry: push the frame, load the state.
+    prologue: Vec<u8>,
+    /// Store the guest registers and flags into the context.
+    store_state: Vec<u8>,
+    /// Load the guest registers and flags from the context.
+    load_state: Vec<u8>,
+    /// Store the state and counters, pop the frame, return.
+    epilogue: Vec<u8>,
+    /// Store the counters, pop the frame, return (state already stored).
+    leave: Vec<u8>,
+}
+
+fn frame() -> &'static Frame {
+    static FRAME: std::sync::OnceLock<Frame> = std::sync::OnceLock::new();
     FRAME.get_or_init(|| {
         let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(0);
         dynasm!(ops
             ; .arch x64
-            ; push rbx
-            ; push rbp
-            ; push r12
-            ; push r13
-            ; push r14
-            ; push r15
-            ; mov r15, rdi
-            ; xor r8d, r8d
-            ; mov r14, QWORD [r15 + 56]
             ; mov eax, DWORD [r15 + 32]
             ; and eax, HOST_FLAGS as i32
             ; push rax
@@ -343,7 +409,7 @@ fn frame() -> &'static (Vec<u8>, Vec<u8>) {
             ; mov esi, DWORD [r15 + 24]
             ; mov edi, DWORD [r15 + 28]
         );
-        let prologue = ops.take().expect("prologue assembles");
+        let load_state = ops.take().expect("assembles");
         dynasm!(ops
             ; .arch x64
             ; mov DWORD [r15], eax
@@ -354,8 +420,6 @@ fn frame() -> &'static (Vec<u8>, Vec<u8>) {
             ; mov DWORD [r15 + 20], ebp
             ; mov DWORD [r15 + 24], esi
             ; mov DWORD [r15 + 28], edi
-            ; mov QWORD [r15 + 48], r8
-            ; mov QWORD [r15 + 56], r14
             ; pushfq
             ; pop rax
             ; and eax, HOST_FLAGS as i32
@@ -363,6 +427,26 @@ fn frame() -> &'static (Vec<u8>, Vec<u8>) {
             ; and ecx, !HOST_FLAGS as i32
             ; or eax, ecx
             ; mov DWORD [r15 + 32], eax
+        );
+        let store_state = ops.take().expect("assembles");
+        dynasm!(ops
+            ; .arch x64
+            ; push rbx
+            ; push rbp
+            ; push r12
+            ; push r13
+            ; push r14
+            ; push r15
+            ; mov r15, rdi
+            ; xor r8d, r8d
+            ; mov r14, QWORD [r15 + 56]
+        );
+        let mut prologue = ops.take().expect("assembles");
+        prologue.extend_from_slice(&load_state);
+        dynasm!(ops
+            ; .arch x64
+            ; mov QWORD [r15 + 48], r8
+            ; mov QWORD [r15 + 56], r14
             ; cld
             ; pop r15
             ; pop r14
@@ -372,8 +456,16 @@ fn frame() -> &'static (Vec<u8>, Vec<u8>) {
             ; pop rbx
             ; ret
         );
-        let epilogue = ops.finalize().expect("epilogue assembles");
-        (prologue, epilogue)
+        let leave = ops.finalize().expect("assembles");
+        let mut epilogue = store_state.clone();
+        epilogue.extend_from_slice(&leave);
+        Frame {
+            prologue,
+            store_state,
+            load_state,
+            epilogue,
+            leave,
+        }
     })
 }
 
