@@ -325,6 +325,20 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             "  evictions / buffer flushes    {} / {}",
             s.evictions, s.flushes
         );
+        let top = |m: &std::collections::HashMap<String, u64>| {
+            let mut v: Vec<_> = m.iter().collect();
+            v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let v: Vec<String> = v.iter().take(8).map(|(k, n)| format!("{k} {n}")).collect();
+            v.join(", ")
+        };
+        eprintln!(
+            "  special calls by kind         {}",
+            top(&bt.by_kind.specials)
+        );
+        eprintln!(
+            "  fallbacks by opcode           {}",
+            top(&bt.by_kind.fallbacks)
+        );
     }
 }
 

@@ -126,12 +126,32 @@ pub struct Stats {
     pub flushes: u64,
 }
 
+/// Counts by instruction mnemonic.
+#[derive(Debug, Default, Clone)]
+pub struct KindCounts {
+    /// Interpreter fallbacks (in the dispatcher or through helper calls).
+    pub fallbacks: HashMap<String, u64>,
+    /// Special instructions executed through helper calls.
+    pub specials: HashMap<String, u64>,
+}
+
+fn mnemonic_at(cpu: &mut Vcpu, eip: u32) -> String {
+    let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
+    let n = cpu.fetch(eip, &mut buf).0;
+    format!(
+        "{:?}",
+        popek_decode::decode_one(&buf[..n], eip, 32).mnemonic()
+    )
+    .to_lowercase()
+}
+
 /// What helper calls from translated code work on.
 struct HelperEnv {
     cpu: *mut Vcpu,
     stop: Option<popek_vcpu::Stop>,
     specials: u64,
     fallbacks: u64,
+    kinds: *mut KindCounts,
 }
 
 /// Execute the instruction at `eip` in place of translated code: the
@@ -151,10 +171,16 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         cpu.eip = eip;
+        let kind = mnemonic_at(cpu, eip);
+        // SAFETY: `kinds` points at the engine's counters, which the engine
+        // does not touch while its code runs.
+        let kinds = unsafe { &mut *env.kinds };
         if special != 0 {
             env.specials += 1;
+            *kinds.specials.entry(kind).or_default() += 1;
         } else {
             env.fallbacks += 1;
+            *kinds.fallbacks.entry(kind).or_default() += 1;
         }
         let step = popek_interp::step(cpu);
         ctx.regs = cpu.regs;
@@ -200,6 +226,9 @@ pub struct Bt {
     by_offset: BTreeMap<usize, u32>,
     /// Counters.
     pub stats: Stats,
+    /// Interpreter fallbacks by mnemonic, and special-instruction helper
+    /// calls by mnemonic.
+    pub by_kind: KindCounts,
     /// Where `--dump` writes each translated block.
     dump: Option<Box<dyn std::io::Write>>,
 }
@@ -237,6 +266,7 @@ impl Bt {
             pending: HashMap::new(),
             by_offset: BTreeMap::new(),
             stats: Stats::default(),
+            by_kind: KindCounts::default(),
             dump: None,
         }
     }
@@ -523,6 +553,8 @@ impl Bt {
 
     fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
         self.stats.insns_interpreted += 1;
+        let kind = mnemonic_at(cpu, cpu.eip);
+        *self.by_kind.fallbacks.entry(kind).or_default() += 1;
         let s = popek_interp::step(cpu);
         self.invalidate(&mut cpu.ram);
         s
@@ -568,6 +600,7 @@ impl Bt {
             stop: None,
             specials: 0,
             fallbacks: 0,
+            kinds: &mut self.by_kind,
         };
         let mut ctx = Context {
             regs: cpu.regs,
