@@ -217,3 +217,34 @@ fn code_patching_the_next_instruction_of_its_own_block() {
     let (_, out) = run(&raw_image(&code));
     assert_eq!(out, b"Z");
 }
+
+#[test]
+fn loop_and_jecxz_agree_across_engines() {
+    // eax = 3 * 5 via LOOP, flags from the ADD survive the LOOP's ECX
+    // decrement, JECXZ skips a store; print 0x40 + eax and the carry flag.
+    let img = image(|a| {
+        let mut l = a.create_label();
+        let mut z = a.create_label();
+        a.mov(ecx, 5u32).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.add(eax, 3u32).unwrap();
+        a.stc().unwrap();
+        a.loop_(l).unwrap();
+        a.setc(bl).unwrap();
+        a.jecxz(z).unwrap();
+        a.mov(eax, 0x21u32).unwrap();
+        a.set_label(&mut z).unwrap();
+        a.add(al, 0x40u32).unwrap();
+        a.mov(dx, 0x3F8u32).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(al, bl).unwrap();
+        a.add(al, 0x30u32).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(al, 0u32).unwrap();
+        a.out(0xF4, al).unwrap();
+    });
+    let (e, out) = run(&img);
+    assert_eq!(out, b"O1");
+    assert_eq!(e, Exit::DebugExit(1));
+}

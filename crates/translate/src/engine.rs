@@ -304,6 +304,10 @@ impl Bt {
                 }) => {
                     format!("to {taken:#010x} or {not_taken:#010x} (chainable)")
                 }
+                Some(crate::straight::Exit::Loop { taken, not_taken })
+                | Some(crate::straight::Exit::Jecxz { taken, not_taken }) => {
+                    format!("to {taken:#010x} or {not_taken:#010x} by ECX (chainable)")
+                }
                 Some(crate::straight::Exit::Stored) => "by RET (through the dispatcher)".into(),
                 None => "to the dispatcher (next instruction not translated)".into(),
             }

@@ -116,8 +116,8 @@ pub fn lower_stack(ins: &Instruction) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A block-ending near transfer: JMP rel, Jcc rel, CALL rel, RET [imm16]
-/// (32-bit operand size). Returns host code to run first (CALL's push of
+/// A block-ending near transfer: JMP rel, Jcc rel, LOOP, JECXZ, CALL rel,
+/// RET [imm16] (32-bit operand and address size). Returns host code to run first (CALL's push of
 /// the return address, RET's pop of the target into the context) and how
 /// the block exits. None for every other instruction.
 pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
@@ -158,6 +158,20 @@ pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
             .ok()?)?);
             Some((out, Exit::Stored))
         }
+        Code::Loop_rel8_32_ECX => Some((
+            Vec::new(),
+            Exit::Loop {
+                taken: ins.near_branch32(),
+                not_taken: next,
+            },
+        )),
+        Code::Jecxz_rel8_32 => Some((
+            Vec::new(),
+            Exit::Jecxz {
+                taken: ins.near_branch32(),
+                not_taken: next,
+            },
+        )),
         _ if ins.is_jcc_short_or_near() && ins.op0_kind() == OpKind::NearBranch32 => {
             // iced's ConditionCode runs o, no, b, ae, ... g from 1: the x86
             // condition nibble is one less.

@@ -93,6 +93,21 @@ pub enum Exit {
         /// Target otherwise.
         not_taken: u32,
     },
+    /// LOOP: ECX is decremented (without touching flags); to `taken` if
+    /// it is not zero, else to `not_taken`.
+    Loop {
+        /// Target while ECX is not zero.
+        taken: u32,
+        /// The instruction after the LOOP.
+        not_taken: u32,
+    },
+    /// JECXZ: to `taken` if ECX is zero, else to `not_taken`.
+    Jecxz {
+        /// Target when ECX is zero.
+        taken: u32,
+        /// The instruction after the JECXZ.
+        not_taken: u32,
+    },
     /// The code before the exit already stored the next EIP (RET).
     Stored,
 }
@@ -236,6 +251,17 @@ impl Straight {
                 let before = out.len();
                 stub(&mut out, &mut sites, *not_taken);
                 debug_assert_eq!(out.len() - before, STUB_LEN);
+                stub(&mut out, &mut sites, *taken);
+            }
+            Some(Exit::Loop { taken, not_taken }) => {
+                out.extend([0x8D, 0x49, 0xFF]); // lea ecx, [rcx - 1]: no flags
+                out.extend([0x67, 0xE3, STUB_LEN as u8]); // jecxz over the taken stub
+                stub(&mut out, &mut sites, *taken);
+                stub(&mut out, &mut sites, *not_taken);
+            }
+            Some(Exit::Jecxz { taken, not_taken }) => {
+                out.extend([0x67, 0xE3, STUB_LEN as u8]); // jecxz over the not-taken stub
+                stub(&mut out, &mut sites, *not_taken);
                 stub(&mut out, &mut sites, *taken);
             }
             Some(Exit::Stored) => {
