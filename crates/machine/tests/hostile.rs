@@ -248,3 +248,21 @@ fn loop_and_jecxz_agree_across_engines() {
     assert_eq!(out, b"O1");
     assert_eq!(e, Exit::DebugExit(1));
 }
+
+#[test]
+fn indirect_call_and_jump_through_memory() {
+    // mov eax, F; call eax; mov [0x3000], G; jmp [0x3000]; hlt
+    // G: exit(0)   F: print 'K'; ret
+    let (f, g) = (CODE + 28, CODE + 24);
+    let mut code = vec![0xB8];
+    code.extend_from_slice(&f.to_le_bytes());
+    code.extend_from_slice(&[0xFF, 0xD0, 0xC7, 0x05, 0x00, 0x30, 0x00, 0x00]);
+    code.extend_from_slice(&g.to_le_bytes());
+    code.extend_from_slice(&[0xFF, 0x25, 0x00, 0x30, 0x00, 0x00, 0xF4]);
+    code.extend_from_slice(&[0xB0, 0x00, 0xE6, 0xF4]);
+    code.extend_from_slice(&[0x66, 0xBA, 0xF8, 0x03, 0xB0, b'K', 0xEE, 0xC3]);
+    assert_eq!(code.len(), 36);
+    let (e, out) = run(&raw_image(&code));
+    assert_eq!(out, b"K");
+    assert_eq!(e, Exit::DebugExit(1));
+}

@@ -73,6 +73,58 @@ fn adjust_esp(delta: i64) -> Vec<u8> {
     enc(&Instruction::with2(Code::Lea_r32_m, Register::R12D, m).expect("valid")).expect("encodable")
 }
 
+/// `mov r13d, <operand 0 of ins>` for a register or 32-bit-addressed
+/// memory operand (through GS).
+fn load_r13d(ins: &Instruction) -> Option<Vec<u8>> {
+    let load = match ins.op0_kind() {
+        OpKind::Register => Instruction::with2(
+            Code::Mov_r32_rm32,
+            Register::R13D,
+            host_reg(ins.op0_register()),
+        )
+        .ok()?,
+        OpKind::Memory => {
+            let (b, i) = (ins.memory_base(), ins.memory_index());
+            if b.size() == 2
+                || i.size() == 2
+                || matches!(ins.segment_prefix(), Register::FS | Register::GS)
+            {
+                return None;
+            }
+            let m = MemoryOperand::new(
+                host_reg(b),
+                host_reg(i),
+                ins.memory_index_scale(),
+                i64::from(ins.memory_displacement32() as i32),
+                if b == Register::None && i == Register::None {
+                    4
+                } else {
+                    ins.memory_displ_size().max(1)
+                },
+                false,
+                Register::GS,
+            );
+            Instruction::with2(Code::Mov_r32_rm32, Register::R13D, m).ok()?
+        }
+        _ => return None,
+    };
+    enc(&load)
+}
+
+/// `mov dword [r15 + NEXT_EIP], r13d`
+fn store_r13d_as_next() -> Option<Vec<u8>> {
+    let m = MemoryOperand::new(
+        Register::R15,
+        Register::None,
+        1,
+        crate::straight::NEXT_EIP_OFFSET,
+        1,
+        false,
+        Register::None,
+    );
+    enc(&Instruction::with2(Code::Mov_rm32_r32, m, Register::R13D).ok()?)
+}
+
 /// PUSH r32/imm and POP r32 on the guest stack (32-bit operand size). The
 /// store or load comes first, so a fault leaves ESP untouched.
 pub fn lower_stack(ins: &Instruction) -> Option<Vec<u8>> {
@@ -156,6 +208,22 @@ pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
                 Register::R13D,
             )
             .ok()?)?);
+            Some((out, Exit::Stored))
+        }
+        Code::Jmp_rm32 | Code::Call_rm32 => {
+            // The target into R13D first (the operand may use ESP), then
+            // CALL's push, then the next EIP; the dispatcher looks it up.
+            let mut out = load_r13d(ins)?;
+            if ins.code() == Code::Call_rm32 {
+                out.extend(enc(&Instruction::with2(
+                    Code::Mov_rm32_imm32,
+                    stack_slot(-4),
+                    next,
+                )
+                .ok()?)?);
+                out.extend(adjust_esp(-4));
+            }
+            out.extend(store_r13d_as_next()?);
             Some((out, Exit::Stored))
         }
         Code::Loop_rel8_32_ECX => Some((
