@@ -111,6 +111,14 @@ fn load_r13d(ins: &Instruction) -> Option<Vec<u8>> {
     enc(&load)
 }
 
+/// PUSH imm32 on the guest stack: the store first, then ESP, so a fault
+/// leaves ESP untouched.
+fn push_imm32(v: u32) -> Option<Vec<u8>> {
+    let mut out = enc(&Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), v).ok()?)?;
+    out.extend(adjust_esp(-4));
+    Some(out)
+}
+
 /// `mov dword [r15 + NEXT_EIP], r13d`
 fn store_r13d_as_next() -> Option<Vec<u8>> {
     let m = MemoryOperand::new(
@@ -139,15 +147,7 @@ pub fn lower_stack(ins: &Instruction) -> Option<Vec<u8>> {
             )
             .ok()?)?);
         }
-        Code::Pushd_imm8 | Code::Pushd_imm32 => {
-            let v = ins.immediate32();
-            out.extend(enc(&Instruction::with2(
-                Code::Mov_rm32_imm32,
-                stack_slot(-4),
-                v,
-            )
-            .ok()?)?);
-        }
+        Code::Pushd_imm8 | Code::Pushd_imm32 => return push_imm32(ins.immediate32()),
         Code::Pop_r32 => {
             let r = host_reg(ins.op0_register());
             out.extend(enc(&Instruction::with2(
@@ -178,12 +178,7 @@ pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
         Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => {
             Some((Vec::new(), Exit::Direct(ins.near_branch32())))
         }
-        Code::Call_rel32_32 => {
-            let mut out =
-                enc(&Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), next).ok()?)?;
-            out.extend(adjust_esp(-4));
-            Some((out, Exit::Direct(ins.near_branch32())))
-        }
+        Code::Call_rel32_32 => Some((push_imm32(next)?, Exit::Direct(ins.near_branch32()))),
         Code::Retnd | Code::Retnd_imm16 => {
             let imm = if ins.code() == Code::Retnd_imm16 {
                 i64::from(ins.immediate16())
@@ -193,21 +188,7 @@ pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
             let mut out =
                 enc(&Instruction::with2(Code::Mov_r32_rm32, Register::R13D, stack_slot(0)).ok()?)?;
             out.extend(adjust_esp(4 + imm));
-            let m = MemoryOperand::new(
-                Register::R15,
-                Register::None,
-                1,
-                crate::straight::NEXT_EIP_OFFSET,
-                1,
-                false,
-                Register::None,
-            );
-            out.extend(enc(&Instruction::with2(
-                Code::Mov_rm32_r32,
-                m,
-                Register::R13D,
-            )
-            .ok()?)?);
+            out.extend(store_r13d_as_next()?);
             Some((out, Exit::Stored))
         }
         Code::Jmp_rm32 | Code::Call_rm32 => {
@@ -215,13 +196,7 @@ pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
             // CALL's push, then the next EIP; the dispatcher looks it up.
             let mut out = load_r13d(ins)?;
             if ins.code() == Code::Call_rm32 {
-                out.extend(enc(&Instruction::with2(
-                    Code::Mov_rm32_imm32,
-                    stack_slot(-4),
-                    next,
-                )
-                .ok()?)?);
-                out.extend(adjust_esp(-4));
+                out.extend(push_imm32(next)?);
             }
             out.extend(store_r13d_as_next()?);
             Some((out, Exit::Stored))
