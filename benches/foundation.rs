@@ -5,6 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use popek_bench::{blocks_of, boot, boot_with};
 use popek_machine::{Engine, Exit};
+use popek_translate::engine::Bt;
 
 fn scan(c: &mut Criterion) {
     let mut g = c.benchmark_group("scan");
@@ -14,6 +15,26 @@ fn scan(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n));
         g.bench_function(format!("{name} ({n} blocks)"), |b| {
             b.iter(|| blocks_of(&mut m).len());
+        });
+    }
+    g.finish();
+}
+
+fn translate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("translate");
+    for name in ["compute", "selfcheck", "exceptions"] {
+        let mut m = boot(name);
+        let blocks: Vec<u32> = blocks_of(&mut m).iter().map(|b| b.start).collect();
+        g.throughput(Throughput::Elements(blocks.len() as u64));
+        let mut bt = Bt::new(None);
+        g.bench_function(format!("{name} ({} blocks)", blocks.len()), |b| {
+            b.iter(|| {
+                bt.flush();
+                for &eip in &blocks {
+                    bt.translate_at(&mut m.cpu, eip);
+                }
+                bt.stats.blocks_translated
+            });
         });
     }
     g.finish();
@@ -38,5 +59,5 @@ fn engines(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scan, engines);
+criterion_group!(benches, scan, translate, engines);
 criterion_main!(benches);

@@ -283,11 +283,45 @@ pub struct Insn {
     /// The decoded instruction (its `ip()` is the guest EIP).
     pub ins: Instruction,
     /// Its bytes.
-    pub bytes: Vec<u8>,
+    pub bytes: InsnBytes,
     /// Its class.
     pub class: Class,
     /// Its special kind, for sensitive and privileged instructions.
     pub special: Option<Special>,
+}
+
+/// The bytes of one instruction (at most [`MAX_INSN_LEN`]), held inline:
+/// scanning a block allocates nothing per instruction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct InsnBytes {
+    buf: [u8; MAX_INSN_LEN],
+    len: u8,
+}
+
+impl InsnBytes {
+    /// The first `MAX_INSN_LEN` bytes of `b` at most.
+    pub fn new(b: &[u8]) -> InsnBytes {
+        let len = b.len().min(MAX_INSN_LEN);
+        let mut buf = [0; MAX_INSN_LEN];
+        buf[..len].copy_from_slice(&b[..len]);
+        InsnBytes {
+            buf,
+            len: len as u8,
+        }
+    }
+}
+
+impl std::ops::Deref for InsnBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for InsnBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 
 /// Why a block ended.
@@ -345,11 +379,11 @@ pub fn scan_block(
     // MAX_BLOCK_INSNS of at most MAX_INSN_LEN bytes.
     let page_left = (PAGE_SIZE - start % PAGE_SIZE) as usize;
     let want = (page_left + MAX_INSN_LEN - 1).min(MAX_BLOCK_INSNS * MAX_INSN_LEN);
-    let mut buf = vec![0u8; want];
-    let fetched = fetch(start, &mut buf);
-    buf.truncate(fetched);
-    let mut decoder = Decoder::with_ip(bitness, &buf, u64::from(start), DecoderOptions::NONE);
-    let mut insns = Vec::new();
+    let mut space = [0u8; MAX_BLOCK_INSNS * MAX_INSN_LEN];
+    let fetched = fetch(start, &mut space[..want]);
+    let buf = &space[..fetched];
+    let mut decoder = Decoder::with_ip(bitness, buf, u64::from(start), DecoderOptions::NONE);
+    let mut insns = Vec::with_capacity(16);
     let mut off = 0usize;
     let end = loop {
         let eip = start.wrapping_add(off as u32);
@@ -381,7 +415,7 @@ pub fn scan_block(
         let class = classify(&ins);
         insns.push(Insn {
             ins,
-            bytes: buf[off..off + len].to_vec(),
+            bytes: InsnBytes::new(&buf[off..off + len]),
             class,
             special: sp,
         });

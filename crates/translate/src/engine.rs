@@ -38,7 +38,7 @@ use popek_memory::GuestRam;
 use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 
 use crate::code_buffer::CodeBuffer;
-use crate::lower::{lower, lower_stack, lower_terminator, Lowering};
+use crate::lower::{lower, lower_into, lower_stack, lower_terminator};
 use crate::straight::{epilogue_offset, set_gs_base, Context, Piece, Straight};
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
@@ -90,6 +90,13 @@ impl Entry {
             Entry::Code { pages, .. } | Entry::Interpret { pages } => *pages,
         }
     }
+}
+
+/// Where a translated instruction's host code is while a block is built:
+/// a range of the engine's arena, or a helper call.
+enum Part {
+    Code(usize, usize),
+    Helper(Piece<'static>),
 }
 
 /// Counters of the engine.
@@ -231,6 +238,8 @@ pub struct Bt {
     pub by_kind: KindCounts,
     /// Where `--dump` writes each translated block.
     dump: Option<Box<dyn std::io::Write>>,
+    /// Scratch space for host code while a block is built.
+    arena: Vec<u8>,
 }
 
 fn flat(cpu: &Vcpu) -> bool {
@@ -268,6 +277,7 @@ impl Bt {
             stats: Stats::default(),
             by_kind: KindCounts::default(),
             dump: None,
+            arena: Vec::with_capacity(4096),
         }
     }
 
@@ -428,7 +438,8 @@ impl Bt {
         }
     }
 
-    fn flush(&mut self) {
+    /// Drop every translation and reclaim the whole code buffer.
+    pub fn flush(&mut self) {
         self.cache.clear();
         self.pending.clear();
         self.by_offset.clear();
@@ -462,29 +473,43 @@ impl Bt {
 
     fn translate(&mut self, cpu: &mut Vcpu, eip: u32) -> Entry {
         let block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
-        let mut eips = Vec::new();
-        let mut host = Vec::new();
+        let len = block.insns.len();
+        let mut eips = Vec::with_capacity(len + 1);
+        // Host code of the translated instructions, one after another;
+        // `parts` says which bytes (or which helper call) is whose.
+        let mut arena = std::mem::take(&mut self.arena);
+        arena.clear();
+        let mut parts: Vec<Part> = Vec::with_capacity(len);
         let mut exit = None;
         let mut how = Vec::new();
+        let dumping = self.dump.is_some();
         let mut counted = 0usize;
         for i in &block.insns {
-            let lowered = match lower(&i.ins) {
-                Lowering::Copied(h) => Some((h, "copied")),
-                Lowering::NotCopyable(_) => {
-                    lower_stack(&i.ins).map(|h| (h, "rewritten (guest stack)"))
-                }
+            let mark = arena.len();
+            let kind = if i.class == popek_decode::Class::Innocuous
+                && lower_into(&i.ins, Some(&i.bytes), &mut arena).is_ok()
+            {
+                Some("copied")
+            } else if lower_stack(&i.ins, &mut arena) {
+                Some("rewritten (guest stack)")
+            } else {
+                None
             };
-            if let Some((h, kind)) = lowered {
+            if let Some(kind) = kind {
                 eips.push(i.ins.ip32());
-                host.push(Piece::Code(h));
-                how.push(kind);
+                parts.push(Part::Code(mark, arena.len()));
+                if dumping {
+                    how.push(kind);
+                }
                 counted += 1;
                 continue;
             }
-            if let Some((pre, e)) = lower_terminator(&i.ins) {
+            if let Some(e) = lower_terminator(&i.ins, &mut arena) {
                 eips.push(i.ins.ip32());
-                host.push(Piece::Code(pre));
-                how.push("rewritten (block exit)");
+                parts.push(Part::Code(mark, arena.len()));
+                if dumping {
+                    how.push("rewritten (block exit)");
+                }
                 counted += 1;
                 exit = Some(e);
                 break;
@@ -498,18 +523,27 @@ impl Bt {
                 break;
             }
             eips.push(i.ins.ip32());
-            host.push(Piece::Helper {
+            parts.push(Part::Helper(Piece::Helper {
                 eip: i.ins.ip32(),
                 next: i.ins.next_ip32(),
                 special: i.special.is_some(),
                 counted_before: counted,
-            });
-            how.push(if i.special.is_some() {
-                "helper call (vcpu)"
-            } else {
-                "helper call (interpreter fallback)"
-            });
+            }));
+            if dumping {
+                how.push(if i.special.is_some() {
+                    "helper call (vcpu)"
+                } else {
+                    "helper call (interpreter fallback)"
+                });
+            }
         }
+        let host: Vec<Piece> = parts
+            .into_iter()
+            .map(|p| match p {
+                Part::Code(a, b) => Piece::Code(&arena[a..b]),
+                Part::Helper(h) => h,
+            })
+            .collect();
         let n = eips.len();
         let last_byte = if n > 0 {
             block.insns[n - 1].ins.next_ip32().wrapping_sub(1)
@@ -521,6 +555,7 @@ impl Bt {
         cpu.ram.mark_code_page(pages.1);
         self.stats.blocks_translated += 1;
         if n == 0 {
+            self.arena = arena;
             return Entry::Interpret { pages };
         }
         let end = block.insns[n - 1].ins.next_ip32();
@@ -537,6 +572,8 @@ impl Bt {
                 Err(_) => {}
             }
         }
+        drop(host);
+        self.arena = arena;
         let Some(code) = compiled else {
             return Entry::Interpret { pages };
         };
@@ -553,6 +590,23 @@ impl Bt {
             pages,
             incoming: Vec::new(),
         }
+    }
+
+    /// Translate the block at `eip` into the cache (as a miss would),
+    /// without running it: for benchmarks of the translation cost.
+    /// Returns false when the CPU is not in a mode the translator handles.
+    pub fn translate_at(&mut self, cpu: &mut Vcpu, eip: u32) -> bool {
+        if !flat(cpu) || !self.enter(&mut cpu.ram) {
+            return false;
+        }
+        let t = std::time::Instant::now();
+        let e = self.translate(cpu, eip);
+        self.stats.translate_ns += t.elapsed().as_nanos() as u64;
+        if let Some((old_eip, old)) = self.cache.push(eip, e) {
+            self.unlink(old_eip, old);
+        }
+        self.link(eip);
+        true
     }
 
     fn interpret(&mut self, cpu: &mut Vcpu) -> Step {

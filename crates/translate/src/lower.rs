@@ -37,12 +37,18 @@ thread_local! {
     static ENCODER: std::cell::RefCell<Encoder> = std::cell::RefCell::new(Encoder::new(64));
 }
 
-/// Encode one host instruction.
-fn enc(ins: &Instruction) -> Option<Vec<u8>> {
+/// Encode one host instruction onto `out`.
+fn enc(ins: &Instruction, out: &mut Vec<u8>) -> Option<()> {
     ENCODER.with(|e| {
         let mut e = e.borrow_mut();
         e.encode(ins, 0).ok()?;
-        Some(e.take_buffer())
+        // Hand the encoder its buffer back, emptied: no allocation per
+        // instruction.
+        let mut b = e.take_buffer();
+        out.extend_from_slice(&b);
+        b.clear();
+        e.set_buffer(b);
+        Some(())
     })
 }
 
@@ -60,7 +66,7 @@ fn stack_slot(disp: i64) -> MemoryOperand {
 }
 
 /// `lea r12d, [r12d + delta]`: move the guest stack pointer (no flags).
-fn adjust_esp(delta: i64) -> Vec<u8> {
+fn adjust_esp(delta: i64, out: &mut Vec<u8>) {
     let m = MemoryOperand::new(
         Register::R12D,
         Register::None,
@@ -70,12 +76,16 @@ fn adjust_esp(delta: i64) -> Vec<u8> {
         false,
         Register::None,
     );
-    enc(&Instruction::with2(Code::Lea_r32_m, Register::R12D, m).expect("valid")).expect("encodable")
+    enc(
+        &Instruction::with2(Code::Lea_r32_m, Register::R12D, m).expect("valid"),
+        out,
+    )
+    .expect("encodable")
 }
 
 /// `mov r13d, <operand 0 of ins>` for a register or 32-bit-addressed
 /// memory operand (through GS).
-fn load_r13d(ins: &Instruction) -> Option<Vec<u8>> {
+fn load_r13d(ins: &Instruction, out: &mut Vec<u8>) -> Option<()> {
     let load = match ins.op0_kind() {
         OpKind::Register => Instruction::with2(
             Code::Mov_r32_rm32,
@@ -108,19 +118,22 @@ fn load_r13d(ins: &Instruction) -> Option<Vec<u8>> {
         }
         _ => return None,
     };
-    enc(&load)
+    enc(&load, out)
 }
 
 /// PUSH imm32 on the guest stack: the store first, then ESP, so a fault
 /// leaves ESP untouched.
-fn push_imm32(v: u32) -> Option<Vec<u8>> {
-    let mut out = enc(&Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), v).ok()?)?;
-    out.extend(adjust_esp(-4));
-    Some(out)
+fn push_imm32(v: u32, out: &mut Vec<u8>) -> Option<()> {
+    enc(
+        &Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), v).ok()?,
+        out,
+    )?;
+    adjust_esp(-4, out);
+    Some(())
 }
 
 /// `mov dword [r15 + NEXT_EIP], r13d`
-fn store_r13d_as_next() -> Option<Vec<u8>> {
+fn store_r13d_as_next(out: &mut Vec<u8>) -> Option<()> {
     let m = MemoryOperand::new(
         Register::R15,
         Register::None,
@@ -130,103 +143,109 @@ fn store_r13d_as_next() -> Option<Vec<u8>> {
         false,
         Register::None,
     );
-    enc(&Instruction::with2(Code::Mov_rm32_r32, m, Register::R13D).ok()?)
+    enc(
+        &Instruction::with2(Code::Mov_rm32_r32, m, Register::R13D).ok()?,
+        out,
+    )
 }
 
-/// PUSH r32/imm and POP r32 on the guest stack (32-bit operand size). The
-/// store or load comes first, so a fault leaves ESP untouched.
-pub fn lower_stack(ins: &Instruction) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    match ins.code() {
+/// PUSH r32/imm and POP r32 on the guest stack (32-bit operand size),
+/// appended to `out`. The store or load comes first, so a fault leaves ESP
+/// untouched. False (and `out` unchanged) for every other instruction.
+pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
+    let mark = out.len();
+    let done = match ins.code() {
         Code::Push_r32 => {
             let r = host_reg(ins.op0_register());
-            out.extend(enc(&Instruction::with2(
-                Code::Mov_rm32_r32,
-                stack_slot(-4),
-                r,
-            )
-            .ok()?)?);
+            Instruction::with2(Code::Mov_rm32_r32, stack_slot(-4), r)
+                .ok()
+                .and_then(|i| enc(&i, out))
+                .map(|_| adjust_esp(-4, out))
         }
-        Code::Pushd_imm8 | Code::Pushd_imm32 => return push_imm32(ins.immediate32()),
+        Code::Pushd_imm8 | Code::Pushd_imm32 => push_imm32(ins.immediate32(), out),
         Code::Pop_r32 => {
             let r = host_reg(ins.op0_register());
-            out.extend(enc(&Instruction::with2(
-                Code::Mov_r32_rm32,
-                r,
-                stack_slot(0),
-            )
-            .ok()?)?);
-            if r == Register::R12D {
-                return Some(out); // POP ESP: ESP is the value popped
-            }
-            out.extend(adjust_esp(4));
-            return Some(out);
+            Instruction::with2(Code::Mov_r32_rm32, r, stack_slot(0))
+                .ok()
+                .and_then(|i| enc(&i, out))
+                .map(|_| {
+                    // POP ESP: ESP is the value popped.
+                    if r != Register::R12D {
+                        adjust_esp(4, out);
+                    }
+                })
         }
-        _ => return None,
+        _ => None,
+    };
+    if done.is_none() {
+        out.truncate(mark);
     }
-    out.extend(adjust_esp(-4));
-    Some(out)
+    done.is_some()
 }
 
 /// A block-ending near transfer: JMP rel, Jcc rel, LOOP, JECXZ, CALL rel,
-/// RET [imm16] (32-bit operand and address size). Returns host code to run first (CALL's push of
-/// the return address, RET's pop of the target into the context) and how
-/// the block exits. None for every other instruction.
-pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
+/// RET [imm16] (32-bit operand and address size). Appends host code to
+/// run first (CALL's push of the return address, RET's pop of the target
+/// into the context) to `out` and says how the block exits. None (and `out`
+/// unchanged) for every other instruction.
+pub fn lower_terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
+    let mark = out.len();
+    let r = terminator(ins, out);
+    if r.is_none() {
+        out.truncate(mark);
+    }
+    r
+}
+
+fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
     let next = ins.next_ip32();
     match ins.code() {
-        Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => {
-            Some((Vec::new(), Exit::Direct(ins.near_branch32())))
+        Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => Some(Exit::Direct(ins.near_branch32())),
+        Code::Call_rel32_32 => {
+            push_imm32(next, out)?;
+            Some(Exit::Direct(ins.near_branch32()))
         }
-        Code::Call_rel32_32 => Some((push_imm32(next)?, Exit::Direct(ins.near_branch32()))),
         Code::Retnd | Code::Retnd_imm16 => {
             let imm = if ins.code() == Code::Retnd_imm16 {
                 i64::from(ins.immediate16())
             } else {
                 0
             };
-            let mut out =
-                enc(&Instruction::with2(Code::Mov_r32_rm32, Register::R13D, stack_slot(0)).ok()?)?;
-            out.extend(adjust_esp(4 + imm));
-            out.extend(store_r13d_as_next()?);
-            Some((out, Exit::Stored))
+            enc(
+                &Instruction::with2(Code::Mov_r32_rm32, Register::R13D, stack_slot(0)).ok()?,
+                out,
+            )?;
+            adjust_esp(4 + imm, out);
+            store_r13d_as_next(out)?;
+            Some(Exit::Stored)
         }
         Code::Jmp_rm32 | Code::Call_rm32 => {
             // The target into R13D first (the operand may use ESP), then
             // CALL's push, then the next EIP; the dispatcher looks it up.
-            let mut out = load_r13d(ins)?;
+            load_r13d(ins, out)?;
             if ins.code() == Code::Call_rm32 {
-                out.extend(push_imm32(next)?);
+                push_imm32(next, out)?;
             }
-            out.extend(store_r13d_as_next()?);
-            Some((out, Exit::Stored))
+            store_r13d_as_next(out)?;
+            Some(Exit::Stored)
         }
-        Code::Loop_rel8_32_ECX => Some((
-            Vec::new(),
-            Exit::Loop {
-                taken: ins.near_branch32(),
-                not_taken: next,
-            },
-        )),
-        Code::Jecxz_rel8_32 => Some((
-            Vec::new(),
-            Exit::Jecxz {
-                taken: ins.near_branch32(),
-                not_taken: next,
-            },
-        )),
+        Code::Loop_rel8_32_ECX => Some(Exit::Loop {
+            taken: ins.near_branch32(),
+            not_taken: next,
+        }),
+        Code::Jecxz_rel8_32 => Some(Exit::Jecxz {
+            taken: ins.near_branch32(),
+            not_taken: next,
+        }),
         _ if ins.is_jcc_short_or_near() && ins.op0_kind() == OpKind::NearBranch32 => {
             // iced's ConditionCode runs o, no, b, ae, ... g from 1: the x86
             // condition nibble is one less.
             let cc = (ins.condition_code() as u8).wrapping_sub(1) & 0x0F;
-            Some((
-                Vec::new(),
-                Exit::Cond {
-                    cc,
-                    taken: ins.near_branch32(),
-                    not_taken: next,
-                },
-            ))
+            Some(Exit::Cond {
+                cc,
+                taken: ins.near_branch32(),
+                not_taken: next,
+            })
         }
         _ => None,
     }
@@ -234,18 +253,107 @@ pub fn lower_terminator(ins: &Instruction) -> Option<(Vec<u8>, Exit)> {
 
 /// Re-encode `ins` for the host, if it can be copied.
 pub fn lower(ins: &Instruction) -> Lowering {
-    use Lowering::NotCopyable as No;
     if classify(ins) != Class::Innocuous {
-        return No("special or control flow");
+        return Lowering::NotCopyable("special or control flow");
     }
+    lower_innocuous(ins, None)
+}
+
+/// [`lower_into`] as a value.
+pub fn lower_innocuous(ins: &Instruction, bytes: Option<&[u8]>) -> Lowering {
+    let mut out = Vec::new();
+    match lower_into(ins, bytes, &mut out) {
+        Ok(()) => Lowering::Copied(out),
+        Err(why) => Lowering::NotCopyable(why),
+    }
+}
+
+/// Does a register operand or address register name ESP/SP (which lives
+/// in R12 on the host)?
+fn uses_esp(ins: &Instruction) -> bool {
+    let esp = |r: Register| matches!(r, Register::ESP | Register::SP);
+    (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Register && esp(ins.op_register(i)))
+        || esp(ins.memory_base())
+        || esp(ins.memory_index())
+}
+
+/// Opcode 0x82 (an alias of 0x80 that 64-bit mode does not have). The
+/// other 32-bit-only opcodes are stack, BCD, far or segment-load
+/// instructions, which never reach the fast path. (iced's `op_code()`
+/// would say it too, but builds a large table on first use.)
+fn group1_82(c: Code) -> bool {
+    matches!(
+        c,
+        Code::Add_rm8_imm8_82
+            | Code::Or_rm8_imm8_82
+            | Code::Adc_rm8_imm8_82
+            | Code::Sbb_rm8_imm8_82
+            | Code::And_rm8_imm8_82
+            | Code::Sub_rm8_imm8_82
+            | Code::Xor_rm8_imm8_82
+            | Code::Cmp_rm8_imm8_82
+    )
+}
+
+/// The fast path of [`lower`]: when the guest's own bytes mean the same
+/// in 64-bit mode, copy them (behind `gs` and `addr32` prefixes when the
+/// instruction addresses memory) instead of encoding again. That holds for
+/// an innocuous instruction without ESP, a segment prefix, a 16-bit address,
+/// a short INC/DEC form or an opcode that 64-bit mode lacks (0x82),
+/// whose memory operand (if any) is not a
+/// bare ModRM disp32 (RIP-relative in 64-bit mode). None otherwise.
+fn copy_bytes(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
+    if bytes.len() != ins.len()
+        || group1_82(ins.code())
+        || ins.segment_prefix() != Register::None
+        || uses_esp(ins)
+        || matches!(
+            ins.code(),
+            Code::Inc_r32 | Code::Dec_r32 | Code::Inc_r16 | Code::Dec_r16
+        )
+    {
+        return false;
+    }
+    if !ins.op_kinds().any(|k| k == OpKind::Memory) {
+        out.extend_from_slice(bytes);
+        return true;
+    }
+    let (b, i) = (ins.memory_base(), ins.memory_index());
+    let moffs = matches!(
+        ins.code(),
+        Code::Mov_AL_moffs8
+            | Code::Mov_EAX_moffs32
+            | Code::Mov_AX_moffs16
+            | Code::Mov_moffs8_AL
+            | Code::Mov_moffs32_EAX
+            | Code::Mov_moffs16_AX
+    );
+    let address32 = b.size() != 2 && i.size() != 2 && ins.memory_displ_size() != 2;
+    if !address32 || (b == Register::None && i == Register::None && !moffs) {
+        return false;
+    }
+    out.extend([0x65, 0x67]);
+    out.extend_from_slice(bytes);
+    true
+}
+
+/// [`lower`] for an instruction the decoder already classified innocuous,
+/// with its guest `bytes` when at hand (the fast path copies them): the
+/// host code is appended to `out`, or the reason it cannot be copied is
+/// returned (and `out` is unchanged).
+pub fn lower_into(
+    ins: &Instruction,
+    bytes: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
     if ins.is_string_instruction() {
-        return No("string instruction (ES:EDI cannot take a segment override)");
+        return Err("string instruction (ES:EDI cannot take a segment override)");
     }
     if ins.is_stack_instruction() || matches!(ins.mnemonic(), M::Enter | M::Leave) {
-        return No("stack instruction (64-bit pushes are 8 bytes)");
+        return Err("stack instruction (64-bit pushes are 8 bytes)");
     }
     if matches!(ins.segment_prefix(), Register::FS | Register::GS) {
-        return No("FS/GS override (segments other than the flat four)");
+        return Err("FS/GS override (segments other than the flat four)");
     }
     if matches!(
         ins.mnemonic(),
@@ -266,7 +374,10 @@ pub fn lower(ins: &Instruction) -> Lowering {
             | M::Arpl
             | M::Xlatb
     ) {
-        return No("not encodable in 64-bit mode");
+        return Err("not encodable in 64-bit mode");
+    }
+    if bytes.is_some_and(|b| copy_bytes(ins, b, out)) {
+        return Ok(());
     }
     let mut host = *ins;
     // Guest ESP lives in R12D.
@@ -286,17 +397,17 @@ pub fn lower(ins: &Instruction) -> Lowering {
     if let Some(c) = code {
         host = match Instruction::with1(c, host_reg(ins.op0_register())) {
             Ok(i) => i,
-            Err(_) => return No("INC/DEC re-encoding failed"),
+            Err(_) => return Err("INC/DEC re-encoding failed"),
         };
     }
     if ins.op_kinds().any(|k| k == OpKind::Memory) {
         let b = ins.memory_base();
         let i = ins.memory_index();
         if (b != Register::None && b.size() == 2) || (i != Register::None && i.size() == 2) {
-            return No("16-bit addressing");
+            return Err("16-bit addressing");
         }
         if b == Register::None && i == Register::None && ins.memory_displ_size() == 2 {
-            return No("16-bit addressing");
+            return Err("16-bit addressing");
         }
         host.set_segment_prefix(Register::GS);
         host.set_memory_base(host_reg(b));
@@ -307,9 +418,9 @@ pub fn lower(ins: &Instruction) -> Lowering {
             host.set_memory_displ_size(4);
         }
     }
-    match enc(&host) {
-        Some(b) => Lowering::Copied(b),
-        None => No("not encodable in 64-bit mode"),
+    match enc(&host, out) {
+        Some(()) => Ok(()),
+        None => Err("not encodable in 64-bit mode"),
     }
 }
 
@@ -368,6 +479,46 @@ mod tests {
                 }
                 other => panic!("{g:02x?}: {other:?}"),
             }
+        }
+    }
+
+    /// The fast path (guest bytes behind `gs addr32`) and the encoder
+    /// agree on what the host instruction is.
+    #[test]
+    fn copied_bytes_mean_what_the_encoder_would_emit() {
+        let cases: &[&[u8]] = &[
+            &[0x01, 0xC8],
+            &[0x8B, 0x43, 0x10],
+            &[0x66, 0x89, 0x5C, 0x8E, 0x7F],
+            &[0xF0, 0x0F, 0xC1, 0x0B],
+            &[0x0F, 0xB6, 0x04, 0x1E],
+            &[0x8A, 0x24, 0x85, 0x00, 0x10, 0x00, 0x00],
+            &[0xA1, 0x78, 0x56, 0x34, 0x12],
+            &[0x66, 0xA3, 0x78, 0x56, 0x34, 0x12],
+            &[0xC7, 0x80, 0x00, 0x01, 0x00, 0x00, 0x67, 0x67, 0x67, 0x67],
+            &[0x8D, 0x44, 0x9D, 0xFC],
+            &[0x0F, 0xAF, 0xD1],
+            &[0xD3, 0xE0],
+            &[0x80, 0x34, 0x19, 0x5A],
+        ];
+        for g in cases {
+            let ins = guest(g);
+            let (Lowering::Copied(fast), Lowering::Copied(slow)) =
+                (lower_innocuous(&ins, Some(g)), lower_innocuous(&ins, None))
+            else {
+                panic!("{g:02x?} not copied");
+            };
+            assert_eq!(host_text(&fast), host_text(&slow), "{g:02x?}");
+        }
+        // Forms the fast path must leave to the encoder.
+        for g in [
+            &[0x8B, 0x05, 0x00, 0x10, 0x00, 0x00][..], // [disp32]: RIP-relative in 64-bit mode
+            &[0x8B, 0x44, 0x24, 0x04],                 // [esp+4]: R12
+            &[0x82, 0xC0, 0x01],                       // 0x82 does not exist in 64-bit mode
+            &[0x67, 0x8B, 0x07],                       // 16-bit addressing
+            &[0x40],                                   // INC r32 short form
+        ] {
+            assert!(!copy_bytes(&guest(g), g, &mut Vec::new()), "{g:02x?}");
         }
     }
 

@@ -50,9 +50,9 @@ pub struct Context {
 
 /// A piece of a block's body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Piece {
+pub enum Piece<'a> {
     /// Host code for one guest instruction.
-    Code(Vec<u8>),
+    Code(&'a [u8]),
     /// One guest instruction executed by a helper call: the guest state is
     /// stored, `helper(ctx, eip, next_eip, special)` runs it, and the block
     /// goes on if the helper returns 0, or leaves (the state is already in
@@ -180,10 +180,17 @@ impl Straight {
         let epilogue = ensure_epilogue(buf)?;
         let base = buf.next_offset();
         let f = frame();
-        let mut out = Vec::with_capacity(256);
+        let code_bytes: usize = body
+            .iter()
+            .map(|p| match p {
+                Piece::Code(b) => b.len(),
+                Piece::Helper { .. } => 128,
+            })
+            .sum();
+        let mut out = Vec::with_capacity(f.prologue.len() + code_bytes + 3 * STUB_LEN + 16);
         out.extend_from_slice(&f.prologue);
         let body_start = out.len();
-        let mut starts = Vec::new();
+        let mut starts = Vec::with_capacity(body.len());
         for piece in body {
             starts.push(out.len());
             match piece {
@@ -221,7 +228,7 @@ impl Straight {
             }
         }
         let body_end = out.len();
-        let mut sites = Vec::new();
+        let mut sites = Vec::with_capacity(2);
         // One stub: next EIP, count, budget, patchable jump.
         let stub = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32| {
             store_next(out, target);
@@ -295,7 +302,7 @@ impl Straight {
         buf: &mut CodeBuffer,
         body: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Straight, BuildError> {
-        let body: Vec<Piece> = body.into_iter().map(|b| Piece::Code(b.to_vec())).collect();
+        let body: Vec<Piece> = body.into_iter().map(Piece::Code).collect();
         let n = body.len();
         Straight::compile_block(buf, &body, n, 0, None, None)
     }
