@@ -17,11 +17,25 @@ use std::process::Command;
 use gen::{Case, SCRATCH};
 use popek_machine::{Config, Exit, Machine};
 
-/// Which popek engine runs the case.
+/// Which popek engines run the case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     /// The reference interpreter.
     Interp,
+    /// The binary translator.
+    Bt,
+    /// Both, each compared with the native run.
+    Both,
+}
+
+impl Engine {
+    fn machine_engines(self) -> &'static [popek_machine::Engine] {
+        match self {
+            Engine::Interp => &[popek_machine::Engine::Interp],
+            Engine::Bt => &[popek_machine::Engine::Bt],
+            Engine::Both => &[popek_machine::Engine::Interp, popek_machine::Engine::Bt],
+        }
+    }
 }
 
 /// What a run printed (the dump) and how it ended.
@@ -48,10 +62,10 @@ pub fn run_native(path: &Path) -> std::io::Result<Outcome> {
 }
 
 /// Run the ELF under popek, in this process.
-pub fn run_popek(image: &[u8], engine: Engine) -> Outcome {
-    let Engine::Interp = engine;
+pub fn run_popek(image: &[u8], engine: popek_machine::Engine) -> Outcome {
     let config = Config {
         max_insns: Some(1_000_000),
+        engine,
         ..Config::default()
     };
     let mut m = match Machine::linux(image, &["case".to_string()], config) {
@@ -274,12 +288,18 @@ fn describe(dump: &[u8]) -> String {
     }
 }
 
-/// Run one case both ways; None if they agree.
+/// Run one case natively and under popek's `engine`(s); None if they
+/// agree, else the first divergence (naming the engine).
 pub fn check(case: &Case, dir: &Path, engine: Engine) -> Result<Option<String>, String> {
     let image = elf::elf(case);
     let native = run_image_natively(&image, dir)?;
-    let popek = run_popek(&image, engine);
-    Ok(compare(case, &native, &popek))
+    for &e in engine.machine_engines() {
+        let popek = run_popek(&image, e);
+        if let Some(why) = compare(case, &native, &popek) {
+            return Ok(Some(format!("[{}] {why}", format!("{e:?}").to_lowercase())));
+        }
+    }
+    Ok(None)
 }
 
 /// Write an ELF image into `dir` (one file per thread) and run it natively.

@@ -2,7 +2,7 @@
 //! popek and report every divergence, shrunk, as a ready-to-paste corpus
 //! entry.
 //!
-//! `cargo run --release -p popek-difftest -- --cases 1000000 --seed 1 --engine interp`
+//! `cargo run --release -p popek-difftest -- --cases 1000000 --seed 1 --engine both`
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +14,9 @@ use popek_difftest::{check, gen, report, shrink, Engine};
 #[derive(Clone, Copy, ValueEnum)]
 enum EngineArg {
     Interp,
+    Bt,
+    /// Both engines, each against the native run.
+    Both,
 }
 
 #[derive(Parser)]
@@ -29,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     len: usize,
     /// Engine under test.
-    #[arg(long, value_enum, default_value = "interp")]
+    #[arg(long, value_enum, default_value = "both")]
     engine: EngineArg,
     /// Worker threads (default: available parallelism).
     #[arg(long)]
@@ -43,6 +46,8 @@ fn main() -> ExitCode {
     let a = Args::parse();
     let engine = match a.engine {
         EngineArg::Interp => Engine::Interp,
+        EngineArg::Bt => Engine::Bt,
+        EngineArg::Both => Engine::Both,
     };
     let dir = std::env::temp_dir().join(format!("popek-difftest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

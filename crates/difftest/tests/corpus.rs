@@ -1,6 +1,7 @@
 //! The differential harness in the test suite: the regression corpus and a
 //! fixed-seed batch of random sequences, each run natively on the host CPU
-//! and under popek's interpreter. Zero divergences allowed.
+//! and under both of popek's engines (interpreter and binary translator).
+//! Zero divergences allowed.
 
 use popek_difftest::{check, gen, parse_corpus_line, report, Engine};
 
@@ -23,7 +24,7 @@ fn regression_corpus() {
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
     {
         let case = parse_corpus_line(line).unwrap_or_else(|| panic!("bad corpus line: {line}"));
-        if let Some(why) = check(&case, &dir, Engine::Interp).unwrap() {
+        if let Some(why) = check(&case, &dir, Engine::Both).unwrap() {
             panic!("{}", report(&case, &why));
         }
         n += 1;
@@ -44,7 +45,7 @@ fn fixed_seed_random_sequences() {
                     let mut seed = 1 + t;
                     while seed <= FIXED_SEED_CASES {
                         let case = gen::generate(seed, 20);
-                        if let Some(why) = check(&case, dir, Engine::Interp).unwrap() {
+                        if let Some(why) = check(&case, dir, Engine::Both).unwrap() {
                             bad.push(format!("# seed {seed}\n{}", report(&case, &why)));
                             if bad.len() >= 3 {
                                 break;
@@ -92,8 +93,14 @@ fn exceptions_mode_is_exercised() {
         let word = |i: usize| u32::from_le_bytes(native.dump[4 * i..4 * i + 4].try_into().unwrap());
         signals.insert(word(0));
         traps.insert(word(13));
-        let popek = popek_difftest::run_popek(&image, Engine::Interp);
-        assert_eq!(popek.dump.len(), native.dump.len(), "seed {seed}");
+        for engine in [popek_machine::Engine::Interp, popek_machine::Engine::Bt] {
+            let popek = popek_difftest::run_popek(&image, engine);
+            assert_eq!(
+                popek.dump.len(),
+                native.dump.len(),
+                "seed {seed} {engine:?}"
+            );
+        }
     }
     assert_eq!(
         signals,

@@ -16,10 +16,13 @@
 //! The window is the only unsafe code here: the mappings are created and
 //! destroyed in one place each, with the invariants written beside them.
 
+use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use memmap2::{MmapMut, MmapOptions};
+
+mod shadow;
 
 /// The page size of the guest (and of the host), 4 KiB.
 pub const PAGE_SIZE: u32 = 4096;
@@ -34,6 +37,17 @@ pub struct GuestRam {
     code_pages: Vec<u64>,
     /// Code pages written since the last [`GuestRam::take_code_writes`].
     code_writes: Vec<u32>,
+    /// The shadow window (linear addresses under guest paging), created
+    /// on first use; see [`GuestRam::shadow`].
+    shadow: Option<Window>,
+    /// One bit per page: does the shadow depend on this page-table page?
+    table_pages: Vec<u64>,
+    /// Has a page-table page been written since the last
+    /// [`GuestRam::take_table_writes`]?
+    table_written: bool,
+    /// For each physical page mapped into the shadow, the linear pages
+    /// that map it (to write-protect them with the physical page).
+    aliases: HashMap<u32, Vec<u32>>,
 }
 
 /// Bytes a [`Window`] reserves: the 4 GiB guest address space plus 64 KiB
@@ -52,9 +66,34 @@ pub struct Window {
 unsafe impl Send for Window {}
 
 impl Window {
-    /// Host address of guest physical address 0.
+    /// Host address of guest address 0.
     pub fn base(&self) -> *mut u8 {
         self.base.as_ptr()
+    }
+
+    /// Reserve [`WINDOW_SIZE`] bytes of address space, all `PROT_NONE`.
+    fn reserve() -> Result<Window, RamError> {
+        // SAFETY: an anonymous PROT_NONE reservation at an address of the
+        // kernel's choosing; it aliases nothing.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                WINDOW_SIZE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(RamError(format!(
+                "cannot reserve a 4 GiB guest window: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Window {
+            base: NonNull::new(base.cast()).expect("mmap returned a non-null mapping"),
+        })
     }
 }
 
@@ -116,6 +155,10 @@ impl GuestRam {
             window: None,
             code_pages: vec![0; pages.div_ceil(64)],
             code_writes: Vec::new(),
+            shadow: None,
+            table_pages: vec![0; pages.div_ceil(64)],
+            table_written: false,
+            aliases: HashMap::new(),
         })
     }
 
@@ -123,24 +166,8 @@ impl GuestRam {
     pub fn window(&mut self) -> Result<&Window, RamError> {
         if self.window.is_none() {
             let err = |what: &str| RamError(format!("{what}: {}", std::io::Error::last_os_error()));
-            // SAFETY: an anonymous PROT_NONE reservation at an address of the
-            // kernel's choosing; it aliases nothing.
-            let base = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    WINDOW_SIZE,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if base == libc::MAP_FAILED {
-                return Err(err("cannot reserve the 4 GiB guest window"));
-            }
-            let window = Window {
-                base: NonNull::new(base.cast()).expect("mmap returned a non-null mapping"),
-            };
+            let window = Window::reserve()?;
+            let base: *mut libc::c_void = window.base().cast();
             use std::os::fd::AsRawFd;
             // SAFETY: MAP_FIXED replaces the first `size` bytes of the
             // reservation made just above, which this function owns; the
@@ -209,6 +236,9 @@ impl GuestRam {
                 self.code_pages[w] &= !(1 << b);
                 self.code_writes.push(page);
             }
+            if self.table_pages.get(w).is_some_and(|x| x & (1 << b) != 0) {
+                self.table_written = true;
+            }
         }
     }
 
@@ -240,7 +270,20 @@ impl GuestRam {
         pages
     }
 
+    /// Is a physical page watched (translated code or a page table), so
+    /// translated code must not write it directly?
+    fn watched(&self, page: u32) -> bool {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        let bit = |v: &Vec<u64>| v.get(w).is_some_and(|x| x & (1 << b) != 0);
+        bit(&self.code_pages) || bit(&self.table_pages)
+    }
+
+    /// Make a physical page read-only (or writable again, unless still
+    /// watched) in the window; its shadow aliases become read-only, or are
+    /// dropped to be mapped again on their next use.
     fn protect(&mut self, page: u32, writable: bool) {
+        let writable = writable && !self.watched(page);
+        self.protect_aliases(page, writable);
         let Some(w) = &self.window else { return };
         if page >= self.size / PAGE_SIZE {
             return;

@@ -32,7 +32,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
-use popek_decode::{scan_block, PAGE_SIZE};
+use popek_decode::scan_block;
 use popek_interp::Step;
 use popek_memory::GuestRam;
 use popek_vcpu::{cr0, flags, SegReg, Vcpu};
@@ -129,8 +129,13 @@ pub struct Stats {
     pub translate_ns: u64,
     /// Translations evicted by the cache bound (`--cache-blocks`).
     pub evictions: u64,
-    /// Times the code buffer filled and every translation was dropped.
+    /// Times every translation was dropped (the code buffer filled, or
+    /// the paging mode changed).
     pub flushes: u64,
+    /// Of those, the flushes for a change of paging mode or page tables.
+    pub paging_flushes: u64,
+    /// Pages mapped into the shadow window (guest linear memory).
+    pub shadow_maps: u64,
 }
 
 /// Counts by instruction mnemonic.
@@ -155,6 +160,7 @@ fn mnemonic_at(cpu: &mut Vcpu, eip: u32) -> String {
 /// What helper calls from translated code work on.
 struct HelperEnv {
     cpu: *mut Vcpu,
+    key: PagingKey,
     stop: Option<popek_vcpu::Stop>,
     specials: u64,
     fallbacks: u64,
@@ -200,7 +206,9 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
                     && cpu.io.exit_requested().is_none()
                     && !cpu.io.uart.has_output()
                     && !cpu.ram.has_code_writes()
+                    && !cpu.ram.has_table_writes()
                     && flat(cpu)
+                    && paging_key(cpu) == env.key
             }
             Step::Halted => false,
             Step::Stop(s) => {
@@ -221,6 +229,22 @@ pub const CODE_BUFFER_SIZE: usize = 32 << 20;
 /// Chained jumps per dispatcher entry before control comes back.
 pub const CHAIN_BUDGET: u64 = 1 << 16;
 
+/// What the shadow window and the translations of linear addresses depend
+/// on while paging is on: CR3, CR0.WP, CR4.PSE and user mode. None with
+/// paging off (translations are keyed by physical address then).
+type PagingKey = Option<(u32, u32, u32, bool)>;
+
+fn paging_key(cpu: &Vcpu) -> PagingKey {
+    (cpu.cr0 & cr0::PG != 0).then(|| {
+        (
+            cpu.cr3,
+            cpu.cr0 & cr0::WP,
+            cpu.cr4 & popek_vcpu::cr4::PSE,
+            cpu.cpl() == 3,
+        )
+    })
+}
+
 /// The binary-translation engine.
 pub struct Bt {
     /// The translation cache: guest EIP to translation, least recently
@@ -240,11 +264,15 @@ pub struct Bt {
     dump: Option<Box<dyn std::io::Write>>,
     /// Scratch space for host code while a block is built.
     arena: Vec<u8>,
+    /// The paging mode the cached translations and the shadow belong to.
+    key: PagingKey,
 }
 
+/// Can translated code run in this mode? CS, DS, ES and SS flat (base 0,
+/// limit 4 GiB), 32-bit code, no single-stepping. Paging may be on: then
+/// guest memory is reached through the shadow window.
 fn flat(cpu: &Vcpu) -> bool {
-    cpu.cr0 & cr0::PG == 0
-        && cpu.eflags & flags::TF == 0
+    cpu.eflags & flags::TF == 0
         && [SegReg::Cs, SegReg::Ds, SegReg::Es, SegReg::Ss]
             .iter()
             .all(|s| {
@@ -278,6 +306,7 @@ impl Bt {
             by_kind: KindCounts::default(),
             dump: None,
             arena: Vec::with_capacity(4096),
+            key: None,
         }
     }
 
@@ -371,7 +400,9 @@ impl Bt {
                 Err(_) => return false,
             }
         }
-        match ram.window() {
+        let paging = self.key.is_some();
+        let w = if paging { ram.shadow() } else { ram.window() };
+        match w {
             Ok(w) => set_gs_base(w.base()).is_ok(),
             Err(_) => false,
         }
@@ -435,6 +466,53 @@ impl Bt {
             } else if let Some(list) = self.pending.get_mut(&site.target) {
                 list.retain(|l| !gone(l));
             }
+        }
+    }
+
+    /// Follow the guest's paging mode. Translations of linear addresses
+    /// are dropped when CR3, CR0.WP, CR4.PSE or user/supervisor mode
+    /// change while paging is on, or when paging is switched; the shadow
+    /// window is dropped then too, and whenever a page table it was built
+    /// from is written.
+    fn sync_paging(&mut self, cpu: &mut Vcpu) {
+        let key = paging_key(cpu);
+        let tables = cpu.ram.take_table_writes();
+        if key != self.key || (tables && key.is_some()) {
+            if !self.cache.is_empty() {
+                self.flush();
+                self.stats.paging_flushes += 1;
+            }
+            cpu.ram.shadow_reset();
+            self.key = key;
+        } else if tables {
+            cpu.ram.shadow_reset();
+        }
+    }
+
+    /// After the interpreter redid an instruction that faulted on the
+    /// shadow window, map the page it touched (if the guest tables allow
+    /// the access now) so the next access runs at host speed.
+    fn fill_shadow(&mut self, cpu: &mut Vcpu, host_addr: u64, key: PagingKey) {
+        let Some((_, _, _, user)) = key else { return };
+        if paging_key(cpu) != key || cpu.ram.has_table_writes() {
+            return;
+        }
+        let Ok(w) = cpu.ram.shadow() else { return };
+        let Some(lin) = host_addr.checked_sub(w.base() as u64) else {
+            return;
+        };
+        if lin >= 1 << 32 {
+            return;
+        }
+        let lin = lin as u32;
+        let Some(p) = cpu.probe(lin, user) else {
+            return;
+        };
+        for t in p.tables.into_iter().flatten() {
+            cpu.ram.mark_table_page(t);
+        }
+        if cpu.ram.shadow_map(lin >> 12, p.phys_page, p.writable) {
+            self.stats.shadow_maps += 1;
         }
     }
 
@@ -550,11 +628,24 @@ impl Bt {
         } else {
             eip
         };
-        let pages = (eip / PAGE_SIZE, last_byte / PAGE_SIZE);
-        cpu.ram.mark_code_page(pages.0);
-        cpu.ram.mark_code_page(pages.1);
+        // The physical pages of the code (the same as the linear ones with
+        // paging off), and under paging the tables that map them: a write
+        // to either makes this translation stale.
+        let user = self.key.is_some_and(|k| k.3);
+        let probe = |cpu: &Vcpu, lin: u32| cpu.probe(lin, user);
+        let (first, last) = (probe(cpu, eip), probe(cpu, last_byte));
+        let pages = match (first, last) {
+            (Some(a), Some(b)) => (a.phys_page, b.phys_page),
+            _ => (u32::MAX, u32::MAX),
+        };
+        for p in [first, last].into_iter().flatten() {
+            cpu.ram.mark_code_page(p.phys_page);
+            for t in p.tables.into_iter().flatten() {
+                cpu.ram.mark_table_page(t);
+            }
+        }
         self.stats.blocks_translated += 1;
-        if n == 0 {
+        if n == 0 || pages.0 == u32::MAX {
             self.arena = arena;
             return Entry::Interpret { pages };
         }
@@ -596,7 +687,11 @@ impl Bt {
     /// without running it: for benchmarks of the translation cost.
     /// Returns false when the CPU is not in a mode the translator handles.
     pub fn translate_at(&mut self, cpu: &mut Vcpu, eip: u32) -> bool {
-        if !flat(cpu) || !self.enter(&mut cpu.ram) {
+        if !flat(cpu) {
+            return false;
+        }
+        self.sync_paging(cpu);
+        if !self.enter(&mut cpu.ram) {
             return false;
         }
         let t = std::time::Instant::now();
@@ -628,7 +723,11 @@ impl Bt {
     /// block runs at most 65 guest instructions), so an instruction budget
     /// is honoured to within one block's worth per block.
     pub fn step_within(&mut self, cpu: &mut Vcpu, max_blocks: u64) -> Step {
-        if cpu.halted || !flat(cpu) || !self.enter(&mut cpu.ram) {
+        if cpu.halted || !flat(cpu) {
+            return self.interpret(cpu);
+        }
+        self.sync_paging(cpu);
+        if !self.enter(&mut cpu.ram) {
             return self.interpret(cpu);
         }
         self.invalidate(&mut cpu.ram);
@@ -655,6 +754,7 @@ impl Bt {
         };
         let mut env = HelperEnv {
             cpu: std::ptr::null_mut(),
+            key: self.key,
             stop: None,
             specials: 0,
             fallbacks: 0,
@@ -668,6 +768,8 @@ impl Bt {
             retired: 0,
             chain_budget: CHAIN_BUDGET.min(max_blocks.max(1)),
             env: 0,
+            fault_addr: 0,
+            fault_write: 0,
         };
         let budget = ctx.chain_budget;
         let cpu_ptr: *mut Vcpu = cpu;
@@ -708,7 +810,12 @@ impl Bt {
                 cpu.retired += done as u64;
                 self.stats.insns_native += done as u64;
             }
-            return self.interpret(cpu);
+            let key = self.key;
+            let step = self.interpret(cpu);
+            if ctx.fault_addr != 0 {
+                self.fill_shadow(cpu, ctx.fault_addr, key);
+            }
+            return step;
         }
         cpu.eip = ctx.next_eip;
         if cpu.halted {

@@ -41,7 +41,7 @@ pub fn set_active(a: Option<Active>) {
     ACTIVE.with(|c| c.set(a));
 }
 
-extern "C" fn handler(sig: libc::c_int, _info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
     let active = ACTIVE.with(|c| c.get());
     // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
     let gregs = unsafe { &mut (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
@@ -49,8 +49,17 @@ extern "C" fn handler(sig: libc::c_int, _info: *mut libc::siginfo_t, uctx: *mut 
     if let Some(a) = active {
         if (a.start..a.end).contains(&rip) {
             // SAFETY: `ctx` points at the Context passed to the running
-            // code, alive for the whole run (see Straight::run).
-            unsafe { (*a.ctx).fault_rip = rip };
+            // code, alive for the whole run (see Straight::run); the kernel
+            // passes a valid siginfo_t, whose si_addr is the faulting
+            // address for SIGSEGV and SIGBUS.
+            unsafe {
+                (*a.ctx).fault_rip = rip;
+                if sig == libc::SIGSEGV {
+                    (*a.ctx).fault_addr = (*info).si_addr() as u64;
+                    // Page-fault error code bit 1: the access was a write.
+                    (*a.ctx).fault_write = (gregs[libc::REG_ERR as usize] as u64 >> 1) & 1;
+                }
+            }
             gregs[libc::REG_RIP as usize] = a.fault_entry as i64;
             return;
         }

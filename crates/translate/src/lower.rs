@@ -162,7 +162,7 @@ pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
                 .and_then(|i| enc(&i, out))
                 .map(|_| adjust_esp(-4, out))
         }
-        Code::Pushd_imm8 | Code::Pushd_imm32 => push_imm32(ins.immediate32(), out),
+        Code::Pushd_imm8 | Code::Pushd_imm32 => push_imm32(ins.immediate(0) as u32, out),
         Code::Pop_r32 => {
             let r = host_reg(ins.op0_register());
             Instruction::with2(Code::Mov_r32_rm32, r, stack_slot(0))

@@ -46,6 +46,10 @@ pub struct Context {
     pub chain_budget: u64,
     /// Opaque pointer handed to helper functions (the engine's state).
     pub env: u64,
+    /// Set by the fault handler for a SIGSEGV: the host address accessed.
+    pub fault_addr: u64,
+    /// Set by the fault handler for a SIGSEGV: 1 if the access was a write.
+    pub fault_write: u64,
 }
 
 /// A piece of a block's body.
@@ -361,6 +365,8 @@ impl Straight {
     pub unsafe fn run(&self, buf: &CodeBuffer, ctx: &mut Context) {
         type Entry = extern "sysv64" fn(*mut Context);
         ctx.fault_rip = 0;
+        ctx.fault_addr = 0;
+        ctx.fault_write = 0;
         ctx.retired = 0;
         let active = crate::fault::Active {
             start: buf.exec_addr(0) as u64,

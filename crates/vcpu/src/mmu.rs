@@ -20,6 +20,17 @@ pub enum Access {
     Fetch,
 }
 
+/// What [`Vcpu::probe`] finds for a linear page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The physical page behind it.
+    pub phys_page: u32,
+    /// May it be written without a fault or a dirty-bit update?
+    pub writable: bool,
+    /// The page directory and page table pages the answer came from.
+    pub tables: [Option<u32>; 2],
+}
+
 impl Vcpu {
     /// Translate a linear address to a physical one.
     ///
@@ -62,21 +73,62 @@ impl Vcpu {
         }
         // Accessed and dirty bits.
         if pde & 0x20 == 0 {
-            self.ram.write(pde_addr, 4, u64::from(pde | 0x20));
+            self.ram.write_ad(pde_addr, pde | 0x20);
         }
         if !big {
             let want = 0x20 | if write { 0x40 } else { 0 };
             if pte & want != want {
-                self.ram.write(pte_addr, 4, u64::from(pte | want));
+                self.ram.write_ad(pte_addr, pte | want);
             }
             Ok((pte & 0xFFFF_F000) | (lin & 0xFFF))
         } else {
             if write && pde & 0x40 == 0 {
                 let pde = self.ram.read(pde_addr, 4) as u32;
-                self.ram.write(pde_addr, 4, u64::from(pde | 0x40));
+                self.ram.write_ad(pde_addr, pde | 0x40);
             }
             Ok((pde & 0xFFC0_0000) | (lin & 0x003F_FFFF))
         }
+    }
+
+    /// Walk the page tables for `lin` without side effects (no fault, no
+    /// accessed or dirty bit set), for the translator's shadow window.
+    /// None if an access from `user` (or supervisor) mode would fault, or
+    /// would have to set the accessed bit first.
+    pub fn probe(&self, lin: u32, user: bool) -> Option<Probe> {
+        if self.cr0 & cr0::PG == 0 {
+            return Some(Probe {
+                phys_page: lin >> 12,
+                writable: true,
+                tables: [None, None],
+            });
+        }
+        let pd = self.cr3 >> 12;
+        let pde_addr = (self.cr3 & 0xFFFF_F000) | ((lin >> 22) << 2);
+        let pde = self.ram.read(pde_addr, 4) as u32;
+        if pde & 0x21 != 0x21 {
+            return None;
+        }
+        let big = pde & 0x80 != 0 && self.cr4 & cr4::PSE != 0;
+        let (entry, phys_page, pt) = if big {
+            (pde, ((pde & 0xFFC0_0000) | (lin & 0x003F_F000)) >> 12, None)
+        } else {
+            let a = (pde & 0xFFFF_F000) | (((lin >> 12) & 0x3FF) << 2);
+            let e = self.ram.read(a, 4) as u32;
+            if e & 0x21 != 0x21 {
+                return None;
+            }
+            (e, e >> 12, Some(a >> 12))
+        };
+        let (u, w) = (pde & entry & 4 != 0, pde & entry & 2 != 0);
+        if user && !u {
+            return None;
+        }
+        let may_write = w || (!user && self.cr0 & cr0::WP == 0);
+        Some(Probe {
+            phys_page,
+            writable: may_write && entry & 0x40 != 0,
+            tables: [Some(pd), pt],
+        })
     }
 
     /// Read `len` (1..=8) bytes at a linear address.
