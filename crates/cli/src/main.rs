@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use popek_decode::{reachable_blocks, AtRing3, Class, SPECIALS};
 use popek_machine::{Config, Engine, Machine};
+use popek_translate::engine::ExitReason;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -264,8 +265,32 @@ fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> String {
             ("special_calls", s.special_calls),
             ("faults_in_translated_code", s.faults),
             ("translation_ns", s.translate_ns),
+            ("indirect_lookups", s.indirect_lookups),
+            ("indirect_hits", s.indirect_hits),
+            ("shadow_pages_mapped", s.shadow_maps),
+            ("paging_flushes", s.paging_flushes),
         ] {
             fields.push((k.to_string(), v.to_string()));
+        }
+        for (r, n) in ExitReason::ALL.iter().zip(s.exits) {
+            fields.push((format!("exits_{}", r.name()), n.to_string()));
+        }
+        fields.push((
+            "translation_share".to_string(),
+            format!(
+                "{:.6}",
+                s.translate_ns as f64 / 1e9 / elapsed.as_secs_f64().max(1e-9)
+            ),
+        ));
+        for (prefix, map) in [
+            ("special", &bt.by_kind.specials),
+            ("fallback", &bt.by_kind.fallbacks),
+        ] {
+            let mut v: Vec<_> = map.iter().collect();
+            v.sort();
+            for (k, n) in v {
+                fields.push((format!("{prefix}_{k}"), n.to_string()));
+            }
         }
     }
     let body: Vec<String> = fields
@@ -302,6 +327,19 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             pct(s.hits, s.lookups)
         );
         eprintln!("  chained block transfers       {}", s.chained);
+        eprintln!(
+            "  indirect lookups / hits       {} / {} ({:.1}%)",
+            s.indirect_lookups,
+            s.indirect_hits,
+            pct(s.indirect_hits, s.indirect_lookups)
+        );
+        let exits: Vec<String> = ExitReason::ALL
+            .iter()
+            .zip(s.exits)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{} {n}", r.name()))
+            .collect();
+        eprintln!("  dispatcher exits by reason    {}", exits.join(", "));
         eprintln!("  special-instruction calls     {}", s.special_calls);
         eprintln!(
             "  executed as host code         {} ({:.1}%)",
@@ -324,6 +362,10 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
         eprintln!(
             "  evictions / buffer flushes    {} / {}",
             s.evictions, s.flushes
+        );
+        eprintln!(
+            "  shadow pages / paging flushes {} / {}",
+            s.shadow_maps, s.paging_flushes
         );
         let top = |m: &std::collections::HashMap<String, u64>| {
             let mut v: Vec<_> = m.iter().collect();

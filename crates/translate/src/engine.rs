@@ -39,7 +39,9 @@ use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 
 use crate::code_buffer::CodeBuffer;
 use crate::lower::{lower, lower_into, lower_stack, lower_terminator};
-use crate::straight::{epilogue_offset, set_gs_base, Context, Piece, Straight};
+use crate::straight::{
+    epilogue_offset, set_gs_base, Context, LookupEntry, Piece, Straight, LOOKUP_ENTRIES,
+};
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
 /// for the host, only for hash-table balance).
@@ -136,6 +138,64 @@ pub struct Stats {
     pub paging_flushes: u64,
     /// Pages mapped into the shadow window (guest linear memory).
     pub shadow_maps: u64,
+    /// Indirect branches (RET, JMP/CALL r/m32) looked up in host code.
+    pub indirect_lookups: u64,
+    /// Of those, the ones that found their target's translation (the rest
+    /// returned to the dispatcher).
+    pub indirect_hits: u64,
+    /// Dispatcher exits by reason, indexed as [`ExitReason::ALL`].
+    pub exits: [u64; 6],
+}
+
+/// Why control came back from translated code to the dispatcher (or never
+/// left it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// A block ended at a guest address with no chained translation (not
+    /// translated yet, an indirect-branch table miss, or a block cut short
+    /// before an instruction the translator leaves to the dispatcher).
+    Unchained,
+    /// The chaining budget ran out (the dispatcher checks the instruction
+    /// budget and pending work).
+    Budget,
+    /// A helper call asked to leave: control went elsewhere, a device has
+    /// output or wants to exit, code or page tables were written, or the
+    /// mode changed.
+    Helper,
+    /// A host fault in translated code (the interpreter redid the
+    /// instruction: a guest exception, unassigned memory, a watched page,
+    /// or a shadow page not mapped yet).
+    Fault,
+    /// The CPU stopped (triple fault, unsupported instruction) or halted.
+    Stop,
+    /// The dispatcher interpreted an instruction itself (no translation:
+    /// a mode the translator does not handle, or a block-ending special
+    /// instruction).
+    Interpreted,
+}
+
+impl ExitReason {
+    /// Every reason, in the order of [`Stats::exits`].
+    pub const ALL: [ExitReason; 6] = [
+        ExitReason::Unchained,
+        ExitReason::Budget,
+        ExitReason::Helper,
+        ExitReason::Fault,
+        ExitReason::Stop,
+        ExitReason::Interpreted,
+    ];
+
+    /// A short name for statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitReason::Unchained => "unchained",
+            ExitReason::Budget => "budget",
+            ExitReason::Helper => "helper",
+            ExitReason::Fault => "fault",
+            ExitReason::Stop => "stop",
+            ExitReason::Interpreted => "interpreted",
+        }
+    }
 }
 
 /// Counts by instruction mnemonic.
@@ -159,6 +219,8 @@ fn mnemonic_at(cpu: &mut Vcpu, eip: u32) -> String {
 
 /// What helper calls from translated code work on.
 struct HelperEnv {
+    /// Did a helper ask to leave the block?
+    left: bool,
     cpu: *mut Vcpu,
     key: PagingKey,
     stop: Option<popek_vcpu::Stop>,
@@ -216,6 +278,7 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
                 false
             }
         };
+        env.left |= !go_on;
         u32::from(!go_on)
     }));
     // Unwinding through translated code is not possible: a panic in the
@@ -266,6 +329,11 @@ pub struct Bt {
     arena: Vec<u8>,
     /// The paging mode the cached translations and the shadow belong to.
     key: PagingKey,
+    /// The indirect-branch table translated code searches (RET, indirect
+    /// JMP/CALL), indexed by the low 16 bits of the guest EIP.
+    lookup: Box<[LookupEntry]>,
+    /// Indices of `lookup` that hold a translation.
+    lookup_used: Vec<u16>,
 }
 
 /// Can translated code run in this mode? CS, DS, ES and SS flat (base 0,
@@ -307,6 +375,8 @@ impl Bt {
             dump: None,
             arena: Vec::with_capacity(4096),
             key: None,
+            lookup: vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
+            lookup_used: Vec::new(),
         }
     }
 
@@ -396,7 +466,11 @@ impl Bt {
             let warm = popek_decode::decode_one(&[0x01, 0xC8], 0, 32);
             let _ = lower(&warm);
             match CodeBuffer::new(CODE_BUFFER_SIZE) {
-                Ok(b) => self.code = Some(b),
+                Ok(b) => {
+                    let empty = LookupEntry::new(0, b.exec_addr(epilogue_offset()) as u64);
+                    self.lookup.fill(empty);
+                    self.code = Some(b);
+                }
                 Err(_) => return false,
             }
         }
@@ -452,6 +526,7 @@ impl Bt {
         let Entry::Code { code, incoming, .. } = entry else {
             return;
         };
+        self.forget_lookup(eip);
         self.by_offset.remove(&code.offset());
         for l in incoming {
             if l.from != eip && self.cache.contains(&l.from) {
@@ -516,8 +591,47 @@ impl Bt {
         }
     }
 
+    /// Make `eip`'s translation findable by indirect branches in host code.
+    fn publish_lookup(&mut self, eip: u32) {
+        let (Some(Entry::Code { code, .. }), Some(buf)) =
+            (self.cache.peek(&eip), self.code.as_ref())
+        else {
+            return;
+        };
+        let host = buf.exec_addr(code.body_offset()) as u64;
+        let empty = buf.exec_addr(epilogue_offset()) as u64;
+        let i = eip as u16;
+        let e = &mut self.lookup[usize::from(i)];
+        if e.host == empty {
+            self.lookup_used.push(i);
+        }
+        *e = LookupEntry::new(eip, host);
+    }
+
+    /// Remove `eip` from the indirect-branch table.
+    fn forget_lookup(&mut self, eip: u32) {
+        let Some(buf) = self.code.as_ref() else {
+            return;
+        };
+        let e = &mut self.lookup[usize::from(eip as u16)];
+        if e.eip == eip {
+            *e = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
+        }
+    }
+
     /// Drop every translation and reclaim the whole code buffer.
     pub fn flush(&mut self) {
+        if let Some(buf) = self.code.as_ref() {
+            let empty = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
+            if self.lookup_used.len() > LOOKUP_ENTRIES / 8 {
+                self.lookup.fill(empty);
+            } else {
+                for &i in &self.lookup_used {
+                    self.lookup[usize::from(i)] = empty;
+                }
+            }
+            self.lookup_used.clear();
+        }
         self.cache.clear();
         self.pending.clear();
         self.by_offset.clear();
@@ -650,11 +764,22 @@ impl Bt {
             return Entry::Interpret { pages };
         }
         let end = block.insns[n - 1].ins.next_ip32();
+        // A block cut short (page boundary, size limit, an instruction left
+        // to the dispatcher) goes on at `end`: a chainable exit too.
+        let exit = Some(exit.unwrap_or(crate::straight::Exit::Direct(end)));
         let mut compiled = None;
         for attempt in 0..2 {
             let Some(buf) = self.code.as_mut() else { break };
-            match Straight::compile_block(buf, &host, counted, end, exit.as_ref(), Some(run_helper))
-            {
+            let table = self.lookup.as_ptr();
+            match Straight::compile_block(
+                buf,
+                &host,
+                counted,
+                end,
+                exit.as_ref(),
+                Some(run_helper),
+                Some(table),
+            ) {
                 Ok(c) => {
                     compiled = Some(c);
                     break;
@@ -704,7 +829,12 @@ impl Bt {
         true
     }
 
+    fn count_exit(&mut self, why: ExitReason) {
+        self.stats.exits[why as usize] += 1;
+    }
+
     fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
+        self.count_exit(ExitReason::Interpreted);
         self.stats.insns_interpreted += 1;
         let kind = mnemonic_at(cpu, cpu.eip);
         *self.by_kind.fallbacks.entry(kind).or_default() += 1;
@@ -747,12 +877,14 @@ impl Bt {
             }
             self.link(eip);
         }
+        self.publish_lookup(eip);
         let (Some(Entry::Code { code, .. }), Some(buf)) =
             (self.cache.peek(&eip), self.code.as_ref())
         else {
             return self.interpret(cpu);
         };
         let mut env = HelperEnv {
+            left: false,
             cpu: std::ptr::null_mut(),
             key: self.key,
             stop: None,
@@ -770,6 +902,8 @@ impl Bt {
             env: 0,
             fault_addr: 0,
             fault_write: 0,
+            indirect_lookups: 0,
+            indirect_hits: 0,
         };
         let budget = ctx.chain_budget;
         let cpu_ptr: *mut Vcpu = cpu;
@@ -787,14 +921,18 @@ impl Bt {
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         self.stats.chained += budget - ctx.chain_budget;
+        self.stats.indirect_lookups += ctx.indirect_lookups;
+        self.stats.indirect_hits += ctx.indirect_hits;
         cpu.retired += ctx.retired;
         self.stats.insns_native += ctx.retired;
         self.stats.special_calls += env.specials;
         self.stats.insns_interpreted += env.fallbacks;
         if let Some(stop) = env.stop {
+            self.count_exit(ExitReason::Stop);
             return Step::Stop(stop);
         }
         if ctx.fault_rip != 0 {
+            self.stats.exits[ExitReason::Fault as usize] += 1;
             // Stopped before a faulting instruction: find it, and let the
             // interpreter execute it with the guest's semantics.
             self.stats.faults += 1;
@@ -812,12 +950,22 @@ impl Bt {
             }
             let key = self.key;
             let step = self.interpret(cpu);
+            self.stats.exits[ExitReason::Interpreted as usize] -= 1; // counted as a fault
             if ctx.fault_addr != 0 {
                 self.fill_shadow(cpu, ctx.fault_addr, key);
             }
             return step;
         }
         cpu.eip = ctx.next_eip;
+        self.count_exit(if cpu.halted {
+            ExitReason::Stop
+        } else if env.left {
+            ExitReason::Helper
+        } else if ctx.chain_budget == 0 {
+            ExitReason::Budget
+        } else {
+            ExitReason::Unchained
+        });
         if cpu.halted {
             Step::Halted
         } else {

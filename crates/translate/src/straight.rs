@@ -50,6 +50,84 @@ pub struct Context {
     pub fault_addr: u64,
     /// Set by the fault handler for a SIGSEGV: 1 if the access was a write.
     pub fault_write: u64,
+    /// Indirect branches (RET, JMP/CALL r/m32) looked up in host code.
+    pub indirect_lookups: u64,
+    /// Of those, the ones found in the table (and taken without the
+    /// dispatcher).
+    pub indirect_hits: u64,
+}
+
+/// Offset of [`Context::indirect_lookups`].
+const INDIRECT_LOOKUPS_OFFSET: u8 = 88;
+/// Offset of [`Context::indirect_hits`].
+const INDIRECT_HITS_OFFSET: u8 = 96;
+
+/// One entry of the indirect-branch table that translated code searches
+/// for the target of a RET or an indirect JMP/CALL: the guest EIP and the
+/// host address of its translation's body. An empty entry's host address
+/// is the shared epilogue (whatever EIP it holds, taking it just returns
+/// to the dispatcher with the target already stored).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookupEntry {
+    /// Host address to jump to.
+    pub host: u64,
+    /// The guest EIP it translates.
+    pub eip: u32,
+    _pad: u32,
+}
+
+impl LookupEntry {
+    /// An entry for `eip`, translated at host address `host`.
+    pub fn new(eip: u32, host: u64) -> LookupEntry {
+        LookupEntry { host, eip, _pad: 0 }
+    }
+}
+
+/// Entries in the indirect-branch table: indexed by the low 16 bits of the
+/// guest EIP (direct-mapped; MOVZX computes it without touching flags).
+pub const LOOKUP_ENTRIES: usize = 1 << 16;
+
+/// Add one to the context's counter at `off` without touching flags:
+/// `mov r11, [r15+off]; lea r11, [r11+1]; mov [r15+off], r11`.
+fn bump(out: &mut Vec<u8>, off: u8) {
+    out.extend([0x4D, 0x8B, 0x5F, off]);
+    out.extend([0x4D, 0x8D, 0x5B, 0x01]);
+    out.extend([0x4D, 0x89, 0x5F, off]);
+}
+
+/// The exit of a block whose next EIP is in R13D (and already stored in
+/// the context): look it up in the indirect-branch table at `table` and
+/// jump straight to its translation, or return to the dispatcher. Only
+/// flag-neutral instructions (MOVZX, LEA, NOT, XCHG, JRCXZ), like the
+/// stubs; R9-R11 and R13 are scratch.
+fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
+    bump(out, INDIRECT_LOOKUPS_OFFSET);
+    // The chaining budget, as in a stub.
+    out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
+    out.extend([0x48, 0x8D, 0x49, 0xFF]); // lea rcx, [rcx - 1]
+    let jrcxz_out = out.len();
+    out.extend([0xE3, 0x00]); // jrcxz budget_out (patched below)
+    out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
+    out.extend([0x45, 0x0F, 0xB7, 0xCD]); // movzx r9d, r13w
+    out.extend([0x49, 0xBA]); // mov r10, table
+    out.extend(table.to_le_bytes());
+    out.extend([0x4F, 0x8D, 0x0C, 0x09]); // lea r9, [r9 + r9]
+    out.extend([0x47, 0x8B, 0x5C, 0xCA, 0x08]); // mov r11d, [r10 + r9*8 + 8]
+    out.extend([0x41, 0xF7, 0xD5]); // not r13d
+    out.extend([0x47, 0x8D, 0x5C, 0x2B, 0x01]); // lea r11d, [r11 + r13 + 1]: 0 iff equal
+    out.extend([0x4C, 0x87, 0xD9]); // xchg rcx, r11
+    out.extend([0xE3, 12]); // jrcxz hit (over xchg, lea, jmp: 3 + 4 + 5)
+    out.extend([0x4C, 0x87, 0xD9]); // xchg rcx, r11
+    out.extend([0x4D, 0x8D, 0x76, 0x01]); // lea r14, [r14 + 1]: a miss is no chain
+    jmp_to(out, base, epilogue);
+    out.extend([0x4C, 0x87, 0xD9]); // hit: xchg rcx, r11
+    bump(out, INDIRECT_HITS_OFFSET);
+    out.extend([0x43, 0xFF, 0x24, 0xCA]); // jmp [r10 + r9*8]
+    let here = out.len();
+    out[jrcxz_out + 1] = (here - (jrcxz_out + 2)) as u8;
+    out.extend([0x4C, 0x87, 0xF1]); // budget_out: xchg rcx, r14
+    jmp_to(out, base, epilogue);
 }
 
 /// A piece of a block's body.
@@ -180,7 +258,9 @@ impl Straight {
         end_eip: u32,
         exit: Option<&Exit>,
         helper: Option<Helper>,
+        lookup: Option<*const LookupEntry>,
     ) -> Result<Straight, BuildError> {
+        let lookup = lookup.map(|t| t as u64);
         let epilogue = ensure_epilogue(buf)?;
         let base = buf.next_offset();
         let f = frame();
@@ -191,7 +271,7 @@ impl Straight {
                 Piece::Helper { .. } => 128,
             })
             .sum();
-        let mut out = Vec::with_capacity(f.prologue.len() + code_bytes + 3 * STUB_LEN + 16);
+        let mut out = Vec::with_capacity(f.prologue.len() + code_bytes + 3 * STUB_LEN + 96);
         out.extend_from_slice(&f.prologue);
         let body_start = out.len();
         let mut starts = Vec::with_capacity(body.len());
@@ -277,7 +357,10 @@ impl Straight {
             }
             Some(Exit::Stored) => {
                 count(&mut out, n);
-                jmp_to(&mut out, base, epilogue);
+                match lookup {
+                    Some(table) => indirect_exit(&mut out, base, epilogue, table),
+                    None => jmp_to(&mut out, base, epilogue),
+                }
             }
             None => {
                 store_next(&mut out, end_eip);
@@ -308,7 +391,7 @@ impl Straight {
     ) -> Result<Straight, BuildError> {
         let body: Vec<Piece> = body.into_iter().map(Piece::Code).collect();
         let n = body.len();
-        Straight::compile_block(buf, &body, n, 0, None, None)
+        Straight::compile_block(buf, &body, n, 0, None, None, None)
     }
 
     /// The index of the translated instruction at host address `rip`, if
@@ -368,6 +451,8 @@ impl Straight {
         ctx.fault_addr = 0;
         ctx.fault_write = 0;
         ctx.retired = 0;
+        ctx.indirect_lookups = 0;
+        ctx.indirect_hits = 0;
         let active = crate::fault::Active {
             start: buf.exec_addr(0) as u64,
             end: buf.exec_addr(0) as u64 + buf.next_offset() as u64,
@@ -529,5 +614,75 @@ pub fn set_gs_base(base: *mut u8) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+    /// The hand-encoded indirect-branch exit disassembles to the intended
+    /// instructions, and its two JRCXZs land where they should.
+    #[test]
+    fn indirect_exit_encoding() {
+        let mut out = Vec::new();
+        indirect_exit(&mut out, 0x1000, 0, 0x1122_3344_5566_7788);
+        let mut d = Decoder::with_ip(64, &out, 0x1000, DecoderOptions::NONE);
+        let mut fmt = IntelFormatter::new();
+        let mut text = Vec::new();
+        let mut at = Vec::new();
+        while d.can_decode() {
+            let ins = d.decode();
+            assert!(!ins.is_invalid());
+            let mut t = String::new();
+            fmt.format(&ins, &mut t);
+            at.push((ins.ip(), ins.near_branch_target()));
+            text.push(t);
+        }
+        let want = [
+            "mov r11,[r15+58h]",
+            "lea r11,[r11+1]",
+            "mov [r15+58h],r11",
+            "xchg rcx,r14",
+            "lea rcx,[rcx-1]",
+            "jrcxz 000000000000105Bh",
+            "xchg rcx,r14",
+            "movzx r9d,r13w",
+            "mov r10,1122334455667788h",
+            "lea r9,[r9+r9]",
+            "mov r11d,[r10+r9*8+8]",
+            "not r13d",
+            "lea r11d,[r11+r13+1]",
+            "xchg rcx,r11",
+            "jrcxz 0000000000001048h",
+            "xchg rcx,r11",
+            "lea r14,[r14+1]",
+            "jmp 0",
+            "xchg rcx,r11",
+            "mov r11,[r15+60h]",
+            "lea r11,[r11+1]",
+            "mov [r15+60h],r11",
+            "jmp qword ptr [r10+r9*8]",
+            "xchg rcx,r14",
+            "jmp 0",
+        ];
+        assert_eq!(text, want);
+        // The first JRCXZ goes to the budget-out XCHG, the second to the hit XCHG.
+        let ip_of = |i: usize| at[i].0;
+        assert_eq!(at[5].1, ip_of(23));
+        assert_eq!(at[14].1, ip_of(18));
+        assert_eq!(
+            std::mem::offset_of!(Context, indirect_lookups),
+            INDIRECT_LOOKUPS_OFFSET as usize
+        );
+        assert_eq!(
+            std::mem::offset_of!(Context, indirect_hits),
+            INDIRECT_HITS_OFFSET as usize
+        );
+        assert_eq!(
+            std::mem::offset_of!(Context, next_eip),
+            NEXT_EIP_OFFSET as usize
+        );
     }
 }
