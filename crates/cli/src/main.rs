@@ -268,7 +268,7 @@ fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> String {
             ("indirect_lookups", s.indirect_lookups),
             ("indirect_hits", s.indirect_hits),
             ("shadow_pages_mapped", s.shadow_maps),
-            ("paging_flushes", s.paging_flushes),
+            ("mode_flushes", s.mode_flushes),
         ] {
             fields.push((k.to_string(), v.to_string()));
         }
@@ -364,8 +364,8 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             s.evictions, s.flushes
         );
         eprintln!(
-            "  shadow pages / paging flushes {} / {}",
-            s.shadow_maps, s.paging_flushes
+            "  shadow pages / mode flushes   {} / {}",
+            s.shadow_maps, s.mode_flushes
         );
         let top = |m: &std::collections::HashMap<String, u64>| {
             let mut v: Vec<_> = m.iter().collect();

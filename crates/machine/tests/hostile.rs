@@ -266,3 +266,69 @@ fn indirect_call_and_jump_through_memory() {
     assert_eq!(out, b"K");
     assert_eq!(e, Exit::DebugExit(1));
 }
+
+#[test]
+fn fs_and_gs_bases_are_honoured_and_followed_when_they_change() {
+    // GDT at 0x4000: 0x08 code and 0x10 data (flat, as the Multiboot state
+    // has them), 0x18 data based at 0x8000 with a 4 GiB limit, 0x20 data
+    // based at 0x8000 with a 4 KiB limit, 0x28 data based at 0x9000 with
+    // a 4 GiB limit.
+    let desc = |base: u32, flat: bool| -> (u32, u32) {
+        let lo = (base & 0xFFFF) << 16 | if flat { 0xFFFF } else { 0x0FFF };
+        let hi = (base & 0xFF00_0000)
+            | (base >> 16 & 0xFF)
+            | if flat { 0x00CF_9200 } else { 0x0040_9200 };
+        (lo, hi)
+    };
+    let img = image(|a| {
+        let gdt = [
+            (0, 0),
+            (0x0000_FFFF, 0x00CF_9A00),
+            (0x0000_FFFF, 0x00CF_9200),
+            desc(0x8000, true),
+            desc(0x8000, false),
+            desc(0x9000, true),
+        ];
+        for (i, (lo, hi)) in gdt.iter().enumerate() {
+            a.mov(dword_ptr(0x4000 + 8 * i as u32), *lo).unwrap();
+            a.mov(dword_ptr(0x4004 + 8 * i as u32), *hi).unwrap();
+        }
+        a.mov(word_ptr(0x3000), 6 * 8 - 1).unwrap();
+        a.mov(dword_ptr(0x3002), 0x4000u32).unwrap();
+        a.lgdt(ptr(0x3000)).unwrap();
+        a.mov(dword_ptr(0x8010), u32::from(b'A')).unwrap();
+        a.mov(dword_ptr(0x9010), u32::from(b'Z')).unwrap();
+        a.mov(ax, 0x18u32).unwrap();
+        a.mov(fs, ax).unwrap();
+        a.mov(ax, 0x20u32).unwrap();
+        a.mov(gs, ax).unwrap();
+        a.mov(dx, 0x3F8u32).unwrap();
+        a.mov(ecx, 3u32).unwrap();
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.mov(eax, dword_ptr(0x10).fs()).unwrap();
+        a.add(byte_ptr(0x10).fs(), 1u32).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(ebx, 0x10u32).unwrap();
+        a.mov(al, byte_ptr(ebx).gs()).unwrap();
+        a.out(dx, al).unwrap();
+        a.loop_(l).unwrap();
+        // The same code with a new FS base the second time round:
+        // translations that used the old base must not run again.
+        a.mov(esi, 2u32).unwrap();
+        let mut m = a.create_label();
+        a.jmp(m).unwrap(); // M starts a block both times
+        a.set_label(&mut m).unwrap();
+        a.mov(eax, dword_ptr(0x10).fs()).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(ax, 0x28u32).unwrap();
+        a.mov(fs, ax).unwrap();
+        a.dec(esi).unwrap();
+        a.jnz(m).unwrap();
+        a.mov(al, 0u32).unwrap();
+        a.out(0xF4, al).unwrap();
+    });
+    let (e, out) = run(&img);
+    assert_eq!(String::from_utf8_lossy(&out), "ABBCCDDZ");
+    assert_eq!(e, Exit::DebugExit(1));
+}

@@ -38,7 +38,7 @@ use popek_memory::GuestRam;
 use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 
 use crate::code_buffer::CodeBuffer;
-use crate::lower::{lower, lower_into, lower_stack, lower_terminator};
+use crate::lower::{lower, lower_into, lower_stack, lower_terminator, SegBases};
 use crate::straight::{
     epilogue_offset, set_gs_base, Context, LookupEntry, Piece, Straight, LOOKUP_ENTRIES,
 };
@@ -134,8 +134,9 @@ pub struct Stats {
     /// Times every translation was dropped (the code buffer filled, or
     /// the paging mode changed).
     pub flushes: u64,
-    /// Of those, the flushes for a change of paging mode or page tables.
-    pub paging_flushes: u64,
+    /// Of those, the flushes for a change of paging mode, page tables, or
+    /// an FS/GS base that translations use.
+    pub mode_flushes: u64,
     /// Pages mapped into the shadow window (guest linear memory).
     pub shadow_maps: u64,
     /// Indirect branches (RET, JMP/CALL r/m32) looked up in host code.
@@ -207,20 +208,23 @@ pub struct KindCounts {
     pub specials: HashMap<String, u64>,
 }
 
-fn mnemonic_at(cpu: &mut Vcpu, eip: u32) -> String {
+/// The mnemonic of the instruction at `eip`, and is it special
+/// (sensitive or privileged)?
+fn kind_at(cpu: &mut Vcpu, eip: u32) -> (String, bool) {
     let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
     let n = cpu.fetch(eip, &mut buf).0;
-    format!(
-        "{:?}",
-        popek_decode::decode_one(&buf[..n], eip, 32).mnemonic()
+    let ins = popek_decode::decode_one(&buf[..n], eip, 32);
+    (
+        format!("{:?}", ins.mnemonic()).to_lowercase(),
+        popek_decode::special(&ins).is_some(),
     )
-    .to_lowercase()
 }
 
 /// What helper calls from translated code work on.
 struct HelperEnv {
     /// Did a helper ask to leave the block?
     left: bool,
+    segs: SegBases,
     cpu: *mut Vcpu,
     key: PagingKey,
     stop: Option<popek_vcpu::Stop>,
@@ -246,7 +250,7 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         cpu.eip = eip;
-        let kind = mnemonic_at(cpu, eip);
+        let (kind, _) = kind_at(cpu, eip);
         // SAFETY: `kinds` points at the engine's counters, which the engine
         // does not touch while its code runs.
         let kinds = unsafe { &mut *env.kinds };
@@ -271,6 +275,7 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
                     && !cpu.ram.has_table_writes()
                     && flat(cpu)
                     && paging_key(cpu) == env.key
+                    && seg_bases(cpu) == env.segs
             }
             Step::Halted => false,
             Step::Stop(s) => {
@@ -296,6 +301,25 @@ pub const CHAIN_BUDGET: u64 = 1 << 16;
 /// on while paging is on: CR3, CR0.WP, CR4.PSE and user mode. None with
 /// paging off (translations are keyed by physical address then).
 type PagingKey = Option<(u32, u32, u32, bool)>;
+
+/// FS's and GS's bases where translated code may use them.
+fn seg_bases(cpu: &Vcpu) -> SegBases {
+    use popek_vcpu::attr;
+    let base = |r: SegReg| {
+        let s = cpu.seg(r);
+        let a = s.attr;
+        (s.usable()
+            && a & attr::CODE == 0
+            && a & attr::RW != 0
+            && a & attr::DC == 0
+            && s.limit == u32::MAX)
+            .then_some(s.base)
+    };
+    SegBases {
+        fs: base(SegReg::Fs),
+        gs: base(SegReg::Gs),
+    }
+}
 
 fn paging_key(cpu: &Vcpu) -> PagingKey {
     (cpu.cr0 & cr0::PG != 0).then(|| {
@@ -334,6 +358,10 @@ pub struct Bt {
     lookup: Box<[LookupEntry]>,
     /// Indices of `lookup` that hold a translation.
     lookup_used: Vec<u16>,
+    /// FS and GS bases as the cached translations assume them.
+    segs: SegBases,
+    /// Does any cached translation use an FS or GS base?
+    segs_used: bool,
 }
 
 /// Can translated code run in this mode? CS, DS, ES and SS flat (base 0,
@@ -377,6 +405,8 @@ impl Bt {
             key: None,
             lookup: vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
             lookup_used: Vec::new(),
+            segs: SegBases::default(),
+            segs_used: false,
         }
     }
 
@@ -550,12 +580,20 @@ impl Bt {
     /// window is dropped then too, and whenever a page table it was built
     /// from is written.
     fn sync_paging(&mut self, cpu: &mut Vcpu) {
+        let segs = seg_bases(cpu);
+        if segs != self.segs {
+            if self.segs_used && !self.cache.is_empty() {
+                self.flush();
+                self.stats.mode_flushes += 1;
+            }
+            self.segs = segs;
+        }
         let key = paging_key(cpu);
         let tables = cpu.ram.take_table_writes();
         if key != self.key || (tables && key.is_some()) {
             if !self.cache.is_empty() {
                 self.flush();
-                self.stats.paging_flushes += 1;
+                self.stats.mode_flushes += 1;
             }
             cpu.ram.shadow_reset();
             self.key = key;
@@ -633,6 +671,7 @@ impl Bt {
             self.lookup_used.clear();
         }
         self.cache.clear();
+        self.segs_used = false;
         self.pending.clear();
         self.by_offset.clear();
         if let Some(buf) = self.code.as_mut() {
@@ -679,7 +718,7 @@ impl Bt {
         for i in &block.insns {
             let mark = arena.len();
             let kind = if i.class == popek_decode::Class::Innocuous
-                && lower_into(&i.ins, Some(&i.bytes), &mut arena).is_ok()
+                && lower_into(&i.ins, Some(&i.bytes), &mut arena, &self.segs).is_ok()
             {
                 Some("copied")
             } else if lower_stack(&i.ins, &mut arena) {
@@ -688,6 +727,7 @@ impl Bt {
                 None
             };
             if let Some(kind) = kind {
+                self.segs_used |= SegBases::used_by(&i.ins);
                 eips.push(i.ins.ip32());
                 parts.push(Part::Code(mark, arena.len()));
                 if dumping {
@@ -833,11 +873,19 @@ impl Bt {
         self.stats.exits[why as usize] += 1;
     }
 
+    /// Execute one instruction in the dispatcher: a special instruction
+    /// that ends a block (on its vcpu method, through the interpreter's
+    /// decoding) or an interpreter fallback.
     fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
         self.count_exit(ExitReason::Interpreted);
-        self.stats.insns_interpreted += 1;
-        let kind = mnemonic_at(cpu, cpu.eip);
-        *self.by_kind.fallbacks.entry(kind).or_default() += 1;
+        let (kind, special) = kind_at(cpu, cpu.eip);
+        if special {
+            self.stats.special_calls += 1;
+            *self.by_kind.specials.entry(kind).or_default() += 1;
+        } else {
+            self.stats.insns_interpreted += 1;
+            *self.by_kind.fallbacks.entry(kind).or_default() += 1;
+        }
         let s = popek_interp::step(cpu);
         self.invalidate(&mut cpu.ram);
         s
@@ -885,6 +933,7 @@ impl Bt {
         };
         let mut env = HelperEnv {
             left: false,
+            segs: self.segs,
             cpu: std::ptr::null_mut(),
             key: self.key,
             stop: None,

@@ -22,6 +22,108 @@ pub enum Lowering {
     NotCopyable(&'static str),
 }
 
+/// The bases of FS and GS where translated code may use them: Some(base)
+/// for a present, writable, expand-up data segment with a 4 GiB limit (no
+/// access through it can fail a segment check), None otherwise. A
+/// translation that uses a base is valid only while it stays the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegBases {
+    /// FS's base.
+    pub fs: Option<u32>,
+    /// GS's base.
+    pub gs: Option<u32>,
+}
+
+impl SegBases {
+    /// Does `ins` address memory through FS or GS (and so depend on a base)?
+    pub fn used_by(ins: &Instruction) -> bool {
+        matches!(ins.segment_prefix(), Register::FS | Register::GS)
+            && ins.mnemonic() != M::Lea
+            && ins.op_kinds().any(|k| k == OpKind::Memory)
+    }
+}
+
+/// `ins` with a FS or GS override whose segment has a usable base: the
+/// effective address into R13D (LEA, which neither faults nor touches
+/// flags), the segment base added (LEA again, wrapping at 4 GiB), then the
+/// instruction on `gs:[r13d]`.
+fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    let (b, i) = (ins.memory_base(), ins.memory_index());
+    if b.size() == 2 || i.size() == 2 || ins.memory_displ_size() == 2 {
+        return Err("16-bit addressing");
+    }
+    let mark = out.len();
+    let disp = i64::from(ins.memory_displacement32() as i32);
+    let ea = if b == Register::None && i == Register::None {
+        Instruction::with2(
+            Code::Mov_r32_imm32,
+            Register::R13D,
+            ins.memory_displacement32(),
+        )
+    } else {
+        let m = MemoryOperand::new(
+            host_reg(b),
+            host_reg(i),
+            ins.memory_index_scale(),
+            disp,
+            ins.memory_displ_size().max(1),
+            false,
+            Register::None,
+        );
+        Instruction::with2(Code::Lea_r32_m, Register::R13D, m)
+    };
+    let plus_base = MemoryOperand::new(
+        Register::R13D,
+        Register::None,
+        1,
+        i64::from(base as i32),
+        4,
+        false,
+        Register::None,
+    );
+    let at = MemoryOperand::new(Register::R13D, Register::None, 1, 0, 0, false, Register::GS);
+    // The moffs forms of MOV have no ModRM: use the ModRM forms.
+    let moffs = match ins.code() {
+        Code::Mov_AL_moffs8 => Some(Instruction::with2(Code::Mov_r8_rm8, Register::AL, at)),
+        Code::Mov_AX_moffs16 => Some(Instruction::with2(Code::Mov_r16_rm16, Register::AX, at)),
+        Code::Mov_EAX_moffs32 => Some(Instruction::with2(Code::Mov_r32_rm32, Register::EAX, at)),
+        Code::Mov_moffs8_AL => Some(Instruction::with2(Code::Mov_rm8_r8, at, Register::AL)),
+        Code::Mov_moffs16_AX => Some(Instruction::with2(Code::Mov_rm16_r16, at, Register::AX)),
+        Code::Mov_moffs32_EAX => Some(Instruction::with2(Code::Mov_rm32_r32, at, Register::EAX)),
+        _ => None,
+    };
+    let host = match moffs {
+        Some(i) => i.map_err(|_| "not encodable in 64-bit mode")?,
+        None => {
+            let mut host = *ins;
+            for k in 0..ins.op_count() {
+                if ins.op_kind(k) == OpKind::Register {
+                    host.set_op_register(k, host_reg(ins.op_register(k)));
+                }
+            }
+            host.set_segment_prefix(Register::GS);
+            host.set_memory_base(Register::R13D);
+            host.set_memory_index(Register::None);
+            host.set_memory_index_scale(1);
+            host.set_memory_displacement32(0);
+            host.set_memory_displ_size(0);
+            host
+        }
+    };
+    let ok = ea.ok().and_then(|i| enc(&i, out)).is_some()
+        && Instruction::with2(Code::Lea_r32_m, Register::R13D, plus_base)
+            .ok()
+            .and_then(|i| enc(&i, out))
+            .is_some()
+        && enc(&host, out).is_some();
+    if ok {
+        Ok(())
+    } else {
+        out.truncate(mark);
+        Err("not encodable in 64-bit mode")
+    }
+}
+
 /// The host register for a guest register: guest ESP lives in R12D (the
 /// host's RSP is the host's stack); the others keep their numbers.
 fn host_reg(r: Register) -> Register {
@@ -262,10 +364,33 @@ pub fn lower(ins: &Instruction) -> Lowering {
 /// [`lower_into`] as a value.
 pub fn lower_innocuous(ins: &Instruction, bytes: Option<&[u8]>) -> Lowering {
     let mut out = Vec::new();
-    match lower_into(ins, bytes, &mut out) {
+    match lower_into(ins, bytes, &mut out, &SegBases::default()) {
         Ok(()) => Lowering::Copied(out),
         Err(why) => Lowering::NotCopyable(why),
     }
+}
+
+/// BCD adjustments and other instructions 64-bit mode does not have.
+fn is_bcd_or_32bit_only(ins: &Instruction) -> bool {
+    matches!(
+        ins.mnemonic(),
+        M::Daa
+            | M::Das
+            | M::Aaa
+            | M::Aas
+            | M::Aam
+            | M::Aad
+            | M::Bound
+            | M::Into
+            | M::Salc
+            | M::Lds
+            | M::Les
+            | M::Lfs
+            | M::Lgs
+            | M::Lss
+            | M::Arpl
+            | M::Xlatb
+    )
 }
 
 /// Does a register operand or address register name ESP/SP (which lives
@@ -345,6 +470,7 @@ pub fn lower_into(
     ins: &Instruction,
     bytes: Option<&[u8]>,
     out: &mut Vec<u8>,
+    segs: &SegBases,
 ) -> Result<(), &'static str> {
     if ins.is_string_instruction() {
         return Err("string instruction (ES:EDI cannot take a segment override)");
@@ -352,28 +478,17 @@ pub fn lower_into(
     if ins.is_stack_instruction() || matches!(ins.mnemonic(), M::Enter | M::Leave) {
         return Err("stack instruction (64-bit pushes are 8 bytes)");
     }
-    if matches!(ins.segment_prefix(), Register::FS | Register::GS) {
-        return Err("FS/GS override (segments other than the flat four)");
+    if SegBases::used_by(ins) {
+        let base = match ins.segment_prefix() {
+            Register::FS => segs.fs,
+            _ => segs.gs,
+        };
+        return match base {
+            Some(b) if !is_bcd_or_32bit_only(ins) => lower_seg_override(ins, b, out),
+            _ => Err("FS/GS override (the segment is not a flat-limit data segment)"),
+        };
     }
-    if matches!(
-        ins.mnemonic(),
-        M::Daa
-            | M::Das
-            | M::Aaa
-            | M::Aas
-            | M::Aam
-            | M::Aad
-            | M::Bound
-            | M::Into
-            | M::Salc
-            | M::Lds
-            | M::Les
-            | M::Lfs
-            | M::Lgs
-            | M::Lss
-            | M::Arpl
-            | M::Xlatb
-    ) {
+    if is_bcd_or_32bit_only(ins) {
         return Err("not encodable in 64-bit mode");
     }
     if bytes.is_some_and(|b| copy_bytes(ins, b, out)) {
@@ -480,6 +595,53 @@ mod tests {
                 other => panic!("{g:02x?}: {other:?}"),
             }
         }
+    }
+
+    /// FS/GS overrides on a flat-limit segment: the address goes through
+    /// R13D with the segment base added, then the access through GS.
+    #[test]
+    fn fs_and_gs_overrides_add_the_segment_base() {
+        let segs = SegBases {
+            fs: Some(0x8000),
+            gs: Some(0xFFFF_F000),
+        };
+        let cases: &[(&[u8], &[&str])] = &[
+            (
+                &[0x64, 0xA1, 0x10, 0, 0, 0],
+                &["mov r13d,10h", "lea r13d,[r13d+8000h]", "mov eax,gs:[r13d]"],
+            ),
+            (
+                &[0x65, 0x80, 0x44, 0x24, 0x08, 0x01],
+                &[
+                    "lea r13d,[r12d+8]",
+                    "lea r13d,[r13d-1000h]",
+                    "add byte ptr gs:[r13d],1",
+                ],
+            ),
+            (
+                &[0x64, 0x89, 0x1C, 0x8E],
+                &[
+                    "lea r13d,[esi+ecx*4]",
+                    "lea r13d,[r13d+8000h]",
+                    "mov gs:[r13d],ebx",
+                ],
+            ),
+        ];
+        for (g, want) in cases {
+            let mut out = Vec::new();
+            lower_into(&guest(g), Some(g), &mut out, &segs).unwrap();
+            let mut d = Decoder::with_ip(64, &out, 0, DecoderOptions::NONE);
+            let mut got = Vec::new();
+            while d.can_decode() {
+                let mut t = String::new();
+                IntelFormatter::new().format(&d.decode(), &mut t);
+                got.push(t);
+            }
+            assert_eq!(got, *want, "{g:02x?}");
+        }
+        // Without a usable base the instruction is not copied.
+        let g = [0x64, 0xA1, 0x10, 0, 0, 0];
+        assert!(lower_into(&guest(&g), Some(&g), &mut Vec::new(), &SegBases::default()).is_err());
     }
 
     /// The fast path (guest bytes behind `gs addr32`) and the encoder
