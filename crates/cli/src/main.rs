@@ -34,8 +34,8 @@ struct Cli {
 enum EngineArg {
     /// The reference interpreter.
     Interp,
-    /// The binary translator (in progress: innocuous instructions run as
-    /// host code, the interpreter executes the rest).
+    /// The binary translator (the default): guest code runs as
+    /// translated host code, special instructions on the virtual CPU.
     Bt,
 }
 
@@ -50,8 +50,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
         /// Execution engine.
-        #[arg(long, value_enum, default_value = "interp")]
+        #[arg(long, value_enum, default_value = "bt")]
         engine: EngineArg,
+        /// Run the translator and the interpreter side by side, block by
+        /// block, and report the first divergence with both states (exit
+        /// status 3).
+        #[arg(long)]
+        lockstep: bool,
         /// Guest RAM, e.g. 64M, 1G, 65536.
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         memory: u64,
@@ -148,6 +153,7 @@ fn main() -> ExitCode {
             stats,
             stats_json,
             trace,
+            lockstep,
         } => {
             let (image, path) = match load_image(&guest) {
                 Ok(x) => x,
@@ -168,16 +174,21 @@ fn main() -> ExitCode {
                 cache_blocks,
                 trace,
             };
-            let boot = if popek_machine::multiboot::find_header(&image).is_some()
-                || !image.starts_with(b"\x7fELF")
-            {
-                Machine::multiboot(&image, config)
-            } else {
-                let mut argv = vec![path];
-                argv.extend(args);
-                Machine::linux(&image, &argv, config)
+            let multiboot = popek_machine::multiboot::find_header(&image).is_some()
+                || !image.starts_with(b"\x7fELF");
+            let mut argv = vec![path];
+            argv.extend(args);
+            let boot = |config: Config| {
+                if multiboot {
+                    Machine::multiboot(&image, config)
+                } else {
+                    Machine::linux(&image, &argv, config)
+                }
             };
-            let mut m = match boot {
+            if lockstep {
+                return run_lockstep(&guest, config, boot);
+            }
+            let mut m = match boot(config) {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!("popek: {guest}: {e}");
@@ -235,6 +246,54 @@ fn main() -> ExitCode {
                 println!("{:<12} {}", g.name, g.about);
             }
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `--lockstep`: the guest under bt and under the interpreter, compared
+/// block by block.
+fn run_lockstep(
+    guest: &str,
+    config: Config,
+    boot: impl Fn(Config) -> Result<Machine, popek_machine::LoadError>,
+) -> ExitCode {
+    let machines = boot(Config {
+        engine: Engine::Bt,
+        ..config.clone()
+    })
+    .and_then(|a| {
+        boot(Config {
+            engine: Engine::Interp,
+            ..config
+        })
+        .map(|b| (a, b))
+    });
+    let (mut a, mut b) = match machines {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("popek: {guest}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match popek_machine::lockstep::run(&mut a, &mut b, &mut out, &mut std::io::stderr()) {
+        Ok(agreed) => {
+            let _ = out.flush();
+            eprintln!(
+                "popek: lockstep: bt and interp agreed on {} instructions ({} resyncs after reads of undefined flags)",
+                a.cpu.retired, agreed.resyncs
+            );
+            let exit = agreed.exit;
+            if let Some(msg) = exit.message() {
+                eprintln!("popek: {msg}");
+            }
+            ExitCode::from(exit.status() as u8)
+        }
+        Err(d) => {
+            let _ = out.flush();
+            eprintln!("{d}");
+            ExitCode::from(3)
         }
     }
 }

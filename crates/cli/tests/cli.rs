@@ -162,7 +162,7 @@ fn dump_shows_guest_and_host_code_of_each_block() {
     assert!(dump.contains("push rbx"));
     // OUT to the UART is special: it ends translated code
     assert!(dump.contains("not translated: ends the block"));
-    let interp = popek(&["run", "hello", "--dump"]);
+    let interp = popek(&["run", "hello", "--engine", "interp", "--dump"]);
     assert_eq!(interp.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&interp.stderr).contains("--engine bt"));
 }
@@ -179,6 +179,11 @@ fn stats_json_is_one_object_with_the_counters() {
         "chained_transfers",
         "interpreter_fallbacks",
         "translation_ns",
+        "indirect_lookups",
+        "indirect_hits",
+        "exits_unchained",
+        "translation_share",
+        "special_out",
     ] {
         assert!(
             line.contains(&format!("\"{key}\": ")),
@@ -186,7 +191,7 @@ fn stats_json_is_one_object_with_the_counters() {
         );
     }
     // guest_instructions is the compute guest's count under the interpreter too
-    let interp = popek(&["run", "compute", "--stats-json"]);
+    let interp = popek(&["run", "compute", "--engine", "interp", "--stats-json"]);
     let il = String::from_utf8_lossy(&interp.stderr)
         .lines()
         .last()
@@ -203,4 +208,22 @@ fn stats_json_is_one_object_with_the_counters() {
             .to_string()
     };
     assert_eq!(count(line), count(&il));
+}
+
+#[test]
+fn lockstep_runs_both_engines_and_they_agree() {
+    // The exceptions guest: paging, #PF, #GP, #DF, INT/IRET, I/O.
+    let normal = popek(&["run", "exceptions"]);
+    let out = popek(&["run", "exceptions", "--lockstep"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), normal.status.code(), "{err}");
+    assert_eq!(out.stdout, normal.stdout);
+    assert!(err.contains("bt and interp agreed on"), "{err}");
+}
+
+#[test]
+fn bt_is_the_default_engine() {
+    let out = popek(&["run", "hello", "--stats"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("blocks translated"), "{err}");
 }

@@ -11,6 +11,7 @@
 
 pub mod elf32;
 pub mod linux;
+pub mod lockstep;
 pub mod multiboot;
 
 use std::io::Write;
@@ -43,14 +44,22 @@ pub enum LoadError {
     Memory(String),
 }
 
+/// Guest instructions one translated block can retire (its instructions
+/// and the exit), for budgeting.
+const BLOCK_MAX: u64 = popek_decode::MAX_BLOCK_INSNS as u64 + 1;
+
+/// A `max_insns` for [`Machine::step`] that lets the translator run exactly
+/// one block.
+pub const ONE_BLOCK: u64 = 2 * BLOCK_MAX;
+
 /// Which engine executes guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
-    /// The reference interpreter.
-    #[default]
+    /// The reference interpreter: the oracle and the fallback.
     Interp,
-    /// The binary translator (first version: copies innocuous instructions
-    /// into host code, the interpreter does the rest).
+    /// The binary translator (the default): translated blocks run as host
+    /// code, special instructions call the virtual CPU.
+    #[default]
     Bt,
 }
 
@@ -78,7 +87,7 @@ impl Default for Config {
             memory: DEFAULT_MEMORY,
             max_insns: None,
             cmdline: String::new(),
-            engine: Engine::Interp,
+            engine: Engine::Bt,
             cache_blocks: None,
             trace: None,
         }
@@ -300,37 +309,56 @@ impl Machine {
             if self.config.trace.is_some_and(|from| steps > from) {
                 self.trace_one();
             }
-            let step = match &mut self.bt {
-                Some(bt) => bt.step_within(&mut self.cpu, budget - used),
-                None => popek_interp::step(&mut self.cpu),
-            };
-            if self.cpu.io.uart.has_output() {
-                let bytes = self.cpu.io.uart.take_output();
-                let _ = out.write_all(&bytes);
-            }
-            if let Some(s) = self.cpu.io.exit_requested() {
-                break Exit::DebugExit(s);
-            }
-            if let Platform::Linux(p) = &mut self.platform {
-                if let Some(vector) = p.kernel_entry(&self.cpu) {
-                    match p.handle(&mut self.cpu, vector, out, err) {
-                        linux::KernelExit::Resume => continue,
-                        linux::KernelExit::Exit(s) => break Exit::Exited(s),
-                        linux::KernelExit::Signal(f) => break Exit::Signal(f),
-                    }
-                }
-            }
-            match step {
-                popek_interp::Step::Executed => {}
-                popek_interp::Step::Halted => {
-                    // No device raises interrupts yet, so nothing can wake
-                    // a halted CPU: end the run rather than spin forever.
-                    break Exit::Halted { eip: self.cpu.eip };
-                }
-                popek_interp::Step::Stop(stop) => break self.stop_exit(stop),
+            if let Some(e) = self.step(budget - used, out, err) {
+                break e;
             }
         };
         let _ = out.flush();
         exit
+    }
+
+    /// One step of the run loop: a dispatcher step of the translator
+    /// (retiring at most `max_insns` instructions) or one interpreted instruction,
+    /// then device output, a debug exit, and the Linux platform's kernel
+    /// work. Some(exit) when the run is over.
+    pub fn step(
+        &mut self,
+        max_insns: u64,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Option<Exit> {
+        let step = match &mut self.bt {
+            // A translated block retires at most 64 instructions plus its
+            // exit: near the end of an instruction budget, interpret one
+            // at a time so the budget is exact.
+            Some(bt) if max_insns >= ONE_BLOCK => {
+                bt.step_within(&mut self.cpu, max_insns / BLOCK_MAX - 1)
+            }
+            Some(bt) => bt.interpret_one(&mut self.cpu),
+            None => popek_interp::step(&mut self.cpu),
+        };
+        if self.cpu.io.uart.has_output() {
+            let bytes = self.cpu.io.uart.take_output();
+            let _ = out.write_all(&bytes);
+        }
+        if let Some(s) = self.cpu.io.exit_requested() {
+            return Some(Exit::DebugExit(s));
+        }
+        if let Platform::Linux(p) = &mut self.platform {
+            if let Some(vector) = p.kernel_entry(&self.cpu) {
+                return match p.handle(&mut self.cpu, vector, out, err) {
+                    linux::KernelExit::Resume => None,
+                    linux::KernelExit::Exit(s) => Some(Exit::Exited(s)),
+                    linux::KernelExit::Signal(f) => Some(Exit::Signal(f)),
+                };
+            }
+        }
+        match step {
+            popek_interp::Step::Executed => None,
+            // No device raises interrupts yet, so nothing can wake a
+            // halted CPU: end the run rather than spin forever.
+            popek_interp::Step::Halted => Some(Exit::Halted { eip: self.cpu.eip }),
+            popek_interp::Step::Stop(stop) => Some(self.stop_exit(stop)),
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Command;
 
-use popek_machine::{Config, Exit, Machine};
+use popek_machine::{Config, Engine, Exit, Machine};
 
 fn build(name: &str, asm: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("popek-linux-{}", std::process::id()));
@@ -37,15 +37,24 @@ fn both(exe: &PathBuf) -> ((Vec<u8>, i32), (Vec<u8>, Exit)) {
         .unwrap_or_else(|| 128 + n.status.signal().unwrap());
     let image = std::fs::read(exe).unwrap();
     let args = vec![exe.display().to_string()];
-    let config = Config {
-        max_insns: Some(1_000_000),
-        ..Config::default()
+    let run = |engine| {
+        let config = Config {
+            max_insns: Some(1_000_000),
+            engine,
+            ..Config::default()
+        };
+        let mut m = Machine::linux(&image, &args, config).unwrap();
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let e = m.run_with(&mut out, &mut err);
+        (out, e)
     };
-    let mut m = Machine::linux(&image, &args, config).unwrap();
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    let e = m.run_with(&mut out, &mut err);
-    ((n.stdout, status), (out, e))
+    // Both engines must agree; the translator's result is compared with
+    // the native run.
+    let interp = run(Engine::Interp);
+    let bt = run(Engine::Bt);
+    assert_eq!(bt, interp, "bt and interp differ");
+    ((n.stdout, status), bt)
 }
 
 #[test]

@@ -77,6 +77,10 @@ enum Entry {
         code: Straight,
         /// Guest EIP of each translated instruction, then the EIP after them.
         eips: Vec<u32>,
+        /// For each translated instruction, how many instructions before
+        /// it the block's code counts as retired (helper calls retire
+        /// theirs through the interpreter).
+        counted: Vec<u32>,
         pages: (u32, u32),
         /// Chained jumps that land in this block.
         incoming: Vec<Link>,
@@ -447,7 +451,9 @@ impl Bt {
                 | Some(crate::straight::Exit::Jecxz { taken, not_taken }) => {
                     format!("to {taken:#010x} or {not_taken:#010x} by ECX (chainable)")
                 }
-                Some(crate::straight::Exit::Stored) => "by RET (through the dispatcher)".into(),
+                Some(crate::straight::Exit::Stored) => {
+                    "indirect (RET or JMP/CALL r/m32): table lookup in host code".into()
+                }
                 None => "to the dispatcher (next instruction not translated)".into(),
             }
         );
@@ -706,6 +712,7 @@ impl Bt {
         let block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
         let len = block.insns.len();
         let mut eips = Vec::with_capacity(len + 1);
+        let mut counted_at = Vec::with_capacity(len);
         // Host code of the translated instructions, one after another;
         // `parts` says which bytes (or which helper call) is whose.
         let mut arena = std::mem::take(&mut self.arena);
@@ -729,6 +736,7 @@ impl Bt {
             if let Some(kind) = kind {
                 self.segs_used |= SegBases::used_by(&i.ins);
                 eips.push(i.ins.ip32());
+                counted_at.push(counted as u32);
                 parts.push(Part::Code(mark, arena.len()));
                 if dumping {
                     how.push(kind);
@@ -738,6 +746,7 @@ impl Bt {
             }
             if let Some(e) = lower_terminator(&i.ins, &mut arena) {
                 eips.push(i.ins.ip32());
+                counted_at.push(counted as u32);
                 parts.push(Part::Code(mark, arena.len()));
                 if dumping {
                     how.push("rewritten (block exit)");
@@ -755,6 +764,7 @@ impl Bt {
                 break;
             }
             eips.push(i.ins.ip32());
+            counted_at.push(counted as u32);
             parts.push(Part::Helper(Piece::Helper {
                 eip: i.ins.ip32(),
                 next: i.ins.next_ip32(),
@@ -843,6 +853,7 @@ impl Bt {
         Entry::Code {
             code,
             eips,
+            counted: counted_at,
             pages,
             incoming: Vec::new(),
         }
@@ -889,6 +900,11 @@ impl Bt {
         let s = popek_interp::step(cpu);
         self.invalidate(&mut cpu.ram);
         s
+    }
+
+    /// Interpret the instruction at CS:EIP (counted as the dispatcher's).
+    pub fn interpret_one(&mut self, cpu: &mut Vcpu) -> Step {
+        self.interpret(cpu)
     }
 
     /// Run translated code from CS:EIP (chaining as far as it goes), or
@@ -991,11 +1007,18 @@ impl Bt {
                 .range(..=off as usize)
                 .next_back()
                 .map(|(_, e)| *e);
-            if let Some(Entry::Code { code, eips, .. }) = block.and_then(|b| self.cache.peek(&b)) {
+            if let Some(Entry::Code {
+                code,
+                eips,
+                counted,
+                ..
+            }) = block.and_then(|b| self.cache.peek(&b))
+            {
                 let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
                 cpu.eip = eips[done];
-                cpu.retired += done as u64;
-                self.stats.insns_native += done as u64;
+                let native = u64::from(counted.get(done).copied().unwrap_or(0));
+                cpu.retired += native;
+                self.stats.insns_native += native;
             }
             let key = self.key;
             let step = self.interpret(cpu);
