@@ -11,17 +11,20 @@ use popek_translate::engine::ExitReason;
 
 const EXAMPLES: &str = "\
 Examples:
-  popek run hello                     run a bundled guest with the interpreter
+  popek run hello                     run a bundled guest (binary translator)
+  popek run hello --engine interp     ... with the reference interpreter
+  popek run exceptions --lockstep     bt and interp side by side, block by block
   popek run ./kernel.elf --memory 128M --append 'debug=1'
   popek run compute --max-insns 1000000
-  popek run compute --engine bt --stats --dump=blocks.txt
+  popek run compute --stats --dump=blocks.txt
   popek guests                        list the bundled guests
   popek classify                      the Popek-Goldberg classification table
   popek classify popf                 classify the code a guest runs from its entry
 
 Exit status: the guest's isa-debug-exit status ((v << 1) | 1, as QEMU), or
 0 when the guest halts for good, 2 on an error (bad image, unsupported
-operation, triple fault), 4 when --max-insns runs out.";
+operation, triple fault), 3 when --lockstep finds a divergence, 4 when
+--max-insns runs out.";
 
 #[derive(Parser)]
 #[command(name = "popek", version, about = "A binary-translating virtual machine monitor for 32-bit x86", after_help = EXAMPLES)]
