@@ -870,25 +870,39 @@ impl Bt {
         if !self.enter(&mut cpu.ram) {
             return false;
         }
+        self.translate_into_cache(cpu, eip);
+        true
+    }
+
+    /// A cache miss: translate the block at `eip`, insert it (evicting the
+    /// least recently used block if the cache is full) and link it.
+    fn translate_into_cache(&mut self, cpu: &mut Vcpu, eip: u32) {
         let t = std::time::Instant::now();
         let e = self.translate(cpu, eip);
         self.stats.translate_ns += t.elapsed().as_nanos() as u64;
         if let Some((old_eip, old)) = self.cache.push(eip, e) {
+            if old_eip != eip {
+                self.stats.evictions += 1;
+            }
             self.unlink(old_eip, old);
         }
         self.link(eip);
-        true
     }
 
     fn count_exit(&mut self, why: ExitReason) {
         self.stats.exits[why as usize] += 1;
     }
 
-    /// Execute one instruction in the dispatcher: a special instruction
-    /// that ends a block (on its vcpu method, through the interpreter's
-    /// decoding) or an interpreter fallback.
+    /// Execute one instruction in the dispatcher (an exit of its own).
     fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
         self.count_exit(ExitReason::Interpreted);
+        self.execute_one(cpu)
+    }
+
+    /// Execute the instruction at CS:EIP on the interpreter: a special
+    /// instruction that ends a block (on its vcpu method, through the
+    /// interpreter's decoding) or an interpreter fallback.
+    fn execute_one(&mut self, cpu: &mut Vcpu) -> Step {
         let (kind, special) = kind_at(cpu, cpu.eip);
         if special {
             self.stats.special_calls += 1;
@@ -930,16 +944,7 @@ impl Bt {
         if self.cache.get(&eip).is_some() {
             self.stats.hits += 1;
         } else {
-            let t = std::time::Instant::now();
-            let e = self.translate(cpu, eip);
-            self.stats.translate_ns += t.elapsed().as_nanos() as u64;
-            if let Some((old_eip, old)) = self.cache.push(eip, e) {
-                if old_eip != eip {
-                    self.stats.evictions += 1;
-                }
-                self.unlink(old_eip, old);
-            }
-            self.link(eip);
+            self.translate_into_cache(cpu, eip);
         }
         self.publish_lookup(eip);
         let (Some(Entry::Code { code, .. }), Some(buf)) =
@@ -997,6 +1002,7 @@ impl Bt {
             return Step::Stop(stop);
         }
         if ctx.fault_rip != 0 {
+            // (`buf` still borrows the engine: count directly.)
             self.stats.exits[ExitReason::Fault as usize] += 1;
             // Stopped before a faulting instruction: find it, and let the
             // interpreter execute it with the guest's semantics.
@@ -1021,8 +1027,7 @@ impl Bt {
                 self.stats.insns_native += native;
             }
             let key = self.key;
-            let step = self.interpret(cpu);
-            self.stats.exits[ExitReason::Interpreted as usize] -= 1; // counted as a fault
+            let step = self.execute_one(cpu);
             if ctx.fault_addr != 0 {
                 self.fill_shadow(cpu, ctx.fault_addr, key);
             }

@@ -48,10 +48,10 @@ impl SegBases {
 /// flags), the segment base added (LEA again, wrapping at 4 GiB), then the
 /// instruction on `gs:[r13d]`.
 fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result<(), &'static str> {
-    let (b, i) = (ins.memory_base(), ins.memory_index());
-    if b.size() == 2 || i.size() == 2 || ins.memory_displ_size() == 2 {
+    if addr16(ins) {
         return Err("16-bit addressing");
     }
+    let (b, i) = (ins.memory_base(), ins.memory_index());
     let mark = out.len();
     let disp = i64::from(ins.memory_displacement32() as i32);
     let ea = if b == Register::None && i == Register::None {
@@ -83,24 +83,11 @@ fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result
     );
     let at = MemoryOperand::new(Register::R13D, Register::None, 1, 0, 0, false, Register::GS);
     // The moffs forms of MOV have no ModRM: use the ModRM forms.
-    let moffs = match ins.code() {
-        Code::Mov_AL_moffs8 => Some(Instruction::with2(Code::Mov_r8_rm8, Register::AL, at)),
-        Code::Mov_AX_moffs16 => Some(Instruction::with2(Code::Mov_r16_rm16, Register::AX, at)),
-        Code::Mov_EAX_moffs32 => Some(Instruction::with2(Code::Mov_r32_rm32, Register::EAX, at)),
-        Code::Mov_moffs8_AL => Some(Instruction::with2(Code::Mov_rm8_r8, at, Register::AL)),
-        Code::Mov_moffs16_AX => Some(Instruction::with2(Code::Mov_rm16_r16, at, Register::AX)),
-        Code::Mov_moffs32_EAX => Some(Instruction::with2(Code::Mov_rm32_r32, at, Register::EAX)),
-        _ => None,
-    };
-    let host = match moffs {
-        Some(i) => i.map_err(|_| "not encodable in 64-bit mode")?,
-        None => {
-            let mut host = *ins;
-            for k in 0..ins.op_count() {
-                if ins.op_kind(k) == OpKind::Register {
-                    host.set_op_register(k, host_reg(ins.op_register(k)));
-                }
-            }
+    let host = match moffs_as_modrm(ins.code()) {
+        Some((code, acc, true)) => Instruction::with2(code, acc, at),
+        Some((code, acc, false)) => Instruction::with2(code, at, acc),
+        None => Ok({
+            let mut host = with_host_registers(ins);
             host.set_segment_prefix(Register::GS);
             host.set_memory_base(Register::R13D);
             host.set_memory_index(Register::None);
@@ -108,8 +95,9 @@ fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result
             host.set_memory_displacement32(0);
             host.set_memory_displ_size(0);
             host
-        }
-    };
+        }),
+    }
+    .map_err(|_| "not encodable in 64-bit mode")?;
     let ok = ea.ok().and_then(|i| enc(&i, out)).is_some()
         && Instruction::with2(Code::Lea_r32_m, Register::R13D, plus_base)
             .ok()
@@ -122,6 +110,37 @@ fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result
         out.truncate(mark);
         Err("not encodable in 64-bit mode")
     }
+}
+
+/// `ins` with its register operands renamed for the host (guest ESP lives
+/// in R12D).
+fn with_host_registers(ins: &Instruction) -> Instruction {
+    let mut host = *ins;
+    for k in 0..ins.op_count() {
+        if ins.op_kind(k) == OpKind::Register {
+            host.set_op_register(k, host_reg(ins.op_register(k)));
+        }
+    }
+    host
+}
+
+/// Does the memory operand use 16-bit addressing ([bx+si], [disp16])?
+fn addr16(ins: &Instruction) -> bool {
+    ins.memory_base().size() == 2 || ins.memory_index().size() == 2 || ins.memory_displ_size() == 2
+}
+
+/// For a moffs form of MOV (no ModRM byte): the ModRM form, the
+/// accumulator, and whether it loads (true) or stores.
+fn moffs_as_modrm(c: Code) -> Option<(Code, Register, bool)> {
+    Some(match c {
+        Code::Mov_AL_moffs8 => (Code::Mov_r8_rm8, Register::AL, true),
+        Code::Mov_AX_moffs16 => (Code::Mov_r16_rm16, Register::AX, true),
+        Code::Mov_EAX_moffs32 => (Code::Mov_r32_rm32, Register::EAX, true),
+        Code::Mov_moffs8_AL => (Code::Mov_rm8_r8, Register::AL, false),
+        Code::Mov_moffs16_AX => (Code::Mov_rm16_r16, Register::AX, false),
+        Code::Mov_moffs32_EAX => (Code::Mov_rm32_r32, Register::EAX, false),
+        _ => return None,
+    })
 }
 
 /// The host register for a guest register: guest ESP lives in R12D (the
@@ -444,17 +463,8 @@ fn copy_bytes(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
         return true;
     }
     let (b, i) = (ins.memory_base(), ins.memory_index());
-    let moffs = matches!(
-        ins.code(),
-        Code::Mov_AL_moffs8
-            | Code::Mov_EAX_moffs32
-            | Code::Mov_AX_moffs16
-            | Code::Mov_moffs8_AL
-            | Code::Mov_moffs32_EAX
-            | Code::Mov_moffs16_AX
-    );
-    let address32 = b.size() != 2 && i.size() != 2 && ins.memory_displ_size() != 2;
-    if !address32 || (b == Register::None && i == Register::None && !moffs) {
+    let moffs = moffs_as_modrm(ins.code()).is_some();
+    if addr16(ins) || (b == Register::None && i == Register::None && !moffs) {
         return false;
     }
     out.extend([0x65, 0x67]);
@@ -494,13 +504,7 @@ pub fn lower_into(
     if bytes.is_some_and(|b| copy_bytes(ins, b, out)) {
         return Ok(());
     }
-    let mut host = *ins;
-    // Guest ESP lives in R12D.
-    for i in 0..ins.op_count() {
-        if ins.op_kind(i) == OpKind::Register {
-            host.set_op_register(i, host_reg(ins.op_register(i)));
-        }
-    }
+    let mut host = with_host_registers(ins);
     // INC/DEC r16/r32 short forms (40+r, 48+r) are REX prefixes in 64-bit mode.
     let code = match ins.code() {
         Code::Inc_r32 => Some(Code::Inc_rm32),
@@ -516,14 +520,10 @@ pub fn lower_into(
         };
     }
     if ins.op_kinds().any(|k| k == OpKind::Memory) {
-        let b = ins.memory_base();
-        let i = ins.memory_index();
-        if (b != Register::None && b.size() == 2) || (i != Register::None && i.size() == 2) {
+        if addr16(ins) {
             return Err("16-bit addressing");
         }
-        if b == Register::None && i == Register::None && ins.memory_displ_size() == 2 {
-            return Err("16-bit addressing");
-        }
+        let (b, i) = (ins.memory_base(), ins.memory_index());
         host.set_segment_prefix(Register::GS);
         host.set_memory_base(host_reg(b));
         host.set_memory_index(host_reg(i));
