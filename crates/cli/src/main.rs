@@ -17,6 +17,10 @@ Examples:
   popek run ./kernel.elf --memory 128M --append 'debug=1'
   popek run compute --max-insns 1000000
   popek run compute --stats --dump=blocks.txt
+  popek run ./prog arg1 arg2          a static i386 Linux program (int 0x80 serviced by popek)
+  popek run ./prog --strace           ... printing its system calls
+  popek run ./prog --engine native    ... directly on the host CPU
+  popek compare ./prog arg1           native vs bt: same output? how much slower?
   popek guests                        list the bundled guests
   popek classify                      the Popek-Goldberg classification table
   popek classify popf                 classify the code a guest runs from its entry
@@ -40,6 +44,9 @@ enum EngineArg {
     /// The binary translator (the default): guest code runs as
     /// translated host code, special instructions on the virtual CPU.
     Bt,
+    /// Direct execution of a Linux program on the host CPU (the kernel's
+    /// IA32 emulation): the baseline translation is measured against.
+    Native,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +93,24 @@ enum Cmd {
         /// stderr, optionally only from the N-th instruction on.
         #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]
         trace: Option<u64>,
+        /// Print each system call of a Linux program and its result to
+        /// stderr, as strace does.
+        #[arg(long)]
+        strace: bool,
+    },
+    /// Run a static i386 Linux program natively and under bt (and interp
+    /// with --interp): check that stdout and the exit status are the same,
+    /// and print the times, the ratio to native and the translation
+    /// statistics that explain it.
+    Compare {
+        /// The program.
+        prog: String,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// Also run the interpreter.
+        #[arg(long)]
+        interp: bool,
     },
     /// Print the classification table, or classify a guest's code.
     Classify {
@@ -157,6 +182,7 @@ fn main() -> ExitCode {
             stats_json,
             trace,
             lockstep,
+            strace,
         } => {
             let (image, path) = match load_image(&guest) {
                 Ok(x) => x,
@@ -172,7 +198,7 @@ fn main() -> ExitCode {
                 cmdline: format!("{path} {append}"),
                 engine: match engine {
                     EngineArg::Interp => Engine::Interp,
-                    EngineArg::Bt => Engine::Bt,
+                    EngineArg::Bt | EngineArg::Native => Engine::Bt,
                 },
                 cache_blocks,
                 trace,
@@ -181,11 +207,24 @@ fn main() -> ExitCode {
                 || !image.starts_with(b"\x7fELF");
             let mut argv = vec![path];
             argv.extend(args);
+            if matches!(engine, EngineArg::Native) {
+                if multiboot {
+                    eprintln!("popek: --engine native runs Linux programs only ({guest} is a Multiboot kernel)");
+                    return ExitCode::from(2);
+                }
+                return match native(&argv, &mut std::io::stdout()) {
+                    Ok((status, _)) => ExitCode::from(status as u8),
+                    Err(e) => {
+                        eprintln!("popek: {e}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
             let boot = |config: Config| {
                 if multiboot {
                     Machine::multiboot(&image, config)
                 } else {
-                    Machine::linux(&image, &argv, config)
+                    Machine::linux_with(&image, linux_start(&argv, strace), config)
                 }
             };
             if lockstep {
@@ -233,6 +272,7 @@ fn main() -> ExitCode {
             }
             ExitCode::from(exit.status() as u8)
         }
+        Cmd::Compare { prog, args, interp } => compare(&prog, args, interp),
         Cmd::Classify { guest: None } => {
             print_table();
             ExitCode::SUCCESS
@@ -250,6 +290,155 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// How a Linux program starts: its arguments, popek's environment.
+fn linux_start(argv: &[String], strace: bool) -> popek_machine::linux::Start {
+    popek_machine::linux::Start {
+        args: argv.to_vec(),
+        env: std::env::vars_os()
+            .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
+            .collect(),
+        exe: std::fs::canonicalize(&argv[0]).unwrap_or_default(),
+        strace,
+    }
+}
+
+/// Run a Linux program directly on the host; its stdout goes to `out`.
+/// Returns the exit status (128 + signal when killed) and the wall time.
+fn native(argv: &[String], out: &mut dyn Write) -> Result<(i32, std::time::Duration), String> {
+    use std::os::unix::process::ExitStatusExt;
+    let prog = if argv[0].contains('/') {
+        argv[0].clone()
+    } else {
+        format!("./{}", argv[0])
+    };
+    let start = std::time::Instant::now();
+    let child = std::process::Command::new(&prog)
+        .args(&argv[1..])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {prog:?} natively: {e}"))?;
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    let elapsed = start.elapsed();
+    let _ = out.write_all(&output.stdout);
+    let _ = out.flush();
+    let status = output
+        .status
+        .code()
+        .unwrap_or_else(|| 128 + output.status.signal().unwrap_or(0));
+    Ok((status, elapsed))
+}
+
+/// `popek compare`.
+fn compare(prog: &str, args: Vec<String>, interp: bool) -> ExitCode {
+    let image = match std::fs::read(prog) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("popek: cannot read {prog:?}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut argv = vec![prog.to_string()];
+    argv.extend(args);
+    let mut native_out = Vec::new();
+    let (native_status, native_time) = match native(&argv, &mut native_out) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("popek: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut engines = vec![Engine::Bt];
+    if interp {
+        engines.push(Engine::Interp);
+    }
+    let mut same = true;
+    println!(
+        "{:<8} {:>10} {:>10} {:>8}  stdout",
+        "engine", "wall (s)", "vs native", "status"
+    );
+    println!(
+        "{:<8} {:>10.4} {:>10} {:>8}  {} bytes",
+        "native",
+        native_time.as_secs_f64(),
+        "1.00x",
+        native_status,
+        native_out.len()
+    );
+    let mut details = Vec::new();
+    for engine in engines {
+        let config = Config {
+            engine,
+            ..Config::default()
+        };
+        let mut m = match Machine::linux_with(&image, linux_start(&argv, false), config) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("popek: {prog}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let mut out = Vec::new();
+        let mut err = std::io::stderr();
+        let start = std::time::Instant::now();
+        let exit = m.run_with(&mut out, &mut err);
+        let t = start.elapsed();
+        let status = exit.status();
+        let agree = out == native_out && status == native_status;
+        same &= agree;
+        let name = if engine == Engine::Bt { "bt" } else { "interp" };
+        println!(
+            "{:<8} {:>10.4} {:>9.2}x {:>8}  {} bytes, {}",
+            name,
+            t.as_secs_f64(),
+            t.as_secs_f64() / native_time.as_secs_f64().max(1e-9),
+            status,
+            out.len(),
+            if agree {
+                "identical to native"
+            } else {
+                "DIFFERS from native"
+            }
+        );
+        if let Some(msg) = exit.message() {
+            details.push(format!("{name}: {msg}"));
+        }
+        if let Some(bt) = &m.bt {
+            let s = bt.stats;
+            let pct = |a: u64, b: u64| {
+                if b == 0 {
+                    0.0
+                } else {
+                    100.0 * a as f64 / b as f64
+                }
+            };
+            details.push(format!(
+                "bt: {} guest instructions, {} blocks translated, {:.2} us per translation, \
+                 {:.1}% of the time translating, cache hit rate {:.2}% ({} lookups), \
+                 {} chained transfers, {:.3}% of instructions interpreted",
+                m.cpu.retired,
+                s.blocks_translated,
+                s.translate_ns as f64 / 1000.0 / s.blocks_translated.max(1) as f64,
+                pct(s.translate_ns, t.as_nanos() as u64),
+                pct(s.hits, s.lookups),
+                s.lookups,
+                s.chained,
+                pct(s.insns_interpreted, m.cpu.retired),
+            ));
+        }
+    }
+    for d in details {
+        println!("{d}");
+    }
+    if same {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("popek: compare: output or exit status differs from native execution");
+        ExitCode::from(1)
     }
 }
 

@@ -227,3 +227,83 @@ fn bt_is_the_default_engine() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("blocks translated"), "{err}");
 }
+
+/// A C program built here: `gcc -m32` with the given flags.
+fn c_program(name: &str, src: &str, flags: &[&str]) -> std::path::PathBuf {
+    let c = temp_file(&format!("{name}.c"), src.as_bytes());
+    let exe = c.with_extension("");
+    let out = Command::new("gcc")
+        .args(["-m32", "-O2", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .args(flags)
+        .output()
+        .expect("gcc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+const HELLO_C: &str = r#"#include <stdio.h>
+int main(int argc, char **argv) { printf("hi %s %d\n", argv[argc - 1], argc); return argc; }
+"#;
+
+#[test]
+fn dynamically_linked_programs_are_refused_in_one_line() {
+    let exe = c_program("dynamic", HELLO_C, &[]);
+    let out = popek(&["run", exe.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line_error(&out).contains("dynamically linked executables are not supported yet"));
+}
+
+#[test]
+fn native_engine_and_compare_agree_with_the_host() {
+    let exe = c_program("static", HELLO_C, &["-static"]);
+    let p = exe.to_str().unwrap();
+    let native = Command::new(p).arg("x").output().unwrap();
+    for engine in ["native", "bt", "interp"] {
+        let out = popek(&["run", "--engine", engine, p, "x"]);
+        assert_eq!(out.stdout, native.stdout, "{engine}");
+        assert_eq!(out.status.code(), native.status.code(), "{engine}");
+    }
+    let out = popek(&["compare", "--interp", p, "x"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(text.matches("identical to native").count(), 2, "{text}");
+    assert!(text.contains("blocks translated"), "{text}");
+}
+
+#[test]
+fn strace_prints_each_system_call_and_its_result() {
+    let exe = c_program("strace", HELLO_C, &["-static"]);
+    let out = popek(&["run", "--strace", exe.to_str().unwrap(), "y"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("set_thread_area("), "{err}");
+    assert!(err.contains("write(1, \"hi y 2\\n\", 7) = 7"), "{err}");
+    assert!(err.contains("exit_group(2) = 0"), "{err}");
+    assert!(
+        err.contains("rseq(") && err.contains("= -1 ENOSYS"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_system_calls_return_enosys_and_are_named_once() {
+    let exe = c_program(
+        "unknown",
+        r#"#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <errno.h>
+int main(void) { long a = syscall(0x1ff), b = syscall(0x1ff); printf("%ld %ld %d\n", a, b, errno); return 0; }
+"#,
+        &["-static"],
+    );
+    let out = popek(&["run", exe.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "-1 -1 38\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("unknown system call 511").count(), 1, "{err}");
+}

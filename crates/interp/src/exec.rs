@@ -411,15 +411,6 @@ fn store_selector(cpu: &mut Vcpu, ins: &Instruction, v: u32) -> VResult<()> {
     }
 }
 
-fn is_x87(ins: &Instruction) -> bool {
-    ins.cpuid_features().iter().any(|f| {
-        matches!(
-            f,
-            CpuidFeature::FPU | CpuidFeature::FPU287 | CpuidFeature::FPU387
-        )
-    })
-}
-
 /// Does every CPUID feature the instruction needs exist on popek's CPU model?
 fn on_cpu_model(ins: &Instruction) -> bool {
     ins.cpuid_features().iter().all(|f| {
@@ -443,13 +434,8 @@ fn on_cpu_model(ins: &Instruction) -> bool {
 
 /// Execute a decoded instruction. `cpu.eip` already points past it.
 pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
-    if is_x87(ins) {
-        // No FPU yet: CPUID reports none, and x87 opcodes raise #NM as
-        // with CR0.EM set (SDM Vol. 3 §2.5, EM flag).
-        if ins.mnemonic() == M::Wait {
-            return Ok(());
-        }
-        return Err(Fault::exc(vector::NM));
+    if crate::x87::is_x87(ins) {
+        return crate::x87::execute(cpu, ins);
     }
     match ins.mnemonic() {
         M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
@@ -515,6 +501,30 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
                 set_reg(cpu, ins.op0_register(), idx);
                 set_flags(cpu, Flags { mask: ZF, value: 0 });
             }
+        }
+        // F3 0F BC/BD: BSF/BSR on a CPU without BMI1/LZCNT, but glibc
+        // emits them expecting either; the host (the oracle, and what
+        // translated code runs on) has them, so popek behaves like it.
+        M::Tzcnt | M::Lzcnt => {
+            let size = size0(ins);
+            let v = read_op(cpu, ins, 1, size)? & mask(size);
+            let bits = 8 * size;
+            let n = if v == 0 {
+                bits
+            } else if ins.mnemonic() == M::Tzcnt {
+                v.trailing_zeros()
+            } else {
+                v.leading_zeros() - (32 - bits)
+            };
+            set_reg(cpu, ins.op0_register(), n);
+            let value = if v == 0 { CF } else { 0 } | if n == 0 { ZF } else { 0 };
+            set_flags(
+                cpu,
+                Flags {
+                    mask: CF | ZF,
+                    value,
+                },
+            );
         }
         M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad => bcd(cpu, ins)?,
 
@@ -755,7 +765,8 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
         M::Std => cpu.eflags |= DF,
         M::Cli => cpu.cli()?,
         M::Sti => cpu.sti()?,
-        M::Nop | M::Pause | M::Wait => {}
+        // ENDBR32/64 are hint NOPs (0F 1E) on a CPU without CET.
+        M::Nop | M::Pause | M::Wait | M::Endbr32 | M::Endbr64 => {}
         M::Ud2 | M::Ud0 | M::Ud1 => return Err(Fault::ud()),
         M::Hlt => cpu.hlt()?,
 

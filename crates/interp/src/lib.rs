@@ -16,6 +16,7 @@ pub mod alu;
 mod exec;
 pub mod operand;
 mod string;
+pub mod x87;
 
 use iced_x86::Instruction;
 use popek_decode::{decode_one, MAX_INSN_LEN};

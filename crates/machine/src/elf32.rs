@@ -7,6 +7,21 @@ use popek_memory::GuestRam;
 
 use crate::LoadError;
 
+/// One PT_LOAD segment.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    /// Virtual address.
+    pub vaddr: u32,
+    /// Size in memory (the part beyond the file data is zero).
+    pub memsz: u32,
+    /// Offset in the file.
+    pub offset: u32,
+    /// PF_R, PF_W, PF_X.
+    pub flags: u32,
+    /// The file data.
+    pub data: &'a [u8],
+}
+
 /// A parsed little-endian i386 ELF32 file.
 pub struct Elf32<'a> {
     data: &'a [u8],
@@ -47,6 +62,48 @@ impl<'a> Elf32<'a> {
         self.phdrs
             .iter()
             .any(|p| p.p_type(self.endian) == elf::PT_INTERP)
+    }
+
+    /// Is it position-independent (ET_DYN: a static PIE when it has no
+    /// PT_INTERP)?
+    pub fn is_dyn(&self) -> bool {
+        self.hdr.e_type(self.endian) == elf::ET_DYN
+    }
+
+    /// (file offset, entry size, count) of the program headers.
+    pub fn phdr_table(&self) -> (u32, u16, u16) {
+        let e = self.endian;
+        (
+            self.hdr.e_phoff(e),
+            self.hdr.e_phentsize(e),
+            self.hdr.e_phnum(e),
+        )
+    }
+
+    /// The PT_LOAD segments in full.
+    pub fn segments(&self) -> Result<Vec<Segment<'a>>, LoadError> {
+        let e = self.endian;
+        self.phdrs
+            .iter()
+            .filter(|p| p.p_type(e) == elf::PT_LOAD)
+            .map(|p| {
+                let data = p
+                    .data(e, self.data)
+                    .map_err(|_| LoadError::Malformed("ELF segment outside the file".into()))?;
+                if p.p_memsz(e) < p.p_filesz(e) {
+                    return Err(LoadError::Malformed(
+                        "ELF segment with memsz < filesz".into(),
+                    ));
+                }
+                Ok(Segment {
+                    vaddr: p.p_vaddr(e),
+                    memsz: p.p_memsz(e),
+                    offset: p.p_offset(e),
+                    flags: p.p_flags(e).0,
+                    data,
+                })
+            })
+            .collect()
     }
 
     /// The loadable segments: (virtual address, physical address, memory

@@ -133,6 +133,8 @@ pub enum Exit {
     Exited(i32),
     /// A Linux process was killed by the signal for a CPU exception.
     Signal(linux::Fatal),
+    /// A Linux process was killed by a signal it sent itself (abort()).
+    Killed(i32),
 }
 
 impl Exit {
@@ -143,6 +145,7 @@ impl Exit {
         match self {
             Exit::DebugExit(s) | Exit::Exited(s) => *s,
             Exit::Signal(f) => 128 + f.signo,
+            Exit::Killed(s) => 128 + s,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -165,6 +168,7 @@ impl Exit {
                 f.exception,
                 f.eip
             )),
+            Exit::Killed(s) => Some(format!("guest killed by {}", linux::sig::name(*s))),
             Exit::Halted { eip } => Some(format!(
                 "guest halted at eip={eip:#010x} with no interrupt source to wake it"
             )),
@@ -188,7 +192,7 @@ pub enum Platform {
     /// A bare-metal PC: the guest is the kernel.
     BareMetal,
     /// A Linux i386 process: popek is the kernel.
-    Linux(linux::LinuxProcess),
+    Linux(Box<linux::LinuxProcess>),
 }
 
 /// A virtual PC with one CPU.
@@ -229,15 +233,37 @@ impl Machine {
         })
     }
 
-    /// Start a static i386 Linux executable as a user-mode process.
+    /// Start a static i386 Linux executable as a user-mode process, with
+    /// popek's environment.
     pub fn linux(image: &[u8], args: &[String], config: Config) -> Result<Machine, LoadError> {
-        let (cpu, process) = linux::load(image, args, config.memory)?;
+        let exe = args
+            .first()
+            .and_then(|a| std::fs::canonicalize(a).ok())
+            .unwrap_or_default();
+        let start = linux::Start {
+            args: args.to_vec(),
+            env: std::env::vars_os()
+                .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
+                .collect(),
+            exe,
+            strace: false,
+        };
+        Machine::linux_with(image, start, config)
+    }
+
+    /// Start a static i386 Linux executable as a user-mode process.
+    pub fn linux_with(
+        image: &[u8],
+        start: linux::Start,
+        config: Config,
+    ) -> Result<Machine, LoadError> {
+        let (cpu, process) = linux::load(image, start, config.memory)?;
         let bt = (config.engine == Engine::Bt)
             .then(|| popek_translate::engine::Bt::new(config.cache_blocks));
         Ok(Machine {
             cpu,
             config,
-            platform: Platform::Linux(process),
+            platform: Platform::Linux(Box::new(process)),
             bt,
         })
     }
@@ -350,6 +376,7 @@ impl Machine {
                     linux::KernelExit::Resume => None,
                     linux::KernelExit::Exit(s) => Some(Exit::Exited(s)),
                     linux::KernelExit::Signal(f) => Some(Exit::Signal(f)),
+                    linux::KernelExit::Killed(s) => Some(Exit::Killed(s)),
                 };
             }
         }

@@ -105,6 +105,14 @@ impl GuestRam {
         self.table_written
     }
 
+    /// Write a page-table entry that only grants more than before (a
+    /// not-present entry becoming present, as a kernel mapping new memory
+    /// does): the shadow cannot be granting too much, so this is not a
+    /// page-table change either.
+    pub fn write_grant(&mut self, addr: u32, v: u32) {
+        self.write_ad(addr, v);
+    }
+
     /// Write a page-table entry whose accessed or dirty bit the CPU sets:
     /// a code-page write if it is one, but not a page-table change.
     pub fn write_ad(&mut self, addr: u32, v: u32) {

@@ -214,13 +214,14 @@ pub struct KindCounts {
 
 /// The mnemonic of the instruction at `eip`, and is it special
 /// (sensitive or privileged)?
-fn kind_at(cpu: &mut Vcpu, eip: u32) -> (String, bool) {
+fn kind_at(cpu: &mut Vcpu, eip: u32) -> (String, bool, bool) {
     let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
     let n = cpu.fetch(eip, &mut buf).0;
     let ins = popek_decode::decode_one(&buf[..n], eip, 32);
     (
         format!("{:?}", ins.mnemonic()).to_lowercase(),
         popek_decode::special(&ins).is_some(),
+        popek_interp::x87::is_x87(&ins),
     )
 }
 
@@ -235,6 +236,8 @@ struct HelperEnv {
     specials: u64,
     fallbacks: u64,
     kinds: *mut KindCounts,
+    /// The guest's x87 state is in the host FPU.
+    fpu_loaded: bool,
 }
 
 /// Execute the instruction at `eip` in place of translated code: the
@@ -254,7 +257,7 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         cpu.eip = eip;
-        let (kind, _) = kind_at(cpu, eip);
+        let (kind, _, x87) = kind_at(cpu, eip);
         // SAFETY: `kinds` points at the engine's counters, which the engine
         // does not touch while its code runs.
         let kinds = unsafe { &mut *env.kinds };
@@ -265,7 +268,16 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
             env.fallbacks += 1;
             *kinds.fallbacks.entry(kind).or_default() += 1;
         }
+        // An x87 instruction on the interpreter: the guest's FPU state is
+        // in the host FPU while translated code runs; hand it over.
+        let handover = x87 && env.fpu_loaded;
+        if handover {
+            cpu.fpu.save_host();
+        }
         let step = popek_interp::step(cpu);
+        if handover {
+            cpu.fpu.load_host();
+        }
         ctx.regs = cpu.regs;
         ctx.eflags = cpu.eflags;
         ctx.next_eip = cpu.eip;
@@ -724,6 +736,9 @@ impl Bt {
         let mut counted = 0usize;
         for i in &block.insns {
             let mark = arena.len();
+            // Translated code runs x87 instructions on the host FPU, with
+            // the guest's state loaded (see `step_within`).
+            cpu.fpu.used |= popek_interp::x87::is_x87(&i.ins);
             let kind = if i.class == popek_decode::Class::Innocuous
                 && lower_into(&i.ins, Some(&i.bytes), &mut arena, &self.segs).is_ok()
             {
@@ -903,7 +918,7 @@ impl Bt {
     /// instruction that ends a block (on its vcpu method, through the
     /// interpreter's decoding) or an interpreter fallback.
     fn execute_one(&mut self, cpu: &mut Vcpu) -> Step {
-        let (kind, special) = kind_at(cpu, cpu.eip);
+        let (kind, special, _) = kind_at(cpu, cpu.eip);
         if special {
             self.stats.special_calls += 1;
             *self.by_kind.specials.entry(kind).or_default() += 1;
@@ -961,6 +976,7 @@ impl Bt {
             specials: 0,
             fallbacks: 0,
             kinds: &mut self.by_kind,
+            fpu_loaded: cpu.fpu.used,
         };
         let mut ctx = Context {
             regs: cpu.regs,
@@ -976,6 +992,11 @@ impl Bt {
             indirect_hits: 0,
         };
         let budget = ctx.chain_budget;
+        if env.fpu_loaded {
+            // The guest's x87 state goes into the host FPU for the code's
+            // copied x87 instructions (and comes back after).
+            cpu.fpu.load_host();
+        }
         let cpu_ptr: *mut Vcpu = cpu;
         env.cpu = cpu_ptr;
         ctx.env = &mut env as *mut HelperEnv as u64;
@@ -988,6 +1009,9 @@ impl Bt {
         unsafe { code.run(buf, &mut ctx) };
         // SAFETY: the code has returned; `cpu_ptr` came from `cpu` above.
         let cpu = unsafe { &mut *cpu_ptr };
+        if env.fpu_loaded {
+            cpu.fpu.save_host();
+        }
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         self.stats.chained += budget - ctx.chain_budget;

@@ -25,6 +25,7 @@ pub mod interrupt;
 pub mod mmu;
 pub mod state;
 pub mod system;
+pub mod x87;
 
 pub use popek_devices::PortBus;
 pub use popek_memory::GuestRam;
@@ -58,6 +59,8 @@ pub mod vector {
     pub const GP: u8 = 13;
     /// Page fault.
     pub const PF: u8 = 14;
+    /// x87 floating-point error (an unmasked exception was pending).
+    pub const MF: u8 = 16;
     /// Alignment check.
     pub const AC: u8 = 17;
 

@@ -264,6 +264,8 @@ pub struct Vcpu {
     pub io: PortBus,
     /// Guest instructions retired.
     pub retired: u64,
+    /// The x87 FPU.
+    pub fpu: crate::x87::Fpu,
 }
 
 impl Vcpu {
@@ -309,6 +311,7 @@ impl Vcpu {
             ram,
             io: PortBus::new(),
             retired: 0,
+            fpu: crate::x87::Fpu::default(),
         }
     }
 

@@ -11,6 +11,8 @@ use crate::{desc::is_null, desc::Descriptor, Fault, VResult, Vcpu};
 
 /// CPUID leaf 1 EDX: the features of popek's Pentium Pro-class CPU.
 pub mod cpuid_edx {
+    /// x87 FPU on chip.
+    pub const FPU: u32 = 1 << 0;
     /// Page size extension (4 MiB pages).
     pub const PSE: u32 = 1 << 3;
     /// Time-stamp counter.
@@ -22,7 +24,7 @@ pub mod cpuid_edx {
     /// CMOVcc.
     pub const CMOV: u32 = 1 << 15;
     /// What leaf 1 reports.
-    pub const ALL: u32 = PSE | TSC | MSR | CX8 | CMOV;
+    pub const ALL: u32 = FPU | PSE | TSC | MSR | CX8 | CMOV;
 }
 
 /// CPUID leaf 1 EAX: family 6, model 1, stepping 9 (a Pentium Pro).
