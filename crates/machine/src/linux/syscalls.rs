@@ -365,9 +365,10 @@ impl LinuxProcess {
             // Flushed at once, so stdout and stderr interleave as natively.
             Ok(File::Out) => out.write_all(data).and_then(|()| out.flush()),
             Ok(File::Err) => err.write_all(data),
-            // SAFETY: the buffer is `data`; `h` is owned.
             Ok(File::Host(h)) => {
-                return host(unsafe { libc::write(*h, data.as_ptr().cast(), data.len()) } as _)
+                // SAFETY: the buffer is `data`; `h` is owned.
+                let n = unsafe { libc::write(*h, data.as_ptr().cast(), data.len()) };
+                return host(n as _);
             }
         };
         match r {
