@@ -357,11 +357,16 @@ fn compare(prog: &str, args: Vec<String>, interp: bool) -> ExitCode {
         engines.push(Engine::Interp);
     }
     let mut same = true;
-    println!(
+    // A closed stdout (`| head`) must not panic: write errors are ignored.
+    let stdout = std::io::stdout();
+    let mut so = stdout.lock();
+    let _ = writeln!(
+        so,
         "{:<8} {:>10} {:>10} {:>8}  stdout",
         "engine", "wall (s)", "vs native", "status"
     );
-    println!(
+    let _ = writeln!(
+        so,
         "{:<8} {:>10.4} {:>10} {:>8}  {} bytes",
         "native",
         native_time.as_secs_f64(),
@@ -391,7 +396,8 @@ fn compare(prog: &str, args: Vec<String>, interp: bool) -> ExitCode {
         let agree = out == native_out && status == native_status;
         same &= agree;
         let name = if engine == Engine::Bt { "bt" } else { "interp" };
-        println!(
+        let _ = writeln!(
+            so,
             "{:<8} {:>10.4} {:>9.2}x {:>8}  {} bytes, {}",
             name,
             t.as_secs_f64(),
@@ -432,7 +438,7 @@ fn compare(prog: &str, args: Vec<String>, interp: bool) -> ExitCode {
         }
     }
     for d in details {
-        println!("{d}");
+        let _ = writeln!(so, "{d}");
     }
     if same {
         ExitCode::SUCCESS
