@@ -224,7 +224,11 @@ fn main() -> ExitCode {
                 if multiboot {
                     Machine::multiboot(&image, config)
                 } else {
-                    Machine::linux_with(&image, linux_start(&argv, strace), config)
+                    Machine::linux_with(
+                        &image,
+                        popek_machine::linux::Start::with_host_env(&argv, strace),
+                        config,
+                    )
                 }
             };
             if lockstep {
@@ -293,18 +297,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// How a Linux program starts: its arguments, popek's environment.
-fn linux_start(argv: &[String], strace: bool) -> popek_machine::linux::Start {
-    popek_machine::linux::Start {
-        args: argv.to_vec(),
-        env: std::env::vars_os()
-            .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
-            .collect(),
-        exe: std::fs::canonicalize(&argv[0]).unwrap_or_default(),
-        strace,
-    }
-}
-
 /// Run a Linux program directly on the host; its stdout goes to `out`.
 /// Returns the exit status (128 + signal when killed) and the wall time.
 fn native(argv: &[String], out: &mut dyn Write) -> Result<(i32, std::time::Duration), String> {
@@ -331,6 +323,15 @@ fn native(argv: &[String], out: &mut dyn Write) -> Result<(i32, std::time::Durat
         .code()
         .unwrap_or_else(|| 128 + output.status.signal().unwrap_or(0));
     Ok((status, elapsed))
+}
+
+/// `a` as a percentage of `b` (0 when `b` is 0).
+fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        100.0 * a as f64 / b as f64
+    }
 }
 
 /// `popek compare`.
@@ -380,7 +381,11 @@ fn compare(prog: &str, args: Vec<String>, interp: bool) -> ExitCode {
             engine,
             ..Config::default()
         };
-        let mut m = match Machine::linux_with(&image, linux_start(&argv, false), config) {
+        let mut m = match Machine::linux_with(
+            &image,
+            popek_machine::linux::Start::with_host_env(&argv, false),
+            config,
+        ) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("popek: {prog}: {e}");
@@ -415,13 +420,6 @@ fn compare(prog: &str, args: Vec<String>, interp: bool) -> ExitCode {
         }
         if let Some(bt) = &m.bt {
             let s = bt.stats;
-            let pct = |a: u64, b: u64| {
-                if b == 0 {
-                    0.0
-                } else {
-                    100.0 * a as f64 / b as f64
-                }
-            };
             details.push(format!(
                 "bt: {} guest instructions, {} blocks translated, {:.2} us per translation, \
                  {:.1}% of the time translating, cache hit rate {:.2}% ({} lookups), \
@@ -567,13 +565,6 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
     );
     if let Some(bt) = &m.bt {
         let s = bt.stats;
-        let pct = |a: u64, b: u64| {
-            if b == 0 {
-                0.0
-            } else {
-                100.0 * a as f64 / b as f64
-            }
-        };
         eprintln!("  blocks translated             {}", s.blocks_translated);
         eprintln!("  guest instructions translated {}", s.insns_translated);
         eprintln!("  host bytes emitted            {}", s.host_bytes);

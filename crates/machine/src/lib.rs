@@ -236,19 +236,7 @@ impl Machine {
     /// Start a static i386 Linux executable as a user-mode process, with
     /// popek's environment.
     pub fn linux(image: &[u8], args: &[String], config: Config) -> Result<Machine, LoadError> {
-        let exe = args
-            .first()
-            .and_then(|a| std::fs::canonicalize(a).ok())
-            .unwrap_or_default();
-        let start = linux::Start {
-            args: args.to_vec(),
-            env: std::env::vars_os()
-                .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
-                .collect(),
-            exe,
-            strace: false,
-        };
-        Machine::linux_with(image, start, config)
+        Machine::linux_with(image, linux::Start::with_host_env(args, false), config)
     }
 
     /// Start a static i386 Linux executable as a user-mode process.

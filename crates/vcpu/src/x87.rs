@@ -42,12 +42,8 @@ pub mod off {
     pub const FCW: usize = 0;
     /// x87 status word.
     pub const FSW: usize = 2;
-    /// Abridged tag word (one bit per register: 1 = valid).
-    pub const FTW: usize = 4;
     /// MXCSR (the host's, never the guest's: the guest has no SSE).
     pub const MXCSR: usize = 24;
-    /// ST(0)/MM0; ST(i) is 16 bytes further each.
-    pub const ST0: usize = 32;
 }
 
 /// FSW bit 7: an unmasked exception is pending (the next waiting x87
@@ -107,37 +103,14 @@ impl Default for Fpu {
 }
 
 impl Fpu {
-    /// FNINIT: the state after reset.
-    pub fn reset(&mut self) {
-        *self = Fpu::default();
-    }
-
-    /// The FXSAVE image.
-    pub fn image(&self) -> &[u8; 512] {
-        &self.call.image
-    }
-
-    /// The FXSAVE image, to change.
-    pub fn image_mut(&mut self) -> &mut [u8; 512] {
-        &mut self.call.image
-    }
-
     /// The x87 control word.
     pub fn fcw(&self) -> u16 {
-        u16::from_le_bytes([self.call.image[0], self.call.image[1]])
+        u16::from_le_bytes([self.call.image[off::FCW], self.call.image[off::FCW + 1]])
     }
 
     /// The x87 status word.
     pub fn fsw(&self) -> u16 {
-        u16::from_le_bytes([self.call.image[2], self.call.image[3]])
-    }
-
-    /// The 80-bit register ST(i), as stored in the image.
-    pub fn st(&self, i: usize) -> [u8; 10] {
-        let mut r = [0; 10];
-        let at = off::ST0 + 16 * (i & 7);
-        r.copy_from_slice(&self.call.image[at..at + 10]);
-        r
+        u16::from_le_bytes([self.call.image[off::FSW], self.call.image[off::FSW + 1]])
     }
 
     /// The memory operand area of the next [`Fpu::execute`].

@@ -228,8 +228,7 @@ impl AddressSpace {
             }
             lin += PAGE;
         }
-        self.cut(start, end);
-        self.vmas.insert(start, (end, prot));
+        self.cut_join(start, end, prot);
         Ok(())
     }
 
@@ -297,11 +296,12 @@ impl AddressSpace {
             cpu.ram.write(to, 4, u64::from((e & !0xFFF) | flags));
         }
         self.cut(old, old + len);
-        self.vmas.insert(new, (new + len, prot));
+        self.cut_join(new, new + len, prot);
         Ok(())
     }
 
-    /// Record `[start, end)` as one range with `prot` (after mremap).
+    /// Record `[start, end)` as one range with `prot`, replacing whatever
+    /// ranges covered it.
     pub fn cut_join(&mut self, start: u32, end: u32, prot: u32) {
         self.cut(start, end);
         self.vmas.insert(start, (end, prot));
@@ -320,8 +320,7 @@ impl AddressSpace {
             return Err(ENOMEM);
         }
         self.map(cpu, end, new_end, prot, true)?;
-        self.cut(start, new_end);
-        self.vmas.insert(start, (new_end, prot));
+        self.cut_join(start, new_end, prot);
         Ok(())
     }
 
@@ -340,12 +339,8 @@ impl AddressSpace {
             {
                 return self.brk;
             }
-            // One VMA for the whole heap.
-            self.cut(self.brk_start, new_top);
-            if new_top > page_up(self.brk_start) {
-                self.vmas
-                    .insert(page_up(self.brk_start), (new_top, prot::READ | prot::WRITE));
-            }
+            // One VMA for the whole heap (brk_start is page-aligned).
+            self.cut_join(self.brk_start, new_top, prot::READ | prot::WRITE);
         } else if new_top < old_top {
             self.unmap(cpu, new_top, old_top);
         }

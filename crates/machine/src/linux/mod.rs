@@ -156,6 +156,24 @@ pub struct Start {
     pub strace: bool,
 }
 
+impl Start {
+    /// Start with `args` (args[0] names the program), popek's environment,
+    /// and /proc/self/exe resolving to args[0] on the host.
+    pub fn with_host_env(args: &[String], strace: bool) -> Start {
+        Start {
+            args: args.to_vec(),
+            env: std::env::vars_os()
+                .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
+                .collect(),
+            exe: args
+                .first()
+                .and_then(|a| std::fs::canonicalize(a).ok())
+                .unwrap_or_default(),
+            strace,
+        }
+    }
+}
+
 /// Load a static i386 ELF and build the process. Returns the CPU (in user
 /// mode at the entry point) and the process state.
 pub fn load(image: &[u8], start: Start, memory: u64) -> Result<(Vcpu, LinuxProcess), LoadError> {
