@@ -1,5 +1,8 @@
 //! Builds the bundled guests in guests/ with the machine's gcc and ld:
-//! 32-bit, freestanding, no libc, linked at 1 MiB as Multiboot ELF kernels.
+//! 32-bit, freestanding, no libc. Kernels (modes "qemu" and "popek") are
+//! linked at 1 MiB as Multiboot ELF files with the bare-metal runtime
+//! guests/rt; Linux programs (mode "linux") are static i386 executables with
+//! the user runtime guests/urt.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,8 +29,12 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", guests.display());
     let rt = guests.join("rt");
-    for f in ["boot.S", "isr.S", "rt.c", "rt.h", "link.ld"] {
+    let urt = guests.join("urt");
+    for f in ["boot.S", "isr.S", "rt.c", "lib.c", "rt.h", "link.ld"] {
         println!("cargo:rerun-if-changed={}", rt.join(f).display());
+    }
+    for f in ["start.S", "urt.c", "urt.h"] {
+        println!("cargo:rerun-if-changed={}", urt.join(f).display());
     }
     let cflags = [
         "-m32",
@@ -55,11 +62,19 @@ fn main() {
             .arg("-o")
             .arg(obj));
     };
-    let mut rt_objs = Vec::new();
+    let lib = out.join("lib.o");
+    compile(&rt.join("lib.c"), &lib);
+    let mut rt_objs = vec![lib.clone()];
     for f in ["boot.S", "isr.S", "rt.c"] {
         let obj = out.join(format!("rt_{f}.o"));
         compile(&rt.join(f), &obj);
         rt_objs.push(obj);
+    }
+    let mut urt_objs = vec![lib];
+    for f in ["start.S", "urt.c"] {
+        let obj = out.join(format!("urt_{f}.o"));
+        compile(&urt.join(f), &obj);
+        urt_objs.push(obj);
     }
     let list = std::fs::read_to_string(guests.join("guests.txt")).expect("guests/guests.txt");
     let mut table = String::from(
@@ -81,24 +96,31 @@ fn main() {
         let obj = out.join(format!("{name}.o"));
         compile(&src, &obj);
         let elf = out.join(format!("{name}.elf"));
-        run(Command::new("ld")
-            .args([
-                "-m",
-                "elf_i386",
-                "-z",
-                "max-page-size=4096",
-                "-z",
-                "noexecstack",
-                "-T",
-            ])
-            .arg(rt.join("link.ld"))
-            .arg("-o")
-            .arg(&elf)
-            .args(&rt_objs)
-            .arg(&obj));
+        let mode = mode.trim();
+        assert!(
+            ["qemu", "popek", "linux"].contains(&mode),
+            "guests.txt: {name}: unknown mode {mode:?}"
+        );
+        let linux = mode == "linux";
+        let mut ld = Command::new("ld");
+        ld.args([
+            "-m",
+            "elf_i386",
+            "-z",
+            "max-page-size=4096",
+            "-z",
+            "noexecstack",
+        ]);
+        if linux {
+            // ld's default script: a static executable at 0x08048000.
+            ld.arg("-static").args(&urt_objs);
+        } else {
+            ld.arg("-T").arg(rt.join("link.ld")).args(&rt_objs);
+        }
+        run(ld.arg("-o").arg(&elf).arg(&obj));
         table.push_str(&format!(
-            "    Guest {{ name: {name:?}, qemu: {}, about: {:?}, elf: include_bytes!({:?}), path: {:?} }},\n",
-            mode.trim() == "qemu",
+            "    Guest {{ name: {name:?}, qemu: {}, linux: {linux}, about: {:?}, elf: include_bytes!({:?}), path: {:?} }},\n",
+            mode != "popek",
             about.trim(),
             elf.display().to_string(),
             elf.display().to_string(),

@@ -145,7 +145,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn load_image(guest: &str) -> Result<(Vec<u8>, String), String> {
     if let Some(g) = popek_guests::find(guest) {
         if !std::path::Path::new(guest).exists() {
-            return Ok((g.elf.to_vec(), guest.to_string()));
+            // A Linux program's argv[0] is the file the build left, so that
+            // --engine native (which executes that file) sees the same one.
+            let path = if g.linux { g.path } else { guest };
+            return Ok((g.elf.to_vec(), path.to_string()));
         }
     }
     std::fs::read(guest)
@@ -156,6 +159,12 @@ fn load_image(guest: &str) -> Result<(Vec<u8>, String), String> {
                 bundled_names()
             )
         })
+}
+
+/// A Multiboot kernel (or not an ELF file at all: the Multiboot loader then
+/// names the problem), else a Linux program.
+fn is_multiboot(image: &[u8]) -> bool {
+    popek_machine::multiboot::find_header(image).is_some() || !image.starts_with(b"\x7fELF")
 }
 
 fn bundled_names() -> String {
@@ -203,8 +212,7 @@ fn main() -> ExitCode {
                 cache_blocks,
                 trace,
             };
-            let multiboot = popek_machine::multiboot::find_header(&image).is_some()
-                || !image.starts_with(b"\x7fELF");
+            let multiboot = is_multiboot(&image);
             let mut argv = vec![path];
             argv.extend(args);
             if matches!(engine, EngineArg::Native) {
@@ -336,14 +344,14 @@ fn pct(a: u64, b: u64) -> f64 {
 
 /// `popek compare`.
 fn compare(prog: &str, args: Vec<String>, interp: bool) -> ExitCode {
-    let image = match std::fs::read(prog) {
-        Ok(b) => b,
+    let (image, path) = match load_image(prog) {
+        Ok(x) => x,
         Err(e) => {
-            eprintln!("popek: cannot read {prog:?}: {e}");
+            eprintln!("popek: {e}");
             return ExitCode::from(2);
         }
     };
-    let mut argv = vec![prog.to_string()];
+    let mut argv = vec![path];
     argv.extend(args);
     let mut native_out = Vec::new();
     let (native_status, native_time) = match native(&argv, &mut native_out) {
@@ -667,13 +675,18 @@ fn print_table() {
 /// Print every block reachable from the guest's entry, classified.
 fn classify_guest(guest: &str) -> Result<(), String> {
     let (image, path) = load_image(guest)?;
-    let mut m = Machine::multiboot(
-        &image,
-        Config {
-            cmdline: path,
-            ..Config::default()
-        },
-    )
+    let mut m = if is_multiboot(&image) {
+        Machine::multiboot(
+            &image,
+            Config {
+                cmdline: path,
+                ..Config::default()
+            },
+        )
+    } else {
+        let start = popek_machine::linux::Start::with_host_env(&[path], false);
+        Machine::linux_with(&image, start, Config::default())
+    }
     .map_err(|e| format!("{guest}: {e}"))?;
     let entry = m.cpu.eip;
     let cpu = &mut m.cpu;

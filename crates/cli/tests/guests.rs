@@ -81,7 +81,10 @@ const ENGINES: [&str; 2] = ["interp", "bt"];
 
 #[test]
 fn every_qemu_guest_matches_qemu_byte_for_byte() {
-    let guests: Vec<_> = popek_guests::GUESTS.iter().filter(|g| g.qemu).collect();
+    let guests: Vec<_> = popek_guests::GUESTS
+        .iter()
+        .filter(|g| g.qemu && !g.linux)
+        .collect();
     assert!(guests.len() >= 5);
     let handles: Vec<_> = guests
         .iter()
@@ -125,6 +128,52 @@ fn every_qemu_guest_matches_qemu_byte_for_byte() {
                 "{name}: {ps}"
             );
             assert!(p.stderr.is_empty(), "{name}: popek stderr: {err}");
+        }
+    }
+}
+
+/// The bundled Linux programs: popek (both engines) against the host
+/// kernel running the same file (`--engine native`) and against qemu-i386.
+#[test]
+fn every_linux_guest_matches_native_and_qemu_i386() {
+    let guests: Vec<_> = popek_guests::GUESTS.iter().filter(|g| g.linux).collect();
+    assert!(guests.len() >= 2);
+    // user-compute reads its first argument as a repeat count.
+    let args = ["2", "second argument"];
+    for g in guests {
+        let native = run_with_timeout(Command::new(g.path).args(args), Duration::from_secs(60));
+        let qemu = run_with_timeout(
+            Command::new("qemu-i386").arg(g.path).args(args),
+            Duration::from_secs(60),
+        );
+        assert!(!native.stdout.is_empty(), "{}: no output natively", g.name);
+        assert_eq!(
+            String::from_utf8_lossy(&qemu.stdout),
+            String::from_utf8_lossy(&native.stdout),
+            "{}: qemu-i386 and the host disagree",
+            g.name
+        );
+        for engine in ["native", "interp", "bt"] {
+            let mut cmd = vec!["run", g.name, "--engine", engine, "--"];
+            cmd.extend(args);
+            let p = popek(&cmd);
+            let name = format!("{} (--engine {engine})", g.name);
+            assert_eq!(
+                String::from_utf8_lossy(&p.stdout),
+                String::from_utf8_lossy(&native.stdout),
+                "{name}: stdout differs from direct execution; stderr: {}",
+                String::from_utf8_lossy(&p.stderr)
+            );
+            assert_eq!(p.status.code(), native.status.code(), "{name}");
+            assert!(
+                !String::from_utf8_lossy(&p.stdout).contains("WRONG"),
+                "{name}"
+            );
+            assert!(
+                p.stderr.is_empty(),
+                "{name}: {}",
+                String::from_utf8_lossy(&p.stderr)
+            );
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The bundled guests: Multiboot kernels built from guests/ by build.rs
-//! with the machine's gcc (`-m32 -ffreestanding -nostdlib`, `ld -m elf_i386`).
-//! `popek run NAME` finds them here; tests run each under popek and QEMU.
+//! The bundled guests, built from guests/ by build.rs with the machine's gcc
+//! (`-m32 -ffreestanding -nostdlib`, `ld -m elf_i386`): Multiboot kernels
+//! and static i386 Linux programs. `popek run NAME` finds them here; tests
+//! run each under popek and QEMU (qemu-system-i386 for kernels, qemu-i386
+//! and the host kernel itself for Linux programs).
 
 /// A bundled guest.
 #[derive(Debug, Clone, Copy)]
@@ -9,6 +11,8 @@ pub struct Guest {
     pub name: &'static str,
     /// Does the QEMU comparison test run it?
     pub qemu: bool,
+    /// A static i386 Linux program (else a Multiboot kernel).
+    pub linux: bool,
     /// What it shows.
     pub about: &'static str,
     /// The Multiboot ELF image.
@@ -27,11 +31,21 @@ pub fn find(name: &str) -> Option<&'static Guest> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn every_guest_is_a_multiboot_elf() {
+    fn every_guest_is_an_i386_elf_of_its_kind() {
         assert!(super::GUESTS.len() >= 5);
         for g in super::GUESTS {
             assert_eq!(&g.elf[..4], b"\x7fELF", "{}", g.name);
-            assert!(g.elf.len() > 100);
+            assert_eq!(g.elf[4], 1, "{}: ELFCLASS32", g.name);
+            assert_eq!(
+                u16::from_le_bytes([g.elf[18], g.elf[19]]),
+                3,
+                "{}: EM_386",
+                g.name
+            );
+            // The Multiboot magic lies in the first 8 KiB of a kernel only.
+            let head = &g.elf[..g.elf.len().min(8192)];
+            let multiboot = head.windows(4).any(|w| w == 0x1BAD_B002u32.to_le_bytes());
+            assert_eq!(multiboot, !g.linux, "{}", g.name);
         }
     }
 }

@@ -151,6 +151,8 @@ impl LinuxProcess {
             122 => ("uname", &[X]),
             125 => ("mprotect", &[X, X, X]),
             140 => ("_llseek", &[D, D, D, X, D]),
+            187 => ("sendfile", &[D, D, X, D]),
+            239 => ("sendfile64", &[D, D, X, D]),
             145 => ("readv", &[D, X, D]),
             146 => ("writev", &[D, X, D]),
             158 => ("sched_yield", &[]),
@@ -394,6 +396,52 @@ impl LinuxProcess {
         n
     }
 
+    /// sendfile(out, in, offset, count): copies through a buffer; `wide`
+    /// is sendfile64, whose offset is a 64-bit loff_t.
+    fn sendfile(
+        &mut self,
+        cpu: &mut Vcpu,
+        wide: bool,
+        a: [u32; 6],
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<i32, Errno> {
+        let h = match self.file(a[1])? {
+            File::Host(h) => *h,
+            _ => return Err(EINVAL),
+        };
+        self.file(a[0])?;
+        let off = match (a[2], wide) {
+            (0, _) => None,
+            (p, true) => Some(i64::from_le_bytes(
+                self.mm.read(cpu, p, 8)?[..8].try_into().unwrap(),
+            )),
+            (p, false) => Some(i64::from(self.mm.read_u32(cpu, p)? as i32)),
+        };
+        let mut buf = vec![0u8; a[3].min(1 << 24) as usize];
+        // SAFETY: the buffer is `buf`; `h` is owned.
+        let n = host(unsafe {
+            match off {
+                None => libc::read(h, buf.as_mut_ptr().cast(), buf.len()),
+                Some(o) => libc::pread(h, buf.as_mut_ptr().cast(), buf.len(), o),
+            }
+        } as _);
+        if n <= 0 {
+            return if n < 0 { Err(-n) } else { Ok(0) };
+        }
+        let written = self.do_write(a[0], &buf[..n as usize], out, err);
+        if let (Some(o), true) = (off, written > 0) {
+            // The offset advances by what was written, as Linux's does.
+            let o = o + i64::from(written);
+            if wide {
+                self.mm.write(cpu, a[2], &o.to_le_bytes())?;
+            } else {
+                self.mm.write_u32(cpu, a[2], o as u32)?;
+            }
+        }
+        Ok(written)
+    }
+
     fn iovecs(&self, cpu: &Vcpu, addr: u32, count: u32) -> Result<Vec<(u32, u32)>, Errno> {
         if count > 1024 {
             return Err(EINVAL);
@@ -443,6 +491,7 @@ impl LinuxProcess {
                     }
                     total
                 }
+                187 | 239 => self.sendfile(cpu, n == 239, a, out, err)?,
                 146 => {
                     let mut data = Vec::new();
                     for (base, len) in self.iovecs(cpu, a[1], a[2])? {

@@ -8,6 +8,7 @@
 #include <unistd.h>
 #include <fcntl.h>
 #include <dirent.h>
+#include <sys/sendfile.h>
 
 static jmp_buf jb;
 static int depth;
@@ -69,8 +70,13 @@ int main(int argc, char **argv) {
     char buf[16] = {0};
     lseek(fd, -9, SEEK_END);
     read(fd, buf, 8);
-    close(fd);
     printf("tail: %s\n", buf);
+    /* sendfile from an offset straight to stdout; the offset advances */
+    fflush(stdout);
+    off_t off = 3;
+    ssize_t sent = sendfile(1, fd, &off, 12);
+    printf("\nsendfile: %zd off=%lld\n", sent, (long long)off);
+    close(fd);
     printf("access: %d %d\n", access(path, R_OK), access("/nonexistent/x", F_OK));
     unlink(path);
     printf("after unlink: %d\n", access(path, F_OK));
