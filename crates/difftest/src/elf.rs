@@ -1,8 +1,9 @@
 //! Writes each test case as a tiny static i386 Linux ELF: one RWX PT_LOAD
 //! segment holding the code (prologue, sequence, epilogue) and the data
 //! (scratch, stack, output area). The program loads the initial state, runs
-//! the sequence, stores the final registers and EFLAGS, and writes scratch,
-//! stack and registers to stdout with one `write` system call.
+//! the sequence, stores the final registers, EFLAGS and x87 state (FNSAVE),
+//! and writes scratch, stack, registers and x87 state to stdout with one
+//! `write` system call.
 
 use crate::gen::{Case, SCRATCH};
 
@@ -20,8 +21,12 @@ pub const SIGNAL_DUMP_LEN: u32 = 4 + 19 * 4;
 const CAUGHT: [u32; 5] = [4, 5, 7, 8, 11];
 /// Size of the alternate signal stack (after the file, zero-filled).
 const ALT_STACK: u32 = 64 << 10;
-/// Bytes written to stdout: scratch, stack, registers and flags.
-pub const DUMP_LEN: u32 = SCRATCH + STACK + 4 * OUT_WORDS;
+/// The FNSAVE image (32-bit protected-mode format, Intel SDM Vol. 1
+/// 8.1.10 and Figure 8-9): control, status and tag words, FIP/FCS/FOP,
+/// FDP/FDS, then ST(0)..ST(7), 10 bytes each.
+pub const FPU_LEN: u32 = 108;
+/// Bytes written to stdout: scratch, stack, registers, flags, x87 state.
+pub const DUMP_LEN: u32 = SCRATCH + STACK + 4 * OUT_WORDS + FPU_LEN;
 
 /// Addresses of the data regions for a code size.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +50,7 @@ impl Layout {
         self.data + SCRATCH + STACK
     }
     fn private_stack_top(self) -> u32 {
-        self.out() + SIGNAL_DUMP_LEN + 128
+        self.out() + (4 * OUT_WORDS + FPU_LEN).max(SIGNAL_DUMP_LEN) + 128
     }
     /// struct sigaltstack (12 bytes) then struct kernel_sigaction (20 bytes).
     fn sys(self) -> u32 {
@@ -104,6 +109,8 @@ fn epilogue(l: Layout) -> Vec<u8> {
     c.push(0x9C); // pushfd; pop [out+32]
     c.extend([0x8F, 0x05]);
     c.extend((out + 32).to_le_bytes());
+    c.extend([0xDD, 0x35]); // fnsave [out+36]
+    c.extend((out + 4 * OUT_WORDS).to_le_bytes());
     c.extend(mov_imm(0, 4)); // write(1, data, DUMP_LEN)
     c.extend(mov_imm(3, 1));
     c.extend(mov_imm(1, l.data));

@@ -125,20 +125,128 @@ fn wreg8(r: &mut Rng) -> u8 {
 /// with a writable register, or `[ebx + disp8]` inside scratch.
 fn modrm(r: &mut Rng, reg: u8, byte_op: bool, mem_size: u32) -> Vec<u8> {
     if r.one_in(3) {
-        // disp8 is signed: stay in 0..=0x77 so [ebx+disp] and 8 bytes fit
-        let disp = r.below(0x78 - mem_size.min(8)) as u8;
-        let d32 = u32::from(disp).to_le_bytes();
-        let r3 = reg << 3;
-        match r.below(5) {
-            0 => vec![0x40 | r3 | EBX, disp],                     // [ebx+disp8]
-            1 => vec![r3 | EBX],                                  // [ebx]
-            2 => [&[0x80 | r3 | EBX][..], &d32].concat(),         // [ebx+disp32]
-            3 => vec![0x44 | r3, 0x20 | EBX, disp],               // SIB [ebx+disp8], no index
-            _ => [&[0x04 | r3, EBX << 3 | 5][..], &d32].concat(), // SIB [ebx*1+disp32], no base
-        }
+        mem_modrm(r, reg, mem_size)
     } else {
         let rm = if byte_op { wreg8(r) } else { wreg(r) };
         vec![0xC0 | (reg << 3) | rm]
+    }
+}
+
+/// A memory ModRM with `reg` in the reg field: `[ebx + disp]` in several
+/// encodings, the `mem_size` bytes inside scratch.
+fn mem_modrm(r: &mut Rng, reg: u8, mem_size: u32) -> Vec<u8> {
+    // disp8 is signed: stay in 0..=0x77 so [ebx+disp] and its bytes fit
+    // (an 80-bit operand may reach 0x80)
+    let disp = r.below(0x78 - mem_size.min(8)) as u8;
+    let d32 = u32::from(disp).to_le_bytes();
+    let r3 = reg << 3;
+    match r.below(5) {
+        0 => vec![0x40 | r3 | EBX, disp],                     // [ebx+disp8]
+        1 => vec![r3 | EBX],                                  // [ebx]
+        2 => [&[0x80 | r3 | EBX][..], &d32].concat(),         // [ebx+disp32]
+        3 => vec![0x44 | r3, 0x20 | EBX, disp],               // SIB [ebx+disp8], no index
+        _ => [&[0x04 | r3, EBX << 3 | 5][..], &d32].concat(), // SIB [ebx*1+disp32], no base
+    }
+}
+
+/// An x87 instruction (or a short group): every arithmetic, compare,
+/// load/store, constant, transcendental and control form gcc and glibc use,
+/// on values from scratch (random bit patterns: NaNs, denormals, invalid
+/// BCD) and whatever the stack holds (underflow and overflow included, all
+/// exceptions masked). Not FNSTENV/FNSAVE/FXSAVE: their FIP/FDP fields hold
+/// host addresses under popek (docs/quirks.md).
+fn template_x87(r: &mut Rng) -> Vec<Vec<u8>> {
+    let i = r.below(8) as u8;
+    let op = r.below(8) as u8;
+    let k = r.below(3) as u8;
+    match r.below(14) {
+        // loads first, so later forms find values: FLD m32/m64/m80, FILD
+        // m16/m32/m64, FBLD m80, a constant, FLD ST(i)
+        0 | 1 => vec![match r.below(9) {
+            0 => [vec![0xD9], mem_modrm(r, 0, 4)].concat(),
+            1 => [vec![0xDD], mem_modrm(r, 0, 8)].concat(),
+            2 => [vec![0xDB], mem_modrm(r, 5, 10)].concat(),
+            3 => [vec![0xDF], mem_modrm(r, 0, 2)].concat(),
+            4 => [vec![0xDB], mem_modrm(r, 0, 4)].concat(),
+            5 => [vec![0xDF], mem_modrm(r, 5, 8)].concat(),
+            6 => [vec![0xDF], mem_modrm(r, 4, 10)].concat(),
+            7 => vec![0xD9, 0xE8 + r.below(7) as u8], // FLD1 FLDL2T FLDL2E FLDPI FLDLG2 FLDLN2 FLDZ
+            _ => vec![0xD9, 0xC0 + i],
+        }],
+        // arithmetic with memory: m32fp, m64fp, m32int, m16int
+        2 | 3 => {
+            let (opc, size) = [(0xD8, 4), (0xDC, 8), (0xDA, 4), (0xDE, 2)][r.below(4) as usize];
+            vec![[vec![opc], mem_modrm(r, op, size)].concat()]
+        }
+        // arithmetic between registers: D8 (ST(0) op= ST(i)), DC (ST(i) op=
+        // ST(0)), DE (and pop; DE D9 is FCOMPP)
+        4 | 5 => {
+            let opc = [0xD8, 0xDC, 0xDE][r.below(3) as usize];
+            let op = if opc != 0xD8 && (op == 2 || op == 3) {
+                op + 4 // DC D0-DF and DE D0-DF (but D9) are aliases; keep to real forms
+            } else {
+                op
+            };
+            vec![vec![opc, 0xC0 | op << 3 | i]]
+        }
+        // stores: FST/FSTP m32/m64/m80, FIST/FISTP/FISTTP m16/m32/m64,
+        // FBSTP, FST/FSTP ST(i)
+        6 | 7 => vec![match r.below(12) {
+            0 => [vec![0xD9], mem_modrm(r, 2 + k % 2, 4)].concat(),
+            1 => [vec![0xDD], mem_modrm(r, 1 + k, 8)].concat(),
+            2 => [vec![0xDB], mem_modrm(r, 7, 10)].concat(),
+            3 => [vec![0xDF], mem_modrm(r, 1 + k, 2)].concat(),
+            4 => [vec![0xDB], mem_modrm(r, 1 + k, 4)].concat(),
+            5 => [vec![0xDF], mem_modrm(r, 7, 8)].concat(),
+            6 => [vec![0xDF], mem_modrm(r, 6, 10)].concat(),
+            7 => [vec![0xDD], mem_modrm(r, 1, 8)].concat(), // FISTTP m64
+            8 => [vec![0xD9], mem_modrm(r, 7, 2)].concat(), // FNSTCW
+            9 => [vec![0xDD], mem_modrm(r, 7, 2)].concat(), // FNSTSW m16
+            10 => vec![0xDF, 0xE0],                         // FNSTSW AX
+            _ => vec![0xDD, if r.one_in(2) { 0xD0 } else { 0xD8 } + i],
+        }],
+        // compares: FCOM/FCOMP/FUCOM/FUCOMP ST(i), FCOMPP, FUCOMPP, FTST,
+        // FXAM, and the EFLAGS forms FCOMI/FCOMIP/FUCOMI/FUCOMIP
+        8 | 9 => vec![match r.below(8) {
+            0 => vec![0xD8, 0xD0 + r.below(16) as u8],
+            1 => vec![0xDD, 0xE0 + r.below(16) as u8],
+            2 => vec![0xDE, 0xD9],
+            3 => vec![0xDA, 0xE9],
+            4 => vec![0xD9, 0xE4 + r.below(2) as u8],
+            5 => vec![0xDB, 0xE8 + r.below(16) as u8],
+            _ => vec![0xDF, 0xE8 + r.below(16) as u8],
+        }],
+        // FCMOVcc (reads EFLAGS)
+        10 => vec![vec![
+            [0xDA, 0xDB][r.below(2) as usize],
+            0xC0 + r.below(32) as u8,
+        ]],
+        // one-operand forms and transcendentals: D9 E0-E1 and F0-FF
+        11 | 12 => vec![vec![
+            0xD9,
+            if r.one_in(8) {
+                0xE0 + r.below(2) as u8
+            } else {
+                0xF0 + r.below(16) as u8
+            },
+        ]],
+        // control: FXCH, FFREE, FINCSTP/FDECSTP (in the D9 F6/F7 slots
+        // above), FNCLEX, FNINIT, FWAIT, FNOP, and FLDCW with a control word
+        // that keeps every exception masked (random rounding and precision)
+        _ => match r.below(7) {
+            0 | 1 => vec![vec![0xD9, 0xC8 + i]],
+            2 => vec![vec![0xDD, 0xC0 + i]],
+            3 => vec![vec![0xDB, 0xE2 + r.below(2) as u8]],
+            4 => vec![vec![0x9B], vec![0xD9, 0xD0]],
+            _ => {
+                let disp = r.below(0x70) as u8;
+                let cw = 0x7F | (r.below(16) as u16) << 8; // PC and RC bits
+                vec![
+                    [vec![0x66, 0xC7, 0x43, disp], cw.to_le_bytes().to_vec()].concat(), // mov word [ebx+disp], cw
+                    vec![0xD9, 0x6B, disp], // fldcw [ebx+disp]
+                ]
+            }
+        },
     }
 }
 
@@ -172,6 +280,9 @@ fn imm(r: &mut Rng, n: usize) -> Vec<u8> {
 
 /// Generate one template: one or more instructions.
 fn template(r: &mut Rng) -> Vec<Vec<u8>> {
+    if r.one_in(6) {
+        return template_x87(r);
+    }
     let (b, p66) = size(r);
     let opsz = if b {
         1

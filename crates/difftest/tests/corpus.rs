@@ -113,3 +113,37 @@ fn exceptions_mode_is_exercised() {
         "#DE #BP #OF #BR #UD #GP #PF"
     );
 }
+
+#[test]
+fn x87_is_generated_and_its_state_compared() {
+    // The generator mixes x87 forms into the sequences and the dump carries
+    // the FNSAVE image: over a few dozen seeds, many native runs must end
+    // with values on the x87 stack, and popek must agree on every one.
+    let dir = temp_dir("x87");
+    let (mut with_x87, mut nonempty) = (0, 0);
+    for seed in (1..=120).filter(|s| s % 4 != 0) {
+        let case = gen::generate(seed, 20);
+        if case.insns().any(|b| (0xD8..=0xDF).contains(&b[0])) {
+            with_x87 += 1;
+        }
+        let image = popek_difftest::elf::elf(&case);
+        let native = popek_difftest::run_image_natively(&image, &dir).unwrap();
+        let state = popek_difftest::parse(&native.dump).expect("complete dump");
+        if u16::from_le_bytes([state.fpu[8], state.fpu[9]]) != 0xFFFF {
+            nonempty += 1;
+        }
+        for engine in [popek_machine::Engine::Interp, popek_machine::Engine::Bt] {
+            let popek = popek_difftest::run_popek(&image, engine);
+            let why = popek_difftest::compare(&case, &native, &popek);
+            assert!(why.is_none(), "seed {seed} {engine:?}: {why:?}");
+        }
+    }
+    assert!(
+        with_x87 >= 45,
+        "only {with_x87} of 90 cases have x87 instructions"
+    );
+    assert!(
+        nonempty >= 30,
+        "only {nonempty} of 90 cases end with a non-empty x87 stack"
+    );
+}
