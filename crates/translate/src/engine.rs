@@ -68,6 +68,8 @@ impl Hasher for EipHasher {
 struct Link {
     from: u32,
     rel32: usize,
+    /// Where the jump goes while unchained (its stub's cold tail).
+    cold: usize,
 }
 
 /// A cache entry: translated code, or a note that nothing at this EIP can
@@ -530,15 +532,15 @@ impl Bt {
         }
     }
 
-    /// Patch a chained jump to land in `target`'s body, or back to the
-    /// shared epilogue.
-    fn patch(&mut self, rel32: usize, to_body_of: Option<u32>) {
+    /// Patch a chained jump to land in `target`'s body, or back to its
+    /// stub's cold tail (which returns to the dispatcher).
+    fn patch(&mut self, l: Link, to_body_of: Option<u32>) {
         let to = match to_body_of.and_then(|t| self.cache.peek(&t)) {
             Some(Entry::Code { code, .. }) => code.body_offset(),
-            _ => epilogue_offset(),
+            _ => l.cold,
         };
         if let Some(buf) = self.code.as_mut() {
-            buf.patch_rel32(rel32, to);
+            buf.patch_rel32(l.rel32, to);
         }
     }
 
@@ -546,7 +548,7 @@ impl Bt {
     fn link(&mut self, eip: u32) {
         let waiting = self.pending.remove(&eip).unwrap_or_default();
         for l in &waiting {
-            self.patch(l.rel32, Some(eip));
+            self.patch(*l, Some(eip));
         }
         let sites: Vec<_> = match self.cache.peek_mut(&eip) {
             Some(Entry::Code { code, incoming, .. }) => {
@@ -559,10 +561,11 @@ impl Bt {
             let link = Link {
                 from: eip,
                 rel32: site.rel32,
+                cold: site.cold,
             };
             if let Some(Entry::Code { incoming, .. }) = self.cache.peek_mut(&site.target) {
                 incoming.push(link);
-                self.patch(site.rel32, Some(site.target));
+                self.patch(link, Some(site.target));
             } else {
                 self.pending.entry(site.target).or_default().push(link);
             }
@@ -578,7 +581,7 @@ impl Bt {
         self.by_offset.remove(&code.offset());
         for l in incoming {
             if l.from != eip && self.cache.contains(&l.from) {
-                self.patch(l.rel32, None);
+                self.patch(l, None);
                 self.pending.entry(eip).or_default().push(l);
             }
         }

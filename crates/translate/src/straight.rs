@@ -201,6 +201,9 @@ pub struct Site {
     pub rel32: usize,
     /// The guest address the stub goes to.
     pub target: u32,
+    /// Code-buffer offset the jump goes to while unchained: the stub's cold
+    /// tail, which stores the next EIP and returns to the dispatcher.
+    pub cold: usize,
 }
 
 /// Compiled host code for one block.
@@ -225,9 +228,10 @@ pub struct Straight {
 #[derive(Debug)]
 pub struct BuildError(pub String);
 
-/// Bytes in one exit stub: store next EIP (8), count (4), xchg (3),
-/// lea (4), jrcxz (2), xchg (3), jmp (5), xchg (3), jmp (5).
-const STUB_LEN: usize = 37;
+/// Bytes in one exit stub: count (4), mov (3), lea (4), mov (3), jrcxz
+/// (2), mov (3), jmp (5); budget_out: mov (3); cold: store next EIP (8),
+/// jmp (5).
+const STUB_LEN: usize = 40;
 
 /// `mov dword [r15 + NEXT_EIP], imm32`
 fn store_next(out: &mut Vec<u8>, eip: u32) {
@@ -313,20 +317,27 @@ impl Straight {
         }
         let body_end = out.len();
         let mut sites = Vec::with_capacity(2);
-        // One stub: next EIP, count, budget, patchable jump.
+        // One stub: count, budget, patchable jump; the next EIP is stored
+        // only on the cold path back to the dispatcher (a chained jump
+        // carries it in the code). The budget goes through RCX for JRCXZ
+        // with MOVs (R13 is scratch), cheaper than two XCHGs.
         let stub = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32| {
-            store_next(out, target);
             count(out, n);
-            out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
-            out.extend([0x48, 0x8D, 0x49, 0xFF]); // lea rcx, [rcx - 1]
+            out.extend([0x49, 0x89, 0xCD]); // mov r13, rcx
+            out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
+            out.extend([0x49, 0x89, 0xCE]); // mov r14, rcx
             out.extend([0xE3, 0x08]); // jrcxz budget_out
-            out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
-            jmp_to(out, base, epilogue); // the patch site
+            out.extend([0x4C, 0x89, 0xE9]); // mov rcx, r13
+            let cold = base + out.len() + 5 + 3;
+            jmp_to(out, base, cold); // the patch site
             sites.push(Site {
                 rel32: base + out.len() - 4,
                 target,
+                cold,
             });
-            out.extend([0x4C, 0x87, 0xF1]); // budget_out: xchg rcx, r14
+            out.extend([0x4C, 0x89, 0xE9]); // budget_out: mov rcx, r13
+            debug_assert_eq!(base + out.len(), cold);
+            store_next(out, target);
             jmp_to(out, base, epilogue);
         };
         match exit {
