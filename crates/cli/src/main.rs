@@ -549,7 +549,7 @@ fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> String {
             ("special", &bt.by_kind.specials),
             ("fallback", &bt.by_kind.fallbacks),
         ] {
-            let mut v: Vec<_> = map.iter().collect();
+            let mut v = popek_translate::engine::KindCounts::named(map);
             v.sort();
             for (k, n) in v {
                 fields.push((format!("{prefix}_{k}"), n.to_string()));
@@ -623,9 +623,8 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             "  shadow pages / mode flushes   {} / {}",
             s.shadow_maps, s.mode_flushes
         );
-        let top = |m: &std::collections::HashMap<String, u64>| {
-            let mut v: Vec<_> = m.iter().collect();
-            v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let top = |m| {
+            let v = popek_translate::engine::KindCounts::named(m);
             let v: Vec<String> = v.iter().take(8).map(|(k, n)| format!("{k} {n}")).collect();
             v.join(", ")
         };

@@ -549,9 +549,19 @@ fn template(r: &mut Rng) -> Vec<Vec<u8>> {
             v
         }
         // PUSH/POP pairs, CALL/RET
-        21 => match r.below(3) {
+        21 => match r.below(5) {
             0 => vec![vec![0x50 + r.below(8) as u8], vec![0x58 + wreg(r)]],
             1 => vec![vec![0x6A, r.below(256) as u8], vec![0x8F, 0xC0 + wreg(r)]],
+            // PUSH r/m32 from scratch, a register, or the stack itself
+            // ([esp+disp8]: the address uses ESP before the push)
+            2 => vec![
+                [vec![0xFF], modrm(r, 6, false, 4)].concat(),
+                vec![0x58 + wreg(r)],
+            ],
+            3 => vec![
+                vec![0xFF, 0x74, 0x24, (r.below(16) * 4) as u8],
+                vec![0x58 + wreg(r)],
+            ],
             _ => vec![vec![0xE8, 2, 0, 0, 0], vec![0xEB, 1], vec![0xC3]],
         },
         // LEA (32-bit SIB and 16-bit 0x67 forms), CBW/CWDE/CWD/CDQ, XLAT,

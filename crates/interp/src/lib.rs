@@ -62,6 +62,18 @@ pub fn fetch_decode(cpu: &mut Vcpu) -> Result<(Instruction, [u8; MAX_INSN_LEN], 
 
 /// Execute one instruction at CS:EIP (or deliver the exception it raises).
 pub fn step(cpu: &mut Vcpu) -> Step {
+    step_with(cpu, None)
+}
+
+/// [`step`] for the instruction at CS:EIP already decoded (by an engine
+/// that decoded it when it translated the code around it, and drops that
+/// translation when the bytes change): no fetch and no decoding.
+pub fn step_decoded(cpu: &mut Vcpu, ins: &iced_x86::Instruction) -> Step {
+    debug_assert_eq!(ins.ip32(), cpu.eip);
+    step_with(cpu, Some(ins))
+}
+
+fn step_with(cpu: &mut Vcpu, decoded: Option<&iced_x86::Instruction>) -> Step {
     if cpu.halted {
         return Step::Halted;
     }
@@ -70,8 +82,12 @@ pub fn step(cpu: &mut Vcpu) -> Step {
     let saved_flags = cpu.eflags;
     let single_step = cpu.eflags & flags::TF != 0;
     cpu.int_shadow = false;
-    let result = match fetch_decode(cpu) {
-        Ok((ins, _, _)) => {
+    let fetched = match decoded {
+        Some(ins) => Ok(*ins),
+        None => fetch_decode(cpu).map(|(ins, _, _)| ins),
+    };
+    let result = match fetched {
+        Ok(ins) => {
             cpu.eip = ins.next_ip32();
             exec::execute(cpu, &ins).map_err(|f| (f, ins.is_string_instruction()))
         }

@@ -6,6 +6,14 @@
 //! loop and an interrupt could be taken between iterations, as on hardware.
 //! Each iteration commits ESI/EDI/ECX only after its memory accesses
 //! succeeded, so a fault leaves the completed iterations' progress.
+//!
+//! REP MOVS and REP STOS going up (DF = 0) with 32-bit addresses take a
+//! bulk path: runs that stay inside one page on each side, in RAM, pass
+//! their segment checks and translate without a fault are done as one
+//! memmove or fill (for MOVS only when the destination does not overlap
+//! the source from above, where the element-by-element result differs).
+//! Whatever the bulk path declines, the element loop does, faulting at the
+//! exact element.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind};
 use popek_vcpu::flags::{DF, ZF};
@@ -41,7 +49,27 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     let adv = |v: u32| (v & !amask) | (v.wrapping_add(step) & amask);
     let start_eip = ins.ip32();
     let mut n = 0;
+    let bulk_kind = match m {
+        _ if !rep || a16 || step != size => None,
+        M::Movsb | M::Movsw | M::Movsd => Some(true),
+        M::Stosb | M::Stosw | M::Stosd => Some(false),
+        _ => None,
+    };
     loop {
+        if let Some(movs) = bulk_kind {
+            let budget = (CHUNK - n).min(cpu.regs[reg::ECX]);
+            let k = bulk_run(cpu, movs, src_seg, size, budget);
+            if k > 0 {
+                n += k;
+                let bytes = k * size;
+                if movs {
+                    cpu.regs[reg::ESI] = cpu.regs[reg::ESI].wrapping_add(bytes);
+                }
+                cpu.regs[reg::EDI] = cpu.regs[reg::EDI].wrapping_add(bytes);
+                cpu.regs[reg::ECX] -= k;
+                continue;
+            }
+        }
         if rep && cpu.regs[reg::ECX] & amask == 0 {
             return Ok(());
         }
@@ -126,4 +154,59 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
             return Ok(());
         }
     }
+}
+
+/// One bulk run of REP MOVS (`movs`) or REP STOS going up: at most
+/// `budget` elements of `size` bytes, inside one page on each side.
+/// Returns the elements done (0: leave this element to the loop).
+fn bulk_run(cpu: &mut Vcpu, movs: bool, src_seg: SegReg, size: u32, budget: u32) -> u32 {
+    use popek_vcpu::mmu::Access;
+    let page_elems = |lin: u32| (0x1000 - (lin & 0xFFF)) / size;
+    let di = cpu.regs[reg::EDI];
+    let Ok(lin_di) = cpu.seg_check(SegReg::Es, di, size, Access::Write) else {
+        return 0;
+    };
+    let mut k = budget.min(page_elems(lin_di));
+    let mut lin_si = 0;
+    if movs {
+        let Ok(l) = cpu.seg_check(src_seg, cpu.regs[reg::ESI], size, Access::Read) else {
+            return 0;
+        };
+        lin_si = l;
+        k = k.min(page_elems(lin_si));
+    }
+    if k < 2 {
+        return 0;
+    }
+    let len = k * size;
+    // The whole run passes the segment checks (no offset wrap-around).
+    let whole = |cpu: &Vcpu, s: SegReg, off: u32, access| {
+        u64::from(off) + u64::from(len) <= 1 << 32 && cpu.seg_check(s, off, len, access).is_ok()
+    };
+    if !whole(cpu, SegReg::Es, di, Access::Write)
+        || (movs && !whole(cpu, src_seg, cpu.regs[reg::ESI], Access::Read))
+    {
+        return 0;
+    }
+    let user = cpu.user();
+    let src = if movs {
+        match cpu.translate(lin_si, Access::Read, user) {
+            Ok(p) if cpu.ram.contains(p, len) => Some(p),
+            _ => return 0,
+        }
+    } else {
+        None
+    };
+    let dst = match cpu.translate(lin_di, Access::Write, user) {
+        Ok(p) if cpu.ram.contains(p, len) => p,
+        _ => return 0,
+    };
+    match src {
+        // The destination overlapping the source from above: each element
+        // reads what an earlier one wrote; leave it to the loop.
+        Some(p) if dst > p && dst < p + len => return 0,
+        Some(p) => cpu.ram.copy_within_page(p, dst, len),
+        None => cpu.ram.fill_within_page(dst, len, cpu.regs[reg::EAX], size),
+    }
+    k
 }

@@ -335,6 +335,26 @@ impl GuestRam {
         }
     }
 
+    /// Copy `len` bytes from `src` to `dst` within one page each (as
+    /// memmove), recording the write: the bulk form of REP MOVS. Both
+    /// ranges must be RAM ([`GuestRam::contains`]).
+    pub fn copy_within_page(&mut self, src: u32, dst: u32, len: u32) {
+        self.note_write(dst, len);
+        let (s, d) = (src as usize, dst as usize);
+        self.map.copy_within(s..s + len as usize, d);
+    }
+
+    /// Fill `len` bytes at `dst` (within one page, RAM) with the low `size`
+    /// bytes of `v` repeated, recording the write: the bulk form of REP STOS.
+    pub fn fill_within_page(&mut self, dst: u32, len: u32, v: u32, size: u32) {
+        self.note_write(dst, len);
+        let pattern = v.to_le_bytes();
+        let d = dst as usize;
+        for (i, b) in self.map[d..d + len as usize].iter_mut().enumerate() {
+            *b = pattern[i % size as usize];
+        }
+    }
+
     /// Copy `data` into RAM at `addr`; bytes beyond RAM are dropped.
     /// Returns false if any byte fell outside RAM.
     pub fn load(&mut self, addr: u32, data: &[u8]) -> bool {

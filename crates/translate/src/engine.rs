@@ -209,26 +209,63 @@ impl ExitReason {
 #[derive(Debug, Default, Clone)]
 pub struct KindCounts {
     /// Interpreter fallbacks (in the dispatcher or through helper calls).
-    pub fallbacks: HashMap<String, u64>,
+    pub fallbacks: HashMap<iced_x86::Mnemonic, u64>,
     /// Special instructions executed through helper calls.
-    pub specials: HashMap<String, u64>,
+    pub specials: HashMap<iced_x86::Mnemonic, u64>,
+}
+
+impl KindCounts {
+    /// A map's counts by lowercase mnemonic ("push", "rep movsd" is
+    /// "movsd"), most frequent first.
+    pub fn named(map: &HashMap<iced_x86::Mnemonic, u64>) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = map
+            .iter()
+            .map(|(m, n)| (format!("{m:?}").to_lowercase(), *n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
 }
 
 /// The mnemonic of the instruction at `eip`, and is it special
 /// (sensitive or privileged)?
-fn kind_at(cpu: &mut Vcpu, eip: u32) -> (String, bool, bool) {
+fn kind_at(cpu: &mut Vcpu, eip: u32) -> (iced_x86::Mnemonic, bool, bool) {
     let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
     let n = cpu.fetch(eip, &mut buf).0;
     let ins = popek_decode::decode_one(&buf[..n], eip, 32);
     (
-        format!("{:?}", ins.mnemonic()).to_lowercase(),
+        ins.mnemonic(),
         popek_decode::special(&ins).is_some(),
         popek_interp::x87::is_x87(&ins),
     )
 }
 
+/// What a helper call's last argument says about its instruction: bit 0
+/// special, bit 1 x87, the rest the index of its decoded form in
+/// `Bt::helper_insns`.
+struct HelperArg {
+    special: bool,
+    x87: bool,
+    index: usize,
+}
+
+impl HelperArg {
+    fn encode(&self) -> u32 {
+        u32::from(self.special) | u32::from(self.x87) << 1 | (self.index as u32) << 2
+    }
+    fn decode(arg: u32) -> HelperArg {
+        HelperArg {
+            special: arg & 1 != 0,
+            x87: arg & 2 != 0,
+            index: (arg >> 2) as usize,
+        }
+    }
+}
+
 /// What helper calls from translated code work on.
 struct HelperEnv {
+    /// `Bt::helper_insns`.
+    insns: *const Vec<iced_x86::Instruction>,
     /// Did a helper ask to leave the block?
     left: bool,
     segs: SegBases,
@@ -247,7 +284,7 @@ struct HelperEnv {
 /// same as everywhere else. Returns 0 to go on with the block, 1 to leave
 /// it (control went elsewhere, the CPU stopped or halted, a device wants
 /// the dispatcher, or code was written).
-extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u32) -> u32 {
+extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, arg: u32) -> u32 {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: `ctx` is the context `Bt::step` passed to the running
         // code; its `env` points at the HelperEnv on that call's stack,
@@ -259,11 +296,20 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         cpu.eip = eip;
-        let (kind, _, x87) = kind_at(cpu, eip);
+        let HelperArg {
+            special,
+            x87,
+            index,
+        } = HelperArg::decode(arg);
+        // SAFETY: `insns` points at the engine's table, which the engine
+        // does not touch while its code runs; every helper call in the code
+        // buffer has its entry (the table is emptied with the buffer).
+        let ins = unsafe { &(&*env.insns)[index] };
+        let kind = ins.mnemonic();
         // SAFETY: `kinds` points at the engine's counters, which the engine
         // does not touch while its code runs.
         let kinds = unsafe { &mut *env.kinds };
-        if special != 0 {
+        if special {
             env.specials += 1;
             *kinds.specials.entry(kind).or_default() += 1;
         } else {
@@ -276,7 +322,7 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, special: u
         if handover {
             cpu.fpu.save_host();
         }
-        let step = popek_interp::step(cpu);
+        let step = popek_interp::step_decoded(cpu, ins);
         if handover {
             cpu.fpu.load_host();
         }
@@ -369,6 +415,10 @@ pub struct Bt {
     dump: Option<Box<dyn std::io::Write>>,
     /// Scratch space for host code while a block is built.
     arena: Vec<u8>,
+    /// The decoded instruction of every helper call in the code buffer
+    /// (its index is in the call's argument), so a helper neither fetches
+    /// nor decodes. Emptied with the buffer.
+    helper_insns: Vec<iced_x86::Instruction>,
     /// The paging mode the cached translations and the shadow belong to.
     key: PagingKey,
     /// The indirect-branch table translated code searches (RET, indirect
@@ -420,6 +470,7 @@ impl Bt {
             by_kind: KindCounts::default(),
             dump: None,
             arena: Vec::with_capacity(4096),
+            helper_insns: Vec::new(),
             key: None,
             lookup: vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
             lookup_used: Vec::new(),
@@ -698,6 +749,7 @@ impl Bt {
         if let Some(buf) = self.code.as_mut() {
             buf.reset();
         }
+        self.helper_insns.clear();
         self.stats.flushes += 1;
     }
 
@@ -786,9 +838,15 @@ impl Bt {
             parts.push(Part::Helper(Piece::Helper {
                 eip: i.ins.ip32(),
                 next: i.ins.next_ip32(),
-                special: i.special.is_some(),
+                arg: HelperArg {
+                    special: i.special.is_some(),
+                    x87: popek_interp::x87::is_x87(&i.ins),
+                    index: self.helper_insns.len(),
+                }
+                .encode(),
                 counted_before: counted,
             }));
+            self.helper_insns.push(i.ins);
             if dumping {
                 how.push(if i.special.is_some() {
                     "helper call (vcpu)"
@@ -979,6 +1037,7 @@ impl Bt {
             specials: 0,
             fallbacks: 0,
             kinds: &mut self.by_kind,
+            insns: &self.helper_insns,
             fpu_loaded: cpu.fpu.used,
         };
         let mut ctx = Context {

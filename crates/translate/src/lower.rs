@@ -270,7 +270,7 @@ fn store_r13d_as_next(out: &mut Vec<u8>) -> Option<()> {
     )
 }
 
-/// PUSH r32/imm and POP r32 on the guest stack (32-bit operand size),
+/// PUSH r/m32/imm and POP r32 on the guest stack (32-bit operand size),
 /// appended to `out`. The store or load comes first, so a fault leaves ESP
 /// untouched. False (and `out` unchanged) for every other instruction.
 pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
@@ -284,6 +284,14 @@ pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
                 .map(|_| adjust_esp(-4, out))
         }
         Code::Pushd_imm8 | Code::Pushd_imm32 => push_imm32(ins.immediate(0) as u32, out),
+        // PUSH r/m32: the operand's address uses ESP before the push
+        // (Intel SDM PUSH), as the load through R13D does.
+        Code::Push_rm32 => load_r13d(ins, out)
+            .and_then(|()| {
+                Instruction::with2(Code::Mov_rm32_r32, stack_slot(-4), Register::R13D).ok()
+            })
+            .and_then(|i| enc(&i, out))
+            .map(|()| adjust_esp(-4, out)),
         Code::Pop_r32 => {
             let r = host_reg(ins.op0_register());
             Instruction::with2(Code::Mov_r32_rm32, r, stack_slot(0))

@@ -136,7 +136,7 @@ pub enum Piece<'a> {
     /// Host code for one guest instruction.
     Code(&'a [u8]),
     /// One guest instruction executed by a helper call: the guest state is
-    /// stored, `helper(ctx, eip, next_eip, special)` runs it, and the block
+    /// stored, `helper(ctx, eip, next_eip, arg)` runs it, and the block
     /// goes on if the helper returns 0, or leaves (the state is already in
     /// the context) if it returns 1.
     Helper {
@@ -144,8 +144,9 @@ pub enum Piece<'a> {
         eip: u32,
         /// The EIP after it.
         next: u32,
-        /// Is it a special (sensitive or privileged) instruction?
-        special: bool,
+        /// The helper's last argument (the engine's description of the
+        /// instruction).
+        arg: u32,
         /// Instructions before it in this block that the block counts.
         counted_before: usize,
     },
@@ -286,7 +287,7 @@ impl Straight {
                 Piece::Helper {
                     eip,
                     next,
-                    special,
+                    arg,
                     counted_before,
                 } => {
                     let h =
@@ -298,8 +299,8 @@ impl Straight {
                     out.extend(eip.to_le_bytes());
                     out.push(0xBA); // mov edx, next
                     out.extend(next.to_le_bytes());
-                    out.push(0xB9); // mov ecx, special
-                    out.extend(u32::from(*special).to_le_bytes());
+                    out.push(0xB9); // mov ecx, arg
+                    out.extend(arg.to_le_bytes());
                     out.extend([0x48, 0xB8]); // mov rax, helper
                     out.extend((h as usize as u64).to_le_bytes());
                     out.extend([0x48, 0x83, 0xEC, 0x08]); // sub rsp, 8 (16-byte alignment)
