@@ -41,12 +41,13 @@ use crate::code_buffer::CodeBuffer;
 use crate::lower::{lower, lower_into, lower_stack, lower_terminator, SegBases};
 use crate::straight::{
     epilogue_offset, set_gs_base, Context, LookupEntry, Piece, Straight, LOOKUP_ENTRIES,
+    LOOKUP_SHIFT,
 };
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
 /// for the host, only for hash-table balance).
 #[derive(Default)]
-struct EipHasher(u64);
+pub struct EipHasher(u64);
 
 impl Hasher for EipHasher {
     fn finish(&self) -> u64 {
@@ -209,15 +210,18 @@ impl ExitReason {
 #[derive(Debug, Default, Clone)]
 pub struct KindCounts {
     /// Interpreter fallbacks (in the dispatcher or through helper calls).
-    pub fallbacks: HashMap<iced_x86::Mnemonic, u64>,
+    pub fallbacks: KindMap,
     /// Special instructions executed through helper calls.
-    pub specials: HashMap<iced_x86::Mnemonic, u64>,
+    pub specials: KindMap,
 }
+
+/// Counts by mnemonic (a cheap hasher: helper calls count on every call).
+pub type KindMap = HashMap<iced_x86::Mnemonic, u64, BuildHasherDefault<EipHasher>>;
 
 impl KindCounts {
     /// A map's counts by lowercase mnemonic ("push", "rep movsd" is
     /// "movsd"), most frequent first.
-    pub fn named(map: &HashMap<iced_x86::Mnemonic, u64>) -> Vec<(String, u64)> {
+    pub fn named(map: &KindMap) -> Vec<(String, u64)> {
         let mut v: Vec<_> = map
             .iter()
             .map(|(m, n)| (format!("{m:?}").to_lowercase(), *n))
@@ -1050,8 +1054,7 @@ impl Bt {
             env: 0,
             fault_addr: 0,
             fault_write: 0,
-            indirect_lookups: 0,
-            indirect_hits: 0,
+            indirect_misses: 0,
         };
         let budget = ctx.chain_budget;
         if env.fpu_loaded {
@@ -1077,10 +1080,12 @@ impl Bt {
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.eflags;
         self.stats.chained += budget - ctx.chain_budget;
-        self.stats.indirect_lookups += ctx.indirect_lookups;
-        self.stats.indirect_hits += ctx.indirect_hits;
-        cpu.retired += ctx.retired;
-        self.stats.insns_native += ctx.retired;
+        let lookups = ctx.retired >> LOOKUP_SHIFT;
+        let retired = ctx.retired & ((1 << LOOKUP_SHIFT) - 1);
+        self.stats.indirect_lookups += lookups;
+        self.stats.indirect_hits += lookups - ctx.indirect_misses;
+        cpu.retired += retired;
+        self.stats.insns_native += retired;
         self.stats.special_calls += env.specials;
         self.stats.insns_interpreted += env.fallbacks;
         if let Some(stop) = env.stop {

@@ -16,7 +16,7 @@
 //! guest instructions of completed blocks; R14 is the chaining budget.
 //! The host's arithmetic flags and DF are the guest's while guest code
 //! runs; the system flags stay virtual in the context. Counting and the
-//! budget use only flag-preserving instructions (LEA, XCHG, JRCXZ).
+//! budget use only flag-preserving instructions (LEA, MOV, JRCXZ).
 //!
 //! Guest memory is reached through GS: the calling thread's GS base must be
 //! the guest window ([`set_gs_base`]).
@@ -39,7 +39,9 @@ pub struct Context {
     /// Set by the fault handler: the host address of the instruction that
     /// faulted (0 if the code ran to its exit).
     pub fault_rip: u64,
-    /// Guest instructions of the blocks that completed in this run.
+    /// Guest instructions of the blocks that completed in this run (the
+    /// low [`LOOKUP_SHIFT`] bits), and indirect branches looked up in host
+    /// code (the bits above): R8 counts both, with one LEA per block.
     pub retired: u64,
     /// Chained jumps allowed before returning to the dispatcher; what is
     /// left on return.
@@ -50,17 +52,19 @@ pub struct Context {
     pub fault_addr: u64,
     /// Set by the fault handler for a SIGSEGV: 1 if the access was a write.
     pub fault_write: u64,
-    /// Indirect branches (RET, JMP/CALL r/m32) looked up in host code.
-    pub indirect_lookups: u64,
-    /// Of those, the ones found in the table (and taken without the
-    /// dispatcher).
-    pub indirect_hits: u64,
+    /// Of the indirect branches (RET, JMP/CALL r/m32) looked up in host
+    /// code, the ones not found in the table (which return to the
+    /// dispatcher; counted on that cold path, so a hit costs no count).
+    pub indirect_misses: u64,
 }
 
-/// Offset of [`Context::indirect_lookups`].
-const INDIRECT_LOOKUPS_OFFSET: u8 = 88;
-/// Offset of [`Context::indirect_hits`].
-const INDIRECT_HITS_OFFSET: u8 = 96;
+/// Where [`Context::retired`] counts indirect-branch lookups: one run
+/// retires fewer than 2^24 instructions (at most [`crate::engine::CHAIN_BUDGET`]
+/// + 1 blocks of at most 65).
+pub const LOOKUP_SHIFT: u32 = 24;
+
+/// Offset of [`Context::indirect_misses`].
+const INDIRECT_MISSES_OFFSET: u8 = 88;
 
 /// One entry of the indirect-branch table that translated code searches
 /// for the target of a RET or an indirect JMP/CALL: the guest EIP and the
@@ -99,16 +103,16 @@ fn bump(out: &mut Vec<u8>, off: u8) {
 /// The exit of a block whose next EIP is in R13D (and already stored in
 /// the context): look it up in the indirect-branch table at `table` and
 /// jump straight to its translation, or return to the dispatcher. Only
-/// flag-neutral instructions (MOVZX, LEA, NOT, XCHG, JRCXZ), like the
+/// flag-neutral instructions (MOV, MOVZX, LEA, NOT, JRCXZ), like the
 /// stubs; R9-R11 and R13 are scratch.
 fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
-    bump(out, INDIRECT_LOOKUPS_OFFSET);
-    // The chaining budget, as in a stub.
-    out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
-    out.extend([0x48, 0x8D, 0x49, 0xFF]); // lea rcx, [rcx - 1]
+    // The chaining budget, as in a stub (R9 keeps RCX meanwhile).
+    out.extend([0x49, 0x89, 0xC9]); // mov r9, rcx
+    out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
+    out.extend([0x49, 0x89, 0xCE]); // mov r14, rcx
     let jrcxz_out = out.len();
     out.extend([0xE3, 0x00]); // jrcxz budget_out (patched below)
-    out.extend([0x4C, 0x87, 0xF1]); // xchg rcx, r14
+    out.extend([0x4C, 0x89, 0xC9]); // mov rcx, r9
     out.extend([0x45, 0x0F, 0xB7, 0xCD]); // movzx r9d, r13w
     out.extend([0x49, 0xBA]); // mov r10, table
     out.extend(table.to_le_bytes());
@@ -116,17 +120,18 @@ fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
     out.extend([0x47, 0x8B, 0x5C, 0xCA, 0x08]); // mov r11d, [r10 + r9*8 + 8]
     out.extend([0x41, 0xF7, 0xD5]); // not r13d
     out.extend([0x47, 0x8D, 0x5C, 0x2B, 0x01]); // lea r11d, [r11 + r13 + 1]: 0 iff equal
-    out.extend([0x4C, 0x87, 0xD9]); // xchg rcx, r11
-    out.extend([0xE3, 12]); // jrcxz hit (over xchg, lea, jmp: 3 + 4 + 5)
-    out.extend([0x4C, 0x87, 0xD9]); // xchg rcx, r11
+    out.extend([0x49, 0x89, 0xCD]); // mov r13, rcx
+    out.extend([0x4C, 0x89, 0xD9]); // mov rcx, r11
+    out.extend([0xE3, 24]); // jrcxz hit (over mov, lea, count, jmp: 3 + 4 + 12 + 5)
+    out.extend([0x4C, 0x89, 0xE9]); // mov rcx, r13
     out.extend([0x4D, 0x8D, 0x76, 0x01]); // lea r14, [r14 + 1]: a miss is no chain
+    bump(out, INDIRECT_MISSES_OFFSET);
     jmp_to(out, base, epilogue);
-    out.extend([0x4C, 0x87, 0xD9]); // hit: xchg rcx, r11
-    bump(out, INDIRECT_HITS_OFFSET);
+    out.extend([0x4C, 0x89, 0xE9]); // hit: mov rcx, r13
     out.extend([0x43, 0xFF, 0x24, 0xCA]); // jmp [r10 + r9*8]
     let here = out.len();
     out[jrcxz_out + 1] = (here - (jrcxz_out + 2)) as u8;
-    out.extend([0x4C, 0x87, 0xF1]); // budget_out: xchg rcx, r14
+    out.extend([0x4C, 0x89, 0xC9]); // budget_out: mov rcx, r9
     jmp_to(out, base, epilogue);
 }
 
@@ -367,13 +372,18 @@ impl Straight {
                 stub(&mut out, &mut sites, *not_taken);
                 stub(&mut out, &mut sites, *taken);
             }
-            Some(Exit::Stored) => {
-                count(&mut out, n);
-                match lookup {
-                    Some(table) => indirect_exit(&mut out, base, epilogue, table),
-                    None => jmp_to(&mut out, base, epilogue),
+            Some(Exit::Stored) => match lookup {
+                Some(table) => {
+                    // The block's instructions and one lookup, in one LEA.
+                    out.extend([0x4D, 0x8D, 0x80]); // lea r8, [r8 + disp32]
+                    out.extend(((n as u32) | 1 << LOOKUP_SHIFT).to_le_bytes());
+                    indirect_exit(&mut out, base, epilogue, table);
                 }
-            }
+                None => {
+                    count(&mut out, n);
+                    jmp_to(&mut out, base, epilogue);
+                }
+            },
             None => {
                 store_next(&mut out, end_eip);
                 count(&mut out, n);
@@ -463,8 +473,7 @@ impl Straight {
         ctx.fault_addr = 0;
         ctx.fault_write = 0;
         ctx.retired = 0;
-        ctx.indirect_lookups = 0;
-        ctx.indirect_hits = 0;
+        ctx.indirect_misses = 0;
         let active = crate::fault::Active {
             start: buf.exec_addr(0) as u64,
             end: buf.exec_addr(0) as u64 + buf.next_offset() as u64,
@@ -653,44 +662,44 @@ mod tests {
             text.push(t);
         }
         let want = [
-            "mov r11,[r15+58h]",
-            "lea r11,[r11+1]",
-            "mov [r15+58h],r11",
-            "xchg rcx,r14",
-            "lea rcx,[rcx-1]",
-            "jrcxz 000000000000105Bh",
-            "xchg rcx,r14",
+            "mov r9,rcx",
+            "lea rcx,[r14-1]",
+            "mov r14,rcx",
+            "jrcxz",
+            "mov rcx,r9",
             "movzx r9d,r13w",
             "mov r10,1122334455667788h",
             "lea r9,[r9+r9]",
             "mov r11d,[r10+r9*8+8]",
             "not r13d",
             "lea r11d,[r11+r13+1]",
-            "xchg rcx,r11",
-            "jrcxz 0000000000001048h",
-            "xchg rcx,r11",
+            "mov r13,rcx",
+            "mov rcx,r11",
+            "jrcxz",
+            "mov rcx,r13",
             "lea r14,[r14+1]",
-            "jmp 0",
-            "xchg rcx,r11",
-            "mov r11,[r15+60h]",
+            "mov r11,[r15+58h]",
             "lea r11,[r11+1]",
-            "mov [r15+60h],r11",
+            "mov [r15+58h],r11",
+            "jmp 0",
+            "mov rcx,r13",
             "jmp qword ptr [r10+r9*8]",
-            "xchg rcx,r14",
+            "mov rcx,r9",
             "jmp 0",
         ];
+        let text: Vec<&str> = text
+            .iter()
+            .map(|t| if t.starts_with("jrcxz") { "jrcxz" } else { t })
+            .collect();
         assert_eq!(text, want);
-        // The first JRCXZ goes to the budget-out XCHG, the second to the hit XCHG.
+        // The first JRCXZ goes to the budget-out restore of RCX, the second
+        // to the hit's.
         let ip_of = |i: usize| at[i].0;
-        assert_eq!(at[5].1, ip_of(23));
-        assert_eq!(at[14].1, ip_of(18));
+        assert_eq!(at[3].1, ip_of(22));
+        assert_eq!(at[13].1, ip_of(20));
         assert_eq!(
-            std::mem::offset_of!(Context, indirect_lookups),
-            INDIRECT_LOOKUPS_OFFSET as usize
-        );
-        assert_eq!(
-            std::mem::offset_of!(Context, indirect_hits),
-            INDIRECT_HITS_OFFSET as usize
+            std::mem::offset_of!(Context, indirect_misses),
+            INDIRECT_MISSES_OFFSET as usize
         );
         assert_eq!(
             std::mem::offset_of!(Context, next_eip),
