@@ -671,6 +671,28 @@ pub fn generate(seed: u64, len: usize) -> Case {
 /// A group whose last instruction raises an exception at CPL 3.
 pub fn faulting(r: &mut Rng) -> Vec<Vec<u8>> {
     match r.below(10) {
+        // #PF in the middle of a REP string instruction: going down (STD)
+        // from just above the start of the image into the unmapped page
+        // below it; the fault reports the iterations done (ECX, ESI, EDI).
+        // The stores land in the ELF header, on the page of the code.
+        9 if r.one_in(3) => {
+            let base = crate::elf::BASE;
+            let mov = |op: u8, v: u32| [&[op][..], &v.to_le_bytes()].concat();
+            let mut v = vec![
+                mov(0xBF, base + 4 * (1 + r.below(16))), // mov edi, ...
+                mov(0xB9, 20 + r.below(100)),            // mov ecx, ...
+                vec![0xFD],                              // std
+            ];
+            match r.below(3) {
+                0 => v.push(vec![0xF3, 0xAB]), // rep stosd
+                1 => v.push(vec![0xF3, 0xAA]), // rep stosb
+                _ => {
+                    v.insert(0, mov(0xBE, base + 4 * r.below(24))); // mov esi, ...
+                    v.push(vec![0xF3, 0xA5]); // rep movsd
+                }
+            }
+            v
+        }
         // #PF: a load or store through an absolute address (moffs form) that
         // is mapped neither in a Linux process nor under popek
         9 => {

@@ -86,14 +86,23 @@ fn step_with(cpu: &mut Vcpu, decoded: Option<&iced_x86::Instruction>) -> Step {
         Some(ins) => Ok(*ins),
         None => fetch_decode(cpu).map(|(ins, _, _)| ins),
     };
+    let mut unfinished_rep = false;
     let result = match fetched {
         Ok(ins) => {
             cpu.eip = ins.next_ip32();
-            exec::execute(cpu, &ins).map_err(|f| (f, ins.is_string_instruction()))
+            let r = exec::execute(cpu, &ins).map_err(|f| (f, ins.is_string_instruction()));
+            // A REP string instruction that stopped after a chunk of its
+            // iterations (EIP still on it) retires once, when it is done,
+            // as on hardware and in translated code.
+            unfinished_rep = ins.is_string_instruction()
+                && (ins.has_rep_prefix() || ins.has_repne_prefix())
+                && cpu.eip == start_eip;
+            r
         }
         Err(f) => Err((f, false)),
     };
     match result {
+        Ok(()) if unfinished_rep => Step::Executed,
         Ok(()) => {
             cpu.retired += 1;
             if single_step && !cpu.halted {

@@ -50,13 +50,22 @@ pub struct GuestRam {
     aliases: HashMap<u32, Vec<u32>>,
 }
 
-/// Bytes a [`Window`] reserves: the 4 GiB guest address space plus 64 KiB
-/// of guard, so an unaligned access at 0xFFFFFFFE cannot leave it.
-pub const WINDOW_SIZE: usize = (1 << 32) + (64 << 10);
+/// Bytes a [`Window`] reserves from its base: the 4 GiB guest address
+/// space plus 64 KiB of guard, so an unaligned access at 0xFFFFFFFE cannot
+/// leave it.
+pub const WINDOW_SIZE: usize = (1 << 32) + GUARD;
+
+/// `PROT_NONE` guard before and after a window's 4 GiB: a string
+/// instruction that translated code runs on host pointers and that wraps
+/// around the guest's address space faults there (and is redone by the
+/// interpreter, which wraps).
+pub const GUARD: usize = 64 << 10;
 
 /// The 4 GiB guest window: guest physical address `a` is `base + a`.
 /// RAM is mapped at the start (shared with [`GuestRam`]'s slice); the rest
-/// is `PROT_NONE`, so any access there faults in the host.
+/// is `PROT_NONE`, so any access there faults in the host. The base is
+/// 4 GiB-aligned, so the low 32 bits of a host pointer into the window are
+/// the guest address (translated string instructions rely on it).
 pub struct Window {
     base: NonNull<u8>,
 }
@@ -71,38 +80,56 @@ impl Window {
         self.base.as_ptr()
     }
 
-    /// Reserve [`WINDOW_SIZE`] bytes of address space, all `PROT_NONE`.
+    /// Reserve a 4 GiB-aligned window of [`WINDOW_SIZE`] bytes with
+    /// [`GUARD`] bytes before it, all `PROT_NONE`.
     fn reserve() -> Result<Window, RamError> {
+        const FOUR_GIB: usize = 1 << 32;
+        // Room to align: the guard, one 4 GiB of slack, then the window.
+        let len = GUARD + FOUR_GIB + WINDOW_SIZE;
         // SAFETY: an anonymous PROT_NONE reservation at an address of the
         // kernel's choosing; it aliases nothing.
-        let base = unsafe {
+        let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                WINDOW_SIZE,
+                len,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        if base == libc::MAP_FAILED {
+        if raw == libc::MAP_FAILED {
             return Err(RamError(format!(
                 "cannot reserve a 4 GiB guest window: {}",
                 std::io::Error::last_os_error()
             )));
         }
+        let start = raw as usize;
+        let base = (start + GUARD).next_multiple_of(FOUR_GIB);
+        let (keep_from, keep_to) = (base - GUARD, base + WINDOW_SIZE);
+        // SAFETY: both ranges lie inside the reservation just made (keep_from
+        // >= start and keep_to <= start + len by the arithmetic above) and
+        // outside the part kept; unmapping them releases address space only.
+        unsafe {
+            if keep_from > start {
+                libc::munmap(raw, keep_from - start);
+            }
+            if start + len > keep_to {
+                libc::munmap(keep_to as *mut libc::c_void, start + len - keep_to);
+            }
+        }
         Ok(Window {
-            base: NonNull::new(base.cast()).expect("mmap returned a non-null mapping"),
+            base: NonNull::new(base as *mut u8).expect("mmap returned a non-null mapping"),
         })
     }
 }
 
 impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: `base` is the start of a mapping of exactly WINDOW_SIZE
-        // bytes created in `GuestRam::window` and not unmapped elsewhere.
+        // SAFETY: [base - GUARD, base + WINDOW_SIZE) is what `reserve` kept
+        // of its mapping, not unmapped elsewhere.
         unsafe {
-            libc::munmap(self.base.as_ptr().cast(), WINDOW_SIZE);
+            libc::munmap(self.base.as_ptr().sub(GUARD).cast(), GUARD + WINDOW_SIZE);
         }
     }
 }
@@ -387,6 +414,20 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_are_4gib_aligned_and_bulk_writes_are_recorded() {
+        let mut ram = GuestRam::new(1 << 20).unwrap();
+        assert_eq!(ram.window().unwrap().base() as usize % (1 << 32), 0);
+        assert_eq!(ram.shadow().unwrap().base() as usize % (1 << 32), 0);
+        ram.load(0x3000, b"abcdefgh");
+        ram.mark_code_page(4);
+        ram.copy_within_page(0x3000, 0x4010, 8);
+        ram.fill_within_page(0x5000, 6, 0x0201, 2);
+        assert_eq!(ram.read(0x4010, 8), u64::from_le_bytes(*b"abcdefgh"));
+        assert_eq!(ram.read(0x5000, 6), 0x0201_0201_0201);
+        assert_eq!(ram.take_code_writes(), vec![4]);
+    }
 
     #[test]
     fn ram_reads_back_and_unassigned_reads_ones() {

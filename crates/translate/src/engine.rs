@@ -38,7 +38,7 @@ use popek_memory::GuestRam;
 use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 
 use crate::code_buffer::CodeBuffer;
-use crate::lower::{lower, lower_into, lower_stack, lower_terminator, SegBases};
+use crate::lower::{lower, lower_into, lower_stack, lower_string, lower_terminator, SegBases};
 use crate::straight::{
     epilogue_offset, set_gs_base, Context, LookupEntry, Piece, Straight, LOOKUP_ENTRIES,
     LOOKUP_SHIFT,
@@ -804,6 +804,8 @@ impl Bt {
                 Some("copied")
             } else if lower_stack(&i.ins, &mut arena) {
                 Some("rewritten (guest stack)")
+            } else if lower_string(&i.ins, &i.bytes, &mut arena) {
+                Some("rewritten (string, host pointers)")
             } else {
                 None
             };
@@ -1055,6 +1057,7 @@ impl Bt {
             fault_addr: 0,
             fault_write: 0,
             indirect_misses: 0,
+            window: crate::straight::gs_base(),
         };
         let budget = ctx.chain_budget;
         if env.fpu_loaded {

@@ -312,6 +312,47 @@ pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
     done.is_some()
 }
 
+/// A string instruction (MOVS, STOS, LODS, CMPS, SCAS, with or without a
+/// REP prefix) with 32-bit addresses and no segment override, run by the
+/// host's own string instruction on host pointers: ESI and EDI become
+/// `window + ESI` and `window + EDI` (64-bit addresses, so ES needs no
+/// override), the guest's bytes run unchanged (RCX is the count, DF the
+/// direction), and the low 32 bits are kept after. The window is
+/// 4 GiB-aligned, so at a fault in the middle the low halves the fault
+/// handler saves are the guest's ESI and EDI with the progress made; a run
+/// that wraps around the guest's 4 GiB faults in the window's guard and is
+/// redone by the interpreter. INS and OUTS are not here (port I/O). False
+/// (and `out` unchanged) for every other instruction.
+pub fn lower_string(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
+    let (src, dst) = match ins.mnemonic() {
+        M::Movsb | M::Movsw | M::Movsd | M::Cmpsb | M::Cmpsw | M::Cmpsd => (true, true),
+        M::Stosb | M::Stosw | M::Stosd | M::Scasb | M::Scasw | M::Scasd => (false, true),
+        M::Lodsb | M::Lodsw | M::Lodsd => (true, false),
+        _ => return false,
+    };
+    let addr32 = ins
+        .op_kinds()
+        .all(|k| !matches!(k, OpKind::MemorySegSI | OpKind::MemoryESDI));
+    if !addr32 || ins.segment_prefix() != Register::None || bytes.len() != ins.len() {
+        return false;
+    }
+    out.extend([0x4D, 0x8B, 0x4F, crate::straight::WINDOW_OFFSET]); // mov r9, [r15 + window]
+    if src {
+        out.extend([0x49, 0x8D, 0x34, 0x31]); // lea rsi, [r9 + rsi]
+    }
+    if dst {
+        out.extend([0x49, 0x8D, 0x3C, 0x39]); // lea rdi, [r9 + rdi]
+    }
+    out.extend_from_slice(bytes);
+    if src {
+        out.extend([0x89, 0xF6]); // mov esi, esi
+    }
+    if dst {
+        out.extend([0x89, 0xFF]); // mov edi, edi
+    }
+    true
+}
+
 /// A block-ending near transfer: JMP rel, Jcc rel, LOOP, JECXZ, CALL rel,
 /// RET [imm16] (32-bit operand and address size). Appends host code to
 /// run first (CALL's push of the return address, RET's pop of the target
@@ -562,6 +603,61 @@ mod tests {
         let mut s = String::new();
         IntelFormatter::new().format(&ins, &mut s);
         s
+    }
+
+    /// String instructions run on host pointers: the disassembly of what
+    /// `lower_string` emits, and what it declines.
+    #[test]
+    fn string_instructions_run_on_host_pointers() {
+        let text = |g: &[u8]| -> Option<Vec<String>> {
+            let mut out = Vec::new();
+            if !lower_string(&guest(g), g, &mut out) {
+                return None;
+            }
+            let mut d = Decoder::with_ip(64, &out, 0, DecoderOptions::NONE);
+            Some(
+                std::iter::from_fn(|| d.can_decode().then(|| d.decode()))
+                    .map(|i| {
+                        let mut s = String::new();
+                        IntelFormatter::new().format(&i, &mut s);
+                        s
+                    })
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            text(&[0xF3, 0xA5]).unwrap(),
+            [
+                "mov r9,[r15+60h]",
+                "lea rsi,[r9+rsi]",
+                "lea rdi,[r9+rdi]",
+                "rep movsd [rdi],[rsi]",
+                "mov esi,esi",
+                "mov edi,edi"
+            ]
+        );
+        assert_eq!(
+            text(&[0xF3, 0xAA]).unwrap(),
+            [
+                "mov r9,[r15+60h]",
+                "lea rdi,[r9+rdi]",
+                "rep stosb [rdi]",
+                "mov edi,edi"
+            ]
+        );
+        assert_eq!(
+            text(&[0xAD]).unwrap(),
+            [
+                "mov r9,[r15+60h]",
+                "lea rsi,[r9+rsi]",
+                "lodsd [rsi]",
+                "mov esi,esi"
+            ]
+        );
+        // 16-bit addresses, a segment override, port I/O: not here.
+        for g in [&[0x67, 0xA4][..], &[0x64, 0xA5], &[0xF3, 0x6C], &[0x6F]] {
+            assert_eq!(text(g), None, "{g:02x?}");
+        }
     }
 
     /// Golden triples: guest bytes, host bytes, host disassembly.

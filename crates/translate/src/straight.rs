@@ -56,6 +56,17 @@ pub struct Context {
     /// code, the ones not found in the table (which return to the
     /// dispatcher; counted on that cold path, so a hit costs no count).
     pub indirect_misses: u64,
+    /// Host address of the guest window GS points at (4 GiB-aligned):
+    /// translated string instructions add it to ESI and EDI.
+    pub window: u64,
+}
+
+/// Offset of [`Context::window`].
+pub const WINDOW_OFFSET: u8 = 96;
+
+/// The GS base [`set_gs_base`] last set on this thread (0 if none).
+pub fn gs_base() -> u64 {
+    GS_BASE.with(|g| g.get()) as u64
 }
 
 /// Where [`Context::retired`] counts indirect-branch lookups: one run
@@ -704,6 +715,10 @@ mod tests {
         assert_eq!(
             std::mem::offset_of!(Context, next_eip),
             NEXT_EIP_OFFSET as usize
+        );
+        assert_eq!(
+            std::mem::offset_of!(Context, window),
+            WINDOW_OFFSET as usize
         );
     }
 }
