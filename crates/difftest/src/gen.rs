@@ -678,12 +678,16 @@ pub fn faulting(r: &mut Rng) -> Vec<Vec<u8>> {
         9 if r.one_in(3) => {
             let base = crate::elf::BASE;
             let mov = |op: u8, v: u32| [&[op][..], &v.to_le_bytes()].concat();
+            // EDI at most 17 elements above the start: ECX (20 or more)
+            // always runs it off.
+            let kind = r.below(3);
+            let elem = if kind == 1 { 1 } else { 4 };
             let mut v = vec![
-                mov(0xBF, base + 4 * (1 + r.below(16))), // mov edi, ...
-                mov(0xB9, 20 + r.below(100)),            // mov ecx, ...
-                vec![0xFD],                              // std
+                mov(0xBF, base + elem * (1 + r.below(16))), // mov edi, ...
+                mov(0xB9, 20 + r.below(100)),               // mov ecx, ...
+                vec![0xFD],                                 // std
             ];
-            match r.below(3) {
+            match kind {
                 0 => v.push(vec![0xF3, 0xAB]), // rep stosd
                 1 => v.push(vec![0xF3, 0xAA]), // rep stosb
                 _ => {
