@@ -3,7 +3,8 @@
  * `gcc -m32 -static -O2`): integer hashing, qsort through glibc, a
  * double-precision (x87) sum, string functions and a switch-based bytecode
  * interpreter (indirect branches). Prints a checksum per kernel so native,
- * qemu-i386 and popek runs can be compared. Argument: repetitions. */
+ * qemu-i386 and popek runs can be compared. Arguments: repetitions, and
+ * optionally one kernel's name (hash, sort, float, string, bytecode). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,12 +98,15 @@ static unsigned bytecode_kernel(unsigned n)
 int main(int argc, char **argv)
 {
     unsigned reps = argc > 1 ? (unsigned)atoi(argv[1]) : 1;
+    const char *only = argc > 2 ? argv[2] : "";
+#define RUN(name, fmt, call) \
+    if (!*only || !strcmp(only, #name)) printf(#name " " fmt "\n", call)
     for (unsigned r = 0; r < reps; r++) {
-        printf("hash %08x\n", hash_kernel(3000000));
-        printf("sort %08x\n", sort_kernel(200000));
-        printf("float %.12f\n", float_kernel(2000000));
-        printf("string %u\n", string_kernel(100000));
-        printf("bytecode %u\n", bytecode_kernel(100000));
+        RUN(hash, "%08x", hash_kernel(3000000));
+        RUN(sort, "%08x", sort_kernel(200000));
+        RUN(float, "%.12f", float_kernel(2000000));
+        RUN(string, "%u", string_kernel(100000));
+        RUN(bytecode, "%u", bytecode_kernel(100000));
     }
     return 0;
 }

@@ -728,7 +728,7 @@ impl Bt {
             return;
         };
         let e = &mut self.lookup[usize::from(eip as u16)];
-        if e.eip == eip {
+        if e.eip() == eip {
             *e = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
         }
     }

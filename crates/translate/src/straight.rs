@@ -87,15 +87,25 @@ const INDIRECT_MISSES_OFFSET: u8 = 88;
 pub struct LookupEntry {
     /// Host address to jump to.
     pub host: u64,
-    /// The guest EIP it translates.
-    pub eip: u32,
+    /// The guest EIP it translates, negated: host code adds the target EIP
+    /// and tests for zero (JRCXZ, no flags).
+    neg_eip: u32,
     _pad: u32,
 }
 
 impl LookupEntry {
     /// An entry for `eip`, translated at host address `host`.
     pub fn new(eip: u32, host: u64) -> LookupEntry {
-        LookupEntry { host, eip, _pad: 0 }
+        LookupEntry {
+            host,
+            neg_eip: eip.wrapping_neg(),
+            _pad: 0,
+        }
+    }
+
+    /// The guest EIP the entry translates.
+    pub fn eip(&self) -> u32 {
+        self.neg_eip.wrapping_neg()
     }
 }
 
@@ -113,35 +123,28 @@ fn bump(out: &mut Vec<u8>, off: u8) {
 
 /// The exit of a block whose next EIP is in R13D (and already stored in
 /// the context): look it up in the indirect-branch table at `table` and
-/// jump straight to its translation, or return to the dispatcher. Only
+/// jump straight to its translation (if the chaining budget allows), or
+/// return to the dispatcher (a miss is counted there). Only
 /// flag-neutral instructions (MOV, MOVZX, LEA, NOT, JRCXZ), like the
 /// stubs; R9-R11 and R13 are scratch.
 fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
-    // The chaining budget, as in a stub (R9 keeps RCX meanwhile).
-    out.extend([0x49, 0x89, 0xC9]); // mov r9, rcx
-    out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
-    out.extend([0x49, 0x89, 0xCE]); // mov r14, rcx
-    let jrcxz_out = out.len();
-    out.extend([0xE3, 0x00]); // jrcxz budget_out (patched below)
-    out.extend([0x4C, 0x89, 0xC9]); // mov rcx, r9
-    out.extend([0x45, 0x0F, 0xB7, 0xCD]); // movzx r9d, r13w
+    out.extend([0x45, 0x0F, 0xB7, 0xDD]); // movzx r11d, r13w
     out.extend([0x49, 0xBA]); // mov r10, table
     out.extend(table.to_le_bytes());
-    out.extend([0x4F, 0x8D, 0x0C, 0x09]); // lea r9, [r9 + r9]
-    out.extend([0x47, 0x8B, 0x5C, 0xCA, 0x08]); // mov r11d, [r10 + r9*8 + 8]
-    out.extend([0x41, 0xF7, 0xD5]); // not r13d
-    out.extend([0x47, 0x8D, 0x5C, 0x2B, 0x01]); // lea r11d, [r11 + r13 + 1]: 0 iff equal
-    out.extend([0x49, 0x89, 0xCD]); // mov r13, rcx
-    out.extend([0x4C, 0x89, 0xD9]); // mov rcx, r11
-    out.extend([0xE3, 24]); // jrcxz hit (over mov, lea, count, jmp: 3 + 4 + 12 + 5)
-    out.extend([0x4C, 0x89, 0xE9]); // mov rcx, r13
-    out.extend([0x4D, 0x8D, 0x76, 0x01]); // lea r14, [r14 + 1]: a miss is no chain
+    out.extend([0x4F, 0x8D, 0x1C, 0x1B]); // lea r11, [r11 + r11]
+    out.extend([0x49, 0x89, 0xC9]); // mov r9, rcx (the guest's, until the end)
+    out.extend([0x43, 0x8B, 0x4C, 0xDA, 0x08]); // mov ecx, [r10 + r11*8 + 8]: -EIP
+    out.extend([0x42, 0x8D, 0x0C, 0x29]); // lea ecx, [rcx + r13]: 0 iff equal
+    out.extend([0xE3, 20]); // jrcxz hit (over mov, count, jmp: 3 + 12 + 5)
+    out.extend([0x4C, 0x89, 0xC9]); // miss: mov rcx, r9
     bump(out, INDIRECT_MISSES_OFFSET);
     jmp_to(out, base, epilogue);
-    out.extend([0x4C, 0x89, 0xE9]); // hit: mov rcx, r13
-    out.extend([0x43, 0xFF, 0x24, 0xCA]); // jmp [r10 + r9*8]
-    let here = out.len();
-    out[jrcxz_out + 1] = (here - (jrcxz_out + 2)) as u8;
+    // hit: the chaining budget, as in a stub
+    out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
+    out.extend([0x49, 0x89, 0xCE]); // mov r14, rcx
+    out.extend([0xE3, 0x07]); // jrcxz budget_out (over mov, jmp: 3 + 4)
+    out.extend([0x4C, 0x89, 0xC9]); // mov rcx, r9
+    out.extend([0x43, 0xFF, 0x24, 0xDA]); // jmp [r10 + r11*8]
     out.extend([0x4C, 0x89, 0xC9]); // budget_out: mov rcx, r9
     jmp_to(out, base, epilogue);
 }
@@ -673,28 +676,23 @@ mod tests {
             text.push(t);
         }
         let want = [
+            "movzx r11d,r13w",
+            "mov r10,1122334455667788h",
+            "lea r11,[r11+r11]",
             "mov r9,rcx",
-            "lea rcx,[r14-1]",
-            "mov r14,rcx",
+            "mov ecx,[r10+r11*8+8]",
+            "lea ecx,[rcx+r13]",
             "jrcxz",
             "mov rcx,r9",
-            "movzx r9d,r13w",
-            "mov r10,1122334455667788h",
-            "lea r9,[r9+r9]",
-            "mov r11d,[r10+r9*8+8]",
-            "not r13d",
-            "lea r11d,[r11+r13+1]",
-            "mov r13,rcx",
-            "mov rcx,r11",
-            "jrcxz",
-            "mov rcx,r13",
-            "lea r14,[r14+1]",
             "mov r11,[r15+58h]",
             "lea r11,[r11+1]",
             "mov [r15+58h],r11",
             "jmp 0",
-            "mov rcx,r13",
-            "jmp qword ptr [r10+r9*8]",
+            "lea rcx,[r14-1]",
+            "mov r14,rcx",
+            "jrcxz",
+            "mov rcx,r9",
+            "jmp qword ptr [r10+r11*8]",
             "mov rcx,r9",
             "jmp 0",
         ];
@@ -703,11 +701,10 @@ mod tests {
             .map(|t| if t.starts_with("jrcxz") { "jrcxz" } else { t })
             .collect();
         assert_eq!(text, want);
-        // The first JRCXZ goes to the budget-out restore of RCX, the second
-        // to the hit's.
+        // The first JRCXZ goes to the hit path, the second to budget_out.
         let ip_of = |i: usize| at[i].0;
-        assert_eq!(at[3].1, ip_of(22));
-        assert_eq!(at[13].1, ip_of(20));
+        assert_eq!(at[6].1, ip_of(12));
+        assert_eq!(at[14].1, ip_of(17));
         assert_eq!(
             std::mem::offset_of!(Context, indirect_misses),
             INDIRECT_MISSES_OFFSET as usize
