@@ -253,23 +253,6 @@ fn push_imm32(v: u32, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
-/// `mov dword [r15 + NEXT_EIP], r13d`
-fn store_r13d_as_next(out: &mut Vec<u8>) -> Option<()> {
-    let m = MemoryOperand::new(
-        Register::R15,
-        Register::None,
-        1,
-        crate::straight::NEXT_EIP_OFFSET,
-        1,
-        false,
-        Register::None,
-    );
-    enc(
-        &Instruction::with2(Code::Mov_rm32_r32, m, Register::R13D).ok()?,
-        out,
-    )
-}
-
 /// PUSH r/m32/imm and POP r32 on the guest stack (32-bit operand size),
 /// appended to `out`. The store or load comes first, so a fault leaves ESP
 /// untouched. False (and `out` unchanged) for every other instruction.
@@ -386,17 +369,15 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
                 out,
             )?;
             adjust_esp(4 + imm, out);
-            store_r13d_as_next(out)?;
             Some(Exit::Stored)
         }
         Code::Jmp_rm32 | Code::Call_rm32 => {
             // The target into R13D first (the operand may use ESP), then
-            // CALL's push, then the next EIP; the dispatcher looks it up.
+            // CALL's push; the exit looks the target up.
             load_r13d(ins, out)?;
             if ins.code() == Code::Call_rm32 {
                 push_imm32(next, out)?;
             }
-            store_r13d_as_next(out)?;
             Some(Exit::Stored)
         }
         Code::Loop_rel8_32_ECX => Some(Exit::Loop {

@@ -121,8 +121,7 @@ fn bump(out: &mut Vec<u8>, off: u8) {
     out.extend([0x4D, 0x89, 0x5F, off]);
 }
 
-/// The exit of a block whose next EIP is in R13D (and already stored in
-/// the context): look it up in the indirect-branch table at `table` and
+/// The exit of a block whose next EIP is in R13D: look it up in the indirect-branch table at `table` and
 /// jump straight to its translation (if the chaining budget allows), or
 /// return to the dispatcher (a miss is counted there). Only
 /// flag-neutral instructions (MOV, MOVZX, LEA, NOT, JRCXZ), like the
@@ -135,8 +134,9 @@ fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
     out.extend([0x49, 0x89, 0xC9]); // mov r9, rcx (the guest's, until the end)
     out.extend([0x43, 0x8B, 0x4C, 0xDA, 0x08]); // mov ecx, [r10 + r11*8 + 8]: -EIP
     out.extend([0x42, 0x8D, 0x0C, 0x29]); // lea ecx, [rcx + r13]: 0 iff equal
-    out.extend([0xE3, 20]); // jrcxz hit (over mov, count, jmp: 3 + 12 + 5)
+    out.extend([0xE3, 24]); // jrcxz hit (over mov, store, count, jmp: 3 + 4 + 12 + 5)
     out.extend([0x4C, 0x89, 0xC9]); // miss: mov rcx, r9
+    store_r13d_as_next(out);
     bump(out, INDIRECT_MISSES_OFFSET);
     jmp_to(out, base, epilogue);
     // hit: the chaining budget, as in a stub
@@ -146,6 +146,7 @@ fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
     out.extend([0x4C, 0x89, 0xC9]); // mov rcx, r9
     out.extend([0x43, 0xFF, 0x24, 0xDA]); // jmp [r10 + r11*8]
     out.extend([0x4C, 0x89, 0xC9]); // budget_out: mov rcx, r9
+    store_r13d_as_next(out);
     jmp_to(out, base, epilogue);
 }
 
@@ -210,7 +211,9 @@ pub enum Exit {
         /// The instruction after the JECXZ.
         not_taken: u32,
     },
-    /// The code before the exit already stored the next EIP (RET).
+    /// The code before the exit left the next EIP in R13D (RET, indirect
+    /// JMP and CALL); the exit stores it in the context only on its way
+    /// back to the dispatcher.
     Stored,
 }
 
@@ -252,6 +255,11 @@ pub struct BuildError(pub String);
 /// (2), mov (3), jmp (5); budget_out: mov (3); cold: store next EIP (8),
 /// jmp (5).
 const STUB_LEN: usize = 40;
+
+/// `mov dword [r15 + NEXT_EIP], r13d`
+fn store_r13d_as_next(out: &mut Vec<u8>) {
+    out.extend([0x45, 0x89, 0x6F, NEXT_EIP_OFFSET as u8]);
+}
 
 /// `mov dword [r15 + NEXT_EIP], imm32`
 fn store_next(out: &mut Vec<u8>, eip: u32) {
@@ -394,6 +402,7 @@ impl Straight {
                     indirect_exit(&mut out, base, epilogue, table);
                 }
                 None => {
+                    store_r13d_as_next(&mut out);
                     count(&mut out, n);
                     jmp_to(&mut out, base, epilogue);
                 }
@@ -684,6 +693,7 @@ mod tests {
             "lea ecx,[rcx+r13]",
             "jrcxz",
             "mov rcx,r9",
+            "mov [r15+24h],r13d",
             "mov r11,[r15+58h]",
             "lea r11,[r11+1]",
             "mov [r15+58h],r11",
@@ -694,6 +704,7 @@ mod tests {
             "mov rcx,r9",
             "jmp qword ptr [r10+r11*8]",
             "mov rcx,r9",
+            "mov [r15+24h],r13d",
             "jmp 0",
         ];
         let text: Vec<&str> = text
@@ -703,8 +714,8 @@ mod tests {
         assert_eq!(text, want);
         // The first JRCXZ goes to the hit path, the second to budget_out.
         let ip_of = |i: usize| at[i].0;
-        assert_eq!(at[6].1, ip_of(12));
-        assert_eq!(at[14].1, ip_of(17));
+        assert_eq!(at[6].1, ip_of(13));
+        assert_eq!(at[15].1, ip_of(18));
         assert_eq!(
             std::mem::offset_of!(Context, indirect_misses),
             INDIRECT_MISSES_OFFSET as usize
