@@ -1,6 +1,7 @@
 //! Foundation benchmarks: the cost of scanning and classifying basic blocks
 //! (what the translator pays before emitting code) and the reference
-//! interpreter's and the translator's speed on the compute guest. Run with `cargo bench -p popek-bench`.
+//! interpreter's and the translator's speed on the compute guest, and a
+//! Linux program natively and under bt. Run with `cargo bench -p popek-bench`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use popek_bench::{blocks_of, boot, boot_with};
@@ -59,5 +60,41 @@ fn engines(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scan, translate, engines);
+/// A Linux program run directly on the host and under bt: the bundled
+/// user-compute guest, 5 rounds of its kernels.
+fn linux(c: &mut Criterion) {
+    let g = popek_guests::find("user-compute").expect("bundled user-compute");
+    let args = [g.path.to_string(), "5".to_string()];
+    let native = std::process::Command::new(g.path)
+        .arg("5")
+        .output()
+        .expect("run natively");
+    let mut g2 = c.benchmark_group("linux");
+    g2.sample_size(10);
+    g2.bench_function("user-compute/native", |b| {
+        b.iter(|| {
+            std::process::Command::new(g.path)
+                .arg("5")
+                .output()
+                .unwrap()
+                .status
+        })
+    });
+    g2.bench_function("user-compute/bt", |b| {
+        b.iter(|| {
+            let config = popek_machine::Config {
+                engine: Engine::Bt,
+                ..popek_machine::Config::default()
+            };
+            let mut m = popek_machine::Machine::linux(g.elf, &args, config).expect("load");
+            let mut out = Vec::new();
+            let exit = m.run(&mut out);
+            assert_eq!(out, native.stdout, "bt and native disagree");
+            exit
+        })
+    });
+    g2.finish();
+}
+
+criterion_group!(benches, scan, translate, engines, linux);
 criterion_main!(benches);
