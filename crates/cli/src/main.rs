@@ -228,15 +228,19 @@ fn main() -> ExitCode {
                     }
                 };
             }
+            // Under --lockstep both machines draw the same "random" bytes.
+            let mut seed = [0u8; 8];
+            popek_machine::linux::fill_random(&mut seed, &mut None);
+            let random_seed = lockstep.then_some(u64::from_le_bytes(seed));
             let boot = |config: Config| {
                 if multiboot {
                     Machine::multiboot(&image, config)
                 } else {
-                    Machine::linux_with(
-                        &image,
-                        popek_machine::linux::Start::with_host_env(&argv, strace),
-                        config,
-                    )
+                    let start = popek_machine::linux::Start {
+                        random_seed,
+                        ..popek_machine::linux::Start::with_host_env(&argv, strace)
+                    };
+                    Machine::linux_with(&image, start, config)
                 }
             };
             if lockstep {

@@ -307,3 +307,16 @@ int main(void) { long a = syscall(0x1ff), b = syscall(0x1ff); printf("%ld %ld %d
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("unknown system call 511").count(), 1, "{err}");
 }
+
+#[test]
+fn lockstep_runs_a_glibc_program_with_the_same_random_bytes() {
+    // glibc mangles pointers with AT_RANDOM's bytes at startup: the two
+    // machines of --lockstep must draw the same ones.
+    let exe = c_program("lockstep", HELLO_C, &["-static"]);
+    let p = exe.to_str().unwrap();
+    let out = popek(&["run", "--lockstep", p, "z"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bt and interp agreed on"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi z 2\n");
+    assert_eq!(out.status.code(), Some(2));
+}

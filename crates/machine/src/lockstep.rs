@@ -6,7 +6,8 @@
 //! chaining budget of one), then steps the interpreter's machine until it
 //! has retired as many instructions (and, after a guest exception, which
 //! retires nothing, until it reaches the same EIP). Then registers, EIP,
-//! EFLAGS, segment selectors, control registers and device output must be
+//! EFLAGS, segment selectors, control registers, the x87 state (less its
+//! instruction and operand pointers) and device output must be
 //! equal; RAM is compared every [`RAM_EVERY`] rounds and at the end.
 //!
 //! EFLAGS bits the SDM leaves undefined are masked: the interpreter's
@@ -100,6 +101,9 @@ fn differs(a: &Vcpu, b: &Vcpu, mask: u32) -> Option<String> {
     }
     if a.halted != b.halted {
         return Some("halted".into());
+    }
+    if !a.fpu.same_state(&b.fpu) {
+        return Some("x87 state".into());
     }
     None
 }

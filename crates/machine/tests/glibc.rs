@@ -53,6 +53,7 @@ fn check(exe: &Path, args: &[&str]) {
             env: ENV.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             exe: exe.to_path_buf(),
             strace: false,
+            random_seed: None,
         };
         let config = Config {
             engine,

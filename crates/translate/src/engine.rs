@@ -105,8 +105,12 @@ impl Entry {
 /// a range of the engine's arena, or a helper call.
 enum Part {
     Code(usize, usize),
-    Helper(Piece<'static>),
+    Piece(Piece<'static>),
 }
+
+/// Instructions a block (a superblock too) retires at most, its exit
+/// included: what the machine's exact instruction budget relies on.
+const SUPERBLOCK_MAX: usize = popek_decode::MAX_BLOCK_INSNS;
 
 /// Counters of the engine.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -780,7 +784,7 @@ impl Bt {
     }
 
     fn translate(&mut self, cpu: &mut Vcpu, eip: u32) -> Entry {
-        let block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
+        let mut block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
         let len = block.insns.len();
         let mut eips = Vec::with_capacity(len + 1);
         let mut counted_at = Vec::with_capacity(len);
@@ -793,7 +797,10 @@ impl Bt {
         let mut how = Vec::new();
         let dumping = self.dump.is_some();
         let mut counted = 0usize;
-        for i in &block.insns {
+        let mut k = 0;
+        while k < block.insns.len() {
+            let i = block.insns[k].clone();
+            k += 1;
             let mark = arena.len();
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`).
@@ -823,6 +830,35 @@ impl Bt {
             if let Some(e) = lower_terminator(&i.ins, &mut arena) {
                 eips.push(i.ins.ip32());
                 counted_at.push(counted as u32);
+                // A superblock: a conditional branch whose fall-through is
+                // on the block's page becomes a side exit, and the block
+                // goes on there (up to SUPERBLOCK_MAX instructions).
+                if let crate::straight::Exit::Cond {
+                    cc,
+                    taken,
+                    not_taken,
+                } = e
+                {
+                    if arena.len() == mark
+                        && k == block.insns.len()
+                        && eips.len() < SUPERBLOCK_MAX
+                        && not_taken / 4096 == eip / 4096
+                    {
+                        counted += 1;
+                        parts.push(Part::Piece(Piece::Side {
+                            cc,
+                            target: taken,
+                            counted,
+                        }));
+                        if dumping {
+                            how.push("rewritten (side exit; the block goes on)");
+                        }
+                        let more = scan_block(|a, buf| cpu.fetch(a, buf).0, not_taken, 32);
+                        let room = SUPERBLOCK_MAX - eips.len();
+                        block.insns.extend(more.insns.into_iter().take(room));
+                        continue;
+                    }
+                }
                 parts.push(Part::Code(mark, arena.len()));
                 if dumping {
                     how.push("rewritten (block exit)");
@@ -841,7 +877,7 @@ impl Bt {
             }
             eips.push(i.ins.ip32());
             counted_at.push(counted as u32);
-            parts.push(Part::Helper(Piece::Helper {
+            parts.push(Part::Piece(Piece::Helper {
                 eip: i.ins.ip32(),
                 next: i.ins.next_ip32(),
                 arg: HelperArg {
@@ -865,7 +901,7 @@ impl Bt {
             .into_iter()
             .map(|p| match p {
                 Part::Code(a, b) => Piece::Code(&arena[a..b]),
-                Part::Helper(h) => h,
+                Part::Piece(h) => h,
             })
             .collect();
         let n = eips.len();

@@ -170,6 +170,17 @@ pub enum Piece<'a> {
         /// Instructions before it in this block that the block counts.
         counted_before: usize,
     },
+    /// A conditional branch in the middle of a block (a superblock goes on
+    /// at its fall-through): `jcc` to an exit stub for `target`, placed
+    /// after the block's own exit, which counts `counted` instructions.
+    Side {
+        /// Condition nibble.
+        cc: u8,
+        /// Where the branch goes when taken.
+        target: u32,
+        /// Instructions of the block up to and including the branch.
+        counted: usize,
+    },
 }
 
 /// The helper a [`Piece::Helper`] calls.
@@ -301,16 +312,27 @@ impl Straight {
             .map(|p| match p {
                 Piece::Code(b) => b.len(),
                 Piece::Helper { .. } => 128,
+                Piece::Side { .. } => 6,
             })
             .sum();
         let mut out = Vec::with_capacity(f.prologue.len() + code_bytes + 3 * STUB_LEN + 96);
         out.extend_from_slice(&f.prologue);
         let body_start = out.len();
         let mut starts = Vec::with_capacity(body.len());
+        // Side exits: (offset of the jcc's rel32, target, count).
+        let mut sides = Vec::new();
         for piece in body {
             starts.push(out.len());
             match piece {
                 Piece::Code(b) => out.extend_from_slice(b),
+                Piece::Side {
+                    cc,
+                    target,
+                    counted,
+                } => {
+                    out.extend([0x0F, 0x80 | cc, 0, 0, 0, 0]); // jcc side stub (patched below)
+                    sides.push((out.len() - 4, *target, *counted));
+                }
                 Piece::Helper {
                     eip,
                     next,
@@ -349,7 +371,7 @@ impl Straight {
         // only on the cold path back to the dispatcher (a chained jump
         // carries it in the code). The budget goes through RCX for JRCXZ
         // with MOVs (R13 is scratch), cheaper than two XCHGs.
-        let stub = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32| {
+        let stub_counting = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32, n: usize| {
             count(out, n);
             out.extend([0x49, 0x89, 0xCD]); // mov r13, rcx
             out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
@@ -367,6 +389,9 @@ impl Straight {
             debug_assert_eq!(base + out.len(), cold);
             store_next(out, target);
             jmp_to(out, base, epilogue);
+        };
+        let stub = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32| {
+            stub_counting(out, sites, target, n)
         };
         match exit {
             Some(Exit::Direct(t)) => stub(&mut out, &mut sites, *t),
@@ -412,6 +437,11 @@ impl Straight {
                 count(&mut out, n);
                 jmp_to(&mut out, base, epilogue);
             }
+        }
+        for (rel32, target, counted) in sides {
+            let here = out.len();
+            out[rel32..rel32 + 4].copy_from_slice(&((here - (rel32 + 4)) as u32).to_le_bytes());
+            stub_counting(&mut out, &mut sites, target, counted);
         }
         let at = buf
             .append(&out)

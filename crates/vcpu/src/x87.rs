@@ -42,8 +42,12 @@ pub mod off {
     pub const FCW: usize = 0;
     /// x87 status word.
     pub const FSW: usize = 2;
+    /// Abridged tag word (one bit per register).
+    pub const FTW: usize = 4;
     /// MXCSR (the host's, never the guest's: the guest has no SSE).
     pub const MXCSR: usize = 24;
+    /// ST(0)..ST(7) (in stack order), 16 bytes apart, 10 used.
+    pub const ST0: usize = 32;
 }
 
 /// FSW bit 7: an unmasked exception is pending (the next waiting x87
@@ -111,6 +115,18 @@ impl Fpu {
     /// The x87 status word.
     pub fn fsw(&self) -> u16 {
         u16::from_le_bytes([self.call.image[off::FSW], self.call.image[off::FSW + 1]])
+    }
+
+    /// Do two FPUs hold the same architectural state: control, status and
+    /// tag words and the eight registers? The instruction and operand
+    /// pointers are left out (host addresses under popek, docs/quirks.md).
+    pub fn same_state(&self, other: &Fpu) -> bool {
+        let (a, b) = (&self.call.image, &other.call.image);
+        a[off::FCW..off::FTW + 1] == b[off::FCW..off::FTW + 1]
+            && (0..8).all(|i| {
+                let r = off::ST0 + 16 * i;
+                a[r..r + 10] == b[r..r + 10]
+            })
     }
 
     /// The memory operand area of the next [`Fpu::execute`].

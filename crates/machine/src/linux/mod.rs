@@ -154,6 +154,10 @@ pub struct Start {
     pub exe: std::path::PathBuf,
     /// Print every system call (`--strace`).
     pub strace: bool,
+    /// Where AT_RANDOM and getrandom take their bytes: the host's entropy
+    /// (None), or a reproducible sequence from this seed (`--lockstep`
+    /// runs two machines that must see the same bytes).
+    pub random_seed: Option<u64>,
 }
 
 impl Start {
@@ -170,6 +174,7 @@ impl Start {
                 .and_then(|a| std::fs::canonicalize(a).ok())
                 .unwrap_or_default(),
             strace,
+            random_seed: None,
         }
     }
 }
@@ -363,7 +368,7 @@ fn initial_stack(
     argv.reverse();
     let platform = push_bytes(cpu, b"i686\0")?;
     let mut random = [0u8; 16];
-    fill_random(&mut random);
+    fill_random(&mut random, &mut start.random_seed.clone());
     let random = push_bytes(cpu, &random)?;
     let [uid, gid, euid, egid] = syscalls::ids();
     let auxv = [
@@ -402,7 +407,20 @@ fn initial_stack(
 }
 
 /// Random bytes from the host (AT_RANDOM, getrandom).
-pub fn fill_random(buf: &mut [u8]) {
+/// Random bytes: the host's, or the next of a splitmix64 sequence when a
+/// seed is given (which it advances).
+pub fn fill_random(buf: &mut [u8], seed: &mut Option<u64>) {
+    if let Some(state) = seed {
+        for chunk in buf.chunks_mut(8) {
+            *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+        }
+        return;
+    }
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: the pointer and length describe the unfilled part of `buf`.

@@ -902,7 +902,7 @@ impl LinuxProcess {
                 311 => 0,
                 355 => {
                     let mut b = vec![0u8; a[1].min(1 << 20) as usize];
-                    super::fill_random(&mut b);
+                    super::fill_random(&mut b, &mut self.start.random_seed);
                     self.mm.write(cpu, a[0], &b)?;
                     b.len() as i32
                 }
