@@ -63,37 +63,32 @@ fn engines(c: &mut Criterion) {
 /// A Linux program run directly on the host and under bt: the bundled
 /// user-compute guest, 5 rounds of its kernels.
 fn linux(c: &mut Criterion) {
-    let g = popek_guests::find("user-compute").expect("bundled user-compute");
-    let args = [g.path.to_string(), "5".to_string()];
-    let native = std::process::Command::new(g.path)
-        .arg("5")
-        .output()
-        .expect("run natively");
-    let mut g2 = c.benchmark_group("linux");
-    g2.sample_size(10);
-    g2.bench_function("user-compute/native", |b| {
-        b.iter(|| {
-            std::process::Command::new(g.path)
-                .arg("5")
-                .output()
-                .unwrap()
-                .status
-        })
-    });
-    g2.bench_function("user-compute/bt", |b| {
+    let guest = popek_guests::find("user-compute").expect("bundled user-compute");
+    let args = [guest.path.to_string(), "5".to_string()];
+    let run_natively = || {
+        std::process::Command::new(guest.path)
+            .arg("5")
+            .output()
+            .expect("run natively")
+    };
+    let native = run_natively();
+    let mut g = c.benchmark_group("linux");
+    g.sample_size(10);
+    g.bench_function("user-compute/native", |b| b.iter(|| run_natively().status));
+    g.bench_function("user-compute/bt", |b| {
         b.iter(|| {
             let config = popek_machine::Config {
                 engine: Engine::Bt,
                 ..popek_machine::Config::default()
             };
-            let mut m = popek_machine::Machine::linux(g.elf, &args, config).expect("load");
+            let mut m = popek_machine::Machine::linux(guest.elf, &args, config).expect("load");
             let mut out = Vec::new();
             let exit = m.run(&mut out);
             assert_eq!(out, native.stdout, "bt and native disagree");
             exit
         })
     });
-    g2.finish();
+    g.finish();
 }
 
 criterion_group!(benches, scan, translate, engines, linux);
