@@ -178,6 +178,37 @@ fn every_linux_guest_matches_native_and_qemu_i386() {
     }
 }
 
+/// The nanobenchmark guest: timings differ from run to run, so only the
+/// shape is checked: every operation reported, as a number of ticks, and
+/// the guest's own clean exit, under both engines.
+#[test]
+fn nano_guest_reports_every_operation() {
+    const OPS: [&str; 9] = [
+        "call/ret",
+        "pushf/popf",
+        "cli/sti",
+        "in (UART scratch)",
+        "out (UART scratch)",
+        "mov cr0 (read, write)",
+        "mov cr3 (reload)",
+        "int/iret",
+        "divzero (#DE round trip)",
+    ];
+    for engine in ENGINES {
+        let p = popek(&["run", "nano", "--engine", engine]);
+        let out = String::from_utf8_lossy(&p.stdout);
+        assert_eq!(p.status.code(), Some(1), "{engine}: {out}");
+        for op in OPS {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with(&format!("{op}: ")))
+                .unwrap_or_else(|| panic!("{engine}: no line for {op}: {out}"));
+            let n = line[op.len() + 2..].trim_end_matches(" ticks");
+            assert!(n.parse::<u32>().is_ok(), "{engine}: {line}");
+        }
+    }
+}
+
 #[test]
 fn a_tiny_translation_cache_changes_nothing_but_speed() {
     // Eight blocks for a guest with hundreds: constant eviction and retranslation.
