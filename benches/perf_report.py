@@ -278,9 +278,11 @@ system call), so it is higher than the warm figure.
   a conditional branch's fall-through (user-compute 100: 0.40 -> 0.35 s;
   bytecode: 0.48 -> 0.45 s).
 - Issue 6's targets for the nanobenchmarks (POPF, PUSHF, CLI, STI at
-  most 20 cycles under bt) are not met: today each of these is a helper
-  call that ends its block, so it pays a dispatcher round trip; lowering
-  them to host code on the virtual IF/IOPL is issue 6's work.
+  most 20 cycles under bt) are not met: PUSHF and CLI are helper calls,
+  and POPF, STI and MOV to CR0/CR3 end their block and run on the
+  dispatcher (`--dump`, `--stats`), so they pay a helper call or a
+  dispatcher round trip; lowering them to host code on the virtual
+  IF/IOPL is issue 6's work.
 - Where bt still loses time on these programs: every block transfer pays
   about six instructions (instruction count, budget, JRCXZ) and every
   indirect branch about twelve (the table lookup), which a switch-based
