@@ -91,5 +91,42 @@ fn linux(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scan, translate, engines, linux);
+/// The compute guest under bt with translation-cache capacities from tiny
+/// to unbounded: the time of a whole run, and beside it (printed once per
+/// capacity) the dispatcher's lookups, hits, misses and evictions.
+/// benches/perf_report.py tabulates and plots the same counters for every
+/// workload (docs/cache-hit-rate.csv).
+fn cache(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cache");
+    g.sample_size(10);
+    let boot_capped = |cap: Option<usize>| {
+        let guest = popek_guests::find("compute").expect("bundled compute");
+        let config = popek_machine::Config {
+            engine: Engine::Bt,
+            cache_blocks: cap.and_then(std::num::NonZeroUsize::new),
+            ..popek_machine::Config::default()
+        };
+        popek_machine::Machine::multiboot(guest.elf, config).expect("boot")
+    };
+    for cap in [Some(8), Some(32), Some(128), None] {
+        let name = cap.map_or("unbounded".to_string(), |c| c.to_string());
+        let mut m = boot_capped(cap);
+        assert_eq!(m.run(&mut std::io::sink()), Exit::DebugExit(1));
+        let s = m.bt.as_ref().expect("bt").stats;
+        println!(
+            "cache/compute/{name}: lookups {} hits {} misses {} evictions {} hit rate {:.1}%",
+            s.lookups,
+            s.hits,
+            s.lookups - s.hits,
+            s.evictions,
+            100.0 * s.hits as f64 / s.lookups.max(1) as f64
+        );
+        g.bench_function(format!("compute/{name}"), |b| {
+            b.iter(|| boot_capped(cap).run(&mut std::io::sink()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, scan, translate, engines, linux, cache);
 criterion_main!(benches);

@@ -211,11 +211,33 @@ fn nano_guest_reports_every_operation() {
 
 #[test]
 fn a_tiny_translation_cache_changes_nothing_but_speed() {
-    // Eight blocks for a guest with hundreds: constant eviction and retranslation.
+    // Eight and four blocks for a guest with hundreds: constant eviction and
+    // retranslation; with four, the code buffer fills and is flushed in the
+    // middle of translating a block (twice), which must not lose the
+    // block's helper calls.
     let want = popek(&["run", "selfcheck", "--engine", "interp"]);
-    let got = popek(&["run", "selfcheck", "--engine", "bt", "--cache-blocks", "8"]);
-    assert_eq!(got.stdout, want.stdout);
-    assert_eq!(got.status.code(), want.status.code());
+    for blocks in ["8", "4"] {
+        let got = popek(&[
+            "run",
+            "selfcheck",
+            "--engine",
+            "bt",
+            "--cache-blocks",
+            blocks,
+            "--stats",
+        ]);
+        let err = String::from_utf8_lossy(&got.stderr);
+        assert_eq!(got.stdout, want.stdout, "{blocks} blocks: {err}");
+        assert_eq!(got.status.code(), want.status.code(), "{blocks} blocks");
+        if blocks == "4" {
+            let flushes = err
+                .lines()
+                .find_map(|l| l.strip_prefix("  evictions / buffer flushes"))
+                .and_then(|v| v.split('/').nth(1))
+                .and_then(|v| v.trim().parse::<u32>().ok());
+            assert!(flushes.is_some_and(|f| f > 0), "no buffer flush: {err}");
+        }
+    }
 }
 
 #[test]

@@ -797,6 +797,10 @@ impl Bt {
         let mut how = Vec::new();
         let dumping = self.dump.is_some();
         let mut counted = 0usize;
+        // This block's helper instructions; their indices in the pieces are
+        // relative until the block is compiled (a full buffer is flushed,
+        // and the engine's table with it, between two attempts).
+        let mut helpers = Vec::new();
         let mut k = 0;
         while k < block.insns.len() {
             let i = block.insns[k].clone();
@@ -883,12 +887,12 @@ impl Bt {
                 arg: HelperArg {
                     special: i.special.is_some(),
                     x87: popek_interp::x87::is_x87(&i.ins),
-                    index: self.helper_insns.len(),
+                    index: helpers.len(),
                 }
                 .encode(),
                 counted_before: counted,
             }));
-            self.helper_insns.push(i.ins);
+            helpers.push(i.ins);
             if dumping {
                 how.push(if i.special.is_some() {
                     "helper call (vcpu)"
@@ -939,9 +943,27 @@ impl Bt {
         for attempt in 0..2 {
             let Some(buf) = self.code.as_mut() else { break };
             let table = self.lookup.as_ptr();
+            let base = (self.helper_insns.len() as u32) << 2;
+            let pieces: Vec<Piece> = host
+                .iter()
+                .map(|p| match *p {
+                    Piece::Helper {
+                        eip,
+                        next,
+                        arg,
+                        counted_before,
+                    } => Piece::Helper {
+                        eip,
+                        next,
+                        arg: arg + base,
+                        counted_before,
+                    },
+                    ref other => other.clone(),
+                })
+                .collect();
             match Straight::compile_block(
                 buf,
-                &host,
+                &pieces,
                 counted,
                 end,
                 exit.as_ref(),
@@ -950,6 +972,7 @@ impl Bt {
             ) {
                 Ok(c) => {
                     compiled = Some(c);
+                    self.helper_insns.append(&mut helpers);
                     break;
                 }
                 Err(_) if attempt == 0 => self.flush(), // full: start again
