@@ -237,15 +237,11 @@ impl KindCounts {
 
 /// The mnemonic of the instruction at `eip`, and is it special
 /// (sensitive or privileged)?
-fn kind_at(cpu: &mut Vcpu, eip: u32) -> (iced_x86::Mnemonic, bool, bool) {
+fn kind_at(cpu: &mut Vcpu, eip: u32) -> (iced_x86::Mnemonic, bool) {
     let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
     let n = cpu.fetch(eip, &mut buf).0;
     let ins = popek_decode::decode_one(&buf[..n], eip, 32);
-    (
-        ins.mnemonic(),
-        popek_decode::special(&ins).is_some(),
-        popek_interp::x87::is_x87(&ins),
-    )
+    (ins.mnemonic(), popek_decode::special(&ins).is_some())
 }
 
 /// What a helper call's last argument says about its instruction: bit 0
@@ -1044,7 +1040,7 @@ impl Bt {
     /// instruction that ends a block (on its vcpu method, through the
     /// interpreter's decoding) or an interpreter fallback.
     fn execute_one(&mut self, cpu: &mut Vcpu) -> Step {
-        let (kind, special, _) = kind_at(cpu, cpu.eip);
+        let (kind, special) = kind_at(cpu, cpu.eip);
         if special {
             self.stats.special_calls += 1;
             *self.by_kind.specials.entry(kind).or_default() += 1;
