@@ -44,12 +44,24 @@ static void user_code_iopl3(void)
 
 static const char *yn(int b) { return b ? "yes" : "no"; }
 
+static volatile u32 db_count, db_eip;
+
+static void on_db(struct frame *f)
+{
+    db_count++;
+    db_eip = f->eip;
+    f->eflags &= ~EFL_TF;        /* one step is enough */
+}
+
+extern char after_one_step[];
+
 int kmain(u32 magic, struct mb_info *mbi)
 {
     (void)magic;
     (void)mbi;
     gdt_init();
     idt_set(13, on_gp, 0, 0);
+    idt_set(1, on_db, 0, 0);
     idt_load();
 
     u32 f = read_eflags();
@@ -70,6 +82,16 @@ int kmain(u32 magic, struct mb_info *mbi)
     u16 w;
     __asm__ volatile("pushfw; popw %0" : "=r"(w));
     printf("ring0: PUSHFW = %04x\n", w & 0xFFD7);
+    /* Every bit through POPF and back through PUSHF at ring 0 (TF and IF
+     * aside): reserved bits, RF, VM, VIF and VIP do not change. */
+    u32 all = 0x3FFFFF & ~(EFL_TF | EFL_IF), seen;
+    __asm__ volatile("pushfl; pushl %1; popfl; pushfl; popl %0; popfl" : "=r"(seen) : "r"(all) : "cc");
+    printf("ring0: POPF %06x -> PUSHF %06x\n", all, seen);
+    /* POPF setting TF: a single-step trap after the next instruction. */
+    __asm__ volatile("pushfl; orl $0x100, (%%esp); popfl; nop\n"
+                     ".globl after_one_step\nafter_one_step: nop" : : : "cc", "memory");
+    printf("ring0: POPF with TF=1 -> #DB after one instruction: %s (%u)\n",
+           yn(db_eip == (u32)after_one_step), db_count);
 
     run_user(user_code, EFL_IF);
     printf("ring3: PUSHF shows IF = %u, IOPL = %u\n", (u_flags0 >> 9) & 1, (u_flags0 >> 12) & 3);

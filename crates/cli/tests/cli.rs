@@ -212,13 +212,17 @@ fn stats_json_is_one_object_with_the_counters() {
 
 #[test]
 fn lockstep_runs_both_engines_and_they_agree() {
-    // The exceptions guest: paging, #PF, #GP, #DF, INT/IRET, I/O.
-    let normal = popek(&["run", "exceptions"]);
-    let out = popek(&["run", "exceptions", "--lockstep"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), normal.status.code(), "{err}");
-    assert_eq!(out.stdout, normal.stdout);
-    assert!(err.contains("bt and interp agreed on"), "{err}");
+    // exceptions: paging, #PF, #GP, #DF, INT/IRET, I/O. popf: PUSHF, POPF,
+    // CLI and STI in translated code at ring 0 (on the virtual flags) and
+    // on the helper at ring 3, POPF setting TF.
+    for guest in ["exceptions", "popf"] {
+        let normal = popek(&["run", guest]);
+        let out = popek(&["run", guest, "--lockstep"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), normal.status.code(), "{guest}: {err}");
+        assert_eq!(out.stdout, normal.stdout, "{guest}");
+        assert!(err.contains("bt and interp agreed on"), "{guest}: {err}");
+    }
 }
 
 #[test]

@@ -104,7 +104,7 @@ macro_rules! specials {
 
 specials! {
     Pushf => Sensitive, Silent, false, "PUSHF: pushes EFLAGS, revealing the real IF and IOPL";
-    Popf => Sensitive, Silent, true, "POPF: at CPL > 0 silently ignores IOPL, and IF when CPL > IOPL";
+    Popf => Sensitive, Silent, false, "POPF: at CPL > 0 silently ignores IOPL, and IF when CPL > IOPL";
     Sgdt => Sensitive, Silent, false, "SGDT: stores GDTR, revealing the monitor's GDT";
     Sidt => Sensitive, Silent, false, "SIDT: stores IDTR, revealing the monitor's IDT";
     Sldt => Sensitive, Silent, false, "SLDT: stores the LDTR selector";
@@ -129,7 +129,7 @@ specials! {
     Cpuid => Sensitive, Silent, false, "CPUID: reveals the processor";
     Rdtsc => Sensitive, Silent, false, "RDTSC: reveals real time (privileged only with CR4.TSD)";
     Cli => Privileged, Traps, false, "CLI: clears IF (CPL <= IOPL)";
-    Sti => Privileged, Traps, true, "STI: sets IF (CPL <= IOPL), one-instruction shadow";
+    Sti => Privileged, Traps, false, "STI: sets IF (CPL <= IOPL), one-instruction shadow";
     Hlt => Privileged, Traps, true, "HLT: waits for an interrupt";
     In => Privileged, Traps, false, "IN: port input (CPL <= IOPL or the TSS I/O bitmap)";
     Out => Privileged, Traps, false, "OUT: port output (CPL <= IOPL or the TSS I/O bitmap)";
@@ -497,9 +497,10 @@ mod tests {
 
     #[test]
     fn classes_of_the_popek_goldberg_breakers() {
-        // pushfd; cli; mov eax,cr0; sgdt [eax]; mov ax,ds; add eax,1; popfd
+        // pushfd; cli; mov eax,cr0; sgdt [eax]; mov ax,ds; add eax,1; popfd; hlt
         let b = block(&[
             0x9C, 0xFA, 0x0F, 0x20, 0xC0, 0x0F, 0x01, 0x00, 0x8C, 0xD8, 0x83, 0xC0, 0x01, 0x9D,
+            0xF4,
         ]);
         let got: Vec<_> = b.insns.iter().map(|i| (i.class, i.special)).collect();
         assert_eq!(
@@ -512,9 +513,11 @@ mod tests {
                 (Class::Sensitive, Some(Special::MovFromSeg)),
                 (Class::Innocuous, None),
                 (Class::Sensitive, Some(Special::Popf)),
+                (Class::Privileged, Some(Special::Hlt)),
             ]
         );
-        assert_eq!(b.end, BlockEnd::Special(Special::Popf));
+        // POPF runs in translated code (on the virtual flags); HLT leaves.
+        assert_eq!(b.end, BlockEnd::Special(Special::Hlt));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 use crate::code_buffer::CodeBuffer;
 use crate::lower::{lower, lower_into, lower_stack, lower_string, lower_terminator, SegBases};
 use crate::straight::{
-    epilogue_offset, set_gs_base, Context, LookupEntry, Piece, Straight, LOOKUP_ENTRIES,
+    epilogue_offset, set_gs_base, Context, FlagsOp, LookupEntry, Piece, Straight, LOOKUP_ENTRIES,
     LOOKUP_SHIFT,
 };
 
@@ -244,6 +244,19 @@ fn kind_at(cpu: &mut Vcpu, eip: u32) -> (iced_x86::Mnemonic, bool) {
     (ins.mnemonic(), popek_decode::special(&ins).is_some())
 }
 
+/// The flags instruction `ins` is, if translated code runs it on the
+/// virtual flags (32-bit PUSHF and POPF; the 16-bit forms are helpers).
+fn flags_op(ins: &iced_x86::Instruction, host_fixed: u32) -> Option<FlagsOp> {
+    use iced_x86::Code;
+    Some(match ins.code() {
+        Code::Pushfd => FlagsOp::Pushfd { host_fixed },
+        Code::Popfd => FlagsOp::Popfd,
+        Code::Cli => FlagsOp::Cli,
+        Code::Sti => FlagsOp::Sti,
+        _ => return None,
+    })
+}
+
 /// What a helper call's last argument says about its instruction: bit 0
 /// special, bit 1 x87, the rest the index of its decoded form in
 /// `Bt::helper_insns`.
@@ -298,7 +311,7 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, arg: u32) 
         // SAFETY: see above.
         let cpu = unsafe { &mut *env.cpu };
         cpu.regs = ctx.regs;
-        cpu.eflags = ctx.eflags;
+        cpu.eflags = ctx.guest_eflags();
         cpu.eip = eip;
         let HelperArg {
             special,
@@ -331,7 +344,7 @@ extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, arg: u32) 
             cpu.fpu.load_host();
         }
         ctx.regs = cpu.regs;
-        ctx.eflags = cpu.eflags;
+        ctx.set_eflags(cpu.eflags, cpu.cpl());
         ctx.next_eip = cpu.eip;
         let go_on = match step {
             Step::Executed => {
@@ -797,6 +810,7 @@ impl Bt {
         // relative until the block is compiled (a full buffer is flushed,
         // and the engine's table with it, between two attempts).
         let mut helpers = Vec::new();
+        let host_fixed = crate::straight::host_fixed_flags();
         let mut k = 0;
         while k < block.insns.len() {
             let i = block.insns[k].clone();
@@ -867,6 +881,34 @@ impl Bt {
                 exit = Some(e);
                 break;
             }
+            // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
+            // (with a helper call where host code cannot do them).
+            if let Some(op) = flags_op(&i.ins, host_fixed) {
+                eips.push(i.ins.ip32());
+                counted_at.push(counted as u32);
+                parts.push(Part::Piece(Piece::Flags {
+                    op,
+                    eip: i.ins.ip32(),
+                    next: i.ins.next_ip32(),
+                    arg: HelperArg {
+                        special: true,
+                        x87: false,
+                        index: helpers.len(),
+                    }
+                    .encode(),
+                    counted_before: counted,
+                }));
+                helpers.push(i.ins);
+                if dumping {
+                    how.push(if matches!(op, FlagsOp::Pushfd { .. }) {
+                        "rewritten (virtual flags)"
+                    } else {
+                        "rewritten (virtual flags; helper call unless CPL 0)"
+                    });
+                }
+                counted += 1;
+                continue;
+            }
             // Anything else that does not transfer control runs in place
             // through a helper call: special instructions on the vcpu
             // methods, the rest on the interpreter.
@@ -896,6 +938,23 @@ impl Bt {
                     "helper call (interpreter fallback)"
                 });
             }
+        }
+        // STI opens an interrupt shadow over the next instruction, which
+        // host code does not record: an STI that would be the last
+        // instruction of the block's host code (the shadow still open when
+        // the block exits) is left to the dispatcher.
+        if let Some(Part::Piece(Piece::Flags {
+            op: FlagsOp::Sti, ..
+        })) = parts.last()
+        {
+            parts.pop();
+            eips.pop();
+            counted_at.pop();
+            helpers.pop();
+            if dumping {
+                how.pop();
+            }
+            counted -= 1;
         }
         let host: Vec<Piece> = parts
             .into_iter()
@@ -949,6 +1008,19 @@ impl Bt {
                         arg,
                         counted_before,
                     } => Piece::Helper {
+                        eip,
+                        next,
+                        arg: arg + base,
+                        counted_before,
+                    },
+                    Piece::Flags {
+                        op,
+                        eip,
+                        next,
+                        arg,
+                        counted_before,
+                    } => Piece::Flags {
+                        op,
                         eip,
                         next,
                         arg: arg + base,
@@ -1113,7 +1185,11 @@ impl Bt {
             fault_write: 0,
             indirect_misses: 0,
             window: crate::straight::gs_base(),
+            sys: 0,
+            vif: 0,
+            slow: 0,
         };
+        ctx.set_eflags(cpu.eflags, cpu.cpl());
         let budget = ctx.chain_budget;
         if env.fpu_loaded {
             // The guest's x87 state goes into the host FPU for the code's
@@ -1136,7 +1212,7 @@ impl Bt {
             cpu.fpu.save_host();
         }
         cpu.regs = ctx.regs;
-        cpu.eflags = ctx.eflags;
+        cpu.eflags = ctx.guest_eflags();
         self.stats.chained += budget - ctx.chain_budget;
         let lookups = ctx.retired >> LOOKUP_SHIFT;
         let retired = ctx.retired & ((1 << LOOKUP_SHIFT) - 1);

@@ -59,7 +59,82 @@ pub struct Context {
     /// Host address of the guest window GS points at (4 GiB-aligned):
     /// translated string instructions add it to ESI and EDI.
     pub window: u64,
+    /// The system part of the guest's EFLAGS while its code runs: every
+    /// bit outside [`HOST_FLAGS`] except IF, RF and VM (so PUSHF in host
+    /// code adds it to the host's arithmetic flags). See [`Context::set_eflags`].
+    pub sys: u32,
+    /// The virtual IF: 0 or 0x200. CLI and STI in host code store it.
+    pub vif: u32,
+    /// 0 when POPF, CLI and STI may run in host code (CPL 0, neither RF
+    /// nor VM set); otherwise they call the helper.
+    pub slow: u32,
 }
+
+/// Offset of [`Context::sys`].
+pub const SYS_OFFSET: u8 = 104;
+/// Offset of [`Context::vif`].
+pub const VIF_OFFSET: u8 = 108;
+/// Offset of [`Context::slow`].
+pub const SLOW_OFFSET: u8 = 112;
+
+/// EFLAGS.IF.
+const IF: u32 = 1 << 9;
+/// EFLAGS.RF and EFLAGS.VM: never in a PUSHF image, never changed by POPF.
+const RF_VM: u32 = 3 << 16;
+
+impl Context {
+    /// Hand the guest's whole EFLAGS to host code running at privilege
+    /// level `cpl`: the arithmetic flags (in `eflags`, loaded into the
+    /// host's), the system flags (`sys`), the virtual IF (`vif`).
+    pub fn set_eflags(&mut self, eflags: u32, cpl: u8) {
+        self.eflags = eflags;
+        self.sys = eflags & !(HOST_FLAGS | IF | RF_VM);
+        self.vif = eflags & IF;
+        self.slow = u32::from(cpl != 0 || eflags & RF_VM != 0);
+    }
+
+    /// The guest's whole EFLAGS, as host code left it.
+    pub fn guest_eflags(&self) -> u32 {
+        (self.eflags & (HOST_FLAGS | RF_VM)) | self.sys | self.vif
+    }
+}
+
+/// The bits of the host's RFLAGS image (PUSHFQ) outside [`HOST_FLAGS`]
+/// while translated code runs: the reserved bit 1 and IF (user mode), and
+/// AC and ID as the process has them (clear in practice). PUSHF in host
+/// code subtracts them.
+pub fn host_fixed_flags() -> u32 {
+    let rflags: u64;
+    // SAFETY: PUSHFQ and POP into a register touch only the stack slot
+    // they push and pop.
+    unsafe { std::arch::asm!("pushfq", "pop {}", out(reg) rflags) };
+    rflags as u32 & !HOST_FLAGS
+}
+
+/// A flags instruction that runs in host code on the virtual IF and
+/// system flags (Piece::Flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagsOp {
+    /// PUSHFD at any CPL: the host's arithmetic flags, the system flags
+    /// and the virtual IF, pushed on the guest stack. `host_fixed` is
+    /// [`host_fixed_flags`] when the block was translated.
+    Pushfd {
+        /// What PUSHFQ adds outside the arithmetic flags.
+        host_fixed: u32,
+    },
+    /// POPFD: at CPL 0 with TF clear in the image, in host code; otherwise
+    /// the helper.
+    Popfd,
+    /// CLI: at CPL 0 in host code; otherwise the helper.
+    Cli,
+    /// STI: at CPL 0 in host code; otherwise the helper.
+    Sti,
+}
+
+/// The system flags POPF changes at CPL 0 besides IF and TF.
+const POPF_SYS: u32 = 0x3000 | 0x4000 | 0x4_0000 | 0x20_0000; // IOPL, NT, AC, ID
+/// The system flags POPF keeps: VIF, VIP and the reserved bit 1.
+const POPF_KEEPS: u32 = 0x8_0000 | 0x10_0000 | 2;
 
 /// Offset of [`Context::window`].
 pub const WINDOW_OFFSET: u8 = 96;
@@ -166,6 +241,20 @@ pub enum Piece<'a> {
         next: u32,
         /// The helper's last argument (the engine's description of the
         /// instruction).
+        arg: u32,
+        /// Instructions before it in this block that the block counts.
+        counted_before: usize,
+    },
+    /// PUSHFD, POPFD, CLI or STI on the virtual flags in host code, with a
+    /// helper call (as [`Piece::Helper`]) where host code cannot do it.
+    Flags {
+        /// Which.
+        op: FlagsOp,
+        /// The instruction's EIP.
+        eip: u32,
+        /// The EIP after it.
+        next: u32,
+        /// The helper's last argument.
         arg: u32,
         /// Instructions before it in this block that the block counts.
         counted_before: usize,
@@ -278,6 +367,115 @@ fn store_next(out: &mut Vec<u8>, eip: u32) {
     out.extend(eip.to_le_bytes());
 }
 
+/// Point the rel32 field at `at` (in `out`) to `to` (in `out`).
+fn patch_rel32(out: &mut [u8], at: usize, to: usize) {
+    let rel = (to as i64 - (at as i64 + 4)) as i32;
+    out[at..at + 4].copy_from_slice(&rel.to_le_bytes());
+}
+
+/// One guest instruction run by `helper(ctx, eip, next, arg)`: store the
+/// state and call; leave the block when the helper says so (counting the
+/// `counted_before` instructions done in host code); the caller reloads
+/// the state after it.
+fn helper_call(
+    out: &mut Vec<u8>,
+    base: usize,
+    h: Helper,
+    eip: u32,
+    next: u32,
+    arg: u32,
+    counted_before: usize,
+) {
+    let f = frame();
+    out.extend_from_slice(&f.store_state);
+    out.extend([0x4D, 0x89, 0x47, 0x30]); // mov [r15+48], r8
+    out.extend([0x4C, 0x89, 0xFF]); // mov rdi, r15
+    out.push(0xBE); // mov esi, eip
+    out.extend(eip.to_le_bytes());
+    out.push(0xBA); // mov edx, next
+    out.extend(next.to_le_bytes());
+    out.push(0xB9); // mov ecx, arg
+    out.extend(arg.to_le_bytes());
+    out.extend([0x48, 0xB8]); // mov rax, helper
+    out.extend((h as usize as u64).to_le_bytes());
+    out.extend([0x48, 0x83, 0xEC, 0x08]); // sub rsp, 8 (16-byte alignment)
+    out.extend([0xFF, 0xD0]); // call rax
+    out.extend([0x48, 0x83, 0xC4, 0x08]); // add rsp, 8
+    out.extend([0x4D, 0x8B, 0x47, 0x30]); // mov r8, [r15+48]
+    out.extend([0x85, 0xC0]); // test eax, eax
+    out.extend([0x74, 9]); // jz over the leaving path: count (4) + jmp (5)
+    count(out, counted_before);
+    jmp_to(out, base, leave_offset());
+}
+
+/// The host code of a [`FlagsOp`]'s fast path. Returns the offsets (in
+/// `out`) of rel32 fields to point at the slow path (a helper call), which
+/// the caller places after a jump over it; none for PUSHFD.
+///
+/// Everything before a jump to the slow path leaves the guest's flags as
+/// they were, except POPF's TF test, after which the helper's POPF sets
+/// every arithmetic flag anyway (its load has just succeeded). The only
+/// instruction that can fault comes first (the guest stack access), so a
+/// fault finds the guest state as it was before the instruction.
+fn flags_fast_path(out: &mut Vec<u8>, op: FlagsOp) -> Vec<usize> {
+    let mut to_slow = Vec::new();
+    // CPL 0? Flag-free: `slow` through RCX for JRCXZ.
+    let mut cpl0_or_slow = |out: &mut Vec<u8>| {
+        out.extend([0x49, 0x89, 0xCB]); // mov r11, rcx
+        out.extend([0x41, 0x8B, 0x4F, SLOW_OFFSET]); // mov ecx, [r15+slow]
+        out.extend([0xE3, 0x08]); // jrcxz fast
+        out.extend([0x4C, 0x89, 0xD9]); // mov rcx, r11
+        out.extend([0xE9, 0, 0, 0, 0]); // jmp slow
+        to_slow.push(out.len() - 4);
+        out.extend([0x4C, 0x89, 0xD9]); // fast: mov rcx, r11
+    };
+    match op {
+        FlagsOp::Pushfd { host_fixed } => {
+            out.push(0x9C); // pushfq
+            out.extend([0x41, 0x5B]); // pop r11
+            out.extend([0x45, 0x8B, 0x6F, SYS_OFFSET]); // mov r13d, [r15+sys]
+            out.extend([0x47, 0x8D, 0x9C, 0x2B]); // lea r11d, [r11+r13-host_fixed]
+            out.extend(host_fixed.wrapping_neg().to_le_bytes());
+            out.extend([0x45, 0x8B, 0x6F, VIF_OFFSET]); // mov r13d, [r15+vif]
+            out.extend([0x47, 0x8D, 0x1C, 0x2B]); // lea r11d, [r11+r13]
+            out.extend([0x65, 0x67, 0x45, 0x89, 0x5C, 0x24, 0xFC]); // mov gs:[r12d-4], r11d
+            out.extend([0x45, 0x8D, 0x64, 0x24, 0xFC]); // lea r12d, [r12-4]
+        }
+        FlagsOp::Cli | FlagsOp::Sti => {
+            cpl0_or_slow(out);
+            let vif = if op == FlagsOp::Sti { IF } else { 0 };
+            out.extend([0x41, 0xC7, 0x47, VIF_OFFSET]); // mov dword [r15+vif], imm32
+            out.extend(vif.to_le_bytes());
+        }
+        FlagsOp::Popfd => {
+            cpl0_or_slow(out);
+            out.extend([0x65, 0x67, 0x45, 0x8B, 0x1C, 0x24]); // mov r11d, gs:[r12d]
+            out.extend([0x41, 0xF7, 0xC3, 0x00, 0x01, 0x00, 0x00]); // test r11d, TF
+            out.extend([0x0F, 0x85, 0, 0, 0, 0]); // jnz slow (single-stepping)
+            to_slow.push(out.len() - 4);
+            out.extend([0x45, 0x8D, 0x64, 0x24, 0x04]); // lea r12d, [r12+4]
+            out.extend([0x45, 0x89, 0xDD]); // mov r13d, r11d
+            out.extend([0x41, 0x81, 0xE5]); // and r13d, IF
+            out.extend(IF.to_le_bytes());
+            out.extend([0x45, 0x89, 0x6F, VIF_OFFSET]); // mov [r15+vif], r13d
+            out.extend([0x45, 0x89, 0xDD]); // mov r13d, r11d
+            out.extend([0x41, 0x81, 0xE5]); // and r13d, POPF_SYS
+            out.extend(POPF_SYS.to_le_bytes());
+            out.extend([0x45, 0x8B, 0x4F, SYS_OFFSET]); // mov r9d, [r15+sys]
+            out.extend([0x41, 0x81, 0xE1]); // and r9d, POPF_KEEPS
+            out.extend(POPF_KEEPS.to_le_bytes());
+            out.extend([0x45, 0x09, 0xE9]); // or r9d, r13d
+            out.extend([0x45, 0x89, 0x4F, SYS_OFFSET]); // mov [r15+sys], r9d
+            out.extend([0x41, 0x81, 0xE3]); // and r11d, HOST_FLAGS
+            out.extend(HOST_FLAGS.to_le_bytes());
+            out.extend([0x41, 0x83, 0xCB, 0x02]); // or r11d, 2
+            out.extend([0x41, 0x53]); // push r11
+            out.push(0x9D); // popfq
+        }
+    }
+    to_slow
+}
+
 /// `lea r8, [r8 + n]` (n below 128): count this block's instructions.
 fn count(out: &mut Vec<u8>, n: usize) {
     out.extend([0x4D, 0x8D, 0x40, n as u8]);
@@ -312,6 +510,7 @@ impl Straight {
             .map(|p| match p {
                 Piece::Code(b) => b.len(),
                 Piece::Helper { .. } => 128,
+                Piece::Flags { .. } => 256,
                 Piece::Side { .. } => 6,
             })
             .sum();
@@ -341,27 +540,34 @@ impl Straight {
                 } => {
                     let h =
                         helper.ok_or_else(|| BuildError("helper piece without a helper".into()))?;
-                    out.extend_from_slice(&f.store_state);
-                    out.extend([0x4D, 0x89, 0x47, 0x30]); // mov [r15+48], r8
-                    out.extend([0x4C, 0x89, 0xFF]); // mov rdi, r15
-                    out.push(0xBE); // mov esi, eip
-                    out.extend(eip.to_le_bytes());
-                    out.push(0xBA); // mov edx, next
-                    out.extend(next.to_le_bytes());
-                    out.push(0xB9); // mov ecx, arg
-                    out.extend(arg.to_le_bytes());
-                    out.extend([0x48, 0xB8]); // mov rax, helper
-                    out.extend((h as usize as u64).to_le_bytes());
-                    out.extend([0x48, 0x83, 0xEC, 0x08]); // sub rsp, 8 (16-byte alignment)
-                    out.extend([0xFF, 0xD0]); // call rax
-                    out.extend([0x48, 0x83, 0xC4, 0x08]); // add rsp, 8
-                    out.extend([0x4D, 0x8B, 0x47, 0x30]); // mov r8, [r15+48]
-                    out.extend([0x85, 0xC0]); // test eax, eax
-                                              // jz over the leaving path: count (4) + jmp (5)
-                    out.extend([0x74, 9]);
-                    count(&mut out, *counted_before);
-                    jmp_to(&mut out, base, leave_offset());
+                    helper_call(&mut out, base, h, *eip, *next, *arg, *counted_before);
                     out.extend_from_slice(&f.load_state);
+                }
+                Piece::Flags {
+                    op,
+                    eip,
+                    next,
+                    arg,
+                    counted_before,
+                } => {
+                    let to_slow = flags_fast_path(&mut out, *op);
+                    if !to_slow.is_empty() {
+                        let h = helper
+                            .ok_or_else(|| BuildError("flags piece without a helper".into()))?;
+                        out.extend([0xE9, 0, 0, 0, 0]); // jmp done
+                        let over = out.len();
+                        let slow = out.len();
+                        for at in to_slow {
+                            patch_rel32(&mut out, at, slow);
+                        }
+                        helper_call(&mut out, base, h, *eip, *next, *arg, *counted_before);
+                        out.extend_from_slice(&f.load_state);
+                        // The helper retired the instruction, which the
+                        // block's exit counts too.
+                        out.extend([0x4D, 0x8D, 0x40, 0xFF]); // lea r8, [r8-1]
+                        let done = out.len();
+                        patch_rel32(&mut out, over - 4, done);
+                    }
                 }
             }
         }
@@ -695,6 +901,94 @@ pub fn set_gs_base(base: *mut u8) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+    fn disassemble(code: &[u8]) -> Vec<String> {
+        let mut d = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+        let mut fmt = IntelFormatter::new();
+        let mut text = Vec::new();
+        while d.can_decode() {
+            let ins = d.decode();
+            assert!(!ins.is_invalid(), "{text:?}");
+            let mut t = String::new();
+            fmt.format(&ins, &mut t);
+            text.push(t);
+        }
+        text
+    }
+
+    /// The hand-encoded fast paths of PUSHFD, POPFD, CLI and STI
+    /// disassemble to the intended instructions, and the context offsets
+    /// they use are the fields'.
+    #[test]
+    fn flags_fast_path_encoding() {
+        let mut out = Vec::new();
+        let slow = flags_fast_path(&mut out, FlagsOp::Pushfd { host_fixed: 0x202 });
+        assert!(slow.is_empty());
+        assert_eq!(
+            disassemble(&out),
+            [
+                "pushfq",
+                "pop r11",
+                "mov r13d,[r15+68h]",
+                "lea r11d,[r11+r13-202h]",
+                "mov r13d,[r15+6Ch]",
+                "lea r11d,[r11+r13]",
+                "mov gs:[r12d-4],r11d",
+                "lea r12d,[r12-4]",
+            ]
+        );
+        let cpl_check = [
+            "mov r11,rcx",
+            "mov ecx,[r15+70h]",
+            "jrcxz 0000000000000011h",
+            "mov rcx,r11",
+            "jmp 0000000000000016h",
+            "mov rcx,r11",
+        ];
+        for (op, store) in [
+            (FlagsOp::Cli, "mov dword ptr [r15+6Ch],0"),
+            (FlagsOp::Sti, "mov dword ptr [r15+6Ch],200h"),
+        ] {
+            let mut out = Vec::new();
+            let slow = flags_fast_path(&mut out, op);
+            patch_rel32(&mut out, slow[0], 0x16);
+            let mut want = cpl_check.to_vec();
+            want.push(store);
+            assert_eq!(disassemble(&out), want);
+        }
+        let mut out = Vec::new();
+        let slow = flags_fast_path(&mut out, FlagsOp::Popfd);
+        assert_eq!(slow.len(), 2);
+        patch_rel32(&mut out, slow[0], 0x16);
+        patch_rel32(&mut out, slow[1], 0x16);
+        let mut want = cpl_check.to_vec();
+        want.extend([
+            "mov r11d,gs:[r12d]",
+            "test r11d,100h",
+            "jne 0000000000000016h",
+            "lea r12d,[r12+4]",
+            "mov r13d,r11d",
+            "and r13d,200h",
+            "mov [r15+6Ch],r13d",
+            "mov r13d,r11d",
+            "and r13d,247000h",
+            "mov r9d,[r15+68h]",
+            "and r9d,180002h",
+            "or r9d,r13d",
+            "mov [r15+68h],r9d",
+            "and r11d,0CD5h",
+            "or r11d,2",
+            "push r11",
+            "popfq",
+        ]);
+        assert_eq!(disassemble(&out), want);
+        assert_eq!(std::mem::offset_of!(Context, sys), SYS_OFFSET as usize);
+        assert_eq!(std::mem::offset_of!(Context, vif), VIF_OFFSET as usize);
+        assert_eq!(std::mem::offset_of!(Context, slow), SLOW_OFFSET as usize);
+        // What PUSHFD subtracts is what the host's PUSHFQ shows outside
+        // the arithmetic flags in a normal process: bit 1 and IF.
+        assert_eq!(host_fixed_flags(), 0x202);
+    }
 
     /// The hand-encoded indirect-branch exit disassembles to the intended
     /// instructions, and its two JRCXZs land where they should.
