@@ -372,28 +372,65 @@ pub fn decode_one(bytes: &[u8], eip: u32, bitness: u32) -> Instruction {
 /// `fetch(eip, buf)` fills `buf` with guest code bytes at `eip` and returns
 /// how many it could fetch (fewer at an unmapped page or segment limit).
 pub fn scan_block(
-    mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
+    fetch: impl FnMut(u32, &mut [u8]) -> usize,
     start: u32,
     bitness: u32,
 ) -> Block {
-    // One fetch covers the whole block: its instructions start on this
-    // page (the last may run into the next) and there are at most
-    // MAX_BLOCK_INSNS of at most MAX_INSN_LEN bytes.
+    let mut insns = Vec::with_capacity(16);
+    let end = scan_block_into(fetch, start, bitness, &mut insns, MAX_BLOCK_INSNS);
+    Block { start, insns, end }
+}
+
+/// As [`scan_block`], appending at most `max` instructions to `insns`
+/// (a translator building a superblock scans into one vector); returns
+/// how the block ends ([`BlockEnd::SizeLimit`] after `max`).
+pub fn scan_block_into(
+    mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
+    start: u32,
+    bitness: u32,
+    insns: &mut Vec<Insn>,
+    max: usize,
+) -> BlockEnd {
+    let first = insns.len();
+    // The block's bytes: its instructions start on this page (the last may
+    // run into the next) and there are at most MAX_BLOCK_INSNS of at most
+    // MAX_INSN_LEN bytes. Most blocks are short, so the bytes are fetched
+    // in chunks of FETCH_CHUNK as decoding reaches them.
+    const FETCH_CHUNK: usize = 128;
     let page_left = (PAGE_SIZE - start % PAGE_SIZE) as usize;
     let want = (page_left + MAX_INSN_LEN - 1).min(MAX_BLOCK_INSNS * MAX_INSN_LEN);
     let mut space = [0u8; MAX_BLOCK_INSNS * MAX_INSN_LEN];
-    let fetched = fetch(start, &mut space[..want]);
-    let buf = &space[..fetched];
-    let mut decoder = Decoder::with_ip(bitness, buf, u64::from(start), DecoderOptions::NONE);
-    let mut insns = Vec::with_capacity(16);
+    let mut asked = want.min(FETCH_CHUNK);
+    let mut fetched = fetch(start, &mut space[..asked]);
+    let mut decoder = Decoder::with_ip(
+        bitness,
+        &space[..fetched],
+        u64::from(start),
+        DecoderOptions::NONE,
+    );
     let mut off = 0usize;
     let end = loop {
         let eip = start.wrapping_add(off as u32);
-        if insns.len() >= MAX_BLOCK_INSNS {
+        if insns.len() - first >= max.min(MAX_BLOCK_INSNS) {
             break BlockEnd::SizeLimit;
         }
         if off >= page_left {
             break BlockEnd::PageBoundary;
+        }
+        // Less than a whole instruction left of a full chunk: fetch on.
+        if fetched == asked && asked < want && fetched - off < MAX_INSN_LEN {
+            let more = (asked + FETCH_CHUNK).min(want);
+            fetched += fetch(
+                start.wrapping_add(asked as u32),
+                &mut space[asked..more],
+            );
+            asked = more;
+            decoder = Decoder::with_ip(
+                bitness,
+                &space[off..fetched],
+                u64::from(eip),
+                DecoderOptions::NONE,
+            );
         }
         if off >= fetched {
             break BlockEnd::FetchFault(eip);
@@ -417,7 +454,7 @@ pub fn scan_block(
         let class = classify(&ins);
         insns.push(Insn {
             ins,
-            bytes: InsnBytes::new(&buf[off..off + len]),
+            bytes: InsnBytes::new(&space[off..off + len]),
             class,
             special: sp,
         });
@@ -431,7 +468,7 @@ pub fn scan_block(
             }
         }
     };
-    Block { start, insns, end }
+    end
 }
 
 /// Every basic block reachable from `entry` by following direct near and

@@ -32,7 +32,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
-use popek_decode::scan_block;
+use popek_decode::scan_block_into;
 use popek_interp::Step;
 use popek_memory::GuestRam;
 use popek_vcpu::{cr0, flags, SegReg, Vcpu};
@@ -447,6 +447,13 @@ pub struct Bt {
     segs: SegBases,
     /// Does any cached translation use an FS or GS base?
     segs_used: bool,
+    /// Do blocks go on past a conditional branch's fall-through
+    /// (superblocks)? On by default; the translation-cost benchmark turns
+    /// it off to measure basic blocks alone.
+    pub superblocks: bool,
+    /// The instructions, EIPs and counts of the block being translated,
+    /// kept between translations.
+    scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
 }
 
 /// Can translated code run in this mode? CS, DS, ES and SS flat (base 0,
@@ -493,6 +500,12 @@ impl Bt {
             lookup_used: Vec::new(),
             segs: SegBases::default(),
             segs_used: false,
+            superblocks: true,
+            scratch: (
+                Vec::with_capacity(SUPERBLOCK_MAX),
+                Vec::with_capacity(SUPERBLOCK_MAX + 1),
+                Vec::with_capacity(SUPERBLOCK_MAX),
+            ),
         }
     }
 
@@ -793,10 +806,25 @@ impl Bt {
     }
 
     fn translate(&mut self, cpu: &mut Vcpu, eip: u32) -> Entry {
-        let mut block = scan_block(|a, buf| cpu.fetch(a, buf).0, eip, 32);
-        let len = block.insns.len();
-        let mut eips = Vec::with_capacity(len + 1);
-        let mut counted_at = Vec::with_capacity(len);
+        // Vectors kept between translations (room for a whole superblock):
+        // nothing is allocated or grows while a block is built.
+        let (mut insns, mut eips, mut counted_at) = std::mem::take(&mut self.scratch);
+        insns.clear();
+        eips.clear();
+        counted_at.clear();
+        let end = scan_block_into(
+            |a, buf| cpu.fetch(a, buf).0,
+            eip,
+            32,
+            &mut insns,
+            SUPERBLOCK_MAX,
+        );
+        let mut block = popek_decode::Block {
+            start: eip,
+            insns,
+            end,
+        };
+        let len = SUPERBLOCK_MAX;
         // Host code of the translated instructions, one after another;
         // `parts` says which bytes (or which helper call) is whose.
         let mut arena = std::mem::take(&mut self.arena);
@@ -853,7 +881,8 @@ impl Bt {
                     not_taken,
                 } = e
                 {
-                    if arena.len() == mark
+                    if self.superblocks
+                        && arena.len() == mark
                         && k == block.insns.len()
                         && eips.len() < SUPERBLOCK_MAX
                         && not_taken / 4096 == eip / 4096
@@ -867,9 +896,14 @@ impl Bt {
                         if dumping {
                             how.push("rewritten (side exit; the block goes on)");
                         }
-                        let more = scan_block(|a, buf| cpu.fetch(a, buf).0, not_taken, 32);
                         let room = SUPERBLOCK_MAX - eips.len();
-                        block.insns.extend(more.insns.into_iter().take(room));
+                        block.end = scan_block_into(
+                            |a, buf| cpu.fetch(a, buf).0,
+                            not_taken,
+                            32,
+                            &mut block.insns,
+                            room,
+                        );
                         continue;
                     }
                 }
@@ -988,6 +1022,7 @@ impl Bt {
         self.stats.blocks_translated += 1;
         if n == 0 || pages.0 == u32::MAX {
             self.arena = arena;
+            self.scratch = (block.insns, eips, counted_at);
             return Entry::Interpret { pages };
         }
         let end = block.insns[n - 1].ins.next_ip32();
@@ -1050,6 +1085,7 @@ impl Bt {
         drop(host);
         self.arena = arena;
         let Some(code) = compiled else {
+            self.scratch = (block.insns, eips, counted_at);
             return Entry::Interpret { pages };
         };
         self.stats.insns_translated += n as u64;
@@ -1059,13 +1095,15 @@ impl Bt {
             self.dump_block(&block, &how, &code, exit.as_ref());
         }
         eips.push(end);
-        Entry::Code {
+        let entry = Entry::Code {
             code,
-            eips,
-            counted: counted_at,
+            eips: eips.clone(),
+            counted: counted_at.clone(),
             pages,
             incoming: Vec::new(),
-        }
+        };
+        self.scratch = (block.insns, eips, counted_at);
+        entry
     }
 
     /// Translate the block at `eip` into the cache (as a miss would),
