@@ -1,10 +1,12 @@
 /* kernels: a compute-bound static i386 Linux program for the direct
  * execution comparison (benches/perf_report.py builds it with
  * `gcc -m32 -static -O2`): integer hashing, qsort through glibc, a
- * double-precision (x87) sum, string functions and a switch-based bytecode
- * interpreter (indirect branches). Prints a checksum per kernel so native,
- * qemu-i386 and popek runs can be compared. Arguments: repetitions, and
- * optionally one kernel's name (hash, sort, float, string, bytecode). */
+ * double-precision (x87) sum, string functions, a switch-based bytecode
+ * interpreter (indirect branches), a binary search tree (linked nodes,
+ * pointer chasing) and deep recursion (call/ret). Prints a checksum per
+ * kernel so native, qemu-i386 and popek runs can be compared. Arguments:
+ * repetitions, and optionally one kernel's name (hash, sort, float,
+ * string, bytecode, tree, recursion). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +97,56 @@ static unsigned bytecode_kernel(unsigned n)
     return total;
 }
 
+/* An unbalanced binary search tree of pseudo-random keys in a node pool:
+ * inserts, then lookups that chase pointers. */
+struct node { unsigned key; struct node *left, *right; };
+
+static unsigned tree_kernel(unsigned n)
+{
+    static struct node pool[1 << 16];
+    unsigned used = 0, x = 12345, found = 0;
+    struct node *root = 0;
+    for (unsigned i = 0; i < n && used < sizeof pool / sizeof pool[0]; i++) {
+        x = x * 1103515245u + 12345u;
+        struct node **at = &root;
+        while (*at)
+            at = x < (*at)->key ? &(*at)->left : &(*at)->right;
+        pool[used] = (struct node){x, 0, 0};
+        *at = &pool[used++];
+    }
+    x = 12345;
+    for (unsigned r = 0; r < 8; r++) {
+        for (unsigned i = 0; i < n; i++) {
+            x = x * 1103515245u + 12345u;
+            unsigned key = r & 1 ? x ^ 1 : x;
+            const struct node *p = root;
+            while (p && p->key != key)
+                p = key < p->key ? p->left : p->right;
+            found += p != 0;
+        }
+        x = 12345;
+    }
+    return found;
+}
+
+/* Deep recursion: every call and return a real CALL and RET. */
+__attribute__((noinline)) static unsigned ackermann(unsigned m, unsigned n)
+{
+    if (m == 0)
+        return n + 1;
+    if (n == 0)
+        return ackermann(m - 1, 1);
+    return ackermann(m - 1, ackermann(m, n - 1));
+}
+
+static unsigned recursion_kernel(unsigned n)
+{
+    unsigned sum = 0;
+    for (unsigned i = 0; i < n; i++)
+        sum += ackermann(2, 1000 + i % 3);
+    return sum;
+}
+
 int main(int argc, char **argv)
 {
     unsigned reps = argc > 1 ? (unsigned)atoi(argv[1]) : 1;
@@ -107,6 +159,8 @@ int main(int argc, char **argv)
         RUN(float, "%.12f", float_kernel(2000000));
         RUN(string, "%u", string_kernel(100000));
         RUN(bytecode, "%u", bytecode_kernel(100000));
+        RUN(tree, "%u", tree_kernel(60000));
+        RUN(recursion, "%u", recursion_kernel(20));
     }
     return 0;
 }
