@@ -38,7 +38,11 @@ fn translate(c: &mut Criterion) {
             for &eip in &blocks {
                 bt.translate_at(&mut m.cpu, eip);
             }
-            let kind = if superblocks { "superblocks" } else { "basic blocks" };
+            let kind = if superblocks {
+                "superblocks"
+            } else {
+                "basic blocks"
+            };
             eprintln!(
                 "translate/{name} ({kind}): {} guest instructions in {} translations",
                 bt.stats.insns_translated,

@@ -47,6 +47,10 @@ enum EngineArg {
     /// Direct execution of a Linux program on the host CPU (the kernel's
     /// IA32 emulation): the baseline translation is measured against.
     Native,
+    /// Classic trap-and-emulate: the guest kernel deprivileged to CPL 3;
+    /// privileged instructions trap and are emulated, sensitive
+    /// unprivileged ones (POPF, PUSHF, SGDT, ...) silently misbehave.
+    Trap,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +123,17 @@ enum Cmd {
     },
     /// List the bundled guests.
     Guests,
+    /// Demonstrations. `popek-goldberg`: run a bundled guest (default
+    /// `sensitive`) under interp, bt and trap and print what each line of
+    /// its output became, side by side, then what the trap-and-emulate
+    /// monitor saw (traps) and did not see (violations).
+    Demo {
+        /// Which demonstration: popek-goldberg.
+        name: String,
+        /// The bundled guest to run.
+        #[arg(long, default_value = "sensitive")]
+        guest: String,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -208,6 +223,7 @@ fn main() -> ExitCode {
                 engine: match engine {
                     EngineArg::Interp => Engine::Interp,
                     EngineArg::Bt | EngineArg::Native => Engine::Bt,
+                    EngineArg::Trap => Engine::Trap,
                 },
                 cache_blocks,
                 trace,
@@ -289,6 +305,13 @@ fn main() -> ExitCode {
             ExitCode::from(exit.status() as u8)
         }
         Cmd::Compare { prog, args, interp } => compare(&prog, args, interp),
+        Cmd::Demo { name, guest } => match demo(&name, &guest) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Classify { guest: None } => {
             print_table();
             ExitCode::SUCCESS
@@ -641,6 +664,99 @@ fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             top(&bt.by_kind.fallbacks)
         );
     }
+    if let Some(t) = &m.trap {
+        print_trap_stats(&t.stats, &mut std::io::stderr());
+    }
+}
+
+fn print_trap_stats(t: &popek_machine::trap::TrapStats, w: &mut dyn Write) {
+    let traps: u64 = t.traps.values().map(|c| c.count).sum();
+    let emulation: std::time::Duration = t.traps.values().map(|c| c.emulation).sum();
+    let _ = writeln!(
+        w,
+        "  traps (#GP, emulated)         {traps}, {:.2} us of emulation each",
+        emulation.as_secs_f64() * 1e6 / traps.max(1) as f64
+    );
+    for (k, c) in &t.traps {
+        let _ = writeln!(
+            w,
+            "    {:<14} {:>9} traps, {:>7.2} us each, first at eip={:#010x}",
+            format!("{k:?}"),
+            c.count,
+            c.emulation.as_secs_f64() * 1e6 / c.count.max(1) as f64,
+            c.first_eip
+        );
+    }
+    let silent: u64 = t.violations.values().map(|v| v.count).sum();
+    let _ = writeln!(
+        w,
+        "  Popek-Goldberg violations     {silent} (sensitive, executed without a trap)"
+    );
+    for (k, v) in &t.violations {
+        let _ = writeln!(
+            w,
+            "    {:<14} {:>9} times,  first at eip={:#010x}: {}",
+            format!("{k:?}"),
+            v.count,
+            v.first_eip,
+            popek_machine::trap::under_trap(*k)
+        );
+    }
+}
+
+/// `popek demo popek-goldberg`: the guest under each engine, side by side.
+fn demo(name: &str, guest: &str) -> Result<(), String> {
+    if name != "popek-goldberg" {
+        return Err(format!("unknown demo {name:?} (demos: popek-goldberg)"));
+    }
+    let (image, path) = load_image(guest)?;
+    if !is_multiboot(&image) {
+        return Err(format!("{guest}: the demo runs Multiboot kernels"));
+    }
+    let mut outputs = Vec::new();
+    let mut trap_stats = None;
+    for engine in [Engine::Interp, Engine::Bt, Engine::Trap] {
+        let config = Config {
+            cmdline: format!("{path} "),
+            engine,
+            ..Config::default()
+        };
+        let mut m = Machine::multiboot(&image, config).map_err(|e| format!("{guest}: {e}"))?;
+        let mut out = Vec::new();
+        let exit = m.run(&mut out);
+        if let Some(msg) = exit.message() {
+            out.extend_from_slice(format!("[popek: {msg}]\n").as_bytes());
+        }
+        if let Some(t) = m.trap.take() {
+            trap_stats = Some(t.stats);
+        }
+        outputs.push(String::from_utf8_lossy(&out).into_owned());
+    }
+    let lines: Vec<Vec<&str>> = outputs.iter().map(|o| o.lines().collect()).collect();
+    let rows = lines.iter().map(Vec::len).max().unwrap_or(0);
+    let width = lines[0].iter().map(|l| l.len()).max().unwrap_or(0).max(10);
+    println!("{guest} under each engine (\"!\" marks lines where trap-and-emulate differs):\n");
+    println!(
+        "  {:<width$}  {:<9} trap (kernel deprivileged to CPL 3)",
+        "interp", "bt"
+    );
+    let mut differ = 0;
+    for r in 0..rows {
+        let cell = |e: usize| lines[e].get(r).copied().unwrap_or("");
+        let (a, b, t) = (cell(0), cell(1), cell(2));
+        let same_bt = if a == b { "same" } else { b };
+        let mark = if a != t { "!" } else { " " };
+        differ += usize::from(a != t);
+        let t = if a == t { "same" } else { t };
+        println!("{mark} {a:<width$}  {same_bt:<9} {t}");
+    }
+    println!(
+        "\n{differ} of {rows} lines differ under trap. What the monitor saw (traps) and what it did not (violations):"
+    );
+    if let Some(t) = trap_stats {
+        print_trap_stats(&t, &mut std::io::stdout());
+    }
+    Ok(())
 }
 
 fn print_table() {
@@ -662,6 +778,16 @@ fn print_table() {
             ring3,
             if r.ends_block { "block" } else { "" },
             r.what
+        );
+        println!(
+            "{:<44}{} under --engine trap: {}",
+            "",
+            if r.at_ring3 == AtRing3::Silent {
+                "VIOLATES Popek-Goldberg;"
+            } else {
+                "holds;"
+            },
+            popek_machine::trap::under_trap(r.kind)
         );
     }
     let silent = SPECIALS
@@ -705,7 +831,19 @@ fn classify_guest(guest: &str) -> Result<(), String> {
         for i in &block.insns {
             *counts.entry(i.class).or_default() += 1;
             let bytes: String = i.bytes.iter().map(|b| format!("{b:02x}")).collect();
-            let kind = i.special.map(|s| format!(" [{s:?}]")).unwrap_or_default();
+            let kind = i
+                .special
+                .map(|s| {
+                    if s.info().at_ring3 == AtRing3::Silent {
+                        format!(
+                            " [{s:?}, violates Popek-Goldberg: under trap {}]",
+                            popek_machine::trap::under_trap(s)
+                        )
+                    } else {
+                        format!(" [{s:?}]")
+                    }
+                })
+                .unwrap_or_default();
             println!(
                 "  {:08x}  {:<24} {:<36} {}{}",
                 i.ins.ip32(),

@@ -371,11 +371,7 @@ pub fn decode_one(bytes: &[u8], eip: u32, bitness: u32) -> Instruction {
 ///
 /// `fetch(eip, buf)` fills `buf` with guest code bytes at `eip` and returns
 /// how many it could fetch (fewer at an unmapped page or segment limit).
-pub fn scan_block(
-    fetch: impl FnMut(u32, &mut [u8]) -> usize,
-    start: u32,
-    bitness: u32,
-) -> Block {
+pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitness: u32) -> Block {
     let mut insns = Vec::with_capacity(16);
     let end = scan_block_into(fetch, start, bitness, &mut insns, MAX_BLOCK_INSNS);
     Block { start, insns, end }
@@ -420,10 +416,7 @@ pub fn scan_block_into(
         // Less than a whole instruction left of a full chunk: fetch on.
         if fetched == asked && asked < want && fetched - off < MAX_INSN_LEN {
             let more = (asked + FETCH_CHUNK).min(want);
-            fetched += fetch(
-                start.wrapping_add(asked as u32),
-                &mut space[asked..more],
-            );
+            fetched += fetch(start.wrapping_add(asked as u32), &mut space[asked..more]);
             asked = more;
             decoder = Decoder::with_ip(
                 bitness,

@@ -13,6 +13,7 @@ pub mod elf32;
 pub mod linux;
 pub mod lockstep;
 pub mod multiboot;
+pub mod trap;
 
 use std::io::Write;
 
@@ -61,6 +62,9 @@ pub enum Engine {
     /// code, special instructions call the virtual CPU.
     #[default]
     Bt,
+    /// Classic trap-and-emulate: the guest kernel deprivileged to CPL 3
+    /// (see [`trap`]); sensitive unprivileged instructions misbehave.
+    Trap,
 }
 
 /// Machine configuration.
@@ -205,6 +209,8 @@ pub struct Machine {
     pub platform: Platform,
     /// The binary translator, when the engine is `bt`.
     pub bt: Option<popek_translate::engine::Bt>,
+    /// The trap-and-emulate monitor, when the engine is `trap`.
+    pub trap: Option<trap::Trap>,
 }
 
 impl Machine {
@@ -225,11 +231,13 @@ impl Machine {
         cpu.set_tsc(0);
         let bt = (config.engine == Engine::Bt)
             .then(|| popek_translate::engine::Bt::new(config.cache_blocks));
+        let trap = (config.engine == Engine::Trap).then(trap::Trap::new);
         Ok(Machine {
             cpu,
             config,
             platform: Platform::BareMetal,
             bt,
+            trap,
         })
     }
 
@@ -248,11 +256,13 @@ impl Machine {
         let (cpu, process) = linux::load(image, start, config.memory)?;
         let bt = (config.engine == Engine::Bt)
             .then(|| popek_translate::engine::Bt::new(config.cache_blocks));
+        let trap = (config.engine == Engine::Trap).then(trap::Trap::new);
         Ok(Machine {
             cpu,
             config,
             platform: Platform::Linux(Box::new(process)),
             bt,
+            trap,
         })
     }
 
@@ -349,7 +359,10 @@ impl Machine {
                 bt.step_within(&mut self.cpu, max_insns / BLOCK_MAX - 1)
             }
             Some(bt) => bt.interpret_one(&mut self.cpu),
-            None => popek_interp::step(&mut self.cpu),
+            None => match &mut self.trap {
+                Some(t) => t.step(&mut self.cpu),
+                None => popek_interp::step(&mut self.cpu),
+            },
         };
         if self.cpu.io.uart.has_output() {
             let bytes = self.cpu.io.uart.take_output();
