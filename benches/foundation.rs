@@ -65,24 +65,29 @@ fn translate(c: &mut Criterion) {
 fn engines(c: &mut Criterion) {
     let mut g = c.benchmark_group("engines");
     g.sample_size(10);
-    for engine in [Engine::Interp, Engine::Bt] {
-        // Count the guest's instructions once so throughput is per instruction.
-        let mut m = boot_with("compute", engine);
-        let exit = m.run(&mut std::io::sink());
-        assert_eq!(exit, Exit::DebugExit(1));
-        g.throughput(Throughput::Elements(m.cpu.retired));
-        g.bench_function(format!("compute/{engine:?}"), |b| {
-            b.iter(|| {
-                let mut m = boot_with("compute", engine);
-                m.run(&mut std::io::sink())
+    // Every bare-metal benchmark guest under each engine (trap is the
+    // interpreter with a monitor's bookkeeping around special instructions).
+    for guest in ["compute", "selfcheck"] {
+        for engine in [Engine::Interp, Engine::Bt, Engine::Trap] {
+            // Count the guest's instructions once so throughput is per instruction.
+            let mut m = boot_with(guest, engine);
+            let exit = m.run(&mut std::io::sink());
+            assert_eq!(exit, Exit::DebugExit(1));
+            g.throughput(Throughput::Elements(m.cpu.retired));
+            g.bench_function(format!("{guest}/{engine:?}"), |b| {
+                b.iter(|| {
+                    let mut m = boot_with(guest, engine);
+                    m.run(&mut std::io::sink())
+                });
             });
-        });
+        }
     }
     g.finish();
 }
 
-/// A Linux program run directly on the host and under bt: the bundled
-/// user-compute guest, 5 rounds of its kernels.
+/// A Linux program run directly on the host, under bt and under the
+/// interpreter: the bundled user-compute guest, 5 rounds of its kernels
+/// (1 round for the interpreter).
 fn linux(c: &mut Criterion) {
     let guest = popek_guests::find("user-compute").expect("bundled user-compute");
     let args = [guest.path.to_string(), "5".to_string()];
@@ -107,6 +112,17 @@ fn linux(c: &mut Criterion) {
             let exit = m.run(&mut out);
             assert_eq!(out, native.stdout, "bt and native disagree");
             exit
+        })
+    });
+    let one = [guest.path.to_string(), "1".to_string()];
+    g.bench_function("user-compute (1 round)/interp", |b| {
+        b.iter(|| {
+            let config = popek_machine::Config {
+                engine: Engine::Interp,
+                ..popek_machine::Config::default()
+            };
+            let mut m = popek_machine::Machine::linux(guest.elf, &one, config).expect("load");
+            m.run(&mut std::io::sink())
         })
     });
     g.finish();

@@ -98,7 +98,9 @@ fn classify_a_guest_finds_its_special_instructions() {
         String::from_utf8_lossy(&out.stderr)
     );
     let s = String::from_utf8_lossy(&out.stdout);
-    for kind in ["[Cli]", "[Sti]", "[Lgdt]", "[Lidt]", "[Ltr]", "[Out]", "[In]"] {
+    for kind in [
+        "[Cli]", "[Sti]", "[Lgdt]", "[Lidt]", "[Ltr]", "[Out]", "[In]",
+    ] {
         assert!(s.contains(kind), "no {kind} in:\n{s}");
     }
     // The sensitive ones that do not trap are marked, with what they do
