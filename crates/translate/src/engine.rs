@@ -40,8 +40,8 @@ use popek_vcpu::{cr0, flags, SegReg, Vcpu};
 use crate::code_buffer::CodeBuffer;
 use crate::lower::{lower, lower_into, lower_stack, lower_string, lower_terminator, SegBases};
 use crate::straight::{
-    epilogue_offset, set_gs_base, Context, FlagsOp, LookupEntry, Piece, Straight, LOOKUP_ENTRIES,
-    LOOKUP_SHIFT,
+    epilogue_offset, set_gs_base, Context, FlagsOp, HelperCall, LookupEntry, Piece, Straight,
+    LOOKUP_ENTRIES, LOOKUP_SHIFT,
 };
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
@@ -255,6 +255,27 @@ fn flags_op(ins: &iced_x86::Instruction, host_fixed: u32) -> Option<FlagsOp> {
         Code::Sti => FlagsOp::Sti,
         _ => return None,
     })
+}
+
+/// The helper call for `ins`, the `index`-th of its block's helper
+/// instructions, after `counted_before` instructions the block counts.
+fn helper_call(
+    ins: &iced_x86::Instruction,
+    special: bool,
+    index: usize,
+    counted_before: usize,
+) -> HelperCall {
+    HelperCall {
+        eip: ins.ip32(),
+        next: ins.next_ip32(),
+        arg: HelperArg {
+            special,
+            x87: popek_interp::x87::is_x87(ins),
+            index,
+        }
+        .encode(),
+        counted_before,
+    }
 }
 
 /// What a helper call's last argument says about its instruction: bit 0
@@ -920,18 +941,8 @@ impl Bt {
             if let Some(op) = flags_op(&i.ins, host_fixed) {
                 eips.push(i.ins.ip32());
                 counted_at.push(counted as u32);
-                parts.push(Part::Piece(Piece::Flags {
-                    op,
-                    eip: i.ins.ip32(),
-                    next: i.ins.next_ip32(),
-                    arg: HelperArg {
-                        special: true,
-                        x87: false,
-                        index: helpers.len(),
-                    }
-                    .encode(),
-                    counted_before: counted,
-                }));
+                let call = helper_call(&i.ins, true, helpers.len(), counted);
+                parts.push(Part::Piece(Piece::Flags(op, call)));
                 helpers.push(i.ins);
                 if dumping {
                     how.push(if matches!(op, FlagsOp::Pushfd { .. }) {
@@ -953,17 +964,8 @@ impl Bt {
             }
             eips.push(i.ins.ip32());
             counted_at.push(counted as u32);
-            parts.push(Part::Piece(Piece::Helper {
-                eip: i.ins.ip32(),
-                next: i.ins.next_ip32(),
-                arg: HelperArg {
-                    special: i.special.is_some(),
-                    x87: popek_interp::x87::is_x87(&i.ins),
-                    index: helpers.len(),
-                }
-                .encode(),
-                counted_before: counted,
-            }));
+            let call = helper_call(&i.ins, i.special.is_some(), helpers.len(), counted);
+            parts.push(Part::Piece(Piece::Helper(call)));
             helpers.push(i.ins);
             if dumping {
                 how.push(if i.special.is_some() {
@@ -977,10 +979,7 @@ impl Bt {
         // host code does not record: an STI that would be the last
         // instruction of the block's host code (the shadow still open when
         // the block exits) is left to the dispatcher.
-        if let Some(Part::Piece(Piece::Flags {
-            op: FlagsOp::Sti, ..
-        })) = parts.last()
-        {
+        if let Some(Part::Piece(Piece::Flags(FlagsOp::Sti, _))) = parts.last() {
             parts.pop();
             eips.pop();
             counted_at.pop();
@@ -1034,33 +1033,15 @@ impl Bt {
             let Some(buf) = self.code.as_mut() else { break };
             let table = self.lookup.as_ptr();
             let base = (self.helper_insns.len() as u32) << 2;
+            let rebased = |c: HelperCall| HelperCall {
+                arg: c.arg + base,
+                ..c
+            };
             let pieces: Vec<Piece> = host
                 .iter()
                 .map(|p| match *p {
-                    Piece::Helper {
-                        eip,
-                        next,
-                        arg,
-                        counted_before,
-                    } => Piece::Helper {
-                        eip,
-                        next,
-                        arg: arg + base,
-                        counted_before,
-                    },
-                    Piece::Flags {
-                        op,
-                        eip,
-                        next,
-                        arg,
-                        counted_before,
-                    } => Piece::Flags {
-                        op,
-                        eip,
-                        next,
-                        arg: arg + base,
-                        counted_before,
-                    },
+                    Piece::Helper(c) => Piece::Helper(rebased(c)),
+                    Piece::Flags(op, c) => Piece::Flags(op, rebased(c)),
                     ref other => other.clone(),
                 })
                 .collect();

@@ -234,31 +234,10 @@ pub enum Piece<'a> {
     /// stored, `helper(ctx, eip, next_eip, arg)` runs it, and the block
     /// goes on if the helper returns 0, or leaves (the state is already in
     /// the context) if it returns 1.
-    Helper {
-        /// The instruction's EIP.
-        eip: u32,
-        /// The EIP after it.
-        next: u32,
-        /// The helper's last argument (the engine's description of the
-        /// instruction).
-        arg: u32,
-        /// Instructions before it in this block that the block counts.
-        counted_before: usize,
-    },
-    /// PUSHFD, POPFD, CLI or STI on the virtual flags in host code, with a
-    /// helper call (as [`Piece::Helper`]) where host code cannot do it.
-    Flags {
-        /// Which.
-        op: FlagsOp,
-        /// The instruction's EIP.
-        eip: u32,
-        /// The EIP after it.
-        next: u32,
-        /// The helper's last argument.
-        arg: u32,
-        /// Instructions before it in this block that the block counts.
-        counted_before: usize,
-    },
+    Helper(HelperCall),
+    /// PUSHFD, POPFD, CLI or STI on the virtual flags in host code, with
+    /// the helper call where host code cannot do it.
+    Flags(FlagsOp, HelperCall),
     /// A conditional branch in the middle of a block (a superblock goes on
     /// at its fall-through): `jcc` to an exit stub for `target`, placed
     /// after the block's own exit, which counts `counted` instructions.
@@ -270,6 +249,20 @@ pub enum Piece<'a> {
         /// Instructions of the block up to and including the branch.
         counted: usize,
     },
+}
+
+/// A helper call for one guest instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelperCall {
+    /// The instruction's EIP.
+    pub eip: u32,
+    /// The EIP after it.
+    pub next: u32,
+    /// The helper's last argument (the engine's description of the
+    /// instruction).
+    pub arg: u32,
+    /// Instructions before it in this block that the block counts.
+    pub counted_before: usize,
 }
 
 /// The helper a [`Piece::Helper`] calls.
@@ -377,25 +370,17 @@ fn patch_rel32(out: &mut [u8], at: usize, to: usize) {
 /// state and call; leave the block when the helper says so (counting the
 /// `counted_before` instructions done in host code); the caller reloads
 /// the state after it.
-fn helper_call(
-    out: &mut Vec<u8>,
-    base: usize,
-    h: Helper,
-    eip: u32,
-    next: u32,
-    arg: u32,
-    counted_before: usize,
-) {
+fn helper_call(out: &mut Vec<u8>, base: usize, h: Helper, call: &HelperCall) {
     let f = frame();
     out.extend_from_slice(&f.store_state);
     out.extend([0x4D, 0x89, 0x47, 0x30]); // mov [r15+48], r8
     out.extend([0x4C, 0x89, 0xFF]); // mov rdi, r15
     out.push(0xBE); // mov esi, eip
-    out.extend(eip.to_le_bytes());
+    out.extend(call.eip.to_le_bytes());
     out.push(0xBA); // mov edx, next
-    out.extend(next.to_le_bytes());
+    out.extend(call.next.to_le_bytes());
     out.push(0xB9); // mov ecx, arg
-    out.extend(arg.to_le_bytes());
+    out.extend(call.arg.to_le_bytes());
     out.extend([0x48, 0xB8]); // mov rax, helper
     out.extend((h as usize as u64).to_le_bytes());
     out.extend([0x48, 0x83, 0xEC, 0x08]); // sub rsp, 8 (16-byte alignment)
@@ -404,7 +389,7 @@ fn helper_call(
     out.extend([0x4D, 0x8B, 0x47, 0x30]); // mov r8, [r15+48]
     out.extend([0x85, 0xC0]); // test eax, eax
     out.extend([0x74, 9]); // jz over the leaving path: count (4) + jmp (5)
-    count(out, counted_before);
+    count(out, call.counted_before);
     jmp_to(out, base, leave_offset());
 }
 
@@ -509,8 +494,8 @@ impl Straight {
             .iter()
             .map(|p| match p {
                 Piece::Code(b) => b.len(),
-                Piece::Helper { .. } => 128,
-                Piece::Flags { .. } => 256,
+                Piece::Helper(_) => 128,
+                Piece::Flags(..) => 256,
                 Piece::Side { .. } => 6,
             })
             .sum();
@@ -532,24 +517,13 @@ impl Straight {
                     out.extend([0x0F, 0x80 | cc, 0, 0, 0, 0]); // jcc side stub (patched below)
                     sides.push((out.len() - 4, *target, *counted));
                 }
-                Piece::Helper {
-                    eip,
-                    next,
-                    arg,
-                    counted_before,
-                } => {
+                Piece::Helper(call) => {
                     let h =
                         helper.ok_or_else(|| BuildError("helper piece without a helper".into()))?;
-                    helper_call(&mut out, base, h, *eip, *next, *arg, *counted_before);
+                    helper_call(&mut out, base, h, call);
                     out.extend_from_slice(&f.load_state);
                 }
-                Piece::Flags {
-                    op,
-                    eip,
-                    next,
-                    arg,
-                    counted_before,
-                } => {
+                Piece::Flags(op, call) => {
                     let to_slow = flags_fast_path(&mut out, *op);
                     if !to_slow.is_empty() {
                         let h = helper
@@ -560,7 +534,7 @@ impl Straight {
                         for at in to_slow {
                             patch_rel32(&mut out, at, slow);
                         }
-                        helper_call(&mut out, base, h, *eip, *next, *arg, *counted_before);
+                        helper_call(&mut out, base, h, call);
                         out.extend_from_slice(&f.load_state);
                         // The helper retired the instruction, which the
                         // block's exit counts too.
