@@ -282,7 +282,8 @@ number below comes from that one run. Machine: {os.cpu_count()} cores, {cpu_mode
 The qemu-system-i386 columns boot the same file under QEMU (TCG) with the
 oracle's command line (crates/cli/tests/guests.rs), best of {RUNS}; the second
 subtracts the boot of the `hello` guest ({qemu_boot:.3f} s: QEMU's start and its
-firmware), leaving roughly the guest's own run.
+firmware), leaving roughly the guest's own run (for guests this short, within
+the noise of QEMU's start: TCG runs them in milliseconds too).
 
 | guest | guest instructions | interp (s) | bt (s) | bt speed-up | qemu-system-i386 (s) | qemu less boot (s) | host code share | interpreter fallbacks |
 |---|---|---|---|---|---|---|---|---|
