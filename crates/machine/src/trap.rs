@@ -33,7 +33,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use iced_x86::{Instruction, OpKind, Register};
+use iced_x86::{Instruction, OpKind};
 use popek_decode::{AtRing3, Special};
 use popek_interp::operand::{effective_address, seg_of};
 use popek_interp::Step;
@@ -94,16 +94,6 @@ pub struct TrapStats {
 pub struct Trap {
     /// Counters.
     pub stats: TrapStats,
-}
-
-/// The segment register an instruction reads (MOV r/m, Sreg; PUSH Sreg).
-fn seg_source(ins: &Instruction, sp: Special) -> Option<SegReg> {
-    let r = match sp {
-        Special::MovFromSeg => ins.op1_register(),
-        Special::PushSeg => ins.op0_register(),
-        _ => return None,
-    };
-    (r != Register::None).then(|| seg_of(r))
 }
 
 impl Trap {
@@ -182,95 +172,202 @@ pub fn under_trap(sp: Special) -> &'static str {
 }
 
 /// A sensitive, unprivileged instruction with its CPL-3 behaviour on the
-/// real machine state: the interpreter runs it with the real values in
-/// place of the virtual ones, and the virtual ones go back after.
+/// real machine state. The interpreter runs it; where it stores what the
+/// real machine would show (a table register, a selector, the MSW), the
+/// stored value is replaced once the instruction has completed. Nothing
+/// virtual is swapped out while an exception could be delivered (a fault
+/// goes through the guest's own tables and flags).
 fn at_ring3(cpu: &mut Vcpu, ins: &Instruction, sp: Special) -> Step {
-    let real_flags = |f: u32| (f & !(flags::IF | flags::IOPL)) | flags::IF;
+    let before = cpu.retired;
+    let kept = cpu.eflags & (flags::IF | flags::IOPL);
+    let dest = (ins.op0_kind() == OpKind::Memory)
+        .then(|| (seg_of(ins.memory_segment()), effective_address(cpu, ins)));
+    if matches!(
+        sp,
+        Special::Lar | Special::Lsl | Special::Verr | Special::Verw
+    ) {
+        // The descriptor checks at CPL 3. A selector operand in memory is
+        // read first: if that faults, the fault is delivered at CPL 0.
+        let src = if matches!(sp, Special::Verr | Special::Verw) {
+            0
+        } else {
+            1
+        };
+        let loc = popek_interp::operand::loc(cpu, ins, src);
+        if popek_interp::operand::read_loc(cpu, loc, 2).is_err() {
+            return popek_interp::step_decoded(cpu, ins);
+        }
+        let cs = cpu.segs[SegReg::Cs as usize].selector;
+        cpu.segs[SegReg::Cs as usize].selector = cs | 3;
+        let s = popek_interp::step_decoded(cpu, ins);
+        cpu.segs[SegReg::Cs as usize].selector = cs;
+        return s;
+    }
+    let s = popek_interp::step_decoded(cpu, ins);
+    if cpu.retired == before {
+        return s; // a fault was delivered, with the guest's own state
+    }
+    // What the real machine shows, stored where the instruction stored.
+    let store16 = |cpu: &mut Vcpu, v: u32| match dest {
+        Some((seg, off)) => {
+            // The instruction has just written there: this cannot fault.
+            let _ = cpu.write_mem(seg, off, 2, u64::from(v));
+        }
+        None => {
+            let r = ins.op0_register();
+            popek_interp::operand::set_reg(cpu, r, v);
+        }
+    };
     match sp {
         Special::Pushf => {
-            let virt = cpu.eflags;
-            cpu.eflags = real_flags(virt);
-            let s = popek_interp::step_decoded(cpu, ins);
-            cpu.eflags =
-                (cpu.eflags & !(flags::IF | flags::IOPL)) | (virt & (flags::IF | flags::IOPL));
-            s
-        }
-        Special::Popf | Special::Iret => {
-            // At CPL 3 with IOPL 0 both keep IF and IOPL, silently (a
-            // delivered exception sets the flags itself).
-            let kept = cpu.eflags & (flags::IF | flags::IOPL);
-            let before = cpu.retired;
-            let s = popek_interp::step_decoded(cpu, ins);
-            if cpu.retired != before {
-                cpu.eflags = (cpu.eflags & !(flags::IF | flags::IOPL)) | kept;
+            // The image shows the real IF (1) and IOPL (0).
+            let esp = cpu.regs[popek_vcpu::reg::ESP];
+            let size = if ins.code() == iced_x86::Code::Pushfd {
+                4
+            } else {
+                2
+            };
+            if let Ok(v) = cpu.read_mem(SegReg::Ss, esp, size) {
+                let real = (v as u32 & !(flags::IF | flags::IOPL)) | flags::IF;
+                let _ = cpu.write_mem(SegReg::Ss, esp, size, u64::from(real));
             }
-            s
+        }
+        // At CPL 3 with IOPL 0 both keep IF and IOPL, silently.
+        Special::Popf | Special::Iret => {
+            cpu.eflags = (cpu.eflags & !(flags::IF | flags::IOPL)) | kept;
         }
         Special::Sgdt | Special::Sidt => {
-            let (g, i) = (cpu.gdtr, cpu.idtr);
-            cpu.gdtr = VMM_GDTR;
-            cpu.idtr = VMM_IDTR;
-            let s = popek_interp::step_decoded(cpu, ins);
-            cpu.gdtr = g;
-            cpu.idtr = i;
-            s
+            let t = if sp == Special::Sgdt {
+                VMM_GDTR
+            } else {
+                VMM_IDTR
+            };
+            if let Some((seg, off)) = dest {
+                let _ = cpu.write_mem(seg, off, 2, u64::from(t.limit));
+                let _ = cpu.write_mem(seg, off.wrapping_add(2), 4, u64::from(t.base));
+            }
         }
-        Special::Sldt | Special::Str => {
-            let (l, t) = (cpu.ldtr.selector, cpu.tr.selector);
-            cpu.ldtr.selector = VMM_LDTR;
-            cpu.tr.selector = VMM_TR;
-            let s = popek_interp::step_decoded(cpu, ins);
-            cpu.ldtr.selector = l;
-            cpu.tr.selector = t;
-            s
-        }
+        Special::Sldt => store16(cpu, u32::from(VMM_LDTR)),
+        Special::Str => store16(cpu, u32::from(VMM_TR)),
         Special::Smsw => {
-            let c = cpu.cr0;
-            cpu.cr0 = (c & !0xFFFF) | (VMM_CR0 & 0xFFFF);
-            let s = popek_interp::step_decoded(cpu, ins);
-            cpu.cr0 = c;
-            s
+            // A 32-bit register receives CR0 whole (docs/quirks.md).
+            let v = if dest.is_none() && ins.op0_register().size() == 4 {
+                VMM_CR0
+            } else {
+                VMM_CR0 & 0xFFFF
+            };
+            store16(cpu, v);
         }
         Special::MovFromSeg | Special::PushSeg => {
-            // CS and SS hold the CPL in their RPL: 3. (Changing CS's
-            // selector would change the CPL of the access itself, so the
-            // stored value is fixed up after the instruction.)
-            let seg = seg_source(ins, sp);
-            let dest = (sp == Special::MovFromSeg && ins.op0_kind() == OpKind::Memory)
-                .then(|| (seg_of(ins.memory_segment()), effective_address(cpu, ins)));
-            let before = cpu.retired;
-            let s = popek_interp::step_decoded(cpu, ins);
-            if matches!(seg, Some(SegReg::Cs | SegReg::Ss)) && cpu.retired != before {
-                let esp = cpu.regs[popek_vcpu::reg::ESP];
-                let fix = match (sp, dest) {
-                    (Special::PushSeg, _) => Some((SegReg::Ss, esp)),
-                    (_, Some(at)) => Some(at),
-                    _ => {
-                        let r = ins.op0_register();
-                        let v = popek_interp::operand::get_reg(cpu, r);
-                        popek_interp::operand::set_reg(cpu, r, v | 3);
-                        None
-                    }
+            // CS and SS hold the CPL in their RPL: 3.
+            let r = if sp == Special::MovFromSeg {
+                ins.op1_register()
+            } else {
+                ins.op0_register()
+            };
+            if matches!(seg_of(r), SegReg::Cs | SegReg::Ss) {
+                let (seg, off) = if sp == Special::PushSeg {
+                    (SegReg::Ss, cpu.regs[popek_vcpu::reg::ESP])
+                } else {
+                    dest.unwrap_or((SegReg::Ds, 0))
                 };
-                if let Some((s, off)) = fix {
-                    // The instruction has just written there: this cannot fault.
-                    if let Ok(v) = cpu.read_mem(s, off, 2) {
-                        let _ = cpu.write_mem(s, off, 2, v | 3);
-                    }
+                if sp == Special::MovFromSeg && dest.is_none() {
+                    let v = popek_interp::operand::get_reg(cpu, ins.op0_register());
+                    store16(cpu, v | 3);
+                } else if let Ok(v) = cpu.read_mem(seg, off, 2) {
+                    let _ = cpu.write_mem(seg, off, 2, v | 3);
                 }
             }
-            s
         }
-        Special::Lar | Special::Lsl | Special::Verr | Special::Verw => {
-            // The descriptor checks at CPL 3 (the monitor's segments).
-            let cs = cpu.segs[SegReg::Cs as usize].selector;
-            cpu.segs[SegReg::Cs as usize].selector = cs | 3;
-            let s = popek_interp::step_decoded(cpu, ins);
-            if cpu.segs[SegReg::Cs as usize].selector == cs | 3 {
-                cpu.segs[SegReg::Cs as usize].selector = cs;
-            }
-            s
+        _ => {}
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use popek_memory::GuestRam;
+    use popek_vcpu::{attr, Segment};
+
+    /// A flat ring-0 CPU with a GDT at 0x500 (null, code 0x08, data 0x10)
+    /// and an IDT at 0x600 whose gates all lead to 0x08:0x1000; `code` at
+    /// 0x2000.
+    fn cpu_with(code: &[u8]) -> Vcpu {
+        let mut c = Vcpu::new(GuestRam::new(1 << 20).unwrap());
+        c.enter_flat_protected_mode(0x08, 0x10);
+        for s in SegReg::ALL {
+            let a = c.segs[s as usize].attr;
+            let sel = if s == SegReg::Cs { 0x08 } else { 0x10 };
+            c.segs[s as usize] = Segment::flat(sel, a | attr::P);
         }
-        _ => popek_interp::step_decoded(cpu, ins),
+        c.ram.write(0x508, 8, 0x00CF_9A00_0000_FFFF);
+        c.ram.write(0x510, 8, 0x00CF_9200_0000_FFFF);
+        c.gdtr = TableReg {
+            base: 0x500,
+            limit: 23,
+        };
+        for v in 0..256u32 {
+            c.ram.write(0x600 + 8 * v, 8, 0x0000_8E00_0008_1000);
+        }
+        c.idtr = TableReg {
+            base: 0x600,
+            limit: 0x7FF,
+        };
+        c.regs[popek_vcpu::reg::ESP] = 0x8000;
+        c.ram.load(0x2000, code);
+        c.eip = 0x2000;
+        c
+    }
+
+    const SGDT_0X3000: [u8; 7] = [0x0F, 0x01, 0x05, 0x00, 0x30, 0x00, 0x00];
+
+    #[test]
+    fn sgdt_stores_the_monitors_gdtr_and_keeps_the_guests() {
+        let mut cpu = cpu_with(&SGDT_0X3000);
+        let mut t = Trap::new();
+        assert_eq!(t.step(&mut cpu), Step::Executed);
+        assert_eq!(cpu.ram.read(0x3000, 2), u64::from(VMM_GDTR.limit));
+        assert_eq!(cpu.ram.read(0x3002, 4), u64::from(VMM_GDTR.base));
+        assert_eq!((cpu.gdtr.base, cpu.gdtr.limit), (0x500, 23));
+        assert_eq!(t.stats.violations[&Special::Sgdt].first_eip, 0x2000);
+        assert!(t.stats.traps.is_empty());
+    }
+
+    #[test]
+    fn a_faulting_sensitive_instruction_is_delivered_through_the_guests_tables() {
+        // DS limit 0xFFF: SGDT to 0x3000 raises #GP(0), which must go
+        // through the guest's IDT and GDT (not the monitor's) to 0x1000.
+        let mut cpu = cpu_with(&SGDT_0X3000);
+        cpu.segs[SegReg::Ds as usize].limit = 0xFFF;
+        let mut t = Trap::new();
+        assert_eq!(t.step(&mut cpu), Step::Executed);
+        assert_eq!(cpu.eip, 0x1000);
+        assert_eq!(cpu.cpl(), 0);
+        assert_eq!(cpu.ram.read(0x3000, 4), 0, "nothing stored");
+        assert_eq!((cpu.gdtr.base, cpu.idtr.base), (0x500, 0x600));
+    }
+
+    #[test]
+    fn privileged_instructions_trap_and_are_emulated_on_the_virtual_cpu() {
+        // cli; pushfd: CLI traps (the virtual IF is cleared), PUSHFD does
+        // not and shows the real IF.
+        let mut cpu = cpu_with(&[0xFA, 0x9C]);
+        cpu.eflags |= flags::IF;
+        let mut t = Trap::new();
+        t.step(&mut cpu);
+        t.step(&mut cpu);
+        assert_eq!(
+            cpu.eflags & flags::IF,
+            0,
+            "virtual IF cleared by the emulated CLI"
+        );
+        assert_ne!(
+            cpu.ram.read(0x7FFC, 4) as u32 & flags::IF,
+            0,
+            "PUSHF shows the real IF"
+        );
+        assert_eq!(t.stats.traps[&Special::Cli].count, 1);
+        assert_eq!(t.stats.violations[&Special::Pushf].count, 1);
     }
 }
