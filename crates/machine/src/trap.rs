@@ -171,6 +171,16 @@ pub fn under_trap(sp: Special) -> &'static str {
     }
 }
 
+/// Replace the value a push has just written at SS:ESP by `f` of it (the
+/// push wrote there: this cannot fault).
+fn rewrite_pushed(cpu: &mut Vcpu, ins: &Instruction, f: impl Fn(u32) -> u32) {
+    let esp = cpu.regs[popek_vcpu::reg::ESP];
+    let size = ins.stack_pointer_increment().unsigned_abs();
+    if let Ok(v) = cpu.read_mem(SegReg::Ss, esp, size) {
+        let _ = cpu.write_mem(SegReg::Ss, esp, size, u64::from(f(v as u32)));
+    }
+}
+
 /// A sensitive, unprivileged instruction with its CPL-3 behaviour on the
 /// real machine state. The interpreter runs it; where it stores what the
 /// real machine would show (a table register, a selector, the MSW), the
@@ -219,18 +229,9 @@ fn at_ring3(cpu: &mut Vcpu, ins: &Instruction, sp: Special) -> Step {
         }
     };
     match sp {
+        // The image shows the real IF (1) and IOPL (0).
         Special::Pushf => {
-            // The image shows the real IF (1) and IOPL (0).
-            let esp = cpu.regs[popek_vcpu::reg::ESP];
-            let size = if ins.code() == iced_x86::Code::Pushfd {
-                4
-            } else {
-                2
-            };
-            if let Ok(v) = cpu.read_mem(SegReg::Ss, esp, size) {
-                let real = (v as u32 & !(flags::IF | flags::IOPL)) | flags::IF;
-                let _ = cpu.write_mem(SegReg::Ss, esp, size, u64::from(real));
-            }
+            rewrite_pushed(cpu, ins, |v| (v & !(flags::IF | flags::IOPL)) | flags::IF)
         }
         // At CPL 3 with IOPL 0 both keep IF and IOPL, silently.
         Special::Popf | Special::Iret => {
@@ -258,26 +259,15 @@ fn at_ring3(cpu: &mut Vcpu, ins: &Instruction, sp: Special) -> Step {
             };
             store16(cpu, v);
         }
-        Special::MovFromSeg | Special::PushSeg => {
-            // CS and SS hold the CPL in their RPL: 3.
-            let r = if sp == Special::MovFromSeg {
-                ins.op1_register()
-            } else {
-                ins.op0_register()
-            };
-            if matches!(seg_of(r), SegReg::Cs | SegReg::Ss) {
-                let (seg, off) = if sp == Special::PushSeg {
-                    (SegReg::Ss, cpu.regs[popek_vcpu::reg::ESP])
-                } else {
-                    dest.unwrap_or((SegReg::Ds, 0))
-                };
-                if sp == Special::MovFromSeg && dest.is_none() {
-                    let v = popek_interp::operand::get_reg(cpu, ins.op0_register());
-                    store16(cpu, v | 3);
-                } else if let Ok(v) = cpu.read_mem(seg, off, 2) {
-                    let _ = cpu.write_mem(seg, off, 2, v | 3);
-                }
+        // CS and SS hold the CPL in their RPL: 3.
+        Special::MovFromSeg => {
+            let seg = seg_of(ins.op1_register());
+            if matches!(seg, SegReg::Cs | SegReg::Ss) {
+                store16(cpu, u32::from(cpu.seg(seg).selector) | 3);
             }
+        }
+        Special::PushSeg if matches!(seg_of(ins.op0_register()), SegReg::Cs | SegReg::Ss) => {
+            rewrite_pushed(cpu, ins, |v| v | 3)
         }
         _ => {}
     }

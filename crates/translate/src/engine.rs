@@ -845,12 +845,11 @@ impl Bt {
             insns,
             end,
         };
-        let len = SUPERBLOCK_MAX;
         // Host code of the translated instructions, one after another;
         // `parts` says which bytes (or which helper call) is whose.
         let mut arena = std::mem::take(&mut self.arena);
         arena.clear();
-        let mut parts: Vec<Part> = Vec::with_capacity(len);
+        let mut parts: Vec<Part> = Vec::with_capacity(SUPERBLOCK_MAX);
         let mut exit = None;
         let mut how = Vec::new();
         let dumping = self.dump.is_some();
