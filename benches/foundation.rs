@@ -6,7 +6,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use popek_bench::{blocks_of, boot, boot_with};
 use popek_machine::{Engine, Exit};
-use popek_translate::engine::Bt;
+use popek_translate::Bt;
 
 fn scan(c: &mut Criterion) {
     let mut g = c.benchmark_group("scan");
@@ -149,7 +149,7 @@ fn cache(c: &mut Criterion) {
         let name = cap.map_or("unbounded".to_string(), |c| c.to_string());
         let mut m = boot_capped(cap);
         assert_eq!(m.run(&mut std::io::sink()), Exit::DebugExit(1));
-        let s = m.bt.as_ref().expect("bt").stats;
+        let s = m.engine.bt().expect("bt").stats;
         println!(
             "cache/compute/{name}: lookups {} hits {} misses {} evictions {} hit rate {:.1}%",
             s.lookups,

@@ -357,7 +357,8 @@ made binary translation win.
 | guest instructions translated | {field(sb, 'guest instructions translated')} |
 | host bytes emitted | {field(sb, 'host bytes emitted')} |
 | translation time | {field(sb, 'translation time')} |
-| cache lookups / hits | {field(sb, 'cache lookups / hits')} |
+| cache lookups | {field(sb, 'cache lookups')} |
+| cache hits | {field(sb, 'cache hits')} |
 
 ## Translation cost (criterion, warm)
 

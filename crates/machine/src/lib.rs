@@ -1,6 +1,7 @@
 //! The machine: guest RAM, a virtual CPU, devices, a loader and the run
-//! loop (the VMM's *dispatcher*, in the seeds' words: it routes what the
-//! guest does to the engine, to devices or to an exit).
+//! loop, which hands each step to the engine (the translator's dispatcher,
+//! the interpreter or the trap-and-emulate monitor) and routes what comes
+//! back to devices, the Linux platform or an exit.
 //!
 //! ```text
 //! Multiboot ELF ─▶ multiboot::load ─▶ Machine { Vcpu { regs, segs, ram, io } }
@@ -207,10 +208,54 @@ pub struct Machine {
     pub config: Config,
     /// The platform.
     pub platform: Platform,
-    /// The binary translator, when the engine is `bt`.
-    pub bt: Option<popek_translate::engine::Bt>,
+    /// The engine running guest code, with its state.
+    pub engine: EngineState,
+}
+
+/// The engine running guest code, with its state ([`Config::engine`]
+/// chooses it).
+pub enum EngineState {
+    /// The reference interpreter (no state of its own).
+    Interp,
+    /// The binary translator.
+    Bt(Box<popek_translate::Bt>),
+    /// The trap-and-emulate monitor.
+    Trap(Box<trap::Trap>),
+}
+
+impl EngineState {
+    /// A fresh engine of the configured kind.
+    fn new(config: &Config) -> EngineState {
+        match config.engine {
+            Engine::Interp => EngineState::Interp,
+            Engine::Bt => EngineState::Bt(Box::new(popek_translate::Bt::new(config.cache_blocks))),
+            Engine::Trap => EngineState::Trap(Box::new(trap::Trap::new())),
+        }
+    }
+
+    /// The translator, when the engine is `bt`.
+    pub fn bt(&self) -> Option<&popek_translate::Bt> {
+        match self {
+            EngineState::Bt(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The translator, when the engine is `bt`.
+    pub fn bt_mut(&mut self) -> Option<&mut popek_translate::Bt> {
+        match self {
+            EngineState::Bt(b) => Some(b),
+            _ => None,
+        }
+    }
+
     /// The trap-and-emulate monitor, when the engine is `trap`.
-    pub trap: Option<trap::Trap>,
+    pub fn trap(&self) -> Option<&trap::Trap> {
+        match self {
+            EngineState::Trap(t) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 impl Machine {
@@ -229,16 +274,18 @@ impl Machine {
         cpu.regs[reg::EBX] = loaded.mbi;
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
         cpu.set_tsc(0);
-        let bt = (config.engine == Engine::Bt)
-            .then(|| popek_translate::engine::Bt::new(config.cache_blocks));
-        let trap = (config.engine == Engine::Trap).then(trap::Trap::new);
-        Ok(Machine {
+        Ok(Machine::assemble(cpu, config, Platform::BareMetal))
+    }
+
+    /// A machine of `cpu` on `platform`, with the configured engine: the
+    /// setup every loader shares.
+    fn assemble(cpu: Vcpu, config: Config, platform: Platform) -> Machine {
+        Machine {
+            engine: EngineState::new(&config),
             cpu,
             config,
-            platform: Platform::BareMetal,
-            bt,
-            trap,
-        })
+            platform,
+        }
     }
 
     /// Start a static i386 Linux executable as a user-mode process, with
@@ -254,16 +301,11 @@ impl Machine {
         config: Config,
     ) -> Result<Machine, LoadError> {
         let (cpu, process) = linux::load(image, start, config.memory)?;
-        let bt = (config.engine == Engine::Bt)
-            .then(|| popek_translate::engine::Bt::new(config.cache_blocks));
-        let trap = (config.engine == Engine::Trap).then(trap::Trap::new);
-        Ok(Machine {
+        Ok(Machine::assemble(
             cpu,
             config,
-            platform: Platform::Linux(Box::new(process)),
-            bt,
-            trap,
-        })
+            Platform::Linux(Box::new(process)),
+        ))
     }
 
     /// Up to 15 instruction bytes at CS:`eip`, for reports.
@@ -351,18 +393,16 @@ impl Machine {
         out: &mut dyn Write,
         err: &mut dyn Write,
     ) -> Option<Exit> {
-        let step = match &mut self.bt {
+        let step = match &mut self.engine {
             // A translated block retires at most 64 instructions plus its
             // exit: near the end of an instruction budget, interpret one
             // at a time so the budget is exact.
-            Some(bt) if max_insns >= ONE_BLOCK => {
+            EngineState::Bt(bt) if max_insns >= ONE_BLOCK => {
                 bt.step_within(&mut self.cpu, max_insns / BLOCK_MAX - 1)
             }
-            Some(bt) => bt.interpret_one(&mut self.cpu),
-            None => match &mut self.trap {
-                Some(t) => t.step(&mut self.cpu),
-                None => popek_interp::step(&mut self.cpu),
-            },
+            EngineState::Bt(bt) => bt.interpret_one(&mut self.cpu),
+            EngineState::Trap(t) => t.step(&mut self.cpu),
+            EngineState::Interp => popek_interp::step(&mut self.cpu),
         };
         if self.cpu.io.uart.has_output() {
             let bytes = self.cpu.io.uart.take_output();

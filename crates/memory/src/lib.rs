@@ -33,18 +33,17 @@ pub struct GuestRam {
     map: MmapMut,
     size: u32,
     window: Option<Window>,
-    /// One bit per page: does the translator hold code from this page?
-    code_pages: Vec<u64>,
-    /// Code pages written since the last [`GuestRam::take_code_writes`].
-    code_writes: Vec<u32>,
+    /// One bit per page: is the page write-watched (read-only to
+    /// translated code, every write recorded)? See [`GuestRam::watch_page`].
+    watched: Vec<u64>,
+    /// One bit per page: is a write to it waiting in `writes`?
+    pending: Vec<u64>,
+    /// Writes to watched pages since the last [`GuestRam::take_watched_writes`],
+    /// one per page.
+    writes: Vec<WatchedWrite>,
     /// The shadow window (linear addresses under guest paging), created
     /// on first use; see [`GuestRam::shadow`].
     shadow: Option<Window>,
-    /// One bit per page: does the shadow depend on this page-table page?
-    table_pages: Vec<u64>,
-    /// Has a page-table page been written since the last
-    /// [`GuestRam::take_table_writes`]?
-    table_written: bool,
     /// For each physical page mapped into the shadow, the linear pages
     /// that map it (to write-protect them with the physical page).
     aliases: HashMap<u32, Vec<u32>>,
@@ -110,13 +109,16 @@ impl Window {
         // SAFETY: both ranges lie inside the reservation just made (keep_from
         // >= start and keep_to <= start + len by the arithmetic above) and
         // outside the part kept; unmapping them releases address space only.
-        unsafe {
-            if keep_from > start {
-                libc::munmap(raw, keep_from - start);
-            }
-            if start + len > keep_to {
-                libc::munmap(keep_to as *mut libc::c_void, start + len - keep_to);
-            }
+        let trimmed = unsafe {
+            (keep_from == start || libc::munmap(raw, keep_from - start) == 0)
+                && (start + len == keep_to
+                    || libc::munmap(keep_to as *mut libc::c_void, start + len - keep_to) == 0)
+        };
+        if !trimmed {
+            return Err(RamError(format!(
+                "cannot trim the guest window's reservation: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         Ok(Window {
             base: NonNull::new(base as *mut u8).expect("mmap returned a non-null mapping"),
@@ -126,10 +128,37 @@ impl Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
+        // A failure here could only leave address space reserved; there is
+        // no one to report it to in a destructor.
         // SAFETY: [base - GUARD, base + WINDOW_SIZE) is what `reserve` kept
         // of its mapping, not unmapped elsewhere.
         unsafe {
             libc::munmap(self.base.as_ptr().sub(GUARD).cast(), GUARD + WINDOW_SIZE);
+        }
+    }
+}
+
+/// A write to a watched page ([`GuestRam::take_watched_writes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchedWrite {
+    /// The physical page.
+    pub page: u32,
+    /// Every write to it since the last drain was the CPU setting an
+    /// accessed or dirty bit in a page-table entry ([`GuestRam::write_ad`]).
+    pub accessed_dirty: bool,
+}
+
+fn bit(v: &[u64], page: u32) -> bool {
+    v.get((page / 64) as usize)
+        .is_some_and(|x| x & (1 << (page % 64)) != 0)
+}
+
+fn set_bit(v: &mut [u64], page: u32, on: bool) {
+    if let Some(x) = v.get_mut((page / 64) as usize) {
+        if on {
+            *x |= 1 << (page % 64);
+        } else {
+            *x &= !(1 << (page % 64));
         }
     }
 }
@@ -180,11 +209,10 @@ impl GuestRam {
             map,
             size: size as u32,
             window: None,
-            code_pages: vec![0; pages.div_ceil(64)],
-            code_writes: Vec::new(),
+            watched: vec![0; pages.div_ceil(64)],
+            pending: vec![0; pages.div_ceil(64)],
+            writes: Vec::new(),
             shadow: None,
-            table_pages: vec![0; pages.div_ceil(64)],
-            table_written: false,
             aliases: HashMap::new(),
         })
     }
@@ -252,80 +280,123 @@ impl GuestRam {
         }
     }
 
-    /// Record writes that touch pages holding translated code.
+    /// Record writes that touch watched pages.
     #[inline]
     fn note_write(&mut self, addr: u32, len: u32) {
+        self.note_write_as(addr, len, false);
+    }
+
+    #[inline]
+    fn note_write_as(&mut self, addr: u32, len: u32, accessed_dirty: bool) {
         let first = addr / PAGE_SIZE;
         let last = addr.wrapping_add(len - 1) / PAGE_SIZE;
         for page in [first, last] {
-            let (w, b) = ((page / 64) as usize, page % 64);
-            if self.code_pages.get(w).is_some_and(|x| x & (1 << b) != 0) {
-                self.code_pages[w] &= !(1 << b);
-                self.code_writes.push(page);
-            }
-            if self.table_pages.get(w).is_some_and(|x| x & (1 << b) != 0) {
-                self.table_written = true;
+            if bit(&self.watched, page) {
+                self.record(page, accessed_dirty);
             }
         }
     }
 
-    /// Mark a page as holding translated code: writes to it are recorded,
-    /// and in the window it becomes read-only, so translated stores to it
-    /// fault and are redone by the interpreter (which records them).
-    pub fn mark_code_page(&mut self, page: u32) {
-        let (w, b) = ((page / 64) as usize, page % 64);
-        if let Some(x) = self.code_pages.get_mut(w) {
-            if *x & (1 << b) == 0 {
-                *x |= 1 << b;
-                self.protect(page, false);
+    #[cold]
+    fn record(&mut self, page: u32, accessed_dirty: bool) {
+        if bit(&self.pending, page) {
+            if !accessed_dirty {
+                if let Some(w) = self.writes.iter_mut().find(|w| w.page == page) {
+                    w.accessed_dirty = false;
+                }
+            }
+            return;
+        }
+        set_bit(&mut self.pending, page, true);
+        self.writes.push(WatchedWrite {
+            page,
+            accessed_dirty,
+        });
+    }
+
+    /// Watch a physical page: it becomes read-only to translated code (in
+    /// the window and in the shadow), so translated stores to it fault and
+    /// are redone by the interpreter, and every write to it is recorded for
+    /// [`GuestRam::take_watched_writes`]. Who watches a page, and why, is
+    /// the caller's business (the translator's write watch).
+    ///
+    /// Fails (and the page is not watched) when the host refuses to change
+    /// the protection: translated code must then not rely on the watch.
+    pub fn watch_page(&mut self, page: u32) -> Result<(), RamError> {
+        if page < self.size / PAGE_SIZE && !bit(&self.watched, page) {
+            set_bit(&mut self.watched, page, true);
+            if let Err(e) = self.protect(page, false) {
+                set_bit(&mut self.watched, page, false);
+                // Undo what part of it was done; the watch failed anyway.
+                let _ = self.protect(page, true);
+                return Err(e);
             }
         }
+        Ok(())
     }
 
-    /// Have code pages been written since the last [`GuestRam::take_code_writes`]?
-    pub fn has_code_writes(&self) -> bool {
-        !self.code_writes.is_empty()
-    }
-
-    /// The code pages written since the last call (each now unmarked and
-    /// writable again in the window). Their translations are stale.
-    pub fn take_code_writes(&mut self) -> Vec<u32> {
-        let pages = std::mem::take(&mut self.code_writes);
-        for &p in &pages {
-            self.protect(p, true);
+    /// Stop watching a physical page: writable again to translated code.
+    /// Fails (and the page stays watched, which costs only faults) when
+    /// the host refuses to change the protection.
+    pub fn unwatch_page(&mut self, page: u32) -> Result<(), RamError> {
+        if bit(&self.watched, page) {
+            self.protect(page, true)?;
+            set_bit(&mut self.watched, page, false);
         }
-        pages
+        Ok(())
     }
 
-    /// Is a physical page watched (translated code or a page table), so
-    /// translated code must not write it directly?
-    fn watched(&self, page: u32) -> bool {
-        let (w, b) = ((page / 64) as usize, page % 64);
-        let bit = |v: &Vec<u64>| v.get(w).is_some_and(|x| x & (1 << b) != 0);
-        bit(&self.code_pages) || bit(&self.table_pages)
+    /// Is the page watched?
+    pub fn is_watched(&self, page: u32) -> bool {
+        bit(&self.watched, page)
+    }
+
+    /// Has a watched page been written since the last
+    /// [`GuestRam::take_watched_writes`]?
+    pub fn has_watched_writes(&self) -> bool {
+        !self.writes.is_empty()
+    }
+
+    /// The watched pages written since the last call, once each, in the
+    /// order of their first write. The pages stay watched.
+    pub fn take_watched_writes(&mut self) -> Vec<WatchedWrite> {
+        let writes = std::mem::take(&mut self.writes);
+        for w in &writes {
+            set_bit(&mut self.pending, w.page, false);
+        }
+        writes
     }
 
     /// Make a physical page read-only (or writable again, unless still
     /// watched) in the window; its shadow aliases become read-only, or are
     /// dropped to be mapped again on their next use.
-    fn protect(&mut self, page: u32, writable: bool) {
-        let writable = writable && !self.watched(page);
-        self.protect_aliases(page, writable);
-        let Some(w) = &self.window else { return };
+    fn protect(&mut self, page: u32, writable: bool) -> Result<(), RamError> {
+        self.protect_aliases(page, writable)?;
+        let Some(w) = &self.window else {
+            return Ok(());
+        };
         if page >= self.size / PAGE_SIZE {
-            return;
+            return Ok(());
         }
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         // SAFETY: the page lies inside the RAM part of this window's
         // mapping, which this value owns; changing its protection affects
         // only accesses through the window (translated code).
-        unsafe {
+        let r = unsafe {
             libc::mprotect(
                 w.base().add((page * PAGE_SIZE) as usize).cast(),
                 PAGE_SIZE as usize,
                 prot,
-            );
+            )
+        };
+        if r != 0 {
+            return Err(RamError(format!(
+                "cannot change the protection of guest page {:#010x} in the window: {}",
+                page * PAGE_SIZE,
+                std::io::Error::last_os_error()
+            )));
         }
+        Ok(())
     }
 
     /// Read `len` (1..=8) bytes little-endian from physical memory.
@@ -421,12 +492,35 @@ mod tests {
         assert_eq!(ram.window().unwrap().base() as usize % (1 << 32), 0);
         assert_eq!(ram.shadow().unwrap().base() as usize % (1 << 32), 0);
         ram.load(0x3000, b"abcdefgh");
-        ram.mark_code_page(4);
+        ram.watch_page(4).unwrap();
+        ram.watch_page(5).unwrap();
         ram.copy_within_page(0x3000, 0x4010, 8);
         ram.fill_within_page(0x5000, 6, 0x0201, 2);
+        ram.write_ad(0x6000, 0x21);
+        ram.write(0x4020, 1, 0);
         assert_eq!(ram.read(0x4010, 8), u64::from_le_bytes(*b"abcdefgh"));
         assert_eq!(ram.read(0x5000, 6), 0x0201_0201_0201);
-        assert_eq!(ram.take_code_writes(), vec![4]);
+        let pages: Vec<u32> = ram.take_watched_writes().iter().map(|w| w.page).collect();
+        assert_eq!(pages, vec![4, 5]);
+        assert!(!ram.has_watched_writes());
+        ram.watch_page(6).unwrap();
+        ram.write_ad(0x6000, 0x61);
+        assert_eq!(
+            ram.take_watched_writes(),
+            vec![WatchedWrite {
+                page: 6,
+                accessed_dirty: true
+            }]
+        );
+        ram.write_ad(0x6000, 0x61);
+        ram.write(0x6004, 4, 0);
+        assert_eq!(
+            ram.take_watched_writes(),
+            vec![WatchedWrite {
+                page: 6,
+                accessed_dirty: false
+            }]
+        );
     }
 
     #[test]

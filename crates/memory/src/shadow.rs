@@ -12,10 +12,11 @@
 //! shadow page table of a classic VMM, kept by the host's MMU.
 //!
 //! The shadow must never grant what the guest tables no longer grant. The
-//! page-table pages a mapping was derived from are *table pages*: read-only
-//! to translated code (like code pages), and any write to one (by the
-//! interpreter, a device or the platform) is recorded; the engine then drops
-//! the whole shadow ([`GuestRam::shadow_reset`]). So translated code sees
+//! page-table pages a mapping was derived from are *watched* by the
+//! translator ([`GuestRam::watch_page`]): read-only to translated code
+//! (like code pages), and any write to one (by the interpreter, a device or
+//! the platform) is recorded; the translator then drops the whole shadow
+//! ([`GuestRam::shadow_reset`]). So translated code sees
 //! a mapping change at once, as the interpreter (which has no TLB) does.
 //! Setting accessed and dirty bits ([`GuestRam::write_ad`]) is not such a
 //! write: it only makes the tables grant more.
@@ -40,7 +41,7 @@ impl GuestRam {
         if phys >= self.size / PAGE_SIZE {
             return false;
         }
-        let writable = writable && !self.watched(phys);
+        let writable = writable && !self.is_watched(phys);
         let Some(w) = &self.shadow else { return false };
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         // SAFETY: MAP_FIXED replaces one page inside the shadow reservation,
@@ -66,68 +67,44 @@ impl GuestRam {
         true
     }
 
-    /// Drop every shadow mapping and forget every page-table page.
-    pub fn shadow_reset(&mut self) {
-        self.table_written = false;
+    /// Drop every shadow mapping (every linear page `PROT_NONE` again).
+    pub fn shadow_reset(&mut self) -> Result<(), RamError> {
         self.aliases.clear();
-        let tables: Vec<u32> = (0..self.table_pages.len() as u32 * 64)
-            .filter(|p| self.table_pages[(p / 64) as usize] & (1 << (p % 64)) != 0)
-            .collect();
-        self.table_pages.fill(0);
-        for p in tables {
-            self.protect(p, true);
+        match &self.shadow {
+            Some(w) => unreserve(w.base(), WINDOW_SIZE),
+            None => Ok(()),
         }
-        if let Some(w) = &self.shadow {
-            unreserve(w.base(), WINDOW_SIZE);
-        }
-    }
-
-    /// Mark a physical page as a page table the shadow depends on: it
-    /// becomes read-only to translated code, and writes to it are recorded.
-    pub fn mark_table_page(&mut self, page: u32) {
-        let (w, b) = ((page / 64) as usize, page % 64);
-        if let Some(x) = self.table_pages.get_mut(w) {
-            if *x & (1 << b) == 0 {
-                *x |= 1 << b;
-                self.protect(page, false);
-            }
-        }
-    }
-
-    /// Has a page-table page been written since the last call? (The shadow
-    /// is stale if so.)
-    pub fn take_table_writes(&mut self) -> bool {
-        std::mem::take(&mut self.table_written)
-    }
-
-    /// Is a page-table write waiting for [`GuestRam::take_table_writes`]?
-    pub fn has_table_writes(&self) -> bool {
-        self.table_written
     }
 
     /// Write a page-table entry that only grants more than before (a
     /// not-present entry becoming present, as a kernel mapping new memory
-    /// does): the shadow cannot be granting too much, so this is not a
-    /// page-table change either.
+    /// does): the shadow cannot be granting too much, so it is recorded
+    /// as an accessed/dirty write ([`WatchedWrite::accessed_dirty`]).
+    ///
+    /// [`WatchedWrite::accessed_dirty`]: crate::WatchedWrite::accessed_dirty
     pub fn write_grant(&mut self, addr: u32, v: u32) {
         self.write_ad(addr, v);
     }
 
     /// Write a page-table entry whose accessed or dirty bit the CPU sets:
-    /// a code-page write if it is one, but not a page-table change.
+    /// recorded as such if the page is watched, so a watcher can tell it
+    /// from a change of mapping.
     pub fn write_ad(&mut self, addr: u32, v: u32) {
-        let was = self.table_written;
-        self.write(addr, 4, u64::from(v));
-        self.table_written = was;
+        self.note_write_as(addr, 4, true);
+        if let Some(s) = self.map.get_mut(addr as usize..addr as usize + 4) {
+            s.copy_from_slice(&v.to_le_bytes());
+        }
     }
 
     /// Make the shadow aliases of a physical page read-only, or (when it
     /// may be writable again) drop them, to be mapped again with the guest
     /// tables' rights on their next use.
-    pub(crate) fn protect_aliases(&mut self, phys: u32, writable: bool) {
-        let Some(w) = &self.shadow else { return };
+    pub(crate) fn protect_aliases(&mut self, phys: u32, writable: bool) -> Result<(), RamError> {
+        let Some(w) = &self.shadow else {
+            return Ok(());
+        };
         let Some(list) = self.aliases.get(&phys) else {
-            return;
+            return Ok(());
         };
         for &lin in list {
             // SAFETY: the page lies inside the shadow reservation, which
@@ -135,26 +112,32 @@ impl GuestRam {
             // PROT_NONE page affects only translated code's accesses.
             let at = unsafe { w.base().add((lin * PAGE_SIZE) as usize) };
             if writable {
-                unreserve(at, PAGE_SIZE as usize);
+                unreserve(at, PAGE_SIZE as usize)?;
             } else {
                 // SAFETY: as above.
-                unsafe {
-                    libc::mprotect(at.cast(), PAGE_SIZE as usize, libc::PROT_READ);
+                let r = unsafe { libc::mprotect(at.cast(), PAGE_SIZE as usize, libc::PROT_READ) };
+                if r != 0 {
+                    return Err(RamError(format!(
+                        "cannot write-protect linear page {:#010x} in the shadow: {}",
+                        lin * PAGE_SIZE,
+                        std::io::Error::last_os_error()
+                    )));
                 }
             }
         }
         if writable {
             self.aliases.remove(&phys);
         }
+        Ok(())
     }
 }
 
 /// Replace `[at, at+len)` of a window with fresh `PROT_NONE` pages.
-fn unreserve(at: *mut u8, len: usize) {
+fn unreserve(at: *mut u8, len: usize) -> Result<(), RamError> {
     // SAFETY: callers pass a range inside a window reservation they own;
     // MAP_FIXED replaces exactly that range with inaccessible anonymous
     // memory, so nothing else is affected.
-    unsafe {
+    let r = unsafe {
         libc::mmap(
             at.cast(),
             len,
@@ -162,8 +145,15 @@ fn unreserve(at: *mut u8, len: usize) {
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
             -1,
             0,
-        );
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(RamError(format!(
+            "cannot unmap {len} bytes of a shadow window: {}",
+            std::io::Error::last_os_error()
+        )));
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -187,14 +177,23 @@ mod tests {
         unsafe { std::ptr::write_unaligned(base.add(0x8000_0020).cast::<u32>(), 0xCAFE) };
         assert_eq!(ram.read(0x3020, 4), 0xCAFE);
         assert!(!ram.shadow_map(0x80001, 0x10, true), "beyond RAM");
-        // Table pages: A/D updates are not changes, other writes are.
-        ram.mark_table_page(5);
-        ram.write_ad(0x5000, 0x21);
-        assert!(!ram.take_table_writes());
-        ram.write(0x5004, 4, 7);
-        assert!(ram.take_table_writes());
-        ram.shadow_reset();
-        ram.write(0x5008, 4, 7);
-        assert!(!ram.take_table_writes(), "reset forgets table pages");
+        // A watched page is read-only in the shadow, and writes to it are
+        // recorded, A/D updates marked as such.
+        ram.watch_page(3).unwrap();
+        // SAFETY: reading a page mapped above; it is still mapped.
+        assert_eq!(read(base, 0x8000_0020), 0xCAFE);
+        ram.write_ad(0x3000, 0x21);
+        let w = ram.take_watched_writes();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].accessed_dirty);
+        ram.write(0x3004, 4, 7);
+        assert!(!ram.take_watched_writes()[0].accessed_dirty);
+        ram.unwatch_page(3).unwrap();
+        ram.write(0x3008, 4, 7);
+        assert!(
+            !ram.has_watched_writes(),
+            "unwatched pages are not recorded"
+        );
+        ram.shadow_reset().unwrap();
     }
 }

@@ -1,17 +1,60 @@
-//! The binary translator (work in progress; see docs/architecture.md).
+//! The binary translator: guest x86-32 blocks to host x86-64 code.
 //!
-//! Today: [`lower`] re-encodes innocuous guest instructions for the host,
-//! and [`straight`] compiles a straight-line run of copied instructions
-//! into host code (dynasmrt) that runs on the guest window through the GS
-//! segment base. Both are checked against the reference interpreter on the
-//! differential harness's random sequences. The dispatcher, translation
-//! cache, chaining, helper calls for special instructions and fault
-//! handling come next.
+//! ```text
+//!            ┌──────────── dispatch (the dispatcher: routes every exit) ◀───────────────┐
+//!            │  drain the write watch (watch) ─ follow the paging mode (paging)         │
+//!            ▼                                                                          │
+//!   cache lookup (cache) ──miss──▶ scan (popek_decode) ─▶ select ─▶ lower / emit        │
+//!            │                                                 └─▶ link (chain)         │
+//!            ▼                                                                          │
+//!   host code (emit: prologue, body, stubs) ──chained jumps / indirect table──▶ host code
+//!            │            └─ helper calls (helper) ─▶ vcpu methods, interpreter         │
+//!            └── exit: stub, budget, helper, fault (host::fault), stop ─────────────────┘
+//! ```
+//!
+//! Register map while guest code runs (see [`emit`]): guest EAX, ECX, EDX,
+//! EBX, EBP, ESI, EDI in the host registers of the same numbers; guest ESP
+//! in R12D; R13 scratch (and the target of an indirect exit); R14 the
+//! chaining budget; R15 the [`abi::Context`]; R8 counts retired guest
+//! instructions (and indirect lookups above bit 24). Guest memory is
+//! `gs:[addr32]`: GS is the 4 GiB window of guest physical memory, or the
+//! shadow window of linear memory when the guest pages.
+//!
+//! Flag invariant: the guest's arithmetic flags and DF are the host's
+//! while guest code runs; IF and the other system flags are virtual in the
+//! context ([`abi`]). Stubs, counting and the budget use only instructions
+//! that leave flags alone (LEA, MOV, JRCXZ).
+//!
+//! Fault invariant: a host fault inside translated code leaves the guest
+//! state exactly as it was before the faulting guest instruction (x86
+//! faults are precise, and every lowering puts its only faulting access
+//! first); the dispatcher finds that instruction through the block's side
+//! table and the interpreter executes it with the guest's semantics.
+//!
+//! The life of a block: the dispatcher misses in the cache; `select`
+//! lowers each instruction and `emit` compiles the block into the code
+//! buffer; the write watch is told which code and page-table pages it came
+//! from; `chain` patches waiting stubs to it and publishes it in the
+//! indirect-branch table. It runs until a write to one of its pages (the
+//! next drain drops it and unlinks it), an eviction, a change of paging
+//! mode or a full code buffer (both flush everything).
 
-pub mod code_buffer;
-pub mod engine;
-pub mod fault;
+#![warn(missing_docs)]
+
+pub mod abi;
+pub mod cache;
+pub mod chain;
+pub mod dispatch;
+pub mod dump;
+pub mod emit;
+pub mod helper;
+pub mod host;
 pub mod lower;
-pub mod straight;
+pub mod paging;
+pub mod select;
+pub mod stats;
+pub mod watch;
 
+pub use dispatch::{Bt, CHAIN_BUDGET, CODE_BUFFER_SIZE};
 pub use lower::{lower, Lowering};
+pub use stats::{Counter, ExitReason, KindCounts, Stats};

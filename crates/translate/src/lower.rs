@@ -11,7 +11,7 @@
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register};
 use popek_decode::{classify, Class};
 
-use crate::straight::Exit;
+use crate::emit::BlockExit;
 
 /// How one guest instruction is translated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,7 +319,7 @@ pub fn lower_string(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool 
     if !addr32 || ins.segment_prefix() != Register::None || bytes.len() != ins.len() {
         return false;
     }
-    out.extend([0x4D, 0x8B, 0x4F, crate::straight::WINDOW_OFFSET]); // mov r9, [r15 + window]
+    out.extend([0x4D, 0x8B, 0x4F, crate::abi::WINDOW]); // mov r9, [r15 + window]
     if src {
         out.extend([0x49, 0x8D, 0x34, 0x31]); // lea rsi, [r9 + rsi]
     }
@@ -341,7 +341,7 @@ pub fn lower_string(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool 
 /// run first (CALL's push of the return address, RET's pop of the target
 /// into the context) to `out` and says how the block exits. None (and `out`
 /// unchanged) for every other instruction.
-pub fn lower_terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
+pub fn lower_terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExit> {
     let mark = out.len();
     let r = terminator(ins, out);
     if r.is_none() {
@@ -350,13 +350,13 @@ pub fn lower_terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
     r
 }
 
-fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
+fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExit> {
     let next = ins.next_ip32();
     match ins.code() {
-        Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => Some(Exit::Direct(ins.near_branch32())),
+        Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => Some(BlockExit::Direct(ins.near_branch32())),
         Code::Call_rel32_32 => {
             push_imm32(next, out)?;
-            Some(Exit::Direct(ins.near_branch32()))
+            Some(BlockExit::Direct(ins.near_branch32()))
         }
         Code::Retnd | Code::Retnd_imm16 => {
             let imm = if ins.code() == Code::Retnd_imm16 {
@@ -369,7 +369,7 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
                 out,
             )?;
             adjust_esp(4 + imm, out);
-            Some(Exit::Stored)
+            Some(BlockExit::Stored)
         }
         Code::Jmp_rm32 | Code::Call_rm32 => {
             // The target into R13D first (the operand may use ESP), then
@@ -378,13 +378,13 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
             if ins.code() == Code::Call_rm32 {
                 push_imm32(next, out)?;
             }
-            Some(Exit::Stored)
+            Some(BlockExit::Stored)
         }
-        Code::Loop_rel8_32_ECX => Some(Exit::Loop {
+        Code::Loop_rel8_32_ECX => Some(BlockExit::Loop {
             taken: ins.near_branch32(),
             not_taken: next,
         }),
-        Code::Jecxz_rel8_32 => Some(Exit::Jecxz {
+        Code::Jecxz_rel8_32 => Some(BlockExit::Jecxz {
             taken: ins.near_branch32(),
             not_taken: next,
         }),
@@ -392,7 +392,7 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<Exit> {
             // iced's ConditionCode runs o, no, b, ae, ... g from 1: the x86
             // condition nibble is one less.
             let cc = (ins.condition_code() as u8).wrapping_sub(1) & 0x0F;
-            Some(Exit::Cond {
+            Some(BlockExit::Cond {
                 cc,
                 taken: ins.near_branch32(),
                 not_taken: next,

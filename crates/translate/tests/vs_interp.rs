@@ -7,8 +7,10 @@
 use popek_decode::{classify, Class};
 use popek_difftest::gen::{self, Case, SCRATCH};
 use popek_memory::GuestRam;
+use popek_translate::abi::{Context, HOST_FLAGS};
+use popek_translate::emit::HostBlock;
+use popek_translate::host::set_gs_base;
 use popek_translate::lower::lower_innocuous;
-use popek_translate::straight::{set_gs_base, Context, Straight, HOST_FLAGS};
 use popek_translate::{lower, Lowering};
 use popek_vcpu::{attr, reg, SegReg, Segment, Vcpu};
 
@@ -93,14 +95,14 @@ fn translated(case: &Case, host: &[Vec<u8>]) -> (Context, Vec<u8>) {
     ram.load(SCRATCH_AT, &case.scratch);
     let base = ram.window().unwrap().base();
     set_gs_base(base).unwrap();
-    let mut buf = popek_translate::code_buffer::CodeBuffer::new(1 << 20).unwrap();
-    let code = Straight::compile(&mut buf, host.iter().map(|b| &b[..])).unwrap();
+    let mut buf = popek_translate::host::CodeBuffer::new(1 << 20).unwrap();
+    let code = HostBlock::compile(&mut buf, host.iter().map(|b| &b[..])).unwrap();
     let mut ctx = Context {
         regs: initial_regs(case),
         eflags: 2 | (case.flags & HOST_FLAGS),
         ..Context::default()
     };
-    popek_translate::fault::install();
+    popek_translate::host::fault::install();
     // SAFETY: GS base is this RAM's window and the fault handler is
     // installed; the code comes from `lower`.
     unsafe { code.run(&buf, &mut ctx) };

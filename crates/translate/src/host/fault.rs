@@ -17,7 +17,7 @@
 use std::cell::Cell;
 use std::sync::Once;
 
-use crate::straight::Context;
+use crate::abi::Context;
 
 /// The code a thread is running: copied instructions in `[start, end)`.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +49,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut l
     if let Some(a) = active {
         if (a.start..a.end).contains(&rip) {
             // SAFETY: `ctx` points at the Context passed to the running
-            // code, alive for the whole run (see Straight::run); the kernel
+            // code, alive for the whole run (see HostBlock::run); the kernel
             // passes a valid siginfo_t, whose si_addr is the faulting
             // address for SIGSEGV and SIGBUS.
             unsafe {

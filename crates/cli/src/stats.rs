@@ -1,0 +1,141 @@
+//! `--stats` and `--stats-json`: both made from the translator's one list
+//! of counters ([`popek_translate::Stats::counters`]).
+
+use std::io::Write;
+
+use popek_machine::Machine;
+
+/// `a` as a percentage of `b` (0 when `b` is 0).
+pub(crate) fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        100.0 * a as f64 / b as f64
+    }
+}
+
+/// The statistics as one JSON object (hand-written: flat numbers only).
+pub(crate) fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> String {
+    let mut fields = vec![
+        ("guest_instructions".to_string(), m.cpu.retired.to_string()),
+        (
+            "run_seconds".to_string(),
+            format!("{:.6}", elapsed.as_secs_f64()),
+        ),
+    ];
+    if let Some(bt) = m.engine.bt() {
+        let s = bt.stats;
+        for c in s.counters() {
+            fields.push((c.key.to_string(), c.value.to_string()));
+        }
+        fields.push((
+            "translation_share".to_string(),
+            format!(
+                "{:.6}",
+                s.translate_ns as f64 / 1e9 / elapsed.as_secs_f64().max(1e-9)
+            ),
+        ));
+        for (prefix, map) in [
+            ("special", &bt.by_kind.specials),
+            ("fallback", &bt.by_kind.fallbacks),
+        ] {
+            let mut v = popek_translate::KindCounts::named(map);
+            v.sort();
+            for (k, n) in v {
+                fields.push((format!("{prefix}_{k}"), n.to_string()));
+            }
+        }
+    }
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("\"{k}\": {v}"))
+        .collect();
+    format!("{{{}}}", body.join(", "))
+}
+
+/// `--stats`: every counter on a line of its own (a percentage beside the
+/// ones that are a share of something), then the derived figures.
+pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
+    let retired = m.cpu.retired;
+    eprintln!("popek stats:");
+    eprintln!("  {:<30}{retired}", "guest instructions executed");
+    eprintln!("  {:<30}{:.3} s", "run time", elapsed.as_secs_f64());
+    if let Some(bt) = m.engine.bt() {
+        let s = bt.stats;
+        for c in s.counters() {
+            if c.value == 0 && c.key.starts_with("exits_") {
+                continue;
+            }
+            let of = match c.key {
+                "cache_hits" => Some(s.lookups),
+                "indirect_hits" => Some(s.indirect_lookups),
+                "instructions_native" | "interpreter_fallbacks" => Some(retired),
+                _ => None,
+            };
+            match of {
+                Some(of) => eprintln!("  {:<30}{} ({:.1}%)", c.label, c.value, pct(c.value, of)),
+                None => eprintln!("  {:<30}{}", c.label, c.value),
+            }
+        }
+        let us = s.translate_ns as f64 / 1000.0;
+        eprintln!(
+            "  {:<30}{us:.0} us total, {:.2} us per block, {:.2}% of run time",
+            "translation time",
+            us / s.blocks_translated.max(1) as f64,
+            100.0 * us / 1e6 / elapsed.as_secs_f64().max(1e-9)
+        );
+        let top = |m| {
+            let v = popek_translate::KindCounts::named(m);
+            let v: Vec<String> = v.iter().take(8).map(|(k, n)| format!("{k} {n}")).collect();
+            v.join(", ")
+        };
+        eprintln!(
+            "  {:<30}{}",
+            "special calls by kind",
+            top(&bt.by_kind.specials)
+        );
+        eprintln!(
+            "  {:<30}{}",
+            "fallbacks by opcode",
+            top(&bt.by_kind.fallbacks)
+        );
+    }
+    if let Some(t) = m.engine.trap() {
+        print_trap_stats(&t.stats, &mut std::io::stderr());
+    }
+}
+
+pub(crate) fn print_trap_stats(t: &popek_machine::trap::TrapStats, w: &mut dyn Write) {
+    let traps: u64 = t.traps.values().map(|c| c.count).sum();
+    let emulation: std::time::Duration = t.traps.values().map(|c| c.emulation).sum();
+    let _ = writeln!(
+        w,
+        "  traps (#GP, emulated)         {traps}, {:.2} us of emulation each",
+        emulation.as_secs_f64() * 1e6 / traps.max(1) as f64
+    );
+    for (k, c) in &t.traps {
+        let _ = writeln!(
+            w,
+            "    {:<14} {:>9} traps, {:>7.2} us each, first at eip={:#010x}",
+            format!("{k:?}"),
+            c.count,
+            c.emulation.as_secs_f64() * 1e6 / c.count.max(1) as f64,
+            c.first_eip
+        );
+    }
+    let silent: u64 = t.violations.values().map(|v| v.count).sum();
+    let _ = writeln!(
+        w,
+        "  Popek-Goldberg violations     {silent} (sensitive, executed without a trap)"
+    );
+    for (k, v) in &t.violations {
+        let _ = writeln!(
+            w,
+            "    {:<14} {:>9} times,  first at eip={:#010x}: {}",
+            format!("{k:?}"),
+            v.count,
+            v.first_eip,
+            popek_machine::trap::under_trap(*k)
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! The interface between the dispatcher and translated code: the
+//! [`Context`] host code reads and writes through R15, its field offsets
+//! (which hand-encoded host instructions use as 8-bit displacements,
+//! checked against the struct at compile time), the split of EFLAGS
+//! between the host's flags and the virtual system flags, and the helper
+//! function type.
+//!
+//! Invariants:
+//! - Every offset below equals `offset_of!` of its field and fits a
+//!   signed 8-bit displacement (compile-time assertions at the bottom).
+//! - While guest code runs, [`HOST_FLAGS`] (the arithmetic flags and DF)
+//!   live in the host's RFLAGS; IF is virtual ([`Context::vif`]); every
+//!   other system flag is in [`Context::sys`]; RF and VM stay in
+//!   [`Context::eflags`]. [`Context::set_eflags`] and
+//!   [`Context::guest_eflags`] are exact inverses on any EFLAGS image.
+
+use std::mem::offset_of;
+
+use popek_vcpu::flags;
+
+/// Guest state the host code reads and writes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Context {
+    /// EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI.
+    pub regs: [u32; 8],
+    /// EFLAGS: the arithmetic flags and DF are loaded into and stored from
+    /// the host's flags; RF and VM are kept here.
+    pub eflags: u32,
+    /// Where the guest goes next, written at every block exit.
+    pub next_eip: u32,
+    /// Set by the fault handler: the host address of the instruction that
+    /// faulted (0 if the code ran to its exit).
+    pub fault_rip: u64,
+    /// Guest instructions of the blocks that completed in this run (the
+    /// low [`LOOKUP_SHIFT`] bits), and indirect branches looked up in host
+    /// code (the bits above): R8 counts both, with one LEA per block.
+    pub retired: u64,
+    /// Chained jumps allowed before returning to the dispatcher; what is
+    /// left on return.
+    pub chain_budget: u64,
+    /// Opaque pointer handed to helper functions (the dispatcher's state).
+    pub env: u64,
+    /// Set by the fault handler for a SIGSEGV: the host address accessed.
+    pub fault_addr: u64,
+    /// Set by the fault handler for a SIGSEGV: 1 if the access was a write.
+    pub fault_write: u64,
+    /// Of the indirect branches (RET, JMP/CALL r/m32) looked up in host
+    /// code, the ones not found in the table (which return to the
+    /// dispatcher; counted on that cold path, so a hit costs no count).
+    pub indirect_misses: u64,
+    /// Host address of the guest window GS points at (4 GiB-aligned):
+    /// translated string instructions add it to ESI and EDI.
+    pub window: u64,
+    /// The system part of the guest's EFLAGS while its code runs: every
+    /// bit outside [`HOST_FLAGS`] except IF, RF and VM (so PUSHF in host
+    /// code adds it to the host's arithmetic flags).
+    pub sys: u32,
+    /// The virtual IF: 0 or 0x200. CLI and STI in host code store it.
+    pub vif: u32,
+    /// 0 when POPF, CLI and STI may run in host code (CPL 0, neither RF
+    /// nor VM set); otherwise they call the helper.
+    pub slow: u32,
+}
+
+/// Offset of [`Context::regs`] (EAX; register `i` is at `4 * i`).
+pub const REGS: u8 = 0;
+/// Offset of [`Context::eflags`].
+pub const EFLAGS: u8 = 32;
+/// Offset of [`Context::next_eip`].
+pub const NEXT_EIP: u8 = 36;
+/// Offset of [`Context::retired`].
+pub const RETIRED: u8 = 48;
+/// Offset of [`Context::chain_budget`].
+pub const CHAIN_BUDGET: u8 = 56;
+/// Offset of [`Context::indirect_misses`].
+pub const INDIRECT_MISSES: u8 = 88;
+/// Offset of [`Context::window`].
+pub const WINDOW: u8 = 96;
+/// Offset of [`Context::sys`].
+pub const SYS: u8 = 104;
+/// Offset of [`Context::vif`].
+pub const VIF: u8 = 108;
+/// Offset of [`Context::slow`].
+pub const SLOW: u8 = 112;
+
+const _: () = assert!(offset_of!(Context, regs) == REGS as usize);
+const _: () = assert!(offset_of!(Context, eflags) == EFLAGS as usize);
+const _: () = assert!(offset_of!(Context, next_eip) == NEXT_EIP as usize);
+const _: () = assert!(offset_of!(Context, retired) == RETIRED as usize);
+const _: () = assert!(offset_of!(Context, chain_budget) == CHAIN_BUDGET as usize);
+const _: () = assert!(offset_of!(Context, indirect_misses) == INDIRECT_MISSES as usize);
+const _: () = assert!(offset_of!(Context, window) == WINDOW as usize);
+const _: () = assert!(offset_of!(Context, sys) == SYS as usize);
+const _: () = assert!(offset_of!(Context, vif) == VIF as usize);
+const _: () = assert!(offset_of!(Context, slow) == SLOW as usize);
+// Hand-encoded instructions address the context with a signed disp8.
+const _: () = assert!(std::mem::size_of::<Context>() <= 128);
+
+/// The EFLAGS bits that live in the host's flags while guest code runs:
+/// the six arithmetic flags and DF.
+pub const HOST_FLAGS: u32 = flags::ARITH | flags::DF;
+/// EFLAGS.RF and EFLAGS.VM: never in a PUSHF image, never changed by POPF.
+pub const RF_VM: u32 = flags::RF | flags::VM;
+/// The system flags POPF changes at CPL 0 besides IF and TF (SDM Vol. 2,
+/// POPF: IOPL, NT, AC and ID are writable at CPL 0; VIF and VIP are not).
+pub const POPF_SYS: u32 = flags::IOPL | flags::NT | flags::AC | flags::ID;
+/// The system flags POPF keeps: VIF, VIP and the reserved bit 1.
+pub const POPF_KEEPS: u32 = flags::VIF | flags::VIP | flags::FIXED1;
+
+/// Where [`Context::retired`] counts indirect-branch lookups: one run
+/// retires fewer than 2^24 instructions (at most
+/// [`crate::dispatch::CHAIN_BUDGET`] + 1 blocks of at most 65).
+pub const LOOKUP_SHIFT: u32 = 24;
+
+impl Context {
+    /// Hand the guest's whole EFLAGS to host code running at privilege
+    /// level `cpl`: the arithmetic flags (in `eflags`, loaded into the
+    /// host's), the system flags (`sys`), the virtual IF (`vif`).
+    pub fn set_eflags(&mut self, eflags: u32, cpl: u8) {
+        self.eflags = eflags;
+        self.sys = eflags & !(HOST_FLAGS | flags::IF | RF_VM);
+        self.vif = eflags & flags::IF;
+        self.slow = u32::from(cpl != 0 || eflags & RF_VM != 0);
+    }
+
+    /// The guest's whole EFLAGS, as host code left it.
+    pub fn guest_eflags(&self) -> u32 {
+        (self.eflags & (HOST_FLAGS | RF_VM)) | self.sys | self.vif
+    }
+}
+
+/// The function a helper call in translated code calls:
+/// `helper(ctx, eip, next_eip, arg)`, returning 0 to go on with the block
+/// and 1 to leave it (the guest state is then already in the context).
+pub type HelperFn = extern "sysv64" fn(*mut Context, u32, u32, u32) -> u32;
+
+/// The type of a block's entry point (its prologue).
+pub type BlockEntryFn = extern "sysv64" fn(*mut Context);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eflags_split_round_trips() {
+        let mut x = 0x1234_5678u32;
+        for cpl in [0u8, 3] {
+            for _ in 0..10_000 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let image = (x & 0x003F_7FD5) | flags::FIXED1;
+                let mut c = Context::default();
+                c.set_eflags(image, cpl);
+                assert_eq!(c.guest_eflags(), image);
+                assert_eq!(c.slow != 0, cpl != 0 || image & RF_VM != 0);
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The dispatcher: the loop that routes every exit of translated code
+//! (the seeds' *dispatcher*, the VMM's entry point).
+//!
+//! At each step, in a mode the translator handles ([`translatable`]):
+//! drain the write watch (drop translations of written code pages, follow
+//! a page-table write or a change of paging mode), look up the translation
+//! for EIP in the cache; on a miss translate the block ([`crate::select`])
+//! and link it ([`crate::chain`]). Run it. It returns for one of the
+//! [`ExitReason`]s: a stub whose target is not chained, the chaining
+//! budget, a helper that asked to leave, a host fault in translated code
+//! (the interpreter then executes that one instruction with the guest's
+//! semantics, and a shadow page is mapped if the fault was on one), or a
+//! stop. What no translation covers (a mode the translator does not
+//! handle, a block-ending special instruction) the interpreter executes
+//! here, one instruction per step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
+use popek_interp::Step;
+use popek_memory::GuestRam;
+use popek_vcpu::Vcpu;
+
+use crate::abi::{Context, LOOKUP_SHIFT};
+use crate::cache::{EipHasher, Translation};
+use crate::chain::Link;
+use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
+use crate::helper::HelperEnv;
+use crate::host::{set_gs_base, CodeBuffer};
+use crate::lower::{lower, SegBases};
+use crate::paging::{translatable, PagingKey};
+use crate::select::SUPERBLOCK_MAX;
+use crate::stats::{ExitReason, KindCounts, Stats};
+use crate::watch::WriteWatch;
+
+/// Size of the code buffer; when it fills, every translation is dropped.
+pub const CODE_BUFFER_SIZE: usize = 32 << 20;
+
+/// Chained jumps per dispatcher entry before control comes back.
+pub const CHAIN_BUDGET: u64 = 1 << 16;
+
+/// The mnemonic of the instruction at `eip`, and is it special
+/// (sensitive or privileged)?
+fn kind_at(cpu: &mut Vcpu, eip: u32) -> (iced_x86::Mnemonic, bool) {
+    let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
+    let n = cpu.fetch(eip, &mut buf).0;
+    let ins = popek_decode::decode_one(&buf[..n], eip, 32);
+    (ins.mnemonic(), popek_decode::special(&ins).is_some())
+}
+
+/// The binary-translation engine.
+pub struct Bt {
+    /// The translation cache: guest EIP to translation, least recently
+    /// used first out when bounded.
+    pub(crate) cache: LruCache<u32, Translation, BuildHasherDefault<EipHasher>>,
+    pub(crate) code: Option<CodeBuffer>,
+    /// Exit stubs waiting for their target to be translated, by target EIP.
+    pub(crate) pending: HashMap<u32, Vec<Link>>,
+    /// Code-buffer offset of each block's code, to find a faulting block.
+    pub(crate) by_offset: BTreeMap<usize, u32>,
+    /// Counters.
+    pub stats: Stats,
+    /// Interpreter fallbacks by mnemonic, and special-instruction helper
+    /// calls by mnemonic.
+    pub by_kind: KindCounts,
+    /// Where `--dump` writes each translated block.
+    pub(crate) dump: Option<Box<dyn std::io::Write>>,
+    /// The code and page-table pages the translations depend on.
+    pub(crate) watch: WriteWatch,
+    /// The host refused to unmap the shadow window: it may grant what the
+    /// guest tables no longer do, so translated code must not use it.
+    pub(crate) shadow_broken: bool,
+    /// Scratch space for host code while a block is built.
+    pub(crate) arena: Vec<u8>,
+    /// The decoded instruction of every helper call in the code buffer
+    /// (its index is in the call's argument), so a helper neither fetches
+    /// nor decodes. Emptied with the buffer.
+    pub(crate) helper_insns: Vec<iced_x86::Instruction>,
+    /// The paging mode the cached translations and the shadow belong to.
+    pub(crate) key: PagingKey,
+    /// The indirect-branch table translated code searches (RET, indirect
+    /// JMP/CALL), indexed by the low 16 bits of the guest EIP.
+    pub(crate) lookup: Box<[LookupEntry]>,
+    /// Indices of `lookup` that hold a translation.
+    pub(crate) lookup_used: Vec<u16>,
+    /// FS and GS bases as the cached translations assume them.
+    pub(crate) segs: SegBases,
+    /// Does any cached translation use an FS or GS base?
+    pub(crate) segs_used: bool,
+    /// Do blocks go on past a conditional branch's fall-through
+    /// (superblocks)? On by default; the translation-cost benchmark turns
+    /// it off to measure basic blocks alone.
+    pub superblocks: bool,
+    /// The instructions, EIPs and counts of the block being translated,
+    /// kept between translations.
+    pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+}
+
+impl Default for Bt {
+    fn default() -> Self {
+        Bt::new(None)
+    }
+}
+
+impl Bt {
+    /// A new engine with an empty cache holding at most `capacity` blocks
+    /// (unbounded with None). Evicted blocks' host code stays in the code
+    /// buffer until it fills and is flushed.
+    pub fn new(capacity: Option<NonZeroUsize>) -> Bt {
+        let hasher = BuildHasherDefault::<EipHasher>::default();
+        Bt {
+            cache: match capacity {
+                Some(c) => LruCache::with_hasher(c, hasher),
+                None => LruCache::unbounded_with_hasher(hasher),
+            },
+            code: None,
+            pending: HashMap::new(),
+            by_offset: BTreeMap::new(),
+            stats: Stats::default(),
+            by_kind: KindCounts::default(),
+            dump: None,
+            arena: Vec::with_capacity(4096),
+            helper_insns: Vec::new(),
+            key: None,
+            lookup: vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
+            lookup_used: Vec::new(),
+            segs: SegBases::default(),
+            segs_used: false,
+            superblocks: true,
+            watch: WriteWatch::default(),
+            shadow_broken: false,
+            scratch: (
+                Vec::with_capacity(SUPERBLOCK_MAX),
+                Vec::with_capacity(SUPERBLOCK_MAX + 1),
+                Vec::with_capacity(SUPERBLOCK_MAX),
+            ),
+        }
+    }
+
+    /// Point this thread's GS at the guest window (a thread-local makes
+    /// the repeat cheap) and set up the code buffer and fault handler.
+    fn enter(&mut self, ram: &mut GuestRam) -> bool {
+        if self.code.is_none() {
+            crate::host::fault::install();
+            // iced-x86 builds its tables on first use (hundreds of
+            // microseconds): pay that here, not in the first translation.
+            let warm = popek_decode::decode_one(&[0x01, 0xC8], 0, 32);
+            let _ = lower(&warm);
+            match CodeBuffer::new(CODE_BUFFER_SIZE) {
+                Ok(b) => {
+                    let empty = LookupEntry::new(0, b.exec_addr(epilogue_offset()) as u64);
+                    self.lookup.fill(empty);
+                    self.code = Some(b);
+                }
+                Err(_) => return false,
+            }
+        }
+        let paging = self.key.is_some();
+        if paging && self.shadow_broken {
+            self.shadow_broken = ram.shadow_reset().is_err();
+            if self.shadow_broken {
+                return false;
+            }
+        }
+        let w = if paging { ram.shadow() } else { ram.window() };
+        match w {
+            Ok(w) => set_gs_base(w.base()).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Translate the block at `eip` into the cache (as a miss would),
+    /// without running it: for benchmarks of the translation cost.
+    /// Returns false when the CPU is not in a mode the translator handles.
+    pub fn translate_at(&mut self, cpu: &mut Vcpu, eip: u32) -> bool {
+        if !translatable(cpu) {
+            return false;
+        }
+        self.drain_writes(cpu);
+        if !self.enter(&mut cpu.ram) {
+            return false;
+        }
+        self.translate_into_cache(cpu, eip);
+        true
+    }
+
+    fn count_exit(&mut self, why: ExitReason) {
+        self.stats.exits[why as usize] += 1;
+    }
+
+    /// Execute one instruction in the dispatcher (an exit of its own).
+    fn interpret(&mut self, cpu: &mut Vcpu) -> Step {
+        self.count_exit(ExitReason::Interpreted);
+        self.execute_one(cpu)
+    }
+
+    /// Execute the instruction at CS:EIP on the interpreter: a special
+    /// instruction that ends a block (on its vcpu method, through the
+    /// interpreter's decoding) or an interpreter fallback.
+    fn execute_one(&mut self, cpu: &mut Vcpu) -> Step {
+        let (kind, special) = kind_at(cpu, cpu.eip);
+        if special {
+            self.stats.special_calls += 1;
+            *self.by_kind.specials.entry(kind).or_default() += 1;
+        } else {
+            self.stats.insns_interpreted += 1;
+            *self.by_kind.fallbacks.entry(kind).or_default() += 1;
+        }
+        popek_interp::step(cpu)
+    }
+
+    /// Interpret the instruction at CS:EIP (counted as the dispatcher's).
+    pub fn interpret_one(&mut self, cpu: &mut Vcpu) -> Step {
+        self.interpret(cpu)
+    }
+
+    /// Run translated code from CS:EIP (chaining as far as it goes), or
+    /// interpret one instruction.
+    pub fn step(&mut self, cpu: &mut Vcpu) -> Step {
+        self.step_within(cpu, u64::MAX)
+    }
+
+    /// As [`Bt::step`], taking at most `max_blocks` chained jumps (each
+    /// block runs at most 65 guest instructions), so an instruction budget
+    /// is honoured to within one block's worth per block.
+    pub fn step_within(&mut self, cpu: &mut Vcpu, max_blocks: u64) -> Step {
+        if cpu.halted || !translatable(cpu) {
+            return self.interpret(cpu);
+        }
+        self.drain_writes(cpu);
+        if !self.enter(&mut cpu.ram) {
+            return self.interpret(cpu);
+        }
+        let eip = cpu.eip;
+        self.stats.lookups += 1;
+        if self.cache.get(&eip).is_some() {
+            self.stats.hits += 1;
+        } else {
+            self.translate_into_cache(cpu, eip);
+        }
+        self.publish_lookup(eip);
+        let (Some(Translation::Code { code, .. }), Some(buf)) =
+            (self.cache.peek(&eip), self.code.as_ref())
+        else {
+            return self.interpret(cpu);
+        };
+        let mut env = HelperEnv {
+            left: false,
+            segs: self.segs,
+            cpu: std::ptr::null_mut(),
+            key: self.key,
+            stop: None,
+            specials: 0,
+            fallbacks: 0,
+            kinds: &mut self.by_kind,
+            insns: &self.helper_insns,
+            fpu_loaded: cpu.fpu.used,
+        };
+        let mut ctx = Context {
+            regs: cpu.regs,
+            eflags: cpu.eflags,
+            next_eip: eip,
+            fault_rip: 0,
+            retired: 0,
+            chain_budget: CHAIN_BUDGET.min(max_blocks.max(1)),
+            env: 0,
+            fault_addr: 0,
+            fault_write: 0,
+            indirect_misses: 0,
+            window: crate::host::gs_base(),
+            sys: 0,
+            vif: 0,
+            slow: 0,
+        };
+        ctx.set_eflags(cpu.eflags, cpu.cpl());
+        let budget = ctx.chain_budget;
+        if env.fpu_loaded {
+            // The guest's x87 state goes into the host FPU for the code's
+            // copied x87 instructions (and comes back after).
+            cpu.fpu.load_host();
+        }
+        let cpu_ptr: *mut Vcpu = cpu;
+        env.cpu = cpu_ptr;
+        ctx.env = &mut env as *mut HelperEnv as u64;
+        // SAFETY: `enter` pointed this thread's GS at this CPU's guest
+        // window (the physical window with paging off, where linear
+        // addresses are physical in a translatable mode; with paging on the
+        // shadow window, which maps only what the guest tables grant: the
+        // write watch resets it on every page-table write) and installed
+        // the fault handler; every block in the buffer was built by
+        // `HostBlock::compile_block` from lowered instructions and is
+        // reachable only through links to blocks still cached; `cpu` is
+        // not used until the code returns (helpers use `cpu_ptr`).
+        unsafe { code.run(buf, &mut ctx) };
+        // SAFETY: the code has returned; `cpu_ptr` came from `cpu` above.
+        let cpu = unsafe { &mut *cpu_ptr };
+        if env.fpu_loaded {
+            cpu.fpu.save_host();
+        }
+        cpu.regs = ctx.regs;
+        cpu.eflags = ctx.guest_eflags();
+        self.stats.chained += budget - ctx.chain_budget;
+        let lookups = ctx.retired >> LOOKUP_SHIFT;
+        let retired = ctx.retired & ((1 << LOOKUP_SHIFT) - 1);
+        self.stats.indirect_lookups += lookups;
+        self.stats.indirect_hits += lookups - ctx.indirect_misses;
+        cpu.retired += retired;
+        self.stats.insns_native += retired;
+        self.stats.special_calls += env.specials;
+        self.stats.insns_interpreted += env.fallbacks;
+        if let Some(stop) = env.stop {
+            self.count_exit(ExitReason::Stop);
+            return Step::Stop(stop);
+        }
+        if ctx.fault_rip != 0 {
+            // (`buf` still borrows the engine: count directly.)
+            self.stats.exits[ExitReason::Fault as usize] += 1;
+            // Stopped before a faulting instruction: find it, and let the
+            // interpreter execute it with the guest's semantics.
+            self.stats.faults += 1;
+            let off = ctx.fault_rip - buf.exec_addr(0) as u64;
+            let block = self
+                .by_offset
+                .range(..=off as usize)
+                .next_back()
+                .map(|(_, e)| *e);
+            if let Some(Translation::Code {
+                code,
+                eips,
+                counted,
+                ..
+            }) = block.and_then(|b| self.cache.peek(&b))
+            {
+                let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
+                cpu.eip = eips[done];
+                let native = u64::from(counted.get(done).copied().unwrap_or(0));
+                cpu.retired += native;
+                self.stats.insns_native += native;
+            }
+            let key = self.key;
+            let step = self.execute_one(cpu);
+            if ctx.fault_addr != 0 {
+                self.fill_shadow(cpu, ctx.fault_addr, key);
+            }
+            return step;
+        }
+        cpu.eip = ctx.next_eip;
+        self.count_exit(if cpu.halted {
+            ExitReason::Stop
+        } else if env.left {
+            ExitReason::Helper
+        } else if ctx.chain_budget == 0 {
+            ExitReason::Budget
+        } else {
+            ExitReason::Unchained
+        });
+        if cpu.halted {
+            Step::Halted
+        } else {
+            Step::Executed
+        }
+    }
+}
+
+impl Bt {
+    /// Drain the write watch, the one place recorded writes are acted on:
+    /// drop the translations of written code pages, then follow the
+    /// paging mode (a page-table write resets the shadow).
+    pub(crate) fn drain_writes(&mut self, cpu: &mut Vcpu) {
+        let written = self.watch.drain(&mut cpu.ram);
+        self.invalidate(&written.code);
+        self.sync_paging(cpu, written.tables);
+    }
+}

@@ -1,0 +1,135 @@
+//! The fixed code sequences every block shares: the prologue (push the
+//! host's callee-saved registers, load the guest state from the context),
+//! the state store and load around helper calls, and the epilogue at the
+//! start of every code buffer, which stores the guest state, pops the
+//! frame and returns to the dispatcher (the fault handler resumes there
+//! too). Assembled once with dynasm, position-independent.
+
+use dynasm::dynasm;
+use dynasmrt::{x64::X64Relocation, DynasmApi, VecAssembler};
+
+use crate::abi::{CHAIN_BUDGET, EFLAGS, HOST_FLAGS, REGS, RETIRED};
+use crate::emit::BuildError;
+use crate::host::CodeBuffer;
+
+/// The shared epilogue lives at the start of every code buffer.
+pub fn epilogue_offset() -> usize {
+    0
+}
+
+/// Offset of the shared "leave" routine (after a helper asked to leave:
+/// the guest state is already in the context).
+pub fn leave_offset() -> usize {
+    frame().epilogue.len().next_multiple_of(16)
+}
+
+/// Put the shared epilogue and leave routine at the start of `buf` if it
+/// is empty; the epilogue's offset.
+pub(crate) fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError> {
+    if buf.next_offset() == 0 {
+        let f = frame();
+        let at = buf
+            .append(&f.epilogue)
+            .ok_or_else(|| BuildError("code buffer too small".into()))?;
+        debug_assert_eq!(at, epilogue_offset());
+        let at = buf
+            .append(&f.leave)
+            .ok_or_else(|| BuildError("code buffer too small".into()))?;
+        debug_assert_eq!(at, leave_offset());
+    }
+    Ok(epilogue_offset())
+}
+
+/// The fixed code sequences, assembled once (dynasmrt); all are
+/// position-independent.
+pub(crate) struct Frame {
+    /// Block entry: push the frame, load the state.
+    pub(crate) prologue: Vec<u8>,
+    /// Store the guest registers and flags into the context.
+    pub(crate) store_state: Vec<u8>,
+    /// Load the guest registers and flags from the context.
+    pub(crate) load_state: Vec<u8>,
+    /// Store the state and counters, pop the frame, return.
+    pub(crate) epilogue: Vec<u8>,
+    /// Store the counters, pop the frame, return (state already stored).
+    pub(crate) leave: Vec<u8>,
+}
+
+pub(crate) fn frame() -> &'static Frame {
+    static FRAME: std::sync::OnceLock<Frame> = std::sync::OnceLock::new();
+    FRAME.get_or_init(|| {
+        let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(0);
+        dynasm!(ops
+            ; .arch x64
+            ; mov eax, DWORD [r15 + EFLAGS as i32]
+            ; and eax, HOST_FLAGS as i32
+            ; push rax
+            ; popfq
+            ; mov eax, DWORD [r15 + REGS as i32]
+            ; mov ecx, DWORD [r15 + REGS as i32 + 4]
+            ; mov edx, DWORD [r15 + REGS as i32 + 8]
+            ; mov ebx, DWORD [r15 + REGS as i32 + 12]
+            ; mov r12d, DWORD [r15 + REGS as i32 + 16]
+            ; mov ebp, DWORD [r15 + REGS as i32 + 20]
+            ; mov esi, DWORD [r15 + REGS as i32 + 24]
+            ; mov edi, DWORD [r15 + REGS as i32 + 28]
+        );
+        let load_state = ops.take().expect("assembles");
+        dynasm!(ops
+            ; .arch x64
+            ; mov DWORD [r15 + REGS as i32], eax
+            ; mov DWORD [r15 + REGS as i32 + 4], ecx
+            ; mov DWORD [r15 + REGS as i32 + 8], edx
+            ; mov DWORD [r15 + REGS as i32 + 12], ebx
+            ; mov DWORD [r15 + REGS as i32 + 16], r12d
+            ; mov DWORD [r15 + REGS as i32 + 20], ebp
+            ; mov DWORD [r15 + REGS as i32 + 24], esi
+            ; mov DWORD [r15 + REGS as i32 + 28], edi
+            ; pushfq
+            ; pop rax
+            ; and eax, HOST_FLAGS as i32
+            ; mov ecx, DWORD [r15 + EFLAGS as i32]
+            ; and ecx, !HOST_FLAGS as i32
+            ; or eax, ecx
+            ; mov DWORD [r15 + EFLAGS as i32], eax
+        );
+        let store_state = ops.take().expect("assembles");
+        dynasm!(ops
+            ; .arch x64
+            ; push rbx
+            ; push rbp
+            ; push r12
+            ; push r13
+            ; push r14
+            ; push r15
+            ; mov r15, rdi
+            ; xor r8d, r8d
+            ; mov r14, QWORD [r15 + CHAIN_BUDGET as i32]
+        );
+        let mut prologue = ops.take().expect("assembles");
+        prologue.extend_from_slice(&load_state);
+        dynasm!(ops
+            ; .arch x64
+            ; mov QWORD [r15 + RETIRED as i32], r8
+            ; mov QWORD [r15 + CHAIN_BUDGET as i32], r14
+            ; cld
+            ; pop r15
+            ; pop r14
+            ; pop r13
+            ; pop r12
+            ; pop rbp
+            ; pop rbx
+            ; ret
+        );
+        let leave = ops.finalize().expect("assembles");
+        let mut epilogue = store_state.clone();
+        epilogue.extend_from_slice(&leave);
+        Frame {
+            prologue,
+            store_state,
+            load_state,
+            epilogue,
+            leave,
+        }
+    })
+}

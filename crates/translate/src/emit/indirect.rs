@@ -1,0 +1,143 @@
+//! The indirect-branch exit: RET and indirect JMP/CALL look their target
+//! up in a direct-mapped table in host code and jump straight to its
+//! translation, or return to the dispatcher on a miss.
+//!
+//! Table format ([`LookupEntry`], 16 bytes): the host address of the
+//! translation's body, then the guest EIP negated, so host code adds the
+//! target and tests for zero with JRCXZ (no flags touched). An empty entry
+//! points at the shared epilogue: taking it returns to the dispatcher
+//! with the target already stored. The table is indexed by the low 16 bits
+//! of the EIP ([`LOOKUP_ENTRIES`]).
+
+use crate::abi::INDIRECT_MISSES;
+use crate::emit::{jmp_to, store_r13d_as_next};
+
+/// for the target of a RET or an indirect JMP/CALL: the guest EIP and the
+/// host address of its translation's body. An empty entry's host address
+/// is the shared epilogue (whatever EIP it holds, taking it just returns
+/// to the dispatcher with the target already stored).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookupEntry {
+    /// Host address to jump to.
+    pub host: u64,
+    /// The guest EIP it translates, negated: host code adds the target EIP
+    /// and tests for zero (JRCXZ, no flags).
+    neg_eip: u32,
+    _pad: u32,
+}
+
+impl LookupEntry {
+    /// An entry for `eip`, translated at host address `host`.
+    pub fn new(eip: u32, host: u64) -> LookupEntry {
+        LookupEntry {
+            host,
+            neg_eip: eip.wrapping_neg(),
+            _pad: 0,
+        }
+    }
+
+    /// The guest EIP the entry translates.
+    pub fn eip(&self) -> u32 {
+        self.neg_eip.wrapping_neg()
+    }
+}
+
+/// Entries in the indirect-branch table: indexed by the low 16 bits of the
+/// guest EIP (direct-mapped; MOVZX computes it without touching flags).
+pub const LOOKUP_ENTRIES: usize = 1 << 16;
+
+/// Add one to the context's counter at `off` without touching flags:
+/// `mov r11, [r15+off]; lea r11, [r11+1]; mov [r15+off], r11`.
+fn bump(out: &mut Vec<u8>, off: u8) {
+    out.extend([0x4D, 0x8B, 0x5F, off]);
+    out.extend([0x4D, 0x8D, 0x5B, 0x01]);
+    out.extend([0x4D, 0x89, 0x5F, off]);
+}
+
+/// The exit of a block whose next EIP is in R13D: look it up in the indirect-branch table at `table` and
+/// jump straight to its translation (if the chaining budget allows), or
+/// return to the dispatcher (a miss is counted there). Only
+/// flag-neutral instructions (MOV, MOVZX, LEA, NOT, JRCXZ), like the
+/// stubs; R9-R11 and R13 are scratch.
+pub(crate) fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
+    out.extend([0x45, 0x0F, 0xB7, 0xDD]); // movzx r11d, r13w
+    out.extend([0x49, 0xBA]); // mov r10, table
+    out.extend(table.to_le_bytes());
+    out.extend([0x4F, 0x8D, 0x1C, 0x1B]); // lea r11, [r11 + r11]
+    out.extend([0x49, 0x89, 0xC9]); // mov r9, rcx (the guest's, until the end)
+    out.extend([0x43, 0x8B, 0x4C, 0xDA, 0x08]); // mov ecx, [r10 + r11*8 + 8]: -EIP
+    out.extend([0x42, 0x8D, 0x0C, 0x29]); // lea ecx, [rcx + r13]: 0 iff equal
+    out.extend([0xE3, 24]); // jrcxz hit (over mov, store, count, jmp: 3 + 4 + 12 + 5)
+    out.extend([0x4C, 0x89, 0xC9]); // miss: mov rcx, r9
+    store_r13d_as_next(out);
+    bump(out, INDIRECT_MISSES);
+    jmp_to(out, base, epilogue);
+    // hit: the chaining budget, as in a stub
+    out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
+    out.extend([0x49, 0x89, 0xCE]); // mov r14, rcx
+    out.extend([0xE3, 0x07]); // jrcxz budget_out (over mov, jmp: 3 + 4)
+    out.extend([0x4C, 0x89, 0xC9]); // mov rcx, r9
+    out.extend([0x43, 0xFF, 0x24, 0xDA]); // jmp [r10 + r11*8]
+    out.extend([0x4C, 0x89, 0xC9]); // budget_out: mov rcx, r9
+    store_r13d_as_next(out);
+    jmp_to(out, base, epilogue);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+    /// The hand-encoded indirect-branch exit disassembles to the intended
+    /// instructions, and its two JRCXZs land where they should.
+    #[test]
+    fn indirect_exit_encoding() {
+        let mut out = Vec::new();
+        indirect_exit(&mut out, 0x1000, 0, 0x1122_3344_5566_7788);
+        let mut d = Decoder::with_ip(64, &out, 0x1000, DecoderOptions::NONE);
+        let mut fmt = IntelFormatter::new();
+        let mut text = Vec::new();
+        let mut at = Vec::new();
+        while d.can_decode() {
+            let ins = d.decode();
+            assert!(!ins.is_invalid());
+            let mut t = String::new();
+            fmt.format(&ins, &mut t);
+            at.push((ins.ip(), ins.near_branch_target()));
+            text.push(t);
+        }
+        let want = [
+            "movzx r11d,r13w",
+            "mov r10,1122334455667788h",
+            "lea r11,[r11+r11]",
+            "mov r9,rcx",
+            "mov ecx,[r10+r11*8+8]",
+            "lea ecx,[rcx+r13]",
+            "jrcxz",
+            "mov rcx,r9",
+            "mov [r15+24h],r13d",
+            "mov r11,[r15+58h]",
+            "lea r11,[r11+1]",
+            "mov [r15+58h],r11",
+            "jmp 0",
+            "lea rcx,[r14-1]",
+            "mov r14,rcx",
+            "jrcxz",
+            "mov rcx,r9",
+            "jmp qword ptr [r10+r11*8]",
+            "mov rcx,r9",
+            "mov [r15+24h],r13d",
+            "jmp 0",
+        ];
+        let text: Vec<&str> = text
+            .iter()
+            .map(|t| if t.starts_with("jrcxz") { "jrcxz" } else { t })
+            .collect();
+        assert_eq!(text, want);
+        // The first JRCXZ goes to the hit path, the second to budget_out.
+        let ip_of = |i: usize| at[i].0;
+        assert_eq!(at[6].1, ip_of(13));
+        assert_eq!(at[15].1, ip_of(18));
+    }
+}

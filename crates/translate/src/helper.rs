@@ -1,0 +1,152 @@
+//! Helper calls: a guest instruction that host code cannot run (a special
+//! instruction, or one the lowering does not cover) runs in the middle of
+//! a block through `run_helper`, on the vcpu's own methods and the
+//! interpreter's semantics (one source of truth; nothing is implemented
+//! twice). The guest state is stored into the [`Context`] before the call
+//! and loaded after it; the helper returns 1 when the block must end
+//! (control went elsewhere, the CPU stopped, a device or a written watched
+//! page needs the dispatcher, or the mode changed).
+
+use popek_interp::Step;
+use popek_vcpu::Vcpu;
+
+use crate::abi::Context;
+use crate::emit::HelperCall;
+use crate::lower::SegBases;
+use crate::paging::{paging_key, seg_bases, translatable, PagingKey};
+use crate::stats::KindCounts;
+
+/// The helper call for `ins`, the `index`-th of its block's helper
+/// instructions, after `counted_before` instructions the block counts.
+pub(crate) fn helper_call(
+    ins: &iced_x86::Instruction,
+    special: bool,
+    index: usize,
+    counted_before: usize,
+) -> HelperCall {
+    HelperCall {
+        eip: ins.ip32(),
+        next: ins.next_ip32(),
+        arg: HelperArg {
+            special,
+            x87: popek_interp::x87::is_x87(ins),
+            index,
+        }
+        .encode(),
+        counted_before,
+    }
+}
+
+/// What a helper call's last argument says about its instruction: bit 0
+/// special, bit 1 x87, the rest the index of its decoded form in
+/// `Bt::helper_insns`.
+struct HelperArg {
+    special: bool,
+    x87: bool,
+    index: usize,
+}
+
+impl HelperArg {
+    fn encode(&self) -> u32 {
+        u32::from(self.special) | u32::from(self.x87) << 1 | (self.index as u32) << 2
+    }
+    fn decode(arg: u32) -> HelperArg {
+        HelperArg {
+            special: arg & 1 != 0,
+            x87: arg & 2 != 0,
+            index: (arg >> 2) as usize,
+        }
+    }
+}
+
+/// What helper calls from translated code work on.
+pub(crate) struct HelperEnv {
+    /// `Bt::helper_insns`.
+    pub(crate) insns: *const Vec<iced_x86::Instruction>,
+    /// Did a helper ask to leave the block?
+    pub(crate) left: bool,
+    pub(crate) segs: SegBases,
+    pub(crate) cpu: *mut Vcpu,
+    pub(crate) key: PagingKey,
+    pub(crate) stop: Option<popek_vcpu::Stop>,
+    pub(crate) specials: u64,
+    pub(crate) fallbacks: u64,
+    pub(crate) kinds: *mut KindCounts,
+    /// The guest's x87 state is in the host FPU.
+    pub(crate) fpu_loaded: bool,
+}
+
+/// Execute the instruction at `eip` in place of translated code: the
+/// special instructions' vcpu methods and the interpreter's semantics, the
+/// same as everywhere else. Returns 0 to go on with the block, 1 to leave
+/// it (control went elsewhere, the CPU stopped or halted, a device wants
+/// the dispatcher, or code was written).
+pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, arg: u32) -> u32 {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `ctx` is the context `Bt::step_within` passed to the running
+        // code; its `env` points at the HelperEnv on that call's stack,
+        // whose `cpu` is the CPU `step` borrowed and does not touch while
+        // the code runs.
+        let (ctx, env) = unsafe { (&mut *ctx, &mut *((*ctx).env as *mut HelperEnv)) };
+        // SAFETY: see above.
+        let cpu = unsafe { &mut *env.cpu };
+        cpu.regs = ctx.regs;
+        cpu.eflags = ctx.guest_eflags();
+        cpu.eip = eip;
+        let HelperArg {
+            special,
+            x87,
+            index,
+        } = HelperArg::decode(arg);
+        // SAFETY: `insns` points at the engine's table, which the engine
+        // does not touch while its code runs; every helper call in the code
+        // buffer has its entry (the table is emptied with the buffer).
+        let ins = unsafe { &(&*env.insns)[index] };
+        let kind = ins.mnemonic();
+        // SAFETY: `kinds` points at the engine's counters, which the engine
+        // does not touch while its code runs.
+        let kinds = unsafe { &mut *env.kinds };
+        if special {
+            env.specials += 1;
+            *kinds.specials.entry(kind).or_default() += 1;
+        } else {
+            env.fallbacks += 1;
+            *kinds.fallbacks.entry(kind).or_default() += 1;
+        }
+        // An x87 instruction on the interpreter: the guest's FPU state is
+        // in the host FPU while translated code runs; hand it over.
+        let handover = x87 && env.fpu_loaded;
+        if handover {
+            cpu.fpu.save_host();
+        }
+        let step = popek_interp::step_decoded(cpu, ins);
+        if handover {
+            cpu.fpu.load_host();
+        }
+        ctx.regs = cpu.regs;
+        ctx.set_eflags(cpu.eflags, cpu.cpl());
+        ctx.next_eip = cpu.eip;
+        let go_on = match step {
+            Step::Executed => {
+                cpu.eip == next
+                    && !cpu.halted
+                    && cpu.io.exit_requested().is_none()
+                    && !cpu.io.uart.has_output()
+                    && !cpu.ram.has_watched_writes()
+                    && translatable(cpu)
+                    && paging_key(cpu) == env.key
+                    && seg_bases(cpu) == env.segs
+            }
+            Step::Halted => false,
+            Step::Stop(s) => {
+                env.stop = Some(s);
+                false
+            }
+        };
+        env.left |= !go_on;
+        u32::from(!go_on)
+    }));
+    // Unwinding through translated code is not possible: a panic in the
+    // interpreter is a host bug, so end the process loudly.
+    r.unwrap_or_else(|_| std::process::abort())
+}

@@ -1,0 +1,13 @@
+//! What the translator needs from the host: the code buffer (W^X), the
+//! fault handler that turns a host fault in translated code into a
+//! precise guest fault, and the GS base that points at the guest window.
+//!
+//! Most of the translator's `unsafe` lives here and in [`crate::emit`]'s
+//! entry trampoline; each block carries its `// SAFETY:` argument.
+
+pub mod code_buffer;
+pub mod fault;
+pub mod gs;
+
+pub use code_buffer::CodeBuffer;
+pub use gs::{gs_base, host_fixed_flags, set_gs_base};

@@ -1,0 +1,319 @@
+//! Selection: how each guest instruction of a block is lowered, and the
+//! block built from them (`Bt::translate`, the one entry point from guest
+//! instruction to host code).
+//!
+//! For each instruction of the scanned block, in order of preference:
+//!
+//! | guest instruction | lowered as | module |
+//! |---|---|---|
+//! | innocuous, encodable for the host | copied (re-encoded on GS, ESP in R12D) | [`crate::lower`] |
+//! | PUSH/POP/CALL's push and other ESP users | rewritten on the guest stack | [`crate::lower`] |
+//! | MOVS/STOS/LODS/CMPS/SCAS | the host's own on host pointers | [`crate::lower`] |
+//! | JMP/Jcc/LOOP/JECXZ/CALL/RET/indirect | the block's exit ([`BlockExit`]); a Jcc whose fall-through stays on the page becomes a side exit (superblock) | [`crate::lower`], [`crate::emit`] |
+//! | PUSHFD/POPFD/CLI/STI | host code on the virtual flags, helper call unless CPL 0 | [`crate::emit::flags`] |
+//! | anything else that does not transfer control | a helper call (vcpu method or interpreter) | [`crate::helper`] |
+//! | special instructions that end a block | left to the dispatcher | [`crate::dispatch`] |
+//!
+//! To add an instruction to host code: make `lower` produce it (and a
+//! difftest template generate it); to add a special instruction: give the
+//! vcpu its method and `popek_decode` its class, and it runs through a
+//! helper call with no change here.
+
+use popek_decode::scan_block_into;
+use popek_vcpu::Vcpu;
+
+use crate::cache::Translation;
+use crate::dispatch::Bt;
+use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece};
+use crate::helper::{helper_call, run_helper};
+use crate::lower::{lower_into, lower_stack, lower_string, lower_terminator, SegBases};
+
+/// Where a translated instruction's host code is while a block is built:
+/// a range of the engine's arena, or a helper call.
+enum Part {
+    Code(usize, usize),
+    Piece(Piece<'static>),
+}
+
+/// Instructions a block (a superblock too) retires at most, its exit
+/// included: what the machine's exact instruction budget relies on.
+pub(crate) const SUPERBLOCK_MAX: usize = popek_decode::MAX_BLOCK_INSNS;
+
+/// The flags instruction `ins` is, if translated code runs it on the
+/// virtual flags (32-bit PUSHF and POPF; the 16-bit forms are helpers).
+fn flags_op(ins: &iced_x86::Instruction, host_fixed: u32) -> Option<FlagsOp> {
+    use iced_x86::Code;
+    Some(match ins.code() {
+        Code::Pushfd => FlagsOp::Pushfd { host_fixed },
+        Code::Popfd => FlagsOp::Popfd,
+        Code::Cli => FlagsOp::Cli,
+        Code::Sti => FlagsOp::Sti,
+        _ => return None,
+    })
+}
+
+impl Bt {
+    pub(crate) fn translate(&mut self, cpu: &mut Vcpu, eip: u32) -> Translation {
+        // Vectors kept between translations (room for a whole superblock):
+        // nothing is allocated or grows while a block is built.
+        let (mut insns, mut eips, mut counted_at) = std::mem::take(&mut self.scratch);
+        insns.clear();
+        eips.clear();
+        counted_at.clear();
+        let end = scan_block_into(
+            |a, buf| cpu.fetch(a, buf).0,
+            eip,
+            32,
+            &mut insns,
+            SUPERBLOCK_MAX,
+        );
+        let mut block = popek_decode::Block {
+            start: eip,
+            insns,
+            end,
+        };
+        // Host code of the translated instructions, one after another;
+        // `parts` says which bytes (or which helper call) is whose.
+        let mut arena = std::mem::take(&mut self.arena);
+        arena.clear();
+        let mut parts: Vec<Part> = Vec::with_capacity(SUPERBLOCK_MAX);
+        let mut exit = None;
+        let mut how = Vec::new();
+        let dumping = self.dump.is_some();
+        let mut counted = 0usize;
+        // This block's helper instructions; their indices in the pieces are
+        // relative until the block is compiled (a full buffer is flushed,
+        // and the engine's table with it, between two attempts).
+        let mut helpers = Vec::new();
+        let host_fixed = crate::host::host_fixed_flags();
+        let mut k = 0;
+        while k < block.insns.len() {
+            let i = block.insns[k].clone();
+            k += 1;
+            let mark = arena.len();
+            // Translated code runs x87 instructions on the host FPU, with
+            // the guest's state loaded (see `step_within`).
+            cpu.fpu.used |= popek_interp::x87::is_x87(&i.ins);
+            let kind = if i.class == popek_decode::Class::Innocuous
+                && lower_into(&i.ins, Some(&i.bytes), &mut arena, &self.segs).is_ok()
+            {
+                Some("copied")
+            } else if lower_stack(&i.ins, &mut arena) {
+                Some("rewritten (guest stack)")
+            } else if lower_string(&i.ins, &i.bytes, &mut arena) {
+                Some("rewritten (string, host pointers)")
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                self.segs_used |= SegBases::used_by(&i.ins);
+                eips.push(i.ins.ip32());
+                counted_at.push(counted as u32);
+                parts.push(Part::Code(mark, arena.len()));
+                if dumping {
+                    how.push(kind);
+                }
+                counted += 1;
+                continue;
+            }
+            if let Some(e) = lower_terminator(&i.ins, &mut arena) {
+                eips.push(i.ins.ip32());
+                counted_at.push(counted as u32);
+                // A superblock: a conditional branch whose fall-through is
+                // on the block's page becomes a side exit, and the block
+                // goes on there (up to SUPERBLOCK_MAX instructions).
+                if let BlockExit::Cond {
+                    cc,
+                    taken,
+                    not_taken,
+                } = e
+                {
+                    if self.superblocks
+                        && arena.len() == mark
+                        && k == block.insns.len()
+                        && eips.len() < SUPERBLOCK_MAX
+                        && not_taken / 4096 == eip / 4096
+                    {
+                        counted += 1;
+                        parts.push(Part::Piece(Piece::Side {
+                            cc,
+                            target: taken,
+                            counted,
+                        }));
+                        if dumping {
+                            how.push("rewritten (side exit; the block goes on)");
+                        }
+                        let room = SUPERBLOCK_MAX - eips.len();
+                        block.end = scan_block_into(
+                            |a, buf| cpu.fetch(a, buf).0,
+                            not_taken,
+                            32,
+                            &mut block.insns,
+                            room,
+                        );
+                        continue;
+                    }
+                }
+                parts.push(Part::Code(mark, arena.len()));
+                if dumping {
+                    how.push("rewritten (block exit)");
+                }
+                counted += 1;
+                exit = Some(e);
+                break;
+            }
+            // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
+            // (with a helper call where host code cannot do them).
+            if let Some(op) = flags_op(&i.ins, host_fixed) {
+                eips.push(i.ins.ip32());
+                counted_at.push(counted as u32);
+                let call = helper_call(&i.ins, true, helpers.len(), counted);
+                parts.push(Part::Piece(Piece::Flags(op, call)));
+                helpers.push(i.ins);
+                if dumping {
+                    how.push(if matches!(op, FlagsOp::Pushfd { .. }) {
+                        "rewritten (virtual flags)"
+                    } else {
+                        "rewritten (virtual flags; helper call unless CPL 0)"
+                    });
+                }
+                counted += 1;
+                continue;
+            }
+            // Anything else that does not transfer control runs in place
+            // through a helper call: special instructions on the vcpu
+            // methods, the rest on the interpreter.
+            let ends = i.class == popek_decode::Class::ControlFlow
+                || i.special.is_some_and(|sp| sp.ends_block());
+            if ends {
+                break;
+            }
+            eips.push(i.ins.ip32());
+            counted_at.push(counted as u32);
+            let call = helper_call(&i.ins, i.special.is_some(), helpers.len(), counted);
+            parts.push(Part::Piece(Piece::Helper(call)));
+            helpers.push(i.ins);
+            if dumping {
+                how.push(if i.special.is_some() {
+                    "helper call (vcpu)"
+                } else {
+                    "helper call (interpreter fallback)"
+                });
+            }
+        }
+        // STI opens an interrupt shadow over the next instruction, which
+        // host code does not record: an STI that would be the last
+        // instruction of the block's host code (the shadow still open when
+        // the block exits) is left to the dispatcher.
+        if let Some(Part::Piece(Piece::Flags(FlagsOp::Sti, _))) = parts.last() {
+            parts.pop();
+            eips.pop();
+            counted_at.pop();
+            helpers.pop();
+            if dumping {
+                how.pop();
+            }
+            counted -= 1;
+        }
+        let host: Vec<Piece> = parts
+            .into_iter()
+            .map(|p| match p {
+                Part::Code(a, b) => Piece::Code(&arena[a..b]),
+                Part::Piece(h) => h,
+            })
+            .collect();
+        let n = eips.len();
+        let last_byte = if n > 0 {
+            block.insns[n - 1].ins.next_ip32().wrapping_sub(1)
+        } else {
+            eip
+        };
+        // The physical pages of the code (the same as the linear ones with
+        // paging off), and under paging the tables that map them: a write
+        // to either makes this translation stale.
+        let user = self.key.is_some_and(|k| k.user);
+        let probe = |cpu: &Vcpu, lin: u32| cpu.probe(lin, user);
+        let (first, last) = (probe(cpu, eip), probe(cpu, last_byte));
+        let mut pages = match (first, last) {
+            (Some(a), Some(b)) => (a.phys_page, b.phys_page),
+            _ => (u32::MAX, u32::MAX),
+        };
+        for p in [first, last].into_iter().flatten() {
+            let mut watched = self.watch.watch_code(&mut cpu.ram, p.phys_page);
+            for t in p.tables.into_iter().flatten() {
+                watched &= self.watch.watch_table(&mut cpu.ram, t);
+            }
+            if !watched {
+                // A write could not be noticed: translate nothing here.
+                pages = (u32::MAX, u32::MAX);
+            }
+        }
+        self.stats.blocks_translated += 1;
+        if n == 0 || pages.0 == u32::MAX {
+            self.arena = arena;
+            self.scratch = (block.insns, eips, counted_at);
+            return Translation::Interpret { pages };
+        }
+        let end = block.insns[n - 1].ins.next_ip32();
+        // A block cut short (page boundary, size limit, an instruction left
+        // to the dispatcher) goes on at `end`: a chainable exit too.
+        let exit = Some(exit.unwrap_or(BlockExit::Direct(end)));
+        let mut compiled = None;
+        for attempt in 0..2 {
+            let Some(buf) = self.code.as_mut() else { break };
+            let table = self.lookup.as_ptr();
+            let base = (self.helper_insns.len() as u32) << 2;
+            let rebased = |c: HelperCall| HelperCall {
+                arg: c.arg + base,
+                ..c
+            };
+            let pieces: Vec<Piece> = host
+                .iter()
+                .map(|p| match *p {
+                    Piece::Helper(c) => Piece::Helper(rebased(c)),
+                    Piece::Flags(op, c) => Piece::Flags(op, rebased(c)),
+                    ref other => other.clone(),
+                })
+                .collect();
+            match HostBlock::compile_block(
+                buf,
+                &pieces,
+                counted,
+                end,
+                exit.as_ref(),
+                Some(run_helper),
+                Some(table),
+            ) {
+                Ok(c) => {
+                    compiled = Some(c);
+                    self.helper_insns.append(&mut helpers);
+                    break;
+                }
+                Err(_) if attempt == 0 => self.flush(), // full: start again
+                Err(_) => {}
+            }
+        }
+        drop(host);
+        self.arena = arena;
+        let Some(code) = compiled else {
+            self.scratch = (block.insns, eips, counted_at);
+            return Translation::Interpret { pages };
+        };
+        self.stats.insns_translated += n as u64;
+        self.stats.host_bytes += code.len() as u64;
+        self.by_offset.insert(code.offset(), eip);
+        if self.dump.is_some() {
+            self.dump_block(&block, &how, &code, exit.as_ref());
+        }
+        eips.push(end);
+        let entry = Translation::Code {
+            code,
+            eips: eips.clone(),
+            counted: counted_at.clone(),
+            pages,
+            incoming: Vec::new(),
+        };
+        self.scratch = (block.insns, eips, counted_at);
+        entry
+    }
+}

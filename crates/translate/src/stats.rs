@@ -1,0 +1,233 @@
+//! The translator's counters, and the single list both `--stats` and
+//! `--stats-json` are made from ([`Stats::counters`]).
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+use crate::cache::EipHasher;
+
+/// Counters of the engine.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Blocks translated (including interpret-only markers).
+    pub blocks_translated: u64,
+    /// Guest instructions translated into host code.
+    pub insns_translated: u64,
+    /// Host code bytes emitted.
+    pub host_bytes: u64,
+    /// Dispatcher lookups of the translation cache.
+    pub lookups: u64,
+    /// Lookups that found a translation.
+    pub hits: u64,
+    /// Block-to-block transfers taken through patched (chained) jumps.
+    pub chained: u64,
+    /// Guest instructions executed as host code.
+    pub insns_native: u64,
+    /// Guest instructions executed by the interpreter fallback (in the
+    /// dispatcher or through a helper call).
+    pub insns_interpreted: u64,
+    /// Special instructions executed through helper calls on the vcpu.
+    pub special_calls: u64,
+    /// Host faults inside translated code (redone by the interpreter).
+    pub faults: u64,
+    /// Translations dropped because their code page was written.
+    pub invalidations: u64,
+    /// Time spent scanning and translating blocks, in nanoseconds.
+    pub translate_ns: u64,
+    /// Translations evicted by the cache bound (`--cache-blocks`).
+    pub evictions: u64,
+    /// Times every translation was dropped (the code buffer filled, or
+    /// the paging mode changed).
+    pub flushes: u64,
+    /// Of those, the flushes for a change of paging mode, page tables, or
+    /// an FS/GS base that translations use.
+    pub mode_flushes: u64,
+    /// Pages mapped into the shadow window (guest linear memory).
+    pub shadow_maps: u64,
+    /// Indirect branches (RET, JMP/CALL r/m32) looked up in host code.
+    pub indirect_lookups: u64,
+    /// Of those, the ones that found their target's translation (the rest
+    /// returned to the dispatcher).
+    pub indirect_hits: u64,
+    /// Dispatcher exits by reason, indexed as [`ExitReason::ALL`].
+    pub exits: [u64; 6],
+}
+
+/// Why control came back from translated code to the dispatcher (or never
+/// left it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// A block ended at a guest address with no chained translation (not
+    /// translated yet, an indirect-branch table miss, or a block cut short
+    /// before an instruction the translator leaves to the dispatcher).
+    Unchained,
+    /// The chaining budget ran out (the dispatcher checks the instruction
+    /// budget and pending work).
+    Budget,
+    /// A helper call asked to leave: control went elsewhere, a device has
+    /// output or wants to exit, code or page tables were written, or the
+    /// mode changed.
+    Helper,
+    /// A host fault in translated code (the interpreter redid the
+    /// instruction: a guest exception, unassigned memory, a watched page,
+    /// or a shadow page not mapped yet).
+    Fault,
+    /// The CPU stopped (triple fault, unsupported instruction) or halted.
+    Stop,
+    /// The dispatcher interpreted an instruction itself (no translation:
+    /// a mode the translator does not handle, or a block-ending special
+    /// instruction).
+    Interpreted,
+}
+
+impl ExitReason {
+    /// Every reason, in the order of [`Stats::exits`].
+    pub const ALL: [ExitReason; 6] = [
+        ExitReason::Unchained,
+        ExitReason::Budget,
+        ExitReason::Helper,
+        ExitReason::Fault,
+        ExitReason::Stop,
+        ExitReason::Interpreted,
+    ];
+
+    /// The reason's key in `--stats-json`.
+    pub fn json_key(self) -> &'static str {
+        match self {
+            ExitReason::Unchained => "exits_unchained",
+            ExitReason::Budget => "exits_budget",
+            ExitReason::Helper => "exits_helper",
+            ExitReason::Fault => "exits_fault",
+            ExitReason::Stop => "exits_stop",
+            ExitReason::Interpreted => "exits_interpreted",
+        }
+    }
+
+    /// The reason's label in `--stats`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ExitReason::Unchained => "dispatcher exits: unchained",
+            ExitReason::Budget => "dispatcher exits: budget",
+            ExitReason::Helper => "dispatcher exits: helper",
+            ExitReason::Fault => "dispatcher exits: fault",
+            ExitReason::Stop => "dispatcher exits: stop",
+            ExitReason::Interpreted => "dispatcher exits: interpreted",
+        }
+    }
+
+    /// A short name for statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitReason::Unchained => "unchained",
+            ExitReason::Budget => "budget",
+            ExitReason::Helper => "helper",
+            ExitReason::Fault => "fault",
+            ExitReason::Stop => "stop",
+            ExitReason::Interpreted => "interpreted",
+        }
+    }
+}
+
+/// Counts by instruction mnemonic.
+#[derive(Debug, Default, Clone)]
+pub struct KindCounts {
+    /// Interpreter fallbacks (in the dispatcher or through helper calls).
+    pub fallbacks: KindMap,
+    /// Special instructions executed through helper calls.
+    pub specials: KindMap,
+}
+
+/// Counts by mnemonic (a cheap hasher: helper calls count on every call).
+pub type KindMap = HashMap<iced_x86::Mnemonic, u64, BuildHasherDefault<EipHasher>>;
+
+impl KindCounts {
+    /// A map's counts by lowercase mnemonic ("push", "rep movsd" is
+    /// "movsd"), most frequent first.
+    pub fn named(map: &KindMap) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = map
+            .iter()
+            .map(|(m, n)| (format!("{m:?}").to_lowercase(), *n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
+}
+
+/// One counter of [`Stats::counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// The key in `--stats-json`.
+    pub key: &'static str,
+    /// The label in `--stats`.
+    pub label: &'static str,
+    /// The value.
+    pub value: u64,
+}
+
+impl Stats {
+    /// Every counter, in the order `--stats` prints them, with the key
+    /// `--stats-json` uses: the one list both outputs are made from.
+    pub fn counters(&self) -> Vec<Counter> {
+        let c = |key, label, value| Counter { key, label, value };
+        let mut v = vec![
+            c(
+                "blocks_translated",
+                "blocks translated",
+                self.blocks_translated,
+            ),
+            c(
+                "guest_instructions_translated",
+                "guest instructions translated",
+                self.insns_translated,
+            ),
+            c("host_bytes", "host bytes emitted", self.host_bytes),
+            c("cache_lookups", "cache lookups", self.lookups),
+            c("cache_hits", "cache hits", self.hits),
+            c("chained_transfers", "chained block transfers", self.chained),
+            c(
+                "indirect_lookups",
+                "indirect lookups",
+                self.indirect_lookups,
+            ),
+            c("indirect_hits", "indirect hits", self.indirect_hits),
+            c(
+                "special_calls",
+                "special-instruction calls",
+                self.special_calls,
+            ),
+            c(
+                "instructions_native",
+                "executed as host code",
+                self.insns_native,
+            ),
+            c(
+                "interpreter_fallbacks",
+                "interpreter fallbacks",
+                self.insns_interpreted,
+            ),
+            c("translation_ns", "nanoseconds translating", self.translate_ns),
+            c(
+                "faults_in_translated_code",
+                "faults in translated code",
+                self.faults,
+            ),
+            c(
+                "cache_invalidations",
+                "invalidations (code written)",
+                self.invalidations,
+            ),
+            c("cache_evictions", "evictions", self.evictions),
+            c("code_buffer_flushes", "code buffer flushes", self.flushes),
+            c(
+                "shadow_pages_mapped",
+                "shadow pages mapped",
+                self.shadow_maps,
+            ),
+            c("mode_flushes", "mode flushes", self.mode_flushes),
+        ];
+        for (r, n) in ExitReason::ALL.iter().zip(self.exits) {
+            v.push(c(r.json_key(), r.label(), n));
+        }
+        v
+    }
+}
