@@ -2,8 +2,10 @@
 //! instructions, their Popek-Goldberg class and how each was lowered)
 //! and the host code it became, disassembled.
 
+use crate::cache::Translation;
 use crate::dispatch::Bt;
-use crate::emit::{BlockExit, HostBlock};
+use crate::emit::{epilogue_offset, leave_offset, BlockExit, HostBlock};
+use crate::helper::run_helper;
 
 impl Bt {
     /// Write every translated block (guest instructions, their class and
@@ -19,9 +21,9 @@ impl Bt {
         code: &HostBlock,
         exit: Option<&BlockExit>,
     ) {
-        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+        use iced_x86::{Formatter, IntelFormatter};
         use std::fmt::Write as _;
-        let (Some(buf), Some(_)) = (self.code.as_ref(), self.dump.as_ref()) else {
+        let (Some(_), Some(_)) = (self.code.as_ref(), self.dump.as_ref()) else {
             return;
         };
         let mut s = String::new();
@@ -69,18 +71,95 @@ impl Bt {
                 break;
             }
         }
-        let host = buf.bytes(code.offset(), code.len());
-        let start = buf.exec_addr(code.offset()) as u64;
-        let mut d = Decoder::with_ip(64, host, start, DecoderOptions::NONE);
         let _ = writeln!(s, "  host code:");
-        while d.can_decode() {
-            let ins = d.decode();
-            let mut text = String::new();
-            fmt.format(&ins, &mut text);
-            let _ = writeln!(s, "    {:016x}  {text}", ins.ip());
-        }
+        s.push_str(&self.listing_of(code));
         if let Some(out) = self.dump.as_mut() {
             let _ = out.write_all(s.as_bytes());
         }
+    }
+
+    /// The host code of the translation at `eip` as it is now (chained
+    /// jumps patched), disassembled: one instruction a line, at its offset
+    /// in the block; branch targets and 64-bit constants named (a place in
+    /// this block, another block's body, the epilogue, the helper, the
+    /// indirect-branch table), so the text does not depend on where the
+    /// code buffer is mapped. None when `eip` has no translation.
+    pub fn listing(&self, eip: u32) -> Option<String> {
+        match self.cache.peek(&eip) {
+            Some(Translation::Code { code, .. }) => Some(self.listing_of(code)),
+            _ => None,
+        }
+    }
+
+    fn listing_of(&self, code: &HostBlock) -> String {
+        use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, OpKind};
+        use std::fmt::Write as _;
+        let Some(buf) = self.code.as_ref() else {
+            return String::new();
+        };
+        let start = buf.exec_addr(code.offset()) as u64;
+        let end = start + code.len() as u64;
+        let base = buf.exec_addr(0) as u64;
+        let name = |addr: u64| -> String {
+            if (start..end).contains(&addr) {
+                return format!("+{:#x}", addr - start);
+            }
+            if addr == base + epilogue_offset() as u64 {
+                return "epilogue".into();
+            }
+            if addr == base + leave_offset() as u64 {
+                return "leave".into();
+            }
+            if addr == run_helper as *const () as u64 {
+                return "run_helper".into();
+            }
+            if addr == self.lookup.as_ptr() as u64 {
+                return "indirect-branch table".into();
+            }
+            let body = self.cache.iter().find_map(|(e, t)| match t {
+                Translation::Code { code, .. }
+                    if buf.exec_addr(code.body_offset()) as u64 == addr =>
+                {
+                    Some(*e)
+                }
+                _ => None,
+            });
+            match body {
+                Some(e) => format!("body of block {e:#010x}"),
+                None => format!("{addr:#x}"),
+            }
+        };
+        let mut fmt = IntelFormatter::new();
+        let mut out = String::new();
+        let mut d = Decoder::with_ip(
+            64,
+            buf.bytes(code.offset(), code.len()),
+            start,
+            DecoderOptions::NONE,
+        );
+        while d.can_decode() {
+            let ins = d.decode();
+            let mut text = String::new();
+            let branch = ins.op_count() == 1
+                && matches!(
+                    ins.op0_kind(),
+                    OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+                );
+            if branch {
+                fmt.format_mnemonic(&ins, &mut text);
+                text.push(' ');
+                text.push_str(&name(ins.near_branch_target()));
+            } else if ins.op_count() == 2 && ins.op1_kind() == OpKind::Immediate64 {
+                fmt.format_mnemonic(&ins, &mut text);
+                text.push(' ');
+                fmt.format_operand(&ins, &mut text, 0).ok();
+                text.push(',');
+                text.push_str(&name(ins.immediate64()));
+            } else {
+                fmt.format(&ins, &mut text);
+            }
+            let _ = writeln!(out, "    +{:#05x}  {text}", ins.ip() - start);
+        }
+        out
     }
 }

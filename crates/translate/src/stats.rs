@@ -205,7 +205,11 @@ impl Stats {
                 "interpreter fallbacks",
                 self.insns_interpreted,
             ),
-            c("translation_ns", "nanoseconds translating", self.translate_ns),
+            c(
+                "translation_ns",
+                "nanoseconds translating",
+                self.translate_ns,
+            ),
             c(
                 "faults_in_translated_code",
                 "faults in translated code",

@@ -9,6 +9,11 @@ use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynasmApi, VecAssembler};
 
 use crate::abi::{CHAIN_BUDGET, EFLAGS, HOST_FLAGS, REGS, RETIRED};
+
+// dynasm-rs cannot be told to use an 8-bit displacement for a constant
+// that is not a literal, so the sequences below spell the context offsets
+// as literals; these assertions tie them to the Context's fields.
+const _: () = assert!(REGS == 0 && EFLAGS == 32 && RETIRED == 48 && CHAIN_BUDGET == 56);
 use crate::emit::BuildError;
 use crate::host::CodeBuffer;
 
@@ -61,37 +66,37 @@ pub(crate) fn frame() -> &'static Frame {
         let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(0);
         dynasm!(ops
             ; .arch x64
-            ; mov eax, DWORD [r15 + EFLAGS as i32]
+            ; mov eax, DWORD [r15 + 32]
             ; and eax, HOST_FLAGS as i32
             ; push rax
             ; popfq
-            ; mov eax, DWORD [r15 + REGS as i32]
-            ; mov ecx, DWORD [r15 + REGS as i32 + 4]
-            ; mov edx, DWORD [r15 + REGS as i32 + 8]
-            ; mov ebx, DWORD [r15 + REGS as i32 + 12]
-            ; mov r12d, DWORD [r15 + REGS as i32 + 16]
-            ; mov ebp, DWORD [r15 + REGS as i32 + 20]
-            ; mov esi, DWORD [r15 + REGS as i32 + 24]
-            ; mov edi, DWORD [r15 + REGS as i32 + 28]
+            ; mov eax, DWORD [r15]
+            ; mov ecx, DWORD [r15 + 4]
+            ; mov edx, DWORD [r15 + 8]
+            ; mov ebx, DWORD [r15 + 12]
+            ; mov r12d, DWORD [r15 + 16]
+            ; mov ebp, DWORD [r15 + 20]
+            ; mov esi, DWORD [r15 + 24]
+            ; mov edi, DWORD [r15 + 28]
         );
         let load_state = ops.take().expect("assembles");
         dynasm!(ops
             ; .arch x64
-            ; mov DWORD [r15 + REGS as i32], eax
-            ; mov DWORD [r15 + REGS as i32 + 4], ecx
-            ; mov DWORD [r15 + REGS as i32 + 8], edx
-            ; mov DWORD [r15 + REGS as i32 + 12], ebx
-            ; mov DWORD [r15 + REGS as i32 + 16], r12d
-            ; mov DWORD [r15 + REGS as i32 + 20], ebp
-            ; mov DWORD [r15 + REGS as i32 + 24], esi
-            ; mov DWORD [r15 + REGS as i32 + 28], edi
+            ; mov DWORD [r15], eax
+            ; mov DWORD [r15 + 4], ecx
+            ; mov DWORD [r15 + 8], edx
+            ; mov DWORD [r15 + 12], ebx
+            ; mov DWORD [r15 + 16], r12d
+            ; mov DWORD [r15 + 20], ebp
+            ; mov DWORD [r15 + 24], esi
+            ; mov DWORD [r15 + 28], edi
             ; pushfq
             ; pop rax
             ; and eax, HOST_FLAGS as i32
-            ; mov ecx, DWORD [r15 + EFLAGS as i32]
+            ; mov ecx, DWORD [r15 + 32]
             ; and ecx, !HOST_FLAGS as i32
             ; or eax, ecx
-            ; mov DWORD [r15 + EFLAGS as i32], eax
+            ; mov DWORD [r15 + 32], eax
         );
         let store_state = ops.take().expect("assembles");
         dynasm!(ops
@@ -104,14 +109,14 @@ pub(crate) fn frame() -> &'static Frame {
             ; push r15
             ; mov r15, rdi
             ; xor r8d, r8d
-            ; mov r14, QWORD [r15 + CHAIN_BUDGET as i32]
+            ; mov r14, QWORD [r15 + 56]
         );
         let mut prologue = ops.take().expect("assembles");
         prologue.extend_from_slice(&load_state);
         dynasm!(ops
             ; .arch x64
-            ; mov QWORD [r15 + RETIRED as i32], r8
-            ; mov QWORD [r15 + CHAIN_BUDGET as i32], r14
+            ; mov QWORD [r15 + 48], r8
+            ; mov QWORD [r15 + 56], r14
             ; cld
             ; pop r15
             ; pop r14
