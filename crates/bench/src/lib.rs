@@ -1,5 +1,7 @@
 //! Helpers shared by the criterion benchmarks in benches/.
 
+#![forbid(unsafe_code)]
+
 use popek_decode::{reachable_blocks, Block};
 use popek_machine::{Config, Engine, Machine};
 

@@ -1,6 +1,8 @@
 //! `popek`: run 32-bit x86 guests, and look at how their instructions
 //! classify after Popek & Goldberg.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -29,8 +31,8 @@ Examples:
 
 Exit status: the guest's isa-debug-exit status ((v << 1) | 1, as QEMU), or
 0 when the guest halts for good, 2 on an error (bad image, unsupported
-operation, triple fault), 3 when --lockstep finds a divergence, 4 when
---max-insns runs out.";
+operation, triple fault), 4 when --max-insns runs out, 6 when --lockstep
+finds a divergence.";
 
 #[derive(Parser)]
 #[command(name = "popek", version, about = "A binary-translating virtual machine monitor for 32-bit x86", after_help = EXAMPLES)]
@@ -107,7 +109,7 @@ pub(crate) struct RunArgs {
     pub(crate) engine: EngineArg,
     /// Run the translator and the interpreter side by side, block by
     /// block, and report the first divergence with both states (exit
-    /// status 3).
+    /// status 6).
     #[arg(long)]
     pub(crate) lockstep: bool,
     /// Guest RAM, e.g. 64M, 1G, 65536.

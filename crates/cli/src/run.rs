@@ -234,7 +234,7 @@ fn run_lockstep(
         Err(d) => {
             let _ = out.flush();
             eprintln!("{d}");
-            ExitCode::from(3)
+            ExitCode::from(6)
         }
     }
 }

@@ -20,6 +20,8 @@
 //! on another page, or at bytes that do not decode (the block then records
 //! where, and executing there raises a guest #UD).
 
+#![forbid(unsafe_code)]
+
 pub mod flags;
 
 use iced_x86::{

@@ -7,6 +7,8 @@
 //! to collect. That keeps devices testable on their own and lets a snapshot
 //! capture them by cloning their state.
 
+#![forbid(unsafe_code)]
+
 mod uart;
 
 pub use uart::{Uart16550, UartState};

@@ -8,6 +8,8 @@
 //! at the end of the sequence), memory and the x87 state (less the
 //! instruction and operand pointers) must match.
 
+#![forbid(unsafe_code)]
+
 pub mod elf;
 pub mod gen;
 

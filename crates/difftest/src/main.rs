@@ -4,6 +4,8 @@
 //!
 //! `cargo run --release -p popek-difftest -- --cases 1000000 --seed 1 --engine both`
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -4,6 +4,8 @@
 //! run each under popek and QEMU (qemu-system-i386 for kernels, qemu-i386
 //! and the host kernel itself for Linux programs).
 
+#![forbid(unsafe_code)]
+
 /// A bundled guest.
 #[derive(Debug, Clone, Copy)]
 pub struct Guest {

@@ -12,6 +12,8 @@
 //! architectural exception: a REP string instruction interrupted by a fault
 //! keeps the progress of the iterations that completed.
 
+#![forbid(unsafe_code)]
+
 pub mod alu;
 mod exec;
 pub mod operand;

@@ -20,10 +20,12 @@
 //! process as an unhandled signal does.
 
 pub mod errno;
+mod handlers;
 pub mod mm;
+pub mod process;
 pub mod syscalls;
 
-pub use syscalls::LinuxProcess;
+pub use process::LinuxProcess;
 
 use std::io::Write;
 
@@ -370,7 +372,7 @@ fn initial_stack(
     let mut random = [0u8; 16];
     fill_random(&mut random, &mut start.random_seed.clone());
     let random = push_bytes(cpu, &random)?;
-    let [uid, gid, euid, egid] = syscalls::ids();
+    let [uid, gid, euid, egid] = process::ids();
     let auxv = [
         (at::HWCAP, popek_vcpu::system::cpuid_edx::ALL),
         (at::PAGESZ, PAGE),

@@ -1,0 +1,660 @@
+//! The system-call handlers, one function per call (or family of calls
+//! sharing a shape, such as `open` and `openat`); the table in
+//! [`super::syscalls`] names each one's numbers.
+
+use std::ffi::CString;
+
+use super::errno::*;
+use super::mm::{page_up, PAGE};
+use super::process::{host, host_errno, ids, now, sleep, stat64, File, LinuxProcess, AT_FDCWD};
+use super::syscalls::Call;
+
+/// exit, exit_group.
+pub(super) fn sys_exit(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { a, .. } = c;
+    pr.exited = Some((a[0] & 0xFF) as i32);
+    Ok(0)
+}
+
+/// read.
+pub(super) fn sys_read(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    Ok(pr.do_read(cpu, a[0], a[1], a[2]))
+}
+
+/// write.
+pub(super) fn sys_write(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call {
+        cpu, a, out, err, ..
+    } = c;
+    let data = pr.mm.read(cpu, a[1], a[2])?;
+    Ok(pr.do_write(a[0], &data, out, err))
+}
+
+/// readv.
+pub(super) fn sys_readv(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let mut total = 0;
+    for (base, len) in pr.iovecs(cpu, a[1], a[2])? {
+        let r = pr.do_read(cpu, a[0], base, len);
+        if r < 0 {
+            return if total > 0 { Ok(total) } else { Err(-r) };
+        }
+        total += r;
+        if (r as u32) < len {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// sendfile, sendfile64.
+pub(super) fn sys_sendfile(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call {
+        cpu,
+        n,
+        a,
+        out,
+        err,
+        ..
+    } = c;
+    pr.sendfile(cpu, n == 239, a, out, err)
+}
+
+/// writev.
+pub(super) fn sys_writev(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call {
+        cpu, a, out, err, ..
+    } = c;
+    let mut data = Vec::new();
+    for (base, len) in pr.iovecs(cpu, a[1], a[2])? {
+        data.extend(pr.mm.read(cpu, base, len)?);
+    }
+    Ok(pr.do_write(a[0], &data, out, err))
+}
+
+/// open, openat.
+pub(super) fn sys_open(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (dir, path, flags, mode) = if n == 5 {
+        (AT_FDCWD, a[0], a[1], a[2])
+    } else {
+        (pr.dirfd(a[0])?, a[1], a[2], a[3])
+    };
+    let p = pr.path(cpu, path)?;
+    // SAFETY: `p` is a NUL-terminated path; flags are Linux's
+    // (the same values on i386 and x86-64).
+    let h =
+        host(unsafe { libc::openat(dir, p.as_ptr(), flags as i32 | libc::O_CLOEXEC, mode) } as _);
+    if h < 0 {
+        return Err(-h);
+    }
+    Ok(pr.install(File::Host(h), 0))
+}
+
+/// close.
+pub(super) fn sys_close(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { a, .. } = c;
+    Ok(pr.close(a[0]))
+}
+
+/// unlink, unlinkat, rmdir.
+pub(super) fn sys_unlink(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (dir, path, flags) = match n {
+        10 => (AT_FDCWD, a[0], 0),
+        40 => (AT_FDCWD, a[0], libc::AT_REMOVEDIR as u32),
+        _ => (pr.dirfd(a[0])?, a[1], a[2]),
+    };
+    let p = pr.path(cpu, path)?;
+    // SAFETY: NUL-terminated path.
+    Ok(host(
+        unsafe { libc::unlinkat(dir, p.as_ptr(), flags as i32) } as _,
+    ))
+}
+
+/// chdir.
+pub(super) fn sys_chdir(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let p = pr.path(cpu, a[0])?;
+    // SAFETY: NUL-terminated path.
+    Ok(host(unsafe { libc::chdir(p.as_ptr()) } as _))
+}
+
+/// time.
+pub(super) fn sys_time(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let t = now(libc::CLOCK_REALTIME).0 as u32;
+    if a[0] != 0 {
+        pr.mm.write_u32(cpu, a[0], t)?;
+    }
+    Ok(t as i32)
+}
+
+/// lseek.
+pub(super) fn sys_lseek(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { a, .. } = c;
+    let h = pr.seekable(a[0])?;
+    // SAFETY: plain lseek on an owned fd.
+    let r = unsafe { libc::lseek(h, i64::from(a[1] as i32), a[2] as i32) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    if r > i64::from(i32::MAX) {
+        return Err(EOVERFLOW);
+    }
+    Ok(r as i32)
+}
+
+/// _llseek.
+pub(super) fn sys_llseek(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let h = pr.seekable(a[0])?;
+    let off = (i64::from(a[1]) << 32) | i64::from(a[2]);
+    // SAFETY: plain lseek on an owned fd.
+    let r = unsafe { libc::lseek(h, off, a[4] as i32) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    pr.mm.write(cpu, a[3], &r.to_le_bytes())?;
+    Ok(0)
+}
+
+/// getpid, gettid, set_tid_address.
+pub(super) fn sys_getpid(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
+    // popek's own process stands for the guest's.
+    Ok(std::process::id() as i32)
+}
+
+/// getppid.
+pub(super) fn sys_getppid(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
+    Ok(std::os::unix::process::parent_id() as i32)
+}
+
+/// getuid32, getgid32, geteuid32, getegid32.
+pub(super) fn sys_ids(_pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, .. } = c;
+    Ok(ids()[(n - 199) as usize] as i32)
+}
+
+/// access, faccessat, faccessat2.
+pub(super) fn sys_access(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (dir, path, mode) = if n == 33 {
+        (AT_FDCWD, a[0], a[1])
+    } else {
+        (pr.dirfd(a[0])?, a[1], a[2])
+    };
+    let p = pr.path(cpu, path)?;
+    // SAFETY: NUL-terminated path.
+    Ok(host(
+        unsafe { libc::faccessat(dir, p.as_ptr(), mode as i32, 0) } as _,
+    ))
+}
+
+/// kill, tkill, tgkill.
+pub(super) fn sys_kill(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, a, .. } = c;
+    let sig = if n == 270 { a[2] } else { a[1] } as i32;
+    // Only the process itself exists: a signal to it with
+    // no handler that runs ends it (0 just checks).
+    if sig != 0 {
+        pr.killed = Some(sig);
+    }
+    Ok(0)
+}
+
+/// rename, renameat.
+pub(super) fn sys_rename(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (d1, p1, d2, p2) = if n == 38 {
+        (AT_FDCWD, a[0], AT_FDCWD, a[1])
+    } else {
+        (pr.dirfd(a[0])?, a[1], pr.dirfd(a[2])?, a[3])
+    };
+    let (p1, p2) = (pr.path(cpu, p1)?, pr.path(cpu, p2)?);
+    // SAFETY: NUL-terminated paths.
+    Ok(host(
+        unsafe { libc::renameat(d1, p1.as_ptr(), d2, p2.as_ptr()) } as _,
+    ))
+}
+
+/// mkdir, mkdirat.
+pub(super) fn sys_mkdir(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (dir, path, mode) = if n == 39 {
+        (AT_FDCWD, a[0], a[1])
+    } else {
+        (pr.dirfd(a[0])?, a[1], a[2])
+    };
+    let p = pr.path(cpu, path)?;
+    // SAFETY: NUL-terminated path.
+    Ok(host(unsafe { libc::mkdirat(dir, p.as_ptr(), mode) } as _))
+}
+
+/// dup.
+pub(super) fn sys_dup(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { a, .. } = c;
+    let f = pr.dup_file(a[0])?;
+    Ok(pr.install(f, 0))
+}
+
+/// dup2, dup3.
+pub(super) fn sys_dup2(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, a, .. } = c;
+    if n == 330 && a[0] == a[1] {
+        return Err(EINVAL);
+    }
+    let f = pr.dup_file(a[0])?;
+    if a[0] == a[1] {
+        return Ok(a[1] as i32);
+    }
+    if a[1] > 65535 {
+        return Err(EBADF);
+    }
+    pr.close(a[1]);
+    Ok(pr.install(f, a[1] as usize))
+}
+
+/// pipe, pipe2.
+pub(super) fn sys_pipe(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for two fds.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    let g0 = pr.install(File::Host(fds[0]), 0) as u32;
+    let g1 = pr.install(File::Host(fds[1]), 0) as u32;
+    let mut b = g0.to_le_bytes().to_vec();
+    b.extend(g1.to_le_bytes());
+    pr.mm.write(cpu, a[0], &b)?;
+    Ok(0)
+}
+
+/// brk.
+pub(super) fn sys_brk(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    Ok(pr.mm.set_brk(cpu, a[0]) as i32)
+}
+
+/// ioctl.
+pub(super) fn sys_ioctl(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    pr.ioctl(cpu, a)
+}
+
+/// umask.
+pub(super) fn sys_umask(_pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { a, .. } = c;
+    // SAFETY: umask cannot fail.
+    Ok(unsafe { libc::umask(a[0] & 0o777) as i32 })
+}
+
+/// gettimeofday.
+pub(super) fn sys_gettimeofday(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    if a[0] != 0 {
+        let (s, ns) = now(libc::CLOCK_REALTIME);
+        let mut b = (s as u32).to_le_bytes().to_vec();
+        b.extend(((ns / 1000) as u32).to_le_bytes());
+        pr.mm.write(cpu, a[0], &b)?;
+    }
+    if a[1] != 0 {
+        pr.mm.write(cpu, a[1], &[0; 8])?;
+    }
+    Ok(0)
+}
+
+/// readlink, readlinkat.
+pub(super) fn sys_readlink(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (dir, path, buf, len) = if n == 85 {
+        (AT_FDCWD, a[0], a[1], a[2])
+    } else {
+        (pr.dirfd(a[0])?, a[1], a[2], a[3])
+    };
+    let raw = pr.mm.read_cstr(cpu, path)?;
+    let target = if raw == b"/proc/pr/exe" {
+        pr.start.exe.as_os_str().as_encoded_bytes().to_vec()
+    } else {
+        let p = CString::new(raw).map_err(|_| EINVAL)?;
+        let mut t = vec![0u8; 4096];
+        // SAFETY: NUL-terminated path, buffer of its length.
+        let r = unsafe { libc::readlinkat(dir, p.as_ptr(), t.as_mut_ptr().cast(), t.len()) };
+        if r < 0 {
+            return Err(host_errno());
+        }
+        t.truncate(r as usize);
+        t
+    };
+    let k = target.len().min(len as usize);
+    pr.mm.write(cpu, buf, &target[..k])?;
+    Ok(k as i32)
+}
+
+/// mmap.
+pub(super) fn sys_mmap(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let b = pr.mm.read(cpu, a[0], 24)?;
+    let w: Vec<u32> = b
+        .chunks(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if w[5] & (PAGE - 1) != 0 {
+        return Err(EINVAL);
+    }
+    pr.mmap(cpu, [w[0], w[1], w[2], w[3], w[4], w[5] / PAGE])
+}
+
+/// mmap2.
+pub(super) fn sys_mmap2(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    pr.mmap(cpu, a)
+}
+
+/// munmap.
+pub(super) fn sys_munmap(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    if a[0] & (PAGE - 1) != 0 || a[1] == 0 {
+        return Err(EINVAL);
+    }
+    let end = a[0].checked_add(page_up(a[1])).ok_or(EINVAL)?;
+    pr.mm.unmap(cpu, a[0], end);
+    Ok(0)
+}
+
+/// mprotect.
+pub(super) fn sys_mprotect(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    if a[0] & (PAGE - 1) != 0 {
+        return Err(EINVAL);
+    }
+    let end = a[0].checked_add(page_up(a[1])).ok_or(ENOMEM)?;
+    pr.mm.protect(cpu, a[0], end, a[2] & 7)?;
+    Ok(0)
+}
+
+/// mremap.
+pub(super) fn sys_mremap(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    pr.mremap(cpu, a)
+}
+
+/// madvise.
+pub(super) fn sys_madvise(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
+    Ok(0)
+}
+
+/// sysinfo.
+pub(super) fn sys_sysinfo(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    pr.sysinfo(cpu, a[0])
+}
+
+/// uname.
+pub(super) fn sys_uname(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    // SAFETY: a zeroed utsname is valid for uname to fill.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid utsname.
+    unsafe { libc::uname(&mut u) };
+    let mut b = Vec::with_capacity(390);
+    for f in [
+        &u.sysname,
+        &u.nodename,
+        &u.release,
+        &u.version,
+        &u.machine,
+        &u.domainname,
+    ] {
+        b.extend(f.iter().take(65).map(|&c| c as u8));
+    }
+    pr.mm.write(cpu, a[0], &b)?;
+    Ok(0)
+}
+
+/// sched_yield.
+pub(super) fn sys_sched_yield(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
+    Ok(0)
+}
+
+/// nanosleep.
+pub(super) fn sys_nanosleep(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let t = pr.mm.read(cpu, a[0], 8)?;
+    sleep(
+        i64::from(i32::from_le_bytes([t[0], t[1], t[2], t[3]])),
+        i64::from(i32::from_le_bytes([t[4], t[5], t[6], t[7]])),
+    )?;
+    Ok(0)
+}
+
+/// clock_nanosleep, clock_nanosleep_time64.
+pub(super) fn sys_clock_nanosleep(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let t = if n == 267 {
+        let t = pr.mm.read(cpu, a[2], 8)?;
+        (
+            i64::from(i32::from_le_bytes([t[0], t[1], t[2], t[3]])),
+            i64::from(i32::from_le_bytes([t[4], t[5], t[6], t[7]])),
+        )
+    } else {
+        let t = pr.mm.read(cpu, a[2], 16)?;
+        (
+            i64::from_le_bytes(t[..8].try_into().unwrap_or_default()),
+            i64::from_le_bytes(t[8..].try_into().unwrap_or_default()),
+        )
+    };
+    let (mut s, mut ns) = t;
+    if a[1] & 1 != 0 {
+        // TIMER_ABSTIME
+        let (cs, cns) = now(a[0] as i32);
+        let d = (s * 1_000_000_000 + ns) - (cs * 1_000_000_000 + cns);
+        (s, ns) = (d.max(0) / 1_000_000_000, d.max(0) % 1_000_000_000);
+    }
+    sleep(s, ns)?;
+    Ok(0)
+}
+
+/// prctl.
+pub(super) fn sys_prctl(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    Ok(match a[0] {
+        // PR_SET_NAME, PR_GET_NAME
+        15 => 0,
+        16 => {
+            pr.mm.write(cpu, a[1], b"popek-guest\0\0\0\0\0")?;
+            0
+        }
+        _ => return Err(EINVAL),
+    })
+}
+
+/// rt_sigaction.
+pub(super) fn sys_rt_sigaction(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    if a[2] != 0 {
+        // No handler recorded: SIG_DFL, no flags, empty mask.
+        pr.mm.write(cpu, a[2], &[0; 16])?;
+    }
+    Ok(0)
+}
+
+/// rt_sigprocmask.
+pub(super) fn sys_rt_sigprocmask(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    if a[2] != 0 {
+        pr.mm.write(cpu, a[2], &vec![0; a[3].min(128) as usize])?;
+    }
+    Ok(0)
+}
+
+/// sigaltstack.
+pub(super) fn sys_sigaltstack(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    if a[1] != 0 {
+        // ss_sp, ss_flags = SS_DISABLE, ss_size
+        pr.mm
+            .write(cpu, a[1], &[0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0])?;
+    }
+    Ok(0)
+}
+
+/// getcwd.
+pub(super) fn sys_getcwd(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let cwd = std::env::current_dir().map_err(|_| ENOENT)?;
+    let mut b = cwd.as_os_str().as_encoded_bytes().to_vec();
+    b.push(0);
+    if b.len() > a[1] as usize {
+        return Err(ERANGE);
+    }
+    pr.mm.write(cpu, a[0], &b)?;
+    Ok(b.len() as i32)
+}
+
+/// ugetrlimit, prlimit64.
+pub(super) fn sys_ugetrlimit(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (res, new, old) = if n == 191 {
+        (a[0], 0, a[1])
+    } else {
+        if a[0] != 0 && a[0] != std::process::id() {
+            return Err(ESRCH);
+        }
+        (a[1], a[2], a[3])
+    };
+    let _ = new;
+    // SAFETY: a zeroed rlimit is valid for getrlimit to fill.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `rl` is valid.
+    if unsafe { libc::getrlimit(res as _, &mut rl) } < 0 {
+        return Err(host_errno());
+    }
+    if old != 0 {
+        if n == 191 {
+            let c = |v: u64| v.min(u64::from(u32::MAX)) as u32;
+            let mut b = c(rl.rlim_cur).to_le_bytes().to_vec();
+            b.extend(c(rl.rlim_max).to_le_bytes());
+            pr.mm.write(cpu, old, &b)?;
+        } else {
+            let mut b = rl.rlim_cur.to_le_bytes().to_vec();
+            b.extend(rl.rlim_max.to_le_bytes());
+            pr.mm.write(cpu, old, &b)?;
+        }
+    }
+    Ok(0)
+}
+
+/// stat64, lstat64, fstat64, fstatat64.
+pub(super) fn sys_stat64(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (dir, path, buf, flags) = match n {
+        195 => (AT_FDCWD, Some(a[0]), a[1], 0),
+        196 => (AT_FDCWD, Some(a[0]), a[1], libc::AT_SYMLINK_NOFOLLOW as u32),
+        197 => (pr.host_fd(a[0])?, None, a[1], libc::AT_EMPTY_PATH as u32),
+        _ => (pr.dirfd(a[0])?, Some(a[1]), a[2], a[3]),
+    };
+    let p = match path {
+        Some(p) => pr.path(cpu, p)?,
+        None => CString::default(),
+    };
+    // SAFETY: a zeroed stat is valid for fstatat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path, valid stat.
+    if unsafe { libc::fstatat(dir, p.as_ptr(), &mut st, flags as i32) } < 0 {
+        return Err(host_errno());
+    }
+    pr.mm.write(cpu, buf, &stat64(&st))?;
+    Ok(0)
+}
+
+/// statx.
+pub(super) fn sys_statx(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let dir = pr.dirfd(a[0])?;
+    let p = pr.path(cpu, a[1])?;
+    let mut b = [0u8; 256];
+    // SAFETY: NUL-terminated path; struct statx is 256 bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            dir,
+            p.as_ptr(),
+            a[2] as i32,
+            a[3],
+            b.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    pr.mm.write(cpu, a[4], &b)?;
+    Ok(0)
+}
+
+/// getdents64.
+pub(super) fn sys_getdents64(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let h = pr.host_fd(a[0])?;
+    let mut b = vec![0u8; a[2].min(1 << 20) as usize];
+    // SAFETY: the buffer is `b`; linux_dirent64 is the same on both ABIs.
+    let r = unsafe { libc::syscall(libc::SYS_getdents64, h, b.as_mut_ptr(), b.len()) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    pr.mm.write(cpu, a[1], &b[..r as usize])?;
+    Ok(r as i32)
+}
+
+/// fcntl64.
+pub(super) fn sys_fcntl64(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { a, .. } = c;
+    pr.fcntl(a)
+}
+
+/// set_thread_area.
+pub(super) fn sys_set_thread_area(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    pr.set_thread_area(cpu, a[0])
+}
+
+/// clock_gettime, clock_gettime64.
+pub(super) fn sys_clock_gettime(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (s, ns) = now(a[0] as i32);
+    let b: Vec<u8> = if n == 265 {
+        [(s as u32).to_le_bytes(), (ns as u32).to_le_bytes()].concat()
+    } else {
+        [s.to_le_bytes(), ns.to_le_bytes()].concat()
+    };
+    pr.mm.write(cpu, a[1], &b)?;
+    Ok(0)
+}
+
+/// set_robust_list.
+pub(super) fn sys_set_robust_list(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
+    Ok(0)
+}
+
+/// getrandom.
+pub(super) fn sys_getrandom(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let mut b = vec![0u8; a[1].min(1 << 20) as usize];
+    super::fill_random(&mut b, &mut pr.start.random_seed);
+    pr.mm.write(cpu, a[0], &b)?;
+    Ok(b.len() as i32)
+}
+
+/// Any other number: ENOSYS, reported once on stderr (rseq, which
+/// glibc probes, silently).
+pub(super) fn sys_unknown(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, err, .. } = c;
+    if n != 386 && !pr.unknown_syscalls.contains(&n) {
+        pr.unknown_syscalls.push(n);
+        let _ = writeln!(err, "popek: unknown system call {n} returns -ENOSYS");
+    }
+    Err(ENOSYS)
+}
