@@ -13,9 +13,12 @@
 //! [`Context::vif`]: crate::abi::Context::vif
 //! [`Context::sys`]: crate::abi::Context::sys
 
-use popek_vcpu::flags::IF;
+use dynasm::dynasm;
+use dynasmrt::{DynasmApi, DynasmLabelApi};
+use popek_vcpu::flags::{FIXED1, IF, TF};
 
 use crate::abi::{HOST_FLAGS, POPF_KEEPS, POPF_SYS, SLOW, SYS, VIF};
+use crate::emit::Asm;
 
 /// A flags instruction that runs in host code on the virtual IF and
 /// system flags (Piece::Flags).
@@ -37,89 +40,125 @@ pub enum FlagsOp {
     Sti,
 }
 
-/// The host code of a [`FlagsOp`]'s fast path. Returns the offsets (in
-/// `out`) of rel32 fields to point at the slow path (a helper call), which
-/// the caller places after a jump over it; none for PUSHFD.
+/// Emit the host code of a [`FlagsOp`]'s fast path into `ops`. Where host
+/// code cannot do the instruction it jumps to the local label `slow`,
+/// which the caller defines after it (a helper call); PUSHFD never does.
 ///
 /// Everything before a jump to the slow path leaves the guest's flags as
 /// they were, except POPF's TF test, after which the helper's POPF sets
 /// every arithmetic flag anyway (its load has just succeeded). The only
 /// instruction that can fault comes first (the guest stack access), so a
 /// fault finds the guest state as it was before the instruction.
-pub(crate) fn flags_fast_path(out: &mut Vec<u8>, op: FlagsOp) -> Vec<usize> {
-    let mut to_slow = Vec::new();
+pub(crate) fn flags_fast_path(ops: &mut Asm, op: FlagsOp) {
+    // Context offsets as literals, for 8-bit displacements.
+    const _: () = assert!(SYS == 0x68 && VIF == 0x6C && SLOW == 0x70 && FIXED1 == 2);
+    if let FlagsOp::Pushfd { host_fixed } = op {
+        dynasm!(ops
+            ; .arch x64
+            ; pushfq
+            ; pop r11
+            ; mov r13d, DWORD [r15 + 0x68]                       // sys
+            ; lea r11d, [r11 + r13 - host_fixed as i32]
+            ; mov r13d, DWORD [r15 + 0x6C]                       // vif
+            ; lea r11d, [r11 + r13]
+            ; gs mov DWORD [r12d - 4], r11d
+            ; lea r12d, [r12 - 4]
+        );
+        return;
+    }
     // CPL 0? Flag-free: `slow` through RCX for JRCXZ.
-    let mut cpl0_or_slow = |out: &mut Vec<u8>| {
-        out.extend([0x49, 0x89, 0xCB]); // mov r11, rcx
-        out.extend([0x41, 0x8B, 0x4F, SLOW]); // mov ecx, [r15+slow]
-        out.extend([0xE3, 0x08]); // jrcxz fast
-        out.extend([0x4C, 0x89, 0xD9]); // mov rcx, r11
-        out.extend([0xE9, 0, 0, 0, 0]); // jmp slow
-        to_slow.push(out.len() - 4);
-        out.extend([0x4C, 0x89, 0xD9]); // fast: mov rcx, r11
-    };
+    dynasm!(ops
+        ; .arch x64
+        ; mov r11, rcx
+        ; mov ecx, DWORD [r15 + 0x70]                            // slow
+        ; jrcxz >fast
+        ; mov rcx, r11
+        ; jmp >slow
+        ; fast:
+        ; mov rcx, r11
+    );
     match op {
-        FlagsOp::Pushfd { host_fixed } => {
-            out.push(0x9C); // pushfq
-            out.extend([0x41, 0x5B]); // pop r11
-            out.extend([0x45, 0x8B, 0x6F, SYS]); // mov r13d, [r15+sys]
-            out.extend([0x47, 0x8D, 0x9C, 0x2B]); // lea r11d, [r11+r13-host_fixed]
-            out.extend(host_fixed.wrapping_neg().to_le_bytes());
-            out.extend([0x45, 0x8B, 0x6F, VIF]); // mov r13d, [r15+vif]
-            out.extend([0x47, 0x8D, 0x1C, 0x2B]); // lea r11d, [r11+r13]
-            out.extend([0x65, 0x67, 0x45, 0x89, 0x5C, 0x24, 0xFC]); // mov gs:[r12d-4], r11d
-            out.extend([0x45, 0x8D, 0x64, 0x24, 0xFC]); // lea r12d, [r12-4]
-        }
         FlagsOp::Cli | FlagsOp::Sti => {
-            cpl0_or_slow(out);
             let vif = if op == FlagsOp::Sti { IF } else { 0 };
-            out.extend([0x41, 0xC7, 0x47, VIF]); // mov dword [r15+vif], imm32
-            out.extend(vif.to_le_bytes());
+            dynasm!(ops
+                ; .arch x64
+                ; mov DWORD [r15 + 0x6C], vif as i32
+            );
         }
         FlagsOp::Popfd => {
-            cpl0_or_slow(out);
-            out.extend([0x65, 0x67, 0x45, 0x8B, 0x1C, 0x24]); // mov r11d, gs:[r12d]
-            out.extend([0x41, 0xF7, 0xC3, 0x00, 0x01, 0x00, 0x00]); // test r11d, TF
-            out.extend([0x0F, 0x85, 0, 0, 0, 0]); // jnz slow (single-stepping)
-            to_slow.push(out.len() - 4);
-            out.extend([0x45, 0x8D, 0x64, 0x24, 0x04]); // lea r12d, [r12+4]
-            out.extend([0x45, 0x89, 0xDD]); // mov r13d, r11d
-            out.extend([0x41, 0x81, 0xE5]); // and r13d, IF
-            out.extend(IF.to_le_bytes());
-            out.extend([0x45, 0x89, 0x6F, VIF]); // mov [r15+vif], r13d
-            out.extend([0x45, 0x89, 0xDD]); // mov r13d, r11d
-            out.extend([0x41, 0x81, 0xE5]); // and r13d, POPF_SYS
-            out.extend(POPF_SYS.to_le_bytes());
-            out.extend([0x45, 0x8B, 0x4F, SYS]); // mov r9d, [r15+sys]
-            out.extend([0x41, 0x81, 0xE1]); // and r9d, POPF_KEEPS
-            out.extend(POPF_KEEPS.to_le_bytes());
-            out.extend([0x45, 0x09, 0xE9]); // or r9d, r13d
-            out.extend([0x45, 0x89, 0x4F, SYS]); // mov [r15+sys], r9d
-            out.extend([0x41, 0x81, 0xE3]); // and r11d, HOST_FLAGS
-            out.extend(HOST_FLAGS.to_le_bytes());
-            out.extend([0x41, 0x83, 0xCB, 0x02]); // or r11d, 2
-            out.extend([0x41, 0x53]); // push r11
-            out.push(0x9D); // popfq
+            dynasm!(ops
+                ; .arch x64
+                ; gs mov r11d, DWORD [r12d]
+                ; test r11d, TF as i32
+                ; jnz >slow                                      // single-stepping
+                ; lea r12d, [r12 + 4]
+                ; mov r13d, r11d
+                ; and r13d, IF as i32
+                ; mov DWORD [r15 + 0x6C], r13d                   // vif
+                ; mov r13d, r11d
+                ; and r13d, POPF_SYS as i32
+                ; mov r9d, DWORD [r15 + 0x68]                    // sys
+                ; and r9d, POPF_KEEPS as i32
+                ; or r9d, r13d
+                ; mov DWORD [r15 + 0x68], r9d
+                ; and r11d, HOST_FLAGS as i32
+                ; or r11d, 2                                     // FIXED1
+                ; push r11
+                ; popfq
+            );
         }
+        FlagsOp::Pushfd { .. } => unreachable!("handled above"),
     }
-    to_slow
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emit::patch_rel32;
-    use crate::emit::tests::disassemble;
+    use dynasmrt::{x64::X64Relocation, VecAssembler};
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
-    /// disassemble to the intended instructions, and the context offsets
-    /// they use are the fields'.
+    /// The fast path of `op`, disassembled, with the slow path right after
+    /// it: near-branch targets are shown as "slow" or as the index of the
+    /// instruction they land on.
+    fn fast_path(op: FlagsOp) -> Vec<String> {
+        let mut ops = VecAssembler::<X64Relocation>::new(0);
+        flags_fast_path(&mut ops, op);
+        dynasm!(ops
+            ; .arch x64
+            ; slow:
+        );
+        let code = ops.finalize().unwrap();
+        let mut d = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE);
+        let mut fmt = IntelFormatter::new();
+        let insns: Vec<_> = std::iter::from_fn(|| d.can_decode().then(|| d.decode())).collect();
+        insns
+            .iter()
+            .map(|ins| {
+                assert!(!ins.is_invalid());
+                let mut t = String::new();
+                if ins.is_jcc_short_or_near() || ins.is_jmp_short_or_near() || ins.is_jcx_short() {
+                    fmt.format_mnemonic(ins, &mut t);
+                    let to = ins.near_branch_target();
+                    if to == code.len() as u64 {
+                        t.push_str(" slow");
+                    } else {
+                        let i = insns.iter().position(|x| x.ip() == to).unwrap();
+                        t.push_str(&format!(" #{i}"));
+                    }
+                } else {
+                    fmt.format(ins, &mut t);
+                }
+                t
+            })
+            .collect()
+    }
+
+    /// The fast paths of PUSHFD, POPFD, CLI and STI disassemble to the
+    /// intended instructions, with the context's offsets.
     #[test]
     fn flags_fast_path_encoding() {
-        let mut out = Vec::new();
-        let slow = flags_fast_path(&mut out, FlagsOp::Pushfd { host_fixed: 0x202 });
-        assert!(slow.is_empty());
         assert_eq!(
-            disassemble(&out),
+            fast_path(FlagsOp::Pushfd { host_fixed: 0x202 }),
             [
                 "pushfq",
                 "pop r11",
@@ -134,32 +173,24 @@ mod tests {
         let cpl_check = [
             "mov r11,rcx",
             "mov ecx,[r15+70h]",
-            "jrcxz 0000000000000011h",
+            "jrcxz #5",
             "mov rcx,r11",
-            "jmp 0000000000000016h",
+            "jmp slow",
             "mov rcx,r11",
         ];
         for (op, store) in [
             (FlagsOp::Cli, "mov dword ptr [r15+6Ch],0"),
             (FlagsOp::Sti, "mov dword ptr [r15+6Ch],200h"),
         ] {
-            let mut out = Vec::new();
-            let slow = flags_fast_path(&mut out, op);
-            patch_rel32(&mut out, slow[0], 0x16);
             let mut want = cpl_check.to_vec();
             want.push(store);
-            assert_eq!(disassemble(&out), want);
+            assert_eq!(fast_path(op), want);
         }
-        let mut out = Vec::new();
-        let slow = flags_fast_path(&mut out, FlagsOp::Popfd);
-        assert_eq!(slow.len(), 2);
-        patch_rel32(&mut out, slow[0], 0x16);
-        patch_rel32(&mut out, slow[1], 0x16);
         let mut want = cpl_check.to_vec();
         want.extend([
             "mov r11d,gs:[r12d]",
             "test r11d,100h",
-            "jne 0000000000000016h",
+            "jne slow",
             "lea r12d,[r12+4]",
             "mov r13d,r11d",
             "and r13d,200h",
@@ -175,6 +206,6 @@ mod tests {
             "push r11",
             "popfq",
         ]);
-        assert_eq!(disassemble(&out), want);
+        assert_eq!(fast_path(FlagsOp::Popfd), want);
     }
 }

@@ -9,8 +9,15 @@
 //! with the target already stored. The table is indexed by the low 16 bits
 //! of the EIP ([`LOOKUP_ENTRIES`]).
 
-use crate::abi::INDIRECT_MISSES;
-use crate::emit::{jmp_to, store_r13d_as_next};
+use dynasm::dynasm;
+use dynasmrt::{DynasmApi, DynasmLabelApi};
+
+use crate::abi::{INDIRECT_MISSES, NEXT_EIP};
+use crate::emit::{epilogue_offset, Asm};
+
+// The dynasm code below spells these offsets as literals (dynasm-rs picks
+// an 8-bit displacement only for literals).
+const _: () = assert!(NEXT_EIP == 0x24 && INDIRECT_MISSES == 0x58);
 
 /// for the target of a RET or an indirect JMP/CALL: the guest EIP and the
 /// host address of its translation's body. An empty entry's host address
@@ -47,41 +54,39 @@ impl LookupEntry {
 /// guest EIP (direct-mapped; MOVZX computes it without touching flags).
 pub const LOOKUP_ENTRIES: usize = 1 << 16;
 
-/// Add one to the context's counter at `off` without touching flags:
-/// `mov r11, [r15+off]; lea r11, [r11+1]; mov [r15+off], r11`.
-fn bump(out: &mut Vec<u8>, off: u8) {
-    out.extend([0x4D, 0x8B, 0x5F, off]);
-    out.extend([0x4D, 0x8D, 0x5B, 0x01]);
-    out.extend([0x4D, 0x89, 0x5F, off]);
-}
-
-/// The exit of a block whose next EIP is in R13D: look it up in the indirect-branch table at `table` and
-/// jump straight to its translation (if the chaining budget allows), or
-/// return to the dispatcher (a miss is counted there). Only
-/// flag-neutral instructions (MOV, MOVZX, LEA, NOT, JRCXZ), like the
-/// stubs; R9-R11 and R13 are scratch.
-pub(crate) fn indirect_exit(out: &mut Vec<u8>, base: usize, epilogue: usize, table: u64) {
-    out.extend([0x45, 0x0F, 0xB7, 0xDD]); // movzx r11d, r13w
-    out.extend([0x49, 0xBA]); // mov r10, table
-    out.extend(table.to_le_bytes());
-    out.extend([0x4F, 0x8D, 0x1C, 0x1B]); // lea r11, [r11 + r11]
-    out.extend([0x49, 0x89, 0xC9]); // mov r9, rcx (the guest's, until the end)
-    out.extend([0x43, 0x8B, 0x4C, 0xDA, 0x08]); // mov ecx, [r10 + r11*8 + 8]: -EIP
-    out.extend([0x42, 0x8D, 0x0C, 0x29]); // lea ecx, [rcx + r13]: 0 iff equal
-    out.extend([0xE3, 24]); // jrcxz hit (over mov, store, count, jmp: 3 + 4 + 12 + 5)
-    out.extend([0x4C, 0x89, 0xC9]); // miss: mov rcx, r9
-    store_r13d_as_next(out);
-    bump(out, INDIRECT_MISSES);
-    jmp_to(out, base, epilogue);
-    // hit: the chaining budget, as in a stub
-    out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
-    out.extend([0x49, 0x89, 0xCE]); // mov r14, rcx
-    out.extend([0xE3, 0x07]); // jrcxz budget_out (over mov, jmp: 3 + 4)
-    out.extend([0x4C, 0x89, 0xC9]); // mov rcx, r9
-    out.extend([0x43, 0xFF, 0x24, 0xDA]); // jmp [r10 + r11*8]
-    out.extend([0x4C, 0x89, 0xC9]); // budget_out: mov rcx, r9
-    store_r13d_as_next(out);
-    jmp_to(out, base, epilogue);
+/// The exit of a block whose next EIP is in R13D: look it up in the
+/// indirect-branch table at `table` and jump straight to its translation
+/// (if the chaining budget allows), or return to the dispatcher (a miss is
+/// counted there). Only flag-neutral instructions (MOV, MOVZX, LEA,
+/// JRCXZ), like the stubs; R9-R11 and R13 are scratch.
+pub(crate) fn indirect_exit(ops: &mut Asm, table: u64) {
+    let epilogue = epilogue_offset();
+    dynasm!(ops
+        ; .arch x64
+        ; movzx r11d, r13w
+        ; mov r10, QWORD table as i64
+        ; lea r11, [r11 + r11 * 1]
+        ; mov r9, rcx                         // the guest's RCX, until the end
+        ; mov ecx, DWORD [r10 + r11 * 8 + 8]  // the entry's negated EIP
+        ; lea ecx, [rcx + r13]                // 0 iff it is the target
+        ; jrcxz >hit
+        ; mov rcx, r9                         // miss: back to the dispatcher
+        ; mov DWORD [r15 + 0x24], r13d        // next_eip
+        ; mov r11, QWORD [r15 + 0x58]         // indirect_misses + 1
+        ; lea r11, [r11 + 1]
+        ; mov QWORD [r15 + 0x58], r11
+        ; jmp extern epilogue
+        ; hit:                                // the chaining budget, as in a stub
+        ; lea rcx, [r14 - 1]
+        ; mov r14, rcx
+        ; jrcxz >budget_out
+        ; mov rcx, r9
+        ; jmp QWORD [r10 + r11 * 8]
+        ; budget_out:
+        ; mov rcx, r9
+        ; mov DWORD [r15 + 0x24], r13d
+        ; jmp extern epilogue
+    );
 }
 
 #[cfg(test)]
@@ -89,12 +94,13 @@ mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
-    /// The hand-encoded indirect-branch exit disassembles to the intended
+    /// The indirect-branch exit disassembles to the intended
     /// instructions, and its two JRCXZs land where they should.
     #[test]
     fn indirect_exit_encoding() {
-        let mut out = Vec::new();
-        indirect_exit(&mut out, 0x1000, 0, 0x1122_3344_5566_7788);
+        let mut ops = Asm::new(0x1000);
+        indirect_exit(&mut ops, 0x1122_3344_5566_7788);
+        let out = ops.finalize().unwrap();
         let mut d = Decoder::with_ip(64, &out, 0x1000, DecoderOptions::NONE);
         let mut fmt = IntelFormatter::new();
         let mut text = Vec::new();

@@ -38,6 +38,9 @@ pub use flags::FlagsOp;
 pub use frame::{epilogue_offset, leave_offset};
 pub use indirect::{LookupEntry, LOOKUP_ENTRIES};
 
+use dynasm::dynasm;
+use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
+
 use crate::abi::{BlockEntryFn, Context, HelperFn, LOOKUP_SHIFT, NEXT_EIP, RETIRED};
 use crate::host::CodeBuffer;
 use flags::flags_fast_path;
@@ -154,65 +157,105 @@ pub struct HostBlock {
 #[derive(Debug)]
 pub struct BuildError(pub String);
 
-/// Bytes in one exit stub: count (4), mov (3), lea (4), mov (3), jrcxz
-/// (2), mov (3), jmp (5); budget_out: mov (3); cold: store next EIP (8),
-/// jmp (5).
-const STUB_LEN: usize = 40;
+/// The assembler blocks are built with: dynasm-rs, whose local labels
+/// (`>name` / `name:`) replace hand-counted jump distances. Its base
+/// address is the block's code-buffer offset, so `jmp extern OFFSET`
+/// reaches the shared epilogue and leave routine.
+pub(crate) type Asm = VecAssembler<X64Relocation>;
 
-/// `mov dword [r15 + NEXT_EIP], r13d`
-pub(crate) fn store_r13d_as_next(out: &mut Vec<u8>) {
-    out.extend([0x45, 0x89, 0x6F, NEXT_EIP]);
+/// `lea r8, [r8 + n]` with an 8-bit displacement (n below 128): count
+/// retired guest instructions without touching flags.
+fn count(n: usize) -> [u8; 4] {
+    debug_assert!(n < 128);
+    [0x4D, 0x8D, 0x40, n as u8]
 }
 
-/// `mov dword [r15 + NEXT_EIP], imm32`
-fn store_next(out: &mut Vec<u8>, eip: u32) {
-    out.extend([0x41, 0xC7, 0x47, NEXT_EIP]);
-    out.extend(eip.to_le_bytes());
-}
-
-/// Point the rel32 field at `at` (in `out`) to `to` (in `out`).
-pub(crate) fn patch_rel32(out: &mut [u8], at: usize, to: usize) {
-    let rel = (to as i64 - (at as i64 + 4)) as i32;
-    out[at..at + 4].copy_from_slice(&rel.to_le_bytes());
+/// `mov dword [r15 + next_eip], eip`.
+fn store_next(ops: &mut Asm, eip: u32) {
+    const _: () = assert!(NEXT_EIP == 0x24);
+    dynasm!(ops
+        ; .arch x64
+        ; mov DWORD [r15 + 0x24], eip as i32
+    );
 }
 
 /// One guest instruction run by `helper(ctx, eip, next, arg)`: store the
-/// state and call; leave the block when the helper says so (counting the
-/// `counted_before` instructions done in host code); the caller reloads
-/// the state after it.
-pub(crate) fn helper_call(out: &mut Vec<u8>, base: usize, h: HelperFn, call: &HelperCall) {
+/// state and call; leave the block through the leave routine when the
+/// helper says so (counting the `counted_before` instructions done in
+/// host code); otherwise reload the state and go on.
+fn helper_call(ops: &mut Asm, h: HelperFn, call: &HelperCall) {
+    const _: () = assert!(RETIRED == 0x30);
     let f = frame();
-    out.extend_from_slice(&f.store_state);
-    out.extend([0x4D, 0x89, 0x47, RETIRED]); // mov [r15+retired], r8
-    out.extend([0x4C, 0x89, 0xFF]); // mov rdi, r15
-    out.push(0xBE); // mov esi, eip
-    out.extend(call.eip.to_le_bytes());
-    out.push(0xBA); // mov edx, next
-    out.extend(call.next.to_le_bytes());
-    out.push(0xB9); // mov ecx, arg
-    out.extend(call.arg.to_le_bytes());
-    out.extend([0x48, 0xB8]); // mov rax, helper
-    out.extend((h as usize as u64).to_le_bytes());
-    out.extend([0x48, 0x83, 0xEC, 0x08]); // sub rsp, 8 (16-byte alignment)
-    out.extend([0xFF, 0xD0]); // call rax
-    out.extend([0x48, 0x83, 0xC4, 0x08]); // add rsp, 8
-    out.extend([0x4D, 0x8B, 0x47, RETIRED]); // mov r8, [r15+retired]
-    out.extend([0x85, 0xC0]); // test eax, eax
-    out.extend([0x74, 9]); // jz over the leaving path: count (4) + jmp (5)
-    count(out, call.counted_before);
-    jmp_to(out, base, leave_offset());
+    dynasm!(ops
+        ; .arch x64
+        ; .bytes f.store_state.iter()
+        ; mov QWORD [r15 + 0x30], r8                 // retired
+        ; mov rdi, r15
+        ; mov esi, call.eip as i32
+        ; mov edx, call.next as i32
+        ; mov ecx, call.arg as i32
+        ; mov rax, QWORD h as usize as i64
+        ; sub rsp, 8                                 // 16-byte alignment
+        ; call rax
+        ; add rsp, 8
+        ; mov r8, QWORD [r15 + 0x30]
+        ; test eax, eax
+        ; jz BYTE >go_on
+        ; .bytes count(call.counted_before).iter()
+        ; jmp extern leave_offset()
+        ; go_on:
+        ; .bytes f.load_state.iter()
+    );
 }
 
-/// `lea r8, [r8 + n]` (n below 128): count this block's instructions.
-pub(crate) fn count(out: &mut Vec<u8>, n: usize) {
-    out.extend([0x4D, 0x8D, 0x40, n as u8]);
+/// An exit stub to `target`: count the `n` instructions, take one unit of
+/// the chaining budget, and jump (the patch site, recorded in `sites`) to
+/// the stub's cold tail, which stores the next EIP and returns to the
+/// dispatcher; chaining points the jump at the target's body instead, so
+/// a chained transfer writes no memory. The budget goes through RCX for
+/// JRCXZ with MOVs (R13 is scratch), cheaper than two XCHGs.
+fn stub(ops: &mut Asm, base: usize, sites: &mut Vec<Site>, target: u32, n: usize) {
+    dynasm!(ops
+        ; .arch x64
+        ; .bytes count(n).iter()
+        ; mov r13, rcx
+        ; lea rcx, [r14 - 1]
+        ; mov r14, rcx
+        ; jrcxz >budget_out
+        ; mov rcx, r13
+        ; jmp >cold
+    );
+    let rel32 = base + ops.offset().0 - 4;
+    dynasm!(ops
+        ; .arch x64
+        ; budget_out:
+        ; mov rcx, r13
+        ; cold:
+    );
+    sites.push(Site {
+        rel32,
+        target,
+        cold: base + ops.offset().0,
+    });
+    store_next(ops, target);
+    dynasm!(ops
+        ; .arch x64
+        ; jmp extern epilogue_offset()
+    );
 }
 
-/// `jmp rel32` to code-buffer offset `to`, from code at offset `base + out.len()`.
-pub(crate) fn jmp_to(out: &mut Vec<u8>, base: usize, to: usize) {
-    let next = base + out.len() + 5;
-    out.push(0xE9);
-    out.extend(((to as i64 - next as i64) as i32).to_le_bytes());
+/// `jcc` (x86 condition nibble `cc`, rel32) to a dynamic label.
+fn jcc(ops: &mut Asm, cc: u8, to: DynamicLabel) {
+    macro_rules! jumps {
+        ($($n:literal => $j:ident),*) => {
+            match cc {
+                $($n => dynasm!(ops ; .arch x64 ; $j =>to),)*
+                _ => unreachable!("a condition is a nibble"),
+            }
+        };
+    }
+    jumps!(0 => jo, 1 => jno, 2 => jb, 3 => jae, 4 => je, 5 => jne, 6 => jbe, 7 => ja,
+           8 => js, 9 => jns, 10 => jp, 11 => jnp, 12 => jl, 13 => jge, 14 => jle, 15 => jg);
 }
 
 impl HostBlock {
@@ -229,142 +272,128 @@ impl HostBlock {
         lookup: Option<*const LookupEntry>,
     ) -> Result<HostBlock, BuildError> {
         let lookup = lookup.map(|t| t as u64);
-        let epilogue = ensure_epilogue(buf)?;
+        ensure_epilogue(buf)?;
         let base = buf.next_offset();
         let f = frame();
-        let code_bytes: usize = body
-            .iter()
-            .map(|p| match p {
-                Piece::Code(b) => b.len(),
-                Piece::Helper(_) => 128,
-                Piece::Flags(..) => 256,
-                Piece::Side { .. } => 6,
-            })
-            .sum();
-        let mut out = Vec::with_capacity(f.prologue.len() + code_bytes + 3 * STUB_LEN + 96);
-        out.extend_from_slice(&f.prologue);
-        let body_start = out.len();
+        let mut ops = Asm::new(base);
+        dynasm!(ops
+            ; .arch x64
+            ; .bytes f.prologue.iter()
+        );
+        let body_start = ops.offset().0;
         let mut starts = Vec::with_capacity(body.len());
-        // Side exits: (offset of the jcc's rel32, target, count).
+        // Side exits: (label of the stub, target, count).
         let mut sides = Vec::new();
         for piece in body {
-            starts.push(out.len());
+            starts.push(ops.offset().0);
             match piece {
-                Piece::Code(b) => out.extend_from_slice(b),
+                Piece::Code(b) => dynasm!(ops ; .arch x64 ; .bytes b.iter()),
                 Piece::Side {
                     cc,
                     target,
                     counted,
                 } => {
-                    out.extend([0x0F, 0x80 | cc, 0, 0, 0, 0]); // jcc side stub (patched below)
-                    sides.push((out.len() - 4, *target, *counted));
+                    let l = ops.new_dynamic_label();
+                    jcc(&mut ops, *cc, l);
+                    sides.push((l, *target, *counted));
                 }
                 Piece::Helper(call) => {
                     let h =
                         helper.ok_or_else(|| BuildError("helper piece without a helper".into()))?;
-                    helper_call(&mut out, base, h, call);
-                    out.extend_from_slice(&f.load_state);
+                    helper_call(&mut ops, h, call);
                 }
                 Piece::Flags(op, call) => {
-                    let to_slow = flags_fast_path(&mut out, *op);
-                    if !to_slow.is_empty() {
+                    flags_fast_path(&mut ops, *op);
+                    if !matches!(op, FlagsOp::Pushfd { .. }) {
                         let h = helper
                             .ok_or_else(|| BuildError("flags piece without a helper".into()))?;
-                        out.extend([0xE9, 0, 0, 0, 0]); // jmp done
-                        let over = out.len();
-                        let slow = out.len();
-                        for at in to_slow {
-                            patch_rel32(&mut out, at, slow);
-                        }
-                        helper_call(&mut out, base, h, call);
-                        out.extend_from_slice(&f.load_state);
+                        dynasm!(ops
+                            ; .arch x64
+                            ; jmp >done
+                            ; slow:
+                        );
+                        helper_call(&mut ops, h, call);
                         // The helper retired the instruction, which the
                         // block's exit counts too.
-                        out.extend([0x4D, 0x8D, 0x40, 0xFF]); // lea r8, [r8-1]
-                        let done = out.len();
-                        patch_rel32(&mut out, over - 4, done);
+                        dynasm!(ops
+                            ; .arch x64
+                            ; lea r8, [r8 - 1]
+                            ; done:
+                        );
                     }
                 }
             }
         }
-        let body_end = out.len();
+        let body_end = ops.offset().0;
         let mut sites = Vec::with_capacity(2);
-        // One stub: count, budget, patchable jump; the next EIP is stored
-        // only on the cold path back to the dispatcher (a chained jump
-        // carries it in the code). The budget goes through RCX for JRCXZ
-        // with MOVs (R13 is scratch), cheaper than two XCHGs.
-        let stub_counting = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32, n: usize| {
-            count(out, n);
-            out.extend([0x49, 0x89, 0xCD]); // mov r13, rcx
-            out.extend([0x49, 0x8D, 0x4E, 0xFF]); // lea rcx, [r14 - 1]
-            out.extend([0x49, 0x89, 0xCE]); // mov r14, rcx
-            out.extend([0xE3, 0x08]); // jrcxz budget_out
-            out.extend([0x4C, 0x89, 0xE9]); // mov rcx, r13
-            let cold = base + out.len() + 5 + 3;
-            jmp_to(out, base, cold); // the patch site
-            sites.push(Site {
-                rel32: base + out.len() - 4,
-                target,
-                cold,
-            });
-            out.extend([0x4C, 0x89, 0xE9]); // budget_out: mov rcx, r13
-            debug_assert_eq!(base + out.len(), cold);
-            store_next(out, target);
-            jmp_to(out, base, epilogue);
-        };
-        let stub = |out: &mut Vec<u8>, sites: &mut Vec<Site>, target: u32| {
-            stub_counting(out, sites, target, n)
-        };
         match exit {
-            Some(BlockExit::Direct(t)) => stub(&mut out, &mut sites, *t),
+            Some(BlockExit::Direct(t)) => stub(&mut ops, base, &mut sites, *t, n),
             Some(BlockExit::Cond {
                 cc,
                 taken,
                 not_taken,
             }) => {
-                // jcc over the not-taken stub (whose length is fixed)
-                out.extend([0x0F, 0x80 | cc]);
-                out.extend((STUB_LEN as u32).to_le_bytes());
-                let before = out.len();
-                stub(&mut out, &mut sites, *not_taken);
-                debug_assert_eq!(out.len() - before, STUB_LEN);
-                stub(&mut out, &mut sites, *taken);
+                let to_taken = ops.new_dynamic_label();
+                jcc(&mut ops, *cc, to_taken);
+                stub(&mut ops, base, &mut sites, *not_taken, n);
+                dynasm!(ops ; .arch x64 ; =>to_taken);
+                stub(&mut ops, base, &mut sites, *taken, n);
             }
             Some(BlockExit::Loop { taken, not_taken }) => {
-                out.extend([0x8D, 0x49, 0xFF]); // lea ecx, [rcx - 1]: no flags
-                out.extend([0x67, 0xE3, STUB_LEN as u8]); // jecxz over the taken stub
-                stub(&mut out, &mut sites, *taken);
-                stub(&mut out, &mut sites, *not_taken);
+                dynasm!(ops
+                    ; .arch x64
+                    ; lea ecx, [rcx - 1]                 // ECX - 1, no flags
+                    ; jecxz >not_taken
+                );
+                stub(&mut ops, base, &mut sites, *taken, n);
+                dynasm!(ops ; .arch x64 ; not_taken:);
+                stub(&mut ops, base, &mut sites, *not_taken, n);
             }
             Some(BlockExit::Jecxz { taken, not_taken }) => {
-                out.extend([0x67, 0xE3, STUB_LEN as u8]); // jecxz over the not-taken stub
-                stub(&mut out, &mut sites, *not_taken);
-                stub(&mut out, &mut sites, *taken);
+                dynasm!(ops
+                    ; .arch x64
+                    ; jecxz >taken
+                );
+                stub(&mut ops, base, &mut sites, *not_taken, n);
+                dynasm!(ops ; .arch x64 ; taken:);
+                stub(&mut ops, base, &mut sites, *taken, n);
             }
             Some(BlockExit::Stored) => match lookup {
                 Some(table) => {
                     // The block's instructions and one lookup, in one LEA.
-                    out.extend([0x4D, 0x8D, 0x80]); // lea r8, [r8 + disp32]
-                    out.extend(((n as u32) | 1 << LOOKUP_SHIFT).to_le_bytes());
-                    indirect_exit(&mut out, base, epilogue, table);
+                    let both = (n as u32 | 1 << LOOKUP_SHIFT) as i32;
+                    dynasm!(ops
+                        ; .arch x64
+                        ; lea r8, [r8 + both]
+                    );
+                    indirect_exit(&mut ops, table);
                 }
                 None => {
-                    store_r13d_as_next(&mut out);
-                    count(&mut out, n);
-                    jmp_to(&mut out, base, epilogue);
+                    const _: () = assert!(NEXT_EIP == 0x24);
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov DWORD [r15 + 0x24], r13d
+                        ; .bytes count(n).iter()
+                        ; jmp extern epilogue_offset()
+                    );
                 }
             },
             None => {
-                store_next(&mut out, end_eip);
-                count(&mut out, n);
-                jmp_to(&mut out, base, epilogue);
+                store_next(&mut ops, end_eip);
+                dynasm!(ops
+                    ; .arch x64
+                    ; .bytes count(n).iter()
+                    ; jmp extern epilogue_offset()
+                );
             }
         }
-        for (rel32, target, counted) in sides {
-            let here = out.len();
-            out[rel32..rel32 + 4].copy_from_slice(&((here - (rel32 + 4)) as u32).to_le_bytes());
-            stub_counting(&mut out, &mut sites, target, counted);
+        for (l, target, counted) in sides {
+            dynasm!(ops ; .arch x64 ; =>l);
+            stub(&mut ops, base, &mut sites, target, counted);
         }
+        let out = ops
+            .finalize()
+            .map_err(|e| BuildError(format!("assembling a block: {e:?}")))?;
         let at = buf
             .append(&out)
             .ok_or_else(|| BuildError("code buffer full".into()))?;
@@ -463,25 +492,5 @@ impl HostBlock {
         let f: BlockEntryFn = unsafe { std::mem::transmute::<*const u8, BlockEntryFn>(self.entry) };
         f(ctx);
         crate::host::fault::set_active(None);
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
-
-    /// Host code disassembled (Intel syntax), one string per instruction.
-    pub(crate) fn disassemble(code: &[u8]) -> Vec<String> {
-        let mut d = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
-        let mut fmt = IntelFormatter::new();
-        let mut text = Vec::new();
-        while d.can_decode() {
-            let ins = d.decode();
-            assert!(!ins.is_invalid(), "{text:?}");
-            let mut t = String::new();
-            fmt.format(&ins, &mut t);
-            text.push(t);
-        }
-        text
     }
 }
