@@ -356,13 +356,6 @@ pub struct Block {
     pub end: BlockEnd,
 }
 
-impl Block {
-    /// Total guest bytes of the block's instructions.
-    pub fn guest_len(&self) -> u32 {
-        self.insns.iter().map(|i| i.bytes.len() as u32).sum()
-    }
-}
-
 /// Decode one instruction from `bytes` at `eip` in a `bitness`-bit code segment.
 pub fn decode_one(bytes: &[u8], eip: u32, bitness: u32) -> Instruction {
     let mut d = Decoder::with_ip(bitness, bytes, u64::from(eip), DecoderOptions::NONE);

@@ -156,6 +156,12 @@ pub fn run(
     err: &mut dyn Write,
 ) -> Result<Agreement, Box<Divergence>> {
     let budget = bt.config.max_insns.unwrap_or(u64::MAX);
+    // Both machines read the same time: a TSC that counts retired
+    // instructions, from 0 when lockstep starts (at boot).
+    for m in [&mut *bt, &mut *interp] {
+        m.cpu.tsc_counts_instructions = true;
+        m.cpu.set_tsc(0);
+    }
     let (mut a_out, mut a_err, mut b_out, mut b_err) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut mask = 0u32;

@@ -10,7 +10,7 @@
 use popek_interp::Step;
 use popek_vcpu::Vcpu;
 
-use crate::abi::Context;
+use crate::abi::{Context, LOOKUP_SHIFT};
 use crate::emit::HelperCall;
 use crate::lower::SegBases;
 use crate::paging::{paging_key, seg_bases, translatable, PagingKey};
@@ -30,6 +30,7 @@ pub(crate) fn helper_call(
         arg: HelperArg {
             special,
             x87: popek_interp::x87::is_x87(ins),
+            counted_before,
             index,
         }
         .encode(),
@@ -37,24 +38,35 @@ pub(crate) fn helper_call(
     }
 }
 
+/// Where a helper call's argument keeps the index of its decoded
+/// instruction (`Bt::helper_insns`): adding `n << INDEX_SHIFT` to an
+/// argument moves its index by `n`.
+pub(crate) const INDEX_SHIFT: u32 = 9;
+
 /// What a helper call's last argument says about its instruction: bit 0
-/// special, bit 1 x87, the rest the index of its decoded form in
-/// `Bt::helper_insns`.
+/// special, bit 1 x87, bits 2-8 the instructions its block retired before
+/// it, the rest the index of its decoded form in `Bt::helper_insns`.
 struct HelperArg {
     special: bool,
     x87: bool,
+    counted_before: usize,
     index: usize,
 }
 
 impl HelperArg {
     fn encode(&self) -> u32 {
-        u32::from(self.special) | u32::from(self.x87) << 1 | (self.index as u32) << 2
+        debug_assert!(self.counted_before < 128);
+        u32::from(self.special)
+            | u32::from(self.x87) << 1
+            | (self.counted_before as u32) << 2
+            | (self.index as u32) << INDEX_SHIFT
     }
     fn decode(arg: u32) -> HelperArg {
         HelperArg {
             special: arg & 1 != 0,
             x87: arg & 2 != 0,
-            index: (arg >> 2) as usize,
+            counted_before: (arg >> 2 & 0x7F) as usize,
+            index: (arg >> INDEX_SHIFT) as usize,
         }
     }
 }
@@ -96,6 +108,7 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         let HelperArg {
             special,
             x87,
+            counted_before,
             index,
         } = HelperArg::decode(arg);
         // SAFETY: `insns` points at the engine's table, which the engine
@@ -119,7 +132,14 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         if handover {
             cpu.fpu.save_host();
         }
+        // The instructions this run of host code retired before this one
+        // are not in `cpu.retired` yet (the dispatcher adds them when the
+        // code returns): count them during the step, so whatever reads the
+        // count (a TSC that counts instructions) sees the exact value.
+        let inflight = (ctx.retired & ((1 << LOOKUP_SHIFT) - 1)) + counted_before as u64;
+        cpu.retired += inflight;
         let step = popek_interp::step_decoded(cpu, ins);
+        cpu.retired -= inflight;
         if handover {
             cpu.fpu.load_host();
         }

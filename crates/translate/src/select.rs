@@ -25,7 +25,7 @@ use popek_vcpu::Vcpu;
 use crate::cache::Translation;
 use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece};
-use crate::helper::{helper_call, run_helper};
+use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
 use crate::lower::{lower_into, lower_stack, lower_string, lower_terminator, SegBases};
 
 /// Where a translated instruction's host code is while a block is built:
@@ -262,7 +262,7 @@ impl Bt {
         for attempt in 0..2 {
             let Some(buf) = self.code.as_mut() else { break };
             let table = self.lookup.as_ptr();
-            let base = (self.helper_insns.len() as u32) << 2;
+            let base = (self.helper_insns.len() as u32) << INDEX_SHIFT;
             let rebased = |c: HelperCall| HelperCall {
                 arg: c.arg + base,
                 ..c

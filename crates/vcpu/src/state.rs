@@ -252,8 +252,13 @@ pub struct Vcpu {
     pub cr4: u32,
     /// DR0..DR7 (stored; breakpoints are not implemented).
     pub dr: [u32; 8],
-    /// Added to the host TSC to give the guest TSC.
+    /// Added to the clock ([`Vcpu::tsc_counts_instructions`]: the host TSC
+    /// or the retired-instruction count) to give the guest TSC.
     pub tsc_offset: u64,
+    /// The guest TSC counts retired instructions instead of host time:
+    /// reproducible (both machines of `--lockstep` read the same values),
+    /// one tick per instruction.
+    pub tsc_counts_instructions: bool,
     /// The CPU executed HLT and waits for an interrupt.
     pub halted: bool,
     /// Interrupts are inhibited for one instruction (after STI, MOV SS, POP SS).
@@ -306,6 +311,7 @@ impl Vcpu {
             cr4: 0,
             dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
             tsc_offset: 0,
+            tsc_counts_instructions: false,
             halted: false,
             int_shadow: false,
             ram,
@@ -345,14 +351,23 @@ impl Vcpu {
         self.cr0 & cr0::PG != 0
     }
 
+    /// What the guest TSC counts: host time, or retired instructions.
+    fn tsc_clock(&self) -> u64 {
+        if self.tsc_counts_instructions {
+            self.retired
+        } else {
+            host_tsc()
+        }
+    }
+
     /// The guest's time-stamp counter.
     pub fn tsc(&self) -> u64 {
-        host_tsc().wrapping_add(self.tsc_offset)
+        self.tsc_clock().wrapping_add(self.tsc_offset)
     }
 
     /// Set the guest's time-stamp counter.
     pub fn set_tsc(&mut self, v: u64) {
-        self.tsc_offset = v.wrapping_sub(host_tsc());
+        self.tsc_offset = v.wrapping_sub(self.tsc_clock());
     }
 
     /// A one-line summary of the registers, for error reports.
