@@ -26,7 +26,7 @@ def run(guest, engine):
     stats = ""
     for _ in range(RUNS):
         t = time.perf_counter()
-        p = subprocess.run([POPEK, "run", guest, "--engine", engine, "--stats"],
+        p = subprocess.run([POPEK, "run", "--engine", engine, "--stats", guest],
                            capture_output=True, text=True)
         dt = time.perf_counter() - t
         if p.returncode != 1:
@@ -153,7 +153,7 @@ def nano_rows():
     def ticks(engine):
         best = {}
         for _ in range(3):
-            p = subprocess.run([POPEK, "run", "nano", "--engine", engine],
+            p = subprocess.run([POPEK, "run", "--engine", engine, "nano"],
                                capture_output=True, text=True)
             for m in re.finditer(r"^(.+): (\d+) ticks$", p.stdout, re.M):
                 best[m.group(1)] = min(best.get(m.group(1), 1 << 62), int(m.group(2)))

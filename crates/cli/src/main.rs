@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod args;
 mod classify;
 mod compare;
 mod demo;
@@ -22,8 +23,12 @@ Examples:
   popek run compute --max-insns 1000000
   popek run compute --stats --dump=blocks.txt
   popek run ./prog arg1 arg2          a static i386 Linux program (int 0x80 serviced by popek)
-  popek run ./prog --strace           ... printing its system calls
-  popek run ./prog --engine native    ... directly on the host CPU
+  popek run --strace ./prog           ... printing its system calls
+  popek run --engine native ./prog    ... directly on the host CPU
+
+popek's options go before the guest, or after a Multiboot kernel (which
+takes no arguments: use --append). Everything after a Linux program is the
+program's, as with qemu-i386; `--` ends popek's options explicitly.
   popek compare ./prog arg1           native vs bt: same output? how much slower?
   popek guests                        list the bundled guests
   popek classify                      the Popek-Goldberg classification table
@@ -101,8 +106,10 @@ pub(crate) struct RunArgs {
     /// Path to a Multiboot ELF or a static i386 Linux executable, or the
     /// name of a bundled guest.
     pub(crate) guest: String,
-    /// Arguments for a Linux program (after the guest; use -- before options).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    /// Arguments for a Linux program: everything after the program goes
+    /// to it, as with qemu-i386 (a Multiboot kernel takes none: use
+    /// --append for its command line).
+    #[arg(last = true)]
     pub(crate) args: Vec<String>,
     /// Execution engine.
     #[arg(long, value_enum, default_value = "bt")]
@@ -164,7 +171,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match args::parse(std::env::args().collect()) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     match cli.cmd {
         Cmd::Run(args) => run::run(args),
         Cmd::Compare { prog, args, interp } => compare::compare(&prog, args, interp),

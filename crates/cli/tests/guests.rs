@@ -93,7 +93,7 @@ fn every_qemu_guest_matches_qemu_byte_for_byte() {
             std::thread::spawn(move || {
                 let runs: Vec<_> = ENGINES
                     .iter()
-                    .map(|e| (*e, popek(&["run", g.path, "--engine", e])))
+                    .map(|e| (*e, popek(&["run", "--engine", e, g.path])))
                     .collect();
                 (g, qemu(g.path), runs)
             })
@@ -154,7 +154,7 @@ fn every_linux_guest_matches_native_and_qemu_i386() {
             g.name
         );
         for engine in ["native", "interp", "bt"] {
-            let mut cmd = vec!["run", g.name, "--engine", engine, "--"];
+            let mut cmd = vec!["run", "--engine", engine, g.name];
             cmd.extend(args);
             let p = popek(&cmd);
             let name = format!("{} (--engine {engine})", g.name);

@@ -192,8 +192,8 @@ fn every_bundled_guest_runs_under_trap() {
         "user-compute",
     ];
     for g in popek_guests::GUESTS {
-        let interp = popek(&["run", g.name, "--engine", "interp"]);
-        let trap = popek(&["run", g.name, "--engine", "trap"]);
+        let interp = popek(&["run", "--engine", "interp", g.name]);
+        let trap = popek(&["run", "--engine", "trap", g.name]);
         assert_eq!(trap.status.code(), interp.status.code(), "{}", g.name);
         if same_output.contains(&g.name) {
             assert_eq!(trap.stdout, interp.stdout, "{}", g.name);
