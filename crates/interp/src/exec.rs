@@ -7,14 +7,16 @@
 
 mod arith;
 mod control;
+mod stack;
 mod system;
 
 use iced_x86::{Code, ConditionCode, CpuidFeature, Instruction, Mnemonic as M, OpKind, Register};
-use popek_vcpu::flags::{AF, CF, DF, OF, PF, SF, ZF};
-use popek_vcpu::{reg, Fault, SegReg, VResult, Vcpu};
+use popek_vcpu::flags::{CF, DF, OF, PF, SF, ZF};
+use popek_vcpu::{reg, vector, Fault, SegReg, VResult, Vcpu};
 
 use crate::alu::{mask, sext, Flags};
 use crate::operand::{effective_address, get_reg, op_size, read_op, seg_of, set_reg, write_op};
+use crate::string;
 
 #[inline]
 fn set_flags(cpu: &mut Vcpu, f: Flags) {
@@ -142,104 +144,129 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     if crate::x87::is_x87(ins) {
         return crate::x87::execute(cpu, ins);
     }
-    for family in [arith::execute, control::execute, system::execute] {
-        if let Some(r) = family(cpu, ins) {
-            return r;
-        }
-    }
+    // One match (one jump table) over every mnemonic; longer semantics
+    // live in the family modules.
     match ins.mnemonic() {
+        M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
+            arith::x_add(cpu, ins)?
+        }
+        M::Inc | M::Dec => arith::x_inc(cpu, ins)?,
+        M::Neg => arith::x_neg(cpu, ins)?,
+        M::Not => arith::x_not(cpu, ins)?,
+        M::Mul | M::Imul | M::Div | M::Idiv => arith::mul_div(cpu, ins)?,
+        M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
+            arith::x_rol(cpu, ins)?
+        }
+        M::Shld | M::Shrd => arith::x_shld(cpu, ins)?,
+        M::Bt | M::Bts | M::Btr | M::Btc => arith::bit_test(cpu, ins)?,
+        M::Bsf | M::Bsr => arith::x_bsf(cpu, ins)?,
+        M::Tzcnt | M::Lzcnt => arith::x_tzcnt(cpu, ins)?,
+        M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad => arith::bcd(cpu, ins)?,
+        M::Mov => mov(cpu, ins)?,
+        M::Movzx | M::Movsx => arith::x_movzx(cpu, ins)?,
+        M::Xchg => arith::x_xchg(cpu, ins)?,
+        M::Xadd => arith::x_xadd(cpu, ins)?,
+        M::Cmpxchg => arith::x_cmpxchg(cpu, ins)?,
+        M::Cmpxchg8b => arith::x_cmpxchg8b(cpu, ins)?,
+        M::Bswap => arith::x_bswap(cpu, ins)?,
+        M::Lea => arith::x_lea(cpu, ins)?,
+        M::Cmovo
+        | M::Cmovno
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmove
+        | M::Cmovne
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg => arith::x_cmovo(cpu, ins)?,
+        M::Seto
+        | M::Setno
+        | M::Setb
+        | M::Setae
+        | M::Sete
+        | M::Setne
+        | M::Setbe
+        | M::Seta
+        | M::Sets
+        | M::Setns
+        | M::Setp
+        | M::Setnp
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg => arith::x_seto(cpu, ins)?,
+        M::Jmp => control::x_jmp(cpu, ins)?,
+        M::Jo
+        | M::Jno
+        | M::Jb
+        | M::Jae
+        | M::Je
+        | M::Jne
+        | M::Jbe
+        | M::Ja
+        | M::Js
+        | M::Jns
+        | M::Jp
+        | M::Jnp
+        | M::Jl
+        | M::Jge
+        | M::Jle
+        | M::Jg => control::x_jo(cpu, ins)?,
+        M::Jcxz | M::Jecxz => control::x_jcxz(cpu, ins)?,
+        M::Loop | M::Loope | M::Loopne => control::x_loop(cpu, ins)?,
+        M::Call => control::x_call(cpu, ins)?,
+        M::Ret => control::x_ret(cpu, ins)?,
+        M::Retf => control::x_retf(cpu, ins)?,
+        M::Iret | M::Iretd => cpu.iret(ins.mnemonic() == M::Iretd)?,
+        M::Int => cpu.software_interrupt(ins.immediate8())?,
+        M::Int3 => cpu.software_interrupt(vector::BP)?,
+        M::Into => control::x_into(cpu, ins)?,
+        M::Int1 => cpu.software_interrupt(vector::DB)?,
+        M::Bound => control::x_bound(cpu, ins)?,
+        M::Movsb
+        | M::Movsw
+        | M::Movsd
+        | M::Stosb
+        | M::Stosw
+        | M::Stosd
+        | M::Lodsb
+        | M::Lodsw
+        | M::Lodsd
+        | M::Cmpsb
+        | M::Cmpsw
+        | M::Cmpsd
+        | M::Scasb
+        | M::Scasw
+        | M::Scasd
+        | M::Insb
+        | M::Insw
+        | M::Insd
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd => string::execute(cpu, ins)?,
         M::Push => push(cpu, ins)?,
         M::Pop => pop(cpu, ins)?,
-        M::Pusha | M::Pushad => {
-            let size = if ins.mnemonic() == M::Pushad { 4 } else { 2 };
-            let esp = cpu.regs[reg::ESP];
-            for r in 0..8 {
-                let v = if r == reg::ESP { esp } else { cpu.regs[r] };
-                cpu.push(v & mask(size), size)?;
-            }
-        }
-        M::Popa | M::Popad => {
-            let size = if ins.mnemonic() == M::Popad { 4 } else { 2 };
-            let mut vals = [0u32; 8];
-            for i in 0..8 {
-                vals[7 - i] = cpu.peek(i as u32 * size, size)?;
-            }
-            for (r, v) in vals.iter().enumerate() {
-                if r != reg::ESP {
-                    let x = &mut cpu.regs[r];
-                    *x = (*x & !mask(size)) | v;
-                }
-            }
-            let m = cpu.stack_mask();
-            let esp = cpu.regs[reg::ESP];
-            cpu.regs[reg::ESP] = (esp & !m) | (esp.wrapping_add(8 * size) & m);
-        }
+        M::Pusha | M::Pushad => stack::x_pusha(cpu, ins)?,
+        M::Popa | M::Popad => stack::x_popa(cpu, ins)?,
         M::Pushf | M::Pushfd => cpu.pushf(ins.mnemonic() == M::Pushfd)?,
         M::Popf | M::Popfd => cpu.popf(ins.mnemonic() == M::Popfd)?,
         M::Enter => enter(cpu, ins)?,
-        M::Leave => {
-            let size = if ins.code() == Code::Leavew { 2 } else { 4 };
-            let m = cpu.stack_mask();
-            let esp = cpu.regs[reg::ESP];
-            cpu.regs[reg::ESP] = (esp & !m) | (cpu.regs[reg::EBP] & m);
-            match cpu.pop(size) {
-                Ok(v) => {
-                    let x = &mut cpu.regs[reg::EBP];
-                    *x = (*x & !mask(size)) | v;
-                }
-                Err(e) => {
-                    cpu.regs[reg::ESP] = esp;
-                    return Err(e);
-                }
-            }
-        }
+        M::Leave => stack::x_leave(cpu, ins)?,
         M::Cbw => set_reg(cpu, Register::AX, sext(cpu.regs[reg::EAX], 1) as u32),
         M::Cwde => cpu.regs[reg::EAX] = sext(cpu.regs[reg::EAX], 2) as u32,
-        M::Cwd => {
-            let hi = if cpu.regs[reg::EAX] & 0x8000 != 0 {
-                0xFFFF
-            } else {
-                0
-            };
-            set_reg(cpu, Register::DX, hi);
-        }
-        M::Cdq => {
-            cpu.regs[reg::EDX] = if cpu.regs[reg::EAX] & 0x8000_0000 != 0 {
-                u32::MAX
-            } else {
-                0
-            }
-        }
-        M::Xlatb => {
-            let v = read_op(cpu, ins, 0, 1)?;
-            set_reg(cpu, Register::AL, v);
-        }
-        M::Lahf => {
-            let f = cpu.eflags & (SF | ZF | AF | PF | CF) | 2;
-            set_reg(cpu, Register::AH, f);
-        }
-        M::Sahf => {
-            let ah = (cpu.regs[reg::EAX] >> 8) & 0xFF;
-            let m = SF | ZF | AF | PF | CF;
-            set_flags(cpu, Flags { mask: m, value: ah });
-        }
-        M::Lds | M::Les | M::Lfs | M::Lgs | M::Lss => {
-            let size = size0(ins);
-            let (off, sel) = far_pointer(cpu, ins, size)?;
-            let s = match ins.mnemonic() {
-                M::Lds => SegReg::Ds,
-                M::Les => SegReg::Es,
-                M::Lfs => SegReg::Fs,
-                M::Lgs => SegReg::Gs,
-                _ => SegReg::Ss,
-            };
-            cpu.load_seg(s, sel)?;
-            if s == SegReg::Ss {
-                cpu.int_shadow = true;
-            }
-            set_reg(cpu, ins.op0_register(), off);
-        }
-
+        M::Cwd => stack::x_cwd(cpu, ins)?,
+        M::Cdq => stack::x_cdq(cpu, ins)?,
+        M::Xlatb => stack::x_xlatb(cpu, ins)?,
+        M::Lahf => stack::x_lahf(cpu, ins)?,
+        M::Sahf => stack::x_sahf(cpu, ins)?,
+        M::Lds | M::Les | M::Lfs | M::Lgs | M::Lss => stack::x_lds(cpu, ins)?,
         M::Clc => cpu.eflags &= !CF,
         M::Stc => cpu.eflags |= CF,
         M::Cmc => cpu.eflags ^= CF,
@@ -251,6 +278,25 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
         M::Nop | M::Pause | M::Wait | M::Endbr32 | M::Endbr64 => {}
         M::Ud2 | M::Ud0 | M::Ud1 => return Err(Fault::ud()),
         M::Hlt => cpu.hlt()?,
+        M::In => system::x_in(cpu, ins)?,
+        M::Out => system::x_out(cpu, ins)?,
+        M::Cpuid => cpu.cpuid(),
+        M::Rdtsc => cpu.rdtsc()?,
+        M::Rdmsr => cpu.rdmsr()?,
+        M::Wrmsr => cpu.wrmsr()?,
+        M::Lgdt | M::Lidt => system::x_lgdt(cpu, ins)?,
+        M::Sgdt | M::Sidt => system::x_sgdt(cpu, ins)?,
+        M::Sldt => system::x_sldt(cpu, ins)?,
+        M::Str => system::x_str(cpu, ins)?,
+        M::Smsw => system::x_smsw(cpu, ins)?,
+        M::Lldt => system::x_lldt(cpu, ins)?,
+        M::Ltr => system::x_ltr(cpu, ins)?,
+        M::Lmsw => system::x_lmsw(cpu, ins)?,
+        M::Clts => cpu.clts()?,
+        M::Invlpg => cpu.invlpg()?,
+        M::Invd | M::Wbinvd => cpu.invd()?,
+        M::Lar | M::Lsl => system::x_lar(cpu, ins)?,
+        M::Verr | M::Verw => system::x_verr(cpu, ins)?,
         _ => {
             if on_cpu_model(ins) {
                 return Err(Fault::unsupported(format!(

@@ -7,251 +7,268 @@ use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 use popek_vcpu::flags::{AF, CF, OF, PF, SF, ZF};
 use popek_vcpu::{reg, Fault, VResult, Vcpu};
 
-use super::{condition, flag, mov, set_flags, size0};
+use super::{condition, flag, set_flags, size0};
 use crate::alu::{self, mask, sext, Flags, Shift};
 use crate::operand::*;
 
-/// Execute `ins` if it is one of this family's; None if it is not.
-pub(super) fn execute(cpu: &mut Vcpu, ins: &Instruction) -> Option<VResult<()>> {
-    let r = (|| {
-        match ins.mnemonic() {
-            M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
-                binary_alu(cpu, ins)?
-            }
-            M::Inc | M::Dec => {
-                let size = size0(ins);
-                let l = loc(cpu, ins, 0);
-                let a = read_loc(cpu, l, size)? & mask(size);
-                let (r, f) = alu::incdec(a, ins.mnemonic() == M::Dec, size);
-                write_loc(cpu, l, size, r)?;
-                set_flags(cpu, f);
-            }
-            M::Neg => {
-                let size = size0(ins);
-                let l = loc(cpu, ins, 0);
-                let a = read_loc(cpu, l, size)? & mask(size);
-                let (r, mut f) = alu::sub(0, a, false, size);
-                f.value = (f.value & !CF) | if a != 0 { CF } else { 0 };
-                write_loc(cpu, l, size, r)?;
-                set_flags(cpu, f);
-            }
-            M::Not => {
-                let size = size0(ins);
-                let l = loc(cpu, ins, 0);
-                let a = read_loc(cpu, l, size)?;
-                write_loc(cpu, l, size, !a)?;
-            }
-            M::Mul | M::Imul | M::Div | M::Idiv => mul_div(cpu, ins)?,
-            M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
-                shift_op(cpu, ins)?
-            }
-            M::Shld | M::Shrd => {
-                let size = size0(ins);
-                let l = loc(cpu, ins, 0);
-                let a = read_loc(cpu, l, size)? & mask(size);
-                let b = read_op(cpu, ins, 1, size)?;
-                let count = read_op(cpu, ins, 2, 1)?;
-                let (r, f) = alu::double_shift(ins.mnemonic() == M::Shld, a, b, count, size);
-                if count & 0x1F != 0 {
-                    write_loc(cpu, l, size, r)?;
-                }
-                set_flags(cpu, f);
-            }
-            M::Bt | M::Bts | M::Btr | M::Btc => bit_test(cpu, ins)?,
-            M::Bsf | M::Bsr => {
-                let size = size0(ins);
-                let v = read_op(cpu, ins, 1, size)?;
-                if v == 0 {
-                    set_flags(
-                        cpu,
-                        Flags {
-                            mask: ZF,
-                            value: ZF,
-                        },
-                    );
-                } else {
-                    let idx = if ins.mnemonic() == M::Bsf {
-                        v.trailing_zeros()
-                    } else {
-                        31 - v.leading_zeros()
-                    };
-                    set_reg(cpu, ins.op0_register(), idx);
-                    set_flags(cpu, Flags { mask: ZF, value: 0 });
-                }
-            }
-            // F3 0F BC/BD: BSF/BSR on a CPU without BMI1/LZCNT, but glibc
-            // emits them expecting either; the host (the oracle, and what
-            // translated code runs on) has them, so popek behaves like it.
-            M::Tzcnt | M::Lzcnt => {
-                let size = size0(ins);
-                let v = read_op(cpu, ins, 1, size)? & mask(size);
-                let bits = 8 * size;
-                let n = if v == 0 {
-                    bits
-                } else if ins.mnemonic() == M::Tzcnt {
-                    v.trailing_zeros()
-                } else {
-                    v.leading_zeros() - (32 - bits)
-                };
-                set_reg(cpu, ins.op0_register(), n);
-                let value = if v == 0 { CF } else { 0 } | if n == 0 { ZF } else { 0 };
-                set_flags(
-                    cpu,
-                    Flags {
-                        mask: CF | ZF,
-                        value,
-                    },
-                );
-            }
-            M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad => bcd(cpu, ins)?,
+/// Add, Adc, Sub, Sbb, Cmp, And, Or, Xor, Test.
+#[inline]
+pub(super) fn x_add(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    binary_alu(cpu, ins)?;
+    Ok(())
+}
 
-            M::Mov => mov(cpu, ins)?,
-            M::Movzx | M::Movsx => {
-                let dsize = size0(ins);
-                let ssize = op_size(ins, 1);
-                let v = read_op(cpu, ins, 1, ssize)?;
-                let v = if ins.mnemonic() == M::Movsx {
-                    sext(v, ssize) as u32
-                } else {
-                    v
-                };
-                set_reg(cpu, ins.op0_register(), v & mask(dsize));
-            }
-            M::Xchg => {
-                let size = size0(ins);
-                let a = loc(cpu, ins, 0);
-                let b = loc(cpu, ins, 1);
-                let va = read_loc(cpu, a, size)?;
-                let vb = read_loc(cpu, b, size)?;
-                // write memory first so a fault leaves registers untouched
-                if matches!(a, Loc::Mem(..)) {
-                    write_loc(cpu, a, size, vb)?;
-                    write_loc(cpu, b, size, va)?;
-                } else {
-                    write_loc(cpu, b, size, va)?;
-                    write_loc(cpu, a, size, vb)?;
-                }
-            }
-            M::Xadd => {
-                let size = size0(ins);
-                let d = loc(cpu, ins, 0);
-                let s = loc(cpu, ins, 1);
-                let a = read_loc(cpu, d, size)? & mask(size);
-                let b = read_loc(cpu, s, size)? & mask(size);
-                let (r, f) = alu::add(a, b, false, size);
-                write_loc(cpu, d, size, r)?;
-                if d != s {
-                    write_loc(cpu, s, size, a)?;
-                }
-                set_flags(cpu, f);
-            }
-            M::Cmpxchg => {
-                let size = size0(ins);
-                let d = loc(cpu, ins, 0);
-                let dv = read_loc(cpu, d, size)? & mask(size);
-                let acc = cpu.regs[reg::EAX] & mask(size);
-                let (_, f) = alu::sub(acc, dv, false, size);
-                if acc == dv {
-                    let src = read_op(cpu, ins, 1, size)?;
-                    write_loc(cpu, d, size, src)?;
-                } else {
-                    // The destination is written back with its own value.
-                    write_loc(cpu, d, size, dv)?;
-                    let acc_reg = match size {
-                        1 => Register::AL,
-                        2 => Register::AX,
-                        _ => Register::EAX,
-                    };
-                    set_reg(cpu, acc_reg, dv);
-                }
-                set_flags(cpu, f);
-            }
-            M::Cmpxchg8b => {
-                let seg = seg_of(ins.memory_segment());
-                let ea = effective_address(cpu, ins);
-                let v = cpu.read_mem(seg, ea, 8)?;
-                let cmp = (u64::from(cpu.regs[reg::EDX]) << 32) | u64::from(cpu.regs[reg::EAX]);
-                if v == cmp {
-                    let new = (u64::from(cpu.regs[reg::ECX]) << 32) | u64::from(cpu.regs[reg::EBX]);
-                    cpu.write_mem(seg, ea, 8, new)?;
-                    set_flags(
-                        cpu,
-                        Flags {
-                            mask: ZF,
-                            value: ZF,
-                        },
-                    );
-                } else {
-                    cpu.write_mem(seg, ea, 8, v)?;
-                    cpu.regs[reg::EAX] = v as u32;
-                    cpu.regs[reg::EDX] = (v >> 32) as u32;
-                    set_flags(cpu, Flags { mask: ZF, value: 0 });
-                }
-            }
-            M::Bswap => {
-                let r = ins.op0_register();
-                let v = get_reg(cpu, r);
-                // BSWAP r16 is undefined; popek clears the register's low word.
-                let n = if r.size() == 4 { v.swap_bytes() } else { 0 };
-                set_reg(cpu, r, n);
-            }
-            M::Lea => {
-                let size = size0(ins);
-                let ea = effective_address(cpu, ins);
-                set_reg(cpu, ins.op0_register(), ea & mask(size));
-            }
-            M::Cmovo
-            | M::Cmovno
-            | M::Cmovb
-            | M::Cmovae
-            | M::Cmove
-            | M::Cmovne
-            | M::Cmovbe
-            | M::Cmova
-            | M::Cmovs
-            | M::Cmovns
-            | M::Cmovp
-            | M::Cmovnp
-            | M::Cmovl
-            | M::Cmovge
-            | M::Cmovle
-            | M::Cmovg => {
-                let size = size0(ins);
-                // the source is read (and may fault) whatever the condition
-                let v = read_op(cpu, ins, 1, size)?;
-                if condition(cpu, ins.condition_code()) {
-                    set_reg(cpu, ins.op0_register(), v);
-                }
-            }
-            M::Seto
-            | M::Setno
-            | M::Setb
-            | M::Setae
-            | M::Sete
-            | M::Setne
-            | M::Setbe
-            | M::Seta
-            | M::Sets
-            | M::Setns
-            | M::Setp
-            | M::Setnp
-            | M::Setl
-            | M::Setge
-            | M::Setle
-            | M::Setg => {
-                let v = u32::from(condition(cpu, ins.condition_code()));
-                write_op(cpu, ins, 0, 1, v)?;
-            }
+/// Inc, Dec.
+#[inline]
+pub(super) fn x_inc(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let l = loc(cpu, ins, 0);
+    let a = read_loc(cpu, l, size)? & mask(size);
+    let (r, f) = alu::incdec(a, ins.mnemonic() == M::Dec, size);
+    write_loc(cpu, l, size, r)?;
+    set_flags(cpu, f);
+    Ok(())
+}
 
-            _ => return Ok(false),
-        }
-        Ok(true)
-    })();
-    match r {
-        Ok(true) => Some(Ok(())),
-        Ok(false) => None,
-        Err(e) => Some(Err(e)),
+/// Neg.
+#[inline]
+pub(super) fn x_neg(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let l = loc(cpu, ins, 0);
+    let a = read_loc(cpu, l, size)? & mask(size);
+    let (r, mut f) = alu::sub(0, a, false, size);
+    f.value = (f.value & !CF) | if a != 0 { CF } else { 0 };
+    write_loc(cpu, l, size, r)?;
+    set_flags(cpu, f);
+    Ok(())
+}
+
+/// Not.
+#[inline]
+pub(super) fn x_not(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let l = loc(cpu, ins, 0);
+    let a = read_loc(cpu, l, size)?;
+    write_loc(cpu, l, size, !a)?;
+    Ok(())
+}
+
+/// Rol, Ror, Rcl, Rcr, Shl, Sal, Shr, Sar.
+#[inline]
+pub(super) fn x_rol(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    shift_op(cpu, ins)?;
+    Ok(())
+}
+
+/// Shld, Shrd.
+#[inline]
+pub(super) fn x_shld(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let l = loc(cpu, ins, 0);
+    let a = read_loc(cpu, l, size)? & mask(size);
+    let b = read_op(cpu, ins, 1, size)?;
+    let count = read_op(cpu, ins, 2, 1)?;
+    let (r, f) = alu::double_shift(ins.mnemonic() == M::Shld, a, b, count, size);
+    if count & 0x1F != 0 {
+        write_loc(cpu, l, size, r)?;
     }
+    set_flags(cpu, f);
+    Ok(())
+}
+
+/// Bsf, Bsr.
+#[inline]
+pub(super) fn x_bsf(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let v = read_op(cpu, ins, 1, size)?;
+    if v == 0 {
+        set_flags(
+            cpu,
+            Flags {
+                mask: ZF,
+                value: ZF,
+            },
+        );
+    } else {
+        let idx = if ins.mnemonic() == M::Bsf {
+            v.trailing_zeros()
+        } else {
+            31 - v.leading_zeros()
+        };
+        set_reg(cpu, ins.op0_register(), idx);
+        set_flags(cpu, Flags { mask: ZF, value: 0 });
+    };
+    Ok(())
+}
+
+/// Tzcnt, Lzcnt.
+#[inline]
+pub(super) fn x_tzcnt(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    // F3 0F BC/BD: BSF/BSR on a CPU without BMI1/LZCNT, but glibc
+    // emits them expecting either; the host (the oracle, and what
+    // translated code runs on) has them, so popek behaves like it.
+    let size = size0(ins);
+    let v = read_op(cpu, ins, 1, size)? & mask(size);
+    let bits = 8 * size;
+    let n = if v == 0 {
+        bits
+    } else if ins.mnemonic() == M::Tzcnt {
+        v.trailing_zeros()
+    } else {
+        v.leading_zeros() - (32 - bits)
+    };
+    set_reg(cpu, ins.op0_register(), n);
+    let value = if v == 0 { CF } else { 0 } | if n == 0 { ZF } else { 0 };
+    set_flags(
+        cpu,
+        Flags {
+            mask: CF | ZF,
+            value,
+        },
+    );
+    Ok(())
+}
+
+/// Movzx, Movsx.
+#[inline]
+pub(super) fn x_movzx(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let dsize = size0(ins);
+    let ssize = op_size(ins, 1);
+    let v = read_op(cpu, ins, 1, ssize)?;
+    let v = if ins.mnemonic() == M::Movsx {
+        sext(v, ssize) as u32
+    } else {
+        v
+    };
+    set_reg(cpu, ins.op0_register(), v & mask(dsize));
+    Ok(())
+}
+
+/// Xchg.
+#[inline]
+pub(super) fn x_xchg(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let a = loc(cpu, ins, 0);
+    let b = loc(cpu, ins, 1);
+    let va = read_loc(cpu, a, size)?;
+    let vb = read_loc(cpu, b, size)?;
+    // write memory first so a fault leaves registers untouched
+    if matches!(a, Loc::Mem(..)) {
+        write_loc(cpu, a, size, vb)?;
+        write_loc(cpu, b, size, va)?;
+    } else {
+        write_loc(cpu, b, size, va)?;
+        write_loc(cpu, a, size, vb)?;
+    };
+    Ok(())
+}
+
+/// Xadd.
+#[inline]
+pub(super) fn x_xadd(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let d = loc(cpu, ins, 0);
+    let s = loc(cpu, ins, 1);
+    let a = read_loc(cpu, d, size)? & mask(size);
+    let b = read_loc(cpu, s, size)? & mask(size);
+    let (r, f) = alu::add(a, b, false, size);
+    write_loc(cpu, d, size, r)?;
+    if d != s {
+        write_loc(cpu, s, size, a)?;
+    }
+    set_flags(cpu, f);
+    Ok(())
+}
+
+/// Cmpxchg.
+#[inline]
+pub(super) fn x_cmpxchg(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let d = loc(cpu, ins, 0);
+    let dv = read_loc(cpu, d, size)? & mask(size);
+    let acc = cpu.regs[reg::EAX] & mask(size);
+    let (_, f) = alu::sub(acc, dv, false, size);
+    if acc == dv {
+        let src = read_op(cpu, ins, 1, size)?;
+        write_loc(cpu, d, size, src)?;
+    } else {
+        // The destination is written back with its own value.
+        write_loc(cpu, d, size, dv)?;
+        let acc_reg = match size {
+            1 => Register::AL,
+            2 => Register::AX,
+            _ => Register::EAX,
+        };
+        set_reg(cpu, acc_reg, dv);
+    }
+    set_flags(cpu, f);
+    Ok(())
+}
+
+/// Cmpxchg8b.
+#[inline]
+pub(super) fn x_cmpxchg8b(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let seg = seg_of(ins.memory_segment());
+    let ea = effective_address(cpu, ins);
+    let v = cpu.read_mem(seg, ea, 8)?;
+    let cmp = (u64::from(cpu.regs[reg::EDX]) << 32) | u64::from(cpu.regs[reg::EAX]);
+    if v == cmp {
+        let new = (u64::from(cpu.regs[reg::ECX]) << 32) | u64::from(cpu.regs[reg::EBX]);
+        cpu.write_mem(seg, ea, 8, new)?;
+        set_flags(
+            cpu,
+            Flags {
+                mask: ZF,
+                value: ZF,
+            },
+        );
+    } else {
+        cpu.write_mem(seg, ea, 8, v)?;
+        cpu.regs[reg::EAX] = v as u32;
+        cpu.regs[reg::EDX] = (v >> 32) as u32;
+        set_flags(cpu, Flags { mask: ZF, value: 0 });
+    };
+    Ok(())
+}
+
+/// Bswap.
+#[inline]
+pub(super) fn x_bswap(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let r = ins.op0_register();
+    let v = get_reg(cpu, r);
+    // BSWAP r16 is undefined; popek clears the register's low word.
+    let n = if r.size() == 4 { v.swap_bytes() } else { 0 };
+    set_reg(cpu, r, n);
+    Ok(())
+}
+
+/// Lea.
+#[inline]
+pub(super) fn x_lea(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let ea = effective_address(cpu, ins);
+    set_reg(cpu, ins.op0_register(), ea & mask(size));
+    Ok(())
+}
+
+/// Cmovo, Cmovno, Cmovb, Cmovae, Cmove, Cmovne, Cmovbe, Cmova, Cmovs, Cmovns, Cmovp, Cmovnp, Cmovl, Cmovge, Cmovle, Cmovg.
+#[inline]
+pub(super) fn x_cmovo(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    // the source is read (and may fault) whatever the condition
+    let v = read_op(cpu, ins, 1, size)?;
+    if condition(cpu, ins.condition_code()) {
+        set_reg(cpu, ins.op0_register(), v);
+    };
+    Ok(())
+}
+
+/// Seto, Setno, Setb, Setae, Sete, Setne, Setbe, Seta, Sets, Setns, Setp, Setnp, Setl, Setge, Setle, Setg.
+#[inline]
+pub(super) fn x_seto(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let v = u32::from(condition(cpu, ins.condition_code()));
+    write_op(cpu, ins, 0, 1, v)?;
+    Ok(())
 }
 
 fn binary_alu(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
@@ -320,7 +337,7 @@ fn shift_op(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     Ok(())
 }
 
-fn mul_div(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+pub(super) fn mul_div(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     let m = ins.mnemonic();
     if m == M::Imul && ins.op_count() > 1 {
         // IMUL r, r/m [, imm]: truncated signed product.
@@ -400,7 +417,7 @@ fn mul_div(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
             }
             write_pair(cpu, q as u32 & mask(size), r as u32 & mask(size));
         }
-    }
+    };
     Ok(())
 }
 
@@ -412,7 +429,7 @@ fn mul_flags(overflow: bool) -> Flags {
     }
 }
 
-fn bit_test(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+pub(super) fn bit_test(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     let size = size0(ins);
     let bits = size * 8;
     let (target, bitno) = match ins.op_kind(0) {
@@ -456,7 +473,7 @@ fn bit_test(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     Ok(())
 }
 
-fn bcd(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+pub(super) fn bcd(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     let al = cpu.regs[reg::EAX] & 0xFF;
     let af = flag(cpu, AF);
     let cf = flag(cpu, CF);
@@ -548,6 +565,6 @@ fn bcd(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
                 },
             );
         }
-    }
+    };
     Ok(())
 }

@@ -11,114 +11,140 @@ use super::{port_operand, set_flags, size0, store_selector, store_table, table_o
 use crate::alu::{mask, Flags};
 use crate::operand::*;
 
-/// Execute `ins` if it is one of this family's; None if it is not.
-pub(super) fn execute(cpu: &mut Vcpu, ins: &Instruction) -> Option<VResult<()>> {
-    let r = (|| {
-        match ins.mnemonic() {
-            M::In => {
-                let size = size0(ins);
-                let port = port_operand(cpu, ins, 1);
-                let v = cpu.port_in(port, size as u8)?;
-                set_reg(cpu, ins.op0_register(), v);
-            }
-            M::Out => {
-                let size = op_size(ins, 1);
-                let port = port_operand(cpu, ins, 0);
-                let v = get_reg(cpu, ins.op1_register());
-                cpu.port_out(port, size as u8, v)?;
-            }
-            M::Cpuid => cpu.cpuid(),
-            M::Rdtsc => cpu.rdtsc()?,
-            M::Rdmsr => cpu.rdmsr()?,
-            M::Wrmsr => cpu.wrmsr()?,
-            M::Lgdt | M::Lidt => {
-                let (limit, base) = table_operand(cpu, ins)?;
-                // A 0x66 prefix selects the 24-bit-base form.
-                let op32 = !matches!(ins.code(), Code::Lgdt_m1632_16 | Code::Lidt_m1632_16);
-                if ins.mnemonic() == M::Lgdt {
-                    cpu.lgdt(limit, base, op32)?;
-                } else {
-                    cpu.lidt(limit, base, op32)?;
-                }
-            }
-            M::Sgdt | M::Sidt => {
-                let (limit, base) = if ins.mnemonic() == M::Sgdt {
-                    cpu.sgdt()
-                } else {
-                    cpu.sidt()
-                };
-                store_table(cpu, ins, limit, base)?;
-            }
-            M::Sldt => {
-                let v = u32::from(cpu.sldt());
-                store_selector(cpu, ins, v)?;
-            }
-            M::Str => {
-                let v = u32::from(cpu.str_());
-                store_selector(cpu, ins, v)?;
-            }
-            M::Smsw => {
-                let v = cpu.smsw();
-                match ins.op0_kind() {
-                    OpKind::Register => set_reg(cpu, ins.op0_register(), v),
-                    _ => write_op(cpu, ins, 0, 2, v)?,
-                }
-            }
-            M::Lldt => {
-                let sel = read_op(cpu, ins, 0, 2)? as u16;
-                cpu.lldt(sel)?;
-            }
-            M::Ltr => {
-                let sel = read_op(cpu, ins, 0, 2)? as u16;
-                cpu.ltr(sel)?;
-            }
-            M::Lmsw => {
-                let v = read_op(cpu, ins, 0, 2)? as u16;
-                cpu.lmsw(v)?;
-            }
-            M::Clts => cpu.clts()?,
-            M::Invlpg => cpu.invlpg()?,
-            M::Invd | M::Wbinvd => cpu.invd()?,
-            M::Lar | M::Lsl => {
-                let size = size0(ins);
-                let sel = read_op(cpu, ins, 1, 2)? as u16;
-                let r = if ins.mnemonic() == M::Lar {
-                    cpu.lar(sel)?
-                } else {
-                    cpu.lsl(sel)?
-                };
-                match r {
-                    Some(v) => {
-                        set_reg(cpu, ins.op0_register(), v & mask(size));
-                        set_flags(
-                            cpu,
-                            Flags {
-                                mask: ZF,
-                                value: ZF,
-                            },
-                        );
-                    }
-                    None => set_flags(cpu, Flags { mask: ZF, value: 0 }),
-                }
-            }
-            M::Verr | M::Verw => {
-                let sel = read_op(cpu, ins, 0, 2)? as u16;
-                let ok = cpu.verify(sel, ins.mnemonic() == M::Verw)?;
-                set_flags(
-                    cpu,
-                    Flags {
-                        mask: ZF,
-                        value: if ok { ZF } else { 0 },
-                    },
-                );
-            }
-            _ => return Ok(false),
-        }
-        Ok(true)
-    })();
+/// In.
+#[inline]
+pub(super) fn x_in(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let port = port_operand(cpu, ins, 1);
+    let v = cpu.port_in(port, size as u8)?;
+    set_reg(cpu, ins.op0_register(), v);
+    Ok(())
+}
+
+/// Out.
+#[inline]
+pub(super) fn x_out(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = op_size(ins, 1);
+    let port = port_operand(cpu, ins, 0);
+    let v = get_reg(cpu, ins.op1_register());
+    cpu.port_out(port, size as u8, v)?;
+    Ok(())
+}
+
+/// Lgdt, Lidt.
+#[inline]
+pub(super) fn x_lgdt(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let (limit, base) = table_operand(cpu, ins)?;
+    // A 0x66 prefix selects the 24-bit-base form.
+    let op32 = !matches!(ins.code(), Code::Lgdt_m1632_16 | Code::Lidt_m1632_16);
+    if ins.mnemonic() == M::Lgdt {
+        cpu.lgdt(limit, base, op32)?;
+    } else {
+        cpu.lidt(limit, base, op32)?;
+    };
+    Ok(())
+}
+
+/// Sgdt, Sidt.
+#[inline]
+pub(super) fn x_sgdt(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let (limit, base) = if ins.mnemonic() == M::Sgdt {
+        cpu.sgdt()
+    } else {
+        cpu.sidt()
+    };
+    store_table(cpu, ins, limit, base)?;
+    Ok(())
+}
+
+/// Sldt.
+#[inline]
+pub(super) fn x_sldt(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let v = u32::from(cpu.sldt());
+    store_selector(cpu, ins, v)?;
+    Ok(())
+}
+
+/// Str.
+#[inline]
+pub(super) fn x_str(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let v = u32::from(cpu.str_());
+    store_selector(cpu, ins, v)?;
+    Ok(())
+}
+
+/// Smsw.
+#[inline]
+pub(super) fn x_smsw(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let v = cpu.smsw();
+    match ins.op0_kind() {
+        OpKind::Register => set_reg(cpu, ins.op0_register(), v),
+        _ => write_op(cpu, ins, 0, 2, v)?,
+    };
+    Ok(())
+}
+
+/// Lldt.
+#[inline]
+pub(super) fn x_lldt(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let sel = read_op(cpu, ins, 0, 2)? as u16;
+    cpu.lldt(sel)?;
+    Ok(())
+}
+
+/// Ltr.
+#[inline]
+pub(super) fn x_ltr(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let sel = read_op(cpu, ins, 0, 2)? as u16;
+    cpu.ltr(sel)?;
+    Ok(())
+}
+
+/// Lmsw.
+#[inline]
+pub(super) fn x_lmsw(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let v = read_op(cpu, ins, 0, 2)? as u16;
+    cpu.lmsw(v)?;
+    Ok(())
+}
+
+/// Lar, Lsl.
+#[inline]
+pub(super) fn x_lar(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let size = size0(ins);
+    let sel = read_op(cpu, ins, 1, 2)? as u16;
+    let r = if ins.mnemonic() == M::Lar {
+        cpu.lar(sel)?
+    } else {
+        cpu.lsl(sel)?
+    };
     match r {
-        Ok(true) => Some(Ok(())),
-        Ok(false) => None,
-        Err(e) => Some(Err(e)),
-    }
+        Some(v) => {
+            set_reg(cpu, ins.op0_register(), v & mask(size));
+            set_flags(
+                cpu,
+                Flags {
+                    mask: ZF,
+                    value: ZF,
+                },
+            );
+        }
+        None => set_flags(cpu, Flags { mask: ZF, value: 0 }),
+    };
+    Ok(())
+}
+
+/// Verr, Verw.
+#[inline]
+pub(super) fn x_verr(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+    let sel = read_op(cpu, ins, 0, 2)? as u16;
+    let ok = cpu.verify(sel, ins.mnemonic() == M::Verw)?;
+    set_flags(
+        cpu,
+        Flags {
+            mask: ZF,
+            value: if ok { ZF } else { 0 },
+        },
+    );
+    Ok(())
 }
