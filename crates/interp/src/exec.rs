@@ -148,14 +148,14 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     // live in the family modules.
     match ins.mnemonic() {
         M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
-            arith::x_add(cpu, ins)?
+            arith::binary_alu(cpu, ins)?
         }
         M::Inc | M::Dec => arith::x_inc(cpu, ins)?,
         M::Neg => arith::x_neg(cpu, ins)?,
         M::Not => arith::x_not(cpu, ins)?,
         M::Mul | M::Imul | M::Div | M::Idiv => arith::mul_div(cpu, ins)?,
         M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
-            arith::x_rol(cpu, ins)?
+            arith::shift_op(cpu, ins)?
         }
         M::Shld | M::Shrd => arith::x_shld(cpu, ins)?,
         M::Bt | M::Bts | M::Btr | M::Btc => arith::bit_test(cpu, ins)?,

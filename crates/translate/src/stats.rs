@@ -91,40 +91,40 @@ impl ExitReason {
         ExitReason::Interpreted,
     ];
 
-    /// The reason's key in `--stats-json`.
-    pub fn json_key(self) -> &'static str {
+    /// The reason's short name, its key in `--stats-json` and its label
+    /// in `--stats`.
+    fn names(self) -> (&'static str, &'static str, &'static str) {
         match self {
-            ExitReason::Unchained => "exits_unchained",
-            ExitReason::Budget => "exits_budget",
-            ExitReason::Helper => "exits_helper",
-            ExitReason::Fault => "exits_fault",
-            ExitReason::Stop => "exits_stop",
-            ExitReason::Interpreted => "exits_interpreted",
-        }
-    }
-
-    /// The reason's label in `--stats`.
-    pub fn label(self) -> &'static str {
-        match self {
-            ExitReason::Unchained => "dispatcher exits: unchained",
-            ExitReason::Budget => "dispatcher exits: budget",
-            ExitReason::Helper => "dispatcher exits: helper",
-            ExitReason::Fault => "dispatcher exits: fault",
-            ExitReason::Stop => "dispatcher exits: stop",
-            ExitReason::Interpreted => "dispatcher exits: interpreted",
+            ExitReason::Unchained => (
+                "unchained",
+                "exits_unchained",
+                "dispatcher exits: unchained",
+            ),
+            ExitReason::Budget => ("budget", "exits_budget", "dispatcher exits: budget"),
+            ExitReason::Helper => ("helper", "exits_helper", "dispatcher exits: helper"),
+            ExitReason::Fault => ("fault", "exits_fault", "dispatcher exits: fault"),
+            ExitReason::Stop => ("stop", "exits_stop", "dispatcher exits: stop"),
+            ExitReason::Interpreted => (
+                "interpreted",
+                "exits_interpreted",
+                "dispatcher exits: interpreted",
+            ),
         }
     }
 
     /// A short name for statistics.
     pub fn name(self) -> &'static str {
-        match self {
-            ExitReason::Unchained => "unchained",
-            ExitReason::Budget => "budget",
-            ExitReason::Helper => "helper",
-            ExitReason::Fault => "fault",
-            ExitReason::Stop => "stop",
-            ExitReason::Interpreted => "interpreted",
-        }
+        self.names().0
+    }
+
+    /// The reason's key in `--stats-json`.
+    pub fn json_key(self) -> &'static str {
+        self.names().1
+    }
+
+    /// The reason's label in `--stats`.
+    pub fn label(self) -> &'static str {
+        self.names().2
     }
 }
 

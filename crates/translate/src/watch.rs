@@ -48,7 +48,7 @@ fn get(v: &[u64], page: u32) -> bool {
         .is_some_and(|x| x & (1 << (page % 64)) != 0)
 }
 
-fn set(v: &mut Vec<u64>, page: u32, on: bool) {
+fn set_bit(v: &mut Vec<u64>, page: u32, on: bool) {
     let w = (page / 64) as usize;
     if w >= v.len() {
         if !on {
@@ -63,32 +63,33 @@ fn set(v: &mut Vec<u64>, page: u32, on: bool) {
     }
 }
 
+/// Mark `page` in `set`, asking memory to watch it: Some(true) if it was
+/// new, Some(false) if it was marked already, None if memory refused.
+fn watch(set: &mut Vec<u64>, ram: &mut GuestRam, page: u32) -> Option<bool> {
+    if get(set, page) {
+        return Some(false);
+    }
+    ram.watch_page(page).ok()?;
+    set_bit(set, page, true);
+    Some(true)
+}
+
 impl WriteWatch {
     /// Watch a page that translated code was made from. False when memory
     /// could not watch it (then nothing may be translated from it).
     pub fn watch_code(&mut self, ram: &mut GuestRam, page: u32) -> bool {
-        if get(&self.code, page) {
-            return true;
-        }
-        if ram.watch_page(page).is_err() {
-            return false;
-        }
-        set(&mut self.code, page, true);
-        true
+        watch(&mut self.code, ram, page).is_some()
     }
 
     /// Watch a page table that the shadow (or a translation of linear
     /// addresses) was derived from. False when memory could not watch it
     /// (then nothing may be derived from it).
     pub fn watch_table(&mut self, ram: &mut GuestRam, page: u32) -> bool {
-        if get(&self.tables, page) {
-            return true;
+        match watch(&mut self.tables, ram, page) {
+            Some(true) => self.table_list.push(page),
+            Some(false) => {}
+            None => return false,
         }
-        if ram.watch_page(page).is_err() {
-            return false;
-        }
-        set(&mut self.tables, page, true);
-        self.table_list.push(page);
         true
     }
 
@@ -105,7 +106,7 @@ impl WriteWatch {
         }
         for w in ram.take_watched_writes() {
             if get(&self.code, w.page) {
-                set(&mut self.code, w.page, false);
+                set_bit(&mut self.code, w.page, false);
                 out.code.push(w.page);
             }
             let table = get(&self.tables, w.page);
@@ -124,7 +125,7 @@ impl WriteWatch {
     /// unwatch those that are not code pages too.
     pub fn forget_tables(&mut self, ram: &mut GuestRam) {
         for p in std::mem::take(&mut self.table_list) {
-            set(&mut self.tables, p, false);
+            set_bit(&mut self.tables, p, false);
             if !get(&self.code, p) {
                 // As in `drain`: a page left watched only costs faults.
                 let _ = ram.unwatch_page(p);

@@ -11,13 +11,6 @@ use super::{condition, flag, set_flags, size0};
 use crate::alu::{self, mask, sext, Flags, Shift};
 use crate::operand::*;
 
-/// Add, Adc, Sub, Sbb, Cmp, And, Or, Xor, Test.
-#[inline]
-pub(super) fn x_add(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
-    binary_alu(cpu, ins)?;
-    Ok(())
-}
-
 /// Inc, Dec.
 #[inline]
 pub(super) fn x_inc(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
@@ -50,13 +43,6 @@ pub(super) fn x_not(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     let l = loc(cpu, ins, 0);
     let a = read_loc(cpu, l, size)?;
     write_loc(cpu, l, size, !a)?;
-    Ok(())
-}
-
-/// Rol, Ror, Rcl, Rcr, Shl, Sal, Shr, Sar.
-#[inline]
-pub(super) fn x_rol(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
-    shift_op(cpu, ins)?;
     Ok(())
 }
 
@@ -271,7 +257,7 @@ pub(super) fn x_seto(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     Ok(())
 }
 
-fn binary_alu(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+pub(super) fn binary_alu(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     let size = size0(ins);
     let dst = loc(cpu, ins, 0);
     let a = read_loc(cpu, dst, size)? & mask(size);
@@ -311,7 +297,7 @@ fn binary_alu(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     Ok(())
 }
 
-fn shift_op(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
+pub(super) fn shift_op(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
     let size = size0(ins);
     let dst = loc(cpu, ins, 0);
     let a = read_loc(cpu, dst, size)? & mask(size);
