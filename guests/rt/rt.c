@@ -81,13 +81,19 @@ void idt_raw(int v, u32 off, u16 sel, u8 type_attr)
 
 extern char isr0[], isr1[], isr2[], isr3[], isr4[], isr5[], isr6[], isr7[], isr8[], isr9[],
     isr10[], isr11[], isr12[], isr13[], isr14[], isr15[], isr16[], isr17[], isr18[], isr19[],
-    isr48[], isr64[];
+    isr32[], isr33[], isr34[], isr35[], isr36[], isr37[], isr38[], isr39[], isr40[], isr41[],
+    isr42[], isr43[], isr44[], isr45[], isr46[], isr47[], isr48[], isr64[];
 static char *stubs[20] = {isr0, isr1, isr2, isr3, isr4, isr5, isr6, isr7, isr8, isr9,
                           isr10, isr11, isr12, isr13, isr14, isr15, isr16, isr17, isr18, isr19};
+static char *irq_stubs[16] = {isr32, isr33, isr34, isr35, isr36, isr37, isr38, isr39,
+                              isr40, isr41, isr42, isr43, isr44, isr45, isr46, isr47};
 
 void idt_set(int v, handler_t h, int dpl, int trap_gate)
 {
-    char *stub = v < 20 ? stubs[v] : v == 0x30 ? isr48 : isr64;
+    char *stub = v < 20               ? stubs[v]
+                 : v >= 32 && v < 48 ? irq_stubs[v - 32]
+                 : v == 0x30         ? isr48
+                                     : isr64;
     handlers[v] = h;
     idt_raw(v, (u32)stub, KCODE, 0x80 | (dpl << 5) | (trap_gate ? 0xF : 0xE));
 }

@@ -62,7 +62,8 @@ int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
 
 /* IDT: install a C handler for a vector that has a stub in isr.S
- * (0-19, 0x30, 0x40); dpl 3 lets ring 3 use INT n on it. */
+ * (0-19, 0x20-0x2F for remapped device interrupts, 0x30, 0x40); dpl 3
+ * lets ring 3 use INT n on it. */
 void idt_set(int vector, handler_t h, int dpl, int trap_gate);
 /* Install a raw gate. */
 void idt_raw(int vector, u32 offset, u16 selector, u8 type_attr);

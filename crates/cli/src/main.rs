@@ -149,6 +149,10 @@ pub(crate) struct RunArgs {
     /// stderr, as strace does.
     #[arg(long)]
     pub(crate) strace: bool,
+    /// Guest time counts instructions (one ns each) instead of host time:
+    /// timer interrupts, the RTC and RDTSC are reproducible run to run.
+    #[arg(long)]
+    pub(crate) icount: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -25,6 +25,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         trace,
         lockstep,
         strace,
+        icount,
     } = args;
     let (image, path) = match load_image(&guest) {
         Ok(x) => x,
@@ -45,6 +46,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         },
         cache_blocks,
         trace,
+        icount,
     };
     let multiboot = is_multiboot(&image);
     let mut argv = vec![path];

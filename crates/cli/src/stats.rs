@@ -23,6 +23,9 @@ pub(crate) fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> Stri
             format!("{:.6}", elapsed.as_secs_f64()),
         ),
     ];
+    for (k, v) in board_counters(m) {
+        fields.push((k, v.to_string()));
+    }
     if let Some(bt) = m.engine.bt() {
         let s = bt.stats;
         for c in s.counters() {
@@ -53,6 +56,23 @@ pub(crate) fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> Stri
     format!("{{{}}}", body.join(", "))
 }
 
+/// The board's counters for `--stats-json`: interrupts by vector, time
+/// halted, unclaimed port accesses.
+fn board_counters(m: &Machine) -> Vec<(String, u64)> {
+    let mut v = vec![
+        ("halted_ns".to_string(), m.stats.halted_ns),
+        ("unclaimed_port_reads".to_string(), m.cpu.io.unclaimed_reads),
+        (
+            "unclaimed_port_writes".to_string(),
+            m.cpu.io.unclaimed_writes,
+        ),
+    ];
+    for (vector, (_, n)) in &m.stats.interrupts {
+        v.push((format!("interrupts_vector_{vector}"), *n));
+    }
+    v
+}
+
 /// `--stats`: every counter on a line of its own (a percentage beside the
 /// ones that are a share of something), then the derived figures.
 pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
@@ -60,6 +80,26 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
     eprintln!("popek stats:");
     eprintln!("  {:<30}{retired}", "guest instructions executed");
     eprintln!("  {:<30}{:.3} s", "run time", elapsed.as_secs_f64());
+    let b = &m.stats;
+    let delivered: u64 = b.interrupts.values().map(|(_, n)| n).sum();
+    let by: Vec<String> = b
+        .interrupts
+        .iter()
+        .map(|(v, (irq, n))| match irq {
+            Some(i) => format!("{v:#04x} (IRQ{i}) {n}"),
+            None => format!("{v:#04x} {n}"),
+        })
+        .collect();
+    eprintln!(
+        "  {:<30}{delivered} {}",
+        "interrupts delivered",
+        by.join(", ")
+    );
+    eprintln!("  {:<30}{:.3} s", "time halted", b.halted_ns as f64 / 1e9);
+    eprintln!(
+        "  {:<30}{} / {}",
+        "unclaimed port reads / writes", m.cpu.io.unclaimed_reads, m.cpu.io.unclaimed_writes
+    );
     if let Some(bt) = m.engine.bt() {
         let s = bt.stats;
         for c in s.counters() {

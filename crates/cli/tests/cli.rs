@@ -222,6 +222,8 @@ fn lockstep_runs_both_engines_and_they_agree() {
     // every measurement (under lockstep the TSC counts instructions, so
     // both machines must read the same values, helper calls included).
     // sensitive, segments and triplefault: system state and a stop.
+    // preempt: timer and UART interrupts, delivered at the same boundaries
+    // on both machines (lockstep runs both on the instruction clock).
     for guest in [
         "exceptions",
         "popf",
@@ -229,6 +231,7 @@ fn lockstep_runs_both_engines_and_they_agree() {
         "sensitive",
         "segments",
         "triplefault",
+        "preempt",
     ] {
         let normal = popek(&["run", guest]);
         let out = popek(&["run", guest, "--lockstep"]);

@@ -9,9 +9,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod pic;
+pub mod pit;
+pub mod rtc;
 mod uart;
 
+pub use pic::{Pic8259, PicPair};
+pub use pit::Pit8254;
+pub use rtc::Mc146818;
 pub use uart::{Uart16550, UartState};
+
+/// The IRQ line of COM1.
+pub const IRQ_COM1: u8 = 4;
 
 /// The I/O port base of the first serial port (COM1).
 pub const COM1_BASE: u16 = 0x3F8;
@@ -39,35 +48,80 @@ impl DebugExit {
     }
 }
 
-/// The port-I/O bus of the PC: decodes a port number to a device.
+/// The board of the PC: the port-I/O bus and the devices on it, their
+/// interrupt lines into the PIC pair, and the time they run on.
 ///
-/// Ports no device claims read as all ones and ignore writes, like an
-/// undriven ISA bus (and like QEMU).
-#[derive(Debug, Default, Clone)]
+/// The vcpu reaches it through a narrow interface: port reads and writes
+/// (each carrying the current machine time in ns), whether an interrupt is
+/// pending, and the interrupt acknowledge. The machine lets time pass with
+/// [`PortBus::advance`] and asks [`PortBus::next_deadline`] how long an
+/// idle CPU may sleep. Ports no device claims read as all ones and ignore
+/// writes, like an undriven ISA bus (and like QEMU); they are counted.
+#[derive(Debug, Clone)]
 pub struct PortBus {
-    /// COM1 at 0x3F8..=0x3FF.
+    /// COM1 at 0x3F8..=0x3FF, on IRQ4.
     pub uart: Uart16550,
     /// isa-debug-exit at 0xF4..=0xF7.
     pub debug_exit: DebugExit,
+    /// The 8259A pair at 0x20/0x21 and 0xA0/0xA1.
+    pub pic: PicPair,
+    /// The 8254 at 0x40-0x43 and port 0x61; channel 0 on IRQ0.
+    pub pit: Pit8254,
+    /// The MC146818 RTC and CMOS at 0x70/0x71; periodic interrupt on IRQ8.
+    pub rtc: Mc146818,
+    /// Reads of ports no device claims.
+    pub unclaimed_reads: u64,
+    /// Writes to ports no device claims.
+    pub unclaimed_writes: u64,
+}
+
+impl Default for PortBus {
+    fn default() -> Self {
+        PortBus {
+            uart: Uart16550::default(),
+            debug_exit: DebugExit::default(),
+            pic: PicPair::default(),
+            pit: Pit8254::default(),
+            rtc: Mc146818::new(0, 0),
+            unclaimed_reads: 0,
+            unclaimed_writes: 0,
+        }
+    }
 }
 
 impl PortBus {
-    /// A bus with a UART at COM1 and isa-debug-exit at 0xF4.
+    /// A bus with every device in its reset state (interrupt controllers
+    /// uninitialized and masked, timer idle).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// An `IN` of `size` bytes (1, 2 or 4) from `port`.
-    pub fn read(&mut self, port: u16, size: u8) -> u32 {
+    /// The board as a PC's firmware leaves it for a kernel (what QEMU's
+    /// BIOS leaves a Multiboot kernel): the PICs at vectors 0x08 and 0x70
+    /// with only IRQ0 and the cascade unmasked, the PIT's channel 0 at
+    /// 18.2 Hz, the RTC set to `epoch` (seconds since 1970) with CMOS
+    /// describing `memory` bytes.
+    pub fn firmware(epoch: u64, memory: u64) -> Self {
+        PortBus {
+            pic: PicPair::firmware(),
+            pit: Pit8254::firmware(0),
+            rtc: Mc146818::new(epoch, memory),
+            ..PortBus::default()
+        }
+    }
+
+    /// An `IN` of `size` bytes (1, 2 or 4) from `port` at time `now` (ns).
+    pub fn read(&mut self, port: u16, size: u8, now: u64) -> u32 {
         let mut v = 0u32;
         for i in (0..u16::from(size)).rev() {
-            v = (v << 8) | u32::from(self.read_byte(port.wrapping_add(i)));
+            v = (v << 8) | u32::from(self.read_byte(port.wrapping_add(i), now));
         }
         v
     }
 
-    /// An `OUT` of `size` bytes (1, 2 or 4) of `value` to `port`.
-    pub fn write(&mut self, port: u16, size: u8, value: u32) {
+    /// An `OUT` of `size` bytes (1, 2 or 4) of `value` to `port` at time
+    /// `now` (ns).
+    pub fn write(&mut self, port: u16, size: u8, value: u32, now: u64) {
         if (DEBUG_EXIT_PORT..DEBUG_EXIT_PORT + 4).contains(&port) {
             let mask = if size >= 4 {
                 u32::MAX
@@ -78,21 +132,93 @@ impl PortBus {
             return;
         }
         for i in 0..u16::from(size) {
-            self.write_byte(port.wrapping_add(i), (value >> (8 * i)) as u8);
+            self.write_byte(port.wrapping_add(i), (value >> (8 * i)) as u8, now);
         }
     }
 
-    fn read_byte(&mut self, port: u16) -> u8 {
-        match port {
+    fn read_byte(&mut self, port: u16, now: u64) -> u8 {
+        let v = match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => self.uart.read(p - COM1_BASE),
-            _ => 0xFF,
+            0x20 | 0x21 | 0xA0 | 0xA1 => self.pic.read(port),
+            0x40..=0x43 => self.pit.read(port, now),
+            0x61 => self.pit.read_port61(now),
+            0x70 | 0x71 => self.rtc.read(port, now),
+            _ => {
+                self.unclaimed_reads += 1;
+                0xFF
+            }
+        };
+        self.sync_lines();
+        v
+    }
+
+    fn write_byte(&mut self, port: u16, v: u8, now: u64) {
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => self.uart.write(p - COM1_BASE, v),
+            0x20 | 0x21 | 0xA0 | 0xA1 => self.pic.write(port, v),
+            0x40..=0x43 => self.pit.write(port, v, now),
+            0x61 => self.pit.write_port61(v, now),
+            0x70 | 0x71 => self.rtc.write(port, v, now),
+            _ => self.unclaimed_writes += 1,
+        }
+        self.sync_lines();
+    }
+
+    /// Level-driven lines into the PIC (the UART's INTR on IRQ4).
+    fn sync_lines(&mut self) {
+        let uart = self.uart.irq();
+        self.pic.set_irq(IRQ_COM1, uart);
+    }
+
+    /// Let time pass up to `now` (ns): timer edges, the RTC's periodic
+    /// interrupt, finished transmissions.
+    pub fn advance(&mut self, now: u64) {
+        if self.pit.irq0_rose(now) {
+            self.pic.pulse_irq(0);
+        }
+        if self.rtc.irq8_rose(now) {
+            self.pic.pulse_irq(8);
+        }
+        self.uart.tick();
+        self.sync_lines();
+    }
+
+    /// Is an interrupt request asserted to the CPU (unmasked, outranking
+    /// what is in service)?
+    pub fn interrupt_pending(&self) -> bool {
+        self.pic.interrupt_pending()
+    }
+
+    /// The interrupt acknowledge: the vector to deliver, if one is pending.
+    pub fn acknowledge(&mut self) -> Option<u8> {
+        let v = self.pic.acknowledge();
+        self.sync_lines();
+        v
+    }
+
+    /// The IRQ line (0-15) a vector came from, by the PICs' vector bases.
+    pub fn irq_of(&self, vector: u8) -> Option<u8> {
+        let m = self.pic.master.vector_base;
+        let s = self.pic.slave.vector_base;
+        if vector & 0xF8 == m {
+            Some(vector & 7)
+        } else if vector & 0xF8 == s {
+            Some(8 + (vector & 7))
+        } else {
+            None
         }
     }
 
-    fn write_byte(&mut self, port: u16, v: u8) {
-        if (COM1_BASE..COM1_BASE + 8).contains(&port) {
-            self.uart.write(port - COM1_BASE, v);
-        }
+    /// The next time (ns) a device will raise an interrupt by itself (the
+    /// timer, the RTC), if any: how long an idle CPU may sleep.
+    pub fn next_deadline(&self) -> Option<u64> {
+        // A byte in the transmitter is out at once (its THRE interrupt
+        // comes at the next advance).
+        let uart = self.uart.state.transmitting.then_some(0);
+        [uart, self.pit.next_irq0(), self.rtc.next_irq8()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Has the guest asked to end the machine (isa-debug-exit)?
@@ -109,7 +235,7 @@ mod tests {
     fn debug_exit_status_matches_qemu_formula() {
         let mut bus = PortBus::new();
         assert_eq!(bus.exit_requested(), None);
-        bus.write(DEBUG_EXIT_PORT, 1, 0x1234_5621);
+        bus.write(DEBUG_EXIT_PORT, 1, 0x1234_5621, 0);
         // a byte write carries only the low byte
         assert_eq!(bus.exit_requested(), Some((0x21 << 1) | 1));
     }
@@ -117,17 +243,45 @@ mod tests {
     #[test]
     fn unclaimed_ports_read_ones() {
         let mut bus = PortBus::new();
-        assert_eq!(bus.read(0x60, 1), 0xFF);
-        assert_eq!(bus.read(0x1234, 4), 0xFFFF_FFFF);
+        assert_eq!(bus.read(0x60, 1, 0), 0xFF);
+        assert_eq!(bus.read(0x1234, 4, 0), 0xFFFF_FFFF);
+        assert_eq!(bus.unclaimed_reads, 5);
     }
 
     #[test]
     fn uart_word_access_splits_into_bytes() {
         let mut bus = PortBus::new();
-        bus.write(COM1_BASE, 1, u32::from(b'h'));
+        bus.write(COM1_BASE, 1, u32::from(b'h'), 0);
         assert_eq!(bus.uart.take_output(), b"h");
         // LSR (offset 5) and MSR (offset 6) read as one 16-bit access
-        let v = bus.read(COM1_BASE + 5, 2);
+        let v = bus.read(COM1_BASE + 5, 2, 0);
         assert_eq!(v & 0xFF, 0x60);
+    }
+
+    /// The timer's edge reaches the CPU through the PIC as vector 8 in the
+    /// firmware state, and the board says when it comes.
+    #[test]
+    fn the_firmware_timer_interrupts_through_the_pic() {
+        let mut bus = PortBus::firmware(0, 64 << 20);
+        let t = bus.next_deadline().unwrap();
+        assert_eq!(t, pit::ns_of(65536));
+        bus.advance(t - 1);
+        assert!(!bus.interrupt_pending());
+        bus.advance(t);
+        assert!(bus.interrupt_pending());
+        assert_eq!(bus.acknowledge(), Some(0x08));
+        assert_eq!(bus.irq_of(0x08), Some(0));
+        bus.write(0x20, 1, 0x20, t); // EOI
+        assert!(!bus.interrupt_pending());
+    }
+
+    /// The UART's interrupt reaches the slave-free IRQ4 once unmasked.
+    #[test]
+    fn the_uart_interrupt_is_irq4() {
+        let mut bus = PortBus::firmware(0, 64 << 20);
+        bus.write(0x21, 1, 0xEA, 0); // unmask IRQ4 too
+        bus.write(COM1_BASE + 4, 1, 0x08, 0); // MCR.OUT2
+        bus.write(COM1_BASE + 1, 1, 0x02, 0); // IER: THRE
+        assert_eq!(bus.acknowledge(), Some(0x0C));
     }
 }

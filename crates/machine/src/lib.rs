@@ -84,6 +84,9 @@ pub struct Config {
     /// Print every executed instruction to stderr (slow), starting with
     /// the instruction of this number (0 = from the start).
     pub trace: Option<u64>,
+    /// The machine's clock counts instructions (one ns each) instead of
+    /// host time: device timing and the TSC are reproducible.
+    pub icount: bool,
 }
 
 impl Default for Config {
@@ -95,6 +98,7 @@ impl Default for Config {
             engine: Engine::Bt,
             cache_blocks: None,
             trace: None,
+            icount: false,
         }
     }
 }
@@ -210,6 +214,22 @@ pub struct Machine {
     pub platform: Platform,
     /// The engine running guest code, with its state.
     pub engine: EngineState,
+    /// Does the run loop deliver device interrupts before each step?
+    /// (`--lockstep` turns it off and delivers them itself, at the same
+    /// boundaries on both machines.)
+    pub deliver_interrupts: bool,
+    /// What the board did: interrupts delivered, time halted.
+    pub stats: BoardStats,
+}
+
+/// Counters of the board and the run loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BoardStats {
+    /// Device interrupts delivered, by vector: (IRQ line if a PIC's, count).
+    pub interrupts: std::collections::BTreeMap<u8, (Option<u8>, u64)>,
+    /// Time the CPU spent halted waiting for an interrupt (ns of machine
+    /// time).
+    pub halted_ns: u64,
 }
 
 /// The engine running guest code, with its state ([`Config::engine`]
@@ -274,14 +294,25 @@ impl Machine {
         cpu.regs[reg::EBX] = loaded.mbi;
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
         cpu.set_tsc(0);
+        // The board as QEMU's firmware leaves it for a Multiboot kernel.
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        cpu.io = popek_devices::PortBus::firmware(epoch, config.memory);
         Ok(Machine::assemble(cpu, config, Platform::BareMetal))
     }
 
     /// A machine of `cpu` on `platform`, with the configured engine: the
     /// setup every loader shares.
-    fn assemble(cpu: Vcpu, config: Config, platform: Platform) -> Machine {
+    fn assemble(mut cpu: Vcpu, config: Config, platform: Platform) -> Machine {
+        if config.icount {
+            cpu.clock_counts_instructions = true;
+            cpu.set_tsc(0);
+        }
         Machine {
             engine: EngineState::new(&config),
+            deliver_interrupts: true,
+            stats: BoardStats::default(),
             cpu,
             config,
             platform,
@@ -322,7 +353,7 @@ impl Machine {
         buf[..len].to_vec()
     }
 
-    fn stop_exit(&mut self, stop: Stop) -> Exit {
+    pub(crate) fn stop_exit(&mut self, stop: Stop) -> Exit {
         match stop {
             Stop::DebugExit(s) => Exit::DebugExit(s),
             Stop::TripleFault { last, eip } => {
@@ -393,6 +424,19 @@ impl Machine {
         out: &mut dyn Write,
         err: &mut dyn Write,
     ) -> Option<Exit> {
+        if self.deliver_interrupts {
+            if let Err(stop) = self.poll_interrupts() {
+                return Some(self.stop_exit(stop));
+            }
+        }
+        // With the instruction clock, run no further than the next device
+        // deadline, so the interrupt comes on time (to within a block).
+        let max_insns = match self.cpu.io.next_deadline() {
+            Some(t) if self.cpu.clock_counts_instructions => {
+                max_insns.min(t.saturating_sub(self.cpu.now_ns()).max(ONE_BLOCK))
+            }
+            _ => max_insns,
+        };
         let step = match &mut self.engine {
             // A translated block retires at most 64 instructions plus its
             // exit: near the end of an instruction budget, interpret one
@@ -423,10 +467,61 @@ impl Machine {
         }
         match step {
             popek_interp::Step::Executed => None,
-            // No device raises interrupts yet, so nothing can wake a
-            // halted CPU: end the run rather than spin forever.
-            popek_interp::Step::Halted => Some(Exit::Halted { eip: self.cpu.eip }),
+            popek_interp::Step::Halted => self.idle(),
             popek_interp::Step::Stop(stop) => Some(self.stop_exit(stop)),
+        }
+    }
+
+    /// Let the devices' time pass up to now and, if the CPU can take one
+    /// (IF set, no interrupt shadow after STI or MOV SS), deliver the
+    /// pending device interrupt through the guest's IDT (SDM Vol. 3
+    /// §6.8.1: external interrupts are recognized at instruction
+    /// boundaries). A halted CPU wakes up. Returns the vector delivered.
+    pub fn poll_interrupts(&mut self) -> Result<Option<u8>, Stop> {
+        let now = self.cpu.now_ns();
+        self.cpu.io.advance(now);
+        if self.cpu.eflags & popek_vcpu::flags::IF == 0
+            || self.cpu.int_shadow
+            || !self.cpu.io.interrupt_pending()
+        {
+            return Ok(None);
+        }
+        let Some(vector) = self.cpu.io.acknowledge() else {
+            return Ok(None);
+        };
+        self.cpu.halted = false;
+        let irq = self.cpu.io.irq_of(vector);
+        self.stats.interrupts.entry(vector).or_insert((irq, 0)).1 += 1;
+        let interrupt = Exception {
+            vector,
+            error: None,
+        };
+        self.cpu
+            .raise(interrupt, popek_vcpu::interrupt::Source::External)?;
+        Ok(Some(vector))
+    }
+
+    /// The CPU halted. With interrupts enabled and a device that will
+    /// raise one, wait for it: sleep until the deadline in host time, or
+    /// skip to it on the instruction clock (no host CPU is burnt either
+    /// way). Otherwise nothing can wake the CPU: the run ends.
+    fn idle(&mut self) -> Option<Exit> {
+        let can_wake = self.cpu.eflags & popek_vcpu::flags::IF != 0;
+        let now = self.cpu.now_ns();
+        let pending = self.cpu.io.interrupt_pending();
+        match self.cpu.io.next_deadline() {
+            _ if can_wake && pending => None,
+            Some(t) if can_wake => {
+                let wait = t.saturating_sub(now);
+                if self.cpu.clock_counts_instructions {
+                    self.cpu.idle_ns += wait;
+                } else {
+                    std::thread::sleep(std::time::Duration::from_nanos(wait));
+                }
+                self.stats.halted_ns += wait;
+                None
+            }
+            _ => Some(Exit::Halted { eip: self.cpu.eip }),
         }
     }
 }

@@ -156,11 +156,13 @@ pub fn run(
     err: &mut dyn Write,
 ) -> Result<Agreement, Box<Divergence>> {
     let budget = bt.config.max_insns.unwrap_or(u64::MAX);
-    // Both machines read the same time: a TSC that counts retired
-    // instructions, from 0 when lockstep starts (at boot).
+    // Both machines read the same time: the instruction clock (devices
+    // and TSC), the TSC from 0 when lockstep starts (at boot); interrupts
+    // are delivered at the same boundaries on both (see below).
     for m in [&mut *bt, &mut *interp] {
-        m.cpu.tsc_counts_instructions = true;
+        m.cpu.clock_counts_instructions = true;
         m.cpu.set_tsc(0);
+        m.deliver_interrupts = false;
     }
     let (mut a_out, mut a_err, mut b_out, mut b_err) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -191,6 +193,24 @@ pub fn run(
             };
         }
         let block = bt.cpu.eip;
+        // Device interrupts at the same boundary on both machines (their
+        // boards run on the same instruction clock).
+        match (bt.poll_interrupts(), interp.poll_interrupts()) {
+            (Ok(a), Ok(b)) if a == b => {}
+            (Err(a), Err(b)) if a == b => {
+                let exit = bt.stop_exit(a);
+                break exit;
+            }
+            (a, b) => {
+                return Err(diverge(
+                    bt,
+                    interp,
+                    block,
+                    format!("interrupt delivery: bt {a:?}, interp {b:?}"),
+                    mask,
+                ))
+            }
+        }
         let a_exit = bt.step(crate::ONE_BLOCK, &mut a_out, &mut a_err);
         let mut b_exit = None;
         let mut idle = 0;

@@ -275,6 +275,11 @@ impl Bt {
             slow: 0,
         };
         ctx.set_eflags(cpu.eflags, cpu.cpl());
+        if cpu.io.interrupt_pending() {
+            // A device interrupt waits for IF: let STI, POPF and CLI go
+            // through the helper, which leaves as soon as IF is set.
+            ctx.slow = 1;
+        }
         let budget = ctx.chain_budget;
         if env.fpu_loaded {
             // The guest's x87 state goes into the host FPU for the code's

@@ -145,6 +145,15 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         }
         ctx.regs = cpu.regs;
         ctx.set_eflags(cpu.eflags, cpu.cpl());
+        let irq = cpu.io.interrupt_pending();
+        if irq {
+            // As at entry (see the dispatcher): STI, POPF and CLI keep
+            // coming here while a device interrupt waits.
+            ctx.slow = 1;
+        }
+        // An interrupt the CPU can take now (IF just set by STI/POPF, or a
+        // device raised one on OUT/IN) is delivered by the run loop: leave.
+        let interruptible = irq && cpu.eflags & popek_vcpu::flags::IF != 0;
         ctx.next_eip = cpu.eip;
         let go_on = match step {
             Step::Executed => {
@@ -153,6 +162,7 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                     && cpu.io.exit_requested().is_none()
                     && !cpu.io.uart.has_output()
                     && !cpu.ram.has_watched_writes()
+                    && !interruptible
                     && translatable(cpu)
                     && paging_key(cpu) == env.key
                     && seg_bases(cpu) == env.segs

@@ -252,13 +252,19 @@ pub struct Vcpu {
     pub cr4: u32,
     /// DR0..DR7 (stored; breakpoints are not implemented).
     pub dr: [u32; 8],
-    /// Added to the clock ([`Vcpu::tsc_counts_instructions`]: the host TSC
-    /// or the retired-instruction count) to give the guest TSC.
+    /// Added to the host TSC, or to the instruction clock, to give the
+    /// guest TSC.
     pub tsc_offset: u64,
-    /// The guest TSC counts retired instructions instead of host time:
-    /// reproducible (both machines of `--lockstep` read the same values),
-    /// one tick per instruction.
-    pub tsc_counts_instructions: bool,
+    /// The machine's one clock counts retired instructions (one ns each,
+    /// plus the time skipped while halted, [`Vcpu::idle_ns`]) instead of
+    /// host time: the devices' time and the TSC (one tick per ns) then
+    /// follow the instructions, so runs are reproducible (`--icount`, and
+    /// both machines of `--lockstep`).
+    pub clock_counts_instructions: bool,
+    /// Time the instruction clock skipped while the CPU was halted (ns).
+    pub idle_ns: u64,
+    /// When the machine was created (host time), the origin of device time.
+    pub boot: std::time::Instant,
     /// The CPU executed HLT and waits for an interrupt.
     pub halted: bool,
     /// Interrupts are inhibited for one instruction (after STI, MOV SS, POP SS).
@@ -311,7 +317,9 @@ impl Vcpu {
             cr4: 0,
             dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
             tsc_offset: 0,
-            tsc_counts_instructions: false,
+            clock_counts_instructions: false,
+            idle_ns: 0,
+            boot: std::time::Instant::now(),
             halted: false,
             int_shadow: false,
             ram,
@@ -351,10 +359,21 @@ impl Vcpu {
         self.cr0 & cr0::PG != 0
     }
 
-    /// What the guest TSC counts: host time, or retired instructions.
+    /// The machine's time in ns since it was created: host monotonic
+    /// time, or the instruction clock ([`Vcpu::clock_counts_instructions`]).
+    /// Devices (timers, the RTC) run on it.
+    pub fn now_ns(&self) -> u64 {
+        if self.clock_counts_instructions {
+            self.retired + self.idle_ns
+        } else {
+            self.boot.elapsed().as_nanos() as u64
+        }
+    }
+
+    /// What the guest TSC counts: the host TSC, or the instruction clock.
     fn tsc_clock(&self) -> u64 {
-        if self.tsc_counts_instructions {
-            self.retired
+        if self.clock_counts_instructions {
+            self.now_ns()
         } else {
             host_tsc()
         }

@@ -122,13 +122,15 @@ impl Vcpu {
     /// IN: read `size` bytes from `port`.
     pub fn port_in(&mut self, port: u16, size: u8) -> VResult<u32> {
         self.check_io(port, size)?;
-        Ok(self.io.read(port, size))
+        let now = self.now_ns();
+        Ok(self.io.read(port, size, now))
     }
 
     /// OUT: write `size` bytes of `value` to `port`.
     pub fn port_out(&mut self, port: u16, size: u8, value: u32) -> VResult<()> {
         self.check_io(port, size)?;
-        self.io.write(port, size, value);
+        let now = self.now_ns();
+        self.io.write(port, size, value, now);
         Ok(())
     }
 
