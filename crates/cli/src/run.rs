@@ -109,6 +109,12 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         };
         bt.set_dump(sink);
     }
+    // A kernel's COM1 reads popek's stdin (raw while a terminal), as with
+    // QEMU's -serial stdio; Ctrl-A X quits.
+    let _raw = multiboot.then(|| {
+        m.serial_input = Some(popek_machine::console::stdin_reader());
+        popek_machine::console::RawTerminal::new()
+    });
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let start = std::time::Instant::now();

@@ -261,3 +261,69 @@ fn triple_fault_is_reported_with_address_and_bytes() {
     assert!(err.contains("[f7 "), "{err}");
     assert!(String::from_utf8_lossy(&p.stdout).contains("dividing by zero"));
 }
+
+/// Run `cmd`, write `input` to its stdin once it printed "ready", and
+/// return all it printed.
+fn with_input_when_ready(cmd: &mut Command, input: &'static [u8]) -> Vec<u8> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let mut sent = false;
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if !sent && String::from_utf8_lossy(&seen).contains("ready\n") {
+            std::io::Write::write_all(&mut stdin, input).unwrap();
+            sent = true;
+        }
+    }
+    drop(stdin);
+    let _ = child.wait();
+    seen
+}
+
+/// COM1's receiver through received-data interrupts, fed from popek's
+/// stdin as QEMU's -serial stdio feeds it: the same line comes back.
+#[test]
+fn serial_input_reaches_the_guest_as_under_qemu() {
+    let g = popek_guests::find("echo").expect("bundled");
+    let want = with_input_when_ready(
+        Command::new("qemu-system-i386").args([
+            "-kernel",
+            g.path,
+            "-serial",
+            "stdio",
+            "-display",
+            "none",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-no-reboot",
+        ]),
+        b"hello popek\n",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&want),
+        "echo: ready\necho: 12 bytes:HELLO POPEK\n"
+    );
+    for engine in ENGINES {
+        let got = with_input_when_ready(
+            Command::new(POPEK).args(["run", "--engine", engine, "echo"]),
+            b"hello popek\n",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{engine}"
+        );
+    }
+}

@@ -154,7 +154,15 @@ impl Uart16550 {
                 }
                 s.ier = v & 0x0F;
             }
-            reg::IIR_FCR => s.fcr = v,
+            reg::IIR_FCR => {
+                // FCR bit 1 clears the receive FIFO (bit 2, the transmit
+                // FIFO, has nothing to clear: transmission is instant).
+                // Changing the FIFO enable clears both, as on the 16550.
+                if v & 0x02 != 0 || (v ^ s.fcr) & 0x01 != 0 {
+                    s.input.clear();
+                }
+                s.fcr = v;
+            }
             reg::LCR => s.lcr = v,
             reg::MCR => s.mcr = v & 0x1F,
             reg::SCR => s.scr = v,

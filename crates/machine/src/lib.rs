@@ -10,6 +10,7 @@
 //!                                                 isa-debug-exit, HLT, budget, stop }
 //! ```
 
+pub mod console;
 pub mod elf32;
 pub mod linux;
 pub mod lockstep;
@@ -144,6 +145,8 @@ pub enum Exit {
     Signal(linux::Fatal),
     /// A Linux process was killed by a signal it sent itself (abort()).
     Killed(i32),
+    /// The user typed Ctrl-A X on the serial console.
+    Quit,
 }
 
 impl Exit {
@@ -155,6 +158,7 @@ impl Exit {
             Exit::DebugExit(s) | Exit::Exited(s) => *s,
             Exit::Signal(f) => 128 + f.signo,
             Exit::Killed(s) => 128 + s,
+            Exit::Quit => 0,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -178,6 +182,7 @@ impl Exit {
                 f.eip
             )),
             Exit::Killed(s) => Some(format!("guest killed by {}", linux::sig::name(*s))),
+            Exit::Quit => Some("terminated from the console (Ctrl-A X)".into()),
             Exit::Halted { eip } => Some(format!(
                 "guest halted at eip={eip:#010x} with no interrupt source to wake it"
             )),
@@ -220,6 +225,10 @@ pub struct Machine {
     pub deliver_interrupts: bool,
     /// What the board did: interrupts delivered, time halted.
     pub stats: BoardStats,
+    /// Bytes for COM1's receiver (popek's stdin, see [`console`]).
+    pub serial_input: Option<std::sync::mpsc::Receiver<console::SerialInput>>,
+    /// The user asked to end the run (Ctrl-A X).
+    quit: bool,
 }
 
 /// Counters of the board and the run loop.
@@ -313,6 +322,8 @@ impl Machine {
             engine: EngineState::new(&config),
             deliver_interrupts: true,
             stats: BoardStats::default(),
+            serial_input: None,
+            quit: false,
             cpu,
             config,
             platform,
@@ -424,6 +435,12 @@ impl Machine {
         out: &mut dyn Write,
         err: &mut dyn Write,
     ) -> Option<Exit> {
+        if self.serial_input.is_some() {
+            self.take_serial_input(None);
+            if self.quit {
+                return Some(Exit::Quit);
+            }
+        }
         if self.deliver_interrupts {
             if let Err(stop) = self.poll_interrupts() {
                 return Some(self.stop_exit(stop));
@@ -509,19 +526,81 @@ impl Machine {
         let can_wake = self.cpu.eflags & popek_vcpu::flags::IF != 0;
         let now = self.cpu.now_ns();
         let pending = self.cpu.io.interrupt_pending();
+        let input = self.serial_input.is_some();
         match self.cpu.io.next_deadline() {
             _ if can_wake && pending => None,
             Some(t) if can_wake => {
                 let wait = t.saturating_sub(now);
                 if self.cpu.clock_counts_instructions {
                     self.cpu.idle_ns += wait;
+                } else if input {
+                    // Serial input may come first and wake the guest.
+                    let started = std::time::Instant::now();
+                    self.take_serial_input(Some(std::time::Duration::from_nanos(wait)));
+                    self.stats.halted_ns += started.elapsed().as_nanos() as u64;
+                    return self.quit.then_some(Exit::Quit);
                 } else {
                     std::thread::sleep(std::time::Duration::from_nanos(wait));
                 }
                 self.stats.halted_ns += wait;
                 None
             }
+            // Only the serial line can wake the CPU: wait for it.
+            None if can_wake && input => {
+                let started = std::time::Instant::now();
+                let open = self.take_serial_input(Some(std::time::Duration::MAX));
+                self.stats.halted_ns += started.elapsed().as_nanos() as u64;
+                if self.quit {
+                    Some(Exit::Quit)
+                } else if open {
+                    None
+                } else {
+                    Some(Exit::Halted { eip: self.cpu.eip })
+                }
+            }
             _ => Some(Exit::Halted { eip: self.cpu.eip }),
         }
+    }
+
+    /// Move what arrived on the serial console into COM1's receiver,
+    /// waiting up to `wait` for the first byte (None: do not wait).
+    /// Returns false once the input has ended (and then drops it).
+    fn take_serial_input(&mut self, wait: Option<std::time::Duration>) -> bool {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+        let Some(rx) = &self.serial_input else {
+            return false;
+        };
+        let mut bytes = Vec::new();
+        let mut open = true;
+        if let Some(w) = wait {
+            let first = if w == std::time::Duration::MAX {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(w)
+            };
+            match first {
+                Ok(console::SerialInput::Byte(b)) => bytes.push(b),
+                Ok(console::SerialInput::Quit) => self.quit = true,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => open = false,
+            }
+        }
+        while open && !self.quit {
+            match rx.try_recv() {
+                Ok(console::SerialInput::Byte(b)) => bytes.push(b),
+                Ok(console::SerialInput::Quit) => self.quit = true,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if !bytes.is_empty() {
+            self.cpu.io.uart.receive(&bytes);
+            let now = self.cpu.now_ns();
+            self.cpu.io.advance(now);
+        }
+        if !open {
+            self.serial_input = None;
+        }
+        open
     }
 }
