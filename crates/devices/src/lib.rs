@@ -73,6 +73,8 @@ pub struct PortBus {
     pub unclaimed_reads: u64,
     /// Writes to ports no device claims.
     pub unclaimed_writes: u64,
+    /// [`PortBus::next_deadline`] as of the last change (None: compute).
+    deadline: Option<Option<u64>>,
 }
 
 impl Default for PortBus {
@@ -85,6 +87,7 @@ impl Default for PortBus {
             rtc: Mc146818::new(0, 0),
             unclaimed_reads: 0,
             unclaimed_writes: 0,
+            deadline: None,
         }
     }
 }
@@ -137,6 +140,7 @@ impl PortBus {
     }
 
     fn read_byte(&mut self, port: u16, now: u64) -> u8 {
+        self.deadline = None;
         let v = match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => self.uart.read(p - COM1_BASE),
             0x20 | 0x21 | 0xA0 | 0xA1 => self.pic.read(port),
@@ -153,6 +157,7 @@ impl PortBus {
     }
 
     fn write_byte(&mut self, port: u16, v: u8, now: u64) {
+        self.deadline = None;
         match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => self.uart.write(p - COM1_BASE, v),
             0x20 | 0x21 | 0xA0 | 0xA1 => self.pic.write(port, v),
@@ -173,6 +178,12 @@ impl PortBus {
     /// Let time pass up to `now` (ns): timer edges, the RTC's periodic
     /// interrupt, finished transmissions.
     pub fn advance(&mut self, now: u64) {
+        // Nothing can happen before the next deadline (cached until a
+        // port access changes the devices).
+        if self.deadline.is_some_and(|d| d.is_none_or(|t| now < t)) {
+            return;
+        }
+        self.deadline = None;
         if self.pit.irq0_rose(now) {
             self.pic.pulse_irq(0);
         }
@@ -180,6 +191,13 @@ impl PortBus {
             self.pic.pulse_irq(8);
         }
         self.uart.tick();
+        self.sync_lines();
+        self.next_deadline();
+    }
+
+    /// Bytes arrive on COM1's serial line.
+    pub fn serial_input(&mut self, bytes: &[u8]) {
+        self.uart.receive(bytes);
         self.sync_lines();
     }
 
@@ -211,14 +229,19 @@ impl PortBus {
 
     /// The next time (ns) a device will raise an interrupt by itself (the
     /// timer, the RTC), if any: how long an idle CPU may sleep.
-    pub fn next_deadline(&self) -> Option<u64> {
+    pub fn next_deadline(&mut self) -> Option<u64> {
+        if let Some(d) = self.deadline {
+            return d;
+        }
         // A byte in the transmitter is out at once (its THRE interrupt
         // comes at the next advance).
         let uart = self.uart.state.transmitting.then_some(0);
-        [uart, self.pit.next_irq0(), self.rtc.next_irq8()]
+        let d = [uart, self.pit.next_irq0(), self.rtc.next_irq8()]
             .into_iter()
             .flatten()
-            .min()
+            .min();
+        self.deadline = Some(d);
+        d
     }
 
     /// Has the guest asked to end the machine (isa-debug-exit)?

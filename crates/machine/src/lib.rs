@@ -229,7 +229,14 @@ pub struct Machine {
     pub serial_input: Option<std::sync::mpsc::Receiver<console::SerialInput>>,
     /// The user asked to end the run (Ctrl-A X).
     quit: bool,
+    /// The retired count at which the run loop polls the board next.
+    next_poll: u64,
 }
+
+/// Interpreted instructions between two polls of the board: a device
+/// interrupt waits at most this long (SDM Vol. 3 §6.8.1 lets it wait for
+/// any instruction boundary).
+const POLL_EVERY: u64 = 64;
 
 /// Counters of the board and the run loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -324,6 +331,7 @@ impl Machine {
             stats: BoardStats::default(),
             serial_input: None,
             quit: false,
+            next_poll: 0,
             cpu,
             config,
             platform,
@@ -441,18 +449,27 @@ impl Machine {
                 return Some(Exit::Quit);
             }
         }
-        if self.deliver_interrupts {
+        // Poll the board before every step that can run many instructions
+        // (a translated run) or when halted, and otherwise every
+        // POLL_EVERY instructions: reading the clock per interpreted
+        // instruction would cost more than the instruction.
+        if self.deliver_interrupts
+            && (self.cpu.halted || self.cpu.retired >= self.next_poll || self.engine.bt().is_some())
+        {
+            self.next_poll = self.cpu.retired + POLL_EVERY;
             if let Err(stop) = self.poll_interrupts() {
                 return Some(self.stop_exit(stop));
             }
         }
         // With the instruction clock, run no further than the next device
         // deadline, so the interrupt comes on time (to within a block).
-        let max_insns = match self.cpu.io.next_deadline() {
-            Some(t) if self.cpu.clock_counts_instructions => {
-                max_insns.min(t.saturating_sub(self.cpu.now_ns()).max(ONE_BLOCK))
+        let max_insns = if self.cpu.clock_counts_instructions {
+            match self.cpu.io.next_deadline() {
+                Some(t) => max_insns.min(t.saturating_sub(self.cpu.now_ns()).max(ONE_BLOCK)),
+                None => max_insns,
             }
-            _ => max_insns,
+        } else {
+            max_insns
         };
         let step = match &mut self.engine {
             // A translated block retires at most 64 instructions plus its
@@ -594,9 +611,7 @@ impl Machine {
             }
         }
         if !bytes.is_empty() {
-            self.cpu.io.uart.receive(&bytes);
-            let now = self.cpu.now_ns();
-            self.cpu.io.advance(now);
+            self.cpu.io.serial_input(&bytes);
         }
         if !open {
             self.serial_input = None;
