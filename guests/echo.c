@@ -38,10 +38,7 @@ int kmain(u32 magic, struct mb_info *mbi)
     idt_set(0x20, timer_irq, 0, 0);
     idt_set(0x24, com1_irq, 0, 0);
     idt_load();
-    outb(0x20, 0x11); outb(0x21, 0x20); outb(0x21, 0x04); outb(0x21, 0x01);
-    outb(0xA0, 0x11); outb(0xA1, 0x28); outb(0xA1, 0x02); outb(0xA1, 0x01);
-    outb(0xA1, 0xFF);
-    outb(0x21, 0xFF & ~(1 << 0) & ~(1 << 4));
+    pic_init(0x20, 0x28, 1 << 0 | 1 << 4);   /* IRQ0 and IRQ4 */
     outb(COM1 + 3, 0x03);               /* 8N1 */
     outb(COM1 + 4, 0x08);               /* OUT2: IRQ4 connected */
     while (inb(COM1 + 5) & 1)           /* discard what came too early */

@@ -149,3 +149,17 @@ void rt_start(u32 magic, struct mb_info *mbi)
     outb(0xA1, 0xFF);
     exit(kmain(magic, mbi));
 }
+
+void pic_init(u8 master, u8 slave, u16 unmask)
+{
+    outb(0x20, 0x11);   /* ICW1: edge, cascade, ICW4 */
+    outb(0x21, master); /* ICW2 */
+    outb(0x21, 0x04);   /* ICW3: slave on IR2 */
+    outb(0x21, 0x01);   /* ICW4: 8086 mode */
+    outb(0xA0, 0x11);
+    outb(0xA1, slave);
+    outb(0xA1, 0x02);   /* ICW3: slave ID 2 */
+    outb(0xA1, 0x01);
+    outb(0xA1, ~(unmask >> 8) & 0xFF);
+    outb(0x21, ~unmask & 0xFF);
+}

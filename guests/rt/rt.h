@@ -72,6 +72,10 @@ void idt_load(void);
 void gdt_init(void);
 void gdt_set(int index, u32 base, u32 limit, u8 access, u8 flags);
 void gdt_load(void);
+/* Initialize the 8259A pair: master vectors at `master`, slave at
+ * `slave` (cascaded on IR2, edge-triggered, 8086 mode), and unmask the
+ * IRQs whose bits are set in `unmask` (bit 2 is the cascade). */
+void pic_init(u8 master, u8 slave, u16 unmask);
 /* Run fn at ring 3 on its own stack with the given EFLAGS until it calls
  * user_return(); returns then. */
 void run_user(void (*fn)(void), u32 eflags);
