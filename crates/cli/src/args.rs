@@ -49,7 +49,9 @@ pub(crate) fn parse(argv: Vec<String>) -> Result<Cli, ExitCode> {
     let guest = guest.clone();
     // `index_of` counts argv from the first argument after the binary.
     let at = at + 1;
-    let linux = load_image(&guest).is_ok_and(|(image, _)| !is_multiboot(&image));
+    // An unreadable guest is treated as a program here; running it reports
+    // why it cannot be read.
+    let linux = load_image(&guest).map_or(true, |(image, _)| !is_multiboot(&image));
     let mut strict_argv: Vec<String> = argv[..=at].to_vec();
     let mut after: Vec<String> = argv[at + 1..].to_vec();
     if linux {
