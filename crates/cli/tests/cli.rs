@@ -222,8 +222,9 @@ fn lockstep_runs_both_engines_and_they_agree() {
     // every measurement (under lockstep the TSC counts instructions, so
     // both machines must read the same values, helper calls included).
     // sensitive, segments and triplefault: system state and a stop.
-    // preempt: timer and UART interrupts, delivered at the same boundaries
-    // on both machines (lockstep runs both on the instruction clock).
+    // preempt and timers: timer, RTC and UART interrupts, delivered at the
+    // same boundaries on both machines (lockstep runs both on the
+    // instruction clock; timers found a stale interrupt shadow in bt).
     for guest in [
         "exceptions",
         "popf",
@@ -232,6 +233,7 @@ fn lockstep_runs_both_engines_and_they_agree() {
         "segments",
         "triplefault",
         "preempt",
+        "timers",
     ] {
         let normal = popek(&["run", guest]);
         let out = popek(&["run", guest, "--lockstep"]);

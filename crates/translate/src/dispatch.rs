@@ -286,6 +286,10 @@ impl Bt {
             // copied x87 instructions (and comes back after).
             cpu.fpu.load_host();
         }
+        // An interrupt shadow (after STI or MOV SS) covers the next
+        // instruction only, and that one runs first in the block: it ends
+        // here (a helper's STI opens a new one).
+        cpu.int_shadow = false;
         let cpu_ptr: *mut Vcpu = cpu;
         env.cpu = cpu_ptr;
         ctx.env = &mut env as *mut HelperEnv as u64;
