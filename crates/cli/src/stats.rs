@@ -100,6 +100,15 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
         "  {:<30}{} / {}",
         "unclaimed port reads / writes", m.cpu.io.unclaimed_reads, m.cpu.io.unclaimed_writes
     );
+    let (edges, sum, max) = m.cpu.io.timer_late;
+    if edges > 0 {
+        eprintln!(
+            "  {:<30}{:.1} us on average, {:.1} us at most ({edges} edges)",
+            "timer edges noticed late by",
+            sum as f64 / edges as f64 / 1e3,
+            max as f64 / 1e3
+        );
+    }
     if let Some(bt) = m.engine.bt() {
         let s = bt.stats;
         for c in s.counters() {

@@ -75,6 +75,10 @@ pub struct PortBus {
     pub unclaimed_writes: u64,
     /// [`PortBus::next_deadline`] as of the last change (None: compute).
     deadline: Option<Option<u64>>,
+    /// How late the machine noticed timer (IRQ0) edges, in ns of machine
+    /// time: (edges, sum, maximum). The guest's own delays (IF clear,
+    /// masked) come on top.
+    pub timer_late: (u64, u64, u64),
 }
 
 impl Default for PortBus {
@@ -88,6 +92,7 @@ impl Default for PortBus {
             unclaimed_reads: 0,
             unclaimed_writes: 0,
             deadline: None,
+            timer_late: (0, 0, 0),
         }
     }
 }
@@ -184,8 +189,12 @@ impl PortBus {
             return;
         }
         self.deadline = None;
-        if self.pit.irq0_rose(now) {
+        if let Some(edge) = self.pit.irq0_rose(now) {
             self.pic.pulse_irq(0);
+            let late = now - edge;
+            self.timer_late.0 += 1;
+            self.timer_late.1 += late;
+            self.timer_late.2 = self.timer_late.2.max(late);
         }
         if self.rtc.irq8_rose(now) {
             self.pic.pulse_irq(8);

@@ -268,15 +268,14 @@ impl Pit8254 {
         self.speaker = v & 2 != 0;
     }
 
-    /// Did OUT0 rise since the last call (IRQ0)? Advances what has been
-    /// reported to `now`.
-    pub fn irq0_rose(&mut self, now: u64) -> bool {
+    /// Did OUT0 rise since the last call (IRQ0)? The time of the first
+    /// rise not reported yet, if so; advances what has been reported to
+    /// `now`.
+    pub fn irq0_rose(&mut self, now: u64) -> Option<u64> {
         let ch = &mut self.channels[0];
-        let rose = ch.next_rise(ch.reported).is_some_and(|t| t <= now);
-        if rose {
-            ch.reported = now;
-        }
-        rose
+        let rise = ch.next_rise(ch.reported).filter(|&t| t <= now)?;
+        ch.reported = now;
+        Some(rise)
     }
 
     /// When OUT0 rises next (IRQ0), after what was last reported.
@@ -317,8 +316,8 @@ mod tests {
         assert_eq!(p.read(0x40, at(500)), 0);
         // OUT0 rises once per period: at tick 100, 200, ...
         assert_eq!(p.next_irq0(), Some(at(100)));
-        assert!(!p.irq0_rose(at(99)));
-        assert!(p.irq0_rose(at(100)));
+        assert!(p.irq0_rose(at(99)).is_none());
+        assert_eq!(p.irq0_rose(at(100)), Some(at(100)));
         assert_eq!(p.next_irq0(), Some(at(200)));
     }
 
@@ -330,8 +329,8 @@ mod tests {
         p.write(0x40, 0x00, 0);
         assert!(!p.channels[0].out(at(15)));
         assert!(p.channels[0].out(at(16)));
-        assert!(p.irq0_rose(at(20)));
-        assert!(!p.irq0_rose(at(100_000)), "mode 0 fires once");
+        assert_eq!(p.irq0_rose(at(20)), Some(at(16)));
+        assert!(p.irq0_rose(at(100_000)).is_none(), "mode 0 fires once");
         // The counter wraps through zero and goes on counting.
         assert_eq!(p.channels[0].count(at(17)), 0xFFFF);
     }
