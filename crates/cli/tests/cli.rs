@@ -346,3 +346,27 @@ fn lockstep_runs_a_glibc_program_with_the_same_random_bytes() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi z 2\n");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A write to a page table drops only the shadow pages (and translations)
+/// derived from it, as a TLB entry would go, not the whole shadow:
+/// user-hello's munmap and mprotect change some entries while the rest of
+/// its address space stays mapped, and its output stays the native one
+/// (crates/cli/tests/guests.rs).
+#[test]
+fn page_table_writes_drop_only_what_they_affect() {
+    let out = popek(&["run", "--engine", "bt", "--stats-json", "user-hello"]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().last().unwrap();
+    let get = |k: &str| -> u64 {
+        line.split(&format!("\"{k}\": "))
+            .nth(1)
+            .and_then(|v| v.split([',', '}']).next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{k} missing: {line}"))
+    };
+    assert!(get("page_table_writes") >= 1, "{line}");
+    let (mapped, unmapped) = (get("shadow_pages_mapped"), get("shadow_pages_unmapped"));
+    assert!(unmapped >= 1 && unmapped < mapped, "{line}");
+    assert_eq!(get("mode_flushes"), 0, "{line}");
+}

@@ -47,6 +47,8 @@ pub struct GuestRam {
     /// For each physical page mapped into the shadow, the linear pages
     /// that map it (to write-protect them with the physical page).
     aliases: HashMap<u32, Vec<u32>>,
+    /// For each linear page mapped into the shadow, its physical page.
+    shadow_of: HashMap<u32, u32>,
 }
 
 /// Bytes a [`Window`] reserves from its base: the 4 GiB guest address
@@ -214,6 +216,7 @@ impl GuestRam {
             writes: Vec::new(),
             shadow: None,
             aliases: HashMap::new(),
+            shadow_of: HashMap::new(),
         })
     }
 

@@ -60,6 +60,13 @@ impl GuestRam {
         if r == libc::MAP_FAILED {
             return false;
         }
+        if let Some(old) = self.shadow_of.insert(lin, phys) {
+            if old != phys {
+                if let Some(list) = self.aliases.get_mut(&old) {
+                    list.retain(|&l| l != lin);
+                }
+            }
+        }
         let list = self.aliases.entry(phys).or_default();
         if !list.contains(&lin) {
             list.push(lin);
@@ -70,8 +77,29 @@ impl GuestRam {
     /// Drop every shadow mapping (every linear page `PROT_NONE` again).
     pub fn shadow_reset(&mut self) -> Result<(), RamError> {
         self.aliases.clear();
+        self.shadow_of.clear();
         match &self.shadow {
             Some(w) => unreserve(w.base(), WINDOW_SIZE),
+            None => Ok(()),
+        }
+    }
+
+    /// Drop one linear page's shadow mapping (it is `PROT_NONE` again and
+    /// is mapped anew on its next use): what a TLB does for INVLPG, and
+    /// what a changed page-table entry requires.
+    pub fn shadow_unmap(&mut self, lin: u32) -> Result<(), RamError> {
+        let Some(phys) = self.shadow_of.remove(&lin) else {
+            return Ok(());
+        };
+        if let Some(list) = self.aliases.get_mut(&phys) {
+            list.retain(|&l| l != lin);
+        }
+        match &self.shadow {
+            Some(w) => {
+                // SAFETY: the page lies inside the shadow reservation `w` owns.
+                let at = unsafe { w.base().add((lin * PAGE_SIZE) as usize) };
+                unreserve(at, PAGE_SIZE as usize)
+            }
             None => Ok(()),
         }
     }
@@ -126,7 +154,11 @@ impl GuestRam {
             }
         }
         if writable {
-            self.aliases.remove(&phys);
+            if let Some(list) = self.aliases.remove(&phys) {
+                for lin in list {
+                    self.shadow_of.remove(&lin);
+                }
+            }
         }
         Ok(())
     }

@@ -47,19 +47,29 @@ pub(crate) enum Translation {
         /// it the block's code counts as retired (helper calls retire
         /// theirs through the interpreter).
         counted: Vec<u32>,
+        /// Physical pages of its first and last byte.
         pages: (u32, u32),
+        /// Linear pages of its first and last byte.
+        lin: (u32, u32),
         /// Chained jumps that land in this block.
         incoming: Vec<Link>,
     },
     Interpret {
         pages: (u32, u32),
+        lin: (u32, u32),
     },
 }
 
 impl Translation {
     pub(crate) fn pages(&self) -> (u32, u32) {
         match self {
-            Translation::Code { pages, .. } | Translation::Interpret { pages } => *pages,
+            Translation::Code { pages, .. } | Translation::Interpret { pages, .. } => *pages,
+        }
+    }
+
+    pub(crate) fn lin_pages(&self) -> (u32, u32) {
+        match self {
+            Translation::Code { lin, .. } | Translation::Interpret { lin, .. } => *lin,
         }
     }
 }

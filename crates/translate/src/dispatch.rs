@@ -69,6 +69,9 @@ pub struct Bt {
     pub(crate) dump: Option<Box<dyn std::io::Write>>,
     /// The code and page-table pages the translations depend on.
     pub(crate) watch: WriteWatch,
+    /// For each watched page-table page, the linear pages derived from it
+    /// (shadow mappings, and the code pages of translations).
+    pub(crate) table_deps: HashMap<u32, Vec<u32>>,
     /// The host refused to unmap the shadow window: it may grant what the
     /// guest tables no longer do, so translated code must not use it.
     pub(crate) shadow_broken: bool,
@@ -130,6 +133,7 @@ impl Bt {
             segs_used: false,
             superblocks: true,
             watch: WriteWatch::default(),
+            table_deps: HashMap::new(),
             shadow_broken: false,
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),
@@ -380,6 +384,6 @@ impl Bt {
     pub(crate) fn drain_writes(&mut self, cpu: &mut Vcpu) {
         let written = self.watch.drain(&mut cpu.ram);
         self.invalidate(&written.code);
-        self.sync_paging(cpu, written.tables);
+        self.sync_paging(cpu, &written.tables);
     }
 }

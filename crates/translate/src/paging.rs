@@ -78,9 +78,11 @@ impl Bt {
     /// Follow the guest's paging mode. Translations of linear addresses
     /// are dropped when CR3, CR0.WP, CR4.PSE or user/supervisor mode
     /// change while paging is on, or when paging is switched; the shadow
-    /// window is dropped then too, and whenever a page table it was built
-    /// from is written (`tables_written`, from the write watch).
-    pub(crate) fn sync_paging(&mut self, cpu: &mut Vcpu, tables_written: bool) {
+    /// window is dropped then too. A write to a page table (`tables`, from
+    /// the write watch) drops only what was derived from that table: the
+    /// shadow pages it maps and the translations of code on them, as a
+    /// TLB entry would be.
+    pub(crate) fn sync_paging(&mut self, cpu: &mut Vcpu, tables: &[u32]) {
         let segs = seg_bases(cpu);
         if segs != self.segs {
             if self.segs_used && !self.cache.is_empty() {
@@ -90,15 +92,64 @@ impl Bt {
             self.segs = segs;
         }
         let key = paging_key(cpu);
-        if key != self.key || (tables_written && key.is_some()) {
+        if key != self.key {
             if !self.cache.is_empty() {
                 self.flush();
                 self.stats.mode_flushes += 1;
             }
             self.reset_shadow(cpu);
             self.key = key;
-        } else if tables_written {
-            self.reset_shadow(cpu);
+        } else if !tables.is_empty() {
+            self.table_writes(cpu, tables);
+        }
+    }
+
+    /// Page tables were written: drop the shadow pages and translations
+    /// derived from them (`table_deps`).
+    fn table_writes(&mut self, cpu: &mut Vcpu, tables: &[u32]) {
+        let mut lins = Vec::new();
+        for t in tables {
+            self.stats.table_writes += 1;
+            if let Some(deps) = self.table_deps.remove(t) {
+                lins.extend(deps);
+            }
+        }
+        if lins.is_empty() {
+            return;
+        }
+        lins.sort_unstable();
+        lins.dedup();
+        for &lin in &lins {
+            if cpu.ram.shadow_unmap(lin).is_err() {
+                // The host would not unmap it: start over from nothing.
+                self.flush();
+                self.reset_shadow(cpu);
+                return;
+            }
+            self.stats.shadow_unmaps += 1;
+        }
+        let stale: Vec<u32> = self
+            .cache
+            .iter()
+            .filter(|(_, t)| {
+                let (a, b) = t.lin_pages();
+                lins.binary_search(&a).is_ok() || lins.binary_search(&b).is_ok()
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            if let Some(e) = self.cache.pop(&k) {
+                self.unlink(k, e);
+                self.stats.invalidations += 1;
+            }
+        }
+    }
+
+    /// Remember that linear page `lin` was derived from page table `t`.
+    pub(crate) fn depends_on_table(&mut self, t: u32, lin: u32) {
+        let deps = self.table_deps.entry(t).or_default();
+        if !deps.contains(&lin) {
+            deps.push(lin);
         }
     }
 
@@ -130,6 +181,9 @@ impl Bt {
         }
         if cpu.ram.shadow_map(lin >> 12, p.phys_page, p.writable) {
             self.stats.shadow_maps += 1;
+            for t in p.tables.into_iter().flatten() {
+                self.depends_on_table(t, lin >> 12);
+            }
         }
     }
 }
@@ -140,6 +194,7 @@ impl Bt {
     /// translation is dropped too and the shadow is not used until a reset
     /// succeeds (see `enter`).
     fn reset_shadow(&mut self, cpu: &mut Vcpu) {
+        self.table_deps.clear();
         self.watch.forget_tables(&mut cpu.ram);
         self.shadow_broken = cpu.ram.shadow_reset().is_err();
     }

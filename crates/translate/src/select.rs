@@ -238,10 +238,14 @@ impl Bt {
             (Some(a), Some(b)) => (a.phys_page, b.phys_page),
             _ => (u32::MAX, u32::MAX),
         };
-        for p in [first, last].into_iter().flatten() {
+        let lin = (eip >> 12, last_byte >> 12);
+        for (p, lin_page) in [(first, lin.0), (last, lin.1)] {
+            let Some(p) = p else { continue };
             let mut watched = self.watch.watch_code(&mut cpu.ram, p.phys_page);
             for t in p.tables.into_iter().flatten() {
                 watched &= self.watch.watch_table(&mut cpu.ram, t);
+                // A change of this table's entries drops the translation.
+                self.depends_on_table(t, lin_page);
             }
             if !watched {
                 // A write could not be noticed: translate nothing here.
@@ -252,7 +256,7 @@ impl Bt {
         if n == 0 || pages.0 == u32::MAX {
             self.arena = arena;
             self.scratch = (block.insns, eips, counted_at);
-            return Translation::Interpret { pages };
+            return Translation::Interpret { pages, lin };
         }
         let end = block.insns[n - 1].ins.next_ip32();
         // A block cut short (page boundary, size limit, an instruction left
@@ -297,7 +301,7 @@ impl Bt {
         self.arena = arena;
         let Some(code) = compiled else {
             self.scratch = (block.insns, eips, counted_at);
-            return Translation::Interpret { pages };
+            return Translation::Interpret { pages, lin };
         };
         self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;
@@ -311,6 +315,7 @@ impl Bt {
             eips: eips.clone(),
             counted: counted_at.clone(),
             pages,
+            lin,
             incoming: Vec::new(),
         };
         self.scratch = (block.insns, eips, counted_at);

@@ -44,6 +44,10 @@ pub struct Stats {
     pub mode_flushes: u64,
     /// Pages mapped into the shadow window (guest linear memory).
     pub shadow_maps: u64,
+    /// Writes to page-table pages the shadow or translations came from.
+    pub table_writes: u64,
+    /// Shadow pages unmapped because a page table they came from changed.
+    pub shadow_unmaps: u64,
     /// Indirect branches (RET, JMP/CALL r/m32) looked up in host code.
     pub indirect_lookups: u64,
     /// Of those, the ones that found their target's translation (the rest
@@ -228,6 +232,12 @@ impl Stats {
                 self.shadow_maps,
             ),
             c("mode_flushes", "mode flushes", self.mode_flushes),
+            c("page_table_writes", "page-table writes", self.table_writes),
+            c(
+                "shadow_pages_unmapped",
+                "shadow pages unmapped",
+                self.shadow_unmaps,
+            ),
         ];
         for (r, n) in ExitReason::ALL.iter().zip(self.exits) {
             v.push(c(r.json_key(), r.label(), n));

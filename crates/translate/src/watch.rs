@@ -28,8 +28,8 @@ use popek_memory::GuestRam;
 pub struct Written {
     /// Code pages written: their translations are stale.
     pub code: Vec<u32>,
-    /// Was a page table changed (beyond accessed and dirty bits)?
-    pub tables: bool,
+    /// Page tables changed (beyond accessed and dirty bits).
+    pub tables: Vec<u32>,
 }
 
 /// Code and page-table pages the translator watches for writes.
@@ -110,7 +110,9 @@ impl WriteWatch {
                 out.code.push(w.page);
             }
             let table = get(&self.tables, w.page);
-            out.tables |= table && !w.accessed_dirty;
+            if table && !w.accessed_dirty {
+                out.tables.push(w.page);
+            }
             if !table && !get(&self.code, w.page) {
                 // Nothing depends on it now. Should unwatching fail, the
                 // page stays watched: its writes fault and are redone by
@@ -150,14 +152,17 @@ mod tests {
         ram.write_ad(0x4000, 0x21);
         let d = w.drain(&mut ram);
         assert_eq!(d.code, vec![5]);
-        assert!(!d.tables, "only an accessed bit was set in a table");
+        assert!(
+            d.tables.is_empty(),
+            "only an accessed bit was set in a table"
+        );
         assert!(!ram.is_watched(5), "nothing depends on page 5 any more");
         ram.write(0x3004, 4, 1);
         assert_eq!(
             w.drain(&mut ram),
             Written {
                 code: vec![3],
-                tables: true
+                tables: vec![3]
             }
         );
         // Page 3 is still a table page: still watched.
