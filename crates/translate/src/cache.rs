@@ -119,16 +119,21 @@ impl Bt {
         if written.is_empty() {
             return;
         }
-        let stale: Vec<u32> = self
+        self.drop_where(|t| {
+            let (a, b) = t.pages();
+            written.contains(&a) || written.contains(&b)
+        });
+    }
+
+    /// Drop (and unlink) every cached translation `stale` says is stale.
+    pub(crate) fn drop_where(&mut self, stale: impl Fn(&Translation) -> bool) {
+        let keys: Vec<u32> = self
             .cache
             .iter()
-            .filter(|(_, e)| {
-                let (a, b) = e.pages();
-                written.contains(&a) || written.contains(&b)
-            })
+            .filter(|(_, t)| stale(t))
             .map(|(k, _)| *k)
             .collect();
-        for k in stale {
+        for k in keys {
             if let Some(e) = self.cache.pop(&k) {
                 self.unlink(k, e);
                 self.stats.invalidations += 1;

@@ -128,21 +128,10 @@ impl Bt {
             }
             self.stats.shadow_unmaps += 1;
         }
-        let stale: Vec<u32> = self
-            .cache
-            .iter()
-            .filter(|(_, t)| {
-                let (a, b) = t.lin_pages();
-                lins.binary_search(&a).is_ok() || lins.binary_search(&b).is_ok()
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for k in stale {
-            if let Some(e) = self.cache.pop(&k) {
-                self.unlink(k, e);
-                self.stats.invalidations += 1;
-            }
-        }
+        self.drop_where(|t| {
+            let (a, b) = t.lin_pages();
+            lins.binary_search(&a).is_ok() || lins.binary_search(&b).is_ok()
+        });
     }
 
     /// Remember that linear page `lin` was derived from page table `t`.
