@@ -84,21 +84,24 @@ impl GuestRam {
         }
     }
 
-    /// Drop one linear page's shadow mapping (it is `PROT_NONE` again and
-    /// is mapped anew on its next use): what a TLB does for INVLPG, and
-    /// what a changed page-table entry requires.
-    pub fn shadow_unmap(&mut self, lin: u32) -> Result<(), RamError> {
-        let Some(phys) = self.shadow_of.remove(&lin) else {
-            return Ok(());
-        };
-        if let Some(list) = self.aliases.get_mut(&phys) {
-            list.retain(|&l| l != lin);
+    /// Drop the shadow mappings of `count` linear pages from `first` (they
+    /// are `PROT_NONE` again and are mapped anew on their next use): what
+    /// a TLB does for INVLPG, and what a changed page-table entry requires.
+    /// One host call for the whole range.
+    pub fn shadow_unmap(&mut self, first: u32, count: u32) -> Result<(), RamError> {
+        for lin in first..first.saturating_add(count) {
+            if let Some(phys) = self.shadow_of.remove(&lin) {
+                if let Some(list) = self.aliases.get_mut(&phys) {
+                    list.retain(|&l| l != lin);
+                }
+            }
         }
         match &self.shadow {
             Some(w) => {
-                // SAFETY: the page lies inside the shadow reservation `w` owns.
-                let at = unsafe { w.base().add((lin * PAGE_SIZE) as usize) };
-                unreserve(at, PAGE_SIZE as usize)
+                // SAFETY: the range lies inside the shadow reservation `w`
+                // owns (linear pages are below 2^20).
+                let at = unsafe { w.base().add((first * PAGE_SIZE) as usize) };
+                unreserve(at, (count * PAGE_SIZE) as usize)
             }
             None => Ok(()),
         }

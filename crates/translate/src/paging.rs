@@ -119,14 +119,21 @@ impl Bt {
         }
         lins.sort_unstable();
         lins.dedup();
-        for &lin in &lins {
-            if cpu.ram.shadow_unmap(lin).is_err() {
+        // Runs of consecutive pages go in one host call each.
+        let mut i = 0;
+        while i < lins.len() {
+            let mut n = 1;
+            while i + n < lins.len() && lins[i + n] == lins[i] + n as u32 {
+                n += 1;
+            }
+            if cpu.ram.shadow_unmap(lins[i], n as u32).is_err() {
                 // The host would not unmap it: start over from nothing.
                 self.flush();
                 self.reset_shadow(cpu);
                 return;
             }
-            self.stats.shadow_unmaps += 1;
+            self.stats.shadow_unmaps += n as u64;
+            i += n;
         }
         self.drop_where(|t| {
             let (a, b) = t.lin_pages();
