@@ -166,6 +166,12 @@ pub(super) fn sys_getpid(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Er
     Ok(std::process::id() as i32)
 }
 
+/// Calls that succeed without doing anything popek models: madvise (a
+/// hint), sched_yield (one thread), set_robust_list (no futex cleanup).
+pub(super) fn sys_accept(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
+    Ok(0)
+}
+
 /// getppid.
 pub(super) fn sys_getppid(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
     Ok(std::os::unix::process::parent_id() as i32)
@@ -382,11 +388,6 @@ pub(super) fn sys_mremap(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     pr.mremap(cpu, a)
 }
 
-/// madvise.
-pub(super) fn sys_madvise(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
-    Ok(0)
-}
-
 /// sysinfo.
 pub(super) fn sys_sysinfo(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, a, .. } = c;
@@ -412,11 +413,6 @@ pub(super) fn sys_uname(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
         b.extend(f.iter().take(65).map(|&c| c as u8));
     }
     pr.mm.write(cpu, a[0], &b)?;
-    Ok(0)
-}
-
-/// sched_yield.
-pub(super) fn sys_sched_yield(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
     Ok(0)
 }
 
@@ -631,11 +627,6 @@ pub(super) fn sys_clock_gettime(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i3
         [s.to_le_bytes(), ns.to_le_bytes()].concat()
     };
     pr.mm.write(cpu, a[1], &b)?;
-    Ok(0)
-}
-
-/// set_robust_list.
-pub(super) fn sys_set_robust_list(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
     Ok(0)
 }
 
