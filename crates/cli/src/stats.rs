@@ -61,10 +61,13 @@ pub(crate) fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> Stri
 fn board_counters(m: &Machine) -> Vec<(String, u64)> {
     let mut v = vec![
         ("halted_ns".to_string(), m.stats.halted_ns),
-        ("unclaimed_port_reads".to_string(), m.cpu.io.unclaimed_reads),
+        (
+            "unclaimed_port_reads".to_string(),
+            m.cpu.board.unclaimed_reads,
+        ),
         (
             "unclaimed_port_writes".to_string(),
-            m.cpu.io.unclaimed_writes,
+            m.cpu.board.unclaimed_writes,
         ),
     ];
     for (vector, (_, n)) in &m.stats.interrupts {
@@ -98,9 +101,9 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
     eprintln!("  {:<30}{:.3} s", "time halted", b.halted_ns as f64 / 1e9);
     eprintln!(
         "  {:<30}{} / {}",
-        "unclaimed port reads / writes", m.cpu.io.unclaimed_reads, m.cpu.io.unclaimed_writes
+        "unclaimed port reads / writes", m.cpu.board.unclaimed_reads, m.cpu.board.unclaimed_writes
     );
-    let (edges, sum, max) = m.cpu.io.timer_late;
+    let (edges, sum, max) = m.cpu.board.timer_late;
     if edges > 0 {
         eprintln!(
             "  {:<30}{:.1} us on average, {:.1} us at most ({edges} edges)",

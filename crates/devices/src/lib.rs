@@ -54,11 +54,17 @@ impl DebugExit {
 /// The vcpu reaches it through a narrow interface: port reads and writes
 /// (each carrying the current machine time in ns), whether an interrupt is
 /// pending, and the interrupt acknowledge. The machine lets time pass with
-/// [`PortBus::advance`] and asks [`PortBus::next_deadline`] how long an
+/// [`Board::advance`] and asks [`Board::next_deadline`] how long an
 /// idle CPU may sleep. Ports no device claims read as all ones and ignore
 /// writes, like an undriven ISA bus (and like QEMU); they are counted.
+///
+/// Every field is plain state (no handles, threads or clocks), so the board
+/// is cloned or saved like any value, and each machine owns its own: the
+/// vcpu holds it by value (`popek_vcpu::Vcpu::board`)
+/// only so that a helper called from translated code, which is handed the
+/// vcpu alone, can reach the ports.
 #[derive(Debug, Clone)]
-pub struct PortBus {
+pub struct Board {
     /// COM1 at 0x3F8..=0x3FF, on IRQ4.
     pub uart: Uart16550,
     /// isa-debug-exit at 0xF4..=0xF7.
@@ -73,7 +79,7 @@ pub struct PortBus {
     pub unclaimed_reads: u64,
     /// Writes to ports no device claims.
     pub unclaimed_writes: u64,
-    /// [`PortBus::next_deadline`] as of the last change (None: compute).
+    /// [`Board::next_deadline`] as of the last change (None: compute).
     deadline: Option<Option<u64>>,
     /// How late the machine noticed timer (IRQ0) edges, in ns of machine
     /// time: (edges, sum, maximum). The guest's own delays (IF clear,
@@ -81,9 +87,9 @@ pub struct PortBus {
     pub timer_late: (u64, u64, u64),
 }
 
-impl Default for PortBus {
+impl Default for Board {
     fn default() -> Self {
-        PortBus {
+        Board {
             uart: Uart16550::default(),
             debug_exit: DebugExit::default(),
             pic: PicPair::default(),
@@ -97,7 +103,7 @@ impl Default for PortBus {
     }
 }
 
-impl PortBus {
+impl Board {
     /// A bus with every device in its reset state (interrupt controllers
     /// uninitialized and masked, timer idle).
     pub fn new() -> Self {
@@ -110,11 +116,11 @@ impl PortBus {
     /// 18.2 Hz, the RTC set to `epoch` (seconds since 1970) with CMOS
     /// describing `memory` bytes.
     pub fn firmware(epoch: u64, memory: u64) -> Self {
-        PortBus {
+        Board {
             pic: PicPair::firmware(),
             pit: Pit8254::firmware(0),
             rtc: Mc146818::new(epoch, memory),
-            ..PortBus::default()
+            ..Board::default()
         }
     }
 
@@ -257,6 +263,13 @@ impl PortBus {
     pub fn exit_requested(&self) -> Option<i32> {
         self.debug_exit.exit_status()
     }
+
+    /// Must the run loop look at the board before more guest code runs
+    /// (the guest asked to end the machine, or serial output waits to be
+    /// written to the host)?
+    pub fn needs_attention(&self) -> bool {
+        self.exit_requested().is_some() || self.uart.has_output()
+    }
 }
 
 #[cfg(test)]
@@ -265,7 +278,7 @@ mod tests {
 
     #[test]
     fn debug_exit_status_matches_qemu_formula() {
-        let mut bus = PortBus::new();
+        let mut bus = Board::new();
         assert_eq!(bus.exit_requested(), None);
         bus.write(DEBUG_EXIT_PORT, 1, 0x1234_5621, 0);
         // a byte write carries only the low byte
@@ -274,7 +287,7 @@ mod tests {
 
     #[test]
     fn unclaimed_ports_read_ones() {
-        let mut bus = PortBus::new();
+        let mut bus = Board::new();
         assert_eq!(bus.read(0x60, 1, 0), 0xFF);
         assert_eq!(bus.read(0x1234, 4, 0), 0xFFFF_FFFF);
         assert_eq!(bus.unclaimed_reads, 5);
@@ -282,7 +295,7 @@ mod tests {
 
     #[test]
     fn uart_word_access_splits_into_bytes() {
-        let mut bus = PortBus::new();
+        let mut bus = Board::new();
         bus.write(COM1_BASE, 1, u32::from(b'h'), 0);
         assert_eq!(bus.uart.take_output(), b"h");
         // LSR (offset 5) and MSR (offset 6) read as one 16-bit access
@@ -294,7 +307,7 @@ mod tests {
     /// firmware state, and the board says when it comes.
     #[test]
     fn the_firmware_timer_interrupts_through_the_pic() {
-        let mut bus = PortBus::firmware(0, 64 << 20);
+        let mut bus = Board::firmware(0, 64 << 20);
         let t = bus.next_deadline().unwrap();
         assert_eq!(t, pit::ns_of(65536));
         bus.advance(t - 1);
@@ -310,7 +323,7 @@ mod tests {
     /// The UART's interrupt reaches the slave-free IRQ4 once unmasked.
     #[test]
     fn the_uart_interrupt_is_irq4() {
-        let mut bus = PortBus::firmware(0, 64 << 20);
+        let mut bus = Board::firmware(0, 64 << 20);
         bus.write(0x21, 1, 0xEA, 0); // unmask IRQ4 too
         bus.write(COM1_BASE + 4, 1, 0x08, 0); // MCR.OUT2
         bus.write(COM1_BASE + 1, 1, 0x02, 0); // IER: THRE

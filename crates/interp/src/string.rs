@@ -146,7 +146,7 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
                 return Ok(());
             }
         }
-        if cpu.io.exit_requested().is_some() {
+        if cpu.board.exit_requested().is_some() {
             // The guest ended the machine from inside a REP OUTS.
             if cpu.regs[reg::ECX] & amask != 0 {
                 cpu.eip = start_eip;

@@ -314,7 +314,7 @@ impl Machine {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        cpu.io = popek_devices::PortBus::firmware(epoch, config.memory);
+        cpu.board = popek_devices::Board::firmware(epoch, config.memory);
         Ok(Machine::assemble(cpu, config, Platform::BareMetal))
     }
 
@@ -464,7 +464,7 @@ impl Machine {
         // With the instruction clock, run no further than the next device
         // deadline, so the interrupt comes on time (to within a block).
         let max_insns = if self.cpu.clock_counts_instructions {
-            match self.cpu.io.next_deadline() {
+            match self.cpu.board.next_deadline() {
                 Some(t) => max_insns.min(t.saturating_sub(self.cpu.now_ns()).max(ONE_BLOCK)),
                 None => max_insns,
             }
@@ -482,11 +482,11 @@ impl Machine {
             EngineState::Trap(t) => t.step(&mut self.cpu),
             EngineState::Interp => popek_interp::step(&mut self.cpu),
         };
-        if self.cpu.io.uart.has_output() {
-            let bytes = self.cpu.io.uart.take_output();
+        if self.cpu.board.uart.has_output() {
+            let bytes = self.cpu.board.uart.take_output();
             let _ = out.write_all(&bytes);
         }
-        if let Some(s) = self.cpu.io.exit_requested() {
+        if let Some(s) = self.cpu.board.exit_requested() {
             return Some(Exit::DebugExit(s));
         }
         if let Platform::Linux(p) = &mut self.platform {
@@ -513,18 +513,18 @@ impl Machine {
     /// boundaries). A halted CPU wakes up. Returns the vector delivered.
     pub fn poll_interrupts(&mut self) -> Result<Option<u8>, Stop> {
         let now = self.cpu.now_ns();
-        self.cpu.io.advance(now);
+        self.cpu.board.advance(now);
         if self.cpu.eflags & popek_vcpu::flags::IF == 0
             || self.cpu.int_shadow
-            || !self.cpu.io.interrupt_pending()
+            || !self.cpu.board.interrupt_pending()
         {
             return Ok(None);
         }
-        let Some(vector) = self.cpu.io.acknowledge() else {
+        let Some(vector) = self.cpu.board.acknowledge() else {
             return Ok(None);
         };
         self.cpu.halted = false;
-        let irq = self.cpu.io.irq_of(vector);
+        let irq = self.cpu.board.irq_of(vector);
         self.stats.interrupts.entry(vector).or_insert((irq, 0)).1 += 1;
         let interrupt = Exception {
             vector,
@@ -542,9 +542,9 @@ impl Machine {
     fn idle(&mut self) -> Option<Exit> {
         let can_wake = self.cpu.eflags & popek_vcpu::flags::IF != 0;
         let now = self.cpu.now_ns();
-        let pending = self.cpu.io.interrupt_pending();
+        let pending = self.cpu.board.interrupt_pending();
         let input = self.serial_input.is_some();
-        match self.cpu.io.next_deadline() {
+        match self.cpu.board.next_deadline() {
             _ if can_wake && pending => None,
             Some(t) if can_wake => {
                 let wait = t.saturating_sub(now);
@@ -611,7 +611,7 @@ impl Machine {
             }
         }
         if !bytes.is_empty() {
-            self.cpu.io.serial_input(&bytes);
+            self.cpu.board.serial_input(&bytes);
         }
         if !open {
             self.serial_input = None;

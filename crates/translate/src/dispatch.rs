@@ -279,7 +279,7 @@ impl Bt {
             slow: 0,
         };
         ctx.set_eflags(cpu.eflags, cpu.cpl());
-        if cpu.io.interrupt_pending() {
+        if cpu.board.interrupt_pending() {
             // A device interrupt waits for IF: let STI, POPF and CLI go
             // through the helper, which leaves as soon as IF is set.
             ctx.slow = 1;

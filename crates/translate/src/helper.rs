@@ -145,7 +145,7 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         }
         ctx.regs = cpu.regs;
         ctx.set_eflags(cpu.eflags, cpu.cpl());
-        let irq = cpu.io.interrupt_pending();
+        let irq = cpu.board.interrupt_pending();
         if irq {
             // As at entry (see the dispatcher): STI, POPF and CLI keep
             // coming here while a device interrupt waits.
@@ -159,8 +159,7 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
             Step::Executed => {
                 cpu.eip == next
                     && !cpu.halted
-                    && cpu.io.exit_requested().is_none()
-                    && !cpu.io.uart.has_output()
+                    && !cpu.board.needs_attention()
                     && !cpu.ram.has_watched_writes()
                     && !interruptible
                     && translatable(cpu)

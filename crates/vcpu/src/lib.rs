@@ -27,7 +27,7 @@ pub mod state;
 pub mod system;
 pub mod x87;
 
-pub use popek_devices::PortBus;
+pub use popek_devices::Board;
 pub use popek_memory::GuestRam;
 pub use state::*;
 

@@ -1,6 +1,6 @@
 //! Architectural state of the virtual CPU.
 
-use popek_devices::PortBus;
+use popek_devices::Board;
 use popek_memory::GuestRam;
 
 /// General-purpose register numbers, in x86 encoding order.
@@ -271,8 +271,8 @@ pub struct Vcpu {
     pub int_shadow: bool,
     /// Guest physical RAM.
     pub ram: GuestRam,
-    /// The port-I/O bus with its devices.
-    pub io: PortBus,
+    /// The board: the port-I/O bus, its devices and their interrupt lines.
+    pub board: Board,
     /// Guest instructions retired.
     pub retired: u64,
     /// The x87 FPU.
@@ -323,7 +323,7 @@ impl Vcpu {
             halted: false,
             int_shadow: false,
             ram,
-            io: PortBus::new(),
+            board: Board::new(),
             retired: 0,
             fpu: crate::x87::Fpu::default(),
         }

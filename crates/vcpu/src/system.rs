@@ -123,14 +123,14 @@ impl Vcpu {
     pub fn port_in(&mut self, port: u16, size: u8) -> VResult<u32> {
         self.check_io(port, size)?;
         let now = self.now_ns();
-        Ok(self.io.read(port, size, now))
+        Ok(self.board.read(port, size, now))
     }
 
     /// OUT: write `size` bytes of `value` to `port`.
     pub fn port_out(&mut self, port: u16, size: u8, value: u32) -> VResult<()> {
         self.check_io(port, size)?;
         let now = self.now_ns();
-        self.io.write(port, size, value, now);
+        self.board.write(port, size, value, now);
         Ok(())
     }
 
