@@ -234,6 +234,7 @@ fn lockstep_runs_both_engines_and_they_agree() {
         "triplefault",
         "preempt",
         "timers",
+        "paging",
     ] {
         let normal = popek(&["run", guest]);
         let out = popek(&["run", guest, "--lockstep"]);
@@ -368,5 +369,5 @@ fn page_table_writes_drop_only_what_they_affect() {
     assert!(get("page_table_writes") >= 1, "{line}");
     let (mapped, unmapped) = (get("shadow_pages_mapped"), get("shadow_pages_unmapped"));
     assert!(unmapped >= 1 && unmapped < mapped, "{line}");
-    assert_eq!(get("mode_flushes"), 0, "{line}");
+    assert_eq!(get("code_buffer_flushes"), 0, "{line}");
 }

@@ -16,7 +16,6 @@
 //! The window is the only unsafe code here: the mappings are created and
 //! destroyed in one place each, with the invariants written beside them.
 
-use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
@@ -41,14 +40,9 @@ pub struct GuestRam {
     /// Writes to watched pages since the last [`GuestRam::take_watched_writes`],
     /// one per page.
     writes: Vec<WatchedWrite>,
-    /// The shadow window (linear addresses under guest paging), created
-    /// on first use; see [`GuestRam::shadow`].
-    shadow: Option<Window>,
-    /// For each physical page mapped into the shadow, the linear pages
-    /// that map it (to write-protect them with the physical page).
-    aliases: HashMap<u32, Vec<u32>>,
-    /// For each linear page mapped into the shadow, its physical page.
-    shadow_of: HashMap<u32, u32>,
+    /// The shadow windows (linear addresses under guest paging), one per
+    /// shadow address space, created on first use; see [`GuestRam::shadow`].
+    shadows: Vec<Option<shadow::Shadow>>,
 }
 
 /// Bytes a [`Window`] reserves from its base: the 4 GiB guest address
@@ -148,6 +142,11 @@ pub struct WatchedWrite {
     /// Every write to it since the last drain was the CPU setting an
     /// accessed or dirty bit in a page-table entry ([`GuestRam::write_ad`]).
     pub accessed_dirty: bool,
+    /// The bytes of the page the other writes touched: offsets `lo..hi`
+    /// (their hull; empty when `accessed_dirty`).
+    pub lo: u16,
+    /// See `lo`.
+    pub hi: u16,
 }
 
 fn bit(v: &[u64], page: u32) -> bool {
@@ -214,9 +213,7 @@ impl GuestRam {
             watched: vec![0; pages.div_ceil(64)],
             pending: vec![0; pages.div_ceil(64)],
             writes: Vec::new(),
-            shadow: None,
-            aliases: HashMap::new(),
-            shadow_of: HashMap::new(),
+            shadows: Vec::new(),
         })
     }
 
@@ -292,20 +289,30 @@ impl GuestRam {
     #[inline]
     fn note_write_as(&mut self, addr: u32, len: u32, accessed_dirty: bool) {
         let first = addr / PAGE_SIZE;
-        let last = addr.wrapping_add(len - 1) / PAGE_SIZE;
-        for page in [first, last] {
-            if bit(&self.watched, page) {
-                self.record(page, accessed_dirty);
-            }
+        let end = addr.wrapping_add(len - 1);
+        let last = end / PAGE_SIZE;
+        if bit(&self.watched, first) {
+            let hi = if last == first { end % PAGE_SIZE + 1 } else { PAGE_SIZE };
+            self.record(first, addr % PAGE_SIZE, hi, accessed_dirty);
+        }
+        if last != first && bit(&self.watched, last) {
+            self.record(last, 0, end % PAGE_SIZE + 1, accessed_dirty);
         }
     }
 
     #[cold]
-    fn record(&mut self, page: u32, accessed_dirty: bool) {
+    fn record(&mut self, page: u32, lo: u32, hi: u32, accessed_dirty: bool) {
+        let (lo, hi) = if accessed_dirty {
+            (u16::MAX, 0)
+        } else {
+            (lo as u16, hi as u16)
+        };
         if bit(&self.pending, page) {
             if !accessed_dirty {
                 if let Some(w) = self.writes.iter_mut().find(|w| w.page == page) {
                     w.accessed_dirty = false;
+                    w.lo = w.lo.min(lo);
+                    w.hi = w.hi.max(hi);
                 }
             }
             return;
@@ -314,6 +321,8 @@ impl GuestRam {
         self.writes.push(WatchedWrite {
             page,
             accessed_dirty,
+            lo,
+            hi,
         });
     }
 
@@ -462,7 +471,7 @@ impl GuestRam {
         if self.contains(addr, data.len() as u32) {
             let mut p = addr & !(PAGE_SIZE - 1);
             while p < addr + data.len() as u32 {
-                self.note_write(p, 1);
+                self.note_write(p, PAGE_SIZE);
                 p += PAGE_SIZE;
             }
             let a = addr as usize;
@@ -493,7 +502,7 @@ mod tests {
     fn windows_are_4gib_aligned_and_bulk_writes_are_recorded() {
         let mut ram = GuestRam::new(1 << 20).unwrap();
         assert_eq!(ram.window().unwrap().base() as usize % (1 << 32), 0);
-        assert_eq!(ram.shadow().unwrap().base() as usize % (1 << 32), 0);
+        assert_eq!(ram.shadow(0).unwrap().base() as usize % (1 << 32), 0);
         ram.load(0x3000, b"abcdefgh");
         ram.watch_page(4).unwrap();
         ram.watch_page(5).unwrap();
@@ -503,8 +512,10 @@ mod tests {
         ram.write(0x4020, 1, 0);
         assert_eq!(ram.read(0x4010, 8), u64::from_le_bytes(*b"abcdefgh"));
         assert_eq!(ram.read(0x5000, 6), 0x0201_0201_0201);
-        let pages: Vec<u32> = ram.take_watched_writes().iter().map(|w| w.page).collect();
-        assert_eq!(pages, vec![4, 5]);
+        let w = ram.take_watched_writes();
+        let pages: Vec<(u32, u16, u16)> = w.iter().map(|w| (w.page, w.lo, w.hi)).collect();
+        // Page 4: bytes 0x10..0x18 copied, byte 0x20 written: their hull.
+        assert_eq!(pages, vec![(4, 0x10, 0x21), (5, 0, 6)]);
         assert!(!ram.has_watched_writes());
         ram.watch_page(6).unwrap();
         ram.write_ad(0x6000, 0x61);
@@ -512,7 +523,9 @@ mod tests {
             ram.take_watched_writes(),
             vec![WatchedWrite {
                 page: 6,
-                accessed_dirty: true
+                accessed_dirty: true,
+                lo: u16::MAX,
+                hi: 0,
             }]
         );
         ram.write_ad(0x6000, 0x61);
@@ -521,7 +534,9 @@ mod tests {
             ram.take_watched_writes(),
             vec![WatchedWrite {
                 page: 6,
-                accessed_dirty: false
+                accessed_dirty: false,
+                lo: 4,
+                hi: 8,
             }]
         );
     }

@@ -1,9 +1,9 @@
-//! The shadow window: guest *linear* memory while guest paging is on.
+//! Shadow windows: guest *linear* memory while guest paging is on.
 //!
 //! Translated code reaches memory as `gs:[addr32]`. With paging off, GS is
 //! the [`Window`] of physical memory. With paging on, a guest linear
-//! address must go through the guest's page tables, so GS is a second
-//! 4 GiB reservation, the shadow, filled lazily: every page starts
+//! address must go through the guest's page tables, so GS is a shadow
+//! window, a second 4 GiB reservation filled lazily: every page starts
 //! `PROT_NONE`; when translated code touches one, the host fault sends the
 //! instruction to the interpreter (which walks the guest tables and raises
 //! #PF if it must), and the engine then maps that linear page to the
@@ -11,100 +11,131 @@
 //! the guest tables grant. The next access runs at host speed. This is the
 //! shadow page table of a classic VMM, kept by the host's MMU.
 //!
-//! The shadow must never grant what the guest tables no longer grant. The
-//! page-table pages a mapping was derived from are *watched* by the
-//! translator ([`GuestRam::watch_page`]): read-only to translated code
-//! (like code pages), and any write to one (by the interpreter, a device or
-//! the platform) is recorded; the translator then drops the whole shadow
-//! ([`GuestRam::shadow_reset`]). So translated code sees
-//! a mapping change at once, as the interpreter (which has no TLB) does.
-//! Setting accessed and dirty bits ([`GuestRam::write_ad`]) is not such a
-//! write: it only makes the tables grant more.
+//! There are several shadows, numbered by the caller (the translator keeps
+//! one per shadow address space: page directory and privilege), so that a
+//! CR3 switch or a change between user and supervisor mode only points GS
+//! at another window, as a CPU with a tagged TLB would switch.
+//!
+//! A shadow must never grant what the guest tables no longer grant. The
+//! caller watches the page-table pages a mapping was derived from
+//! ([`GuestRam::watch_page`]) and unmaps exactly the linear pages a table
+//! write affects ([`GuestRam::shadow_unmap`]). Setting accessed and dirty
+//! bits ([`GuestRam::write_ad`]) is not such a write: it only makes the
+//! tables grant more.
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 
 use crate::{GuestRam, RamError, Window, PAGE_SIZE, WINDOW_SIZE};
 
-impl GuestRam {
-    /// The shadow window, created on first use (every page `PROT_NONE`).
-    pub fn shadow(&mut self) -> Result<&Window, RamError> {
-        if self.shadow.is_none() {
-            self.shadow = Some(Window::reserve()?);
+/// One shadow window and what is mapped in it.
+pub(crate) struct Shadow {
+    window: Window,
+    /// For each physical page mapped into the shadow, the linear pages
+    /// that map it (to write-protect them with the physical page).
+    aliases: HashMap<u32, Vec<u32>>,
+    /// For each linear page mapped into the shadow, its physical page.
+    shadow_of: HashMap<u32, u32>,
+}
+
+impl Shadow {
+    fn forget(&mut self, lin: u32) {
+        if let Some(phys) = self.shadow_of.remove(&lin) {
+            if let Some(list) = self.aliases.get_mut(&phys) {
+                list.retain(|&l| l != lin);
+            }
         }
-        Ok(self.shadow.as_ref().expect("created above"))
+    }
+}
+
+impl GuestRam {
+    /// Shadow window `space`, created on first use (every page
+    /// `PROT_NONE`).
+    pub fn shadow(&mut self, space: usize) -> Result<&Window, RamError> {
+        if self.shadows.len() <= space {
+            self.shadows.resize_with(space + 1, || None);
+        }
+        if self.shadows[space].is_none() {
+            self.shadows[space] = Some(Shadow {
+                window: Window::reserve()?,
+                aliases: HashMap::new(),
+                shadow_of: HashMap::new(),
+            });
+        }
+        Ok(&self.shadows[space].as_ref().expect("created above").window)
     }
 
-    /// Map linear page `lin` to physical page `phys` in the shadow, read-only
-    /// unless `writable` (and the physical page is neither code nor a page
-    /// table). False when `phys` is not RAM or there is no shadow.
-    pub fn shadow_map(&mut self, lin: u32, phys: u32, writable: bool) -> bool {
+    /// How many linear pages shadow `space` maps.
+    pub fn shadow_mapped(&self, space: usize) -> usize {
+        match self.shadows.get(space) {
+            Some(Some(s)) => s.shadow_of.len(),
+            _ => 0,
+        }
+    }
+
+    /// Map linear page `lin` to physical page `phys` in shadow `space`,
+    /// read-only unless `writable` (and the physical page is not watched).
+    /// False when `phys` is not RAM or there is no such shadow.
+    pub fn shadow_map(&mut self, space: usize, lin: u32, phys: u32, writable: bool) -> bool {
         if phys >= self.size / PAGE_SIZE {
             return false;
         }
         let writable = writable && !self.is_watched(phys);
-        let Some(w) = &self.shadow else { return false };
+        let fd = self.fd.as_raw_fd();
+        let Some(Some(s)) = self.shadows.get_mut(space) else {
+            return false;
+        };
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         // SAFETY: MAP_FIXED replaces one page inside the shadow reservation,
-        // which `w` owns; the memfd holds `phys` (checked above), so the
-        // mapping aliases guest RAM only.
+        // which `s.window` owns; the memfd holds `phys` (checked above), so
+        // the mapping aliases guest RAM only.
         let r = unsafe {
             libc::mmap(
-                w.base().add((lin * PAGE_SIZE) as usize).cast(),
+                s.window.base().add((lin * PAGE_SIZE) as usize).cast(),
                 PAGE_SIZE as usize,
                 prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
-                self.fd.as_raw_fd(),
+                fd,
                 i64::from(phys * PAGE_SIZE),
             )
         };
         if r == libc::MAP_FAILED {
             return false;
         }
-        if let Some(old) = self.shadow_of.insert(lin, phys) {
-            if old != phys {
-                if let Some(list) = self.aliases.get_mut(&old) {
-                    list.retain(|&l| l != lin);
-                }
-            }
-        }
-        let list = self.aliases.entry(phys).or_default();
-        if !list.contains(&lin) {
-            list.push(lin);
-        }
+        s.forget(lin);
+        s.shadow_of.insert(lin, phys);
+        s.aliases.entry(phys).or_default().push(lin);
         true
     }
 
-    /// Drop every shadow mapping (every linear page `PROT_NONE` again).
-    pub fn shadow_reset(&mut self) -> Result<(), RamError> {
-        self.aliases.clear();
-        self.shadow_of.clear();
-        match &self.shadow {
-            Some(w) => unreserve(w.base(), WINDOW_SIZE),
-            None => Ok(()),
+    /// Drop every mapping of shadow `space` (every linear page `PROT_NONE`
+    /// again).
+    pub fn shadow_reset(&mut self, space: usize) -> Result<(), RamError> {
+        match self.shadows.get_mut(space) {
+            Some(Some(s)) => {
+                s.aliases.clear();
+                s.shadow_of.clear();
+                unreserve(s.window.base(), WINDOW_SIZE)
+            }
+            _ => Ok(()),
         }
     }
 
-    /// Drop the shadow mappings of `count` linear pages from `first` (they
-    /// are `PROT_NONE` again and are mapped anew on their next use): what
-    /// a TLB does for INVLPG, and what a changed page-table entry requires.
-    /// One host call for the whole range.
-    pub fn shadow_unmap(&mut self, first: u32, count: u32) -> Result<(), RamError> {
+    /// Drop the mappings of `count` linear pages from `first` in shadow
+    /// `space` (they are `PROT_NONE` again and are mapped anew on their
+    /// next use): what a TLB does for INVLPG, and what a changed
+    /// page-table entry requires. One host call for the whole range.
+    pub fn shadow_unmap(&mut self, space: usize, first: u32, count: u32) -> Result<(), RamError> {
+        let Some(Some(s)) = self.shadows.get_mut(space) else {
+            return Ok(());
+        };
         for lin in first..first.saturating_add(count) {
-            if let Some(phys) = self.shadow_of.remove(&lin) {
-                if let Some(list) = self.aliases.get_mut(&phys) {
-                    list.retain(|&l| l != lin);
-                }
-            }
+            s.forget(lin);
         }
-        match &self.shadow {
-            Some(w) => {
-                // SAFETY: the range lies inside the shadow reservation `w`
-                // owns (linear pages are below 2^20).
-                let at = unsafe { w.base().add((first * PAGE_SIZE) as usize) };
-                unreserve(at, (count * PAGE_SIZE) as usize)
-            }
-            None => Ok(()),
-        }
+        // SAFETY: the range lies inside the shadow reservation the shadow
+        // owns (linear pages are below 2^20).
+        let at = unsafe { s.window.base().add((first * PAGE_SIZE) as usize) };
+        unreserve(at, (count * PAGE_SIZE) as usize)
     }
 
     /// Write a page-table entry that only grants more than before (a
@@ -129,37 +160,37 @@ impl GuestRam {
 
     /// Make the shadow aliases of a physical page read-only, or (when it
     /// may be writable again) drop them, to be mapped again with the guest
-    /// tables' rights on their next use.
+    /// tables' rights on their next use; in every shadow.
     pub(crate) fn protect_aliases(&mut self, phys: u32, writable: bool) -> Result<(), RamError> {
-        let Some(w) = &self.shadow else {
-            return Ok(());
-        };
-        let Some(list) = self.aliases.get(&phys) else {
-            return Ok(());
-        };
-        for &lin in list {
-            // SAFETY: the page lies inside the shadow reservation, which
-            // `w` owns; changing its protection or replacing it with a
-            // PROT_NONE page affects only translated code's accesses.
-            let at = unsafe { w.base().add((lin * PAGE_SIZE) as usize) };
-            if writable {
-                unreserve(at, PAGE_SIZE as usize)?;
-            } else {
-                // SAFETY: as above.
-                let r = unsafe { libc::mprotect(at.cast(), PAGE_SIZE as usize, libc::PROT_READ) };
-                if r != 0 {
-                    return Err(RamError(format!(
-                        "cannot write-protect linear page {:#010x} in the shadow: {}",
-                        lin * PAGE_SIZE,
-                        std::io::Error::last_os_error()
-                    )));
+        for s in self.shadows.iter_mut().flatten() {
+            let Some(list) = s.aliases.get(&phys) else {
+                continue;
+            };
+            for &lin in list {
+                // SAFETY: the page lies inside the shadow reservation, which
+                // `s.window` owns; changing its protection or replacing it
+                // with a PROT_NONE page affects only translated code's
+                // accesses.
+                let at = unsafe { s.window.base().add((lin * PAGE_SIZE) as usize) };
+                if writable {
+                    unreserve(at, PAGE_SIZE as usize)?;
+                } else {
+                    // SAFETY: as above.
+                    let r = unsafe { libc::mprotect(at.cast(), PAGE_SIZE as usize, libc::PROT_READ) };
+                    if r != 0 {
+                        return Err(RamError(format!(
+                            "cannot write-protect linear page {:#010x} in a shadow: {}",
+                            lin * PAGE_SIZE,
+                            std::io::Error::last_os_error()
+                        )));
+                    }
                 }
             }
-        }
-        if writable {
-            if let Some(list) = self.aliases.remove(&phys) {
-                for lin in list {
-                    self.shadow_of.remove(&lin);
+            if writable {
+                if let Some(list) = s.aliases.remove(&phys) {
+                    for lin in list {
+                        s.shadow_of.remove(&lin);
+                    }
                 }
             }
         }
@@ -204,14 +235,14 @@ mod tests {
     fn shadow_pages_alias_ram_and_table_writes_are_recorded() {
         let mut ram = GuestRam::new(0x10000).unwrap();
         ram.write(0x3010, 4, 0x1234_5678);
-        let base = ram.shadow().unwrap().base();
-        assert!(ram.shadow_map(0x80000, 3, true));
+        let base = ram.shadow(0).unwrap().base();
+        assert!(ram.shadow_map(0, 0x80000, 3, true));
         assert_eq!(read(base, 0x8000_0010), 0x1234_5678);
         // A write through the shadow shows in RAM.
         // SAFETY: the page was mapped writable just above.
         unsafe { std::ptr::write_unaligned(base.add(0x8000_0020).cast::<u32>(), 0xCAFE) };
         assert_eq!(ram.read(0x3020, 4), 0xCAFE);
-        assert!(!ram.shadow_map(0x80001, 0x10, true), "beyond RAM");
+        assert!(!ram.shadow_map(0, 0x80001, 0x10, true), "beyond RAM");
         // A watched page is read-only in the shadow, and writes to it are
         // recorded, A/D updates marked as such.
         ram.watch_page(3).unwrap();
@@ -229,6 +260,6 @@ mod tests {
             !ram.has_watched_writes(),
             "unwatched pages are not recorded"
         );
-        ram.shadow_reset().unwrap();
+        ram.shadow_reset(0).unwrap();
     }
 }

@@ -1,7 +1,16 @@
-//! The translation cache: guest EIP to [`Translation`], least recently
-//! used out first when bounded (`--cache-blocks`), and what drops
-//! translations: eviction, invalidation after a write to a code page, and
-//! the flush of everything (a full code buffer, a change of mode).
+//! The translation cache: [`Key`] (guest EIP, the physical page it was
+//! fetched from, user or supervisor mode) to [`Translation`], least
+//! recently used out first when bounded (`--cache-blocks`), and what drops
+//! translations: eviction, invalidation after a write to a code page or a
+//! change of the page-table entry that mapped it, and the flush of
+//! everything (a full code buffer).
+//!
+//! Keying by the physical page is what lets translations outlive a CR3
+//! switch or a change of privilege: the same kernel code mapped in every
+//! address space is found under the same key in all of them, and a process
+//! whose code at the same linear address is other bytes gets translations
+//! of its own. The dispatcher finds the physical page of EIP through the
+//! current shadow address space's instruction TLB ([`crate::paging`]).
 //!
 //! Invariants: every `Translation::Code` in the cache has its host code in
 //! the current code buffer, an entry in `by_offset`, and is linked
@@ -34,6 +43,30 @@ impl Hasher for EipHasher {
     fn write_u32(&mut self, v: u32) {
         self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// What a translation is found by: its guest EIP (bits 0-31), the physical
+/// page of that EIP (bits 32-51; the linear page with paging off) and
+/// whether it was made for user mode (bit 63: the guest tables' U/S rights
+/// it was checked against).
+pub(crate) type Key = u64;
+
+/// The key of the translation of `eip` on physical page `phys_page`.
+pub(crate) fn make_key(eip: u32, phys_page: u32, user: bool) -> Key {
+    u64::from(eip) | u64::from(phys_page) << 32 | u64::from(user) << 63
+}
+
+/// The guest EIP of a key.
+pub(crate) fn key_eip(k: Key) -> u32 {
+    k as u32
+}
+
+/// Was the translation made for user mode?
+pub(crate) fn key_user(k: Key) -> bool {
+    k >> 63 != 0
 }
 
 /// A cache entry: translated code, or a note that nothing at this EIP can
@@ -53,6 +86,11 @@ pub(crate) enum Translation {
         lin: (u32, u32),
         /// Chained jumps that land in this block.
         incoming: Vec<Link>,
+        /// For each exit stub (as in `code.sites()`), the translation it
+        /// is chained to, if it is.
+        linked: Vec<Option<Key>>,
+        /// Does the code add an FS or GS base (as of translation)?
+        uses_segs: bool,
     },
     Interpret {
         pages: (u32, u32),
@@ -72,40 +110,47 @@ impl Translation {
             Translation::Code { lin, .. } | Translation::Interpret { lin, .. } => *lin,
         }
     }
+
+    /// The physical page behind linear page `lin` as this translation saw
+    /// it, if the translation covers that page.
+    pub(crate) fn phys_of(&self, lin: u32) -> Option<u32> {
+        let (l, p) = (self.lin_pages(), self.pages());
+        if lin == l.0 {
+            Some(p.0)
+        } else if lin == l.1 {
+            Some(p.1)
+        } else {
+            None
+        }
+    }
+
+    fn uses_segs(&self) -> bool {
+        matches!(self, Translation::Code { uses_segs: true, .. })
+    }
 }
 
 impl Bt {
-    /// A cache miss: translate the block at `eip`, insert it (evicting the
+    /// A cache miss: translate the block at `key`, insert it (evicting the
     /// least recently used block if the cache is full) and link it.
-    pub(crate) fn translate_into_cache(&mut self, cpu: &mut Vcpu, eip: u32) {
+    pub(crate) fn translate_into_cache(&mut self, cpu: &mut Vcpu, key: Key) {
         let t = std::time::Instant::now();
-        let e = self.translate(cpu, eip);
+        let e = self.translate(cpu, key);
         self.stats.translate_ns += t.elapsed().as_nanos() as u64;
-        if let Some((old_eip, old)) = self.cache.push(eip, e) {
-            if old_eip != eip {
+        if let Some((old_key, old)) = self.cache.push(key, e) {
+            if old_key != key {
                 self.stats.evictions += 1;
             }
-            self.unlink(old_eip, old);
+            self.unlink(old_key, old);
         }
-        self.link(eip);
+        self.link(key);
     }
 
     /// Drop every translation and reclaim the whole code buffer.
     pub fn flush(&mut self) {
-        if let Some(buf) = self.code.as_ref() {
-            let empty = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
-            if self.lookup_used.len() > LOOKUP_ENTRIES / 8 {
-                self.lookup.fill(empty);
-            } else {
-                for &i in &self.lookup_used {
-                    self.lookup[usize::from(i)] = empty;
-                }
-            }
-            self.lookup_used.clear();
-        }
+        self.clear_lookups();
         self.cache.clear();
-        self.segs_used = false;
         self.pending.clear();
+        self.cross.clear();
         self.by_offset.clear();
         if let Some(buf) = self.code.as_mut() {
             buf.reset();
@@ -114,30 +159,56 @@ impl Bt {
         self.stats.flushes += 1;
     }
 
+    /// Empty both indirect-branch tables.
+    pub(crate) fn clear_lookups(&mut self) {
+        let Some(buf) = self.code.as_ref() else {
+            return;
+        };
+        let empty = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
+        for (table, used) in self.lookup.iter_mut().zip(self.lookup_used.iter_mut()) {
+            if used.len() > LOOKUP_ENTRIES / 8 {
+                table.fill(empty);
+            } else {
+                for &i in used.iter() {
+                    table[usize::from(i)] = empty;
+                }
+            }
+            used.clear();
+        }
+    }
+
     /// Drop the translations made from any of the `written` code pages.
     pub(crate) fn invalidate(&mut self, written: &[u32]) {
         if written.is_empty() {
             return;
         }
-        self.drop_where(|t| {
+        self.stats.invalidations += self.drop_where(|t| {
             let (a, b) = t.pages();
             written.contains(&a) || written.contains(&b)
         });
     }
 
-    /// Drop (and unlink) every cached translation `stale` says is stale.
-    pub(crate) fn drop_where(&mut self, stale: impl Fn(&Translation) -> bool) {
-        let keys: Vec<u32> = self
+    /// Drop the translations that add an FS or GS base (the bases changed).
+    pub(crate) fn drop_segment_users(&mut self) {
+        self.stats.segment_invalidations += self.drop_where(Translation::uses_segs);
+    }
+
+    /// Drop (and unlink) every cached translation `stale` says is stale;
+    /// how many.
+    pub(crate) fn drop_where(&mut self, stale: impl Fn(&Translation) -> bool) -> u64 {
+        let keys: Vec<Key> = self
             .cache
             .iter()
             .filter(|(_, t)| stale(t))
             .map(|(k, _)| *k)
             .collect();
+        let mut n = 0;
         for k in keys {
             if let Some(e) = self.cache.pop(&k) {
                 self.unlink(k, e);
-                self.stats.invalidations += 1;
+                n += 1;
             }
         }
+        n
     }
 }

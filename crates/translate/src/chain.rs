@@ -1,15 +1,33 @@
 //! Chaining: a block's exit stub jumps straight into its target's body
-//! once both are translated, and the indirect-branch table lets RET and
+//! once both are translated, and the indirect-branch tables let RET and
 //! indirect JMP/CALL find their target's translation in host code.
 //!
 //! Each translation records the chained jumps that land in it
-//! (`incoming`); stubs whose target is not translated yet wait in
-//! `pending`, keyed by target EIP. When a translation is dropped its
-//! incoming jumps are patched back to their stubs' cold tails (which
-//! return to the dispatcher) and wait again, and its table entry is
-//! cleared. So a patched jump always lands in live code.
+//! (`incoming`) and where its own stubs are chained (`linked`); stubs
+//! whose target is not translated yet wait in `pending`, keyed by target
+//! EIP. When a translation is dropped its incoming jumps are patched back
+//! to their stubs' cold tails (which return to the dispatcher) and wait
+//! again, and its table entry is cleared. So a patched jump always lands in
+//! live code.
+//!
+//! Translations are keyed by physical page ([`crate::cache::Key`]), so a
+//! chained jump must land in the translation that is right for the address
+//! space the code runs in:
+//!
+//! - A jump to a page of its own block (a *same-page* link) is right in
+//!   every address space the block itself is right in, so it stays.
+//! - A jump to another page (a *cross-page* link) is made only when the
+//!   current address space maps that page to the target's physical page,
+//!   and is recorded in `cross`; a switch to another address space cuts
+//!   every cross-page link (they are made again on demand), and empties
+//!   the indirect-branch tables, which are filled by the dispatcher as
+//!   it looks translations up.
+//!
+//! Links join translations made for the same privilege only, and there is
+//! one indirect-branch table per privilege, so user code never reaches a
+//! translation checked only against supervisor rights.
 
-use crate::cache::Translation;
+use crate::cache::{key_eip, key_user, make_key, Key, Translation};
 use crate::dispatch::Bt;
 use crate::emit::{epilogue_offset, LookupEntry};
 
@@ -17,7 +35,7 @@ use crate::emit::{epilogue_offset, LookupEntry};
 /// code-buffer offset of its rel32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Link {
-    pub(crate) from: u32,
+    pub(crate) from: Key,
     pub(crate) rel32: usize,
     /// Where the jump goes while unchained (its stub's cold tail).
     pub(crate) cold: usize,
@@ -26,7 +44,7 @@ pub(crate) struct Link {
 impl Bt {
     /// Patch a chained jump to land in `target`'s body, or back to its
     /// stub's cold tail (which returns to the dispatcher).
-    fn patch(&mut self, l: Link, to_body_of: Option<u32>) {
+    fn patch(&mut self, l: Link, to_body_of: Option<Key>) {
         let to = match to_body_of.and_then(|t| self.cache.peek(&t)) {
             Some(Translation::Code { code, .. }) => code.body_offset(),
             _ => l.cold,
@@ -36,81 +54,192 @@ impl Bt {
         }
     }
 
-    /// Link a new block at `eip`: stubs waiting for it, and its own stubs.
-    pub(crate) fn link(&mut self, eip: u32) {
-        let waiting = self.pending.remove(&eip).unwrap_or_default();
-        for l in &waiting {
-            self.patch(*l, Some(eip));
+    /// May a stub of `from` be chained into `to`? Some(cross-page) if so.
+    fn may_link(&self, from: Key, to: Key) -> Option<bool> {
+        if key_user(from) != key_user(to) {
+            return None;
         }
-        let sites: Vec<_> = match self.cache.peek_mut(&eip) {
-            Some(Translation::Code { code, incoming, .. }) => {
-                incoming.extend(waiting);
-                code.sites().to_vec()
+        let a = self.cache.peek(&from)?;
+        let t = match self.cache.peek(&to)? {
+            t @ Translation::Code { .. } => t,
+            Translation::Interpret { .. } => return None,
+        };
+        let (lin, pages) = (t.lin_pages(), t.pages());
+        let mut cross = false;
+        for (l, p) in [(lin.0, pages.0), (lin.1, pages.1)] {
+            match a.phys_of(l) {
+                Some(q) if q == p => {}
+                Some(_) => return None,
+                None => {
+                    cross = true;
+                    if self.current_phys(l) != Some(p) {
+                        return None;
+                    }
+                }
             }
+        }
+        Some(cross)
+    }
+
+    /// The translation a stub of `from` jumping to `eip` should land in,
+    /// as far as the current address space tells.
+    fn target_key(&self, from: Key, eip: u32) -> Option<Key> {
+        let page = eip >> 12;
+        let phys = match self.cache.peek(&from).and_then(|a| a.phys_of(page)) {
+            Some(p) => p,
+            None => self.current_phys(page)?,
+        };
+        Some(make_key(eip, phys, key_user(from)))
+    }
+
+    /// Chain `l` into `to` if allowed: true if it was.
+    fn try_chain(&mut self, l: Link, to: Key) -> bool {
+        let Some(cross) = self.may_link(l.from, to) else {
+            return false;
+        };
+        self.patch(l, Some(to));
+        if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&to) {
+            incoming.push(l);
+        }
+        self.set_linked(l, Some(to));
+        if cross {
+            self.cross.push((to, l));
+        }
+        true
+    }
+
+    /// Record in the block holding `l` where its stub is chained.
+    fn set_linked(&mut self, l: Link, to: Option<Key>) {
+        if let Some(Translation::Code { code, linked, .. }) = self.cache.peek_mut(&l.from) {
+            if let Some(i) = code.sites().iter().position(|s| s.rel32 == l.rel32) {
+                linked[i] = to;
+            }
+        }
+    }
+
+    /// Chain the stubs waiting for `key`'s EIP that may land in it.
+    pub(crate) fn link_waiting(&mut self, key: Key) {
+        let eip = key_eip(key);
+        let Some(waiting) = self.pending.remove(&eip) else {
+            return;
+        };
+        let mut still = Vec::new();
+        for l in waiting {
+            if !self.try_chain(l, key) {
+                still.push(l);
+            }
+        }
+        if !still.is_empty() {
+            self.pending.insert(eip, still);
+        }
+    }
+
+    /// Link a new block: stubs waiting for it, and its own stubs.
+    pub(crate) fn link(&mut self, key: Key) {
+        self.link_waiting(key);
+        let sites: Vec<_> = match self.cache.peek(&key) {
+            Some(Translation::Code { code, .. }) => code.sites().to_vec(),
             _ => return,
         };
         for site in sites {
             let link = Link {
-                from: eip,
+                from: key,
                 rel32: site.rel32,
                 cold: site.cold,
             };
-            if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&site.target) {
-                incoming.push(link);
-                self.patch(link, Some(site.target));
-            } else {
+            let chained = self
+                .target_key(key, site.target)
+                .is_some_and(|to| self.try_chain(link, to));
+            if !chained {
                 self.pending.entry(site.target).or_default().push(link);
             }
         }
     }
 
-    /// Unlink a block that left the cache.
-    pub(crate) fn unlink(&mut self, eip: u32, entry: Translation) {
-        let Translation::Code { code, incoming, .. } = entry else {
-            return;
-        };
-        self.forget_lookup(eip);
-        self.by_offset.remove(&code.offset());
-        for l in incoming {
-            if l.from != eip && self.cache.contains(&l.from) {
-                self.patch(l, None);
-                self.pending.entry(eip).or_default().push(l);
-            }
-        }
-        for site in code.sites() {
-            let gone = |l: &Link| l.from == eip && l.rel32 == site.rel32;
-            if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&site.target) {
-                incoming.retain(|l| !gone(l));
-            } else if let Some(list) = self.pending.get_mut(&site.target) {
-                list.retain(|l| !gone(l));
+    /// Unchain a link from its target `to` and let it wait again.
+    fn unchain(&mut self, to: Key, l: Link) {
+        self.patch(l, None);
+        self.set_linked(l, None);
+        self.pending.entry(key_eip(to)).or_default().push(l);
+    }
+
+    /// Cut every cross-page link (the address space changed).
+    pub(crate) fn cut_cross_links(&mut self) {
+        for (to, l) in std::mem::take(&mut self.cross) {
+            let live = match self.cache.peek_mut(&to) {
+                Some(Translation::Code { incoming, .. }) => {
+                    let before = incoming.len();
+                    incoming.retain(|x| *x != l);
+                    incoming.len() != before
+                }
+                _ => false,
+            };
+            if live {
+                self.unchain(to, l);
+                self.stats.links_cut += 1;
             }
         }
     }
 
-    /// Make `eip`'s translation findable by indirect branches in host code.
-    pub(crate) fn publish_lookup(&mut self, eip: u32) {
+    /// Unlink a block that left the cache.
+    pub(crate) fn unlink(&mut self, key: Key, entry: Translation) {
+        let Translation::Code {
+            code,
+            incoming,
+            linked,
+            ..
+        } = entry
+        else {
+            return;
+        };
+        self.forget_lookup(key, &code);
+        self.by_offset.remove(&code.offset());
+        for l in incoming {
+            if l.from != key && self.cache.contains(&l.from) {
+                self.unchain(key, l);
+            }
+        }
+        for (site, to) in code.sites().iter().zip(linked) {
+            let gone = |l: &Link| l.from == key && l.rel32 == site.rel32;
+            match to.and_then(|t| self.cache.peek_mut(&t)) {
+                Some(Translation::Code { incoming, .. }) => incoming.retain(|l| !gone(l)),
+                _ => {
+                    if let Some(list) = self.pending.get_mut(&site.target) {
+                        list.retain(|l| !gone(l));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Make `key`'s translation findable by indirect branches in host code
+    /// (in the table of its privilege).
+    pub(crate) fn publish_lookup(&mut self, key: Key) {
         let (Some(Translation::Code { code, .. }), Some(buf)) =
-            (self.cache.peek(&eip), self.code.as_ref())
+            (self.cache.peek(&key), self.code.as_ref())
         else {
             return;
         };
         let host = buf.exec_addr(code.body_offset()) as u64;
         let empty = buf.exec_addr(epilogue_offset()) as u64;
+        let eip = key_eip(key);
+        let t = usize::from(key_user(key));
         let i = eip as u16;
-        let e = &mut self.lookup[usize::from(i)];
+        let e = &mut self.lookup[t][usize::from(i)];
         if e.host == empty {
-            self.lookup_used.push(i);
+            self.lookup_used[t].push(i);
         }
         *e = LookupEntry::new(eip, host);
     }
 
-    /// Remove `eip` from the indirect-branch table.
-    fn forget_lookup(&mut self, eip: u32) {
+    /// Remove `key`'s translation from the indirect-branch table.
+    fn forget_lookup(&mut self, key: Key, code: &crate::emit::HostBlock) {
         let Some(buf) = self.code.as_ref() else {
             return;
         };
-        let e = &mut self.lookup[usize::from(eip as u16)];
-        if e.eip() == eip {
+        let host = buf.exec_addr(code.body_offset()) as u64;
+        let e = &mut self.lookup[usize::from(key_user(key))][usize::from(key_eip(key) as u16)];
+        if e.host == host {
             *e = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
         }
     }

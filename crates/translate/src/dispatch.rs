@@ -24,13 +24,13 @@ use popek_memory::GuestRam;
 use popek_vcpu::Vcpu;
 
 use crate::abi::{Context, LOOKUP_SHIFT};
-use crate::cache::{EipHasher, Translation};
+use crate::cache::{EipHasher, Key, Translation};
 use crate::chain::Link;
 use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
 use crate::helper::HelperEnv;
 use crate::host::{set_gs_base, CodeBuffer};
 use crate::lower::{lower, SegBases};
-use crate::paging::{translatable, PagingKey};
+use crate::paging::{translatable, PagingKey, Space};
 use crate::select::SUPERBLOCK_MAX;
 use crate::stats::{ExitReason, KindCounts, Stats};
 use crate::watch::WriteWatch;
@@ -52,14 +52,17 @@ fn kind_at(cpu: &mut Vcpu, eip: u32) -> (iced_x86::Mnemonic, bool) {
 
 /// The binary-translation engine.
 pub struct Bt {
-    /// The translation cache: guest EIP to translation, least recently
-    /// used first out when bounded.
-    pub(crate) cache: LruCache<u32, Translation, BuildHasherDefault<EipHasher>>,
+    /// The translation cache: key (EIP, physical page, privilege) to
+    /// translation, least recently used first out when bounded.
+    pub(crate) cache: LruCache<Key, Translation, BuildHasherDefault<EipHasher>>,
     pub(crate) code: Option<CodeBuffer>,
     /// Exit stubs waiting for their target to be translated, by target EIP.
     pub(crate) pending: HashMap<u32, Vec<Link>>,
+    /// Cross-page chained jumps (target, link), cut when the address
+    /// space changes (see [`crate::chain`]).
+    pub(crate) cross: Vec<(Key, Link)>,
     /// Code-buffer offset of each block's code, to find a faulting block.
-    pub(crate) by_offset: BTreeMap<usize, u32>,
+    pub(crate) by_offset: BTreeMap<usize, Key>,
     /// Counters.
     pub stats: Stats,
     /// Interpreter fallbacks by mnemonic, and special-instruction helper
@@ -69,10 +72,14 @@ pub struct Bt {
     pub(crate) dump: Option<Box<dyn std::io::Write>>,
     /// The code and page-table pages the translations depend on.
     pub(crate) watch: WriteWatch,
-    /// For each watched page-table page, the linear pages derived from it
-    /// (shadow mappings, and the code pages of translations).
-    pub(crate) table_deps: HashMap<u32, Vec<u32>>,
-    /// The host refused to unmap the shadow window: it may grant what the
+    /// The shadow address spaces (see [`crate::paging`]); the index of
+    /// one is the number of its shadow window in guest RAM.
+    pub(crate) spaces: Vec<Space>,
+    /// The current space (None with paging off).
+    pub(crate) space: Option<usize>,
+    /// Counts switches between spaces (for least-recently-used eviction).
+    pub(crate) tick: u64,
+    /// The host refused to unmap a shadow window: it may grant what the
     /// guest tables no longer do, so translated code must not use it.
     pub(crate) shadow_broken: bool,
     /// Scratch space for host code while a block is built.
@@ -81,17 +88,16 @@ pub struct Bt {
     /// (its index is in the call's argument), so a helper neither fetches
     /// nor decodes. Emptied with the buffer.
     pub(crate) helper_insns: Vec<iced_x86::Instruction>,
-    /// The paging mode the cached translations and the shadow belong to.
+    /// The paging mode of the current space.
     pub(crate) key: PagingKey,
-    /// The indirect-branch table translated code searches (RET, indirect
-    /// JMP/CALL), indexed by the low 16 bits of the guest EIP.
-    pub(crate) lookup: Box<[LookupEntry]>,
-    /// Indices of `lookup` that hold a translation.
-    pub(crate) lookup_used: Vec<u16>,
+    /// The indirect-branch tables translated code searches (RET, indirect
+    /// JMP/CALL), indexed by the low 16 bits of the guest EIP: one for
+    /// supervisor translations, one for user ones.
+    pub(crate) lookup: [Box<[LookupEntry]>; 2],
+    /// Indices of each table that hold a translation.
+    pub(crate) lookup_used: [Vec<u16>; 2],
     /// FS and GS bases as the cached translations assume them.
     pub(crate) segs: SegBases,
-    /// Does any cached translation use an FS or GS base?
-    pub(crate) segs_used: bool,
     /// Do blocks go on past a conditional branch's fall-through
     /// (superblocks)? On by default; the translation-cost benchmark turns
     /// it off to measure basic blocks alone.
@@ -120,6 +126,7 @@ impl Bt {
             },
             code: None,
             pending: HashMap::new(),
+            cross: Vec::new(),
             by_offset: BTreeMap::new(),
             stats: Stats::default(),
             by_kind: KindCounts::default(),
@@ -127,13 +134,17 @@ impl Bt {
             arena: Vec::with_capacity(4096),
             helper_insns: Vec::new(),
             key: None,
-            lookup: vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
-            lookup_used: Vec::new(),
+            lookup: [
+                vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
+                vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
+            ],
+            lookup_used: [Vec::new(), Vec::new()],
             segs: SegBases::default(),
-            segs_used: false,
             superblocks: true,
             watch: WriteWatch::default(),
-            table_deps: HashMap::new(),
+            spaces: Vec::new(),
+            space: None,
+            tick: 0,
             shadow_broken: false,
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),
@@ -155,20 +166,24 @@ impl Bt {
             match CodeBuffer::new(CODE_BUFFER_SIZE) {
                 Ok(b) => {
                     let empty = LookupEntry::new(0, b.exec_addr(epilogue_offset()) as u64);
-                    self.lookup.fill(empty);
+                    for t in &mut self.lookup {
+                        t.fill(empty);
+                    }
                     self.code = Some(b);
                 }
                 Err(_) => return false,
             }
         }
-        let paging = self.key.is_some();
-        if paging && self.shadow_broken {
-            self.shadow_broken = ram.shadow_reset().is_err();
+        if self.space.is_some() && self.shadow_broken {
+            self.shadow_broken = (0..self.spaces.len()).any(|i| ram.shadow_reset(i).is_err());
             if self.shadow_broken {
                 return false;
             }
         }
-        let w = if paging { ram.shadow() } else { ram.window() };
+        let w = match self.space {
+            Some(i) => ram.shadow(i),
+            None => ram.window(),
+        };
         match w {
             Ok(w) => set_gs_base(w.base()).is_ok(),
             Err(_) => false,
@@ -186,8 +201,13 @@ impl Bt {
         if !self.enter(&mut cpu.ram) {
             return false;
         }
-        self.translate_into_cache(cpu, eip);
-        true
+        match self.entry_key(cpu, eip) {
+            Some(key) => {
+                self.translate_into_cache(cpu, key);
+                true
+            }
+            None => false,
+        }
     }
 
     fn count_exit(&mut self, why: ExitReason) {
@@ -238,15 +258,27 @@ impl Bt {
             return self.interpret(cpu);
         }
         let eip = cpu.eip;
+        let Some(key) = self.entry_key(cpu, eip) else {
+            // The fetch faults: the interpreter delivers the #PF.
+            return self.interpret(cpu);
+        };
         self.stats.lookups += 1;
-        if self.cache.get(&eip).is_some() {
-            self.stats.hits += 1;
-        } else {
-            self.translate_into_cache(cpu, eip);
+        // A block on two pages is right here only if its second page maps
+        // where it did.
+        let hit = self.cache.get(&key).map(|t| {
+            let (lin, pages) = (t.lin_pages(), t.pages());
+            (lin.1, pages.1, lin.0 != lin.1)
+        });
+        match hit {
+            Some((l, p, two)) if !two || self.second_page_ok(cpu, l, p) => {
+                self.stats.hits += 1;
+                self.link_waiting(key);
+            }
+            _ => self.translate_into_cache(cpu, key),
         }
-        self.publish_lookup(eip);
+        self.publish_lookup(key);
         let (Some(Translation::Code { code, .. }), Some(buf)) =
-            (self.cache.peek(&eip), self.code.as_ref())
+            (self.cache.peek(&key), self.code.as_ref())
         else {
             return self.interpret(cpu);
         };

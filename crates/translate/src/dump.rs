@@ -2,7 +2,7 @@
 //! instructions, their Popek-Goldberg class and how each was lowered)
 //! and the host code it became, disassembled.
 
-use crate::cache::Translation;
+use crate::cache::{key_eip, Translation};
 use crate::dispatch::Bt;
 use crate::emit::{epilogue_offset, leave_offset, BlockExit, HostBlock};
 use crate::helper::run_helper;
@@ -85,10 +85,10 @@ impl Bt {
     /// indirect-branch table), so the text does not depend on where the
     /// code buffer is mapped. None when `eip` has no translation.
     pub fn listing(&self, eip: u32) -> Option<String> {
-        match self.cache.peek(&eip) {
-            Some(Translation::Code { code, .. }) => Some(self.listing_of(code)),
+        self.cache.iter().find_map(|(k, t)| match t {
+            Translation::Code { code, .. } if key_eip(*k) == eip => Some(self.listing_of(code)),
             _ => None,
-        }
+        })
     }
 
     fn listing_of(&self, code: &HostBlock) -> String {
@@ -113,14 +113,17 @@ impl Bt {
             if addr == run_helper as *const () as u64 {
                 return "run_helper".into();
             }
-            if addr == self.lookup.as_ptr() as u64 {
+            if addr == self.lookup[0].as_ptr() as u64 {
                 return "indirect-branch table".into();
+            }
+            if addr == self.lookup[1].as_ptr() as u64 {
+                return "indirect-branch table (user)".into();
             }
             let body = self.cache.iter().find_map(|(e, t)| match t {
                 Translation::Code { code, .. }
                     if buf.exec_addr(code.body_offset()) as u64 == addr =>
                 {
-                    Some(*e)
+                    Some(key_eip(*e))
                 }
                 _ => None,
             });

@@ -1,20 +1,47 @@
-//! The guest's addressing mode as translations depend on it: paging
-//! (the [`PagingMode`] a translation of linear addresses and the shadow
-//! window belong to), the FS/GS bases translated code may add, and whether
-//! translated code can run at all ([`translatable`]).
+//! The guest's addressing mode as translations depend on it: shadow
+//! address spaces, the instruction TLB, the FS/GS bases translated code
+//! may add, and whether translated code can run at all ([`translatable`]).
 //!
-//! With paging off translations are keyed by physical address (linear =
-//! physical in the flat mode translated code needs) and GS points at the
-//! physical window. With paging on GS points at the shadow window, filled
-//! on demand ([`Bt::fill_shadow`]); a change of [`PagingMode`] drops every
-//! translation and the shadow, a page-table write the shadow.
+//! ```text
+//!   guest page tables (in guest RAM, watched)        shadow address spaces (host mappings)
+//!   CR3=A ─▶ PD ─▶ PT ─▶ frames        ──fill on fault──▶  space (A, supervisor): window 0  ◀─ GS
+//!   CR3=B ─▶ PD ─▶ PT ─▶ frames                            space (A, user):       window 1
+//!           │                                              space (B, supervisor): window 2
+//!           └─ a write to an entry ──▶ unmap exactly the linear pages that entry mapped,
+//!                                      in every space derived from it (TLB semantics)
+//! ```
+//!
+//! With paging off, GS points at the physical window and a translation's
+//! key has the linear page as its physical page. With paging on, each
+//! [`PagingMode`] (page directory, CR0.WP, CR4.PSE, user or supervisor)
+//! has a shadow address space of its own ([`Space`]): a shadow window
+//! filled on demand ([`Bt::fill_shadow`]: the *hidden* page faults the
+//! guest never sees), the page-table entries each shadow page and each
+//! code page was derived from, and an instruction TLB (linear code page to
+//! physical page) through which the dispatcher keys its lookups. Up to
+//! [`MAX_SPACES`] spaces are kept, least recently used out; a CR3 load or
+//! a change of privilege switches spaces and drops nothing (the
+//! cross-page links are cut, see [`crate::chain`]).
+//!
+//! A write to a page-table page (from the write watch, with the byte range
+//! written) affects only the entries written: the shadow pages derived
+//! from those entries are unmapped, their instruction-TLB entries dropped,
+//! and the translations of code they mapped dropped, in every space.
+//! INVLPG then has nothing left to drop: the shadow follows the guest's
+//! tables more strictly than a TLB must.
+
+use std::collections::HashMap;
 
 use popek_vcpu::{cr0, cr4, flags, SegReg, Vcpu};
 
+use crate::cache::{make_key, Key};
 use crate::dispatch::Bt;
 use crate::lower::SegBases;
 
-/// The paging mode translations of linear addresses and the shadow window
+/// Shadow address spaces kept at most (each a 4 GiB host reservation).
+pub const MAX_SPACES: usize = 32;
+
+/// The paging mode translations of linear addresses and a shadow window
 /// are valid for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagingMode {
@@ -28,6 +55,13 @@ pub struct PagingMode {
     pub user: bool,
 }
 
+impl PagingMode {
+    /// The same linear-to-physical mapping (whatever the privilege)?
+    fn same_mapping(&self, other: &PagingMode) -> bool {
+        self.cr3 == other.cr3 && self.pse == other.pse
+    }
+}
+
 /// The paging mode, None with paging off.
 pub type PagingKey = Option<PagingMode>;
 
@@ -39,6 +73,33 @@ pub fn paging_key(cpu: &Vcpu) -> PagingKey {
         pse: cpu.cr4 & cr4::PSE != 0,
         user: cpu.cpl() == 3,
     })
+}
+
+/// A linear page derived from a page-table entry: the page, and the level
+/// of the table it came through (0: page directory, 1: page table).
+type Dep = (u32, u8);
+
+/// The entry index of `dep` in its table.
+fn entry_of(dep: Dep) -> u32 {
+    if dep.1 == 0 {
+        dep.0 >> 10
+    } else {
+        dep.0 & 0x3FF
+    }
+}
+
+/// A shadow address space.
+#[derive(Debug)]
+pub(crate) struct Space {
+    pub(crate) mode: PagingMode,
+    /// When it was last switched to (a counter).
+    last_used: u64,
+    /// For each watched page-table page, the linear pages derived from
+    /// its entries in this space (shadow mappings and code pages).
+    deps: HashMap<u32, Vec<Dep>>,
+    /// The instruction TLB: linear code page to physical page, for the
+    /// pages translations were made from or entered on in this space.
+    itlb: HashMap<u32, u32>,
 }
 
 /// FS's and GS's bases where translated code may use them.
@@ -75,91 +136,250 @@ pub fn translatable(cpu: &Vcpu) -> bool {
 }
 
 impl Bt {
-    /// Follow the guest's paging mode. Translations of linear addresses
-    /// are dropped when CR3, CR0.WP, CR4.PSE or user/supervisor mode
-    /// change while paging is on, or when paging is switched; the shadow
-    /// window is dropped then too. A write to a page table (`tables`, from
-    /// the write watch) drops only what was derived from that table: the
-    /// shadow pages it maps and the translations of code on them, as a
-    /// TLB entry would be.
-    pub(crate) fn sync_paging(&mut self, cpu: &mut Vcpu, tables: &[u32]) {
+    /// Follow the guest's addressing mode: act on page-table writes
+    /// (`tables`, from the write watch), drop the translations that add
+    /// FS/GS bases when those change, and switch shadow address spaces
+    /// when the paging mode changed.
+    pub(crate) fn sync_paging(&mut self, cpu: &mut Vcpu, tables: &[(u32, u16, u16)]) {
         let segs = seg_bases(cpu);
         if segs != self.segs {
-            if self.segs_used && !self.cache.is_empty() {
-                self.flush();
-                self.stats.mode_flushes += 1;
-            }
+            self.drop_segment_users();
             self.segs = segs;
+        }
+        if !tables.is_empty() {
+            self.table_writes(cpu, tables);
         }
         let key = paging_key(cpu);
         if key != self.key {
-            if !self.cache.is_empty() {
-                self.flush();
-                self.stats.mode_flushes += 1;
+            let same = match (key, self.key) {
+                (Some(a), Some(b)) => a.same_mapping(&b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                // Another linear-to-physical mapping: what was chained or
+                // published across pages was checked against the old one.
+                self.cut_cross_links();
+                self.clear_lookups();
+                self.stats.mapping_switches += 1;
             }
-            self.reset_shadow(cpu);
+            self.space = key.map(|m| self.space_for(cpu, m));
             self.key = key;
-        } else if !tables.is_empty() {
-            self.table_writes(cpu, tables);
         }
     }
 
-    /// Page tables were written: drop the shadow pages and translations
-    /// derived from them (`table_deps`).
-    fn table_writes(&mut self, cpu: &mut Vcpu, tables: &[u32]) {
-        let mut lins = Vec::new();
-        for t in tables {
-            self.stats.table_writes += 1;
-            if let Some(deps) = self.table_deps.remove(t) {
-                lins.extend(deps);
-            }
+    /// The shadow address space for `mode`: an existing one, a new one, or
+    /// the least recently used one emptied.
+    fn space_for(&mut self, cpu: &mut Vcpu, mode: PagingMode) -> usize {
+        self.tick += 1;
+        if let Some(i) = self.spaces.iter().position(|s| s.mode == mode) {
+            self.spaces[i].last_used = self.tick;
+            self.stats.spaces_reused += 1;
+            return i;
         }
-        if lins.is_empty() {
-            return;
+        self.stats.spaces_created += 1;
+        let fresh = Space {
+            mode,
+            last_used: self.tick,
+            deps: HashMap::new(),
+            itlb: HashMap::new(),
+        };
+        if self.spaces.len() < MAX_SPACES {
+            self.spaces.push(fresh);
+            return self.spaces.len() - 1;
         }
-        lins.sort_unstable();
-        lins.dedup();
-        // Runs of consecutive pages go in one host call each.
-        let mut i = 0;
-        while i < lins.len() {
-            let mut n = 1;
-            while i + n < lins.len() && lins[i + n] == lins[i] + n as u32 {
-                n += 1;
-            }
-            if cpu.ram.shadow_unmap(lins[i], n as u32).is_err() {
-                // The host would not unmap it: start over from nothing.
-                self.flush();
-                self.reset_shadow(cpu);
-                return;
-            }
-            self.stats.shadow_unmaps += n as u64;
-            i += n;
+        let i = (0..self.spaces.len())
+            .min_by_key(|&i| self.spaces[i].last_used)
+            .expect("MAX_SPACES > 0");
+        let old = std::mem::replace(&mut self.spaces[i], fresh);
+        // Its code pages' translations stay: they are keyed by physical
+        // page and entered only through another space's TLB.
+        for t in old.deps.into_keys() {
+            self.release_table(cpu, t);
         }
-        self.drop_where(|t| {
-            let (a, b) = t.lin_pages();
-            lins.binary_search(&a).is_ok() || lins.binary_search(&b).is_ok()
-        });
+        if cpu.ram.shadow_reset(i).is_err() {
+            self.shadow_broken = true;
+        }
+        i
     }
 
-    /// Remember that linear page `lin` was derived from page table `t`.
-    pub(crate) fn depends_on_table(&mut self, t: u32, lin: u32) {
-        let deps = self.table_deps.entry(t).or_default();
-        if !deps.contains(&lin) {
-            deps.push(lin);
+    /// Stop watching table `t` if no space depends on it any more.
+    fn release_table(&mut self, cpu: &mut Vcpu, t: u32) {
+        if !self.spaces.iter().any(|s| s.deps.contains_key(&t)) {
+            self.watch.forget_table(&mut cpu.ram, t);
         }
+    }
+
+    /// Page-table entries were written: in every space, unmap the shadow
+    /// pages derived from them, drop their instruction-TLB entries, and
+    /// drop the translations of the code they mapped.
+    fn table_writes(&mut self, cpu: &mut Vcpu, tables: &[(u32, u16, u16)]) {
+        let mut stale_code: Vec<(u32, u32)> = Vec::new();
+        let mut emptied = Vec::new();
+        self.stats.table_writes += tables.len() as u64;
+        for i in 0..self.spaces.len() {
+            let mut lins = Vec::new();
+            let space = &mut self.spaces[i];
+            for &(t, lo, hi) in tables {
+                let Some(deps) = space.deps.get_mut(&t) else {
+                    continue;
+                };
+                let (first, last) = (u32::from(lo) / 4, (u32::from(hi).max(1) - 1) / 4);
+                deps.retain(|&d| {
+                    let hit = (first..=last).contains(&entry_of(d));
+                    if hit {
+                        lins.push(d.0);
+                    }
+                    !hit
+                });
+                if deps.is_empty() {
+                    space.deps.remove(&t);
+                    emptied.push(t);
+                }
+            }
+            if lins.is_empty() {
+                continue;
+            }
+            lins.sort_unstable();
+            lins.dedup();
+            for l in &lins {
+                if let Some(p) = space.itlb.remove(l) {
+                    stale_code.push((*l, p));
+                }
+            }
+            // Runs of consecutive pages go in one host call each.
+            let mut k = 0;
+            while k < lins.len() {
+                let mut n = 1;
+                while k + n < lins.len() && lins[k + n] == lins[k] + n as u32 {
+                    n += 1;
+                }
+                if cpu.ram.shadow_unmap(i, lins[k], n as u32).is_err() {
+                    // The host would not unmap it: start over from nothing.
+                    self.drop_spaces(cpu);
+                    return;
+                }
+                self.stats.shadow_unmaps += n as u64;
+                k += n;
+            }
+        }
+        emptied.sort_unstable();
+        emptied.dedup();
+        for t in emptied {
+            self.release_table(cpu, t);
+        }
+        if !stale_code.is_empty() {
+            self.stats.mapping_invalidations += self.drop_where(|t| {
+                let (l, p) = (t.lin_pages(), t.pages());
+                stale_code.contains(&(l.0, p.0)) || stale_code.contains(&(l.1, p.1))
+            });
+        }
+    }
+
+    /// Remember, in the current space, that linear page `lin` was derived
+    /// from the entry for it in table `t` (at `level`: 0 directory, 1 page
+    /// table). False when the table cannot be watched (then nothing may be
+    /// derived from it).
+    pub(crate) fn depend_on(&mut self, cpu: &mut Vcpu, t: u32, level: u8, lin: u32) -> bool {
+        let Some(i) = self.space else {
+            return true;
+        };
+        if !self.watch.watch_table(&mut cpu.ram, t) {
+            return false;
+        }
+        let deps = self.spaces[i].deps.entry(t).or_default();
+        if !deps.contains(&(lin, level)) {
+            deps.push((lin, level));
+        }
+        true
+    }
+
+    /// Record what the walk for linear page `lin` used (`tables` as
+    /// [`popek_vcpu::mmu::Probe`] gives them). False when a table cannot be
+    /// watched.
+    pub(crate) fn depend_on_walk(&mut self, cpu: &mut Vcpu, tables: [Option<u32>; 2], lin: u32) -> bool {
+        let mut ok = true;
+        for (level, t) in tables.into_iter().enumerate() {
+            if let Some(t) = t {
+                ok &= self.depend_on(cpu, t, level as u8, lin);
+            }
+        }
+        ok
+    }
+
+    /// The physical page behind linear code page `lin` in the current
+    /// space, as far as its instruction TLB knows (itself with paging off).
+    pub(crate) fn current_phys(&self, lin: u32) -> Option<u32> {
+        match self.space {
+            None => Some(lin),
+            Some(i) => self.spaces[i].itlb.get(&lin).copied(),
+        }
+    }
+
+    /// Enter linear code page `lin` -> physical page `phys` in the current
+    /// space's instruction TLB (its tables already depended on).
+    pub(crate) fn itlb_insert(&mut self, lin: u32, phys: u32) {
+        if let Some(i) = self.space {
+            self.spaces[i].itlb.insert(lin, phys);
+        }
+    }
+
+    /// The physical page of the code at linear address `addr` in the
+    /// current space: from the instruction TLB, filled by a walk of the
+    /// guest's tables on a miss (which sets the accessed bits an
+    /// instruction fetch would). None when the fetch would fault (the
+    /// interpreter then raises the guest's #PF).
+    pub(crate) fn code_phys(&mut self, cpu: &mut Vcpu, addr: u32) -> Option<u32> {
+        let page = addr >> 12;
+        if let Some(p) = self.current_phys(page) {
+            return Some(p);
+        }
+        let user = self.key.is_some_and(|k| k.user);
+        let mut p = cpu.probe(addr, user);
+        if p.is_none() {
+            // Not accessed yet (or not mapped): fetch a byte as the CPU
+            // would, which sets the accessed bits or finds the fault.
+            let mut b = [0u8; 1];
+            if cpu.fetch(addr, &mut b).0 == 0 {
+                return None;
+            }
+            p = cpu.probe(addr, user);
+        }
+        let p = p?;
+        if !self.depend_on_walk(cpu, p.tables, page) {
+            return None;
+        }
+        self.itlb_insert(page, p.phys_page);
+        self.stats.itlb_fills += 1;
+        Some(p.phys_page)
+    }
+
+    /// The cache key of the code at `eip` in the current space.
+    pub(crate) fn entry_key(&mut self, cpu: &mut Vcpu, eip: u32) -> Option<Key> {
+        let user = self.key.is_some_and(|k| k.user);
+        Some(make_key(eip, self.code_phys(cpu, eip)?, user))
+    }
+
+    /// Does linear page `lin` map to physical page `phys` here?
+    pub(crate) fn second_page_ok(&mut self, cpu: &mut Vcpu, lin: u32, phys: u32) -> bool {
+        self.code_phys(cpu, lin << 12) == Some(phys)
     }
 
     /// After the interpreter redid an instruction that faulted on the
     /// shadow window, map the page it touched (if the guest tables allow
-    /// the access now) so the next access runs at host speed.
+    /// the access now) so the next access runs at host speed: a hidden
+    /// page fault, which the guest never sees.
     pub(crate) fn fill_shadow(&mut self, cpu: &mut Vcpu, host_addr: u64, key: PagingKey) {
         let Some(PagingMode { user, .. }) = key else {
             return;
         };
-        if paging_key(cpu) != key || cpu.ram.has_watched_writes() {
+        let Some(space) = self.space else { return };
+        // (A table write still waiting in the watch is drained before
+        // translated code runs again, and unmaps this page if it must.)
+        if paging_key(cpu) != key {
             return;
         }
-        let Ok(w) = cpu.ram.shadow() else { return };
+        let Ok(w) = cpu.ram.shadow(space) else { return };
         let Some(lin) = host_addr.checked_sub(w.base() as u64) else {
             return;
         };
@@ -170,28 +390,31 @@ impl Bt {
         let Some(p) = cpu.probe(lin, user) else {
             return;
         };
-        for t in p.tables.into_iter().flatten() {
-            if !self.watch.watch_table(&mut cpu.ram, t) {
-                return;
-            }
+        if !self.depend_on_walk(cpu, p.tables, lin >> 12) {
+            return;
         }
-        if cpu.ram.shadow_map(lin >> 12, p.phys_page, p.writable) {
+        if cpu.ram.shadow_map(space, lin >> 12, p.phys_page, p.writable) {
             self.stats.shadow_maps += 1;
-            for t in p.tables.into_iter().flatten() {
-                self.depends_on_table(t, lin >> 12);
-            }
         }
     }
-}
 
-impl Bt {
-    /// Drop the whole shadow window and stop watching the page tables it
-    /// was built from. Should the host refuse to unmap the shadow, every
-    /// translation is dropped too and the shadow is not used until a reset
-    /// succeeds (see `enter`).
-    fn reset_shadow(&mut self, cpu: &mut Vcpu) {
-        self.table_deps.clear();
+    /// Drop every shadow address space (every window reset) and stop
+    /// watching the page tables they were built from. Should the host
+    /// refuse to unmap a shadow, translated code does not use the shadows
+    /// until a reset succeeds (see `enter`).
+    pub(crate) fn drop_spaces(&mut self, cpu: &mut Vcpu) {
         self.watch.forget_tables(&mut cpu.ram);
-        self.shadow_broken = cpu.ram.shadow_reset().is_err();
+        self.shadow_broken = false;
+        for i in 0..self.spaces.len() {
+            self.shadow_broken |= cpu.ram.shadow_reset(i).is_err();
+        }
+        self.spaces.clear();
+        self.space = None;
+        self.key = None;
+        // Translations stay (keyed by physical page, entered only through
+        // a TLB, and the TLBs are gone); what was chained or published
+        // across pages goes.
+        self.cut_cross_links();
+        self.clear_lookups();
     }
 }

@@ -22,7 +22,7 @@
 use popek_decode::scan_block_into;
 use popek_vcpu::Vcpu;
 
-use crate::cache::Translation;
+use crate::cache::{key_eip, Key, Translation};
 use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece};
 use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
@@ -53,7 +53,8 @@ fn flags_op(ins: &iced_x86::Instruction, host_fixed: u32) -> Option<FlagsOp> {
 }
 
 impl Bt {
-    pub(crate) fn translate(&mut self, cpu: &mut Vcpu, eip: u32) -> Translation {
+    pub(crate) fn translate(&mut self, cpu: &mut Vcpu, key: Key) -> Translation {
+        let eip = key_eip(key);
         // Vectors kept between translations (room for a whole superblock):
         // nothing is allocated or grows while a block is built.
         let (mut insns, mut eips, mut counted_at) = std::mem::take(&mut self.scratch);
@@ -86,6 +87,7 @@ impl Bt {
         // and the engine's table with it, between two attempts).
         let mut helpers = Vec::new();
         let host_fixed = crate::host::host_fixed_flags();
+        let mut uses_segs = false;
         let mut k = 0;
         while k < block.insns.len() {
             let i = block.insns[k].clone();
@@ -106,7 +108,7 @@ impl Bt {
                 None
             };
             if let Some(kind) = kind {
-                self.segs_used |= SegBases::used_by(&i.ins);
+                uses_segs |= SegBases::used_by(&i.ins);
                 eips.push(i.ins.ip32());
                 counted_at.push(counted as u32);
                 parts.push(Part::Code(mark, arena.len()));
@@ -229,8 +231,9 @@ impl Bt {
             eip
         };
         // The physical pages of the code (the same as the linear ones with
-        // paging off), and under paging the tables that map them: a write
-        // to either makes this translation stale.
+        // paging off), and under paging the table entries that map them: a
+        // write to either makes this translation stale. The pages go into
+        // the current space's instruction TLB.
         let user = self.key.is_some_and(|k| k.user);
         let probe = |cpu: &Vcpu, lin: u32| cpu.probe(lin, user);
         let (first, last) = (probe(cpu, eip), probe(cpu, last_byte));
@@ -241,13 +244,11 @@ impl Bt {
         let lin = (eip >> 12, last_byte >> 12);
         for (p, lin_page) in [(first, lin.0), (last, lin.1)] {
             let Some(p) = p else { continue };
-            let mut watched = self.watch.watch_code(&mut cpu.ram, p.phys_page);
-            for t in p.tables.into_iter().flatten() {
-                watched &= self.watch.watch_table(&mut cpu.ram, t);
-                // A change of this table's entries drops the translation.
-                self.depends_on_table(t, lin_page);
-            }
-            if !watched {
+            let watched = self.watch.watch_code(&mut cpu.ram, p.phys_page)
+                && self.depend_on_walk(cpu, p.tables, lin_page);
+            if watched {
+                self.itlb_insert(lin_page, p.phys_page);
+            } else {
                 // A write could not be noticed: translate nothing here.
                 pages = (u32::MAX, u32::MAX);
             }
@@ -265,7 +266,7 @@ impl Bt {
         let mut compiled = None;
         for attempt in 0..2 {
             let Some(buf) = self.code.as_mut() else { break };
-            let table = self.lookup.as_ptr();
+            let table = self.lookup[usize::from(user)].as_ptr();
             let base = (self.helper_insns.len() as u32) << INDEX_SHIFT;
             let rebased = |c: HelperCall| HelperCall {
                 arg: c.arg + base,
@@ -305,11 +306,12 @@ impl Bt {
         };
         self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;
-        self.by_offset.insert(code.offset(), eip);
+        self.by_offset.insert(code.offset(), key);
         if self.dump.is_some() {
             self.dump_block(&block, &how, &code, exit.as_ref());
         }
         eips.push(end);
+        let code_sites = code.sites().len();
         let entry = Translation::Code {
             code,
             eips: eips.clone(),
@@ -317,6 +319,8 @@ impl Bt {
             pages,
             lin,
             incoming: Vec::new(),
+            linked: vec![None; code_sites],
+            uses_segs,
         };
         self.scratch = (block.insns, eips, counted_at);
         entry

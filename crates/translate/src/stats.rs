@@ -32,18 +32,33 @@ pub struct Stats {
     pub faults: u64,
     /// Translations dropped because their code page was written.
     pub invalidations: u64,
+    /// Translations dropped because the page-table entry that mapped
+    /// their code changed.
+    pub mapping_invalidations: u64,
+    /// Translations dropped because they add an FS or GS base and the
+    /// base changed.
+    pub segment_invalidations: u64,
     /// Time spent scanning and translating blocks, in nanoseconds.
     pub translate_ns: u64,
     /// Translations evicted by the cache bound (`--cache-blocks`).
     pub evictions: u64,
-    /// Times every translation was dropped (the code buffer filled, or
-    /// the paging mode changed).
+    /// Times every translation was dropped (the code buffer filled).
     pub flushes: u64,
-    /// Of those, the flushes for a change of paging mode, page tables, or
-    /// an FS/GS base that translations use.
-    pub mode_flushes: u64,
-    /// Pages mapped into the shadow window (guest linear memory).
+    /// Pages mapped into a shadow window (guest linear memory) after a
+    /// host fault: the hidden page faults, which the guest never sees.
     pub shadow_maps: u64,
+    /// Shadow address spaces created (a paging mode met for the first
+    /// time, or again after eviction).
+    pub spaces_created: u64,
+    /// Switches back to a shadow address space kept from before.
+    pub spaces_reused: u64,
+    /// Switches to another linear-to-physical mapping (a CR3 load, paging
+    /// switched on or off).
+    pub mapping_switches: u64,
+    /// Cross-page chained jumps cut by those switches.
+    pub links_cut: u64,
+    /// Instruction-TLB fills (a walk of the guest tables for a code page).
+    pub itlb_fills: u64,
     /// Writes to page-table pages the shadow or translations came from.
     pub table_writes: u64,
     /// Shadow pages unmapped because a page table they came from changed.
@@ -224,20 +239,46 @@ impl Stats {
                 "invalidations (code written)",
                 self.invalidations,
             ),
+            c(
+                "mapping_invalidations",
+                "invalidations (code page remapped)",
+                self.mapping_invalidations,
+            ),
+            c(
+                "segment_invalidations",
+                "invalidations (FS/GS base changed)",
+                self.segment_invalidations,
+            ),
             c("cache_evictions", "evictions", self.evictions),
             c("code_buffer_flushes", "code buffer flushes", self.flushes),
             c(
                 "shadow_pages_mapped",
-                "shadow pages mapped",
+                "hidden page faults (shadow pages mapped)",
                 self.shadow_maps,
             ),
-            c("mode_flushes", "mode flushes", self.mode_flushes),
             c("page_table_writes", "page-table writes", self.table_writes),
             c(
                 "shadow_pages_unmapped",
                 "shadow pages unmapped",
                 self.shadow_unmaps,
             ),
+            c(
+                "shadow_spaces_created",
+                "shadow address spaces created",
+                self.spaces_created,
+            ),
+            c(
+                "shadow_spaces_reused",
+                "shadow address spaces reused",
+                self.spaces_reused,
+            ),
+            c(
+                "mapping_switches",
+                "address-space switches",
+                self.mapping_switches,
+            ),
+            c("links_cut", "cross-page links cut", self.links_cut),
+            c("itlb_fills", "instruction-TLB fills", self.itlb_fills),
         ];
         for (r, n) in ExitReason::ALL.iter().zip(self.exits) {
             v.push(c(r.json_key(), r.label(), n));

@@ -28,8 +28,9 @@ use popek_memory::GuestRam;
 pub struct Written {
     /// Code pages written: their translations are stale.
     pub code: Vec<u32>,
-    /// Page tables changed (beyond accessed and dirty bits).
-    pub tables: Vec<u32>,
+    /// Page tables changed (beyond accessed and dirty bits), with the byte
+    /// range of the page written (`page, lo, hi`: bytes `lo..hi`).
+    pub tables: Vec<(u32, u16, u16)>,
 }
 
 /// Code and page-table pages the translator watches for writes.
@@ -39,8 +40,6 @@ pub struct WriteWatch {
     code: Vec<u64>,
     /// One bit per physical page: the shadow depends on this page table.
     tables: Vec<u64>,
-    /// The table pages, to unwatch them all at once.
-    table_list: Vec<u32>,
 }
 
 fn get(v: &[u64], page: u32) -> bool {
@@ -85,12 +84,7 @@ impl WriteWatch {
     /// addresses) was derived from. False when memory could not watch it
     /// (then nothing may be derived from it).
     pub fn watch_table(&mut self, ram: &mut GuestRam, page: u32) -> bool {
-        match watch(&mut self.tables, ram, page) {
-            Some(true) => self.table_list.push(page),
-            Some(false) => {}
-            None => return false,
-        }
-        true
+        watch(&mut self.tables, ram, page).is_some()
     }
 
     /// Is a page watched as code?
@@ -111,7 +105,7 @@ impl WriteWatch {
             }
             let table = get(&self.tables, w.page);
             if table && !w.accessed_dirty {
-                out.tables.push(w.page);
+                out.tables.push((w.page, w.lo, w.hi));
             }
             if !table && !get(&self.code, w.page) {
                 // Nothing depends on it now. Should unwatching fail, the
@@ -123,15 +117,30 @@ impl WriteWatch {
         out
     }
 
-    /// Forget every table page (the shadow they were watched for is gone):
-    /// unwatch those that are not code pages too.
+    /// Forget every table page (the shadows they were watched for are
+    /// gone): unwatch those that are not code pages too.
     pub fn forget_tables(&mut self, ram: &mut GuestRam) {
-        for p in std::mem::take(&mut self.table_list) {
-            set_bit(&mut self.tables, p, false);
-            if !get(&self.code, p) {
-                // As in `drain`: a page left watched only costs faults.
-                let _ = ram.unwatch_page(p);
+        for (w, bits) in std::mem::take(&mut self.tables).into_iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let p = (w * 64) as u32 + b.trailing_zeros();
+                b &= b - 1;
+                if !get(&self.code, p) {
+                    // As in `drain`: a page left watched only costs faults.
+                    let _ = ram.unwatch_page(p);
+                }
             }
+        }
+    }
+
+    /// Forget one table page (nothing is derived from it any more).
+    pub fn forget_table(&mut self, ram: &mut GuestRam, page: u32) {
+        if !get(&self.tables, page) {
+            return;
+        }
+        set_bit(&mut self.tables, page, false);
+        if !get(&self.code, page) {
+            let _ = ram.unwatch_page(page);
         }
     }
 }
@@ -162,7 +171,7 @@ mod tests {
             w.drain(&mut ram),
             Written {
                 code: vec![3],
-                tables: vec![3]
+                tables: vec![(3, 4, 8)]
             }
         );
         // Page 3 is still a table page: still watched.
