@@ -65,6 +65,15 @@ impl GuestRam {
         Ok(&self.shadows[space].as_ref().expect("created above").window)
     }
 
+    /// The physical page linear page `lin` maps in shadow `space`, if it
+    /// is mapped.
+    pub fn shadow_page(&self, space: usize, lin: u32) -> Option<u32> {
+        match self.shadows.get(space) {
+            Some(Some(s)) => s.shadow_of.get(&lin).copied(),
+            _ => None,
+        }
+    }
+
     /// How many linear pages shadow `space` maps.
     pub fn shadow_mapped(&self, space: usize) -> usize {
         match self.shadows.get(space) {
@@ -77,22 +86,52 @@ impl GuestRam {
     /// read-only unless `writable` (and the physical page is not watched).
     /// False when `phys` is not RAM or there is no such shadow.
     pub fn shadow_map(&mut self, space: usize, lin: u32, phys: u32, writable: bool) -> bool {
-        if phys >= self.size / PAGE_SIZE {
+        self.shadow_map_run(space, lin, phys, 1, writable)
+    }
+
+    /// Map `count` linear pages from `lin` to the physical pages from
+    /// `phys` in shadow `space`, in one host call: read-only unless
+    /// `writable`, watched pages read-only in any case. False (and nothing
+    /// mapped) when the physical pages are not all RAM or there is no such
+    /// shadow.
+    pub fn shadow_map_run(
+        &mut self,
+        space: usize,
+        lin: u32,
+        phys: u32,
+        count: u32,
+        writable: bool,
+    ) -> bool {
+        let pages = self.size / PAGE_SIZE;
+        if count == 0
+            || phys >= pages
+            || count > pages - phys
+            || u64::from(lin) + u64::from(count) > 1 << 20
+        {
             return false;
         }
-        let writable = writable && !self.is_watched(phys);
+        let watched: Vec<u32> = if writable {
+            (phys..phys + count).filter(|&p| self.is_watched(p)).collect()
+        } else {
+            Vec::new()
+        };
         let fd = self.fd.as_raw_fd();
         let Some(Some(s)) = self.shadows.get_mut(space) else {
             return false;
         };
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-        // SAFETY: MAP_FIXED replaces one page inside the shadow reservation,
-        // which `s.window` owns; the memfd holds `phys` (checked above), so
-        // the mapping aliases guest RAM only.
+        let at = |l: u32| {
+            // SAFETY: pointer arithmetic inside the shadow reservation
+            // (linear pages are below 2^20, checked above).
+            unsafe { s.window.base().add((l * PAGE_SIZE) as usize) }
+        };
+        // SAFETY: MAP_FIXED replaces `count` pages inside the shadow
+        // reservation, which `s.window` owns; the memfd holds the physical
+        // pages (checked above), so the mapping aliases guest RAM only.
         let r = unsafe {
             libc::mmap(
-                s.window.base().add((lin * PAGE_SIZE) as usize).cast(),
-                PAGE_SIZE as usize,
+                at(lin).cast(),
+                (count * PAGE_SIZE) as usize,
                 prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 fd,
@@ -102,9 +141,29 @@ impl GuestRam {
         if r == libc::MAP_FAILED {
             return false;
         }
-        s.forget(lin);
-        s.shadow_of.insert(lin, phys);
-        s.aliases.entry(phys).or_default().push(lin);
+        for p in watched {
+            // SAFETY: a page of the run just mapped, inside the reservation.
+            let r = unsafe {
+                libc::mprotect(
+                    at(lin + (p - phys)).cast(),
+                    PAGE_SIZE as usize,
+                    libc::PROT_READ,
+                )
+            };
+            if r != 0 {
+                // It must not stay writable: take the whole run back.
+                let _ = unreserve(at(lin), (count * PAGE_SIZE) as usize);
+                for l in lin..lin + count {
+                    s.forget(l);
+                }
+                return false;
+            }
+        }
+        for i in 0..count {
+            s.forget(lin + i);
+            s.shadow_of.insert(lin + i, phys + i);
+            s.aliases.entry(phys + i).or_default().push(lin + i);
+        }
         true
     }
 

@@ -75,28 +75,18 @@ pub fn paging_key(cpu: &Vcpu) -> PagingKey {
     })
 }
 
-/// A linear page derived from a page-table entry: the page, and the level
-/// of the table it came through (0: page directory, 1: page table).
-type Dep = (u32, u8);
-
-/// The entry index of `dep` in its table.
-fn entry_of(dep: Dep) -> u32 {
-    if dep.1 == 0 {
-        dep.0 >> 10
-    } else {
-        dep.0 & 0x3FF
-    }
-}
-
 /// A shadow address space.
 #[derive(Debug)]
 pub(crate) struct Space {
     pub(crate) mode: PagingMode,
     /// When it was last switched to (a counter).
     last_used: u64,
-    /// For each watched page-table page, the linear pages derived from
-    /// its entries in this space (shadow mappings and code pages).
-    deps: HashMap<u32, Vec<Dep>>,
+    /// One bit per page-directory entry (4 MiB region) something in this
+    /// space was derived from: a write to that entry unmaps the region.
+    regions: [u64; 16],
+    /// For each watched page table, the linear pages derived from its
+    /// entries in this space (shadow mappings and code pages).
+    deps: HashMap<u32, Vec<u32>>,
     /// The instruction TLB: linear code page to physical page, for the
     /// pages translations were made from or entered on in this space.
     itlb: HashMap<u32, u32>,
@@ -181,6 +171,7 @@ impl Bt {
         let fresh = Space {
             mode,
             last_used: self.tick,
+            regions: [0; 16],
             deps: HashMap::new(),
             itlb: HashMap::new(),
         };
@@ -194,7 +185,7 @@ impl Bt {
         let old = std::mem::replace(&mut self.spaces[i], fresh);
         // Its code pages' translations stay: they are keyed by physical
         // page and entered only through another space's TLB.
-        for t in old.deps.into_keys() {
+        for t in old.deps.into_keys().chain([old.mode.cr3 >> 12]) {
             self.release_table(cpu, t);
         }
         if cpu.ram.shadow_reset(i).is_err() {
@@ -205,7 +196,10 @@ impl Bt {
 
     /// Stop watching table `t` if no space depends on it any more.
     fn release_table(&mut self, cpu: &mut Vcpu, t: u32) {
-        if !self.spaces.iter().any(|s| s.deps.contains_key(&t)) {
+        let used = self.spaces.iter().any(|s| {
+            s.deps.contains_key(&t) || (s.mode.cr3 >> 12 == t && s.regions.iter().any(|&r| r != 0))
+        });
+        if !used {
             self.watch.forget_table(&mut cpu.ram, t);
         }
     }
@@ -218,17 +212,32 @@ impl Bt {
         let mut emptied = Vec::new();
         self.stats.table_writes += tables.len() as u64;
         for i in 0..self.spaces.len() {
-            let mut lins = Vec::new();
+            // Runs of linear pages to unmap: (first, count).
+            let mut runs: Vec<(u32, u32)> = Vec::new();
             let space = &mut self.spaces[i];
+            let dir = space.mode.cr3 >> 12;
             for &(t, lo, hi) in tables {
+                let (first, last) = (u32::from(lo) / 4, (u32::from(hi).max(1) - 1) / 4);
+                if t == dir {
+                    // Directory entries: their whole 4 MiB regions.
+                    for r in first..=last.min(1023) {
+                        let (w, b) = ((r / 64) as usize, r % 64);
+                        if space.regions[w] & 1 << b != 0 {
+                            space.regions[w] &= !(1 << b);
+                            runs.push((r << 10, 1024));
+                        }
+                    }
+                    if space.regions.iter().all(|&r| r == 0) {
+                        emptied.push(t);
+                    }
+                }
                 let Some(deps) = space.deps.get_mut(&t) else {
                     continue;
                 };
-                let (first, last) = (u32::from(lo) / 4, (u32::from(hi).max(1) - 1) / 4);
-                deps.retain(|&d| {
-                    let hit = (first..=last).contains(&entry_of(d));
+                deps.retain(|&l| {
+                    let hit = (first..=last).contains(&(l & 0x3FF));
                     if hit {
-                        lins.push(d.0);
+                        runs.push((l, 1));
                     }
                     !hit
                 });
@@ -237,30 +246,32 @@ impl Bt {
                     emptied.push(t);
                 }
             }
-            if lins.is_empty() {
+            if runs.is_empty() {
                 continue;
             }
-            lins.sort_unstable();
-            lins.dedup();
-            for l in &lins {
-                if let Some(p) = space.itlb.remove(l) {
-                    stale_code.push((*l, p));
+            runs.sort_unstable();
+            // Merge overlapping and adjacent runs: one host call each.
+            let mut merged: Vec<(u32, u32)> = Vec::new();
+            for (f, n) in runs {
+                match merged.last_mut() {
+                    Some((mf, mn)) if f <= *mf + *mn => *mn = (*mn).max(f + n - *mf),
+                    _ => merged.push((f, n)),
                 }
             }
-            // Runs of consecutive pages go in one host call each.
-            let mut k = 0;
-            while k < lins.len() {
-                let mut n = 1;
-                while k + n < lins.len() && lins[k + n] == lins[k] + n as u32 {
-                    n += 1;
+            space.itlb.retain(|&l, &mut p| {
+                let hit = merged.iter().any(|&(f, n)| (f..f + n).contains(&l));
+                if hit {
+                    stale_code.push((l, p));
                 }
-                if cpu.ram.shadow_unmap(i, lins[k], n as u32).is_err() {
+                !hit
+            });
+            for (f, n) in merged {
+                if cpu.ram.shadow_unmap(i, f, n).is_err() {
                     // The host would not unmap it: start over from nothing.
                     self.drop_spaces(cpu);
                     return;
                 }
-                self.stats.shadow_unmaps += n as u64;
-                k += n;
+                self.stats.shadow_unmaps += u64::from(n);
             }
         }
         emptied.sort_unstable();
@@ -276,35 +287,41 @@ impl Bt {
         }
     }
 
-    /// Remember, in the current space, that linear page `lin` was derived
-    /// from the entry for it in table `t` (at `level`: 0 directory, 1 page
-    /// table). False when the table cannot be watched (then nothing may be
+    /// Record what the walk for linear pages `first..first + count` used
+    /// (`tables` as [`popek_vcpu::mmu::Probe`] gives them: the directory,
+    /// and the page table unless it is a 4 MiB page), in the current
+    /// space. False when a table cannot be watched (then nothing may be
     /// derived from it).
-    pub(crate) fn depend_on(&mut self, cpu: &mut Vcpu, t: u32, level: u8, lin: u32) -> bool {
+    pub(crate) fn depend_on_walk(
+        &mut self,
+        cpu: &mut Vcpu,
+        tables: [Option<u32>; 2],
+        first: u32,
+        count: u32,
+    ) -> bool {
         let Some(i) = self.space else {
             return true;
         };
-        if !self.watch.watch_table(&mut cpu.ram, t) {
-            return false;
-        }
-        let deps = self.spaces[i].deps.entry(t).or_default();
-        if !deps.contains(&(lin, level)) {
-            deps.push((lin, level));
-        }
-        true
-    }
-
-    /// Record what the walk for linear page `lin` used (`tables` as
-    /// [`popek_vcpu::mmu::Probe`] gives them). False when a table cannot be
-    /// watched.
-    pub(crate) fn depend_on_walk(&mut self, cpu: &mut Vcpu, tables: [Option<u32>; 2], lin: u32) -> bool {
-        let mut ok = true;
-        for (level, t) in tables.into_iter().enumerate() {
-            if let Some(t) = t {
-                ok &= self.depend_on(cpu, t, level as u8, lin);
+        for t in tables.into_iter().flatten() {
+            if !self.watch.watch_table(&mut cpu.ram, t) {
+                return false;
             }
         }
-        ok
+        let space = &mut self.spaces[i];
+        if tables[0].is_some() {
+            for r in first >> 10..=(first + count - 1) >> 10 {
+                space.regions[(r / 64) as usize] |= 1 << (r % 64);
+            }
+        }
+        if let Some(pt) = tables[1] {
+            let deps = space.deps.entry(pt).or_default();
+            for l in first..first + count {
+                if !deps.contains(&l) {
+                    deps.push(l);
+                }
+            }
+        }
+        true
     }
 
     /// The physical page behind linear code page `lin` in the current
@@ -346,7 +363,7 @@ impl Bt {
             p = cpu.probe(addr, user);
         }
         let p = p?;
-        if !self.depend_on_walk(cpu, p.tables, page) {
+        if !self.depend_on_walk(cpu, p.tables, page, 1) {
             return None;
         }
         self.itlb_insert(page, p.phys_page);
@@ -387,14 +404,34 @@ impl Bt {
             return;
         }
         let lin = lin as u32;
-        let Some(p) = cpu.probe(lin, user) else {
-            return;
-        };
-        if !self.depend_on_walk(cpu, p.tables, lin >> 12) {
+        if cpu
+            .ram
+            .shadow_page(space, lin >> 12)
+            .is_some_and(|p| cpu.ram.is_watched(p))
+        {
+            // A write to a watched page (code, a page table): it stays
+            // read-only, and the rest of its run is mapped already.
             return;
         }
-        if cpu.ram.shadow_map(space, lin >> 12, p.phys_page, p.writable) {
+        let Some(mut run) = cpu.probe_run(lin, user) else {
+            return;
+        };
+        if run.phys_first + run.count > cpu.ram.size() / 4096 {
+            // (A large page reaching beyond RAM: just the page touched.)
+            let page = lin >> 12;
+            run.phys_first += page - run.first;
+            run.first = page;
+            run.count = 1;
+        }
+        if !self.depend_on_walk(cpu, run.tables, run.first, run.count) {
+            return;
+        }
+        let ok = cpu
+            .ram
+            .shadow_map_run(space, run.first, run.phys_first, run.count, run.writable);
+        if ok {
             self.stats.shadow_maps += 1;
+            self.stats.shadow_pages += u64::from(run.count);
         }
     }
 

@@ -245,7 +245,7 @@ impl Bt {
         for (p, lin_page) in [(first, lin.0), (last, lin.1)] {
             let Some(p) = p else { continue };
             let watched = self.watch.watch_code(&mut cpu.ram, p.phys_page)
-                && self.depend_on_walk(cpu, p.tables, lin_page);
+                && self.depend_on_walk(cpu, p.tables, lin_page, 1);
             if watched {
                 self.itlb_insert(lin_page, p.phys_page);
             } else {

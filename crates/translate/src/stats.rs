@@ -47,6 +47,10 @@ pub struct Stats {
     /// Pages mapped into a shadow window (guest linear memory) after a
     /// host fault: the hidden page faults, which the guest never sees.
     pub shadow_maps: u64,
+    /// Pages those fills mapped (a fill maps the run of pages around the
+    /// one touched that the guest's tables map alike and already marked
+    /// accessed).
+    pub shadow_pages: u64,
     /// Shadow address spaces created (a paging mode met for the first
     /// time, or again after eviction).
     pub spaces_created: u64,
@@ -255,6 +259,11 @@ impl Stats {
                 "shadow_pages_mapped",
                 "hidden page faults (shadow pages mapped)",
                 self.shadow_maps,
+            ),
+            c(
+                "shadow_pages_filled",
+                "shadow pages filled by them",
+                self.shadow_pages,
             ),
             c("page_table_writes", "page-table writes", self.table_writes),
             c(

@@ -31,6 +31,22 @@ pub struct Probe {
     pub tables: [Option<u32>; 2],
 }
 
+/// A run of linear pages a side-effect-free walk found mapped alike
+/// ([`Vcpu::probe_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeRun {
+    /// The first linear page.
+    pub first: u32,
+    /// The physical page behind it (the others follow it).
+    pub phys_first: u32,
+    /// How many pages.
+    pub count: u32,
+    /// May they be written without a fault or a dirty-bit update?
+    pub writable: bool,
+    /// The page directory and page table pages the answer came from.
+    pub tables: [Option<u32>; 2],
+}
+
 impl Vcpu {
     /// Translate a linear address to a physical one.
     ///
@@ -128,6 +144,67 @@ impl Vcpu {
             phys_page,
             writable: may_write && entry & 0x40 != 0,
             tables: [Some(pd), pt],
+        })
+    }
+
+    /// As [`Vcpu::probe`], for the run of linear pages around `lin` that
+    /// map consecutive physical pages with the same rights, all accessed,
+    /// within the aligned group of 16 pages `lin` is in (all 16 for a PSE
+    /// mapping). The translator maps such a run into its shadow in one
+    /// host call.
+    pub fn probe_run(&self, lin: u32, user: bool) -> Option<ProbeRun> {
+        let p = self.probe(lin, user)?;
+        let page = lin >> 12;
+        let one = ProbeRun {
+            first: page,
+            phys_first: p.phys_page,
+            count: 1,
+            writable: p.writable,
+            tables: p.tables,
+        };
+        let Some(pt) = p.tables[1] else {
+            if self.cr0 & cr0::PG == 0 {
+                return Some(one);
+            }
+            // A 4 MiB page: the group maps consecutive frames with the
+            // PDE's rights.
+            let first = page & !15;
+            return Some(ProbeRun {
+                first,
+                phys_first: p.phys_page - (page - first),
+                count: 16,
+                ..one
+            });
+        };
+        let pde = self.ram.read((self.cr3 & 0xFFFF_F000) | ((lin >> 22) << 2), 4) as u32;
+        let entry = |i: u32| self.ram.read((pt << 12) | (i << 2), 4) as u32;
+        let idx = page & 0x3FF;
+        let same = |i: u32| {
+            let e = entry(i);
+            if e & 0x21 != 0x21 || e >> 12 != p.phys_page.wrapping_add(i).wrapping_sub(idx) {
+                return false;
+            }
+            let (u, w) = (pde & e & 4 != 0, pde & e & 2 != 0);
+            if user && !u {
+                return false;
+            }
+            let may_write = w || (!user && self.cr0 & cr0::WP == 0);
+            (may_write && e & 0x40 != 0) == p.writable
+        };
+        let group = idx & !15;
+        let mut lo = idx;
+        while lo > group && same(lo - 1) {
+            lo -= 1;
+        }
+        let mut hi = idx + 1;
+        while hi < group + 16 && same(hi) {
+            hi += 1;
+        }
+        Some(ProbeRun {
+            first: page - (idx - lo),
+            phys_first: p.phys_page - (idx - lo),
+            count: hi - lo,
+            ..one
         })
     }
 
