@@ -66,8 +66,12 @@ fn engines(c: &mut Criterion) {
     let mut g = c.benchmark_group("engines");
     g.sample_size(10);
     // Every bare-metal benchmark guest under each engine (trap is the
-    // interpreter with a monitor's bookkeeping around special instructions).
-    for guest in ["compute", "selfcheck"] {
+    // interpreter with a monitor's bookkeeping around special instructions);
+    // paging is the page-table-heavy one (fork, copy-on-write, CR3
+    // switches, page-table churn: Adams and Agesen's forkwait and PTE
+    // updates in one guest), compared with qemu-system-i386 in
+    // docs/performance.md.
+    for guest in ["compute", "selfcheck", "paging"] {
         for engine in [Engine::Interp, Engine::Bt, Engine::Trap] {
             // Count the guest's instructions once so throughput is per instruction.
             let mut m = boot_with(guest, engine);

@@ -81,8 +81,8 @@ fn board_counters(m: &Machine) -> Vec<(String, u64)> {
 pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
     let retired = m.cpu.retired;
     eprintln!("popek stats:");
-    eprintln!("  {:<30}{retired}", "guest instructions executed");
-    eprintln!("  {:<30}{:.3} s", "run time", elapsed.as_secs_f64());
+    eprintln!("  {:<42}{retired}", "guest instructions executed");
+    eprintln!("  {:<42}{:.3} s", "run time", elapsed.as_secs_f64());
     let b = &m.stats;
     let delivered: u64 = b.interrupts.values().map(|(_, n)| n).sum();
     let by: Vec<String> = b
@@ -94,19 +94,19 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
         })
         .collect();
     eprintln!(
-        "  {:<30}{delivered} {}",
+        "  {:<42}{delivered} {}",
         "interrupts delivered",
         by.join(", ")
     );
-    eprintln!("  {:<30}{:.3} s", "time halted", b.halted_ns as f64 / 1e9);
+    eprintln!("  {:<42}{:.3} s", "time halted", b.halted_ns as f64 / 1e9);
     eprintln!(
-        "  {:<30}{} / {}",
+        "  {:<42}{} / {}",
         "unclaimed port reads / writes", m.cpu.board.unclaimed_reads, m.cpu.board.unclaimed_writes
     );
     let (edges, sum, max) = m.cpu.board.timer_late;
     if edges > 0 {
         eprintln!(
-            "  {:<30}{:.1} us on average, {:.1} us at most ({edges} edges)",
+            "  {:<42}{:.1} us on average, {:.1} us at most ({edges} edges)",
             "timer edges noticed late by",
             sum as f64 / edges as f64 / 1e3,
             max as f64 / 1e3
@@ -125,13 +125,13 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
                 _ => None,
             };
             match of {
-                Some(of) => eprintln!("  {:<30}{} ({:.1}%)", c.label, c.value, pct(c.value, of)),
-                None => eprintln!("  {:<30}{}", c.label, c.value),
+                Some(of) => eprintln!("  {:<42}{} ({:.1}%)", c.label, c.value, pct(c.value, of)),
+                None => eprintln!("  {:<42}{}", c.label, c.value),
             }
         }
         let us = s.translate_ns as f64 / 1000.0;
         eprintln!(
-            "  {:<30}{us:.0} us total, {:.2} us per block, {:.2}% of run time",
+            "  {:<42}{us:.0} us total, {:.2} us per block, {:.2}% of run time",
             "translation time",
             us / s.blocks_translated.max(1) as f64,
             100.0 * us / 1e6 / elapsed.as_secs_f64().max(1e-9)
@@ -142,12 +142,12 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
             v.join(", ")
         };
         eprintln!(
-            "  {:<30}{}",
+            "  {:<42}{}",
             "special calls by kind",
             top(&bt.by_kind.specials)
         );
         eprintln!(
-            "  {:<30}{}",
+            "  {:<42}{}",
             "fallbacks by opcode",
             top(&bt.by_kind.fallbacks)
         );

@@ -292,7 +292,11 @@ impl GuestRam {
         let end = addr.wrapping_add(len - 1);
         let last = end / PAGE_SIZE;
         if bit(&self.watched, first) {
-            let hi = if last == first { end % PAGE_SIZE + 1 } else { PAGE_SIZE };
+            let hi = if last == first {
+                end % PAGE_SIZE + 1
+            } else {
+                PAGE_SIZE
+            };
             self.record(first, addr % PAGE_SIZE, hi, accessed_dirty);
         }
         if last != first && bit(&self.watched, last) {

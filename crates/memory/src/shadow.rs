@@ -111,7 +111,9 @@ impl GuestRam {
             return false;
         }
         let watched: Vec<u32> = if writable {
-            (phys..phys + count).filter(|&p| self.is_watched(p)).collect()
+            (phys..phys + count)
+                .filter(|&p| self.is_watched(p))
+                .collect()
         } else {
             Vec::new()
         };
@@ -235,7 +237,8 @@ impl GuestRam {
                     unreserve(at, PAGE_SIZE as usize)?;
                 } else {
                     // SAFETY: as above.
-                    let r = unsafe { libc::mprotect(at.cast(), PAGE_SIZE as usize, libc::PROT_READ) };
+                    let r =
+                        unsafe { libc::mprotect(at.cast(), PAGE_SIZE as usize, libc::PROT_READ) };
                     if r != 0 {
                         return Err(RamError(format!(
                             "cannot write-protect linear page {:#010x} in a shadow: {}",

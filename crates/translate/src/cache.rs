@@ -125,7 +125,13 @@ impl Translation {
     }
 
     fn uses_segs(&self) -> bool {
-        matches!(self, Translation::Code { uses_segs: true, .. })
+        matches!(
+            self,
+            Translation::Code {
+                uses_segs: true,
+                ..
+            }
+        )
     }
 }
 

@@ -176,7 +176,9 @@ impl Vcpu {
                 ..one
             });
         };
-        let pde = self.ram.read((self.cr3 & 0xFFFF_F000) | ((lin >> 22) << 2), 4) as u32;
+        let pde = self
+            .ram
+            .read((self.cr3 & 0xFFFF_F000) | ((lin >> 22) << 2), 4) as u32;
         let entry = |i: u32| self.ram.read((pt << 12) | (i << 2), 4) as u32;
         let idx = page & 0x3FF;
         let same = |i: u32| {
