@@ -517,7 +517,9 @@ system call), so it is higher than the warm figure.
   about six instructions (instruction count, budget, JRCXZ) and every
   indirect branch about twelve (the table lookup), which a switch-based
   interpreter (bytecode) feels most; guest code that exits to the
-  dispatcher often (munmap and mprotect drop every translation).
+  dispatcher often; under guest paging, every page-table write and every
+  access after the guest cleared an accessed or dirty bit is a host fault
+  (the paging section).
 
 The criterion benchmarks (`cargo bench -p popek-bench`) measure the same
 engines and the cost of scanning blocks, with statistical confidence.
