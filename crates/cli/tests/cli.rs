@@ -348,6 +348,21 @@ fn lockstep_runs_a_glibc_program_with_the_same_random_bytes() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// The `--stats-json` line a run printed last on stderr.
+fn stats_json_line(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines().last().unwrap_or_default().to_string()
+}
+
+/// One counter of a `--stats-json` line.
+fn stats_json_value(line: &str, key: &str) -> u64 {
+    line.split(&format!("\"{key}\": "))
+        .nth(1)
+        .and_then(|v| v.split([',', '}']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{key} missing: {line}"))
+}
+
 /// A write to a page table drops only the shadow pages (and translations)
 /// derived from it, as a TLB entry would go, not the whole shadow:
 /// user-hello's munmap and mprotect change some entries while the rest of
@@ -357,15 +372,8 @@ fn lockstep_runs_a_glibc_program_with_the_same_random_bytes() {
 fn page_table_writes_drop_only_what_they_affect() {
     let out = popek(&["run", "--engine", "bt", "--stats-json", "user-hello"]);
     assert_eq!(out.status.code(), Some(0));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().last().unwrap();
-    let get = |k: &str| -> u64 {
-        line.split(&format!("\"{k}\": "))
-            .nth(1)
-            .and_then(|v| v.split([',', '}']).next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{k} missing: {line}"))
-    };
+    let line = stats_json_line(&out);
+    let get = |k: &str| stats_json_value(&line, k);
     assert!(get("page_table_writes") >= 1, "{line}");
     let (mapped, unmapped) = (get("shadow_pages_filled"), get("shadow_pages_unmapped"));
     assert!(unmapped >= 1 && unmapped < mapped, "{line}");
@@ -381,15 +389,8 @@ fn page_table_writes_drop_only_what_they_affect() {
 fn address_space_switches_keep_shadows_and_translations() {
     let out = popek(&["run", "--engine", "bt", "--stats-json", "paging"]);
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().last().unwrap();
-    let get = |k: &str| -> u64 {
-        line.split(&format!("\"{k}\": "))
-            .nth(1)
-            .and_then(|v| v.split([',', '}']).next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{k} missing: {line}"))
-    };
+    let line = stats_json_line(&out);
+    let get = |k: &str| stats_json_value(&line, k);
     let switches = get("mapping_switches");
     assert!(switches >= 1200, "{line}");
     // 9 processes, each with a user and a supervisor view: every other
