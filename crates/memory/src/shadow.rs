@@ -74,14 +74,6 @@ impl GuestRam {
         }
     }
 
-    /// How many linear pages shadow `space` maps.
-    pub fn shadow_mapped(&self, space: usize) -> usize {
-        match self.shadows.get(space) {
-            Some(Some(s)) => s.shadow_of.len(),
-            _ => 0,
-        }
-    }
-
     /// Map linear page `lin` to physical page `phys` in shadow `space`,
     /// read-only unless `writable` (and the physical page is not watched).
     /// False when `phys` is not RAM or there is no such shadow.

@@ -272,7 +272,11 @@ impl Bt {
         match hit {
             Some((l, p, two)) if !two || self.second_page_ok(cpu, l, p) => {
                 self.stats.hits += 1;
-                self.link_waiting(key);
+                if self.space.is_some() {
+                    // Stubs cut at an address-space switch, or made while
+                    // this page was not in the TLB, may land here now.
+                    self.link_waiting(key);
+                }
             }
             _ => self.translate_into_cache(cpu, key),
         }
