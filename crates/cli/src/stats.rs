@@ -61,6 +61,7 @@ pub(crate) fn stats_json_line(m: &Machine, elapsed: std::time::Duration) -> Stri
 fn board_counters(m: &Machine) -> Vec<(String, u64)> {
     let mut v = vec![
         ("halted_ns".to_string(), m.stats.halted_ns),
+        ("guest_page_faults".to_string(), m.cpu.page_faults),
         (
             "unclaimed_port_reads".to_string(),
             m.cpu.board.unclaimed_reads,
@@ -99,6 +100,10 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
         by.join(", ")
     );
     eprintln!("  {:<42}{:.3} s", "time halted", b.halted_ns as f64 / 1e9);
+    eprintln!(
+        "  {:<42}{}",
+        "page faults delivered to the guest", m.cpu.page_faults
+    );
     eprintln!(
         "  {:<42}{} / {}",
         "unclaimed port reads / writes", m.cpu.board.unclaimed_reads, m.cpu.board.unclaimed_writes

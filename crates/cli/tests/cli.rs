@@ -402,4 +402,17 @@ fn address_space_switches_keep_shadows_and_translations() {
     assert!(get("blocks_translated") < 10_000, "{line}");
     assert_eq!(get("code_buffer_flushes"), 0, "{line}");
     assert!(get("mapping_invalidations") >= 1, "{line}");
+    // The guest's own page faults (copy-on-write, demand-zero, swap-ins:
+    // the counts it prints) against the hidden ones popek handled itself.
+    let printed: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("copy-on-write ").nth(1))
+        .map(|rest| {
+            rest.split(", ")
+                .map(|f| f.split(' ').next_back().unwrap().parse::<u64>().unwrap())
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(get("guest_page_faults"), printed, "{line}");
+    assert!(get("shadow_pages_mapped") > 0, "{line}");
 }

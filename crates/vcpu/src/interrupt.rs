@@ -218,7 +218,12 @@ impl Vcpu {
         let mut cur_src = src;
         for _ in 0..4 {
             match self.deliver(cur.vector, cur.error, cur_src) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if cur.vector == crate::vector::PF && cur_src != Source::External {
+                        self.page_faults += 1;
+                    }
+                    return Ok(());
+                }
                 Err(Fault::Unsupported(what)) => {
                     return Err(Stop::Unsupported {
                         what,

@@ -275,6 +275,9 @@ pub struct Vcpu {
     pub board: Board,
     /// Guest instructions retired.
     pub retired: u64,
+    /// Page faults delivered to the guest (through its IDT), as opposed to
+    /// the hidden ones an engine handles itself.
+    pub page_faults: u64,
     /// The x87 FPU.
     pub fpu: crate::x87::Fpu,
 }
@@ -325,6 +328,7 @@ impl Vcpu {
             ram,
             board: Board::new(),
             retired: 0,
+            page_faults: 0,
             fpu: crate::x87::Fpu::default(),
         }
     }
