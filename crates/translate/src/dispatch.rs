@@ -27,7 +27,7 @@ use crate::abi::{Context, LOOKUP_SHIFT};
 use crate::cache::{EipHasher, Key, Translation};
 use crate::chain::Link;
 use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
-use crate::helper::HelperEnv;
+use crate::helper::{HelperEnv, HotStore};
 use crate::host::{set_gs_base, CodeBuffer};
 use crate::lower::{lower, SegBases};
 use crate::paging::{translatable, PagingKey, Space};
@@ -98,6 +98,19 @@ pub struct Bt {
     pub(crate) lookup_used: [Vec<u16>; 2],
     /// FS and GS bases as the cached translations assume them.
     pub(crate) segs: SegBases,
+    /// Host write faults on watched pages (code, page tables) by guest
+    /// EIP: a store that takes [`HOT_STORE_FAULTS`] becomes a helper call
+    /// (`hot_stores`) when its block is translated again.
+    pub(crate) store_faults: HashMap<u32, u32>,
+    /// Guest EIPs of stores translated as helper calls: adaptive binary
+    /// translation (Adams and Agesen, ASPLOS 2006), a call instead of a
+    /// host fault for an instruction that keeps writing watched pages;
+    /// one that then rarely does goes back to host code for good
+    /// (`never_hot`).
+    pub(crate) hot_stores: HashMap<u32, HotStore>,
+    pub(crate) never_hot: std::collections::HashSet<u32>,
+    /// Hot stores a run of host code demoted (acted on at the next drain).
+    pub(crate) demoted: Vec<u32>,
     /// Do blocks go on past a conditional branch's fall-through
     /// (superblocks)? On by default; the translation-cost benchmark turns
     /// it off to measure basic blocks alone.
@@ -141,6 +154,10 @@ impl Bt {
             lookup_used: [Vec::new(), Vec::new()],
             segs: SegBases::default(),
             superblocks: true,
+            store_faults: HashMap::new(),
+            hot_stores: HashMap::new(),
+            never_hot: std::collections::HashSet::new(),
+            demoted: Vec::new(),
             watch: WriteWatch::default(),
             spaces: Vec::new(),
             space: None,
@@ -297,6 +314,8 @@ impl Bt {
             kinds: &mut self.by_kind,
             insns: &self.helper_insns,
             fpu_loaded: cpu.fpu.used,
+            hot: &mut self.hot_stores,
+            demote: Vec::new(),
         };
         let mut ctx = Context {
             regs: cpu.regs,
@@ -359,6 +378,7 @@ impl Bt {
         self.stats.insns_native += retired;
         self.stats.special_calls += env.specials;
         self.stats.insns_interpreted += env.fallbacks;
+        self.demoted.append(&mut env.demote);
         if let Some(stop) = env.stop {
             self.count_exit(ExitReason::Stop);
             return Step::Stop(stop);
@@ -389,6 +409,9 @@ impl Bt {
                 self.stats.insns_native += native;
             }
             let key = self.key;
+            if ctx.fault_write != 0 && self.watched_at(cpu, ctx.fault_addr) {
+                self.store_fault(cpu.eip);
+            }
             let step = self.execute_one(cpu);
             if ctx.fault_addr != 0 {
                 self.fill_shadow(cpu, ctx.fault_addr, key);
@@ -413,11 +436,75 @@ impl Bt {
     }
 }
 
+/// Write faults on watched pages after which a store becomes a helper call.
+pub const HOT_STORE_FAULTS: u32 = 2;
+
 impl Bt {
+    /// Is host address `addr` (in the window GS points at) a watched page?
+    fn watched_at(&self, cpu: &mut Vcpu, addr: u64) -> bool {
+        let phys = match self.space {
+            Some(i) => {
+                let Ok(w) = cpu.ram.shadow(i) else {
+                    return false;
+                };
+                let Some(lin) = addr.checked_sub(w.base() as u64) else {
+                    return false;
+                };
+                cpu.ram.shadow_page(i, (lin >> 12) as u32)
+            }
+            None => {
+                let Ok(w) = cpu.ram.window() else {
+                    return false;
+                };
+                addr.checked_sub(w.base() as u64).map(|p| (p >> 12) as u32)
+            }
+        };
+        phys.is_some_and(|p| cpu.ram.is_watched(p))
+    }
+
+    /// The store at `eip` wrote a watched page from host code: after
+    /// [`HOT_STORE_FAULTS`] of those, drop the translations that hold it so
+    /// that it is translated again as a helper call.
+    fn store_fault(&mut self, eip: u32) {
+        if self.never_hot.contains(&eip) || self.hot_stores.contains_key(&eip) {
+            return;
+        }
+        let n = self.store_faults.entry(eip).or_default();
+        *n += 1;
+        if *n < HOT_STORE_FAULTS {
+            return;
+        }
+        self.hot_stores.insert(eip, HotStore::default());
+        self.stats.hot_stores += 1;
+        self.retranslate_holding(eip);
+    }
+
+    /// Hot stores that rarely wrote watched pages go back to host code.
+    fn demote_stores(&mut self, eips: &[u32]) {
+        for &eip in eips {
+            self.never_hot.insert(eip);
+            self.stats.hot_stores_demoted += 1;
+            self.retranslate_holding(eip);
+        }
+    }
+
+    /// Drop the translations holding the instruction at `eip`, to be
+    /// translated again.
+    fn retranslate_holding(&mut self, eip: u32) {
+        self.drop_where(|t| match t {
+            Translation::Code { eips, .. } => eips[..eips.len() - 1].contains(&eip),
+            Translation::Interpret { .. } => false,
+        });
+    }
+
     /// Drain the write watch, the one place recorded writes are acted on:
     /// drop the translations of written code pages, then follow the
     /// paging mode (a page-table write resets the shadow).
     pub(crate) fn drain_writes(&mut self, cpu: &mut Vcpu) {
+        if !self.demoted.is_empty() {
+            let d = std::mem::take(&mut self.demoted);
+            self.demote_stores(&d);
+        }
         let written = self.watch.drain(&mut cpu.ram);
         self.invalidate(&written.code);
         self.sync_paging(cpu, &written.tables);

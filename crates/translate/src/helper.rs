@@ -7,6 +7,8 @@
 //! (control went elsewhere, the CPU stopped, a device or a written watched
 //! page needs the dispatcher, or the mode changed).
 
+use std::collections::HashMap;
+
 use popek_interp::Step;
 use popek_vcpu::Vcpu;
 
@@ -86,7 +88,29 @@ pub(crate) struct HelperEnv {
     pub(crate) kinds: *mut KindCounts,
     /// The guest's x87 state is in the host FPU.
     pub(crate) fpu_loaded: bool,
+    /// `Bt::hot_stores`: each hot store's runs and how many wrote a
+    /// watched page.
+    pub(crate) hot: *mut HashMap<u32, HotStore>,
+    /// Hot stores that rarely write watched pages: to be translated as
+    /// host code again.
+    pub(crate) demote: Vec<u32>,
 }
+
+/// A store translated as a helper call because it kept writing watched
+/// pages (see `Bt::hot_stores`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct HotStore {
+    /// Times the helper ran it.
+    pub(crate) runs: u32,
+    /// Of those, the times it wrote a watched page.
+    pub(crate) hits: u32,
+}
+
+/// A hot store is translated as host code again when, after this many
+/// runs, fewer than one in [`DEMOTE_RATIO`] wrote a watched page.
+pub(crate) const DEMOTE_AFTER: u32 = 64;
+/// See [`DEMOTE_AFTER`].
+pub(crate) const DEMOTE_RATIO: u32 = 4;
 
 /// Execute the instruction at `eip` in place of translated code: the
 /// special instructions' vcpu methods and the interpreter's semantics, the
@@ -140,6 +164,19 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         cpu.retired += inflight;
         let step = popek_interp::step_decoded(cpu, ins);
         cpu.retired -= inflight;
+        // SAFETY: `hot` points at the engine's map, which the engine does
+        // not touch while its code runs.
+        let hot = unsafe { &mut *env.hot };
+        if !hot.is_empty() {
+            if let Some(h) = hot.get_mut(&eip) {
+                h.runs += 1;
+                h.hits += u32::from(cpu.ram.has_watched_writes());
+                if h.runs >= DEMOTE_AFTER && h.hits * DEMOTE_RATIO < h.runs {
+                    hot.remove(&eip);
+                    env.demote.push(eip);
+                }
+            }
+        }
         if handover {
             cpu.fpu.load_host();
         }

@@ -96,7 +96,14 @@ impl Bt {
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`).
             cpu.fpu.used |= popek_interp::x87::is_x87(&i.ins);
-            let kind = if i.class == popek_decode::Class::Innocuous
+            // A store that keeps writing watched pages is a helper call
+            // (see `Bt::hot_stores`), unless it transfers control.
+            let hot = !self.hot_stores.is_empty()
+                && i.class != popek_decode::Class::ControlFlow
+                && self.hot_stores.contains_key(&i.ins.ip32());
+            let kind = if hot {
+                None
+            } else if i.class == popek_decode::Class::Innocuous
                 && lower_into(&i.ins, Some(&i.bytes), &mut arena, &self.segs).is_ok()
             {
                 Some("copied")
@@ -166,7 +173,7 @@ impl Bt {
             }
             // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
             // (with a helper call where host code cannot do them).
-            if let Some(op) = flags_op(&i.ins, host_fixed) {
+            if let Some(op) = flags_op(&i.ins, host_fixed).filter(|_| !hot) {
                 eips.push(i.ins.ip32());
                 counted_at.push(counted as u32);
                 let call = helper_call(&i.ins, true, helpers.len(), counted);

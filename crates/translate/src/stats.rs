@@ -51,6 +51,12 @@ pub struct Stats {
     /// one touched that the guest's tables map alike and already marked
     /// accessed).
     pub shadow_pages: u64,
+    /// Stores made helper calls because they kept writing watched pages
+    /// (adaptive binary translation).
+    pub hot_stores: u64,
+    /// Of those, the ones that then rarely wrote watched pages and went
+    /// back to host code.
+    pub hot_stores_demoted: u64,
     /// Shadow address spaces created (a paging mode met for the first
     /// time, or again after eviction).
     pub spaces_created: u64,
@@ -287,6 +293,16 @@ impl Stats {
                 self.mapping_switches,
             ),
             c("links_cut", "cross-page links cut", self.links_cut),
+            c(
+                "hot_stores",
+                "stores made helper calls (adaptive)",
+                self.hot_stores,
+            ),
+            c(
+                "hot_stores_demoted",
+                "of those, back to host code",
+                self.hot_stores_demoted,
+            ),
             c("itlb_fills", "instruction-TLB fills", self.itlb_fills),
         ];
         for (r, n) in ExitReason::ALL.iter().zip(self.exits) {
