@@ -424,3 +424,23 @@ fn address_space_switches_keep_shadows_and_translations() {
     let hidden = get("shadow_pages_mapped");
     assert!(faults - hidden < get("page_table_writes") / 2, "{line}");
 }
+
+/// Stores to data that shares pages with translated code invalidate
+/// nothing (only writes that overlap translated bytes do), and the stores
+/// that keep hitting such pages stop faulting: codedata's checks keep a
+/// result table and counters among their own code and patch two functions
+/// while they run (the output is QEMU's: crates/cli/tests/guests.rs).
+#[test]
+fn data_beside_code_invalidates_only_what_it_overwrites() {
+    let out = popek(&["run", "--engine", "bt", "--stats-json", "codedata"]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = stats_json_line(&out);
+    let get = |k: &str| stats_json_value(&line, k);
+    // Every round stores ~520 words beside code and patches one function.
+    assert!(get("code_writes_missed") >= 1, "{line}");
+    assert!(get("code_writes_hit") >= 250, "{line}");
+    // A page's worth of blocks per patch would be thousands per round.
+    assert!(get("blocks_translated") < 20 * 250, "{line}");
+    assert!(get("hot_stores") >= 1, "{line}");
+    assert!(get("faults_in_translated_code") < 1000, "{line}");
+}

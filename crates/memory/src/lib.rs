@@ -373,6 +373,12 @@ impl GuestRam {
         !self.writes.is_empty()
     }
 
+    /// The writes recorded since the last [`GuestRam::take_watched_writes`]
+    /// (they stay recorded).
+    pub fn watched_writes(&self) -> &[WatchedWrite] {
+        &self.writes
+    }
+
     /// The watched pages written since the last call, once each, in the
     /// order of their first write. The pages stay watched.
     pub fn take_watched_writes(&mut self) -> Vec<WatchedWrite> {

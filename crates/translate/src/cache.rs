@@ -91,12 +91,23 @@ pub(crate) enum Translation {
         linked: Vec<Option<Key>>,
         /// Does the code add an FS or GS base (as of translation)?
         uses_segs: bool,
+        /// The guest bytes it was made from (see [`CodeBytes`]).
+        bytes: CodeBytes,
     },
     Interpret {
         pages: (u32, u32),
         lin: (u32, u32),
+        bytes: CodeBytes,
     },
 }
+
+/// The guest bytes a translation was made from: up to two ranges
+/// (physical page, first byte, end byte) counted in the write watch, so a
+/// write there, and only there, makes it stale.
+pub(crate) type CodeBytes = [(u32, u16, u16); 2];
+
+/// No bytes.
+pub(crate) const NO_BYTES: CodeBytes = [(u32::MAX, 0, 0); 2];
 
 impl Translation {
     pub(crate) fn pages(&self) -> (u32, u32) {
@@ -122,6 +133,19 @@ impl Translation {
         } else {
             None
         }
+    }
+
+    pub(crate) fn bytes(&self) -> &CodeBytes {
+        match self {
+            Translation::Code { bytes, .. } | Translation::Interpret { bytes, .. } => bytes,
+        }
+    }
+
+    /// Was it made from any of bytes `lo..hi` of physical page `page`?
+    fn made_from(&self, page: u32, lo: u16, hi: u16) -> bool {
+        self.bytes()
+            .iter()
+            .any(|&(p, a, b)| p == page && a < hi && lo < b)
     }
 
     fn uses_segs(&self) -> bool {
@@ -154,6 +178,7 @@ impl Bt {
     /// Drop every translation and reclaim the whole code buffer.
     pub fn flush(&mut self) {
         self.clear_lookups();
+        self.watch.forget_code();
         self.cache.clear();
         self.pending.clear();
         self.cross.clear();
@@ -183,14 +208,16 @@ impl Bt {
         }
     }
 
-    /// Drop the translations made from any of the `written` code pages.
-    pub(crate) fn invalidate(&mut self, written: &[u32]) {
+    /// Drop the translations made from any of the `written` bytes (page,
+    /// first, end).
+    pub(crate) fn invalidate(&mut self, written: &[(u32, u16, u16)]) {
         if written.is_empty() {
             return;
         }
         self.stats.invalidations += self.drop_where(|t| {
-            let (a, b) = t.pages();
-            written.contains(&a) || written.contains(&b)
+            written
+                .iter()
+                .any(|&(page, lo, hi)| t.made_from(page, lo, hi))
         });
     }
 

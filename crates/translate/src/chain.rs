@@ -183,6 +183,11 @@ impl Bt {
 
     /// Unlink a block that left the cache.
     pub(crate) fn unlink(&mut self, key: Key, entry: Translation) {
+        for &(page, lo, hi) in entry.bytes() {
+            if page != u32::MAX {
+                self.watch.remove_code(page, u32::from(lo), u32::from(hi));
+            }
+        }
         let Translation::Code {
             code,
             incoming,

@@ -316,6 +316,7 @@ impl Bt {
             fpu_loaded: cpu.fpu.used,
             hot: &mut self.hot_stores,
             demote: Vec::new(),
+            watch: &self.watch,
         };
         let mut ctx = Context {
             regs: cpu.regs,
@@ -506,6 +507,8 @@ impl Bt {
             self.demote_stores(&d);
         }
         let written = self.watch.drain(&mut cpu.ram);
+        self.stats.code_writes_hit += written.code.len() as u64;
+        self.stats.code_writes_missed += written.code_missed;
         self.invalidate(&written.code);
         self.sync_paging(cpu, &written.tables);
     }

@@ -94,6 +94,9 @@ pub(crate) struct HelperEnv {
     /// Hot stores that rarely write watched pages: to be translated as
     /// host code again.
     pub(crate) demote: Vec<u32>,
+    /// `Bt::watch`, to tell harmless writes to watched pages (data beside
+    /// code) from those the dispatcher must act on.
+    pub(crate) watch: *const crate::watch::WriteWatch,
 }
 
 /// A store translated as a helper call because it kept writing watched
@@ -111,6 +114,19 @@ pub(crate) struct HotStore {
 pub(crate) const DEMOTE_AFTER: u32 = 64;
 /// See [`DEMOTE_AFTER`].
 pub(crate) const DEMOTE_RATIO: u32 = 4;
+
+/// Are the writes to watched pages since the last drain all harmless (data
+/// beside translated code, accessed and dirty bits), so the block may go on?
+fn harmless_writes(cpu: &Vcpu, env: &HelperEnv) -> bool {
+    let writes = cpu.ram.watched_writes();
+    if writes.is_empty() {
+        return true;
+    }
+    // SAFETY: `watch` points at the engine's write watch, which the engine
+    // does not touch while its code runs.
+    let watch = unsafe { &*env.watch };
+    writes.iter().all(|w| watch.harmless(w))
+}
 
 /// Execute the instruction at `eip` in place of translated code: the
 /// special instructions' vcpu methods and the interpreter's semantics, the
@@ -197,7 +213,7 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                 cpu.eip == next
                     && !cpu.halted
                     && !cpu.board.needs_attention()
-                    && !cpu.ram.has_watched_writes()
+                    && harmless_writes(cpu, env)
                     && !interruptible
                     && translatable(cpu)
                     && paging_key(cpu) == env.key

@@ -22,7 +22,7 @@
 use popek_decode::scan_block_into;
 use popek_vcpu::Vcpu;
 
-use crate::cache::{key_eip, Key, Translation};
+use crate::cache::{key_eip, Key, Translation, NO_BYTES};
 use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece};
 use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
@@ -232,39 +232,60 @@ impl Bt {
             })
             .collect();
         let n = eips.len();
-        let last_byte = if n > 0 {
-            block.insns[n - 1].ins.next_ip32().wrapping_sub(1)
-        } else {
-            eip
+        // (A marker for an instruction left to the interpreter covers that
+        // instruction's bytes.)
+        let last_byte = match n {
+            0 => eip.wrapping_add(block.insns.first().map_or(1, |i| i.ins.len() as u32) - 1),
+            _ => block.insns[n - 1].ins.next_ip32().wrapping_sub(1),
         };
         // The physical pages of the code (the same as the linear ones with
         // paging off), and under paging the table entries that map them: a
-        // write to either makes this translation stale. The pages go into
-        // the current space's instruction TLB.
+        // write to the bytes or the entries makes this translation stale.
+        // The pages go into the current space's instruction TLB.
         let user = self.key.is_some_and(|k| k.user);
         let probe = |cpu: &Vcpu, lin: u32| cpu.probe(lin, user);
         let (first, last) = (probe(cpu, eip), probe(cpu, last_byte));
+        let lin = (eip >> 12, last_byte >> 12);
+        let (lo, end) = (eip & 0xFFF, (last_byte & 0xFFF) + 1);
+        let ranges = if lin.0 == lin.1 {
+            [(first, lin.0, lo, end), (None, 0, 0, 0)]
+        } else {
+            [(first, lin.0, lo, 4096), (last, lin.1, 0, end)]
+        };
         let mut pages = match (first, last) {
             (Some(a), Some(b)) => (a.phys_page, b.phys_page),
             _ => (u32::MAX, u32::MAX),
         };
-        let lin = (eip >> 12, last_byte >> 12);
-        for (p, lin_page) in [(first, lin.0), (last, lin.1)] {
+        let mut bytes = NO_BYTES;
+        for (k, (p, lin_page, a, b)) in ranges.into_iter().enumerate() {
             let Some(p) = p else { continue };
-            let watched = self.watch.watch_code(&mut cpu.ram, p.phys_page)
-                && self.depend_on_walk(cpu, p.tables, lin_page, 1);
+            if pages.0 == u32::MAX {
+                break;
+            }
+            let watched = self.watch.watch_code(&mut cpu.ram, p.phys_page, a, b);
             if watched {
+                bytes[k] = (p.phys_page, a as u16, b as u16);
+            }
+            if watched && self.depend_on_walk(cpu, p.tables, lin_page, 1) {
                 self.itlb_insert(lin_page, p.phys_page);
             } else {
                 // A write could not be noticed: translate nothing here.
                 pages = (u32::MAX, u32::MAX);
             }
         }
+        if pages.0 == u32::MAX {
+            for &(page, a, b) in &bytes {
+                if page != u32::MAX {
+                    self.watch.remove_code(page, u32::from(a), u32::from(b));
+                }
+            }
+            bytes = NO_BYTES;
+        }
         self.stats.blocks_translated += 1;
         if n == 0 || pages.0 == u32::MAX {
             self.arena = arena;
             self.scratch = (block.insns, eips, counted_at);
-            return Translation::Interpret { pages, lin };
+            return Translation::Interpret { pages, lin, bytes };
         }
         let end = block.insns[n - 1].ins.next_ip32();
         // A block cut short (page boundary, size limit, an instruction left
@@ -301,7 +322,17 @@ impl Bt {
                     self.helper_insns.append(&mut helpers);
                     break;
                 }
-                Err(_) if attempt == 0 => self.flush(), // full: start again
+                Err(_) if attempt == 0 => {
+                    // Full: start again, after the flush forgot every
+                    // translation's bytes (this one's too).
+                    self.flush();
+                    for &(page, a, b) in &bytes {
+                        if page != u32::MAX {
+                            self.watch
+                                .watch_code(&mut cpu.ram, page, u32::from(a), u32::from(b));
+                        }
+                    }
+                }
                 Err(_) => {}
             }
         }
@@ -309,7 +340,7 @@ impl Bt {
         self.arena = arena;
         let Some(code) = compiled else {
             self.scratch = (block.insns, eips, counted_at);
-            return Translation::Interpret { pages, lin };
+            return Translation::Interpret { pages, lin, bytes };
         };
         self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;
@@ -328,6 +359,7 @@ impl Bt {
             incoming: Vec::new(),
             linked: vec![None; code_sites],
             uses_segs,
+            bytes,
         };
         self.scratch = (block.insns, eips, counted_at);
         entry

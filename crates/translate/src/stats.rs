@@ -30,8 +30,13 @@ pub struct Stats {
     pub special_calls: u64,
     /// Host faults inside translated code (redone by the interpreter).
     pub faults: u64,
-    /// Translations dropped because their code page was written.
+    /// Translations dropped because their code was written.
     pub invalidations: u64,
+    /// Writes to code pages that overlapped translated code.
+    pub code_writes_hit: u64,
+    /// Writes to code pages that only shared the page with translated
+    /// code (and invalidated nothing).
+    pub code_writes_missed: u64,
     /// Translations dropped because the page-table entry that mapped
     /// their code changed.
     pub mapping_invalidations: u64,
@@ -248,6 +253,16 @@ impl Stats {
                 "cache_invalidations",
                 "invalidations (code written)",
                 self.invalidations,
+            ),
+            c(
+                "code_writes_hit",
+                "writes to code pages: hit code",
+                self.code_writes_hit,
+            ),
+            c(
+                "code_writes_missed",
+                "writes to code pages: beside code",
+                self.code_writes_missed,
             ),
             c(
                 "mapping_invalidations",

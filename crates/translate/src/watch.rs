@@ -9,8 +9,13 @@
 //! the policy. The dispatcher drains the recorded writes in one place,
 //! [`WriteWatch::drain`], before every lookup:
 //!
-//! - a written code page stops being a code page (its translations are
-//!   dropped by the caller, so nothing depends on it any more);
+//! - a write to a code page matters only where it overlaps translated code:
+//!   each code page counts, per 64-byte chunk, the translations made from
+//!   its bytes there ([`WriteWatch::add_code`], [`WriteWatch::remove_code`]),
+//!   so a store to data that merely shares the page with code invalidates
+//!   nothing (QEMU keeps a bitmap of code bytes per page the same way); the
+//!   caller drops the translations a write does overlap, and a page no
+//!   translation covers any more stops being a code page;
 //! - a written table page makes the shadow stale, unless every write was
 //!   the CPU setting an accessed or dirty bit (which only grants more);
 //! - a page watched for neither reason any more is unwatched (writable to
@@ -23,11 +28,17 @@
 
 use popek_memory::GuestRam;
 
+/// Bytes of a page per chunk of a code page's map.
+pub const CHUNK: u32 = 64;
+
 /// What a drain found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Written {
-    /// Code pages written: their translations are stale.
-    pub code: Vec<u32>,
+    /// Writes that overlapped translated code (`page, lo, hi`: bytes
+    /// `lo..hi`): the translations covering those bytes are stale.
+    pub code: Vec<(u32, u16, u16)>,
+    /// Writes to code pages that overlapped no translated code.
+    pub code_missed: u64,
     /// Page tables changed (beyond accessed and dirty bits), with the byte
     /// range of the page written (`page, lo, hi`: bytes `lo..hi`).
     pub tables: Vec<(u32, u16, u16)>,
@@ -38,8 +49,21 @@ pub struct Written {
 pub struct WriteWatch {
     /// One bit per physical page: translated code was made from it.
     code: Vec<u64>,
+    /// For each code page, how many translations cover each 64-byte chunk.
+    chunks: std::collections::HashMap<u32, [u16; 64]>,
+    /// Pages that stopped being code pages, to unwatch at the next drain
+    /// (unless they are tables, or code again by then).
+    released: Vec<u32>,
     /// One bit per physical page: the shadow depends on this page table.
     tables: Vec<u64>,
+}
+
+/// The chunks bytes `lo..hi` of a page touch (none when `lo >= hi`).
+fn chunks_of(lo: u32, hi: u32) -> std::ops::Range<usize> {
+    if lo >= hi {
+        return 0..0;
+    }
+    (lo / CHUNK) as usize..(hi.min(4096).div_ceil(CHUNK)) as usize
 }
 
 fn get(v: &[u64], page: u32) -> bool {
@@ -74,10 +98,16 @@ fn watch(set: &mut Vec<u64>, ram: &mut GuestRam, page: u32) -> Option<bool> {
 }
 
 impl WriteWatch {
-    /// Watch a page that translated code was made from. False when memory
-    /// could not watch it (then nothing may be translated from it).
-    pub fn watch_code(&mut self, ram: &mut GuestRam, page: u32) -> bool {
-        watch(&mut self.code, ram, page).is_some()
+    /// A translation is made from bytes `lo..hi` of physical page `page`:
+    /// watch the page as code and count the bytes. False when memory could
+    /// not watch it (then nothing may be translated from it, and nothing
+    /// was counted).
+    pub fn watch_code(&mut self, ram: &mut GuestRam, page: u32, lo: u32, hi: u32) -> bool {
+        if watch(&mut self.code, ram, page).is_none() {
+            return false;
+        }
+        self.add_code(page, lo, hi);
+        true
     }
 
     /// Watch a page table that the shadow (or a translation of linear
@@ -92,16 +122,76 @@ impl WriteWatch {
         get(&self.code, page)
     }
 
+    /// Is a page watched as a page table?
+    pub fn is_table(&self, page: u32) -> bool {
+        get(&self.tables, page)
+    }
+
+    fn add_code(&mut self, page: u32, lo: u32, hi: u32) {
+        let counts = self.chunks.entry(page).or_insert([0; 64]);
+        for c in chunks_of(lo, hi) {
+            counts[c] = counts[c].saturating_add(1);
+        }
+    }
+
+    /// A translation made from bytes `lo..hi` of `page` is gone: a page no
+    /// translation covers any more stops being a code page (and is
+    /// unwatched at the next drain unless it is a table).
+    pub fn remove_code(&mut self, page: u32, lo: u32, hi: u32) {
+        let Some(counts) = self.chunks.get_mut(&page) else {
+            return;
+        };
+        for c in chunks_of(lo, hi) {
+            counts[c] = counts[c].saturating_sub(1);
+        }
+        if counts.iter().all(|&n| n == 0) {
+            self.chunks.remove(&page);
+            set_bit(&mut self.code, page, false);
+            self.released.push(page);
+        }
+    }
+
+    /// Do bytes `lo..hi` of `page` overlap translated code?
+    pub fn overlaps_code(&self, page: u32, lo: u16, hi: u16) -> bool {
+        self.chunks
+            .get(&page)
+            .is_some_and(|counts| chunks_of(u32::from(lo), u32::from(hi)).any(|c| counts[c] != 0))
+    }
+
+    /// Is a recorded write harmless to what was derived from watched pages
+    /// (it overlaps no translated code and changes no page table)? Then
+    /// translated code may go on past it.
+    pub fn harmless(&self, w: &popek_memory::WatchedWrite) -> bool {
+        (w.accessed_dirty || !self.is_table(w.page)) && !self.overlaps_code(w.page, w.lo, w.hi)
+    }
+
+    /// Forget every code page (every translation is gone).
+    pub fn forget_code(&mut self) {
+        for page in std::mem::take(&mut self.chunks).into_keys() {
+            set_bit(&mut self.code, page, false);
+            self.released.push(page);
+        }
+    }
+
     /// Take the writes memory recorded since the last drain.
     pub fn drain(&mut self, ram: &mut GuestRam) -> Written {
+        for page in std::mem::take(&mut self.released) {
+            if !get(&self.code, page) && !get(&self.tables, page) {
+                // A page left watched only costs faults (see below).
+                let _ = ram.unwatch_page(page);
+            }
+        }
         let mut out = Written::default();
         if !ram.has_watched_writes() {
             return out;
         }
         for w in ram.take_watched_writes() {
             if get(&self.code, w.page) {
-                set_bit(&mut self.code, w.page, false);
-                out.code.push(w.page);
+                if self.overlaps_code(w.page, w.lo, w.hi) {
+                    out.code.push((w.page, w.lo, w.hi));
+                } else {
+                    out.code_missed += 1;
+                }
             }
             let table = get(&self.tables, w.page);
             if table && !w.accessed_dirty {
@@ -150,31 +240,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn code_writes_invalidate_once_and_table_writes_ignore_accessed_dirty() {
+    fn code_writes_count_where_they_overlap_code_and_table_writes_ignore_accessed_dirty() {
         let mut ram = GuestRam::new(1 << 20).unwrap();
         let mut w = WriteWatch::default();
-        assert!(w.watch_code(&mut ram, 5));
-        assert!(w.watch_code(&mut ram, 3));
+        assert!(w.watch_code(&mut ram, 5, 0x100, 0x120));
+        assert!(w.watch_code(&mut ram, 3, 0, 0x10));
         assert!(w.watch_table(&mut ram, 4));
         assert!(w.watch_table(&mut ram, 3));
+        // Data beside code (another 64-byte chunk): no invalidation.
         ram.write(0x5000, 1, 0x90);
         ram.write_ad(0x4000, 0x21);
         let d = w.drain(&mut ram);
-        assert_eq!(d.code, vec![5]);
+        assert!(d.code.is_empty() && d.code_missed == 1, "{d:?}");
         assert!(
             d.tables.is_empty(),
             "only an accessed bit was set in a table"
         );
-        assert!(!ram.is_watched(5), "nothing depends on page 5 any more");
+        // A write into the code's chunk is reported with its bytes.
+        ram.write(0x5110, 2, 0x9090);
+        assert_eq!(w.drain(&mut ram).code, vec![(5, 0x110, 0x112)]);
+        // The caller drops that translation: nothing depends on page 5.
+        w.remove_code(5, 0x100, 0x120);
+        w.drain(&mut ram);
+        assert!(!ram.is_watched(5) && !w.is_code(5));
         ram.write(0x3004, 4, 1);
         assert_eq!(
             w.drain(&mut ram),
             Written {
-                code: vec![3],
+                code: vec![(3, 4, 8)],
+                code_missed: 0,
                 tables: vec![(3, 4, 8)]
             }
         );
         // Page 3 is still a table page: still watched.
+        w.remove_code(3, 0, 0x10);
+        w.drain(&mut ram);
         assert!(ram.is_watched(3) && !w.is_code(3));
         w.forget_tables(&mut ram);
         assert!(!ram.is_watched(3) && !ram.is_watched(4));

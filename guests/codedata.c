@@ -1,0 +1,144 @@
+/* codedata: integer arithmetic checks whose data lives on the pages of
+ * the code that computes it. A result table, counters and a checksum are
+ * placed in .text between the functions (the way small kernels, boot code
+ * and programs whose .data follows .text without page alignment have
+ * them), so nearly every store shares a 4 KiB page with translated code
+ * and some share a 64-byte chunk with it. Two functions are patched while
+ * the program runs (an immediate operand rewritten, then called): real
+ * self-modifying code, which must take effect at once.
+ *
+ * codedata-split.c is the same program with the data on pages of its own:
+ * the two must print the same, and popek should run them in about the
+ * same time (docs/performance.md; issue 24). */
+#include "rt/rt.h"
+
+#ifdef SPLIT
+/* Data on pages without code. */
+#define DATA_SECTION ".pushsection .data\n.balign 4096\n"
+#define DATA_END ".balign 4096\n.popsection\n"
+#else
+/* Data among the code. */
+#define DATA_SECTION ".pushsection .text\n.balign 4\n"
+#define DATA_END ".popsection\n"
+#endif
+
+#define ROUNDS 250
+#define N 256
+
+__asm__(DATA_SECTION
+        ".global results, counters, checksum\n"
+        "results: .fill 1024, 1, 0\n"
+        "counters: .fill 64, 1, 0\n"
+        "checksum: .long 0\n"
+        DATA_END);
+
+extern u32 results[N];
+extern volatile u32 counters[16];
+extern volatile u32 checksum;
+
+/* Two patchable functions, each "mov $imm32, %eax; ret" with a data word
+ * right after it (in the same 64-byte chunk: a store there overlaps no
+ * instruction). */
+__asm__(".text\n"
+        ".balign 64\n"
+        ".global patch_a, patch_a_imm, near_a, patch_b, patch_b_imm, near_b\n"
+        "patch_a: .byte 0xB8\n"
+        "patch_a_imm: .long 1\n"
+        "    ret\n"
+        "near_a: .long 0\n"
+        ".balign 64\n"
+        "patch_b: .byte 0xB8\n"
+        "patch_b_imm: .long 2\n"
+        "    ret\n"
+        "near_b: .long 0\n");
+
+extern u32 patch_a(void), patch_b(void);
+extern volatile u32 patch_a_imm, patch_b_imm, near_a, near_b;
+
+static u32 isqrt(u32 v)
+{
+    u32 r = 0, bit = 1u << 30;
+    while (bit > v)
+        bit >>= 2;
+    while (bit) {
+        if (v >= r + bit) {
+            v -= r + bit;
+            r = (r >> 1) + bit;
+        } else
+            r >>= 1;
+        bit >>= 2;
+    }
+    return r;
+}
+
+static u32 gcd(u32 a, u32 b)
+{
+    while (b) {
+        u32 t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* One value per (round, i), from multiplies, divides, shifts and a square
+ * root; its check recomputes it another way. */
+static u32 compute(u32 round, u32 i)
+{
+    u32 x = (round * 2654435761u) ^ (i * 40503u);
+    u32 q = x / (i + 3), r = x % (i + 3);
+    u32 s = isqrt(x >> 4);
+    return q * 7 + r + s + gcd(x | 1, i + 1) + (x >> (i & 15));
+}
+
+static int check(u32 round, u32 i, u32 v)
+{
+    u32 x = (round * 2654435761u) ^ (i * 40503u);
+    u32 d = i + 3;
+    u32 q = 0, r = x;
+    /* Long division by shifting, independent of DIV. */
+    for (int b = 31; b >= 0; b--) {
+        if ((r >> b) >= d) {
+            r -= d << b;
+            q |= 1u << b;
+        }
+    }
+    u32 s = isqrt(x >> 4);
+    return v == q * 7 + r + s + gcd(x | 1, i + 1) + (x >> (i & 15)) && s * s <= (x >> 4);
+}
+
+int kmain(u32 magic, struct mb_info *mbi)
+{
+    (void)magic;
+    (void)mbi;
+    u32 bad = 0, patched = 0;
+    for (u32 round = 0; round < ROUNDS; round++) {
+        for (u32 i = 0; i < N; i++) {
+            u32 v = compute(round, i);
+            results[i] = v;
+            counters[i & 15]++;
+            if (!check(round, i, results[i]))
+                bad++;
+        }
+        u32 c = checksum;
+        for (u32 i = 0; i < N; i++)
+            c = (c << 5 | c >> 27) ^ results[i];
+        checksum = c;
+        /* Self-modifying code: rewrite the immediate, call, check. */
+        patch_a_imm = round * 3 + 1;
+        near_a = round;
+        if (patch_a() != round * 3 + 1)
+            bad++;
+        if ((round & 7) == 0) {
+            patch_b_imm = c;
+            near_b = c;
+            patched += patch_b() == c;
+        }
+    }
+    printf("codedata: %u rounds of %u values, %u wrong\n", ROUNDS, N, bad);
+    printf("checksum %x, counters", checksum);
+    for (int i = 0; i < 16; i++)
+        printf(" %u", counters[i]);
+    printf("\npatched functions returned their new immediates %u times\n", patched);
+    exit(bad ? 1 : 0);
+}
