@@ -70,8 +70,15 @@ fn engines(c: &mut Criterion) {
     // paging is the page-table-heavy one (fork, copy-on-write, CR3
     // switches, page-table churn: Adams and Agesen's forkwait and PTE
     // updates in one guest), compared with qemu-system-i386 in
-    // docs/performance.md.
-    for guest in ["compute", "selfcheck", "paging"] {
+    // docs/performance.md; codedata keeps its data among its code, and
+    // codedata-split is the same program with the data on pages of its own.
+    for guest in [
+        "compute",
+        "selfcheck",
+        "paging",
+        "codedata",
+        "codedata-split",
+    ] {
         for engine in [Engine::Interp, Engine::Bt, Engine::Trap] {
             // Count the guest's instructions once so throughput is per instruction.
             let mut m = boot_with(guest, engine);

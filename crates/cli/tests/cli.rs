@@ -235,6 +235,7 @@ fn lockstep_runs_both_engines_and_they_agree() {
         "preempt",
         "timers",
         "paging",
+        "codedata",
     ] {
         let normal = popek(&["run", guest]);
         let out = popek(&["run", guest, "--lockstep"]);
