@@ -14,7 +14,7 @@
 //! handle, a block-ending special instruction) the interpreter executes
 //! here, one instruction per step.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hash::BuildHasherDefault;
 use std::num::NonZeroUsize;
 
@@ -24,7 +24,7 @@ use popek_memory::GuestRam;
 use popek_vcpu::Vcpu;
 
 use crate::abi::{Context, LOOKUP_SHIFT};
-use crate::cache::{EipHasher, Key, Translation};
+use crate::cache::{EipHasher, FastMap, FastSet, Key, Translation};
 use crate::chain::Link;
 use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
 use crate::helper::{HelperEnv, HotStore};
@@ -57,7 +57,7 @@ pub struct Bt {
     pub(crate) cache: LruCache<Key, Translation, BuildHasherDefault<EipHasher>>,
     pub(crate) code: Option<CodeBuffer>,
     /// Exit stubs waiting for their target to be translated, by target EIP.
-    pub(crate) pending: HashMap<u32, Vec<Link>>,
+    pub(crate) pending: FastMap<u32, Vec<Link>>,
     /// Cross-page chained jumps (target, link), cut when the address
     /// space changes (see [`crate::chain`]).
     pub(crate) cross: Vec<(Key, Link)>,
@@ -101,14 +101,14 @@ pub struct Bt {
     /// Host write faults on watched pages (code, page tables) by guest
     /// EIP: a store that takes [`HOT_STORE_FAULTS`] becomes a helper call
     /// (`hot_stores`) when its block is translated again.
-    pub(crate) store_faults: HashMap<u32, u32>,
+    pub(crate) store_faults: FastMap<u32, u32>,
     /// Guest EIPs of stores translated as helper calls: adaptive binary
     /// translation (Adams and Agesen, ASPLOS 2006), a call instead of a
     /// host fault for an instruction that keeps writing watched pages;
     /// one that then rarely does goes back to host code for good
     /// (`never_hot`).
-    pub(crate) hot_stores: HashMap<u32, HotStore>,
-    pub(crate) never_hot: std::collections::HashSet<u32>,
+    pub(crate) hot_stores: FastMap<u32, HotStore>,
+    pub(crate) never_hot: FastSet<u32>,
     /// Hot stores a run of host code demoted (acted on at the next drain).
     pub(crate) demoted: Vec<u32>,
     /// Do blocks go on past a conditional branch's fall-through
@@ -138,7 +138,7 @@ impl Bt {
                 None => LruCache::unbounded_with_hasher(hasher),
             },
             code: None,
-            pending: HashMap::new(),
+            pending: FastMap::default(),
             cross: Vec::new(),
             by_offset: BTreeMap::new(),
             stats: Stats::default(),
@@ -154,9 +154,9 @@ impl Bt {
             lookup_used: [Vec::new(), Vec::new()],
             segs: SegBases::default(),
             superblocks: true,
-            store_faults: HashMap::new(),
-            hot_stores: HashMap::new(),
-            never_hot: std::collections::HashSet::new(),
+            store_faults: FastMap::default(),
+            hot_stores: FastMap::default(),
+            never_hot: FastSet::default(),
             demoted: Vec::new(),
             watch: WriteWatch::default(),
             spaces: Vec::new(),

@@ -7,12 +7,11 @@
 //! (control went elsewhere, the CPU stopped, a device or a written watched
 //! page needs the dispatcher, or the mode changed).
 
-use std::collections::HashMap;
-
 use popek_interp::Step;
 use popek_vcpu::Vcpu;
 
 use crate::abi::{Context, LOOKUP_SHIFT};
+use crate::cache::FastMap;
 use crate::emit::HelperCall;
 use crate::lower::SegBases;
 use crate::paging::{paging_key, seg_bases, translatable, PagingKey};
@@ -90,7 +89,7 @@ pub(crate) struct HelperEnv {
     pub(crate) fpu_loaded: bool,
     /// `Bt::hot_stores`: each hot store's runs and how many wrote a
     /// watched page.
-    pub(crate) hot: *mut HashMap<u32, HotStore>,
+    pub(crate) hot: *mut FastMap<u32, HotStore>,
     /// Hot stores that rarely write watched pages: to be translated as
     /// host code again.
     pub(crate) demote: Vec<u32>,

@@ -31,13 +31,16 @@
 //! first); the dispatcher finds that instruction through the block's side
 //! table and the interpreter executes it with the guest's semantics.
 //!
-//! The life of a block: the dispatcher misses in the cache; `select`
-//! lowers each instruction and `emit` compiles the block into the code
-//! buffer; the write watch is told which code and page-table pages it came
-//! from; `chain` patches waiting stubs to it and publishes it in the
-//! indirect-branch table. It runs until a write to one of its pages (the
-//! next drain drops it and unlinks it), an eviction, a change of paging
-//! mode or a full code buffer (both flush everything).
+//! The life of a block: the dispatcher misses in the cache (keyed by EIP,
+//! the physical page of EIP and the privilege); `select` lowers each
+//! instruction and `emit` compiles the block into the code buffer; the
+//! write watch is told which bytes of which physical pages it came from
+//! and which page-table entries mapped them; `chain` patches waiting stubs
+//! to it and publishes it in the indirect-branch table. It runs until a
+//! write overlaps its bytes or changes an entry that mapped them (the next
+//! drain drops it and unlinks it), an eviction, or a full code buffer
+//! (which flushes everything). A CR3 load or a change of privilege drops
+//! nothing: it switches shadow address spaces ([`paging`]).
 
 #![warn(missing_docs)]
 

@@ -30,11 +30,9 @@
 //! INVLPG then has nothing left to drop: the shadow follows the guest's
 //! tables more strictly than a TLB must.
 
-use std::collections::HashMap;
-
 use popek_vcpu::{cr0, cr4, flags, SegReg, Vcpu};
 
-use crate::cache::{make_key, Key};
+use crate::cache::{make_key, FastMap, Key};
 use crate::dispatch::Bt;
 use crate::lower::SegBases;
 
@@ -86,10 +84,10 @@ pub(crate) struct Space {
     regions: [u64; 16],
     /// For each watched page table, the linear pages derived from its
     /// entries in this space (shadow mappings and code pages).
-    deps: HashMap<u32, Vec<u32>>,
+    deps: FastMap<u32, Vec<u32>>,
     /// The instruction TLB: linear code page to physical page, for the
     /// pages translations were made from or entered on in this space.
-    itlb: HashMap<u32, u32>,
+    itlb: FastMap<u32, u32>,
 }
 
 /// FS's and GS's bases where translated code may use them.
@@ -172,8 +170,8 @@ impl Bt {
             mode,
             last_used: self.tick,
             regions: [0; 16],
-            deps: HashMap::new(),
-            itlb: HashMap::new(),
+            deps: FastMap::default(),
+            itlb: FastMap::default(),
         };
         if self.spaces.len() < MAX_SPACES {
             self.spaces.push(fresh);

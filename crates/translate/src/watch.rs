@@ -50,7 +50,7 @@ pub struct WriteWatch {
     /// One bit per physical page: translated code was made from it.
     code: Vec<u64>,
     /// For each code page, how many translations cover each 64-byte chunk.
-    chunks: std::collections::HashMap<u32, [u16; 64]>,
+    chunks: crate::cache::FastMap<u32, [u16; 64]>,
     /// Pages that stopped being code pages, to unwatch at the next drain
     /// (unless they are tables, or code again by then).
     released: Vec<u32>,
