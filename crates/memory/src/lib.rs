@@ -23,6 +23,8 @@ use memmap2::{MmapMut, MmapOptions};
 
 mod shadow;
 
+pub use shadow::Access;
+
 /// The page size of the guest (and of the host), 4 KiB.
 pub const PAGE_SIZE: u32 = 4096;
 

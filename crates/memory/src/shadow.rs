@@ -34,17 +34,65 @@ pub(crate) struct Shadow {
     /// For each physical page mapped into the shadow, the linear pages
     /// that map it (to write-protect them with the physical page).
     aliases: HashMap<u32, Vec<u32>>,
-    /// For each linear page mapped into the shadow, its physical page.
-    shadow_of: HashMap<u32, u32>,
+    /// For each linear page mapped into the shadow, its physical page and
+    /// what translated code may do there.
+    shadow_of: HashMap<u32, (u32, Access)>,
+}
+
+/// What translated code may do on a page mapped into a shadow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Nothing: mapped, but revoked until the next access faults
+    /// ([`GuestRam::shadow_revoke`]).
+    Revoked,
+    /// Read.
+    Read,
+    /// Read and write.
+    Write,
+}
+
+impl Access {
+    fn prot(self) -> i32 {
+        match self {
+            Access::Revoked => libc::PROT_NONE,
+            Access::Read => libc::PROT_READ,
+            Access::Write => libc::PROT_READ | libc::PROT_WRITE,
+        }
+    }
 }
 
 impl Shadow {
     fn forget(&mut self, lin: u32) {
-        if let Some(phys) = self.shadow_of.remove(&lin) {
+        if let Some((phys, _)) = self.shadow_of.remove(&lin) {
             if let Some(list) = self.aliases.get_mut(&phys) {
                 list.retain(|&l| l != lin);
             }
         }
+    }
+
+    /// Change the protection of one mapped page.
+    fn protect(&mut self, lin: u32, access: Access) -> Result<(), RamError> {
+        // SAFETY: the page lies inside the shadow reservation, which
+        // `self.window` owns (linear pages are below 2^20); changing its
+        // protection affects only translated code's accesses.
+        let r = unsafe {
+            libc::mprotect(
+                self.window.base().add((lin * PAGE_SIZE) as usize).cast(),
+                PAGE_SIZE as usize,
+                access.prot(),
+            )
+        };
+        if r != 0 {
+            return Err(RamError(format!(
+                "cannot change the protection of linear page {:#010x} in a shadow: {}",
+                lin * PAGE_SIZE,
+                std::io::Error::last_os_error()
+            )));
+        }
+        if let Some(e) = self.shadow_of.get_mut(&lin) {
+            e.1 = access;
+        }
+        Ok(())
     }
 }
 
@@ -65,12 +113,54 @@ impl GuestRam {
         Ok(&self.shadows[space].as_ref().expect("created above").window)
     }
 
-    /// The physical page linear page `lin` maps in shadow `space`, if it
-    /// is mapped.
-    pub fn shadow_page(&self, space: usize, lin: u32) -> Option<u32> {
+    /// The physical page linear page `lin` maps in shadow `space`, and
+    /// what translated code may do there, if it is mapped.
+    pub fn shadow_entry(&self, space: usize, lin: u32) -> Option<(u32, Access)> {
         match self.shadows.get(space) {
             Some(Some(s)) => s.shadow_of.get(&lin).copied(),
             _ => None,
+        }
+    }
+
+    /// The physical page linear page `lin` maps in shadow `space`, if it
+    /// is mapped and not revoked.
+    pub fn shadow_page(&self, space: usize, lin: u32) -> Option<u32> {
+        self.shadow_entry(space, lin)
+            .filter(|e| e.1 != Access::Revoked)
+            .map(|e| e.0)
+    }
+
+    /// Revoke linear page `lin` of shadow `space` (every access faults)
+    /// but keep its mapping, so [`GuestRam::shadow_reprotect`] can grant
+    /// access again without mapping it anew: for a page-table entry that
+    /// still maps the same physical page (an accessed or dirty bit
+    /// cleared, rights changed). False when the page is not mapped.
+    pub fn shadow_revoke(&mut self, space: usize, lin: u32) -> Result<bool, RamError> {
+        let Some(Some(s)) = self.shadows.get_mut(space) else {
+            return Ok(false);
+        };
+        if !s.shadow_of.contains_key(&lin) {
+            return Ok(false);
+        }
+        s.protect(lin, Access::Revoked)?;
+        Ok(true)
+    }
+
+    /// Grant access to mapped linear page `lin` of shadow `space` again:
+    /// read, and write too if `writable` and its physical page is not
+    /// watched. False when the page is not mapped or the host refused.
+    pub fn shadow_reprotect(&mut self, space: usize, lin: u32, writable: bool) -> bool {
+        let Some((phys, _)) = self.shadow_entry(space, lin) else {
+            return false;
+        };
+        let access = if writable && !self.is_watched(phys) {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        match self.shadows.get_mut(space) {
+            Some(Some(s)) => s.protect(lin, access).is_ok(),
+            _ => false,
         }
     }
 
@@ -135,6 +225,7 @@ impl GuestRam {
         if r == libc::MAP_FAILED {
             return false;
         }
+        let watched_pages = watched.clone();
         for p in watched {
             // SAFETY: a page of the run just mapped, inside the reservation.
             let r = unsafe {
@@ -153,9 +244,19 @@ impl GuestRam {
                 return false;
             }
         }
+        let base = if writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
         for i in 0..count {
             s.forget(lin + i);
-            s.shadow_of.insert(lin + i, phys + i);
+            let access = if writable && watched_pages.contains(&(phys + i)) {
+                Access::Read
+            } else {
+                base
+            };
+            s.shadow_of.insert(lin + i, (phys + i, access));
             s.aliases.entry(phys + i).or_default().push(lin + i);
         }
         true
@@ -219,25 +320,17 @@ impl GuestRam {
             let Some(list) = s.aliases.get(&phys) else {
                 continue;
             };
-            for &lin in list {
-                // SAFETY: the page lies inside the shadow reservation, which
-                // `s.window` owns; changing its protection or replacing it
-                // with a PROT_NONE page affects only translated code's
-                // accesses.
-                let at = unsafe { s.window.base().add((lin * PAGE_SIZE) as usize) };
+            for lin in list.clone() {
                 if writable {
+                    // SAFETY: the page lies inside the shadow reservation,
+                    // which `s.window` owns; replacing it with a PROT_NONE
+                    // page affects only translated code's accesses.
+                    let at = unsafe { s.window.base().add((lin * PAGE_SIZE) as usize) };
                     unreserve(at, PAGE_SIZE as usize)?;
-                } else {
-                    // SAFETY: as above.
-                    let r =
-                        unsafe { libc::mprotect(at.cast(), PAGE_SIZE as usize, libc::PROT_READ) };
-                    if r != 0 {
-                        return Err(RamError(format!(
-                            "cannot write-protect linear page {:#010x} in a shadow: {}",
-                            lin * PAGE_SIZE,
-                            std::io::Error::last_os_error()
-                        )));
-                    }
+                } else if s.shadow_of.get(&lin).is_some_and(|e| e.1 == Access::Write) {
+                    // (A revoked page stays revoked: its next access must
+                    // fault, to set the accessed bit.)
+                    s.protect(lin, Access::Read)?;
                 }
             }
             if writable {
@@ -314,6 +407,57 @@ mod tests {
             !ram.has_watched_writes(),
             "unwatched pages are not recorded"
         );
+        ram.shadow_reset(0).unwrap();
+    }
+
+    /// The host's protection of the page at `addr` ("rw-s", "---s", ...),
+    /// from /proc/self/maps.
+    fn host_prot(addr: usize) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for l in maps.lines() {
+            let mut f = l.split_whitespace();
+            let range = f.next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            );
+            if (a..b).contains(&addr) {
+                return f.next().unwrap().to_string();
+            }
+        }
+        String::new()
+    }
+
+    /// A revoked page keeps its mapping but grants nothing, whatever
+    /// happens to the protection of its physical page, until it is
+    /// reprotected; reprotecting never makes a watched page writable.
+    #[test]
+    fn revoked_pages_stay_revoked_until_reprotected() {
+        use crate::Access;
+        let mut ram = GuestRam::new(0x10000).unwrap();
+        let base = ram.shadow(0).unwrap().base() as usize;
+        let at = |lin: usize| base + (lin << 12);
+        assert!(ram.shadow_map_run(0, 0x80000, 2, 3, true));
+        assert_eq!(ram.shadow_entry(0, 0x80001), Some((3, Access::Write)));
+        assert!(ram.shadow_revoke(0, 0x80001).unwrap());
+        assert!(!ram.shadow_revoke(0, 0x90000).unwrap(), "not mapped");
+        assert_eq!(ram.shadow_page(0, 0x80001), None);
+        assert_eq!(host_prot(at(0x80001)), "---s");
+        // Watching its page write-protects the other aliases only.
+        ram.watch_page(3).unwrap();
+        assert_eq!(ram.shadow_entry(0, 0x80001), Some((3, Access::Revoked)));
+        assert_eq!(host_prot(at(0x80001)), "---s");
+        ram.watch_page(2).unwrap();
+        assert_eq!(ram.shadow_entry(0, 0x80000), Some((2, Access::Read)));
+        assert_eq!(host_prot(at(0x80000)), "r--s");
+        assert!(ram.shadow_reprotect(0, 0x80001, true));
+        assert_eq!(ram.shadow_entry(0, 0x80001), Some((3, Access::Read)));
+        assert_eq!(host_prot(at(0x80001)), "r--s");
+        // Unwatching drops the aliases (mapped again on their next use).
+        ram.unwatch_page(3).unwrap();
+        assert_eq!(ram.shadow_entry(0, 0x80001), None);
+        assert!(!ram.shadow_reprotect(0, 0x80001, true));
         ram.shadow_reset(0).unwrap();
     }
 }

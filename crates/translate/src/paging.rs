@@ -212,6 +212,8 @@ impl Bt {
         for i in 0..self.spaces.len() {
             // Runs of linear pages to unmap: (first, count).
             let mut runs: Vec<(u32, u32)> = Vec::new();
+            // Page-table entries written: (table, linear page).
+            let mut hits: Vec<(u32, u32)> = Vec::new();
             let space = &mut self.spaces[i];
             let dir = space.mode.cr3 >> 12;
             for &(t, lo, hi) in tables {
@@ -235,7 +237,7 @@ impl Bt {
                 deps.retain(|&l| {
                     let hit = (first..=last).contains(&(l & 0x3FF));
                     if hit {
-                        runs.push((l, 1));
+                        hits.push((t, l));
                     }
                     !hit
                 });
@@ -244,6 +246,31 @@ impl Bt {
                     emptied.push(t);
                 }
             }
+            // An entry that still maps the same physical page (an accessed
+            // or dirty bit cleared, rights changed) only revokes the page,
+            // which its next access maps again with one mprotect.
+            let mut revoked = Vec::new();
+            for (t, l) in hits {
+                let pte = cpu.ram.read((t << 12) | ((l & 0x3FF) << 2), 4) as u32;
+                let same = pte & 1 != 0
+                    && cpu
+                        .ram
+                        .shadow_entry(i, l)
+                        .is_some_and(|(p, _)| p == pte >> 12);
+                match same.then(|| cpu.ram.shadow_revoke(i, l)) {
+                    Some(Ok(true)) => revoked.push(l),
+                    _ => runs.push((l, 1)),
+                }
+            }
+            self.stats.shadow_unmaps += revoked.len() as u64;
+            let space = &mut self.spaces[i];
+            space.itlb.retain(|&l, &mut p| {
+                let hit = revoked.contains(&l);
+                if hit {
+                    stale_code.push((l, p));
+                }
+                !hit
+            });
             if runs.is_empty() {
                 continue;
             }
@@ -402,14 +429,23 @@ impl Bt {
             return;
         }
         let lin = lin as u32;
-        if cpu
-            .ram
-            .shadow_page(space, lin >> 12)
-            .is_some_and(|p| cpu.ram.is_watched(p))
-        {
-            // A write to a watched page (code, a page table): it stays
-            // read-only, and the rest of its run is mapped already.
-            return;
+        if let Some((phys, access)) = cpu.ram.shadow_entry(space, lin >> 12) {
+            if access != popek_memory::Access::Revoked && cpu.ram.is_watched(phys) {
+                // A write to a watched page (code, a page table): it stays
+                // read-only, and the rest of its run is mapped already.
+                return;
+            }
+            // Revoked, or read-only until the dirty bit was set: if the
+            // tables still map it there, grant what they grant now.
+            if let Some(p) = cpu.probe(lin, user).filter(|p| p.phys_page == phys) {
+                if self.depend_on_walk(cpu, p.tables, lin >> 12, 1)
+                    && cpu.ram.shadow_reprotect(space, lin >> 12, p.writable)
+                {
+                    self.stats.shadow_maps += 1;
+                    self.stats.shadow_pages += 1;
+                }
+                return;
+            }
         }
         let Some(mut run) = cpu.probe_run(lin, user) else {
             return;
