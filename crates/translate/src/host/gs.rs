@@ -19,11 +19,32 @@ pub fn gs_base() -> u64 {
     GS_BASE.with(|g| g.get()) as u64
 }
 
-/// Set the calling thread's GS base (ARCH_SET_GS). popek's host code reaches
-/// guest memory as `gs:[addr32]`.
+/// Does the kernel let user code write the GS base itself (WRGSBASE,
+/// CR4.FSGSBASE, reported as bit 1 of AT_HWCAP2 since Linux 5.9)?
+fn wrgsbase_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: getauxval only reads the process's auxiliary vector.
+    *ALLOWED.get_or_init(|| unsafe { libc::getauxval(libc::AT_HWCAP2) } & 2 != 0)
+}
+
+/// Set the calling thread's GS base (WRGSBASE where the kernel allows it,
+/// else ARCH_SET_GS). popek's host code reaches guest memory as
+/// `gs:[addr32]`; an address-space switch of the guest moves GS to another
+/// shadow window, so this is on the path of every guest CR3 load.
 pub fn set_gs_base(base: *mut u8) -> std::io::Result<()> {
     const ARCH_SET_GS: libc::c_long = 0x1001;
     if GS_BASE.with(|g| g.get()) == base as usize {
+        return Ok(());
+    }
+    if wrgsbase_allowed() {
+        // SAFETY: the kernel enabled CR4.FSGSBASE for user code (checked
+        // above); WRGSBASE only changes this thread's GS base, which no
+        // Rust or libc code on x86-64 Linux relies on, and the kernel
+        // saves and restores it with the thread.
+        unsafe {
+            std::arch::asm!("wrgsbase {}", in(reg) base as u64, options(nostack, preserves_flags))
+        };
+        GS_BASE.with(|g| g.set(base as usize));
         return Ok(());
     }
     // SAFETY: arch_prctl(ARCH_SET_GS) only changes this thread's GS base,
