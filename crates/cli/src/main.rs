@@ -125,9 +125,12 @@ pub(crate) struct RunArgs {
     /// Stop after this many guest instructions.
     #[arg(long)]
     pub(crate) max_insns: Option<u64>,
-    /// Kernel command line (Multiboot; QEMU's -append).
+    /// Kernel command line (Multiboot or Linux kernel; QEMU's -append).
     #[arg(long, default_value = "")]
     pub(crate) append: String,
+    /// Initial RAM disk for a Linux kernel (bzImage), as QEMU's -initrd.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) initrd: Option<String>,
     /// Bound the translation cache to N blocks (LRU eviction).
     #[arg(long, value_name = "N")]
     pub(crate) cache_blocks: Option<std::num::NonZeroUsize>,

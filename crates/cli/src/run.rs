@@ -18,6 +18,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         memory,
         max_insns,
         append,
+        initrd,
         cache_blocks,
         dump,
         stats,
@@ -34,11 +35,32 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A Linux kernel (bzImage) boots through the Linux boot protocol with
+    // --append as its command line, as QEMU's -kernel -append does.
+    let bzimage = popek_machine::bzimage::is_bzimage(&image);
+    let initrd = match initrd {
+        Some(f) if bzimage => match std::fs::read(&f) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("popek: cannot read initrd {f:?}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        Some(_) => {
+            eprintln!("popek: --initrd is for Linux kernels (bzImage); {guest} is not one");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     let config = Config {
         memory,
         max_insns,
         // QEMU passes "<kernel path> <append>" as the Multiboot command line.
-        cmdline: format!("{path} {append}"),
+        cmdline: if bzimage {
+            append
+        } else {
+            format!("{path} {append}")
+        },
         engine: match engine {
             EngineArg::Interp => Engine::Interp,
             EngineArg::Bt | EngineArg::Native => Engine::Bt,
@@ -71,7 +93,9 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     popek_machine::linux::fill_random(&mut seed, &mut None);
     let random_seed = lockstep.then_some(u64::from_le_bytes(seed));
     let boot = |config: Config| {
-        if multiboot {
+        if bzimage {
+            Machine::linux_kernel(&image, initrd.as_deref(), config)
+        } else if multiboot {
             Machine::multiboot(&image, config)
         } else {
             let start = popek_machine::linux::Start {

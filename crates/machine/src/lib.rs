@@ -10,6 +10,7 @@
 //!                                                 isa-debug-exit, HLT, budget, stop }
 //! ```
 
+pub mod bzimage;
 pub mod console;
 pub mod elf32;
 pub mod linux;
@@ -311,6 +312,33 @@ impl Machine {
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
         cpu.set_tsc(0);
         // The board as QEMU's firmware leaves it for a Multiboot kernel.
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        cpu.board = popek_devices::Board::firmware(epoch, config.memory);
+        Ok(Machine::assemble(cpu, config, Platform::BareMetal))
+    }
+
+    /// Boot a Linux kernel (a bzImage) through the 32-bit boot protocol,
+    /// with `config.cmdline` as its command line and an optional initrd, on
+    /// the board as a PC's firmware leaves it (see [`bzimage`]).
+    pub fn linux_kernel(
+        image: &[u8],
+        initrd: Option<&[u8]>,
+        config: Config,
+    ) -> Result<Machine, LoadError> {
+        let mut ram = GuestRam::new(config.memory).map_err(|e| LoadError::Memory(e.to_string()))?;
+        let loaded = bzimage::load(&mut ram, image, &config.cmdline, initrd)?;
+        let mut cpu = Vcpu::new(ram);
+        cpu.enter_flat_protected_mode(bzimage::BOOT_CS, bzimage::BOOT_DS);
+        cpu.gdtr.base = bzimage::GDT_ADDR;
+        cpu.gdtr.limit = 4 * 8 - 1;
+        cpu.idtr.base = 0;
+        cpu.idtr.limit = 0x3FF;
+        cpu.eip = loaded.entry;
+        cpu.regs = [0; 8];
+        cpu.regs[reg::ESI] = loaded.boot_params;
+        cpu.set_tsc(0);
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

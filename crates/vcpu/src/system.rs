@@ -32,6 +32,10 @@ pub const CPUID_SIGNATURE: u32 = 0x0000_0619;
 
 /// MSR number of the time-stamp counter.
 pub const MSR_TSC: u32 = 0x10;
+/// IA32_BIOS_SIGN_ID, the microcode update signature (Intel SDM Vol. 4,
+/// Table 2-2, 8BH): Linux writes 0, executes CPUID(1) and reads the
+/// revision from EDX.
+pub const MSR_BIOS_SIGN_ID: u32 = 0x8B;
 
 impl Vcpu {
     /// #GP(0) unless CPL is 0: the check that makes an instruction privileged.
@@ -327,6 +331,8 @@ impl Vcpu {
         self.require_cpl0()?;
         let v = match self.regs[reg::ECX] {
             MSR_TSC => self.tsc(),
+            // The microcode update signature reads as revision 0 in EDX.
+            MSR_BIOS_SIGN_ID => 0,
             _ => return Err(Fault::gp(0)),
         };
         self.regs[reg::EAX] = v as u32;
@@ -340,6 +346,9 @@ impl Vcpu {
         let v = (u64::from(self.regs[reg::EDX]) << 32) | u64::from(self.regs[reg::EAX]);
         match self.regs[reg::ECX] {
             MSR_TSC => self.set_tsc(v),
+            // Software clears it before CPUID(1) to read the revision the
+            // CPU then loads (no microcode here: it stays 0).
+            MSR_BIOS_SIGN_ID => {}
             _ => return Err(Fault::gp(0)),
         }
         Ok(())
@@ -406,6 +415,22 @@ mod tests {
         c.enter_flat_protected_mode(0x08 | cpl, 0x10 | cpl);
         c.regs[reg::ESP] = 0x8000;
         c
+    }
+
+    /// The microcode signature MSR takes Linux's write of 0 and reads back
+    /// revision 0; other unmodelled MSRs #GP as on a CPU without them.
+    #[test]
+    fn microcode_signature_msr_reads_revision_zero() {
+        let mut c = ring(0);
+        c.regs[reg::ECX] = MSR_BIOS_SIGN_ID;
+        c.regs[reg::EAX] = 0;
+        c.regs[reg::EDX] = 0;
+        assert_eq!(c.wrmsr(), Ok(()));
+        c.regs[reg::EDX] = 0xFFFF_FFFF;
+        assert_eq!(c.rdmsr(), Ok(()));
+        assert_eq!((c.regs[reg::EDX], c.regs[reg::EAX]), (0, 0));
+        c.regs[reg::ECX] = 0x186;
+        assert_eq!(c.rdmsr(), Err(Fault::gp(0)));
     }
 
     #[test]
