@@ -75,6 +75,10 @@ pub struct Board {
     pub pit: Pit8254,
     /// The MC146818 RTC and CMOS at 0x70/0x71; periodic interrupt on IRQ8.
     pub rtc: Mc146818,
+    /// The guest pulsed the CPU's reset line: the 8042 keyboard
+    /// controller's "pulse output port" command with bit 0 (0xFE on port
+    /// 0x64), or bit 0 of system control port A (0x92, "fast reset").
+    pub reset: bool,
     /// Reads of ports no device claims.
     pub unclaimed_reads: u64,
     /// Writes to ports no device claims.
@@ -95,6 +99,7 @@ impl Default for Board {
             pic: PicPair::default(),
             pit: Pit8254::default(),
             rtc: Mc146818::new(0, 0),
+            reset: false,
             unclaimed_reads: 0,
             unclaimed_writes: 0,
             deadline: None,
@@ -158,6 +163,8 @@ impl Board {
             0x40..=0x43 => self.pit.read(port, now),
             0x61 => self.pit.read_port61(now),
             0x70 | 0x71 => self.rtc.read(port, now),
+            // System control port A: A20 enabled (bit 1), as QEMU's.
+            0x92 => 0x02,
             _ => {
                 self.unclaimed_reads += 1;
                 0xFF
@@ -175,6 +182,11 @@ impl Board {
             0x40..=0x43 => self.pit.write(port, v, now),
             0x61 => self.pit.write_port61(v, now),
             0x70 | 0x71 => self.rtc.write(port, v, now),
+            // The 8042's commands 0xF0-0xFF pulse the output-port bits whose
+            // mask bit is 0; output-port bit 0 is the CPU's reset line.
+            0x64 if v & 0xF1 == 0xF0 => self.reset = true,
+            0x92 if v & 1 != 0 => self.reset = true,
+            0x92 => {}
             _ => self.unclaimed_writes += 1,
         }
         self.sync_lines();
@@ -265,10 +277,10 @@ impl Board {
     }
 
     /// Must the run loop look at the board before more guest code runs
-    /// (the guest asked to end the machine, or serial output waits to be
-    /// written to the host)?
+    /// (the guest asked to end or reset the machine, or serial output waits
+    /// to be written to the host)?
     pub fn needs_attention(&self) -> bool {
-        self.exit_requested().is_some() || self.uart.has_output()
+        self.exit_requested().is_some() || self.reset || self.uart.has_output()
     }
 }
 
@@ -318,6 +330,22 @@ mod tests {
         assert_eq!(bus.irq_of(0x08), Some(0));
         bus.write(0x20, 1, 0x20, t); // EOI
         assert!(!bus.interrupt_pending());
+    }
+
+    /// A kernel's reboot reaches the reset line through the 8042 (0xFE on
+    /// port 0x64) or port 0x92 bit 0; other 8042 commands do not reset.
+    #[test]
+    fn the_8042_and_port_92_pulse_reset() {
+        let mut bus = Board::new();
+        bus.write(0x64, 1, 0xAD, 0); // disable keyboard: no reset
+        bus.write(0x64, 1, 0xFF, 0); // pulse no bit
+        assert!(!bus.reset && !bus.needs_attention());
+        assert_eq!(bus.read(0x92, 1, 0), 0x02);
+        bus.write(0x64, 1, 0xFE, 0);
+        assert!(bus.reset && bus.needs_attention());
+        let mut bus = Board::new();
+        bus.write(0x92, 1, 0x03, 0);
+        assert!(bus.reset);
     }
 
     /// The UART's interrupt reaches the slave-free IRQ4 once unmasked.

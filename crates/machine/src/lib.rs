@@ -148,6 +148,9 @@ pub enum Exit {
     Killed(i32),
     /// The user typed Ctrl-A X on the serial console.
     Quit,
+    /// The guest reset the machine (a kernel's reboot): popek ends the run,
+    /// as QEMU does with -no-reboot.
+    Reset,
 }
 
 impl Exit {
@@ -159,7 +162,7 @@ impl Exit {
             Exit::DebugExit(s) | Exit::Exited(s) => *s,
             Exit::Signal(f) => 128 + f.signo,
             Exit::Killed(s) => 128 + s,
-            Exit::Quit => 0,
+            Exit::Quit | Exit::Reset => 0,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -184,6 +187,9 @@ impl Exit {
             )),
             Exit::Killed(s) => Some(format!("guest killed by {}", linux::sig::name(*s))),
             Exit::Quit => Some("terminated from the console (Ctrl-A X)".into()),
+            Exit::Reset => {
+                Some("the guest reset the machine; the run ends (as QEMU's -no-reboot)".into())
+            }
             Exit::Halted { eip } => Some(format!(
                 "guest halted at eip={eip:#010x} with no interrupt source to wake it"
             )),
@@ -516,6 +522,9 @@ impl Machine {
         }
         if let Some(s) = self.cpu.board.exit_requested() {
             return Some(Exit::DebugExit(s));
+        }
+        if self.cpu.board.reset {
+            return Some(Exit::Reset);
         }
         if let Platform::Linux(p) = &mut self.platform {
             if let Some(vector) = p.kernel_entry(&self.cpu) {
