@@ -344,6 +344,9 @@ impl Machine {
         cpu.eip = loaded.entry;
         cpu.regs = [0; 8];
         cpu.regs[reg::ESI] = loaded.boot_params;
+        // boot.rst leaves ESP undefined (the kernel takes its own stack at
+        // once); below boot_params it points at free low memory.
+        cpu.regs[reg::ESP] = loaded.boot_params;
         cpu.set_tsc(0);
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
