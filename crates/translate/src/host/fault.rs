@@ -48,6 +48,15 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut l
     let rip = gregs[libc::REG_RIP as usize] as u64;
     if let Some(a) = active {
         if (a.start..a.end).contains(&rip) {
+            let r15 = gregs[libc::REG_R15 as usize] as u64;
+            if rip == a.fault_entry || r15 != a.ctx as u64 {
+                // The fault is in the epilogue itself, or translated code
+                // lost its context register: the guest state cannot be
+                // recovered. End the process with one line (write and
+                // _exit are async-signal-safe) rather than fault again
+                // forever.
+                lost_context(rip);
+            }
             // SAFETY: `ctx` points at the Context passed to the running
             // code, alive for the whole run (see HostBlock::run); the kernel
             // passes a valid siginfo_t, whose si_addr is the faulting
@@ -69,6 +78,25 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut l
     // SAFETY: resetting a signal's disposition to SIG_DFL is always valid.
     unsafe {
         libc::signal(sig, libc::SIG_DFL);
+    }
+}
+
+/// Translated code faulted without its context (a popek bug): say so on
+/// stderr and exit with status 2 (popek's error status).
+fn lost_context(rip: u64) -> ! {
+    let mut msg =
+        *b"popek: internal error: translated code lost its context (host rip 0x0000000000000000)\n";
+    let hex = b"0123456789abcdef";
+    // The 16 zeros before ")\n".
+    let at = msg.len() - 18;
+    for i in 0..16 {
+        msg[at + i] = hex[((rip >> (60 - 4 * i)) & 0xF) as usize];
+    }
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is
+    // valid for its length.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(2);
     }
 }
 
