@@ -30,10 +30,11 @@ impl Bt {
         let mut fmt = IntelFormatter::new();
         let _ = writeln!(
             s,
-            "== block {:#010x}: {} guest instructions translated, {} host bytes, exit {}",
+            "== block {:#010x}: {} guest instructions translated, {} host bytes at code offset {:#x}, exit {}",
             block.start,
             how.len(),
             code.len(),
+            code.offset(),
             match exit {
                 Some(BlockExit::Direct(t)) => format!("to {t:#010x} (chainable)"),
                 Some(BlockExit::Cond {

@@ -55,7 +55,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut l
                 // recovered. End the process with one line (write and
                 // _exit are async-signal-safe) rather than fault again
                 // forever.
-                lost_context(rip);
+                lost_context(rip - a.start);
             }
             // SAFETY: `ctx` points at the Context passed to the running
             // code, alive for the whole run (see HostBlock::run); the kernel
@@ -82,15 +82,16 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut l
 }
 
 /// Translated code faulted without its context (a popek bug): say so on
-/// stderr and exit with status 2 (popek's error status).
-fn lost_context(rip: u64) -> ! {
+/// stderr, with the code-buffer offset of the fault (`--dump` prints each
+/// block's), and exit with status 2 (popek's error status).
+fn lost_context(offset: u64) -> ! {
     let mut msg =
-        *b"popek: internal error: translated code lost its context (host rip 0x0000000000000000)\n";
+        *b"popek: internal error: translated code lost its context (at code offset 0x0000000000000000)\n";
     let hex = b"0123456789abcdef";
     // The 16 zeros before ")\n".
     let at = msg.len() - 18;
     for i in 0..16 {
-        msg[at + i] = hex[((rip >> (60 - 4 * i)) & 0xF) as usize];
+        msg[at + i] = hex[((offset >> (60 - 4 * i)) & 0xF) as usize];
     }
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is
     // valid for its length.
