@@ -301,27 +301,39 @@ impl EngineState {
     }
 }
 
+/// A CPU on `ram` as a PC's firmware hands it to a kernel: flat 32-bit
+/// protected mode with code selector `cs` and data selector `ds`, paging
+/// and interrupts off, the GDT at `gdt.0` with `gdt.1` entries, the real-mode
+/// IDT, the TSC at 0, and the board in QEMU's firmware state (PIC vectors
+/// 8 and 0x70, PIT channel 0 at 18.2 Hz, the RTC at the host's time, CMOS
+/// describing the RAM).
+fn firmware_cpu(ram: GuestRam, cs: u16, ds: u16, gdt: (u32, u16)) -> Vcpu {
+    let memory = u64::from(ram.size());
+    let mut cpu = Vcpu::new(ram);
+    cpu.enter_flat_protected_mode(cs, ds);
+    cpu.gdtr.base = gdt.0;
+    cpu.gdtr.limit = gdt.1 * 8 - 1;
+    cpu.idtr.base = 0;
+    cpu.idtr.limit = 0x3FF;
+    cpu.set_tsc(0);
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    cpu.board = popek_devices::Board::firmware(epoch, memory);
+    cpu
+}
+
 impl Machine {
     /// Boot a Multiboot kernel image, as `qemu-system-i386 -kernel`.
     pub fn multiboot(image: &[u8], config: Config) -> Result<Machine, LoadError> {
         let mut ram = GuestRam::new(config.memory).map_err(|e| LoadError::Memory(e.to_string()))?;
         let loaded = multiboot::load(&mut ram, image, &config.cmdline)?;
-        let mut cpu = Vcpu::new(ram);
-        cpu.enter_flat_protected_mode(multiboot::ENTRY_CS, multiboot::ENTRY_DS);
-        cpu.gdtr.base = multiboot::GDT_ADDR;
-        cpu.gdtr.limit = 3 * 8 - 1;
-        cpu.idtr.base = 0;
-        cpu.idtr.limit = 0x3FF;
+        let gdt = (multiboot::GDT_ADDR, 3);
+        let mut cpu = firmware_cpu(ram, multiboot::ENTRY_CS, multiboot::ENTRY_DS, gdt);
         cpu.eip = loaded.entry;
         cpu.regs[reg::EAX] = multiboot::BOOTLOADER_MAGIC;
         cpu.regs[reg::EBX] = loaded.mbi;
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
-        cpu.set_tsc(0);
-        // The board as QEMU's firmware leaves it for a Multiboot kernel.
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        cpu.board = popek_devices::Board::firmware(epoch, config.memory);
         Ok(Machine::assemble(cpu, config, Platform::BareMetal))
     }
 
@@ -335,23 +347,14 @@ impl Machine {
     ) -> Result<Machine, LoadError> {
         let mut ram = GuestRam::new(config.memory).map_err(|e| LoadError::Memory(e.to_string()))?;
         let loaded = bzimage::load(&mut ram, image, &config.cmdline, initrd)?;
-        let mut cpu = Vcpu::new(ram);
-        cpu.enter_flat_protected_mode(bzimage::BOOT_CS, bzimage::BOOT_DS);
-        cpu.gdtr.base = bzimage::GDT_ADDR;
-        cpu.gdtr.limit = 4 * 8 - 1;
-        cpu.idtr.base = 0;
-        cpu.idtr.limit = 0x3FF;
+        let gdt = (bzimage::GDT_ADDR, 4);
+        let mut cpu = firmware_cpu(ram, bzimage::BOOT_CS, bzimage::BOOT_DS, gdt);
         cpu.eip = loaded.entry;
         cpu.regs = [0; 8];
         cpu.regs[reg::ESI] = loaded.boot_params;
         // boot.rst leaves ESP undefined (the kernel takes its own stack at
         // once); below boot_params it points at free low memory.
         cpu.regs[reg::ESP] = loaded.boot_params;
-        cpu.set_tsc(0);
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        cpu.board = popek_devices::Board::firmware(epoch, config.memory);
         Ok(Machine::assemble(cpu, config, Platform::BareMetal))
     }
 
