@@ -51,6 +51,9 @@ fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result
     if addr16(ins) {
         return Err("16-bit addressing");
     }
+    if uses_high_byte(ins) {
+        return Err("AH/CH/DH/BH with a REX prefix (the address goes through R13)");
+    }
     let (b, i) = (ins.memory_base(), ins.memory_index());
     let mark = out.len();
     let disp = i64::from(ins.memory_displacement32() as i32);
@@ -162,14 +165,17 @@ thread_local! {
 fn enc(ins: &Instruction, out: &mut Vec<u8>) -> Option<()> {
     ENCODER.with(|e| {
         let mut e = e.borrow_mut();
-        e.encode(ins, 0).ok()?;
-        // Hand the encoder its buffer back, emptied: no allocation per
-        // instruction.
+        let ok = e.encode(ins, 0).is_ok();
+        // Hand the encoder its buffer back, emptied (no allocation per
+        // instruction). A failed encoding may have left part of the
+        // instruction in it: that must not reach the next one.
         let mut b = e.take_buffer();
-        out.extend_from_slice(&b);
+        if ok {
+            out.extend_from_slice(&b);
+        }
         b.clear();
         e.set_buffer(b);
-        Some(())
+        ok.then_some(())
     })
 }
 
@@ -451,6 +457,20 @@ fn uses_esp(ins: &Instruction) -> bool {
         || esp(ins.memory_index())
 }
 
+/// Does the instruction name AH, CH, DH or BH? Those cannot be encoded
+/// with a REX prefix (the same register numbers then mean SPL, BPL, SIL
+/// and DIL), and a host instruction that uses R12 (the guest's ESP) or R13
+/// needs one: such an instruction is left to the interpreter.
+fn uses_high_byte(ins: &Instruction) -> bool {
+    (0..ins.op_count()).any(|i| {
+        ins.op_kind(i) == OpKind::Register
+            && matches!(
+                ins.op_register(i),
+                Register::AH | Register::CH | Register::DH | Register::BH
+            )
+    })
+}
+
 /// Opcode 0x82 (an alias of 0x80 that 64-bit mode does not have). The
 /// other 32-bit-only opcodes are stack, BCD, far or segment-load
 /// instructions, which never reach the fast path. (iced's `op_code()`
@@ -534,6 +554,9 @@ pub fn lower_into(
     if bytes.is_some_and(|b| copy_bytes(ins, b, out)) {
         return Ok(());
     }
+    if uses_esp(ins) && uses_high_byte(ins) {
+        return Err("AH/CH/DH/BH with ESP (R12 needs a REX prefix)");
+    }
     let mut host = with_host_registers(ins);
     // INC/DEC r16/r32 short forms (40+r, 48+r) are REX prefixes in 64-bit mode.
     let code = match ins.code() {
@@ -584,6 +607,61 @@ mod tests {
         let mut s = String::new();
         IntelFormatter::new().format(&ins, &mut s);
         s
+    }
+
+    /// AH, CH, DH and BH cannot be encoded beside R12 (the guest's ESP) or
+    /// R13: with the REX prefix those need, the same register numbers mean
+    /// SPL, BPL, SIL and DIL, and `mov ah, [esp+40h]` would have written
+    /// the low byte of the host's stack pointer (found booting Linux).
+    #[test]
+    fn high_byte_registers_never_meet_a_rex_prefix() {
+        let segs = SegBases {
+            fs: Some(0x1000),
+            gs: None,
+        };
+        for g in [
+            &[0x8A, 0x64, 0x24, 0x40][..],               // mov ah,[esp+40h]
+            &[0x88, 0x7C, 0x24, 0x08],                   // mov [esp+8],bh
+            &[0x64, 0x8A, 0x25, 0x10, 0x00, 0x00, 0x00], // mov ah,fs:[10h]
+        ] {
+            let mut out = Vec::new();
+            match lower_into(&guest(g), Some(g), &mut out, &segs) {
+                Err(_) => assert!(out.is_empty()),
+                Ok(()) => {
+                    let mut d = Decoder::with_ip(64, &out, 0, DecoderOptions::NONE);
+                    while d.can_decode() {
+                        let ins = d.decode();
+                        let mut t = String::new();
+                        IntelFormatter::new().format(&ins, &mut t);
+                        for r in ["spl", "bpl", "sil", "dil"] {
+                            assert!(!t.contains(r), "{g:02x?} lowered to {t}");
+                        }
+                    }
+                }
+            }
+        }
+        // A failed encoding leaves nothing behind in the encoder for the
+        // next instruction.
+        let bad = Instruction::with2(
+            Code::Mov_r8_rm8,
+            Register::AH,
+            MemoryOperand::with_base_displ(Register::R12D, 0x40),
+        )
+        .unwrap();
+        assert_eq!(enc(&bad, &mut Vec::new()), None);
+        let mut out = Vec::new();
+        enc(&Instruction::with(Code::Nopd), &mut out).unwrap();
+        assert_eq!(out, [0x90]);
+        // Beside other registers they are copied as they are.
+        let mut out = Vec::new();
+        lower_into(
+            &guest(&[0x8A, 0x63, 0x04]),
+            Some(&[0x8A, 0x63, 0x04]),
+            &mut out,
+            &segs,
+        )
+        .unwrap();
+        assert_eq!(host_text(&out), "mov ah,gs:[ebx+4]");
     }
 
     /// String instructions run on host pointers: the disassembly of what
