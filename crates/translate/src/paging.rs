@@ -263,15 +263,7 @@ impl Bt {
                 }
             }
             self.stats.shadow_unmaps += revoked.len() as u64;
-            let space = &mut self.spaces[i];
-            space.itlb.retain(|&l, &mut p| {
-                let hit = revoked.contains(&l);
-                if hit {
-                    stale_code.push((l, p));
-                }
-                !hit
-            });
-            if runs.is_empty() {
+            if runs.is_empty() && revoked.is_empty() {
                 continue;
             }
             runs.sort_unstable();
@@ -283,8 +275,11 @@ impl Bt {
                     _ => merged.push((f, n)),
                 }
             }
-            space.itlb.retain(|&l, &mut p| {
-                let hit = merged.iter().any(|&(f, n)| (f..f + n).contains(&l));
+            // What was revoked or unmapped leaves the instruction TLB, and
+            // the code it mapped is stale.
+            self.spaces[i].itlb.retain(|&l, &mut p| {
+                let hit =
+                    revoked.contains(&l) || merged.iter().any(|&(f, n)| (f..f + n).contains(&l));
                 if hit {
                     stale_code.push((l, p));
                 }
