@@ -26,6 +26,7 @@
 #define PTE_SWAP 0x400  /* software bit (not present): swap slot in 12-31 */
 
 #define UTEXT 0x40000000u       /* program text, one page, read-only */
+#define ULIB 0x40001000u        /* a library page, swapped by system call 7 */
 #define UDATA_VA 0x40400000u    /* data pages, private */
 #define USHARED 0x40800000u     /* a page shared by all, mapped twice */
 #define NPAGES 12               /* data pages per process */
@@ -37,7 +38,10 @@
 /* ---- the user programs (position-independent, copied to UTEXT) -------- */
 
 /* System calls (INT 0x40, EAX = number): 1 yield, 2 exit(EBX), 3 fork
- * (child gets 0), 4 exec(EBX = program, ECX = seed), 6 seed. */
+ * (child gets 0), 4 exec(EBX = program, ECX = seed), 6 seed, 7 swap the
+ * library: ULIB maps the other version (a remap of code behind a direct
+ * call from another page and an indirect one, in the same address
+ * space, while the calling page stays as it was). */
 __asm__(
     ".text\n"
     ".global prog_a, prog_a_end, prog_b, prog_b_end\n"
@@ -97,12 +101,15 @@ __asm__(
     "    mov $2, %eax\n"
     "    int $0x40\n"
     "prog_a_end:\n"
-    /* B: other code at the same address; rotates and spreads. */
+    /* B: other code at the same address; rotates and spreads, and calls
+     * the library page (directly, with the displacement it has at UTEXT,
+     * and through a register). */
     "prog_b:\n"
     "    mov $6, %eax\n"
     "    int $0x40\n"
     "    mov %eax, %esi\n"
     "    xor %edi, %edi\n"
+    "    xor %ebp, %ebp\n"
     "1:  mov $0x40400000, %edx\n"
     "    mov $12, %ecx\n"
     "    mov %edi, %ebx\n"
@@ -116,7 +123,19 @@ __asm__(
     "    add $4096, %edx\n"
     "    loop 2b\n"
     "    incl 0x40801000\n"             /* the shared page, other alias */
+    "    mov %edi, %eax\n"
+    "    .byte 0xe8\n"                  /* call ULIB */
+    "    .long 0x40001000 - (0x40000000 + (7f - prog_b))\n"
+    "7:  add %eax, %ebp\n"
+    "    mov %ebp, %eax\n"
+    "    mov $0x40001000, %ecx\n"
+    "    call *%ecx\n"
+    "    xor %eax, %ebp\n"
     "    inc %edi\n"
+    "    test $3, %edi\n"
+    "    jnz 3f\n"
+    "    mov $7, %eax\n"
+    "    int $0x40\n"
     "    test $7, %edi\n"
     "    jnz 3f\n"
     "    mov $1, %eax\n"
@@ -124,7 +143,7 @@ __asm__(
     "3:  cmp $512, %edi\n"
     "    jb 1b\n"
     "    mov $0x40400000, %edx\n"
-    "    xor %ebx, %ebx\n"
+    "    mov %ebp, %ebx\n"
     "    mov $12288, %ecx\n"
     "4:  add (%edx), %ebx\n"
     "    rol $5, %ebx\n"
@@ -132,9 +151,19 @@ __asm__(
     "    loop 4b\n"
     "    mov $2, %eax\n"
     "    int $0x40\n"
-    "prog_b_end:\n");
+    "prog_b_end:\n"
+    /* The library's two versions. */
+    ".global lib_v0, lib_v1, lib_end\n"
+    "lib_v0:\n"
+    "    lea 0x11(%eax,%eax,2), %eax\n"
+    "    ret\n"
+    "lib_v1:\n"
+    "    lea 0x2f(%eax,%eax,4), %eax\n"
+    "    ret\n"
+    "lib_end:\n");
 
 extern const u8 prog_a[], prog_a_end[], prog_b[], prog_b_end[];
+extern const u8 lib_v0[], lib_v1[], lib_end[];
 
 /* ---- physical memory ---------------------------------------------------- */
 
@@ -143,7 +172,7 @@ static u8 refs[NFRAMES];
 static u32 free_list[NFRAMES], free_count, next_frame = FRAMES_BASE;
 static u8 swap_space[NSLOTS][4096] __attribute__((aligned(4096)));
 static u8 slot_used[NSLOTS];
-static u32 shared_pt, shared_frame;
+static u32 shared_pt, shared_frame, lib_frame[2];
 
 static void die(const char *what)
 {
@@ -192,6 +221,7 @@ struct proc {
     u32 seed, result;
     int prog, parent;
     u32 cow, zero, swapins;
+    int lib;
 };
 
 static struct proc procs[MAXPROC];
@@ -235,6 +265,9 @@ static void load_program(struct proc *p, int prog)
     u32 f = zeroed_frame();
     memcpy(frame_ptr(f), from, to - from);
     *pte = f | PTE_P | PTE_U;       /* read-only */
+    pte[1] = lib_frame[0] | PTE_P | PTE_U;
+    invlpg(ULIB);
+    p->lib = 0;
     p->prog = prog;
 }
 
@@ -292,6 +325,8 @@ static int fork(struct proc *parent)
     child->parent = parent - procs;
     u32 *pt = pt_of(parent->pd, UTEXT), *ct = pt_of(child->pd, UTEXT);
     ct[0] = pt[0];
+    ct[1] = pt[1];
+    child->lib = parent->lib;
     refs[((pt[0] & ~0xFFFu) - FRAMES_BASE) >> 12]++;
     pt = pt_of(parent->pd, UDATA_VA);
     ct = pt_of(child->pd, UDATA_VA);
@@ -400,6 +435,11 @@ static void syscall(struct frame *f)
     case 6: /* the seed */
         f->eax = p->seed;
         break;
+    case 7: /* swap the library */
+        p->lib ^= 1;
+        *pte_of(p->pd, ULIB) = lib_frame[p->lib] | PTE_P | PTE_U;
+        invlpg(ULIB);
+        break;
     default:
         die("bad system call");
     }
@@ -455,7 +495,7 @@ static void finish(void)
            dirty_seen);
     printf("shared counter (incremented through two aliases): %u\n", shared[0]);
     u32 leaked = (next_frame - FRAMES_BASE) / 4096 - free_count;
-    printf("frames in use at the end: %u (the shared page and its table)\n", leaked);
+    printf("frames in use at the end: %u (the shared page, its table, the library's two versions)\n", leaked);
     exit(0);
 }
 
@@ -480,6 +520,10 @@ int kmain(u32 magic, struct mb_info *mbi)
     shared_frame = zeroed_frame();
     frame_ptr(shared_pt)[0] = shared_frame | PTE_P | PTE_W | PTE_U;
     frame_ptr(shared_pt)[1] = shared_frame | PTE_P | PTE_W | PTE_U;
+    lib_frame[0] = zeroed_frame();
+    lib_frame[1] = zeroed_frame();
+    memcpy(frame_ptr(lib_frame[0]), lib_v0, lib_v1 - lib_v0);
+    memcpy(frame_ptr(lib_frame[1]), lib_v1, lib_end - lib_v1);
     for (int i = 0; i < 3; i++) {
         struct proc *p = &procs[i];
         p->live = 1;

@@ -87,6 +87,25 @@ enum Cmd {
     },
     /// List the bundled guests.
     Guests,
+    /// Write an initramfs (a cpio archive, uncompressed) for a Linux
+    /// kernel: busybox-static as /bin/busybox, /init (a script of yours, or
+    /// an interactive shell on the console), /dev/console, the usual
+    /// directories, and any files you add.
+    Initramfs {
+        /// The archive to write.
+        out: String,
+        /// A static i386 busybox (e.g. from Debian's busybox-static:i386).
+        #[arg(long, value_name = "PATH")]
+        busybox: String,
+        /// The /init script (default: mount /proc, /sys, /dev and start a
+        /// shell on the console).
+        #[arg(long, value_name = "FILE")]
+        init: Option<String>,
+        /// Add a host file as DEST in the archive (its permission bits
+        /// kept; missing parent directories made).
+        #[arg(long, value_name = "DEST=SRC")]
+        add: Vec<String>,
+    },
     /// Demonstrations. `popek-goldberg`: run a bundled guest (default
     /// `sensitive`) under interp, bt and trap and print what each line of
     /// its output became, side by side, then what the trap-and-emulate
@@ -203,6 +222,18 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Initramfs {
+            out,
+            busybox,
+            init,
+            add,
+        } => match initramfs(&out, &busybox, init.as_deref(), &add) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Guests => {
             for g in popek_guests::GUESTS {
                 println!("{:<12} {}", g.name, g.about);
@@ -210,4 +241,42 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `popek initramfs`.
+fn initramfs(out: &str, busybox: &str, init: Option<&str>, add: &[String]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |p: &str| std::fs::read(p).map_err(|e| format!("{p}: {e}"));
+    let init = match init {
+        Some(p) => Some(String::from_utf8(read(p)?).map_err(|_| format!("{p}: not text"))?),
+        None => None,
+    };
+    let mut a = popek_machine::initramfs::Initramfs::busybox(&read(busybox)?, init.as_deref());
+    let mut dirs: std::collections::BTreeSet<String> = popek_machine::initramfs::BUSYBOX_DIRS
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    for spec in add {
+        let (dest, src) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--add {spec}: expected DEST=SRC"))?;
+        let dest = dest.trim_start_matches('/');
+        let mut parent = String::new();
+        for part in dest.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+            parent = if parent.is_empty() {
+                part.to_string()
+            } else {
+                format!("{parent}/{part}")
+            };
+            if dirs.insert(parent.clone()) {
+                a.dir(&parent, 0o755);
+            }
+        }
+        let perm = std::fs::metadata(src)
+            .map_err(|e| format!("{src}: {e}"))?
+            .permissions()
+            .mode();
+        a.file(dest, perm, &read(src)?);
+    }
+    std::fs::write(out, a.finish()).map_err(|e| format!("{out}: {e}"))
 }

@@ -13,6 +13,7 @@
 pub mod bzimage;
 pub mod console;
 pub mod elf32;
+pub mod initramfs;
 pub mod linux;
 pub mod lockstep;
 pub mod multiboot;
@@ -523,8 +524,11 @@ impl Machine {
             EngineState::Interp => popek_interp::step(&mut self.cpu),
         };
         if self.cpu.board.uart.has_output() {
+            // Written through at once, as a serial line would: a prompt
+            // with no newline must not wait in a line buffer while the
+            // guest waits for what the user types in answer.
             let bytes = self.cpu.board.uart.take_output();
-            let _ = out.write_all(&bytes);
+            let _ = out.write_all(&bytes).and_then(|()| out.flush());
         }
         if let Some(s) = self.cpu.board.exit_requested() {
             return Some(Exit::DebugExit(s));

@@ -121,3 +121,24 @@ fn wild_pointers_and_the_kernel_region_fault_like_linux() {
         assert_eq!(f.exception.vector, 14, "{name}");
     }
 }
+
+/// A block whose POPF goes to the helper (CPL 3) and whose store then
+/// faults (it writes the page its own code is on) counts its instructions
+/// exactly: the engines agree on the count (`both` gives each a budget
+/// the guest fits in by far), and the program finishes as natively.
+#[test]
+fn a_fault_after_a_flags_helper_in_the_first_block_counts_exactly() {
+    let exe = build(
+        "popf_fault",
+        ".section .wtext, \"awx\"\n\
+         mov $50, %esi\n\
+         again: mov $20, %eax\n int $0x80\n\
+         pushf\n popf\n movl %esi, slot\n\
+         dec %esi\n jnz again\n\
+         mov $1, %eax\n mov slot, %ebx\n int $0x80\n\
+         slot: .long 0",
+    );
+    let ((_, nstatus), (_, exit)) = both(&exe);
+    assert_eq!(nstatus, 1, "native");
+    assert_eq!(exit, Exit::Exited(1));
+}

@@ -61,6 +61,23 @@ pub struct Context {
     /// 0 when POPF, CLI and STI may run in host code (CPL 0, neither RF
     /// nor VM set); otherwise they call the helper.
     pub slow: u32,
+    /// FS's base, which host code adds for an FS override.
+    pub fs_base: u32,
+    /// GS's base, which host code adds for a GS override.
+    pub gs_base: u32,
+    /// 1 while FS (index 0) or GS (index 1) is a flat data segment (see
+    /// [`crate::lower::SegBases`]), so host code may access memory through
+    /// it; 0 sends such an access to the interpreter.
+    pub flat: [u16; 2],
+}
+
+impl Context {
+    /// Take FS's and GS's bases and flatness from `segs`.
+    pub fn set_segs(&mut self, segs: crate::lower::SegBases) {
+        self.fs_base = segs.fs.unwrap_or(0);
+        self.gs_base = segs.gs.unwrap_or(0);
+        self.flat = [u16::from(segs.fs.is_some()), u16::from(segs.gs.is_some())];
+    }
 }
 
 /// Offset of [`Context::regs`] (EAX; register `i` is at `4 * i`).
@@ -84,7 +101,17 @@ pub const VIF: u8 = 108;
 /// Offset of [`Context::slow`].
 pub const SLOW: u8 = 112;
 
+/// Offset of [`Context::fs_base`].
+pub const FS_BASE: u8 = 116;
+/// Offset of [`Context::gs_base`].
+pub const GS_BASE: u8 = 120;
+/// Offset of [`Context::flat`] (FS's word; GS's follows).
+pub const FLAT: u8 = 124;
+
 const _: () = assert!(offset_of!(Context, regs) == REGS as usize);
+const _: () = assert!(offset_of!(Context, fs_base) == FS_BASE as usize);
+const _: () = assert!(offset_of!(Context, gs_base) == GS_BASE as usize);
+const _: () = assert!(offset_of!(Context, flat) == FLAT as usize);
 const _: () = assert!(offset_of!(Context, eflags) == EFLAGS as usize);
 const _: () = assert!(offset_of!(Context, next_eip) == NEXT_EIP as usize);
 const _: () = assert!(offset_of!(Context, retired) == RETIRED as usize);

@@ -97,8 +97,6 @@ pub(crate) enum Translation {
         /// For each exit stub (as in `code.sites()`), the translation it
         /// is chained to, if it is.
         linked: Vec<Option<Key>>,
-        /// Does the code add an FS or GS base (as of translation)?
-        uses_segs: bool,
         /// The guest bytes it was made from (see [`CodeBytes`]).
         bytes: CodeBytes,
     },
@@ -154,16 +152,6 @@ impl Translation {
         self.bytes()
             .iter()
             .any(|&(p, a, b)| p == page && a < hi && lo < b)
-    }
-
-    fn uses_segs(&self) -> bool {
-        matches!(
-            self,
-            Translation::Code {
-                uses_segs: true,
-                ..
-            }
-        )
     }
 }
 
@@ -227,11 +215,6 @@ impl Bt {
                 .iter()
                 .any(|&(page, lo, hi)| t.made_from(page, lo, hi))
         });
-    }
-
-    /// Drop the translations that add an FS or GS base (the bases changed).
-    pub(crate) fn drop_segment_users(&mut self) {
-        self.stats.segment_invalidations += self.drop_where(Translation::uses_segs);
     }
 
     /// Drop (and unlink) every cached translation `stale` says is stale;

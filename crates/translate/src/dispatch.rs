@@ -29,7 +29,8 @@ use crate::chain::Link;
 use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
 use crate::helper::{HelperEnv, HotStore};
 use crate::host::{set_gs_base, CodeBuffer};
-use crate::lower::{lower, SegBases};
+use crate::lower::lower;
+use crate::paging::seg_bases;
 use crate::paging::{translatable, PagingKey, Space};
 use crate::select::SUPERBLOCK_MAX;
 use crate::stats::{ExitReason, KindCounts, Stats};
@@ -96,8 +97,6 @@ pub struct Bt {
     pub(crate) lookup: [Box<[LookupEntry]>; 2],
     /// Indices of each table that hold a translation.
     pub(crate) lookup_used: [Vec<u16>; 2],
-    /// FS and GS bases as the cached translations assume them.
-    pub(crate) segs: SegBases,
     /// Host write faults on watched pages (code, page tables) by guest
     /// EIP: a store that takes [`HOT_STORE_FAULTS`] becomes a helper call
     /// (`hot_stores`) when its block is translated again.
@@ -152,7 +151,6 @@ impl Bt {
                 vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
             ],
             lookup_used: [Vec::new(), Vec::new()],
-            segs: SegBases::default(),
             superblocks: true,
             store_faults: FastMap::default(),
             hot_stores: FastMap::default(),
@@ -305,7 +303,6 @@ impl Bt {
         };
         let mut env = HelperEnv {
             left: false,
-            segs: self.segs,
             cpu: std::ptr::null_mut(),
             key: self.key,
             stop: None,
@@ -333,8 +330,12 @@ impl Bt {
             sys: 0,
             vif: 0,
             slow: 0,
+            fs_base: 0,
+            gs_base: 0,
+            flat: [0; 2],
         };
         ctx.set_eflags(cpu.eflags, cpu.cpl());
+        ctx.set_segs(seg_bases(cpu));
         if cpu.board.interrupt_pending() {
             // A device interrupt waits for IF: let STI, POPF and CLI go
             // through the helper, which leaves as soon as IF is set.
@@ -371,8 +372,38 @@ impl Bt {
         cpu.regs = ctx.regs;
         cpu.eflags = ctx.guest_eflags();
         self.stats.chained += budget - ctx.chain_budget;
-        let lookups = ctx.retired >> LOOKUP_SHIFT;
-        let retired = ctx.retired & ((1 << LOOKUP_SHIFT) - 1);
+        // Stopped before a faulting instruction: which one, and how many
+        // instructions of its block retired before it.
+        let fault = (ctx.fault_rip != 0).then(|| {
+            let off = ctx.fault_rip - buf.exec_addr(0) as u64;
+            let block = self
+                .by_offset
+                .range(..=off as usize)
+                .next_back()
+                .map(|(_, e)| *e);
+            match block.and_then(|b| self.cache.peek(&b)) {
+                Some(Translation::Code {
+                    code,
+                    eips,
+                    counted,
+                    ..
+                }) => {
+                    let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
+                    let native = u64::from(counted.get(done).copied().unwrap_or(0));
+                    (Some(eips[done]), native)
+                }
+                _ => (None, 0),
+            }
+        });
+        // The count of the faulting block's instructions is added before
+        // the packed fields are split: a flags slow path in that block took
+        // one off already (its helper counted it), which may have borrowed
+        // from the lookup field.
+        let packed = ctx
+            .retired
+            .wrapping_add(fault.map_or(0, |(_, native)| native));
+        let lookups = packed >> LOOKUP_SHIFT;
+        let retired = packed & ((1 << LOOKUP_SHIFT) - 1);
         self.stats.indirect_lookups += lookups;
         self.stats.indirect_hits += lookups - ctx.indirect_misses;
         cpu.retired += retired;
@@ -390,24 +421,8 @@ impl Bt {
             // Stopped before a faulting instruction: find it, and let the
             // interpreter execute it with the guest's semantics.
             self.stats.faults += 1;
-            let off = ctx.fault_rip - buf.exec_addr(0) as u64;
-            let block = self
-                .by_offset
-                .range(..=off as usize)
-                .next_back()
-                .map(|(_, e)| *e);
-            if let Some(Translation::Code {
-                code,
-                eips,
-                counted,
-                ..
-            }) = block.and_then(|b| self.cache.peek(&b))
-            {
-                let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
-                cpu.eip = eips[done];
-                let native = u64::from(counted.get(done).copied().unwrap_or(0));
-                cpu.retired += native;
-                self.stats.insns_native += native;
+            if let Some((Some(eip), _)) = fault {
+                cpu.eip = eip;
             }
             let key = self.key;
             if ctx.fault_write != 0 && self.watched_at(cpu, ctx.fault_addr) {

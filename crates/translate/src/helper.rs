@@ -13,7 +13,6 @@ use popek_vcpu::Vcpu;
 use crate::abi::{Context, LOOKUP_SHIFT};
 use crate::cache::FastMap;
 use crate::emit::HelperCall;
-use crate::lower::SegBases;
 use crate::paging::{paging_key, seg_bases, translatable, PagingKey};
 use crate::stats::KindCounts;
 
@@ -78,7 +77,6 @@ pub(crate) struct HelperEnv {
     pub(crate) insns: *const Vec<iced_x86::Instruction>,
     /// Did a helper ask to leave the block?
     pub(crate) left: bool,
-    pub(crate) segs: SegBases,
     pub(crate) cpu: *mut Vcpu,
     pub(crate) key: PagingKey,
     pub(crate) stop: Option<popek_vcpu::Stop>,
@@ -175,7 +173,10 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         // are not in `cpu.retired` yet (the dispatcher adds them when the
         // code returns): count them during the step, so whatever reads the
         // count (a TSC that counts instructions) sees the exact value.
-        let inflight = (ctx.retired & ((1 << LOOKUP_SHIFT) - 1)) + counted_before as u64;
+        // (Added before the fields are split: a flags slow path earlier in
+        // the block took one off the packed count, which may have borrowed
+        // from the lookup field.)
+        let inflight = ctx.retired.wrapping_add(counted_before as u64) & ((1 << LOOKUP_SHIFT) - 1);
         cpu.retired += inflight;
         let step = popek_interp::step_decoded(cpu, ins);
         cpu.retired -= inflight;
@@ -197,6 +198,9 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         }
         ctx.regs = cpu.regs;
         ctx.set_eflags(cpu.eflags, cpu.cpl());
+        // A segment load changes no translation: host code reads FS's and
+        // GS's bases and flatness from the context.
+        ctx.set_segs(seg_bases(cpu));
         let irq = cpu.board.interrupt_pending();
         if irq {
             // As at entry (see the dispatcher): STI, POPF and CLI keep
@@ -216,7 +220,6 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                     && !interruptible
                     && translatable(cpu)
                     && paging_key(cpu) == env.key
-                    && seg_bases(cpu) == env.segs
             }
             Step::Halted => false,
             Step::Stop(s) => {

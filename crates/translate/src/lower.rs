@@ -22,10 +22,12 @@ pub enum Lowering {
     NotCopyable(&'static str),
 }
 
-/// The bases of FS and GS where translated code may use them: Some(base)
-/// for a present, writable, expand-up data segment with a 4 GiB limit (no
-/// access through it can fail a segment check), None otherwise. A
-/// translation that uses a base is valid only while it stays the same.
+/// The bases of FS and GS as translated code sees them: Some(base) for a
+/// present, writable, expand-up data segment with a 4 GiB limit (no access
+/// through it can fail a segment check), None otherwise. Translations do
+/// not depend on them: the context holds them (see
+/// [`crate::abi::Context::set_segs`]) and an access through a segment
+/// whose entry is None goes to the interpreter at run time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SegBases {
     /// FS's base.
@@ -43,17 +45,38 @@ impl SegBases {
     }
 }
 
-/// `ins` with a FS or GS override whose segment has a usable base: the
+/// `ins` with a FS or GS override, as host code that reads the segment's
+/// base from the context (so a base change invalidates nothing): the
 /// effective address into R13D (LEA, which neither faults nor touches
-/// flags), the segment base added (LEA again, wrapping at 4 GiB), then the
-/// instruction on `gs:[r13d]`.
-fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result<(), &'static str> {
+/// flags), the base loaded into R11D and added (LEA again, wrapping at
+/// 4 GiB), then the instruction on `gs:[r13d]`. Returns true for FS,
+/// false for GS. The caller guards the code with the segment's flatness
+/// (`Piece::Segment`).
+pub fn lower_seg_override(ins: &Instruction, out: &mut Vec<u8>) -> Result<bool, &'static str> {
+    if !SegBases::used_by(ins) {
+        return Err("no FS/GS memory operand");
+    }
+    if ins.is_string_instruction() {
+        return Err("string instruction (ES:EDI cannot take a segment override)");
+    }
+    if ins.is_stack_instruction() || matches!(ins.mnemonic(), M::Enter | M::Leave) {
+        return Err("stack instruction (64-bit pushes are 8 bytes)");
+    }
+    if is_bcd_or_32bit_only(ins) {
+        return Err("not encodable in 64-bit mode");
+    }
     if addr16(ins) {
         return Err("16-bit addressing");
     }
     if uses_high_byte(ins) {
         return Err("AH/CH/DH/BH with a REX prefix (the address goes through R13)");
     }
+    let fs = ins.segment_prefix() == Register::FS;
+    let base_at = if fs {
+        crate::abi::FS_BASE
+    } else {
+        crate::abi::GS_BASE
+    };
     let (b, i) = (ins.memory_base(), ins.memory_index());
     let mark = out.len();
     let disp = i64::from(ins.memory_displacement32() as i32);
@@ -75,12 +98,13 @@ fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result
         );
         Instruction::with2(Code::Lea_r32_m, Register::R13D, m)
     };
+    let load_base = MemoryOperand::with_base_displ(Register::R15, i64::from(base_at));
     let plus_base = MemoryOperand::new(
         Register::R13D,
-        Register::None,
+        Register::R11D,
         1,
-        i64::from(base as i32),
-        4,
+        0,
+        0,
         false,
         Register::None,
     );
@@ -102,13 +126,17 @@ fn lower_seg_override(ins: &Instruction, base: u32, out: &mut Vec<u8>) -> Result
     }
     .map_err(|_| "not encodable in 64-bit mode")?;
     let ok = ea.ok().and_then(|i| enc(&i, out)).is_some()
+        && Instruction::with2(Code::Mov_r32_rm32, Register::R11D, load_base)
+            .ok()
+            .and_then(|i| enc(&i, out))
+            .is_some()
         && Instruction::with2(Code::Lea_r32_m, Register::R13D, plus_base)
             .ok()
             .and_then(|i| enc(&i, out))
             .is_some()
         && enc(&host, out).is_some();
     if ok {
-        Ok(())
+        Ok(fs)
     } else {
         out.truncate(mark);
         Err("not encodable in 64-bit mode")
@@ -419,7 +447,7 @@ pub fn lower(ins: &Instruction) -> Lowering {
 /// [`lower_into`] as a value.
 pub fn lower_innocuous(ins: &Instruction, bytes: Option<&[u8]>) -> Lowering {
     let mut out = Vec::new();
-    match lower_into(ins, bytes, &mut out, &SegBases::default()) {
+    match lower_into(ins, bytes, &mut out) {
         Ok(()) => Lowering::Copied(out),
         Err(why) => Lowering::NotCopyable(why),
     }
@@ -530,7 +558,6 @@ pub fn lower_into(
     ins: &Instruction,
     bytes: Option<&[u8]>,
     out: &mut Vec<u8>,
-    segs: &SegBases,
 ) -> Result<(), &'static str> {
     if ins.is_string_instruction() {
         return Err("string instruction (ES:EDI cannot take a segment override)");
@@ -539,14 +566,7 @@ pub fn lower_into(
         return Err("stack instruction (64-bit pushes are 8 bytes)");
     }
     if SegBases::used_by(ins) {
-        let base = match ins.segment_prefix() {
-            Register::FS => segs.fs,
-            _ => segs.gs,
-        };
-        return match base {
-            Some(b) if !is_bcd_or_32bit_only(ins) => lower_seg_override(ins, b, out),
-            _ => Err("FS/GS override (the segment is not a flat-limit data segment)"),
-        };
+        return Err("FS/GS override (guarded host code: lower_seg_override)");
     }
     if is_bcd_or_32bit_only(ins) {
         return Err("not encodable in 64-bit mode");
@@ -615,17 +635,19 @@ mod tests {
     /// the low byte of the host's stack pointer (found booting Linux).
     #[test]
     fn high_byte_registers_never_meet_a_rex_prefix() {
-        let segs = SegBases {
-            fs: Some(0x1000),
-            gs: None,
-        };
         for g in [
             &[0x8A, 0x64, 0x24, 0x40][..],               // mov ah,[esp+40h]
             &[0x88, 0x7C, 0x24, 0x08],                   // mov [esp+8],bh
             &[0x64, 0x8A, 0x25, 0x10, 0x00, 0x00, 0x00], // mov ah,fs:[10h]
         ] {
             let mut out = Vec::new();
-            match lower_into(&guest(g), Some(g), &mut out, &segs) {
+            let ins = guest(g);
+            let lowered = if SegBases::used_by(&ins) {
+                lower_seg_override(&ins, &mut out).map(|_| ())
+            } else {
+                lower_into(&ins, Some(g), &mut out)
+            };
+            match lowered {
                 Err(_) => assert!(out.is_empty()),
                 Ok(()) => {
                     let mut d = Decoder::with_ip(64, &out, 0, DecoderOptions::NONE);
@@ -658,7 +680,6 @@ mod tests {
             &guest(&[0x8A, 0x63, 0x04]),
             Some(&[0x8A, 0x63, 0x04]),
             &mut out,
-            &segs,
         )
         .unwrap();
         assert_eq!(host_text(&out), "mov ah,gs:[ebx+4]");
@@ -760,39 +781,46 @@ mod tests {
         }
     }
 
-    /// FS/GS overrides on a flat-limit segment: the address goes through
-    /// R13D with the segment base added, then the access through GS.
+    /// FS/GS overrides: the address goes through R13D with the segment
+    /// base loaded from the context and added, then the access through GS.
     #[test]
-    fn fs_and_gs_overrides_add_the_segment_base() {
-        let segs = SegBases {
-            fs: Some(0x8000),
-            gs: Some(0xFFFF_F000),
-        };
-        let cases: &[(&[u8], &[&str])] = &[
+    fn fs_and_gs_overrides_add_the_base_from_the_context() {
+        let cases: &[(&[u8], bool, &[&str])] = &[
             (
                 &[0x64, 0xA1, 0x10, 0, 0, 0],
-                &["mov r13d,10h", "lea r13d,[r13d+8000h]", "mov eax,gs:[r13d]"],
+                true,
+                &[
+                    "mov r13d,10h",
+                    "mov r11d,[r15+74h]",
+                    "lea r13d,[r13d+r11d]",
+                    "mov eax,gs:[r13d]",
+                ],
             ),
             (
                 &[0x65, 0x80, 0x44, 0x24, 0x08, 0x01],
+                false,
                 &[
                     "lea r13d,[r12d+8]",
-                    "lea r13d,[r13d-1000h]",
+                    "mov r11d,[r15+78h]",
+                    "lea r13d,[r13d+r11d]",
                     "add byte ptr gs:[r13d],1",
                 ],
             ),
             (
                 &[0x64, 0x89, 0x1C, 0x8E],
+                true,
                 &[
                     "lea r13d,[esi+ecx*4]",
-                    "lea r13d,[r13d+8000h]",
+                    "mov r11d,[r15+74h]",
+                    "lea r13d,[r13d+r11d]",
                     "mov gs:[r13d],ebx",
                 ],
             ),
         ];
-        for (g, want) in cases {
+        assert_eq!((crate::abi::FS_BASE, crate::abi::GS_BASE), (0x74, 0x78));
+        for (g, fs, want) in cases {
             let mut out = Vec::new();
-            lower_into(&guest(g), Some(g), &mut out, &segs).unwrap();
+            assert_eq!(lower_seg_override(&guest(g), &mut out), Ok(*fs));
             let mut d = Decoder::with_ip(64, &out, 0, DecoderOptions::NONE);
             let mut got = Vec::new();
             while d.can_decode() {
@@ -802,9 +830,9 @@ mod tests {
             }
             assert_eq!(got, *want, "{g:02x?}");
         }
-        // Without a usable base the instruction is not copied.
+        // lower_into leaves them to the guarded path.
         let g = [0x64, 0xA1, 0x10, 0, 0, 0];
-        assert!(lower_into(&guest(&g), Some(&g), &mut Vec::new(), &SegBases::default()).is_err());
+        assert!(lower_into(&guest(&g), Some(&g), &mut Vec::new()).is_err());
     }
 
     /// The fast path (guest bytes behind `gs addr32`) and the encoder

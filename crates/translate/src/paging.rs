@@ -125,15 +125,9 @@ pub fn translatable(cpu: &Vcpu) -> bool {
 
 impl Bt {
     /// Follow the guest's addressing mode: act on page-table writes
-    /// (`tables`, from the write watch), drop the translations that add
-    /// FS/GS bases when those change, and switch shadow address spaces
+    /// (`tables`, from the write watch) and switch shadow address spaces
     /// when the paging mode changed.
     pub(crate) fn sync_paging(&mut self, cpu: &mut Vcpu, tables: &[(u32, u16, u16)]) {
-        let segs = seg_bases(cpu);
-        if segs != self.segs {
-            self.drop_segment_users();
-            self.segs = segs;
-        }
         if !tables.is_empty() {
             self.table_writes(cpu, tables);
         }
@@ -203,10 +197,11 @@ impl Bt {
     }
 
     /// Page-table entries were written: in every space, unmap the shadow
-    /// pages derived from them, drop their instruction-TLB entries, and
-    /// drop the translations of the code they mapped.
+    /// pages derived from them and drop their instruction-TLB entries; if
+    /// code of the current space was remapped, cut the links and lookups
+    /// made under the old mapping.
     fn table_writes(&mut self, cpu: &mut Vcpu, tables: &[(u32, u16, u16)]) {
-        let mut stale_code: Vec<(u32, u32)> = Vec::new();
+        let mut stale_here = false;
         let mut emptied = Vec::new();
         self.stats.table_writes += tables.len() as u64;
         for i in 0..self.spaces.len() {
@@ -277,12 +272,15 @@ impl Bt {
             }
             // What was revoked or unmapped leaves the instruction TLB, and
             // the code it mapped is stale.
-            self.spaces[i].itlb.retain(|&l, &mut p| {
+            // (Links and lookups are kept across a switch between spaces
+            // of the same mapping: user and supervisor views of one CR3.)
+            let current = self
+                .space
+                .is_some_and(|c| self.spaces[c].mode.same_mapping(&self.spaces[i].mode));
+            self.spaces[i].itlb.retain(|&l, _| {
                 let hit =
                     revoked.contains(&l) || merged.iter().any(|&(f, n)| (f..f + n).contains(&l));
-                if hit {
-                    stale_code.push((l, p));
-                }
+                stale_here |= hit && current;
                 !hit
             });
             for (f, n) in merged {
@@ -299,11 +297,15 @@ impl Bt {
         for t in emptied {
             self.release_table(cpu, t);
         }
-        if !stale_code.is_empty() {
-            self.stats.mapping_invalidations += self.drop_where(|t| {
-                let (l, p) = (t.lin_pages(), t.pages());
-                stale_code.contains(&(l.0, p.0)) || stale_code.contains(&(l.1, p.1))
-            });
+        // Translations stay: they are keyed by physical page and entered
+        // through the instruction TLB, which has just lost the stale pages
+        // (a process that maps the same code again finds them). What was
+        // chained or published across pages under the current mapping was
+        // checked against the old entries: it goes.
+        if stale_here {
+            self.stats.mapping_invalidations += 1;
+            self.cut_cross_links();
+            self.clear_lookups();
         }
     }
 

@@ -26,12 +26,16 @@ use crate::cache::{key_eip, Key, Translation, NO_BYTES};
 use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece};
 use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
-use crate::lower::{lower_into, lower_stack, lower_string, lower_terminator, SegBases};
+use crate::lower::{
+    lower_into, lower_seg_override, lower_stack, lower_string, lower_terminator, SegBases,
+};
 
 /// Where a translated instruction's host code is while a block is built:
 /// a range of the engine's arena, or a helper call.
 enum Part {
     Code(usize, usize),
+    /// FS (true) or GS, the arena range of the flat case, the helper call.
+    Segment(bool, usize, usize, HelperCall),
     Piece(Piece<'static>),
 }
 
@@ -87,7 +91,6 @@ impl Bt {
         // and the engine's table with it, between two attempts).
         let mut helpers = Vec::new();
         let host_fixed = crate::host::host_fixed_flags();
-        let mut uses_segs = false;
         let mut k = 0;
         while k < block.insns.len() {
             let i = block.insns[k].clone();
@@ -101,10 +104,28 @@ impl Bt {
             let hot = !self.hot_stores.is_empty()
                 && i.class != popek_decode::Class::ControlFlow
                 && self.hot_stores.contains_key(&i.ins.ip32());
+            // An innocuous access through FS or GS: host code adding the
+            // base from the context while the segment is flat, else the
+            // interpreter (decided at run time, so a segment load changes
+            // no translation).
+            if !hot && i.class == popek_decode::Class::Innocuous && SegBases::used_by(&i.ins) {
+                if let Ok(fs) = lower_seg_override(&i.ins, &mut arena) {
+                    eips.push(i.ins.ip32());
+                    counted_at.push(counted as u32);
+                    let call = helper_call(&i.ins, false, helpers.len(), counted);
+                    parts.push(Part::Segment(fs, mark, arena.len(), call));
+                    helpers.push(i.ins);
+                    if dumping {
+                        how.push("copied (FS/GS base from the context; interpreter unless flat)");
+                    }
+                    counted += 1;
+                    continue;
+                }
+            }
             let kind = if hot {
                 None
             } else if i.class == popek_decode::Class::Innocuous
-                && lower_into(&i.ins, Some(&i.bytes), &mut arena, &self.segs).is_ok()
+                && lower_into(&i.ins, Some(&i.bytes), &mut arena).is_ok()
             {
                 Some("copied")
             } else if lower_stack(&i.ins, &mut arena) {
@@ -115,7 +136,6 @@ impl Bt {
                 None
             };
             if let Some(kind) = kind {
-                uses_segs |= SegBases::used_by(&i.ins);
                 eips.push(i.ins.ip32());
                 counted_at.push(counted as u32);
                 parts.push(Part::Code(mark, arena.len()));
@@ -228,6 +248,11 @@ impl Bt {
             .into_iter()
             .map(|p| match p {
                 Part::Code(a, b) => Piece::Code(&arena[a..b]),
+                Part::Segment(fs, a, b, call) => Piece::Segment {
+                    fs,
+                    code: &arena[a..b],
+                    call,
+                },
                 Part::Piece(h) => h,
             })
             .collect();
@@ -305,6 +330,11 @@ impl Bt {
                 .map(|p| match *p {
                     Piece::Helper(c) => Piece::Helper(rebased(c)),
                     Piece::Flags(op, c) => Piece::Flags(op, rebased(c)),
+                    Piece::Segment { fs, code, call } => Piece::Segment {
+                        fs,
+                        code,
+                        call: rebased(call),
+                    },
                     ref other => other.clone(),
                 })
                 .collect();
@@ -358,7 +388,6 @@ impl Bt {
             lin,
             incoming: Vec::new(),
             linked: vec![None; code_sites],
-            uses_segs,
             bytes,
         };
         self.scratch = (block.insns, eips, counted_at);

@@ -37,12 +37,10 @@ pub struct Stats {
     /// Writes to code pages that only shared the page with translated
     /// code (and invalidated nothing).
     pub code_writes_missed: u64,
-    /// Translations dropped because the page-table entry that mapped
-    /// their code changed.
+    /// Page-table writes that remapped code of the current address space
+    /// (its cross-page links and indirect lookups were cut; translations
+    /// stay, keyed by physical page).
     pub mapping_invalidations: u64,
-    /// Translations dropped because they add an FS or GS base and the
-    /// base changed.
-    pub segment_invalidations: u64,
     /// Time spent scanning and translating blocks, in nanoseconds.
     pub translate_ns: u64,
     /// Translations evicted by the cache bound (`--cache-blocks`).
@@ -266,13 +264,8 @@ impl Stats {
             ),
             c(
                 "mapping_invalidations",
-                "invalidations (code page remapped)",
+                "code remapped (links and lookups cut)",
                 self.mapping_invalidations,
-            ),
-            c(
-                "segment_invalidations",
-                "invalidations (FS/GS base changed)",
-                self.segment_invalidations,
             ),
             c("cache_evictions", "evictions", self.evictions),
             c("code_buffer_flushes", "code buffer flushes", self.flushes),

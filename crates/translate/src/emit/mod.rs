@@ -41,7 +41,7 @@ pub use indirect::{LookupEntry, LOOKUP_ENTRIES};
 use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 
-use crate::abi::{BlockEntryFn, Context, HelperFn, LOOKUP_SHIFT, NEXT_EIP, RETIRED};
+use crate::abi::{BlockEntryFn, Context, HelperFn, FLAT, LOOKUP_SHIFT, NEXT_EIP, RETIRED};
 use crate::host::CodeBuffer;
 use flags::flags_fast_path;
 use frame::{ensure_epilogue, frame};
@@ -60,6 +60,17 @@ pub enum Piece<'a> {
     /// PUSHFD, POPFD, CLI or STI on the virtual flags in host code, with
     /// the helper call where host code cannot do it.
     Flags(FlagsOp, HelperCall),
+    /// An access through FS or GS (`fs` true for FS): `code` (from
+    /// [`crate::lower::lower_seg_override`]) while the segment is flat,
+    /// else the helper call (the interpreter checks the segment).
+    Segment {
+        /// FS (true) or GS.
+        fs: bool,
+        /// Host code for the flat case.
+        code: &'a [u8],
+        /// The helper call otherwise.
+        call: HelperCall,
+    },
     /// A conditional branch in the middle of a block (a superblock goes on
     /// at its fall-through): `jcc` to an exit stub for `target`, placed
     /// after the block's own exit, which counts `counted` instructions.
@@ -301,6 +312,31 @@ impl HostBlock {
                     let h =
                         helper.ok_or_else(|| BuildError("helper piece without a helper".into()))?;
                     helper_call(&mut ops, h, call);
+                }
+                Piece::Segment { fs, code, call } => {
+                    let h = helper
+                        .ok_or_else(|| BuildError("segment piece without a helper".into()))?;
+                    // Flat? Flag-free: the flatness word into RCX for JRCXZ.
+                    let flat = i32::from(FLAT) + if *fs { 0 } else { 2 };
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov r11, rcx
+                        ; movzx ecx, WORD [r15 + flat]
+                        ; jrcxz >slow
+                        ; mov rcx, r11
+                        ; .bytes code.iter()
+                        ; jmp >done
+                        ; slow:
+                        ; mov rcx, r11
+                    );
+                    helper_call(&mut ops, h, call);
+                    // The helper retired the instruction, which the block's
+                    // exit counts too.
+                    dynasm!(ops
+                        ; .arch x64
+                        ; lea r8, [r8 - 1]
+                        ; done:
+                    );
                 }
                 Piece::Flags(op, call) => {
                     flags_fast_path(&mut ops, *op);

@@ -1,0 +1,231 @@
+//! An unmodified operating system: Debian 12's i386 Linux kernel
+//! (linux-image-686, fetched into target/distro/ by the README's test
+//! command, .ci/test) booted with an initramfs of Debian's busybox-static,
+//! under popek's binary translator and under qemu-system-i386 with the same
+//! files and command line. The userspace output must be the same, and so
+//! must the isa-debug-exit status the script ends with.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const POPEK: &str = env!("CARGO_BIN_EXE_popek");
+
+/// What popek needs of the command line (docs/linux.md says why).
+const CMDLINE: &str = "console=ttyS0 nokaslr acpi=off pci=off nolapic noapic nosmp \
+    mitigations=off tsc=reliable no_timer_check initcall_blacklist=i8042_init \
+    rdinit=/init panic=-1 quiet";
+
+/// The fixed script of the boot test: shell arithmetic, fork+exec loops,
+/// pipelines, awk (with x87 floating point), gzip, file I/O on tmpfs,
+/// signals, background jobs and timers; then isa-debug-exit through
+/// /dev/port (status (0x10 << 1) | 1 = 33).
+const CHECK_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+echo "=== begin"
+a=1; b=1; i=0
+while [ $i -lt 40 ]; do t=$((a + b)); a=$b; b=$t; i=$((i + 1)); done
+echo "arithmetic: $b $(( (b * 7) % 1000003 )) $(( 1 << 20 )) $(( -17 / 5 )) $(( -17 % 5 ))"
+n=0; for i in $(seq 1 40); do n=$(expr $n + $(echo $i | wc -c)); done; echo "fork+exec: $n"
+seq 1 3000 | awk '{ s += $1 * $1 } END { print "squares:", s }'
+seq 1 500 | sort -rn | head -n 3 | tr '\n' ' '; echo
+echo "The Quick Brown Fox" | tr 'A-Z' 'a-z' | sed 's/quick/slow/' | rev
+awk 'BEGIN { for (i = 1; i <= 2000; i++) h += 1 / i; r = 1; for (i = 0; i < 30; i++) r = (r + 2 / r) / 2
+  x = 1; for (i = 0; i < 30; i++) x = x * 1.5; printf "harmonic: %.12f sqrt2: %.12f %.6e %d %s\n", h, r, x, int(x) % 997, x / 7 }'
+seq 1 20000 > /tmp/nums
+gzip -9 -c /tmp/nums > /tmp/nums.gz
+echo "gzip: $(wc -c < /tmp/nums) -> $(wc -c < /tmp/nums.gz) bytes"
+gunzip -c /tmp/nums.gz | md5sum
+md5sum < /tmp/nums
+mkdir -p /tmp/d/e
+dd if=/dev/zero bs=1024 count=512 2>/dev/null | tr '\0' 'z' > /tmp/d/e/zs
+for f in a b c; do echo "file $f" > /tmp/d/$f; done
+cat /tmp/d/a /tmp/d/b /tmp/d/c
+ls /tmp/d | tr '\n' ' '; echo
+wc -c < /tmp/d/e/zs
+sha256sum < /tmp/d/e/zs
+cp /tmp/d/e/zs /tmp/d/copy && cmp /tmp/d/e/zs /tmp/d/copy && echo "cmp: same"
+find /tmp/d -type f | sort
+rm -r /tmp/d; ls /tmp | tr '\n' ' '; echo
+sh -c 'kill -TERM $$'; echo "killed: $?"
+(sleep 0.2; echo "background done") & wait; echo "waited: $?"
+trap 'echo trapped USR1' USR1; kill -USR1 $$
+dd if=/dev/zero bs=4096 count=1024 2>/dev/null | md5sum
+echo "=== end"
+printf '\x10' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+echo "isa-debug-exit did not end the machine"
+reboot -f
+"#;
+
+fn distro(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/distro")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the README's test command (.ci/test), which fetches Debian's \
+         linux-image-686:i386 and busybox-static:i386",
+        p.display()
+    );
+    p.canonicalize().unwrap()
+}
+
+/// An initramfs built by `popek initramfs` with the given /init (None: the
+/// interactive shell).
+fn initramfs(tag: &str, init: Option<&str>) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("popek-linux-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("initrd.cpio");
+    let mut cmd = Command::new(POPEK);
+    cmd.arg("initramfs")
+        .arg(&out)
+        .arg("--busybox")
+        .arg(distro("busybox"));
+    if let Some(init) = init {
+        let script = dir.join("init");
+        std::fs::write(&script, init).unwrap();
+        cmd.arg("--init").arg(script);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn qemu(initrd: &Path) -> Command {
+    let mut c = Command::new("qemu-system-i386");
+    c.args(["-M", "isapc", "-cpu", "pentium2", "-m", "256", "-kernel"])
+        .arg(distro("vmlinuz"))
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", CMDLINE, "-serial", "stdio", "-display", "none"])
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-no-reboot",
+        ]);
+    c
+}
+
+fn popek(initrd: &Path) -> Command {
+    let mut c = Command::new(POPEK);
+    c.arg("run")
+        .arg(distro("vmlinuz"))
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--append", CMDLINE, "--memory", "256M"]);
+    c
+}
+
+/// Run `cmd` with piped stdio; once its output contains `ready`, write
+/// `input` to its stdin. Returns stdout and the exit status, or panics
+/// after `limit`.
+fn run(mut cmd: Command, ready: Option<(&str, &str)>, limit: Duration) -> (String, Option<i32>) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut pending = ready;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(chunk) => seen.extend_from_slice(&chunk),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Some((marker, input)) = pending {
+            if String::from_utf8_lossy(&seen).contains(marker) {
+                stdin.as_mut().unwrap().write_all(input.as_bytes()).unwrap();
+                pending = None;
+            }
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!(
+                "no end after {limit:?}; output so far:\n{}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+    }
+    drop(stdin);
+    let status = child.wait().unwrap();
+    (String::from_utf8_lossy(&seen).into_owned(), status.code())
+}
+
+/// The lines from `begin` to `end` (both included), less the kernel's
+/// own messages.
+fn between(out: &str, begin: &str, end: &str) -> String {
+    let from = out
+        .find(begin)
+        .unwrap_or_else(|| panic!("no {begin:?} in:\n{out}"));
+    let to = out[from..]
+        .find(end)
+        .unwrap_or_else(|| panic!("no {end:?} in:\n{out}"));
+    out[from..from + to + end.len()]
+        .replace('\r', "")
+        .lines()
+        .filter(|l| !is_kernel_message(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A printk line: "[    1.234567] ...".
+fn is_kernel_message(line: &str) -> bool {
+    line.strip_prefix('[').is_some_and(|r| {
+        r.split_once(']').is_some_and(|(t, _)| {
+            !t.trim().is_empty() && t.trim().chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
+    })
+}
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+#[test]
+fn debian_kernel_runs_the_check_script_as_under_qemu() {
+    let rd = initramfs("check", Some(CHECK_INIT));
+    let (want, want_status) = run(qemu(&rd), None, LIMIT);
+    let want_lines = between(&want, "=== begin", "=== end");
+    assert_eq!(want_status, Some(33), "qemu:\n{want}");
+    assert!(want_lines.contains("cmp: same"), "qemu:\n{want}");
+    let (got, status) = run(popek(&rd), None, LIMIT);
+    assert_eq!(
+        between(&got, "=== begin", "=== end"),
+        want_lines,
+        "popek:\n{got}"
+    );
+    assert_eq!(status, want_status, "popek:\n{got}");
+}
+
+/// The interactive shell `popek initramfs` makes by default, typed into
+/// once it is up (stdin on the serial port, as QEMU's -serial stdio).
+#[test]
+fn debian_kernel_shell_reads_the_serial_line_as_under_qemu() {
+    let rd = initramfs("shell", None);
+    let line = "echo \"=== $((1 + 1))\"; echo $((6 * 7)) | tr 42 24; ls /proc/self/ | grep -c .; \
+        echo \"=== $((1 + 2))\"; printf '\\x21' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null\n";
+    let ready = Some(("/ # ", line));
+    let (want, want_status) = run(qemu(&rd), ready, LIMIT);
+    assert_eq!(want_status, Some(67), "qemu:\n{want}");
+    let want_lines = between(&want, "=== 2", "=== 3");
+    let (got, status) = run(popek(&rd), ready, LIMIT);
+    assert_eq!(between(&got, "=== 2", "=== 3"), want_lines, "popek:\n{got}");
+    assert_eq!(status, want_status, "popek:\n{got}");
+}
