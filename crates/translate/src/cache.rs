@@ -188,11 +188,26 @@ impl Bt {
 
     /// Empty both indirect-branch tables.
     pub(crate) fn clear_lookups(&mut self) {
+        self.clear_lookups_in(&crate::paging::Regions::ALL);
+    }
+
+    /// Empty the indirect-branch tables that hold code of any of the 4 MiB
+    /// `regions`.
+    pub(crate) fn clear_lookups_in(&mut self, regions: &crate::paging::Regions) {
         let Some(buf) = self.code.as_ref() else {
             return;
         };
         let empty = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
-        for (table, used) in self.lookup.iter_mut().zip(self.lookup_used.iter_mut()) {
+        for ((table, used), held) in self
+            .lookup
+            .iter_mut()
+            .zip(self.lookup_used.iter_mut())
+            .zip(self.lookup_regions.iter_mut())
+        {
+            if !held.meets(regions) {
+                continue;
+            }
+            *held = crate::paging::Regions::NONE;
             if used.len() > LOOKUP_ENTRIES / 8 {
                 table.fill(empty);
             } else {

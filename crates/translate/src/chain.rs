@@ -30,6 +30,7 @@
 use crate::cache::{key_eip, key_user, make_key, Key, Translation};
 use crate::dispatch::Bt;
 use crate::emit::{epilogue_offset, LookupEntry};
+use crate::paging::Regions;
 
 /// A chained jump into a block: the block holding the jump and the
 /// code-buffer offset of its rel32.
@@ -103,7 +104,15 @@ impl Bt {
         }
         self.set_linked(l, Some(to));
         if cross {
-            self.cross.push((to, l));
+            // Filed under the regions of the target's pages.
+            if let Some(t) = self.cache.peek(&to) {
+                let (a, b) = t.lin_pages();
+                let (a, b) = ((a >> 10) as u16, (b >> 10) as u16);
+                self.cross.entry(a).or_default().push((to, l));
+                if b != a {
+                    self.cross.entry(b).or_default().push((to, l));
+                }
+            }
         }
         true
     }
@@ -163,20 +172,62 @@ impl Bt {
         self.pending.entry(key_eip(to)).or_default().push(l);
     }
 
-    /// Cut every cross-page link (the address space changed).
+    /// Cut every cross-page link.
     pub(crate) fn cut_cross_links(&mut self) {
-        for (to, l) in std::mem::take(&mut self.cross) {
-            let live = match self.cache.peek_mut(&to) {
-                Some(Translation::Code { incoming, .. }) => {
-                    let before = incoming.len();
-                    incoming.retain(|x| *x != l);
-                    incoming.len() != before
-                }
-                _ => false,
+        self.cut_cross_links_in(&Regions::ALL, false);
+    }
+
+    /// Cut the cross-page links into the 4 MiB regions of `regions`
+    /// (whose mapping may have changed); with `validate`, keep those whose
+    /// target the current mapping still maps where it was when they were
+    /// made (the instruction TLB of their privilege says so; a page it does
+    /// not hold counts as changed). Links into other regions stay: the
+    /// kernel's code, mapped alike in every process, keeps its links
+    /// across context switches.
+    pub(crate) fn cut_cross_links_in(&mut self, regions: &Regions, validate: bool) {
+        let hit: Vec<u16> = self
+            .cross
+            .keys()
+            .copied()
+            .filter(|&r| regions.has(u32::from(r)))
+            .collect();
+        for r in hit {
+            let Some(links) = self.cross.remove(&r) else {
+                continue;
             };
-            if live {
-                self.unchain(to, l);
-                self.stats.links_cut += 1;
+            let itlb = self.itlbs_now();
+            let keep: Vec<bool> = links
+                .iter()
+                .map(|(to, _)| {
+                    validate
+                        && self.cache.peek(to).is_some_and(|t| {
+                            let (l, p) = (t.lin_pages(), t.pages());
+                            let tlb = &itlb[usize::from(key_user(*to))];
+                            tlb.get(l.0) == Some(p.0) && tlb.get(l.1) == Some(p.1)
+                        })
+                })
+                .collect();
+            let mut kept = Vec::new();
+            for ((to, l), keep) in links.into_iter().zip(keep) {
+                if keep {
+                    kept.push((to, l));
+                    continue;
+                }
+                let live = match self.cache.peek_mut(&to) {
+                    Some(Translation::Code { incoming, .. }) => {
+                        let before = incoming.len();
+                        incoming.retain(|x| *x != l);
+                        incoming.len() != before
+                    }
+                    _ => false,
+                };
+                if live {
+                    self.unchain(to, l);
+                    self.stats.links_cut += 1;
+                }
+            }
+            if !kept.is_empty() {
+                self.cross.insert(r, kept);
             }
         }
     }
@@ -229,6 +280,11 @@ impl Bt {
         let empty = buf.exec_addr(epilogue_offset()) as u64;
         let eip = key_eip(key);
         let t = usize::from(key_user(key));
+        if let Some(tr) = self.cache.peek(&key) {
+            let (a, b) = tr.lin_pages();
+            self.lookup_regions[t].add(a >> 10);
+            self.lookup_regions[t].add(b >> 10);
+        }
         let i = eip as u16;
         let e = &mut self.lookup[t][usize::from(i)];
         if e.host == empty {

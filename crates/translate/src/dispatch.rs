@@ -61,7 +61,11 @@ pub struct Bt {
     pub(crate) pending: FastMap<u32, Vec<Link>>,
     /// Cross-page chained jumps (target, link), cut when the address
     /// space changes (see [`crate::chain`]).
-    pub(crate) cross: Vec<(Key, Link)>,
+    /// (Filed by the 4 MiB region of the target's pages.)
+    pub(crate) cross: FastMap<u16, Vec<(Key, Link)>>,
+    /// The 4 MiB regions of the code each indirect-branch table (index:
+    /// user) has entries for since it was last emptied.
+    pub(crate) lookup_regions: [crate::paging::Regions; 2],
     /// Code-buffer offset of each block's code, to find a faulting block.
     pub(crate) by_offset: BTreeMap<usize, Key>,
     /// Counters.
@@ -138,7 +142,8 @@ impl Bt {
             },
             code: None,
             pending: FastMap::default(),
-            cross: Vec::new(),
+            cross: FastMap::default(),
+            lookup_regions: [crate::paging::Regions::NONE; 2],
             by_offset: BTreeMap::new(),
             stats: Stats::default(),
             by_kind: KindCounts::default(),

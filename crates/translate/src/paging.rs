@@ -60,6 +60,79 @@ impl PagingMode {
     }
 }
 
+/// The regions whose page-directory entries differ between directories
+/// `a` and `b` (all of them if either is not in RAM).
+fn directory_diff(cpu: &Vcpu, a: u32, b: u32) -> Regions {
+    let ram = cpu.ram.as_slice();
+    let dir = |cr3: u32| {
+        let at = (cr3 & !0xFFF) as usize;
+        ram.get(at..at + 4096)
+    };
+    let (Some(x), Some(y)) = (dir(a), dir(b)) else {
+        return Regions::ALL;
+    };
+    let mut r = Regions::NONE;
+    for (i, (p, q)) in x.chunks_exact(4).zip(y.chunks_exact(4)).enumerate() {
+        if p != q {
+            r.add(i as u32);
+        }
+    }
+    r
+}
+
+/// A set of 4 MiB regions of the linear address space (page-directory
+/// entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Regions([u64; 16]);
+
+impl Regions {
+    /// No region.
+    pub(crate) const NONE: Regions = Regions([0; 16]);
+    /// Every region.
+    pub(crate) const ALL: Regions = Regions([u64::MAX; 16]);
+
+    /// Add region `r` (0..1024).
+    pub(crate) fn add(&mut self, r: u32) {
+        self.0[(r / 64) as usize & 15] |= 1 << (r % 64);
+    }
+
+    /// Is region `r` in the set?
+    pub(crate) fn has(&self, r: u32) -> bool {
+        self.0[(r / 64) as usize & 15] & 1 << (r % 64) != 0
+    }
+
+    /// Do the sets share a region?
+    pub(crate) fn meets(&self, other: &Regions) -> bool {
+        self.0.iter().zip(other.0).any(|(a, b)| a & b != 0)
+    }
+
+    /// Is the set empty?
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0 == [0; 16]
+    }
+}
+
+/// Where linear code pages map, for [`Bt::itlbs_now`].
+pub(crate) enum PhysOf<'a> {
+    /// Paging is off.
+    Identity,
+    /// As this instruction TLB holds them.
+    Tlb(&'a FastMap<u32, u32>),
+    /// Nothing is known.
+    Unknown,
+}
+
+impl PhysOf<'_> {
+    /// The physical page of linear page `lin`, if known.
+    pub(crate) fn get(&self, lin: u32) -> Option<u32> {
+        match self {
+            PhysOf::Identity => Some(lin),
+            PhysOf::Tlb(t) => t.get(&lin).copied(),
+            PhysOf::Unknown => None,
+        }
+    }
+}
+
 /// The paging mode, None with paging off.
 pub type PagingKey = Option<PagingMode>;
 
@@ -133,20 +206,31 @@ impl Bt {
         }
         let key = paging_key(cpu);
         if key != self.key {
+            // The regions where the mapping changes: those whose directory
+            // entries differ (an equal entry maps its 4 MiB alike: the same
+            // page table or the same large page).
             let same = match (key, self.key) {
                 (Some(a), Some(b)) => a.same_mapping(&b),
                 (None, None) => true,
                 _ => false,
             };
-            if !same {
-                // Another linear-to-physical mapping: what was chained or
-                // published across pages was checked against the old one.
-                self.cut_cross_links();
-                self.clear_lookups();
-                self.stats.mapping_switches += 1;
-            }
+            let changed = match (key, self.key) {
+                _ if same => Regions::NONE,
+                (Some(a), Some(b)) if a.pse == b.pse => directory_diff(cpu, a.cr3, b.cr3),
+                _ => Regions::ALL,
+            };
             self.space = key.map(|m| self.space_for(cpu, m));
             self.key = key;
+            if !same {
+                self.stats.mapping_switches += 1;
+            }
+            if !changed.is_empty() {
+                // What was chained or published into those regions was
+                // checked against the old mapping (links into pages the
+                // new one maps alike stay).
+                self.cut_cross_links_in(&changed, true);
+                self.clear_lookups_in(&changed);
+            }
         }
     }
 
@@ -201,7 +285,7 @@ impl Bt {
     /// code of the current space was remapped, cut the links and lookups
     /// made under the old mapping.
     fn table_writes(&mut self, cpu: &mut Vcpu, tables: &[(u32, u16, u16)]) {
-        let mut stale_here = false;
+        let mut stale_here = Regions::NONE;
         let mut emptied = Vec::new();
         self.stats.table_writes += tables.len() as u64;
         for i in 0..self.spaces.len() {
@@ -280,7 +364,9 @@ impl Bt {
             self.spaces[i].itlb.retain(|&l, _| {
                 let hit =
                     revoked.contains(&l) || merged.iter().any(|&(f, n)| (f..f + n).contains(&l));
-                stale_here |= hit && current;
+                if hit && current {
+                    stale_here.add(l >> 10);
+                }
                 !hit
             });
             for (f, n) in merged {
@@ -302,10 +388,10 @@ impl Bt {
         // (a process that maps the same code again finds them). What was
         // chained or published across pages under the current mapping was
         // checked against the old entries: it goes.
-        if stale_here {
+        if !stale_here.is_empty() {
             self.stats.mapping_invalidations += 1;
-            self.cut_cross_links();
-            self.clear_lookups();
+            self.cut_cross_links_in(&stale_here, true);
+            self.clear_lookups_in(&stale_here);
         }
     }
 
@@ -353,6 +439,23 @@ impl Bt {
             None => Some(lin),
             Some(i) => self.spaces[i].itlb.get(&lin).copied(),
         }
+    }
+
+    /// For code of each privilege (index: user), the instruction TLB
+    /// under the current mapping: the space of that privilege with the
+    /// current space's mapping (None if there is none yet). With paging
+    /// off, linear is physical: [`PhysOf::Identity`].
+    pub(crate) fn itlbs_now(&self) -> [PhysOf<'_>; 2] {
+        let Some(c) = self.space else {
+            return [PhysOf::Identity, PhysOf::Identity];
+        };
+        let now = &self.spaces[c].mode;
+        [false, true].map(|user| {
+            self.spaces
+                .iter()
+                .find(|s| s.mode.user == user && s.mode.same_mapping(now))
+                .map_or(PhysOf::Unknown, |s| PhysOf::Tlb(&s.itlb))
+        })
     }
 
     /// Enter linear code page `lin` -> physical page `phys` in the current
