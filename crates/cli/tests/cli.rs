@@ -445,3 +445,73 @@ fn data_beside_code_invalidates_only_what_it_overwrites() {
     assert!(get("hot_stores") >= 1, "{line}");
     assert!(get("faults_in_translated_code") < 1000, "{line}");
 }
+
+/// `popek initramfs` as GNU cpio reads it back: busybox, /init, the
+/// console node, files added under new directories with their permission
+/// bits; a malformed `--add` is an error.
+#[test]
+fn initramfs_holds_what_was_asked_for() {
+    let bb = temp_file("fake-busybox", b"\x7fELF not really");
+    let init = temp_file("my-init", b"#!/bin/sh\necho hi\n");
+    let tool = temp_file("tool.sh", b"#!/bin/sh\n");
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    let out = bb.with_file_name("rd.cpio");
+    let arg = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let add = format!("usr/local/bin/tool={}", arg(&tool));
+    let o = popek(&[
+        "initramfs",
+        &arg(&out),
+        "--busybox",
+        &arg(&bb),
+        "--init",
+        &arg(&init),
+        "--add",
+        &add,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = out.with_file_name("rd-unpacked");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // (Without root, cpio cannot make the console node and says so: only
+    // the files are looked at here, the node in the listing below.)
+    Command::new("cpio")
+        .args(["-i", "-d", "--quiet", "--no-absolute-filenames"])
+        .current_dir(&dir)
+        .stdin(std::fs::File::open(&out).unwrap())
+        .output()
+        .expect("cpio (the README's test command installs it)");
+    assert_eq!(
+        std::fs::read(dir.join("init")).unwrap(),
+        std::fs::read(&init).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(dir.join("bin/busybox")).unwrap(),
+        std::fs::read(&bb).unwrap()
+    );
+    let t = dir.join("usr/local/bin/tool");
+    assert_eq!(std::fs::read(&t).unwrap(), b"#!/bin/sh\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&t).unwrap().permissions().mode() & 0o777,
+        0o750
+    );
+    let list = Command::new("cpio")
+        .arg("-t")
+        .stdin(std::fs::File::open(&out).unwrap())
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&list.stdout);
+    for n in ["dev/console", "usr/local", "usr/local/bin", "proc", "tmp"] {
+        assert!(names.lines().any(|l| l == n), "{n} missing from:\n{names}");
+    }
+    let bad = popek(&[
+        "initramfs",
+        &arg(&out),
+        "--busybox",
+        &arg(&bb),
+        "--add",
+        "nothing",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("DEST=SRC"));
+}

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 const POPEK: &str = env!("CARGO_BIN_EXE_popek");
 
-/// What popek needs of the command line (docs/linux.md says why).
+/// The command line (docs/architecture.md, "Linux kernels", says what popek
+/// needs of it and why the rest is there).
 const CMDLINE: &str = "console=ttyS0 nokaslr acpi=off pci=off nolapic noapic nosmp \
     mitigations=off tsc=reliable no_timer_check initcall_blacklist=i8042_init \
     rdinit=/init panic=-1 quiet";
