@@ -26,9 +26,9 @@
 #define PTE_SWAP 0x400  /* software bit (not present): swap slot in 12-31 */
 
 #define UTEXT 0x40000000u       /* program text, one page, read-only */
-#define ULIB 0x40001000u        /* a library page, swapped by system call 7 */
 #define UDATA_VA 0x40400000u    /* data pages, private */
 #define USHARED 0x40800000u     /* a page shared by all, mapped twice */
+#define ULIB (USHARED + 0x4000) /* a library page, in the shared table */
 #define NPAGES 12               /* data pages per process */
 #define MAXPROC 16
 #define NSLOTS 256
@@ -39,9 +39,10 @@
 
 /* System calls (INT 0x40, EAX = number): 1 yield, 2 exit(EBX), 3 fork
  * (child gets 0), 4 exec(EBX = program, ECX = seed), 6 seed, 7 swap the
- * library: ULIB maps the other version (a remap of code behind a direct
- * call from another page and an indirect one, in the same address
- * space, while the calling page stays as it was). */
+ * library: ULIB, in the page table every address space shares, maps the
+ * other version (code remapped behind a direct call from another page and
+ * an indirect one, in every address space at once, while the calling pages
+ * stay as they were). */
 __asm__(
     ".text\n"
     ".global prog_a, prog_a_end, prog_b, prog_b_end\n"
@@ -125,10 +126,10 @@ __asm__(
     "    incl 0x40801000\n"             /* the shared page, other alias */
     "    mov %edi, %eax\n"
     "    .byte 0xe8\n"                  /* call ULIB */
-    "    .long 0x40001000 - (0x40000000 + (7f - prog_b))\n"
+    "    .long 0x40804000 - (0x40000000 + (7f - prog_b))\n"
     "7:  add %eax, %ebp\n"
     "    mov %ebp, %eax\n"
-    "    mov $0x40001000, %ecx\n"
+    "    mov $0x40804000, %ecx\n"
     "    call *%ecx\n"
     "    xor %eax, %ebp\n"
     "    inc %edi\n"
@@ -172,7 +173,7 @@ static u8 refs[NFRAMES];
 static u32 free_list[NFRAMES], free_count, next_frame = FRAMES_BASE;
 static u8 swap_space[NSLOTS][4096] __attribute__((aligned(4096)));
 static u8 slot_used[NSLOTS];
-static u32 shared_pt, shared_frame, lib_frame[2];
+static u32 shared_pt, shared_frame, lib_frame[2], lib;
 
 static void die(const char *what)
 {
@@ -221,7 +222,6 @@ struct proc {
     u32 seed, result;
     int prog, parent;
     u32 cow, zero, swapins;
-    int lib;
 };
 
 static struct proc procs[MAXPROC];
@@ -265,9 +265,6 @@ static void load_program(struct proc *p, int prog)
     u32 f = zeroed_frame();
     memcpy(frame_ptr(f), from, to - from);
     *pte = f | PTE_P | PTE_U;       /* read-only */
-    pte[1] = lib_frame[0] | PTE_P | PTE_U;
-    invlpg(ULIB);
-    p->lib = 0;
     p->prog = prog;
 }
 
@@ -325,8 +322,6 @@ static int fork(struct proc *parent)
     child->parent = parent - procs;
     u32 *pt = pt_of(parent->pd, UTEXT), *ct = pt_of(child->pd, UTEXT);
     ct[0] = pt[0];
-    ct[1] = pt[1];
-    child->lib = parent->lib;
     refs[((pt[0] & ~0xFFFu) - FRAMES_BASE) >> 12]++;
     pt = pt_of(parent->pd, UDATA_VA);
     ct = pt_of(child->pd, UDATA_VA);
@@ -435,9 +430,9 @@ static void syscall(struct frame *f)
     case 6: /* the seed */
         f->eax = p->seed;
         break;
-    case 7: /* swap the library */
-        p->lib ^= 1;
-        *pte_of(p->pd, ULIB) = lib_frame[p->lib] | PTE_P | PTE_U;
+    case 7: /* swap the library (for every process) */
+        lib ^= 1;
+        frame_ptr(shared_pt)[(ULIB >> 12) & 1023] = lib_frame[lib] | PTE_P | PTE_U;
         invlpg(ULIB);
         break;
     default:
@@ -524,6 +519,7 @@ int kmain(u32 magic, struct mb_info *mbi)
     lib_frame[1] = zeroed_frame();
     memcpy(frame_ptr(lib_frame[0]), lib_v0, lib_v1 - lib_v0);
     memcpy(frame_ptr(lib_frame[1]), lib_v1, lib_end - lib_v1);
+    frame_ptr(shared_pt)[(ULIB >> 12) & 1023] = lib_frame[0] | PTE_P | PTE_U;
     for (int i = 0; i < 3; i++) {
         struct proc *p = &procs[i];
         p->live = 1;

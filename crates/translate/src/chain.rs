@@ -271,7 +271,7 @@ impl Bt {
     /// Make `key`'s translation findable by indirect branches in host code
     /// (in the table of its privilege).
     pub(crate) fn publish_lookup(&mut self, key: Key) {
-        let (Some(Translation::Code { code, .. }), Some(buf)) =
+        let (Some(Translation::Code { code, lin, .. }), Some(buf)) =
             (self.cache.peek(&key), self.code.as_ref())
         else {
             return;
@@ -280,11 +280,8 @@ impl Bt {
         let empty = buf.exec_addr(epilogue_offset()) as u64;
         let eip = key_eip(key);
         let t = usize::from(key_user(key));
-        if let Some(tr) = self.cache.peek(&key) {
-            let (a, b) = tr.lin_pages();
-            self.lookup_regions[t].add(a >> 10);
-            self.lookup_regions[t].add(b >> 10);
-        }
+        self.lookup_regions[t].add(lin.0 >> 10);
+        self.lookup_regions[t].add(lin.1 >> 10);
         let i = eip as u16;
         let e = &mut self.lookup[t][usize::from(i)];
         if e.host == empty {

@@ -30,8 +30,7 @@ use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
 use crate::helper::{HelperEnv, HotStore};
 use crate::host::{set_gs_base, CodeBuffer};
 use crate::lower::lower;
-use crate::paging::seg_bases;
-use crate::paging::{translatable, PagingKey, Space};
+use crate::paging::{seg_bases, translatable, PagingKey, Space};
 use crate::select::SUPERBLOCK_MAX;
 use crate::stats::{ExitReason, KindCounts, Stats};
 use crate::watch::WriteWatch;
@@ -59,9 +58,9 @@ pub struct Bt {
     pub(crate) code: Option<CodeBuffer>,
     /// Exit stubs waiting for their target to be translated, by target EIP.
     pub(crate) pending: FastMap<u32, Vec<Link>>,
-    /// Cross-page chained jumps (target, link), cut when the address
-    /// space changes (see [`crate::chain`]).
-    /// (Filed by the 4 MiB region of the target's pages.)
+    /// Cross-page chained jumps (target, link), filed by the 4 MiB region
+    /// of the target's pages: cut where the mapping changes (see
+    /// [`crate::chain`]).
     pub(crate) cross: FastMap<u16, Vec<(Key, Link)>>,
     /// The 4 MiB regions of the code each indirect-branch table (index:
     /// user) has entries for since it was last emptied.

@@ -260,7 +260,11 @@ impl Bt {
             .expect("MAX_SPACES > 0");
         let old = std::mem::replace(&mut self.spaces[i], fresh);
         // Its code pages' translations stay: they are keyed by physical
-        // page and entered only through another space's TLB.
+        // page and entered only through another space's TLB. Links and
+        // lookups go: one made under it may be known to no other space's
+        // TLB, and its tables may no longer be watched.
+        self.cut_cross_links();
+        self.clear_lookups();
         for t in old.deps.into_keys().chain([old.mode.cr3 >> 12]) {
             self.release_table(cpu, t);
         }
@@ -282,10 +286,10 @@ impl Bt {
 
     /// Page-table entries were written: in every space, unmap the shadow
     /// pages derived from them and drop their instruction-TLB entries; if
-    /// code of the current space was remapped, cut the links and lookups
-    /// made under the old mapping.
+    /// code was remapped, cut the links and lookups into its regions that
+    /// the current mapping does not still vouch for.
     fn table_writes(&mut self, cpu: &mut Vcpu, tables: &[(u32, u16, u16)]) {
-        let mut stale_here = Regions::NONE;
+        let mut stale = Regions::NONE;
         let mut emptied = Vec::new();
         self.stats.table_writes += tables.len() as u64;
         for i in 0..self.spaces.len() {
@@ -356,16 +360,15 @@ impl Bt {
             }
             // What was revoked or unmapped leaves the instruction TLB, and
             // the code it mapped is stale.
-            // (Links and lookups are kept across a switch between spaces
-            // of the same mapping: user and supervisor views of one CR3.)
-            let current = self
-                .space
-                .is_some_and(|c| self.spaces[c].mode.same_mapping(&self.spaces[i].mode));
+            // In any space, not only the current one: a link made under
+            // one space stays valid under another whose directory maps the
+            // region alike (see `sync_paging`), and its target may be in
+            // the instruction TLB of the first alone.
             self.spaces[i].itlb.retain(|&l, _| {
                 let hit =
                     revoked.contains(&l) || merged.iter().any(|&(f, n)| (f..f + n).contains(&l));
-                if hit && current {
-                    stale_here.add(l >> 10);
+                if hit {
+                    stale.add(l >> 10);
                 }
                 !hit
             });
@@ -386,12 +389,13 @@ impl Bt {
         // Translations stay: they are keyed by physical page and entered
         // through the instruction TLB, which has just lost the stale pages
         // (a process that maps the same code again finds them). What was
-        // chained or published across pages under the current mapping was
-        // checked against the old entries: it goes.
-        if !stale_here.is_empty() {
+        // chained or published across pages into those regions was checked
+        // against the old entries: it goes, unless the current mapping
+        // still maps its target alike.
+        if !stale.is_empty() {
             self.stats.mapping_invalidations += 1;
-            self.cut_cross_links_in(&stale_here, true);
-            self.clear_lookups_in(&stale_here);
+            self.cut_cross_links_in(&stale, true);
+            self.clear_lookups_in(&stale);
         }
     }
 

@@ -37,9 +37,9 @@ pub struct Stats {
     /// Writes to code pages that only shared the page with translated
     /// code (and invalidated nothing).
     pub code_writes_missed: u64,
-    /// Page-table writes that remapped code of the current address space
-    /// (its cross-page links and indirect lookups were cut; translations
-    /// stay, keyed by physical page).
+    /// Page-table writes that remapped translated code (cross-page links
+    /// and indirect lookups into its regions were cut; translations stay,
+    /// keyed by physical page).
     pub mapping_invalidations: u64,
     /// Time spent scanning and translating blocks, in nanoseconds.
     pub translate_ns: u64,
