@@ -113,8 +113,15 @@ fn qemu(initrd: &Path) -> Command {
 }
 
 fn popek(initrd: &Path) -> Command {
+    popek_with(initrd, &[])
+}
+
+/// `popek run` of the kernel with popek options `extra` (an engine,
+/// --lockstep).
+fn popek_with(initrd: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(POPEK);
     c.arg("run")
+        .args(extra)
         .arg(distro("vmlinuz"))
         .arg("--initrd")
         .arg(initrd)
@@ -229,4 +236,34 @@ fn debian_kernel_shell_reads_the_serial_line_as_under_qemu() {
     let (got, status) = run(popek(&rd), ready, LIMIT);
     assert_eq!(between(&got, "=== 2", "=== 3"), want_lines, "popek:\n{got}");
     assert_eq!(status, want_status, "popek:\n{got}");
+}
+
+/// The boot of the boot test's script under `popek_with(extra)`, against
+/// QEMU's.
+fn check_script_with(extra: &[&str], limit: Duration) {
+    let rd = initramfs(&extra.join("").replace('-', ""), Some(CHECK_INIT));
+    let (want, want_status) = run(qemu(&rd), None, LIMIT);
+    let (got, status) = run(popek_with(&rd, extra), None, limit);
+    assert_eq!(
+        between(&got, "=== begin", "=== end"),
+        between(&want, "=== begin", "=== end"),
+        "popek {extra:?}:\n{got}"
+    );
+    assert_eq!(status, want_status, "popek {extra:?}:\n{got}");
+}
+
+/// The reference interpreter boots the kernel and runs the script too
+/// (about five minutes: not in the suite's time budget).
+#[test]
+#[ignore = "minutes: cargo test -p popek --test linux_kernel -- --ignored"]
+fn debian_kernel_runs_the_check_script_under_the_interpreter() {
+    check_script_with(&["--engine", "interp"], Duration::from_secs(3600));
+}
+
+/// The translator checked block by block against the interpreter for the
+/// whole boot and script (tens of minutes: not in the suite's budget).
+#[test]
+#[ignore = "tens of minutes: cargo test -p popek --test linux_kernel -- --ignored"]
+fn debian_kernel_runs_the_check_script_in_lockstep() {
+    check_script_with(&["--lockstep"], Duration::from_secs(4 * 3600));
 }
