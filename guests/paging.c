@@ -42,7 +42,9 @@
  * library: ULIB, in the page table every address space shares, maps the
  * other version (code remapped behind a direct call from another page and
  * an indirect one, in every address space at once, while the calling pages
- * stay as they were). */
+ * stay as they were); 8 a private library: this process's directory entry
+ * for the shared region points at a copy of the shared table whose ULIB
+ * maps the version not in use. */
 __asm__(
     ".text\n"
     ".global prog_a, prog_a_end, prog_b, prog_b_end\n"
@@ -104,7 +106,9 @@ __asm__(
     "prog_a_end:\n"
     /* B: other code at the same address; rotates and spreads, and calls
      * the library page (directly, with the displacement it has at UTEXT,
-     * and through a register). */
+     * and through a register); forks at round 16, and the child (which
+     * shares the text, and so its translations' links) takes a private
+     * library at once. */
     "prog_b:\n"
     "    mov $6, %eax\n"
     "    int $0x40\n"
@@ -141,7 +145,16 @@ __asm__(
     "    jnz 3f\n"
     "    mov $1, %eax\n"
     "    int $0x40\n"
-    "3:  cmp $512, %edi\n"
+    "3:  cmp $16, %edi\n"             /* fork: the child shares this text */
+    "    jne 8f\n"
+    "    mov $3, %eax\n"
+    "    int $0x40\n"
+    "    test %eax, %eax\n"
+    "    jnz 8f\n"
+    "    add $0x100, %esi\n"
+    "    mov $8, %eax\n"                /* the child: a private library */
+    "    int $0x40\n"
+    "8:  cmp $512, %edi\n"
     "    jb 1b\n"
     "    mov $0x40400000, %edx\n"
     "    mov %ebp, %ebx\n"
@@ -289,6 +302,8 @@ static void free_space(struct proc *p)
     put_frame(*t & ~0xFFFu);
     u32 *d = frame_ptr(p->pd);
     put_frame(d[UTEXT >> 22] & ~0xFFFu);
+    if ((d[USHARED >> 22] & ~0xFFFu) != shared_pt)
+        put_frame(d[USHARED >> 22] & ~0xFFFu);
     put_frame(d[UDATA_VA >> 22] & ~0xFFFu);
     put_frame(p->pd);
 }
@@ -430,6 +445,17 @@ static void syscall(struct frame *f)
     case 6: /* the seed */
         f->eax = p->seed;
         break;
+    case 8: { /* a private library: a copy of the shared table */
+        u32 *d = frame_ptr(p->pd);
+        if ((d[USHARED >> 22] & ~0xFFFu) != shared_pt)
+            die("private library twice");
+        u32 t = zeroed_frame();
+        memcpy(frame_ptr(t), frame_ptr(shared_pt), 4096);
+        frame_ptr(t)[(ULIB >> 12) & 1023] = lib_frame[lib ^ 1] | PTE_P | PTE_U;
+        d[USHARED >> 22] = t | PTE_P | PTE_W | PTE_U;
+        invlpg(ULIB); /* also drops the cached directory entry (SDM 4.10.4.1) */
+        break;
+    }
     case 7: /* swap the library (for every process) */
         lib ^= 1;
         frame_ptr(shared_pt)[(ULIB >> 12) & 1023] = lib_frame[lib] | PTE_P | PTE_U;

@@ -302,8 +302,12 @@ impl Bt {
             for &(t, lo, hi) in tables {
                 let (first, last) = (u32::from(lo) / 4, (u32::from(hi).max(1) - 1) / 4);
                 if t == dir {
-                    // Directory entries: their whole 4 MiB regions.
+                    // Directory entries: their whole 4 MiB regions. Links
+                    // into them go too, even where this space never walked:
+                    // one made under another space whose entry was equal
+                    // may have been kept (see `sync_paging`).
                     for r in first..=last.min(1023) {
+                        stale.add(r);
                         let (w, b) = ((r / 64) as usize, r % 64);
                         if space.regions[w] & 1 << b != 0 {
                             space.regions[w] &= !(1 << b);
