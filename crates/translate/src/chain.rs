@@ -174,17 +174,31 @@ impl Bt {
 
     /// Cut every cross-page link.
     pub(crate) fn cut_cross_links(&mut self) {
-        self.cut_cross_links_in(&Regions::ALL, false);
+        self.cut_cross_links_in(&Regions::ALL, &|_, _| false);
+    }
+
+    /// Does the current mapping map `to`'s pages where they were when it
+    /// was translated (the instruction TLB of its privilege says so; a
+    /// page the TLB does not hold counts as changed)?
+    pub(crate) fn mapped_alike_now(&self, to: Key) -> bool {
+        let itlb = self.itlbs_now();
+        self.cache.peek(&to).is_some_and(|t| {
+            let (l, p) = (t.lin_pages(), t.pages());
+            let tlb = &itlb[usize::from(key_user(to))];
+            tlb.get(l.0) == Some(p.0) && tlb.get(l.1) == Some(p.1)
+        })
     }
 
     /// Cut the cross-page links into the 4 MiB regions of `regions`
-    /// (whose mapping may have changed); with `validate`, keep those whose
-    /// target the current mapping still maps where it was when they were
-    /// made (the instruction TLB of their privilege says so; a page it does
-    /// not hold counts as changed). Links into other regions stay: the
+    /// (whose mapping may have changed), but those `keep` vouches for
+    /// (e.g. [`Bt::mapped_alike_now`]). Links into other regions stay: the
     /// kernel's code, mapped alike in every process, keeps its links
     /// across context switches.
-    pub(crate) fn cut_cross_links_in(&mut self, regions: &Regions, validate: bool) {
+    pub(crate) fn cut_cross_links_in(
+        &mut self,
+        regions: &Regions,
+        keep: &dyn Fn(&Bt, Key) -> bool,
+    ) {
         let hit: Vec<u16> = self
             .cross
             .keys()
@@ -195,18 +209,7 @@ impl Bt {
             let Some(links) = self.cross.remove(&r) else {
                 continue;
             };
-            let itlb = self.itlbs_now();
-            let keep: Vec<bool> = links
-                .iter()
-                .map(|(to, _)| {
-                    validate
-                        && self.cache.peek(to).is_some_and(|t| {
-                            let (l, p) = (t.lin_pages(), t.pages());
-                            let tlb = &itlb[usize::from(key_user(*to))];
-                            tlb.get(l.0) == Some(p.0) && tlb.get(l.1) == Some(p.1)
-                        })
-                })
-                .collect();
+            let keep: Vec<bool> = links.iter().map(|(to, _)| keep(self, *to)).collect();
             let mut kept = Vec::new();
             for ((to, l), keep) in links.into_iter().zip(keep) {
                 if keep {

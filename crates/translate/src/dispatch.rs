@@ -81,6 +81,9 @@ pub struct Bt {
     pub(crate) spaces: Vec<Space>,
     /// The current space (None with paging off).
     pub(crate) space: Option<usize>,
+    /// The current page directory (its page number) and its entries as
+    /// the kept links and lookups assume them (see [`crate::paging`]).
+    pub(crate) dir_now: Option<(u32, Box<[u32; 1024]>)>,
     /// Counts switches between spaces (for least-recently-used eviction).
     pub(crate) tick: u64,
     /// The host refused to unmap a shadow window: it may grant what the
@@ -142,6 +145,7 @@ impl Bt {
             code: None,
             pending: FastMap::default(),
             cross: FastMap::default(),
+            dir_now: None,
             lookup_regions: [crate::paging::Regions::NONE; 2],
             by_offset: BTreeMap::new(),
             stats: Stats::default(),

@@ -60,6 +60,17 @@ impl PagingMode {
     }
 }
 
+/// A copy of the page directory at `cr3` (None if it is not in RAM).
+fn directory(cpu: &Vcpu, cr3: u32) -> Option<(u32, Box<[u32; 1024]>)> {
+    let at = (cr3 & !0xFFF) as usize;
+    let bytes = cpu.ram.as_slice().get(at..at + 4096)?;
+    let mut d = Box::new([0u32; 1024]);
+    for (e, b) in d.iter_mut().zip(bytes.chunks_exact(4)) {
+        *e = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Some((cr3 >> 12, d))
+}
+
 /// The regions whose page-directory entries differ between directories
 /// `a` and `b` (all of them if either is not in RAM).
 fn directory_diff(cpu: &Vcpu, a: u32, b: u32) -> Regions {
@@ -214,7 +225,7 @@ impl Bt {
                 (None, None) => true,
                 _ => false,
             };
-            let changed = match (key, self.key) {
+            let mut changed = match (key, self.key) {
                 _ if same => Regions::NONE,
                 (Some(a), Some(b)) if a.pse == b.pse => directory_diff(cpu, a.cr3, b.cr3),
                 _ => Regions::ALL,
@@ -223,12 +234,24 @@ impl Bt {
             self.key = key;
             if !same {
                 self.stats.mapping_switches += 1;
+                let old = self.dir_now.take().map(|d| d.0);
+                self.dir_now = key.and_then(|k| directory(cpu, k.cr3));
+                // Kept links rely on the new directory's writes being seen.
+                if let Some((d, _)) = &self.dir_now {
+                    if !self.watch.watch_table(&mut cpu.ram, *d) {
+                        self.dir_now = None;
+                        changed = Regions::ALL;
+                    }
+                }
+                if let Some(o) = old {
+                    self.release_table(cpu, o);
+                }
             }
             if !changed.is_empty() {
                 // What was chained or published into those regions was
                 // checked against the old mapping (links into pages the
                 // new one maps alike stay).
-                self.cut_cross_links_in(&changed, true);
+                self.cut_cross_links_in(&changed, &Bt::mapped_alike_now);
                 self.clear_lookups_in(&changed);
             }
         }
@@ -260,11 +283,20 @@ impl Bt {
             .expect("MAX_SPACES > 0");
         let old = std::mem::replace(&mut self.spaces[i], fresh);
         // Its code pages' translations stay: they are keyed by physical
-        // page and entered only through another space's TLB. Links and
-        // lookups go: one made under it may be known to no other space's
-        // TLB, and its tables may no longer be watched.
-        self.cut_cross_links();
-        self.clear_lookups();
+        // page and entered only through another space's TLB. A link or
+        // lookup into a page its TLB held may have had no other voucher
+        // (a space whose tables are watched and would see the page
+        // remapped): those go, unless another space holds the page alike
+        // through the same directory entry as the current mapping.
+        let mut held = Regions::NONE;
+        for &l in old.itlb.keys() {
+            held.add(l >> 10);
+        }
+        if !held.is_empty() {
+            let cpu_now: &Vcpu = cpu;
+            self.cut_cross_links_in(&held, &|bt: &Bt, to: Key| bt.vouched(cpu_now, to));
+            self.clear_lookups_in(&held);
+        }
         for t in old.deps.into_keys().chain([old.mode.cr3 >> 12]) {
             self.release_table(cpu, t);
         }
@@ -276,9 +308,12 @@ impl Bt {
 
     /// Stop watching table `t` if no space depends on it any more.
     fn release_table(&mut self, cpu: &mut Vcpu, t: u32) {
-        let used = self.spaces.iter().any(|s| {
-            s.deps.contains_key(&t) || (s.mode.cr3 >> 12 == t && s.regions.iter().any(|&r| r != 0))
-        });
+        // (The current directory stays watched: kept links rely on it.)
+        let used = self.dir_now.as_ref().is_some_and(|d| d.0 == t)
+            || self.spaces.iter().any(|s| {
+                s.deps.contains_key(&t)
+                    || (s.mode.cr3 >> 12 == t && s.regions.iter().any(|&r| r != 0))
+            });
         if !used {
             self.watch.forget_table(&mut cpu.ram, t);
         }
@@ -292,6 +327,22 @@ impl Bt {
         let mut stale = Regions::NONE;
         let mut emptied = Vec::new();
         self.stats.table_writes += tables.len() as u64;
+        // The current directory's entries that changed: links into their
+        // regions go, even where no space walked (one made under another
+        // space whose entry was equal may have been kept: see
+        // `sync_paging`). Other directories are compared at the switch.
+        if let Some((d, entries)) = self.dir_now.as_mut() {
+            for &(t, lo, hi) in tables.iter().filter(|w| w.0 == *d) {
+                for r in u32::from(lo) / 4..=((u32::from(hi).max(1) - 1) / 4).min(1023) {
+                    let now = cpu.ram.read((t << 12) | (r << 2), 4) as u32;
+                    let was = std::mem::replace(&mut entries[r as usize], now);
+                    // (Accessed and dirty bits change no mapping.)
+                    if was & 1 != 0 && (was ^ now) & !0x60 != 0 {
+                        stale.add(r);
+                    }
+                }
+            }
+        }
         for i in 0..self.spaces.len() {
             // Runs of linear pages to unmap: (first, count).
             let mut runs: Vec<(u32, u32)> = Vec::new();
@@ -302,12 +353,8 @@ impl Bt {
             for &(t, lo, hi) in tables {
                 let (first, last) = (u32::from(lo) / 4, (u32::from(hi).max(1) - 1) / 4);
                 if t == dir {
-                    // Directory entries: their whole 4 MiB regions. Links
-                    // into them go too, even where this space never walked:
-                    // one made under another space whose entry was equal
-                    // may have been kept (see `sync_paging`).
+                    // Directory entries: their whole 4 MiB regions.
                     for r in first..=last.min(1023) {
-                        stale.add(r);
                         let (w, b) = ((r / 64) as usize, r % 64);
                         if space.regions[w] & 1 << b != 0 {
                             space.regions[w] &= !(1 << b);
@@ -398,7 +445,7 @@ impl Bt {
         // still maps its target alike.
         if !stale.is_empty() {
             self.stats.mapping_invalidations += 1;
-            self.cut_cross_links_in(&stale, true);
+            self.cut_cross_links_in(&stale, &Bt::mapped_alike_now);
             self.clear_lookups_in(&stale);
         }
     }
@@ -447,6 +494,23 @@ impl Bt {
             None => Some(lin),
             Some(i) => self.spaces[i].itlb.get(&lin).copied(),
         }
+    }
+
+    /// Does a space hold `to`'s pages in its instruction TLB where `to`
+    /// was translated, through the directory entries the current directory
+    /// has (so that space's watched tables would see them remapped)?
+    pub(crate) fn vouched(&self, cpu: &Vcpu, to: Key) -> bool {
+        let (Some(t), Some((_, now))) = (self.cache.peek(&to), self.dir_now.as_ref()) else {
+            return false;
+        };
+        let (l, p) = (t.lin_pages(), t.pages());
+        [(l.0, p.0), (l.1, p.1)].iter().all(|&(lin, phys)| {
+            let pde = now[(lin >> 10) as usize];
+            self.spaces.iter().any(|s| {
+                s.itlb.get(&lin) == Some(&phys)
+                    && cpu.ram.read((s.mode.cr3 & !0xFFF) | ((lin >> 10) << 2), 4) as u32 == pde
+            })
+        })
     }
 
     /// For code of each privilege (index: user), the instruction TLB
