@@ -96,8 +96,15 @@ fn differs(a: &Vcpu, b: &Vcpu, mask: u32) -> Option<String> {
             return Some(format!("segment {sr:?}"));
         }
     }
-    if (a.cr0, a.cr2, a.cr3, a.cr4) != (b.cr0, b.cr2, b.cr3, b.cr4) {
-        return Some("control registers".into());
+    for (name, x, y) in [
+        ("CR0", a.cr0, b.cr0),
+        ("CR2", a.cr2, b.cr2),
+        ("CR3", a.cr3, b.cr3),
+        ("CR4", a.cr4, b.cr4),
+    ] {
+        if x != y {
+            return Some(format!("{name}: bt {x:#010x}, interp {y:#010x}"));
+        }
     }
     if a.halted != b.halted {
         return Some("halted".into());

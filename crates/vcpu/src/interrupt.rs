@@ -216,6 +216,11 @@ impl Vcpu {
         let start_eip = self.eip;
         let mut cur = exc;
         let mut cur_src = src;
+        // A page fault loads CR2 with its linear address as it is raised
+        // (SDM Vol. 3 §6.15, interrupt 14), a nested one too.
+        if cur.vector == vector::PF && src == Source::Exception {
+            self.cr2 = self.fault_cr2;
+        }
         for _ in 0..4 {
             match self.deliver(cur.vector, cur.error, cur_src) {
                 Ok(()) => {
@@ -231,6 +236,9 @@ impl Vcpu {
                     })
                 }
                 Err(Fault::Exception(second)) => {
+                    if second.vector == vector::PF {
+                        self.cr2 = self.fault_cr2;
+                    }
                     if cur.vector == vector::DF {
                         return Err(Stop::TripleFault {
                             last: second,

@@ -58,7 +58,7 @@ impl Vcpu {
         }
         let write = access == Access::Write;
         let pf = |cpu: &mut Vcpu, present: bool| -> Fault {
-            cpu.cr2 = lin;
+            cpu.fault_cr2 = lin;
             let code = u32::from(present) | (u32::from(write) << 1) | (u32::from(user) << 2);
             Fault::exc_code(vector::PF, code)
         };
@@ -422,7 +422,8 @@ mod tests {
             c.translate(0x5000, Access::Write, true),
             Err(Fault::exc_code(vector::PF, 7))
         );
-        assert_eq!(c.cr2, 0x5000);
+        // (CR2 is loaded when the #PF is raised, not by the lookup.)
+        assert_eq!((c.fault_cr2, c.cr2), (0x5000, 0));
         // supervisor write is allowed without CR0.WP, and marks the page dirty
         assert!(c.translate(0x5000, Access::Write, false).is_ok());
         assert_eq!(c.ram.read(0x2014, 4) as u32 & 0x40, 0x40);
@@ -433,6 +434,47 @@ mod tests {
             c.translate(0x6000, Access::Read, false),
             Err(Fault::exc_code(vector::PF, 0))
         );
+    }
+
+    /// CR2 takes the address of the access whose #PF is raised; a lookup
+    /// that faults but is never raised (the translator reading ahead)
+    /// leaves it alone.
+    #[test]
+    fn cr2_is_loaded_when_the_page_fault_is_raised() {
+        let mut c = cpu();
+        // The low 4 MiB identity-mapped by one large page, nothing else.
+        c.ram.write(0x1000, 4, 0x83);
+        c.cr4 |= cr4::PSE;
+        c.cr3 = 0x1000;
+        c.cr0 |= cr0::PG;
+        // IDT at 0x3000: vector 14 an interrupt gate to 0x08:0x8000.
+        c.ram.write(0x3000 + 14 * 8, 4, (0x08 << 16) | 0x8000);
+        c.ram.write(0x3000 + 14 * 8 + 4, 4, 0x8E00);
+        c.idtr = crate::state::TableReg {
+            base: 0x3000,
+            limit: 0x7FF,
+        };
+        // GDT at 0x4000: 0x08 flat ring-0 code.
+        c.ram.write(0x4008, 4, 0x0000_FFFF);
+        c.ram.write(0x400C, 4, 0x00CF_9A00);
+        c.gdtr = crate::state::TableReg {
+            base: 0x4000,
+            limit: 0x17,
+        };
+        c.regs[4] = 0x9000;
+        c.eip = 0x100;
+        assert!(c.translate(0x50_0000, Access::Read, false).is_err());
+        assert_eq!(c.cr2, 0, "a lookup alone");
+        let Err(Fault::Exception(e)) = c.translate(0x60_1234, Access::Write, false) else {
+            panic!("not mapped");
+        };
+        c.raise(e, crate::interrupt::Source::Exception).unwrap();
+        assert_eq!((c.cr2, c.eip), (0x60_1234, 0x8000));
+        // INT 14 is not a page fault: CR2 stays.
+        c.fault_cr2 = 0x1111;
+        c.eip = 0x100;
+        c.software_interrupt(14).unwrap();
+        assert_eq!((c.cr2, c.eip), (0x60_1234, 0x8000));
     }
 
     #[test]

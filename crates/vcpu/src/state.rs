@@ -246,6 +246,10 @@ pub struct Vcpu {
     pub cr0: u32,
     /// CR2 (page-fault linear address).
     pub cr2: u32,
+    /// The linear address of the last page fault a translation found: CR2
+    /// takes it when that #PF is raised (a lookup that is not an access,
+    /// such as the translator reading ahead, leaves CR2 alone).
+    pub fault_cr2: u32,
     /// CR3 (page directory base).
     pub cr3: u32,
     /// CR4.
@@ -316,6 +320,7 @@ impl Vcpu {
             tr: Segment::default(),
             cr0: cr0::ET | cr0::CD | cr0::NW,
             cr2: 0,
+            fault_cr2: 0,
             cr3: 0,
             cr4: 0,
             dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
