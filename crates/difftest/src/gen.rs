@@ -548,8 +548,8 @@ fn template(r: &mut Rng) -> Vec<Vec<u8>> {
             v.push(vec![0xFC]); // cld
             v
         }
-        // PUSH/POP pairs, CALL/RET
-        21 => match r.below(5) {
+        // PUSH/POP pairs, a LEAVE frame, CALL/RET
+        21 => match r.below(6) {
             0 => vec![vec![0x50 + r.below(8) as u8], vec![0x58 + wreg(r)]],
             1 => vec![vec![0x6A, r.below(256) as u8], vec![0x8F, 0xC0 + wreg(r)]],
             // PUSH r/m32 from scratch, a register, or the stack itself
@@ -561,6 +561,13 @@ fn template(r: &mut Rng) -> Vec<Vec<u8>> {
             3 => vec![
                 vec![0xFF, 0x74, 0x24, (r.below(16) * 4) as u8],
                 vec![0x58 + wreg(r)],
+            ],
+            // A frame: PUSH EBP, MOV EBP,ESP, a push, LEAVE.
+            4 => vec![
+                vec![0x55],
+                vec![0x89, 0xE5],
+                vec![0x6A, r.below(256) as u8],
+                vec![0xC9],
             ],
             _ => vec![vec![0xE8, 2, 0, 0, 0], vec![0xEB, 1], vec![0xC3]],
         },

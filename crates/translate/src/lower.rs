@@ -287,7 +287,7 @@ fn push_imm32(v: u32, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
-/// PUSH r/m32/imm and POP r32 on the guest stack (32-bit operand size),
+/// PUSH r/m32/imm, POP r32 and LEAVE on the guest stack (32-bit operand size),
 /// appended to `out`. The store or load comes first, so a fault leaves ESP
 /// untouched. False (and `out` unchanged) for every other instruction.
 pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
@@ -320,6 +320,28 @@ pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
                         adjust_esp(4, out);
                     }
                 })
+        }
+        // LEAVE: the saved EBP loaded first (a fault leaves ESP and EBP
+        // as they were), then ESP = EBP + 4 and EBP = the value loaded.
+        Code::Leaved => {
+            let saved =
+                MemoryOperand::new(Register::EBP, Register::None, 1, 0, 0, false, Register::GS);
+            let above = MemoryOperand::new(
+                Register::EBP,
+                Register::None,
+                1,
+                4,
+                1,
+                false,
+                Register::None,
+            );
+            [
+                Instruction::with2(Code::Mov_r32_rm32, Register::R13D, saved),
+                Instruction::with2(Code::Lea_r32_m, Register::R12D, above),
+                Instruction::with2(Code::Mov_r32_rm32, Register::EBP, Register::R13D),
+            ]
+            .into_iter()
+            .try_for_each(|i| i.ok().and_then(|i| enc(&i, out)))
         }
         _ => None,
     };
