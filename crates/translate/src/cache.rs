@@ -168,6 +168,14 @@ impl Bt {
             }
             self.unlink(old_key, old);
         }
+        if let Some(t) = self.cache.peek(&key) {
+            let pages = t.bytes().map(|b| b.0);
+            for (i, &p) in pages.iter().enumerate() {
+                if p != u32::MAX && !pages[..i].contains(&p) {
+                    self.by_page.entry(p).or_default().push(key);
+                }
+            }
+        }
         self.link(key);
     }
 
@@ -176,6 +184,7 @@ impl Bt {
         self.clear_lookups();
         self.watch.forget_code();
         self.cache.clear();
+        self.by_page.clear();
         self.pending.clear();
         self.cross.clear();
         self.by_offset.clear();
@@ -225,11 +234,28 @@ impl Bt {
         if written.is_empty() {
             return;
         }
-        self.stats.invalidations += self.drop_where(|t| {
-            written
-                .iter()
-                .any(|&(page, lo, hi)| t.made_from(page, lo, hi))
-        });
+        // Only the translations made from the written pages can be stale.
+        let mut keys: Vec<Key> = written
+            .iter()
+            .filter_map(|w| self.by_page.get(&w.0))
+            .flatten()
+            .copied()
+            .filter(|k| {
+                self.cache.peek(k).is_some_and(|t| {
+                    written
+                        .iter()
+                        .any(|&(page, lo, hi)| t.made_from(page, lo, hi))
+                })
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for k in keys {
+            if let Some(e) = self.cache.pop(&k) {
+                self.unlink(k, e);
+                self.stats.invalidations += 1;
+            }
+        }
     }
 
     /// Drop (and unlink) every cached translation `stale` says is stale;

@@ -240,6 +240,12 @@ impl Bt {
         for &(page, lo, hi) in entry.bytes() {
             if page != u32::MAX {
                 self.watch.remove_code(page, u32::from(lo), u32::from(hi));
+                if let Some(keys) = self.by_page.get_mut(&page) {
+                    keys.retain(|&k| k != key);
+                    if keys.is_empty() {
+                        self.by_page.remove(&page);
+                    }
+                }
             }
         }
         let Translation::Code {

@@ -62,6 +62,9 @@ pub struct Bt {
     /// of the target's pages: cut where the mapping changes (see
     /// [`crate::chain`]).
     pub(crate) cross: FastMap<u16, Vec<(Key, Link)>>,
+    /// The cached translations made from each physical page (what a write
+    /// to the page may make stale).
+    pub(crate) by_page: FastMap<u32, Vec<Key>>,
     /// The 4 MiB regions of the code each indirect-branch table (index:
     /// user) has entries for since it was last emptied.
     pub(crate) lookup_regions: [crate::paging::Regions; 2],
@@ -145,6 +148,7 @@ impl Bt {
             code: None,
             pending: FastMap::default(),
             cross: FastMap::default(),
+            by_page: FastMap::default(),
             dir_now: None,
             lookup_regions: [crate::paging::Regions::NONE; 2],
             by_offset: BTreeMap::new(),
