@@ -519,10 +519,26 @@ impl Bt {
     /// Drop the translations holding the instruction at `eip`, to be
     /// translated again.
     fn retranslate_holding(&mut self, eip: u32) {
-        self.drop_where(|t| match t {
+        let holds = |t: &Translation| match t {
             Translation::Code { eips, .. } => eips[..eips.len() - 1].contains(&eip),
             Translation::Interpret { .. } => false,
-        });
+        };
+        // The translations of the physical page the current mapping puts
+        // `eip` on (the whole cache if the instruction TLB does not know).
+        let Some(keys) = self
+            .current_phys(eip >> 12)
+            .map(|p| self.by_page.get(&p).cloned().unwrap_or_default())
+        else {
+            self.drop_where(holds);
+            return;
+        };
+        for k in keys {
+            if self.cache.peek(&k).is_some_and(holds) {
+                if let Some(e) = self.cache.pop(&k) {
+                    self.unlink(k, e);
+                }
+            }
+        }
     }
 
     /// Drain the write watch, the one place recorded writes are acted on:
