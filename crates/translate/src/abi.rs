@@ -68,7 +68,17 @@ pub struct Context {
     /// 1 while FS (index 0) or GS (index 1) is a flat data segment (see
     /// [`crate::lower::SegBases`]), so host code may access memory through
     /// it; 0 sends such an access to the interpreter.
-    pub flat: [u16; 2],
+    pub flat: [u8; 2],
+    /// 0 when RDTSC may run in host code (the guest TSC is the host's plus
+    /// [`Context::tsc_offset`], and CR4.TSD does not apply); otherwise it
+    /// calls the helper.
+    pub tsc_slow: u8,
+    /// (Padding.)
+    pub _pad: u8,
+    /// What the guest TSC adds to the host's.
+    pub tsc_offset: u64,
+    /// Scratch for host code (RDTSC combines EDX:EAX through it).
+    pub scratch: u64,
 }
 
 impl Context {
@@ -76,7 +86,15 @@ impl Context {
     pub fn set_segs(&mut self, segs: crate::lower::SegBases) {
         self.fs_base = segs.fs.unwrap_or(0);
         self.gs_base = segs.gs.unwrap_or(0);
-        self.flat = [u16::from(segs.fs.is_some()), u16::from(segs.gs.is_some())];
+        self.flat = [u8::from(segs.fs.is_some()), u8::from(segs.gs.is_some())];
+    }
+
+    /// Take the guest TSC's offset from the host's, and whether host code
+    /// may read it (`native`: not counting instructions, CR4.TSD clear or
+    /// CPL 0).
+    pub fn set_tsc(&mut self, offset: u64, native: bool) {
+        self.tsc_offset = offset;
+        self.tsc_slow = u8::from(!native);
     }
 }
 
@@ -105,13 +123,22 @@ pub const SLOW: u8 = 112;
 pub const FS_BASE: u8 = 116;
 /// Offset of [`Context::gs_base`].
 pub const GS_BASE: u8 = 120;
-/// Offset of [`Context::flat`] (FS's word; GS's follows).
+/// Offset of [`Context::flat`] (FS's byte; GS's follows).
 pub const FLAT: u8 = 124;
+/// Offset of [`Context::tsc_slow`].
+pub const TSC_SLOW: u8 = 126;
+/// Offset of [`Context::tsc_offset`] (beyond disp8: dynasm code only).
+pub const TSC_OFFSET: u32 = 128;
+/// Offset of [`Context::scratch`] (beyond disp8: dynasm code only).
+pub const SCRATCH: u32 = 136;
 
 const _: () = assert!(offset_of!(Context, regs) == REGS as usize);
 const _: () = assert!(offset_of!(Context, fs_base) == FS_BASE as usize);
 const _: () = assert!(offset_of!(Context, gs_base) == GS_BASE as usize);
 const _: () = assert!(offset_of!(Context, flat) == FLAT as usize);
+const _: () = assert!(offset_of!(Context, tsc_slow) == TSC_SLOW as usize);
+const _: () = assert!(offset_of!(Context, tsc_offset) == TSC_OFFSET as usize);
+const _: () = assert!(offset_of!(Context, scratch) == SCRATCH as usize);
 const _: () = assert!(offset_of!(Context, eflags) == EFLAGS as usize);
 const _: () = assert!(offset_of!(Context, next_eip) == NEXT_EIP as usize);
 const _: () = assert!(offset_of!(Context, retired) == RETIRED as usize);
@@ -121,8 +148,10 @@ const _: () = assert!(offset_of!(Context, window) == WINDOW as usize);
 const _: () = assert!(offset_of!(Context, sys) == SYS as usize);
 const _: () = assert!(offset_of!(Context, vif) == VIF as usize);
 const _: () = assert!(offset_of!(Context, slow) == SLOW as usize);
-// Hand-encoded instructions address the context with a signed disp8.
-const _: () = assert!(std::mem::size_of::<Context>() <= 128);
+// Hand-encoded instructions address the context with a signed disp8: every
+// field they use lies below 128 (TSC_OFFSET and SCRATCH are reached only by
+// dynasm-assembled code, which encodes any displacement).
+const _: () = assert!(SLOW < 128 && FLAT < 128 && TSC_SLOW < 128);
 
 /// The EFLAGS bits that live in the host's flags while guest code runs:
 /// the six arithmetic flags and DF.

@@ -27,7 +27,7 @@ use crate::abi::{Context, LOOKUP_SHIFT};
 use crate::cache::{EipHasher, FastMap, FastSet, Key, Translation};
 use crate::chain::Link;
 use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
-use crate::helper::{HelperEnv, HotStore};
+use crate::helper::{tsc_native, HelperEnv, HotStore};
 use crate::host::{set_gs_base, CodeBuffer};
 use crate::lower::lower;
 use crate::paging::{seg_bases, translatable, PagingKey, Space};
@@ -345,9 +345,14 @@ impl Bt {
             fs_base: 0,
             gs_base: 0,
             flat: [0; 2],
+            tsc_slow: 1,
+            _pad: 0,
+            tsc_offset: 0,
+            scratch: 0,
         };
         ctx.set_eflags(cpu.eflags, cpu.cpl());
         ctx.set_segs(seg_bases(cpu));
+        ctx.set_tsc(cpu.tsc_offset, tsc_native(cpu));
         if cpu.board.interrupt_pending() {
             // A device interrupt waits for IF: let STI, POPF and CLI go
             // through the helper, which leaves as soon as IF is set.

@@ -38,6 +38,13 @@ pub(crate) fn helper_call(
     }
 }
 
+/// May host code execute the guest's RDTSC (the host's TSC plus the
+/// offset)? Not while the TSC counts instructions, nor at CPL > 0 with
+/// CR4.TSD set (#GP, SDM Vol. 2 RDTSC).
+pub(crate) fn tsc_native(cpu: &Vcpu) -> bool {
+    !cpu.clock_counts_instructions && (cpu.cr4 & popek_vcpu::state::cr4::TSD == 0 || cpu.cpl() == 0)
+}
+
 /// Where a helper call's argument keeps the index of its decoded
 /// instruction (`Bt::helper_insns`): adding `n << INDEX_SHIFT` to an
 /// argument moves its index by `n`.
@@ -199,8 +206,10 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         ctx.regs = cpu.regs;
         ctx.set_eflags(cpu.eflags, cpu.cpl());
         // A segment load changes no translation: host code reads FS's and
-        // GS's bases and flatness from the context.
+        // GS's bases and flatness from the context; a TSC write or a change
+        // of CR4.TSD or CPL reaches RDTSC's host code the same way.
         ctx.set_segs(seg_bases(cpu));
+        ctx.set_tsc(cpu.tsc_offset, tsc_native(cpu));
         let irq = cpu.board.interrupt_pending();
         if irq {
             // As at entry (see the dispatcher): STI, POPF and CLI keep

@@ -191,6 +191,20 @@ impl Bt {
                 exit = Some(e);
                 break;
             }
+            // RDTSC in host code (a helper call when the TSC counts
+            // instructions or CR4.TSD applies: decided at run time).
+            if i.ins.mnemonic() == iced_x86::Mnemonic::Rdtsc && !hot {
+                eips.push(i.ins.ip32());
+                counted_at.push(counted as u32);
+                let call = helper_call(&i.ins, true, helpers.len(), counted);
+                parts.push(Part::Piece(Piece::Rdtsc(call)));
+                helpers.push(i.ins);
+                if dumping {
+                    how.push("rewritten (host TSC + offset; helper call when not allowed)");
+                }
+                counted += 1;
+                continue;
+            }
             // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
             // (with a helper call where host code cannot do them).
             if let Some(op) = flags_op(&i.ins, host_fixed).filter(|_| !hot) {
@@ -330,6 +344,7 @@ impl Bt {
                 .map(|p| match *p {
                     Piece::Helper(c) => Piece::Helper(rebased(c)),
                     Piece::Flags(op, c) => Piece::Flags(op, rebased(c)),
+                    Piece::Rdtsc(c) => Piece::Rdtsc(rebased(c)),
                     Piece::Segment { fs, code, call } => Piece::Segment {
                         fs,
                         code,

@@ -41,7 +41,10 @@ pub use indirect::{LookupEntry, LOOKUP_ENTRIES};
 use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 
-use crate::abi::{BlockEntryFn, Context, HelperFn, FLAT, LOOKUP_SHIFT, NEXT_EIP, RETIRED};
+use crate::abi::{
+    BlockEntryFn, Context, HelperFn, FLAT, LOOKUP_SHIFT, NEXT_EIP, RETIRED, SCRATCH, TSC_OFFSET,
+    TSC_SLOW,
+};
 use crate::host::CodeBuffer;
 use flags::flags_fast_path;
 use frame::{ensure_epilogue, frame};
@@ -71,6 +74,9 @@ pub enum Piece<'a> {
         /// The helper call otherwise.
         call: HelperCall,
     },
+    /// RDTSC: the host's time-stamp counter plus the context's offset,
+    /// while the context's `tsc_slow` is 0; else the helper call.
+    Rdtsc(HelperCall),
     /// A conditional branch in the middle of a block (a superblock goes on
     /// at its fall-through): `jcc` to an exit stub for `target`, placed
     /// after the block's own exit, which counts `counted` instructions.
@@ -316,18 +322,56 @@ impl HostBlock {
                 Piece::Segment { fs, code, call } => {
                     let h = helper
                         .ok_or_else(|| BuildError("segment piece without a helper".into()))?;
-                    // Flat? Flag-free: the flatness word into RCX for JRCXZ.
-                    let flat = i32::from(FLAT) + if *fs { 0 } else { 2 };
+                    // Flat? Flag-free: the flatness byte into RCX for JRCXZ.
+                    let flat = i32::from(FLAT) + if *fs { 0 } else { 1 };
                     dynasm!(ops
                         ; .arch x64
                         ; mov r11, rcx
-                        ; movzx ecx, WORD [r15 + flat]
+                        ; movzx ecx, BYTE [r15 + flat]
                         ; jrcxz >slow
                         ; mov rcx, r11
                         ; .bytes code.iter()
                         ; jmp >done
                         ; slow:
                         ; mov rcx, r11
+                    );
+                    helper_call(&mut ops, h, call);
+                    // The helper retired the instruction, which the block's
+                    // exit counts too.
+                    dynasm!(ops
+                        ; .arch x64
+                        ; lea r8, [r8 - 1]
+                        ; done:
+                    );
+                }
+                Piece::Rdtsc(call) => {
+                    let h =
+                        helper.ok_or_else(|| BuildError("RDTSC piece without a helper".into()))?;
+                    // EDX:EAX = host TSC + offset, flag-free: the halves
+                    // joined in the scratch slot, added with LEA, split.
+                    let (slow, off, scratch) =
+                        (i32::from(TSC_SLOW), TSC_OFFSET as i32, SCRATCH as i32);
+                    // (JRCXZ reaches 127 bytes: the helper call goes last.)
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov r11, rcx
+                        ; movzx ecx, BYTE [r15 + slow]
+                        ; jrcxz >fast
+                        ; mov rcx, r11
+                        ; jmp >slow
+                        ; fast:
+                        ; mov rcx, r11
+                        ; rdtsc
+                        ; mov DWORD [r15 + scratch], eax
+                        ; mov DWORD [r15 + scratch + 4], edx
+                        ; mov r13, QWORD [r15 + scratch]
+                        ; mov r11, QWORD [r15 + off]
+                        ; lea r13, [r13 + r11]
+                        ; mov QWORD [r15 + scratch], r13
+                        ; mov eax, DWORD [r15 + scratch]
+                        ; mov edx, DWORD [r15 + scratch + 4]
+                        ; jmp >done
+                        ; slow:
                     );
                     helper_call(&mut ops, h, call);
                     // The helper retired the instruction, which the block's
