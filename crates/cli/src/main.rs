@@ -25,14 +25,17 @@ Examples:
   popek run ./prog arg1 arg2          a static i386 Linux program (int 0x80 serviced by popek)
   popek run --strace ./prog           ... printing its system calls
   popek run --engine native ./prog    ... directly on the host CPU
-
-popek's options go before the guest, or after a Multiboot kernel (which
-takes no arguments: use --append). Everything after a Linux program is the
-program's, as with qemu-i386; `--` ends popek's options explicitly.
+  popek initramfs rd.cpio --busybox target/distro/busybox
+  popek run target/distro/vmlinuz --initrd rd.cpio --memory 256M --append console=ttyS0
+                                      Debian's kernel to a busybox shell (Ctrl-A X quits)
   popek compare ./prog arg1           native vs bt: same output? how much slower?
   popek guests                        list the bundled guests
   popek classify                      the Popek-Goldberg classification table
   popek classify popf                 classify the code a guest runs from its entry
+
+popek's options go before the guest, or after a Multiboot kernel (which
+takes no arguments: use --append). Everything after a Linux program is the
+program's, as with qemu-i386; `--` ends popek's options explicitly.
 
 Exit status: the guest's isa-debug-exit status ((v << 1) | 1, as QEMU), or
 0 when the guest halts for good, 2 on an error (bad image, unsupported
