@@ -82,9 +82,11 @@ fn directory_diff(cpu: &Vcpu, a: u32, b: u32) -> Regions {
     let (Some(x), Some(y)) = (dir(a), dir(b)) else {
         return Regions::ALL;
     };
+    let entry = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let mut r = Regions::NONE;
     for (i, (p, q)) in x.chunks_exact(4).zip(y.chunks_exact(4)).enumerate() {
-        if p != q {
+        // (Accessed and dirty bits change no mapping.)
+        if (entry(p) ^ entry(q)) & !0x60 != 0 {
             r.add(i as u32);
         }
     }
