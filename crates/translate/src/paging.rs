@@ -663,3 +663,35 @@ impl Bt {
         self.clear_lookups();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use popek_memory::GuestRam;
+
+    /// Two page directories differ in the regions whose entries map
+    /// differently; accessed and dirty bits alone are no difference, and a
+    /// directory outside RAM differs everywhere.
+    #[test]
+    fn directory_diff_names_the_regions_that_map_differently() {
+        let mut cpu = Vcpu::new(GuestRam::new(1 << 20).unwrap());
+        let (a, b) = (0x1000u32, 0x2000u32);
+        for r in 0..1024u32 {
+            let e = (r << 22) | 0x83; // the same 4 MiB pages
+            cpu.ram.write(a + 4 * r, 4, u64::from(e));
+            cpu.ram.write(b + 4 * r, 4, u64::from(e));
+        }
+        cpu.ram
+            .write(b + 4 * 5, 4, u64::from((5u32 << 22) | 0x83 | 0x60)); // A, D
+        cpu.ram.write(b + 4 * 7, 4, u64::from((9u32 << 22) | 0x83)); // elsewhere
+        cpu.ram.write(b + 4 * 0x300, 4, 0); // not present
+        let d = directory_diff(&cpu, a, b);
+        let named: Vec<u32> = (0..1024).filter(|&r| d.has(r)).collect();
+        assert_eq!(named, vec![7, 0x300]);
+        assert_eq!(directory_diff(&cpu, a, 0x7FFF_F000), Regions::ALL);
+        let mut r = Regions::NONE;
+        assert!(r.is_empty() && !r.meets(&Regions::ALL));
+        r.add(1023);
+        assert!(r.has(1023) && !r.has(1022) && !r.meets(&d));
+    }
+}
