@@ -65,10 +65,10 @@ pub struct Context {
     pub fs_base: u32,
     /// GS's base, which host code adds for a GS override.
     pub gs_base: u32,
-    /// 1 while FS (index 0) or GS (index 1) is a flat data segment (see
+    /// 0 while FS (index 0) or GS (index 1) is a flat data segment (see
     /// [`crate::lower::SegBases`]), so host code may access memory through
-    /// it; 0 sends such an access to the interpreter.
-    pub flat: [u8; 2],
+    /// it; 1 sends such an access to the interpreter.
+    pub seg_slow: [u8; 2],
     /// 0 when RDTSC may run in host code (the guest TSC is the host's plus
     /// [`Context::tsc_offset`], and CR4.TSD does not apply); otherwise it
     /// calls the helper.
@@ -86,7 +86,7 @@ impl Context {
     pub fn set_segs(&mut self, segs: crate::lower::SegBases) {
         self.fs_base = segs.fs.unwrap_or(0);
         self.gs_base = segs.gs.unwrap_or(0);
-        self.flat = [u8::from(segs.fs.is_some()), u8::from(segs.gs.is_some())];
+        self.seg_slow = [u8::from(segs.fs.is_none()), u8::from(segs.gs.is_none())];
     }
 
     /// Take the guest TSC's offset from the host's, and whether host code
@@ -123,8 +123,8 @@ pub const SLOW: u8 = 112;
 pub const FS_BASE: u8 = 116;
 /// Offset of [`Context::gs_base`].
 pub const GS_BASE: u8 = 120;
-/// Offset of [`Context::flat`] (FS's byte; GS's follows).
-pub const FLAT: u8 = 124;
+/// Offset of [`Context::seg_slow`] (FS's byte; GS's follows).
+pub const SEG_SLOW: u8 = 124;
 /// Offset of [`Context::tsc_slow`].
 pub const TSC_SLOW: u8 = 126;
 /// Offset of [`Context::tsc_offset`] (beyond disp8: dynasm code only).
@@ -135,7 +135,7 @@ pub const SCRATCH: u32 = 136;
 const _: () = assert!(offset_of!(Context, regs) == REGS as usize);
 const _: () = assert!(offset_of!(Context, fs_base) == FS_BASE as usize);
 const _: () = assert!(offset_of!(Context, gs_base) == GS_BASE as usize);
-const _: () = assert!(offset_of!(Context, flat) == FLAT as usize);
+const _: () = assert!(offset_of!(Context, seg_slow) == SEG_SLOW as usize);
 const _: () = assert!(offset_of!(Context, tsc_slow) == TSC_SLOW as usize);
 const _: () = assert!(offset_of!(Context, tsc_offset) == TSC_OFFSET as usize);
 const _: () = assert!(offset_of!(Context, scratch) == SCRATCH as usize);
@@ -151,7 +151,7 @@ const _: () = assert!(offset_of!(Context, slow) == SLOW as usize);
 // Hand-encoded instructions address the context with a signed disp8: every
 // field they use lies below 128 (TSC_OFFSET and SCRATCH are reached only by
 // dynasm-assembled code, which encodes any displacement).
-const _: () = assert!(SLOW < 128 && FLAT < 128 && TSC_SLOW < 128);
+const _: () = assert!(SLOW < 128 && SEG_SLOW < 128 && TSC_SLOW < 128);
 
 /// The EFLAGS bits that live in the host's flags while guest code runs:
 /// the six arithmetic flags and DF.

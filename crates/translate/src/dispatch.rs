@@ -344,7 +344,7 @@ impl Bt {
             slow: 0,
             fs_base: 0,
             gs_base: 0,
-            flat: [0; 2],
+            seg_slow: [1; 2],
             tsc_slow: 1,
             _pad: 0,
             tsc_offset: 0,

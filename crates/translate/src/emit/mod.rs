@@ -42,8 +42,8 @@ use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 
 use crate::abi::{
-    BlockEntryFn, Context, HelperFn, FLAT, LOOKUP_SHIFT, NEXT_EIP, RETIRED, SCRATCH, TSC_OFFSET,
-    TSC_SLOW,
+    BlockEntryFn, Context, HelperFn, LOOKUP_SHIFT, NEXT_EIP, RETIRED, SCRATCH, SEG_SLOW,
+    TSC_OFFSET, TSC_SLOW,
 };
 use crate::host::CodeBuffer;
 use flags::flags_fast_path;
@@ -261,6 +261,41 @@ fn stub(ops: &mut Asm, base: usize, sites: &mut Vec<Site>, target: u32, n: usize
     );
 }
 
+/// The start of a guarded piece: go on to its host code (which follows)
+/// while the context byte at `slow_at` is 0, else jump to the local label
+/// `slow` that [`helper_tail`] defines. Flag-free: the byte into RCX for
+/// JRCXZ (whose 127-byte reach is why the helper call comes last).
+fn guard(ops: &mut Asm, slow_at: i32) {
+    dynasm!(ops
+        ; .arch x64
+        ; mov r11, rcx
+        ; movzx ecx, BYTE [r15 + slow_at]
+        ; jrcxz >fast
+        ; mov rcx, r11
+        ; jmp >slow
+        ; fast:
+        ; mov rcx, r11
+    );
+}
+
+/// The end of a piece with a fast path in host code: past the helper call
+/// at the local label `slow`, which the fast path jumps to when host code
+/// cannot do the instruction. The helper retires the instruction, which
+/// the block's exit counts too: one is taken off.
+fn helper_tail(ops: &mut Asm, h: HelperFn, call: &HelperCall) {
+    dynasm!(ops
+        ; .arch x64
+        ; jmp >done
+        ; slow:
+    );
+    helper_call(ops, h, call);
+    dynasm!(ops
+        ; .arch x64
+        ; lea r8, [r8 - 1]
+        ; done:
+    );
+}
+
 /// `jcc` (x86 condition nibble `cc`, rel32) to a dynamic label.
 fn jcc(ops: &mut Asm, cc: u8, to: DynamicLabel) {
     macro_rules! jumps {
@@ -322,45 +357,19 @@ impl HostBlock {
                 Piece::Segment { fs, code, call } => {
                     let h = helper
                         .ok_or_else(|| BuildError("segment piece without a helper".into()))?;
-                    // Flat? Flag-free: the flatness byte into RCX for JRCXZ.
-                    let flat = i32::from(FLAT) + if *fs { 0 } else { 1 };
-                    dynasm!(ops
-                        ; .arch x64
-                        ; mov r11, rcx
-                        ; movzx ecx, BYTE [r15 + flat]
-                        ; jrcxz >slow
-                        ; mov rcx, r11
-                        ; .bytes code.iter()
-                        ; jmp >done
-                        ; slow:
-                        ; mov rcx, r11
-                    );
-                    helper_call(&mut ops, h, call);
-                    // The helper retired the instruction, which the block's
-                    // exit counts too.
-                    dynasm!(ops
-                        ; .arch x64
-                        ; lea r8, [r8 - 1]
-                        ; done:
-                    );
+                    guard(&mut ops, i32::from(SEG_SLOW) + i32::from(!*fs));
+                    dynasm!(ops ; .arch x64 ; .bytes code.iter());
+                    helper_tail(&mut ops, h, call);
                 }
                 Piece::Rdtsc(call) => {
                     let h =
                         helper.ok_or_else(|| BuildError("RDTSC piece without a helper".into()))?;
                     // EDX:EAX = host TSC + offset, flag-free: the halves
                     // joined in the scratch slot, added with LEA, split.
-                    let (slow, off, scratch) =
-                        (i32::from(TSC_SLOW), TSC_OFFSET as i32, SCRATCH as i32);
-                    // (JRCXZ reaches 127 bytes: the helper call goes last.)
+                    let (off, scratch) = (TSC_OFFSET as i32, SCRATCH as i32);
+                    guard(&mut ops, i32::from(TSC_SLOW));
                     dynasm!(ops
                         ; .arch x64
-                        ; mov r11, rcx
-                        ; movzx ecx, BYTE [r15 + slow]
-                        ; jrcxz >fast
-                        ; mov rcx, r11
-                        ; jmp >slow
-                        ; fast:
-                        ; mov rcx, r11
                         ; rdtsc
                         ; mov DWORD [r15 + scratch], eax
                         ; mov DWORD [r15 + scratch + 4], edx
@@ -370,36 +379,15 @@ impl HostBlock {
                         ; mov QWORD [r15 + scratch], r13
                         ; mov eax, DWORD [r15 + scratch]
                         ; mov edx, DWORD [r15 + scratch + 4]
-                        ; jmp >done
-                        ; slow:
                     );
-                    helper_call(&mut ops, h, call);
-                    // The helper retired the instruction, which the block's
-                    // exit counts too.
-                    dynasm!(ops
-                        ; .arch x64
-                        ; lea r8, [r8 - 1]
-                        ; done:
-                    );
+                    helper_tail(&mut ops, h, call);
                 }
                 Piece::Flags(op, call) => {
                     flags_fast_path(&mut ops, *op);
                     if !matches!(op, FlagsOp::Pushfd { .. }) {
                         let h = helper
                             .ok_or_else(|| BuildError("flags piece without a helper".into()))?;
-                        dynasm!(ops
-                            ; .arch x64
-                            ; jmp >done
-                            ; slow:
-                        );
-                        helper_call(&mut ops, h, call);
-                        // The helper retired the instruction, which the
-                        // block's exit counts too.
-                        dynasm!(ops
-                            ; .arch x64
-                            ; lea r8, [r8 - 1]
-                            ; done:
-                        );
+                        helper_tail(&mut ops, h, call);
                     }
                 }
             }
