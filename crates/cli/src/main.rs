@@ -264,15 +264,13 @@ fn initramfs(out: &str, busybox: &str, init: Option<&str>, add: &[String]) -> Re
             .split_once('=')
             .ok_or_else(|| format!("--add {spec}: expected DEST=SRC"))?;
         let dest = dest.trim_start_matches('/');
-        let mut parent = String::new();
-        for part in dest.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
-            parent = if parent.is_empty() {
-                part.to_string()
-            } else {
-                format!("{parent}/{part}")
-            };
-            if dirs.insert(parent.clone()) {
-                a.dir(&parent, 0o755);
+        if dest.is_empty() || dest.ends_with('/') {
+            return Err(format!("--add {spec}: DEST must name a file"));
+        }
+        // Its missing parent directories, outermost first.
+        for (i, _) in dest.match_indices('/') {
+            if dirs.insert(dest[..i].to_string()) {
+                a.dir(&dest[..i], 0o755);
             }
         }
         let perm = std::fs::metadata(src)

@@ -137,10 +137,8 @@ fn interp_step(
     out: &mut Vec<u8>,
     err: &mut Vec<u8>,
 ) -> Option<Exit> {
-    let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
     let eip = m.cpu.eip;
-    let n = m.cpu.fetch(eip, &mut buf).0;
-    let ins = popek_decode::decode_one(&buf[..n], eip, 32);
+    let ins = insn_at(m);
     let before = m.cpu.retired;
     if read.is_none() && to_eflags(ins.rflags_read()) & *mask != 0 {
         *read = Some(format!("{:?} at {eip:#010x}", ins.mnemonic()).to_lowercase());
@@ -328,12 +326,17 @@ pub fn run(
     Ok(agreement)
 }
 
-/// Is the instruction at the machine's EIP a REP string instruction?
-fn rep_string_at(m: &mut Machine) -> bool {
+/// The instruction at the machine's EIP.
+fn insn_at(m: &mut Machine) -> iced_x86::Instruction {
     let mut buf = [0u8; popek_decode::MAX_INSN_LEN];
     let eip = m.cpu.eip;
     let n = m.cpu.fetch(eip, &mut buf).0;
-    let ins = popek_decode::decode_one(&buf[..n], eip, 32);
+    popek_decode::decode_one(&buf[..n], eip, 32)
+}
+
+/// Is the instruction at the machine's EIP a REP string instruction?
+fn rep_string_at(m: &mut Machine) -> bool {
+    let ins = insn_at(m);
     ins.is_string_instruction() && (ins.has_rep_prefix() || ins.has_repne_prefix())
 }
 
