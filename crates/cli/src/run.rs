@@ -69,6 +69,9 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         cache_blocks,
         trace,
         icount,
+        // Exact counts when they are reported or compared; otherwise
+        // translated code counts nothing (see Config::count_insns).
+        count_insns: stats || stats_json || lockstep,
     };
     let multiboot = is_multiboot(&image);
     let mut argv = vec![path];

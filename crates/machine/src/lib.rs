@@ -90,6 +90,13 @@ pub struct Config {
     /// The machine's clock counts instructions (one ns each) instead of
     /// host time: device timing and the TSC are reproducible.
     pub icount: bool,
+    /// Count every retired instruction exactly (`cpu.retired`, the
+    /// statistics). Translated code that counts pays about six host
+    /// instructions per block transfer; without it (and without an
+    /// instruction budget, the instruction clock or a trace, which count
+    /// anyway) it pays one load per backward transfer, and `cpu.retired`
+    /// counts only what the interpreter executed. On by default.
+    pub count_insns: bool,
 }
 
 impl Default for Config {
@@ -102,6 +109,7 @@ impl Default for Config {
             cache_blocks: None,
             trace: None,
             icount: false,
+            count_insns: true,
         }
     }
 }
@@ -246,6 +254,10 @@ pub struct Machine {
 /// any instruction boundary).
 const POLL_EVERY: u64 = 64;
 
+/// The longest translated code that counts nothing runs before the run
+/// loop looks at serial input and the board again (host time).
+const POLL_SLICE_NS: u64 = 4_000_000;
+
 /// Counters of the board and the run loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BoardStats {
@@ -366,8 +378,22 @@ impl Machine {
             cpu.clock_counts_instructions = true;
             cpu.set_tsc(0);
         }
+        let mut engine = EngineState::new(&config);
+        if let EngineState::Bt(bt) = &mut engine {
+            use popek_translate::Pacing;
+            let counted = config.count_insns
+                || config.max_insns.is_some()
+                || config.icount
+                || config.trace.is_some();
+            bt.set_pacing(match platform {
+                _ if counted => Pacing::Counted,
+                // Nothing asynchronous reaches a Linux process.
+                Platform::Linux(_) => Pacing::Free,
+                Platform::BareMetal => Pacing::Polled,
+            });
+        }
         Machine {
-            engine: EngineState::new(&config),
+            engine,
             deliver_interrupts: true,
             stats: BoardStats::default(),
             serial_input: None,
@@ -517,6 +543,19 @@ impl Machine {
             // exit: near the end of an instruction budget, interpret one
             // at a time so the budget is exact.
             EngineState::Bt(bt) if max_insns >= ONE_BLOCK => {
+                if bt.pacing() == popek_translate::Pacing::Polled {
+                    // Translated code that counts nothing comes back when
+                    // the next device deadline comes, or after a slice (so
+                    // serial input and Ctrl-A X are noticed).
+                    let now = self.cpu.now_ns();
+                    let slice = now + POLL_SLICE_NS;
+                    let at = self
+                        .cpu
+                        .board
+                        .next_deadline()
+                        .map_or(slice, |t| t.min(slice));
+                    bt.set_wake(at, now);
+                }
                 bt.step_within(&mut self.cpu, max_insns / BLOCK_MAX - 1)
             }
             EngineState::Bt(bt) => bt.interpret_one(&mut self.cpu),

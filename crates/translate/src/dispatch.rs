@@ -26,9 +26,9 @@ use popek_vcpu::Vcpu;
 use crate::abi::{Context, LOOKUP_SHIFT};
 use crate::cache::{EipHasher, FastMap, FastSet, Key, Translation};
 use crate::chain::Link;
-use crate::emit::{epilogue_offset, LookupEntry, LOOKUP_ENTRIES};
+use crate::emit::{epilogue_offset, LookupEntry, Pace, LOOKUP_ENTRIES};
 use crate::helper::{tsc_native, HelperEnv, HotStore};
-use crate::host::{set_gs_base, CodeBuffer};
+use crate::host::{set_gs_base, CodeBuffer, Poller};
 use crate::lower::lower;
 use crate::paging::{seg_bases, translatable, PagingKey, Space};
 use crate::select::SUPERBLOCK_MAX;
@@ -126,6 +126,30 @@ pub struct Bt {
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
     pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+    /// How translated code paces itself ([`Pacing`]); the poll page and
+    /// its timer when polled.
+    pub(crate) pacing: Pacing,
+    pub(crate) poller: Option<Poller>,
+    /// When the run loop wants control back (machine clock, ns), and the
+    /// machine clock when it said so (`Pacing::Polled`).
+    pub(crate) wake: (u64, u64),
+}
+
+/// How translated code gives control back to the run loop, and whether
+/// it counts what it retires (see [`Pace`] for the code of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pacing {
+    /// Exact: every retired instruction counted, a chaining budget on
+    /// every transfer (instruction budgets, the instruction clock,
+    /// lockstep, statistics). The default.
+    #[default]
+    Counted,
+    /// Counts nothing; returns when the run loop's wake time (see
+    /// [`Bt::set_wake`]) has come, through the poll page.
+    Polled,
+    /// Counts nothing and returns only when the code exits by itself
+    /// (nothing asynchronous: a Linux program).
+    Free,
 }
 
 impl Default for Bt {
@@ -178,7 +202,55 @@ impl Bt {
                 Vec::with_capacity(SUPERBLOCK_MAX + 1),
                 Vec::with_capacity(SUPERBLOCK_MAX),
             ),
+            pacing: Pacing::Counted,
+            poller: None,
+            wake: (u64::MAX, 0),
         }
+    }
+
+    /// Choose how translated code paces itself (dropping the translations
+    /// made with another pacing). `Pacing::Polled` falls back to
+    /// `Pacing::Counted` if the host cannot map a poll page.
+    pub fn set_pacing(&mut self, pacing: Pacing) {
+        let pacing = match pacing {
+            Pacing::Polled => {
+                if self.poller.is_none() {
+                    self.poller = Poller::new();
+                }
+                if self.poller.is_some() {
+                    Pacing::Polled
+                } else {
+                    Pacing::Counted
+                }
+            }
+            p => p,
+        };
+        if pacing != self.pacing {
+            self.pacing = pacing;
+            if !self.cache.is_empty() {
+                self.flush();
+            }
+        }
+    }
+
+    /// The pacing translated code uses.
+    pub fn pacing(&self) -> Pacing {
+        self.pacing
+    }
+
+    /// The pacing as new blocks are compiled.
+    pub(crate) fn pace(&self) -> Pace {
+        match (self.pacing, &self.poller) {
+            (Pacing::Polled, Some(p)) => Pace::Polled(p.addr()),
+            (Pacing::Free, _) => Pace::Free,
+            _ => Pace::Counted,
+        }
+    }
+
+    /// With `Pacing::Polled`: the run loop wants control back at machine
+    /// time `at` (ns; `now` is the machine time now).
+    pub fn set_wake(&mut self, at: u64, now: u64) {
+        self.wake = (at, now);
     }
 
     /// Point this thread's GS at the guest window (a thread-local makes
@@ -359,6 +431,14 @@ impl Bt {
             ctx.slow = 1;
         }
         let budget = ctx.chain_budget;
+        if self.pacing == Pacing::Polled {
+            let (at, now) = self.wake;
+            if !self.poller.as_mut().is_some_and(|p| p.arm(at, now)) {
+                // No timer: nothing could stop code that counts nothing.
+                self.set_pacing(Pacing::Counted);
+                return self.interpret(cpu);
+            }
+        }
         if env.fpu_loaded {
             // The guest's x87 state goes into the host FPU for the code's
             // copied x87 instructions (and comes back after).
@@ -391,6 +471,11 @@ impl Bt {
         self.stats.chained += budget - ctx.chain_budget;
         // Stopped before a faulting instruction: which one, and how many
         // instructions of its block retired before it.
+        let polled = ctx.fault_rip != 0
+            && self
+                .poller
+                .as_ref()
+                .is_some_and(|p| p.holds(ctx.fault_addr));
         let fault = (ctx.fault_rip != 0).then(|| {
             let off = ctx.fault_rip - buf.exec_addr(0) as u64;
             let block = self
@@ -399,6 +484,16 @@ impl Bt {
                 .next_back()
                 .map(|(_, e)| *e);
             match block.and_then(|b| self.cache.peek(&b)) {
+                // The run loop revoked the poll page: the guest goes on
+                // where the exit was going.
+                Some(Translation::Code { code, .. }) if polled => (
+                    Some(
+                        code.poll_at(ctx.fault_rip)
+                            .and_then(|p| p.target)
+                            .unwrap_or(ctx.next_eip),
+                    ),
+                    0,
+                ),
                 Some(Translation::Code {
                     code,
                     eips,
@@ -416,9 +511,13 @@ impl Bt {
         // the packed fields are split: a flags slow path in that block took
         // one off already (its helper counted it), which may have borrowed
         // from the lookup field.
-        let packed = ctx
-            .retired
-            .wrapping_add(fault.map_or(0, |(_, native)| native));
+        let packed = if self.pacing == Pacing::Counted {
+            ctx.retired
+                .wrapping_add(fault.map_or(0, |(_, native)| native))
+        } else {
+            // Nothing counted (an indirect miss is still counted).
+            ctx.indirect_misses << LOOKUP_SHIFT
+        };
         let lookups = packed >> LOOKUP_SHIFT;
         let retired = packed & ((1 << LOOKUP_SHIFT) - 1);
         self.stats.indirect_lookups += lookups;
@@ -431,6 +530,16 @@ impl Bt {
         if let Some(stop) = env.stop {
             self.count_exit(ExitReason::Stop);
             return Step::Stop(stop);
+        }
+        if polled {
+            if let Some((Some(eip), _)) = fault {
+                cpu.eip = eip;
+            }
+            self.count_exit(ExitReason::Budget);
+            if self.poller.as_mut().is_some_and(|p| !p.restore()) {
+                self.set_pacing(Pacing::Counted);
+            }
+            return Step::Executed;
         }
         if ctx.fault_rip != 0 {
             // (`buf` still borrows the engine: count directly.)

@@ -159,6 +159,16 @@ impl Bt {
                 fmt.format_operand(&ins, &mut text, 0).ok();
                 text.push(',');
                 text.push_str(&name(ins.immediate64()));
+            } else if self.poller.as_ref().is_some_and(|p| {
+                ins.op_count() == 2
+                    && ins.op1_kind() == OpKind::Memory
+                    && ins.memory_base() == iced_x86::Register::None
+                    && p.holds(ins.memory_displacement64())
+            }) {
+                fmt.format_mnemonic(&ins, &mut text);
+                text.push(' ');
+                fmt.format_operand(&ins, &mut text, 0).ok();
+                text.push_str(",[poll page]");
             } else {
                 fmt.format(&ins, &mut text);
             }

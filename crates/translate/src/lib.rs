@@ -58,6 +58,6 @@ pub mod select;
 pub mod stats;
 pub mod watch;
 
-pub use dispatch::{Bt, CHAIN_BUDGET, CODE_BUFFER_SIZE};
+pub use dispatch::{Bt, Pacing, CHAIN_BUDGET, CODE_BUFFER_SIZE};
 pub use lower::{lower, Lowering};
 pub use stats::{Counter, ExitReason, KindCounts, Stats};

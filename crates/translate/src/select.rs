@@ -24,7 +24,7 @@ use popek_vcpu::Vcpu;
 
 use crate::cache::{key_eip, Key, Translation, NO_BYTES};
 use crate::dispatch::Bt;
-use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece};
+use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece, Span};
 use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
 use crate::lower::{
     lower_into, lower_seg_override, lower_stack, lower_string, lower_terminator, SegBases,
@@ -331,6 +331,7 @@ impl Bt {
         // to the dispatcher) goes on at `end`: a chainable exit too.
         let exit = Some(exit.unwrap_or(BlockExit::Direct(end)));
         let mut compiled = None;
+        let pace = self.pace();
         for attempt in 0..2 {
             let Some(buf) = self.code.as_mut() else { break };
             let table = self.lookup[usize::from(user)].as_ptr();
@@ -357,7 +358,11 @@ impl Bt {
                 buf,
                 &pieces,
                 counted,
-                end,
+                Span {
+                    start: eip,
+                    end,
+                    pace,
+                },
                 exit.as_ref(),
                 Some(run_helper),
                 Some(table),

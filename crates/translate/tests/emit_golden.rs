@@ -9,6 +9,7 @@
 //! == name
 //! code 0x1000: 01 c8 eb 0e          guest bytes loaded at an address (any number of lines)
 //! superblocks off                   optional: basic blocks only
+//! pacing polled                     optional: Pacing::Polled or free (default: counted)
 //! translate 0x1010 0x1000           blocks translated, in this order (chaining links them)
 //! listing 0x1000                    the host code of this block, as it is after all of them:
 //!     +0x000  push rbx
@@ -19,7 +20,7 @@
 //! --test emit_golden`; read what it wrote before committing it.
 
 use popek_memory::GuestRam;
-use popek_translate::Bt;
+use popek_translate::{Bt, Pacing};
 use popek_vcpu::{reg, Vcpu};
 
 const FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/emit.txt");
@@ -28,6 +29,7 @@ struct Case {
     name: String,
     code: Vec<(u32, Vec<u8>)>,
     superblocks: bool,
+    pacing: Pacing,
     translate: Vec<u32>,
     listing: u32,
     want: String,
@@ -54,6 +56,7 @@ fn parse(text: &str) -> (String, Vec<Case>) {
             name: name.to_string(),
             code: Vec::new(),
             superblocks: true,
+            pacing: Pacing::Counted,
             translate: Vec::new(),
             listing: 0,
             want: String::new(),
@@ -71,6 +74,12 @@ fn parse(text: &str) -> (String, Vec<Case>) {
                 c.code.push((hex(at), bytes));
             } else if l == "superblocks off" {
                 c.superblocks = false;
+            } else if let Some(p) = l.strip_prefix("pacing ") {
+                c.pacing = match p {
+                    "polled" => Pacing::Polled,
+                    "free" => Pacing::Free,
+                    _ => panic!("{}: pacing is polled or free", c.name),
+                };
             } else if let Some(rest) = l.strip_prefix("translate ") {
                 c.translate = rest.split_whitespace().map(hex).collect();
             } else if let Some(rest) = l.strip_prefix("listing ") {
@@ -97,6 +106,8 @@ fn run(c: &Case) -> String {
     }
     let mut bt = Bt::new(None);
     bt.superblocks = c.superblocks;
+    bt.set_pacing(c.pacing);
+    assert_eq!(bt.pacing(), c.pacing, "{}", c.name);
     for &eip in &c.translate {
         assert!(bt.translate_at(&mut cpu, eip), "{}", c.name);
     }
@@ -119,6 +130,11 @@ fn emitted_host_code_matches_the_golden_listings() {
             }
             if !c.superblocks {
                 out.push_str("superblocks off\n");
+            }
+            match c.pacing {
+                Pacing::Counted => {}
+                Pacing::Polled => out.push_str("pacing polled\n"),
+                Pacing::Free => out.push_str("pacing free\n"),
             }
             let t: Vec<String> = c.translate.iter().map(|a| format!("{a:#06x}")).collect();
             out.push_str(&format!("translate {}\n", t.join(" ")));

@@ -56,10 +56,10 @@ pub const LOOKUP_ENTRIES: usize = 1 << 16;
 
 /// The exit of a block whose next EIP is in R13D: look it up in the
 /// indirect-branch table at `table` and jump straight to its translation
-/// (if the chaining budget allows), or return to the dispatcher (a miss is
-/// counted there). Only flag-neutral instructions (MOV, MOVZX, LEA,
-/// JRCXZ), like the stubs; R9-R11 and R13 are scratch.
-pub(crate) fn indirect_exit(ops: &mut Asm, table: u64) {
+/// (if the chaining budget allows, when `budget`), or return to the
+/// dispatcher (a miss is counted there). Only flag-neutral instructions
+/// (MOV, MOVZX, LEA, JRCXZ), like the stubs; R9-R11 and R13 are scratch.
+pub(crate) fn indirect_exit(ops: &mut Asm, table: u64, budget: bool) {
     let epilogue = epilogue_offset();
     dynasm!(ops
         ; .arch x64
@@ -76,7 +76,18 @@ pub(crate) fn indirect_exit(ops: &mut Asm, table: u64) {
         ; lea r11, [r11 + 1]
         ; mov QWORD [r15 + 0x58], r11
         ; jmp extern epilogue
-        ; hit:                                // the chaining budget, as in a stub
+        ; hit:
+    );
+    if !budget {
+        dynasm!(ops
+            ; .arch x64
+            ; mov rcx, r9
+            ; jmp QWORD [r10 + r11 * 8]
+        );
+        return;
+    }
+    dynasm!(ops
+        ; .arch x64                           // the chaining budget, as in a stub
         ; lea rcx, [r14 - 1]
         ; mov r14, rcx
         ; jrcxz >budget_out
@@ -99,7 +110,7 @@ mod tests {
     #[test]
     fn indirect_exit_encoding() {
         let mut ops = Asm::new(0x1000);
-        indirect_exit(&mut ops, 0x1122_3344_5566_7788);
+        indirect_exit(&mut ops, 0x1122_3344_5566_7788, true);
         let out = ops.finalize().unwrap();
         let mut d = Decoder::with_ip(64, &out, 0x1000, DecoderOptions::NONE);
         let mut fmt = IntelFormatter::new();

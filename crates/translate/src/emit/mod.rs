@@ -140,6 +140,49 @@ pub enum BlockExit {
     Stored,
 }
 
+/// How translated code paces itself between returns to the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Every block transfer counts the block's retired instructions (R8)
+    /// and takes one unit of the chaining budget (R14): exact instruction
+    /// counts and budgets, for `--max-insns`, the instruction clock,
+    /// lockstep and statistics. About six host instructions a transfer.
+    Counted,
+    /// No counting; a load from the poll page at this (32-bit) host
+    /// address at every transfer that can close a loop: a jump to an
+    /// address not above the block's start, and every indirect branch
+    /// (see [`crate::host::poll`]). The run loop takes control back by
+    /// revoking the page. One host instruction on backward transfers,
+    /// none on forward ones.
+    Polled(u32),
+    /// Neither: nothing asynchronous ever needs control back (a Linux
+    /// program, whose system calls all leave translated code).
+    Free,
+}
+
+/// What a block's stubs need to know besides their target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The block's first guest instruction (a stub to an address not
+    /// above it may close a loop).
+    pub start: u32,
+    /// The EIP after its last instruction.
+    pub end: u32,
+    /// How its transfers are paced.
+    pub pace: Pace,
+}
+
+/// A poll: the load from the poll page at a block's exit, and where the
+/// guest goes on when it faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Poll {
+    /// Offset of the load in the block's code.
+    pub at: usize,
+    /// The guest address the exit goes to, or None for an indirect exit
+    /// (which stored its target as the next EIP before the load).
+    pub target: Option<u32>,
+}
+
 /// A patchable jump in a block's exit stub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Site {
@@ -161,13 +204,15 @@ pub struct HostBlock {
     /// Code size in bytes.
     len: usize,
     /// Offset (in the code) of each translated instruction, in order.
-    starts: Vec<usize>,
+    starts: Box<[usize]>,
     /// End of the translated instructions.
     body_end: usize,
     /// Offset of the first translated instruction: where chained jumps land.
     body_start: usize,
     /// The patchable exits.
-    sites: Vec<Site>,
+    sites: Box<[Site]>,
+    /// The poll-page loads of its exits (`Pace::Polled`).
+    polls: Box<[Poll]>,
 }
 
 /// Errors building host code.
@@ -185,6 +230,21 @@ pub(crate) type Asm = VecAssembler<X64Relocation>;
 fn count(n: usize) -> [u8; 4] {
     debug_assert!(n < 128);
     [0x4D, 0x8D, 0x40, n as u8]
+}
+
+/// `mov r9d, [poll]`: the load from the poll page (a 32-bit absolute
+/// address: ModRM with a SIB byte and no base or index), recorded in
+/// `polls` with where the guest goes on if it faults.
+fn poll(ops: &mut Asm, page: u32, polls: &mut Vec<Poll>, target: Option<u32>) {
+    polls.push(Poll {
+        at: ops.offset().0,
+        target,
+    });
+    let a = page.to_le_bytes();
+    dynasm!(ops
+        ; .arch x64
+        ; .bytes [0x44, 0x8B, 0x0C, 0x25, a[0], a[1], a[2], a[3]].iter()
+    );
 }
 
 /// `mov dword [r15 + next_eip], eip`.
@@ -225,28 +285,51 @@ fn helper_call(ops: &mut Asm, h: HelperFn, call: &HelperCall) {
     );
 }
 
-/// An exit stub to `target`: count the `n` instructions, take one unit of
-/// the chaining budget, and jump (the patch site, recorded in `sites`) to
-/// the stub's cold tail, which stores the next EIP and returns to the
-/// dispatcher; chaining points the jump at the target's body instead, so
-/// a chained transfer writes no memory. The budget goes through RCX for
-/// JRCXZ with MOVs (R13 is scratch), cheaper than two XCHGs.
-fn stub(ops: &mut Asm, base: usize, sites: &mut Vec<Site>, target: u32, n: usize) {
-    dynasm!(ops
-        ; .arch x64
-        ; .bytes count(n).iter()
-        ; mov r13, rcx
-        ; lea rcx, [r14 - 1]
-        ; mov r14, rcx
-        ; jrcxz >budget_out
-        ; mov rcx, r13
-        ; jmp >cold
-    );
+/// The exits of a block being built: its patchable jumps and polls.
+struct Exits {
+    base: usize,
+    span: Span,
+    sites: Vec<Site>,
+    polls: Vec<Poll>,
+}
+
+/// An exit stub to `target`: pace the transfer (`Pace::Counted`: count the
+/// `n` instructions and take one unit of the chaining budget;
+/// `Pace::Polled`: poll if `target` may close a loop), and jump (the patch
+/// site, recorded in `sites`) to the stub's cold tail, which stores the
+/// next EIP and returns to the dispatcher; chaining points the jump at the
+/// target's body instead, so a chained transfer writes no memory. The
+/// budget goes through RCX for JRCXZ with MOVs (R13 is scratch), cheaper
+/// than two XCHGs.
+fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
+    let (base, sites) = (ex.base, &mut ex.sites);
+    match ex.span.pace {
+        Pace::Counted => dynasm!(ops
+            ; .arch x64
+            ; .bytes count(n).iter()
+            ; mov r13, rcx
+            ; lea rcx, [r14 - 1]
+            ; mov r14, rcx
+            ; jrcxz >budget_out
+            ; mov rcx, r13
+            ; jmp >cold
+        ),
+        Pace::Polled(page) if target <= ex.span.start => {
+            poll(ops, page, &mut ex.polls, Some(target));
+            dynasm!(ops ; .arch x64 ; jmp >cold);
+        }
+        Pace::Polled(_) | Pace::Free => dynasm!(ops ; .arch x64 ; jmp >cold),
+    }
     let rel32 = base + ops.offset().0 - 4;
+    if ex.span.pace == Pace::Counted {
+        dynasm!(ops
+            ; .arch x64
+            ; budget_out:
+            ; mov rcx, r13
+        );
+    }
     dynasm!(ops
         ; .arch x64
-        ; budget_out:
-        ; mov rcx, r13
         ; cold:
     );
     sites.push(Site {
@@ -318,7 +401,7 @@ impl HostBlock {
         buf: &mut CodeBuffer,
         body: &[Piece],
         n: usize,
-        end_eip: u32,
+        span: Span,
         exit: Option<&BlockExit>,
         helper: Option<HelperFn>,
         lookup: Option<*const LookupEntry>,
@@ -393,9 +476,14 @@ impl HostBlock {
             }
         }
         let body_end = ops.offset().0;
-        let mut sites = Vec::with_capacity(2);
+        let mut ex = Exits {
+            base,
+            span,
+            sites: Vec::with_capacity(2),
+            polls: Vec::new(),
+        };
         match exit {
-            Some(BlockExit::Direct(t)) => stub(&mut ops, base, &mut sites, *t, n),
+            Some(BlockExit::Direct(t)) => stub(&mut ops, &mut ex, *t, n),
             Some(BlockExit::Cond {
                 cc,
                 taken,
@@ -403,9 +491,9 @@ impl HostBlock {
             }) => {
                 let to_taken = ops.new_dynamic_label();
                 jcc(&mut ops, *cc, to_taken);
-                stub(&mut ops, base, &mut sites, *not_taken, n);
+                stub(&mut ops, &mut ex, *not_taken, n);
                 dynasm!(ops ; .arch x64 ; =>to_taken);
-                stub(&mut ops, base, &mut sites, *taken, n);
+                stub(&mut ops, &mut ex, *taken, n);
             }
             Some(BlockExit::Loop { taken, not_taken }) => {
                 dynasm!(ops
@@ -413,29 +501,42 @@ impl HostBlock {
                     ; lea ecx, [rcx - 1]                 // ECX - 1, no flags
                     ; jecxz >not_taken
                 );
-                stub(&mut ops, base, &mut sites, *taken, n);
+                stub(&mut ops, &mut ex, *taken, n);
                 dynasm!(ops ; .arch x64 ; not_taken:);
-                stub(&mut ops, base, &mut sites, *not_taken, n);
+                stub(&mut ops, &mut ex, *not_taken, n);
             }
             Some(BlockExit::Jecxz { taken, not_taken }) => {
                 dynasm!(ops
                     ; .arch x64
                     ; jecxz >taken
                 );
-                stub(&mut ops, base, &mut sites, *not_taken, n);
+                stub(&mut ops, &mut ex, *not_taken, n);
                 dynasm!(ops ; .arch x64 ; taken:);
-                stub(&mut ops, base, &mut sites, *taken, n);
+                stub(&mut ops, &mut ex, *taken, n);
             }
             Some(BlockExit::Stored) => match lookup {
-                Some(table) => {
-                    // The block's instructions and one lookup, in one LEA.
-                    let both = (n as u32 | 1 << LOOKUP_SHIFT) as i32;
-                    dynasm!(ops
-                        ; .arch x64
-                        ; lea r8, [r8 + both]
-                    );
-                    indirect_exit(&mut ops, table);
-                }
+                Some(table) => match span.pace {
+                    Pace::Counted => {
+                        // The block's instructions and one lookup, in one
+                        // LEA.
+                        let both = (n as u32 | 1 << LOOKUP_SHIFT) as i32;
+                        dynasm!(ops
+                            ; .arch x64
+                            ; lea r8, [r8 + both]
+                        );
+                        indirect_exit(&mut ops, table, true);
+                    }
+                    Pace::Polled(page) => {
+                        // The target is the next EIP if the poll faults.
+                        dynasm!(ops
+                            ; .arch x64
+                            ; mov DWORD [r15 + 0x24], r13d
+                        );
+                        poll(&mut ops, page, &mut ex.polls, None);
+                        indirect_exit(&mut ops, table, false);
+                    }
+                    Pace::Free => indirect_exit(&mut ops, table, false),
+                },
                 None => {
                     const _: () = assert!(NEXT_EIP == 0x24);
                     dynasm!(ops
@@ -447,7 +548,7 @@ impl HostBlock {
                 }
             },
             None => {
-                store_next(&mut ops, end_eip);
+                store_next(&mut ops, span.end);
                 dynasm!(ops
                     ; .arch x64
                     ; .bytes count(n).iter()
@@ -457,8 +558,9 @@ impl HostBlock {
         }
         for (l, target, counted) in sides {
             dynasm!(ops ; .arch x64 ; =>l);
-            stub(&mut ops, base, &mut sites, target, counted);
+            stub(&mut ops, &mut ex, target, counted);
         }
+        let Exits { sites, polls, .. } = ex;
         let out = ops
             .finalize()
             .map_err(|e| BuildError(format!("assembling a block: {e:?}")))?;
@@ -470,10 +572,11 @@ impl HostBlock {
             entry: buf.exec_addr(at),
             offset: at,
             len: out.len(),
-            starts,
+            starts: starts.into_boxed_slice(),
             body_end,
             body_start,
-            sites,
+            sites: sites.into_boxed_slice(),
+            polls: polls.into_boxed_slice(),
         })
     }
 
@@ -485,7 +588,12 @@ impl HostBlock {
     ) -> Result<HostBlock, BuildError> {
         let body: Vec<Piece> = body.into_iter().map(Piece::Code).collect();
         let n = body.len();
-        HostBlock::compile_block(buf, &body, n, 0, None, None, None)
+        let span = Span {
+            start: 0,
+            end: 0,
+            pace: Pace::Counted,
+        };
+        HostBlock::compile_block(buf, &body, n, span, None, None, None)
     }
 
     /// The index of the translated instruction at host address `rip`, if
@@ -526,6 +634,12 @@ impl HostBlock {
     /// The patchable exits.
     pub fn sites(&self) -> &[Site] {
         &self.sites
+    }
+
+    /// The poll at host address `rip`, if one is there.
+    pub fn poll_at(&self, rip: u64) -> Option<Poll> {
+        let off = rip.checked_sub(self.entry as u64)? as usize;
+        self.polls.iter().find(|p| p.at == off).copied()
     }
 
     /// Run the code on `ctx` (and whatever it chains to). If a translated

@@ -8,6 +8,8 @@
 pub mod code_buffer;
 pub mod fault;
 pub mod gs;
+pub mod poll;
 
 pub use code_buffer::CodeBuffer;
 pub use gs::{gs_base, host_fixed_flags, set_gs_base};
+pub use poll::Poller;
