@@ -24,7 +24,7 @@ use popek_vcpu::Vcpu;
 
 use crate::chain::Link;
 use crate::dispatch::Bt;
-use crate::emit::{epilogue_offset, HostBlock, LookupEntry, LOOKUP_ENTRIES};
+use crate::emit::HostBlock;
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
 /// for the host, only for hash-table balance).
@@ -203,12 +203,10 @@ impl Bt {
     /// Empty the indirect-branch tables that hold code of any of the 4 MiB
     /// `regions`.
     pub(crate) fn clear_lookups_in(&mut self, regions: &crate::paging::Regions) {
-        let Some(buf) = self.code.as_ref() else {
+        let Some(tables) = self.lookup.as_mut() else {
             return;
         };
-        let empty = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
-        for ((table, used), held) in self
-            .lookup
+        for ((table, used), held) in tables
             .iter_mut()
             .zip(self.lookup_used.iter_mut())
             .zip(self.lookup_regions.iter_mut())
@@ -217,13 +215,7 @@ impl Bt {
                 continue;
             }
             *held = crate::paging::Regions::NONE;
-            if used.len() > LOOKUP_ENTRIES / 8 {
-                table.fill(empty);
-            } else {
-                for &i in used.iter() {
-                    table[usize::from(i)] = empty;
-                }
-            }
+            table.clear(used);
             used.clear();
         }
     }

@@ -29,7 +29,6 @@
 
 use crate::cache::{key_eip, key_user, make_key, Key, Translation};
 use crate::dispatch::Bt;
-use crate::emit::{epilogue_offset, LookupEntry};
 use crate::paging::Regions;
 
 /// A chained jump into a block: the block holding the jump and the
@@ -280,34 +279,29 @@ impl Bt {
     /// Make `key`'s translation findable by indirect branches in host code
     /// (in the table of its privilege).
     pub(crate) fn publish_lookup(&mut self, key: Key) {
-        let (Some(Translation::Code { code, lin, .. }), Some(buf)) =
-            (self.cache.peek(&key), self.code.as_ref())
+        let (Some(Translation::Code { code, lin, .. }), Some(tables)) =
+            (self.cache.peek(&key), self.lookup.as_mut())
         else {
             return;
         };
-        let host = buf.exec_addr(code.body_offset()) as u64;
-        let empty = buf.exec_addr(epilogue_offset()) as u64;
         let eip = key_eip(key);
         let t = usize::from(key_user(key));
         self.lookup_regions[t].add(lin.0 >> 10);
         self.lookup_regions[t].add(lin.1 >> 10);
-        let i = eip as u16;
-        let e = &mut self.lookup[t][usize::from(i)];
-        if e.host == empty {
-            self.lookup_used[t].push(i);
+        if tables[t].get(eip) == 0 {
+            self.lookup_used[t].push(eip);
         }
-        *e = LookupEntry::new(eip, host);
+        tables[t].set(eip, code.body_offset() as u32);
     }
 
     /// Remove `key`'s translation from the indirect-branch table.
     fn forget_lookup(&mut self, key: Key, code: &crate::emit::HostBlock) {
-        let Some(buf) = self.code.as_ref() else {
+        let Some(tables) = self.lookup.as_mut() else {
             return;
         };
-        let host = buf.exec_addr(code.body_offset()) as u64;
-        let e = &mut self.lookup[usize::from(key_user(key))][usize::from(key_eip(key) as u16)];
-        if e.host == host {
-            *e = LookupEntry::new(0, buf.exec_addr(epilogue_offset()) as u64);
+        let (eip, t) = (key_eip(key), usize::from(key_user(key)));
+        if tables[t].get(eip) == code.body_offset() as u32 {
+            tables[t].set(eip, 0);
         }
     }
 }

@@ -26,9 +26,9 @@ use popek_vcpu::Vcpu;
 use crate::abi::{Context, LOOKUP_SHIFT};
 use crate::cache::{EipHasher, FastMap, FastSet, Key, Translation};
 use crate::chain::Link;
-use crate::emit::{epilogue_offset, LookupEntry, Pace, LOOKUP_ENTRIES};
+use crate::emit::Pace;
 use crate::helper::{tsc_native, HelperEnv, HotStore};
-use crate::host::{set_gs_base, CodeBuffer, Poller};
+use crate::host::{set_gs_base, CodeBuffer, DirectMap, Poller};
 use crate::lower::lower;
 use crate::paging::{seg_bases, translatable, PagingKey, Space};
 use crate::select::SUPERBLOCK_MAX;
@@ -103,9 +103,9 @@ pub struct Bt {
     /// The indirect-branch tables translated code searches (RET, indirect
     /// JMP/CALL), indexed by the low 16 bits of the guest EIP: one for
     /// supervisor translations, one for user ones.
-    pub(crate) lookup: [Box<[LookupEntry]>; 2],
-    /// Indices of each table that hold a translation.
-    pub(crate) lookup_used: [Vec<u16>; 2],
+    pub(crate) lookup: Option<Box<[DirectMap; 2]>>,
+    /// The EIPs each table holds a translation for.
+    pub(crate) lookup_used: [Vec<u32>; 2],
     /// Host write faults on watched pages (code, page tables) by guest
     /// EIP: a store that takes [`HOT_STORE_FAULTS`] becomes a helper call
     /// (`hot_stores`) when its block is translated again.
@@ -126,6 +126,8 @@ pub struct Bt {
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
     pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+    /// The parts of the block being translated, kept between translations.
+    pub(crate) parts: Vec<crate::select::Part>,
     /// How translated code paces itself ([`Pacing`]); the poll page and
     /// its timer when polled.
     pub(crate) pacing: Pacing,
@@ -182,10 +184,7 @@ impl Bt {
             arena: Vec::with_capacity(4096),
             helper_insns: Vec::new(),
             key: None,
-            lookup: [
-                vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
-                vec![LookupEntry::default(); LOOKUP_ENTRIES].into_boxed_slice(),
-            ],
+            lookup: None,
             lookup_used: [Vec::new(), Vec::new()],
             superblocks: true,
             store_faults: FastMap::default(),
@@ -202,6 +201,7 @@ impl Bt {
                 Vec::with_capacity(SUPERBLOCK_MAX + 1),
                 Vec::with_capacity(SUPERBLOCK_MAX),
             ),
+            parts: Vec::with_capacity(SUPERBLOCK_MAX),
             pacing: Pacing::Counted,
             poller: None,
             wake: (u64::MAX, 0),
@@ -262,16 +262,15 @@ impl Bt {
             // microseconds): pay that here, not in the first translation.
             let warm = popek_decode::decode_one(&[0x01, 0xC8], 0, 32);
             let _ = lower(&warm);
-            match CodeBuffer::new(CODE_BUFFER_SIZE) {
-                Ok(b) => {
-                    let empty = LookupEntry::new(0, b.exec_addr(epilogue_offset()) as u64);
-                    for t in &mut self.lookup {
-                        t.fill(empty);
-                    }
-                    self.code = Some(b);
-                }
-                Err(_) => return false,
-            }
+            let (Ok(b), Some(s), Some(u)) = (
+                CodeBuffer::new(CODE_BUFFER_SIZE),
+                DirectMap::new(),
+                DirectMap::new(),
+            ) else {
+                return false;
+            };
+            self.code = Some(b);
+            self.lookup = Some(Box::new([s, u]));
         }
         if self.space.is_some() && self.shadow_broken {
             self.shadow_broken = (0..self.spaces.len()).any(|i| ram.shadow_reset(i).is_err());

@@ -114,11 +114,16 @@ impl Bt {
             if addr == run_helper as *const () as u64 {
                 return "run_helper".into();
             }
-            if addr == self.lookup[0].as_ptr() as u64 {
-                return "indirect-branch table".into();
+            if let Some(t) = self.lookup.as_ref() {
+                if addr == t[0].addr() {
+                    return "indirect-branch table".into();
+                }
+                if addr == t[1].addr() {
+                    return "indirect-branch table (user)".into();
+                }
             }
-            if addr == self.lookup[1].as_ptr() as u64 {
-                return "indirect-branch table (user)".into();
+            if addr == base + crate::emit::miss_offset() as u64 {
+                return "miss".into();
             }
             let body = self.cache.iter().find_map(|(e, t)| match t {
                 Translation::Code { code, .. }
@@ -159,6 +164,11 @@ impl Bt {
                 fmt.format_operand(&ins, &mut text, 0).ok();
                 text.push(',');
                 text.push_str(&name(ins.immediate64()));
+            } else if ins.is_ip_rel_memory_operand() && ins.ip_rel_memory_address() == base {
+                fmt.format_mnemonic(&ins, &mut text);
+                text.push(' ');
+                fmt.format_operand(&ins, &mut text, 0).ok();
+                text.push_str(",[code buffer]");
             } else if self.poller.as_ref().is_some_and(|p| {
                 ins.op_count() == 2
                     && ins.op1_kind() == OpKind::Memory

@@ -32,7 +32,7 @@ use crate::lower::{
 
 /// Where a translated instruction's host code is while a block is built:
 /// a range of the engine's arena, or a helper call.
-enum Part {
+pub(crate) enum Part {
     Code(usize, usize),
     /// FS (true) or GS, the arena range of the flat case, the helper call.
     Segment(bool, usize, usize, HelperCall),
@@ -81,7 +81,8 @@ impl Bt {
         // `parts` says which bytes (or which helper call) is whose.
         let mut arena = std::mem::take(&mut self.arena);
         arena.clear();
-        let mut parts: Vec<Part> = Vec::with_capacity(SUPERBLOCK_MAX);
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.clear();
         let mut exit = None;
         let mut how = Vec::new();
         let dumping = self.dump.is_some();
@@ -258,18 +259,6 @@ impl Bt {
             }
             counted -= 1;
         }
-        let host: Vec<Piece> = parts
-            .into_iter()
-            .map(|p| match p {
-                Part::Code(a, b) => Piece::Code(&arena[a..b]),
-                Part::Segment(fs, a, b, call) => Piece::Segment {
-                    fs,
-                    code: &arena[a..b],
-                    call,
-                },
-                Part::Piece(h) => h,
-            })
-            .collect();
         let n = eips.len();
         // (A marker for an instruction left to the interpreter covers that
         // instruction's bytes.)
@@ -334,24 +323,25 @@ impl Bt {
         let pace = self.pace();
         for attempt in 0..2 {
             let Some(buf) = self.code.as_mut() else { break };
-            let table = self.lookup[usize::from(user)].as_ptr();
+            let table = self.lookup.as_ref().map(|t| t[usize::from(user)].addr());
             let base = (self.helper_insns.len() as u32) << INDEX_SHIFT;
             let rebased = |c: HelperCall| HelperCall {
                 arg: c.arg + base,
                 ..c
             };
-            let pieces: Vec<Piece> = host
+            let pieces: Vec<Piece> = parts
                 .iter()
-                .map(|p| match *p {
-                    Piece::Helper(c) => Piece::Helper(rebased(c)),
-                    Piece::Flags(op, c) => Piece::Flags(op, rebased(c)),
-                    Piece::Rdtsc(c) => Piece::Rdtsc(rebased(c)),
-                    Piece::Segment { fs, code, call } => Piece::Segment {
-                        fs,
-                        code,
-                        call: rebased(call),
+                .map(|p| match p {
+                    Part::Code(a, b) => Piece::Code(&arena[*a..*b]),
+                    Part::Segment(fs, a, b, call) => Piece::Segment {
+                        fs: *fs,
+                        code: &arena[*a..*b],
+                        call: rebased(*call),
                     },
-                    ref other => other.clone(),
+                    Part::Piece(Piece::Helper(c)) => Piece::Helper(rebased(*c)),
+                    Part::Piece(Piece::Flags(op, c)) => Piece::Flags(*op, rebased(*c)),
+                    Part::Piece(Piece::Rdtsc(c)) => Piece::Rdtsc(rebased(*c)),
+                    Part::Piece(other) => other.clone(),
                 })
                 .collect();
             match HostBlock::compile_block(
@@ -365,7 +355,7 @@ impl Bt {
                 },
                 exit.as_ref(),
                 Some(run_helper),
-                Some(table),
+                table,
             ) {
                 Ok(c) => {
                     compiled = Some(c);
@@ -386,8 +376,8 @@ impl Bt {
                 Err(_) => {}
             }
         }
-        drop(host);
         self.arena = arena;
+        self.parts = parts;
         let Some(code) = compiled else {
             self.scratch = (block.insns, eips, counted_at);
             return Translation::Interpret { pages, lin, bytes };

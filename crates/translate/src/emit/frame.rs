@@ -1,42 +1,53 @@
 //! The fixed code sequences every block shares: the prologue (push the
 //! host's callee-saved registers, load the guest state from the context),
-//! the state store and load around helper calls, and the epilogue at the
-//! start of every code buffer, which stores the guest state, pops the
-//! frame and returns to the dispatcher (the fault handler resumes there
-//! too). Assembled once with dynasm, position-independent.
+//! the state store and load around helper calls, and at the start of every
+//! code buffer the indirect-branch miss routine (offset 0, where an empty
+//! entry of the indirect-branch table points), which counts the miss and
+//! falls into the epilogue, which stores the guest state, pops the frame
+//! and returns to the dispatcher (the fault handler resumes there too).
+//! Assembled once with dynasm, position-independent.
 
 use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynasmApi, VecAssembler};
 
-use crate::abi::{CHAIN_BUDGET, EFLAGS, HOST_FLAGS, REGS, RETIRED};
+use crate::abi::{CHAIN_BUDGET, EFLAGS, HOST_FLAGS, INDIRECT_MISSES, REGS, RETIRED};
 
 // dynasm-rs cannot be told to use an 8-bit displacement for a constant
 // that is not a literal, so the sequences below spell the context offsets
 // as literals; these assertions tie them to the Context's fields.
-const _: () = assert!(REGS == 0 && EFLAGS == 32 && RETIRED == 48 && CHAIN_BUDGET == 56);
+const _: () = assert!(
+    REGS == 0 && EFLAGS == 32 && RETIRED == 48 && CHAIN_BUDGET == 56 && INDIRECT_MISSES == 0x58
+);
 use crate::emit::BuildError;
 use crate::host::CodeBuffer;
 
-/// The shared epilogue lives at the start of every code buffer.
-pub fn epilogue_offset() -> usize {
+/// The indirect-branch miss routine lives at the start of every code
+/// buffer (an empty table entry, 0, is its offset).
+pub fn miss_offset() -> usize {
     0
+}
+
+/// The shared epilogue follows the miss routine.
+pub fn epilogue_offset() -> usize {
+    frame().miss.len()
 }
 
 /// Offset of the shared "leave" routine (after a helper asked to leave:
 /// the guest state is already in the context).
 pub fn leave_offset() -> usize {
-    frame().epilogue.len().next_multiple_of(16)
+    (frame().miss.len() + frame().epilogue.len()).next_multiple_of(16)
 }
 
-/// Put the shared epilogue and leave routine at the start of `buf` if it
-/// is empty; the epilogue's offset.
+/// Put the miss routine, the shared epilogue and the leave routine at the
+/// start of `buf` if it is empty; the epilogue's offset.
 pub(crate) fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError> {
     if buf.next_offset() == 0 {
         let f = frame();
+        // The miss routine falls into the epilogue: one piece.
         let at = buf
-            .append(&f.epilogue)
+            .append(&[&f.miss[..], &f.epilogue[..]].concat())
             .ok_or_else(|| BuildError("code buffer too small".into()))?;
-        debug_assert_eq!(at, epilogue_offset());
+        debug_assert_eq!(at, miss_offset());
         let at = buf
             .append(&f.leave)
             .ok_or_else(|| BuildError("code buffer too small".into()))?;
@@ -58,6 +69,9 @@ pub(crate) struct Frame {
     pub(crate) epilogue: Vec<u8>,
     /// Store the counters, pop the frame, return (state already stored).
     pub(crate) leave: Vec<u8>,
+    /// Count an indirect-branch miss (the exit stored the target as the
+    /// next EIP) and fall into the epilogue.
+    pub(crate) miss: Vec<u8>,
 }
 
 pub(crate) fn frame() -> &'static Frame {
@@ -129,7 +143,16 @@ pub(crate) fn frame() -> &'static Frame {
         let leave = ops.finalize().expect("assembles");
         let mut epilogue = store_state.clone();
         epilogue.extend_from_slice(&leave);
+        let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(0);
+        dynasm!(ops
+            ; .arch x64
+            ; mov r11, QWORD [r15 + 0x58]
+            ; lea r11, [r11 + 1]
+            ; mov QWORD [r15 + 0x58], r11
+        );
+        let miss = ops.finalize().expect("assembles");
         Frame {
+            miss,
             prologue,
             store_state,
             load_state,

@@ -1,160 +1,163 @@
 //! The indirect-branch exit: RET and indirect JMP/CALL look their target
-//! up in a direct-mapped table in host code and jump straight to its
-//! translation, or return to the dispatcher on a miss.
+//! up in a table in host code and jump straight to its translation, or
+//! return to the dispatcher on a miss.
 //!
-//! Table format ([`LookupEntry`], 16 bytes): the host address of the
-//! translation's body, then the guest EIP negated, so host code adds the
-//! target and tests for zero with JRCXZ (no flags touched). An empty entry
-//! points at the shared epilogue: taking it returns to the dispatcher
-//! with the target already stored. The table is indexed by the low 16 bits
-//! of the EIP ([`LOOKUP_ENTRIES`]).
+//! The table ([`crate::host::DirectMap`]) has one 32-bit entry per guest
+//! EIP: the code-buffer offset of the body of the translation there, or 0
+//! for none, which is the offset of the buffer's miss routine (it counts
+//! the miss and falls into the epilogue). Indexed by the whole target, an
+//! entry needs no comparison: the exit stores the target as the next EIP
+//! (for a miss, a poll or the budget), loads the entry, adds the buffer's
+//! base (RIP-relative LEA) and jumps. Only flag-neutral instructions.
 
 use dynasm::dynasm;
 use dynasmrt::{DynasmApi, DynasmLabelApi};
 
-use crate::abi::{INDIRECT_MISSES, NEXT_EIP};
-use crate::emit::{epilogue_offset, Asm};
+use crate::abi::NEXT_EIP;
+use crate::emit::{epilogue_offset, jmp_to, poll, Asm, Exits, Pace};
 
-// The dynasm code below spells these offsets as literals (dynasm-rs picks
+// The dynasm code below spells this offset as a literal (dynasm-rs picks
 // an 8-bit displacement only for literals).
-const _: () = assert!(NEXT_EIP == 0x24 && INDIRECT_MISSES == 0x58);
+const _: () = assert!(NEXT_EIP == 0x24);
 
-/// for the target of a RET or an indirect JMP/CALL: the guest EIP and the
-/// host address of its translation's body. An empty entry's host address
-/// is the shared epilogue (whatever EIP it holds, taking it just returns
-/// to the dispatcher with the target already stored).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LookupEntry {
-    /// Host address to jump to.
-    pub host: u64,
-    /// The guest EIP it translates, negated: host code adds the target EIP
-    /// and tests for zero (JRCXZ, no flags).
-    neg_eip: u32,
-    _pad: u32,
-}
-
-impl LookupEntry {
-    /// An entry for `eip`, translated at host address `host`.
-    pub fn new(eip: u32, host: u64) -> LookupEntry {
-        LookupEntry {
-            host,
-            neg_eip: eip.wrapping_neg(),
-            _pad: 0,
-        }
-    }
-
-    /// The guest EIP the entry translates.
-    pub fn eip(&self) -> u32 {
-        self.neg_eip.wrapping_neg()
-    }
-}
-
-/// Entries in the indirect-branch table: indexed by the low 16 bits of the
-/// guest EIP (direct-mapped; MOVZX computes it without touching flags).
-pub const LOOKUP_ENTRIES: usize = 1 << 16;
-
-/// The exit of a block whose next EIP is in R13D: look it up in the
-/// indirect-branch table at `table` and jump straight to its translation
-/// (if the chaining budget allows, when `budget`), or return to the
-/// dispatcher (a miss is counted there). Only flag-neutral instructions
-/// (MOV, MOVZX, LEA, JRCXZ), like the stubs; R9-R11 and R13 are scratch.
-pub(crate) fn indirect_exit(ops: &mut Asm, table: u64, budget: bool) {
-    let epilogue = epilogue_offset();
+/// The exit of a block whose next EIP is in R13D: store it as the next
+/// EIP, pace the transfer (`Pace::Counted`: one unit of the chaining
+/// budget; `Pace::Polled`: a poll), look it up in the table at `table`
+/// and jump to the translation's body or the miss routine. R9-R11 and R13
+/// are scratch.
+pub(crate) fn indirect_exit(ops: &mut Asm, ex: &mut Exits, table: u64) {
     dynasm!(ops
         ; .arch x64
-        ; movzx r11d, r13w
-        ; mov r10, QWORD table as i64
-        ; lea r11, [r11 + r11 * 1]
-        ; mov r9, rcx                         // the guest's RCX, until the end
-        ; mov ecx, DWORD [r10 + r11 * 8 + 8]  // the entry's negated EIP
-        ; lea ecx, [rcx + r13]                // 0 iff it is the target
-        ; jrcxz >hit
-        ; mov rcx, r9                         // miss: back to the dispatcher
-        ; mov DWORD [r15 + 0x24], r13d        // next_eip
-        ; mov r11, QWORD [r15 + 0x58]         // indirect_misses + 1
-        ; lea r11, [r11 + 1]
-        ; mov QWORD [r15 + 0x58], r11
-        ; jmp extern epilogue
-        ; hit:
+        ; mov DWORD [r15 + 0x24], r13d          // next_eip
     );
-    if !budget {
+    if let Pace::Polled(page) = ex.span.pace {
+        poll(ops, page, &mut ex.polls, None);
+    }
+    dynasm!(ops
+        ; .arch x64
+        ; mov r11, QWORD table as i64
+        ; mov r11d, DWORD [r11 + r13 * 4]       // body offset, 0: miss routine
+    );
+    // `lea r10, [rip + disp32]` to the buffer's start (offset 0), from the
+    // end of this 7-byte instruction.
+    let next = ex.base + ops.offset().0 + 7;
+    let d = (-(next as i64) as i32).to_le_bytes();
+    dynasm!(ops
+        ; .arch x64
+        ; .bytes [0x4C, 0x8D, 0x15, d[0], d[1], d[2], d[3]].iter()
+        ; lea r11, [r11 + r10]
+    );
+    if ex.span.pace != Pace::Counted {
         dynasm!(ops
             ; .arch x64
-            ; mov rcx, r9
-            ; jmp QWORD [r10 + r11 * 8]
+            ; jmp r11
         );
         return;
     }
     dynasm!(ops
-        ; .arch x64                           // the chaining budget, as in a stub
+        ; .arch x64                              // the chaining budget, as in a stub
+        ; mov r9, rcx
         ; lea rcx, [r14 - 1]
         ; mov r14, rcx
         ; jrcxz >budget_out
         ; mov rcx, r9
-        ; jmp QWORD [r10 + r11 * 8]
+        ; jmp r11
         ; budget_out:
         ; mov rcx, r9
-        ; mov DWORD [r15 + 0x24], r13d
-        ; jmp extern epilogue
     );
+    jmp_to(ops, ex.base, epilogue_offset());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::emit::Span;
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
-    /// The indirect-branch exit disassembles to the intended
-    /// instructions, and its two JRCXZs land where they should.
-    #[test]
-    fn indirect_exit_encoding() {
+    /// The exit for `pace` at code-buffer offset 0x1000, disassembled:
+    /// (text, RIP-relative or branch target, address) per instruction.
+    fn exit(pace: Pace) -> Vec<(String, u64, u64)> {
         let mut ops = Asm::new(0x1000);
-        indirect_exit(&mut ops, 0x1122_3344_5566_7788, true);
+        let mut ex = Exits {
+            base: 0x1000,
+            span: Span {
+                start: 0,
+                end: 0,
+                pace,
+            },
+            sites: Vec::new(),
+            polls: Vec::new(),
+        };
+        indirect_exit(&mut ops, &mut ex, 0x1122_3344_5566_7788);
         let out = ops.finalize().unwrap();
         let mut d = Decoder::with_ip(64, &out, 0x1000, DecoderOptions::NONE);
         let mut fmt = IntelFormatter::new();
-        let mut text = Vec::new();
-        let mut at = Vec::new();
+        let mut got = Vec::new();
         while d.can_decode() {
             let ins = d.decode();
             assert!(!ins.is_invalid());
             let mut t = String::new();
-            fmt.format(&ins, &mut t);
-            at.push((ins.ip(), ins.near_branch_target()));
-            text.push(t);
+            fmt.format_mnemonic(&ins, &mut t);
+            let branch = ins.near_branch_target() != 0;
+            for i in (0..ins.op_count()).filter(|_| !branch) {
+                t.push_str(if i == 0 { " " } else { "," });
+                if ins.op_kind(i) == iced_x86::OpKind::Memory && ins.is_ip_rel_memory_operand() {
+                    t.push_str("[rip]");
+                } else {
+                    fmt.format_operand(&ins, &mut t, i).unwrap();
+                }
+            }
+            let to = if ins.is_ip_rel_memory_operand() {
+                ins.ip_rel_memory_address()
+            } else {
+                ins.near_branch_target()
+            };
+            got.push((t, to, ins.ip()));
         }
-        let want = [
-            "movzx r11d,r13w",
-            "mov r10,1122334455667788h",
-            "lea r11,[r11+r11]",
-            "mov r9,rcx",
-            "mov ecx,[r10+r11*8+8]",
-            "lea ecx,[rcx+r13]",
-            "jrcxz",
-            "mov rcx,r9",
-            "mov [r15+24h],r13d",
-            "mov r11,[r15+58h]",
-            "lea r11,[r11+1]",
-            "mov [r15+58h],r11",
-            "jmp 0",
-            "lea rcx,[r14-1]",
-            "mov r14,rcx",
-            "jrcxz",
-            "mov rcx,r9",
-            "jmp qword ptr [r10+r11*8]",
-            "mov rcx,r9",
-            "mov [r15+24h],r13d",
-            "jmp 0",
-        ];
-        let text: Vec<&str> = text
-            .iter()
-            .map(|t| if t.starts_with("jrcxz") { "jrcxz" } else { t })
-            .collect();
-        assert_eq!(text, want);
-        // The first JRCXZ goes to the hit path, the second to budget_out.
-        let ip_of = |i: usize| at[i].0;
-        assert_eq!(at[6].1, ip_of(13));
-        assert_eq!(at[15].1, ip_of(18));
+        got
+    }
+
+    /// The exit disassembles to the intended instructions; the LEA finds
+    /// the buffer's start (offset 0, the miss routine); the budget's JRCXZ
+    /// lands on its way out.
+    #[test]
+    fn indirect_exit_encoding() {
+        let counted = exit(Pace::Counted);
+        let text: Vec<&str> = counted.iter().map(|(t, ..)| t.as_str()).collect();
+        assert_eq!(
+            text,
+            [
+                "mov [r15+24h],r13d",
+                "mov r11,1122334455667788h",
+                "mov r11d,[r11+r13*4]",
+                "lea r10,[rip]",
+                "lea r11,[r11+r10]",
+                "mov r9,rcx",
+                "lea rcx,[r14-1]",
+                "mov r14,rcx",
+                "jrcxz",
+                "mov rcx,r9",
+                "jmp r11",
+                "mov rcx,r9",
+                "jmp",
+            ]
+        );
+        assert_eq!(counted[3].1, 0, "LEA to the buffer's start");
+        assert_eq!(counted[8].1, counted[11].2, "JRCXZ to the budget's way out");
+        assert_eq!(counted[12].1, epilogue_offset() as u64, "then the epilogue");
+        let free = exit(Pace::Free);
+        let text: Vec<&str> = free.iter().map(|(t, ..)| t.as_str()).collect();
+        assert_eq!(
+            text,
+            [
+                "mov [r15+24h],r13d",
+                "mov r11,1122334455667788h",
+                "mov r11d,[r11+r13*4]",
+                "lea r10,[rip]",
+                "lea r11,[r11+r10]",
+                "jmp r11",
+            ]
+        );
+        assert_eq!(free[3].1, 0, "LEA to the buffer's start");
     }
 }

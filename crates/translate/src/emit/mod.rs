@@ -35,8 +35,7 @@ pub mod frame;
 pub mod indirect;
 
 pub use flags::FlagsOp;
-pub use frame::{epilogue_offset, leave_offset};
-pub use indirect::{LookupEntry, LOOKUP_ENTRIES};
+pub use frame::{epilogue_offset, leave_offset, miss_offset};
 
 use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
@@ -220,9 +219,11 @@ pub struct HostBlock {
 pub struct BuildError(pub String);
 
 /// The assembler blocks are built with: dynasm-rs, whose local labels
-/// (`>name` / `name:`) replace hand-counted jump distances. Its base
-/// address is the block's code-buffer offset, so `jmp extern OFFSET`
-/// reaches the shared epilogue and leave routine.
+/// (`>name` / `name:`) replace hand-counted jump distances within a
+/// block. One assembler (base 0) serves every block of a thread; jumps out
+/// of a block (to the epilogue, the leave routine) and RIP-relative
+/// addresses are computed from the block's code-buffer offset
+/// ([`jmp_to`]).
 pub(crate) type Asm = VecAssembler<X64Relocation>;
 
 /// `lea r8, [r8 + n]` with an 8-bit displacement (n below 128): count
@@ -235,7 +236,7 @@ fn count(n: usize) -> [u8; 4] {
 /// `mov r9d, [poll]`: the load from the poll page (a 32-bit absolute
 /// address: ModRM with a SIB byte and no base or index), recorded in
 /// `polls` with where the guest goes on if it faults.
-fn poll(ops: &mut Asm, page: u32, polls: &mut Vec<Poll>, target: Option<u32>) {
+pub(crate) fn poll(ops: &mut Asm, page: u32, polls: &mut Vec<Poll>, target: Option<u32>) {
     polls.push(Poll {
         at: ops.offset().0,
         target,
@@ -244,6 +245,25 @@ fn poll(ops: &mut Asm, page: u32, polls: &mut Vec<Poll>, target: Option<u32>) {
     dynasm!(ops
         ; .arch x64
         ; .bytes [0x44, 0x8B, 0x0C, 0x25, a[0], a[1], a[2], a[3]].iter()
+    );
+}
+
+thread_local! {
+    /// The assembler blocks are built with, and the vector their bytes are
+    /// copied through, kept between blocks.
+    static ASM: std::cell::Cell<Option<Asm>> = const { std::cell::Cell::new(None) };
+    static OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `jmp rel32` to code-buffer offset `to`, from a block at offset `base`
+/// (the assembler's own base is 0, so that one assembler serves every
+/// block: jumps out of the block are computed here).
+pub(crate) fn jmp_to(ops: &mut Asm, base: usize, to: usize) {
+    let rel = (to as i64 - (base + ops.offset().0 + 5) as i64) as i32;
+    let r = rel.to_le_bytes();
+    dynasm!(ops
+        ; .arch x64
+        ; .bytes [0xE9, r[0], r[1], r[2], r[3]].iter()
     );
 }
 
@@ -260,7 +280,7 @@ fn store_next(ops: &mut Asm, eip: u32) {
 /// state and call; leave the block through the leave routine when the
 /// helper says so (counting the `counted_before` instructions done in
 /// host code); otherwise reload the state and go on.
-fn helper_call(ops: &mut Asm, h: HelperFn, call: &HelperCall) {
+fn helper_call(ops: &mut Asm, base: usize, h: HelperFn, call: &HelperCall) {
     const _: () = assert!(RETIRED == 0x30);
     let f = frame();
     dynasm!(ops
@@ -279,18 +299,22 @@ fn helper_call(ops: &mut Asm, h: HelperFn, call: &HelperCall) {
         ; test eax, eax
         ; jz BYTE >go_on
         ; .bytes count(call.counted_before).iter()
-        ; jmp extern leave_offset()
+    );
+    jmp_to(ops, base, leave_offset());
+    dynasm!(ops
+        ; .arch x64
         ; go_on:
         ; .bytes f.load_state.iter()
     );
 }
 
 /// The exits of a block being built: its patchable jumps and polls.
-struct Exits {
-    base: usize,
-    span: Span,
-    sites: Vec<Site>,
-    polls: Vec<Poll>,
+pub(crate) struct Exits {
+    /// The block's code-buffer offset.
+    pub(crate) base: usize,
+    pub(crate) span: Span,
+    pub(crate) sites: Vec<Site>,
+    pub(crate) polls: Vec<Poll>,
 }
 
 /// An exit stub to `target`: pace the transfer (`Pace::Counted`: count the
@@ -301,47 +325,51 @@ struct Exits {
 /// target's body instead, so a chained transfer writes no memory. The
 /// budget goes through RCX for JRCXZ with MOVs (R13 is scratch), cheaper
 /// than two XCHGs.
+///
+/// Spelled in bytes rather than with assembler labels (every block has
+/// one to three stubs; a label costs a hash-map insertion): the golden
+/// listings (tests/golden/emit.txt) show what they disassemble to.
 fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
+    /// `jmp rel32` to the next instruction: the cold tail, until chained.
+    const JMP_COLD: [u8; 5] = [0xE9, 0, 0, 0, 0];
+    /// `mov rcx, r13`.
+    const RCX_BACK: [u8; 3] = [0x4C, 0x89, 0xE9];
     let (base, sites) = (ex.base, &mut ex.sites);
     match ex.span.pace {
-        Pace::Counted => dynasm!(ops
-            ; .arch x64
-            ; .bytes count(n).iter()
-            ; mov r13, rcx
-            ; lea rcx, [r14 - 1]
-            ; mov r14, rcx
-            ; jrcxz >budget_out
-            ; mov rcx, r13
-            ; jmp >cold
-        ),
+        Pace::Counted => {
+            let c = count(n);
+            ops.extend(c.iter());
+            ops.extend(
+                [
+                    0x49, 0x89, 0xCD, // mov r13, rcx
+                    0x49, 0x8D, 0x4E, 0xFF, // lea rcx, [r14 - 1]
+                    0x49, 0x89, 0xCE, // mov r14, rcx
+                    0xE3, 0x08, // jrcxz budget_out (over the next 8 bytes)
+                ]
+                .iter(),
+            );
+            ops.extend(RCX_BACK.iter());
+            // jmp cold, over budget_out's `mov rcx, r13`.
+            ops.extend([0xE9, 3, 0, 0, 0].iter());
+        }
         Pace::Polled(page) if target <= ex.span.start => {
             poll(ops, page, &mut ex.polls, Some(target));
-            dynasm!(ops ; .arch x64 ; jmp >cold);
+            ops.extend(JMP_COLD.iter());
         }
-        Pace::Polled(_) | Pace::Free => dynasm!(ops ; .arch x64 ; jmp >cold),
+        Pace::Polled(_) | Pace::Free => ops.extend(JMP_COLD.iter()),
     }
     let rel32 = base + ops.offset().0 - 4;
     if ex.span.pace == Pace::Counted {
-        dynasm!(ops
-            ; .arch x64
-            ; budget_out:
-            ; mov rcx, r13
-        );
+        // budget_out: then on into the cold tail.
+        ops.extend(RCX_BACK.iter());
     }
-    dynasm!(ops
-        ; .arch x64
-        ; cold:
-    );
     sites.push(Site {
         rel32,
         target,
         cold: base + ops.offset().0,
     });
     store_next(ops, target);
-    dynasm!(ops
-        ; .arch x64
-        ; jmp extern epilogue_offset()
-    );
+    jmp_to(ops, base, epilogue_offset());
 }
 
 /// The start of a guarded piece: go on to its host code (which follows)
@@ -365,13 +393,13 @@ fn guard(ops: &mut Asm, slow_at: i32) {
 /// at the local label `slow`, which the fast path jumps to when host code
 /// cannot do the instruction. The helper retires the instruction, which
 /// the block's exit counts too: one is taken off.
-fn helper_tail(ops: &mut Asm, h: HelperFn, call: &HelperCall) {
+fn helper_tail(ops: &mut Asm, base: usize, h: HelperFn, call: &HelperCall) {
     dynasm!(ops
         ; .arch x64
         ; jmp >done
         ; slow:
     );
-    helper_call(ops, h, call);
+    helper_call(ops, base, h, call);
     dynasm!(ops
         ; .arch x64
         ; lea r8, [r8 - 1]
@@ -404,13 +432,35 @@ impl HostBlock {
         span: Span,
         exit: Option<&BlockExit>,
         helper: Option<HelperFn>,
-        lookup: Option<*const LookupEntry>,
+        lookup: Option<u64>,
     ) -> Result<HostBlock, BuildError> {
-        let lookup = lookup.map(|t| t as u64);
         ensure_epilogue(buf)?;
         let base = buf.next_offset();
+        // One assembler per thread, reused (its vector and label maps keep
+        // their room: growing them was a fifth of translation time).
+        let mut ops = ASM
+            .with(|a| a.take())
+            .unwrap_or_else(|| Asm::new_with_capacity(0, 4096, 16, 0, 8, 32, 8));
+        let built = Self::build(&mut ops, buf, base, body, n, span, exit, helper, lookup);
+        if built.is_ok() {
+            ASM.with(|a| a.set(Some(ops)));
+        }
+        built
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        ops: &mut Asm,
+        buf: &mut CodeBuffer,
+        base: usize,
+        body: &[Piece],
+        n: usize,
+        span: Span,
+        exit: Option<&BlockExit>,
+        helper: Option<HelperFn>,
+        lookup: Option<u64>,
+    ) -> Result<HostBlock, BuildError> {
         let f = frame();
-        let mut ops = Asm::new(base);
         dynasm!(ops
             ; .arch x64
             ; .bytes f.prologue.iter()
@@ -429,20 +479,20 @@ impl HostBlock {
                     counted,
                 } => {
                     let l = ops.new_dynamic_label();
-                    jcc(&mut ops, *cc, l);
+                    jcc(ops, *cc, l);
                     sides.push((l, *target, *counted));
                 }
                 Piece::Helper(call) => {
                     let h =
                         helper.ok_or_else(|| BuildError("helper piece without a helper".into()))?;
-                    helper_call(&mut ops, h, call);
+                    helper_call(ops, base, h, call);
                 }
                 Piece::Segment { fs, code, call } => {
                     let h = helper
                         .ok_or_else(|| BuildError("segment piece without a helper".into()))?;
-                    guard(&mut ops, i32::from(SEG_SLOW) + i32::from(!*fs));
+                    guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
                     dynasm!(ops ; .arch x64 ; .bytes code.iter());
-                    helper_tail(&mut ops, h, call);
+                    helper_tail(ops, base, h, call);
                 }
                 Piece::Rdtsc(call) => {
                     let h =
@@ -450,7 +500,7 @@ impl HostBlock {
                     // EDX:EAX = host TSC + offset, flag-free: the halves
                     // joined in the scratch slot, added with LEA, split.
                     let (off, scratch) = (TSC_OFFSET as i32, SCRATCH as i32);
-                    guard(&mut ops, i32::from(TSC_SLOW));
+                    guard(ops, i32::from(TSC_SLOW));
                     dynasm!(ops
                         ; .arch x64
                         ; rdtsc
@@ -463,14 +513,14 @@ impl HostBlock {
                         ; mov eax, DWORD [r15 + scratch]
                         ; mov edx, DWORD [r15 + scratch + 4]
                     );
-                    helper_tail(&mut ops, h, call);
+                    helper_tail(ops, base, h, call);
                 }
                 Piece::Flags(op, call) => {
-                    flags_fast_path(&mut ops, *op);
+                    flags_fast_path(ops, *op);
                     if !matches!(op, FlagsOp::Pushfd { .. }) {
                         let h = helper
                             .ok_or_else(|| BuildError("flags piece without a helper".into()))?;
-                        helper_tail(&mut ops, h, call);
+                        helper_tail(ops, base, h, call);
                     }
                 }
             }
@@ -483,17 +533,17 @@ impl HostBlock {
             polls: Vec::new(),
         };
         match exit {
-            Some(BlockExit::Direct(t)) => stub(&mut ops, &mut ex, *t, n),
+            Some(BlockExit::Direct(t)) => stub(ops, &mut ex, *t, n),
             Some(BlockExit::Cond {
                 cc,
                 taken,
                 not_taken,
             }) => {
                 let to_taken = ops.new_dynamic_label();
-                jcc(&mut ops, *cc, to_taken);
-                stub(&mut ops, &mut ex, *not_taken, n);
+                jcc(ops, *cc, to_taken);
+                stub(ops, &mut ex, *not_taken, n);
                 dynasm!(ops ; .arch x64 ; =>to_taken);
-                stub(&mut ops, &mut ex, *taken, n);
+                stub(ops, &mut ex, *taken, n);
             }
             Some(BlockExit::Loop { taken, not_taken }) => {
                 dynasm!(ops
@@ -501,22 +551,22 @@ impl HostBlock {
                     ; lea ecx, [rcx - 1]                 // ECX - 1, no flags
                     ; jecxz >not_taken
                 );
-                stub(&mut ops, &mut ex, *taken, n);
+                stub(ops, &mut ex, *taken, n);
                 dynasm!(ops ; .arch x64 ; not_taken:);
-                stub(&mut ops, &mut ex, *not_taken, n);
+                stub(ops, &mut ex, *not_taken, n);
             }
             Some(BlockExit::Jecxz { taken, not_taken }) => {
                 dynasm!(ops
                     ; .arch x64
                     ; jecxz >taken
                 );
-                stub(&mut ops, &mut ex, *not_taken, n);
+                stub(ops, &mut ex, *not_taken, n);
                 dynasm!(ops ; .arch x64 ; taken:);
-                stub(&mut ops, &mut ex, *taken, n);
+                stub(ops, &mut ex, *taken, n);
             }
             Some(BlockExit::Stored) => match lookup {
-                Some(table) => match span.pace {
-                    Pace::Counted => {
+                Some(table) => {
+                    if span.pace == Pace::Counted {
                         // The block's instructions and one lookup, in one
                         // LEA.
                         let both = (n as u32 | 1 << LOOKUP_SHIFT) as i32;
@@ -524,54 +574,51 @@ impl HostBlock {
                             ; .arch x64
                             ; lea r8, [r8 + both]
                         );
-                        indirect_exit(&mut ops, table, true);
                     }
-                    Pace::Polled(page) => {
-                        // The target is the next EIP if the poll faults.
-                        dynasm!(ops
-                            ; .arch x64
-                            ; mov DWORD [r15 + 0x24], r13d
-                        );
-                        poll(&mut ops, page, &mut ex.polls, None);
-                        indirect_exit(&mut ops, table, false);
-                    }
-                    Pace::Free => indirect_exit(&mut ops, table, false),
-                },
+                    indirect_exit(ops, &mut ex, table);
+                }
                 None => {
                     const _: () = assert!(NEXT_EIP == 0x24);
                     dynasm!(ops
                         ; .arch x64
                         ; mov DWORD [r15 + 0x24], r13d
                         ; .bytes count(n).iter()
-                        ; jmp extern epilogue_offset()
                     );
+                    jmp_to(ops, base, epilogue_offset());
                 }
             },
             None => {
-                store_next(&mut ops, span.end);
+                store_next(ops, span.end);
                 dynasm!(ops
                     ; .arch x64
                     ; .bytes count(n).iter()
-                    ; jmp extern epilogue_offset()
                 );
+                jmp_to(ops, base, epilogue_offset());
             }
         }
         for (l, target, counted) in sides {
             dynasm!(ops ; .arch x64 ; =>l);
-            stub(&mut ops, &mut ex, target, counted);
+            stub(ops, &mut ex, target, counted);
         }
         let Exits { sites, polls, .. } = ex;
-        let out = ops
-            .finalize()
-            .map_err(|e| BuildError(format!("assembling a block: {e:?}")))?;
-        let at = buf
-            .append(&out)
-            .ok_or_else(|| BuildError("code buffer full".into()))?;
+        let out = OUT.with(|o| {
+            let mut out = o.take();
+            out.clear();
+            out.extend(
+                ops.drain()
+                    .map_err(|e| BuildError(format!("assembling a block: {e:?}")))?,
+            );
+            Ok::<_, BuildError>(out)
+        })?;
+        let at = buf.append(&out);
+        let len = out.len();
+        OUT.with(|o| o.set(out));
+        let at = at.ok_or_else(|| BuildError("code buffer full".into()))?;
         debug_assert_eq!(at, base);
         Ok(HostBlock {
             entry: buf.exec_addr(at),
             offset: at,
-            len: out.len(),
+            len,
             starts: starts.into_boxed_slice(),
             body_end,
             body_start,

@@ -6,10 +6,12 @@
 //! entry trampoline; each block carries its `// SAFETY:` argument.
 
 pub mod code_buffer;
+pub mod direct_map;
 pub mod fault;
 pub mod gs;
 pub mod poll;
 
 pub use code_buffer::CodeBuffer;
+pub use direct_map::DirectMap;
 pub use gs::{gs_base, host_fixed_flags, set_gs_base};
 pub use poll::Poller;
