@@ -191,8 +191,9 @@ impl Context {
 /// and 1 to leave it (the guest state is then already in the context).
 pub type HelperFn = extern "sysv64" fn(*mut Context, u32, u32, u32) -> u32;
 
-/// The type of a block's entry point (its prologue).
-pub type BlockEntryFn = extern "sysv64" fn(*mut Context);
+/// The type of the shared entry routine (the prologue): it loads the
+/// guest state from the context and jumps to the block body given.
+pub type BlockEntryFn = extern "sysv64" fn(*mut Context, *const u8);
 
 #[cfg(test)]
 mod tests {

@@ -288,10 +288,10 @@ impl Bt {
         let t = usize::from(key_user(key));
         self.lookup_regions[t].add(lin.0 >> 10);
         self.lookup_regions[t].add(lin.1 >> 10);
-        if tables[t].get(eip) == 0 {
+        let was_empty = tables[t].get(eip) == 0;
+        if tables[t].set(eip, code.body_offset() as u32) && was_empty {
             self.lookup_used[t].push(eip);
         }
-        tables[t].set(eip, code.body_offset() as u32);
     }
 
     /// Remove `key`'s translation from the indirect-branch table.
@@ -301,7 +301,8 @@ impl Bt {
         };
         let (eip, t) = (key_eip(key), usize::from(key_user(key)));
         if tables[t].get(eip) == code.body_offset() as u32 {
-            tables[t].set(eip, 0);
+            // Setting an entry to 0 cannot fail.
+            let _ = tables[t].set(eip, 0);
         }
     }
 }

@@ -329,24 +329,21 @@ impl Bt {
                 arg: c.arg + base,
                 ..c
             };
-            let pieces: Vec<Piece> = parts
-                .iter()
-                .map(|p| match p {
-                    Part::Code(a, b) => Piece::Code(&arena[*a..*b]),
-                    Part::Segment(fs, a, b, call) => Piece::Segment {
-                        fs: *fs,
-                        code: &arena[*a..*b],
-                        call: rebased(*call),
-                    },
-                    Part::Piece(Piece::Helper(c)) => Piece::Helper(rebased(*c)),
-                    Part::Piece(Piece::Flags(op, c)) => Piece::Flags(*op, rebased(*c)),
-                    Part::Piece(Piece::Rdtsc(c)) => Piece::Rdtsc(rebased(*c)),
-                    Part::Piece(other) => other.clone(),
-                })
-                .collect();
+            let pieces = parts.iter().map(|p| match p {
+                Part::Code(a, b) => Piece::Code(&arena[*a..*b]),
+                Part::Segment(fs, a, b, call) => Piece::Segment {
+                    fs: *fs,
+                    code: &arena[*a..*b],
+                    call: rebased(*call),
+                },
+                Part::Piece(Piece::Helper(c)) => Piece::Helper(rebased(*c)),
+                Part::Piece(Piece::Flags(op, c)) => Piece::Flags(*op, rebased(*c)),
+                Part::Piece(Piece::Rdtsc(c)) => Piece::Rdtsc(rebased(*c)),
+                Part::Piece(other) => other.clone(),
+            });
             match HostBlock::compile_block(
                 buf,
-                &pieces,
+                pieces,
                 counted,
                 Span {
                     start: eip,

@@ -12,7 +12,7 @@
 //! pacing polled                     optional: Pacing::Polled or free (default: counted)
 //! translate 0x1010 0x1000           blocks translated, in this order (chaining links them)
 //! listing 0x1000                    the host code of this block, as it is after all of them:
-//!     +0x000  push rbx
+//!     +0x000  add eax,ecx
 //! ```
 //!
 //! A case ends at a blank line. To add one, write everything but the

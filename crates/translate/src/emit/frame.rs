@@ -38,6 +38,12 @@ pub fn leave_offset() -> usize {
     (frame().miss.len() + frame().epilogue.len()).next_multiple_of(16)
 }
 
+/// Offset of the shared entry routine: the prologue, then a jump to the
+/// block body in RSI ([`crate::abi::BlockEntryFn`]).
+pub fn entry_offset() -> usize {
+    (leave_offset() + frame().leave.len()).next_multiple_of(16)
+}
+
 /// Put the miss routine, the shared epilogue and the leave routine at the
 /// start of `buf` if it is empty; the epilogue's offset.
 pub(crate) fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError> {
@@ -52,6 +58,10 @@ pub(crate) fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError>
             .append(&f.leave)
             .ok_or_else(|| BuildError("code buffer too small".into()))?;
         debug_assert_eq!(at, leave_offset());
+        let at = buf
+            .append(&f.enter)
+            .ok_or_else(|| BuildError("code buffer too small".into()))?;
+        debug_assert_eq!(at, entry_offset());
     }
     Ok(epilogue_offset())
 }
@@ -59,8 +69,9 @@ pub(crate) fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError>
 /// The fixed code sequences, assembled once (dynasmrt); all are
 /// position-independent.
 pub(crate) struct Frame {
-    /// Block entry: push the frame, load the state.
-    pub(crate) prologue: Vec<u8>,
+    /// The shared entry routine: the prologue, then a jump to the body
+    /// (RSI, kept in R11).
+    pub(crate) enter: Vec<u8>,
     /// Store the guest registers and flags into the context.
     pub(crate) store_state: Vec<u8>,
     /// Load the guest registers and flags from the context.
@@ -143,7 +154,20 @@ pub(crate) fn frame() -> &'static Frame {
         let leave = ops.finalize().expect("assembles");
         let mut epilogue = store_state.clone();
         epilogue.extend_from_slice(&leave);
+        // The body's address (RSI) waits in R11, which the prologue does
+        // not touch (it loads the guest's ESI into RSI).
         let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(0);
+        dynasm!(ops
+            ; .arch x64
+            ; mov r11, rsi
+        );
+        let mut enter = ops.take().expect("assembles");
+        enter.extend_from_slice(&prologue);
+        dynasm!(ops
+            ; .arch x64
+            ; jmp r11
+        );
+        enter.extend_from_slice(&ops.take().expect("assembles"));
         dynasm!(ops
             ; .arch x64
             ; mov r11, QWORD [r15 + 0x58]
@@ -153,7 +177,7 @@ pub(crate) fn frame() -> &'static Frame {
         let miss = ops.finalize().expect("assembles");
         Frame {
             miss,
-            prologue,
+            enter,
             store_state,
             load_state,
             epilogue,

@@ -1,8 +1,10 @@
 //! Host code for translated blocks.
 //!
-//! A block is: a prologue that loads the guest registers and arithmetic
-//! flags from a [`Context`], the translated instructions ([`Piece`]s), and
-//! an exit ([`BlockExit`]). Every block leaves through the code buffer's
+//! A block is the translated instructions ([`Piece`]s) and an exit
+//! ([`BlockExit`]). The dispatcher enters every block through the code
+//! buffer's one shared entry routine (the prologue, [`frame`]), which
+//! loads the guest registers and arithmetic flags from a [`Context`] and
+//! jumps to the block. Every block leaves through the code buffer's
 //! one shared *epilogue* ([`frame`]), which stores the guest state back and
 //! returns to the dispatcher; the fault handler enters the same epilogue.
 //! An exit to a known guest address is a *stub* whose final `jmp` can be
@@ -23,8 +25,8 @@
 //! Layout of a block in the code buffer:
 //!
 //! ```text
-//! prologue | body: one piece per guest instruction | exit stub(s) | side-exit stubs
-//!   ^ entry (from the dispatcher)  ^ body_offset (chained jumps land here)
+//! body: one piece per guest instruction | exit stub(s) | side-exit stubs
+//! ^ body_offset (the entry routine and chained jumps land here)
 //! ```
 //!
 //! Guest memory is reached through GS: the calling thread's GS base must be
@@ -35,7 +37,7 @@ pub mod frame;
 pub mod indirect;
 
 pub use flags::FlagsOp;
-pub use frame::{epilogue_offset, leave_offset, miss_offset};
+pub use frame::{entry_offset, epilogue_offset, leave_offset, miss_offset};
 
 use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
@@ -425,9 +427,9 @@ impl HostBlock {
     /// Compile translated instructions (host bytes, in order) ending in
     /// `exit` into `buf`. `n` is the number of guest instructions. Fails
     /// with [`BuildError`] when the buffer is full.
-    pub fn compile_block(
+    pub fn compile_block<'a>(
         buf: &mut CodeBuffer,
-        body: &[Piece],
+        body: impl ExactSizeIterator<Item = Piece<'a>>,
         n: usize,
         span: Span,
         exit: Option<&BlockExit>,
@@ -449,29 +451,24 @@ impl HostBlock {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn build(
+    fn build<'a>(
         ops: &mut Asm,
         buf: &mut CodeBuffer,
         base: usize,
-        body: &[Piece],
+        body: impl ExactSizeIterator<Item = Piece<'a>>,
         n: usize,
         span: Span,
         exit: Option<&BlockExit>,
         helper: Option<HelperFn>,
         lookup: Option<u64>,
     ) -> Result<HostBlock, BuildError> {
-        let f = frame();
-        dynasm!(ops
-            ; .arch x64
-            ; .bytes f.prologue.iter()
-        );
         let body_start = ops.offset().0;
         let mut starts = Vec::with_capacity(body.len());
         // Side exits: (label of the stub, target, count).
-        let mut sides = Vec::new();
+        let mut sides = Vec::with_capacity(8);
         for piece in body {
             starts.push(ops.offset().0);
-            match piece {
+            match &piece {
                 Piece::Code(b) => dynasm!(ops ; .arch x64 ; .bytes b.iter()),
                 Piece::Side {
                     cc,
@@ -529,8 +526,8 @@ impl HostBlock {
         let mut ex = Exits {
             base,
             span,
-            sites: Vec::with_capacity(2),
-            polls: Vec::new(),
+            sites: Vec::with_capacity(4),
+            polls: Vec::with_capacity(4),
         };
         match exit {
             Some(BlockExit::Direct(t)) => stub(ops, &mut ex, *t, n),
@@ -640,7 +637,7 @@ impl HostBlock {
             end: 0,
             pace: Pace::Counted,
         };
-        HostBlock::compile_block(buf, &body, n, span, None, None, None)
+        HostBlock::compile_block(buf, body.into_iter(), n, span, None, None, None)
     }
 
     /// The index of the translated instruction at host address `rip`, if
@@ -658,7 +655,7 @@ impl HostBlock {
         self.len
     }
 
-    /// Is the code empty (never: there is always a prologue and an exit)?
+    /// Is the code empty (never: there is always an exit)?
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -713,13 +710,16 @@ impl HostBlock {
             ctx: ctx as *mut Context,
         };
         crate::host::fault::set_active(Some(active));
-        // SAFETY: `entry` is the executable copy of a block emitted in
-        // `compile_block`: a prologue for a function of type `Entry`, code
-        // that keeps the stack as the prologue left it, and an exit through
-        // the shared epilogue, which restores the callee-saved registers
-        // and returns with DF clear.
-        let f: BlockEntryFn = unsafe { std::mem::transmute::<*const u8, BlockEntryFn>(self.entry) };
-        f(ctx);
+        // SAFETY: the entry routine at `entry_offset` (put there with the
+        // epilogue) is a function of type `BlockEntryFn`: the prologue,
+        // then a jump to `self.entry`, the executable copy of a block
+        // emitted in `compile_block`, whose code keeps the stack as the
+        // prologue left it and leaves through the shared epilogue, which
+        // restores the callee-saved registers and returns with DF clear.
+        let f: BlockEntryFn = unsafe {
+            std::mem::transmute::<*const u8, BlockEntryFn>(buf.exec_addr(entry_offset()))
+        };
+        f(ctx, self.entry);
         crate::host::fault::set_active(None);
     }
 }

@@ -6,6 +6,10 @@
 //! page, so only the pages that hold a published target cost memory (one
 //! 4 KiB page per 1 KiB of guest code with indirect-branch targets).
 //!
+//! The reservation is read-only (reads of it cost no commit charge even
+//! where the host does not overcommit); a 64 KiB chunk is made writable
+//! when its first entry is set.
+//!
 //! Host code indexes it with the full target EIP, so a lookup needs no
 //! comparison: `mov r11d, [table + r13*4]` and a jump to the buffer's
 //! base plus that offset (see [`crate::emit::indirect`]).
@@ -13,11 +17,15 @@
 /// Entries: one per 32-bit guest EIP.
 const ENTRIES: usize = 1 << 32;
 const BYTES: usize = ENTRIES * 4;
+/// Entries per chunk made writable at once (64 KiB of table).
+const CHUNK_ENTRIES: usize = 1 << 14;
 
 /// A table of 2^32 code-buffer offsets, reserved and filled lazily.
 #[derive(Debug)]
 pub struct DirectMap {
     base: *mut u32,
+    /// One bit per chunk: made writable.
+    writable: Vec<u64>,
 }
 
 // SAFETY: the map is plain memory owned by its engine, which is used from
@@ -33,13 +41,16 @@ impl DirectMap {
             libc::mmap(
                 std::ptr::null_mut(),
                 BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
+                libc::PROT_READ,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        (p != libc::MAP_FAILED).then_some(DirectMap { base: p.cast() })
+        (p != libc::MAP_FAILED).then(|| DirectMap {
+            base: p.cast(),
+            writable: vec![0; ENTRIES / CHUNK_ENTRIES / 64],
+        })
     }
 
     /// The table's address, for host code.
@@ -54,12 +65,35 @@ impl DirectMap {
         unsafe { self.base.add(eip as usize).read() }
     }
 
-    /// Set the entry for `eip`.
-    pub fn set(&mut self, eip: u32, offset: u32) {
-        // SAFETY: as in `get`; `&mut self` excludes other Rust access
-        // (host code reads the table only while the engine runs it, never
-        // at the same time as this).
-        unsafe { self.base.add(eip as usize).write(offset) }
+    /// Set the entry for `eip`; false if the host refused to make its
+    /// chunk writable (the entry then stays empty: lookups of it miss).
+    pub fn set(&mut self, eip: u32, offset: u32) -> bool {
+        let chunk = eip as usize / CHUNK_ENTRIES;
+        let (word, bit) = (chunk / 64, 1u64 << (chunk % 64));
+        if self.writable[word] & bit == 0 {
+            if offset == 0 {
+                // Already empty: a read-only chunk reads as zeros.
+                return true;
+            }
+            // SAFETY: the chunk lies inside this mapping (chunk-aligned,
+            // CHUNK_ENTRIES entries).
+            let r = unsafe {
+                libc::mprotect(
+                    self.base.add(chunk * CHUNK_ENTRIES).cast(),
+                    CHUNK_ENTRIES * 4,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            if r != 0 {
+                return false;
+            }
+            self.writable[word] |= bit;
+        }
+        // SAFETY: as in `get`, and the chunk is writable; `&mut self`
+        // excludes other Rust access (host code reads the table only while
+        // the engine runs it, never at the same time as this).
+        unsafe { self.base.add(eip as usize).write(offset) };
+        true
     }
 
     /// Empty the entries at `used` (every EIP set since the last
@@ -75,7 +109,8 @@ impl DirectMap {
             }
         }
         for &eip in used {
-            self.set(eip, 0);
+            // Setting an entry to 0 cannot fail.
+            let _ = self.set(eip, 0);
         }
     }
 }
