@@ -1,7 +1,8 @@
 //! Foundation benchmarks: the cost of scanning and classifying basic blocks
 //! (what the translator pays before emitting code) and the reference
-//! interpreter's and the translator's speed on the compute guest, and a
-//! Linux program natively and under bt. Run with `cargo bench -p popek-bench`.
+//! interpreter's and the translator's speed on the compute guest, and
+//! Linux programs natively and under bt side by side (`linux`, `native`).
+//! Run with `cargo bench -p popek-bench`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use popek_bench::{blocks_of, boot, boot_with};
@@ -112,19 +113,25 @@ fn linux(c: &mut Criterion) {
     let mut g = c.benchmark_group("linux");
     g.sample_size(10);
     g.bench_function("user-compute/native", |b| b.iter(|| run_natively().status));
-    g.bench_function("user-compute/bt", |b| {
-        b.iter(|| {
-            let config = popek_machine::Config {
-                engine: Engine::Bt,
-                ..popek_machine::Config::default()
-            };
-            let mut m = popek_machine::Machine::linux(guest.elf, &args, config).expect("load");
-            let mut out = Vec::new();
-            let exit = m.run(&mut out);
-            assert_eq!(out, native.stdout, "bt and native disagree");
-            exit
-        })
-    });
+    for counted in [false, true] {
+        // As `popek run` (translated code counts nothing), and as `popek
+        // run --stats` (every instruction counted, a budget per transfer).
+        let name = if counted { "bt counted" } else { "bt" };
+        g.bench_function(format!("user-compute/{name}"), |b| {
+            b.iter(|| {
+                let config = popek_machine::Config {
+                    engine: Engine::Bt,
+                    count_insns: counted,
+                    ..popek_machine::Config::default()
+                };
+                let mut m = popek_machine::Machine::linux(guest.elf, &args, config).expect("load");
+                let mut out = Vec::new();
+                let exit = m.run(&mut out);
+                assert_eq!(out, native.stdout, "bt and native disagree");
+                exit
+            })
+        });
+    }
     let one = [guest.path.to_string(), "1".to_string()];
     g.bench_function("user-compute (1 round)/interp", |b| {
         b.iter(|| {
@@ -176,5 +183,65 @@ fn cache(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scan, translate, engines, linux, cache);
+/// Closer to native (issue 20): benches/programs/kernels.c built with the
+/// host's `gcc -m32 -static -O2`, the kernels where block transfers,
+/// indirect branches and calls and returns weigh most (the switch-based
+/// bytecode interpreter, glibc's qsort with its comparator calls, deep
+/// recursion), each run natively, under bt as `popek run` runs it, and
+/// under bt counting every instruction (as `--stats`), side by side. Skipped
+/// with a note if the host cannot build 32-bit programs.
+fn native(c: &mut Criterion) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prog = dir.join("kernels");
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../benches/programs/kernels.c"
+    );
+    let built = std::process::Command::new("gcc")
+        .args(["-m32", "-static", "-O2", "-o"])
+        .arg(&prog)
+        .arg(src)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        eprintln!("native: gcc -m32 -static cannot build {src}; skipped");
+        return;
+    }
+    let elf = std::fs::read(&prog).expect("read the built kernels");
+    let mut g = c.benchmark_group("native");
+    g.sample_size(10);
+    for (kernel, reps) in [("bytecode", "1"), ("sort", "2"), ("recursion", "2")] {
+        let args = [prog.display().to_string(), reps.into(), kernel.into()];
+        let run_natively = || {
+            std::process::Command::new(&prog)
+                .args(&args[1..])
+                .output()
+                .expect("run natively")
+        };
+        let native = run_natively();
+        g.bench_function(format!("{kernel}/native"), |b| {
+            b.iter(|| run_natively().status)
+        });
+        for counted in [false, true] {
+            let name = if counted { "bt counted" } else { "bt" };
+            g.bench_function(format!("{kernel}/{name}"), |b| {
+                b.iter(|| {
+                    let config = popek_machine::Config {
+                        engine: Engine::Bt,
+                        count_insns: counted,
+                        ..popek_machine::Config::default()
+                    };
+                    let mut m = popek_machine::Machine::linux(&elf, &args, config).expect("load");
+                    let mut out = Vec::new();
+                    let exit = m.run(&mut out);
+                    assert_eq!(out, native.stdout, "bt and native disagree");
+                    exit
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, scan, translate, engines, linux, native, cache);
 criterion_main!(benches);

@@ -207,35 +207,42 @@ fn enc(ins: &Instruction, out: &mut Vec<u8>) -> Option<()> {
     })
 }
 
-/// `gs:[r12d + disp]`: guest stack memory.
-fn stack_slot(disp: i64) -> MemoryOperand {
-    MemoryOperand::new(
-        Register::R12D,
-        Register::None,
-        1,
-        disp,
-        1,
-        false,
-        Register::GS,
-    )
+/// ModRM (with `reg`'s low bits), SIB and displacement of `[r12d + disp]`:
+/// no displacement for 0, 8 bits when it fits, else 32.
+fn r12_operand(reg: u8, disp: i32, out: &mut Vec<u8>) {
+    let r = (reg & 7) << 3;
+    match disp {
+        0 => out.extend([r | 0b100, 0x24]),
+        -128..=127 => out.extend([0x40 | r | 0b100, 0x24, disp as u8]),
+        _ => {
+            out.extend([0x80 | r | 0b100, 0x24]);
+            out.extend(disp.to_le_bytes());
+        }
+    }
+}
+
+/// The number (0-15) of a 32-bit host register.
+fn reg_number(r: Register) -> Option<u8> {
+    let n = r.number();
+    (r.size() == 4 && n < 16).then_some(n as u8)
+}
+
+/// `mov gs:[r12d + disp], r32` (store) or `mov r32, gs:[r12d + disp]`:
+/// guest stack memory, encoded here (the most common rewrite; the general
+/// encoder costs more than the rest of the instruction's translation).
+fn stack_mov(store: bool, reg: Register, disp: i32, out: &mut Vec<u8>) -> Option<()> {
+    let n = reg_number(reg)?;
+    // GS, address size 32, REX (R for R8D-R15D, B for R12).
+    out.extend([0x65, 0x67, 0x41 | if n >= 8 { 0x04 } else { 0 }]);
+    out.push(if store { 0x89 } else { 0x8B });
+    r12_operand(n, disp, out);
+    Some(())
 }
 
 /// `lea r12d, [r12d + delta]`: move the guest stack pointer (no flags).
 fn adjust_esp(delta: i64, out: &mut Vec<u8>) {
-    let m = MemoryOperand::new(
-        Register::R12D,
-        Register::None,
-        1,
-        delta,
-        1,
-        false,
-        Register::None,
-    );
-    enc(
-        &Instruction::with2(Code::Lea_r32_m, Register::R12D, m).expect("valid"),
-        out,
-    )
-    .expect("encodable")
+    out.extend([0x67, 0x45, 0x8D]);
+    r12_operand(12, delta as i32, out);
 }
 
 /// `mov r13d, <operand 0 of ins>` for a register or 32-bit-addressed
@@ -279,10 +286,10 @@ fn load_r13d(ins: &Instruction, out: &mut Vec<u8>) -> Option<()> {
 /// PUSH imm32 on the guest stack: the store first, then ESP, so a fault
 /// leaves ESP untouched.
 fn push_imm32(v: u32, out: &mut Vec<u8>) -> Option<()> {
-    enc(
-        &Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), v).ok()?,
-        out,
-    )?;
+    // mov dword gs:[r12d - 4], imm32
+    out.extend([0x65, 0x67, 0x41, 0xC7]);
+    r12_operand(0, -4, out);
+    out.extend(v.to_le_bytes());
     adjust_esp(-4, out);
     Some(())
 }
@@ -294,32 +301,22 @@ pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
     let mark = out.len();
     let done = match ins.code() {
         Code::Push_r32 => {
-            let r = host_reg(ins.op0_register());
-            Instruction::with2(Code::Mov_rm32_r32, stack_slot(-4), r)
-                .ok()
-                .and_then(|i| enc(&i, out))
-                .map(|_| adjust_esp(-4, out))
+            stack_mov(true, host_reg(ins.op0_register()), -4, out).map(|()| adjust_esp(-4, out))
         }
         Code::Pushd_imm8 | Code::Pushd_imm32 => push_imm32(ins.immediate(0) as u32, out),
         // PUSH r/m32: the operand's address uses ESP before the push
         // (Intel SDM PUSH), as the load through R13D does.
         Code::Push_rm32 => load_r13d(ins, out)
-            .and_then(|()| {
-                Instruction::with2(Code::Mov_rm32_r32, stack_slot(-4), Register::R13D).ok()
-            })
-            .and_then(|i| enc(&i, out))
+            .and_then(|()| stack_mov(true, Register::R13D, -4, out))
             .map(|()| adjust_esp(-4, out)),
         Code::Pop_r32 => {
             let r = host_reg(ins.op0_register());
-            Instruction::with2(Code::Mov_r32_rm32, r, stack_slot(0))
-                .ok()
-                .and_then(|i| enc(&i, out))
-                .map(|_| {
-                    // POP ESP: ESP is the value popped.
-                    if r != Register::R12D {
-                        adjust_esp(4, out);
-                    }
-                })
+            stack_mov(false, r, 0, out).map(|()| {
+                // POP ESP: ESP is the value popped.
+                if r != Register::R12D {
+                    adjust_esp(4, out);
+                }
+            })
         }
         // LEAVE: the saved EBP loaded first (a fault leaves ESP and EBP
         // as they were), then ESP = EBP + 4 and EBP = the value loaded.
@@ -420,10 +417,7 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExit> {
             } else {
                 0
             };
-            enc(
-                &Instruction::with2(Code::Mov_r32_rm32, Register::R13D, stack_slot(0)).ok()?,
-                out,
-            )?;
+            stack_mov(false, Register::R13D, 0, out)?;
             adjust_esp(4 + imm, out);
             Some(BlockExit::Stored)
         }
@@ -638,6 +632,85 @@ pub fn lower_into(
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+    /// `gs:[r12d + disp]`: guest stack memory.
+    fn stack_slot(disp: i64) -> MemoryOperand {
+        MemoryOperand::new(
+            Register::R12D,
+            Register::None,
+            1,
+            disp,
+            1,
+            false,
+            Register::GS,
+        )
+    }
+
+    /// One decoded host instruction, formatted, that must be all of `b`.
+    fn one(b: &[u8]) -> String {
+        let mut d = Decoder::with_ip(64, b, 0, DecoderOptions::NONE);
+        let ins = d.decode();
+        assert!(!ins.is_invalid() && ins.len() == b.len(), "{b:02x?}");
+        let mut t = String::new();
+        IntelFormatter::new().format(&ins, &mut t);
+        t
+    }
+
+    /// The same instruction through iced's encoder, formatted.
+    fn iced(ins: Instruction) -> String {
+        let mut b = Vec::new();
+        enc(&ins, &mut b).unwrap();
+        one(&b)
+    }
+
+    /// The guest-stack forms encoded by hand are the instructions the
+    /// general encoder makes, for every register and every displacement
+    /// size.
+    #[test]
+    fn hand_encoded_stack_forms_match_the_encoder() {
+        let regs = [
+            Register::EAX,
+            Register::ECX,
+            Register::EDX,
+            Register::EBX,
+            Register::R12D,
+            Register::EBP,
+            Register::ESI,
+            Register::EDI,
+            Register::R13D,
+        ];
+        for disp in [0i32, 4, -4, 127, -128, 128, -129, 0x1000, -0x7FFF_FFFF] {
+            for r in regs {
+                let mut b = Vec::new();
+                stack_mov(true, r, disp, &mut b).unwrap();
+                let want = Instruction::with2(Code::Mov_rm32_r32, stack_slot(i64::from(disp)), r);
+                assert_eq!(one(&b), iced(want.unwrap()), "store {r:?} {disp}");
+                let mut b = Vec::new();
+                stack_mov(false, r, disp, &mut b).unwrap();
+                let want = Instruction::with2(Code::Mov_r32_rm32, r, stack_slot(i64::from(disp)));
+                assert_eq!(one(&b), iced(want.unwrap()), "load {r:?} {disp}");
+            }
+            let mut b = Vec::new();
+            adjust_esp(i64::from(disp), &mut b);
+            let m = MemoryOperand::new(
+                Register::R12D,
+                Register::None,
+                1,
+                i64::from(disp),
+                1,
+                false,
+                Register::None,
+            );
+            let want = Instruction::with2(Code::Lea_r32_m, Register::R12D, m);
+            assert_eq!(one(&b), iced(want.unwrap()), "lea {disp}");
+        }
+        let mut b = Vec::new();
+        push_imm32(0x0804_90F0, &mut b).unwrap();
+        let store = b.len() - 6;
+        let want = Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), 0x0804_90F0_u32);
+        assert_eq!(one(&b[..store]), iced(want.unwrap()));
+        assert_eq!(one(&b[store..]), "lea r12d,[r12d-4]");
+    }
 
     fn guest(bytes: &[u8]) -> Instruction {
         Decoder::with_ip(32, bytes, 0, DecoderOptions::NONE).decode()
