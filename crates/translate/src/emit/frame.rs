@@ -16,7 +16,12 @@ use crate::abi::{CHAIN_BUDGET, EFLAGS, HOST_FLAGS, INDIRECT_MISSES, REGS, RETIRE
 // that is not a literal, so the sequences below spell the context offsets
 // as literals; these assertions tie them to the Context's fields.
 const _: () = assert!(
-    REGS == 0 && EFLAGS == 32 && RETIRED == 48 && CHAIN_BUDGET == 56 && INDIRECT_MISSES == 0x58
+    REGS == 0
+        && EFLAGS == 32
+        && RETIRED == 48
+        && CHAIN_BUDGET == 56
+        && INDIRECT_MISSES == 0x58
+        && crate::abi::NEXT_EIP == 0x24
 );
 use crate::emit::BuildError;
 use crate::host::CodeBuffer;
@@ -80,8 +85,8 @@ pub(crate) struct Frame {
     pub(crate) epilogue: Vec<u8>,
     /// Store the counters, pop the frame, return (state already stored).
     pub(crate) leave: Vec<u8>,
-    /// Count an indirect-branch miss (the exit stored the target as the
-    /// next EIP) and fall into the epilogue.
+    /// Store the target of an indirect branch that missed (R13D) as the
+    /// next EIP, count the miss and fall into the epilogue.
     pub(crate) miss: Vec<u8>,
 }
 
@@ -170,6 +175,7 @@ pub(crate) fn frame() -> &'static Frame {
         enter.extend_from_slice(&ops.take().expect("assembles"));
         dynasm!(ops
             ; .arch x64
+            ; mov DWORD [r15 + 0x24], r13d
             ; mov r11, QWORD [r15 + 0x58]
             ; lea r11, [r11 + 1]
             ; mov QWORD [r15 + 0x58], r11

@@ -4,11 +4,11 @@
 //!
 //! The table ([`crate::host::DirectMap`]) has one 32-bit entry per guest
 //! EIP: the code-buffer offset of the body of the translation there, or 0
-//! for none, which is the offset of the buffer's miss routine (it counts
-//! the miss and falls into the epilogue). Indexed by the whole target, an
-//! entry needs no comparison: the exit stores the target as the next EIP
-//! (for a miss, a poll or the budget), loads the entry, adds the buffer's
-//! base (RIP-relative LEA) and jumps. Only flag-neutral instructions.
+//! for none, which is the offset of the buffer's miss routine (it stores
+//! the target, still in R13D, as the next EIP, counts the miss and falls
+//! into the epilogue). Indexed by the whole target, an entry needs no
+//! comparison: the exit loads the entry, adds the buffer's base
+//! (RIP-relative LEA) and jumps. Only flag-neutral instructions.
 
 use dynasm::dynasm;
 use dynasmrt::{DynasmApi, DynasmLabelApi};
@@ -20,17 +20,18 @@ use crate::emit::{epilogue_offset, jmp_to, poll, Asm, Exits, Pace};
 // an 8-bit displacement only for literals).
 const _: () = assert!(NEXT_EIP == 0x24);
 
-/// The exit of a block whose next EIP is in R13D: store it as the next
-/// EIP, pace the transfer (`Pace::Counted`: one unit of the chaining
-/// budget; `Pace::Polled`: a poll), look it up in the table at `table`
-/// and jump to the translation's body or the miss routine. R9-R11 and R13
-/// are scratch.
+/// The exit of a block whose next EIP is in R13D: pace the transfer
+/// (`Pace::Counted`: one unit of the chaining budget; `Pace::Polled`: a
+/// poll, after storing the next EIP for it), look it up in the table at
+/// `table` and jump to the translation's body or the miss routine. R9-R11
+/// and R13 are scratch.
 pub(crate) fn indirect_exit(ops: &mut Asm, ex: &mut Exits, table: u64) {
-    dynasm!(ops
-        ; .arch x64
-        ; mov DWORD [r15 + 0x24], r13d          // next_eip
-    );
     if let Pace::Polled(page) = ex.span.pace {
+        // The target is the next EIP if the poll faults.
+        dynasm!(ops
+            ; .arch x64
+            ; mov DWORD [r15 + 0x24], r13d      // next_eip
+        );
         poll(ops, page, &mut ex.polls, None);
     }
     dynasm!(ops
@@ -64,6 +65,7 @@ pub(crate) fn indirect_exit(ops: &mut Asm, ex: &mut Exits, table: u64) {
         ; jmp r11
         ; budget_out:
         ; mov rcx, r9
+        ; mov DWORD [r15 + 0x24], r13d          // next_eip
     );
     jmp_to(ops, ex.base, epilogue_offset());
 }
@@ -127,7 +129,6 @@ mod tests {
         assert_eq!(
             text,
             [
-                "mov [r15+24h],r13d",
                 "mov r11,1122334455667788h",
                 "mov r11d,[r11+r13*4]",
                 "lea r10,[rip]",
@@ -139,18 +140,18 @@ mod tests {
                 "mov rcx,r9",
                 "jmp r11",
                 "mov rcx,r9",
+                "mov [r15+24h],r13d",
                 "jmp",
             ]
         );
-        assert_eq!(counted[3].1, 0, "LEA to the buffer's start");
-        assert_eq!(counted[8].1, counted[11].2, "JRCXZ to the budget's way out");
+        assert_eq!(counted[2].1, 0, "LEA to the buffer's start");
+        assert_eq!(counted[7].1, counted[10].2, "JRCXZ to the budget's way out");
         assert_eq!(counted[12].1, epilogue_offset() as u64, "then the epilogue");
         let free = exit(Pace::Free);
         let text: Vec<&str> = free.iter().map(|(t, ..)| t.as_str()).collect();
         assert_eq!(
             text,
             [
-                "mov [r15+24h],r13d",
                 "mov r11,1122334455667788h",
                 "mov r11d,[r11+r13*4]",
                 "lea r10,[rip]",
@@ -158,6 +159,6 @@ mod tests {
                 "jmp r11",
             ]
         );
-        assert_eq!(free[3].1, 0, "LEA to the buffer's start");
+        assert_eq!(free[2].1, 0, "LEA to the buffer's start");
     }
 }
