@@ -296,7 +296,7 @@ pub struct Insn {
 
 /// The bytes of one instruction (at most [`MAX_INSN_LEN`]), held inline:
 /// scanning a block allocates nothing per instruction.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct InsnBytes {
     buf: [u8; MAX_INSN_LEN],
     len: u8,
@@ -313,7 +313,28 @@ impl InsnBytes {
             len: len as u8,
         }
     }
+
+    /// The `len` bytes at `off` of `window`, copied as one fixed-size move
+    /// when the window has a whole `MAX_INSN_LEN` there (the bytes past
+    /// `len` are then the window's, which nothing reads).
+    fn within(window: &[u8], off: usize, len: usize) -> InsnBytes {
+        match window.get(off..off + MAX_INSN_LEN) {
+            Some(w) => InsnBytes {
+                buf: w.try_into().expect("MAX_INSN_LEN bytes"),
+                len: len.min(MAX_INSN_LEN) as u8,
+            },
+            None => InsnBytes::new(&window[off..off + len]),
+        }
+    }
 }
+
+impl PartialEq for InsnBytes {
+    fn eq(&self, other: &InsnBytes) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for InsnBytes {}
 
 impl std::ops::Deref for InsnBytes {
     type Target = [u8];
@@ -442,7 +463,7 @@ pub fn scan_block_into(
         let class = classify(&ins);
         insns.push(Insn {
             ins,
-            bytes: InsnBytes::new(&space[off..off + len]),
+            bytes: InsnBytes::within(&space, off, len),
             class,
             special: sp,
         });

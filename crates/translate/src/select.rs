@@ -99,7 +99,13 @@ impl Bt {
             let mark = arena.len();
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`).
-            cpu.fpu.used |= popek_interp::x87::is_x87(&i.ins);
+            // (Every x87 instruction has an escape opcode, D8-DF, or is
+            // FWAIT, 9B: an instruction without such a byte is not one.)
+            cpu.fpu.used |= i
+                .bytes
+                .iter()
+                .any(|&b| (0xD8..=0xDF).contains(&b) || b == 0x9B)
+                && popek_interp::x87::is_x87(&i.ins);
             // A store that keeps writing watched pages is a helper call
             // (see `Bt::hot_stores`), unless it transfers control.
             let hot = !self.hot_stores.is_empty()
