@@ -14,16 +14,18 @@
 //!
 //! Register map while guest code runs (see [`emit`]): guest EAX, ECX, EDX,
 //! EBX, EBP, ESI, EDI in the host registers of the same numbers; guest ESP
-//! in R12D; R13 scratch (and the target of an indirect exit); R14 the
-//! chaining budget; R15 the [`abi::Context`]; R8 counts retired guest
-//! instructions (and indirect lookups above bit 24). Guest memory is
+//! in R12D; R13 scratch (and the target of an indirect exit); R15 the
+//! [`abi::Context`]; with counting ([`Pacing::Counted`]) R14 is the
+//! chaining budget and R8 counts retired guest instructions (and indirect
+//! lookups above bit 24); without it, translated code polls a page at
+//! backward and indirect transfers ([`host::poll`]). Guest memory is
 //! `gs:[addr32]`: GS is the 4 GiB window of guest physical memory, or the
 //! shadow window of linear memory when the guest pages.
 //!
 //! Flag invariant: the guest's arithmetic flags and DF are the host's
 //! while guest code runs; IF and the other system flags are virtual in the
-//! context ([`abi`]). Stubs, counting and the budget use only instructions
-//! that leave flags alone (LEA, MOV, JRCXZ).
+//! context ([`abi`]). Stubs, counting, the budget, polls and lookups use
+//! only instructions that leave flags alone (LEA, MOV, JRCXZ, JMP).
 //!
 //! Fault invariant: a host fault inside translated code leaves the guest
 //! state exactly as it was before the faulting guest instruction (x86

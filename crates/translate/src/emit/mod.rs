@@ -15,12 +15,13 @@
 //! Register mapping: guest EAX, ECX, EDX, EBX, EBP, ESI, EDI are the host
 //! registers with the same numbers, so most copied instructions need no
 //! rewriting; guest ESP is R12D (the host's RSP stays the host stack); R13
-//! is a scratch register; R15 holds the context pointer; R8 counts the
-//! guest instructions of completed blocks; R14 is the chaining budget.
-//! The host's arithmetic flags and DF are the guest's while guest code
-//! runs; the system flags stay virtual in the context. Counting and the
-//! budget use only flag-preserving instructions (LEA, MOV, JRCXZ), so a
-//! stub never disturbs the guest's flags.
+//! is a scratch register; R15 holds the context pointer; with counting
+//! ([`Pace::Counted`]) R8 counts the guest instructions of completed blocks
+//! and R14 is the chaining budget. The host's arithmetic flags and DF are
+//! the guest's while guest code runs; the system flags stay virtual in the
+//! context. Counting, the budget and polls use only flag-preserving
+//! instructions (LEA, MOV, JRCXZ), so a stub never disturbs the guest's
+//! flags.
 //!
 //! Layout of a block in the code buffer:
 //!
