@@ -505,8 +505,8 @@ returns weigh most, natively and under bt in one run (milliseconds, mean):
 |---|---|---|---|---|---|
 {chr(10).join(native_rows)}
 
-What made the difference (this session; the Linux table above is the
-current state, the counting column what it was before for these kernels):
+What made the difference (the counting columns show what exact counting
+still costs when it is asked for):
 
 - **Pacing.** Translated code counts retired instructions and takes a
   chaining budget only when asked (`--stats`, `--max-insns`, `--icount`,
@@ -523,9 +523,10 @@ current state, the counting column what it was before for these kernels):
 - **Indirect branches** look up a direct map: one 32-bit entry per guest
   EIP (16 GiB of address space reserved, read-only zero pages until a
   64 KiB chunk gets its first entry), holding the code-buffer offset of
-  the target's body or 0, the buffer's miss routine. No comparison: store
-  the target as the next EIP, load the entry, add the buffer's base (a
-  RIP-relative LEA), jump: five instructions instead of about twelve.
+  the target's body or 0, the buffer's miss routine. No comparison: load
+  the entry, add the buffer's base (a RIP-relative LEA), jump: five
+  instructions instead of about twelve; the target is stored as the next
+  EIP only on the way out (the miss routine, the budget's exit, a poll).
 
 Where the host's time goes running the kernels program (all kernels,
 `perf record` by object): {kernels_profile}
