@@ -77,17 +77,39 @@ pub(crate) fn key_user(k: Key) -> bool {
     k >> 63 != 0
 }
 
+/// Of a translated block, in one allocation: the guest EIP of each
+/// translated instruction, then the EIP after them (`eips`), and for each
+/// instruction how many instructions before it the block's code counts as
+/// retired (`counted`; helper calls retire theirs through the
+/// interpreter).
+pub(crate) struct InsnMap(Box<[u32]>);
+
+impl InsnMap {
+    /// From `eips` (one more than instructions) and `counted`.
+    pub(crate) fn new(eips: &[u32], counted: &[u32]) -> InsnMap {
+        debug_assert_eq!(eips.len(), counted.len() + 1);
+        InsnMap([eips, counted].concat().into_boxed_slice())
+    }
+
+    /// The EIP of each instruction, then the EIP after them.
+    pub(crate) fn eips(&self) -> &[u32] {
+        &self.0[..self.0.len().div_ceil(2)]
+    }
+
+    /// For each instruction, the instructions before it counted by code.
+    pub(crate) fn counted(&self) -> &[u32] {
+        &self.0[self.0.len().div_ceil(2)..]
+    }
+}
+
 /// A cache entry: translated code, or a note that nothing at this EIP can
 /// be translated (so the block is not scanned again).
 pub(crate) enum Translation {
     Code {
         code: HostBlock,
-        /// Guest EIP of each translated instruction, then the EIP after them.
-        eips: Vec<u32>,
-        /// For each translated instruction, how many instructions before
-        /// it the block's code counts as retired (helper calls retire
-        /// theirs through the interpreter).
-        counted: Vec<u32>,
+        /// Guest EIP of each translated instruction, then the EIP after
+        /// them; and how many instructions before each the code counts.
+        insns: InsnMap,
         /// Physical pages of its first and last byte.
         pages: (u32, u32),
         /// Linear pages of its first and last byte.

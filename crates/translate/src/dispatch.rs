@@ -493,15 +493,10 @@ impl Bt {
                     ),
                     0,
                 ),
-                Some(Translation::Code {
-                    code,
-                    eips,
-                    counted,
-                    ..
-                }) => {
+                Some(Translation::Code { code, insns, .. }) => {
                     let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
-                    let native = u64::from(counted.get(done).copied().unwrap_or(0));
-                    (Some(eips[done]), native)
+                    let native = u64::from(insns.counted().get(done).copied().unwrap_or(0));
+                    (Some(insns.eips()[done]), native)
                 }
                 _ => (None, 0),
             }
@@ -633,7 +628,10 @@ impl Bt {
     /// translated again.
     fn retranslate_holding(&mut self, eip: u32) {
         let holds = |t: &Translation| match t {
-            Translation::Code { eips, .. } => eips[..eips.len() - 1].contains(&eip),
+            Translation::Code { insns, .. } => {
+                let eips = insns.eips();
+                eips[..eips.len() - 1].contains(&eip)
+            }
             Translation::Interpret { .. } => false,
         };
         // The translations of the physical page the current mapping puts

@@ -395,8 +395,7 @@ impl Bt {
         let code_sites = code.sites().len();
         let entry = Translation::Code {
             code,
-            eips: eips.clone(),
-            counted: counted_at.clone(),
+            insns: crate::cache::InsnMap::new(&eips, &counted_at),
             pages,
             lin,
             incoming: Vec::new(),

@@ -466,7 +466,7 @@ impl HostBlock {
         let body_start = ops.offset().0;
         let mut starts = Vec::with_capacity(body.len());
         // Side exits: (label of the stub, target, count).
-        let mut sides = Vec::with_capacity(8);
+        let mut sides = Vec::new();
         for piece in body {
             starts.push(ops.offset().0);
             match &piece {
@@ -527,8 +527,18 @@ impl HostBlock {
         let mut ex = Exits {
             base,
             span,
-            sites: Vec::with_capacity(4),
-            polls: Vec::with_capacity(4),
+            // As many sites as stubs: one or two for the exit, one per
+            // side exit (so the boxed slice needs no second allocation).
+            sites: Vec::with_capacity(
+                sides.len()
+                    + match exit {
+                        Some(BlockExit::Direct(_)) => 1,
+                        Some(BlockExit::Cond { .. } | BlockExit::Loop { .. })
+                        | Some(BlockExit::Jecxz { .. }) => 2,
+                        _ => 0,
+                    },
+            ),
+            polls: Vec::new(),
         };
         match exit {
             Some(BlockExit::Direct(t)) => stub(ops, &mut ex, *t, n),
