@@ -15,16 +15,14 @@
 //! here, one instruction per step.
 
 use std::collections::BTreeMap;
-use std::hash::BuildHasherDefault;
 use std::num::NonZeroUsize;
 
-use lru::LruCache;
 use popek_interp::Step;
 use popek_memory::GuestRam;
 use popek_vcpu::Vcpu;
 
 use crate::abi::{Context, LOOKUP_SHIFT};
-use crate::cache::{EipHasher, FastMap, FastSet, Key, Translation};
+use crate::cache::{FastMap, FastSet, Key, TransCache, Translation};
 use crate::chain::Link;
 use crate::emit::Pace;
 use crate::helper::{tsc_native, HelperEnv, HotStore};
@@ -54,7 +52,7 @@ fn kind_at(cpu: &mut Vcpu, eip: u32) -> (iced_x86::Mnemonic, bool) {
 pub struct Bt {
     /// The translation cache: key (EIP, physical page, privilege) to
     /// translation, least recently used first out when bounded.
-    pub(crate) cache: LruCache<Key, Translation, BuildHasherDefault<EipHasher>>,
+    pub(crate) cache: TransCache,
     pub(crate) code: Option<CodeBuffer>,
     /// Exit stubs waiting for their target to be translated, by target EIP.
     pub(crate) pending: FastMap<u32, Vec<Link>>,
@@ -165,12 +163,8 @@ impl Bt {
     /// (unbounded with None). Evicted blocks' host code stays in the code
     /// buffer until it fills and is flushed.
     pub fn new(capacity: Option<NonZeroUsize>) -> Bt {
-        let hasher = BuildHasherDefault::<EipHasher>::default();
         Bt {
-            cache: match capacity {
-                Some(c) => LruCache::with_hasher(c, hasher),
-                None => LruCache::unbounded_with_hasher(hasher),
-            },
+            cache: TransCache::new(capacity),
             code: None,
             pending: FastMap::default(),
             cross: FastMap::default(),
