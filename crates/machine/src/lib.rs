@@ -247,6 +247,9 @@ pub struct Machine {
     quit: bool,
     /// The retired count at which the run loop polls the board next.
     next_poll: u64,
+    /// The machine time the run loop last read (at its last poll of the
+    /// board), for the translator's wake time without another clock read.
+    last_now: u64,
 }
 
 /// Interpreted instructions between two polls of the board: a device
@@ -399,6 +402,7 @@ impl Machine {
             serial_input: None,
             quit: false,
             next_poll: 0,
+            last_now: 0,
             cpu,
             config,
             platform,
@@ -546,8 +550,9 @@ impl Machine {
                 if bt.pacing() == popek_translate::Pacing::Polled {
                     // Translated code that counts nothing comes back when
                     // the next device deadline comes, or after a slice (so
-                    // serial input and Ctrl-A X are noticed).
-                    let now = self.cpu.now_ns();
+                    // serial input and Ctrl-A X are noticed). The board
+                    // was polled just before this step, at `last_now`.
+                    let now = self.last_now;
                     let slice = now + POLL_SLICE_NS;
                     let at = self
                         .cpu
@@ -599,6 +604,7 @@ impl Machine {
     /// boundaries). A halted CPU wakes up. Returns the vector delivered.
     pub fn poll_interrupts(&mut self) -> Result<Option<u8>, Stop> {
         let now = self.cpu.now_ns();
+        self.last_now = now;
         self.cpu.board.advance(now);
         if self.cpu.eflags & popek_vcpu::flags::IF == 0
             || self.cpu.int_shadow
