@@ -6,6 +6,8 @@
 use iced_x86::code_asm::*;
 use popek_machine::{Config, Engine, Exit, Machine};
 
+mod common;
+
 const LOAD: u32 = 0x10_0000;
 const CODE: u32 = LOAD + 32;
 
@@ -18,23 +20,7 @@ fn image(f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
 
 /// A Multiboot image around hand-assembled code at `CODE`.
 fn raw_image(code: &[u8]) -> Vec<u8> {
-    let flags = 1u32 << 16;
-    let magic = 0x1BAD_B002u32;
-    let mut v = Vec::new();
-    for w in [
-        magic,
-        flags,
-        0u32.wrapping_sub(magic).wrapping_sub(flags),
-        LOAD,
-        LOAD,
-        0,
-        0,
-        CODE,
-    ] {
-        v.extend_from_slice(&w.to_le_bytes());
-    }
-    v.extend_from_slice(code);
-    v
+    common::multiboot_image(LOAD, CODE, code)
 }
 
 fn run_on(img: &[u8], engine: Engine, cache_blocks: Option<usize>) -> (Exit, Vec<u8>) {

@@ -13,6 +13,8 @@ use iced_x86::code_asm::*;
 use popek_machine::{Config, Exit, Machine};
 use popek_translate::Pacing;
 
+mod common;
+
 const LOAD: u32 = 0x10_0000;
 const HANDLER: u32 = LOAD + 32;
 const MAIN: u32 = HANDLER + 16;
@@ -20,25 +22,9 @@ const MAIN: u32 = HANDLER + 16;
 /// A Multiboot image (a.out-kludge header) holding an IRQ0 handler that
 /// writes isa-debug-exit, and `main` entered with interrupts off.
 fn image(main: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
-    let flags = 1u32 << 16;
-    let magic = 0x1BAD_B002u32;
-    let mut v = Vec::new();
-    for w in [
-        magic,
-        flags,
-        0u32.wrapping_sub(magic).wrapping_sub(flags),
-        LOAD,
-        LOAD,
-        0,
-        0,
-        MAIN,
-    ] {
-        v.extend_from_slice(&w.to_le_bytes());
-    }
     // mov al, 0x10; out 0xf4, al; hlt; jmp $-1
-    let handler = [0xB0, 0x10, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD];
-    v.extend_from_slice(&handler);
-    v.resize((MAIN - LOAD) as usize, 0x90);
+    let mut v = vec![0xB0, 0x10, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD];
+    v.resize((MAIN - HANDLER) as usize, 0x90);
     let mut a = CodeAssembler::new(32).unwrap();
     // IDT at 0x2000 with an interrupt gate for vector 0x20 (IRQ0 once the
     // PIC is set up below) to the handler, on the current CS.
@@ -78,7 +64,7 @@ fn image(main: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
     a.sti().unwrap();
     main(&mut a);
     v.extend_from_slice(&a.assemble(u64::from(MAIN)).unwrap());
-    v
+    common::multiboot_image(LOAD, MAIN, &v)
 }
 
 /// Run `img` on bt as `popek run` does without statistics, on a thread:

@@ -98,9 +98,10 @@ pub struct Bt {
     pub(crate) helper_insns: Vec<iced_x86::Instruction>,
     /// The paging mode of the current space.
     pub(crate) key: PagingKey,
-    /// The indirect-branch tables translated code searches (RET, indirect
-    /// JMP/CALL), indexed by the low 16 bits of the guest EIP: one for
-    /// supervisor translations, one for user ones.
+    /// The indirect-branch tables translated code looks targets up in
+    /// (RET, indirect JMP/CALL), direct maps indexed by the whole guest
+    /// EIP: one for supervisor translations, one for user ones (made with
+    /// the code buffer).
     pub(crate) lookup: Option<Box<[DirectMap; 2]>>,
     /// The EIPs each table holds a translation for.
     pub(crate) lookup_used: [Vec<u32>; 2],
@@ -145,7 +146,8 @@ pub enum Pacing {
     #[default]
     Counted,
     /// Counts nothing; returns when the run loop's wake time (see
-    /// [`Bt::set_wake`]) has come, through the poll page.
+    /// [`Bt::set_wake`], to be set before each step) has come, through
+    /// the poll page.
     Polled,
     /// Counts nothing and returns only when the code exits by itself
     /// (nothing asynchronous: a Linux program).
