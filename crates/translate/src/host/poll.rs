@@ -104,7 +104,10 @@ impl Poller {
         const TOLERANCE_NS: u64 = 50_000;
         const MIN_SLICE_NS: u64 = 20_000;
         let at = at.max(now + MIN_SLICE_NS);
-        if self.armed_at.is_some_and(|t| t <= at.saturating_add(TOLERANCE_NS)) {
+        if self
+            .armed_at
+            .is_some_and(|t| t <= at.saturating_add(TOLERANCE_NS))
+        {
             return true;
         }
         let me = std::thread::current().id();
