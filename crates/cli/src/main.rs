@@ -32,6 +32,10 @@ Examples:
   popek guests                        list the bundled guests
   popek classify                      the Popek-Goldberg classification table
   popek classify popf                 classify the code a guest runs from its entry
+  popek run compute --suspend-at-insns 1000000 --snapshot c.snap
+  popek resume c.snap                 ... and on from where it stopped
+  popek run paging --monitor unix:/tmp/m.sock &
+  popek monitor /tmp/m.sock snapshot file=p.snap
 
 popek's options go before the guest, or after a Multiboot kernel (which
 takes no arguments: use --append). Everything after a Linux program is the
@@ -39,8 +43,8 @@ program's, as with qemu-i386; `--` ends popek's options explicitly.
 
 Exit status: the guest's isa-debug-exit status ((v << 1) | 1, as QEMU), or
 0 when the guest halts for good, 2 on an error (bad image, unsupported
-operation, triple fault), 4 when --max-insns runs out, 6 when --lockstep
-finds a divergence.";
+operation, triple fault, a damaged snapshot), 4 when --max-insns runs
+out, 6 when --lockstep finds a divergence.";
 
 #[derive(Parser)]
 #[command(name = "popek", version, about = "A binary-translating virtual machine monitor for 32-bit x86", after_help = EXAMPLES)]
@@ -90,6 +94,26 @@ enum Cmd {
     },
     /// List the bundled guests.
     Guests,
+    /// Resume a machine from a snapshot (`run --suspend-at-insns`, or the
+    /// monitor's snapshot command) and run it on.
+    Resume(ResumeArgs),
+    /// Send one command to a running machine's monitor and print the
+    /// answer (a JSON line): query-status, query-stats, stop, cont,
+    /// snapshot file=PATH [diff=true], quit.
+    Monitor {
+        /// The monitor's socket (the PATH of --monitor unix:PATH).
+        socket: String,
+        /// The command.
+        command: String,
+        /// Its arguments, KEY=VALUE each.
+        args: Vec<String>,
+    },
+    /// Check a snapshot file and describe it: kind, version, sizes, where
+    /// the guest stopped, and a digest of its RAM (through its bases).
+    Inspect {
+        /// The snapshot file.
+        file: String,
+    },
     /// Write an initramfs (a cpio archive, uncompressed) for a Linux
     /// kernel: busybox-static as /bin/busybox, /init (a script of yours, or
     /// an interactive shell on the console), /dev/console, the usual
@@ -178,6 +202,70 @@ pub(crate) struct RunArgs {
     /// timer interrupts, the RTC and RDTSC are reproducible run to run.
     #[arg(long)]
     pub(crate) icount: bool,
+    #[command(flatten)]
+    pub(crate) control: ControlArgs,
+}
+
+/// Suspending to a snapshot and the monitor, shared by `run` and `resume`.
+#[derive(Args, Clone)]
+pub(crate) struct ControlArgs {
+    /// Suspend once the guest has retired N instructions (counted from
+    /// boot, across resumes): write the machine to the --snapshot file,
+    /// print where and what, and exit 0.
+    #[arg(long, value_name = "N", requires = "snapshot")]
+    pub(crate) suspend_at_insns: Option<u64>,
+    /// The snapshot file --suspend-at-insns writes.
+    #[arg(long, value_name = "FILE", requires = "suspend_at_insns")]
+    pub(crate) snapshot: Option<String>,
+    /// Write a diff snapshot: only the pages written since the snapshot
+    /// the machine resumed from (or last wrote), which stays its base.
+    #[arg(long, requires = "snapshot")]
+    pub(crate) diff: bool,
+    /// Serve the monitor (QMP-like JSON commands, one per line) on a Unix
+    /// socket: unix:PATH. `popek monitor PATH COMMAND` is a client.
+    #[arg(long, value_name = "unix:PATH")]
+    pub(crate) monitor: Option<String>,
+}
+
+/// `popek resume`'s arguments.
+#[derive(Args)]
+pub(crate) struct ResumeArgs {
+    /// The snapshot file (a diff snapshot finds its base by the path it
+    /// recorded).
+    pub(crate) file: String,
+    /// Execution engine (a snapshot resumes under either).
+    #[arg(long, value_enum, default_value = "bt")]
+    pub(crate) engine: ResumeEngine,
+    /// Stop after this many more guest instructions.
+    #[arg(long)]
+    pub(crate) max_insns: Option<u64>,
+    /// Bound the translation cache to N blocks (LRU eviction).
+    #[arg(long, value_name = "N")]
+    pub(crate) cache_blocks: Option<std::num::NonZeroUsize>,
+    /// Write every translated block to FILE, or to stderr.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub(crate) dump: Option<String>,
+    /// Print execution statistics to stderr when the guest ends.
+    #[arg(long)]
+    pub(crate) stats: bool,
+    /// Print the statistics as one JSON object to stderr.
+    #[arg(long)]
+    pub(crate) stats_json: bool,
+    /// Print every executed instruction to stderr, optionally only from
+    /// the N-th (counted from the resume).
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]
+    pub(crate) trace: Option<u64>,
+    #[command(flatten)]
+    pub(crate) control: ControlArgs,
+}
+
+/// The engines a snapshot resumes under.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ResumeEngine {
+    /// The reference interpreter.
+    Interp,
+    /// The binary translator.
+    Bt,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -206,6 +294,26 @@ fn main() -> ExitCode {
     };
     match cli.cmd {
         Cmd::Run(args) => run::run(args),
+        Cmd::Resume(args) => run::resume(args),
+        Cmd::Monitor {
+            socket,
+            command,
+            args,
+        } => match popek_machine::monitor::client(std::path::Path::new(&socket), &command, &args) {
+            Ok(answer) => {
+                println!("{answer}");
+                if answer.get("return").is_some() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Inspect { file } => run::inspect(&file),
         Cmd::Compare { prog, args, interp } => compare::compare(&prog, args, interp),
         Cmd::Demo { name, guest } => match demo::demo(&name, &guest) {
             Ok(()) => ExitCode::SUCCESS,

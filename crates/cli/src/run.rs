@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use popek_machine::{Config, Engine, Machine};
 
 use crate::stats::{print_stats, stats_json_line};
-use crate::{EngineArg, RunArgs};
+use crate::{ControlArgs, EngineArg, ResumeArgs, ResumeEngine, RunArgs};
 
 /// `popek run`.
 pub(crate) fn run(args: RunArgs) -> ExitCode {
@@ -27,6 +27,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         lockstep,
         strace,
         icount,
+        control,
     } = args;
     let (image, path) = match load_image(&guest) {
         Ok(x) => x,
@@ -69,11 +70,18 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         cache_blocks,
         trace,
         icount,
-        // Exact counts when they are reported or compared; otherwise
-        // translated code counts nothing (see Config::count_insns).
-        count_insns: stats || stats_json || lockstep,
+        // Exact counts when they are reported, compared or suspended at,
+        // or a monitor may ask; otherwise translated code counts nothing
+        // (see Config::count_insns).
+        count_insns: stats || stats_json || lockstep || control.counts(),
     };
     let multiboot = is_multiboot(&image);
+    if !multiboot && !bzimage && control.any() {
+        eprintln!(
+            "popek: {guest} is a Linux program: snapshots and the monitor are for bare-metal machines (Multiboot kernels, the Linux kernel)"
+        );
+        return ExitCode::from(2);
+    }
     let mut argv = vec![path];
     argv.extend(args);
     if matches!(engine, EngineArg::Native) {
@@ -118,7 +126,44 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(target) = dump {
+    m.suspend_at = control.suspend_at_insns;
+    drive(
+        m,
+        Output {
+            dump,
+            stats,
+            stats_json,
+            serial: multiboot || bzimage,
+        },
+        &control,
+    )
+}
+
+/// Where a run's reports go.
+struct Output {
+    dump: Option<String>,
+    stats: bool,
+    stats_json: bool,
+    /// Does the guest's serial line read popek's stdin?
+    serial: bool,
+}
+
+impl ControlArgs {
+    /// Does the run need exact instruction counts?
+    fn counts(&self) -> bool {
+        self.suspend_at_insns.is_some() || self.monitor.is_some()
+    }
+
+    /// Is anything of snapshots or the monitor asked for?
+    fn any(&self) -> bool {
+        self.counts() || self.snapshot.is_some()
+    }
+}
+
+/// Run a machine to its end (or its suspension), with the dump, the
+/// serial console, the monitor and the reports the user asked for.
+fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
+    if let Some(target) = o.dump {
         let Some(bt) = m.engine.bt_mut() else {
             eprintln!("popek: --dump shows translated code: use it with --engine bt");
             return ExitCode::from(2);
@@ -136,9 +181,18 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         };
         bt.set_dump(sink);
     }
+    if let Some(spec) = &control.monitor {
+        match popek_machine::monitor::Monitor::listen(spec) {
+            Ok(mon) => m.monitor = Some(mon),
+            Err(e) => {
+                eprintln!("popek: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     // A kernel's COM1 reads popek's stdin (raw while a terminal), as with
     // QEMU's -serial stdio; Ctrl-A X quits.
-    let _raw = multiboot.then(|| {
+    let _raw = o.serial.then(|| {
         m.serial_input = Some(popek_machine::console::stdin_reader());
         popek_machine::console::RawTerminal::new()
     });
@@ -148,16 +202,180 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     let exit = m.run(&mut out);
     let elapsed = start.elapsed();
     let _ = out.flush();
-    if stats {
+    if o.stats {
         print_stats(&m, elapsed);
     }
-    if stats_json {
+    if o.stats_json {
         eprintln!("{}", stats_json_line(&m, elapsed));
+    }
+    let suspended = exit == popek_machine::Exit::Suspended;
+    if let (true, Some(file)) = (suspended, &control.snapshot) {
+        return suspend(&mut m, std::path::Path::new(file), control.diff);
+    }
+    if control.suspend_at_insns.is_some() && !suspended {
+        eprintln!(
+            "popek: the guest ended after {} instructions, before the suspension point: no snapshot written",
+            m.cpu.retired
+        );
     }
     if let Some(msg) = exit.message() {
         eprintln!("popek: {msg}");
     }
     ExitCode::from(exit.status() as u8)
+}
+
+/// Write the snapshot of a suspended machine and say so in one line.
+fn suspend(m: &mut Machine, file: &std::path::Path, diff: bool) -> ExitCode {
+    match m.save_snapshot(file, diff) {
+        Ok(w) => {
+            eprintln!(
+                "popek: suspended at eip={:#010x} after {} instructions: wrote {} ({} snapshot, {:.1} MiB for {} MiB of RAM, {} pages stored) in {:.1} ms",
+                m.cpu.eip,
+                m.cpu.retired,
+                file.display(),
+                if w.kind == popek_machine::snapshot::Kind::Diff { "diff" } else { "full" },
+                w.bytes as f64 / (1 << 20) as f64,
+                w.memory >> 20,
+                w.pages_stored,
+                w.elapsed.as_secs_f64() * 1e3
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("popek: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `popek resume`.
+pub(crate) fn resume(args: ResumeArgs) -> ExitCode {
+    let config = Config {
+        max_insns: None,
+        engine: match args.engine {
+            ResumeEngine::Interp => Engine::Interp,
+            ResumeEngine::Bt => Engine::Bt,
+        },
+        cache_blocks: args.cache_blocks,
+        trace: args.trace,
+        count_insns: args.stats || args.stats_json || args.control.counts(),
+        ..Config::default()
+    };
+    let started = std::time::Instant::now();
+    let mut m = match Machine::resume(std::path::Path::new(&args.file), config) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("popek: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(at) = args.control.suspend_at_insns {
+        if at <= m.cpu.retired {
+            eprintln!(
+                "popek: --suspend-at-insns {at}: the snapshot is at {} instructions already",
+                m.cpu.retired
+            );
+            return ExitCode::from(2);
+        }
+    }
+    m.config.max_insns = args.max_insns;
+    m.suspend_at = args.control.suspend_at_insns;
+    if std::env::var_os("POPEK_RESUME_TIMING").is_some() {
+        eprintln!(
+            "popek: resumed {} in {:.3} ms",
+            args.file,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    drive(
+        m,
+        Output {
+            dump: args.dump,
+            stats: args.stats,
+            stats_json: args.stats_json,
+            serial: true,
+        },
+        &args.control,
+    )
+}
+
+/// `popek inspect`: check a snapshot and describe it.
+pub(crate) fn inspect(file: &str) -> ExitCode {
+    use popek_machine::snapshot::{Kind, Snapshot};
+    let path = std::path::Path::new(file);
+    let s = match Snapshot::open(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("popek: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut o = String::new();
+    macro_rules! outln {
+        ($o:expr, $($t:tt)*) => {{
+            use std::fmt::Write as _;
+            let _ = writeln!($o, $($t)*);
+        }};
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mach = s.state.mach.clone();
+    outln!(o, "file:        {file}");
+    outln!(
+        o,
+        "format:      popek snapshot {}.{}",
+        s.version.0,
+        s.version.1
+    );
+    outln!(
+        o,
+        "kind:        {}",
+        if s.kind == Kind::Diff { "diff" } else { "full" }
+    );
+    outln!(o, "id:          {}", hex(&s.id));
+    if let Some(b) = &s.state.base {
+        outln!(o, "base:        {} ({})", b.path.display(), hex(&b.id));
+    }
+    outln!(o, "size:        {} bytes", s.bytes);
+    outln!(o, "memory:      {} MiB", mach.memory >> 20);
+    outln!(o, "pages:       {} stored", s.pages_stored());
+    outln!(o, "insns:       {}", mach.retired);
+    outln!(
+        o,
+        "clock:       {} ns ({})",
+        mach.now_ns,
+        if mach.icount {
+            "instruction clock"
+        } else {
+            "host time"
+        }
+    );
+    outln!(o, "serial out:  {} bytes", mach.serial_out);
+    let config = Config {
+        engine: Engine::Interp,
+        ..Config::default()
+    };
+    match Machine::resume(path, config) {
+        Ok(m) => {
+            outln!(o, "cpu:         {}", m.cpu.summary());
+            outln!(
+                o,
+                "ram digest:  {:08x} (CRC-32 of all guest RAM)",
+                crc32(m.cpu.ram.as_slice())
+            );
+            // (A closed pipe is the reader's choice, not an error.)
+            let _ = std::io::stdout().write_all(o.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("popek: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// CRC-32 (IEEE) of `b`.
+fn crc32(b: &[u8]) -> u32 {
+    popek_machine::snapshot::crc32(b)
 }
 
 /// Read a guest image: a bundled guest by name, else a file. Returns the

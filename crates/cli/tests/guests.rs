@@ -5,49 +5,14 @@
 //! Guests QEMU cannot judge (see guests/guests.txt) are checked against the
 //! verdicts they print from the Intel SDM's definitions.
 
+mod common;
+
+use common::run_with_timeout;
 use std::io::Read;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const POPEK: &str = env!("CARGO_BIN_EXE_popek");
-
-/// Run a command with a deadline; a hang is a test failure, not a stuck CI.
-fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        stdout.read_to_end(&mut v).unwrap();
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        stderr.read_to_end(&mut v).unwrap();
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{cmd:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-    }
-}
 
 fn qemu(path: &str) -> Output {
     let mut cmd = Command::new("qemu-system-i386");
@@ -319,6 +284,44 @@ fn serial_input_reaches_the_guest_as_under_qemu() {
         let got = with_input_when_ready(
             Command::new(POPEK).args(["run", "--engine", engine, "echo"]),
             b"hello popek\n",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{engine}"
+        );
+    }
+}
+
+/// The clone guest (the snapshot tests' guest) answers lines from the
+/// serial line as under QEMU.
+#[test]
+fn the_clone_guest_answers_lines_as_under_qemu() {
+    let g = popek_guests::find("clone").expect("bundled");
+    let input: &'static [u8] = b"hello popek\nsecond line\nquit\n";
+    let want = with_input_when_ready(
+        Command::new("qemu-system-i386").args([
+            "-kernel",
+            g.path,
+            "-serial",
+            "stdio",
+            "-display",
+            "none",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-no-reboot",
+        ]),
+        input,
+    );
+    assert!(
+        String::from_utf8_lossy(&want).contains("line 2: SECOND LINE"),
+        "{}",
+        String::from_utf8_lossy(&want)
+    );
+    for engine in ENGINES {
+        let got = with_input_when_ready(
+            Command::new(POPEK).args(["run", "--engine", engine, "clone"]),
+            input,
         );
         assert_eq!(
             String::from_utf8_lossy(&got),

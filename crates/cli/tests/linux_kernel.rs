@@ -5,6 +5,8 @@
 //! files and command line. The userspace output must be the same, and so
 //! must the isa-debug-exit status the script ends with.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -266,4 +268,90 @@ fn debian_kernel_runs_the_check_script_under_the_interpreter() {
 #[ignore = "tens of minutes: cargo test -p popek --test linux_kernel -- --ignored"]
 fn debian_kernel_runs_the_check_script_in_lockstep() {
     check_script_with(&["--lockstep"], Duration::from_secs(4 * 3600));
+}
+
+/// Suspend and resume: on the instruction clock, the kernel suspended in
+/// the middle of its boot (a full snapshot), resumed and suspended again in
+/// the middle of the script (a diff snapshot on the first), resumed from
+/// the diff and suspended near the end (a diff on the diff), and the last
+/// stretch resumed under the interpreter, prints what the run that was
+/// never stopped prints, and ends with its status.
+#[test]
+fn debian_kernel_suspends_and_resumes_where_it_stopped() {
+    let rd = initramfs("snapshot", Some(CHECK_INIT));
+    let dir = rd.parent().unwrap().to_path_buf();
+    let whole = common::run_with_timeout(
+        popek_with(&rd, &["--icount", "--stats-json"]).stdin(Stdio::null()),
+        LIMIT,
+    );
+    let err = String::from_utf8_lossy(&whole.stderr).into_owned();
+    let key = "\"guest_instructions\": ";
+    let total: u64 = err[err.find(key).expect(&err) + key.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let points = [total * 2 / 5, total * 7 / 10, total - 20_000_000];
+    let snaps: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("s{i}.snap"))).collect();
+    let mut out = Vec::new();
+    let first = common::run_with_timeout(
+        popek_with(
+            &rd,
+            &[
+                "--icount",
+                "--suspend-at-insns",
+                &points[0].to_string(),
+                "--snapshot",
+                snaps[0].to_str().unwrap(),
+            ],
+        )
+        .stdin(Stdio::null()),
+        LIMIT,
+    );
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    out.extend_from_slice(&first.stdout);
+    for i in 1..3 {
+        let o = common::run_with_timeout(
+            Command::new(POPEK)
+                .arg("resume")
+                .arg(&snaps[i - 1])
+                .args(["--suspend-at-insns", &points[i].to_string(), "--snapshot"])
+                .arg(&snaps[i])
+                .arg("--diff")
+                .stdin(Stdio::null()),
+            LIMIT,
+        );
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{e}");
+        assert!(e.contains("diff snapshot"), "{e}");
+        out.extend_from_slice(&o.stdout);
+    }
+    let last = common::run_with_timeout(
+        Command::new(POPEK)
+            .arg("resume")
+            .arg(&snaps[2])
+            .args(["--engine", "interp"])
+            .stdin(Stdio::null()),
+        LIMIT,
+    );
+    out.extend_from_slice(&last.stdout);
+    let lines = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .replace('\r', "")
+            .lines()
+            .filter(|l| !is_kernel_message(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let want = lines(&whole.stdout);
+    assert!(want.contains("=== end"), "{want}");
+    assert_eq!(lines(&out), want);
+    assert_eq!(last.status.code(), whole.status.code());
+    assert_eq!(whole.status.code(), Some(33));
 }

@@ -16,7 +16,9 @@ pub mod elf32;
 pub mod initramfs;
 pub mod linux;
 pub mod lockstep;
+pub mod monitor;
 pub mod multiboot;
+pub mod snapshot;
 pub mod trap;
 
 use std::io::Write;
@@ -160,6 +162,11 @@ pub enum Exit {
     /// The guest reset the machine (a kernel's reboot): popek ends the run,
     /// as QEMU does with -no-reboot.
     Reset,
+    /// The monitor's `quit` command.
+    MonitorQuit,
+    /// The guest retired [`Machine::suspend_at`] instructions: the machine
+    /// stops there, to be saved.
+    Suspended,
 }
 
 impl Exit {
@@ -171,7 +178,7 @@ impl Exit {
             Exit::DebugExit(s) | Exit::Exited(s) => *s,
             Exit::Signal(f) => 128 + f.signo,
             Exit::Killed(s) => 128 + s,
-            Exit::Quit | Exit::Reset => 0,
+            Exit::Quit | Exit::Reset | Exit::MonitorQuit | Exit::Suspended => 0,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -196,6 +203,8 @@ impl Exit {
             )),
             Exit::Killed(s) => Some(format!("guest killed by {}", linux::sig::name(*s))),
             Exit::Quit => Some("terminated from the console (Ctrl-A X)".into()),
+            Exit::MonitorQuit => Some("terminated from the monitor (quit)".into()),
+            Exit::Suspended => None,
             Exit::Reset => {
                 Some("the guest reset the machine; the run ends (as QEMU's -no-reboot)".into())
             }
@@ -250,6 +259,19 @@ pub struct Machine {
     /// The machine time the run loop last read (at its last poll of the
     /// board), for the translator's wake time without another clock read.
     last_now: u64,
+    /// Serial bytes the guest has sent to the host so far.
+    pub serial_out: u64,
+    /// The snapshot the machine's memory last agreed with (resumed from or
+    /// written), with the dirty log running since: the base of a diff
+    /// snapshot taken now.
+    pub base: Option<snapshot::SnapshotRef>,
+    /// The monitor's channel, when one listens (`--monitor`).
+    pub monitor: Option<monitor::Monitor>,
+    /// The monitor stopped the guest: machine time and TSC when it did.
+    paused: Option<(u64, u64)>,
+    /// Stop the run ([`Exit::Suspended`]) once this many instructions have
+    /// retired (counted from boot, across resumes), exactly.
+    pub suspend_at: Option<u64>,
 }
 
 /// Interpreted instructions between two polls of the board: a device
@@ -260,6 +282,10 @@ const POLL_EVERY: u64 = 64;
 /// The longest translated code that counts nothing runs before the run
 /// loop looks at serial input and the board again (host time).
 const POLL_SLICE_NS: u64 = 4_000_000;
+
+/// The longest a halted machine waits before it looks at the monitor's
+/// commands again.
+const MONITOR_WAIT_NS: u64 = 20_000_000;
 
 /// Counters of the board and the run loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -403,6 +429,11 @@ impl Machine {
             quit: false,
             next_poll: 0,
             last_now: 0,
+            serial_out: 0,
+            base: None,
+            monitor: None,
+            paused: None,
+            suspend_at: None,
             cpu,
             config,
             platform,
@@ -427,6 +458,206 @@ impl Machine {
             config,
             Platform::Linux(Box::new(process)),
         ))
+    }
+
+    /// Resume a machine from a snapshot (and the chain of bases a diff
+    /// snapshot needs). Its memory is mapped from the files, shared with
+    /// every other machine resumed from them until written (see
+    /// `popek_memory::Backing`); the dirty log runs from here, so a diff
+    /// snapshot against this one can be taken later. `config`'s memory
+    /// size, command line and clock mode are the snapshot's.
+    pub fn resume(
+        path: &std::path::Path,
+        config: Config,
+    ) -> Result<Machine, snapshot::SnapshotError> {
+        let s = snapshot::Snapshot::open(path)?;
+        let chain = s.chain()?;
+        let ram = snapshot::restore_ram(&chain)?;
+        let top = &chain[0];
+        let mach = &top.state.mach;
+        let config = Config {
+            memory: mach.memory,
+            cmdline: String::from_utf8_lossy(&mach.cmdline).into_owned(),
+            icount: mach.icount,
+            ..config
+        };
+        let mut m = Machine::assemble(Vcpu::new(ram), config, Platform::BareMetal);
+        top.apply(&mut m.cpu)?;
+        m.next_poll = m.cpu.retired + mach.poll_in;
+        m.serial_out = mach.serial_out;
+        m.stats.halted_ns = mach.halted_ns;
+        m.cpu
+            .ram
+            .start_dirty_log()
+            .map_err(|e| snapshot::SnapshotError(e.to_string()))?;
+        m.base = Some(snapshot::SnapshotRef {
+            path: snapshot::absolute(path),
+            id: top.id,
+        });
+        Ok(m)
+    }
+
+    /// Write the machine to a snapshot file at `path`: everything, or
+    /// (`diff`) the pages written since [`Machine::base`]. The machine can
+    /// go on running; the dirty log restarts, so that the next diff
+    /// snapshot is against this one.
+    pub fn save_snapshot(
+        &mut self,
+        path: &std::path::Path,
+        diff: bool,
+    ) -> Result<snapshot::Written, snapshot::SnapshotError> {
+        if let Platform::Linux(_) = self.platform {
+            return Err(snapshot::SnapshotError(
+                "a Linux program cannot be snapshotted: its state includes host files and processes (snapshots are for bare-metal machines: Multiboot kernels and the Linux kernel)".into(),
+            ));
+        }
+        let base =
+            match (diff, &self.base) {
+                (false, _) => None,
+                (true, Some(b)) => Some(b.clone()),
+                (true, None) => return Err(snapshot::SnapshotError(
+                    "a diff snapshot needs a base: resume from a snapshot or take a full one first"
+                        .into(),
+                )),
+            };
+        let written = snapshot::write(self, path, base.as_ref())?;
+        self.cpu
+            .ram
+            .start_dirty_log()
+            .map_err(|e| snapshot::SnapshotError(e.to_string()))?;
+        self.base = Some(snapshot::SnapshotRef {
+            path: snapshot::absolute(path),
+            id: written.id,
+        });
+        Ok(written)
+    }
+
+    /// Carry out the monitor's commands waiting (all of them, and while
+    /// the guest is stopped, every command until `cont` or `quit`).
+    /// Some(exit) when one ended the run.
+    fn serve_monitor(&mut self) -> Option<Exit> {
+        loop {
+            let monitor = self.monitor.as_ref()?;
+            let req = if self.paused.is_some() {
+                match monitor.next_within(std::time::Duration::from_millis(100)) {
+                    Some(r) => r,
+                    None => continue,
+                }
+            } else {
+                monitor.try_next()?
+            };
+            let (answer, exit) = self.command(&req.execute, &req.arguments);
+            req.answer(answer, exit.is_some());
+            if exit.is_some() {
+                return exit;
+            }
+        }
+    }
+
+    /// One monitor command: the answer, and an exit if it ends the run.
+    pub fn command(
+        &mut self,
+        execute: &str,
+        arguments: &serde_json::Value,
+    ) -> (serde_json::Value, Option<Exit>) {
+        use serde_json::json;
+        let status = |m: &Machine| {
+            json!({
+                "status": if m.paused.is_some() { "paused" } else { "running" },
+                "running": m.paused.is_none(),
+                "insns": m.cpu.retired,
+                "eip": m.cpu.eip,
+                "halted": m.cpu.halted,
+                "serial_bytes": m.serial_out,
+            })
+        };
+        match execute {
+            "query-status" => (monitor::ok(status(self)), None),
+            "query-stats" => {
+                let interrupts: u64 = self.stats.interrupts.values().map(|v| v.1).sum();
+                let mut v = json!({
+                    "insns": self.cpu.retired,
+                    "page_faults": self.cpu.page_faults,
+                    "interrupts": interrupts,
+                    "halted_ms": self.stats.halted_ns / 1_000_000,
+                    "serial_bytes": self.serial_out,
+                    "dirty_pages": self.cpu.ram.dirty_pages().len(),
+                    "shared_pages": self.cpu.ram.shared_pages(),
+                    "copied_pages": self.cpu.ram.copied_pages(),
+                });
+                if let Some(bt) = self.engine.bt() {
+                    let s = &bt.stats;
+                    v["blocks_translated"] = json!(s.blocks_translated);
+                    v["translate_ms"] = json!(s.translate_ns / 1_000_000);
+                    v["invalidations"] = json!(s.invalidations);
+                }
+                (monitor::ok(v), None)
+            }
+            "stop" => {
+                if self.paused.is_none() {
+                    self.paused = Some((self.cpu.now_ns(), self.cpu.tsc()));
+                }
+                (monitor::ok(status(self)), None)
+            }
+            "cont" => {
+                if let Some((now, tsc)) = self.paused.take() {
+                    // The guest's clocks stood still while it was stopped.
+                    self.cpu.set_now_ns(now);
+                    self.cpu.set_tsc(tsc);
+                    self.last_now = now;
+                }
+                (monitor::ok(status(self)), None)
+            }
+            "snapshot" => {
+                let Some(file) = arguments.get("file").and_then(|v| v.as_str()) else {
+                    return (
+                        monitor::error("GenericError", "snapshot needs {\"file\": PATH}"),
+                        None,
+                    );
+                };
+                let diff = arguments
+                    .get("diff")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                // A stopped guest is saved with the time it stopped at.
+                let saved = self.paused.map(|(now, tsc)| {
+                    let live = (self.cpu.now_ns(), self.cpu.tsc());
+                    self.cpu.set_now_ns(now);
+                    self.cpu.set_tsc(tsc);
+                    live
+                });
+                let r = self.save_snapshot(std::path::Path::new(file), diff);
+                if let Some((now, tsc)) = saved {
+                    self.cpu.set_now_ns(now);
+                    self.cpu.set_tsc(tsc);
+                }
+                match r {
+                    Ok(w) => (
+                        monitor::ok(json!({
+                            "file": file,
+                            "kind": if w.kind == snapshot::Kind::Diff { "diff" } else { "full" },
+                            "bytes": w.bytes,
+                            "pages_stored": w.pages_stored,
+                            "memory": w.memory,
+                            "ms": w.elapsed.as_secs_f64() * 1e3,
+                            "insns": self.cpu.retired,
+                            "eip": self.cpu.eip,
+                            "serial_bytes": self.serial_out,
+                        })),
+                        None,
+                    ),
+                    Err(e) => (monitor::error("GenericError", e.to_string()), None),
+                }
+            }
+            "quit" => (monitor::ok(json!({})), Some(Exit::MonitorQuit)),
+            other => (
+                monitor::error(
+                    "CommandNotFound",
+                    format!("the command {other} has not been found"),
+                ),
+                None,
+            ),
+        }
     }
 
     /// Up to 15 instruction bytes at CS:`eip`, for reports.
@@ -492,11 +723,19 @@ impl Machine {
                     eip: self.cpu.eip,
                 };
             }
+            // The suspension point counts retired instructions only, so
+            // that it is exact (a fault retires nothing).
+            let to_suspend = self
+                .suspend_at
+                .map_or(u64::MAX, |t| t.saturating_sub(self.cpu.retired));
+            if to_suspend == 0 {
+                break Exit::Suspended;
+            }
             steps += 1;
             if self.config.trace.is_some_and(|from| steps > from) {
                 self.trace_one();
             }
-            if let Some(e) = self.step(budget - used, out, err) {
+            if let Some(e) = self.step((budget - used).min(to_suspend), out, err) {
                 break e;
             }
         };
@@ -518,6 +757,11 @@ impl Machine {
             self.take_serial_input(None);
             if self.quit {
                 return Some(Exit::Quit);
+            }
+        }
+        if self.monitor.is_some() {
+            if let Some(exit) = self.serve_monitor() {
+                return Some(exit);
             }
         }
         // Poll the board before every step that can run many instructions
@@ -572,6 +816,7 @@ impl Machine {
             // with no newline must not wait in a line buffer while the
             // guest waits for what the user types in answer.
             let bytes = self.cpu.board.uart.take_output();
+            self.serial_out += bytes.len() as u64;
             let _ = out.write_all(&bytes).and_then(|()| out.flush());
         }
         if let Some(s) = self.cpu.board.exit_requested() {
@@ -639,7 +884,11 @@ impl Machine {
         match self.cpu.board.next_deadline() {
             _ if can_wake && pending => None,
             Some(t) if can_wake => {
-                let wait = t.saturating_sub(now);
+                let mut wait = t.saturating_sub(now);
+                if self.monitor.is_some() {
+                    // Commands are served between steps: wake up for them.
+                    wait = wait.min(MONITOR_WAIT_NS);
+                }
                 if self.cpu.clock_counts_instructions {
                     self.cpu.idle_ns += wait;
                 } else if input {
@@ -657,7 +906,12 @@ impl Machine {
             // Only the serial line can wake the CPU: wait for it.
             None if can_wake && input => {
                 let started = std::time::Instant::now();
-                let open = self.take_serial_input(Some(std::time::Duration::MAX));
+                let wait = if self.monitor.is_some() {
+                    std::time::Duration::from_nanos(MONITOR_WAIT_NS)
+                } else {
+                    std::time::Duration::MAX
+                };
+                let open = self.take_serial_input(Some(wait));
                 self.stats.halted_ns += started.elapsed().as_nanos() as u64;
                 if self.quit {
                     Some(Exit::Quit)

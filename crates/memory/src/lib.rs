@@ -21,8 +21,10 @@ use std::ptr::NonNull;
 
 use memmap2::{MmapMut, MmapOptions};
 
+mod backing;
 mod shadow;
 
+pub use backing::Backing;
 pub use shadow::Access;
 
 /// The page size of the guest (and of the host), 4 KiB.
@@ -45,6 +47,12 @@ pub struct GuestRam {
     /// The shadow windows (linear addresses under guest paging), one per
     /// shadow address space, created on first use; see [`GuestRam::shadow`].
     shadows: Vec<Option<shadow::Shadow>>,
+    /// One bit per page: does a write to it need more than the store
+    /// (it is watched, backed by a snapshot file, or logged clean)? The
+    /// one bit the write path tests.
+    attention: Vec<u64>,
+    /// Pages backed by snapshot files and the dirty log (see [`backing`]).
+    backing: backing::State,
 }
 
 /// Bytes a [`Window`] reserves from its base: the 4 GiB guest address
@@ -216,6 +224,8 @@ impl GuestRam {
             pending: vec![0; pages.div_ceil(64)],
             writes: Vec::new(),
             shadows: Vec::new(),
+            attention: vec![0; pages.div_ceil(64)],
+            backing: backing::State::new(pages),
         })
     }
 
@@ -243,6 +253,7 @@ impl GuestRam {
                 return Err(err("cannot map guest RAM into the window"));
             }
             self.window = Some(window);
+            self.apply_backing_to_window()?;
         }
         Ok(self.window.as_ref().expect("created above"))
     }
@@ -257,8 +268,13 @@ impl GuestRam {
         &self.map
     }
 
-    /// All of RAM as a mutable byte slice.
+    /// All of RAM as a mutable byte slice (every page counts as written).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let mut a = 0;
+        while a < self.size {
+            self.note_write(a, PAGE_SIZE);
+            a += PAGE_SIZE;
+        }
         &mut self.map
     }
 
@@ -293,17 +309,39 @@ impl GuestRam {
         let first = addr / PAGE_SIZE;
         let end = addr.wrapping_add(len - 1);
         let last = end / PAGE_SIZE;
-        if bit(&self.watched, first) {
+        if bit(&self.attention, first) {
             let hi = if last == first {
                 end % PAGE_SIZE + 1
             } else {
                 PAGE_SIZE
             };
-            self.record(first, addr % PAGE_SIZE, hi, accessed_dirty);
+            self.attend(first, addr % PAGE_SIZE, hi, accessed_dirty);
         }
-        if last != first && bit(&self.watched, last) {
-            self.record(last, 0, end % PAGE_SIZE + 1, accessed_dirty);
+        if last != first && bit(&self.attention, last) {
+            self.attend(last, 0, end % PAGE_SIZE + 1, accessed_dirty);
         }
+    }
+
+    /// A write to a page that needs attention: give it its own copy if a
+    /// snapshot file backs it, mark it dirty if the log holds it clean,
+    /// record it if it is watched.
+    #[cold]
+    fn attend(&mut self, page: u32, lo: u32, hi: u32, accessed_dirty: bool) {
+        self.before_write(page);
+        if bit(&self.watched, page) {
+            self.record(page, lo, hi, accessed_dirty);
+        }
+    }
+
+    /// Recompute the attention bit of a page.
+    fn update_attention(&mut self, page: u32) {
+        let on = bit(&self.watched, page) || self.backing.needs_attention(page);
+        set_bit(&mut self.attention, page, on);
+    }
+
+    /// May translated code write the page (nothing to notice on a write)?
+    fn writable(&self, page: u32) -> bool {
+        !bit(&self.attention, page)
     }
 
     #[cold]
@@ -343,8 +381,10 @@ impl GuestRam {
     pub fn watch_page(&mut self, page: u32) -> Result<(), RamError> {
         if page < self.size / PAGE_SIZE && !bit(&self.watched, page) {
             set_bit(&mut self.watched, page, true);
+            self.update_attention(page);
             if let Err(e) = self.protect(page, false) {
                 set_bit(&mut self.watched, page, false);
+                self.update_attention(page);
                 // Undo what part of it was done; the watch failed anyway.
                 let _ = self.protect(page, true);
                 return Err(e);
@@ -358,8 +398,13 @@ impl GuestRam {
     /// the host refuses to change the protection.
     pub fn unwatch_page(&mut self, page: u32) -> Result<(), RamError> {
         if bit(&self.watched, page) {
-            self.protect(page, true)?;
             set_bit(&mut self.watched, page, false);
+            self.update_attention(page);
+            if let Err(e) = self.protect(page, true) {
+                set_bit(&mut self.watched, page, true);
+                self.update_attention(page);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -391,10 +436,12 @@ impl GuestRam {
         writes
     }
 
-    /// Make a physical page read-only (or writable again, unless still
-    /// watched) in the window; its shadow aliases become read-only, or are
-    /// dropped to be mapped again on their next use.
+    /// Make a physical page read-only (or writable again, unless a write
+    /// to it still needs attention) in the window; its shadow aliases
+    /// become read-only, or are dropped to be mapped again on their next
+    /// use.
     fn protect(&mut self, page: u32, writable: bool) -> Result<(), RamError> {
+        let writable = writable && self.writable(page);
         self.protect_aliases(page, writable)?;
         let Some(w) = &self.window else {
             return Ok(());
@@ -497,6 +544,11 @@ impl GuestRam {
     /// Fill `[addr, addr+len)` with zeros; false if it is not all RAM.
     pub fn zero(&mut self, addr: u32, len: u32) -> bool {
         if self.contains(addr, len) {
+            let mut p = addr & !(PAGE_SIZE - 1);
+            while p < addr + len {
+                self.note_write(p, PAGE_SIZE);
+                p += PAGE_SIZE;
+            }
             let a = addr as usize;
             self.map[a..a + len as usize].fill(0);
             true

@@ -153,7 +153,7 @@ impl GuestRam {
         let Some((phys, _)) = self.shadow_entry(space, lin) else {
             return false;
         };
-        let access = if writable && !self.is_watched(phys) {
+        let access = if writable && self.writable(phys) {
             Access::Write
         } else {
             Access::Read
@@ -172,8 +172,10 @@ impl GuestRam {
     }
 
     /// Map `count` linear pages from `lin` to the physical pages from
-    /// `phys` in shadow `space`, in one host call: read-only unless
-    /// `writable`, watched pages read-only in any case. False (and nothing
+    /// `phys` in shadow `space`, in as few host calls as the pages'
+    /// sources allow: read-only unless `writable`; pages whose writes need
+    /// attention (watched, backed by a snapshot file, logged clean)
+    /// read-only in any case. False (and nothing
     /// mapped) when the physical pages are not all RAM or there is no such
     /// shadow.
     pub fn shadow_map_run(
@@ -192,74 +194,89 @@ impl GuestRam {
         {
             return false;
         }
-        let watched: Vec<u32> = if writable {
-            (phys..phys + count)
-                .filter(|&p| self.is_watched(p))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let fd = self.fd.as_raw_fd();
+        // Where each page comes from (the memfd, or the snapshot file that
+        // still backs it) and whether translated code may write it: one
+        // host call per stretch that agrees on both.
+        let memfd = self.fd.as_raw_fd();
+        let plan: Vec<(i32, i64, bool)> = (phys..phys + count)
+            .map(|p| {
+                let (fd, off) = self
+                    .backing
+                    .source_of(p)
+                    .unwrap_or((memfd, i64::from(p) * i64::from(PAGE_SIZE)));
+                (fd, off, writable && self.writable(p))
+            })
+            .collect();
         let Some(Some(s)) = self.shadows.get_mut(space) else {
             return false;
         };
-        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         let at = |l: u32| {
             // SAFETY: pointer arithmetic inside the shadow reservation
             // (linear pages are below 2^20, checked above).
             unsafe { s.window.base().add((l * PAGE_SIZE) as usize) }
         };
-        // SAFETY: MAP_FIXED replaces `count` pages inside the shadow
-        // reservation, which `s.window` owns; the memfd holds the physical
-        // pages (checked above), so the mapping aliases guest RAM only.
-        let r = unsafe {
-            libc::mmap(
-                at(lin).cast(),
-                (count * PAGE_SIZE) as usize,
-                prot,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd,
-                i64::from(phys * PAGE_SIZE),
-            )
-        };
-        if r == libc::MAP_FAILED {
-            return false;
-        }
-        let watched_pages = watched.clone();
-        for p in watched {
-            // SAFETY: a page of the run just mapped, inside the reservation.
+        let mut i = 0;
+        while i < count {
+            let (fd, off, w) = plan[i as usize];
+            let mut n = 1;
+            while i + n < count
+                && plan[(i + n) as usize] == (fd, off + i64::from(n) * i64::from(PAGE_SIZE), w)
+            {
+                n += 1;
+            }
+            let prot = libc::PROT_READ | if w { libc::PROT_WRITE } else { 0 };
+            // SAFETY: MAP_FIXED replaces `n` pages inside the shadow
+            // reservation, which `s.window` owns; the memfd (or the file
+            // backing them) holds the physical pages (checked above), so
+            // the mapping aliases guest RAM only.
             let r = unsafe {
-                libc::mprotect(
-                    at(lin + (p - phys)).cast(),
-                    PAGE_SIZE as usize,
-                    libc::PROT_READ,
+                libc::mmap(
+                    at(lin + i).cast(),
+                    (n * PAGE_SIZE) as usize,
+                    prot,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd,
+                    off,
                 )
             };
-            if r != 0 {
-                // It must not stay writable: take the whole run back.
+            if r == libc::MAP_FAILED {
+                // Take back what was mapped of the run.
                 let _ = unreserve(at(lin), (count * PAGE_SIZE) as usize);
                 for l in lin..lin + count {
                     s.forget(l);
                 }
                 return false;
             }
+            i += n;
         }
-        let base = if writable {
-            Access::Write
-        } else {
-            Access::Read
-        };
         for i in 0..count {
             s.forget(lin + i);
-            let access = if writable && watched_pages.contains(&(phys + i)) {
-                Access::Read
+            let access = if plan[i as usize].2 {
+                Access::Write
             } else {
-                base
+                Access::Read
             };
             s.shadow_of.insert(lin + i, (phys + i, access));
             s.aliases.entry(phys + i).or_default().push(lin + i);
         }
         true
+    }
+
+    /// Make every writable page of every shadow read-only (the dirty log
+    /// starting).
+    pub(crate) fn readonly_aliases(&mut self) -> Result<(), RamError> {
+        for s in self.shadows.iter_mut().flatten() {
+            let writable: Vec<u32> = s
+                .shadow_of
+                .iter()
+                .filter(|(_, e)| e.1 == Access::Write)
+                .map(|(&l, _)| l)
+                .collect();
+            for lin in writable {
+                s.protect(lin, Access::Read)?;
+            }
+        }
+        Ok(())
     }
 
     /// Drop every mapping of shadow `space` (every linear page `PROT_NONE`
@@ -370,7 +387,7 @@ fn unreserve(at: *mut u8, len: usize) -> Result<(), RamError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::GuestRam;
 
     fn read(base: *mut u8, at: u32) -> u32 {
@@ -412,7 +429,7 @@ mod tests {
 
     /// The host's protection of the page at `addr` ("rw-s", "---s", ...),
     /// from /proc/self/maps.
-    fn host_prot(addr: usize) -> String {
+    pub(crate) fn host_prot(addr: usize) -> String {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         for l in maps.lines() {
             let mut f = l.split_whitespace();

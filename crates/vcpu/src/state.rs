@@ -267,8 +267,12 @@ pub struct Vcpu {
     pub clock_counts_instructions: bool,
     /// Time the instruction clock skipped while the CPU was halted (ns).
     pub idle_ns: u64,
-    /// When the machine was created (host time), the origin of device time.
+    /// When the machine was created or resumed (host time), the origin of
+    /// device time.
     pub boot: std::time::Instant,
+    /// Machine time at `boot` (ns): nonzero when a machine resumes from a
+    /// snapshot, so its clock goes on from where it stopped.
+    pub clock_base_ns: u64,
     /// The CPU executed HLT and waits for an interrupt.
     pub halted: bool,
     /// Interrupts are inhibited for one instruction (after STI, MOV SS, POP SS).
@@ -328,6 +332,7 @@ impl Vcpu {
             clock_counts_instructions: false,
             idle_ns: 0,
             boot: std::time::Instant::now(),
+            clock_base_ns: 0,
             halted: false,
             int_shadow: false,
             ram,
@@ -375,7 +380,7 @@ impl Vcpu {
         if self.clock_counts_instructions {
             self.retired + self.idle_ns
         } else {
-            self.boot.elapsed().as_nanos() as u64
+            self.clock_base_ns + self.boot.elapsed().as_nanos() as u64
         }
     }
 
@@ -385,6 +390,17 @@ impl Vcpu {
             self.now_ns()
         } else {
             host_tsc()
+        }
+    }
+
+    /// Set the machine time (ns) from now on: the clock goes on from `ns`
+    /// (a machine resumed from a snapshot, or continued after a pause).
+    pub fn set_now_ns(&mut self, ns: u64) {
+        if self.clock_counts_instructions {
+            self.idle_ns = ns.saturating_sub(self.retired);
+        } else {
+            self.boot = std::time::Instant::now();
+            self.clock_base_ns = ns;
         }
     }
 

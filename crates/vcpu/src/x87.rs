@@ -107,6 +107,17 @@ impl Default for Fpu {
 }
 
 impl Fpu {
+    /// The FXSAVE image of the guest's x87 state (Intel SDM Vol. 1
+    /// §10.5.1, Table 10-2): what a snapshot stores.
+    pub fn image(&self) -> &[u8; 512] {
+        &self.call.image
+    }
+
+    /// Replace the x87 state with an FXSAVE image (a snapshot's).
+    pub fn set_image(&mut self, image: &[u8; 512]) {
+        self.call.image = *image;
+    }
+
     /// The x87 control word.
     pub fn fcw(&self) -> u16 {
         u16::from_le_bytes([self.call.image[off::FCW], self.call.image[off::FCW + 1]])

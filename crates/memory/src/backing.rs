@@ -1,0 +1,567 @@
+//! Guest RAM backed by snapshot files, and the dirty log.
+//!
+//! **Backing.** A machine resumed from a snapshot does not copy the
+//! snapshot's memory: each stored page is mapped straight from the file,
+//! read-only and `MAP_SHARED`, into the host's view, the window and the
+//! shadows. Every process that resumes the same file shares those pages
+//! through the host's page cache, so N clones of a guest cost about one
+//! guest's RAM plus what each one writes. A page is copied into the
+//! machine's own RAM (the memfd) on its first write, and its mappings are
+//! switched over: copy-on-write done by popek rather than by the kernel,
+//! because guest RAM must be mapped several times (window, shadows) and a
+//! private file mapping cannot be aliased.
+//!
+//! **Dirty log.** While the log runs, every page it holds clean is
+//! read-only to translated code, exactly as a watched code page is
+//! ([`GuestRam::watch_page`]); the first write to it, from host code or
+//! from the interpreter redoing a faulting store, marks it dirty and makes
+//! it writable again. Diff snapshots and live migration read the log.
+//!
+//! Both feed one per-page bit, [`GuestRam`]'s `attention`, which is what
+//! the write path tests.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use crate::{bit, set_bit, GuestRam, RamError, PAGE_SIZE};
+
+/// Where the pages of a snapshot file go: `count` guest pages from
+/// `first` hold the file's bytes from `offset` (a multiple of the page
+/// size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backing {
+    /// The first guest physical page.
+    pub first: u32,
+    /// How many pages.
+    pub count: u32,
+    /// Byte offset in the file.
+    pub offset: u64,
+}
+
+/// The backing and dirty-log state of guest RAM.
+pub(crate) struct State {
+    /// Files pages are mapped from (kept open for the shadows' mappings).
+    files: Vec<File>,
+    /// One bit per page: still mapped from a file (read-only everywhere).
+    shared: Vec<u64>,
+    /// For each page, the file index and the file page it is mapped from
+    /// (meaningful where `shared` is set; empty until a file backs RAM).
+    source: Vec<(u32, u32)>,
+    /// Is the dirty log running?
+    logging: bool,
+    /// One bit per page: clean since the log started (read-only).
+    clean: Vec<u64>,
+    /// One bit per page: written since the log started.
+    dirty: Vec<u64>,
+    /// Pages copied out of a file on their first write.
+    pub(crate) copied: u64,
+}
+
+impl State {
+    pub(crate) fn new(pages: usize) -> State {
+        State {
+            files: Vec::new(),
+            shared: vec![0; pages.div_ceil(64)],
+            source: Vec::new(),
+            logging: false,
+            clean: vec![0; pages.div_ceil(64)],
+            dirty: vec![0; pages.div_ceil(64)],
+            copied: 0,
+        }
+    }
+
+    /// Does a write to the page need more than the store?
+    pub(crate) fn needs_attention(&self, page: u32) -> bool {
+        bit(&self.shared, page) || bit(&self.clean, page)
+    }
+
+    /// The file and byte offset page `page` is mapped from, if any.
+    pub(crate) fn source_of(&self, page: u32) -> Option<(i32, i64)> {
+        if !bit(&self.shared, page) {
+            return None;
+        }
+        let (f, fp) = self.source[page as usize];
+        Some((
+            self.files[f as usize].as_raw_fd(),
+            i64::from(fp) * i64::from(PAGE_SIZE),
+        ))
+    }
+}
+
+/// `mmap` with `MAP_FIXED` over `[at, at+len)`, which the caller owns.
+///
+/// # Safety
+///
+/// `[at, at+len)` must lie inside a mapping the caller owns and that no
+/// Rust reference covers while it is replaced.
+unsafe fn map_fixed(
+    at: *mut u8,
+    len: usize,
+    prot: i32,
+    fd: i32,
+    offset: i64,
+) -> Result<(), RamError> {
+    // SAFETY: the caller's contract; MAP_FIXED replaces exactly that range.
+    let r = unsafe {
+        libc::mmap(
+            at.cast(),
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            offset,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(RamError(format!(
+            "cannot map guest RAM ({len} bytes): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+impl GuestRam {
+    /// Back guest pages with the pages of `file` (a snapshot's memory
+    /// image), read-only and shared with every other process that maps
+    /// the same file, until each page's first write copies it. For fresh
+    /// RAM only: before the window exists and before anything else backs
+    /// or watches the pages.
+    pub fn back_with(&mut self, file: &File, runs: &[Backing]) -> Result<(), RamError> {
+        let pages = self.size / PAGE_SIZE;
+        if self.window.is_some() || self.shadows.iter().any(Option::is_some) {
+            return Err(RamError(
+                "guest RAM is in use: it cannot be backed by a file".into(),
+            ));
+        }
+        let file = file
+            .try_clone()
+            .map_err(|e| RamError(format!("cannot keep the snapshot file open: {e}")))?;
+        let index = self.backing.files.len() as u32;
+        let fd = file.as_raw_fd();
+        self.backing.files.push(file);
+        if self.backing.source.is_empty() {
+            self.backing.source = vec![(0, 0); pages as usize];
+        }
+        for r in runs {
+            if r.count == 0 {
+                continue;
+            }
+            if r.first >= pages
+                || r.count > pages - r.first
+                || r.offset % u64::from(PAGE_SIZE) != 0
+                || r.offset / u64::from(PAGE_SIZE) + u64::from(r.count) > u64::from(u32::MAX)
+            {
+                return Err(RamError(format!(
+                    "a snapshot run of {} pages at page {:#x} does not fit guest RAM",
+                    r.count, r.first
+                )));
+            }
+            let at = (r.first * PAGE_SIZE) as usize;
+            // SAFETY: the run lies inside the host view of RAM (checked
+            // above), which `self.map` owns; no reference into it is held
+            // (this method has `&mut self`).
+            unsafe {
+                map_fixed(
+                    self.map.as_mut_ptr().add(at),
+                    (r.count * PAGE_SIZE) as usize,
+                    libc::PROT_READ,
+                    fd,
+                    r.offset as i64,
+                )?;
+            }
+            let fp = (r.offset / u64::from(PAGE_SIZE)) as u32;
+            for i in 0..r.count {
+                set_bit(&mut self.backing.shared, r.first + i, true);
+                self.backing.source[(r.first + i) as usize] = (index, fp + i);
+                self.update_attention(r.first + i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages still mapped from a snapshot file (not yet written).
+    pub fn shared_pages(&self) -> u64 {
+        self.backing
+            .shared
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// The pages that may hold something other than zeros, in order: those
+    /// the host has memory for in the memfd (found with `SEEK_DATA` and
+    /// `SEEK_HOLE`, so never-touched RAM is not read, which would make the
+    /// host allocate it) and those mapped from snapshot files.
+    pub fn maybe_nonzero_pages(&self) -> Vec<u32> {
+        let pages = self.size / PAGE_SIZE;
+        let mut present = self.backing.shared.clone();
+        let fd = self.fd.as_raw_fd();
+        let end = i64::from(self.size);
+        let mut at = 0i64;
+        while at < end {
+            // SAFETY: lseek on a descriptor this value owns; it moves only
+            // the file offset, which nothing else uses (mappings and pread
+            // do not).
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 {
+                // ENXIO: no data after `at`. Any other error: assume data.
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    return (0..pages).collect();
+                }
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { hole.min(end) };
+            let first = (data / i64::from(PAGE_SIZE)) as u32;
+            let last = ((hole + i64::from(PAGE_SIZE) - 1) / i64::from(PAGE_SIZE)) as u32;
+            for p in first..last.min(pages) {
+                set_bit(&mut present, p, true);
+            }
+            at = hole;
+        }
+        (0..pages).filter(|&p| bit(&present, p)).collect()
+    }
+
+    /// Pages copied out of a snapshot file on their first write.
+    pub fn copied_pages(&self) -> u64 {
+        self.backing.copied
+    }
+
+    /// Map the pages backed by files, and make the pages the dirty log
+    /// holds read-only, in a window just created (which maps the memfd).
+    pub(crate) fn apply_backing_to_window(&mut self) -> Result<(), RamError> {
+        let Some(w) = &self.window else {
+            return Ok(());
+        };
+        let base = w.base();
+        let pages = self.size / PAGE_SIZE;
+        let mut p = 0;
+        while p < pages {
+            if let Some((fd, off)) = self.backing.source_of(p) {
+                // A run of pages contiguous in one file: one mapping.
+                let mut n = 1;
+                while p + n < pages
+                    && self.backing.source_of(p + n)
+                        == Some((fd, off + i64::from(n) * i64::from(PAGE_SIZE)))
+                {
+                    n += 1;
+                }
+                // SAFETY: the pages lie inside the RAM part of the window,
+                // which `self.window` owns; only translated code reaches
+                // memory through it.
+                unsafe {
+                    map_fixed(
+                        base.add((p * PAGE_SIZE) as usize),
+                        (n * PAGE_SIZE) as usize,
+                        libc::PROT_READ,
+                        fd,
+                        off,
+                    )?;
+                }
+                p += n;
+            } else {
+                p += 1;
+            }
+        }
+        if self.backing.logging {
+            for p in 0..pages {
+                if bit(&self.backing.clean, p) && !bit(&self.backing.shared, p) {
+                    self.protect(p, false)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a write to `page`: copy it out of its file, mark it dirty.
+    /// The page becomes writable to translated code unless it is watched.
+    pub(crate) fn before_write(&mut self, page: u32) {
+        let mut changed = false;
+        if bit(&self.backing.shared, page) {
+            if self.copy_out(page).is_err() {
+                // The host would not map one more page (too many mappings):
+                // copy every backed page at once instead.
+                self.copy_out_all();
+            }
+            changed = true;
+        }
+        if bit(&self.backing.clean, page) {
+            set_bit(&mut self.backing.clean, page, false);
+            set_bit(&mut self.backing.dirty, page, true);
+            changed = true;
+        }
+        if changed {
+            self.update_attention(page);
+            if self.writable(page) {
+                // A failure leaves the page read-only: translated stores to
+                // it keep faulting and are redone by the interpreter.
+                let _ = self.protect(page, true);
+            }
+        }
+    }
+
+    /// Give a file-backed page its own copy in the memfd and point the
+    /// host view and the window at it; its shadow aliases (mapped from the
+    /// file) are dropped, to be mapped again on their next use.
+    fn copy_out(&mut self, page: u32) -> Result<(), RamError> {
+        let at = (page * PAGE_SIZE) as usize;
+        let len = PAGE_SIZE as usize;
+        let mut buf = vec![0u8; len];
+        buf.copy_from_slice(&self.map[at..at + len]);
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the page lies inside the host view, which `self.map`
+        // owns; `buf` holds a copy, no reference into the page is live.
+        unsafe {
+            map_fixed(
+                self.map.as_mut_ptr().add(at),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                fd,
+                at as i64,
+            )?;
+        }
+        self.map[at..at + len].copy_from_slice(&buf);
+        set_bit(&mut self.backing.shared, page, false);
+        self.backing.copied += 1;
+        if let Some(w) = &self.window {
+            // SAFETY: the page lies inside the RAM part of the window,
+            // which `self.window` owns. Read-only until the caller decides.
+            let r = unsafe { map_fixed(w.base().add(at), len, libc::PROT_READ, fd, at as i64) };
+            if r.is_err() {
+                // The window still shows the file's page, which is what the
+                // memfd holds now: stale only after the next write, so make
+                // translated code stop using the window.
+                return Err(RamError("cannot map a copied page into the window".into()));
+            }
+        }
+        self.protect_aliases(page, true)
+    }
+
+    /// Copy every file-backed page into the memfd, with one mapping of
+    /// all of RAM per view: the fallback when the host refuses more
+    /// mappings.
+    fn copy_out_all(&mut self) {
+        use std::os::unix::fs::FileExt;
+        let pages = self.size / PAGE_SIZE;
+        let memfd = File::from(self.fd.try_clone().expect("dup of the RAM memfd"));
+        for p in 0..pages {
+            if bit(&self.backing.shared, p) {
+                let at = (p * PAGE_SIZE) as usize;
+                let _ = memfd.write_all_at(&self.map[at..at + PAGE_SIZE as usize], at as u64);
+            }
+        }
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the whole host view, which `self.map` owns; the memfd now
+        // holds every page's content, so the view shows the same bytes.
+        let host = unsafe {
+            map_fixed(
+                self.map.as_mut_ptr(),
+                self.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                fd,
+                0,
+            )
+        };
+        if let Some(w) = &self.window {
+            // SAFETY: the RAM part of the window, which `self.window` owns.
+            let _ = unsafe { map_fixed(w.base(), self.size as usize, libc::PROT_READ, fd, 0) };
+        }
+        if host.is_err() {
+            // Nothing sound is left to do: the view is the file's,
+            // read-only, and the next write would fault in popek itself.
+            eprintln!("popek: cannot map guest RAM over its own view: the host is out of mappings (vm.max_map_count)");
+            std::process::exit(2);
+        }
+        for p in 0..pages {
+            if bit(&self.backing.shared, p) {
+                set_bit(&mut self.backing.shared, p, false);
+                self.backing.copied += 1;
+                let _ = self.protect_aliases(p, true);
+            }
+            self.update_attention(p);
+            if self.writable(p) {
+                let _ = self.protect(p, true);
+            }
+        }
+    }
+
+    /// Start (or restart) the dirty log: every page is clean and read-only
+    /// to translated code until its first write.
+    pub fn start_dirty_log(&mut self) -> Result<(), RamError> {
+        let pages = self.size / PAGE_SIZE;
+        self.backing.logging = true;
+        self.backing.dirty.fill(0);
+        for p in 0..pages {
+            set_bit(&mut self.backing.clean, p, true);
+            self.update_attention(p);
+        }
+        if let Some(w) = &self.window {
+            // SAFETY: the RAM part of the window, which `self.window` owns;
+            // read-only affects only translated code's stores.
+            let r = unsafe { libc::mprotect(w.base().cast(), self.size as usize, libc::PROT_READ) };
+            if r != 0 {
+                return Err(RamError(format!(
+                    "cannot write-protect guest RAM for the dirty log: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        self.readonly_aliases()
+    }
+
+    /// Stop the dirty log: pages are writable again unless watched or
+    /// backed by a file.
+    pub fn stop_dirty_log(&mut self) {
+        let pages = self.size / PAGE_SIZE;
+        self.backing.logging = false;
+        for p in 0..pages {
+            if bit(&self.backing.clean, p) {
+                set_bit(&mut self.backing.clean, p, false);
+                self.update_attention(p);
+                if self.writable(p) {
+                    let _ = self.protect(p, true);
+                }
+            }
+        }
+    }
+
+    /// Is the dirty log running?
+    pub fn dirty_logging(&self) -> bool {
+        self.backing.logging
+    }
+
+    /// Has the page been written since the dirty log started?
+    pub fn is_dirty(&self, page: u32) -> bool {
+        bit(&self.backing.dirty, page)
+    }
+
+    /// The pages written since the dirty log started, in order.
+    pub fn dirty_pages(&self) -> Vec<u32> {
+        (0..self.size / PAGE_SIZE)
+            .filter(|&p| bit(&self.backing.dirty, p))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shadow::tests::host_prot;
+    use std::io::Write;
+
+    /// A file of `pages` pages, page i filled with byte i + 1.
+    fn image(pages: u32) -> File {
+        let mut f = tempfile();
+        for i in 0..pages {
+            f.write_all(&[i as u8 + 1; PAGE_SIZE as usize]).unwrap();
+        }
+        f
+    }
+
+    fn tempfile() -> File {
+        let path = std::env::temp_dir().join(format!(
+            "popek-backing-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    /// Backed pages read the file, a write copies the page out (the file
+    /// keeps its bytes), and the window and the shadows follow: read-only
+    /// file pages before, the machine's own writable page after.
+    #[test]
+    fn backed_pages_are_copied_on_their_first_write() {
+        let f = image(4);
+        let mut ram = GuestRam::new(8 * PAGE_SIZE as u64).unwrap();
+        let runs = [Backing {
+            first: 2,
+            count: 3,
+            offset: u64::from(PAGE_SIZE),
+        }];
+        ram.back_with(&f, &runs).unwrap();
+        assert_eq!(ram.shared_pages(), 3);
+        assert_eq!(ram.read(0x2000, 1), 2, "page 2 holds file page 1");
+        assert_eq!(ram.read(0x4FFF, 1), 4);
+        assert_eq!(ram.read(0x1000, 1), 0, "unbacked pages are zero");
+        let win = ram.window().unwrap().base() as usize;
+        assert_eq!(host_prot(win + 0x3000), "r--s");
+        assert_eq!(host_prot(win + 0x1000), "rw-s");
+        let sh = ram.shadow(0).unwrap().base() as usize;
+        assert!(ram.shadow_map_run(0, 0x100, 1, 3, true));
+        assert_eq!(
+            host_prot(sh + 0x100000),
+            "rw-s",
+            "an unbacked page: writable"
+        );
+        assert_eq!(host_prot(sh + 0x102000), "r--s", "a backed page: read-only");
+        // SAFETY: the page was mapped into the shadow just above.
+        assert_eq!(unsafe { *((sh + 0x102000) as *const u8) }, 3);
+        ram.write(0x3010, 1, 0xAA);
+        assert_eq!(ram.read(0x3010, 1), 0xAA);
+        assert_eq!(ram.read(0x3011, 1), 3, "the rest of the page was copied");
+        assert_eq!(ram.shared_pages(), 2);
+        assert_eq!(ram.copied_pages(), 1);
+        assert_eq!(host_prot(win + 0x3000), "rw-s");
+        // SAFETY: the window maps all of RAM.
+        assert_eq!(unsafe { *((win + 0x3010) as *const u8) }, 0xAA);
+        assert_eq!(
+            ram.shadow_entry(0, 0x102),
+            None,
+            "the file alias was dropped"
+        );
+        assert!(ram.shadow_map(0, 0x102, 3, true));
+        assert_eq!(host_prot(sh + 0x102000), "rw-s");
+        let mut b = [0u8; 2];
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut b, 2 * u64::from(PAGE_SIZE) + 0x10)
+            .unwrap();
+        assert_eq!(b, [3, 3], "the file is never written");
+        // Backed pages and pages the host has memory for (page 1 was read
+        // above), not pages never touched.
+        let pages = ram.maybe_nonzero_pages();
+        assert!([1, 2, 3, 4].iter().all(|p| pages.contains(p)), "{pages:?}");
+        assert!(!pages.contains(&7), "{pages:?}");
+    }
+
+    /// The dirty log write-protects every page until its first write, in
+    /// the window and in the shadows, and names the pages written.
+    #[test]
+    fn the_dirty_log_names_written_pages() {
+        let mut ram = GuestRam::new(8 * PAGE_SIZE as u64).unwrap();
+        let win = ram.window().unwrap().base() as usize;
+        let sh = ram.shadow(0).unwrap().base() as usize;
+        assert!(ram.shadow_map_run(0, 0x10, 0, 8, true));
+        ram.watch_page(5).unwrap();
+        ram.start_dirty_log().unwrap();
+        assert!(ram.dirty_logging());
+        assert_eq!(host_prot(win + 0x2000), "r--s");
+        assert_eq!(host_prot(sh + 0x12000), "r--s");
+        ram.write(0x2004, 4, 1);
+        ram.fill_within_page(0x5000, 8, 0, 1);
+        assert_eq!(ram.dirty_pages(), vec![2, 5]);
+        assert_eq!(host_prot(win + 0x2000), "rw-s");
+        assert_eq!(host_prot(win + 0x5000), "r--s", "still watched");
+        assert_eq!(host_prot(win + 0x3000), "r--s");
+        assert_eq!(
+            ram.take_watched_writes().len(),
+            1,
+            "the watch still records"
+        );
+        ram.start_dirty_log().unwrap();
+        assert!(ram.dirty_pages().is_empty(), "a restart forgets");
+        ram.stop_dirty_log();
+        assert_eq!(host_prot(win + 0x3000), "rw-s");
+        assert_eq!(host_prot(win + 0x5000), "r--s", "still watched");
+    }
+}
