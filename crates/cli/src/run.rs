@@ -280,11 +280,16 @@ pub(crate) fn resume(args: ResumeArgs) -> ExitCode {
     }
     m.config.max_insns = args.max_insns;
     m.suspend_at = args.control.suspend_at_insns;
-    if std::env::var_os("POPEK_RESUME_TIMING").is_some() {
+    if args.stats || args.stats_json {
+        // From the command to the machine ready for its first instruction:
+        // the file opened and checked (its checksum over every byte), RAM
+        // mapped from it, the state put back.
         eprintln!(
-            "popek: resumed {} in {:.3} ms",
+            "popek: resumed {} in {:.3} ms ({} MiB of RAM, {} pages mapped from snapshot files)",
             args.file,
-            started.elapsed().as_secs_f64() * 1e3
+            started.elapsed().as_secs_f64() * 1e3,
+            m.cpu.ram.size() >> 20,
+            m.cpu.ram.shared_pages()
         );
     }
     drive(

@@ -520,6 +520,15 @@ impl Machine {
                         .into(),
                 )),
             };
+        if base
+            .as_ref()
+            .is_some_and(|b| b.path == snapshot::absolute(path))
+        {
+            return Err(snapshot::SnapshotError(format!(
+                "{}: a diff snapshot cannot replace its own base",
+                path.display()
+            )));
+        }
         let written = snapshot::write(self, path, base.as_ref())?;
         self.cpu
             .ram

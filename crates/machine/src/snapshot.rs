@@ -828,7 +828,7 @@ impl Snapshot {
         // SAFETY: a read-only private mapping of a file this process opened;
         // the bytes are only read, and a snapshot is never written in place
         // (writers rename a new file over it).
-        let map = unsafe { memmap2::Mmap::map(&file) }
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
             .map_err(|e| bad(format!("cannot map the file: {e}")))?;
         let b = &map[..];
         if &b[..8] != MAGIC {
