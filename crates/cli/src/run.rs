@@ -82,6 +82,17 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if control.any() && (lockstep || matches!(engine, EngineArg::Trap)) {
+        eprintln!(
+            "popek: snapshots and the monitor run under --engine bt or interp (not {})",
+            if lockstep {
+                "--lockstep"
+            } else {
+                "--engine trap"
+            }
+        );
+        return ExitCode::from(2);
+    }
     let mut argv = vec![path];
     argv.extend(args);
     if matches!(engine, EngineArg::Native) {

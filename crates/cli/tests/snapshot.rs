@@ -89,10 +89,10 @@ fn suspend_and_resume(guest: &str, n: u64, e1: &str, e2: &str, whole: &Output) {
     let _ = std::fs::remove_file(&file);
 }
 
-/// Every bundled bare-metal guest whose output does not depend on host
-/// timing, on the instruction clock (so that its instruction count does
-/// not depend on the host's speed either: a guest waiting for the timer
-/// would retire more instructions under bt than under interp) (`nano` prints TSC measurements; `echo` and `clone` wait for
+/// Every bundled bare-metal guest, on the instruction clock (so that its
+/// output and its instruction count do not depend on the host's speed: a
+/// guest waiting for the timer would retire more instructions under bt
+/// than under interp, and `nano` prints TSC ticks) (`nano` prints TSC measurements; `echo` and `clone` wait for
 /// input: `clone` is the monitor's and the clones' guest below), at a
 /// third and two thirds of its run, under bt and interp and across them.
 fn bundled(guest: &str) {
@@ -127,15 +127,18 @@ bundled_tests! {
     paging_resumes_where_it_stopped => "paging",
     codedata_resumes_where_it_stopped => "codedata",
     triplefault_resumes_where_it_stopped => "triplefault",
+    nano_resumes_where_it_stopped => "nano",
+    echo_resumes_where_it_stopped => "echo",
+    clone_resumes_where_it_stopped => "clone",
+    codedata_split_resumes_where_it_stopped => "codedata-split",
 }
 
-/// Every bundled bare-metal guest is covered above or named here.
+/// Every bundled bare-metal guest is covered above.
 #[test]
 fn every_bundled_kernel_is_covered() {
     let src = include_str!("snapshot.rs");
     for g in popek_guests::GUESTS.iter().filter(|g| !g.linux) {
-        let covered = src.contains(&format!("=> \"{}\"", g.name))
-            || ["nano", "echo", "clone", "codedata-split"].contains(&g.name);
+        let covered = src.contains(&format!("=> \"{}\"", g.name));
         assert!(covered, "bundled guest {} has no snapshot test", g.name);
     }
 }
@@ -342,6 +345,51 @@ fn linux_programs_refuse_snapshots() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("bare-metal"), "{}", stderr(&o));
     assert!(!file.exists());
+}
+
+/// What cannot be suspended or monitored is refused in one line with
+/// status 2: the trap engine, lockstep, a monitor that is not a Unix
+/// socket, a diff with no base.
+#[test]
+fn what_cannot_be_snapshotted_is_refused() {
+    let file = tmp("refused.snap");
+    let f = file.to_str().unwrap();
+    for args in [
+        vec![
+            "run",
+            "hello",
+            "--engine",
+            "trap",
+            "--suspend-at-insns",
+            "10",
+            "--snapshot",
+            f,
+        ],
+        vec![
+            "run",
+            "hello",
+            "--lockstep",
+            "--suspend-at-insns",
+            "10",
+            "--snapshot",
+            f,
+        ],
+        vec!["run", "hello", "--monitor", "tcp:127.0.0.1:4444"],
+        vec![
+            "run",
+            "hello",
+            "--suspend-at-insns",
+            "10",
+            "--snapshot",
+            f,
+            "--diff",
+        ],
+    ] {
+        let o = popek(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{args:?}: {}", stderr(&o));
+        assert!(!file.exists(), "{args:?}");
+    }
 }
 
 /// A running popek with a monitor socket, its stdin a pipe.
