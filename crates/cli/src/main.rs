@@ -36,6 +36,8 @@ Examples:
   popek resume c.snap                 ... and on from where it stopped
   popek run paging --monitor unix:/tmp/m.sock &
   popek monitor /tmp/m.sock snapshot file=p.snap
+  popek incoming --listen 127.0.0.1:4444 &
+  popek run paging --migrate-to 127.0.0.1:4444 --migrate-at-insns 1000000
 
 popek's options go before the guest, or after a Multiboot kernel (which
 takes no arguments: use --append). Everything after a Linux program is the
@@ -107,6 +109,25 @@ enum Cmd {
         command: String,
         /// Its arguments, KEY=VALUE each.
         args: Vec<String>,
+    },
+    /// Wait for one live migration (`popek run ... --migrate-to`, or the
+    /// monitor's migrate command) and run the guest once it arrives; the
+    /// exit status is the guest's.
+    Incoming {
+        /// HOST:PORT to listen on (port 0: any free port, printed).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// Execution engine.
+        #[arg(long, value_enum, default_value = "bt")]
+        engine: ResumeEngine,
+        /// Print execution statistics to stderr when the guest ends.
+        #[arg(long)]
+        stats: bool,
+        /// Print the statistics as one JSON object to stderr.
+        #[arg(long)]
+        stats_json: bool,
+        #[command(flatten)]
+        control: ControlArgs,
     },
     /// Check a snapshot file and describe it: kind, version, sizes, where
     /// the guest stopped, and a digest of its RAM (through its bases).
@@ -225,6 +246,20 @@ pub(crate) struct ControlArgs {
     /// socket: unix:PATH. `popek monitor PATH COMMAND` is a client.
     #[arg(long, value_name = "unix:PATH")]
     pub(crate) monitor: Option<String>,
+    /// Live-migrate the guest to a `popek incoming --listen HOST:PORT`
+    /// (from the start, or at --migrate-at-insns).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) migrate_to: Option<String>,
+    /// Start the migration once the guest has retired N instructions.
+    #[arg(long, value_name = "N", requires = "migrate_to")]
+    pub(crate) migrate_at_insns: Option<u64>,
+    /// Send at most RATE bytes per second (e.g. 50M; default: as fast as
+    /// the connection goes).
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub(crate) migrate_bandwidth: Option<u64>,
+    /// The longest the guest may stand still at the end of a migration.
+    #[arg(long, value_name = "MS", default_value = "300")]
+    pub(crate) migrate_max_downtime: u64,
 }
 
 /// `popek resume`'s arguments.
@@ -314,6 +349,13 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Inspect { file } => run::inspect(&file),
+        Cmd::Incoming {
+            listen,
+            engine,
+            stats,
+            stats_json,
+            control,
+        } => run::incoming(&listen, engine, stats, stats_json, &control),
         Cmd::Compare { prog, args, interp } => compare::compare(&prog, args, interp),
         Cmd::Demo { name, guest } => match demo::demo(&name, &guest) {
             Ok(()) => ExitCode::SUCCESS,

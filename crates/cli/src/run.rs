@@ -78,13 +78,13 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     let multiboot = is_multiboot(&image);
     if !multiboot && !bzimage && control.any() {
         eprintln!(
-            "popek: {guest} is a Linux program: snapshots and the monitor are for bare-metal machines (Multiboot kernels, the Linux kernel)"
+            "popek: {guest} is a Linux program: snapshots, migration and the monitor are for bare-metal machines (Multiboot kernels, the Linux kernel)"
         );
         return ExitCode::from(2);
     }
     if control.any() && (lockstep || matches!(engine, EngineArg::Trap)) {
         eprintln!(
-            "popek: snapshots and the monitor run under --engine bt or interp (not {})",
+            "popek: snapshots, migration and the monitor run under --engine bt or interp (not {})",
             if lockstep {
                 "--lockstep"
             } else {
@@ -137,7 +137,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    m.suspend_at = control.suspend_at_insns;
+    control.arm(&mut m);
     drive(
         m,
         Output {
@@ -162,12 +162,25 @@ struct Output {
 impl ControlArgs {
     /// Does the run need exact instruction counts?
     fn counts(&self) -> bool {
-        self.suspend_at_insns.is_some() || self.monitor.is_some()
+        self.suspend_at_insns.is_some() || self.monitor.is_some() || self.migrate_to.is_some()
     }
 
-    /// Is anything of snapshots or the monitor asked for?
+    /// Is anything of snapshots, migration or the monitor asked for?
     fn any(&self) -> bool {
         self.counts() || self.snapshot.is_some()
+    }
+
+    /// Arm the machine's suspension and migration points.
+    fn arm(&self, m: &mut Machine) {
+        m.suspend_at = self.suspend_at_insns;
+        if let Some(to) = &self.migrate_to {
+            let opts = popek_machine::migrate::Options {
+                to: to.clone(),
+                bandwidth: self.migrate_bandwidth,
+                max_downtime: std::time::Duration::from_millis(self.migrate_max_downtime),
+            };
+            m.migrate_at = Some((self.migrate_at_insns.unwrap_or(m.cpu.retired), opts));
+        }
     }
 }
 
@@ -218,6 +231,10 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
     }
     if o.stats_json {
         eprintln!("{}", stats_json_line(&m, elapsed));
+    }
+    if exit == popek_machine::Exit::Migrated {
+        // (The summary is printed; the guest runs on the target.)
+        return ExitCode::SUCCESS;
     }
     let suspended = exit == popek_machine::Exit::Suspended;
     if let (true, Some(file)) = (suspended, &control.snapshot) {
@@ -290,7 +307,7 @@ pub(crate) fn resume(args: ResumeArgs) -> ExitCode {
         }
     }
     m.config.max_insns = args.max_insns;
-    m.suspend_at = args.control.suspend_at_insns;
+    args.control.arm(&mut m);
     if args.stats || args.stats_json {
         // From the command to the machine ready for its first instruction:
         // the file opened and checked (its checksum over every byte), RAM
@@ -312,6 +329,62 @@ pub(crate) fn resume(args: ResumeArgs) -> ExitCode {
             serial: true,
         },
         &args.control,
+    )
+}
+
+/// `popek incoming`: wait for a migration, then run the guest.
+pub(crate) fn incoming(
+    listen: &str,
+    engine: ResumeEngine,
+    stats: bool,
+    stats_json: bool,
+    control: &ControlArgs,
+) -> ExitCode {
+    let got = popek_machine::migrate::incoming(listen, |addr| {
+        eprintln!("popek: waiting for a migration on {addr}");
+    });
+    let inc = match got {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("popek: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = Config {
+        engine: match engine {
+            ResumeEngine::Interp => Engine::Interp,
+            ResumeEngine::Bt => Engine::Bt,
+        },
+        count_insns: stats || stats_json || control.counts(),
+        ..Config::default()
+    };
+    let (peer, pages, bytes) = (inc.peer, inc.pages, inc.bytes);
+    let (state, ram, inc) = inc.split();
+    let mut m = match Machine::from_state(&state, ram, config) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("popek: migration from {peer}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    control.arm(&mut m);
+    eprintln!(
+        "popek: migration from {peer}: {pages} pages ({:.1} MiB) received; the guest runs here",
+        bytes as f64 / (1 << 20) as f64
+    );
+    if let Err(e) = inc.started() {
+        eprintln!("popek: migration from {peer}: {e}");
+        return ExitCode::from(2);
+    }
+    drive(
+        m,
+        Output {
+            dump: None,
+            stats,
+            stats_json,
+            serial: true,
+        },
+        control,
     )
 }
 

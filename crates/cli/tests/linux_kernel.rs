@@ -355,3 +355,81 @@ fn debian_kernel_suspends_and_resumes_where_it_stopped() {
     assert_eq!(last.status.code(), whole.status.code());
     assert_eq!(whole.status.code(), Some(33));
 }
+
+/// Live migration: on the instruction clock, the kernel migrated to a
+/// `popek incoming` on loopback in the middle of its boot goes on there:
+/// the source's output followed by the target's is the unmigrated run's
+/// (kernel messages aside), and the target ends with its status.
+#[test]
+fn debian_kernel_migrates_mid_boot() {
+    let rd = initramfs("migrate", Some(CHECK_INIT));
+    let whole = common::run_with_timeout(
+        popek_with(&rd, &["--icount", "--stats-json"]).stdin(Stdio::null()),
+        LIMIT,
+    );
+    let err = String::from_utf8_lossy(&whole.stderr).into_owned();
+    let key = "\"guest_instructions\": ";
+    let total: u64 = err[err.find(key).expect(&err) + key.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let to = format!("127.0.0.1:{port}");
+    let target = std::thread::spawn(move || {
+        common::run_with_timeout(
+            Command::new(POPEK)
+                .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null()),
+            LIMIT,
+        )
+    });
+    // (The target binds first; retry the source until it listens.)
+    let start = Instant::now();
+    let src = loop {
+        let o = common::run_with_timeout(
+            popek_with(
+                &rd,
+                &[
+                    "--icount",
+                    "--migrate-to",
+                    &to,
+                    "--migrate-at-insns",
+                    &(total * 2 / 5).to_string(),
+                ],
+            )
+            .stdin(Stdio::null()),
+            LIMIT,
+        );
+        if String::from_utf8_lossy(&o.stderr).contains("completed") || start.elapsed() > LIMIT {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let tgt = target.join().unwrap();
+    let e = String::from_utf8_lossy(&src.stderr);
+    assert_eq!(src.status.code(), Some(0), "{e}");
+    assert!(e.contains("completed"), "{e}");
+    let lines = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .replace('\r', "")
+            .lines()
+            .filter(|l| !is_kernel_message(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut both = src.stdout.clone();
+    both.extend_from_slice(&tgt.stdout);
+    assert_eq!(lines(&both), lines(&whole.stdout));
+    assert_eq!(
+        tgt.status.code(),
+        Some(33),
+        "{}",
+        String::from_utf8_lossy(&tgt.stderr)
+    );
+}

@@ -131,6 +131,7 @@ bundled_tests! {
     echo_resumes_where_it_stopped => "echo",
     clone_resumes_where_it_stopped => "clone",
     codedata_split_resumes_where_it_stopped => "codedata-split",
+    dirty_resumes_where_it_stopped => "dirty",
 }
 
 /// Every bundled bare-metal guest is covered above.

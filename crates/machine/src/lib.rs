@@ -16,6 +16,7 @@ pub mod elf32;
 pub mod initramfs;
 pub mod linux;
 pub mod lockstep;
+pub mod migrate;
 pub mod monitor;
 pub mod multiboot;
 pub mod snapshot;
@@ -167,6 +168,9 @@ pub enum Exit {
     /// The guest retired [`Machine::suspend_at`] instructions: the machine
     /// stops there, to be saved.
     Suspended,
+    /// The guest was migrated: it runs on the target now
+    /// ([`Machine::migrated`] says how it went).
+    Migrated,
 }
 
 impl Exit {
@@ -178,7 +182,7 @@ impl Exit {
             Exit::DebugExit(s) | Exit::Exited(s) => *s,
             Exit::Signal(f) => 128 + f.signo,
             Exit::Killed(s) => 128 + s,
-            Exit::Quit | Exit::Reset | Exit::MonitorQuit | Exit::Suspended => 0,
+            Exit::Quit | Exit::Reset | Exit::MonitorQuit | Exit::Suspended | Exit::Migrated => 0,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -204,7 +208,7 @@ impl Exit {
             Exit::Killed(s) => Some(format!("guest killed by {}", linux::sig::name(*s))),
             Exit::Quit => Some("terminated from the console (Ctrl-A X)".into()),
             Exit::MonitorQuit => Some("terminated from the monitor (quit)".into()),
-            Exit::Suspended => None,
+            Exit::Suspended | Exit::Migrated => None,
             Exit::Reset => {
                 Some("the guest reset the machine; the run ends (as QEMU's -no-reboot)".into())
             }
@@ -272,6 +276,12 @@ pub struct Machine {
     /// Stop the run ([`Exit::Suspended`]) once this many instructions have
     /// retired (counted from boot, across resumes), exactly.
     pub suspend_at: Option<u64>,
+    /// Start a migration once this many instructions have retired.
+    pub migrate_at: Option<(u64, migrate::Options)>,
+    /// The migration in progress.
+    pub migration: Option<migrate::Outgoing>,
+    /// How the last migration went: its summary, or why it failed.
+    pub migrated: Option<Result<migrate::Summary, String>>,
 }
 
 /// Interpreted instructions between two polls of the board: a device
@@ -434,6 +444,9 @@ impl Machine {
             monitor: None,
             paused: None,
             suspend_at: None,
+            migrate_at: None,
+            migration: None,
+            migrated: None,
             cpu,
             config,
             platform,
@@ -474,18 +487,8 @@ impl Machine {
         let chain = s.chain()?;
         let ram = snapshot::restore_ram(&chain)?;
         let top = &chain[0];
-        let mach = &top.state.mach;
-        let config = Config {
-            memory: mach.memory,
-            cmdline: String::from_utf8_lossy(&mach.cmdline).into_owned(),
-            icount: mach.icount,
-            ..config
-        };
-        let mut m = Machine::assemble(Vcpu::new(ram), config, Platform::BareMetal);
-        top.apply(&mut m.cpu)?;
-        m.next_poll = m.cpu.retired + mach.poll_in;
-        m.serial_out = mach.serial_out;
-        m.stats.halted_ns = mach.halted_ns;
+        let mut m = Machine::from_state(&top.state, ram, config)
+            .map_err(|e| snapshot::SnapshotError(format!("{}: damaged: {e}", path.display())))?;
         m.cpu
             .ram
             .start_dirty_log()
@@ -494,6 +497,29 @@ impl Machine {
             path: snapshot::absolute(path),
             id: top.id,
         });
+        Ok(m)
+    }
+
+    /// A machine of saved `state` on `ram` (which holds the saved RAM):
+    /// `config`'s memory size, command line and clock mode are the
+    /// state's. What a resume and an incoming migration share.
+    pub fn from_state(
+        state: &snapshot::State,
+        ram: GuestRam,
+        config: Config,
+    ) -> Result<Machine, snapshot::SnapshotError> {
+        let mach = &state.mach;
+        let config = Config {
+            memory: mach.memory,
+            cmdline: String::from_utf8_lossy(&mach.cmdline).into_owned(),
+            icount: mach.icount,
+            ..config
+        };
+        let mut m = Machine::assemble(Vcpu::new(ram), config, Platform::BareMetal);
+        state.apply(&mut m.cpu)?;
+        m.next_poll = m.cpu.retired + mach.poll_in;
+        m.serial_out = mach.serial_out;
+        m.stats.halted_ns = mach.halted_ns;
         Ok(m)
     }
 
@@ -539,6 +565,52 @@ impl Machine {
             id: written.id,
         });
         Ok(written)
+    }
+
+    /// Start migrating to `opts.to` (the guest goes on running); a failure
+    /// to start is reported and the guest goes on here.
+    pub fn start_migration(&mut self, opts: migrate::Options) {
+        let to = opts.to.clone();
+        match migrate::Outgoing::start(self, opts) {
+            Ok(m) => {
+                self.migration = Some(m);
+                self.migrated = None;
+            }
+            Err(e) => self.migration_failed(&to, e),
+        }
+    }
+
+    fn migration_failed(&mut self, to: &str, why: String) {
+        eprintln!("popek: migration to {to} failed: {why}; the guest goes on here");
+        self.cpu.ram.stop_dirty_log();
+        self.migrated = Some(Err(why));
+    }
+
+    /// A step of the migration in progress: a batch of pages, or the end.
+    fn migration_tick(&mut self) -> Option<Exit> {
+        let mut mig = self.migration.take()?;
+        let to = mig.peer().to_string();
+        match mig.tick(&mut self.cpu.ram) {
+            Ok(migrate::Tick::Continue) => {
+                self.migration = Some(mig);
+                None
+            }
+            Ok(migrate::Tick::Freeze(pages)) => match mig.finish(self, pages) {
+                Ok(summary) => {
+                    eprintln!("popek: {summary}");
+                    self.migrated = Some(Ok(summary));
+                    Some(Exit::Migrated)
+                }
+                Err(e) => {
+                    self.migration_failed(&to, e);
+                    None
+                }
+            },
+            Err(e) => {
+                self.migration_failed(&to, e);
+                None
+            }
+        }
     }
 
     /// Carry out the monitor's commands waiting (all of them, and while
@@ -658,6 +730,53 @@ impl Machine {
                     Err(e) => (monitor::error("GenericError", e.to_string()), None),
                 }
             }
+            "migrate" => {
+                let Some(uri) = arguments.get("uri").and_then(|v| v.as_str()) else {
+                    return (
+                        monitor::error(
+                            "GenericError",
+                            "migrate needs {\"uri\": \"tcp:HOST:PORT\"}",
+                        ),
+                        None,
+                    );
+                };
+                if self.migration.is_some() {
+                    return (
+                        monitor::error("GenericError", "a migration is in progress"),
+                        None,
+                    );
+                }
+                let opts = migrate::Options {
+                    to: uri.strip_prefix("tcp:").unwrap_or(uri).to_string(),
+                    bandwidth: arguments.get("bandwidth").and_then(|v| v.as_u64()),
+                    max_downtime: std::time::Duration::from_millis(
+                        arguments
+                            .get("max_downtime")
+                            .and_then(|v| v.as_u64())
+                            .unwrap_or(300),
+                    ),
+                };
+                self.start_migration(opts);
+                match &self.migrated {
+                    Some(Err(e)) => (monitor::error("GenericError", e.clone()), None),
+                    _ => (monitor::ok(json!({ "status": "active" })), None),
+                }
+            }
+            "query-migrate" => {
+                let v = match (&self.migration, &self.migrated) {
+                    (Some(m), _) => json!({ "status": "active", "rounds": m.rounds.len() }),
+                    (None, Some(Ok(s))) => json!({
+                        "status": "completed",
+                        "rounds": s.rounds.len(),
+                        "downtime_ms": s.downtime.as_secs_f64() * 1e3,
+                        "total_ms": s.total.as_secs_f64() * 1e3,
+                        "bytes": s.bytes,
+                    }),
+                    (None, Some(Err(e))) => json!({ "status": "failed", "error": e }),
+                    (None, None) => json!({ "status": "none" }),
+                };
+                (monitor::ok(v), None)
+            }
             "quit" => (monitor::ok(json!({})), Some(Exit::MonitorQuit)),
             other => (
                 monitor::error(
@@ -740,6 +859,16 @@ impl Machine {
             if to_suspend == 0 {
                 break Exit::Suspended;
             }
+            let to_migrate = match &self.migrate_at {
+                Some((t, _)) if *t <= self.cpu.retired => {
+                    let (_, opts) = self.migrate_at.take().expect("matched");
+                    self.start_migration(opts);
+                    u64::MAX
+                }
+                Some((t, _)) => t - self.cpu.retired,
+                None => u64::MAX,
+            };
+            let to_suspend = to_suspend.min(to_migrate);
             steps += 1;
             if self.config.trace.is_some_and(|from| steps > from) {
                 self.trace_one();
@@ -749,6 +878,13 @@ impl Machine {
             }
         };
         let _ = out.flush();
+        if let Some(m) = self.migration.take() {
+            eprintln!(
+                "popek: the guest ended during the migration to {}: it ends here, the target gets nothing",
+                m.peer()
+            );
+            self.cpu.ram.stop_dirty_log();
+        }
         exit
     }
 
@@ -770,6 +906,11 @@ impl Machine {
         }
         if self.monitor.is_some() {
             if let Some(exit) = self.serve_monitor() {
+                return Some(exit);
+            }
+        }
+        if self.migration.is_some() {
+            if let Some(exit) = self.migration_tick() {
                 return Some(exit);
             }
         }
@@ -894,7 +1035,7 @@ impl Machine {
             _ if can_wake && pending => None,
             Some(t) if can_wake => {
                 let mut wait = t.saturating_sub(now);
-                if self.monitor.is_some() {
+                if self.monitor.is_some() || self.migration.is_some() {
                     // Commands are served between steps: wake up for them.
                     wait = wait.min(MONITOR_WAIT_NS);
                 }
@@ -915,7 +1056,7 @@ impl Machine {
             // Only the serial line can wake the CPU: wait for it.
             None if can_wake && input => {
                 let started = std::time::Instant::now();
-                let wait = if self.monitor.is_some() {
+                let wait = if self.monitor.is_some() || self.migration.is_some() {
                     std::time::Duration::from_nanos(MONITOR_WAIT_NS)
                 } else {
                     std::time::Duration::MAX

@@ -13,6 +13,8 @@
 //! | `stop`         |                            | pause the guest (its clock stops too)  |
 //! | `cont`         |                            | go on                                  |
 //! | `snapshot`     | `file`, `diff` (bool)      | write a snapshot; the guest goes on    |
+//! | `migrate`      | `uri` (tcp:HOST:PORT), `bandwidth` (bytes/s), `max_downtime` (ms) | live-migrate the guest to a `popek incoming` |
+//! | `query-migrate`|                            | none, active, completed or failed      |
 //! | `quit`         |                            | end the run (exit status 0)            |
 //!
 //! Connections are served by threads of their own; each command goes to
@@ -123,7 +125,7 @@ fn serve(conn: UnixStream, tx: Sender<Request>) {
     };
     let greeting = json!({
         "popek": { "version": env!("CARGO_PKG_VERSION") },
-        "commands": ["query-status", "query-stats", "stop", "cont", "snapshot", "quit"],
+        "commands": ["query-status", "query-stats", "stop", "cont", "snapshot", "migrate", "query-migrate", "quit"],
     });
     if writeln!(out, "{greeting}").is_err() {
         return;

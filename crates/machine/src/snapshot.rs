@@ -318,7 +318,7 @@ fn encode<T: Field>(v: &T) -> Enc {
 }
 
 /// The state sections of a machine.
-fn encode_state(m: &crate::Machine, base: Option<&SnapshotRef>) -> Vec<u8> {
+pub(crate) fn encode_state(m: &crate::Machine, base: Option<&SnapshotRef>) -> Vec<u8> {
     let c = &m.cpu;
     let mut out = Vec::new();
     let mach = MachineState {
@@ -434,7 +434,7 @@ impl State {
     }
 
     /// Put the CPU and board state into `cpu` (whose RAM is restored).
-    fn apply(&self, cpu: &mut Vcpu) -> Result<(), SnapshotError> {
+    pub(crate) fn apply(&self, cpu: &mut Vcpu) -> Result<(), SnapshotError> {
         let d = &mut self.body(b"CPU ", "CPU")?;
         cpu.regs = Field::get(d)?;
         cpu.eip = Field::get(d)?;
@@ -492,7 +492,7 @@ impl State {
     }
 }
 
-fn decode_state(state: &[u8]) -> Result<State, SnapshotError> {
+pub(crate) fn decode_state(state: &[u8]) -> Result<State, SnapshotError> {
     let sections: Vec<([u8; 4], Vec<u8>)> = split_sections(state)?
         .into_iter()
         .map(|(t, b)| (t, b.to_vec()))
@@ -539,7 +539,7 @@ struct Run {
     file_page: u32,
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: reinterpreting initialized bytes as u64 words is sound
         // for any bit pattern; align_to handles the alignment.
@@ -1037,13 +1037,6 @@ pub(crate) fn restore_ram(chain: &[Snapshot]) -> Result<GuestRam, SnapshotError>
 }
 
 impl Snapshot {
-    /// Put the saved CPU and board into `cpu`.
-    pub(crate) fn apply(&self, cpu: &mut Vcpu) -> Result<(), SnapshotError> {
-        self.state
-            .apply(cpu)
-            .map_err(|e| SnapshotError(format!("{}: damaged: {e}", self.path.display())))
-    }
-
     /// Guest pages this file stores.
     pub fn pages_stored(&self) -> u64 {
         self.runs
