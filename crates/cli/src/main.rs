@@ -223,6 +223,10 @@ pub(crate) struct RunArgs {
     /// timer interrupts, the RTC and RDTSC are reproducible run to run.
     #[arg(long)]
     pub(crate) icount: bool,
+    /// A virtio-blk disk on the PCI bus backed by a raw image file, as
+    /// QEMU's -drive: file=PATH[,format=raw][,readonly=on][,if=virtio].
+    #[arg(long, value_name = "file=PATH[,...]")]
+    pub(crate) drive: Option<String>,
     #[command(flatten)]
     pub(crate) control: ControlArgs,
 }

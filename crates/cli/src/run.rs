@@ -27,6 +27,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         lockstep,
         strace,
         icount,
+        drive: drive_spec,
         control,
     } = args;
     let (image, path) = match load_image(&guest) {
@@ -79,6 +80,19 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     if !multiboot && !bzimage && control.any() {
         eprintln!(
             "popek: {guest} is a Linux program: snapshots, migration and the monitor are for bare-metal machines (Multiboot kernels, the Linux kernel)"
+        );
+        return ExitCode::from(2);
+    }
+    let disk = match drive_spec.as_deref().map(parse_drive).transpose() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("popek: --drive {}: {e}", drive_spec.unwrap_or_default());
+            return ExitCode::from(2);
+        }
+    };
+    if disk.is_some() && (!multiboot && !bzimage || lockstep || control.any()) {
+        eprintln!(
+            "popek: --drive is for bare-metal machines, and not yet with --lockstep, snapshots, migration or the monitor"
         );
         return ExitCode::from(2);
     }
@@ -138,6 +152,9 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         }
     };
     control.arm(&mut m);
+    if let Some(d) = disk {
+        m.cpu.board.virtio_blk = Some(popek_devices::virtio::VirtioBlk::new(d));
+    }
     drive(
         m,
         Output {
@@ -148,6 +165,31 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         },
         &control,
     )
+}
+
+/// `--drive file=PATH[,format=raw][,readonly=on|off][,if=virtio]`: the
+/// image, opened.
+fn parse_drive(spec: &str) -> Result<popek_devices::virtio::Disk, String> {
+    let (mut file, mut readonly) = (None, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("file", f)) => file = Some(f.to_string()),
+            Some(("format", "raw")) | Some(("if", "virtio")) => {}
+            Some(("format", f)) => {
+                return Err(format!("format {f}: only raw images are supported"))
+            }
+            Some(("if", i)) => return Err(format!("if={i}: only virtio disks are supported")),
+            Some(("readonly", "on")) => readonly = true,
+            Some(("readonly", "off")) => readonly = false,
+            _ => {
+                return Err(format!(
+                    "{part:?}: expected file=PATH, format=raw, readonly=on|off or if=virtio"
+                ))
+            }
+        }
+    }
+    let file = file.ok_or("no file=PATH")?;
+    popek_devices::virtio::Disk::open(&file, readonly)
 }
 
 /// Where a run's reports go.
@@ -226,6 +268,17 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
     let exit = m.run(&mut out);
     let elapsed = start.elapsed();
     let _ = out.flush();
+    if let Some(v) = &m.cpu.board.virtio_blk {
+        // What the guest wrote reaches the disk before popek ends.
+        if !v.disk.readonly {
+            if let Err(e) = v.disk.file.sync_data() {
+                eprintln!("popek: cannot flush the disk image: {e}");
+            }
+        }
+        if let Some(why) = &v.broken {
+            eprintln!("popek: the virtio disk stopped serving: {why}");
+        }
+    }
     if o.stats {
         print_stats(&m, elapsed);
     }

@@ -516,3 +516,27 @@ fn initramfs_holds_what_was_asked_for() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("DEST=SRC"));
 }
+
+/// A drive that cannot be used is refused in one line, before the guest
+/// runs: a missing image, an unreadable one, another format, a typo.
+#[test]
+fn a_bad_drive_is_an_error_in_one_line() {
+    let dir = std::env::temp_dir().join(format!("popek-drive-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = format!("file={}", dir.join("missing.img").display());
+    let is_dir = format!("file={}", dir.display());
+    for spec in [
+        missing.as_str(),
+        is_dir.as_str(),
+        "file=x.img,format=qcow2",
+        "file=x.img,if=ide",
+        "path=x.img",
+        "format=raw",
+    ] {
+        let out = popek(&["run", "hello", "--drive", spec]);
+        assert_eq!(out.status.code(), Some(2), "{spec}");
+        assert!(out.stdout.is_empty(), "{spec}: the guest must not run");
+        let err = one_line_error(&out);
+        assert!(err.contains("--drive"), "{spec}: {err}");
+    }
+}

@@ -9,10 +9,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
 mod uart;
+pub mod virtio;
 
 pub use pic::{Pic8259, PicPair};
 pub use pit::Pit8254;
@@ -89,6 +91,11 @@ pub struct Board {
     /// time: (edges, sum, maximum). The guest's own delays (IF clear,
     /// masked) come on top.
     pub timer_late: (u64, u64, u64),
+    /// The PCI bus (configuration mechanism #1 at 0xCF8/0xCFC) and its
+    /// host bridge.
+    pub pci: pci::PciBus,
+    /// A virtio-blk disk on the PCI bus (`--drive`).
+    pub virtio_blk: Option<virtio::VirtioBlk>,
 }
 
 impl Default for Board {
@@ -104,6 +111,8 @@ impl Default for Board {
             unclaimed_writes: 0,
             deadline: None,
             timer_late: (0, 0, 0),
+            pci: pci::PciBus::default(),
+            virtio_blk: None,
         }
     }
 }
@@ -131,6 +140,10 @@ impl Board {
 
     /// An `IN` of `size` bytes (1, 2 or 4) from `port` at time `now` (ns).
     pub fn read(&mut self, port: u16, size: u8, now: u64) -> u32 {
+        if let Some(v) = self.read_pci(port, size) {
+            self.sync_lines();
+            return v;
+        }
         let mut v = 0u32;
         for i in (0..u16::from(size)).rev() {
             v = (v << 8) | u32::from(self.read_byte(port.wrapping_add(i), now));
@@ -141,6 +154,10 @@ impl Board {
     /// An `OUT` of `size` bytes (1, 2 or 4) of `value` to `port` at time
     /// `now` (ns).
     pub fn write(&mut self, port: u16, size: u8, value: u32, now: u64) {
+        if self.write_pci(port, size, value) {
+            self.sync_lines();
+            return;
+        }
         if (DEBUG_EXIT_PORT..DEBUG_EXIT_PORT + 4).contains(&port) {
             let mask = if size >= 4 {
                 u32::MAX
@@ -192,10 +209,86 @@ impl Board {
         self.sync_lines();
     }
 
-    /// Level-driven lines into the PIC (the UART's INTR on IRQ4).
+    /// Level-driven lines into the PIC (the UART's INTR on IRQ4, the
+    /// virtio disk's INTA# on its routed line).
     fn sync_lines(&mut self) {
         let uart = self.uart.irq();
         self.pic.set_irq(IRQ_COM1, uart);
+        if let Some(v) = &self.virtio_blk {
+            let line = v.irq();
+            self.pic.set_irq(virtio::IRQ, line);
+        }
+    }
+
+    /// The PCI function at device `dev` of bus 0 (function 0 only).
+    fn function(&mut self, dev: u8, func: u8) -> Option<&mut pci::Function> {
+        if func != 0 {
+            return None;
+        }
+        match dev {
+            0 => Some(&mut self.pci.host_bridge),
+            virtio::SLOT => self.virtio_blk.as_mut().map(|v| &mut v.pci),
+            _ => None,
+        }
+    }
+
+    /// A whole access to the PCI configuration ports or a PCI device's
+    /// I/O BAR (registers wider than a byte are not split), if it is one.
+    fn read_pci(&mut self, port: u16, size: u8) -> Option<u32> {
+        match port {
+            0xCF8..=0xCFB => Some(self.pci.read_address(port - 0xCF8, size)),
+            0xCFC..=0xCFF => {
+                let t = self.pci.target();
+                Some(match t {
+                    Some((dev, func, reg)) => {
+                        let f = self.function(dev, func).map(|f| &*f);
+                        pci::config_read(f, reg, port - 0xCFC, size)
+                    }
+                    None => pci::config_read(None, 0, 0, size),
+                })
+            }
+            _ => {
+                let v = self.virtio_blk.as_mut()?;
+                let off = v.decodes(port)?;
+                Some(v.read(off, size))
+            }
+        }
+    }
+
+    /// See [`Board::read_pci`]; true if the write was the PCI's.
+    fn write_pci(&mut self, port: u16, size: u8, value: u32) -> bool {
+        match port {
+            0xCF8..=0xCFB => self.pci.write_address(port - 0xCF8, size, value),
+            0xCFC..=0xCFF => {
+                if let Some((dev, func, reg)) = self.pci.target() {
+                    pci::config_write(self.function(dev, func), reg, port - 0xCFC, size, value);
+                }
+            }
+            _ => {
+                let Some(v) = self.virtio_blk.as_mut() else {
+                    return false;
+                };
+                let Some(off) = v.decodes(port) else {
+                    return false;
+                };
+                v.write(off, size, value);
+            }
+        }
+        true
+    }
+
+    /// Has a device work that needs guest RAM (a virtqueue notified)?
+    pub fn dma_pending(&self) -> bool {
+        self.virtio_blk.as_ref().is_some_and(|v| v.notified)
+    }
+
+    /// Let devices do their work on guest RAM (the CPU's OUT that
+    /// notified them calls this).
+    pub fn service_dma(&mut self, ram: &mut popek_memory::GuestRam) {
+        if let Some(v) = &mut self.virtio_blk {
+            v.service(ram);
+        }
+        self.sync_lines();
     }
 
     /// Let time pass up to `now` (ns): timer edges, the RTC's periodic

@@ -135,6 +135,9 @@ impl Vcpu {
         self.check_io(port, size)?;
         let now = self.now_ns();
         self.board.write(port, size, value, now);
+        if self.board.dma_pending() {
+            self.board.service_dma(&mut self.ram);
+        }
         Ok(())
     }
 

@@ -1,0 +1,585 @@
+//! virtio-blk over PCI, the legacy interface (Virtual I/O Device
+//! specification v1.2: §4.1.4.10 "Legacy Interfaces: A Note on PCI Device
+//! Layout", §2.7 split virtqueues with the legacy layout of §2.7.2, §5.2
+//! the block device), backed by a raw disk image file.
+//!
+//! The registers sit in BAR 0 (I/O space): device features, driver
+//! features, the queue's page frame number, size, select and notify, the
+//! device status and the interrupt status (ISR), then the block device's
+//! configuration (capacity, segment limit). A write to QUEUE_NOTIFY marks
+//! the queue; the CPU's OUT then calls [`VirtioBlk::service`] with guest
+//! RAM, which walks the available ring, performs each request on the
+//! image (pread, pwrite, fsync) and fills the used ring, then raises INTA#
+//! until the driver reads the ISR.
+//!
+//! A driver that hands the device addresses outside RAM, descriptor
+//! chains that loop or run past the queue, or malformed requests gets the
+//! device's status bit DEVICE_NEEDS_RESET (§2.1.1) and the device stops
+//! serving the queue until it is reset; nothing reaches the host file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use popek_memory::GuestRam;
+
+use crate::pci::{reg, Function};
+
+/// Legacy register offsets in BAR 0.
+mod r {
+    pub const HOST_FEATURES: u16 = 0x00;
+    pub const GUEST_FEATURES: u16 = 0x04;
+    pub const QUEUE_PFN: u16 = 0x08;
+    pub const QUEUE_NUM: u16 = 0x0C;
+    pub const QUEUE_SEL: u16 = 0x0E;
+    pub const QUEUE_NOTIFY: u16 = 0x10;
+    pub const STATUS: u16 = 0x12;
+    pub const ISR: u16 = 0x13;
+    /// The device configuration (no MSI-X: right after the ISR).
+    pub const CONFIG: u16 = 0x14;
+}
+
+/// Feature bits (§5.2.3).
+pub mod feature {
+    /// seg_max in the configuration is valid.
+    pub const SEG_MAX: u32 = 1 << 2;
+    /// The device is read-only.
+    pub const RO: u32 = 1 << 5;
+    /// The device takes flush requests.
+    pub const FLUSH: u32 = 1 << 9;
+}
+
+/// Device status bits (§2.1).
+const NEEDS_RESET: u8 = 0x40;
+
+/// Request types (§5.2.6).
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+/// Request status values.
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// Descriptor flags (§2.7.5).
+const D_NEXT: u16 = 1;
+const D_WRITE: u16 = 2;
+const D_INDIRECT: u16 = 4;
+
+/// The queue size the device offers.
+pub const QUEUE_SIZE: u16 = 128;
+/// Bytes of BAR 0.
+const BAR_SIZE: u32 = 0x40;
+/// The I/O base the firmware gives BAR 0.
+pub const IO_BASE: u16 = 0xC000;
+/// The PIC input INTA# is routed to.
+pub const IRQ: u8 = 11;
+/// The PCI device number.
+pub const SLOT: u8 = 3;
+
+/// A raw disk image.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// The open file.
+    pub file: Arc<File>,
+    /// Its size in 512-byte sectors.
+    pub sectors: u64,
+    /// Opened read-only (the guest's writes fail).
+    pub readonly: bool,
+    /// Bytes read and written by the guest, requests served.
+    pub read_bytes: u64,
+    /// See `read_bytes`.
+    pub written_bytes: u64,
+    /// See `read_bytes`.
+    pub requests: u64,
+}
+
+impl Disk {
+    /// Open a raw image.
+    pub fn open(path: &str, readonly: bool) -> Result<Disk, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|e| format!("cannot open disk image {path:?}: {e}"))?;
+        let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("disk image {path:?} is not a regular file"));
+        }
+        let len = meta.len();
+        Ok(Disk {
+            file: Arc::new(file),
+            sectors: len / 512,
+            readonly,
+            read_bytes: 0,
+            written_bytes: 0,
+            requests: 0,
+        })
+    }
+}
+
+/// The legacy virtio-blk PCI function.
+#[derive(Debug, Clone)]
+pub struct VirtioBlk {
+    /// Its configuration space.
+    pub pci: Function,
+    /// The image.
+    pub disk: Disk,
+    /// Features the driver acknowledged.
+    pub guest_features: u32,
+    /// Page frame number of queue 0 (0: not set up).
+    pub queue_pfn: u32,
+    /// The selected queue.
+    pub queue_sel: u16,
+    /// Device status.
+    pub status: u8,
+    /// Interrupt status: bit 0 used-ring update, bit 1 configuration change.
+    pub isr: u8,
+    /// Next available-ring entry to serve.
+    pub last_avail: u16,
+    /// The driver notified the queue: [`VirtioBlk::service`] has work.
+    pub notified: bool,
+    /// Why the device stopped, if it did.
+    pub broken: Option<String>,
+}
+
+impl VirtioBlk {
+    /// A virtio-blk function on `disk`, as a firmware leaves it (BAR 0 at
+    /// [`IO_BASE`], INTA# on [`IRQ`], decoding off until the driver
+    /// enables it).
+    pub fn new(disk: Disk) -> VirtioBlk {
+        // Red Hat's virtio vendor ID; 0x1001 the transitional block
+        // device; class mass storage (SCSI), as QEMU's.
+        let mut pci = Function::new(SLOT, 0x1AF4, 0x1001, 0x01_00_00);
+        pci.set16(reg::SUBSYSTEM_VENDOR, 0x1AF4);
+        pci.set16(reg::SUBSYSTEM, 2); // virtio device type: block
+        pci.io_bar(0, BAR_SIZE, u32::from(IO_BASE));
+        pci.route_intx(IRQ);
+        VirtioBlk {
+            pci,
+            disk,
+            guest_features: 0,
+            queue_pfn: 0,
+            queue_sel: 0,
+            status: 0,
+            isr: 0,
+            last_avail: 0,
+            notified: false,
+            broken: None,
+        }
+    }
+
+    /// Features the device offers.
+    fn host_features(&self) -> u32 {
+        feature::SEG_MAX | feature::FLUSH | if self.disk.readonly { feature::RO } else { 0 }
+    }
+
+    /// Does an I/O access at `port` fall in BAR 0? Its offset.
+    pub fn decodes(&self, port: u16) -> Option<u16> {
+        let base = self.pci.io_base(0)?;
+        port.checked_sub(base).filter(|&o| u32::from(o) < BAR_SIZE)
+    }
+
+    /// The device configuration, as bytes from offset 0.
+    fn config_bytes(&self) -> [u8; 0x18] {
+        let mut c = [0u8; 0x18];
+        c[0..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
+        // size_max (unused), seg_max
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c
+    }
+
+    /// Is INTA# asserted?
+    pub fn irq(&self) -> bool {
+        self.isr != 0 && self.pci.get16(reg::COMMAND) & crate::pci::command::INTX_DISABLE == 0
+    }
+
+    fn reset(&mut self) {
+        self.guest_features = 0;
+        self.queue_pfn = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.isr = 0;
+        self.last_avail = 0;
+        self.notified = false;
+        self.broken = None;
+    }
+
+    /// Read `size` bytes at BAR offset `off`.
+    pub fn read(&mut self, off: u16, size: u8) -> u32 {
+        let mut v = 0u32;
+        for i in (0..u16::from(size)).rev() {
+            v = v << 8 | u32::from(self.read_byte(off + i));
+        }
+        v
+    }
+
+    fn read_byte(&mut self, off: u16) -> u8 {
+        let le = |v: u32, at: u16, base: u16| (v >> (8 * (at - base))) as u8;
+        match off {
+            r::HOST_FEATURES..=0x03 => le(self.host_features(), off, r::HOST_FEATURES),
+            r::GUEST_FEATURES..=0x07 => le(self.guest_features, off, r::GUEST_FEATURES),
+            r::QUEUE_PFN..=0x0B => le(self.queue_pfn, off, r::QUEUE_PFN),
+            r::QUEUE_NUM..=0x0D => {
+                let n = if self.queue_sel == 0 { QUEUE_SIZE } else { 0 };
+                le(u32::from(n), off, r::QUEUE_NUM)
+            }
+            r::QUEUE_SEL..=0x0F => le(u32::from(self.queue_sel), off, r::QUEUE_SEL),
+            r::STATUS => self.status,
+            r::ISR => std::mem::take(&mut self.isr),
+            o if o >= r::CONFIG => self
+                .config_bytes()
+                .get(usize::from(o - r::CONFIG))
+                .copied()
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Write `size` bytes of `value` at BAR offset `off`.
+    pub fn write(&mut self, off: u16, size: u8, value: u32) {
+        let set = |old: u32, base: u16| -> u32 {
+            let mut v = old;
+            for i in 0..u16::from(size) {
+                let at = off + i;
+                if (base..base + 4).contains(&at) {
+                    let sh = 8 * u32::from(at - base);
+                    v = (v & !(0xFF << sh)) | (((value >> (8 * i)) & 0xFF) << sh);
+                }
+            }
+            v
+        };
+        match off {
+            r::GUEST_FEATURES => {
+                self.guest_features = set(self.guest_features, off) & self.host_features()
+            }
+            r::QUEUE_PFN if self.queue_sel == 0 => {
+                self.queue_pfn = set(self.queue_pfn, off);
+                self.last_avail = 0;
+            }
+            r::QUEUE_SEL => self.queue_sel = value as u16,
+            r::QUEUE_NOTIFY if value as u16 == 0 => self.notified = true,
+            r::STATUS => {
+                self.status = value as u8;
+                if self.status == 0 {
+                    self.reset();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Serve the queue after a notification: every request the driver
+    /// made available, then the interrupt.
+    pub fn service(&mut self, ram: &mut GuestRam) {
+        if !std::mem::take(&mut self.notified) || self.queue_pfn == 0 || self.broken.is_some() {
+            return;
+        }
+        if let Err(why) = self.serve_queue(ram) {
+            // The driver gets DEVICE_NEEDS_RESET and a configuration
+            // interrupt; the device serves nothing more until a reset.
+            self.broken = Some(why);
+            self.status |= NEEDS_RESET;
+            self.isr |= 2;
+        }
+    }
+
+    fn serve_queue(&mut self, ram: &mut GuestRam) -> Result<(), String> {
+        let n = u32::from(QUEUE_SIZE);
+        let desc = u64::from(self.queue_pfn) << 12;
+        let avail = desc + 16 * u64::from(n);
+        let used = (avail + 6 + 2 * u64::from(n)).next_multiple_of(4096);
+        let end = used + 6 + 8 * u64::from(n);
+        if end > u64::from(ram.size()) {
+            return Err(format!("the queue at {desc:#x} lies outside RAM"));
+        }
+        let (avail, used) = (avail as u32, used as u32);
+        let avail_idx = ram.read(avail + 2, 2) as u16;
+        if avail_idx.wrapping_sub(self.last_avail) > QUEUE_SIZE {
+            return Err("the available index ran more than a queue ahead".into());
+        }
+        let mut served = false;
+        while self.last_avail != avail_idx {
+            let slot = u32::from(self.last_avail % QUEUE_SIZE);
+            let head = ram.read(avail + 4 + 2 * slot, 2) as u16;
+            let written = self.request(ram, desc, head)?;
+            let ui = ram.read(used + 2, 2) as u16;
+            let at = used + 4 + 8 * u32::from(ui % QUEUE_SIZE);
+            ram.write(at, 4, u64::from(head));
+            ram.write(at + 4, 4, u64::from(written));
+            ram.write(used + 2, 2, u64::from(ui.wrapping_add(1)));
+            self.last_avail = self.last_avail.wrapping_add(1);
+            served = true;
+        }
+        // VRING_AVAIL_F_NO_INTERRUPT: the driver asks for no interrupt.
+        if served && ram.read(avail, 2) & 1 == 0 {
+            self.isr |= 1;
+        }
+        Ok(())
+    }
+
+    /// One request: the descriptor chain from `head`. Returns the bytes
+    /// the device wrote into the driver's buffers.
+    fn request(&mut self, ram: &mut GuestRam, desc: u64, head: u16) -> Result<u32, String> {
+        // The chain, checked: in RAM, no loops, no indirect tables (not
+        // offered).
+        let mut chain: Vec<(u32, u32, bool)> = Vec::new();
+        let mut i = head;
+        loop {
+            if i >= QUEUE_SIZE || chain.len() >= usize::from(QUEUE_SIZE) {
+                return Err(format!(
+                    "descriptor chain from {head} loops or leaves the queue"
+                ));
+            }
+            let d = (desc + 16 * u64::from(i)) as u32;
+            let addr = ram.read(d, 8);
+            let len = ram.read(d + 8, 4) as u32;
+            let flags = ram.read(d + 12, 2) as u16;
+            let next = ram.read(d + 14, 2) as u16;
+            if flags & D_INDIRECT != 0 {
+                return Err("an indirect descriptor, which the device did not offer".into());
+            }
+            if addr + u64::from(len) > u64::from(ram.size()) {
+                return Err(format!(
+                    "a buffer at {addr:#x} ({len} bytes) lies outside RAM"
+                ));
+            }
+            chain.push((addr as u32, len, flags & D_WRITE != 0));
+            if flags & D_NEXT == 0 {
+                break;
+            }
+            i = next;
+        }
+        let (&(h_addr, h_len, h_w), rest) = chain.split_first().expect("one at least");
+        let Some((&(s_addr, s_len, s_w), data)) = rest.split_last() else {
+            return Err("a request without a status byte".into());
+        };
+        if h_len < 16 || h_w || s_len < 1 || !s_w {
+            return Err("a malformed request header or status".into());
+        }
+        let kind = ram.read(h_addr, 4) as u32;
+        let sector = ram.read(h_addr + 8, 8);
+        self.disk.requests += 1;
+        let mut written = 0u32;
+        let status = match kind {
+            T_IN | T_OUT => {
+                let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
+                let ok_dir = data.iter().all(|d| d.2 == (kind == T_IN));
+                let beyond =
+                    sector.saturating_mul(512).saturating_add(total) > self.disk.sectors * 512;
+                if !ok_dir || beyond || (kind == T_OUT && self.disk.readonly) {
+                    S_IOERR
+                } else {
+                    let mut pos = sector * 512;
+                    let mut st = S_OK;
+                    for &(addr, len, _) in data {
+                        let r = if kind == T_IN {
+                            let mut buf = vec![0u8; len as usize];
+                            self.disk.file.read_exact_at(&mut buf, pos).map(|()| {
+                                ram.load(addr, &buf);
+                                written += len;
+                                self.disk.read_bytes += u64::from(len);
+                            })
+                        } else {
+                            let a = addr as usize;
+                            let buf = &ram.as_slice()[a..a + len as usize];
+                            self.disk.file.write_all_at(buf, pos).map(|()| {
+                                self.disk.written_bytes += u64::from(len);
+                            })
+                        };
+                        if r.is_err() {
+                            st = S_IOERR;
+                            break;
+                        }
+                        pos += u64::from(len);
+                    }
+                    st
+                }
+            }
+            T_FLUSH => {
+                if self.disk.readonly || self.disk.file.sync_data().is_ok() {
+                    S_OK
+                } else {
+                    S_IOERR
+                }
+            }
+            T_GET_ID => {
+                let id = b"popek-virtio-blk\0\0\0\0";
+                if let Some(&(addr, len, true)) = data.first() {
+                    let n = (len as usize).min(id.len());
+                    ram.load(addr, &id[..n]);
+                    written += n as u32;
+                    S_OK
+                } else {
+                    S_IOERR
+                }
+            }
+            _ => S_UNSUPP,
+        };
+        ram.write(s_addr, 1, u64::from(status));
+        Ok(written + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::command;
+
+    /// A disk of `sectors` sectors, sector i filled with byte i.
+    fn disk(sectors: u64, readonly: bool) -> Disk {
+        let path = std::env::temp_dir().join(format!(
+            "popek-virtio-{}-{:?}.img",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let mut b = Vec::new();
+        for i in 0..sectors {
+            b.extend_from_slice(&[i as u8; 512]);
+        }
+        std::fs::write(&path, b).unwrap();
+        let d = Disk::open(path.to_str().unwrap(), readonly).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        d
+    }
+
+    /// The queue at 0x10000 (PFN 0x10): descriptors, available ring at
+    /// +0x800, used ring at +0x1000.
+    const Q: u32 = 0x10000;
+    const AVAIL: u32 = Q + 16 * QUEUE_SIZE as u32;
+    const USED: u32 = Q + 0x1000;
+
+    fn device(d: Disk) -> (VirtioBlk, GuestRam) {
+        let mut v = VirtioBlk::new(d);
+        v.pci.set16(reg::COMMAND, command::IO | command::MASTER);
+        v.write(r::STATUS, 1, 1 | 2 | 4);
+        v.write(r::QUEUE_PFN, 4, Q >> 12);
+        (v, GuestRam::new(1 << 20).unwrap())
+    }
+
+    fn desc(ram: &mut GuestRam, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = Q + 16 * u32::from(i);
+        ram.write(d, 8, addr);
+        ram.write(d + 8, 4, u64::from(len));
+        ram.write(d + 12, 2, u64::from(flags));
+        ram.write(d + 14, 2, u64::from(next));
+    }
+
+    /// Make descriptor chain `head` available and notify.
+    fn submit(v: &mut VirtioBlk, ram: &mut GuestRam, head: u16) {
+        let idx = ram.read(AVAIL + 2, 2) as u16;
+        ram.write(
+            AVAIL + 4 + 2 * u32::from(idx % QUEUE_SIZE),
+            2,
+            u64::from(head),
+        );
+        ram.write(AVAIL + 2, 2, u64::from(idx.wrapping_add(1)));
+        v.write(r::QUEUE_NOTIFY, 2, 0);
+        v.service(ram);
+    }
+
+    /// A request: header at 0x20000, data at 0x21000, status at 0x22000.
+    fn request(v: &mut VirtioBlk, ram: &mut GuestRam, kind: u32, sector: u64, len: u32) -> u8 {
+        ram.write(0x20000, 4, u64::from(kind));
+        ram.write(0x20008, 8, sector);
+        ram.write(0x22000, 1, 0xFF);
+        let write = kind == T_IN;
+        desc(ram, 0, 0x20000, 16, D_NEXT, 1);
+        desc(
+            ram,
+            1,
+            0x21000,
+            len,
+            D_NEXT | if write { D_WRITE } else { 0 },
+            2,
+        );
+        desc(ram, 2, 0x22000, 1, D_WRITE, 0);
+        submit(v, ram, 0);
+        ram.read(0x22000, 1) as u8
+    }
+
+    /// Reads and writes reach the image; the used ring, the ISR and
+    /// INTA# follow (§2.7.8, §4.1.4.5); reading the ISR clears it.
+    #[test]
+    fn requests_reach_the_image_and_complete_in_the_used_ring() {
+        let (mut v, mut ram) = device(disk(16, false));
+        assert_eq!(v.read(r::CONFIG, 4), 16, "capacity in sectors");
+        assert_eq!(request(&mut v, &mut ram, T_IN, 3, 1024), S_OK);
+        assert_eq!(ram.read(0x21000, 1), 3);
+        assert_eq!(ram.read(0x21200, 1), 4);
+        assert_eq!(ram.read(USED + 2, 2), 1, "used index");
+        assert_eq!(
+            ram.read(USED + 8, 4),
+            1025,
+            "bytes written: data and status"
+        );
+        assert!(v.irq());
+        assert_eq!(v.read(r::ISR, 1), 1);
+        assert!(!v.irq(), "reading the ISR deasserts INTA#");
+        ram.load(0x21000, &[0xAB; 512]);
+        assert_eq!(request(&mut v, &mut ram, T_OUT, 5, 512), S_OK);
+        let mut b = [0u8; 512];
+        v.disk.file.read_exact_at(&mut b, 5 * 512).unwrap();
+        assert_eq!(b, [0xAB; 512]);
+        assert_eq!(request(&mut v, &mut ram, T_FLUSH, 0, 0), S_OK);
+        assert_eq!(
+            request(&mut v, &mut ram, T_IN, 15, 1024),
+            S_IOERR,
+            "past the end"
+        );
+        assert_eq!(request(&mut v, &mut ram, 77, 0, 512), S_UNSUPP);
+    }
+
+    /// A read-only image: writes fail with IOERR and the file keeps its
+    /// bytes; the device says RO.
+    #[test]
+    fn a_read_only_image_refuses_writes() {
+        let (mut v, mut ram) = device(disk(4, true));
+        assert_ne!(v.read(r::HOST_FEATURES, 4) & feature::RO, 0);
+        ram.load(0x21000, &[0xCD; 512]);
+        assert_eq!(request(&mut v, &mut ram, T_OUT, 1, 512), S_IOERR);
+        let mut b = [0u8; 512];
+        v.disk.file.read_exact_at(&mut b, 512).unwrap();
+        assert_eq!(b, [1; 512]);
+    }
+
+    /// Wild buffers and looping chains: the device sets
+    /// DEVICE_NEEDS_RESET (§2.1.1), raises a configuration interrupt and
+    /// serves nothing more until the driver resets it.
+    #[test]
+    fn wild_addresses_and_loops_stop_the_device() {
+        for (what, setup) in [
+            ("a buffer beyond RAM", 0),
+            ("a chain that loops", 1),
+            ("a queue beyond RAM", 2),
+        ] {
+            let (mut v, mut ram) = device(disk(4, false));
+            match setup {
+                0 => {
+                    desc(&mut ram, 0, 0x20000, 16, D_NEXT, 1);
+                    desc(&mut ram, 1, 0xFFFF_F000, 4096, D_NEXT | D_WRITE, 2);
+                    desc(&mut ram, 2, 0x22000, 1, D_WRITE, 0);
+                    submit(&mut v, &mut ram, 0);
+                }
+                1 => {
+                    desc(&mut ram, 0, 0x20000, 16, D_NEXT, 1);
+                    desc(&mut ram, 1, 0x21000, 512, D_NEXT, 0);
+                    submit(&mut v, &mut ram, 0);
+                }
+                _ => {
+                    v.write(r::QUEUE_PFN, 4, 0xFFFF0);
+                    v.write(r::QUEUE_NOTIFY, 2, 0);
+                    v.service(&mut ram);
+                }
+            }
+            assert_ne!(v.read(r::STATUS, 1) as u8 & NEEDS_RESET, 0, "{what}");
+            assert!(v.broken.is_some(), "{what}");
+            assert_eq!(v.read(r::ISR, 1), 2, "{what}: configuration interrupt");
+            // Nothing more is served until a reset.
+            assert_eq!(request(&mut v, &mut ram, T_IN, 0, 512), 0xFF, "{what}");
+            v.write(r::STATUS, 1, 0);
+            assert!(v.broken.is_none() && v.queue_pfn == 0, "{what}: reset");
+        }
+    }
+}
