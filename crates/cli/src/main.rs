@@ -227,6 +227,11 @@ pub(crate) struct RunArgs {
     /// QEMU's -drive: file=PATH[,format=raw][,readonly=on][,if=virtio].
     #[arg(long, value_name = "file=PATH[,...]")]
     pub(crate) drive: Option<String>,
+    /// A virtio memory balloon on the PCI bus, asked at boot to take SIZE
+    /// of the guest's RAM (0: present, empty). The monitor's `balloon
+    /// value=BYTES` sets the guest's memory later, as QEMU's.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub(crate) balloon: Option<u64>,
     #[command(flatten)]
     pub(crate) control: ControlArgs,
 }

@@ -28,6 +28,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         strace,
         icount,
         drive: drive_spec,
+        balloon,
         control,
     } = args;
     let (image, path) = match load_image(&guest) {
@@ -96,6 +97,13 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let snapshots = control.snapshot.is_some() || control.migrate_to.is_some();
+    if balloon.is_some() && (!multiboot && !bzimage || lockstep || snapshots) {
+        eprintln!(
+            "popek: --balloon is for bare-metal machines, and not yet with --lockstep, snapshots or migration"
+        );
+        return ExitCode::from(2);
+    }
     if control.any() && (lockstep || matches!(engine, EngineArg::Trap)) {
         eprintln!(
             "popek: snapshots, migration and the monitor run under --engine bt or interp (not {})",
@@ -153,7 +161,12 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     };
     control.arm(&mut m);
     if let Some(d) = disk {
-        m.cpu.board.virtio_blk = Some(popek_devices::virtio::VirtioBlk::new(d));
+        m.cpu.board.virtio_blk = Some(popek_devices::virtio::VirtioBlk::disk(d));
+    }
+    if let Some(size) = balloon {
+        let mut b = popek_devices::virtio::VirtioBalloon::balloon();
+        b.dev.num_pages = (size.min(u64::from(m.cpu.ram.size())) / 4096) as u32;
+        m.cpu.board.balloon = Some(b);
     }
     drive(
         m,
@@ -270,8 +283,8 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
     let _ = out.flush();
     if let Some(v) = &m.cpu.board.virtio_blk {
         // What the guest wrote reaches the disk before popek ends.
-        if !v.disk.readonly {
-            if let Err(e) = v.disk.file.sync_data() {
+        if !v.dev.disk.readonly {
+            if let Err(e) = v.dev.disk.file.sync_data() {
                 eprintln!("popek: cannot flush the disk image: {e}");
             }
         }

@@ -108,6 +108,27 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
         "  {:<42}{} / {}",
         "unclaimed port reads / writes", m.cpu.board.unclaimed_reads, m.cpu.board.unclaimed_writes
     );
+    if let Some(v) = &m.cpu.board.virtio_blk {
+        let d = &v.dev.disk;
+        eprintln!(
+            "  {:<42}{} requests, {:.1} MiB read, {:.1} MiB written",
+            "virtio disk",
+            d.requests,
+            d.read_bytes as f64 / (1 << 20) as f64,
+            d.written_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some(b) = &m.cpu.board.balloon {
+        eprintln!(
+            "  {:<42}{} pages asked, {} held, {} inflated, {} deflated, {} released to the host",
+            "virtio balloon",
+            b.dev.num_pages,
+            b.dev.actual,
+            b.dev.inflated,
+            b.dev.deflated,
+            m.cpu.ram.released_pages()
+        );
+    }
     let (edges, sum, max) = m.cpu.board.timer_late;
     if edges > 0 {
         eprintln!(

@@ -578,3 +578,115 @@ fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
         assert_eq!(untouched, readonly, "readonly: {readonly}");
     }
 }
+
+/// The balloon test's /init: load the balloon driver, wait until the
+/// kernel's memory shrinks by what the host asked (--balloon), say so,
+/// then wait until it grows back (the monitor's balloon command).
+const BALLOON_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon; do
+  insmod /lib/$m.ko || echo "insmod $m failed"
+done
+total() { awk '/MemTotal/ { print $2 }' /proc/meminfo; }
+echo "=== begin $(total)"
+i=0; while [ $(total) -gt 120000 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+echo "inflated $(total)"
+i=0; while [ $(total) -lt 200000 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+echo "deflated $(total)"
+echo "=== end"
+printf '\x10' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+"#;
+
+/// virtio-balloon: asked at boot to take 128 MiB of a 256 MiB guest, the
+/// driver inflates (the kernel's MemTotal falls by that much) and the host
+/// releases every page it gets; the monitor's `balloon value=256M` lets
+/// the guest deflate (MemTotal back).
+#[test]
+fn debian_kernel_inflates_and_deflates_its_balloon() {
+    let add: Vec<String> = [
+        "virtio",
+        "virtio_ring",
+        "virtio_pci_legacy_dev",
+        "virtio_pci_modern_dev",
+        "virtio_pci",
+        "virtio_balloon",
+    ]
+    .iter()
+    .map(|m| {
+        format!(
+            "lib/{m}.ko={}",
+            distro(&format!("modules/{m}.ko")).display()
+        )
+    })
+    .collect();
+    let rd = initramfs_with("balloon", Some(BALLOON_INIT), &add);
+    let sock = rd.parent().unwrap().join("balloon.sock");
+    let mut child = Command::new(POPEK)
+        .arg("run")
+        .arg(distro("vmlinuz"))
+        .arg("--initrd")
+        .arg(&rd)
+        .args([
+            "--append",
+            &pci_cmdline(),
+            "--memory",
+            "256M",
+            "--balloon",
+            "128M",
+        ])
+        .arg("--monitor")
+        .arg(format!("unix:{}", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    while !seen.contains("inflated ") || !seen[seen.find("inflated ").unwrap()..].contains('\n') {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0 && start.elapsed() < LIMIT, "no inflation:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let number = |key: &str, s: &str| -> u64 {
+        let at = s.find(key).unwrap_or_else(|| panic!("no {key:?} in {s}")) + key.len();
+        s[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (before, inflated) = (number("=== begin ", &seen), number("inflated ", &seen));
+    assert!(
+        before - inflated >= 120 * 1024,
+        "MemTotal {before} -> {inflated} kB"
+    );
+    let q = Command::new(POPEK)
+        .args(["monitor", sock.to_str().unwrap(), "query-balloon"])
+        .output()
+        .unwrap();
+    let q = String::from_utf8_lossy(&q.stdout).into_owned();
+    assert!(number("\"released_pages\":", &q) >= 32768, "{q}");
+    let d = Command::new(POPEK)
+        .args([
+            "monitor",
+            sock.to_str().unwrap(),
+            "balloon",
+            "value=268435456",
+        ])
+        .output()
+        .unwrap();
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stdout));
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    seen.push_str(&rest);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(33), "{seen}");
+    assert!(number("deflated ", &seen) >= before - 1024, "{seen}");
+}

@@ -96,6 +96,8 @@ pub struct Board {
     pub pci: pci::PciBus,
     /// A virtio-blk disk on the PCI bus (`--drive`).
     pub virtio_blk: Option<virtio::VirtioBlk>,
+    /// A virtio memory balloon on the PCI bus (`--balloon`).
+    pub balloon: Option<virtio::VirtioBalloon>,
 }
 
 impl Default for Board {
@@ -113,6 +115,7 @@ impl Default for Board {
             timer_late: (0, 0, 0),
             pci: pci::PciBus::default(),
             virtio_blk: None,
+            balloon: None,
         }
     }
 }
@@ -218,6 +221,10 @@ impl Board {
             let line = v.irq();
             self.pic.set_irq(virtio::IRQ, line);
         }
+        if let Some(b) = &self.balloon {
+            let line = b.irq();
+            self.pic.set_irq(virtio::BALLOON_IRQ, line);
+        }
     }
 
     /// The PCI function at device `dev` of bus 0 (function 0 only).
@@ -228,6 +235,7 @@ impl Board {
         match dev {
             0 => Some(&mut self.pci.host_bridge),
             virtio::SLOT => self.virtio_blk.as_mut().map(|v| &mut v.pci),
+            virtio::BALLOON_SLOT => self.balloon.as_mut().map(|v| &mut v.pci),
             _ => None,
         }
     }
@@ -248,9 +256,14 @@ impl Board {
                 })
             }
             _ => {
-                let v = self.virtio_blk.as_mut()?;
-                let off = v.decodes(port)?;
-                Some(v.read(off, size))
+                if let Some(v) = self.virtio_blk.as_mut() {
+                    if let Some(off) = v.decodes(port) {
+                        return Some(v.read(off, size));
+                    }
+                }
+                let b = self.balloon.as_mut()?;
+                let off = b.decodes(port)?;
+                Some(b.read(off, size))
             }
         }
     }
@@ -265,21 +278,35 @@ impl Board {
                 }
             }
             _ => {
-                let Some(v) = self.virtio_blk.as_mut() else {
+                if let Some(v) = self.virtio_blk.as_mut() {
+                    if let Some(off) = v.decodes(port) {
+                        v.write(off, size, value);
+                        return true;
+                    }
+                }
+                let Some(b) = self.balloon.as_mut() else {
                     return false;
                 };
-                let Some(off) = v.decodes(port) else {
+                let Some(off) = b.decodes(port) else {
                     return false;
                 };
-                v.write(off, size, value);
+                b.write(off, size, value);
             }
         }
         true
     }
 
+    /// Bring the interrupt lines up to date after the host changed a
+    /// device (the monitor asked the balloon for pages).
+    pub fn update_lines(&mut self) {
+        self.deadline = None;
+        self.sync_lines();
+    }
+
     /// Has a device work that needs guest RAM (a virtqueue notified)?
     pub fn dma_pending(&self) -> bool {
-        self.virtio_blk.as_ref().is_some_and(|v| v.notified)
+        self.virtio_blk.as_ref().is_some_and(|v| v.notified != 0)
+            || self.balloon.as_ref().is_some_and(|b| b.notified != 0)
     }
 
     /// Let devices do their work on guest RAM (the CPU's OUT that
@@ -287,6 +314,9 @@ impl Board {
     pub fn service_dma(&mut self, ram: &mut popek_memory::GuestRam) {
         if let Some(v) = &mut self.virtio_blk {
             v.service(ram);
+        }
+        if let Some(b) = &mut self.balloon {
+            b.service(ram);
         }
         self.sync_lines();
     }

@@ -1,16 +1,17 @@
-//! virtio-blk over PCI, the legacy interface (Virtual I/O Device
+//! virtio devices over PCI, the legacy interface (Virtual I/O Device
 //! specification v1.2: §4.1.4.10 "Legacy Interfaces: A Note on PCI Device
-//! Layout", §2.7 split virtqueues with the legacy layout of §2.7.2, §5.2
-//! the block device), backed by a raw disk image file.
+//! Layout", §2.7 split virtqueues with the legacy layout of §2.7.2): the
+//! transport ([`VirtioPci`]) and two devices, the block device on a raw
+//! disk image (§5.2, [`Blk`]) and the memory balloon (§5.5, [`Balloon`]).
 //!
 //! The registers sit in BAR 0 (I/O space): device features, driver
-//! features, the queue's page frame number, size, select and notify, the
-//! device status and the interrupt status (ISR), then the block device's
-//! configuration (capacity, segment limit). A write to QUEUE_NOTIFY marks
-//! the queue; the CPU's OUT then calls [`VirtioBlk::service`] with guest
-//! RAM, which walks the available ring, performs each request on the
-//! image (pread, pwrite, fsync) and fills the used ring, then raises INTA#
-//! until the driver reads the ISR.
+//! features, the selected queue's page frame number and size, queue
+//! select and notify, the device status and the interrupt status (ISR),
+//! then the device's configuration. A write to QUEUE_NOTIFY marks the
+//! queue; the CPU's OUT then calls [`VirtioPci::service`] with guest RAM,
+//! which walks the available ring, hands each descriptor chain to the
+//! device and fills the used ring, then raises INTA# until the driver
+//! reads the ISR.
 //!
 //! A driver that hands the device addresses outside RAM, descriptor
 //! chains that loop or run past the queue, or malformed requests gets the
@@ -119,60 +120,94 @@ impl Disk {
     }
 }
 
-/// The legacy virtio-blk PCI function.
+/// One buffer of a descriptor chain: guest-physical address, length,
+/// device-writable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Guest-physical address (checked to lie in RAM).
+    pub addr: u32,
+    /// Length in bytes.
+    pub len: u32,
+    /// The device writes it (else it reads it).
+    pub write: bool,
+}
+
+/// What a virtio device does with the chains its driver makes available.
+pub trait Device {
+    /// The virtio device type (PCI subsystem ID: 2 block, 5 balloon).
+    const TYPE: u16;
+    /// PCI device ID of the transitional device (0x1000 + TYPE - 1).
+    const PCI_ID: u16;
+    /// PCI class code.
+    const CLASS: u32;
+    /// Number of virtqueues.
+    const QUEUES: usize;
+    /// Feature bits offered.
+    fn features(&self) -> u32;
+    /// The device configuration, from its first byte.
+    fn config(&self) -> Vec<u8>;
+    /// The driver wrote byte `v` at configuration offset `off`.
+    fn config_write(&mut self, off: usize, v: u8);
+    /// Serve one chain from queue `q`: the bytes written into the
+    /// driver's buffers, or why the chain is malformed.
+    fn serve(&mut self, q: usize, chain: &[Buffer], ram: &mut GuestRam) -> Result<u32, String>;
+}
+
+/// One virtqueue's state (legacy: a page frame number and the next entry
+/// of the available ring to serve).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queue {
+    /// Page frame number (0: not set up).
+    pub pfn: u32,
+    /// Next available-ring entry to serve.
+    pub last_avail: u16,
+}
+
+/// A virtio device on the PCI bus through the legacy interface.
 #[derive(Debug, Clone)]
-pub struct VirtioBlk {
+pub struct VirtioPci<D> {
     /// Its configuration space.
     pub pci: Function,
-    /// The image.
-    pub disk: Disk,
+    /// The device.
+    pub dev: D,
     /// Features the driver acknowledged.
     pub guest_features: u32,
-    /// Page frame number of queue 0 (0: not set up).
-    pub queue_pfn: u32,
+    /// The queues.
+    pub queues: Vec<Queue>,
     /// The selected queue.
     pub queue_sel: u16,
     /// Device status.
     pub status: u8,
     /// Interrupt status: bit 0 used-ring update, bit 1 configuration change.
     pub isr: u8,
-    /// Next available-ring entry to serve.
-    pub last_avail: u16,
-    /// The driver notified the queue: [`VirtioBlk::service`] has work.
-    pub notified: bool,
+    /// Queues notified since the last service (one bit each).
+    pub notified: u32,
     /// Why the device stopped, if it did.
     pub broken: Option<String>,
 }
 
-impl VirtioBlk {
-    /// A virtio-blk function on `disk`, as a firmware leaves it (BAR 0 at
-    /// [`IO_BASE`], INTA# on [`IRQ`], decoding off until the driver
-    /// enables it).
-    pub fn new(disk: Disk) -> VirtioBlk {
-        // Red Hat's virtio vendor ID; 0x1001 the transitional block
-        // device; class mass storage (SCSI), as QEMU's.
-        let mut pci = Function::new(SLOT, 0x1AF4, 0x1001, 0x01_00_00);
+impl<D: Device> VirtioPci<D> {
+    /// The device as a firmware leaves it: PCI device `slot`, BAR 0 at
+    /// `io_base`, INTA# on `irq`, decoding off until the driver enables
+    /// it.
+    pub fn new(dev: D, slot: u8, io_base: u16, irq: u8) -> VirtioPci<D> {
+        // Red Hat's virtio vendor ID, the transitional device ID.
+        let mut pci = Function::new(slot, 0x1AF4, D::PCI_ID, D::CLASS);
         pci.set16(reg::SUBSYSTEM_VENDOR, 0x1AF4);
-        pci.set16(reg::SUBSYSTEM, 2); // virtio device type: block
-        pci.io_bar(0, BAR_SIZE, u32::from(IO_BASE));
-        pci.route_intx(IRQ);
-        VirtioBlk {
+        pci.set16(reg::SUBSYSTEM, D::TYPE);
+        pci.io_bar(0, BAR_SIZE, u32::from(io_base));
+        pci.route_intx(irq);
+        VirtioPci {
             pci,
-            disk,
+            dev,
             guest_features: 0,
-            queue_pfn: 0,
+            queues: vec![Queue::default(); D::QUEUES],
             queue_sel: 0,
             status: 0,
             isr: 0,
-            last_avail: 0,
-            notified: false,
+            notified: 0,
             broken: None,
         }
-    }
-
-    /// Features the device offers.
-    fn host_features(&self) -> u32 {
-        feature::SEG_MAX | feature::FLUSH | if self.disk.readonly { feature::RO } else { 0 }
     }
 
     /// Does an I/O access at `port` fall in BAR 0? Its offset.
@@ -181,28 +216,24 @@ impl VirtioBlk {
         port.checked_sub(base).filter(|&o| u32::from(o) < BAR_SIZE)
     }
 
-    /// The device configuration, as bytes from offset 0.
-    fn config_bytes(&self) -> [u8; 0x18] {
-        let mut c = [0u8; 0x18];
-        c[0..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
-        // size_max (unused), seg_max
-        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
-        c
-    }
-
     /// Is INTA# asserted?
     pub fn irq(&self) -> bool {
         self.isr != 0 && self.pci.get16(reg::COMMAND) & crate::pci::command::INTX_DISABLE == 0
     }
 
+    /// The configuration changed (the host asked something of the
+    /// driver): a configuration interrupt.
+    pub fn config_changed(&mut self) {
+        self.isr |= 2;
+    }
+
     fn reset(&mut self) {
         self.guest_features = 0;
-        self.queue_pfn = 0;
+        self.queues.fill(Queue::default());
         self.queue_sel = 0;
         self.status = 0;
         self.isr = 0;
-        self.last_avail = 0;
-        self.notified = false;
+        self.notified = 0;
         self.broken = None;
     }
 
@@ -217,19 +248,25 @@ impl VirtioBlk {
 
     fn read_byte(&mut self, off: u16) -> u8 {
         let le = |v: u32, at: u16, base: u16| (v >> (8 * (at - base))) as u8;
+        let sel = usize::from(self.queue_sel);
         match off {
-            r::HOST_FEATURES..=0x03 => le(self.host_features(), off, r::HOST_FEATURES),
+            r::HOST_FEATURES..=0x03 => le(self.dev.features(), off, r::HOST_FEATURES),
             r::GUEST_FEATURES..=0x07 => le(self.guest_features, off, r::GUEST_FEATURES),
-            r::QUEUE_PFN..=0x0B => le(self.queue_pfn, off, r::QUEUE_PFN),
+            r::QUEUE_PFN..=0x0B => le(self.queues.get(sel).map_or(0, |q| q.pfn), off, r::QUEUE_PFN),
             r::QUEUE_NUM..=0x0D => {
-                let n = if self.queue_sel == 0 { QUEUE_SIZE } else { 0 };
+                let n = if sel < self.queues.len() {
+                    QUEUE_SIZE
+                } else {
+                    0
+                };
                 le(u32::from(n), off, r::QUEUE_NUM)
             }
             r::QUEUE_SEL..=0x0F => le(u32::from(self.queue_sel), off, r::QUEUE_SEL),
             r::STATUS => self.status,
             r::ISR => std::mem::take(&mut self.isr),
             o if o >= r::CONFIG => self
-                .config_bytes()
+                .dev
+                .config()
                 .get(usize::from(o - r::CONFIG))
                 .copied()
                 .unwrap_or(0),
@@ -250,66 +287,84 @@ impl VirtioBlk {
             }
             v
         };
+        let sel = usize::from(self.queue_sel);
         match off {
             r::GUEST_FEATURES => {
-                self.guest_features = set(self.guest_features, off) & self.host_features()
+                self.guest_features = set(self.guest_features, off) & self.dev.features()
             }
-            r::QUEUE_PFN if self.queue_sel == 0 => {
-                self.queue_pfn = set(self.queue_pfn, off);
-                self.last_avail = 0;
+            r::QUEUE_PFN if sel < self.queues.len() => {
+                let q = &mut self.queues[sel];
+                q.pfn = set(q.pfn, off);
+                q.last_avail = 0;
             }
             r::QUEUE_SEL => self.queue_sel = value as u16,
-            r::QUEUE_NOTIFY if value as u16 == 0 => self.notified = true,
+            r::QUEUE_NOTIFY if usize::from(value as u16) < self.queues.len() => {
+                self.notified |= 1 << (value as u16)
+            }
             r::STATUS => {
                 self.status = value as u8;
                 if self.status == 0 {
                     self.reset();
                 }
             }
+            o if o >= r::CONFIG => {
+                for i in 0..u16::from(size) {
+                    self.dev
+                        .config_write(usize::from(o - r::CONFIG + i), (value >> (8 * i)) as u8);
+                }
+            }
             _ => {}
         }
     }
 
-    /// Serve the queue after a notification: every request the driver
-    /// made available, then the interrupt.
+    /// Serve the notified queues: every chain the driver made available,
+    /// then the interrupt.
     pub fn service(&mut self, ram: &mut GuestRam) {
-        if !std::mem::take(&mut self.notified) || self.queue_pfn == 0 || self.broken.is_some() {
+        let notified = std::mem::take(&mut self.notified);
+        if self.broken.is_some() {
             return;
         }
-        if let Err(why) = self.serve_queue(ram) {
-            // The driver gets DEVICE_NEEDS_RESET and a configuration
-            // interrupt; the device serves nothing more until a reset.
-            self.broken = Some(why);
-            self.status |= NEEDS_RESET;
-            self.isr |= 2;
+        for q in 0..self.queues.len() {
+            if notified & (1 << q) == 0 || self.queues[q].pfn == 0 {
+                continue;
+            }
+            if let Err(why) = self.serve_queue(q, ram) {
+                // The driver gets DEVICE_NEEDS_RESET and a configuration
+                // interrupt; the device serves nothing more until a reset.
+                self.broken = Some(why);
+                self.status |= NEEDS_RESET;
+                self.isr |= 2;
+                return;
+            }
         }
     }
 
-    fn serve_queue(&mut self, ram: &mut GuestRam) -> Result<(), String> {
+    fn serve_queue(&mut self, q: usize, ram: &mut GuestRam) -> Result<(), String> {
         let n = u32::from(QUEUE_SIZE);
-        let desc = u64::from(self.queue_pfn) << 12;
+        let desc = u64::from(self.queues[q].pfn) << 12;
         let avail = desc + 16 * u64::from(n);
         let used = (avail + 6 + 2 * u64::from(n)).next_multiple_of(4096);
         let end = used + 6 + 8 * u64::from(n);
         if end > u64::from(ram.size()) {
-            return Err(format!("the queue at {desc:#x} lies outside RAM"));
+            return Err(format!("queue {q} at {desc:#x} lies outside RAM"));
         }
         let (avail, used) = (avail as u32, used as u32);
         let avail_idx = ram.read(avail + 2, 2) as u16;
-        if avail_idx.wrapping_sub(self.last_avail) > QUEUE_SIZE {
+        if avail_idx.wrapping_sub(self.queues[q].last_avail) > QUEUE_SIZE {
             return Err("the available index ran more than a queue ahead".into());
         }
         let mut served = false;
-        while self.last_avail != avail_idx {
-            let slot = u32::from(self.last_avail % QUEUE_SIZE);
+        while self.queues[q].last_avail != avail_idx {
+            let slot = u32::from(self.queues[q].last_avail % QUEUE_SIZE);
             let head = ram.read(avail + 4 + 2 * slot, 2) as u16;
-            let written = self.request(ram, desc, head)?;
+            let chain = chain(ram, desc, head)?;
+            let written = self.dev.serve(q, &chain, ram)?;
             let ui = ram.read(used + 2, 2) as u16;
             let at = used + 4 + 8 * u32::from(ui % QUEUE_SIZE);
             ram.write(at, 4, u64::from(head));
             ram.write(at + 4, 4, u64::from(written));
             ram.write(used + 2, 2, u64::from(ui.wrapping_add(1)));
-            self.last_avail = self.last_avail.wrapping_add(1);
+            self.queues[q].last_avail = self.queues[q].last_avail.wrapping_add(1);
             served = true;
         }
         // VRING_AVAIL_F_NO_INTERRUPT: the driver asks for no interrupt.
@@ -318,87 +373,132 @@ impl VirtioBlk {
         }
         Ok(())
     }
+}
 
-    /// One request: the descriptor chain from `head`. Returns the bytes
-    /// the device wrote into the driver's buffers.
-    fn request(&mut self, ram: &mut GuestRam, desc: u64, head: u16) -> Result<u32, String> {
-        // The chain, checked: in RAM, no loops, no indirect tables (not
-        // offered).
-        let mut chain: Vec<(u32, u32, bool)> = Vec::new();
-        let mut i = head;
-        loop {
-            if i >= QUEUE_SIZE || chain.len() >= usize::from(QUEUE_SIZE) {
-                return Err(format!(
-                    "descriptor chain from {head} loops or leaves the queue"
-                ));
-            }
-            let d = (desc + 16 * u64::from(i)) as u32;
-            let addr = ram.read(d, 8);
-            let len = ram.read(d + 8, 4) as u32;
-            let flags = ram.read(d + 12, 2) as u16;
-            let next = ram.read(d + 14, 2) as u16;
-            if flags & D_INDIRECT != 0 {
-                return Err("an indirect descriptor, which the device did not offer".into());
-            }
-            if addr + u64::from(len) > u64::from(ram.size()) {
-                return Err(format!(
-                    "a buffer at {addr:#x} ({len} bytes) lies outside RAM"
-                ));
-            }
-            chain.push((addr as u32, len, flags & D_WRITE != 0));
-            if flags & D_NEXT == 0 {
-                break;
-            }
-            i = next;
+/// The descriptor chain from `head`, checked: in RAM, no loops, no
+/// indirect tables (not offered).
+fn chain(ram: &GuestRam, desc: u64, head: u16) -> Result<Vec<Buffer>, String> {
+    let mut chain = Vec::new();
+    let mut i = head;
+    loop {
+        if i >= QUEUE_SIZE || chain.len() >= usize::from(QUEUE_SIZE) {
+            return Err(format!(
+                "descriptor chain from {head} loops or leaves the queue"
+            ));
         }
-        let (&(h_addr, h_len, h_w), rest) = chain.split_first().expect("one at least");
-        let Some((&(s_addr, s_len, s_w), data)) = rest.split_last() else {
+        let d = (desc + 16 * u64::from(i)) as u32;
+        let addr = ram.read(d, 8);
+        let len = ram.read(d + 8, 4) as u32;
+        let flags = ram.read(d + 12, 2) as u16;
+        let next = ram.read(d + 14, 2) as u16;
+        if flags & D_INDIRECT != 0 {
+            return Err("an indirect descriptor, which the device did not offer".into());
+        }
+        if addr + u64::from(len) > u64::from(ram.size()) {
+            return Err(format!(
+                "a buffer at {addr:#x} ({len} bytes) lies outside RAM"
+            ));
+        }
+        chain.push(Buffer {
+            addr: addr as u32,
+            len,
+            write: flags & D_WRITE != 0,
+        });
+        if flags & D_NEXT == 0 {
+            return Ok(chain);
+        }
+        i = next;
+    }
+}
+
+/// The block device (§5.2) on a raw image.
+#[derive(Debug, Clone)]
+pub struct Blk {
+    /// The image.
+    pub disk: Disk,
+}
+
+/// The virtio-blk PCI function.
+pub type VirtioBlk = VirtioPci<Blk>;
+
+impl VirtioBlk {
+    /// A virtio disk at PCI slot [`SLOT`], BAR 0 at [`IO_BASE`], INTA# on
+    /// [`IRQ`].
+    pub fn disk(disk: Disk) -> VirtioBlk {
+        VirtioPci::new(Blk { disk }, SLOT, IO_BASE, IRQ)
+    }
+}
+
+impl Device for Blk {
+    const TYPE: u16 = 2;
+    const PCI_ID: u16 = 0x1001;
+    // Mass storage (SCSI), as QEMU's.
+    const CLASS: u32 = 0x01_00_00;
+    const QUEUES: usize = 1;
+
+    fn features(&self) -> u32 {
+        feature::SEG_MAX | feature::FLUSH | if self.disk.readonly { feature::RO } else { 0 }
+    }
+
+    fn config(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 0x18];
+        c[0..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
+        // size_max (not offered), seg_max
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c
+    }
+
+    fn config_write(&mut self, _off: usize, _v: u8) {}
+
+    fn serve(&mut self, _q: usize, chain: &[Buffer], ram: &mut GuestRam) -> Result<u32, String> {
+        let (h, rest) = chain.split_first().expect("a chain has a buffer");
+        let Some((st, data)) = rest.split_last() else {
             return Err("a request without a status byte".into());
         };
-        if h_len < 16 || h_w || s_len < 1 || !s_w {
+        if h.len < 16 || h.write || st.len < 1 || !st.write {
             return Err("a malformed request header or status".into());
         }
-        let kind = ram.read(h_addr, 4) as u32;
-        let sector = ram.read(h_addr + 8, 8);
-        self.disk.requests += 1;
+        let kind = ram.read(h.addr, 4) as u32;
+        let sector = ram.read(h.addr + 8, 8);
+        let disk = &mut self.disk;
+        disk.requests += 1;
         let mut written = 0u32;
         let status = match kind {
             T_IN | T_OUT => {
-                let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
-                let ok_dir = data.iter().all(|d| d.2 == (kind == T_IN));
-                let beyond =
-                    sector.saturating_mul(512).saturating_add(total) > self.disk.sectors * 512;
-                if !ok_dir || beyond || (kind == T_OUT && self.disk.readonly) {
+                let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+                let ok_dir = data.iter().all(|d| d.write == (kind == T_IN));
+                let beyond = sector.saturating_mul(512).saturating_add(total) > disk.sectors * 512;
+                if !ok_dir || beyond || (kind == T_OUT && disk.readonly) {
                     S_IOERR
                 } else {
                     let mut pos = sector * 512;
                     let mut st = S_OK;
-                    for &(addr, len, _) in data {
+                    for b in data {
                         let r = if kind == T_IN {
-                            let mut buf = vec![0u8; len as usize];
-                            self.disk.file.read_exact_at(&mut buf, pos).map(|()| {
-                                ram.load(addr, &buf);
-                                written += len;
-                                self.disk.read_bytes += u64::from(len);
+                            let mut buf = vec![0u8; b.len as usize];
+                            disk.file.read_exact_at(&mut buf, pos).map(|()| {
+                                ram.load(b.addr, &buf);
+                                written += b.len;
+                                disk.read_bytes += u64::from(b.len);
                             })
                         } else {
-                            let a = addr as usize;
-                            let buf = &ram.as_slice()[a..a + len as usize];
-                            self.disk.file.write_all_at(buf, pos).map(|()| {
-                                self.disk.written_bytes += u64::from(len);
+                            let a = b.addr as usize;
+                            let buf = &ram.as_slice()[a..a + b.len as usize];
+                            disk.file.write_all_at(buf, pos).map(|()| {
+                                disk.written_bytes += u64::from(b.len);
                             })
                         };
                         if r.is_err() {
                             st = S_IOERR;
                             break;
                         }
-                        pos += u64::from(len);
+                        pos += u64::from(b.len);
                     }
                     st
                 }
             }
             T_FLUSH => {
-                if self.disk.readonly || self.disk.file.sync_data().is_ok() {
+                if disk.readonly || disk.file.sync_data().is_ok() {
                     S_OK
                 } else {
                     S_IOERR
@@ -406,19 +506,115 @@ impl VirtioBlk {
             }
             T_GET_ID => {
                 let id = b"popek-virtio-blk\0\0\0\0";
-                if let Some(&(addr, len, true)) = data.first() {
-                    let n = (len as usize).min(id.len());
-                    ram.load(addr, &id[..n]);
-                    written += n as u32;
-                    S_OK
-                } else {
-                    S_IOERR
+                match data.first() {
+                    Some(b) if b.write => {
+                        let n = (b.len as usize).min(id.len());
+                        ram.load(b.addr, &id[..n]);
+                        written += n as u32;
+                        S_OK
+                    }
+                    _ => S_IOERR,
                 }
             }
             _ => S_UNSUPP,
         };
-        ram.write(s_addr, 1, u64::from(status));
+        ram.write(st.addr, 1, u64::from(status));
         Ok(written + 1)
+    }
+}
+
+/// The memory balloon (§5.5): the host sets how many pages it wants
+/// (`num_pages`), the driver hands page frame numbers over on the inflate
+/// queue and takes them back on the deflate queue, and reports how many it
+/// holds (`actual`). Inflated pages are released on the host (their
+/// memory freed: they read as zeros if the guest touches them again).
+#[derive(Debug, Clone, Default)]
+pub struct Balloon {
+    /// Pages the host asks the balloon to hold.
+    pub num_pages: u32,
+    /// Pages the driver says it holds.
+    pub actual: u32,
+    /// Pages inflated (handed over) and deflated (taken back), counted.
+    pub inflated: u64,
+    /// See `inflated`.
+    pub deflated: u64,
+}
+
+/// The virtio-balloon PCI function.
+pub type VirtioBalloon = VirtioPci<Balloon>;
+
+/// The balloon's PCI slot, BAR and interrupt line.
+pub const BALLOON_SLOT: u8 = 4;
+/// See [`BALLOON_SLOT`].
+pub const BALLOON_IO_BASE: u16 = 0xC040;
+/// See [`BALLOON_SLOT`].
+pub const BALLOON_IRQ: u8 = 10;
+
+impl VirtioBalloon {
+    /// A balloon at PCI slot [`BALLOON_SLOT`].
+    pub fn balloon() -> VirtioBalloon {
+        VirtioPci::new(
+            Balloon::default(),
+            BALLOON_SLOT,
+            BALLOON_IO_BASE,
+            BALLOON_IRQ,
+        )
+    }
+
+    /// Ask the guest to hold `pages` pages in the balloon.
+    pub fn set_target(&mut self, pages: u32) {
+        self.dev.num_pages = pages;
+        self.config_changed();
+    }
+}
+
+impl Device for Balloon {
+    const TYPE: u16 = 5;
+    const PCI_ID: u16 = 0x1002;
+    // "Other" class (0xFF), as QEMU's.
+    const CLASS: u32 = 0xFF_00_00;
+    const QUEUES: usize = 2;
+
+    fn features(&self) -> u32 {
+        // VIRTIO_BALLOON_F_MUST_TELL_HOST (bit 0): the driver tells the
+        // host before it uses deflated pages.
+        1
+    }
+
+    fn config(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 8];
+        c[0..4].copy_from_slice(&self.num_pages.to_le_bytes());
+        c[4..8].copy_from_slice(&self.actual.to_le_bytes());
+        c
+    }
+
+    fn config_write(&mut self, off: usize, v: u8) {
+        if (4..8).contains(&off) {
+            let sh = 8 * (off - 4);
+            self.actual = (self.actual & !(0xFF << sh)) | (u32::from(v) << sh);
+        }
+    }
+
+    fn serve(&mut self, q: usize, chain: &[Buffer], ram: &mut GuestRam) -> Result<u32, String> {
+        let pages = ram.size() / 4096;
+        for b in chain {
+            if b.write || b.len % 4 != 0 {
+                return Err("a balloon buffer that is not a list of page numbers".into());
+            }
+            for i in 0..b.len / 4 {
+                let pfn = ram.read(b.addr + 4 * i, 4) as u32;
+                if pfn >= pages {
+                    return Err(format!("page frame {pfn:#x} lies outside RAM"));
+                }
+                if q == 0 {
+                    ram.release_page(pfn);
+                    self.inflated += 1;
+                } else {
+                    self.deflated += 1;
+                }
+            }
+        }
+        Ok(0)
     }
 }
 
@@ -451,7 +647,7 @@ mod tests {
     const USED: u32 = Q + 0x1000;
 
     fn device(d: Disk) -> (VirtioBlk, GuestRam) {
-        let mut v = VirtioBlk::new(d);
+        let mut v = VirtioBlk::disk(d);
         v.pci.set16(reg::COMMAND, command::IO | command::MASTER);
         v.write(r::STATUS, 1, 1 | 2 | 4);
         v.write(r::QUEUE_PFN, 4, Q >> 12);
@@ -467,7 +663,7 @@ mod tests {
     }
 
     /// Make descriptor chain `head` available and notify.
-    fn submit(v: &mut VirtioBlk, ram: &mut GuestRam, head: u16) {
+    fn submit<D: Device>(v: &mut VirtioPci<D>, ram: &mut GuestRam, head: u16) {
         let idx = ram.read(AVAIL + 2, 2) as u16;
         ram.write(
             AVAIL + 4 + 2 * u32::from(idx % QUEUE_SIZE),
@@ -520,7 +716,7 @@ mod tests {
         ram.load(0x21000, &[0xAB; 512]);
         assert_eq!(request(&mut v, &mut ram, T_OUT, 5, 512), S_OK);
         let mut b = [0u8; 512];
-        v.disk.file.read_exact_at(&mut b, 5 * 512).unwrap();
+        v.dev.disk.file.read_exact_at(&mut b, 5 * 512).unwrap();
         assert_eq!(b, [0xAB; 512]);
         assert_eq!(request(&mut v, &mut ram, T_FLUSH, 0, 0), S_OK);
         assert_eq!(
@@ -540,7 +736,7 @@ mod tests {
         ram.load(0x21000, &[0xCD; 512]);
         assert_eq!(request(&mut v, &mut ram, T_OUT, 1, 512), S_IOERR);
         let mut b = [0u8; 512];
-        v.disk.file.read_exact_at(&mut b, 512).unwrap();
+        v.dev.disk.file.read_exact_at(&mut b, 512).unwrap();
         assert_eq!(b, [1; 512]);
     }
 
@@ -579,7 +775,35 @@ mod tests {
             // Nothing more is served until a reset.
             assert_eq!(request(&mut v, &mut ram, T_IN, 0, 512), 0xFF, "{what}");
             v.write(r::STATUS, 1, 0);
-            assert!(v.broken.is_none() && v.queue_pfn == 0, "{what}: reset");
+            assert!(v.broken.is_none() && v.queues[0].pfn == 0, "{what}: reset");
         }
+    }
+
+    /// The balloon: the host's target in the configuration with a
+    /// configuration interrupt; inflated page frames are released on the
+    /// host (they read as zeros); a frame outside RAM stops the device.
+    #[test]
+    fn the_balloon_releases_inflated_pages() {
+        let mut b = VirtioBalloon::balloon();
+        b.pci.set16(reg::COMMAND, command::IO | command::MASTER);
+        let mut ram = GuestRam::new(1 << 20).unwrap();
+        b.set_target(3);
+        assert_eq!(b.read(r::CONFIG, 4), 3);
+        assert_eq!(b.read(r::ISR, 1), 2, "configuration interrupt");
+        b.write(r::QUEUE_PFN, 4, Q >> 12);
+        ram.write(0x50000, 4, 0xDEAD);
+        // The PFN list: pages 0x50 and 0x51.
+        ram.write(0x20000, 4, 0x50);
+        ram.write(0x20004, 4, 0x51);
+        desc(&mut ram, 0, 0x20000, 8, 0, 0);
+        submit(&mut b, &mut ram, 0);
+        assert_eq!(b.dev.inflated, 2);
+        assert_eq!(ram.released_pages(), 2);
+        assert_eq!(ram.read(0x50000, 4), 0, "a released page reads zeros");
+        b.write(r::CONFIG + 4, 4, 2);
+        assert_eq!(b.dev.actual, 2, "the driver reports what it holds");
+        ram.write(0x20000, 4, 0x1_0000);
+        submit(&mut b, &mut ram, 0);
+        assert!(b.broken.is_some(), "a frame beyond RAM");
     }
 }

@@ -777,6 +777,34 @@ impl Machine {
                 };
                 (monitor::ok(v), None)
             }
+            "balloon" | "query-balloon" => {
+                let ram = u64::from(self.cpu.ram.size());
+                let Some(b) = self.cpu.board.balloon.as_mut() else {
+                    return (
+                        monitor::error("DeviceNotActive", "no balloon device (run with --balloon)"),
+                        None,
+                    );
+                };
+                if execute == "balloon" {
+                    let Some(v) = arguments.get("value").and_then(|v| v.as_u64()) else {
+                        return (
+                            monitor::error("GenericError", "balloon needs {\"value\": BYTES}"),
+                            None,
+                        );
+                    };
+                    b.set_target((ram.saturating_sub(v.min(ram)) / 4096) as u32);
+                }
+                let b = self.cpu.board.balloon.as_ref().expect("checked above");
+                let v = json!({
+                    "actual": ram - u64::from(b.dev.actual) * 4096,
+                    "target": ram - u64::from(b.dev.num_pages) * 4096,
+                    "inflated_pages": b.dev.inflated,
+                    "deflated_pages": b.dev.deflated,
+                    "released_pages": self.cpu.ram.released_pages(),
+                });
+                self.cpu.board.update_lines();
+                (monitor::ok(v), None)
+            }
             "quit" => (monitor::ok(json!({})), Some(Exit::MonitorQuit)),
             other => (
                 monitor::error(

@@ -55,6 +55,8 @@ pub(crate) struct State {
     dirty: Vec<u64>,
     /// Pages copied out of a file on their first write.
     pub(crate) copied: u64,
+    /// Pages given back to the host.
+    pub(crate) released: u64,
 }
 
 impl State {
@@ -67,6 +69,7 @@ impl State {
             clean: vec![0; pages.div_ceil(64)],
             dirty: vec![0; pages.div_ceil(64)],
             copied: 0,
+            released: 0,
         }
     }
 
@@ -385,6 +388,39 @@ impl GuestRam {
                 let _ = self.protect(p, true);
             }
         }
+    }
+
+    /// Give page `page`'s memory back to the host (a balloon inflated over
+    /// it): it reads as zeros from now on, and costs no host memory until
+    /// it is written again. Counted as a write of the whole page (the
+    /// write watch and the dirty log see it).
+    pub fn release_page(&mut self, page: u32) {
+        if page >= self.size / PAGE_SIZE {
+            return;
+        }
+        self.note_write(page * PAGE_SIZE, PAGE_SIZE);
+        // SAFETY: fallocate on the memfd this value owns; punching a hole
+        // frees the page's memory, and every mapping of it reads zeros.
+        let r = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                i64::from(page * PAGE_SIZE),
+                i64::from(PAGE_SIZE),
+            )
+        };
+        if r != 0 {
+            // The host keeps the memory; the guest still sees zeros.
+            let at = (page * PAGE_SIZE) as usize;
+            self.map[at..at + PAGE_SIZE as usize].fill(0);
+        } else {
+            self.backing.released += 1;
+        }
+    }
+
+    /// Pages given back to the host ([`GuestRam::release_page`]).
+    pub fn released_pages(&self) -> u64 {
+        self.backing.released
     }
 
     /// Start (or restart) the dirty log: every page is clean and read-only
