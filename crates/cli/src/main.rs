@@ -36,6 +36,8 @@ Examples:
   popek resume c.snap                 ... and on from where it stopped
   popek run paging --monitor unix:/tmp/m.sock &
   popek monitor /tmp/m.sock snapshot file=p.snap
+  popek img create --backing base.img guest1.pcow
+  popek run vmlinuz --initrd rd.cpio --drive file=guest1.pcow ...
   popek incoming --listen 127.0.0.1:4444 &
   popek run paging --migrate-to 127.0.0.1:4444 --migrate-at-insns 1000000
 
@@ -128,6 +130,13 @@ enum Cmd {
         stats_json: bool,
         #[command(flatten)]
         control: ControlArgs,
+    },
+    /// Disk images: create a copy-on-write overlay (pcow) over a base, so
+    /// one base can be cloned into many guests; flatten an image to raw;
+    /// describe one.
+    Img {
+        #[command(subcommand)]
+        cmd: ImgCmd,
     },
     /// Check a snapshot file and describe it: kind, version, sizes, where
     /// the guest stopped, and a digest of its RAM (through its bases).
@@ -303,6 +312,37 @@ pub(crate) struct ResumeArgs {
     pub(crate) control: ControlArgs,
 }
 
+/// `popek img` commands.
+#[derive(Subcommand)]
+pub(crate) enum ImgCmd {
+    /// Create an image: a pcow overlay over --backing (the base is only
+    /// read from then on), or an empty pcow overlay of --size.
+    Create {
+        /// The base image (raw or pcow), recorded as given (relative paths
+        /// relative to the new overlay's directory).
+        #[arg(long, value_name = "BASE")]
+        backing: Option<String>,
+        /// The virtual size (default: the base's).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        size: Option<u64>,
+        /// The new overlay (an existing file is not replaced).
+        new: String,
+    },
+    /// Write an image's whole virtual disk (through its bases) to a raw
+    /// file.
+    Convert {
+        /// The image (raw or pcow).
+        input: String,
+        /// The raw file to write.
+        output: String,
+    },
+    /// Describe an image: format, virtual size, base.
+    Info {
+        /// The image.
+        image: String,
+    },
+}
+
 /// The engines a snapshot resumes under.
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum ResumeEngine {
@@ -358,6 +398,13 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Inspect { file } => run::inspect(&file),
+        Cmd::Img { cmd } => match img(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Incoming {
             listen,
             engine,
@@ -401,6 +448,53 @@ fn main() -> ExitCode {
                 println!("{:<12} {}", g.name, g.about);
             }
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `popek img`.
+fn img(cmd: ImgCmd) -> Result<(), String> {
+    use popek_devices::image::{create_overlay, Image};
+    use std::path::Path;
+    match cmd {
+        ImgCmd::Create { backing, size, new } => {
+            let size = create_overlay(Path::new(&new), backing.as_deref().map(Path::new), size)?;
+            println!(
+                "{new}: pcow overlay of {size} bytes{}",
+                backing.map(|b| format!(" over {b}")).unwrap_or_default()
+            );
+            Ok(())
+        }
+        ImgCmd::Convert { input, output } => {
+            let img = Image::open(Path::new(&input), None, false)?;
+            let size = img.size()?;
+            let out = std::fs::File::create(&output).map_err(|e| format!("{output}: {e}"))?;
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < size {
+                let n = (size - at).min(buf.len() as u64) as usize;
+                img.read_at(&mut buf[..n], at)
+                    .map_err(|e| format!("{input}: {e}"))?;
+                // Zero runs stay holes in the raw file.
+                if buf[..n].iter().any(|&b| b != 0) {
+                    out.write_all_at(&buf[..n], at)
+                        .map_err(|e| format!("{output}: {e}"))?;
+                }
+                at += n as u64;
+            }
+            out.set_len(size)
+                .and_then(|()| out.sync_all())
+                .map_err(|e| format!("{output}: {e}"))
+        }
+        ImgCmd::Info { image } => {
+            let img = Image::open(Path::new(&image), None, false)?;
+            let kind = match &img {
+                Image::Raw(_) => "raw",
+                Image::Cow(_) => "pcow",
+            };
+            println!("{image}: {kind}, {} bytes", img.size()?);
+            Ok(())
         }
     }
 }

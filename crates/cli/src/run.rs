@@ -180,29 +180,30 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     )
 }
 
-/// `--drive file=PATH[,format=raw][,readonly=on|off][,if=virtio]`: the
+/// `--drive file=PATH[,format=raw|pcow][,readonly=on|off][,if=virtio]`: the
 /// image, opened.
 fn parse_drive(spec: &str) -> Result<popek_devices::virtio::Disk, String> {
-    let (mut file, mut readonly) = (None, false);
+    let (mut file, mut readonly, mut format) = (None, false, None);
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("file", f)) => file = Some(f.to_string()),
-            Some(("format", "raw")) | Some(("if", "virtio")) => {}
+            Some(("if", "virtio")) => {}
+            Some(("format", f @ ("raw" | "pcow"))) => format = Some(f.to_string()),
             Some(("format", f)) => {
-                return Err(format!("format {f}: only raw images are supported"))
+                return Err(format!("format {f}: popek reads raw and pcow images"))
             }
             Some(("if", i)) => return Err(format!("if={i}: only virtio disks are supported")),
             Some(("readonly", "on")) => readonly = true,
             Some(("readonly", "off")) => readonly = false,
             _ => {
                 return Err(format!(
-                    "{part:?}: expected file=PATH, format=raw, readonly=on|off or if=virtio"
+                    "{part:?}: expected file=PATH, format=raw|pcow, readonly=on|off or if=virtio"
                 ))
             }
         }
     }
     let file = file.ok_or("no file=PATH")?;
-    popek_devices::virtio::Disk::open(&file, readonly)
+    popek_devices::virtio::Disk::open(&file, format.as_deref(), readonly)
 }
 
 /// Where a run's reports go.
@@ -284,7 +285,7 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
     if let Some(v) = &m.cpu.board.virtio_blk {
         // What the guest wrote reaches the disk before popek ends.
         if !v.dev.disk.readonly {
-            if let Err(e) = v.dev.disk.file.sync_data() {
+            if let Err(e) = v.dev.disk.flush() {
                 eprintln!("popek: cannot flush the disk image: {e}");
             }
         }

@@ -540,3 +540,54 @@ fn a_bad_drive_is_an_error_in_one_line() {
         assert!(err.contains("--drive"), "{spec}: {err}");
     }
 }
+
+/// `popek img`: an overlay over a base reads as the base, refuses to
+/// replace a file, flattens to a raw copy; a damaged overlay or a missing
+/// base is refused in one line when a guest would use it.
+#[test]
+fn img_creates_overlays_and_flattens_them() {
+    let dir = std::env::temp_dir().join(format!("popek-img-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(dir.join("base.img"), &base).unwrap();
+    let p = |s: &str| dir.join(s).to_str().unwrap().to_string();
+    let o = popek(&["img", "create", "--backing", "base.img", &p("g.pcow")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = popek(&["img", "info", &p("g.pcow")]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("pcow, 200000 bytes"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = popek(&["img", "create", "--backing", "base.img", &p("g.pcow")]);
+    assert_eq!(o.status.code(), Some(2), "an existing file is not replaced");
+    assert!(popek(&["img", "convert", &p("g.pcow"), &p("flat.img")])
+        .status
+        .success());
+    assert_eq!(std::fs::read(dir.join("flat.img")).unwrap(), base);
+    // A missing base, a damaged overlay: one line, status 2.
+    std::fs::rename(dir.join("base.img"), dir.join("moved.img")).unwrap();
+    let out = popek(&["run", "hello", "--drive", &format!("file={}", p("g.pcow"))]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        one_line_error(&out).contains("base"),
+        "{}",
+        one_line_error(&out)
+    );
+    let mut bytes = std::fs::read(dir.join("g.pcow")).unwrap();
+    bytes[8] = 7;
+    std::fs::write(dir.join("bad.pcow"), &bytes).unwrap();
+    let out = popek(&[
+        "run",
+        "hello",
+        "--drive",
+        &format!("file={}", p("bad.pcow")),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        one_line_error(&out).contains("version 7"),
+        "{}",
+        one_line_error(&out)
+    );
+}

@@ -506,7 +506,10 @@ fn pci_cmdline() -> String {
 /// `qemu-system-i386 -M pc -drive file=IMG,if=virtio,format=raw`, and the
 /// image file ends up exactly as QEMU leaves a copy of the same image.
 /// Read-only (readonly=on): the guest sees a read-only disk, its writes
-/// fail, and the file is untouched, as under QEMU.
+/// fail, and the file is untouched, as under QEMU. On a pcow overlay made
+/// by `popek img create --backing` over the image: the base is untouched
+/// and the overlay, flattened by `popek img convert`, holds what QEMU left
+/// in its copy.
 #[test]
 fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
     let add: Vec<String> = VIRTIO_MODULES
@@ -522,11 +525,23 @@ fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
     let dir = rd.parent().unwrap().to_path_buf();
     let original = dir.join("original.img");
     disk_image(&original, 4);
-    for readonly in [false, true] {
+    for (readonly, overlay) in [(false, false), (true, false), (false, true)] {
         let (q_img, p_img) = (dir.join("qemu.img"), dir.join("popek.img"));
         std::fs::copy(&original, &q_img).unwrap();
         std::fs::copy(&original, &p_img).unwrap();
         let ro = if readonly { ",readonly=on" } else { "" };
+        let over = dir.join("popek.pcow");
+        let _ = std::fs::remove_file(&over);
+        if overlay {
+            let o = Command::new(POPEK)
+                .args(["img", "create", "--backing"])
+                .arg(&p_img)
+                .arg(&over)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let drive_file = if overlay { &over } else { &p_img };
         let mut q = Command::new("qemu-system-i386");
         q.args(["-M", "pc", "-cpu", "pentium2", "-m", "256", "-kernel"])
             .arg(distro("vmlinuz"))
@@ -555,7 +570,7 @@ fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
             .arg(&rd)
             .args(["--append", &pci_cmdline(), "--memory", "256M"])
             .arg("--drive")
-            .arg(format!("file={},format=raw{ro}", p_img.display()));
+            .arg(format!("file={}{ro}", drive_file.display()));
         let (got, status) = run(p, None, LIMIT);
         let want_lines = between(&want, "=== begin", "=== end");
         assert!(want_lines.contains("sectors: 8192"), "qemu:\n{want}");
@@ -566,13 +581,29 @@ fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
         );
         assert_eq!(status, want_status);
         assert_eq!(want_status, Some(33));
-        let (q_bytes, p_bytes) = (
-            std::fs::read(&q_img).unwrap(),
-            std::fs::read(&p_img).unwrap(),
-        );
+        let base_bytes = std::fs::read(&p_img).unwrap();
+        let p_bytes = if overlay {
+            assert!(
+                base_bytes == std::fs::read(&original).unwrap(),
+                "the base was written"
+            );
+            let flat = dir.join("flat.img");
+            let _ = std::fs::remove_file(&flat);
+            let o = Command::new(POPEK)
+                .args(["img", "convert"])
+                .arg(&over)
+                .arg(&flat)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            std::fs::read(&flat).unwrap()
+        } else {
+            base_bytes
+        };
+        let q_bytes = std::fs::read(&q_img).unwrap();
         assert!(
             q_bytes == p_bytes,
-            "the images differ after the run (readonly: {readonly})"
+            "the images differ after the run (readonly {readonly}, overlay {overlay})"
         );
         let untouched = q_bytes == std::fs::read(&original).unwrap();
         assert_eq!(untouched, readonly, "readonly: {readonly}");

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod image;
 pub mod pci;
 pub mod pic;
 pub mod pit;

@@ -18,9 +18,9 @@
 //! device's status bit DEVICE_NEEDS_RESET (§2.1.1) and the device stops
 //! serving the queue until it is reset; nothing reaches the host file.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use crate::image::Image;
 
 use popek_memory::GuestRam;
 
@@ -79,11 +79,11 @@ pub const IRQ: u8 = 11;
 /// The PCI device number.
 pub const SLOT: u8 = 3;
 
-/// A raw disk image.
+/// A disk image as the block device sees it.
 #[derive(Debug, Clone)]
 pub struct Disk {
-    /// The open file.
-    pub file: Arc<File>,
+    /// The image (raw, or an overlay over a base).
+    pub image: Arc<Mutex<Image>>,
     /// Its size in 512-byte sectors.
     pub sectors: u64,
     /// Opened read-only (the guest's writes fail).
@@ -97,26 +97,43 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Open a raw image.
-    pub fn open(path: &str, readonly: bool) -> Result<Disk, String> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|e| format!("cannot open disk image {path:?}: {e}"))?;
-        let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("disk image {path:?} is not a regular file"));
-        }
-        let len = meta.len();
+    /// Open an image: raw, or a pcow overlay (found by its magic, or
+    /// named by `format`).
+    pub fn open(path: &str, format: Option<&str>, readonly: bool) -> Result<Disk, String> {
+        let image = Image::open(std::path::Path::new(path), format, !readonly)?;
+        let size = image.size()?;
         Ok(Disk {
-            file: Arc::new(file),
-            sectors: len / 512,
+            image: Arc::new(Mutex::new(image)),
+            sectors: size / 512,
             readonly,
             read_bytes: 0,
             written_bytes: 0,
             requests: 0,
         })
+    }
+
+    /// Read at byte `off`.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.image
+            .lock()
+            .map_err(|_| std::io::Error::other("the image lock is poisoned"))?
+            .read_at(buf, off)
+    }
+
+    /// Write at byte `off`.
+    pub fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.image
+            .lock()
+            .map_err(|_| std::io::Error::other("the image lock is poisoned"))?
+            .write_at(buf, off)
+    }
+
+    /// Make what was written durable.
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.image
+            .lock()
+            .map_err(|_| std::io::Error::other("the image lock is poisoned"))?
+            .flush()
     }
 }
 
@@ -476,7 +493,7 @@ impl Device for Blk {
                     for b in data {
                         let r = if kind == T_IN {
                             let mut buf = vec![0u8; b.len as usize];
-                            disk.file.read_exact_at(&mut buf, pos).map(|()| {
+                            disk.read_at(&mut buf, pos).map(|()| {
                                 ram.load(b.addr, &buf);
                                 written += b.len;
                                 disk.read_bytes += u64::from(b.len);
@@ -484,7 +501,7 @@ impl Device for Blk {
                         } else {
                             let a = b.addr as usize;
                             let buf = &ram.as_slice()[a..a + b.len as usize];
-                            disk.file.write_all_at(buf, pos).map(|()| {
+                            disk.write_at(buf, pos).map(|()| {
                                 disk.written_bytes += u64::from(b.len);
                             })
                         };
@@ -498,7 +515,7 @@ impl Device for Blk {
                 }
             }
             T_FLUSH => {
-                if disk.readonly || disk.file.sync_data().is_ok() {
+                if disk.readonly || disk.flush().is_ok() {
                     S_OK
                 } else {
                     S_IOERR
@@ -635,7 +652,7 @@ mod tests {
             b.extend_from_slice(&[i as u8; 512]);
         }
         std::fs::write(&path, b).unwrap();
-        let d = Disk::open(path.to_str().unwrap(), readonly).unwrap();
+        let d = Disk::open(path.to_str().unwrap(), None, readonly).unwrap();
         std::fs::remove_file(&path).unwrap();
         d
     }
@@ -716,7 +733,7 @@ mod tests {
         ram.load(0x21000, &[0xAB; 512]);
         assert_eq!(request(&mut v, &mut ram, T_OUT, 5, 512), S_OK);
         let mut b = [0u8; 512];
-        v.dev.disk.file.read_exact_at(&mut b, 5 * 512).unwrap();
+        v.dev.disk.read_at(&mut b, 5 * 512).unwrap();
         assert_eq!(b, [0xAB; 512]);
         assert_eq!(request(&mut v, &mut ram, T_FLUSH, 0, 0), S_OK);
         assert_eq!(
@@ -736,7 +753,7 @@ mod tests {
         ram.load(0x21000, &[0xCD; 512]);
         assert_eq!(request(&mut v, &mut ram, T_OUT, 1, 512), S_IOERR);
         let mut b = [0u8; 512];
-        v.dev.disk.file.read_exact_at(&mut b, 512).unwrap();
+        v.dev.disk.read_at(&mut b, 512).unwrap();
         assert_eq!(b, [1; 512]);
     }
 
