@@ -304,6 +304,11 @@ pub(crate) struct ResumeArgs {
     /// Print the statistics as one JSON object to stderr.
     #[arg(long)]
     pub(crate) stats_json: bool,
+    /// The snapshot has a disk: create this pcow overlay over its image
+    /// and let the guest write there, leaving the image as the snapshot
+    /// saw it (so several resumes of one snapshot can run: clones).
+    #[arg(long, value_name = "NEW.pcow")]
+    pub(crate) disk_overlay: Option<String>,
     /// Print every executed instruction to stderr, optionally only from
     /// the N-th (counted from the resume).
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0")]

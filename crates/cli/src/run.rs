@@ -76,6 +76,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         // or a monitor may ask; otherwise translated code counts nothing
         // (see Config::count_insns).
         count_insns: stats || stats_json || lockstep || control.counts(),
+        disk_overlay: None,
     };
     let multiboot = is_multiboot(&image);
     if !multiboot && !bzimage && control.any() {
@@ -91,16 +92,9 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if disk.is_some() && (!multiboot && !bzimage || lockstep || control.any()) {
+    if (disk.is_some() || balloon.is_some()) && (!multiboot && !bzimage || lockstep) {
         eprintln!(
-            "popek: --drive is for bare-metal machines, and not yet with --lockstep, snapshots, migration or the monitor"
-        );
-        return ExitCode::from(2);
-    }
-    let snapshots = control.snapshot.is_some() || control.migrate_to.is_some();
-    if balloon.is_some() && (!multiboot && !bzimage || lockstep || snapshots) {
-        eprintln!(
-            "popek: --balloon is for bare-metal machines, and not yet with --lockstep, snapshots or migration"
+            "popek: --drive and --balloon are for bare-metal machines, and not with --lockstep (both engines would drive one device)"
         );
         return ExitCode::from(2);
     }
@@ -321,7 +315,7 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
 
 /// Write the snapshot of a suspended machine and say so in one line.
 fn suspend(m: &mut Machine, file: &std::path::Path, diff: bool) -> ExitCode {
-    match m.save_snapshot(file, diff) {
+    match m.save_snapshot(file, diff, false) {
         Ok(w) => {
             eprintln!(
                 "popek: suspended at eip={:#010x} after {} instructions: wrote {} ({} snapshot, {:.1} MiB for {} MiB of RAM, {} pages stored) in {:.1} ms",
@@ -354,6 +348,7 @@ pub(crate) fn resume(args: ResumeArgs) -> ExitCode {
         cache_blocks: args.cache_blocks,
         trace: args.trace,
         count_insns: args.stats || args.stats_json || args.control.counts(),
+        disk_overlay: args.disk_overlay.clone().map(std::path::PathBuf::from),
         ..Config::default()
     };
     let started = std::time::Instant::now();

@@ -721,3 +721,189 @@ fn debian_kernel_inflates_and_deflates_its_balloon() {
     assert_eq!(status.code(), Some(33), "{seen}");
     assert!(number("deflated ", &seen) >= before - 1024, "{seen}");
 }
+
+/// A machine with a disk suspends, resumes and migrates with it: on the
+/// instruction clock, Debian's kernel running the disk script, suspended
+/// late in the script and resumed twice from the one snapshot (each
+/// resume on its own overlay, `--disk-overlay`: clones), and migrated at
+/// the same point, prints what the uninterrupted run prints, and each
+/// disk ends as the uninterrupted run leaves its image. A snapshot whose
+/// image changed since is refused in one line.
+#[test]
+fn debian_kernel_with_a_disk_suspends_resumes_and_migrates() {
+    let add: Vec<String> = VIRTIO_MODULES
+        .iter()
+        .map(|m| {
+            format!(
+                "lib/{m}.ko={}",
+                distro(&format!("modules/{m}.ko")).display()
+            )
+        })
+        .collect();
+    let rd = initramfs_with("disk-snap", Some(DISK_INIT), &add);
+    let dir = rd.parent().unwrap().to_path_buf();
+    let original = dir.join("original.img");
+    disk_image(&original, 4);
+    let machine = |img: &Path, extra: &[&str]| {
+        let mut c = Command::new(POPEK);
+        c.arg("run")
+            .arg(distro("vmlinuz"))
+            .arg("--initrd")
+            .arg(&rd)
+            .args(["--append", &pci_cmdline(), "--memory", "256M", "--icount"])
+            .arg("--drive")
+            .arg(format!("file={}", img.display()))
+            .args(extra)
+            .stdin(Stdio::null());
+        c
+    };
+    let copy = |name: &str| {
+        let p = dir.join(name);
+        std::fs::copy(&original, &p).unwrap();
+        p
+    };
+    let lines = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .replace('\r', "")
+            .lines()
+            .filter(|l| !is_kernel_message(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let w_img = copy("whole.img");
+    let whole = common::run_with_timeout(&mut machine(&w_img, &["--stats-json"]), LIMIT);
+    let err = String::from_utf8_lossy(&whole.stderr).into_owned();
+    let key = "\"guest_instructions\": ";
+    let total: u64 = err[err.find(key).expect(&err) + key.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let at = (total * 9 / 10).to_string();
+    let want_image = std::fs::read(&w_img).unwrap();
+    assert_eq!(whole.status.code(), Some(33));
+    // Suspend, then two clones of the snapshot on their own overlays.
+    let s_img = copy("suspended.img");
+    let snap = dir.join("disk.snap");
+    let first = common::run_with_timeout(
+        &mut machine(
+            &s_img,
+            &[
+                "--suspend-at-insns",
+                &at,
+                "--snapshot",
+                snap.to_str().unwrap(),
+            ],
+        ),
+        LIMIT,
+    );
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for clone in ["one.pcow", "two.pcow"] {
+        let over = dir.join(clone);
+        let _ = std::fs::remove_file(&over);
+        let rest = common::run_with_timeout(
+            Command::new(POPEK)
+                .arg("resume")
+                .arg(&snap)
+                .arg("--disk-overlay")
+                .arg(&over)
+                .stdin(Stdio::null()),
+            LIMIT,
+        );
+        assert_eq!(
+            rest.status.code(),
+            Some(33),
+            "{}",
+            String::from_utf8_lossy(&rest.stderr)
+        );
+        let mut both = first.stdout.clone();
+        both.extend_from_slice(&rest.stdout);
+        assert_eq!(lines(&both), lines(&whole.stdout), "{clone}");
+        let flat = dir.join("flat.img");
+        let _ = std::fs::remove_file(&flat);
+        let o = Command::new(POPEK)
+            .args(["img", "convert"])
+            .arg(&over)
+            .arg(&flat)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        assert!(
+            std::fs::read(&flat).unwrap() == want_image,
+            "{clone}: the disk differs"
+        );
+    }
+    // The image itself, resumed once: then it has changed, and a second
+    // plain resume is refused.
+    let rest = common::run_with_timeout(
+        Command::new(POPEK)
+            .arg("resume")
+            .arg(&snap)
+            .stdin(Stdio::null()),
+        LIMIT,
+    );
+    assert_eq!(rest.status.code(), Some(33));
+    assert!(std::fs::read(&s_img).unwrap() == want_image);
+    let again = common::run_with_timeout(
+        Command::new(POPEK)
+            .arg("resume")
+            .arg(&snap)
+            .stdin(Stdio::null()),
+        LIMIT,
+    );
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("changed since the snapshot"));
+    // Migration: the target opens the same image (shared storage).
+    let m_img = copy("migrated.img");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = std::thread::spawn(move || {
+        common::run_with_timeout(
+            Command::new(POPEK)
+                .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null()),
+            LIMIT,
+        )
+    });
+    let to = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    let src = loop {
+        let o = common::run_with_timeout(
+            &mut machine(&m_img, &["--migrate-to", &to, "--migrate-at-insns", &at]),
+            LIMIT,
+        );
+        if String::from_utf8_lossy(&o.stderr).contains("completed") || start.elapsed() > LIMIT {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let tgt = target.join().unwrap();
+    assert_eq!(
+        src.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert_eq!(
+        tgt.status.code(),
+        Some(33),
+        "{}",
+        String::from_utf8_lossy(&tgt.stderr)
+    );
+    let mut both = src.stdout.clone();
+    both.extend_from_slice(&tgt.stdout);
+    assert_eq!(lines(&both), lines(&whole.stdout));
+    assert!(
+        std::fs::read(&m_img).unwrap() == want_image,
+        "the migrated disk differs"
+    );
+}

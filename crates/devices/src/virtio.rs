@@ -84,6 +84,8 @@ pub const SLOT: u8 = 3;
 pub struct Disk {
     /// The image (raw, or an overlay over a base).
     pub image: Arc<Mutex<Image>>,
+    /// Its path (absolute), as snapshots and migration name it.
+    pub path: std::path::PathBuf,
     /// Its size in 512-byte sectors.
     pub sectors: u64,
     /// Opened read-only (the guest's writes fail).
@@ -104,12 +106,26 @@ impl Disk {
         let size = image.size()?;
         Ok(Disk {
             image: Arc::new(Mutex::new(image)),
+            path: std::path::absolute(path).unwrap_or_else(|_| path.into()),
             sectors: size / 512,
             readonly,
             read_bytes: 0,
             written_bytes: 0,
             requests: 0,
         })
+    }
+
+    /// What identifies the image file's present contents without reading
+    /// them: its size, modification time (ns) and inode. A snapshot
+    /// records it; resuming checks that nobody wrote the file since.
+    pub fn fingerprint(&self) -> Result<[u64; 3], String> {
+        use std::os::unix::fs::MetadataExt;
+        let m =
+            std::fs::metadata(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let mtime = (m.mtime() as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(m.mtime_nsec() as u64);
+        Ok([m.len(), mtime, m.ino()])
     }
 
     /// Read at byte `off`.

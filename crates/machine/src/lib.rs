@@ -100,6 +100,10 @@ pub struct Config {
     /// anyway) it pays one load per backward transfer, and `cpu.retired`
     /// counts only what the interpreter executed. On by default.
     pub count_insns: bool,
+    /// Resuming a snapshot with a disk: create this pcow overlay over the
+    /// snapshot's image and give the guest that (the image stays as the
+    /// snapshot saw it, so clones can share it).
+    pub disk_overlay: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -113,6 +117,7 @@ impl Default for Config {
             trace: None,
             icount: false,
             count_insns: true,
+            disk_overlay: None,
         }
     }
 }
@@ -488,7 +493,7 @@ impl Machine {
         let ram = snapshot::restore_ram(&chain)?;
         let top = &chain[0];
         let mut m = Machine::from_state(&top.state, ram, config)
-            .map_err(|e| snapshot::SnapshotError(format!("{}: damaged: {e}", path.display())))?;
+            .map_err(|e| snapshot::SnapshotError(format!("{}: {e}", path.display())))?;
         m.cpu
             .ram
             .start_dirty_log()
@@ -516,7 +521,8 @@ impl Machine {
             ..config
         };
         let mut m = Machine::assemble(Vcpu::new(ram), config, Platform::BareMetal);
-        state.apply(&mut m.cpu)?;
+        let overlay = m.config.disk_overlay.clone();
+        state.apply(&mut m.cpu, overlay.as_deref())?;
         m.next_poll = m.cpu.retired + mach.poll_in;
         m.serial_out = mach.serial_out;
         m.stats.halted_ns = mach.halted_ns;
@@ -527,10 +533,16 @@ impl Machine {
     /// (`diff`) the pages written since [`Machine::base`]. The machine can
     /// go on running; the dirty log restarts, so that the next diff
     /// snapshot is against this one.
+    ///
+    /// With a disk, the snapshot names the image and its fingerprint; a
+    /// machine that goes on (`continuing`) then writes to a new pcow
+    /// overlay over the image (next to it, named after the snapshot's
+    /// id), so that the image stays as the snapshot saw it.
     pub fn save_snapshot(
         &mut self,
         path: &std::path::Path,
         diff: bool,
+        continuing: bool,
     ) -> Result<snapshot::Written, snapshot::SnapshotError> {
         if let Platform::Linux(_) = self.platform {
             return Err(snapshot::SnapshotError(
@@ -556,6 +568,9 @@ impl Machine {
             )));
         }
         let written = snapshot::write(self, path, base.as_ref())?;
+        if continuing {
+            self.freeze_disk(&written.id)?;
+        }
         self.cpu
             .ram
             .start_dirty_log()
@@ -565,6 +580,40 @@ impl Machine {
             id: written.id,
         });
         Ok(written)
+    }
+
+    /// Leave the disk image as a snapshot saw it: the guest writes to a new
+    /// overlay over it from now on.
+    fn freeze_disk(&mut self, id: &[u8; 16]) -> Result<(), snapshot::SnapshotError> {
+        let Some(v) = &mut self.cpu.board.virtio_blk else {
+            return Ok(());
+        };
+        if v.dev.disk.readonly {
+            return Ok(());
+        }
+        let e = |m: String| snapshot::SnapshotError(m);
+        let base = v.dev.disk.path.clone();
+        let mut name = base.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(
+            ".{}.pcow",
+            id[..4]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ));
+        let overlay = base.with_file_name(name);
+        popek_devices::image::create_overlay(&overlay, Some(&base), None).map_err(e)?;
+        let o = overlay
+            .to_str()
+            .ok_or_else(|| e("an overlay path that is not UTF-8".into()))?;
+        let disk = popek_devices::virtio::Disk::open(o, Some("pcow"), false).map_err(e)?;
+        eprintln!(
+            "popek: the disk image {} is kept as the snapshot saw it; the guest writes to {} now",
+            base.display(),
+            overlay.display()
+        );
+        v.dev.disk = disk;
+        Ok(())
     }
 
     /// Start migrating to `opts.to` (the guest goes on running); a failure
@@ -707,7 +756,7 @@ impl Machine {
                     self.cpu.set_tsc(tsc);
                     live
                 });
-                let r = self.save_snapshot(std::path::Path::new(file), diff);
+                let r = self.save_snapshot(std::path::Path::new(file), diff, true);
                 if let Some((now, tsc)) = saved {
                     self.cpu.set_now_ns(now);
                     self.cpu.set_tsc(tsc);

@@ -33,6 +33,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use popek_devices::virtio::{Disk, VirtioBalloon, VirtioBlk, VirtioPci};
 use popek_devices::{pic::Pic8259, pit::Channel, Board, Mc146818, PicPair, Pit8254};
 use popek_memory::{Backing, GuestRam, PAGE_SIZE};
 use popek_vcpu::{Segment, TableReg, Vcpu};
@@ -117,7 +118,7 @@ impl Dec<'_> {
                 self.at += n;
                 Ok(s)
             }
-            None => err(format!("the {} section is too short", self.what)),
+            None => err(format!("damaged: the {} section is too short", self.what)),
         }
     }
 }
@@ -378,6 +379,24 @@ pub(crate) fn encode_state(m: &crate::Machine, base: Option<&SnapshotRef>) -> Ve
     b.unclaimed_writes.put(&mut e);
     [b.timer_late.0, b.timer_late.1, b.timer_late.2].put(&mut e);
     section(&mut out, b"BORD", e);
+    if let Some(v) = &b.virtio_blk {
+        let mut e = Enc::default();
+        put_transport(&mut e, v);
+        let d = &v.dev.disk;
+        // What the guest wrote is in the file before it is fingerprinted.
+        let _ = d.flush();
+        d.path.as_os_str().as_encoded_bytes().to_vec().put(&mut e);
+        d.readonly.put(&mut e);
+        d.fingerprint().unwrap_or([0; 3]).put(&mut e);
+        section(&mut out, b"VBLK", e);
+    }
+    if let Some(bl) = &b.balloon {
+        let mut e = Enc::default();
+        put_transport(&mut e, bl);
+        bl.dev.num_pages.put(&mut e);
+        bl.dev.actual.put(&mut e);
+        section(&mut out, b"VBAL", e);
+    }
     if let Some(base) = base {
         let mut e = Enc::default();
         e.0.extend_from_slice(&base.id);
@@ -389,6 +408,42 @@ pub(crate) fn encode_state(m: &crate::Machine, base: Option<&SnapshotRef>) -> Ve
         section(&mut out, b"BASE", e);
     }
     out
+}
+
+/// A virtio device's transport state: configuration space, features,
+/// queues, status, interrupt status.
+fn put_transport<D>(e: &mut Enc, v: &VirtioPci<D>) {
+    e.0.extend_from_slice(&v.pci.config);
+    v.guest_features.put(e);
+    (v.queues.len() as u32).put(e);
+    for q in &v.queues {
+        q.pfn.put(e);
+        q.last_avail.put(e);
+    }
+    v.queue_sel.put(e);
+    v.status.put(e);
+    v.isr.put(e);
+    v.broken.is_some().put(e);
+}
+
+fn get_transport<D>(d: &mut Dec, v: &mut VirtioPci<D>) -> Result<(), SnapshotError> {
+    v.pci.config = d.take(256)?.try_into().expect("256 bytes");
+    v.guest_features = Field::get(d)?;
+    let n = u32::get(d)? as usize;
+    if n != v.queues.len() {
+        return err(format!("a virtio device with {n} queues"));
+    }
+    for q in &mut v.queues {
+        q.pfn = Field::get(d)?;
+        q.last_avail = Field::get(d)?;
+    }
+    v.queue_sel = Field::get(d)?;
+    v.status = Field::get(d)?;
+    v.isr = Field::get(d)?;
+    if bool::get(d)? {
+        v.broken = Some("it had stopped before the snapshot".into());
+    }
+    Ok(())
 }
 
 /// The state sections, read back: (tag, body) in file order.
@@ -429,12 +484,19 @@ impl State {
     fn body(&self, tag: &[u8; 4], what: &'static str) -> Result<Dec<'_>, SnapshotError> {
         match self.sections.iter().find(|(t, _)| t == tag) {
             Some((_, b)) => Ok(Dec { b, at: 0, what }),
-            None => err(format!("the snapshot has no {what} section")),
+            None => err(format!("damaged: the snapshot has no {what} section")),
         }
     }
 
     /// Put the CPU and board state into `cpu` (whose RAM is restored).
-    pub(crate) fn apply(&self, cpu: &mut Vcpu) -> Result<(), SnapshotError> {
+    /// The disk is the image the state names, checked unchanged; with
+    /// `disk_overlay`, a new pcow overlay over it at that path, which the
+    /// guest writes instead (the image stays as the snapshot saw it).
+    pub(crate) fn apply(
+        &self,
+        cpu: &mut Vcpu,
+        disk_overlay: Option<&Path>,
+    ) -> Result<(), SnapshotError> {
         let d = &mut self.body(b"CPU ", "CPU")?;
         cpu.regs = Field::get(d)?;
         cpu.eip = Field::get(d)?;
@@ -481,6 +543,36 @@ impl State {
         b.unclaimed_writes = Field::get(d)?;
         let late: [u64; 3] = Field::get(d)?;
         b.timer_late = (late[0], late[1], late[2]);
+        if self.sections.iter().any(|(t, _)| t == b"VBLK") {
+            let d = &mut self.body(b"VBLK", "virtio disk")?;
+            let mut probe = VirtioPci::new(Probe, 0, 0, 0);
+            get_transport(d, &mut probe)?;
+            let path = PathBuf::from(
+                String::from_utf8(Vec::<u8>::get(d)?)
+                    .map_err(|_| SnapshotError("a disk path that is not UTF-8".into()))?,
+            );
+            let readonly: bool = Field::get(d)?;
+            let print: [u64; 3] = Field::get(d)?;
+            let disk = open_disk(&path, readonly, print, disk_overlay)?;
+            let mut v = VirtioBlk::disk(disk);
+            v.pci = probe.pci;
+            v.guest_features = probe.guest_features;
+            v.queues = probe.queues;
+            v.queue_sel = probe.queue_sel;
+            v.status = probe.status;
+            v.isr = probe.isr;
+            v.broken = probe.broken;
+            b.virtio_blk = Some(v);
+        }
+        if self.sections.iter().any(|(t, _)| t == b"VBAL") {
+            let d = &mut self.body(b"VBAL", "virtio balloon")?;
+            let mut v = VirtioBalloon::balloon();
+            get_transport(d, &mut v)?;
+            v.dev.num_pages = Field::get(d)?;
+            v.dev.actual = Field::get(d)?;
+            b.balloon = Some(v);
+        }
+        b.update_lines();
         cpu.board = b;
         let m = &self.mach;
         cpu.retired = m.retired;
@@ -489,6 +581,63 @@ impl State {
         cpu.set_now_ns(m.now_ns);
         cpu.set_tsc(m.tsc);
         Ok(())
+    }
+}
+
+/// A stand-in device to decode a transport's state into (two queues at
+/// most: the block device's one, the balloon's two).
+struct Probe;
+
+impl popek_devices::virtio::Device for Probe {
+    const TYPE: u16 = 0;
+    const PCI_ID: u16 = 0;
+    const CLASS: u32 = 0;
+    const QUEUES: usize = 1;
+    fn features(&self) -> u32 {
+        0
+    }
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn config_write(&mut self, _off: usize, _v: u8) {}
+    fn serve(
+        &mut self,
+        _q: usize,
+        _chain: &[popek_devices::virtio::Buffer],
+        _ram: &mut GuestRam,
+    ) -> Result<u32, String> {
+        Ok(0)
+    }
+}
+
+/// The disk a snapshot names: the same image, unchanged since (its
+/// fingerprint), or a new overlay over it.
+fn open_disk(
+    path: &Path,
+    readonly: bool,
+    print: [u64; 3],
+    overlay: Option<&Path>,
+) -> Result<Disk, SnapshotError> {
+    let e = |m: String| SnapshotError(m);
+    let name = path
+        .to_str()
+        .ok_or_else(|| e("a disk path that is not UTF-8".into()))?;
+    let check = Disk::open(name, None, true).map_err(e)?;
+    if check.fingerprint().map_err(e)? != print {
+        return Err(e(format!(
+            "the disk image {name} changed since the snapshot was taken, so the guest would find another disk (to resume one snapshot more than once, give each resume --disk-overlay NEW.pcow)"
+        )));
+    }
+    drop(check);
+    match overlay {
+        None => Disk::open(name, None, readonly).map_err(e),
+        Some(o) => {
+            popek_devices::image::create_overlay(o, Some(path), None).map_err(e)?;
+            let o = o
+                .to_str()
+                .ok_or_else(|| e("an overlay path that is not UTF-8".into()))?;
+            Disk::open(o, Some("pcow"), readonly).map_err(e)
+        }
     }
 }
 
