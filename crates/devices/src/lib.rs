@@ -304,6 +304,37 @@ impl Board {
         self.sync_lines();
     }
 
+    /// A read of `size` bytes at physical address `addr` outside RAM, if
+    /// a device's memory BAR decodes it (memory-mapped I/O).
+    pub fn mmio_read(&mut self, addr: u32, size: u8) -> Option<u32> {
+        let v = if let Some(off) = self.virtio_blk.as_ref().and_then(|v| v.decodes_mem(addr)) {
+            self.virtio_blk.as_mut()?.mem_read(off, size)
+        } else {
+            let off = self.balloon.as_ref()?.decodes_mem(addr)?;
+            self.balloon.as_mut()?.mem_read(off, size)
+        };
+        self.sync_lines();
+        Some(v)
+    }
+
+    /// A write of `size` bytes at physical address `addr` outside RAM;
+    /// true if a device's memory BAR took it.
+    pub fn mmio_write(&mut self, addr: u32, size: u8, value: u32) -> bool {
+        if let Some(off) = self.virtio_blk.as_ref().and_then(|v| v.decodes_mem(addr)) {
+            if let Some(v) = self.virtio_blk.as_mut() {
+                v.mem_write(off, size, value);
+            }
+        } else if let Some(off) = self.balloon.as_ref().and_then(|b| b.decodes_mem(addr)) {
+            if let Some(b) = self.balloon.as_mut() {
+                b.mem_write(off, size, value);
+            }
+        } else {
+            return false;
+        }
+        self.sync_lines();
+        true
+    }
+
     /// Has a device work that needs guest RAM (a virtqueue notified)?
     pub fn dma_pending(&self) -> bool {
         self.virtio_blk.as_ref().is_some_and(|v| v.notified != 0)

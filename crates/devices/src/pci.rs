@@ -102,6 +102,38 @@ impl Function {
         self.wmask[at..at + 4].copy_from_slice(&mask.to_le_bytes());
     }
 
+    /// Declare BAR `n` in memory space (32-bit, not prefetchable), `size`
+    /// bytes (a power of two, at least 16), placed at `base`.
+    pub fn mem_bar(&mut self, n: usize, size: u32, base: u32) {
+        let at = reg::BAR0 + 4 * n;
+        let v = base & !(size - 1);
+        self.config[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let mask = !(size - 1) & 0xFFFF_FFF0;
+        self.wmask[at..at + 4].copy_from_slice(&mask.to_le_bytes());
+    }
+
+    /// Where BAR `n` (a memory BAR) decodes, if memory decoding is on.
+    pub fn mem_base(&self, n: usize) -> Option<u32> {
+        let cmd = self.get16(reg::COMMAND);
+        let v = self.get32(reg::BAR0 + 4 * n);
+        (cmd & command::MEMORY != 0 && v & 1 == 0 && v & !0xF != 0).then_some(v & !0xF)
+    }
+
+    /// Append a capability (PCI 3.0 §6.7) with `body` after its ID and
+    /// next pointer, at `at` (from 0x40, four-byte aligned, in order).
+    pub fn add_capability(&mut self, at: usize, id: u8, body: &[u8]) {
+        // Status: capabilities list.
+        self.config[0x06] |= 0x10;
+        let mut p = 0x34;
+        while self.config[p] != 0 {
+            p = usize::from(self.config[p]) + 1;
+        }
+        self.config[p] = at as u8;
+        self.config[at] = id;
+        self.config[at + 1] = 0;
+        self.config[at + 2..at + 2 + body.len()].copy_from_slice(body);
+    }
+
     /// Where BAR `n` (an I/O BAR) decodes, if I/O decoding is on.
     pub fn io_base(&self, n: usize) -> Option<u16> {
         let cmd = self.get16(reg::COMMAND);

@@ -70,10 +70,28 @@ const D_INDIRECT: u16 = 4;
 
 /// The queue size the device offers.
 pub const QUEUE_SIZE: u16 = 128;
-/// Bytes of BAR 0.
+/// Bytes of BAR 0 (the legacy registers, I/O space).
 const BAR_SIZE: u32 = 0x40;
-/// The I/O base the firmware gives BAR 0.
+/// Bytes of BAR 1 (the modern interface, memory space, §4.1.4): common
+/// configuration, ISR, device configuration and notifications, a page
+/// each.
+pub const MEM_BAR_SIZE: u32 = 0x4000;
+/// Offsets of the modern interface's structures in BAR 1.
+mod m {
+    pub const COMMON: u32 = 0x0000;
+    pub const ISR: u32 = 0x1000;
+    pub const DEVICE: u32 = 0x2000;
+    pub const NOTIFY: u32 = 0x3000;
+    /// Bytes between two queues' notification addresses.
+    pub const NOTIFY_MULTIPLIER: u32 = 4;
+}
+/// VIRTIO_F_VERSION_1 (§6): offered only through the modern interface.
+const VERSION_1_HI: u32 = 1;
+/// The I/O base the firmware gives the disk's BAR 0.
 pub const IO_BASE: u16 = 0xC000;
+/// The memory base the firmware gives the disk's BAR 1 (in the PCI hole
+/// below 4 GiB, as QEMU's firmware places BARs).
+pub const MEM_BASE: u32 = 0xFE00_0000;
 /// The PIC input INTA# is routed to.
 pub const IRQ: u8 = 11;
 /// The PCI device number.
@@ -186,14 +204,58 @@ pub trait Device {
     fn serve(&mut self, q: usize, chain: &[Buffer], ram: &mut GuestRam) -> Result<u32, String>;
 }
 
-/// One virtqueue's state (legacy: a page frame number and the next entry
-/// of the available ring to serve).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One virtqueue's state: where its three parts are (set by a legacy
+/// driver as one page frame number, by a modern one part by part), its
+/// size, and the next entry of the available ring to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Queue {
-    /// Page frame number (0: not set up).
+    /// Legacy page frame number (0: not set up that way).
     pub pfn: u32,
+    /// Modern: the descriptor table, driver (available) and device (used)
+    /// areas, the size, and whether the driver enabled it.
+    pub desc: u64,
+    /// See `desc`.
+    pub driver: u64,
+    /// See `desc`.
+    pub device: u64,
+    /// See `desc`.
+    pub size: u16,
+    /// See `desc`.
+    pub enabled: bool,
     /// Next available-ring entry to serve.
     pub last_avail: u16,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            pfn: 0,
+            desc: 0,
+            driver: 0,
+            device: 0,
+            size: QUEUE_SIZE,
+            enabled: false,
+            last_avail: 0,
+        }
+    }
+}
+
+impl Queue {
+    /// (descriptor table, available ring, used ring, size), if the queue
+    /// is set up (§2.7.2 for the legacy layout).
+    fn layout(&self) -> Option<(u64, u64, u64, u16)> {
+        if self.enabled {
+            return Some((self.desc, self.driver, self.device, self.size));
+        }
+        if self.pfn == 0 {
+            return None;
+        }
+        let n = u64::from(QUEUE_SIZE);
+        let desc = u64::from(self.pfn) << 12;
+        let avail = desc + 16 * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4096);
+        Some((desc, avail, used, QUEUE_SIZE))
+    }
 }
 
 /// A virtio device on the PCI bus through the legacy interface.
@@ -217,18 +279,49 @@ pub struct VirtioPci<D> {
     pub notified: u32,
     /// Why the device stopped, if it did.
     pub broken: Option<String>,
+    /// Modern interface: the feature words selected, the driver's
+    /// features above bit 31.
+    pub device_feature_select: u32,
+    /// See `device_feature_select`.
+    pub driver_feature_select: u32,
+    /// See `device_feature_select`.
+    pub guest_features_hi: u32,
 }
 
 impl<D: Device> VirtioPci<D> {
-    /// The device as a firmware leaves it: PCI device `slot`, BAR 0 at
-    /// `io_base`, INTA# on `irq`, decoding off until the driver enables
-    /// it.
-    pub fn new(dev: D, slot: u8, io_base: u16, irq: u8) -> VirtioPci<D> {
+    /// The device as a firmware leaves it: PCI device `slot`, BAR 0 (the
+    /// legacy registers) at `io_base`, BAR 1 (the modern interface) at
+    /// `mem_base`, INTA# on `irq`, decoding off until the driver enables
+    /// it. A transitional device (§4.1.2.3): legacy drivers use BAR 0,
+    /// modern ones find BAR 1's structures through vendor capabilities.
+    pub fn new(dev: D, slot: u8, io_base: u16, mem_base: u32, irq: u8) -> VirtioPci<D> {
         // Red Hat's virtio vendor ID, the transitional device ID.
         let mut pci = Function::new(slot, 0x1AF4, D::PCI_ID, D::CLASS);
         pci.set16(reg::SUBSYSTEM_VENDOR, 0x1AF4);
         pci.set16(reg::SUBSYSTEM, D::TYPE);
         pci.io_bar(0, BAR_SIZE, u32::from(io_base));
+        if mem_base != 0 {
+            pci.mem_bar(1, MEM_BAR_SIZE, mem_base);
+            // struct virtio_pci_cap (§4.1.4): cap_len, cfg_type, bar, id,
+            // padding, offset, length (and the notify multiplier).
+            let cap = |kind: u8, off: u32, len: u32, extra: Option<u32>| {
+                let mut b = vec![if extra.is_some() { 20 } else { 16 }, kind, 1, 0, 0, 0];
+                b.extend_from_slice(&off.to_le_bytes());
+                b.extend_from_slice(&len.to_le_bytes());
+                if let Some(x) = extra {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+                b
+            };
+            pci.add_capability(0x40, 0x09, &cap(1, m::COMMON, 0x38, None));
+            pci.add_capability(0x50, 0x09, &cap(3, m::ISR, 1, None));
+            pci.add_capability(0x60, 0x09, &cap(4, m::DEVICE, 0x100, None));
+            pci.add_capability(
+                0x70,
+                0x09,
+                &cap(2, m::NOTIFY, 0x1000, Some(m::NOTIFY_MULTIPLIER)),
+            );
+        }
         pci.route_intx(irq);
         VirtioPci {
             pci,
@@ -240,6 +333,9 @@ impl<D: Device> VirtioPci<D> {
             isr: 0,
             notified: 0,
             broken: None,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            guest_features_hi: 0,
         }
     }
 
@@ -247,6 +343,143 @@ impl<D: Device> VirtioPci<D> {
     pub fn decodes(&self, port: u16) -> Option<u16> {
         let base = self.pci.io_base(0)?;
         port.checked_sub(base).filter(|&o| u32::from(o) < BAR_SIZE)
+    }
+
+    /// Does a memory access at `addr` fall in BAR 1? Its offset.
+    pub fn decodes_mem(&self, addr: u32) -> Option<u32> {
+        let base = self.pci.mem_base(1)?;
+        addr.checked_sub(base).filter(|&o| o < MEM_BAR_SIZE)
+    }
+
+    /// The modern common configuration structure (§4.1.4.3) as it reads
+    /// now.
+    fn common(&self) -> [u8; 0x38] {
+        let mut c = [0u8; 0x38];
+        let sel = usize::from(self.queue_sel);
+        let q = self.queues.get(sel).copied();
+        let features = match self.device_feature_select {
+            0 => self.dev.features(),
+            1 => VERSION_1_HI,
+            _ => 0,
+        };
+        let driver = match self.driver_feature_select {
+            0 => self.guest_features,
+            1 => self.guest_features_hi,
+            _ => 0,
+        };
+        let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0x00, &self.device_feature_select.to_le_bytes());
+        put(0x04, &features.to_le_bytes());
+        put(0x08, &self.driver_feature_select.to_le_bytes());
+        put(0x0C, &driver.to_le_bytes());
+        put(0x10, &0xFFFFu16.to_le_bytes()); // no MSI-X
+        put(0x12, &(self.queues.len() as u16).to_le_bytes());
+        put(0x14, &[self.status, 0]);
+        put(0x16, &self.queue_sel.to_le_bytes());
+        put(0x18, &q.map_or(0, |q| q.size).to_le_bytes());
+        put(0x1A, &0xFFFFu16.to_le_bytes());
+        put(0x1C, &u16::from(q.is_some_and(|q| q.enabled)).to_le_bytes());
+        put(0x1E, &self.queue_sel.to_le_bytes());
+        put(0x20, &q.map_or(0, |q| q.desc).to_le_bytes());
+        put(0x28, &q.map_or(0, |q| q.driver).to_le_bytes());
+        put(0x30, &q.map_or(0, |q| q.device).to_le_bytes());
+        c
+    }
+
+    /// A read of `size` bytes at BAR 1 offset `off`.
+    pub fn mem_read(&mut self, off: u32, size: u8) -> u32 {
+        let bytes: Vec<u8> = match off {
+            o if o < m::ISR => self.common().to_vec(),
+            o if o < m::DEVICE => {
+                // Reading the ISR clears it (§4.1.4.5).
+                return if o == m::ISR {
+                    u32::from(std::mem::take(&mut self.isr))
+                } else {
+                    0
+                };
+            }
+            o if o < m::NOTIFY => self.dev.config(),
+            _ => return 0,
+        };
+        let base = off & !0xFFF;
+        let at = (off - base) as usize;
+        let mut v = 0u32;
+        for i in (0..usize::from(size)).rev() {
+            v = v << 8 | u32::from(bytes.get(at + i).copied().unwrap_or(0));
+        }
+        v
+    }
+
+    /// A write of `size` bytes of `value` at BAR 1 offset `off`.
+    pub fn mem_write(&mut self, off: u32, size: u8, value: u32) {
+        let sel = usize::from(self.queue_sel);
+        match off {
+            o if o < m::ISR => {
+                let half = |old: u64, hi: bool| {
+                    if hi {
+                        (old & 0xFFFF_FFFF) | (u64::from(value) << 32)
+                    } else {
+                        (old & !0xFFFF_FFFF) | u64::from(value)
+                    }
+                };
+                match o {
+                    0x00 => self.device_feature_select = value,
+                    0x08 => self.driver_feature_select = value,
+                    0x0C => match self.driver_feature_select {
+                        0 => self.guest_features = value & self.dev.features(),
+                        1 => self.guest_features_hi = value & VERSION_1_HI,
+                        _ => {}
+                    },
+                    0x14 => {
+                        self.status = value as u8;
+                        if self.status == 0 {
+                            self.reset();
+                        }
+                    }
+                    0x16 => self.queue_sel = value as u16,
+                    _ if sel >= self.queues.len() => {}
+                    0x18 => {
+                        let n = value as u16;
+                        // A power of two no larger than what is offered.
+                        if n.is_power_of_two() && n <= QUEUE_SIZE {
+                            self.queues[sel].size = n;
+                        }
+                    }
+                    0x1C => {
+                        let q = &mut self.queues[sel];
+                        q.enabled = value & 1 != 0;
+                        q.last_avail = 0;
+                    }
+                    0x20 | 0x24 => {
+                        let q = &mut self.queues[sel];
+                        q.desc = half(q.desc, o == 0x24);
+                    }
+                    0x28 | 0x2C => {
+                        let q = &mut self.queues[sel];
+                        q.driver = half(q.driver, o == 0x2C);
+                    }
+                    0x30 | 0x34 => {
+                        let q = &mut self.queues[sel];
+                        q.device = half(q.device, o == 0x34);
+                    }
+                    _ => {}
+                }
+                let _ = size;
+            }
+            o if (m::DEVICE..m::NOTIFY).contains(&o) => {
+                for i in 0..u32::from(size) {
+                    self.dev
+                        .config_write((o - m::DEVICE + i) as usize, (value >> (8 * i)) as u8);
+                }
+            }
+            o if o >= m::NOTIFY => {
+                let q = (o - m::NOTIFY) / m::NOTIFY_MULTIPLIER;
+                if (q as usize) < self.queues.len() {
+                    self.notified |= 1 << q;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Is INTA# asserted?
@@ -262,6 +495,9 @@ impl<D: Device> VirtioPci<D> {
 
     fn reset(&mut self) {
         self.guest_features = 0;
+        self.guest_features_hi = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
         self.queues.fill(Queue::default());
         self.queue_sel = 0;
         self.status = 0;
@@ -358,7 +594,7 @@ impl<D: Device> VirtioPci<D> {
             return;
         }
         for q in 0..self.queues.len() {
-            if notified & (1 << q) == 0 || self.queues[q].pfn == 0 {
+            if notified & (1 << q) == 0 {
                 continue;
             }
             if let Err(why) = self.serve_queue(q, ram) {
@@ -373,27 +609,32 @@ impl<D: Device> VirtioPci<D> {
     }
 
     fn serve_queue(&mut self, q: usize, ram: &mut GuestRam) -> Result<(), String> {
-        let n = u32::from(QUEUE_SIZE);
-        let desc = u64::from(self.queues[q].pfn) << 12;
-        let avail = desc + 16 * u64::from(n);
-        let used = (avail + 6 + 2 * u64::from(n)).next_multiple_of(4096);
-        let end = used + 6 + 8 * u64::from(n);
-        if end > u64::from(ram.size()) {
+        let Some((desc, avail, used, size)) = self.queues[q].layout() else {
+            return Ok(());
+        };
+        let n = u64::from(size);
+        let ram_end = u64::from(ram.size());
+        if size == 0
+            || size > QUEUE_SIZE
+            || desc + 16 * n > ram_end
+            || avail + 6 + 2 * n > ram_end
+            || used + 6 + 8 * n > ram_end
+        {
             return Err(format!("queue {q} at {desc:#x} lies outside RAM"));
         }
         let (avail, used) = (avail as u32, used as u32);
         let avail_idx = ram.read(avail + 2, 2) as u16;
-        if avail_idx.wrapping_sub(self.queues[q].last_avail) > QUEUE_SIZE {
+        if avail_idx.wrapping_sub(self.queues[q].last_avail) > size {
             return Err("the available index ran more than a queue ahead".into());
         }
         let mut served = false;
         while self.queues[q].last_avail != avail_idx {
-            let slot = u32::from(self.queues[q].last_avail % QUEUE_SIZE);
+            let slot = u32::from(self.queues[q].last_avail % size);
             let head = ram.read(avail + 4 + 2 * slot, 2) as u16;
-            let chain = chain(ram, desc, head)?;
+            let chain = chain(ram, desc, head, size)?;
             let written = self.dev.serve(q, &chain, ram)?;
             let ui = ram.read(used + 2, 2) as u16;
-            let at = used + 4 + 8 * u32::from(ui % QUEUE_SIZE);
+            let at = used + 4 + 8 * u32::from(ui % size);
             ram.write(at, 4, u64::from(head));
             ram.write(at + 4, 4, u64::from(written));
             ram.write(used + 2, 2, u64::from(ui.wrapping_add(1)));
@@ -410,11 +651,11 @@ impl<D: Device> VirtioPci<D> {
 
 /// The descriptor chain from `head`, checked: in RAM, no loops, no
 /// indirect tables (not offered).
-fn chain(ram: &GuestRam, desc: u64, head: u16) -> Result<Vec<Buffer>, String> {
+fn chain(ram: &GuestRam, desc: u64, head: u16, size: u16) -> Result<Vec<Buffer>, String> {
     let mut chain = Vec::new();
     let mut i = head;
     loop {
-        if i >= QUEUE_SIZE || chain.len() >= usize::from(QUEUE_SIZE) {
+        if i >= size || chain.len() >= usize::from(size) {
             return Err(format!(
                 "descriptor chain from {head} loops or leaves the queue"
             ));
@@ -458,7 +699,7 @@ impl VirtioBlk {
     /// A virtio disk at PCI slot [`SLOT`], BAR 0 at [`IO_BASE`], INTA# on
     /// [`IRQ`].
     pub fn disk(disk: Disk) -> VirtioBlk {
-        VirtioPci::new(Blk { disk }, SLOT, IO_BASE, IRQ)
+        VirtioPci::new(Blk { disk }, SLOT, IO_BASE, MEM_BASE, IRQ)
     }
 }
 
@@ -582,6 +823,8 @@ pub const BALLOON_SLOT: u8 = 4;
 pub const BALLOON_IO_BASE: u16 = 0xC040;
 /// See [`BALLOON_SLOT`].
 pub const BALLOON_IRQ: u8 = 10;
+/// See [`BALLOON_SLOT`].
+pub const BALLOON_MEM_BASE: u32 = MEM_BASE + MEM_BAR_SIZE;
 
 impl VirtioBalloon {
     /// A balloon at PCI slot [`BALLOON_SLOT`].
@@ -590,6 +833,7 @@ impl VirtioBalloon {
             Balloon::default(),
             BALLOON_SLOT,
             BALLOON_IO_BASE,
+            BALLOON_MEM_BASE,
             BALLOON_IRQ,
         )
     }
@@ -838,5 +1082,72 @@ mod tests {
         ram.write(0x20000, 4, 0x1_0000);
         submit(&mut b, &mut ram, 0);
         assert!(b.broken.is_some(), "a frame beyond RAM");
+    }
+
+    /// The modern interface (§4.1.4): four vendor capabilities in
+    /// configuration space point into BAR 1; a driver that sets the queue
+    /// up part by part through the common configuration and notifies at
+    /// the queue's notification address is served the same; VERSION_1 is
+    /// offered there only.
+    #[test]
+    fn the_modern_interface_serves_the_same_requests() {
+        let mut v = VirtioBlk::disk(disk(16, false));
+        v.pci.set16(reg::COMMAND, command::MEMORY | command::MASTER);
+        // The capability list: common (1), ISR (3), device (4), notify (2).
+        let mut kinds = Vec::new();
+        let mut at = usize::from(v.pci.config[0x34]);
+        while at != 0 {
+            assert_eq!(v.pci.config[at], 0x09, "vendor-specific");
+            assert_eq!(v.pci.config[at + 4], 1, "in BAR 1");
+            kinds.push(v.pci.config[at + 3]);
+            at = usize::from(v.pci.config[at + 1]);
+        }
+        assert_eq!(kinds, [1, 3, 4, 2]);
+        assert_eq!(v.decodes_mem(MEM_BASE + 0x14), Some(0x14));
+        assert_eq!(v.decodes_mem(MEM_BASE + MEM_BAR_SIZE), None);
+        v.mem_write(0x00, 4, 1);
+        assert_eq!(v.mem_read(0x04, 4), VERSION_1_HI);
+        assert_eq!(
+            v.read(r::HOST_FEATURES, 4) & VERSION_1_HI,
+            0,
+            "not offered to legacy drivers"
+        );
+        v.mem_write(0x08, 4, 1);
+        v.mem_write(0x0C, 4, VERSION_1_HI);
+        v.mem_write(0x14, 1, 1 | 2 | 8);
+        v.mem_write(0x16, 2, 0);
+        v.mem_write(0x18, 2, 16);
+        v.mem_write(0x20, 4, 0x30000);
+        v.mem_write(0x28, 4, 0x31000);
+        v.mem_write(0x30, 4, 0x32000);
+        v.mem_write(0x1C, 2, 1);
+        assert_eq!(v.mem_read(0x1E, 2), 0, "queue 0 notifies at offset 0");
+        assert_eq!(
+            v.mem_read(m::DEVICE, 4),
+            16,
+            "capacity through the device structure"
+        );
+        let mut ram = GuestRam::new(1 << 20).unwrap();
+        ram.write(0x20000, 4, u64::from(T_IN));
+        ram.write(0x20008, 8, 7);
+        let d = |ram: &mut GuestRam, i: u32, addr: u64, len: u32, flags: u16, next: u16| {
+            let at = 0x30000 + 16 * i;
+            ram.write(at, 8, addr);
+            ram.write(at + 8, 4, u64::from(len));
+            ram.write(at + 12, 2, u64::from(flags));
+            ram.write(at + 14, 2, u64::from(next));
+        };
+        d(&mut ram, 0, 0x20000, 16, D_NEXT, 1);
+        d(&mut ram, 1, 0x21000, 512, D_NEXT | D_WRITE, 2);
+        d(&mut ram, 2, 0x22000, 1, D_WRITE, 0);
+        ram.write(0x31004, 2, 0); // ring[0] = head 0
+        ram.write(0x31002, 2, 1); // idx
+        v.mem_write(m::NOTIFY, 2, 0);
+        v.service(&mut ram);
+        assert_eq!(ram.read(0x22000, 1), u64::from(S_OK));
+        assert_eq!(ram.read(0x21000, 1), 7, "sector 7 read");
+        assert_eq!(ram.read(0x32002, 2), 1, "used index");
+        assert_eq!(v.mem_read(m::ISR, 1), 1);
+        assert_eq!(v.mem_read(m::ISR, 1), 0, "reading the ISR cleared it");
     }
 }

@@ -545,7 +545,7 @@ impl State {
         b.timer_late = (late[0], late[1], late[2]);
         if self.sections.iter().any(|(t, _)| t == b"VBLK") {
             let d = &mut self.body(b"VBLK", "virtio disk")?;
-            let mut probe = VirtioPci::new(Probe, 0, 0, 0);
+            let mut probe = VirtioPci::new(Probe, 0, 0, 0, 0);
             get_transport(d, &mut probe)?;
             let path = PathBuf::from(
                 String::from_utf8(Vec::<u8>::get(d)?)

@@ -210,18 +210,45 @@ impl Vcpu {
         })
     }
 
+    /// Read `len` (1..=8) bytes at a physical address: RAM, or a device's
+    /// memory-mapped registers (an access up to 4 bytes outside RAM that
+    /// a PCI memory BAR decodes), or all ones.
+    #[inline]
+    fn phys_read(&mut self, p: u32, len: u32) -> u64 {
+        if !self.ram.contains(p, len) && len <= 4 {
+            if let Some(v) = self.board.mmio_read(p, len as u8) {
+                return u64::from(v);
+            }
+        }
+        self.ram.read(p, len)
+    }
+
+    /// Write `len` (1..=8) bytes at a physical address (see
+    /// [`Vcpu::phys_read`]); a device notified through its registers then
+    /// does its work on RAM.
+    #[inline]
+    fn phys_write(&mut self, p: u32, len: u32, v: u64) {
+        if !self.ram.contains(p, len) && len <= 4 && self.board.mmio_write(p, len as u8, v as u32) {
+            if self.board.dma_pending() {
+                self.board.service_dma(&mut self.ram);
+            }
+            return;
+        }
+        self.ram.write(p, len, v);
+    }
+
     /// Read `len` (1..=8) bytes at a linear address.
     pub fn read_lin(&mut self, lin: u32, len: u32, access: Access, user: bool) -> VResult<u64> {
         let first_page_left = 0x1000 - (lin & 0xFFF);
         if len <= first_page_left {
             let p = self.translate(lin, access, user)?;
-            return Ok(self.ram.read(p, len));
+            return Ok(self.phys_read(p, len));
         }
         // Crosses a page: translate both halves before reading.
         let p0 = self.translate(lin, access, user)?;
         let p1 = self.translate(lin.wrapping_add(first_page_left), access, user)?;
-        let lo = self.ram.read(p0, first_page_left);
-        let hi = self.ram.read(p1, len - first_page_left);
+        let lo = self.phys_read(p0, first_page_left);
+        let hi = self.phys_read(p1, len - first_page_left);
         Ok(lo | (hi << (8 * first_page_left)))
     }
 
@@ -231,14 +258,13 @@ impl Vcpu {
         let first_page_left = 0x1000 - (lin & 0xFFF);
         if len <= first_page_left {
             let p = self.translate(lin, Access::Write, user)?;
-            self.ram.write(p, len, v);
+            self.phys_write(p, len, v);
             return Ok(());
         }
         let p0 = self.translate(lin, Access::Write, user)?;
         let p1 = self.translate(lin.wrapping_add(first_page_left), Access::Write, user)?;
-        self.ram.write(p0, first_page_left, v);
-        self.ram
-            .write(p1, len - first_page_left, v >> (8 * first_page_left));
+        self.phys_write(p0, first_page_left, v);
+        self.phys_write(p1, len - first_page_left, v >> (8 * first_page_left));
         Ok(())
     }
 
