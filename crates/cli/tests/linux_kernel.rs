@@ -574,6 +574,14 @@ fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
         let (got, status) = run(p, None, LIMIT);
         let want_lines = between(&want, "=== begin", "=== end");
         assert!(want_lines.contains("sectors: 8192"), "qemu:\n{want}");
+        // The guest's first checksum of /dev/vda is the host's of the image.
+        let host = Command::new("md5sum").arg(&original).output().unwrap();
+        let host = String::from_utf8_lossy(&host.stdout);
+        let host_sum = host.split_whitespace().next().unwrap();
+        assert!(
+            between(&got, "=== begin", "=== end").contains(&format!("{host_sum}  /dev/vda")),
+            "popek:\n{got}\nhost: {host_sum}"
+        );
         assert_eq!(
             between(&got, "=== begin", "=== end"),
             want_lines,
