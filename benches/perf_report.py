@@ -1075,8 +1075,8 @@ bus on (the tests' command line less `pci=off`): busybox `dd` on the
 virtio disk (/dev/vda, a 64 MiB raw image of random bytes, 1 MiB blocks;
 the write ends with an fsync), timed in the guest with /proc/uptime
 (10 ms resolution), under popek (`--drive
-file=IMG,format=raw`: legacy virtio-pci, each request a pread or pwrite
-on the image) and under `qemu-system-i386 -M pc -drive
+file=IMG,format=raw`: transitional virtio-pci, which Linux drives through
+its modern interface in MMIO; each request a read or write on the image) and under `qemu-system-i386 -M pc -drive
 file=IMG,if=virtio,format=raw`. One run each.
 
 | machine | read | write |

@@ -7,14 +7,15 @@
 
 mod common;
 
-use common::run_with_timeout;
-use std::io::Read;
-use std::process::{Command, Output, Stdio};
+use common::{run_with_timeout, with_input_when_ready};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 const POPEK: &str = env!("CARGO_BIN_EXE_popek");
 
-fn qemu(path: &str) -> Output {
+/// `qemu-system-i386` booting the Multiboot kernel at `path` as the
+/// oracle runs it.
+fn qemu_command(path: &str) -> Command {
     let mut cmd = Command::new("qemu-system-i386");
     cmd.args([
         "-kernel", path, "-serial", "stdio", "-display", "none", "-device",
@@ -25,7 +26,11 @@ fn qemu(path: &str) -> Output {
         "-m",
         "64",
     ]);
-    run_with_timeout(&mut cmd, Duration::from_secs(300))
+    cmd
+}
+
+fn qemu(path: &str) -> Output {
+    run_with_timeout(&mut qemu_command(path), Duration::from_secs(300))
 }
 
 fn popek(args: &[&str]) -> Output {
@@ -227,55 +232,12 @@ fn triple_fault_is_reported_with_address_and_bytes() {
     assert!(String::from_utf8_lossy(&p.stdout).contains("dividing by zero"));
 }
 
-/// Run `cmd`, write `input` to its stdin once it printed "ready", and
-/// return all it printed.
-fn with_input_when_ready(cmd: &mut Command, input: &'static [u8]) -> Vec<u8> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let mut sent = false;
-    loop {
-        let n = stdout.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-        if !sent && String::from_utf8_lossy(&seen).contains("ready\n") {
-            std::io::Write::write_all(&mut stdin, input).unwrap();
-            sent = true;
-        }
-    }
-    drop(stdin);
-    let _ = child.wait();
-    seen
-}
-
 /// COM1's receiver through received-data interrupts, fed from popek's
 /// stdin as QEMU's -serial stdio feeds it: the same line comes back.
 #[test]
 fn serial_input_reaches_the_guest_as_under_qemu() {
     let g = popek_guests::find("echo").expect("bundled");
-    let want = with_input_when_ready(
-        Command::new("qemu-system-i386").args([
-            "-kernel",
-            g.path,
-            "-serial",
-            "stdio",
-            "-display",
-            "none",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-no-reboot",
-        ]),
-        b"hello popek\n",
-    );
+    let want = with_input_when_ready(&mut qemu_command(g.path), b"hello popek\n");
     assert_eq!(
         String::from_utf8_lossy(&want),
         "echo: ready\necho: 12 bytes:HELLO POPEK\n"
@@ -299,20 +261,7 @@ fn serial_input_reaches_the_guest_as_under_qemu() {
 fn the_clone_guest_answers_lines_as_under_qemu() {
     let g = popek_guests::find("clone").expect("bundled");
     let input: &'static [u8] = b"hello popek\nsecond line\nquit\n";
-    let want = with_input_when_ready(
-        Command::new("qemu-system-i386").args([
-            "-kernel",
-            g.path,
-            "-serial",
-            "stdio",
-            "-display",
-            "none",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-no-reboot",
-        ]),
-        input,
-    );
+    let want = with_input_when_ready(&mut qemu_command(g.path), input);
     assert!(
         String::from_utf8_lossy(&want).contains("line 2: SECOND LINE"),
         "{}",

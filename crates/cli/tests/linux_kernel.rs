@@ -292,14 +292,7 @@ fn debian_kernel_suspends_and_resumes_where_it_stopped() {
         popek_with(&rd, &["--icount", "--stats-json"]).stdin(Stdio::null()),
         LIMIT,
     );
-    let err = String::from_utf8_lossy(&whole.stderr).into_owned();
-    let key = "\"guest_instructions\": ";
-    let total: u64 = err[err.find(key).expect(&err) + key.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let total = common::instructions(&whole);
     let points = [total * 2 / 5, total * 7 / 10, total - 20_000_000];
     let snaps: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("s{i}.snap"))).collect();
     let mut out = Vec::new();
@@ -349,17 +342,9 @@ fn debian_kernel_suspends_and_resumes_where_it_stopped() {
         LIMIT,
     );
     out.extend_from_slice(&last.stdout);
-    let lines = |b: &[u8]| {
-        String::from_utf8_lossy(b)
-            .replace('\r', "")
-            .lines()
-            .filter(|l| !is_kernel_message(l))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let want = lines(&whole.stdout);
+    let want = user_lines(&whole.stdout);
     assert!(want.contains("=== end"), "{want}");
-    assert_eq!(lines(&out), want);
+    assert_eq!(user_lines(&out), want);
     assert_eq!(last.status.code(), whole.status.code());
     assert_eq!(whole.status.code(), Some(33));
 }
@@ -375,14 +360,7 @@ fn debian_kernel_migrates_mid_boot() {
         popek_with(&rd, &["--icount", "--stats-json"]).stdin(Stdio::null()),
         LIMIT,
     );
-    let err = String::from_utf8_lossy(&whole.stderr).into_owned();
-    let key = "\"guest_instructions\": ";
-    let total: u64 = err[err.find(key).expect(&err) + key.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let total = common::instructions(&whole);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -423,17 +401,9 @@ fn debian_kernel_migrates_mid_boot() {
     let e = String::from_utf8_lossy(&src.stderr);
     assert_eq!(src.status.code(), Some(0), "{e}");
     assert!(e.contains("completed"), "{e}");
-    let lines = |b: &[u8]| {
-        String::from_utf8_lossy(b)
-            .replace('\r', "")
-            .lines()
-            .filter(|l| !is_kernel_message(l))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     let mut both = src.stdout.clone();
     both.extend_from_slice(&tgt.stdout);
-    assert_eq!(lines(&both), lines(&whole.stdout));
+    assert_eq!(user_lines(&both), user_lines(&whole.stdout));
     assert_eq!(
         tgt.status.code(),
         Some(33),
@@ -498,6 +468,30 @@ fn pci_cmdline() -> String {
     CMDLINE.replace("pci=off ", "")
 }
 
+/// The output's lines less the kernel's own messages.
+fn user_lines(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .replace('\r', "")
+        .lines()
+        .filter(|l| !is_kernel_message(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `popek initramfs --add` arguments putting `modules` (from
+/// target/distro/modules/) into /lib.
+fn module_adds(modules: &[&str]) -> Vec<String> {
+    modules
+        .iter()
+        .map(|m| {
+            format!(
+                "lib/{m}.ko={}",
+                distro(&format!("modules/{m}.ko")).display()
+            )
+        })
+        .collect()
+}
+
 /// A virtio disk: PCI (configuration mechanism #1, a host bridge, legacy
 /// virtio-pci on an I/O BAR, INTA# on the PIC) and virtio-blk on a raw
 /// image. Debian's kernel loads its own virtio modules from the
@@ -512,15 +506,7 @@ fn pci_cmdline() -> String {
 /// in its copy.
 #[test]
 fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
-    let add: Vec<String> = VIRTIO_MODULES
-        .iter()
-        .map(|m| {
-            format!(
-                "lib/{m}.ko={}",
-                distro(&format!("modules/{m}.ko")).display()
-            )
-        })
-        .collect();
+    let add = module_adds(&VIRTIO_MODULES);
     let rd = initramfs_with("disk", Some(DISK_INIT), &add);
     let dir = rd.parent().unwrap().to_path_buf();
     let original = dir.join("original.img");
@@ -645,22 +631,14 @@ printf '\x10' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
 /// the guest deflate (MemTotal back).
 #[test]
 fn debian_kernel_inflates_and_deflates_its_balloon() {
-    let add: Vec<String> = [
+    let add = module_adds(&[
         "virtio",
         "virtio_ring",
         "virtio_pci_legacy_dev",
         "virtio_pci_modern_dev",
         "virtio_pci",
         "virtio_balloon",
-    ]
-    .iter()
-    .map(|m| {
-        format!(
-            "lib/{m}.ko={}",
-            distro(&format!("modules/{m}.ko")).display()
-        )
-    })
-    .collect();
+    ]);
     let rd = initramfs_with("balloon", Some(BALLOON_INIT), &add);
     let sock = rd.parent().unwrap().join("balloon.sock");
     let mut child = Command::new(POPEK)
@@ -739,15 +717,7 @@ fn debian_kernel_inflates_and_deflates_its_balloon() {
 /// image changed since is refused in one line.
 #[test]
 fn debian_kernel_with_a_disk_suspends_resumes_and_migrates() {
-    let add: Vec<String> = VIRTIO_MODULES
-        .iter()
-        .map(|m| {
-            format!(
-                "lib/{m}.ko={}",
-                distro(&format!("modules/{m}.ko")).display()
-            )
-        })
-        .collect();
+    let add = module_adds(&VIRTIO_MODULES);
     let rd = initramfs_with("disk-snap", Some(DISK_INIT), &add);
     let dir = rd.parent().unwrap().to_path_buf();
     let original = dir.join("original.img");
@@ -770,24 +740,9 @@ fn debian_kernel_with_a_disk_suspends_resumes_and_migrates() {
         std::fs::copy(&original, &p).unwrap();
         p
     };
-    let lines = |b: &[u8]| {
-        String::from_utf8_lossy(b)
-            .replace('\r', "")
-            .lines()
-            .filter(|l| !is_kernel_message(l))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     let w_img = copy("whole.img");
     let whole = common::run_with_timeout(&mut machine(&w_img, &["--stats-json"]), LIMIT);
-    let err = String::from_utf8_lossy(&whole.stderr).into_owned();
-    let key = "\"guest_instructions\": ";
-    let total: u64 = err[err.find(key).expect(&err) + key.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let total = common::instructions(&whole);
     let at = (total * 9 / 10).to_string();
     let want_image = std::fs::read(&w_img).unwrap();
     assert_eq!(whole.status.code(), Some(33));
@@ -832,7 +787,7 @@ fn debian_kernel_with_a_disk_suspends_resumes_and_migrates() {
         );
         let mut both = first.stdout.clone();
         both.extend_from_slice(&rest.stdout);
-        assert_eq!(lines(&both), lines(&whole.stdout), "{clone}");
+        assert_eq!(user_lines(&both), user_lines(&whole.stdout), "{clone}");
         let flat = dir.join("flat.img");
         let _ = std::fs::remove_file(&flat);
         let o = Command::new(POPEK)
@@ -909,7 +864,7 @@ fn debian_kernel_with_a_disk_suspends_resumes_and_migrates() {
     );
     let mut both = src.stdout.clone();
     both.extend_from_slice(&tgt.stdout);
-    assert_eq!(lines(&both), lines(&whole.stdout));
+    assert_eq!(user_lines(&both), user_lines(&whole.stdout));
     assert!(
         std::fs::read(&m_img).unwrap() == want_image,
         "the migrated disk differs"

@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::run_with_timeout;
+use common::{instructions, run_with_timeout};
 
 const POPEK: &str = env!("CARGO_BIN_EXE_popek");
 const LIMIT: Duration = Duration::from_secs(300);
@@ -95,22 +95,6 @@ impl Target {
         }
         (out, err, status.code())
     }
-}
-
-/// Guest instructions a run retired, from its --stats-json line.
-fn instructions(o: &Output) -> u64 {
-    let err = stderr(o);
-    let key = "\"guest_instructions\": ";
-    let at = err
-        .find(key)
-        .unwrap_or_else(|| panic!("no count in:\n{err}"))
-        + key.len();
-    err[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// Migrate `args` (a `popek run` on the instruction clock) at `at`

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::run_with_timeout;
+use common::{instructions, run_with_timeout, with_input_when_ready};
 
 const POPEK: &str = env!("CARGO_BIN_EXE_popek");
 const LIMIT: Duration = Duration::from_secs(300);
@@ -29,22 +29,6 @@ fn tmp(name: &str) -> PathBuf {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Guest instructions a run retired, from its --stats-json line.
-fn instructions(o: &Output) -> u64 {
-    let err = stderr(o);
-    let key = "\"guest_instructions\": ";
-    let at = err
-        .find(key)
-        .unwrap_or_else(|| panic!("no count in:\n{err}"))
-        + key.len();
-    err[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// Suspend `guest` under `e1` after `n` instructions and resume it under
@@ -474,36 +458,6 @@ impl Monitored {
     }
 }
 
-/// Run `popek ARGS` with `input` on stdin once it printed "ready"; all it
-/// printed and its status.
-fn with_input_after_ready(args: &[&str], input: &[u8]) -> (Vec<u8>, Option<i32>) {
-    let mut c = Command::new(POPEK)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = c.stdin.take().unwrap();
-    let mut stdout = c.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let mut sent = false;
-    loop {
-        let n = stdout.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-        if !sent && String::from_utf8_lossy(&seen).contains("ready\n") {
-            stdin.write_all(input).unwrap();
-            sent = true;
-        }
-    }
-    drop(stdin);
-    (seen, c.wait().unwrap().code())
-}
-
 /// Resume `file` with `input` on stdin at once; all it printed.
 fn resume_with_input(file: &Path, input: &[u8]) -> Vec<u8> {
     let mut c = Command::new(POPEK)
@@ -633,7 +587,8 @@ fn clones_share_the_snapshot_and_diverge() {
         c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let o = c.wait_with_output().unwrap();
         let got = String::from_utf8_lossy(&o.stdout).into_owned();
-        let (want, _) = with_input_after_ready(&["run", "clone"], input.as_bytes());
+        let want =
+            with_input_when_ready(Command::new(POPEK).args(["run", "clone"]), input.as_bytes());
         let want = String::from_utf8_lossy(&want).into_owned();
         let after_ready = &want[want.find("ready\n").unwrap() + 6..];
         assert_eq!(got, after_ready, "clone {i}");

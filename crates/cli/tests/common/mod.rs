@@ -43,3 +43,49 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
         stderr: err_t.join().unwrap(),
     }
 }
+
+/// Run `cmd`, write `input` to its stdin once it printed "ready", and
+/// return all it printed.
+pub fn with_input_when_ready(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let mut sent = false;
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if !sent && String::from_utf8_lossy(&seen).contains("ready\n") {
+            std::io::Write::write_all(&mut stdin, input).unwrap();
+            sent = true;
+        }
+    }
+    drop(stdin);
+    let _ = child.wait();
+    seen
+}
+
+/// Guest instructions a run retired, from its --stats-json line.
+pub fn instructions(o: &Output) -> u64 {
+    let err = String::from_utf8_lossy(&o.stderr);
+    let key = "\"guest_instructions\": ";
+    let at = err
+        .find(key)
+        .unwrap_or_else(|| panic!("no count in:\n{err}"))
+        + key.len();
+    err[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
