@@ -11,6 +11,7 @@ mod args;
 mod classify;
 mod compare;
 mod demo;
+mod host;
 mod run;
 mod stats;
 
@@ -130,6 +131,25 @@ enum Cmd {
         stats_json: bool,
         #[command(flatten)]
         control: ControlArgs,
+    },
+    /// Run many guests in one process, their virtual CPUs scheduled on
+    /// host threads with proportional shares (weights); each guest's
+    /// serial output goes to its out=FILE or to stdout, each line
+    /// prefixed with its name. The exit status is 0 when every guest ended
+    /// normally.
+    Host {
+        /// Host threads to run guests on.
+        #[arg(long, default_value = "1")]
+        threads: usize,
+        /// Write the report (each guest's CPU share against its weight,
+        /// Jain's fairness index) as one JSON object to FILE (- for
+        /// stderr).
+        #[arg(long, value_name = "FILE")]
+        stats_json: Option<String>,
+        /// GUEST[,weight=W][,memory=SIZE][,out=FILE][,initrd=FILE][,append=...]
+        /// (append= takes the rest of the spec).
+        #[arg(required = true)]
+        specs: Vec<String>,
     },
     /// Disk images: create a copy-on-write overlay (pcow) over a base, so
     /// one base can be cloned into many guests; flatten an image to raw;
@@ -403,6 +423,11 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Inspect { file } => run::inspect(&file),
+        Cmd::Host {
+            threads,
+            stats_json,
+            specs,
+        } => host::host(threads, specs, stats_json),
         Cmd::Img { cmd } => match img(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -242,7 +242,7 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
             eprintln!("popek: --dump shows translated code: use it with --engine bt");
             return ExitCode::from(2);
         };
-        let sink: Box<dyn Write> = if target == "-" {
+        let sink: Box<dyn Write + Send> = if target == "-" {
             Box::new(std::io::stderr())
         } else {
             match std::fs::File::create(&target) {

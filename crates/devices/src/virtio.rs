@@ -614,11 +614,13 @@ impl<D: Device> VirtioPci<D> {
         };
         let n = u64::from(size);
         let ram_end = u64::from(ram.size());
+        // (Guest-chosen addresses: no sum may wrap.)
+        let beyond = |at: u64, len: u64| at.checked_add(len).is_none_or(|e| e > ram_end);
         if size == 0
             || size > QUEUE_SIZE
-            || desc + 16 * n > ram_end
-            || avail + 6 + 2 * n > ram_end
-            || used + 6 + 8 * n > ram_end
+            || beyond(desc, 16 * n)
+            || beyond(avail, 6 + 2 * n)
+            || beyond(used, 6 + 8 * n)
         {
             return Err(format!("queue {q} at {desc:#x} lies outside RAM"));
         }
@@ -668,7 +670,10 @@ fn chain(ram: &GuestRam, desc: u64, head: u16, size: u16) -> Result<Vec<Buffer>,
         if flags & D_INDIRECT != 0 {
             return Err("an indirect descriptor, which the device did not offer".into());
         }
-        if addr + u64::from(len) > u64::from(ram.size()) {
+        if addr
+            .checked_add(u64::from(len))
+            .is_none_or(|e| e > u64::from(ram.size()))
+        {
             return Err(format!(
                 "a buffer at {addr:#x} ({len} bytes) lies outside RAM"
             ));
@@ -1149,5 +1154,20 @@ mod tests {
         assert_eq!(ram.read(0x32002, 2), 1, "used index");
         assert_eq!(v.mem_read(m::ISR, 1), 1);
         assert_eq!(v.mem_read(m::ISR, 1), 0, "reading the ISR cleared it");
+    }
+
+    /// Addresses near the top of the 64-bit space (a modern driver sets
+    /// them whole) stop the device instead of wrapping around.
+    #[test]
+    fn wrapping_queue_addresses_stop_the_device() {
+        let mut v = VirtioBlk::disk(disk(4, false));
+        v.pci.set16(reg::COMMAND, command::MEMORY | command::MASTER);
+        for (off, value) in [(0x20, u32::MAX - 3), (0x24, u32::MAX), (0x1C, 1)] {
+            v.mem_write(off, 4, value);
+        }
+        let mut ram = GuestRam::new(1 << 20).unwrap();
+        v.mem_write(m::NOTIFY, 2, 0);
+        v.service(&mut ram);
+        assert!(v.broken.is_some());
     }
 }

@@ -287,6 +287,13 @@ pub struct Machine {
     pub migration: Option<migrate::Outgoing>,
     /// How the last migration went: its summary, or why it failed.
     pub migrated: Option<Result<migrate::Summary, String>>,
+    /// A host scheduler runs this machine among others (`popek host`): a
+    /// halted CPU does not sleep in the run loop, it gives its thread back
+    /// ([`Machine::run_slice`] says until when).
+    pub cooperative: bool,
+    /// Halted until this host time (set instead of sleeping when
+    /// `cooperative`).
+    sleep_until: Option<std::time::Instant>,
 }
 
 /// Interpreted instructions between two polls of the board: a device
@@ -301,6 +308,17 @@ const POLL_SLICE_NS: u64 = 4_000_000;
 /// The longest a halted machine waits before it looks at the monitor's
 /// commands again.
 const MONITOR_WAIT_NS: u64 = 20_000_000;
+
+/// How a slice of a machine's run ended ([`Machine::run_slice`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slice {
+    /// It ran its slice and can go on.
+    Ran,
+    /// It is halted with nothing to do before this host time.
+    Halted(std::time::Instant),
+    /// The run is over.
+    Ended(Exit),
+}
 
 /// Counters of the board and the run loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -452,6 +470,8 @@ impl Machine {
             migrate_at: None,
             migration: None,
             migrated: None,
+            cooperative: false,
+            sleep_until: None,
             cpu,
             config,
             platform,
@@ -912,6 +932,27 @@ impl Machine {
         self.run_with(out, &mut std::io::stderr())
     }
 
+    /// Run for about `slice` of host time (whole engine steps), for a host
+    /// scheduler: [`Slice::Ran`], [`Slice::Halted`] (nothing to do before
+    /// the given time: the machine did not sleep, see
+    /// [`Machine::cooperative`]) or [`Slice::Ended`].
+    pub fn run_slice(&mut self, out: &mut dyn Write, slice: std::time::Duration) -> Slice {
+        let start = std::time::Instant::now();
+        let mut err = std::io::sink();
+        loop {
+            if let Some(e) = self.step(u64::MAX, out, &mut err) {
+                let _ = out.flush();
+                return Slice::Ended(e);
+            }
+            if let Some(t) = self.sleep_until.take() {
+                return Slice::Halted(t);
+            }
+            if start.elapsed() >= slice {
+                return Slice::Ran;
+            }
+        }
+    }
+
     /// As [`Machine::run`], with a Linux process's stderr going to `err`.
     pub fn run_with(&mut self, out: &mut dyn Write, err: &mut dyn Write) -> Exit {
         // The budget counts steps (so a storm of faulting instructions,
@@ -1124,6 +1165,10 @@ impl Machine {
                     self.take_serial_input(Some(std::time::Duration::from_nanos(wait)));
                     self.stats.halted_ns += started.elapsed().as_nanos() as u64;
                     return self.quit.then_some(Exit::Quit);
+                } else if self.cooperative {
+                    // The scheduler runs other guests meanwhile.
+                    self.sleep_until =
+                        Some(std::time::Instant::now() + std::time::Duration::from_nanos(wait));
                 } else {
                     std::thread::sleep(std::time::Duration::from_nanos(wait));
                 }

@@ -348,7 +348,15 @@ impl GuestRam {
     fn copy_out_all(&mut self) {
         use std::os::unix::fs::FileExt;
         let pages = self.size / PAGE_SIZE;
-        let memfd = File::from(self.fd.try_clone().expect("dup of the RAM memfd"));
+        let Ok(fd) = self.fd.try_clone() else {
+            // No descriptor left to copy through: nothing sound remains (the
+            // next write would fault in popek itself).
+            eprintln!(
+                "popek: cannot copy guest RAM out of its snapshot file: out of file descriptors"
+            );
+            std::process::exit(2);
+        };
+        let memfd = File::from(fd);
         for p in 0..pages {
             if bit(&self.backing.shared, p) {
                 let at = (p * PAGE_SIZE) as usize;

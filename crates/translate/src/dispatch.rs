@@ -74,7 +74,7 @@ pub struct Bt {
     /// calls by mnemonic.
     pub by_kind: KindCounts,
     /// Where `--dump` writes each translated block.
-    pub(crate) dump: Option<Box<dyn std::io::Write>>,
+    pub(crate) dump: Option<Box<dyn std::io::Write + Send>>,
     /// The code and page-table pages the translations depend on.
     pub(crate) watch: WriteWatch,
     /// The shadow address spaces (see [`crate::paging`]); the index of

@@ -10,7 +10,7 @@ use crate::helper::run_helper;
 impl Bt {
     /// Write every translated block (guest instructions, their class and
     /// how each was translated, then the host code disassembled) to `out`.
-    pub fn set_dump(&mut self, out: Box<dyn std::io::Write>) {
+    pub fn set_dump(&mut self, out: Box<dyn std::io::Write + Send>) {
         self.dump = Some(out);
     }
 

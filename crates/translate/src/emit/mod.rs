@@ -217,6 +217,12 @@ pub struct HostBlock {
     polls: Box<[Poll]>,
 }
 
+// SAFETY: `entry` points into the code buffer of the engine that owns this
+// block; the block moves with the engine (which is Send: its code buffer
+// is) and is never shared between threads, so sending it is sending the
+// engine's own data.
+unsafe impl Send for HostBlock {}
+
 /// Errors building host code.
 #[derive(Debug)]
 pub struct BuildError(pub String);

@@ -1,0 +1,393 @@
+//! `popek host`: many guests in one process, their virtual CPUs scheduled
+//! on M host threads with proportional shares.
+//!
+//! The scheduler is a weighted fair queue in the manner of Xen's credit
+//! scheduler and ESX's shares: each guest accrues virtual time, its CPU
+//! time divided by its weight; a free host thread takes the runnable guest
+//! with the least virtual time and runs it for a slice
+//! ([`popek_machine::Machine::run_slice`]). A halted guest gives its
+//! thread back until its next device deadline and consumes nothing; when
+//! it wakes, its virtual time is brought up to the least of the others'
+//! (it cannot bank credit while asleep). One guest runs on one thread at a
+//! time.
+//!
+//! Fairness is reported as each guest's share of the CPU time all guests
+//! used while every one of them was still running, over its entitled share
+//! (its weight over the sum of weights), and Jain's index over those
+//! ratios, (Σx)² / (n Σx²): 1 is perfectly fair.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use popek_machine::{Config, Exit, Machine, Slice};
+
+use crate::run::load_image;
+
+/// A scheduling slice.
+const SLICE: Duration = Duration::from_millis(5);
+
+/// One guest of `popek host`: `GUEST[,weight=W][,memory=SIZE][,out=FILE]
+/// [,append=...][,initrd=FILE]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    /// The bundled guest or path.
+    pub guest: String,
+    /// Its name in reports (the guest, numbered if repeated).
+    pub name: String,
+    /// Its weight.
+    pub weight: u32,
+    /// Guest RAM.
+    pub memory: u64,
+    /// Where its serial output goes (None: stdout, each line prefixed).
+    pub out: Option<String>,
+    /// Kernel command line.
+    pub append: String,
+    /// A Linux kernel's initrd.
+    pub initrd: Option<String>,
+}
+
+/// Parse one SPEC. `append=` takes the rest of the SPEC (commas included).
+pub(crate) fn parse_spec(s: &str) -> Result<Spec, String> {
+    let (head, append) = match s.find(",append=") {
+        Some(i) => (&s[..i], Some(s[i + 8..].to_string())),
+        None => (s, None),
+    };
+    let mut parts = head.split(',');
+    let guest = parts
+        .next()
+        .filter(|g| !g.is_empty())
+        .ok_or("an empty guest")?;
+    let mut spec = Spec {
+        guest: guest.to_string(),
+        name: guest.rsplit('/').next().unwrap_or(guest).to_string(),
+        weight: 1,
+        memory: popek_machine::DEFAULT_MEMORY,
+        out: None,
+        append: append.unwrap_or_default(),
+        initrd: None,
+    };
+    for p in parts {
+        match p.split_once('=') {
+            Some(("weight", w)) => {
+                spec.weight = w
+                    .parse()
+                    .ok()
+                    .filter(|&w| w > 0)
+                    .ok_or_else(|| format!("weight={w}: a positive integer"))?
+            }
+            Some(("memory", m)) => spec.memory = crate::parse_size(m)?,
+            Some(("out", f)) => spec.out = Some(f.to_string()),
+            Some(("initrd", f)) => spec.initrd = Some(f.to_string()),
+            _ => {
+                return Err(format!(
+                    "{p:?}: expected weight=W, memory=SIZE, out=FILE, initrd=FILE or append=..."
+                ))
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// Bytes a guest sent to stdout, a line at a time, prefixed by its name.
+struct Prefixed {
+    name: String,
+    line: Vec<u8>,
+}
+
+impl Write for Prefixed {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        for &c in b {
+            if c == b'\n' {
+                let mut o = std::io::stdout().lock();
+                o.write_all(self.name.as_bytes())?;
+                o.write_all(b": ")?;
+                o.write_all(&self.line)?;
+                o.write_all(b"\n")?;
+                self.line.clear();
+            } else {
+                self.line.push(c);
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+impl Drop for Prefixed {
+    /// A last line without its newline is still the guest's.
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            let _ = self.write_all(b"\n");
+        }
+    }
+}
+
+/// A guest's place in the scheduler.
+struct Slot {
+    spec: Spec,
+    /// The machine while it waits (None while a thread runs it, or once
+    /// it has ended).
+    machine: Option<Machine>,
+    /// Its output, with the machine.
+    out: Option<Box<dyn Write + Send>>,
+    /// CPU time used / weight (ns).
+    vtime: f64,
+    /// CPU time used (ns).
+    cpu_ns: u64,
+    /// Halted until.
+    wake_at: Option<Instant>,
+    /// How it ended.
+    exit: Option<Exit>,
+    /// Instructions retired when it ended.
+    insns: u64,
+}
+
+struct Shared {
+    slots: Vec<Slot>,
+    /// CPU time of each guest when the first one ended (the window in
+    /// which every guest was running).
+    at_first_end: Option<Vec<u64>>,
+}
+
+/// `popek host`.
+pub(crate) fn host(threads: usize, specs: Vec<String>, stats_json: Option<String>) -> ExitCode {
+    let mut slots = Vec::new();
+    for s in &specs {
+        let spec = match parse_spec(s) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("popek: host: {s}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match boot(&spec) {
+            Ok((m, out)) => slots.push(Slot {
+                spec,
+                machine: Some(m),
+                out: Some(out),
+                vtime: 0.0,
+                cpu_ns: 0,
+                wake_at: None,
+                exit: None,
+                insns: 0,
+            }),
+            Err(e) => {
+                eprintln!("popek: host: {}: {e}", spec.guest);
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // Repeated guests get numbered names: hello#1, hello#2.
+    let names: Vec<String> = slots.iter().map(|s| s.spec.name.clone()).collect();
+    for (i, s) in slots.iter_mut().enumerate() {
+        if names.iter().filter(|n| **n == names[i]).count() > 1 {
+            let k = names[..i].iter().filter(|n| **n == names[i]).count();
+            s.spec.name = format!("{}#{}", names[i], k + 1);
+        }
+    }
+    for s in &mut slots {
+        if s.spec.out.is_none() {
+            s.out = Some(Box::new(Prefixed {
+                name: s.spec.name.clone(),
+                line: Vec::new(),
+            }));
+        }
+    }
+    let shared = Arc::new((
+        Mutex::new(Shared {
+            slots,
+            at_first_end: None,
+        }),
+        Condvar::new(),
+    ));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || worker(&shared))
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let wall = started.elapsed();
+    let (lock, _) = &*shared;
+    let st = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let window: Vec<u64> = st
+        .at_first_end
+        .clone()
+        .unwrap_or_else(|| st.slots.iter().map(|s| s.cpu_ns).collect());
+    let total: u64 = window.iter().sum();
+    let wsum: u32 = st.slots.iter().map(|s| s.spec.weight).sum();
+    let mut ratios = Vec::new();
+    let mut guests = Vec::new();
+    let mut normal = true;
+    for (s, &cpu) in st.slots.iter().zip(&window) {
+        let share = cpu as f64 / total.max(1) as f64;
+        let entitled = f64::from(s.spec.weight) / f64::from(wsum);
+        ratios.push(share / entitled);
+        let exit = s.exit.clone().unwrap_or(Exit::Quit);
+        let ok = matches!(
+            exit,
+            Exit::DebugExit(_) | Exit::Halted { .. } | Exit::Reset | Exit::Exited(_)
+        );
+        normal &= ok;
+        if let Some(msg) = exit.message().filter(|_| !ok) {
+            eprintln!("popek: host: {}: {msg}", s.spec.name);
+        }
+        guests.push(serde_json::json!({
+            "name": s.spec.name,
+            "weight": s.spec.weight,
+            "insns": s.insns,
+            "cpu_ms": s.cpu_ns as f64 / 1e6,
+            "cpu_share": share,
+            "entitled_share": entitled,
+            "share_ratio": share / entitled,
+            "exit_status": exit.status(),
+        }));
+    }
+    let sum: f64 = ratios.iter().sum();
+    let sq: f64 = ratios.iter().map(|r| r * r).sum();
+    let jain = sum * sum / (ratios.len() as f64 * sq).max(f64::MIN_POSITIVE);
+    let report = serde_json::json!({
+        "threads": threads,
+        "wall_ms": wall.as_secs_f64() * 1e3,
+        "fairness_jain": jain,
+        "guests": guests,
+    });
+    match stats_json {
+        Some(f) if f == "-" => eprintln!("{report}"),
+        Some(f) => {
+            if let Err(e) = std::fs::write(&f, format!("{report}\n")) {
+                eprintln!("popek: host: cannot write {f}: {e}");
+            }
+        }
+        None => {}
+    }
+    ExitCode::from(if normal { 0 } else { 1 })
+}
+
+/// Boot one guest for the host: a Multiboot kernel or a Linux kernel.
+fn boot(spec: &Spec) -> Result<(Machine, Box<dyn Write + Send>), String> {
+    let (image, path) = load_image(&spec.guest)?;
+    let bzimage = popek_machine::bzimage::is_bzimage(&image);
+    if !bzimage && !crate::run::is_multiboot(&image) {
+        return Err(
+            "popek host runs bare-metal kernels (Multiboot, Linux), not Linux programs".into(),
+        );
+    }
+    let config = Config {
+        memory: spec.memory,
+        cmdline: if bzimage {
+            spec.append.clone()
+        } else {
+            format!("{path} {}", spec.append)
+        },
+        ..Config::default()
+    };
+    let initrd = spec
+        .initrd
+        .as_ref()
+        .map(|f| std::fs::read(f).map_err(|e| format!("initrd {f}: {e}")))
+        .transpose()?;
+    let mut m = if bzimage {
+        Machine::linux_kernel(&image, initrd.as_deref(), config)
+    } else {
+        Machine::multiboot(&image, config)
+    }
+    .map_err(|e| e.to_string())?;
+    m.cooperative = true;
+    let out: Box<dyn Write + Send> = match &spec.out {
+        Some(f) => Box::new(std::fs::File::create(f).map_err(|e| format!("out={f}: {e}"))?),
+        None => Box::new(std::io::sink()),
+    };
+    Ok((m, out))
+}
+
+/// A host thread: take the runnable guest with the least virtual time,
+/// run it for a slice, put it back; until every guest has ended.
+fn worker(shared: &(Mutex<Shared>, Condvar)) {
+    let (lock, cv) = shared;
+    loop {
+        let picked = {
+            let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if st.slots.iter().all(|s| s.exit.is_some()) {
+                    cv.notify_all();
+                    return;
+                }
+                let now = Instant::now();
+                // Guests waking up cannot have banked credit while asleep.
+                let floor = st
+                    .slots
+                    .iter()
+                    .filter(|s| s.exit.is_none() && s.wake_at.is_none())
+                    .map(|s| s.vtime)
+                    .fold(f64::INFINITY, f64::min);
+                for s in &mut st.slots {
+                    if s.wake_at.is_some_and(|t| t <= now) {
+                        s.wake_at = None;
+                        if floor.is_finite() {
+                            s.vtime = s.vtime.max(floor);
+                        }
+                    }
+                }
+                let best = st
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.machine.is_some() && s.wake_at.is_none())
+                    .min_by(|a, b| a.1.vtime.total_cmp(&b.1.vtime))
+                    .map(|(i, _)| i);
+                if let Some(i) = best {
+                    let s = &mut st.slots[i];
+                    let m = s.machine.take().expect("filtered on is_some");
+                    let out = s.out.take().expect("kept with the machine");
+                    break (i, m, out);
+                }
+                // Nothing runnable: wait for a wake time or a guest put back.
+                let next = st.slots.iter().filter_map(|s| s.wake_at).min();
+                let wait = next.map_or(Duration::from_millis(10), |t| {
+                    t.saturating_duration_since(now)
+                });
+                st = cv
+                    .wait_timeout(st, wait.min(Duration::from_millis(10)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        };
+        let (i, mut m, mut out) = picked;
+        let t0 = Instant::now();
+        let r = m.run_slice(&mut out, SLICE);
+        let dt = t0.elapsed().as_nanos() as u64;
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut st.slots[i];
+        s.cpu_ns += dt;
+        s.vtime += dt as f64 / f64::from(s.spec.weight);
+        match r {
+            Slice::Ran => {
+                s.machine = Some(m);
+                s.out = Some(out);
+            }
+            Slice::Halted(t) => {
+                s.wake_at = Some(t);
+                s.machine = Some(m);
+                s.out = Some(out);
+            }
+            Slice::Ended(e) => {
+                let _ = out.flush();
+                drop(out);
+                s.insns = m.cpu.retired;
+                s.exit = Some(e);
+                if st.at_first_end.is_none() {
+                    st.at_first_end = Some(st.slots.iter().map(|s| s.cpu_ns).collect());
+                }
+            }
+        }
+        cv.notify_all();
+    }
+}
