@@ -27,6 +27,35 @@ use crate::run::load_image;
 
 /// A scheduling slice.
 const SLICE: Duration = Duration::from_millis(5);
+/// Pages of a guest the page-sharing scan looks at after each of its
+/// slices (a pass over 64 MiB takes 16 slices).
+const SCAN_PAGES: usize = 1024;
+
+/// Content-based page sharing across guests (`--dedup`, after
+/// Waldspurger's ESX paper, OSDI 2002): after each slice, a scan hashes
+/// the next pages of the guest that ran; a page whose contents are already
+/// in the shared store (checked byte for byte, not only by hash) is backed
+/// by the store's page, read-only and copy-on-write
+/// ([`popek_memory::GuestRam::share_page`]), and its own memory freed; a
+/// page seen for the second time in any guest goes into the store; a zero
+/// page is just freed.
+struct Dedup {
+    /// The store: one memfd of shared pages.
+    store: std::fs::File,
+    pages: u32,
+    /// Store pages by content hash.
+    by_hash: std::collections::HashMap<u32, Vec<u32>>,
+    /// Pages seen once, by content hash.
+    seen: std::collections::HashSet<u32>,
+    zero_pages: u64,
+}
+
+/// A guest's scan position and its registration of the store.
+#[derive(Default)]
+struct Scan {
+    cursor: usize,
+    store_index: Option<u32>,
+}
 
 /// One guest of `popek host`: `GUEST[,weight=W][,memory=SIZE][,out=FILE]
 /// [,append=...][,initrd=FILE]`.
@@ -144,17 +173,28 @@ struct Slot {
     exit: Option<Exit>,
     /// Instructions retired when it ended.
     insns: u64,
+    /// Its page-sharing scan.
+    scan: Scan,
+    /// Its RAM's sharing figures when it ended: pages backed by the
+    /// store, copy-on-write breaks, bytes of host memory its own RAM held.
+    shared_at_end: (u64, u64, u64),
 }
 
 struct Shared {
     slots: Vec<Slot>,
+    dedup: Option<Dedup>,
     /// CPU time of each guest when the first one ended (the window in
     /// which every guest was running).
     at_first_end: Option<Vec<u64>>,
 }
 
 /// `popek host`.
-pub(crate) fn host(threads: usize, specs: Vec<String>, stats_json: Option<String>) -> ExitCode {
+pub(crate) fn host(
+    threads: usize,
+    dedup: bool,
+    specs: Vec<String>,
+    stats_json: Option<String>,
+) -> ExitCode {
     let mut slots = Vec::new();
     for s in &specs {
         let spec = match parse_spec(s) {
@@ -174,6 +214,8 @@ pub(crate) fn host(threads: usize, specs: Vec<String>, stats_json: Option<String
                 wake_at: None,
                 exit: None,
                 insns: 0,
+                scan: Scan::default(),
+                shared_at_end: (0, 0, 0),
             }),
             Err(e) => {
                 eprintln!("popek: host: {}: {e}", spec.guest);
@@ -197,9 +239,27 @@ pub(crate) fn host(threads: usize, specs: Vec<String>, stats_json: Option<String
             }));
         }
     }
+    let dedup = if dedup {
+        match popek_memory::GuestRam::anonymous_file() {
+            Ok(store) => Some(Dedup {
+                store,
+                pages: 0,
+                by_hash: Default::default(),
+                seen: Default::default(),
+                zero_pages: 0,
+            }),
+            Err(e) => {
+                eprintln!("popek: host: --dedup: cannot create the shared store: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let shared = Arc::new((
         Mutex::new(Shared {
             slots,
+            dedup,
             at_first_end: None,
         }),
         Condvar::new(),
@@ -253,12 +313,31 @@ pub(crate) fn host(threads: usize, specs: Vec<String>, stats_json: Option<String
     let sum: f64 = ratios.iter().sum();
     let sq: f64 = ratios.iter().map(|r| r * r).sum();
     let jain = sum * sum / (ratios.len() as f64 * sq).max(f64::MIN_POSITIVE);
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "threads": threads,
         "wall_ms": wall.as_secs_f64() * 1e3,
         "fairness_jain": jain,
         "guests": guests,
     });
+    // Host memory for guest RAM: each machine's own (measured as it
+    // ended) and the shared store's.
+    let store_bytes = st.dedup.as_ref().map_or(0, |d| {
+        use std::os::unix::fs::MetadataExt;
+        d.store.metadata().map_or(0, |m| m.blocks() * 512)
+    });
+    let own: u64 = st.slots.iter().map(|s| s.shared_at_end.2).sum();
+    report["guest_ram_host_mib"] =
+        serde_json::json!((own + store_bytes) as f64 / f64::from(1 << 20));
+    if let Some(d) = &st.dedup {
+        let guest_pages: u64 = st.slots.iter().map(|s| s.spec.memory / 4096).sum();
+        report["dedup"] = serde_json::json!({
+            "guest_pages": guest_pages,
+            "shared_pages": st.slots.iter().map(|s| s.shared_at_end.0).sum::<u64>(),
+            "zero_pages": d.zero_pages,
+            "cow_breaks": st.slots.iter().map(|s| s.shared_at_end.1).sum::<u64>(),
+            "store_pages": d.pages,
+        });
+    }
     match stats_json {
         Some(f) if f == "-" => eprintln!("{report}"),
         Some(f) => {
@@ -269,6 +348,80 @@ pub(crate) fn host(threads: usize, specs: Vec<String>, stats_json: Option<String
         None => {}
     }
     ExitCode::from(if normal { 0 } else { 1 })
+}
+
+/// Scan the next pages of `m` (which just ran) for sharing.
+fn scan(d: &Mutex<Shared>, m: &mut Machine, scan: &mut Scan) {
+    let pages = m.cpu.ram.maybe_nonzero_pages();
+    if pages.is_empty() {
+        return;
+    }
+    let mut st = d.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(dd) = st.dedup.as_mut() else { return };
+    let index = match scan.store_index {
+        Some(i) => i,
+        None => match m.cpu.ram.register_backing(&dd.store) {
+            Ok(i) => {
+                scan.store_index = Some(i);
+                i
+            }
+            Err(_) => return,
+        },
+    };
+    use std::os::unix::fs::FileExt;
+    for k in 0..SCAN_PAGES.min(pages.len()) {
+        let p = pages[(scan.cursor + k) % pages.len()];
+        // Shared already, or written after being shared.
+        if m.cpu.ram.is_shared(p) || m.cpu.ram.was_copied(p) {
+            continue;
+        }
+        let at = p as usize * 4096;
+        let bytes: Vec<u8> = m.cpu.ram.as_slice()[at..at + 4096].to_vec();
+        if bytes.iter().all(|&b| b == 0) {
+            m.cpu.ram.release_page(p);
+            dd.zero_pages += 1;
+            continue;
+        }
+        let h = crc32fast_hash(&bytes);
+        let mut found = None;
+        for &sp in dd.by_hash.get(&h).map(Vec::as_slice).unwrap_or(&[]) {
+            let mut other = vec![0u8; 4096];
+            if dd
+                .store
+                .read_exact_at(&mut other, u64::from(sp) * 4096)
+                .is_ok()
+                && other == bytes
+            {
+                found = Some(sp);
+                break;
+            }
+        }
+        let sp = match found {
+            Some(sp) => sp,
+            None if dd.seen.contains(&h) => {
+                // The second page with these contents: into the store.
+                let sp = dd.pages;
+                if dd.store.write_all_at(&bytes, u64::from(sp) * 4096).is_err() {
+                    continue;
+                }
+                dd.pages += 1;
+                dd.by_hash.entry(h).or_default().push(sp);
+                sp
+            }
+            None => {
+                dd.seen.insert(h);
+                continue;
+            }
+        };
+        let _ = m.cpu.ram.share_page(p, index, sp);
+    }
+    scan.cursor = (scan.cursor + SCAN_PAGES) % pages.len();
+}
+
+/// CRC-32 of a page, the sharing table's hash (contents are compared in
+/// full before pages are shared).
+fn crc32fast_hash(b: &[u8]) -> u32 {
+    popek_machine::snapshot::crc32(b)
 }
 
 /// Boot one guest for the host: a Multiboot kernel or a Linux kernel.
@@ -347,7 +500,8 @@ fn worker(shared: &(Mutex<Shared>, Condvar)) {
                     let s = &mut st.slots[i];
                     let m = s.machine.take().expect("filtered on is_some");
                     let out = s.out.take().expect("kept with the machine");
-                    break (i, m, out);
+                    let sc = std::mem::take(&mut s.scan);
+                    break (i, m, out, sc);
                 }
                 // Nothing runnable: wait for a wake time or a guest put back.
                 let next = st.slots.iter().filter_map(|s| s.wake_at).min();
@@ -360,12 +514,16 @@ fn worker(shared: &(Mutex<Shared>, Condvar)) {
                     .unwrap_or_else(|p| p.into_inner().0);
             }
         };
-        let (i, mut m, mut out) = picked;
+        let (i, mut m, mut out, mut sc) = picked;
         let t0 = Instant::now();
         let r = m.run_slice(&mut out, SLICE);
         let dt = t0.elapsed().as_nanos() as u64;
+        if !matches!(r, Slice::Ended(_)) {
+            scan(lock, &mut m, &mut sc);
+        }
         let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut st.slots[i];
+        s.scan = sc;
         s.cpu_ns += dt;
         s.vtime += dt as f64 / f64::from(s.spec.weight);
         match r {
@@ -382,6 +540,11 @@ fn worker(shared: &(Mutex<Shared>, Condvar)) {
                 let _ = out.flush();
                 drop(out);
                 s.insns = m.cpu.retired;
+                s.shared_at_end = (
+                    m.cpu.ram.shared_pages(),
+                    m.cpu.ram.copied_pages(),
+                    m.cpu.ram.host_bytes(),
+                );
                 s.exit = Some(e);
                 if st.at_first_end.is_none() {
                     st.at_first_end = Some(st.slots.iter().map(|s| s.cpu_ns).collect());

@@ -141,6 +141,10 @@ enum Cmd {
         /// Host threads to run guests on.
         #[arg(long, default_value = "1")]
         threads: usize,
+        /// Content-based page sharing: identical pages across guests
+        /// backed by one host page, copy-on-write.
+        #[arg(long)]
+        dedup: bool,
         /// Write the report (each guest's CPU share against its weight,
         /// Jain's fairness index) as one JSON object to FILE (- for
         /// stderr).
@@ -425,9 +429,10 @@ fn main() -> ExitCode {
         Cmd::Inspect { file } => run::inspect(&file),
         Cmd::Host {
             threads,
+            dedup,
             stats_json,
             specs,
-        } => host::host(threads, specs, stats_json),
+        } => host::host(threads, dedup, specs, stats_json),
         Cmd::Img { cmd } => match img(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

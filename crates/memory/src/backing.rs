@@ -55,6 +55,9 @@ pub(crate) struct State {
     dirty: Vec<u64>,
     /// Pages copied out of a file on their first write.
     pub(crate) copied: u64,
+    /// One bit per page: copied out of a file at least once (a page that
+    /// is written after sharing: not worth sharing again).
+    broken: Vec<u64>,
     /// Pages given back to the host.
     pub(crate) released: u64,
 }
@@ -69,6 +72,7 @@ impl State {
             clean: vec![0; pages.div_ceil(64)],
             dirty: vec![0; pages.div_ceil(64)],
             copied: 0,
+            broken: vec![0; pages.div_ceil(64)],
             released: 0,
         }
     }
@@ -183,7 +187,96 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Pages still mapped from a snapshot file (not yet written).
+    /// Keep `file` open as a source of pages for [`GuestRam::share_page`];
+    /// returns its index.
+    pub fn register_backing(&mut self, file: &File) -> Result<u32, RamError> {
+        let f = file
+            .try_clone()
+            .map_err(|e| RamError(format!("cannot keep a backing file open: {e}")))?;
+        self.backing.files.push(f);
+        if self.backing.source.is_empty() {
+            self.backing.source = vec![(0, 0); (self.size / PAGE_SIZE) as usize];
+        }
+        Ok(self.backing.files.len() as u32 - 1)
+    }
+
+    /// Back a page of running RAM by page `file_page` of registered file
+    /// `file` instead, read-only and shared with whoever else maps it, and
+    /// free the machine's own copy: content-based page sharing. The caller
+    /// has checked that the file page holds exactly the page's bytes. The
+    /// first write copies it back out, as for snapshot-backed pages.
+    pub fn share_page(&mut self, page: u32, file: u32, file_page: u32) -> Result<(), RamError> {
+        if page >= self.size / PAGE_SIZE || bit(&self.backing.shared, page) {
+            return Ok(());
+        }
+        let Some(fd) = self.backing.files.get(file as usize).map(|f| f.as_raw_fd()) else {
+            return Err(RamError("no such backing file".into()));
+        };
+        let at = (page * PAGE_SIZE) as usize;
+        let off = i64::from(file_page) * i64::from(PAGE_SIZE);
+        // SAFETY: the page lies inside the host view, which `self.map`
+        // owns; the file page holds the same bytes (the caller checked),
+        // so nothing that reads the view sees a change.
+        unsafe {
+            map_fixed(
+                self.map.as_mut_ptr().add(at),
+                PAGE_SIZE as usize,
+                libc::PROT_READ,
+                fd,
+                off,
+            )?;
+        }
+        if let Some(w) = &self.window {
+            // SAFETY: as above, inside the RAM part of the window.
+            unsafe {
+                map_fixed(
+                    w.base().add(at),
+                    PAGE_SIZE as usize,
+                    libc::PROT_READ,
+                    fd,
+                    off,
+                )?
+            };
+        }
+        self.protect_aliases(page, true)?;
+        set_bit(&mut self.backing.shared, page, true);
+        self.backing.source[page as usize] = (file, file_page);
+        self.update_attention(page);
+        // SAFETY: fallocate on the memfd this value owns: the machine's
+        // own copy of the page is freed (nothing maps it any more).
+        unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at as i64,
+                i64::from(PAGE_SIZE),
+            );
+        }
+        Ok(())
+    }
+
+    /// Bytes of host memory the machine's own RAM holds now (the memfd's
+    /// allocated blocks: pages shared from files or never touched cost
+    /// nothing here).
+    pub fn host_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let f = self.fd.try_clone().map(File::from);
+        f.and_then(|f| f.metadata()).map_or(0, |m| m.blocks() * 512)
+    }
+
+    /// Was the page ever copied out of a file by a write (sharing it
+    /// again would likely be broken again)?
+    pub fn was_copied(&self, page: u32) -> bool {
+        bit(&self.backing.broken, page)
+    }
+
+    /// Is the page backed by a file (a snapshot's, or shared)?
+    pub fn is_shared(&self, page: u32) -> bool {
+        bit(&self.backing.shared, page)
+    }
+
+    /// Pages mapped from a file (a snapshot's, or shared) and not yet
+    /// written.
     pub fn shared_pages(&self) -> u64 {
         self.backing
             .shared
@@ -327,6 +420,7 @@ impl GuestRam {
         }
         self.map[at..at + len].copy_from_slice(&buf);
         set_bit(&mut self.backing.shared, page, false);
+        set_bit(&mut self.backing.broken, page, true);
         self.backing.copied += 1;
         if let Some(w) = &self.window {
             // SAFETY: the page lies inside the RAM part of the window,
@@ -607,5 +701,36 @@ mod tests {
         ram.stop_dirty_log();
         assert_eq!(host_prot(win + 0x3000), "rw-s");
         assert_eq!(host_prot(win + 0x5000), "r--s", "still watched");
+    }
+
+    /// Two machines share one page of a file (content-based sharing); a
+    /// write gives the writer its own copy and leaves the other sharing.
+    #[test]
+    fn a_write_to_a_shared_page_breaks_sharing_for_the_writer_only() {
+        let store = image(1); // one page of 1s
+        let mut a = GuestRam::new(4 * PAGE_SIZE as u64).unwrap();
+        let mut b = GuestRam::new(4 * PAGE_SIZE as u64).unwrap();
+        for ram in [&mut a, &mut b] {
+            ram.load(0x1000, &[1u8; 4096]);
+            let wa = ram.window().unwrap().base() as usize;
+            let f = ram.register_backing(&store).unwrap();
+            ram.share_page(1, f, 0).unwrap();
+            assert!(ram.is_shared(1));
+            assert_eq!(host_prot(wa + 0x1000), "r--s");
+            assert_eq!(ram.read(0x1ABC, 1), 1);
+        }
+        a.write(0x1000, 4, 0xDEAD_BEEF);
+        assert!(!a.is_shared(1) && b.is_shared(1));
+        assert_eq!(a.read(0x1000, 4), 0xDEAD_BEEF);
+        assert_eq!(a.read(0x1004, 1), 1, "the rest was copied");
+        assert_eq!(
+            b.read(0x1000, 4),
+            0x0101_0101,
+            "the other machine still sees the store"
+        );
+        let mut x = [0u8; 4];
+        use std::os::unix::fs::FileExt;
+        store.read_exact_at(&mut x, 0).unwrap();
+        assert_eq!(x, [1; 4], "the store is never written");
     }
 }

@@ -229,6 +229,19 @@ impl GuestRam {
         })
     }
 
+    /// A new anonymous memory file (a memfd), for memory popek shares
+    /// between machines (the page-sharing store).
+    pub fn anonymous_file() -> std::io::Result<std::fs::File> {
+        // SAFETY: the name is a NUL-terminated C string; memfd_create has
+        // no other preconditions.
+        let raw = unsafe { libc::memfd_create(c"popek-shared".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new file descriptor that nothing else owns.
+        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
     /// The guest window, created on first use.
     pub fn window(&mut self) -> Result<&Window, RamError> {
         if self.window.is_none() {
