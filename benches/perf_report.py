@@ -699,9 +699,76 @@ def many_guests():
         d = shared["dedup"]
         dedup_rows.append(
             f"| {name} | {plain['guest_ram_host_mib']:.1f} | {shared['guest_ram_host_mib']:.1f} | "
-            f"{d['shared_pages']:,} | {d['zero_pages']:,} | {d['cow_breaks']:,} | {d['store_pages']:,} | "
+            f"{d['shared_pages']:,} ({100 * d['shared_pages'] / d['guest_pages']:.1f}%) | "
+            f"{d['zero_pages']:,} | {d['cow_breaks']:,} | {d['store_pages']:,} | "
+            f"{d['store_pages_reclaimed']:,} | "
             f"{plain['wall_ms'] / 1e3:.2f} / {shared['wall_ms'] / 1e3:.2f} |")
-    return share_rows, jain, dedup_rows
+    return share_rows, jain, dedup_rows, pv_balloon()
+
+
+def pv_balloon():
+    """Issue 22: the paravirtual balloon under `popek host`: two `pv`
+    guests (56 MiB pools), the host's monitor asks one for its pool; the
+    process's resident set and the guest's RAM file before and after, and
+    with --dedup the shared store before and after both balloons took
+    their pools (store pages freed once no guest page uses them)."""
+    out = os.path.join(ROOT, "target", "perf", "pv")
+    os.makedirs(out, exist_ok=True)
+    sock = os.path.join(out, "host.sock")
+
+    def start(extra):
+        if os.path.exists(sock):
+            os.remove(sock)
+        outs = [os.path.join(out, f"{i}.out") for i in range(2)]
+        for o in outs:
+            if os.path.exists(o):
+                os.remove(o)
+        p = subprocess.Popen([POPEK, "host", "--threads", "2", "--monitor", f"unix:{sock}"] + extra
+                             + [f"pv,out={o},append=wait=60" for o in outs],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return p, outs
+
+    def wait_line(f, text):
+        start_t = time.time()
+        while True:
+            try:
+                with open(f) as h:
+                    if text in h.read():
+                        return time.time() - start_t
+            except OSError:
+                pass
+            if time.time() - start_t > 120:
+                sys.exit(f"{f}: no {text!r}")
+            time.sleep(0.005)
+
+    p, outs = start([])
+    for o in outs:
+        wait_line(o, "boot target")
+    time.sleep(0.3)
+    before = monitor(sock, "query-balloon", "guest=pv#1")
+    t = time.perf_counter()
+    monitor(sock, "balloon", "guest=pv#1", f"value={8 << 20}")
+    wait_line(outs[0], "holds 14336 pages")
+    inflate_s = time.perf_counter() - t
+    time.sleep(0.3)
+    after = monitor(sock, "query-balloon", "guest=pv#1")
+    monitor(sock, "quit")
+    p.wait(timeout=60)
+    p, outs = start(["--dedup"])
+    for o in outs:
+        wait_line(o, "boot target")
+    start_t = time.time()
+    while monitor(sock, "query-dedup")["store_pages"] < 14336 and time.time() - start_t < 60:
+        time.sleep(0.05)
+    store_before = monitor(sock, "query-dedup")
+    for g in ["pv#1", "pv#2"]:
+        monitor(sock, "balloon", f"guest={g}", f"value={8 << 20}")
+    for o in outs:
+        wait_line(o, "holds 14336 pages")
+    store_after = monitor(sock, "query-dedup")
+    monitor(sock, "quit")
+    p.wait(timeout=60)
+    return before, after, inflate_s, store_before, store_after
 
 
 def host_profile(cmd, top=12):
@@ -730,7 +797,8 @@ def main():
     snap_rows, restore_rows, clone_rows, clones_pss, booted_pss = snapshots()
     migration_rows = migrations()
     disk_rows, (b_before, b_after, inflate_s, released) = devices()
-    share_rows, jain, dedup_rows = many_guests()
+    share_rows, jain, dedup_rows, (pv_before, pv_after, pv_inflate_s, store_before,
+                                   store_after) = many_guests()
     translations = int(field(boot_stats, "blocks translated"))
     translate_line = field(boot_stats, "translation time")
     m = re.match(r"(\d+) us total, ([\d.]+) us per block, ([\d.]+)% of run time", translate_line)
@@ -916,6 +984,15 @@ native 64-bit process at CPL 3, #GP, SIGSEGV, the handler steps over it,
 sigreturn): **{trap} ticks** per round trip. popek's bt executes a CLI/STI
 *pair* in {bt_cli_sti} ticks without any hardware trap: the number that
 made binary translation win.
+
+**A hypercall against an emulated port I/O** (issue 22; the `vmcall`
+row, docs/hypercalls.md): under bt both leave host code through a helper
+call into the vcpu, so a hypercall's round trip ({bt_nano.get('vmcall (hypercall NOP)')} ticks) costs what an
+emulated IN does ({bt_nano.get('in (UART scratch)')} ticks); the gain of a paravirtual
+interface is in doing more per crossing: one console hypercall writes a
+whole line where the UART takes an OUT (and a status IN) per byte, one
+balloon hypercall hands over 1,024 pages where virtio would need a
+descriptor chain and a notification.
 
 ## Device interrupts (preempt guest)
 
@@ -1143,12 +1220,33 @@ threads, without and with sharing. Host memory for guest RAM is measured
 as each guest ends (each machine's own RAM memfd, plus the shared store);
 the counters are the sharing scan's at the end.
 
-| 4 guests of | host MiB, plain | host MiB, --dedup | pages shared | zero pages freed | COW breaks | store pages | wall s, plain / --dedup |
-|---|---|---|---|---|---|---|---|
+| 4 guests of | host MiB, plain | host MiB, --dedup | pages shared (of all guest pages) | zero pages freed | COW breaks | store pages | store pages freed | wall s, plain / --dedup |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(dedup_rows)}
 
 A booting kernel writes most of what it would share (COW breaks), and
-the scan and the breaks cost time; an idle guest's pages stay shared.
+the scan and the breaks cost time; an idle guest's pages stay shared. A
+store page no guest page uses any more (every sharer wrote its page) is
+freed ("store pages freed").
+
+**The paravirtual balloon** (guests/pv.c, docs/hypercalls.md): two `pv`
+guests under `popek host` each fill a 56 MiB pool; the host's monitor
+(`balloon guest=pv#1 value=8M`) asks the first for its pool, its driver
+hands the 14,336 pages over in inflate hypercalls of 1,024 page numbers
+and the host punches them out of the guest's RAM file
+({pv_inflate_s * 1e3:.0f} ms from the command to the guest's report).
+Measured by the host (`query-balloon`):
+
+| | process resident set (MiB) | the guest's RAM file (MiB) |
+|---|---|---|
+| before | {pv_before['host_rss_bytes'] / (1 << 20):.1f} | {pv_before['host_ram_bytes'] / (1 << 20):.1f} |
+| after its balloon took 56 MiB | {pv_after['host_rss_bytes'] / (1 << 20):.1f} | {pv_after['host_ram_bytes'] / (1 << 20):.1f} |
+
+With `--dedup`, the two identical pools are held once in the shared store
+({store_before['store_pages']:,} store pages); when both balloons take
+their pools the store pages lose their last sharers and are freed:
+{store_after['store_pages']:,} store pages left,
+{store_after['store_pages_reclaimed']:,} freed.
 
 ## Code and data on the same pages (codedata guests)
 

@@ -38,26 +38,62 @@ const SCAN_PAGES: usize = 1024;
 /// by the store's page, read-only and copy-on-write
 /// ([`popek_memory::GuestRam::share_page`]), and its own memory freed; a
 /// page seen for the second time in any guest goes into the store; a zero
-/// page is just freed.
+/// page is just freed. Store pages are counted by the guest pages backed
+/// by them; once every one has been written (copied back out: a
+/// copy-on-write break, a balloon inflated over it), the store page is
+/// freed and its slot reused. (A guest that ends keeps its references:
+/// the report measures the store as the guests left it, and `popek host`
+/// starts no guests later that could use the slots.)
 struct Dedup {
     /// The store: one memfd of shared pages.
     store: std::fs::File,
+    /// Store slots in use or free (the store file's size in pages).
     pages: u32,
     /// Store pages by content hash.
     by_hash: std::collections::HashMap<u32, Vec<u32>>,
     /// Pages seen once, by content hash.
     seen: std::collections::HashSet<u32>,
     zero_pages: u64,
+    /// Guest pages backed by each store page, and each one's hash.
+    refs: Vec<(u32, u32)>,
+    /// Freed store slots.
+    free: Vec<u32>,
+    /// Store pages freed because no guest page was backed by them any more.
+    reclaimed: u64,
 }
 
-/// A guest's scan position and its registration of the store.
+impl Dedup {
+    /// One guest page less is backed by store page `sp`.
+    fn unref(&mut self, sp: u32) {
+        let (n, h) = &mut self.refs[sp as usize];
+        *n -= 1;
+        if *n == 0 {
+            let h = *h;
+            if let Some(v) = self.by_hash.get_mut(&h) {
+                v.retain(|&x| x != sp);
+            }
+            popek_memory::GuestRam::punch_page(&self.store, sp);
+            self.free.push(sp);
+            self.reclaimed += 1;
+        }
+    }
+
+    /// Store pages in use.
+    fn live(&self) -> u32 {
+        self.pages - self.free.len() as u32
+    }
+}
+
+/// A guest's scan position, its registration of the store, and its pages
+/// backed by the store (guest page -> store page).
 #[derive(Default)]
 struct Scan {
     cursor: usize,
     store_index: Option<u32>,
+    backed: std::collections::HashMap<u32, u32>,
 }
 
-/// One guest of `popek host`: `GUEST[,weight=W][,memory=SIZE][,out=FILE]
+/// One guest of `popek host`: `GUEST[,weight=W][,memory=SIZE][,balloon=SIZE][,out=FILE]
 /// [,append=...][,initrd=FILE]`.
 #[derive(Debug, Clone)]
 pub(crate) struct Spec {
@@ -75,6 +111,8 @@ pub(crate) struct Spec {
     pub append: String,
     /// A Linux kernel's initrd.
     pub initrd: Option<String>,
+    /// The balloon's target at boot (bytes taken from the guest).
+    pub balloon: Option<u64>,
 }
 
 /// Parse one SPEC. `append=` takes the rest of the SPEC (commas included).
@@ -96,6 +134,7 @@ pub(crate) fn parse_spec(s: &str) -> Result<Spec, String> {
         out: None,
         append: append.unwrap_or_default(),
         initrd: None,
+        balloon: None,
     };
     for p in parts {
         match p.split_once('=') {
@@ -107,11 +146,12 @@ pub(crate) fn parse_spec(s: &str) -> Result<Spec, String> {
                     .ok_or_else(|| format!("weight={w}: a positive integer"))?
             }
             Some(("memory", m)) => spec.memory = crate::parse_size(m)?,
+            Some(("balloon", b)) => spec.balloon = Some(crate::parse_size(b)?),
             Some(("out", f)) => spec.out = Some(f.to_string()),
             Some(("initrd", f)) => spec.initrd = Some(f.to_string()),
             _ => {
                 return Err(format!(
-                    "{p:?}: expected weight=W, memory=SIZE, out=FILE, initrd=FILE or append=..."
+                    "{p:?}: expected weight=W, memory=SIZE, balloon=SIZE, out=FILE, initrd=FILE or append=..."
                 ))
             }
         }
@@ -186,6 +226,8 @@ struct Shared {
     /// CPU time of each guest when the first one ended (the window in
     /// which every guest was running).
     at_first_end: Option<Vec<u64>>,
+    /// The monitor asked to end every guest.
+    quit: bool,
 }
 
 /// `popek host`.
@@ -194,7 +236,16 @@ pub(crate) fn host(
     dedup: bool,
     specs: Vec<String>,
     stats_json: Option<String>,
+    monitor: Option<String>,
 ) -> ExitCode {
+    let monitor = match monitor.map(|m| popek_machine::monitor::Monitor::listen(&m)) {
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
+            eprintln!("popek: host: {e}");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     let mut slots = Vec::new();
     for s in &specs {
         let spec = match parse_spec(s) {
@@ -247,6 +298,9 @@ pub(crate) fn host(
                 by_hash: Default::default(),
                 seen: Default::default(),
                 zero_pages: 0,
+                refs: Vec::new(),
+                free: Vec::new(),
+                reclaimed: 0,
             }),
             Err(e) => {
                 eprintln!("popek: host: --dedup: cannot create the shared store: {e}");
@@ -261,6 +315,7 @@ pub(crate) fn host(
             slots,
             dedup,
             at_first_end: None,
+            quit: false,
         }),
         Condvar::new(),
     ));
@@ -271,6 +326,10 @@ pub(crate) fn host(
             std::thread::spawn(move || worker(&shared))
         })
         .collect();
+    if let Some(mon) = monitor {
+        let shared = shared.clone();
+        std::thread::spawn(move || serve_monitor(&shared, &mon));
+    }
     for w in workers {
         let _ = w.join();
     }
@@ -293,7 +352,11 @@ pub(crate) fn host(
         let exit = s.exit.clone().unwrap_or(Exit::Quit);
         let ok = matches!(
             exit,
-            Exit::DebugExit(_) | Exit::Halted { .. } | Exit::Reset | Exit::Exited(_)
+            Exit::DebugExit(_)
+                | Exit::Halted { .. }
+                | Exit::Reset
+                | Exit::Exited(_)
+                | Exit::MonitorQuit
         );
         normal &= ok;
         if let Some(msg) = exit.message().filter(|_| !ok) {
@@ -335,7 +398,8 @@ pub(crate) fn host(
             "shared_pages": st.slots.iter().map(|s| s.shared_at_end.0).sum::<u64>(),
             "zero_pages": d.zero_pages,
             "cow_breaks": st.slots.iter().map(|s| s.shared_at_end.1).sum::<u64>(),
-            "store_pages": d.pages,
+            "store_pages": d.live(),
+            "store_pages_reclaimed": d.reclaimed,
         });
     }
     match stats_json {
@@ -369,6 +433,20 @@ fn scan(d: &Mutex<Shared>, m: &mut Machine, scan: &mut Scan) {
         },
     };
     use std::os::unix::fs::FileExt;
+    // Pages written since they were shared no longer hold their store
+    // page.
+    let ram = &m.cpu.ram;
+    let broken: Vec<u32> = scan
+        .backed
+        .iter()
+        .filter(|(&p, _)| !ram.is_shared(p))
+        .map(|(&p, _)| p)
+        .collect();
+    for p in broken {
+        if let Some(sp) = scan.backed.remove(&p) {
+            dd.unref(sp);
+        }
+    }
     for k in 0..SCAN_PAGES.min(pages.len()) {
         let p = pages[(scan.cursor + k) % pages.len()];
         // Shared already, or written after being shared.
@@ -400,11 +478,18 @@ fn scan(d: &Mutex<Shared>, m: &mut Machine, scan: &mut Scan) {
             Some(sp) => sp,
             None if dd.seen.contains(&h) => {
                 // The second page with these contents: into the store.
-                let sp = dd.pages;
+                let sp = dd.free.pop().unwrap_or(dd.pages);
                 if dd.store.write_all_at(&bytes, u64::from(sp) * 4096).is_err() {
+                    if sp < dd.pages {
+                        dd.free.push(sp);
+                    }
                     continue;
                 }
-                dd.pages += 1;
+                if sp == dd.pages {
+                    dd.pages += 1;
+                    dd.refs.push((0, h));
+                }
+                dd.refs[sp as usize] = (0, h);
                 dd.by_hash.entry(h).or_default().push(sp);
                 sp
             }
@@ -413,7 +498,14 @@ fn scan(d: &Mutex<Shared>, m: &mut Machine, scan: &mut Scan) {
                 continue;
             }
         };
-        let _ = m.cpu.ram.share_page(p, index, sp);
+        if m.cpu.ram.share_page(p, index, sp).is_ok() && m.cpu.ram.is_shared(p) {
+            dd.refs[sp as usize].0 += 1;
+            scan.backed.insert(p, sp);
+        } else if dd.refs[sp as usize].0 == 0 {
+            // A new store page nobody took.
+            dd.refs[sp as usize].0 = 1;
+            dd.unref(sp);
+        }
     }
     scan.cursor = (scan.cursor + SCAN_PAGES) % pages.len();
 }
@@ -454,11 +546,137 @@ fn boot(spec: &Spec) -> Result<(Machine, Box<dyn Write + Send>), String> {
     }
     .map_err(|e| e.to_string())?;
     m.cooperative = true;
+    if let Some(size) = spec.balloon {
+        // As `popek run --balloon`: a virtio balloon on the PCI bus and the
+        // paravirtual one, both asked for the same pages.
+        let pages = (size.min(u64::from(m.cpu.ram.size())) / 4096) as u32;
+        let mut b = popek_devices::virtio::VirtioBalloon::balloon();
+        b.dev.num_pages = pages;
+        m.cpu.board.balloon = Some(b);
+        m.cpu.board.pv.set_target(pages);
+    }
     let out: Box<dyn Write + Send> = match &spec.out {
         Some(f) => Box::new(std::fs::File::create(f).map_err(|e| format!("out={f}: {e}"))?),
         None => Box::new(std::io::sink()),
     };
     Ok((m, out))
+}
+
+/// The host's monitor (`--monitor unix:PATH`, the machine monitor's
+/// protocol): `query-guests`; `query-dedup` (the shared store now); `quit`
+/// (every guest ends at its next slice
+/// boundary); and, with `guest=NAME`, a guest's own `query-status`,
+/// `query-stats`, `balloon` and `query-balloon`, carried out between two of
+/// its slices. Serves until every guest has ended.
+fn serve_monitor(shared: &(Mutex<Shared>, Condvar), mon: &popek_machine::monitor::Monitor) {
+    use popek_machine::monitor::{error, ok};
+    use serde_json::json;
+    let (lock, cv) = shared;
+    loop {
+        {
+            let st = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if st.slots.iter().all(|s| s.exit.is_some()) {
+                return;
+            }
+        }
+        let Some(req) = mon.next_within(Duration::from_millis(100)) else {
+            continue;
+        };
+        let answer = match req.execute.as_str() {
+            "query-guests" => {
+                let st = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let guests: Vec<_> = st
+                    .slots
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "name": s.spec.name,
+                            "weight": s.spec.weight,
+                            "status": match (&s.exit, s.wake_at) {
+                                (Some(_), _) => "ended",
+                                (None, Some(_)) => "halted",
+                                (None, None) => "running",
+                            },
+                            "exit_status": s.exit.as_ref().map(|e| e.status()),
+                            "cpu_ms": s.cpu_ns as f64 / 1e6,
+                        })
+                    })
+                    .collect();
+                ok(json!({ "guests": guests }))
+            }
+            "query-dedup" => {
+                let st = lock.lock().unwrap_or_else(|p| p.into_inner());
+                match &st.dedup {
+                    Some(d) => ok(json!({
+                        "store_pages": d.live(),
+                        "store_pages_reclaimed": d.reclaimed,
+                        "zero_pages": d.zero_pages,
+                    })),
+                    None => error("DeviceNotActive", "page sharing is off (run with --dedup)"),
+                }
+            }
+            "quit" => {
+                lock.lock().unwrap_or_else(|p| p.into_inner()).quit = true;
+                cv.notify_all();
+                ok(json!({}))
+            }
+            cmd @ ("query-status" | "query-stats" | "balloon" | "query-balloon") => {
+                match req.arguments.get("guest").and_then(|g| g.as_str()) {
+                    None => error("GenericError", format!("{cmd} needs guest=NAME")),
+                    Some(name) => guest_command(shared, name, cmd, &req.arguments),
+                }
+            }
+            other => error(
+                "CommandNotFound",
+                format!("the command {other} has not been found"),
+            ),
+        };
+        req.answer(answer, false);
+    }
+}
+
+/// A machine monitor command for the guest called `name`, once it is
+/// between two slices (waiting up to 5 s for it).
+fn guest_command(
+    shared: &(Mutex<Shared>, Condvar),
+    name: &str,
+    cmd: &str,
+    args: &serde_json::Value,
+) -> serde_json::Value {
+    use popek_machine::monitor::error;
+    let (lock, cv) = shared;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(i) = st.slots.iter().position(|s| s.spec.name == name) else {
+        return error("DeviceNotFound", format!("no guest called {name}"));
+    };
+    loop {
+        if st.slots[i].exit.is_some() {
+            return error("DeviceNotActive", format!("{name} has ended"));
+        }
+        let s = &mut st.slots[i];
+        if let Some(m) = s.machine.as_mut() {
+            let (answer, _) = m.command(cmd, args);
+            // A new balloon target raises the guest's interrupt line: a
+            // halted guest wakes to take it.
+            if cmd == "balloon" {
+                s.wake_at = None;
+                cv.notify_all();
+            }
+            return answer;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return error(
+                "GenericError",
+                format!("{name} did not come off its thread"),
+            );
+        }
+        st = cv
+            .wait_timeout(st, deadline - now)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
 }
 
 /// A host thread: take the runnable guest with the least virtual time,
@@ -469,6 +687,23 @@ fn worker(shared: &(Mutex<Shared>, Condvar)) {
         let picked = {
             let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
             loop {
+                if st.quit {
+                    // The monitor's quit: every guest not running ends.
+                    for s in &mut st.slots {
+                        if let Some(m) = s.machine.take() {
+                            s.insns = m.cpu.retired;
+                            s.shared_at_end = (
+                                m.cpu.ram.shared_pages(),
+                                m.cpu.ram.copied_pages(),
+                                m.cpu.ram.host_bytes(),
+                            );
+                            s.exit = Some(Exit::MonitorQuit);
+                            if let Some(mut o) = s.out.take() {
+                                let _ = o.flush();
+                            }
+                        }
+                    }
+                }
                 if st.slots.iter().all(|s| s.exit.is_some()) {
                     cv.notify_all();
                     return;

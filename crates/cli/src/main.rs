@@ -150,7 +150,12 @@ enum Cmd {
         /// stderr).
         #[arg(long, value_name = "FILE")]
         stats_json: Option<String>,
-        /// GUEST[,weight=W][,memory=SIZE][,out=FILE][,initrd=FILE][,append=...]
+        /// A monitor for the host on a Unix socket (unix:PATH):
+        /// query-guests, query-dedup, quit, and a guest's query-status, query-stats,
+        /// balloon and query-balloon with guest=NAME.
+        #[arg(long, value_name = "unix:PATH")]
+        monitor: Option<String>,
+        /// GUEST[,weight=W][,memory=SIZE][,balloon=SIZE][,out=FILE][,initrd=FILE][,append=...]
         /// (append= takes the rest of the spec).
         #[arg(required = true)]
         specs: Vec<String>,
@@ -431,8 +436,9 @@ fn main() -> ExitCode {
             threads,
             dedup,
             stats_json,
+            monitor,
             specs,
-        } => host::host(threads, dedup, specs, stats_json),
+        } => host::host(threads, dedup, specs, stats_json, monitor),
         Cmd::Img { cmd } => match img(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -159,8 +159,10 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     }
     if let Some(size) = balloon {
         let mut b = popek_devices::virtio::VirtioBalloon::balloon();
-        b.dev.num_pages = (size.min(u64::from(m.cpu.ram.size())) / 4096) as u32;
+        let pages = (size.min(u64::from(m.cpu.ram.size())) / 4096) as u32;
+        b.dev.num_pages = pages;
         m.cpu.board.balloon = Some(b);
+        m.cpu.board.pv.set_target(pages);
     }
     drive(
         m,

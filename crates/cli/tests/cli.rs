@@ -237,6 +237,7 @@ fn lockstep_runs_both_engines_and_they_agree() {
         "timers",
         "paging",
         "codedata",
+        "pv",
     ] {
         let normal = popek(&["run", guest]);
         let out = popek(&["run", guest, "--lockstep"]);

@@ -153,12 +153,13 @@ fn every_linux_guest_matches_native_and_qemu_i386() {
 /// the guest's own clean exit, under both engines.
 #[test]
 fn nano_guest_reports_every_operation() {
-    const OPS: [&str; 9] = [
+    const OPS: [&str; 10] = [
         "call/ret",
         "pushf/popf",
         "cli/sti",
         "in (UART scratch)",
         "out (UART scratch)",
+        "vmcall (hypercall NOP)",
         "mov cr0 (read, write)",
         "mov cr3 (reload)",
         "int/iret",
@@ -253,6 +254,48 @@ fn serial_input_reaches_the_guest_as_under_qemu() {
             "{engine}"
         );
     }
+}
+
+/// The paravirtual guest checks each hypercall's answer against what it
+/// knows without popek (the Multiboot header's memory size, a clock that
+/// must advance, #UD for VMCALL at ring 3, the errors the interface
+/// documents) and, after the balloon inflated at boot and deflated at the
+/// end, its pool's pages against their pattern. Under QEMU, whose CPU has
+/// no popek leaves, it must find no interface (the detection's negative
+/// case).
+#[test]
+fn pv_guest_finds_the_interface_only_under_popek() {
+    let g = popek_guests::find("pv").expect("bundled");
+    let q = qemu(g.path);
+    let qout = String::from_utf8_lossy(&q.stdout);
+    assert!(
+        qout.contains("pv: no popek paravirtual interface here"),
+        "{qout}"
+    );
+    let mut outs = Vec::new();
+    for engine in ENGINES {
+        let p = popek(&["run", "pv", "--balloon", "16M", "--engine", engine]);
+        let out = String::from_utf8_lossy(&p.stdout).into_owned();
+        assert_eq!(p.status.code(), Some(1), "{engine}: {out}");
+        assert!(
+            !out.contains("WRONG") && !out.contains("FAILED"),
+            "{engine}: {out}"
+        );
+        for line in [
+            "pv: found PopekPopekVM, interface version 1",
+            "pv: this line came through the console hypercall",
+            "pv: boot target 4096 pages",
+            "pv: balloon holds 4096 pages (16 MiB), host counts 4096; kept pages intact: yes, returned pages zero: yes",
+            "pv: balloon holds 0 pages (0 MiB), host counts 0; kept pages intact: yes, returned pages zero: yes",
+            "pv: done",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{engine}: no {line:?} in {out}");
+        }
+        // Every check the guest makes (the `check` calls in guests/pv.c).
+        assert_eq!(out.matches(": ok\n").count(), 10, "{engine}: {out}");
+        outs.push(out);
+    }
+    assert_eq!(outs[0], outs[1]);
 }
 
 /// The clone guest (the snapshot tests' guest) answers lines from the

@@ -152,6 +152,7 @@ specials! {
     Wbinvd => Privileged, Traps, false, "WBINVD: writes back and invalidates caches";
     Rdmsr => Privileged, Traps, false, "RDMSR: reads a model-specific register";
     Wrmsr => Privileged, Traps, true, "WRMSR: writes a model-specific register";
+    Vmcall => Privileged, Traps, false, "VMCALL: a hypercall to popek at CPL 0 (#UD elsewhere)";
 }
 
 impl Special {
@@ -254,6 +255,7 @@ pub fn special(ins: &Instruction) -> Option<Special> {
         M::Wbinvd => Special::Wbinvd,
         M::Rdmsr => Special::Rdmsr,
         M::Wrmsr => Special::Wrmsr,
+        M::Vmcall => Special::Vmcall,
         _ => return None,
     };
     Some(s)

@@ -13,6 +13,7 @@ pub mod image;
 pub mod pci;
 pub mod pic;
 pub mod pit;
+pub mod pv;
 pub mod rtc;
 mod uart;
 pub mod virtio;
@@ -99,6 +100,8 @@ pub struct Board {
     pub virtio_blk: Option<virtio::VirtioBlk>,
     /// A virtio memory balloon on the PCI bus (`--balloon`).
     pub balloon: Option<virtio::VirtioBalloon>,
+    /// The paravirtual interface (hypercalls and their balloon).
+    pub pv: pv::Paravirt,
 }
 
 impl Default for Board {
@@ -117,6 +120,7 @@ impl Default for Board {
             pci: pci::PciBus::default(),
             virtio_blk: None,
             balloon: None,
+            pv: pv::Paravirt::default(),
         }
     }
 }
@@ -226,6 +230,35 @@ impl Board {
             let line = b.irq();
             self.pic.set_irq(virtio::BALLOON_IRQ, line);
         }
+        if let Some((line, high)) = self.pv.irq() {
+            self.pic.set_irq(line, high);
+        }
+    }
+
+    /// A hypercall (VMCALL at CPL 0) with the registers `regs` at time
+    /// `now` (ns): see [`pv`].
+    pub fn hypercall(&mut self, regs: &mut [u32; 8], ram: &mut popek_memory::GuestRam, now: u64) {
+        let mut console = Vec::new();
+        self.pv.hypercall(regs, ram, &mut console, now);
+        self.uart.push_output(&console);
+        self.deadline = None;
+        self.sync_lines();
+    }
+
+    /// Set the balloon target of both balloons, the virtio device (if the
+    /// machine has one) and the paravirtual one, to `pages` pages: a guest
+    /// drives one of them.
+    pub fn set_balloon_target(&mut self, pages: u32) {
+        if let Some(b) = &mut self.balloon {
+            b.set_target(pages);
+        }
+        self.pv.set_target(pages);
+        self.update_lines();
+    }
+
+    /// Pages held by the balloons (virtio and paravirtual).
+    pub fn ballooned_pages(&self) -> u32 {
+        self.balloon.as_ref().map_or(0, |b| b.dev.actual) + self.pv.held
     }
 
     /// The PCI function at device `dev` of bus 0 (function 0 only).

@@ -196,6 +196,12 @@ impl Uart16550 {
         std::mem::take(&mut self.out)
     }
 
+    /// Queue `bytes` as if transmitted (the hypercall console, which
+    /// shares the serial output).
+    pub fn push_output(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
     /// Are transmitted bytes waiting to be collected?
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()

@@ -281,6 +281,7 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
         M::In => system::x_in(cpu, ins)?,
         M::Out => system::x_out(cpu, ins)?,
         M::Cpuid => cpu.cpuid(),
+        M::Vmcall => cpu.vmcall()?,
         M::Rdtsc => cpu.rdtsc()?,
         M::Rdmsr => cpu.rdmsr()?,
         M::Wrmsr => cpu.wrmsr()?,

@@ -848,12 +848,6 @@ impl Machine {
             }
             "balloon" | "query-balloon" => {
                 let ram = u64::from(self.cpu.ram.size());
-                let Some(b) = self.cpu.board.balloon.as_mut() else {
-                    return (
-                        monitor::error("DeviceNotActive", "no balloon device (run with --balloon)"),
-                        None,
-                    );
-                };
                 if execute == "balloon" {
                     let Some(v) = arguments.get("value").and_then(|v| v.as_u64()) else {
                         return (
@@ -861,18 +855,10 @@ impl Machine {
                             None,
                         );
                     };
-                    b.set_target((ram.saturating_sub(v.min(ram)) / 4096) as u32);
+                    let pages = (ram.saturating_sub(v.min(ram)) / 4096) as u32;
+                    self.cpu.board.set_balloon_target(pages);
                 }
-                let b = self.cpu.board.balloon.as_ref().expect("checked above");
-                let v = json!({
-                    "actual": ram - u64::from(b.dev.actual) * 4096,
-                    "target": ram - u64::from(b.dev.num_pages) * 4096,
-                    "inflated_pages": b.dev.inflated,
-                    "deflated_pages": b.dev.deflated,
-                    "released_pages": self.cpu.ram.released_pages(),
-                });
-                self.cpu.board.update_lines();
-                (monitor::ok(v), None)
+                (monitor::ok(self.balloon_report()), None)
             }
             "quit" => (monitor::ok(json!({})), Some(Exit::MonitorQuit)),
             other => (
@@ -883,6 +869,40 @@ impl Machine {
                 None,
             ),
         }
+    }
+
+    /// The balloons as the monitor's `query-balloon` reports them: the
+    /// guest's memory (`actual`, bytes) and the host's target, each
+    /// balloon's pages, and the host memory the guest's RAM takes (the RAM
+    /// file's allocated blocks) beside the whole process's resident set.
+    pub fn balloon_report(&self) -> serde_json::Value {
+        use serde_json::json;
+        let ram = u64::from(self.cpu.ram.size());
+        let b = &self.cpu.board;
+        let pv = &b.pv;
+        let mut v = json!({
+            "actual": ram - u64::from(b.ballooned_pages()) * 4096,
+            "target": ram - u64::from(pv.target) * 4096,
+            "released_pages": self.cpu.ram.released_pages(),
+            "paravirtual": {
+                "held_pages": pv.held,
+                "inflated_pages": pv.inflated,
+                "deflated_pages": pv.deflated,
+                "hypercalls": pv.total_calls(),
+            },
+            "host_ram_bytes": self.cpu.ram.host_bytes(),
+            "host_rss_bytes": process_rss_bytes(),
+        });
+        if let Some(vb) = &b.balloon {
+            v["inflated_pages"] = json!(vb.dev.inflated);
+            v["deflated_pages"] = json!(vb.dev.deflated);
+            v["virtio"] = json!({
+                "held_pages": vb.dev.actual,
+                "inflated_pages": vb.dev.inflated,
+                "deflated_pages": vb.dev.deflated,
+            });
+        }
+        v
     }
 
     /// Up to 15 instruction bytes at CS:`eip`, for reports.
@@ -1236,4 +1256,17 @@ impl Machine {
         }
         open
     }
+}
+
+/// The process's resident set in bytes (VmRSS of /proc/self/status; 0
+/// where it cannot be read).
+pub fn process_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(0)
 }

@@ -15,6 +15,8 @@
 //! | `snapshot`     | `file`, `diff` (bool)      | write a snapshot; the guest goes on    |
 //! | `migrate`      | `uri` (tcp:HOST:PORT), `bandwidth` (bytes/s), `max_downtime` (ms) | live-migrate the guest to a `popek incoming` |
 //! | `query-migrate`|                            | none, active, completed or failed      |
+//! | `balloon`      | `value` (bytes)            | the guest's memory: both balloons' target |
+//! | `query-balloon`|                            | the balloons, the host's RAM and RSS   |
 //! | `quit`         |                            | end the run (exit status 0)            |
 //!
 //! Connections are served by threads of their own; each command goes to

@@ -397,6 +397,20 @@ pub(crate) fn encode_state(m: &crate::Machine, base: Option<&SnapshotRef>) -> Ve
         bl.dev.actual.put(&mut e);
         section(&mut out, b"VBAL", e);
     }
+    {
+        let pv = &b.pv;
+        let mut e = Enc::default();
+        pv.target.put(&mut e);
+        pv.held.put(&mut e);
+        pv.notify_irq.put(&mut e);
+        pv.pending.put(&mut e);
+        pv.calls.put(&mut e);
+        pv.inflated.put(&mut e);
+        pv.deflated.put(&mut e);
+        let bits: Vec<u8> = pv.ballooned.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bits.put(&mut e);
+        section(&mut out, b"PVIR", e);
+    }
     if let Some(base) = base {
         let mut e = Enc::default();
         e.0.extend_from_slice(&base.id);
@@ -571,6 +585,29 @@ impl State {
             v.dev.num_pages = Field::get(d)?;
             v.dev.actual = Field::get(d)?;
             b.balloon = Some(v);
+        }
+        // (Snapshots before the paravirtual interface have no PVIR.)
+        if self.sections.iter().any(|(t, _)| t == b"PVIR") {
+            let d = &mut self.body(b"PVIR", "paravirtual interface")?;
+            let pv = &mut b.pv;
+            pv.target = Field::get(d)?;
+            pv.held = Field::get(d)?;
+            pv.notify_irq = Field::get(d)?;
+            if pv.notify_irq.is_some_and(|l| l > 15) {
+                return err("the paravirtual interface's IRQ line is above 15");
+            }
+            pv.pending = Field::get(d)?;
+            pv.calls = Field::get(d)?;
+            pv.inflated = Field::get(d)?;
+            pv.deflated = Field::get(d)?;
+            let bits: Vec<u8> = Field::get(d)?;
+            if bits.len() % 8 != 0 {
+                return err("the paravirtual balloon's page bitmap is not whole words");
+            }
+            pv.ballooned = bits
+                .chunks(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("chunks of 8")))
+                .collect();
         }
         b.update_lines();
         cpu.board = b;

@@ -164,6 +164,7 @@ pub fn under_trap(sp: Special) -> &'static str {
         }
         S::Cpuid => "runs without a trap (popek still shows its virtual CPU)",
         S::Rdtsc => "runs without a trap (popek still shows its virtual TSC)",
+        S::Vmcall => "#UD at CPL 3 (no VMX): the monitor catches it and makes the hypercall",
         _ => match sp.info().at_ring3 {
             AtRing3::Traps => "#GP: the monitor catches it and emulates it on the virtual CPU",
             _ => "#GP (a DPL-0 selector or gate at CPL 3): the monitor emulates it",

@@ -255,6 +255,23 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Free page `page` of a file of pages (a page-sharing store whose
+    /// page no guest maps any more): it reads as zeros and costs no host
+    /// memory. False if the file system cannot punch holes.
+    pub fn punch_page(file: &File, page: u32) -> bool {
+        // SAFETY: fallocate on a descriptor `file` keeps open; it changes
+        // only the file's contents.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                i64::from(page) * i64::from(PAGE_SIZE),
+                i64::from(PAGE_SIZE),
+            )
+        };
+        r == 0
+    }
+
     /// Bytes of host memory the machine's own RAM holds now (the memfd's
     /// allocated blocks: pages shared from files or never touched cost
     /// nothing here).

@@ -379,12 +379,31 @@ impl Vcpu {
                 u32::from_le_bytes(*b"ntel"),
                 u32::from_le_bytes(*b"ineI"),
             ),
+            // The hypervisor leaves (reserved by Intel for hypervisors,
+            // SDM Vol. 2A "CPUID"): popek's paravirtual interface.
+            0x4000_0000 => {
+                let s = popek_devices::pv::SIGNATURE;
+                let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+                (0x4000_0001, w(0), w(4), w(8))
+            }
+            0x4000_0001 => (popek_devices::pv::VERSION, 0, 0, 0),
             _ => (CPUID_SIGNATURE, 0, 0, cpuid_edx::ALL),
         };
         self.regs[reg::EAX] = a;
         self.regs[reg::EBX] = b;
         self.regs[reg::ECX] = c;
         self.regs[reg::EDX] = d;
+    }
+
+    /// VMCALL: a hypercall to popek at CPL 0 (docs/hypercalls.md); #UD
+    /// elsewhere, as on a processor without VMX.
+    pub fn vmcall(&mut self) -> VResult<()> {
+        if self.cpl() != 0 {
+            return Err(Fault::ud());
+        }
+        let now = self.now_ns();
+        self.board.hypercall(&mut self.regs, &mut self.ram, now);
+        Ok(())
     }
 
     /// INT n, INT3 or INTO taken: deliver `vec` as a software interrupt with
