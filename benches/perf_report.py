@@ -1231,7 +1231,7 @@ freed ("store pages freed").
 
 **The paravirtual balloon** (guests/pv.c, docs/hypercalls.md): two `pv`
 guests under `popek host` each fill a 56 MiB pool; the host's monitor
-(`balloon guest=pv#1 value=8M`) asks the first for its pool, its driver
+(`balloon guest=pv#1 value=8388608`, 8 MiB) asks the first for its pool, its driver
 hands the 14,336 pages over in inflate hypercalls of 1,024 page numbers
 and the host punches them out of the guest's RAM file
 ({pv_inflate_s * 1e3:.0f} ms from the command to the guest's report).
