@@ -307,6 +307,12 @@ pub(crate) struct ControlArgs {
     /// The longest the guest may stand still at the end of a migration.
     #[arg(long, value_name = "MS", default_value = "300")]
     pub(crate) migrate_max_downtime: u64,
+    /// Wait for gdb on HOST:PORT (`target remote HOST:PORT`) before the
+    /// first instruction, as QEMU's -s -S (-gdb tcp::PORT -S), and let it
+    /// drive the machine: registers, memory, breakpoints, watchpoints,
+    /// stepi, continue, Ctrl-C, kill, detach.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) gdb: Option<String>,
 }
 
 /// `popek resume`'s arguments.

@@ -98,6 +98,10 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if control.gdb.is_some() && lockstep {
+        eprintln!("popek: --gdb drives one machine: not with --lockstep");
+        return ExitCode::from(2);
+    }
     if control.any() && (lockstep || matches!(engine, EngineArg::Trap)) {
         eprintln!(
             "popek: snapshots, migration and the monitor run under --engine bt or interp (not {})",
@@ -257,6 +261,14 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
         };
         bt.set_dump(sink);
     }
+    let gdb = match control.gdb.as_deref().map(popek_machine::gdb::listen) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            eprintln!("popek: {e}");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     if let Some(spec) = &control.monitor {
         match popek_machine::monitor::Monitor::listen(spec) {
             Ok(mon) => m.monitor = Some(mon),
@@ -275,7 +287,10 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let start = std::time::Instant::now();
-    let exit = m.run(&mut out);
+    let exit = match gdb {
+        Some(l) => popek_machine::gdb::serve(&mut m, l, &mut out, &mut std::io::stderr()),
+        None => m.run(&mut out),
+    };
     let elapsed = start.elapsed();
     let _ = out.flush();
     if let Some(v) = &m.cpu.board.virtio_blk {

@@ -161,6 +161,10 @@ pub fn execute(cpu: &mut Vcpu, ins: &Instruction) -> VResult<()> {
 /// Returns the elements done (0: leave this element to the loop).
 fn bulk_run(cpu: &mut Vcpu, movs: bool, src_seg: SegReg, size: u32, budget: u32) -> u32 {
     use popek_vcpu::mmu::Access;
+    if !cpu.watchpoints.is_empty() {
+        // A debugger watches: element by element, through the checks.
+        return 0;
+    }
     let page_elems = |lin: u32| (0x1000 - (lin & 0xFFF)) / size;
     let di = cpu.regs[reg::EDI];
     let Ok(lin_di) = cpu.seg_check(SegReg::Es, di, size, Access::Write) else {

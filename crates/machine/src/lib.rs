@@ -13,6 +13,7 @@
 pub mod bzimage;
 pub mod console;
 pub mod elf32;
+pub mod gdb;
 pub mod initramfs;
 pub mod linux;
 pub mod lockstep;
@@ -176,6 +177,11 @@ pub enum Exit {
     /// The guest was migrated: it runs on the target now
     /// ([`Machine::migrated`] says how it went).
     Migrated,
+    /// CS:EIP reached a debugger's breakpoint ([`Machine::break_at`]): the
+    /// machine stops for the debugger (not an end of the run).
+    Breakpoint,
+    /// The debugger killed the guest (gdb's `kill`).
+    DebuggerKill,
 }
 
 impl Exit {
@@ -187,7 +193,13 @@ impl Exit {
             Exit::DebugExit(s) | Exit::Exited(s) => *s,
             Exit::Signal(f) => 128 + f.signo,
             Exit::Killed(s) => 128 + s,
-            Exit::Quit | Exit::Reset | Exit::MonitorQuit | Exit::Suspended | Exit::Migrated => 0,
+            Exit::Quit
+            | Exit::Reset
+            | Exit::MonitorQuit
+            | Exit::Suspended
+            | Exit::Migrated
+            | Exit::Breakpoint
+            | Exit::DebuggerKill => 0,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -213,7 +225,8 @@ impl Exit {
             Exit::Killed(s) => Some(format!("guest killed by {}", linux::sig::name(*s))),
             Exit::Quit => Some("terminated from the console (Ctrl-A X)".into()),
             Exit::MonitorQuit => Some("terminated from the monitor (quit)".into()),
-            Exit::Suspended | Exit::Migrated => None,
+            Exit::Suspended | Exit::Migrated | Exit::Breakpoint => None,
+            Exit::DebuggerKill => Some("killed from the debugger".into()),
             Exit::Reset => {
                 Some("the guest reset the machine; the run ends (as QEMU's -no-reboot)".into())
             }
@@ -294,6 +307,15 @@ pub struct Machine {
     /// Halted until this host time (set instead of sleeping when
     /// `cooperative`).
     sleep_until: Option<std::time::Instant>,
+    /// A debugger's breakpoints (linear addresses): the run loop stops
+    /// with [`Exit::Breakpoint`] before an engine step would start at one
+    /// (after interrupt delivery, so a handler's first instruction stops
+    /// too). See the gdb module.
+    pub break_at: std::collections::BTreeSet<u32>,
+    /// Go past the breakpoint at this EIP once (resuming from it).
+    pub pass_break: Option<u32>,
+    /// A debugger is attached: a halted CPU does not sleep long.
+    pub debugging: bool,
 }
 
 /// Interpreted instructions between two polls of the board: a device
@@ -409,6 +431,9 @@ impl Machine {
         cpu.regs[reg::EAX] = multiboot::BOOTLOADER_MAGIC;
         cpu.regs[reg::EBX] = loaded.mbi;
         cpu.regs[reg::ESP] = multiboot::ENTRY_ESP;
+        cpu.regs[reg::ECX] = loaded.entry;
+        cpu.regs[reg::EDX] = multiboot::entry_edx((cpu.ram.size() / 1024).saturating_sub(1024));
+        cpu.regs[reg::EDI] = multiboot::ENTRY_EDI;
         Ok(Machine::assemble(cpu, config, Platform::BareMetal))
     }
 
@@ -472,6 +497,9 @@ impl Machine {
             migrated: None,
             cooperative: false,
             sleep_until: None,
+            break_at: Default::default(),
+            pass_break: None,
+            debugging: false,
             cpu,
             config,
             platform,
@@ -1064,6 +1092,12 @@ impl Machine {
                 return Some(self.stop_exit(stop));
             }
         }
+        if !self.break_at.is_empty() {
+            let eip = self.cpu.eip;
+            if self.pass_break.take() != Some(eip) && self.break_at.contains(&eip) {
+                return Some(Exit::Breakpoint);
+            }
+        }
         // With the instruction clock, run no further than the next device
         // deadline, so the interrupt comes on time (to within a block).
         let max_insns = if self.cpu.clock_counts_instructions {
@@ -1164,6 +1198,12 @@ impl Machine {
     /// raise one, wait for it: sleep until the deadline in host time, or
     /// skip to it on the instruction clock (no host CPU is burnt either
     /// way). Otherwise nothing can wake the CPU: the run ends.
+    /// Does a halted CPU wake up now and then for commands (the
+    /// monitor's, a migration's rounds, a debugger's Ctrl-C)?
+    fn wakes_for_commands(&self) -> bool {
+        self.monitor.is_some() || self.migration.is_some() || self.debugging
+    }
+
     fn idle(&mut self) -> Option<Exit> {
         let can_wake = self.cpu.eflags & popek_vcpu::flags::IF != 0;
         let now = self.cpu.now_ns();
@@ -1173,7 +1213,7 @@ impl Machine {
             _ if can_wake && pending => None,
             Some(t) if can_wake => {
                 let mut wait = t.saturating_sub(now);
-                if self.monitor.is_some() || self.migration.is_some() {
+                if self.wakes_for_commands() {
                     // Commands are served between steps: wake up for them.
                     wait = wait.min(MONITOR_WAIT_NS);
                 }
@@ -1198,7 +1238,7 @@ impl Machine {
             // Only the serial line can wake the CPU: wait for it.
             None if can_wake && input => {
                 let started = std::time::Instant::now();
-                let wait = if self.monitor.is_some() || self.migration.is_some() {
+                let wait = if self.wakes_for_commands() {
                     std::time::Duration::from_nanos(MONITOR_WAIT_NS)
                 } else {
                     std::time::Duration::MAX

@@ -19,10 +19,24 @@ pub const HEADER_MAGIC: u32 = 0x1BAD_B002;
 pub const BOOTLOADER_MAGIC: u32 = 0x2BAD_B002;
 /// Where popek puts the entry GDT.
 pub const GDT_ADDR: u32 = 0x500;
-/// Where popek puts the Multiboot information structure.
-pub const MBI_ADDR: u32 = 0x9000;
-/// ESP at entry (the spec leaves it undefined; guests set their own).
-pub const ENTRY_ESP: u32 = 0x7C00;
+/// Where popek puts the Multiboot information structure (where QEMU's
+/// loader puts it).
+pub const MBI_ADDR: u32 = 0x9500;
+/// ESP at entry (the spec leaves it undefined; guests set their own):
+/// where QEMU 7.2's Multiboot option ROM leaves it.
+pub const ENTRY_ESP: u32 = 0x6F08;
+/// EDI at entry (undefined by the spec): what QEMU 7.2's option ROM
+/// leaves there, as ECX (the entry point, which it jumps through) and EDX
+/// ([`entry_edx`]), so that a debugger reads the same registers under
+/// popek as under QEMU (docs/quirks.md).
+pub const ENTRY_EDI: u32 = 0x1000;
+
+/// EDX at entry: QEMU's option ROM computes mem_upper (KiB) in EDX, then
+/// reads its fw_cfg data port (0x511) through DX, so the high half of
+/// mem_upper and the port are left.
+pub fn entry_edx(mem_upper_kib: u32) -> u32 {
+    (mem_upper_kib & 0xFFFF_0000) | 0x511
+}
 /// Code selector at entry (as QEMU's option ROM).
 pub const ENTRY_CS: u16 = 0x08;
 /// Data selectors at entry.

@@ -22,7 +22,7 @@ use popek_memory::GuestRam;
 use popek_vcpu::Vcpu;
 
 use crate::abi::{Context, LOOKUP_SHIFT};
-use crate::cache::{FastMap, FastSet, Key, TransCache, Translation};
+use crate::cache::{key_eip, FastMap, FastSet, Key, TransCache, Translation};
 use crate::chain::Link;
 use crate::emit::Pace;
 use crate::helper::{tsc_native, HelperEnv, HotStore};
@@ -53,6 +53,9 @@ pub struct Bt {
     /// The translation cache: key (EIP, physical page, privilege) to
     /// translation, least recently used first out when bounded.
     pub(crate) cache: TransCache,
+    /// A debugger's breakpoints (linear addresses): see
+    /// [`Bt::set_breakpoints`].
+    pub(crate) breakpoints: std::collections::BTreeSet<u32>,
     pub(crate) code: Option<CodeBuffer>,
     /// Exit stubs waiting for their target to be translated, by target EIP.
     pub(crate) pending: FastMap<u32, Vec<Link>>,
@@ -167,6 +170,7 @@ impl Bt {
     pub fn new(capacity: Option<NonZeroUsize>) -> Bt {
         Bt {
             cache: TransCache::new(capacity),
+            breakpoints: Default::default(),
             code: None,
             pending: FastMap::default(),
             cross: FastMap::default(),
@@ -282,6 +286,52 @@ impl Bt {
             Ok(w) => set_gs_base(w.base()).is_ok(),
             Err(_) => false,
         }
+    }
+
+    /// A debugger's breakpoints, at linear addresses. Translation stops
+    /// before each: a block never holds one after its first instruction,
+    /// and the block that would start at one is left to the dispatcher
+    /// (an instruction for the interpreter), so no chained jump runs past
+    /// it and the run loop sees CS:EIP reach it. The translations that hold
+    /// an address whose breakpoint came or went are dropped (translated
+    /// again on their next use); how many.
+    pub fn set_breakpoints(&mut self, bps: &std::collections::BTreeSet<u32>) -> u64 {
+        let changed: Vec<u32> = self
+            .breakpoints
+            .symmetric_difference(bps)
+            .copied()
+            .collect();
+        if changed.is_empty() {
+            return 0;
+        }
+        self.breakpoints = bps.clone();
+        let holds = |k: &Key, t: &Translation| {
+            changed.iter().any(|&a| {
+                key_eip(*k) == a
+                    || match t {
+                        Translation::Code { insns, .. } => {
+                            let eips = insns.eips();
+                            eips[..eips.len() - 1].contains(&a)
+                        }
+                        Translation::Interpret { .. } => false,
+                    }
+            })
+        };
+        let keys: Vec<Key> = self
+            .cache
+            .iter()
+            .filter(|(k, t)| holds(k, t))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut n = 0;
+        for k in keys {
+            if let Some(e) = self.cache.pop(&k) {
+                self.unlink(k, e);
+                n += 1;
+            }
+        }
+        self.stats.invalidations += n;
+        n
     }
 
     /// Translate the block at `eip` into the cache (as a miss would),

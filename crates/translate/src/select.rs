@@ -94,6 +94,12 @@ impl Bt {
         let host_fixed = crate::host::host_fixed_flags();
         let mut k = 0;
         while k < block.insns.len() {
+            // A debugger's breakpoint: the block ends before it (see
+            // `Bt::set_breakpoints`).
+            if !self.breakpoints.is_empty() && self.breakpoints.contains(&block.insns[k].ins.ip32())
+            {
+                break;
+            }
             let i = block.insns[k].clone();
             k += 1;
             let mark = arena.len();

@@ -237,8 +237,48 @@ impl Vcpu {
         self.ram.write(p, len, v);
     }
 
+    /// A data access to `[lin, lin + len)` hits a debugger's watchpoint:
+    /// remember the first.
+    #[cold]
+    fn check_watch(&mut self, lin: u32, len: u32, write: bool) {
+        let end = u64::from(lin) + u64::from(len);
+        let hit = self.watchpoints.iter().any(|w| {
+            (if write { w.write } else { w.read })
+                && u64::from(w.addr) < end
+                && u64::from(lin) < u64::from(w.addr) + u64::from(w.len)
+        });
+        if hit && self.watch_hit.is_none() {
+            self.watch_hit = Some((lin, write));
+        }
+    }
+
+    /// The physical address behind linear address `lin` for a debugger:
+    /// a walk of the guest's tables that sets no accessed or dirty bit and
+    /// checks no privilege (None: not mapped).
+    pub fn debug_phys(&self, lin: u32) -> Option<u32> {
+        if self.cr0 & cr0::PG == 0 {
+            return Some(lin);
+        }
+        let pde = self
+            .ram
+            .read((self.cr3 & 0xFFFF_F000) | ((lin >> 22) << 2), 4) as u32;
+        if pde & 1 == 0 {
+            return None;
+        }
+        if pde & 0x80 != 0 && self.cr4 & cr4::PSE != 0 {
+            return Some((pde & 0xFFC0_0000) | (lin & 0x003F_FFFF));
+        }
+        let pte = self
+            .ram
+            .read((pde & 0xFFFF_F000) | (((lin >> 12) & 0x3FF) << 2), 4) as u32;
+        (pte & 1 != 0).then_some((pte & 0xFFFF_F000) | (lin & 0xFFF))
+    }
+
     /// Read `len` (1..=8) bytes at a linear address.
     pub fn read_lin(&mut self, lin: u32, len: u32, access: Access, user: bool) -> VResult<u64> {
+        if !self.watchpoints.is_empty() && access == Access::Read {
+            self.check_watch(lin, len, false);
+        }
         let first_page_left = 0x1000 - (lin & 0xFFF);
         if len <= first_page_left {
             let p = self.translate(lin, access, user)?;
@@ -255,6 +295,9 @@ impl Vcpu {
     /// Write `len` (1..=8) bytes at a linear address. Both pages of a
     /// page-crossing write are checked before any byte is written.
     pub fn write_lin(&mut self, lin: u32, len: u32, v: u64, user: bool) -> VResult<()> {
+        if !self.watchpoints.is_empty() {
+            self.check_watch(lin, len, true);
+        }
         let first_page_left = 0x1000 - (lin & 0xFFF);
         if len <= first_page_left {
             let p = self.translate(lin, Access::Write, user)?;

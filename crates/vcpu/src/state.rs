@@ -288,6 +288,26 @@ pub struct Vcpu {
     pub page_faults: u64,
     /// The x87 FPU.
     pub fpu: crate::x87::Fpu,
+    /// A debugger's watchpoints on linear addresses (checked by every data
+    /// access through [`Vcpu::read_lin`] and [`Vcpu::write_lin`]: the
+    /// interpreter's; a debugger runs the guest on it while any is set).
+    pub watchpoints: Vec<Watchpoint>,
+    /// The first watchpoint an access hit since the debugger last looked:
+    /// the linear address accessed and whether it was a write.
+    pub watch_hit: Option<(u32, bool)>,
+}
+
+/// A debugger's watchpoint: data accesses to `[addr, addr + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watchpoint {
+    /// The first linear address watched.
+    pub addr: u32,
+    /// How many bytes.
+    pub len: u32,
+    /// Do reads hit it?
+    pub read: bool,
+    /// Do writes hit it?
+    pub write: bool,
 }
 
 impl Vcpu {
@@ -340,6 +360,8 @@ impl Vcpu {
             retired: 0,
             page_faults: 0,
             fpu: crate::x87::Fpu::default(),
+            watchpoints: Vec::new(),
+            watch_hit: None,
         }
     }
 
