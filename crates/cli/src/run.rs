@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use popek_machine::{Config, Engine, Machine};
+use popek_machine::{Config, Engine, Machine, Platform};
 
 use crate::stats::{print_stats, stats_json_line};
 use crate::{ControlArgs, EngineArg, ResumeArgs, ResumeEngine, RunArgs};
@@ -324,8 +324,23 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
             m.cpu.retired
         );
     }
+    // A Linux process killed by a signal dies of it here too, so that its
+    // parent (a shell under popek, or on the host) sees the wait status
+    // it would natively. A forked process says nothing (shells do not
+    // either), nor does a SIGPIPE.
+    let signal = match (&exit, &m.platform) {
+        (popek_machine::Exit::Signal(f), Platform::Linux(p)) => Some((f.signo, p.forked)),
+        (popek_machine::Exit::Killed(s), Platform::Linux(p)) => Some((*s, p.forked)),
+        _ => None,
+    };
     if let Some(msg) = exit.message() {
-        eprintln!("popek: {msg}");
+        if !signal.is_some_and(|(s, forked)| forked || s == 13) {
+            eprintln!("popek: {msg}");
+        }
+    }
+    if let Some((sig, _)) = signal {
+        let _ = std::io::stdout().flush();
+        popek_machine::linux::die_of(sig);
     }
     ExitCode::from(exit.status() as u8)
 }

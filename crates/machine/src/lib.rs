@@ -460,25 +460,39 @@ impl Machine {
 
     /// A machine of `cpu` on `platform`, with the configured engine: the
     /// setup every loader shares.
-    fn assemble(mut cpu: Vcpu, config: Config, platform: Platform) -> Machine {
-        if config.icount {
-            cpu.clock_counts_instructions = true;
-            cpu.set_tsc(0);
-        }
-        let mut engine = EngineState::new(&config);
+    /// A new engine of the configured kind, paced for `platform`.
+    fn engine_for(config: &Config, linux: bool) -> EngineState {
+        let mut engine = EngineState::new(config);
         if let EngineState::Bt(bt) = &mut engine {
             use popek_translate::Pacing;
             let counted = config.count_insns
                 || config.max_insns.is_some()
                 || config.icount
                 || config.trace.is_some();
-            bt.set_pacing(match platform {
-                _ if counted => Pacing::Counted,
-                // Nothing asynchronous reaches a Linux process.
-                Platform::Linux(_) => Pacing::Free,
-                Platform::BareMetal => Pacing::Polled,
+            bt.set_pacing(if counted {
+                Pacing::Counted
+            } else if linux {
+                // Nothing asynchronous reaches a Linux process (until it
+                // installs a signal handler: see `Machine::step`).
+                Pacing::Free
+            } else {
+                Pacing::Polled
             });
         }
+        engine
+    }
+
+    /// A new engine for this machine (after a fork or an execve).
+    fn fresh_engine(&self) -> EngineState {
+        Machine::engine_for(&self.config, matches!(self.platform, Platform::Linux(_)))
+    }
+
+    fn assemble(mut cpu: Vcpu, config: Config, platform: Platform) -> Machine {
+        if config.icount {
+            cpu.clock_counts_instructions = true;
+            cpu.set_tsc(0);
+        }
+        let engine = Machine::engine_for(&config, matches!(platform, Platform::Linux(_)));
         Machine {
             engine,
             deliver_interrupts: true,
@@ -1070,6 +1084,15 @@ impl Machine {
                 return Some(Exit::Quit);
             }
         }
+        if let Platform::Linux(p) = &mut self.platform {
+            // A signal that arrived while user code ran (kill, SIGCHLD,
+            // an alarm) is taken before more of it runs.
+            if p.signal_pending() {
+                if let Some(e) = p.deliver_signals(&mut self.cpu) {
+                    return kernel_exit(e);
+                }
+            }
+        }
         if self.monitor.is_some() {
             if let Some(exit) = self.serve_monitor() {
                 return Some(exit);
@@ -1149,12 +1172,31 @@ impl Machine {
         }
         if let Platform::Linux(p) = &mut self.platform {
             if let Some(vector) = p.kernel_entry(&self.cpu) {
-                return match p.handle(&mut self.cpu, vector, out, err) {
-                    linux::KernelExit::Resume => None,
-                    linux::KernelExit::Exit(s) => Some(Exit::Exited(s)),
-                    linux::KernelExit::Signal(f) => Some(Exit::Signal(f)),
-                    linux::KernelExit::Killed(s) => Some(Exit::Killed(s)),
-                };
+                let exit = p.handle(&mut self.cpu, vector, out, err);
+                if let Some(exec) = p.exec.take() {
+                    // execve loaded a program: it replaces this one, with
+                    // the descriptors that stay open across exec.
+                    let linux::procs::Exec { cpu, mut process } = *exec;
+                    p.hand_over_files(&mut process);
+                    self.cpu = cpu;
+                    self.platform = Platform::Linux(Box::new(process));
+                    self.engine = self.fresh_engine();
+                    return None;
+                }
+                if std::mem::take(&mut p.reset_engine) {
+                    // A forked child, on its own copy of RAM.
+                    self.engine = Machine::engine_for(&self.config, true);
+                }
+                if p.has_handlers() {
+                    // Signals are delivered between engine steps: the
+                    // translated code must come back now and then.
+                    if let EngineState::Bt(bt) = &mut self.engine {
+                        if bt.pacing() == popek_translate::Pacing::Free {
+                            bt.set_pacing(popek_translate::Pacing::Counted);
+                        }
+                    }
+                }
+                return kernel_exit(exit);
             }
         }
         match step {
@@ -1309,4 +1351,14 @@ pub fn process_rss_bytes() -> u64 {
             Some(kb * 1024)
         })
         .unwrap_or(0)
+}
+
+/// The run's end for what the Linux platform's kernel side decided.
+fn kernel_exit(e: linux::KernelExit) -> Option<Exit> {
+    match e {
+        linux::KernelExit::Resume => None,
+        linux::KernelExit::Exit(s) => Some(Exit::Exited(s)),
+        linux::KernelExit::Signal(f) => Some(Exit::Signal(f)),
+        linux::KernelExit::Killed(s) => Some(Exit::Killed(s)),
+    }
 }

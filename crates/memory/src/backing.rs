@@ -337,6 +337,62 @@ impl GuestRam {
         (0..pages).filter(|&p| bit(&present, p)).collect()
     }
 
+    /// A copy of RAM's contents in a new memory file: made by a process
+    /// about to fork (while nothing writes RAM), for the child to
+    /// [`GuestRam::adopt`]. Only pages that may hold data are copied.
+    pub fn duplicate(&self) -> Result<File, RamError> {
+        use std::os::unix::fs::FileExt;
+        let err = |e: std::io::Error| RamError(format!("cannot copy guest RAM: {e}"));
+        let f = GuestRam::anonymous_file().map_err(err)?;
+        f.set_len(u64::from(self.size)).map_err(err)?;
+        let pages = self.maybe_nonzero_pages();
+        let mut i = 0;
+        while i < pages.len() {
+            let first = pages[i];
+            let mut n = 1;
+            while i + n < pages.len() && pages[i + n] == first + n as u32 {
+                n += 1;
+            }
+            let (a, b) = (
+                (first * PAGE_SIZE) as usize,
+                ((first + n as u32) * PAGE_SIZE) as usize,
+            );
+            f.write_all_at(&self.map[a..b], a as u64).map_err(err)?;
+            i += n;
+        }
+        Ok(f)
+    }
+
+    /// Go on with `file` (a [`GuestRam::duplicate`] made before a fork) as
+    /// this RAM's memory: the forked child's own copy, no longer shared
+    /// with the parent. The window and the shadows are dropped (made again
+    /// on first use), watches and the dirty log forgotten: the engine that
+    /// used them starts afresh.
+    pub fn adopt(&mut self, file: File) -> Result<(), RamError> {
+        let fd = file.as_raw_fd();
+        // SAFETY: the host view, which `self.map` owns, is replaced by the
+        // same range of `file`, which holds the same bytes; `file` is at
+        // least `size` bytes long.
+        unsafe {
+            map_fixed(
+                self.map.as_mut_ptr(),
+                self.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                fd,
+                0,
+            )?;
+        }
+        self.fd = std::os::fd::OwnedFd::from(file);
+        self.window = None;
+        self.shadows.clear();
+        self.watched.fill(0);
+        self.pending.fill(0);
+        self.writes.clear();
+        self.attention.fill(0);
+        self.backing = State::new((self.size / PAGE_SIZE) as usize);
+        Ok(())
+    }
+
     /// Pages copied out of a snapshot file on their first write.
     pub fn copied_pages(&self) -> u64 {
         self.backing.copied

@@ -89,7 +89,9 @@ pub(super) fn sys_open(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
     if h < 0 {
         return Err(-h);
     }
-    Ok(pr.install(File::Host(h), 0))
+    let fd = pr.install(File::Host(h), 0);
+    pr.set_cloexec(fd, flags & libc::O_CLOEXEC as u32 != 0);
+    Ok(fd)
 }
 
 /// close.
@@ -198,18 +200,6 @@ pub(super) fn sys_access(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     ))
 }
 
-/// kill, tkill, tgkill.
-pub(super) fn sys_kill(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { n, a, .. } = c;
-    let sig = if n == 270 { a[2] } else { a[1] } as i32;
-    // Only the process itself exists: a signal to it with
-    // no handler that runs ends it (0 just checks).
-    if sig != 0 {
-        pr.killed = Some(sig);
-    }
-    Ok(0)
-}
-
 /// rename, renameat.
 pub(super) fn sys_rename(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
@@ -259,12 +249,15 @@ pub(super) fn sys_dup2(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         return Err(EBADF);
     }
     pr.close(a[1]);
-    Ok(pr.install(f, a[1] as usize))
+    let fd = pr.install(f, a[1] as usize);
+    // dup3's O_CLOEXEC.
+    pr.set_cloexec(fd, n == 330 && a[2] & libc::O_CLOEXEC as u32 != 0);
+    Ok(fd)
 }
 
 /// pipe, pipe2.
 pub(super) fn sys_pipe(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { cpu, a, .. } = c;
+    let Call { cpu, n, a, .. } = c;
     let mut fds = [0i32; 2];
     // SAFETY: `fds` has room for two fds.
     let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
@@ -273,6 +266,10 @@ pub(super) fn sys_pipe(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
     }
     let g0 = pr.install(File::Host(fds[0]), 0) as u32;
     let g1 = pr.install(File::Host(fds[1]), 0) as u32;
+    // pipe2's O_CLOEXEC.
+    let cloexec = n == 331 && a[1] & libc::O_CLOEXEC as u32 != 0;
+    pr.set_cloexec(g0 as i32, cloexec);
+    pr.set_cloexec(g1 as i32, cloexec);
     let mut b = g0.to_le_bytes().to_vec();
     b.extend(g1.to_le_bytes());
     pr.mm.write(cpu, a[0], &b)?;
@@ -322,7 +319,7 @@ pub(super) fn sys_readlink(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Er
         (pr.dirfd(a[0])?, a[1], a[2], a[3])
     };
     let raw = pr.mm.read_cstr(cpu, path)?;
-    let target = if raw == b"/proc/pr/exe" {
+    let target = if raw == b"/proc/self/exe" {
         pr.start.exe.as_os_str().as_encoded_bytes().to_vec()
     } else {
         let p = CString::new(raw).map_err(|_| EINVAL)?;
@@ -466,25 +463,6 @@ pub(super) fn sys_prctl(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
         }
         _ => return Err(EINVAL),
     })
-}
-
-/// rt_sigaction.
-pub(super) fn sys_rt_sigaction(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { cpu, a, .. } = c;
-    if a[2] != 0 {
-        // No handler recorded: SIG_DFL, no flags, empty mask.
-        pr.mm.write(cpu, a[2], &[0; 16])?;
-    }
-    Ok(0)
-}
-
-/// rt_sigprocmask.
-pub(super) fn sys_rt_sigprocmask(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { cpu, a, .. } = c;
-    if a[2] != 0 {
-        pr.mm.write(cpu, a[2], &vec![0; a[3].min(128) as usize])?;
-    }
-    Ok(0)
 }
 
 /// sigaltstack.

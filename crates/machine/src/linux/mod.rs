@@ -23,6 +23,8 @@ pub mod errno;
 mod handlers;
 pub mod mm;
 pub mod process;
+pub mod procs;
+pub mod signals;
 pub mod syscalls;
 
 pub use process::LinuxProcess;
@@ -74,6 +76,27 @@ pub mod sig {
             SIGKILL => "SIGKILL",
             _ => "signal",
         }
+    }
+}
+
+/// End popek by signal `sig` with its default action (no core file), so
+/// that whoever waits for it sees the status a native process killed by
+/// that signal leaves. Returns if the signal does not end a process.
+pub fn die_of(sig: i32) {
+    // SAFETY: resetting a disposition, limiting core files to none and
+    // raising a signal at this thread; nothing is shared with a handler.
+    unsafe {
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
     }
 }
 
@@ -517,13 +540,14 @@ impl LinuxProcess {
         if vector != 0x80 {
             let mut regs = cpu.regs;
             regs[reg::ESP] = user_esp;
-            return KernelExit::Signal(Fatal {
+            let f = Fatal {
                 signo: signal_for(vector),
                 exception: Exception { vector, error },
                 eip,
                 regs,
                 eflags,
-            });
+            };
+            return self.fault(cpu, f, vector);
         }
         // Restore the user context first (IRET to CPL 3), then run the call.
         cpu.segs[SegReg::Cs as usize] = user_flat(USER_CS, true);
@@ -531,14 +555,32 @@ impl LinuxProcess {
         cpu.regs[reg::ESP] = user_esp;
         cpu.eip = eip;
         cpu.eflags = eflags | flags::FIXED1;
+        let nr = cpu.regs[reg::EAX];
         let r = self.syscall(cpu, out, err);
         cpu.regs[reg::EAX] = r as u32;
+        // A blocking call a signal interrupted: if the handler about to
+        // run asks for SA_RESTART, the call is made again after it
+        // (sigsuspend, pause and the sleeps are never restarted).
+        if r == -errno::EINTR
+            && !matches!(nr, 29 | 119 | 162 | 173 | 179 | 267 | 407)
+            && self.restarts()
+        {
+            cpu.eip = cpu.eip.wrapping_sub(2);
+            cpu.regs[reg::EAX] = nr;
+        }
         if let Some(s) = self.killed {
             return KernelExit::Killed(s);
         }
-        match self.exited {
-            Some(s) => KernelExit::Exit(s),
-            None => KernelExit::Resume,
+        if let Some(s) = self.exited {
+            return KernelExit::Exit(s);
         }
+        // A signal the call raised or let through is taken on the way
+        // back to user mode, before the next user instruction.
+        if self.signal_pending() {
+            if let Some(e) = self.deliver_signals(cpu) {
+                return e;
+            }
+        }
+        KernelExit::Resume
     }
 }

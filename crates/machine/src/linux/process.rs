@@ -38,6 +38,34 @@ pub struct LinuxProcess {
     pub unknown_syscalls: Vec<u32>,
     /// System calls serviced.
     pub syscalls: u64,
+    /// This process was forked (its engine must start afresh on its own
+    /// copy of RAM: see [`super::procs`]); cleared by the run loop.
+    pub reset_engine: bool,
+    /// This process is a fork of the one popek started.
+    pub forked: bool,
+    /// CLONE_CHILD_CLEARTID's address.
+    pub clear_tid: u32,
+    /// A program execve loaded, for the run loop to swap in.
+    pub exec: Option<Box<super::procs::Exec>>,
+    /// The dispositions rt_sigaction set, by signal (the i386 struct
+    /// sigaction: handler, flags, restorer, mask).
+    pub(super) sigactions: Vec<[u32; 5]>,
+    /// Guest descriptors marked close-on-exec (popek's own host
+    /// descriptors all are: this is the guest's flag).
+    pub(super) cloexec: std::collections::BTreeSet<u32>,
+    /// Signals pending for the guest (raised by popek itself: faults,
+    /// SIGPIPE, reserved signals sent to itself), one bit per number.
+    pub(super) pending: u64,
+    /// The guest's blocked mask (mirrored on the host).
+    pub(super) blocked: u64,
+    /// sigsuspend's caller's mask, saved in the frame of the signal that
+    /// ends the suspension.
+    pub(super) suspend_mask: Option<u64>,
+    /// siginfo of pending signals popek raised (faults).
+    pub(super) siginfo: std::collections::HashMap<i32, [u32; 8]>,
+    /// The exception vector and error code for the next frame's
+    /// sigcontext (0, 0 for signals that are not faults).
+    pub(super) trap: (u32, u32),
 }
 
 pub(super) const AT_FDCWD: i32 = -100;
@@ -74,7 +102,32 @@ impl LinuxProcess {
             killed: None,
             unknown_syscalls: Vec::new(),
             syscalls: 0,
+            reset_engine: false,
+            forked: false,
+            clear_tid: 0,
+            exec: None,
+            sigactions: vec![[0; 5]; 65],
+            cloexec: Default::default(),
+            pending: 0,
+            blocked: 0,
+            suspend_mask: None,
+            siginfo: Default::default(),
+            trap: (0, 0),
         }
+    }
+
+    /// Close every descriptor (a process image replaced by execve, before
+    /// it takes the old one's).
+    pub(super) fn close_all(&mut self) {
+        for fd in 0..self.files.len() {
+            self.close(fd as u32);
+        }
+    }
+
+    /// The handler address rt_sigaction gave signal `sig` (0: SIG_DFL,
+    /// 1: SIG_IGN).
+    pub fn disposition(&self, sig: i32) -> u32 {
+        self.sigactions.get(sig as usize).map_or(0, |a| a[0])
     }
 
     pub(super) fn file(&self, fd: u32) -> Result<&File, Errno> {
@@ -110,10 +163,21 @@ impl LinuxProcess {
             self.files.resize_with(slot + 1, || None);
         }
         self.files[slot] = Some(f);
+        self.cloexec.remove(&(slot as u32));
         slot as i32
     }
 
+    /// Mark guest descriptor `fd` close-on-exec (or not).
+    pub(super) fn set_cloexec(&mut self, fd: i32, on: bool) {
+        if on {
+            self.cloexec.insert(fd as u32);
+        } else {
+            self.cloexec.remove(&(fd as u32));
+        }
+    }
+
     pub(super) fn close(&mut self, fd: u32) -> i32 {
+        self.cloexec.remove(&fd);
         match self.files.get_mut(fd as usize).and_then(Option::take) {
             Some(File::Host(h)) => {
                 // SAFETY: `h` is a host fd this process owns.
@@ -165,12 +229,28 @@ impl LinuxProcess {
             Ok(File::Host(h)) => {
                 // SAFETY: the buffer is `data`; `h` is owned.
                 let n = unsafe { libc::write(*h, data.as_ptr().cast(), data.len()) };
-                return host(n as _);
+                if n >= 0 {
+                    return n as i32;
+                }
+                Err(std::io::Error::last_os_error())
             }
         };
         match r {
             Ok(()) => data.len() as i32,
-            Err(e) => -e.raw_os_error().unwrap_or(EPIPE),
+            Err(e) => {
+                let e = e.raw_os_error().unwrap_or(EPIPE);
+                // A write to a pipe nobody reads: SIGPIPE, whose default
+                // action ends the process (popek itself ignores SIGPIPE,
+                // as Rust programs do, and sees EPIPE).
+                if e == EPIPE {
+                    match self.disposition(13) {
+                        0 => self.killed = Some(13),
+                        1 => {}
+                        _ => self.pending |= 1 << 13,
+                    }
+                }
+                -e
+            }
         }
     }
 
@@ -285,11 +365,19 @@ impl LinuxProcess {
             // F_DUPFD, F_DUPFD_CLOEXEC
             0 | 1030 => {
                 let f = self.dup_file(a[0])?;
-                Ok(self.install(f, a[2] as usize))
+                let fd = self.install(f, a[2] as usize);
+                self.set_cloexec(fd, a[1] == 1030);
+                Ok(fd)
             }
-            // F_GETFD, F_SETFD: close-on-exec means nothing without exec.
-            1 => self.file(a[0]).map(|_| 0),
-            2 => self.file(a[0]).map(|_| 0),
+            // F_GETFD, F_SETFD: the guest's close-on-exec flag.
+            1 => self
+                .file(a[0])
+                .map(|_| i32::from(self.cloexec.contains(&a[0]))),
+            2 => {
+                self.file(a[0])?;
+                self.set_cloexec(a[0] as i32, a[2] & 1 != 0);
+                Ok(0)
+            }
             // F_GETFL, F_SETFL
             3 | 4 => {
                 let h = self.host_fd(a[0])?;

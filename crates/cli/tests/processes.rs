@@ -1,0 +1,128 @@
+//! Linux processes under popek: fork, exec, wait, pipes, signals and
+//! process groups in a glibc program and in busybox sh scripts, each
+//! compared with the same program run directly on the host (stdout,
+//! stderr and exit status).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::run_with_timeout;
+
+const POPEK: &str = env!("CARGO_BIN_EXE_popek");
+
+fn run(cmd: &mut Command) -> Output {
+    run_with_timeout(cmd, Duration::from_secs(120))
+}
+
+fn build(name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("popek-processes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, src).unwrap();
+    let exe = dir.join(name);
+    let o = Command::new("gcc")
+        .args(["-m32", "-O1", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .args(flags)
+        .output()
+        .expect("gcc");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    exe
+}
+
+fn busybox() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/distro/busybox");
+    assert!(
+        p.exists(),
+        "run the README's test command (.ci/test): it fetches Debian's busybox-static:i386"
+    );
+    p
+}
+
+/// Native and popek (bt, interp) runs of `args`: equal stdout, stderr and
+/// exit status.
+fn same_as_native(args: &[&str]) {
+    let native = run(Command::new(args[0]).args(&args[1..]));
+    for engine in ["bt", "interp"] {
+        let got = run(Command::new(POPEK)
+            .args(["run", "--engine", engine])
+            .args(args));
+        assert_eq!(
+            String::from_utf8_lossy(&got.stdout),
+            String::from_utf8_lossy(&native.stdout),
+            "{engine}: stdout"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&got.stderr),
+            String::from_utf8_lossy(&native.stderr),
+            "{engine}: stderr"
+        );
+        assert_eq!(got.status.code(), native.status.code(), "{engine}: status");
+        assert_eq!(got.status.code().is_none(), native.status.code().is_none());
+    }
+}
+
+#[test]
+fn a_glibc_program_forks_execs_waits_and_takes_signals_as_natively() {
+    let exe = build(
+        "processes",
+        include_str!("programs/processes.c"),
+        &["-static"],
+    );
+    same_as_native(&[exe.to_str().unwrap()]);
+}
+
+/// busybox sh: pipelines, subshells, command substitution, background
+/// jobs and wait, traps, kill, exit statuses, SIGPIPE, exec.
+#[test]
+fn busybox_shell_scripts_run_as_natively() {
+    let bb = busybox();
+    let script = r#"
+echo "start"
+seq 1 10 | grep 5
+seq 1 200 | sort -rn | head -n 3 | tr '\n' ' '; echo
+n=$(seq 1 100 | wc -l); echo "lines: $n"
+x=$( (echo a; echo b) | wc -l ); echo "sub: $x"
+for i in 1 2 3; do echo "loop $i" | sed 's/loop/iteration/'; done
+(exit 7); echo "status $?"
+false | true; echo "pipe status $?"
+sh -c 'exit 42'; echo "child $?"
+f=/tmp/popek-sh-$$; echo abc > $f; cat $f | rev; rm $f
+(sleep 0.1; echo bg) & wait; echo "waited $?"
+sleep 0.2 & p=$!; wait $p; echo "wait pid $?"
+yes | head -n 2
+trap 'echo trapped USR1' USR1; kill -USR1 $$; echo "after trap"
+trap - USR1
+sh -c 'kill -9 $$'; echo "killed $?"
+sh -c 'kill -TERM $$'; echo "terminated $?"
+echo "x" | (read v; echo "read $v")
+echo err >&2
+sh -c 'exec echo "exec replaced the shell"'
+echo "end"
+exit 3
+"#;
+    same_as_native(&[bb.to_str().unwrap(), "sh", "-c", script]);
+}
+
+/// `--strace` shows the process calls.
+#[test]
+fn strace_shows_fork_exec_and_wait() {
+    let bb = busybox();
+    let o = run(Command::new(POPEK).args([
+        "run",
+        "--strace",
+        bb.to_str().unwrap(),
+        "sh",
+        "-c",
+        "echo a | tr a b",
+    ]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for call in ["clone(", "execve(\"/proc/self/exe\"", "wait4(", "pipe2("] {
+        assert!(err.contains(call), "no {call} in {err}");
+    }
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "b\n");
+}

@@ -1,0 +1,477 @@
+//! Processes: fork (and vfork, and clone without CLONE_VM's sharing),
+//! execve, wait, process groups and sessions, kill.
+//!
+//! A guest process is a host process: fork forks popek itself. The child
+//! must not share the parent's guest RAM (a memfd mapped shared, so that
+//! the translator's window and shadows alias it), so the parent copies it
+//! into a new memfd just before the fork ([`popek_memory::GuestRam::duplicate`],
+//! while nothing runs) and the child adopts the copy
+//! ([`popek_memory::GuestRam::adopt`]) and starts a fresh engine (the
+//! run loop sees [`LinuxProcess::reset_engine`]). Host pids are the guest's
+//! pids, so wait4, kill, process groups and sessions are the host's calls,
+//! and exit statuses travel as they would natively.
+//!
+//! execve of a static i386 ELF (or of /proc/self/exe) loads it into a
+//! new machine state that the run loop swaps in ([`LinuxProcess::exec`]),
+//! keeping the descriptors without close-on-exec; anything else (an x86-64
+//! program, a script, a dynamic i386 program until PT_INTERP is honoured)
+//! is executed by the host, as the kernel would, with the guest's
+//! descriptors put in place.
+
+use std::ffi::CString;
+use std::path::PathBuf;
+
+use popek_vcpu::{reg, Vcpu};
+
+use super::errno::*;
+use super::process::{host, host_errno, File, LinuxProcess};
+use super::syscalls::Call;
+use super::Start;
+
+/// clone flags popek looks at.
+mod clone {
+    pub const VM: u32 = 0x0000_0100;
+    pub const VFORK: u32 = 0x0000_4000;
+    pub const SETTLS: u32 = 0x0008_0000;
+    pub const PARENT_SETTID: u32 = 0x0010_0000;
+    pub const CHILD_CLEARTID: u32 = 0x0020_0000;
+    pub const CHILD_SETTID: u32 = 0x0100_0000;
+    pub const THREAD: u32 = 0x0001_0000;
+}
+
+/// A program execve loaded, for the run loop to swap in.
+pub struct Exec {
+    /// Its CPU, with its own RAM.
+    pub cpu: Vcpu,
+    /// Its process state (descriptors still to be carried over).
+    pub process: LinuxProcess,
+}
+
+impl std::fmt::Debug for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exec").field("eip", &self.cpu.eip).finish()
+    }
+}
+
+/// fork, vfork, clone (2, 190, 120).
+pub(super) fn sys_fork(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call {
+        cpu,
+        n,
+        a,
+        out,
+        err,
+    } = c;
+    let flags = if n == 120 { a[0] } else { 0 };
+    if pr.start.random_seed.is_some() {
+        // --lockstep (the only user of a fixed random seed) runs two
+        // machines in one process: a fork would fork both.
+        pr.report_unsupported(n, "fork under --lockstep", err);
+        return Err(ENOSYS);
+    }
+    if flags & clone::THREAD != 0 {
+        // Threads share the address space: not yet (one line, ENOSYS).
+        pr.report_unsupported(n, "clone with CLONE_THREAD (threads)", err);
+        return Err(ENOSYS);
+    }
+    // CLONE_VM without CLONE_THREAD is vfork's (posix_spawn): the child
+    // gets a copy here, which is what it needs until it execs.
+    let _ = flags & (clone::VM | clone::VFORK);
+    // Buffered output must not be written twice.
+    let _ = out.flush();
+    let _ = err.flush();
+    let copy = cpu.ram.duplicate().map_err(|_| ENOMEM)?;
+    // SAFETY: fork has no preconditions; popek runs Linux programs on one
+    // thread, and the child touches only its own copy of the state.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(host_errno());
+    }
+    if pid == 0 {
+        if cpu.ram.adopt(copy).is_err() {
+            // The child cannot have memory of its own: it must not run on
+            // the parent's.
+            // SAFETY: _exit ends this process at once.
+            unsafe { libc::_exit(127) };
+        }
+        pr.reset_engine = true;
+        pr.forked = true;
+        // A child starts with no pending signals.
+        pr.pending = 0;
+        super::signals::HOST_PENDING.store(0, std::sync::atomic::Ordering::SeqCst);
+        if n == 120 {
+            if a[1] != 0 {
+                cpu.regs[reg::ESP] = a[1];
+            }
+            let tid = std::process::id();
+            if flags & clone::CHILD_SETTID != 0 {
+                pr.mm.write_u32(cpu, a[4], tid)?;
+            }
+            if flags & clone::CHILD_CLEARTID != 0 {
+                pr.clear_tid = a[4];
+            }
+            if flags & clone::SETTLS != 0 {
+                pr.set_thread_area(cpu, a[3])?;
+            }
+        }
+        return Ok(0);
+    }
+    drop(copy);
+    if n == 120 && flags & clone::PARENT_SETTID != 0 {
+        pr.mm.write_u32(cpu, a[2], pid as u32)?;
+    }
+    Ok(pid)
+}
+
+/// A NULL-terminated array of string pointers in guest memory.
+fn strings(pr: &LinuxProcess, cpu: &Vcpu, mut addr: u32) -> Result<Vec<String>, Errno> {
+    let mut v = Vec::new();
+    if addr == 0 {
+        return Ok(v);
+    }
+    loop {
+        let p = pr.mm.read_u32(cpu, addr)?;
+        if p == 0 {
+            return Ok(v);
+        }
+        let s = pr.mm.read_cstr(cpu, p)?;
+        v.push(String::from_utf8_lossy(&s).into_owned());
+        addr = addr.wrapping_add(4);
+        if v.len() > 1 << 16 {
+            return Err(E2BIG);
+        }
+    }
+}
+
+/// Is `image` an i386 ELF executable popek runs itself (static)?
+fn runs_here(image: &[u8]) -> bool {
+    image.len() > 20
+        && &image[..4] == b"\x7fELF"
+        && image[4] == 1
+        && u16::from_le_bytes([image[18], image[19]]) == 3
+        && crate::elf32::Elf32::parse(image).is_ok_and(|e| !e.has_interp())
+}
+
+/// execve (11).
+pub(super) fn sys_execve(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call {
+        cpu, a, out, err, ..
+    } = c;
+    let path = pr.path(cpu, a[0])?;
+    let args = strings(pr, cpu, a[1])?;
+    let env = strings(pr, cpu, a[2])?;
+    let host_path = PathBuf::from(std::ffi::OsStr::new(
+        std::str::from_utf8(path.as_bytes()).map_err(|_| ENOENT)?,
+    ));
+    // SAFETY: NUL-terminated path.
+    if unsafe { libc::access(path.as_ptr(), libc::X_OK) } != 0 {
+        return Err(host_errno());
+    }
+    let image = std::fs::read(&host_path).map_err(|e| e.raw_os_error().unwrap_or(ENOENT))?;
+    if runs_here(&image) {
+        let start = Start {
+            args,
+            env,
+            exe: std::fs::canonicalize(&host_path).unwrap_or(host_path),
+            strace: pr.start.strace,
+            random_seed: pr.start.random_seed,
+        };
+        let memory = u64::from(cpu.ram.size());
+        let (ncpu, np) = super::load(&image, start, memory).map_err(|_| ENOEXEC)?;
+        pr.exec = Some(Box::new(Exec {
+            cpu: ncpu,
+            process: np,
+        }));
+        return Ok(0);
+    }
+    // The host runs it, with the guest's descriptors where the guest has
+    // them.
+    let _ = out.flush();
+    let _ = err.flush();
+    let c_args: Vec<CString> = args
+        .iter()
+        .map(|s| CString::new(s.as_bytes()).unwrap_or_default())
+        .collect();
+    let c_env: Vec<CString> = env
+        .iter()
+        .map(|s| CString::new(s.as_bytes()).unwrap_or_default())
+        .collect();
+    pr.host_descriptors_in_place();
+    let mut argv: Vec<*const libc::c_char> = c_args.iter().map(|s| s.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = c_env.iter().map(|s| s.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: NUL-terminated path and NULL-terminated arrays of
+    // NUL-terminated strings, alive across the call.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    // Only reached on failure, with the descriptors moved: nothing sound
+    // is left to return to.
+    let e = host_errno();
+    let _ = writeln!(
+        err,
+        "popek: execve {}: {}",
+        host_path.display(),
+        std::io::Error::from_raw_os_error(e)
+    );
+    // SAFETY: _exit ends this process at once.
+    unsafe { libc::_exit(127) }
+}
+
+use std::io::Write;
+
+/// wait4 (114), waitpid (7).
+pub(super) fn sys_wait4(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let mut status = 0i32;
+    // SAFETY: an all-zero rusage is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pointers to locals.
+    let r = unsafe { libc::wait4(a[0] as i32, &mut status, a[2] as i32, &mut ru) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    if r > 0 && a[1] != 0 {
+        pr.mm.write_u32(cpu, a[1], status as u32)?;
+    }
+    if n == 114 && a[3] != 0 {
+        // The i386 struct rusage: two timevals, then 14 longs.
+        let mut b = Vec::with_capacity(72);
+        for v in [
+            ru.ru_utime.tv_sec,
+            ru.ru_utime.tv_usec,
+            ru.ru_stime.tv_sec,
+            ru.ru_stime.tv_usec,
+            ru.ru_maxrss,
+            ru.ru_ixrss,
+            ru.ru_idrss,
+            ru.ru_isrss,
+            ru.ru_minflt,
+            ru.ru_majflt,
+            ru.ru_nswap,
+            ru.ru_inblock,
+            ru.ru_oublock,
+            ru.ru_msgsnd,
+            ru.ru_msgrcv,
+            ru.ru_nsignals,
+            ru.ru_nvcsw,
+            ru.ru_nivcsw,
+        ] {
+            b.extend_from_slice(&(v as i32).to_le_bytes());
+        }
+        pr.mm.write(cpu, a[3], &b)?;
+    }
+    Ok(r)
+}
+
+/// setpgid (57), getpgrp (65), setsid (66), getpgid (132), getsid (147).
+pub(super) fn sys_pgrp(_pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, a, .. } = c;
+    // SAFETY: plain host calls on process ids.
+    let r = unsafe {
+        match n {
+            57 => libc::setpgid(a[0] as i32, a[1] as i32),
+            65 => libc::getpgrp(),
+            66 => libc::setsid(),
+            132 => libc::getpgid(a[0] as i32),
+            _ => libc::getsid(a[0] as i32),
+        }
+    };
+    Ok(host(r as libc::c_long)).and_then(|r| if r < 0 { Err(-r) } else { Ok(r) })
+}
+
+impl LinuxProcess {
+    /// Move the host descriptors behind the guest's to the guest's
+    /// numbers, for a host execve: descriptors the guest marked
+    /// close-on-exec are left out, every other host descriptor is closed
+    /// on exec.
+    fn host_descriptors_in_place(&mut self) {
+        let mut moved = Vec::new();
+        for (g, f) in self.files.iter().enumerate() {
+            let h = match f {
+                Some(File::Out) => 1,
+                Some(File::Err) => 2,
+                Some(File::Host(h)) => *h,
+                None => continue,
+            };
+            if self.cloexec.contains(&(g as u32)) {
+                continue;
+            }
+            // SAFETY: as above; the copy is above every guest number.
+            let tmp = unsafe { libc::fcntl(h, libc::F_DUPFD_CLOEXEC, 4096) };
+            if tmp >= 0 {
+                moved.push((g as i32, tmp));
+            }
+        }
+        let keep: Vec<i32> = moved.iter().map(|&(g, _)| g).collect();
+        for fd in 0..4096 {
+            if !keep.contains(&fd) {
+                // SAFETY: marking descriptors close-on-exec.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
+        for (g, tmp) in moved {
+            // SAFETY: dup2 clears close-on-exec on `g`.
+            unsafe { libc::dup2(tmp, g) };
+        }
+    }
+
+    /// Carry the descriptors over to the program execve loaded, closing
+    /// those marked close-on-exec.
+    pub(crate) fn hand_over_files(&mut self, next: &mut LinuxProcess) {
+        for fd in std::mem::take(&mut self.cloexec) {
+            self.close(fd);
+        }
+        next.close_all();
+        next.files = std::mem::take(&mut self.files);
+        next.forked = self.forked;
+        next.reset_handlers_for_exec(self);
+        next.pending = self.pending;
+    }
+
+    fn report_unsupported(&mut self, n: u32, what: &str, err: &mut dyn Write) {
+        if !self.unknown_syscalls.contains(&n) {
+            self.unknown_syscalls.push(n);
+            let _ = writeln!(
+                err,
+                "popek: {what} is not supported yet: system call {n} returns -ENOSYS"
+            );
+        }
+    }
+}
+
+/// poll (168), ppoll (309): the host's, on the host descriptors behind
+/// the guest's (struct pollfd is the same on i386).
+pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let count = a[1];
+    if count > 4096 {
+        return Err(EINVAL);
+    }
+    let raw = pr.mm.read(cpu, a[0], 8 * count)?;
+    let mut fds: Vec<libc::pollfd> = raw
+        .chunks(8)
+        .map(|e| {
+            let fd = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
+            let events = i16::from_le_bytes(e[4..6].try_into().expect("2 bytes"));
+            let host = if fd < 0 {
+                -1
+            } else {
+                // An fd the guest does not have: POLLNVAL, as the host
+                // says for a closed one (i32::MAX is never open).
+                pr.host_fd(fd as u32).unwrap_or(i32::MAX)
+            };
+            libc::pollfd {
+                fd: host,
+                events,
+                revents: 0,
+            }
+        })
+        .collect();
+    let timeout = if n == 168 {
+        a[2] as i32
+    } else if a[2] == 0 {
+        -1
+    } else {
+        let t = pr.mm.read(cpu, a[2], 8)?;
+        let s = i32::from_le_bytes(t[0..4].try_into().expect("4 bytes"));
+        let ns = i32::from_le_bytes(t[4..8].try_into().expect("4 bytes"));
+        s.saturating_mul(1000).saturating_add(ns / 1_000_000)
+    };
+    // SAFETY: `fds` holds `count` pollfds.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    let mut out = raw;
+    for (i, f) in fds.iter().enumerate() {
+        out[8 * i + 6..8 * i + 8].copy_from_slice(&f.revents.to_le_bytes());
+    }
+    pr.mm.write(cpu, a[0], &out)?;
+    Ok(r)
+}
+
+/// _newselect (142): the host's select on the host descriptors behind the
+/// guest's (fd_set's bit layout is the same on i386; the timeval is two
+/// 32-bit words).
+pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let nfds = a[0].min(1024);
+    let bytes = nfds.div_ceil(8);
+    let mut sets: [Option<Vec<u8>>; 3] = [None, None, None];
+    for (k, set) in sets.iter_mut().enumerate() {
+        if a[1 + k] != 0 {
+            *set = Some(pr.mm.read(cpu, a[1 + k], bytes)?);
+        }
+    }
+    // Guest fd -> host fd, for every fd in any set.
+    let mut map = Vec::new();
+    for g in 0..nfds {
+        if sets
+            .iter()
+            .flatten()
+            .any(|s| s[(g / 8) as usize] >> (g % 8) & 1 != 0)
+        {
+            map.push((g, pr.host_fd(g)?));
+        }
+    }
+    // SAFETY: all-zero fd_sets are empty.
+    let mut host: [libc::fd_set; 3] = unsafe { std::mem::zeroed() };
+    let mut max = -1;
+    for (k, set) in sets.iter().enumerate() {
+        if let Some(s) = set {
+            for &(g, h) in &map {
+                if s[(g / 8) as usize] >> (g % 8) & 1 != 0 {
+                    if h >= libc::FD_SETSIZE as i32 {
+                        return Err(EBADF);
+                    }
+                    // SAFETY: h < FD_SETSIZE.
+                    unsafe { libc::FD_SET(h, &mut host[k]) };
+                    max = max.max(h);
+                }
+            }
+        }
+    }
+    let mut tv = if a[4] != 0 {
+        let t = pr.mm.read(cpu, a[4], 8)?;
+        Some(libc::timeval {
+            tv_sec: i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
+            tv_usec: i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
+        })
+    } else {
+        None
+    };
+    let ptr = |k: usize, host: &mut [libc::fd_set; 3]| {
+        if sets[k].is_some() {
+            &mut host[k] as *mut libc::fd_set
+        } else {
+            std::ptr::null_mut()
+        }
+    };
+    let (p0, p1, p2) = (ptr(0, &mut host), ptr(1, &mut host), ptr(2, &mut host));
+    let tvp = tv
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |t| t as *mut libc::timeval);
+    // SAFETY: the sets and timeval are locals (or null).
+    let r = unsafe { libc::select(max + 1, p0, p1, p2, tvp) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    for (k, set) in sets.iter_mut().enumerate() {
+        if let Some(s) = set {
+            s.fill(0);
+            for &(g, h) in &map {
+                // SAFETY: h < FD_SETSIZE (checked above).
+                if h < libc::FD_SETSIZE as i32 && unsafe { libc::FD_ISSET(h, &host[k]) } {
+                    s[(g / 8) as usize] |= 1 << (g % 8);
+                }
+            }
+            pr.mm.write(cpu, a[1 + k], s)?;
+        }
+    }
+    if let (Some(t), true) = (tv, a[4] != 0) {
+        let mut b = (t.tv_sec as i32).to_le_bytes().to_vec();
+        b.extend_from_slice(&(t.tv_usec as i32).to_le_bytes());
+        pr.mm.write(cpu, a[4], &b)?;
+    }
+    Ok(r)
+}
