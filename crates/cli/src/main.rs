@@ -257,6 +257,12 @@ pub(crate) struct RunArgs {
     /// stderr, as strace does.
     #[arg(long)]
     pub(crate) strace: bool,
+    /// Look up a dynamic Linux program's interpreter (ld-linux.so.2) and
+    /// the files it opens under SYSROOT first, as qemu-i386 -L does
+    /// (default: the POPEK_LD_PREFIX environment variable, else the host's
+    /// own /lib/ld-linux.so.2 and libraries).
+    #[arg(short = 'L', value_name = "SYSROOT")]
+    pub(crate) sysroot: Option<std::path::PathBuf>,
     /// Guest time counts instructions (one ns each) instead of host time:
     /// timer interrupts, the RTC and RDTSC are reproducible run to run.
     #[arg(long)]

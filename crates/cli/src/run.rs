@@ -26,6 +26,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         trace,
         lockstep,
         strace,
+        sysroot,
         icount,
         drive: drive_spec,
         balloon,
@@ -140,9 +141,11 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         } else if multiboot {
             Machine::multiboot(&image, config)
         } else {
+            let host = popek_machine::linux::Start::with_host_env(&argv, strace);
             let start = popek_machine::linux::Start {
                 random_seed,
-                ..popek_machine::linux::Start::with_host_env(&argv, strace)
+                sysroot: sysroot.clone().or(host.sysroot.clone()),
+                ..host
             };
             Machine::linux_with(&image, start, config)
         }

@@ -282,11 +282,31 @@ int main(int argc, char **argv) { printf("hi %s %d\n", argv[argc - 1], argc); re
 "#;
 
 #[test]
-fn dynamically_linked_programs_are_refused_in_one_line() {
+fn dynamically_linked_programs_run_through_their_interpreter() {
+    // The host's i386 ld-linux.so.2 and libc (gcc-multilib), a PIE.
     let exe = c_program("dynamic", HELLO_C, &[]);
-    let out = popek(&["run", exe.to_str().unwrap()]);
+    let p = exe.to_str().unwrap();
+    let native = Command::new(p).args(["a", "b"]).output().unwrap();
+    for engine in ["bt", "interp"] {
+        let out = popek(&["run", "--engine", engine, p, "a", "b"]);
+        assert_eq!(out.stdout, native.stdout, "{engine}");
+        assert_eq!(out.status.code(), native.status.code(), "{engine}");
+    }
+    // -L: the interpreter and the libraries it opens under a sysroot.
+    let root = std::env::temp_dir().join(format!("popek-sysroot-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("lib")).unwrap();
+    std::fs::copy("/lib/ld-linux.so.2", root.join("lib/ld-linux.so.2")).unwrap();
+    let out = popek(&["run", "-L", root.to_str().unwrap(), p, "c"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi c 2\n");
+    // An interpreter that does not exist: one line, status 2.
+    let bad = c_program(
+        "badinterp",
+        HELLO_C,
+        &["-Wl,--dynamic-linker=/nonexistent/ld.so"],
+    );
+    let out = popek(&["run", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(one_line_error(&out).contains("dynamically linked executables are not supported yet"));
+    assert!(one_line_error(&out).contains("/nonexistent/ld.so"));
 }
 
 #[test]

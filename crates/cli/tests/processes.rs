@@ -74,6 +74,14 @@ fn a_glibc_program_forks_execs_waits_and_takes_signals_as_natively() {
         &["-static"],
     );
     same_as_native(&[exe.to_str().unwrap()]);
+    // The same, dynamically linked (the host's i386 ld-linux.so.2 and
+    // libc): fork and exec of a dynamic program included.
+    let exe = build(
+        "processes-dynamic",
+        include_str!("programs/processes.c"),
+        &[],
+    );
+    same_as_native(&[exe.to_str().unwrap()]);
 }
 
 /// busybox sh: pipelines, subshells, command substitution, background

@@ -64,6 +64,15 @@ impl<'a> Elf32<'a> {
             .any(|p| p.p_type(self.endian) == elf::PT_INTERP)
     }
 
+    /// The program interpreter PT_INTERP names (the dynamic loader).
+    pub fn interp(&self) -> Option<String> {
+        let e = self.endian;
+        let p = self.phdrs.iter().find(|p| p.p_type(e) == elf::PT_INTERP)?;
+        let b = p.data(e, self.data).ok()?;
+        let b = b.split(|&c| c == 0).next()?;
+        Some(String::from_utf8_lossy(b).into_owned())
+    }
+
     /// Is it position-independent (ET_DYN: a static PIE when it has no
     /// PT_INTERP)?
     pub fn is_dyn(&self) -> bool {

@@ -54,6 +54,7 @@ fn check(exe: &Path, args: &[&str]) {
             exe: exe.to_path_buf(),
             strace: false,
             random_seed: None,
+            sysroot: None,
         };
         let config = Config {
             engine,

@@ -2,7 +2,8 @@
  * wait statuses, signal handlers (kill to self, the blocked mask, SIGCHLD,
  * alarm and pause), children killed by signals (SIGTERM, SIGSEGV,
  * SIGPIPE's default action), synchronous faults delivered to handlers
- * with si_addr, process groups. Its output under popek must equal its
+ * with si_addr, a stack overflow on sigaltstack, system() and popen(),
+ * process groups. Its output under popek must equal its
  * output run directly (crates/cli/tests/processes.rs). */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -24,6 +25,10 @@ static sigjmp_buf jb;
 static volatile void *fault_addr;
 static void on_segv(int s, siginfo_t *si, void *uc) { (void)s; (void)uc; fault_addr = si->si_addr; siglongjmp(jb, 1); }
 static void on_fpe(int s) { (void)s; siglongjmp(jb, 2); }
+static char *alt;
+static volatile int on_alt, depth;
+static void on_overflow(int s) { char x; (void)s; on_alt = &x >= alt && &x < alt + 65536; siglongjmp(jb, 3); }
+static int recurse(int n) { volatile char pad[1024]; pad[0] = (char)n; depth++; return recurse(n + 1) + pad[0]; }
 
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "child")) { printf("exec'd child %s\n", argv[2]); return 5; }
@@ -75,6 +80,22 @@ int main(int argc, char **argv) {
     int q[2]; pipe(q);
     if ((p = fork()) == 0) { close(q[0]); sleep(1); for (;;) write(q[1], "x", 1); }
     close(q[0]); close(q[1]); waitpid(p, &st, 0); printf("sigpipe: %d %d\n", WIFSIGNALED(st), WTERMSIG(st));
+    /* a stack overflow caught on the alternate signal stack */
+    alt = malloc(65536);
+    stack_t ss = { .ss_sp = alt, .ss_size = 65536, .ss_flags = 0 };
+    sigaltstack(&ss, NULL);
+    struct sigaction so; memset(&so, 0, sizeof so); so.sa_handler = on_overflow; so.sa_flags = SA_ONSTACK;
+    sigaction(SIGSEGV, &so, NULL);
+    if (sigsetjmp(jb, 1) == 0) recurse(0);
+    stack_t os; sigaltstack(NULL, &os);
+    printf("overflow on the alternate stack: %d, deep: %d, size %zu\n", on_alt, depth > 1000, os.ss_size);
+    /* system, popen (posix_spawn: clone3 or clone with CLONE_VM|CLONE_VFORK) */
+    int rs = system("echo from system; exit 4");
+    printf("system: %d\n", WEXITSTATUS(rs));
+    FILE *pf = popen("echo popen line", "r");
+    char pl[64] = {0};
+    if (pf && fgets(pl, sizeof pl, pf)) printf("popen: %s", pl);
+    printf("pclose %d\n", pf ? pclose(pf) : -1);
     /* process groups */
     printf("pgid==pid after setpgid: %d\n", setpgid(0, 0) == 0 && getpgrp() == getpid());
     return 0;

@@ -465,17 +465,6 @@ pub(super) fn sys_prctl(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
     })
 }
 
-/// sigaltstack.
-pub(super) fn sys_sigaltstack(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { cpu, a, .. } = c;
-    if a[1] != 0 {
-        // ss_sp, ss_flags = SS_DISABLE, ss_size
-        pr.mm
-            .write(cpu, a[1], &[0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0])?;
-    }
-    Ok(0)
-}
-
 /// getcwd.
 pub(super) fn sys_getcwd(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, a, .. } = c;

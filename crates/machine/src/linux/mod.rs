@@ -183,6 +183,11 @@ pub struct Start {
     /// (None), or a reproducible sequence from this seed (`--lockstep`
     /// runs two machines that must see the same bytes).
     pub random_seed: Option<u64>,
+    /// Where the dynamic loader and the libraries it opens are looked up
+    /// first (`-L SYSROOT` or POPEK_LD_PREFIX, as qemu-i386's -L and
+    /// QEMU_LD_PREFIX): an absolute path the guest names is taken under
+    /// it when the file exists there.
+    pub sysroot: Option<std::path::PathBuf>,
 }
 
 impl Start {
@@ -200,6 +205,25 @@ impl Start {
                 .unwrap_or_default(),
             strace,
             random_seed: None,
+            sysroot: std::env::var_os("POPEK_LD_PREFIX")
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from),
+        }
+    }
+
+    /// `path` (an absolute guest path) under the sysroot, if it exists
+    /// there; else `path` itself.
+    pub fn host_path(&self, path: &std::path::Path) -> std::path::PathBuf {
+        match &self.sysroot {
+            Some(root) if path.is_absolute() => {
+                let p = root.join(path.strip_prefix("/").unwrap_or(path));
+                if p.exists() {
+                    p
+                } else {
+                    path.to_path_buf()
+                }
+            }
+            _ => path.to_path_buf(),
         }
     }
 }
@@ -208,12 +232,28 @@ impl Start {
 /// mode at the entry point) and the process state.
 pub fn load(image: &[u8], start: Start, memory: u64) -> Result<(Vcpu, LinuxProcess), LoadError> {
     let elf = Elf32::parse(image)?;
-    if elf.has_interp() {
-        return Err(LoadError::Malformed(
-            "dynamically linked executables are not supported yet (PT_INTERP present); \
-             build with -static"
-                .into(),
-        ));
+    // A dynamic executable: its program interpreter (ld-linux.so.2) is
+    // loaded too, below the mmap area, and runs first (AT_BASE, AT_ENTRY).
+    let interp = match elf.interp() {
+        Some(name) => {
+            let path = start.host_path(std::path::Path::new(&name));
+            let data = std::fs::read(&path).map_err(|e| {
+                LoadError::Malformed(format!(
+                    "the program interpreter {name} ({}): {e} (popek run -L SYSROOT or POPEK_LD_PREFIX names where to find it)",
+                    path.display()
+                ))
+            })?;
+            Some(data)
+        }
+        None => None,
+    };
+    let interp_elf = interp.as_deref().map(Elf32::parse).transpose()?;
+    if let Some(i) = &interp_elf {
+        if !i.is_dyn() || i.has_interp() {
+            return Err(LoadError::Malformed(
+                "the program interpreter is not a shared object".into(),
+            ));
+        }
     }
     let segments = elf.segments()?;
     if segments.is_empty() {
@@ -248,11 +288,84 @@ pub fn load(image: &[u8], start: Start, memory: u64) -> Result<(Vcpu, LinuxProce
         | popek_vcpu::cr0::PG;
     build_kernel_tables(&mut cpu);
 
-    // The segments: each page once, with the union of the rights of the
-    // segments sharing it (as overlapping MAP_FIXED file mappings give).
+    let top = load_segments(&mut cpu, &mut mm, &segments, bias)?;
+    let (interp_base, interp_entry) = match &interp_elf {
+        Some(i) => {
+            let segs = i.segments()?;
+            let lo = segs.iter().map(|s| s.vaddr).min().unwrap_or(0) & !0xFFF;
+            let hi = segs.iter().map(|s| s.vaddr + s.memsz).max().unwrap_or(0);
+            let span = mm::page_up(hi - lo);
+            let base = mm
+                .find_free(span)
+                .ok_or_else(|| LoadError::Memory("no room for the program interpreter".into()))?;
+            let ibias = base.wrapping_sub(lo);
+            load_segments(&mut cpu, &mut mm, &segs, ibias)?;
+            (base, i.entry().wrapping_add(ibias))
+        }
+        None => (0, 0),
+    };
+    mm.brk_start = mm::page_up(top);
+    mm.brk = mm.brk_start;
+
+    // Where the program headers are in memory (AT_PHDR).
+    let (phoff, phent, phnum) = elf.phdr_table();
+    let phdr = segments
+        .iter()
+        .find(|s| (s.offset..s.offset + s.data.len() as u32).contains(&phoff))
+        .map(|s| s.vaddr.wrapping_add(bias) + (phoff - s.offset))
+        .unwrap_or(0);
+
+    let stack_low = mm::STACK_TOP - mm::STACK_SIZE;
+    mm.map(
+        &mut cpu,
+        stack_low,
+        mm::STACK_TOP,
+        mm::prot::READ | mm::prot::WRITE,
+        true,
+    )
+    .map_err(nomem)?;
+    let entry = elf.entry().wrapping_add(bias);
+    let sp = initial_stack(
+        &mut cpu,
+        &mm,
+        &start,
+        [phdr, u32::from(phent), u32::from(phnum), entry, interp_base],
+    )
+    .map_err(|_| LoadError::Malformed("arguments and environment do not fit the stack".into()))?;
+
+    for s in SegReg::ALL {
+        cpu.segs[s as usize] = match s {
+            SegReg::Cs => user_flat(USER_CS, true),
+            SegReg::Fs | SegReg::Gs => Segment::default(),
+            _ => user_flat(USER_DS, false),
+        };
+    }
+    cpu.eflags = flags::FIXED1 | flags::IF;
+    cpu.regs = [0; 8];
+    cpu.regs[reg::ESP] = sp;
+    cpu.eip = if interp_elf.is_some() {
+        interp_entry
+    } else {
+        entry
+    };
+    cpu.set_tsc(0);
+    let process = LinuxProcess::new(mm, start);
+    Ok((cpu, process))
+}
+
+/// Map and fill an ELF's loadable segments at `bias`: each page once,
+/// with the union of the rights of the segments sharing it (as
+/// overlapping MAP_FIXED file mappings give). Returns the end of the last.
+fn load_segments(
+    cpu: &mut Vcpu,
+    mm: &mut AddressSpace,
+    segments: &[crate::elf32::Segment<'_>],
+    bias: u32,
+) -> Result<u32, LoadError> {
+    let nomem = |_| LoadError::Memory("guest RAM exhausted while loading (try --memory)".into());
     let mut pages: std::collections::BTreeMap<u32, u32> = Default::default();
     let mut top = 0u32;
-    for s in &segments {
+    for s in segments {
         let start = s.vaddr.wrapping_add(bias);
         let end = start
             .checked_add(s.memsz)
@@ -281,58 +394,16 @@ pub fn load(image: &[u8], start: Start, memory: u64) -> Result<(Vcpu, LinuxProce
         top = top.max(end);
     }
     for (&p, &prot) in &pages {
-        mm.map(&mut cpu, p, p + PAGE, prot, true).map_err(nomem)?;
+        mm.map(cpu, p, p + PAGE, prot, true).map_err(nomem)?;
     }
-    for s in &segments {
+    for s in segments {
         let start = s.vaddr.wrapping_add(bias);
-        mm.fill(&mut cpu, start, s.data).map_err(nomem)?;
+        mm.fill(cpu, start, s.data).map_err(nomem)?;
         let zeros = vec![0u8; (s.memsz as usize).saturating_sub(s.data.len())];
-        mm.fill(&mut cpu, start + s.data.len() as u32, &zeros)
+        mm.fill(cpu, start + s.data.len() as u32, &zeros)
             .map_err(nomem)?;
     }
-    mm.brk_start = mm::page_up(top);
-    mm.brk = mm.brk_start;
-
-    // Where the program headers are in memory (AT_PHDR).
-    let (phoff, phent, phnum) = elf.phdr_table();
-    let phdr = segments
-        .iter()
-        .find(|s| (s.offset..s.offset + s.data.len() as u32).contains(&phoff))
-        .map(|s| s.vaddr.wrapping_add(bias) + (phoff - s.offset))
-        .unwrap_or(0);
-
-    let stack_low = mm::STACK_TOP - mm::STACK_SIZE;
-    mm.map(
-        &mut cpu,
-        stack_low,
-        mm::STACK_TOP,
-        mm::prot::READ | mm::prot::WRITE,
-        true,
-    )
-    .map_err(nomem)?;
-    let entry = elf.entry().wrapping_add(bias);
-    let sp = initial_stack(
-        &mut cpu,
-        &mm,
-        &start,
-        [phdr, u32::from(phent), u32::from(phnum), entry],
-    )
-    .map_err(|_| LoadError::Malformed("arguments and environment do not fit the stack".into()))?;
-
-    for s in SegReg::ALL {
-        cpu.segs[s as usize] = match s {
-            SegReg::Cs => user_flat(USER_CS, true),
-            SegReg::Fs | SegReg::Gs => Segment::default(),
-            _ => user_flat(USER_DS, false),
-        };
-    }
-    cpu.eflags = flags::FIXED1 | flags::IF;
-    cpu.regs = [0; 8];
-    cpu.regs[reg::ESP] = sp;
-    cpu.eip = entry;
-    cpu.set_tsc(0);
-    let process = LinuxProcess::new(mm, start);
-    Ok((cpu, process))
+    Ok(top)
 }
 
 /// Auxiliary vector keys (include/uapi/linux/auxvec.h).
@@ -364,7 +435,7 @@ fn initial_stack(
     cpu: &mut Vcpu,
     mm: &AddressSpace,
     start: &Start,
-    [phdr, phent, phnum, entry]: [u32; 4],
+    [phdr, phent, phnum, entry, base]: [u32; 5],
 ) -> Result<u32, errno::Errno> {
     let mut sp = mm::STACK_TOP - 4;
     let mut push_bytes = |cpu: &mut Vcpu, b: &[u8]| -> Result<u32, errno::Errno> {
@@ -403,7 +474,7 @@ fn initial_stack(
         (at::PHDR, phdr),
         (at::PHENT, phent),
         (at::PHNUM, phnum),
-        (at::BASE, 0),
+        (at::BASE, base),
         (at::FLAGS, 0),
         (at::ENTRY, entry),
         (at::UID, uid),

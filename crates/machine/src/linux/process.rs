@@ -66,6 +66,8 @@ pub struct LinuxProcess {
     /// The exception vector and error code for the next frame's
     /// sigcontext (0, 0 for signals that are not faults).
     pub(super) trap: (u32, u32),
+    /// sigaltstack: (ss_sp, ss_size), None while disabled.
+    pub(super) altstack: Option<(u32, u32)>,
 }
 
 pub(super) const AT_FDCWD: i32 = -100;
@@ -113,6 +115,7 @@ impl LinuxProcess {
             suspend_mask: None,
             siginfo: Default::default(),
             trap: (0, 0),
+            altstack: None,
         }
     }
 
@@ -210,6 +213,13 @@ impl LinuxProcess {
             return Ok(
                 CString::new(self.start.exe.as_os_str().as_encoded_bytes()).unwrap_or_default()
             );
+        }
+        if self.start.sysroot.is_some() && p.first() == Some(&b'/') {
+            use std::os::unix::ffi::OsStrExt;
+            let host = self
+                .start
+                .host_path(std::path::Path::new(std::ffi::OsStr::from_bytes(&p)));
+            return CString::new(host.as_os_str().as_bytes()).map_err(|_| EINVAL);
         }
         CString::new(p).map_err(|_| EINVAL)
     }
@@ -346,9 +356,17 @@ impl LinuxProcess {
 
     pub(super) fn ioctl(&mut self, cpu: &mut Vcpu, a: [u32; 6]) -> Result<i32, Errno> {
         let h = self.host_fd(a[0])?;
+        if a[1] == 0x5410 {
+            // TIOCSPGRP: the terminal's foreground process group (a pid_t).
+            let pgrp = self.mm.read_u32(cpu, a[2])? as i32;
+            // SAFETY: the request reads one pid_t.
+            let r = unsafe { libc::ioctl(h, libc::TIOCSPGRP, &pgrp) };
+            return if r < 0 { Err(host_errno()) } else { Ok(0) };
+        }
         let size = match a[1] {
             0x5401 => 36, // TCGETS: struct termios
             0x5413 => 8,  // TIOCGWINSZ: struct winsize
+            0x540F => 4,  // TIOCGPGRP: pid_t
             _ => return Err(ENOTTY),
         };
         let mut b = [0u8; 64];

@@ -11,12 +11,12 @@
 //! pids, so wait4, kill, process groups and sessions are the host's calls,
 //! and exit statuses travel as they would natively.
 //!
-//! execve of a static i386 ELF (or of /proc/self/exe) loads it into a
-//! new machine state that the run loop swaps in ([`LinuxProcess::exec`]),
-//! keeping the descriptors without close-on-exec; anything else (an x86-64
-//! program, a script, a dynamic i386 program until PT_INTERP is honoured)
-//! is executed by the host, as the kernel would, with the guest's
-//! descriptors put in place.
+//! execve of an i386 ELF (static, or dynamic with its interpreter; or
+//! /proc/self/exe) loads it into a new machine state that the run loop
+//! swaps in ([`LinuxProcess::exec`]), keeping the descriptors without
+//! close-on-exec; anything else (an x86-64 program, a script) is executed
+//! by the host, as the kernel would, with the guest's descriptors put in
+//! place.
 
 use std::ffi::CString;
 use std::path::PathBuf;
@@ -53,7 +53,7 @@ impl std::fmt::Debug for Exec {
     }
 }
 
-/// fork, vfork, clone (2, 190, 120).
+/// fork, vfork, clone, clone3 (2, 190, 120, 435).
 pub(super) fn sys_fork(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call {
         cpu,
@@ -62,7 +62,24 @@ pub(super) fn sys_fork(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         out,
         err,
     } = c;
-    let flags = if n == 120 { a[0] } else { 0 };
+    // (flags, new stack, parent tid address, TLS descriptor, child tid
+    // address): clone's registers, or clone3's struct clone_args.
+    let (flags, stack, parent_tid, tls, child_tid) = match n {
+        120 => (a[0], a[1], a[2], a[3], a[4]),
+        435 => {
+            let b = pr.mm.read(cpu, a[0], a[1].clamp(64, 88))?;
+            let q = |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+            let (stack, size) = (q(5) as u32, q(6) as u32);
+            let top = if stack != 0 {
+                stack.wrapping_add(size)
+            } else {
+                0
+            };
+            (q(0) as u32, top, q(3) as u32, q(7) as u32, q(2) as u32)
+        }
+        _ => (0, 0, 0, 0, 0),
+    };
+    let cloning = n == 120 || n == 435;
     if pr.start.random_seed.is_some() {
         // --lockstep (the only user of a fixed random seed) runs two
         // machines in one process: a fork would fork both.
@@ -99,26 +116,26 @@ pub(super) fn sys_fork(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         // A child starts with no pending signals.
         pr.pending = 0;
         super::signals::HOST_PENDING.store(0, std::sync::atomic::Ordering::SeqCst);
-        if n == 120 {
-            if a[1] != 0 {
-                cpu.regs[reg::ESP] = a[1];
+        if cloning {
+            if stack != 0 {
+                cpu.regs[reg::ESP] = stack;
             }
             let tid = std::process::id();
             if flags & clone::CHILD_SETTID != 0 {
-                pr.mm.write_u32(cpu, a[4], tid)?;
+                pr.mm.write_u32(cpu, child_tid, tid)?;
             }
             if flags & clone::CHILD_CLEARTID != 0 {
-                pr.clear_tid = a[4];
+                pr.clear_tid = child_tid;
             }
             if flags & clone::SETTLS != 0 {
-                pr.set_thread_area(cpu, a[3])?;
+                pr.set_thread_area(cpu, tls)?;
             }
         }
         return Ok(0);
     }
     drop(copy);
-    if n == 120 && flags & clone::PARENT_SETTID != 0 {
-        pr.mm.write_u32(cpu, a[2], pid as u32)?;
+    if cloning && flags & clone::PARENT_SETTID != 0 {
+        pr.mm.write_u32(cpu, parent_tid, pid as u32)?;
     }
     Ok(pid)
 }
@@ -143,13 +160,14 @@ fn strings(pr: &LinuxProcess, cpu: &Vcpu, mut addr: u32) -> Result<Vec<String>, 
     }
 }
 
-/// Is `image` an i386 ELF executable popek runs itself (static)?
+/// Is `image` an i386 ELF executable (static, or dynamic with its
+/// interpreter: popek runs both)?
 fn runs_here(image: &[u8]) -> bool {
     image.len() > 20
         && &image[..4] == b"\x7fELF"
         && image[4] == 1
         && u16::from_le_bytes([image[18], image[19]]) == 3
-        && crate::elf32::Elf32::parse(image).is_ok_and(|e| !e.has_interp())
+        && crate::elf32::Elf32::parse(image).is_ok()
 }
 
 /// execve (11).
@@ -175,6 +193,7 @@ pub(super) fn sys_execve(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
             exe: std::fs::canonicalize(&host_path).unwrap_or(host_path),
             strace: pr.start.strace,
             random_seed: pr.start.random_seed,
+            sysroot: pr.start.sysroot.clone(),
         };
         let memory = u64::from(cpu.ram.size());
         let (ncpu, np) = super::load(&image, start, memory).map_err(|_| ENOEXEC)?;
@@ -234,30 +253,7 @@ pub(super) fn sys_wait4(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
         pr.mm.write_u32(cpu, a[1], status as u32)?;
     }
     if n == 114 && a[3] != 0 {
-        // The i386 struct rusage: two timevals, then 14 longs.
-        let mut b = Vec::with_capacity(72);
-        for v in [
-            ru.ru_utime.tv_sec,
-            ru.ru_utime.tv_usec,
-            ru.ru_stime.tv_sec,
-            ru.ru_stime.tv_usec,
-            ru.ru_maxrss,
-            ru.ru_ixrss,
-            ru.ru_idrss,
-            ru.ru_isrss,
-            ru.ru_minflt,
-            ru.ru_majflt,
-            ru.ru_nswap,
-            ru.ru_inblock,
-            ru.ru_oublock,
-            ru.ru_msgsnd,
-            ru.ru_msgrcv,
-            ru.ru_nsignals,
-            ru.ru_nvcsw,
-            ru.ru_nivcsw,
-        ] {
-            b.extend_from_slice(&(v as i32).to_le_bytes());
-        }
+        let b = rusage_i386(&ru);
         pr.mm.write(cpu, a[3], &b)?;
     }
     Ok(r)
@@ -474,4 +470,63 @@ pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
         pr.mm.write(cpu, a[4], &b)?;
     }
     Ok(r)
+}
+
+/// times (43): the i386 struct tms (four clock_t of 32 bits), in the
+/// host's clock ticks.
+pub(super) fn sys_times(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    // SAFETY: an all-zero tms is valid for times to fill.
+    let mut t: libc::tms = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is valid.
+    let r = unsafe { libc::times(&mut t) };
+    if a[0] != 0 {
+        let mut b = Vec::new();
+        for v in [t.tms_utime, t.tms_stime, t.tms_cutime, t.tms_cstime] {
+            b.extend_from_slice(&(v as i32).to_le_bytes());
+        }
+        pr.mm.write(cpu, a[0], &b)?;
+    }
+    Ok(r as i32)
+}
+
+/// getrusage (77): the i386 struct rusage (two timevals, 14 longs).
+pub(super) fn sys_getrusage(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    // SAFETY: an all-zero rusage is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is valid.
+    if unsafe { libc::getrusage(a[0] as i32, &mut ru) } < 0 {
+        return Err(host_errno());
+    }
+    pr.mm.write(cpu, a[1], &rusage_i386(&ru))?;
+    Ok(0)
+}
+
+/// A host rusage in the i386 layout.
+fn rusage_i386(ru: &libc::rusage) -> Vec<u8> {
+    let mut b = Vec::with_capacity(72);
+    for v in [
+        ru.ru_utime.tv_sec,
+        ru.ru_utime.tv_usec,
+        ru.ru_stime.tv_sec,
+        ru.ru_stime.tv_usec,
+        ru.ru_maxrss,
+        ru.ru_ixrss,
+        ru.ru_idrss,
+        ru.ru_isrss,
+        ru.ru_minflt,
+        ru.ru_majflt,
+        ru.ru_nswap,
+        ru.ru_inblock,
+        ru.ru_oublock,
+        ru.ru_msgsnd,
+        ru.ru_msgrcv,
+        ru.ru_nsignals,
+        ru.ru_nvcsw,
+        ru.ru_nivcsw,
+    ] {
+        b.extend_from_slice(&(v as i32).to_le_bytes());
+    }
+    b
 }

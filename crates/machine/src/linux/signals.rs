@@ -204,7 +204,14 @@ impl LinuxProcess {
         let sa_mask = u64::from(act[3]) | u64::from(act[4]) << 32;
         let saved_mask = self.suspend_mask.take().unwrap_or(self.blocked);
         let rt = sa_flags & SA_SIGINFO != 0;
-        let _ = SA_ONSTACK;
+        // SA_ONSTACK: on the alternate stack, unless already on it.
+        let on_alt = |esp: u32, (sp, size): (u32, u32)| esp.wrapping_sub(sp) < size;
+        let esp = match self.altstack {
+            Some(alt) if sa_flags & SA_ONSTACK != 0 && !on_alt(cpu.regs[reg::ESP], alt) => {
+                alt.0.wrapping_add(alt.1)
+            }
+            _ => cpu.regs[reg::ESP],
+        };
         // Frame sizes: the old frame is pretcode, sig, sigcontext (88),
         // extramask, retcode (Linux's unused fpstate area between the
         // sigcontext and extramask is left out: only popek's sigreturn
@@ -217,7 +224,6 @@ impl LinuxProcess {
             8 + 88 + 4 + 8
         };
         let total = body + 64 + 512;
-        let esp = cpu.regs[reg::ESP];
         let frame = (esp.wrapping_sub(total) & !15).wrapping_sub(4);
         let fp = (frame + body + 63) & !63;
         let mut b = vec![0u8; (fp + 512 - frame) as usize];
@@ -269,9 +275,20 @@ impl LinuxProcess {
             for (i, v) in info.iter().enumerate() {
                 put(&mut b, 16 + 4 * i as u32, *v);
             }
-            // ucontext: flags, link, stack (sp, flags, size: SS_DISABLE),
-            // mcontext (the sigcontext above), the mask.
-            put(&mut b, 144 + 12, 2);
+            // ucontext: flags, link, stack (sp, flags, size), mcontext
+            // (the sigcontext above), the mask.
+            match self.altstack {
+                Some((sp, size)) => {
+                    put(&mut b, 144 + 8, sp);
+                    put(
+                        &mut b,
+                        144 + 12,
+                        u32::from(on_alt(cpu.regs[reg::ESP], (sp, size))),
+                    );
+                    put(&mut b, 144 + 16, size);
+                }
+                None => put(&mut b, 144 + 12, 2),
+            }
             put(&mut b, 144 + 20 + 88, saved_mask as u32);
             put(&mut b, 144 + 20 + 92, (saved_mask >> 32) as u32);
             // movl $173, %eax; int $0x80
@@ -491,6 +508,45 @@ pub(super) fn sys_kill(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
     let r = unsafe { libc::kill(pid, sig) };
     if r < 0 {
         return Err(super::process::host_errno());
+    }
+    Ok(0)
+}
+
+/// sigaltstack (186): the alternate signal stack (stack_t: ss_sp,
+/// ss_flags, ss_size).
+pub(super) fn sys_sigaltstack(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    const SS_ONSTACK: u32 = 1;
+    const SS_DISABLE: u32 = 2;
+    let esp = cpu.regs[reg::ESP];
+    let on = pr
+        .altstack
+        .is_some_and(|(sp, size)| esp.wrapping_sub(sp) < size);
+    let old = match pr.altstack {
+        Some((sp, size)) => [sp, if on { SS_ONSTACK } else { 0 }, size],
+        None => [0, SS_DISABLE, 0],
+    };
+    if a[0] != 0 {
+        let b = pr.mm.read(cpu, a[0], 12)?;
+        let w = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+        if on {
+            return Err(EPERM);
+        }
+        let (sp, flags, size) = (w(0), w(1), w(2));
+        if flags & !(SS_DISABLE | SS_ONSTACK | 0x8000_0000) != 0 {
+            return Err(EINVAL);
+        }
+        pr.altstack = if flags & SS_DISABLE != 0 {
+            None
+        } else if size < 2048 {
+            return Err(ENOMEM);
+        } else {
+            Some((sp, size))
+        };
+    }
+    if a[1] != 0 {
+        let b: Vec<u8> = old.iter().flat_map(|v| v.to_le_bytes()).collect();
+        pr.mm.write(cpu, a[1], &b)?;
     }
     Ok(0)
 }

@@ -85,10 +85,12 @@ pub(super) struct Call<'a> {
     pub err: &'a mut dyn Write,
 }
 
-use super::procs::{sys_execve, sys_fork, sys_pgrp, sys_poll, sys_select, sys_wait4};
+use super::procs::{
+    sys_execve, sys_fork, sys_getrusage, sys_pgrp, sys_poll, sys_select, sys_times, sys_wait4,
+};
 use super::signals::{
     sys_alarm, sys_itimer, sys_kill, sys_pause, sys_rt_sigaction, sys_rt_sigprocmask,
-    sys_rt_sigsuspend, sys_sigreturn,
+    sys_rt_sigsuspend, sys_sigaltstack, sys_sigreturn,
 };
 use A::{Dirfd, In, Out, D, S, X};
 
@@ -118,6 +120,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 40, name: "rmdir", args: &[S], run: sys_unlink },
     Syscall { nr: 41, name: "dup", args: &[D], run: sys_dup },
     Syscall { nr: 42, name: "pipe", args: &[X], run: sys_pipe },
+    Syscall { nr: 43, name: "times", args: &[X], run: sys_times },
     Syscall { nr: 45, name: "brk", args: &[X], run: sys_brk },
     Syscall { nr: 54, name: "ioctl", args: &[D, X, X], run: sys_ioctl },
     Syscall { nr: 57, name: "setpgid", args: &[D, D], run: sys_pgrp },
@@ -126,6 +129,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 64, name: "getppid", args: &[], run: sys_getppid },
     Syscall { nr: 65, name: "getpgrp", args: &[], run: sys_pgrp },
     Syscall { nr: 66, name: "setsid", args: &[], run: sys_pgrp },
+    Syscall { nr: 77, name: "getrusage", args: &[D, X], run: sys_getrusage },
     Syscall { nr: 78, name: "gettimeofday", args: &[X, X], run: sys_gettimeofday },
     Syscall { nr: 85, name: "readlink", args: &[S, X, D], run: sys_readlink },
     Syscall { nr: 90, name: "mmap", args: &[X], run: sys_mmap },
@@ -195,6 +199,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 386, name: "rseq", args: &[X, D, X, X], run: sys_unknown },
     Syscall { nr: 403, name: "clock_gettime64", args: &[D, X], run: sys_clock_gettime },
     Syscall { nr: 407, name: "clock_nanosleep_time64", args: &[D, D, X, X], run: sys_clock_nanosleep },
+    Syscall { nr: 435, name: "clone3", args: &[X, D], run: sys_fork },
     Syscall { nr: 439, name: "faccessat2", args: &[Dirfd, S, X, X], run: sys_access },
 ];
 
