@@ -11,31 +11,12 @@
 #define AREA ((volatile u32 *)0x00800000)
 #define PAGES 4096u                     /* 16 MiB */
 
-/* N of "passes=N" in the Multiboot command line, or `dflt`. */
-static u32 passes(struct mb_info *mbi, u32 dflt)
-{
-    if (!(mbi->flags & 4))
-        return dflt;
-    const char *s = (const char *)mbi->cmdline;
-    for (; *s; s++) {
-        const char *k = "passes=";
-        u32 i = 0;
-        while (k[i] && s[i] == k[i])
-            i++;
-        if (k[i])
-            continue;
-        u32 n = 0;
-        for (s += i; *s >= '0' && *s <= '9'; s++)
-            n = n * 10 + (*s - '0');
-        return n ? n : dflt;
-    }
-    return dflt;
-}
-
 int kmain(u32 magic, struct mb_info *mbi)
 {
     (void)magic;
-    u32 bad = 0, total = passes(mbi, 200);
+    u32 bad = 0, total = cmdline_number(mbi, "passes=", 200);
+    if (!total)
+        total = 200;
     for (u32 pass = 1; pass <= total; pass++) {
         for (u32 p = 0; p < PAGES; p++) {
             volatile u32 *w = AREA + p * 1024 + 1 + (p * 7 + pass) % 1023;

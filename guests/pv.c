@@ -34,24 +34,6 @@ static struct hc hypercall(u32 nr, u32 a, u32 b)
     return r;
 }
 
-static u32 arg(struct mb_info *mbi, const char *k, u32 dflt)
-{
-    if (!(mbi->flags & 4))
-        return dflt;
-    for (const char *s = (const char *)mbi->cmdline; *s; s++) {
-        u32 i = 0;
-        while (k[i] && s[i] == k[i])
-            i++;
-        if (k[i])
-            continue;
-        u32 n = 0;
-        for (s += i; *s >= '0' && *s <= '9'; s++)
-            n = n * 10 + (*s - '0');
-        return n;
-    }
-    return dflt;
-}
-
 static int failures;
 
 static void check(int ok, const char *what)
@@ -216,7 +198,7 @@ int kmain(u32 magic, struct mb_info *mbi)
 
     pic_init(0x20, 0x28, 1 << 0 | 1 << BALLOON_IRQ);
     check(hypercall(HC_BALLOON_NOTIFY, BALLOON_IRQ, 0).eax == 0, "balloon interrupt on IRQ 5");
-    u32 wait = arg(mbi, "wait=", 0);
+    u32 wait = cmdline_number(mbi, "wait=", 0);
     outb(0x43, 0x34);                   /* PIT channel 0, mode 2, 100 Hz */
     outb(0x40, 11932 & 0xFF);
     outb(0x40, 11932 >> 8);

@@ -140,6 +140,24 @@ void user_return(void)
     __asm__ volatile("int $0x30" : : "a"(0));
 }
 
+u32 cmdline_number(struct mb_info *mbi, const char *key, u32 dflt)
+{
+    if (!(mbi->flags & 4))
+        return dflt;
+    for (const char *s = (const char *)mbi->cmdline; *s; s++) {
+        u32 i = 0;
+        while (key[i] && s[i] == key[i])
+            i++;
+        if (key[i])
+            continue;
+        u32 n = 0;
+        for (s += i; *s >= '0' && *s <= '9'; s++)
+            n = n * 10 + (*s - '0');
+        return n;
+    }
+    return dflt;
+}
+
 void rt_start(u32 magic, struct mb_info *mbi)
 {
     serial_init();

@@ -81,6 +81,10 @@ void pic_init(u8 master, u8 slave, u16 unmask);
 void run_user(void (*fn)(void), u32 eflags);
 void user_return(void);
 
+/* The number after `key` (e.g. "passes=") in the Multiboot command line,
+ * or `dflt` when the key is not there. */
+u32 cmdline_number(struct mb_info *mbi, const char *key, u32 dflt);
+
 int kmain(u32 magic, struct mb_info *mbi);
 
 #endif

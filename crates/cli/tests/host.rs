@@ -239,6 +239,32 @@ fn host_with_monitor(
     child
 }
 
+/// Two `pv` guests serving their balloons for a minute under `popek host
+/// --monitor` (with `extra` options), once both have filled their pools:
+/// the monitor's socket, their output files, the host.
+fn two_pv_guests(
+    tag: &str,
+    extra: &[&str],
+) -> (
+    std::path::PathBuf,
+    [std::path::PathBuf; 2],
+    std::process::Child,
+) {
+    let dir = std::env::temp_dir().join(format!("popek-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("host.sock");
+    let outs = [dir.join("a.out"), dir.join("b.out")];
+    let specs: Vec<String> = outs
+        .iter()
+        .map(|o| format!("pv,out={},append=wait=60", o.display()))
+        .collect();
+    let child = host_with_monitor(&sock, extra, &specs);
+    for o in &outs {
+        wait_for_line(o, "pv: boot target 0 pages");
+    }
+    (sock, outs, child)
+}
+
 fn finish(child: std::process::Child) -> serde_json::Value {
     let o = child.wait_with_output().unwrap();
     assert_eq!(
@@ -259,18 +285,7 @@ fn finish(child: std::process::Child) -> serde_json::Value {
 /// the pages back, and the guest finds its other pages intact.
 #[test]
 fn the_host_balloons_a_guest_and_its_memory_goes_back() {
-    let dir = std::env::temp_dir().join(format!("popek-balloon-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("host.sock");
-    let outs = [dir.join("a.out"), dir.join("b.out")];
-    let specs: Vec<String> = outs
-        .iter()
-        .map(|o| format!("pv,out={},append=wait=60", o.display()))
-        .collect();
-    let child = host_with_monitor(&sock, &[], &specs);
-    for o in &outs {
-        wait_for_line(o, "pv: boot target 0 pages");
-    }
+    let (sock, outs, child) = two_pv_guests("balloon", &[]);
     let guests = monitor(&sock, &["query-guests"]);
     assert_eq!(
         guests["return"]["guests"].as_array().map(Vec::len),
@@ -321,18 +336,7 @@ fn the_host_balloons_a_guest_and_its_memory_goes_back() {
 /// breaking their sharing), and the store's pages go with them.
 #[test]
 fn store_pages_are_freed_when_their_sharers_break_away() {
-    let dir = std::env::temp_dir().join(format!("popek-reclaim-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("host.sock");
-    let outs = [dir.join("a.out"), dir.join("b.out")];
-    let specs: Vec<String> = outs
-        .iter()
-        .map(|o| format!("pv,out={},append=wait=60", o.display()))
-        .collect();
-    let child = host_with_monitor(&sock, &["--dedup"], &specs);
-    for o in &outs {
-        wait_for_line(o, "pv: boot target 0 pages");
-    }
+    let (sock, outs, child) = two_pv_guests("reclaim", &["--dedup"]);
     // The scan goes on while the guests idle: wait for the pools.
     let start = std::time::Instant::now();
     loop {

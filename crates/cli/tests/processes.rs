@@ -85,7 +85,8 @@ fn a_glibc_program_forks_execs_waits_and_takes_signals_as_natively() {
 }
 
 /// busybox sh: pipelines, subshells, command substitution, background
-/// jobs and wait, traps, kill, exit statuses, SIGPIPE, exec.
+/// jobs and wait, traps, kill, exit statuses, SIGPIPE, exec, a #! script
+/// whose interpreter is busybox, links, ownership, truncation, statfs.
 #[test]
 fn busybox_shell_scripts_run_as_natively() {
     let bb = busybox();
@@ -110,10 +111,17 @@ sh -c 'kill -TERM $$'; echo "terminated $?"
 echo "x" | (read v; echo "read $v")
 echo err >&2
 sh -c 'exec echo "exec replaced the shell"'
+s=/tmp/popek-sh-script-$$; printf '#!BUSYBOX sh\necho "script $1 $#"\nexit 9\n' > $s; chmod +x $s
+$s one two; echo "script status $?"; rm $s
+d=/tmp/popek-sh-dir-$$; mkdir -p $d; cd $d
+echo hi > a; ln a b; ln -s a c; ls -l | wc -l; readlink c; chown $(id -u) a
+truncate -s 100 a; wc -c < a; sync; df / > /dev/null; echo "df $?"
+cp -p a d; mv d e; ls | tr '\n' ' '; echo; cd /; rm -r $d
 echo "end"
 exit 3
-"#;
-    same_as_native(&[bb.to_str().unwrap(), "sh", "-c", script]);
+"#
+    .replace("BUSYBOX", bb.to_str().unwrap());
+    same_as_native(&[bb.to_str().unwrap(), "sh", "-c", &script]);
 }
 
 /// `--strace` shows the process calls.

@@ -364,10 +364,15 @@ impl Bt {
     /// Drop (and unlink) every cached translation `stale` says is stale;
     /// how many.
     pub(crate) fn drop_where(&mut self, stale: impl Fn(&Translation) -> bool) -> u64 {
+        self.drop_keyed_where(|_, t| stale(t))
+    }
+
+    /// As [`Bt::drop_where`], deciding on the key too.
+    pub(crate) fn drop_keyed_where(&mut self, stale: impl Fn(Key, &Translation) -> bool) -> u64 {
         let keys: Vec<Key> = self
             .cache
             .iter()
-            .filter(|(_, t)| stale(t))
+            .filter(|(k, t)| stale(**k, t))
             .map(|(k, _)| *k)
             .collect();
         let mut n = 0;

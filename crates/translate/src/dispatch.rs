@@ -305,9 +305,9 @@ impl Bt {
             return 0;
         }
         self.breakpoints = bps.clone();
-        let holds = |k: &Key, t: &Translation| {
+        let holds = |k: Key, t: &Translation| {
             changed.iter().any(|&a| {
-                key_eip(*k) == a
+                key_eip(k) == a
                     || match t {
                         Translation::Code { insns, .. } => {
                             let eips = insns.eips();
@@ -317,19 +317,7 @@ impl Bt {
                     }
             })
         };
-        let keys: Vec<Key> = self
-            .cache
-            .iter()
-            .filter(|(k, t)| holds(k, t))
-            .map(|(k, _)| *k)
-            .collect();
-        let mut n = 0;
-        for k in keys {
-            if let Some(e) = self.cache.pop(&k) {
-                self.unlink(k, e);
-                n += 1;
-            }
-        }
+        let n = self.drop_keyed_where(holds);
         self.stats.invalidations += n;
         n
     }

@@ -20,6 +20,7 @@
 //! process as an unhandled signal does.
 
 pub mod errno;
+mod files;
 mod handlers;
 pub mod mm;
 pub mod process;

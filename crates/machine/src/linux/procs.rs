@@ -12,7 +12,8 @@
 //! and exit statuses travel as they would natively.
 //!
 //! execve of an i386 ELF (static, or dynamic with its interpreter; or
-//! /proc/self/exe) loads it into a new machine state that the run loop
+//! /proc/self/exe; or a #! script whose interpreter is one) loads it into
+//! a new machine state that the run loop
 //! swaps in ([`LinuxProcess::exec`]), keeping the descriptors without
 //! close-on-exec; anything else (an x86-64 program, a script) is executed
 //! by the host, as the kernel would, with the guest's descriptors put in
@@ -185,7 +186,38 @@ pub(super) fn sys_execve(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     if unsafe { libc::access(path.as_ptr(), libc::X_OK) } != 0 {
         return Err(host_errno());
     }
-    let image = std::fs::read(&host_path).map_err(|e| e.raw_os_error().unwrap_or(ENOENT))?;
+    let mut image = std::fs::read(&host_path).map_err(|e| e.raw_os_error().unwrap_or(ENOENT))?;
+    let mut host_path = host_path;
+    let mut args = args;
+    // A #! script whose interpreter is an i386 program runs under popek
+    // too (fs/binfmt_script.c: argv becomes interpreter, its optional
+    // argument, the script's path, then the script's arguments).
+    if image.starts_with(b"#!") {
+        let line = image[2..]
+            .split(|&c| c == b'\n')
+            .next()
+            .map(|l| String::from_utf8_lossy(l).trim().to_string())
+            .unwrap_or_default();
+        let mut it = line.splitn(2, [' ', '\t']);
+        let interp = it.next().unwrap_or("").to_string();
+        let iarg = it
+            .next()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty());
+        let ipath = pr.start.host_path(std::path::Path::new(&interp));
+        if let Ok(iimage) = std::fs::read(&ipath) {
+            if runs_here(&iimage) {
+                let script = host_path.to_string_lossy().into_owned();
+                let mut v = vec![interp];
+                v.extend(iarg);
+                v.push(script);
+                v.extend(args.into_iter().skip(1));
+                args = v;
+                image = iimage;
+                host_path = ipath;
+            }
+        }
+    }
     if runs_here(&image) {
         let start = Start {
             args,
@@ -529,4 +561,28 @@ fn rusage_i386(ru: &libc::rusage) -> Vec<u8> {
         b.extend_from_slice(&(v as i32).to_le_bytes());
     }
     b
+}
+
+/// chmod (15), fchmod (94), fchmodat (306): the host's, on the host path
+/// or descriptor.
+pub(super) fn sys_chmod(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    // SAFETY: NUL-terminated paths and descriptors this process owns.
+    let r = unsafe {
+        match n {
+            15 => {
+                let p = pr.path(cpu, a[0])?;
+                libc::chmod(p.as_ptr(), a[1] as libc::mode_t)
+            }
+            94 => libc::fchmod(pr.host_fd(a[0])?, a[1] as libc::mode_t),
+            _ => {
+                let p = pr.path(cpu, a[1])?;
+                libc::fchmodat(pr.dirfd(a[0])?, p.as_ptr(), a[2] as libc::mode_t, 0)
+            }
+        }
+    };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    Ok(0)
 }
