@@ -287,8 +287,9 @@ fn drive(mut m: Machine, o: Output, control: &ControlArgs) -> ExitCode {
         m.serial_input = Some(popek_machine::console::stdin_reader());
         popek_machine::console::RawTerminal::new()
     });
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    // Not locked for the whole run: a Linux program's other threads write
+    // to it too.
+    let mut out = std::io::stdout();
     let start = std::time::Instant::now();
     let exit = match gdb {
         Some(l) => popek_machine::gdb::serve(&mut m, l, &mut out, &mut std::io::stderr()),

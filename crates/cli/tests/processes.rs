@@ -84,6 +84,20 @@ fn a_glibc_program_forks_execs_waits_and_takes_signals_as_natively() {
     same_as_native(&[exe.to_str().unwrap()]);
 }
 
+/// pthreads (static and dynamic): contention, TLS, join, a blocking read
+/// in a thread, pthread_kill, fork from a thread, and code one thread
+/// writes while another runs it.
+#[test]
+fn threads_run_as_natively() {
+    for (name, flags) in [
+        ("threads", &["-static", "-pthread"][..]),
+        ("threads-dynamic", &["-pthread"][..]),
+    ] {
+        let exe = build(name, include_str!("programs/threads.c"), flags);
+        same_as_native(&[exe.to_str().unwrap()]);
+    }
+}
+
 /// busybox sh: pipelines, subshells, command substitution, background
 /// jobs and wait, traps, kill, exit statuses, SIGPIPE, exec, a #! script
 /// whose interpreter is busybox, links, ownership, truncation, statfs.
@@ -127,6 +141,16 @@ exit 3
 /// `--strace` shows the process calls.
 #[test]
 fn strace_shows_fork_exec_and_wait() {
+    let exe = build(
+        "threads-strace",
+        include_str!("programs/threads.c"),
+        &["-static", "-pthread"],
+    );
+    let o = run(Command::new(POPEK).args(["run", "--strace", exe.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for call in ["clone(", "futex("] {
+        assert!(err.contains(call), "no {call} in {err}");
+    }
     let bb = busybox();
     let o = run(Command::new(POPEK).args([
         "run",

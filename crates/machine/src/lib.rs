@@ -182,6 +182,8 @@ pub enum Exit {
     Breakpoint,
     /// The debugger killed the guest (gdb's `kill`).
     DebuggerKill,
+    /// A thread of a Linux process (not the first) ended.
+    ThreadDone,
 }
 
 impl Exit {
@@ -199,7 +201,8 @@ impl Exit {
             | Exit::Suspended
             | Exit::Migrated
             | Exit::Breakpoint
-            | Exit::DebuggerKill => 0,
+            | Exit::DebuggerKill
+            | Exit::ThreadDone => 0,
             Exit::Halted { .. } => 0,
             Exit::BudgetExhausted { .. } => 4,
             Exit::TripleFault { .. } | Exit::Unsupported { .. } => 2,
@@ -225,7 +228,7 @@ impl Exit {
             Exit::Killed(s) => Some(format!("guest killed by {}", linux::sig::name(*s))),
             Exit::Quit => Some("terminated from the console (Ctrl-A X)".into()),
             Exit::MonitorQuit => Some("terminated from the monitor (quit)".into()),
-            Exit::Suspended | Exit::Migrated | Exit::Breakpoint => None,
+            Exit::Suspended | Exit::Migrated | Exit::Breakpoint | Exit::ThreadDone => None,
             Exit::DebuggerKill => Some("killed from the debugger".into()),
             Exit::Reset => {
                 Some("the guest reset the machine; the run ends (as QEMU's -no-reboot)".into())
@@ -316,6 +319,8 @@ pub struct Machine {
     pub pass_break: Option<u32>,
     /// A debugger is attached: a halted CPU does not sleep long.
     pub debugging: bool,
+    /// Its part in its Linux process's threads, once there are several.
+    pub(crate) thread: Option<Box<linux::threads::ThreadCtx>>,
 }
 
 /// Interpreted instructions between two polls of the board: a device
@@ -514,6 +519,7 @@ impl Machine {
             break_at: Default::default(),
             pass_break: None,
             debugging: false,
+            thread: None,
             cpu,
             config,
             platform,
@@ -1084,6 +1090,12 @@ impl Machine {
                 return Some(Exit::Quit);
             }
         }
+        if self.thread.is_some() {
+            // A thread of several: its turn may be over.
+            if let Some(e) = self.thread_turn() {
+                return Some(e);
+            }
+        }
         if let Platform::Linux(p) = &mut self.platform {
             // A signal that arrived while user code ran (kill, SIGCHLD,
             // an alarm) is taken before more of it runs.
@@ -1175,18 +1187,25 @@ impl Machine {
                 let exit = p.handle(&mut self.cpu, vector, out, err);
                 if let Some(exec) = p.exec.take() {
                     // execve loaded a program: it replaces this one, with
-                    // the descriptors that stay open across exec.
+                    // the descriptors that stay open across exec (the
+                    // process's other threads end).
                     let linux::procs::Exec { cpu, mut process } = *exec;
                     p.hand_over_files(&mut process);
+                    if self.thread.is_some() {
+                        let _ = self.group_exit(0);
+                        self.thread = None;
+                    }
                     self.cpu = cpu;
                     self.platform = Platform::Linux(Box::new(process));
                     self.engine = self.fresh_engine();
                     return None;
                 }
                 if std::mem::take(&mut p.reset_engine) {
-                    // A forked child, on its own copy of RAM.
+                    // A forked child, on its own copy of RAM, alone.
                     self.engine = Machine::engine_for(&self.config, true);
+                    self.thread = None;
                 }
+                let threads = !p.new_threads.is_empty();
                 if p.has_handlers() {
                     // Signals are delivered between engine steps: the
                     // translated code must come back now and then.
@@ -1196,7 +1215,15 @@ impl Machine {
                         }
                     }
                 }
-                return kernel_exit(exit);
+                if threads {
+                    self.start_threads();
+                }
+                return match exit {
+                    linux::KernelExit::Blocked(b) => self.run_blocked(b),
+                    linux::KernelExit::ThreadExit(s) => Some(self.thread_exit(s)),
+                    linux::KernelExit::Exit(s) if self.thread.is_some() => Some(self.group_exit(s)),
+                    e => kernel_exit(e),
+                };
             }
         }
         match step {
@@ -1356,8 +1383,8 @@ pub fn process_rss_bytes() -> u64 {
 /// The run's end for what the Linux platform's kernel side decided.
 fn kernel_exit(e: linux::KernelExit) -> Option<Exit> {
     match e {
-        linux::KernelExit::Resume => None,
-        linux::KernelExit::Exit(s) => Some(Exit::Exited(s)),
+        linux::KernelExit::Resume | linux::KernelExit::Blocked(_) => None,
+        linux::KernelExit::Exit(s) | linux::KernelExit::ThreadExit(s) => Some(Exit::Exited(s)),
         linux::KernelExit::Signal(f) => Some(Exit::Signal(f)),
         linux::KernelExit::Killed(s) => Some(Exit::Killed(s)),
     }

@@ -297,6 +297,43 @@ pub struct Vcpu {
     pub watch_hit: Option<(u32, bool)>,
 }
 
+impl Vcpu {
+    /// A CPU with this one's architectural state on `ram`: a new thread of
+    /// a Linux process (its registers are then set by clone).
+    pub fn thread_copy(&self, ram: GuestRam) -> Vcpu {
+        Vcpu {
+            regs: self.regs,
+            eip: self.eip,
+            eflags: self.eflags,
+            segs: self.segs,
+            gdtr: self.gdtr,
+            idtr: self.idtr,
+            ldtr: self.ldtr,
+            tr: self.tr,
+            cr0: self.cr0,
+            cr2: self.cr2,
+            fault_cr2: self.fault_cr2,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            dr: self.dr,
+            tsc_offset: self.tsc_offset,
+            clock_counts_instructions: self.clock_counts_instructions,
+            idle_ns: self.idle_ns,
+            boot: self.boot,
+            clock_base_ns: self.clock_base_ns,
+            halted: false,
+            int_shadow: false,
+            ram,
+            board: self.board.clone(),
+            retired: 0,
+            page_faults: 0,
+            fpu: self.fpu.clone(),
+            watchpoints: Vec::new(),
+            watch_hit: None,
+        }
+    }
+}
+
 /// A debugger's watchpoint: data accesses to `[addr, addr + len)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Watchpoint {

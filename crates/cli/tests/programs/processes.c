@@ -80,6 +80,14 @@ int main(int argc, char **argv) {
     int q[2]; pipe(q);
     if ((p = fork()) == 0) { close(q[0]); sleep(1); for (;;) write(q[1], "x", 1); }
     close(q[0]); close(q[1]); waitpid(p, &st, 0); printf("sigpipe: %d %d\n", WIFSIGNALED(st), WTERMSIG(st));
+    /* sigpending, sigwait, sigtimedwait on a blocked signal */
+    sigset_t w; sigemptyset(&w); sigaddset(&w, SIGUSR2); sigprocmask(SIG_BLOCK, &w, NULL);
+    kill(getpid(), SIGUSR2);
+    sigset_t pend; sigemptyset(&pend); sigpending(&pend);
+    printf("pending usr2 %d\n", sigismember(&pend, SIGUSR2));
+    int got = 0; sigwait(&w, &got); printf("sigwait %d\n", got);
+    struct timespec tw = {0, 10000000};
+    int tr = sigtimedwait(&w, NULL, &tw); printf("timedwait %d errno %d\n", tr, tr < 0 ? errno : 0);
     /* a stack overflow caught on the alternate signal stack */
     alt = malloc(65536);
     stack_t ss = { .ss_sp = alt, .ss_size = 65536, .ss_flags = 0 };

@@ -48,4 +48,5 @@ errnos! {
     ENOTEMPTY = 39, "Directory not empty";
     ELOOP = 40, "Too many levels of symbolic links";
     EOVERFLOW = 75, "Value too large for defined data type";
+    ETIMEDOUT = 110, "Connection timed out";
 }

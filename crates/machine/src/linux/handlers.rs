@@ -6,19 +6,49 @@ use std::ffi::CString;
 
 use super::errno::*;
 use super::mm::{page_up, PAGE};
-use super::process::{host, host_errno, ids, now, sleep, stat64, File, LinuxProcess, AT_FDCWD};
+use super::process::{host, host_errno, ids, now, stat64, File, LinuxProcess, AT_FDCWD};
 use super::syscalls::Call;
 
 /// exit, exit_group.
 pub(super) fn sys_exit(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { a, .. } = c;
-    pr.exited = Some((a[0] & 0xFF) as i32);
+    let Call { n, a, .. } = c;
+    let status = (a[0] & 0xFF) as i32;
+    if n == 1 && pr.group.is_some() {
+        // One thread of several.
+        pr.thread_exited = Some(status);
+    } else {
+        pr.exited = Some(status);
+    }
     Ok(0)
 }
 
 /// read.
 pub(super) fn sys_read(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, a, .. } = c;
+    if pr.group.is_some() {
+        if let Ok(File::Host(h)) = pr.file(a[0]) {
+            // A thread of several reads outside the process lock (a pipe
+            // another thread writes, a terminal).
+            let (h, addr, len) = (*h, a[1], a[2].min(1 << 24) as usize);
+            pr.block = Some(super::threads::Block::Host {
+                run: Box::new(move || {
+                    let mut buf = vec![0u8; len];
+                    // SAFETY: the buffer is `buf`; `h` is the process's.
+                    let n = host(unsafe { libc::read(h, buf.as_mut_ptr().cast(), len) } as _);
+                    (i64::from(n), buf)
+                }),
+                finish: Box::new(move |pr, cpu, n, buf| {
+                    if n > 0 {
+                        if let Err(e) = pr.mm.write(cpu, addr, &buf[..n as usize]) {
+                            return -e;
+                        }
+                    }
+                    n as i32
+                }),
+            });
+            return Ok(0);
+        }
+    }
     Ok(pr.do_read(cpu, a[0], a[1], a[2]))
 }
 
@@ -163,9 +193,18 @@ pub(super) fn sys_llseek(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
 }
 
 /// getpid, gettid, set_tid_address.
-pub(super) fn sys_getpid(_pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
-    // popek's own process stands for the guest's.
-    Ok(std::process::id() as i32)
+pub(super) fn sys_getpid(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, a, .. } = c;
+    // popek's own process stands for the guest's; gettid and
+    // set_tid_address answer the running thread's id.
+    match n {
+        224 => Ok(pr.tid as i32),
+        258 => {
+            pr.clear_tid = a[0];
+            Ok(pr.tid as i32)
+        }
+        _ => Ok(std::process::id() as i32),
+    }
 }
 
 /// Calls that succeed without doing anything popek models: madvise (a
@@ -417,7 +456,7 @@ pub(super) fn sys_uname(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
 pub(super) fn sys_nanosleep(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, a, .. } = c;
     let t = pr.mm.read(cpu, a[0], 8)?;
-    sleep(
+    pr.sleep(
         i64::from(i32::from_le_bytes([t[0], t[1], t[2], t[3]])),
         i64::from(i32::from_le_bytes([t[4], t[5], t[6], t[7]])),
     )?;
@@ -447,7 +486,7 @@ pub(super) fn sys_clock_nanosleep(pr: &mut LinuxProcess, c: Call<'_>) -> Result<
         let d = (s * 1_000_000_000 + ns) - (cs * 1_000_000_000 + cns);
         (s, ns) = (d.max(0) / 1_000_000_000, d.max(0) % 1_000_000_000);
     }
-    sleep(s, ns)?;
+    pr.sleep(s, ns)?;
     Ok(0)
 }
 

@@ -27,6 +27,7 @@ pub mod process;
 pub mod procs;
 pub mod signals;
 pub mod syscalls;
+pub mod threads;
 
 pub use process::LinuxProcess;
 
@@ -134,6 +135,10 @@ pub enum KernelExit {
     Signal(Fatal),
     /// The process was killed by a signal it sent itself (abort()).
     Killed(i32),
+    /// A thread of a threaded process waits outside the process lock.
+    Blocked(threads::Block),
+    /// A thread (not the process) called exit with this status.
+    ThreadExit(i32),
 }
 
 /// A fatal signal and the user state a signal handler would have seen.
@@ -645,6 +650,12 @@ impl LinuxProcess {
         }
         if let Some(s) = self.exited {
             return KernelExit::Exit(s);
+        }
+        if let Some(s) = self.thread_exited.take() {
+            return KernelExit::ThreadExit(s);
+        }
+        if let Some(b) = self.block.take() {
+            return KernelExit::Blocked(b);
         }
         // A signal the call raised or let through is taken on the way
         // back to user mode, before the next user instruction.

@@ -68,6 +68,17 @@ pub struct LinuxProcess {
     pub(super) trap: (u32, u32),
     /// sigaltstack: (ss_sp, ss_size), None while disabled.
     pub(super) altstack: Option<(u32, u32)>,
+    /// The running thread's id (the host pid for the first thread).
+    pub(super) tid: u32,
+    /// The thread group, once the process made a thread.
+    pub group: Option<std::sync::Arc<super::threads::Group>>,
+    /// Threads clone made, for the run loop to start.
+    pub new_threads: Vec<super::threads::NewThread>,
+    /// What a blocking call of a threaded process waits for, outside the
+    /// process lock.
+    pub block: Option<super::threads::Block>,
+    /// This thread called exit (not exit_group) while others run.
+    pub thread_exited: Option<i32>,
 }
 
 pub(super) const AT_FDCWD: i32 = -100;
@@ -116,6 +127,11 @@ impl LinuxProcess {
             siginfo: Default::default(),
             trap: (0, 0),
             altstack: None,
+            tid: std::process::id(),
+            group: None,
+            new_threads: Vec::new(),
+            block: None,
+            thread_exited: None,
         }
     }
 
@@ -560,13 +576,25 @@ impl LinuxProcess {
     /// set_thread_area: a TLS descriptor in the GDT (arch/x86/kernel/tls.c).
     pub(super) fn set_thread_area(&mut self, cpu: &mut Vcpu, addr: u32) -> Result<i32, Errno> {
         let b = self.mm.read(cpu, addr, 16)?;
+        let mut d = [0u8; 16];
+        d.copy_from_slice(&b);
+        let (asked, entry) = self.tls_apply(cpu, d)?;
+        if asked == u32::MAX {
+            self.mm.write_u32(cpu, addr, entry)?;
+        }
+        Ok(0)
+    }
+
+    /// Install the TLS descriptor a user_desc describes (set_thread_area,
+    /// CLONE_SETTLS): (the entry asked for, the entry used).
+    pub(super) fn tls_apply(&mut self, cpu: &mut Vcpu, b: [u8; 16]) -> Result<(u32, u32), Errno> {
         let w = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
         let (mut entry, base, limit, bits) = (w(0), w(1), w(2), w(3));
+        let asked = entry;
         if entry == u32::MAX {
             entry = (TLS_FIRST..TLS_FIRST + TLS_ENTRIES)
                 .find(|&e| cpu.read_sys(layout::GDT + 8 * e, 8).unwrap_or(0) == 0)
                 .ok_or(ESRCH)?;
-            self.mm.write_u32(cpu, addr, entry)?;
         }
         if !(TLS_FIRST..TLS_FIRST + TLS_ENTRIES).contains(&entry) {
             return Err(EINVAL);
@@ -605,7 +633,7 @@ impl LinuxProcess {
                 let _ = cpu.load_seg(s, sel);
             }
         }
-        Ok(0)
+        Ok((asked, entry))
     }
 }
 
@@ -642,12 +670,21 @@ pub(super) fn now(clock: i32) -> (i64, i64) {
     (ts.tv_sec, ts.tv_nsec)
 }
 
-pub(super) fn sleep(s: i64, ns: i64) -> Result<(), Errno> {
-    if s < 0 || !(0..1_000_000_000).contains(&ns) {
-        return Err(EINVAL);
+impl LinuxProcess {
+    /// Sleep `s` s and `ns` ns (a thread of several sleeps outside the
+    /// process lock).
+    pub(super) fn sleep(&mut self, s: i64, ns: i64) -> Result<(), Errno> {
+        if s < 0 || !(0..1_000_000_000).contains(&ns) {
+            return Err(EINVAL);
+        }
+        let d = std::time::Duration::new(s as u64, ns as u32);
+        if self.group.is_some() {
+            self.block = Some(super::threads::Block::Sleep(d));
+        } else {
+            std::thread::sleep(d);
+        }
+        Ok(())
     }
-    std::thread::sleep(std::time::Duration::new(s as u64, ns as u32));
-    Ok(())
 }
 
 /// The i386 `struct stat64` (arch/x86/include/uapi/asm/stat.h, 96 bytes).

@@ -88,9 +88,23 @@ pub(super) fn sys_fork(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         return Err(ENOSYS);
     }
     if flags & clone::THREAD != 0 {
-        // Threads share the address space: not yet (one line, ENOSYS).
-        pr.report_unsupported(n, "clone with CLONE_THREAD (threads)", err);
-        return Err(ENOSYS);
+        if flags & clone::VM == 0 {
+            return Err(EINVAL);
+        }
+        let tid = super::threads::clone_thread(
+            pr,
+            cpu,
+            stack,
+            (flags & clone::SETTLS != 0).then_some(tls),
+            (flags & clone::CHILD_CLEARTID != 0).then_some(child_tid),
+        )?;
+        if flags & clone::PARENT_SETTID != 0 {
+            pr.mm.write_u32(cpu, parent_tid, tid)?;
+        }
+        if flags & clone::CHILD_SETTID != 0 {
+            pr.mm.write_u32(cpu, child_tid, tid)?;
+        }
+        return Ok(tid as i32);
     }
     // CLONE_VM without CLONE_THREAD is vfork's (posix_spawn): the child
     // gets a copy here, which is what it needs until it execs.
@@ -114,6 +128,9 @@ pub(super) fn sys_fork(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         }
         pr.reset_engine = true;
         pr.forked = true;
+        // Only the forking thread goes on in the child.
+        pr.group = None;
+        pr.tid = std::process::id();
         // A child starts with no pending signals.
         pr.pending = 0;
         super::signals::HOST_PENDING.store(0, std::sync::atomic::Ordering::SeqCst);
@@ -273,6 +290,40 @@ use std::io::Write;
 /// wait4 (114), waitpid (7).
 pub(super) fn sys_wait4(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
+    if pr.group.is_some() && a[2] & libc::WNOHANG as u32 == 0 {
+        // A thread of several waits outside the process lock.
+        pr.block = Some(super::threads::Block::Host {
+            run: Box::new(move || {
+                let mut status = 0i32;
+                // SAFETY: an all-zero rusage is valid.
+                let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+                // SAFETY: pointers to locals.
+                let r = unsafe { libc::wait4(a[0] as i32, &mut status, a[2] as i32, &mut ru) };
+                let r = if r < 0 {
+                    -i64::from(host_errno())
+                } else {
+                    i64::from(r)
+                };
+                let mut b = status.to_le_bytes().to_vec();
+                b.extend(rusage_i386(&ru));
+                (r, b)
+            }),
+            finish: Box::new(move |pr, cpu, r, b| {
+                if r > 0 && a[1] != 0 {
+                    if let Err(e) = pr.mm.write(cpu, a[1], &b[..4]) {
+                        return -e;
+                    }
+                }
+                if r > 0 && n == 114 && a[3] != 0 {
+                    if let Err(e) = pr.mm.write(cpu, a[3], &b[4..]) {
+                        return -e;
+                    }
+                }
+                r as i32
+            }),
+        });
+        return Ok(0);
+    }
     let mut status = 0i32;
     // SAFETY: an all-zero rusage is valid.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

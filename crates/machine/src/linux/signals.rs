@@ -494,6 +494,10 @@ pub(super) fn sys_kill(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
     if !(0..=64).contains(&sig) {
         return Err(EINVAL);
     }
+    // tkill/tgkill naming one of this process's threads.
+    if n != 37 && super::threads::signal_thread(pr, pid as u32, sig) {
+        return Ok(0);
+    }
     let me = std::process::id() as i32;
     if pid == me && reserved(sig) {
         if sig != 0 {
@@ -608,4 +612,98 @@ pub(super) fn sys_itimer(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
         pr.mm.write(cpu, out, &b)?;
     }
     Ok(0)
+}
+
+/// rt_sigpending (176): the signals pending and blocked.
+pub(super) fn sys_rt_sigpending(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    // SAFETY: an empty set for sigpending to fill.
+    let host = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigpending(&mut set);
+        set
+    };
+    let mut m = pr.pending | HOST_PENDING.load(Ordering::SeqCst);
+    for s in 1..64 {
+        // SAFETY: a valid set.
+        if unsafe { libc::sigismember(&host, s) } == 1 {
+            m |= bit(s);
+        }
+    }
+    let b = ((m & pr.blocked) >> 1).to_le_bytes();
+    pr.mm.write(cpu, a[0], &b[..a[1].min(8) as usize])?;
+    Ok(0)
+}
+
+/// rt_sigtimedwait (177), rt_sigtimedwait_time64 (421): take one of the
+/// given (blocked) signals without running its handler; the number, with
+/// a siginfo of its number.
+pub(super) fn sys_rt_sigtimedwait(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let b = pr.mm.read(cpu, a[0], a[3].min(8))?;
+    let mut m = [0u8; 8];
+    m[..b.len()].copy_from_slice(&b);
+    let want = u64::from_le_bytes(m) << 1;
+    let deadline = if a[2] == 0 {
+        None
+    } else {
+        let t = pr.mm.read(cpu, a[2], if n == 421 { 16 } else { 8 })?;
+        let (s, ns) = if n == 421 {
+            (
+                i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
+                i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
+            )
+        } else {
+            (
+                i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
+                i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
+            )
+        };
+        Some(
+            std::time::Instant::now()
+                + std::time::Duration::from_secs(s.max(0) as u64)
+                + std::time::Duration::from_nanos(ns.max(0) as u64),
+        )
+    };
+    let set = host_set(want);
+    loop {
+        pr.pending |= HOST_PENDING.swap(0, Ordering::SeqCst);
+        if pr.pending & want != 0 {
+            let sig = (pr.pending & want).trailing_zeros() as i32;
+            pr.pending &= !bit(sig);
+            if a[1] != 0 {
+                let mut info = [0u8; 128];
+                info[..4].copy_from_slice(&(sig as u32).to_le_bytes());
+                pr.mm.write(cpu, a[1], &info)?;
+            }
+            return Ok(sig);
+        }
+        // A signal the host holds blocked for the guest: take it there.
+        let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
+            return Err(EAGAIN);
+        }
+        let ts = left.map(|l| libc::timespec {
+            tv_sec: l.as_secs() as i64,
+            tv_nsec: i64::from(l.subsec_nanos()),
+        });
+        // SAFETY: a valid set and timespec (or NULL: no limit).
+        let r = unsafe {
+            libc::sigtimedwait(
+                &set,
+                std::ptr::null_mut(),
+                ts.as_ref().map_or(std::ptr::null(), |t| t as *const _),
+            )
+        };
+        if r > 0 {
+            pr.pending |= bit(r);
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+            return Err(EAGAIN);
+        } else if !pr.signal_pending() {
+            continue;
+        } else {
+            return Err(EINTR);
+        }
+    }
 }

@@ -94,9 +94,10 @@ use super::procs::{
     sys_wait4,
 };
 use super::signals::{
-    sys_alarm, sys_itimer, sys_kill, sys_pause, sys_rt_sigaction, sys_rt_sigprocmask,
-    sys_rt_sigsuspend, sys_sigaltstack, sys_sigreturn,
+    sys_alarm, sys_itimer, sys_kill, sys_pause, sys_rt_sigaction, sys_rt_sigpending,
+    sys_rt_sigprocmask, sys_rt_sigsuspend, sys_rt_sigtimedwait, sys_sigaltstack, sys_sigreturn,
 };
+use super::threads::sys_futex;
 use A::{Dirfd, In, Out, D, S, X};
 
 /// Every system call popek knows, sorted by number (looked up by binary
@@ -172,6 +173,8 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 173, name: "rt_sigreturn", args: &[], run: sys_sigreturn },
     Syscall { nr: 174, name: "rt_sigaction", args: &[D, X, X, D], run: sys_rt_sigaction },
     Syscall { nr: 175, name: "rt_sigprocmask", args: &[D, X, X, D], run: sys_rt_sigprocmask },
+    Syscall { nr: 176, name: "rt_sigpending", args: &[X, D], run: sys_rt_sigpending },
+    Syscall { nr: 177, name: "rt_sigtimedwait", args: &[X, X, X, D], run: sys_rt_sigtimedwait },
     Syscall { nr: 179, name: "rt_sigsuspend", args: &[X, D], run: sys_rt_sigsuspend },
     Syscall { nr: 183, name: "getcwd", args: &[X, D], run: sys_getcwd },
     Syscall { nr: 186, name: "sigaltstack", args: &[X, X], run: sys_sigaltstack },
@@ -197,6 +200,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 224, name: "gettid", args: &[], run: sys_getpid },
     Syscall { nr: 238, name: "tkill", args: &[D, D], run: sys_kill },
     Syscall { nr: 239, name: "sendfile64", args: &[D, D, X, D], run: sys_sendfile },
+    Syscall { nr: 240, name: "futex", args: &[X, D, D, X, X, X], run: sys_futex },
     Syscall { nr: 242, name: "sched_getaffinity", args: &[D, D, X], run: sys_getaffinity },
     Syscall { nr: 243, name: "set_thread_area", args: &[X], run: sys_set_thread_area },
     Syscall { nr: 252, name: "exit_group", args: &[D], run: sys_exit },
@@ -207,6 +211,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 269, name: "fstatfs64", args: &[D, D, X], run: sys_statfs64 },
     Syscall { nr: 270, name: "tgkill", args: &[D, D, D], run: sys_kill },
     Syscall { nr: 271, name: "utimes", args: &[S, X], run: sys_utimensat },
+    Syscall { nr: 272, name: "fadvise64_64", args: &[D, X, X, X, X, D], run: sys_accept },
     Syscall { nr: 295, name: "openat", args: &[Dirfd, S, X, X], run: sys_open },
     Syscall { nr: 296, name: "mkdirat", args: &[Dirfd, S, X], run: sys_mkdir },
     Syscall { nr: 298, name: "fchownat", args: &[Dirfd, S, D, D, X], run: sys_chown },
@@ -231,6 +236,8 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 403, name: "clock_gettime64", args: &[D, X], run: sys_clock_gettime },
     Syscall { nr: 407, name: "clock_nanosleep_time64", args: &[D, D, X, X], run: sys_clock_nanosleep },
     Syscall { nr: 412, name: "utimensat_time64", args: &[Dirfd, S, X, X], run: sys_utimensat },
+    Syscall { nr: 421, name: "rt_sigtimedwait_time64", args: &[X, X, X, D], run: sys_rt_sigtimedwait },
+    Syscall { nr: 422, name: "futex_time64", args: &[X, D, D, X, X, X], run: sys_futex },
     Syscall { nr: 435, name: "clone3", args: &[X, D], run: sys_fork },
     Syscall { nr: 439, name: "faccessat2", args: &[Dirfd, S, X, X], run: sys_access },
 ];
