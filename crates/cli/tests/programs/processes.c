@@ -72,10 +72,21 @@ int main(int argc, char **argv) {
     if (sigsetjmp(jb, 1) == 0) { *(volatile int *)0x1234 = 1; }
     printf("segv handled, si_addr %p\n", (void *)fault_addr);
     signal(SIGFPE, on_fpe);
-    volatile int z = 0;
     int r = sigsetjmp(jb, 1);
-    if (r == 0) { printf("%d\n", 1 / z); }
+    if (r == 0) { unsigned q; __asm__ volatile("divl %2" : "=a"(q) : "a"(1), "r"(0), "d"(0)); printf("%u\n", q); }
     printf("fpe handled %d\n", r);
+    /* waitid */
+    if ((p = fork()) == 0) _exit(9);
+    siginfo_t wi; memset(&wi, 0, sizeof wi);
+    waitid(P_PID, p, &wi, WEXITED);
+    printf("waitid: pid ok %d code %d status %d\n", wi.si_pid == p, wi.si_code, wi.si_status);
+    /* a sleep that a signal ends early */
+    signal(SIGUSR1, on_usr1); got_usr1 = 0;
+    pid_t pk = fork();
+    if (pk == 0) { for (int i = 0; i < 50; i++) { usleep(100000); kill(getppid(), SIGUSR1); } _exit(0); }
+    int left = sleep(5);
+    kill(pk, SIGKILL); waitpid(pk, &st, 0);
+    printf("sleep interrupted: %d, usr1 %d\n", left > 0, got_usr1);
     /* SIGPIPE default kills the writer */
     int q[2]; pipe(q);
     if ((p = fork()) == 0) { close(q[0]); sleep(1); for (;;) write(q[1], "x", 1); }

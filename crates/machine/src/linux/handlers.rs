@@ -457,8 +457,11 @@ pub(super) fn sys_nanosleep(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, E
     let Call { cpu, a, .. } = c;
     let t = pr.mm.read(cpu, a[0], 8)?;
     pr.sleep(
+        cpu,
         i64::from(i32::from_le_bytes([t[0], t[1], t[2], t[3]])),
         i64::from(i32::from_le_bytes([t[4], t[5], t[6], t[7]])),
+        a[1],
+        false,
     )?;
     Ok(0)
 }
@@ -480,13 +483,16 @@ pub(super) fn sys_clock_nanosleep(pr: &mut LinuxProcess, c: Call<'_>) -> Result<
         )
     };
     let (mut s, mut ns) = t;
+    // The time left is written only for a relative sleep.
+    let mut rem = a[3];
     if a[1] & 1 != 0 {
         // TIMER_ABSTIME
         let (cs, cns) = now(a[0] as i32);
         let d = (s * 1_000_000_000 + ns) - (cs * 1_000_000_000 + cns);
         (s, ns) = (d.max(0) / 1_000_000_000, d.max(0) % 1_000_000_000);
+        rem = 0;
     }
-    pr.sleep(s, ns)?;
+    pr.sleep(cpu, s, ns, rem, n != 267)?;
     Ok(0)
 }
 

@@ -672,16 +672,49 @@ pub(super) fn now(clock: i32) -> (i64, i64) {
 
 impl LinuxProcess {
     /// Sleep `s` s and `ns` ns (a thread of several sleeps outside the
-    /// process lock).
-    pub(super) fn sleep(&mut self, s: i64, ns: i64) -> Result<(), Errno> {
+    /// process lock). Interrupted by a signal: EINTR, with the time left
+    /// written at `rem` (a 32-bit timespec, or a 64-bit one if `wide`).
+    pub(super) fn sleep(
+        &mut self,
+        cpu: &mut Vcpu,
+        s: i64,
+        ns: i64,
+        rem: u32,
+        wide: bool,
+    ) -> Result<(), Errno> {
         if s < 0 || !(0..1_000_000_000).contains(&ns) {
             return Err(EINVAL);
         }
         let d = std::time::Duration::new(s as u64, ns as u32);
         if self.group.is_some() {
             self.block = Some(super::threads::Block::Sleep(d));
-        } else {
-            std::thread::sleep(d);
+            return Ok(());
+        }
+        // The host's nanosleep, so that a signal the guest handles ends
+        // the sleep early (EINTR), as natively.
+        let t = libc::timespec {
+            tv_sec: s,
+            tv_nsec: ns,
+        };
+        let mut left = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid timespecs.
+        if unsafe { libc::nanosleep(&t, &mut left) } < 0 {
+            let e = host_errno();
+            if e == EINTR && rem != 0 {
+                let mut b = Vec::new();
+                if wide {
+                    b.extend_from_slice(&left.tv_sec.to_le_bytes());
+                    b.extend_from_slice(&left.tv_nsec.to_le_bytes());
+                } else {
+                    b.extend_from_slice(&(left.tv_sec as i32).to_le_bytes());
+                    b.extend_from_slice(&(left.tv_nsec as i32).to_le_bytes());
+                }
+                self.mm.write(cpu, rem, &b)?;
+            }
+            return Err(e);
         }
         Ok(())
     }

@@ -342,6 +342,54 @@ pub(super) fn sys_wait4(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
     Ok(r)
 }
 
+/// waitid (284): the host's, with the i386 siginfo (signo, errno, code,
+/// pid, uid, status) and rusage.
+pub(super) fn sys_waitid(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    // SAFETY: an all-zero siginfo is valid for waitid to fill.
+    let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `si` is valid; the id type and options are the guest's.
+    let r = unsafe {
+        libc::waitid(
+            a[0] as libc::idtype_t,
+            a[1] as libc::id_t,
+            &mut si,
+            a[3] as i32,
+        )
+    };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    if a[2] != 0 {
+        let mut b = [0u8; 128];
+        // SAFETY: the fields of a SIGCHLD siginfo (zero when no child
+        // changed state, with WNOHANG).
+        let (pid, uid, status) = unsafe { (si.si_pid(), si.si_uid(), si.si_status()) };
+        for (i, v) in [
+            si.si_signo as u32,
+            si.si_errno as u32,
+            si.si_code as u32,
+            pid as u32,
+            uid,
+            status as u32,
+        ]
+        .iter()
+        .enumerate()
+        {
+            b[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        pr.mm.write(cpu, a[2], &b)?;
+    }
+    if a[4] != 0 {
+        // SAFETY: an all-zero rusage is valid.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is valid.
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+        pr.mm.write(cpu, a[4], &rusage_i386(&ru))?;
+    }
+    Ok(0)
+}
+
 /// setpgid (57), getpgrp (65), setsid (66), getpgid (132), getsid (147).
 pub(super) fn sys_pgrp(_pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { n, a, .. } = c;

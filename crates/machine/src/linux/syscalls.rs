@@ -91,13 +91,13 @@ use super::files::{
 };
 use super::procs::{
     sys_chmod, sys_execve, sys_fork, sys_getrusage, sys_pgrp, sys_poll, sys_select, sys_times,
-    sys_wait4,
+    sys_wait4, sys_waitid,
 };
 use super::signals::{
     sys_alarm, sys_itimer, sys_kill, sys_pause, sys_rt_sigaction, sys_rt_sigpending,
     sys_rt_sigprocmask, sys_rt_sigsuspend, sys_rt_sigtimedwait, sys_sigaltstack, sys_sigreturn,
 };
-use super::threads::sys_futex;
+use super::threads::{sys_futex, sys_sched_yield};
 use A::{Dirfd, In, Out, D, S, X};
 
 /// Every system call popek knows, sorted by number (looked up by binary
@@ -165,7 +165,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 146, name: "writev", args: &[D, X, D], run: sys_writev },
     Syscall { nr: 147, name: "getsid", args: &[D], run: sys_pgrp },
     Syscall { nr: 148, name: "fdatasync", args: &[D], run: sys_sync },
-    Syscall { nr: 158, name: "sched_yield", args: &[], run: sys_accept },
+    Syscall { nr: 158, name: "sched_yield", args: &[], run: sys_sched_yield },
     Syscall { nr: 162, name: "nanosleep", args: &[X, X], run: sys_nanosleep },
     Syscall { nr: 163, name: "mremap", args: &[X, X, X, X, X], run: sys_mremap },
     Syscall { nr: 168, name: "poll", args: &[X, D, D], run: sys_poll },
@@ -212,6 +212,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 270, name: "tgkill", args: &[D, D, D], run: sys_kill },
     Syscall { nr: 271, name: "utimes", args: &[S, X], run: sys_utimensat },
     Syscall { nr: 272, name: "fadvise64_64", args: &[D, X, X, X, X, D], run: sys_accept },
+    Syscall { nr: 284, name: "waitid", args: &[D, D, X, X, X], run: sys_waitid },
     Syscall { nr: 295, name: "openat", args: &[Dirfd, S, X, X], run: sys_open },
     Syscall { nr: 296, name: "mkdirat", args: &[Dirfd, S, X], run: sys_mkdir },
     Syscall { nr: 298, name: "fchownat", args: &[Dirfd, S, D, D, X], run: sys_chown },

@@ -273,6 +273,14 @@ pub(super) fn signal_thread(pr: &mut LinuxProcess, tid: u32, sig: i32) -> bool {
     true
 }
 
+/// sched_yield (158): another thread's turn, if there are threads.
+pub(super) fn sys_sched_yield(pr: &mut LinuxProcess, _c: Call<'_>) -> Result<i32, Errno> {
+    if pr.group.is_some() {
+        pr.block = Some(Block::Sleep(Duration::ZERO));
+    }
+    Ok(0)
+}
+
 /// futex (240), futex_time64 (422).
 pub(super) fn sys_futex(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
