@@ -182,6 +182,17 @@ impl std::fmt::Debug for Block {
     }
 }
 
+/// The descriptors in GDT entries 12-14 (the running thread's TLS).
+fn tls_entries(cpu: &mut Vcpu) -> [u64; 3] {
+    let mut t = [0; 3];
+    for (i, d) in t.iter_mut().enumerate() {
+        *d = cpu
+            .read_sys(layout::GDT + 8 * (TLS_FIRST + i as u32), 8)
+            .unwrap_or(0);
+    }
+    t
+}
+
 /// A placeholder RAM for a thread that does not hold the process lock.
 fn spare_ram() -> GuestRam {
     GuestRam::new(4096).expect("a one-page memfd")
@@ -236,11 +247,7 @@ pub(super) fn clone_thread(
         clear_tid: clear_tid.unwrap_or(0),
         ..ThreadState::default()
     };
-    for i in 0..TLS_ENTRIES {
-        state.tls[i as usize] = cpu
-            .read_sys(layout::GDT + 8 * (TLS_FIRST + i), 8)
-            .unwrap_or(0);
-    }
+    state.tls = tls_entries(cpu);
     if let Some(addr) = tls {
         let b = pr.mm.read(cpu, addr, 16)?;
         let mut d = [0u8; 16];
@@ -490,12 +497,7 @@ impl Machine {
         if !ctx.held {
             return;
         }
-        for i in 0..TLS_ENTRIES {
-            ctx.state.tls[i as usize] = self
-                .cpu
-                .read_sys(layout::GDT + 8 * (TLS_FIRST + i), 8)
-                .unwrap_or(0);
-        }
+        ctx.state.tls = tls_entries(&mut self.cpu);
         if let Platform::Linux(p) = &mut self.platform {
             p.swap_thread(&mut ctx.state);
         }
