@@ -423,17 +423,20 @@ const VIRTIO_MODULES: [&str; 6] = [
     "virtio_blk",
 ];
 
-/// The disk test's /init: load the modules, read the disk whole and in
+/// An /init that loads Debian's virtio modules, `last` (the device's
+/// driver) at the end, then runs `body`.
+fn virtio_init(last: &str, body: &str) -> String {
+    format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\n\
+         for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci {last}; do\n\
+         \x20 insmod /lib/$m.ko || echo \"insmod $m failed\"\ndone\n{body}"
+    )
+}
+
+/// The disk test's /init (after [`virtio_init`]): load the modules, read the disk whole and in
 /// parts, write to it, read back what was written.
-const DISK_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
-  insmod /lib/$m.ko || echo "insmod $m failed"
-done
-echo "=== begin"
+const DISK_INIT_BODY: &str = r#"echo "=== begin"
 echo "sectors: $(cat /sys/block/vda/size) ro: $(cat /sys/block/vda/ro)"
 md5sum /dev/vda
 dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 40; echo
@@ -507,7 +510,11 @@ fn module_adds(modules: &[&str]) -> Vec<String> {
 #[test]
 fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
     let add = module_adds(&VIRTIO_MODULES);
-    let rd = initramfs_with("disk", Some(DISK_INIT), &add);
+    let rd = initramfs_with(
+        "disk",
+        Some(&virtio_init("virtio_blk", DISK_INIT_BODY)),
+        &add,
+    );
     let dir = rd.parent().unwrap().to_path_buf();
     let original = dir.join("original.img");
     disk_image(&original, 4);
@@ -604,18 +611,10 @@ fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
     }
 }
 
-/// The balloon test's /init: load the balloon driver, wait until the
+/// The balloon test's /init (after [`virtio_init`]): load the balloon driver, wait until the
 /// kernel's memory shrinks by what the host asked (--balloon), say so,
 /// then wait until it grows back (the monitor's balloon command).
-const BALLOON_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon; do
-  insmod /lib/$m.ko || echo "insmod $m failed"
-done
-total() { awk '/MemTotal/ { print $2 }' /proc/meminfo; }
+const BALLOON_INIT_BODY: &str = r#"total() { awk '/MemTotal/ { print $2 }' /proc/meminfo; }
 echo "=== begin $(total)"
 i=0; while [ $(total) -gt 120000 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
 echo "inflated $(total)"
@@ -639,7 +638,11 @@ fn debian_kernel_inflates_and_deflates_its_balloon() {
         "virtio_pci",
         "virtio_balloon",
     ]);
-    let rd = initramfs_with("balloon", Some(BALLOON_INIT), &add);
+    let rd = initramfs_with(
+        "balloon",
+        Some(&virtio_init("virtio_balloon", BALLOON_INIT_BODY)),
+        &add,
+    );
     let sock = rd.parent().unwrap().join("balloon.sock");
     let mut child = Command::new(POPEK)
         .arg("run")
@@ -718,7 +721,11 @@ fn debian_kernel_inflates_and_deflates_its_balloon() {
 #[test]
 fn debian_kernel_with_a_disk_suspends_resumes_and_migrates() {
     let add = module_adds(&VIRTIO_MODULES);
-    let rd = initramfs_with("disk-snap", Some(DISK_INIT), &add);
+    let rd = initramfs_with(
+        "disk-snap",
+        Some(&virtio_init("virtio_blk", DISK_INIT_BODY)),
+        &add,
+    );
     let dir = rd.parent().unwrap().to_path_buf();
     let original = dir.join("original.img");
     disk_image(&original, 4);
