@@ -495,6 +495,17 @@ fn module_adds(modules: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The disk tests' initramfs (Debian's virtio modules, the disk script)
+/// and a 4 MiB image beside it: (initramfs, directory, image).
+fn disk_setup(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let add = module_adds(&VIRTIO_MODULES);
+    let rd = initramfs_with(tag, Some(&virtio_init("virtio_blk", DISK_INIT_BODY)), &add);
+    let dir = rd.parent().unwrap().to_path_buf();
+    let original = dir.join("original.img");
+    disk_image(&original, 4);
+    (rd, dir, original)
+}
+
 /// A virtio disk: PCI (configuration mechanism #1, a host bridge, legacy
 /// virtio-pci on an I/O BAR, INTA# on the PIC) and virtio-blk on a raw
 /// image. Debian's kernel loads its own virtio modules from the
@@ -509,15 +520,7 @@ fn module_adds(modules: &[&str]) -> Vec<String> {
 /// in its copy.
 #[test]
 fn debian_kernel_reads_and_writes_a_virtio_disk_as_under_qemu() {
-    let add = module_adds(&VIRTIO_MODULES);
-    let rd = initramfs_with(
-        "disk",
-        Some(&virtio_init("virtio_blk", DISK_INIT_BODY)),
-        &add,
-    );
-    let dir = rd.parent().unwrap().to_path_buf();
-    let original = dir.join("original.img");
-    disk_image(&original, 4);
+    let (rd, dir, original) = disk_setup("disk");
     for (readonly, overlay) in [(false, false), (true, false), (false, true)] {
         let (q_img, p_img) = (dir.join("qemu.img"), dir.join("popek.img"));
         std::fs::copy(&original, &q_img).unwrap();
@@ -720,15 +723,7 @@ fn debian_kernel_inflates_and_deflates_its_balloon() {
 /// image changed since is refused in one line.
 #[test]
 fn debian_kernel_with_a_disk_suspends_resumes_and_migrates() {
-    let add = module_adds(&VIRTIO_MODULES);
-    let rd = initramfs_with(
-        "disk-snap",
-        Some(&virtio_init("virtio_blk", DISK_INIT_BODY)),
-        &add,
-    );
-    let dir = rd.parent().unwrap().to_path_buf();
-    let original = dir.join("original.img");
-    disk_image(&original, 4);
+    let (rd, dir, original) = disk_setup("disk-snap");
     let machine = |img: &Path, extra: &[&str]| {
         let mut c = Command::new(POPEK);
         c.arg("run")
