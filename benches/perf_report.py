@@ -844,7 +844,7 @@ def main():
                         f"{t / tq:.2f}x | {field(st, 'writes to code pages: hit code')} | "
                         f"{field(st, 'writes to code pages: beside code')} | "
                         f"{field(st, 'invalidations (code written)')} | "
-                        f"{field(st, 'stores made helper calls (adaptive)')} | "
+                        f"{field(st, 'accesses made helper calls (adaptive)')} | "
                         f"{field(st, 'blocks translated')} |")
     cd_ratio = cd_times["codedata"] / cd_times["codedata-split"]
     bench_rows = translation_bench()
@@ -1259,7 +1259,7 @@ overlap translated bytes invalidate, and a store that keeps writing a
 watched page becomes a helper call instead of a host fault each time
 (adaptive binary translation).
 
-| guest | guest instructions | bt (s) | qemu-system-i386 (s) | bt / qemu | writes: hit code | writes: beside code | invalidations | stores made helper calls | blocks translated |
+| guest | guest instructions | bt (s) | qemu-system-i386 (s) | bt / qemu | writes: hit code | writes: beside code | invalidations | accesses made helper calls | blocks translated |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(cd_rows)}
 

@@ -160,8 +160,10 @@ fn a_guest_that_keeps_dirtying_memory_arrives_whole() {
         &args,
         5_000_000,
         &[
+            // (16 MiB take 100 ms: as long as the downtime allowed, so the
+            // dirty set never fits until the guest is throttled.)
             "--migrate-bandwidth",
-            "40M",
+            "160M",
             "--migrate-max-downtime",
             "100",
         ],

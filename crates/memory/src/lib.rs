@@ -44,6 +44,8 @@ pub struct GuestRam {
     /// Writes to watched pages since the last [`GuestRam::take_watched_writes`],
     /// one per page.
     writes: Vec<WatchedWrite>,
+    /// Writes to watched pages ever made (each one, not once per page).
+    watched_count: u64,
     /// The shadow windows (linear addresses under guest paging), one per
     /// shadow address space, created on first use; see [`GuestRam::shadow`].
     shadows: Vec<Option<shadow::Shadow>>,
@@ -223,6 +225,7 @@ impl GuestRam {
             watched: vec![0; pages.div_ceil(64)],
             pending: vec![0; pages.div_ceil(64)],
             writes: Vec::new(),
+            watched_count: 0,
             shadows: Vec::new(),
             attention: vec![0; pages.div_ceil(64)],
             backing: backing::State::new(pages),
@@ -359,6 +362,7 @@ impl GuestRam {
 
     #[cold]
     fn record(&mut self, page: u32, lo: u32, hi: u32, accessed_dirty: bool) {
+        self.watched_count += 1;
         let (lo, hi) = if accessed_dirty {
             (u16::MAX, 0)
         } else {
@@ -431,6 +435,13 @@ impl GuestRam {
     /// [`GuestRam::take_watched_writes`]?
     pub fn has_watched_writes(&self) -> bool {
         !self.writes.is_empty()
+    }
+
+    /// How many writes to watched pages were ever made (every one, where
+    /// [`GuestRam::watched_writes`] holds one per page): a clock for
+    /// telling whether a piece of work wrote any.
+    pub fn watched_write_count(&self) -> u64 {
+        self.watched_count
     }
 
     /// The writes recorded since the last [`GuestRam::take_watched_writes`]

@@ -139,11 +139,15 @@ impl GuestRam {
         let Some(Some(s)) = self.shadows.get_mut(space) else {
             return Ok(false);
         };
-        if !s.shadow_of.contains_key(&lin) {
-            return Ok(false);
+        match s.shadow_of.get(&lin) {
+            None => Ok(false),
+            // (Revoked already: nothing for the host to do.)
+            Some((_, Access::Revoked)) => Ok(true),
+            Some(_) => {
+                s.protect(lin, Access::Revoked)?;
+                Ok(true)
+            }
         }
-        s.protect(lin, Access::Revoked)?;
-        Ok(true)
     }
 
     /// Grant access to mapped linear page `lin` of shadow `space` again:

@@ -53,9 +53,6 @@ impl Hasher for EipHasher {
 pub(crate) type FastMap<K, V> =
     std::collections::HashMap<K, V, std::hash::BuildHasherDefault<EipHasher>>;
 
-/// A hash set of guest addresses or page numbers (see [`FastMap`]).
-pub(crate) type FastSet<K> = std::collections::HashSet<K, std::hash::BuildHasherDefault<EipHasher>>;
-
 /// What a translation is found by: its guest EIP (bits 0-31), the physical
 /// page of that EIP (bits 32-51; the linear page with paging off) and
 /// whether it was made for user mode (bit 63: the guest tables' U/S rights

@@ -22,7 +22,7 @@ use popek_memory::GuestRam;
 use popek_vcpu::Vcpu;
 
 use crate::abi::{Context, LOOKUP_SHIFT};
-use crate::cache::{key_eip, FastMap, FastSet, Key, TransCache, Translation};
+use crate::cache::{key_eip, FastMap, Key, TransCache, Translation};
 use crate::chain::Link;
 use crate::emit::Pace;
 use crate::helper::{tsc_native, HelperEnv, HotStore};
@@ -88,6 +88,9 @@ pub struct Bt {
     /// The current page directory (its page number) and its entries as
     /// the kept links and lookups assume them (see [`crate::paging`]).
     pub(crate) dir_now: Option<(u32, Box<[u32; 1024]>)>,
+    /// Writes to each watched page table since a shadow mapping was last
+    /// derived from it (see [`crate::paging::FLOOD_WRITES`]).
+    pub(crate) flood: FastMap<u32, u32>,
     /// Counts switches between spaces (for least-recently-used eviction).
     pub(crate) tick: u64,
     /// The host refused to unmap a shadow window: it may grant what the
@@ -108,17 +111,21 @@ pub struct Bt {
     pub(crate) lookup: Option<Box<[DirectMap; 2]>>,
     /// The EIPs each table holds a translation for.
     pub(crate) lookup_used: [Vec<u32>; 2],
-    /// Host write faults on watched pages (code, page tables) by guest
-    /// EIP: a store that takes [`HOT_STORE_FAULTS`] becomes a helper call
-    /// (`hot_stores`) when its block is translated again.
+    /// Host faults of translated code's memory accesses by guest EIP (a
+    /// store to a watched page, an access the shadow does not grant yet:
+    /// an accessed or dirty bit to set, a page the guest's tables changed;
+    /// a device's registers): an instruction that takes
+    /// [`HOT_STORE_FAULTS`] becomes a helper call (`hot_stores`) when its
+    /// block is translated again.
     pub(crate) store_faults: FastMap<u32, u32>,
-    /// Guest EIPs of stores translated as helper calls: adaptive binary
-    /// translation (Adams and Agesen, ASPLOS 2006), a call instead of a
-    /// host fault for an instruction that keeps writing watched pages;
-    /// one that then rarely does goes back to host code for good
-    /// (`never_hot`).
+    /// Guest EIPs of instructions translated as helper calls: adaptive
+    /// binary translation (Adams and Agesen, ASPLOS 2006), a call instead
+    /// of a host fault for an instruction whose accesses keep faulting;
+    /// one that then rarely would goes back to host code (`demotions`
+    /// counts the times: each makes the next promotion take four times
+    /// the faults, up to [`MAX_DEMOTIONS`] times).
     pub(crate) hot_stores: FastMap<u32, HotStore>,
-    pub(crate) never_hot: FastSet<u32>,
+    pub(crate) demotions: FastMap<u32, u32>,
     /// Hot stores a run of host code demoted (acted on at the next drain).
     pub(crate) demoted: Vec<u32>,
     /// Do blocks go on past a conditional branch's fall-through
@@ -176,6 +183,7 @@ impl Bt {
             cross: FastMap::default(),
             by_page: FastMap::default(),
             dir_now: None,
+            flood: FastMap::default(),
             lookup_regions: [crate::paging::Regions::NONE; 2],
             by_offset: BTreeMap::new(),
             stats: Stats::default(),
@@ -189,7 +197,7 @@ impl Bt {
             superblocks: true,
             store_faults: FastMap::default(),
             hot_stores: FastMap::default(),
-            never_hot: FastSet::default(),
+            demotions: FastMap::default(),
             demoted: Vec::new(),
             watch: WriteWatch::default(),
             spaces: Vec::new(),
@@ -431,6 +439,7 @@ impl Bt {
             hot: &mut self.hot_stores,
             demote: Vec::new(),
             watch: &self.watch,
+            space: self.space,
         };
         let mut ctx = Context {
             regs: cpu.regs,
@@ -579,8 +588,8 @@ impl Bt {
                 cpu.eip = eip;
             }
             let key = self.key;
-            if ctx.fault_write != 0 && self.watched_at(cpu, ctx.fault_addr) {
-                self.store_fault(cpu.eip);
+            if ctx.fault_addr != 0 && self.in_window(cpu, ctx.fault_addr) {
+                self.store_fault(cpu, cpu.eip);
             }
             let step = self.execute_one(cpu);
             if ctx.fault_addr != 0 {
@@ -606,61 +615,66 @@ impl Bt {
     }
 }
 
-/// Write faults on watched pages after which a store becomes a helper call.
+/// Host faults after which an instruction becomes a helper call (the
+/// first time; see `Bt::hot_stores`).
 pub const HOT_STORE_FAULTS: u32 = 2;
 
+/// Demotions after which the faults a promotion takes stop growing
+/// (`HOT_STORE_FAULTS << 2 * MAX_DEMOTIONS` then).
+pub const MAX_DEMOTIONS: u32 = 4;
+
 impl Bt {
-    /// Is host address `addr` (in the window GS points at) a watched page?
-    fn watched_at(&self, cpu: &mut Vcpu, addr: u64) -> bool {
-        let phys = match self.space {
-            Some(i) => {
-                let Ok(w) = cpu.ram.shadow(i) else {
-                    return false;
-                };
-                let Some(lin) = addr.checked_sub(w.base() as u64) else {
-                    return false;
-                };
-                cpu.ram.shadow_page(i, (lin >> 12) as u32)
-            }
-            None => {
-                let Ok(w) = cpu.ram.window() else {
-                    return false;
-                };
-                addr.checked_sub(w.base() as u64).map(|p| (p >> 12) as u32)
-            }
+    /// Is host address `addr` in the window GS points at (guest memory as
+    /// translated code sees it)?
+    fn in_window(&self, cpu: &mut Vcpu, addr: u64) -> bool {
+        let base = match self.space {
+            Some(i) => cpu.ram.shadow(i).map(|w| w.base()),
+            None => cpu.ram.window().map(|w| w.base()),
         };
-        phys.is_some_and(|p| cpu.ram.is_watched(p))
+        base.is_ok_and(|b| {
+            addr.checked_sub(b as u64)
+                .is_some_and(|off| off < popek_memory::WINDOW_SIZE as u64)
+        })
     }
 
-    /// The store at `eip` wrote a watched page from host code: after
-    /// [`HOT_STORE_FAULTS`] of those, drop the translations that hold it so
-    /// that it is translated again as a helper call.
-    fn store_fault(&mut self, eip: u32) {
-        if self.never_hot.contains(&eip) || self.hot_stores.contains_key(&eip) {
+    /// The instruction at `eip` faulted on guest memory in host code:
+    /// after [`HOT_STORE_FAULTS`] of those (four times more after each
+    /// demotion), drop the translations that hold it so that it is
+    /// translated again as a helper call.
+    fn store_fault(&mut self, cpu: &Vcpu, eip: u32) {
+        if self.hot_stores.contains_key(&eip) {
             return;
         }
+        let demoted = self
+            .demotions
+            .get(&eip)
+            .copied()
+            .unwrap_or(0)
+            .min(MAX_DEMOTIONS);
         let n = self.store_faults.entry(eip).or_default();
         *n += 1;
-        if *n < HOT_STORE_FAULTS {
+        if *n < HOT_STORE_FAULTS << (2 * demoted) {
             return;
         }
+        *n = 0;
         self.hot_stores.insert(eip, HotStore::default());
         self.stats.hot_stores += 1;
-        self.retranslate_holding(eip);
+        self.retranslate_holding(cpu, eip);
     }
 
-    /// Hot stores that rarely wrote watched pages go back to host code.
-    fn demote_stores(&mut self, eips: &[u32]) {
+    /// Hot instructions that rarely would have faulted go back to host
+    /// code.
+    fn demote_stores(&mut self, cpu: &Vcpu, eips: &[u32]) {
         for &eip in eips {
-            self.never_hot.insert(eip);
+            *self.demotions.entry(eip).or_default() += 1;
             self.stats.hot_stores_demoted += 1;
-            self.retranslate_holding(eip);
+            self.retranslate_holding(cpu, eip);
         }
     }
 
     /// Drop the translations holding the instruction at `eip`, to be
     /// translated again.
-    fn retranslate_holding(&mut self, eip: u32) {
+    fn retranslate_holding(&mut self, cpu: &Vcpu, eip: u32) {
         let holds = |t: &Translation| match t {
             Translation::Code { insns, .. } => {
                 let eips = insns.eips();
@@ -669,9 +683,11 @@ impl Bt {
             Translation::Interpret { .. } => false,
         };
         // The translations of the physical page the current mapping puts
-        // `eip` on (the whole cache if the instruction TLB does not know).
+        // `eip` on (the whole cache if neither the instruction TLB nor the
+        // guest's tables know).
         let Some(keys) = self
             .current_phys(eip >> 12)
+            .or_else(|| cpu.debug_phys(eip).map(|p| p >> 12))
             .map(|p| self.by_page.get(&p).cloned().unwrap_or_default())
         else {
             self.drop_where(holds);
@@ -692,7 +708,7 @@ impl Bt {
     pub(crate) fn drain_writes(&mut self, cpu: &mut Vcpu) {
         if !self.demoted.is_empty() {
             let d = std::mem::take(&mut self.demoted);
-            self.demote_stores(&d);
+            self.demote_stores(cpu, &d);
         }
         let written = self.watch.drain(&mut cpu.ram);
         self.stats.code_writes_hit += written.code.len() as u64;

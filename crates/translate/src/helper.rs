@@ -101,23 +101,68 @@ pub(crate) struct HelperEnv {
     /// `Bt::watch`, to tell harmless writes to watched pages (data beside
     /// code) from those the dispatcher must act on.
     pub(crate) watch: *const crate::watch::WriteWatch,
+    /// The current shadow address space (None with paging off).
+    pub(crate) space: Option<usize>,
 }
 
-/// A store translated as a helper call because it kept writing watched
-/// pages (see `Bt::hot_stores`).
-#[derive(Debug, Default, Clone, Copy)]
+/// The first linear page a helper's instruction touched that the shadow
+/// does not grant (for the access made) although the guest's tables do:
+/// host code would have faulted on it.
+fn shadow_lag(cpu: &Vcpu, space: usize, user: bool) -> Option<u32> {
+    let (pages, n) = cpu.touched;
+    pages
+        .into_iter()
+        .take(usize::from(n))
+        .find(|&(lin, write)| {
+            let granted = match cpu.ram.shadow_entry(space, lin) {
+                Some((_, popek_memory::Access::Write)) => true,
+                Some((_, popek_memory::Access::Read)) => !write,
+                _ => false,
+            };
+            !granted && cpu.probe(lin << 12, user).is_some()
+        })
+        .map(|(lin, _)| lin)
+}
+
+/// An instruction translated as a helper call because its memory accesses
+/// kept faulting in host code (see `Bt::hot_stores`), and its credit: a
+/// run that host code would have faulted on earns [`HIT_CREDIT`] (up to
+/// [`MAX_CREDIT`]), any other run spends one, and at none left it goes
+/// back to host code. A helper call costs a few hundred cycles, a host
+/// fault (a signal, the interpreter, often an mprotect) some ten thousand,
+/// so the helper pays while more than about one run in 30 would fault;
+/// the cap bounds what a burst of faults buys: an instruction that copies
+/// into a watched page and then into a plain one (a memcpy) goes back to
+/// host code after a few hundred runs of the second.
+///
+/// Under guest paging a run also counts as a fault when it reached a page
+/// the shadow does not grant (a page the guest's tables changed, or one
+/// only helpers touch, which leave the shadow as it is: mapping it would
+/// cost the host call a fault costs, and unmapping it again when the
+/// guest next changes its entry another), unless it is the page the last
+/// such run reached: host code would fault there once and then run.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct HotStore {
-    /// Times the helper ran it.
-    pub(crate) runs: u32,
-    /// Of those, the times it wrote a watched page.
-    pub(crate) hits: u32,
+    pub(crate) credit: u32,
+    /// The linear page of the last run that the shadow did not grant.
+    pub(crate) lagged: Option<u32>,
 }
 
-/// A hot store is translated as host code again when, after this many
-/// runs, fewer than one in [`DEMOTE_RATIO`] wrote a watched page.
-pub(crate) const DEMOTE_AFTER: u32 = 64;
-/// See [`DEMOTE_AFTER`].
-pub(crate) const DEMOTE_RATIO: u32 = 4;
+impl Default for HotStore {
+    fn default() -> HotStore {
+        HotStore {
+            credit: START_CREDIT,
+            lagged: None,
+        }
+    }
+}
+
+/// A new hot instruction's credit (see [`HotStore`]).
+pub(crate) const START_CREDIT: u32 = 64;
+/// What a run host code would have faulted on earns.
+pub(crate) const HIT_CREDIT: u32 = 32;
+/// The most credit a hot instruction holds.
+pub(crate) const MAX_CREDIT: u32 = 256;
 
 /// Are the writes to watched pages since the last drain all harmless (data
 /// beside translated code, accessed and dirty bits), so the block may go on?
@@ -185,6 +230,8 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         // from the lookup field.)
         let inflight = ctx.retired.wrapping_add(counted_before as u64) & ((1 << LOOKUP_SHIFT) - 1);
         cpu.retired += inflight;
+        let slow_before = (cpu.slow_accesses, cpu.ram.watched_write_count());
+        cpu.touched.1 = 0;
         let step = popek_interp::step_decoded(cpu, ins);
         cpu.retired -= inflight;
         // SAFETY: `hot` points at the engine's map, which the engine does
@@ -192,9 +239,22 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         let hot = unsafe { &mut *env.hot };
         if !hot.is_empty() {
             if let Some(h) = hot.get_mut(&eip) {
-                h.runs += 1;
-                h.hits += u32::from(cpu.ram.has_watched_writes());
-                if h.runs >= DEMOTE_AFTER && h.hits * DEMOTE_RATIO < h.runs {
+                // Would host code have faulted? (It wrote a watched page,
+                // set an accessed or dirty bit, touched a device, or took
+                // a page fault.)
+                let mut hit = (cpu.slow_accesses, cpu.ram.watched_write_count()) != slow_before;
+                if !hit {
+                    if let Some(space) = env.space {
+                        let lag = shadow_lag(cpu, space, env.key.is_some_and(|k| k.user));
+                        hit = lag.is_some() && lag != h.lagged;
+                        h.lagged = lag.or(h.lagged);
+                    }
+                }
+                if hit {
+                    h.credit = (h.credit + HIT_CREDIT).min(MAX_CREDIT);
+                } else if h.credit > 0 {
+                    h.credit -= 1;
+                } else {
                     hot.remove(&eip);
                     env.demote.push(eip);
                 }

@@ -39,6 +39,14 @@ use crate::lower::SegBases;
 /// Shadow address spaces kept at most (each a 4 GiB host reservation).
 pub const MAX_SPACES: usize = 32;
 
+/// Writes (drains that found one) to a page table with no shadow mapping
+/// derived from it in between, after which it is no longer shadowed: its
+/// mappings go from every space and it is unwatched, so that further
+/// writes cost nothing until something is derived from it again (a write
+/// flood, as KVM calls it: a freed table reused as data, a table rewritten
+/// wholesale, a clock clearing accessed bits that only helpers read).
+pub const FLOOD_WRITES: u32 = 8;
+
 /// The paging mode translations of linear addresses and a shadow window
 /// are valid for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,6 +291,12 @@ impl Bt {
         let i = (0..self.spaces.len())
             .min_by_key(|&i| self.spaces[i].last_used)
             .expect("MAX_SPACES > 0");
+        self.empty_space(cpu, i, fresh);
+        i
+    }
+
+    /// Replace space `i` with `fresh`, dropping everything derived in it.
+    fn empty_space(&mut self, cpu: &mut Vcpu, i: usize, fresh: Space) {
         let old = std::mem::replace(&mut self.spaces[i], fresh);
         // Its code pages' translations stay: they are keyed by physical
         // page and entered only through another space's TLB. A link or
@@ -305,7 +319,62 @@ impl Bt {
         if cpu.ram.shadow_reset(i).is_err() {
             self.shadow_broken = true;
         }
-        i
+    }
+
+    /// Stop shadowing page table `t` after a write flood: unmap what every
+    /// space derived from it (a space whose directory it is, unless that
+    /// is the current directory, is emptied), and unwatch it. False when
+    /// it stays (the current directory: kept links rely on its watch).
+    fn unshadow_table(&mut self, cpu: &mut Vcpu, t: u32) -> bool {
+        if self.dir_now.as_ref().is_some_and(|d| d.0 == t) {
+            return false;
+        }
+        let mut stale = Regions::NONE;
+        for i in 0..self.spaces.len() {
+            if self.spaces[i].mode.cr3 >> 12 == t {
+                let fresh = Space {
+                    mode: self.spaces[i].mode,
+                    last_used: self.spaces[i].last_used,
+                    regions: [0; 16],
+                    deps: FastMap::default(),
+                    itlb: FastMap::default(),
+                };
+                self.empty_space(cpu, i, fresh);
+                continue;
+            }
+            let Some(mut lins) = self.spaces[i].deps.remove(&t) else {
+                continue;
+            };
+            lins.sort_unstable();
+            self.spaces[i].itlb.retain(|l, _| {
+                let hit = lins.binary_search(l).is_ok();
+                if hit {
+                    stale.add(l >> 10);
+                }
+                !hit
+            });
+            let mut k = 0;
+            while k < lins.len() {
+                let mut n = 1;
+                while k + n < lins.len() && lins[k + n] == lins[k] + n as u32 {
+                    n += 1;
+                }
+                if cpu.ram.shadow_unmap(i, lins[k], n as u32).is_err() {
+                    self.drop_spaces(cpu);
+                    return true;
+                }
+                self.stats.shadow_unmaps += n as u64;
+                k += n;
+            }
+        }
+        self.stats.tables_unshadowed += 1;
+        self.release_table(cpu, t);
+        if !stale.is_empty() {
+            self.stats.mapping_invalidations += 1;
+            self.cut_cross_links_in(&stale, &Bt::mapped_alike_now);
+            self.clear_lookups_in(&stale);
+        }
+        true
     }
 
     /// Stop watching table `t` if no space depends on it any more.
@@ -439,6 +508,19 @@ impl Bt {
         for t in emptied {
             self.release_table(cpu, t);
         }
+        // Tables written again and again with nothing derived from them in
+        // between stop being shadowed.
+        for &(t, _, _) in tables {
+            if !self.watch.is_table(t) {
+                self.flood.remove(&t);
+                continue;
+            }
+            let n = self.flood.entry(t).or_default();
+            *n += 1;
+            if *n >= FLOOD_WRITES && self.unshadow_table(cpu, t) {
+                self.flood.remove(&t);
+            }
+        }
         // Translations stay: they are keyed by physical page and entered
         // through the instruction TLB, which has just lost the stale pages
         // (a process that maps the same code again finds them). What was
@@ -470,6 +552,9 @@ impl Bt {
         for t in tables.into_iter().flatten() {
             if !self.watch.watch_table(&mut cpu.ram, t) {
                 return false;
+            }
+            if !self.flood.is_empty() {
+                self.flood.remove(&t);
             }
         }
         let space = &mut self.spaces[i];
@@ -649,6 +734,7 @@ impl Bt {
     /// until a reset succeeds (see `enter`).
     pub(crate) fn drop_spaces(&mut self, cpu: &mut Vcpu) {
         self.watch.forget_tables(&mut cpu.ram);
+        self.flood.clear();
         self.shadow_broken = false;
         for i in 0..self.spaces.len() {
             self.shadow_broken |= cpu.ram.shadow_reset(i).is_err();

@@ -76,6 +76,10 @@ pub struct Stats {
     pub table_writes: u64,
     /// Shadow pages unmapped because a page table they came from changed.
     pub shadow_unmaps: u64,
+    /// Page tables no longer shadowed because the guest kept writing them
+    /// while nothing was derived from them anew (a write flood: a table
+    /// freed and reused as data, or rewritten wholesale).
+    pub tables_unshadowed: u64,
     /// Indirect branches (RET, JMP/CALL r/m32) looked up in host code.
     pub indirect_lookups: u64,
     /// Of those, the ones that found their target's translation (the rest
@@ -286,6 +290,11 @@ impl Stats {
                 self.shadow_unmaps,
             ),
             c(
+                "tables_unshadowed",
+                "page tables unshadowed (write floods)",
+                self.tables_unshadowed,
+            ),
+            c(
                 "shadow_spaces_created",
                 "shadow address spaces created",
                 self.spaces_created,
@@ -303,7 +312,7 @@ impl Stats {
             c("links_cut", "cross-page links cut", self.links_cut),
             c(
                 "hot_stores",
-                "stores made helper calls (adaptive)",
+                "accesses made helper calls (adaptive)",
                 self.hot_stores,
             ),
             c(

@@ -57,8 +57,13 @@ impl Vcpu {
             return Ok(lin);
         }
         let write = access == Access::Write;
+        if access != Access::Fetch && (self.touched.1 as usize) < self.touched.0.len() {
+            self.touched.0[self.touched.1 as usize] = (lin >> 12, write);
+            self.touched.1 += 1;
+        }
         let pf = |cpu: &mut Vcpu, present: bool| -> Fault {
             cpu.fault_cr2 = lin;
+            cpu.slow_accesses += 1;
             let code = u32::from(present) | (u32::from(write) << 1) | (u32::from(user) << 2);
             Fault::exc_code(vector::PF, code)
         };
@@ -89,16 +94,19 @@ impl Vcpu {
         }
         // Accessed and dirty bits.
         if pde & 0x20 == 0 {
+            self.slow_accesses += 1;
             self.ram.write_ad(pde_addr, pde | 0x20);
         }
         if !big {
             let want = 0x20 | if write { 0x40 } else { 0 };
             if pte & want != want {
+                self.slow_accesses += 1;
                 self.ram.write_ad(pte_addr, pte | want);
             }
             Ok((pte & 0xFFFF_F000) | (lin & 0xFFF))
         } else {
             if write && pde & 0x40 == 0 {
+                self.slow_accesses += 1;
                 let pde = self.ram.read(pde_addr, 4) as u32;
                 self.ram.write_ad(pde_addr, pde | 0x40);
             }
@@ -216,6 +224,7 @@ impl Vcpu {
     #[inline]
     fn phys_read(&mut self, p: u32, len: u32) -> u64 {
         if !self.ram.contains(p, len) && len <= 4 {
+            self.slow_accesses += 1;
             if let Some(v) = self.board.mmio_read(p, len as u8) {
                 return u64::from(v);
             }
@@ -229,6 +238,7 @@ impl Vcpu {
     #[inline]
     fn phys_write(&mut self, p: u32, len: u32, v: u64) {
         if !self.ram.contains(p, len) && len <= 4 && self.board.mmio_write(p, len as u8, v as u32) {
+            self.slow_accesses += 1;
             if self.board.dma_pending() {
                 self.board.service_dma(&mut self.ram);
             }

@@ -286,6 +286,16 @@ pub struct Vcpu {
     /// Page faults delivered to the guest (through its IDT), as opposed to
     /// the hidden ones an engine handles itself.
     pub page_faults: u64,
+    /// Data accesses the host MMU could not have made on the guest's
+    /// behalf (a device's registers, an accessed or dirty bit to set, a
+    /// page fault): translated code faults on each, so the translator's
+    /// adaptive helpers count them to decide whether an instruction stays
+    /// a helper call.
+    pub slow_accesses: u64,
+    /// The linear pages the last data accesses translated under paging
+    /// (page, write), at most two since `touched.1` was last set to 0: what
+    /// a helper call made the translator's shadow grant next time.
+    pub touched: ([(u32, bool); 2], u8),
     /// The x87 FPU.
     pub fpu: crate::x87::Fpu,
     /// A debugger's watchpoints on linear addresses (checked by every data
@@ -327,6 +337,8 @@ impl Vcpu {
             board: self.board.clone(),
             retired: 0,
             page_faults: 0,
+            slow_accesses: 0,
+            touched: ([(0, false); 2], 0),
             fpu: self.fpu.clone(),
             watchpoints: Vec::new(),
             watch_hit: None,
@@ -396,6 +408,8 @@ impl Vcpu {
             board: Board::new(),
             retired: 0,
             page_faults: 0,
+            slow_accesses: 0,
+            touched: ([(0, false); 2], 0),
             fpu: crate::x87::Fpu::default(),
             watchpoints: Vec::new(),
             watch_hit: None,
