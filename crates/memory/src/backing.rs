@@ -389,6 +389,7 @@ impl GuestRam {
         self.pending.fill(0);
         self.writes.clear();
         self.attention.fill(0);
+        self.clear_fast_all();
         self.backing = State::new((self.size / PAGE_SIZE) as usize);
         Ok(())
     }

@@ -55,7 +55,18 @@ pub struct GuestRam {
     attention: Vec<u64>,
     /// Pages backed by snapshot files and the dirty log (see [`backing`]).
     backing: backing::State,
+    /// The fast-write map (see [`GuestRam::fast_map`]), made on first use,
+    /// and whether an entry was ever set (else clearing touches nothing).
+    fast: Option<MmapMut>,
+    fast_set: bool,
 }
+
+/// Regions of 64 bytes in the 4 GiB physical address space: the entries
+/// of the fast-write map ([`GuestRam::fast_map`]).
+pub const FAST_REGIONS: usize = 1 << 26;
+
+/// Bytes per entry of the fast-write map (the translator's code chunks).
+pub const FAST_REGION: u32 = 64;
 
 /// Bytes a [`Window`] reserves from its base: the 4 GiB guest address
 /// space plus 64 KiB of guard, so an unaligned access at 0xFFFFFFFE cannot
@@ -229,6 +240,8 @@ impl GuestRam {
             shadows: Vec::new(),
             attention: vec![0; pages.div_ceil(64)],
             backing: backing::State::new(pages),
+            fast: None,
+            fast_set: false,
         })
     }
 
@@ -349,10 +362,86 @@ impl GuestRam {
         }
     }
 
-    /// Recompute the attention bit of a page.
+    /// Recompute the attention bit of a page (and forget that its bytes
+    /// could be written fast: see [`GuestRam::fast_map`]).
     fn update_attention(&mut self, page: u32) {
         let on = bit(&self.watched, page) || self.backing.needs_attention(page);
         set_bit(&mut self.attention, page, on);
+        self.clear_fast(page, 0, PAGE_SIZE);
+    }
+
+    /// The fast-write map: one byte per 64-byte region of the physical
+    /// address space ([`FAST_REGIONS`] of them), followed by as many bytes
+    /// that stay zero. Translated code may store to physical address `a`
+    /// through [`GuestRam::ram_ptr`], bypassing the write watch, when byte
+    /// `a >> 6` is 1 (a store of up to 16 bytes: it may reach into the
+    /// next region). Invariant: an entry is 1 only if it and the next
+    /// region are RAM on pages whose writes need nothing but what the
+    /// translator's code watch checks ([`GuestRam::may_write_fast`]), and
+    /// the translator, which sets entries ([`GuestRam::set_fast`]), has
+    /// found no translated code and no page table there; every change of a
+    /// page's attention clears its entries (and the one before), and the
+    /// translator clears those it translates code from.
+    /// Untouched, the map costs no memory.
+    pub fn fast_map(&mut self) -> Result<*const u8, RamError> {
+        if self.fast.is_none() {
+            let m = MmapOptions::new()
+                .len(2 * FAST_REGIONS)
+                .map_anon()
+                .map_err(|e| RamError(format!("cannot map the fast-write map: {e}")))?;
+            self.fast = Some(m);
+        }
+        Ok(self.fast.as_ref().expect("made above").as_ptr())
+    }
+
+    /// The host address of guest physical address 0 in popek's own view of
+    /// RAM (writable whatever the window's protection).
+    pub fn ram_ptr(&mut self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// May the bytes of `page` be written without GuestRam noticing (it is
+    /// RAM, and not shared with a file, another guest or the dirty log)?
+    /// Being watched is the caller's business.
+    pub fn may_write_fast(&self, page: u32) -> bool {
+        page < self.size / PAGE_SIZE && !self.backing.needs_attention(page)
+    }
+
+    /// Let translated code store to the region of physical address `addr`
+    /// (see [`GuestRam::fast_map`]; the caller has checked for code and
+    /// page tables). Nothing happens unless the region and the next are RAM
+    /// that [`GuestRam::may_write_fast`] allows.
+    pub fn set_fast(&mut self, addr: u32) {
+        let region = addr / FAST_REGION;
+        let next = (region + 1) * FAST_REGION;
+        if !self.may_write_fast(addr / PAGE_SIZE) || !self.may_write_fast(next / PAGE_SIZE) {
+            return;
+        }
+        if let Some(m) = self.fast.as_mut() {
+            m[region as usize] = 1;
+            self.fast_set = true;
+        }
+    }
+
+    /// Translated code may no longer store fast to bytes `lo..hi` of
+    /// `page` (nor to the region before them, whose stores may reach in).
+    pub fn clear_fast(&mut self, page: u32, lo: u32, hi: u32) {
+        let Some(m) = self.fast.as_mut().filter(|_| self.fast_set) else {
+            return;
+        };
+        if lo >= hi {
+            return;
+        }
+        let first = (page * (PAGE_SIZE / FAST_REGION) + lo / FAST_REGION) as usize;
+        let last =
+            (page * (PAGE_SIZE / FAST_REGION) + (hi - 1).min(PAGE_SIZE - 1) / FAST_REGION) as usize;
+        m[first.saturating_sub(1)..=last.min(FAST_REGIONS - 1)].fill(0);
+    }
+
+    /// Translated code may store fast nowhere (until entries are set again).
+    pub(crate) fn clear_fast_all(&mut self) {
+        self.fast = None;
+        self.fast_set = false;
     }
 
     /// May translated code write the page (nothing to notice on a write)?

@@ -79,6 +79,15 @@ pub struct Context {
     pub tsc_offset: u64,
     /// Scratch for host code (RDTSC combines EDX:EAX through it).
     pub scratch: u64,
+    /// The fast-write map (`GuestRam::fast_map`) with paging off; its
+    /// second, all-zero half with paging on (no store is fast then: the
+    /// map is indexed by physical address).
+    pub fast_map: u64,
+    /// `GuestRam::ram_ptr`: guest RAM writable whatever the window's
+    /// protection, for the stores the fast-write map lets through.
+    pub ram_rw: u64,
+    /// More scratch for host code (a checked store keeps RCX here).
+    pub scratch2: u64,
 }
 
 impl Context {
@@ -131,6 +140,12 @@ pub const TSC_SLOW: u8 = 126;
 pub const TSC_OFFSET: u32 = 128;
 /// Offset of [`Context::scratch`] (beyond disp8: dynasm code only).
 pub const SCRATCH: u32 = 136;
+/// Offset of [`Context::fast_map`] (dynasm code only).
+pub const FAST_MAP: u32 = 144;
+/// Offset of [`Context::ram_rw`] (dynasm code only).
+pub const RAM_RW: u32 = 152;
+/// Offset of [`Context::scratch2`] (dynasm code only).
+pub const SCRATCH2: u32 = 160;
 
 const _: () = assert!(offset_of!(Context, regs) == REGS as usize);
 const _: () = assert!(offset_of!(Context, fs_base) == FS_BASE as usize);
@@ -139,6 +154,9 @@ const _: () = assert!(offset_of!(Context, seg_slow) == SEG_SLOW as usize);
 const _: () = assert!(offset_of!(Context, tsc_slow) == TSC_SLOW as usize);
 const _: () = assert!(offset_of!(Context, tsc_offset) == TSC_OFFSET as usize);
 const _: () = assert!(offset_of!(Context, scratch) == SCRATCH as usize);
+const _: () = assert!(offset_of!(Context, fast_map) == FAST_MAP as usize);
+const _: () = assert!(offset_of!(Context, ram_rw) == RAM_RW as usize);
+const _: () = assert!(offset_of!(Context, scratch2) == SCRATCH2 as usize);
 const _: () = assert!(offset_of!(Context, eflags) == EFLAGS as usize);
 const _: () = assert!(offset_of!(Context, next_eip) == NEXT_EIP as usize);
 const _: () = assert!(offset_of!(Context, retired) == RETIRED as usize);

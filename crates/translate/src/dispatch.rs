@@ -463,7 +463,16 @@ impl Bt {
             _pad: 0,
             tsc_offset: 0,
             scratch: 0,
+            fast_map: 0,
+            ram_rw: cpu.ram.ram_ptr() as u64,
+            scratch2: 0,
         };
+        match cpu.ram.fast_map() {
+            // With paging on, addresses are linear: the map's zero half.
+            Ok(m) if self.space.is_none() => ctx.fast_map = m as u64,
+            Ok(m) => ctx.fast_map = m as u64 + popek_memory::FAST_REGIONS as u64,
+            Err(_) => return self.interpret(cpu),
+        }
         ctx.set_eflags(cpu.eflags, cpu.cpl());
         ctx.set_segs(seg_bases(cpu));
         ctx.set_tsc(cpu.tsc_offset, tsc_native(cpu));

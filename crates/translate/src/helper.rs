@@ -113,6 +113,7 @@ fn shadow_lag(cpu: &Vcpu, space: usize, user: bool) -> Option<u32> {
     pages
         .into_iter()
         .take(usize::from(n))
+        .map(|(lin, write)| (lin >> 12, write))
         .find(|&(lin, write)| {
             let granted = match cpu.ram.shadow_entry(space, lin) {
                 Some((_, popek_memory::Access::Write)) => true,
@@ -248,6 +249,20 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                         let lag = shadow_lag(cpu, space, env.key.is_some_and(|k| k.user));
                         hit = lag.is_some() && lag != h.lagged;
                         h.lagged = lag.or(h.lagged);
+                    }
+                }
+                if env.key.is_none() {
+                    // Paging off: let its stores beside translated code
+                    // through in host code from now on (see
+                    // `Piece::Checked`).
+                    // SAFETY: `watch` points at the engine's write watch,
+                    // which the engine does not touch while its code runs.
+                    let watch = unsafe { &*env.watch };
+                    let (done, n) = cpu.touched;
+                    for (a, write) in done.into_iter().take(usize::from(n)) {
+                        if write && watch.fast_ok(a) {
+                            cpu.ram.set_fast(a);
+                        }
                     }
                 }
                 if hit {

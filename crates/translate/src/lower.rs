@@ -143,6 +143,81 @@ pub fn lower_seg_override(ins: &Instruction, out: &mut Vec<u8>) -> Result<bool, 
     }
 }
 
+/// A hot store (`Bt::hot_stores`) as two pieces of host code for
+/// [`crate::emit::Piece::Checked`]: its effective address into R13D (LEA,
+/// flag-free; the first `split` bytes of what is appended to `out`), then
+/// the instruction itself on `[r11 + r13]` (R11 the host's writable view
+/// of RAM, no segment). Only plain accesses through DS, ES or SS (flat in
+/// a translatable mode) of at most 16 bytes with 32-bit addressing: no
+/// string, stack or x87 instruction, no FS/GS.
+pub fn lower_checked_store(ins: &Instruction, out: &mut Vec<u8>) -> Result<usize, &'static str> {
+    if !ins.op_kinds().any(|k| k == OpKind::Memory) || ins.mnemonic() == M::Lea {
+        return Err("no memory operand");
+    }
+    if matches!(
+        ins.segment_prefix(),
+        Register::FS | Register::GS | Register::CS
+    ) {
+        return Err("a segment override");
+    }
+    if ins.is_string_instruction() || ins.is_stack_instruction() {
+        return Err("string or stack instruction");
+    }
+    if matches!(ins.mnemonic(), M::Enter | M::Leave) || popek_interp::x87::is_x87(ins) {
+        return Err("stack or x87 instruction");
+    }
+    if ins.memory_size().size() == 0 || ins.memory_size().size() > 16 {
+        return Err("memory operand size");
+    }
+    if is_bcd_or_32bit_only(ins) || addr16(ins) || uses_high_byte(ins) {
+        return Err("not encodable with R11 and R13");
+    }
+    let (b, i) = (ins.memory_base(), ins.memory_index());
+    let mark = out.len();
+    let ea = if b == Register::None && i == Register::None {
+        Instruction::with2(
+            Code::Mov_r32_imm32,
+            Register::R13D,
+            ins.memory_displacement32(),
+        )
+    } else {
+        let m = MemoryOperand::new(
+            host_reg(b),
+            host_reg(i),
+            ins.memory_index_scale(),
+            i64::from(ins.memory_displacement32() as i32),
+            ins.memory_displ_size().max(1),
+            false,
+            Register::None,
+        );
+        Instruction::with2(Code::Lea_r32_m, Register::R13D, m)
+    };
+    let at = MemoryOperand::new(Register::R11, Register::R13, 1, 0, 0, false, Register::None);
+    let host = match moffs_as_modrm(ins.code()) {
+        Some((code, acc, true)) => Instruction::with2(code, acc, at),
+        Some((code, acc, false)) => Instruction::with2(code, at, acc),
+        None => Ok({
+            let mut host = with_host_registers(ins);
+            host.set_segment_prefix(Register::None);
+            host.set_memory_base(Register::R11);
+            host.set_memory_index(Register::R13);
+            host.set_memory_index_scale(1);
+            host.set_memory_displacement64(0);
+            host.set_memory_displ_size(0);
+            host
+        }),
+    }
+    .map_err(|_| "not encodable in 64-bit mode")?;
+    let ok = ea.ok().and_then(|i| enc(&i, out)).is_some();
+    let split = out.len() - mark;
+    if ok && enc(&host, out).is_some() {
+        Ok(split)
+    } else {
+        out.truncate(mark);
+        Err("not encodable in 64-bit mode")
+    }
+}
+
 /// `ins` with its register operands renamed for the host (guest ESP lives
 /// in R12D).
 fn with_host_registers(ins: &Instruction) -> Instruction {

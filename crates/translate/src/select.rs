@@ -27,7 +27,8 @@ use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece, Span};
 use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
 use crate::lower::{
-    lower_into, lower_seg_override, lower_stack, lower_string, lower_terminator, SegBases,
+    lower_checked_store, lower_into, lower_seg_override, lower_stack, lower_string,
+    lower_terminator, SegBases,
 };
 
 /// Where a translated instruction's host code is while a block is built:
@@ -36,6 +37,9 @@ pub(crate) enum Part {
     Code(usize, usize),
     /// FS (true) or GS, the arena range of the flat case, the helper call.
     Segment(bool, usize, usize, HelperCall),
+    /// A checked store: the arena ranges of its address and of the store,
+    /// the helper call.
+    Checked(usize, usize, usize, HelperCall),
     Piece(Piece<'static>),
 }
 
@@ -130,6 +134,23 @@ impl Bt {
                     helpers.push(i.ins);
                     if dumping {
                         how.push("copied (FS/GS base from the context; interpreter unless flat)");
+                    }
+                    counted += 1;
+                    continue;
+                }
+            }
+            // A hot store with paging off: checked against the fast-write
+            // map in host code (stores beside translated code go through),
+            // the helper otherwise.
+            if hot && self.key.is_none() {
+                if let Ok(split) = lower_checked_store(&i.ins, &mut arena) {
+                    eips.push(i.ins.ip32());
+                    counted_at.push(counted as u32);
+                    let call = helper_call(&i.ins, false, helpers.len(), counted);
+                    parts.push(Part::Checked(mark, mark + split, arena.len(), call));
+                    helpers.push(i.ins);
+                    if dumping {
+                        how.push("checked store (fast-write map; interpreter otherwise)");
                     }
                     counted += 1;
                     continue;
@@ -346,6 +367,11 @@ impl Bt {
                 Part::Segment(fs, a, b, call) => Piece::Segment {
                     fs: *fs,
                     code: &arena[*a..*b],
+                    call: rebased(*call),
+                },
+                Part::Checked(a, m, b, call) => Piece::Checked {
+                    ea: &arena[*a..*m],
+                    store: &arena[*m..*b],
                     call: rebased(*call),
                 },
                 Part::Piece(Piece::Helper(c)) => Piece::Helper(rebased(*c)),

@@ -107,6 +107,8 @@ impl WriteWatch {
             return false;
         }
         self.add_code(page, lo, hi);
+        // Stores beside code may have been let through fast: not here now.
+        ram.clear_fast(page, lo, hi);
         true
     }
 
@@ -114,7 +116,28 @@ impl WriteWatch {
     /// addresses) was derived from. False when memory could not watch it
     /// (then nothing may be derived from it).
     pub fn watch_table(&mut self, ram: &mut GuestRam, page: u32) -> bool {
-        watch(&mut self.tables, ram, page).is_some()
+        match watch(&mut self.tables, ram, page) {
+            None => false,
+            Some(new) => {
+                if new {
+                    // (A code page's stores beside code may have gone fast.)
+                    ram.clear_fast(page, 0, popek_memory::PAGE_SIZE);
+                }
+                true
+            }
+        }
+    }
+
+    /// May stores to the 64-byte region of physical address `addr` and
+    /// the next region go past the watch (no translated code there, no
+    /// page table)? See [`GuestRam::fast_map`].
+    pub fn fast_ok(&self, addr: u32) -> bool {
+        let r = popek_memory::FAST_REGION;
+        let first = addr / r * r;
+        [first, first + r].iter().all(|&a| {
+            let (page, off) = (a / 4096, (a % 4096) as u16);
+            !self.is_table(page) && !self.overlaps_code(page, off, off + r as u16)
+        })
     }
 
     /// Is a page watched as code?

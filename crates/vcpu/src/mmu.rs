@@ -53,13 +53,13 @@ impl Vcpu {
     /// `user` is true for accesses made at CPL 3 (not for the CPU's own
     /// implicit supervisor accesses to descriptor tables and the TSS).
     pub fn translate(&mut self, lin: u32, access: Access, user: bool) -> VResult<u32> {
-        if self.cr0 & cr0::PG == 0 {
-            return Ok(lin);
-        }
         let write = access == Access::Write;
         if access != Access::Fetch && (self.touched.1 as usize) < self.touched.0.len() {
-            self.touched.0[self.touched.1 as usize] = (lin >> 12, write);
+            self.touched.0[self.touched.1 as usize] = (lin, write);
             self.touched.1 += 1;
+        }
+        if self.cr0 & cr0::PG == 0 {
+            return Ok(lin);
         }
         let pf = |cpu: &mut Vcpu, present: bool| -> Fault {
             cpu.fault_cr2 = lin;

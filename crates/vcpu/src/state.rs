@@ -292,9 +292,10 @@ pub struct Vcpu {
     /// adaptive helpers count them to decide whether an instruction stays
     /// a helper call.
     pub slow_accesses: u64,
-    /// The linear pages the last data accesses translated under paging
-    /// (page, write), at most two since `touched.1` was last set to 0: what
-    /// a helper call made the translator's shadow grant next time.
+    /// The linear addresses of the first data accesses (address, write)
+    /// since `touched.1` was last set to 0, at most two: what the
+    /// translator's adaptive helpers look at after a run (see
+    /// `popek_translate`'s `run_helper`).
     pub touched: ([(u32, bool); 2], u8),
     /// The x87 FPU.
     pub fpu: crate::x87::Fpu,

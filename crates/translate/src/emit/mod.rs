@@ -44,8 +44,8 @@ use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 
 use crate::abi::{
-    BlockEntryFn, Context, HelperFn, LOOKUP_SHIFT, NEXT_EIP, RETIRED, SCRATCH, SEG_SLOW,
-    TSC_OFFSET, TSC_SLOW,
+    BlockEntryFn, Context, HelperFn, FAST_MAP, LOOKUP_SHIFT, NEXT_EIP, RAM_RW, RETIRED, SCRATCH,
+    SCRATCH2, SEG_SLOW, TSC_OFFSET, TSC_SLOW,
 };
 use crate::host::CodeBuffer;
 use flags::flags_fast_path;
@@ -73,6 +73,19 @@ pub enum Piece<'a> {
         fs: bool,
         /// Host code for the flat case.
         code: &'a [u8],
+        /// The helper call otherwise.
+        call: HelperCall,
+    },
+    /// A hot store (see `Bt::hot_stores`) checked in host code: `ea`
+    /// puts its guest address into R13D, and where the context's
+    /// fast-write map (a byte per 64 bytes) allows that address, `store` does it on the host's
+    /// writable view of RAM (`[r11 + r13]`); else the helper call (see
+    /// [`crate::lower::lower_checked_store`]).
+    Checked {
+        /// LEA of the address into R13D.
+        ea: &'a [u8],
+        /// The instruction on `[r11 + r13]`.
+        store: &'a [u8],
         /// The helper call otherwise.
         call: HelperCall,
     },
@@ -496,6 +509,38 @@ impl HostBlock {
                         .ok_or_else(|| BuildError("segment piece without a helper".into()))?;
                     guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
                     dynasm!(ops ; .arch x64 ; .bytes code.iter());
+                    helper_tail(ops, base, h, call);
+                }
+                Piece::Checked { ea, store, call } => {
+                    let h = helper
+                        .ok_or_else(|| BuildError("checked store without a helper".into()))?;
+                    // Flag-free: the map's byte for the address's 64-byte
+                    // region (address >> 6: the address times 4, read from
+                    // the scratch slot a byte up) through RCX and JRCXZ,
+                    // RCX kept in scratch2.
+                    let (sc, sc1, sc2) = (SCRATCH as i32, SCRATCH as i32 + 1, SCRATCH2 as i32);
+                    let (map, rw) = (FAST_MAP as i32, RAM_RW as i32);
+                    dynasm!(ops ; .arch x64 ; .bytes ea.iter());
+                    dynasm!(ops
+                        ; .arch x64
+                        ; lea r11, [r13 * 4]
+                        ; mov QWORD [r15 + sc], r11
+                        ; mov QWORD [r15 + sc2], rcx
+                        ; mov ecx, DWORD [r15 + sc1]
+                        ; mov r11, QWORD [r15 + map]
+                        ; movzx ecx, BYTE [r11 + rcx]
+                        ; jrcxz >miss
+                        ; mov rcx, QWORD [r15 + sc2]
+                        ; mov r11, QWORD [r15 + rw]
+                    );
+                    dynasm!(ops ; .arch x64 ; .bytes store.iter());
+                    dynasm!(ops
+                        ; .arch x64
+                        ; jmp >done
+                        ; miss:
+                        ; mov rcx, QWORD [r15 + sc2]
+                        ; jmp >slow
+                    );
                     helper_tail(ops, base, h, call);
                 }
                 Piece::Rdtsc(call) => {
