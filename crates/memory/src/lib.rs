@@ -410,17 +410,18 @@ impl GuestRam {
     /// Let translated code store to the region of physical address `addr`
     /// (see [`GuestRam::fast_map`]; the caller has checked for code and
     /// page tables). Nothing happens unless the region and the next are RAM
-    /// that [`GuestRam::may_write_fast`] allows.
-    pub fn set_fast(&mut self, addr: u32) {
+    /// that [`GuestRam::may_write_fast`] allows. True if the entry was 0.
+    pub fn set_fast(&mut self, addr: u32) -> bool {
         let region = addr / FAST_REGION;
         let next = (region + 1) * FAST_REGION;
         if !self.may_write_fast(addr / PAGE_SIZE) || !self.may_write_fast(next / PAGE_SIZE) {
-            return;
+            return false;
         }
-        if let Some(m) = self.fast.as_mut() {
-            m[region as usize] = 1;
-            self.fast_set = true;
-        }
+        let Some(m) = self.fast.as_mut() else {
+            return false;
+        };
+        self.fast_set = true;
+        std::mem::replace(&mut m[region as usize], 1) == 0
     }
 
     /// Translated code may no longer store fast to bytes `lo..hi` of

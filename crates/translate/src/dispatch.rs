@@ -432,6 +432,7 @@ impl Bt {
             key: self.key,
             stop: None,
             specials: 0,
+            fast_regions: 0,
             fallbacks: 0,
             kinds: &mut self.by_kind,
             insns: &self.helper_insns,
@@ -571,6 +572,7 @@ impl Bt {
         cpu.retired += retired;
         self.stats.insns_native += retired;
         self.stats.special_calls += env.specials;
+        self.stats.fast_regions += env.fast_regions;
         self.stats.insns_interpreted += env.fallbacks;
         self.demoted.append(&mut env.demote);
         if let Some(stop) = env.stop {

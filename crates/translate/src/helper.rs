@@ -88,6 +88,8 @@ pub(crate) struct HelperEnv {
     pub(crate) key: PagingKey,
     pub(crate) stop: Option<popek_vcpu::Stop>,
     pub(crate) specials: u64,
+    /// Regions opened to checked stores (`Stats::fast_regions`).
+    pub(crate) fast_regions: u64,
     pub(crate) fallbacks: u64,
     pub(crate) kinds: *mut KindCounts,
     /// The guest's x87 state is in the host FPU.
@@ -260,8 +262,8 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                     let watch = unsafe { &*env.watch };
                     let (done, n) = cpu.touched;
                     for (a, write) in done.into_iter().take(usize::from(n)) {
-                        if write && watch.fast_ok(a) {
-                            cpu.ram.set_fast(a);
+                        if write && watch.fast_ok(a) && cpu.ram.set_fast(a) {
+                            env.fast_regions += 1;
                         }
                     }
                 }

@@ -60,6 +60,9 @@ pub struct Stats {
     /// Of those, the ones that then rarely wrote watched pages and went
     /// back to host code.
     pub hot_stores_demoted: u64,
+    /// 64-byte regions of code pages opened to checked stores (hot stores
+    /// that then store there in host code: see `Piece::Checked`).
+    pub fast_regions: u64,
     /// Shadow address spaces created (a paging mode met for the first
     /// time, or again after eviction).
     pub spaces_created: u64,
@@ -319,6 +322,11 @@ impl Stats {
                 "hot_stores_demoted",
                 "of those, back to host code",
                 self.hot_stores_demoted,
+            ),
+            c(
+                "fast_regions",
+                "regions opened to checked stores",
+                self.fast_regions,
             ),
             c("itlb_fills", "instruction-TLB fills", self.itlb_fills),
         ];
