@@ -108,8 +108,11 @@ pub(crate) struct HelperEnv {
 }
 
 /// The first linear page a helper's instruction touched that the shadow
-/// does not grant (for the access made) although the guest's tables do:
-/// host code would have faulted on it.
+/// maps but does not grant (for the access made) although the guest's
+/// tables do: host code would have faulted on it, on a page the guest's
+/// own changes revoked (an accessed or dirty bit cleared, rights changed).
+/// A page the shadow never mapped does not count: host code would fault
+/// on it once and map it for good.
 fn shadow_lag(cpu: &Vcpu, space: usize, user: bool) -> Option<u32> {
     let (pages, n) = cpu.touched;
     pages
@@ -117,12 +120,12 @@ fn shadow_lag(cpu: &Vcpu, space: usize, user: bool) -> Option<u32> {
         .take(usize::from(n))
         .map(|(lin, write)| (lin >> 12, write))
         .find(|&(lin, write)| {
-            let granted = match cpu.ram.shadow_entry(space, lin) {
-                Some((_, popek_memory::Access::Write)) => true,
-                Some((_, popek_memory::Access::Read)) => !write,
+            let revoked = match cpu.ram.shadow_entry(space, lin) {
+                Some((_, popek_memory::Access::Revoked)) => true,
+                Some((_, popek_memory::Access::Read)) => write,
                 _ => false,
             };
-            !granted && cpu.probe(lin << 12, user).is_some()
+            revoked && cpu.probe(lin << 12, user).is_some()
         })
         .map(|(lin, _)| lin)
 }
@@ -299,7 +302,11 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         ctx.next_eip = cpu.eip;
         let go_on = match step {
             Step::Executed => {
-                cpu.eip == next
+                // (A demoted instruction leaves too: its block is to be
+                // translated again, and a loop of chained blocks might not
+                // come back to the dispatcher for a long time.)
+                env.demote.is_empty()
+                    && cpu.eip == next
                     && !cpu.halted
                     && !cpu.board.needs_attention()
                     && harmless_writes(cpu, env)
