@@ -1388,8 +1388,9 @@ system call), so it is higher than the warm figure.
   switch-based interpreter (bytecode) feels most; every guest memory
   access carries a GS segment and an address-size prefix (the guest
   window); guest code that exits to the dispatcher often; under guest
-  paging, every page-table write and every access after the guest
-  cleared an accessed or dirty bit is a host fault (the paging section).
+  paging, the first accesses after the guest changed an entry or cleared
+  an accessed or dirty bit are host faults, until the instructions that
+  keep taking them become helper calls (the paging section).
   With `--stats` (or an instruction budget, the instruction clock,
   lockstep), every block transfer pays about six more (instruction count,
   budget, JRCXZ).
