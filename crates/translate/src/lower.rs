@@ -77,27 +77,8 @@ pub fn lower_seg_override(ins: &Instruction, out: &mut Vec<u8>) -> Result<bool, 
     } else {
         crate::abi::GS_BASE
     };
-    let (b, i) = (ins.memory_base(), ins.memory_index());
     let mark = out.len();
-    let disp = i64::from(ins.memory_displacement32() as i32);
-    let ea = if b == Register::None && i == Register::None {
-        Instruction::with2(
-            Code::Mov_r32_imm32,
-            Register::R13D,
-            ins.memory_displacement32(),
-        )
-    } else {
-        let m = MemoryOperand::new(
-            host_reg(b),
-            host_reg(i),
-            ins.memory_index_scale(),
-            disp,
-            ins.memory_displ_size().max(1),
-            false,
-            Register::None,
-        );
-        Instruction::with2(Code::Lea_r32_m, Register::R13D, m)
-    };
+    let ea = ea_into_r13(ins);
     let load_base = MemoryOperand::with_base_displ(Register::R15, i64::from(base_at));
     let plus_base = MemoryOperand::new(
         Register::R13D,
@@ -108,23 +89,7 @@ pub fn lower_seg_override(ins: &Instruction, out: &mut Vec<u8>) -> Result<bool, 
         false,
         Register::None,
     );
-    let at = MemoryOperand::new(Register::R13D, Register::None, 1, 0, 0, false, Register::GS);
-    // The moffs forms of MOV have no ModRM: use the ModRM forms.
-    let host = match moffs_as_modrm(ins.code()) {
-        Some((code, acc, true)) => Instruction::with2(code, acc, at),
-        Some((code, acc, false)) => Instruction::with2(code, at, acc),
-        None => Ok({
-            let mut host = with_host_registers(ins);
-            host.set_segment_prefix(Register::GS);
-            host.set_memory_base(Register::R13D);
-            host.set_memory_index(Register::None);
-            host.set_memory_index_scale(1);
-            host.set_memory_displacement32(0);
-            host.set_memory_displ_size(0);
-            host
-        }),
-    }
-    .map_err(|_| "not encodable in 64-bit mode")?;
+    let host = on_host_operand(ins, Register::R13D, Register::None, Register::GS)?;
     let ok = ea.ok().and_then(|i| enc(&i, out)).is_some()
         && Instruction::with2(Code::Mov_r32_rm32, Register::R11D, load_base)
             .ok()
@@ -172,42 +137,9 @@ pub fn lower_checked_store(ins: &Instruction, out: &mut Vec<u8>) -> Result<usize
     if is_bcd_or_32bit_only(ins) || addr16(ins) || uses_high_byte(ins) {
         return Err("not encodable with R11 and R13");
     }
-    let (b, i) = (ins.memory_base(), ins.memory_index());
     let mark = out.len();
-    let ea = if b == Register::None && i == Register::None {
-        Instruction::with2(
-            Code::Mov_r32_imm32,
-            Register::R13D,
-            ins.memory_displacement32(),
-        )
-    } else {
-        let m = MemoryOperand::new(
-            host_reg(b),
-            host_reg(i),
-            ins.memory_index_scale(),
-            i64::from(ins.memory_displacement32() as i32),
-            ins.memory_displ_size().max(1),
-            false,
-            Register::None,
-        );
-        Instruction::with2(Code::Lea_r32_m, Register::R13D, m)
-    };
-    let at = MemoryOperand::new(Register::R11, Register::R13, 1, 0, 0, false, Register::None);
-    let host = match moffs_as_modrm(ins.code()) {
-        Some((code, acc, true)) => Instruction::with2(code, acc, at),
-        Some((code, acc, false)) => Instruction::with2(code, at, acc),
-        None => Ok({
-            let mut host = with_host_registers(ins);
-            host.set_segment_prefix(Register::None);
-            host.set_memory_base(Register::R11);
-            host.set_memory_index(Register::R13);
-            host.set_memory_index_scale(1);
-            host.set_memory_displacement64(0);
-            host.set_memory_displ_size(0);
-            host
-        }),
-    }
-    .map_err(|_| "not encodable in 64-bit mode")?;
+    let ea = ea_into_r13(ins);
+    let host = on_host_operand(ins, Register::R11, Register::R13, Register::None)?;
     let ok = ea.ok().and_then(|i| enc(&i, out)).is_some();
     let split = out.len() - mark;
     if ok && enc(&host, out).is_some() {
@@ -216,6 +148,56 @@ pub fn lower_checked_store(ins: &Instruction, out: &mut Vec<u8>) -> Result<usize
         out.truncate(mark);
         Err("not encodable in 64-bit mode")
     }
+}
+
+/// LEA (or MOV of the displacement) of `ins`'s guest effective address
+/// into R13D: flag-free, wrapping at 4 GiB.
+fn ea_into_r13(ins: &Instruction) -> Result<Instruction, iced_x86::IcedError> {
+    let (b, i) = (ins.memory_base(), ins.memory_index());
+    if b == Register::None && i == Register::None {
+        return Instruction::with2(
+            Code::Mov_r32_imm32,
+            Register::R13D,
+            ins.memory_displacement32(),
+        );
+    }
+    let m = MemoryOperand::new(
+        host_reg(b),
+        host_reg(i),
+        ins.memory_index_scale(),
+        i64::from(ins.memory_displacement32() as i32),
+        ins.memory_displ_size().max(1),
+        false,
+        Register::None,
+    );
+    Instruction::with2(Code::Lea_r32_m, Register::R13D, m)
+}
+
+/// `ins` (host registers) with its memory operand replaced by
+/// `seg:[base + index]`, no displacement. The moffs forms of MOV have no
+/// ModRM: their ModRM forms are used.
+fn on_host_operand(
+    ins: &Instruction,
+    base: Register,
+    index: Register,
+    seg: Register,
+) -> Result<Instruction, &'static str> {
+    let at = MemoryOperand::new(base, index, 1, 0, 0, false, seg);
+    match moffs_as_modrm(ins.code()) {
+        Some((code, acc, true)) => Instruction::with2(code, acc, at),
+        Some((code, acc, false)) => Instruction::with2(code, at, acc),
+        None => Ok({
+            let mut host = with_host_registers(ins);
+            host.set_segment_prefix(seg);
+            host.set_memory_base(base);
+            host.set_memory_index(index);
+            host.set_memory_index_scale(1);
+            host.set_memory_displacement64(0);
+            host.set_memory_displ_size(0);
+            host
+        }),
+    }
+    .map_err(|_| "not encodable in 64-bit mode")
 }
 
 /// `ins` with its register operands renamed for the host (guest ESP lives
