@@ -128,6 +128,9 @@ pub struct Bt {
     pub(crate) demotions: FastMap<u32, u32>,
     /// Hot stores a run of host code demoted (acted on at the next drain).
     pub(crate) demoted: Vec<u32>,
+    /// May hot stores become checked stores (`Piece::Checked`)? False once
+    /// the host refused to map the fast-write map.
+    pub(crate) checked_stores: bool,
     /// Do blocks go on past a conditional branch's fall-through
     /// (superblocks)? On by default; the translation-cost benchmark turns
     /// it off to measure basic blocks alone.
@@ -199,6 +202,7 @@ impl Bt {
             hot_stores: FastMap::default(),
             demotions: FastMap::default(),
             demoted: Vec::new(),
+            checked_stores: true,
             watch: WriteWatch::default(),
             spaces: Vec::new(),
             space: None,
@@ -397,6 +401,13 @@ impl Bt {
         if !self.enter(&mut cpu.ram) {
             return self.interpret(cpu);
         }
+        // Checked stores read the fast-write map; should the host refuse
+        // to map it, none are made any more and those made are dropped.
+        let fast_map = cpu.ram.fast_map().ok();
+        if fast_map.is_none() && self.checked_stores {
+            self.checked_stores = false;
+            self.flush();
+        }
         let eip = cpu.eip;
         let Some(key) = self.entry_key(cpu, eip) else {
             // The fetch faults: the interpreter delivers the #PF.
@@ -468,11 +479,12 @@ impl Bt {
             ram_rw: cpu.ram.ram_ptr() as u64,
             scratch2: 0,
         };
-        match cpu.ram.fast_map() {
+        match fast_map {
             // With paging on, addresses are linear: the map's zero half.
-            Ok(m) if self.space.is_none() => ctx.fast_map = m as u64,
-            Ok(m) => ctx.fast_map = m as u64 + popek_memory::FAST_REGIONS as u64,
-            Err(_) => return self.interpret(cpu),
+            Some(m) if self.space.is_none() => ctx.fast_map = m as u64,
+            Some(m) => ctx.fast_map = m as u64 + popek_memory::FAST_REGIONS as u64,
+            // (No checked store is left in the cache: see above.)
+            None => ctx.fast_map = 0,
         }
         ctx.set_eflags(cpu.eflags, cpu.cpl());
         ctx.set_segs(seg_bases(cpu));
