@@ -413,7 +413,9 @@ impl GuestRam {
     /// that [`GuestRam::may_write_fast`] allows. True if the entry was 0.
     pub fn set_fast(&mut self, addr: u32) -> bool {
         let region = addr / FAST_REGION;
-        let next = (region + 1) * FAST_REGION;
+        let Some(next) = (region * FAST_REGION).checked_add(FAST_REGION) else {
+            return false;
+        };
         if !self.may_write_fast(addr / PAGE_SIZE) || !self.may_write_fast(next / PAGE_SIZE) {
             return false;
         }
@@ -675,6 +677,40 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast-write map: a region opens only where it and the next are
+    /// RAM needing no attention besides a watch; watching, the dirty log
+    /// and clearing close it again, with the region before.
+    #[test]
+    fn fast_write_regions_open_and_close_by_the_rules() {
+        let mut ram = GuestRam::new(4 * 4096).unwrap();
+        let map = ram.fast_map().unwrap();
+        // SAFETY: the map is 2 * FAST_REGIONS bytes, readable, owned by
+        // `ram`, which outlives these reads.
+        let at = |r: u32| unsafe { *map.add(r as usize) };
+        assert!(ram.set_fast(0x1040));
+        assert!(!ram.set_fast(0x1040), "already open");
+        assert_eq!(at(0x1040 / 64), 1);
+        // The last region of RAM: its next region is not RAM.
+        assert!(!ram.set_fast(0x3FC0));
+        assert!(!ram.set_fast(0xFFFF_FFC0), "beyond RAM, at the top");
+        // Translated code at 0x1080 closes its region and the one before.
+        assert!(ram.set_fast(0x1080));
+        ram.clear_fast(1, 0x80, 0x90);
+        assert_eq!((at(0x1040 / 64), at(0x1080 / 64)), (0, 0));
+        // A change of a page's attention closes the whole page and the
+        // region before it.
+        assert!(ram.set_fast(0x0FC0) && ram.set_fast(0x1100));
+        ram.watch_page(1).unwrap();
+        assert_eq!((at(0x0FC0 / 64), at(0x1100 / 64)), (0, 0));
+        // A page the dirty log holds clean does not open.
+        ram.start_dirty_log().unwrap();
+        assert!(!ram.set_fast(0x2000));
+        ram.write(0x2000, 4, 1);
+        assert!(ram.is_dirty(2) && ram.set_fast(0x2000), "written: dirty");
+        // The second half of the map stays zero.
+        assert_eq!(at(FAST_REGIONS as u32 + 0x2000 / 64), 0);
+    }
 
     #[test]
     fn windows_are_4gib_aligned_and_bulk_writes_are_recorded() {

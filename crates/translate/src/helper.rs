@@ -142,11 +142,12 @@ fn shadow_lag(cpu: &Vcpu, space: usize, user: bool) -> Option<u32> {
 /// host code after a few hundred runs of the second.
 ///
 /// Under guest paging a run also counts as a fault when it reached a page
-/// the shadow does not grant (a page the guest's tables changed, or one
-/// only helpers touch, which leave the shadow as it is: mapping it would
-/// cost the host call a fault costs, and unmapping it again when the
-/// guest next changes its entry another), unless it is the page the last
-/// such run reached: host code would fault there once and then run.
+/// the shadow maps but revoked ([`shadow_lag`]: the guest changed its
+/// entry or cleared its accessed or dirty bit; helpers leave the shadow as
+/// it is, since mapping the page would cost the host call a fault costs,
+/// and revoking it again when the guest next changes its entry another),
+/// unless it is the page the last such run reached: host code would fault
+/// there once and then run.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HotStore {
     pub(crate) credit: u32,

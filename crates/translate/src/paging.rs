@@ -184,6 +184,19 @@ pub(crate) struct Space {
     itlb: FastMap<u32, u32>,
 }
 
+impl Space {
+    /// A space for `mode` with nothing derived in it yet.
+    fn empty(mode: PagingMode, last_used: u64) -> Space {
+        Space {
+            mode,
+            last_used,
+            regions: [0; 16],
+            deps: FastMap::default(),
+            itlb: FastMap::default(),
+        }
+    }
+}
+
 /// FS's and GS's bases where translated code may use them.
 pub fn seg_bases(cpu: &Vcpu) -> SegBases {
     use popek_vcpu::attr;
@@ -277,13 +290,7 @@ impl Bt {
             return i;
         }
         self.stats.spaces_created += 1;
-        let fresh = Space {
-            mode,
-            last_used: self.tick,
-            regions: [0; 16],
-            deps: FastMap::default(),
-            itlb: FastMap::default(),
-        };
+        let fresh = Space::empty(mode, self.tick);
         if self.spaces.len() < MAX_SPACES {
             self.spaces.push(fresh);
             return self.spaces.len() - 1;
@@ -332,13 +339,7 @@ impl Bt {
         let mut stale = Regions::NONE;
         for i in 0..self.spaces.len() {
             if self.spaces[i].mode.cr3 >> 12 == t {
-                let fresh = Space {
-                    mode: self.spaces[i].mode,
-                    last_used: self.spaces[i].last_used,
-                    regions: [0; 16],
-                    deps: FastMap::default(),
-                    itlb: FastMap::default(),
-                };
+                let fresh = Space::empty(self.spaces[i].mode, self.spaces[i].last_used);
                 self.empty_space(cpu, i, fresh);
                 continue;
             }

@@ -134,7 +134,10 @@ impl WriteWatch {
     pub fn fast_ok(&self, addr: u32) -> bool {
         let r = popek_memory::FAST_REGION;
         let first = addr / r * r;
-        [first, first + r].iter().all(|&a| {
+        let Some(next) = first.checked_add(r) else {
+            return false;
+        };
+        [first, next].iter().all(|&a| {
             let (page, off) = (a / 4096, (a % 4096) as u16);
             !self.is_table(page) && !self.overlaps_code(page, off, off + r as u16)
         })
