@@ -582,6 +582,10 @@ fn serve_monitor(shared: &(Mutex<Shared>, Condvar), mon: &popek_machine::monitor
         let Some(req) = mon.next_within(Duration::from_millis(100)) else {
             continue;
         };
+        // `quit` ends the process once the guests end, and nothing waits
+        // for this thread: the answer is written first, then the guests
+        // are told.
+        let quit = req.execute == "quit";
         let answer = match req.execute.as_str() {
             "query-guests" => {
                 let st = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -615,11 +619,7 @@ fn serve_monitor(shared: &(Mutex<Shared>, Condvar), mon: &popek_machine::monitor
                     None => error("DeviceNotActive", "page sharing is off (run with --dedup)"),
                 }
             }
-            "quit" => {
-                lock.lock().unwrap_or_else(|p| p.into_inner()).quit = true;
-                cv.notify_all();
-                ok(json!({}))
-            }
+            "quit" => ok(json!({})),
             cmd @ ("query-status" | "query-stats" | "balloon" | "query-balloon") => {
                 match req.arguments.get("guest").and_then(|g| g.as_str()) {
                     None => error("GenericError", format!("{cmd} needs guest=NAME")),
@@ -631,7 +631,11 @@ fn serve_monitor(shared: &(Mutex<Shared>, Condvar), mon: &popek_machine::monitor
                 format!("the command {other} has not been found"),
             ),
         };
-        req.answer(answer, false);
+        req.answer(answer, quit);
+        if quit {
+            lock.lock().unwrap_or_else(|p| p.into_inner()).quit = true;
+            cv.notify_all();
+        }
     }
 }
 
