@@ -276,7 +276,12 @@ pub fn is_control_flow(ins: &Instruction) -> bool {
 
 /// Classify an instruction after Popek & Goldberg.
 pub fn classify(ins: &Instruction) -> Class {
-    match special(ins) {
+    class_of(ins, special(ins))
+}
+
+/// [`classify`] with the instruction's special kind already known.
+fn class_of(ins: &Instruction, special: Option<Special>) -> Class {
+    match special {
         Some(s) => s.class(),
         None if is_control_flow(ins) => Class::ControlFlow,
         None => Class::Innocuous,
@@ -462,7 +467,7 @@ pub fn scan_block_into(
         }
         let len = ins.len();
         let sp = special(&ins);
-        let class = classify(&ins);
+        let class = class_of(&ins, sp);
         insns.push(Insn {
             ins,
             bytes: InsnBytes::within(&space, off, len),

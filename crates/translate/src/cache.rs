@@ -22,7 +22,7 @@ use std::hash::Hasher;
 
 use popek_vcpu::Vcpu;
 
-use crate::chain::Link;
+use crate::chain::Links;
 use crate::dispatch::Bt;
 use crate::emit::HostBlock;
 
@@ -201,7 +201,7 @@ pub(crate) enum Translation {
         /// Linear pages of its first and last byte.
         lin: (u32, u32),
         /// Chained jumps that land in this block.
-        incoming: Vec<Link>,
+        incoming: Links,
         /// For each exit stub (as in `code.sites()`), the translation it
         /// is chained to, if it is.
         linked: Vec<Option<Key>>,

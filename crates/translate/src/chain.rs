@@ -41,6 +41,57 @@ pub(crate) struct Link {
     pub(crate) cold: usize,
 }
 
+/// Chained jumps into one place: most often one, held inline (no
+/// allocation) until there are two.
+#[derive(Debug, Default)]
+pub(crate) enum Links {
+    #[default]
+    None,
+    One(Link),
+    Many(Vec<Link>),
+}
+
+impl Links {
+    pub(crate) fn push(&mut self, l: Link) {
+        *self = match std::mem::take(self) {
+            Links::None => Links::One(l),
+            Links::One(a) => Links::Many(vec![a, l]),
+            Links::Many(mut v) => {
+                v.push(l);
+                Links::Many(v)
+            }
+        };
+    }
+
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Link) -> bool) {
+        match self {
+            Links::None => {}
+            Links::One(l) => {
+                if !keep(l) {
+                    *self = Links::None;
+                }
+            }
+            Links::Many(v) => v.retain(keep),
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[Link] {
+        match self {
+            Links::None => &[],
+            Links::One(l) => std::slice::from_ref(l),
+            Links::Many(v) => v,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+}
+
 impl Bt {
     /// Patch a chained jump to land in `target`'s body, or back to its
     /// stub's cold tail (which returns to the dispatcher).
@@ -131,8 +182,8 @@ impl Bt {
         let Some(waiting) = self.pending.remove(&eip) else {
             return;
         };
-        let mut still = Vec::new();
-        for l in waiting {
+        let mut still = Links::None;
+        for &l in waiting.as_slice() {
             if !self.try_chain(l, key) {
                 still.push(l);
             }
@@ -145,11 +196,14 @@ impl Bt {
     /// Link a new block: stubs waiting for it, and its own stubs.
     pub(crate) fn link(&mut self, key: Key) {
         self.link_waiting(key);
-        let sites: Vec<_> = match self.cache.peek(&key) {
-            Some(Translation::Code { code, .. }) => code.sites().to_vec(),
+        // The block's sites, copied into a vector kept between links.
+        let mut sites = std::mem::take(&mut self.site_scratch);
+        sites.clear();
+        match self.cache.peek(&key) {
+            Some(Translation::Code { code, .. }) => sites.extend_from_slice(code.sites()),
             _ => return,
         };
-        for site in sites {
+        for &site in &sites {
             let link = Link {
                 from: key,
                 rel32: site.rel32,
@@ -162,6 +216,7 @@ impl Bt {
                 self.pending.entry(site.target).or_default().push(link);
             }
         }
+        self.site_scratch = sites;
     }
 
     /// Unchain a link from its target `to` and let it wait again.
@@ -258,7 +313,7 @@ impl Bt {
         };
         self.forget_lookup(key, &code);
         self.by_offset.remove(&code.offset());
-        for l in incoming {
+        for &l in incoming.as_slice() {
             if l.from != key && self.cache.contains(&l.from) {
                 self.unchain(key, l);
             }

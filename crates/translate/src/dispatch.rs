@@ -58,7 +58,7 @@ pub struct Bt {
     pub(crate) breakpoints: std::collections::BTreeSet<u32>,
     pub(crate) code: Option<CodeBuffer>,
     /// Exit stubs waiting for their target to be translated, by target EIP.
-    pub(crate) pending: FastMap<u32, Vec<Link>>,
+    pub(crate) pending: FastMap<u32, crate::chain::Links>,
     /// Cross-page chained jumps (target, link), filed by the 4 MiB region
     /// of the target's pages: cut where the mapping changes (see
     /// [`crate::chain`]).
@@ -138,6 +138,9 @@ pub struct Bt {
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
     pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+    /// A block's exit sites while [`Bt::link`] chains them (kept between
+    /// links: nothing allocated per block).
+    pub(crate) site_scratch: Vec<crate::emit::Site>,
     /// The parts of the block being translated, kept between translations.
     pub(crate) parts: Vec<crate::select::Part>,
     /// How translated code paces itself ([`Pacing`]); the poll page and
@@ -208,6 +211,7 @@ impl Bt {
             space: None,
             tick: 0,
             shadow_broken: false,
+            site_scratch: Vec::new(),
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX + 1),

@@ -593,15 +593,17 @@ fn group1_82(c: Code) -> bool {
 /// The fast path of [`lower`]: when the guest's own bytes mean the same
 /// in 64-bit mode, copy them (behind `gs` and `addr32` prefixes when the
 /// instruction addresses memory) instead of encoding again. That holds for
-/// an innocuous instruction without ESP, a segment prefix, a 16-bit address,
-/// a short INC/DEC form or an opcode that 64-bit mode lacks (0x82),
-/// whose memory operand (if any) is not a
-/// bare ModRM disp32 (RIP-relative in 64-bit mode). None otherwise.
+/// an innocuous instruction without a segment prefix, a 16-bit address, a
+/// short INC/DEC form or an opcode that 64-bit mode lacks (0x82); ESP and a
+/// bare ModRM disp32 (RIP-relative in 64-bit mode) are patched in the bytes
+/// ([`patch_bytes`]). False otherwise (the encoder's turn).
 fn copy_bytes(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
-    if bytes.len() != ins.len()
+    // VEX, XOP and EVEX fields mean other registers in 64-bit mode (the
+    // inverted R', V' and vvvv bits 32-bit mode ignores): the encoder's.
+    if ins.encoding() != iced_x86::EncodingKind::Legacy
+        || bytes.len() != ins.len()
         || group1_82(ins.code())
         || ins.segment_prefix() != Register::None
-        || uses_esp(ins)
         || matches!(
             ins.code(),
             Code::Inc_r32 | Code::Dec_r32 | Code::Inc_r16 | Code::Dec_r16
@@ -609,17 +611,115 @@ fn copy_bytes(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
     {
         return false;
     }
-    if !ins.op_kinds().any(|k| k == OpKind::Memory) {
-        out.extend_from_slice(bytes);
-        return true;
-    }
-    let (b, i) = (ins.memory_base(), ins.memory_index());
-    let moffs = moffs_as_modrm(ins.code()).is_some();
-    if addr16(ins) || (b == Register::None && i == Register::None && !moffs) {
+    let mem = ins.op_kinds().any(|k| k == OpKind::Memory);
+    if mem && addr16(ins) {
         return false;
     }
-    out.extend([0x65, 0x67]);
+    let absolute = mem
+        && ins.memory_base() == Register::None
+        && ins.memory_index() == Register::None
+        && moffs_as_modrm(ins.code()).is_none();
+    if absolute || uses_esp(ins) {
+        return patch_bytes(ins, bytes, mem, absolute, out);
+    }
+    if mem {
+        out.extend([0x65, 0x67]);
+    }
     out.extend_from_slice(bytes);
+    true
+}
+
+/// [`copy_bytes`] for an instruction naming ESP or addressing a bare
+/// `[disp32]`: the guest's bytes behind `gs addr32` (with memory), a REX
+/// prefix after the legacy prefixes (REX.B for ESP as SIB base, ModRM r/m
+/// register or the register in the opcode, REX.R for ESP in ModRM.reg: R12
+/// on the host), and a bare disp32 ModRM (mod 00, r/m 101, RIP-relative in
+/// 64-bit mode) given a SIB byte with neither base nor index (r/m 100, SIB
+/// 0x25: `[disp32]`, Intel SDM Vol. 2A, 2.2.1.6). Only instructions
+/// whose register operands are all general registers other than
+/// AH/CH/DH/BH (which a REX prefix turns into SPL/BPL/SIL/DIL); false for
+/// anything else (the encoder's turn). The test
+/// `patched_bytes_mean_what_the_encoder_would_emit` holds it to the
+/// encoder on random instructions.
+fn patch_bytes(
+    ins: &Instruction,
+    bytes: &[u8],
+    mem: bool,
+    absolute: bool,
+    out: &mut Vec<u8>,
+) -> bool {
+    if uses_high_byte(ins) {
+        return false;
+    }
+    let esp = |r: Register| matches!(r, Register::ESP | Register::SP);
+    let mut esp_regs = 0;
+    for k in 0..ins.op_count() {
+        if ins.op_kind(k) == OpKind::Register {
+            let r = ins.op_register(k);
+            if !r.is_gpr() {
+                return false;
+            }
+            esp_regs += usize::from(esp(r));
+        }
+    }
+    let op = bytes
+        .iter()
+        .position(|b| {
+            !matches!(
+                b,
+                0x66 | 0x67 | 0xF0 | 0xF2 | 0xF3 | 0x26 | 0x2E | 0x36 | 0x3E | 0x64 | 0x65
+            )
+        })
+        .unwrap_or(bytes.len());
+    let (opcode_len, in_opcode) = match &bytes[op..] {
+        [0x0F, 0x38 | 0x3A, ..] => (3, false),
+        [0x0F, b, ..] => (2, (0xC8..=0xCF).contains(b)),
+        [b, ..] => (1, matches!(b, 0x90..=0x97 | 0xB8..=0xBF)),
+        [] => return false,
+    };
+    let modrm_at = op + opcode_len;
+    let mut rex = 0x40;
+    if esp(ins.memory_base()) {
+        rex |= 1;
+    }
+    if in_opcode {
+        if esp_regs > 0 {
+            rex |= 1;
+            esp_regs -= 1;
+        }
+    } else if esp_regs > 0 || absolute {
+        let Some(&modrm) = bytes.get(modrm_at) else {
+            return false;
+        };
+        if modrm >> 6 == 3 && modrm & 7 == 4 && esp_regs > 0 {
+            rex |= 1;
+            esp_regs -= 1;
+        }
+        if esp_regs > 0 && (modrm >> 3) & 7 == 4 {
+            rex |= 4;
+            esp_regs -= 1;
+        }
+        if absolute && modrm & 0xC7 != 0x05 {
+            return false;
+        }
+    }
+    if esp_regs > 0 || (absolute && in_opcode) {
+        return false;
+    }
+    if mem {
+        out.extend([0x65, 0x67]);
+    }
+    out.extend_from_slice(&bytes[..op]);
+    if rex != 0x40 {
+        out.push(rex);
+    }
+    if absolute {
+        out.extend_from_slice(&bytes[op..modrm_at]);
+        out.extend([bytes[modrm_at] & !7 | 4, 0x25]);
+        out.extend_from_slice(&bytes[modrm_at + 1..]);
+    } else {
+        out.extend_from_slice(&bytes[op..]);
+    }
     true
 }
 
@@ -1017,13 +1117,85 @@ mod tests {
         }
         // Forms the fast path must leave to the encoder.
         for g in [
-            &[0x8B, 0x05, 0x00, 0x10, 0x00, 0x00][..], // [disp32]: RIP-relative in 64-bit mode
-            &[0x8B, 0x44, 0x24, 0x04],                 // [esp+4]: R12
-            &[0x82, 0xC0, 0x01],                       // 0x82 does not exist in 64-bit mode
-            &[0x67, 0x8B, 0x07],                       // 16-bit addressing
-            &[0x40],                                   // INC r32 short form
+            &[0x82, 0xC0, 0x01][..], // 0x82 does not exist in 64-bit mode
+            &[0x67, 0x8B, 0x07],     // 16-bit addressing
+            &[0x40],                 // INC r32 short form
         ] {
             assert!(!copy_bytes(&guest(g), g, &mut Vec::new()), "{g:02x?}");
+        }
+    }
+
+    /// The patched bytes (ESP as R12, a bare `[disp32]` given a SIB byte)
+    /// and the encoder agree on random instructions: every innocuous
+    /// instruction of random bytes that both lower is the same host
+    /// instruction, and the forms the patch is for are among them.
+    #[test]
+    fn patched_bytes_mean_what_the_encoder_would_emit() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let (mut esp, mut absolute, mut same) = (0, 0, 0);
+        for _ in 0..60_000 {
+            let mut g = [0u8; 15];
+            for b in &mut g {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            // Every fourth one gets an ESP-based or a bare disp32 operand.
+            match x % 8 {
+                0 => g[1] = (g[1] & 0x38) | 0x44,
+                1 => g[1] = (g[1] & 0x38) | 0x05,
+                2 => g[1] = 0xC0 | (g[1] & 0x38) | 4,
+                _ => {}
+            }
+            let ins = guest(&g);
+            if ins.is_invalid() || classify(&ins) != Class::Innocuous {
+                continue;
+            }
+            let g = &g[..ins.len()];
+            let (Lowering::Copied(fast), Lowering::Copied(slow)) =
+                (lower_innocuous(&ins, Some(g)), lower_innocuous(&ins, None))
+            else {
+                continue;
+            };
+            assert_eq!(host_text(&fast), host_text(&slow), "{g:02x?}");
+            same += 1;
+            if uses_esp(&ins) {
+                esp += 1;
+            }
+            if ins.op_kinds().any(|k| k == OpKind::Memory)
+                && ins.memory_base() == Register::None
+                && ins.memory_index() == Register::None
+            {
+                absolute += 1;
+            }
+        }
+        assert!(
+            same > 10_000 && esp > 1_000 && absolute > 500,
+            "{same} {esp} {absolute}"
+        );
+        // The hand-picked forms.
+        for g in [
+            &[0x8B, 0x05, 0x00, 0x10, 0x00, 0x00][..], // mov eax,[1000h]
+            &[0x8B, 0x44, 0x24, 0x04],                 // mov eax,[esp+4]
+            &[0x8B, 0x24, 0x24],                       // mov esp,[esp]
+            &[0x89, 0x25, 0x00, 0x10, 0x00, 0x00],     // mov [1000h],esp
+            &[0x83, 0xE4, 0xF0],                       // and esp,0FFFFFFF0h
+            &[0x87, 0xE4],                             // xchg esp,esp
+            &[0x94],                                   // xchg esp,eax
+            &[0xBC, 0x00, 0x10, 0x00, 0x00],           // mov esp,1000h
+            &[0x0F, 0xCC],                             // bswap esp
+            &[0x66, 0x0F, 0xB6, 0x64, 0x24, 0x03],     // movzx sp,byte [esp+3]
+            &[0xC7, 0x05, 0, 0x10, 0, 0, 1, 0, 0, 0],  // mov dword [1000h],1
+            &[0xD9, 0x44, 0x24, 0x08],                 // fld dword [esp+8]
+        ] {
+            let ins = guest(g);
+            let mut fast = Vec::new();
+            assert!(copy_bytes(&ins, g, &mut fast), "{g:02x?}");
+            let Lowering::Copied(slow) = lower_innocuous(&ins, None) else {
+                panic!("{g:02x?}");
+            };
+            assert_eq!(host_text(&fast), host_text(&slow), "{g:02x?}");
         }
     }
 

@@ -430,7 +430,7 @@ impl Bt {
             insns: crate::cache::InsnMap::new(&eips, &counted_at),
             pages,
             lin,
-            incoming: Vec::new(),
+            incoming: crate::chain::Links::None,
             linked: vec![None; code_sites],
             bytes,
         };

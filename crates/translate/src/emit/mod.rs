@@ -275,6 +275,9 @@ thread_local! {
     /// copied through, kept between blocks.
     static ASM: std::cell::Cell<Option<Asm>> = const { std::cell::Cell::new(None) };
     static OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A block's side exits while it is built (label, target, count).
+    static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize)>> =
+        const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `jmp rel32` to code-buffer offset `to`, from a block at offset `base`
@@ -485,7 +488,8 @@ impl HostBlock {
         let body_start = ops.offset().0;
         let mut starts = Vec::with_capacity(body.len());
         // Side exits: (label of the stub, target, count).
-        let mut sides = Vec::new();
+        let mut sides = SIDES.with(|s| s.take());
+        sides.clear();
         for piece in body {
             starts.push(ops.offset().0);
             match &piece {
@@ -655,10 +659,11 @@ impl HostBlock {
                 jmp_to(ops, base, epilogue_offset());
             }
         }
-        for (l, target, counted) in sides {
+        for &(l, target, counted) in &sides {
             dynasm!(ops ; .arch x64 ; =>l);
             stub(ops, &mut ex, target, counted);
         }
+        SIDES.with(|s| s.set(sides));
         let Exits { sites, polls, .. } = ex;
         let out = OUT.with(|o| {
             let mut out = o.take();
