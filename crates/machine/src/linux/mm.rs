@@ -66,7 +66,10 @@ pub struct AddressSpace {
     pub directory: u32,
     next_phys: u32,
     phys_end: u32,
-    free: Vec<u32>,
+    /// Freed pages, handed out again in ascending runs (see `alloc`).
+    free: std::collections::BTreeSet<u32>,
+    /// The page `alloc` handed out last.
+    last: u32,
     /// Mapped ranges: start -> (end, prot).
     vmas: BTreeMap<u32, (u32, u32)>,
     /// Start of the heap.
@@ -82,7 +85,8 @@ impl AddressSpace {
             directory: 0,
             next_phys: PAGE,
             phys_end: cpu.ram.size() & !(PAGE - 1),
-            free: Vec::new(),
+            free: std::collections::BTreeSet::new(),
+            last: 0,
             vmas: BTreeMap::new(),
             brk_start: 0,
             brk: 0,
@@ -91,17 +95,31 @@ impl AddressSpace {
         a
     }
 
-    /// A zeroed physical page.
+    /// A zeroed physical page: the one after the last handed out when it
+    /// is free, so that a mapping made page by page gets consecutive frames
+    /// (the translator maps a run of consecutive frames into its shadow
+    /// with one host call at the first touch, where scattered frames take
+    /// a hidden fault each: a freed heap reused for a fresh one cost glibc's
+    /// qsort a fault per page).
     fn alloc(&mut self, cpu: &mut Vcpu) -> Option<u32> {
-        if let Some(p) = self.free.pop() {
-            cpu.ram.zero(p, PAGE);
-            return Some(p);
-        }
-        if self.next_phys >= self.phys_end {
-            return None;
-        }
-        let p = self.next_phys;
-        self.next_phys += PAGE;
+        let next = self.last.wrapping_add(PAGE);
+        let reused = if self.free.remove(&next) {
+            Some(next)
+        } else {
+            self.free.pop_first()
+        };
+        let p = match reused {
+            Some(p) => {
+                cpu.ram.zero(p, PAGE);
+                p
+            }
+            None if self.next_phys < self.phys_end => {
+                self.next_phys += PAGE;
+                self.next_phys - PAGE
+            }
+            None => return None,
+        };
+        self.last = p;
         Some(p)
     }
 
@@ -202,7 +220,7 @@ impl AddressSpace {
         while lin < end {
             if let Some((at, e)) = self.backing(cpu, lin) {
                 cpu.ram.write(at, 4, 0);
-                self.free.push(e & !0xFFF);
+                self.free.insert(e & !0xFFF);
             }
             lin += PAGE;
         }
