@@ -171,6 +171,9 @@ def linux_programs():
         ("kernels: string (glibc str*/mem*)", [kernels, "20", "string"]),
         ("kernels: tree (linked nodes)", [kernels, "6", "tree"]),
         ("kernels: recursion (call/ret)", [kernels, "8", "recursion"]),
+        ("kernels: crc (bitwise CRC-16)", [kernels, "8", "crc"]),
+        ("kernels: matrix (16-bit multiply)", [kernels, "16", "matrix"]),
+        ("kernels: state (switch state machine)", [kernels, "30", "state"]),
     ]
     rows, ratios = [], []
     for name, cmd in programs:

@@ -3,10 +3,13 @@
  * `gcc -m32 -static -O2`): integer hashing, qsort through glibc, a
  * double-precision (x87) sum, string functions, a switch-based bytecode
  * interpreter (indirect branches), a binary search tree (linked nodes,
- * pointer chasing) and deep recursion (call/ret). Prints a checksum per
- * kernel so native, qemu-i386 and popek runs can be compared. Arguments:
- * repetitions, and optionally one kernel's name (hash, sort, float,
- * string, bytecode, tree, recursion). */
+ * pointer chasing), deep recursion (call/ret), and three in the manner of
+ * CoreMark's workloads (written here): a bitwise CRC-16 over a buffer, a
+ * small integer matrix multiply, and a character-class state machine over
+ * text. Prints a checksum per kernel so native, qemu-i386 and popek runs
+ * can be compared. Arguments: repetitions, and optionally one kernel's
+ * name (hash, sort, float, string, bytecode, tree, recursion, crc,
+ * matrix, state). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,6 +150,122 @@ static unsigned recursion_kernel(unsigned n)
     return sum;
 }
 
+/* CRC-16 (polynomial 0xA001, reflected), one bit at a time: shifts and
+ * data-dependent branches. */
+static unsigned short crc16_byte(unsigned char b, unsigned short crc)
+{
+    for (int i = 0; i < 8; i++) {
+        unsigned x = (b ^ crc) & 1;
+        b >>= 1;
+        crc >>= 1;
+        if (x)
+            crc ^= 0xA001;
+    }
+    return crc;
+}
+
+static unsigned crc_kernel(unsigned n)
+{
+    static unsigned char buf[4096];
+    unsigned x = 99;
+    for (unsigned i = 0; i < sizeof buf; i++) {
+        x = x * 1103515245u + 12345u;
+        buf[i] = x >> 16;
+    }
+    unsigned short crc = 0;
+    for (unsigned r = 0; r < n; r++)
+        for (unsigned i = 0; i < sizeof buf; i++)
+            crc = crc16_byte(buf[i], crc);
+    return crc;
+}
+
+/* 24x24 16-bit matrices: C = A * B with 32-bit sums, then a pass that
+ * folds each element's middle bits into a checksum. */
+#define MN 24
+static unsigned matrix_kernel(unsigned n)
+{
+    static short a[MN][MN], b[MN][MN];
+    static int c[MN][MN];
+    unsigned sum = 0;
+    for (unsigned i = 0; i < MN; i++)
+        for (unsigned j = 0; j < MN; j++) {
+            a[i][j] = (short)(i * 31 + j * 7 - 100);
+            b[i][j] = (short)(j * 13 - i * 5 + 3);
+        }
+    for (unsigned r = 0; r < n; r++) {
+        for (unsigned i = 0; i < MN; i++)
+            for (unsigned j = 0; j < MN; j++) {
+                int s = 0;
+                for (unsigned k = 0; k < MN; k++)
+                    s += a[i][k] * b[k][j];
+                c[i][j] = s;
+            }
+        for (unsigned i = 0; i < MN; i++)
+            for (unsigned j = 0; j < MN; j++)
+                sum += (c[i][j] >> 2) & 0xFFF;
+        a[r % MN][(r / MN) % MN]++;
+    }
+    return sum;
+}
+
+/* A state machine that classifies comma-separated tokens of a text as
+ * integers, decimals, scientific numbers or invalid, one character at a
+ * time through a switch on the state. */
+static unsigned state_kernel(unsigned n)
+{
+    static const char text[] =
+        "5012,1234,-874,+122,35.54,-0.91,.1e9,3.2e-2,1e+3,x1,--5,7.,"
+        "0,88a,-.5,6e,9E9,123456,4.4.4,+,1.0e1,-2,77777,3e3e,";
+    enum { START, INT, SIGN, FRAC, DOT, EXP, ESIGN, EINT, BAD };
+    unsigned counts[BAD + 1] = {0}, moves = 0;
+    for (unsigned r = 0; r < n; r++) {
+        int st = START;
+        for (const char *p = text; *p; p++) {
+            char ch = *p;
+            int next = st;
+            if (ch == ',') {
+                counts[st]++;
+                st = START;
+                continue;
+            }
+            switch (st) {
+            case START:
+                next = ch >= '0' && ch <= '9' ? INT : ch == '+' || ch == '-' ? SIGN
+                     : ch == '.' ? DOT : BAD;
+                break;
+            case SIGN:
+                next = ch >= '0' && ch <= '9' ? INT : ch == '.' ? DOT : BAD;
+                break;
+            case INT:
+                next = ch >= '0' && ch <= '9' ? INT : ch == '.' ? FRAC
+                     : ch == 'e' || ch == 'E' ? EXP : BAD;
+                break;
+            case DOT:
+                next = ch >= '0' && ch <= '9' ? FRAC : BAD;
+                break;
+            case FRAC:
+                next = ch >= '0' && ch <= '9' ? FRAC : ch == 'e' || ch == 'E' ? EXP : BAD;
+                break;
+            case EXP:
+                next = ch >= '0' && ch <= '9' ? EINT : ch == '+' || ch == '-' ? ESIGN : BAD;
+                break;
+            case ESIGN:
+            case EINT:
+                next = ch >= '0' && ch <= '9' ? EINT : BAD;
+                break;
+            default:
+                break;
+            }
+            moves += next != st;
+            st = next;
+        }
+    }
+    unsigned sum = moves;
+    for (int i = 0; i <= BAD; i++)
+        sum = sum * 33 + counts[i];
+    return sum;
+}
+
 int main(int argc, char **argv)
 {
     unsigned reps = argc > 1 ? (unsigned)atoi(argv[1]) : 1;
@@ -161,6 +280,9 @@ int main(int argc, char **argv)
         RUN(bytecode, "%u", bytecode_kernel(100000));
         RUN(tree, "%u", tree_kernel(60000));
         RUN(recursion, "%u", recursion_kernel(20));
+        RUN(crc, "%04x", crc_kernel(200));
+        RUN(matrix, "%u", matrix_kernel(2000));
+        RUN(state, "%u", state_kernel(100000));
     }
     return 0;
 }

@@ -276,7 +276,7 @@ thread_local! {
     static ASM: std::cell::Cell<Option<Asm>> = const { std::cell::Cell::new(None) };
     static OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     /// A block's side exits while it is built (label, target, count).
-    static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize)>> =
+    static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize, usize)>> =
         const { std::cell::Cell::new(Vec::new()) };
 }
 
@@ -397,6 +397,30 @@ fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
     jmp_to(ops, base, epilogue_offset());
 }
 
+/// Does an exit to `target` need code before its patchable jump (a count
+/// and the budget, or a poll)? If not, a conditional branch to it can be
+/// the patch site itself ([`cold_tail`]), one host jump less when taken.
+fn bare_exit(span: Span, target: u32) -> bool {
+    match span.pace {
+        Pace::Counted => false,
+        Pace::Polled(_) => target > span.start,
+        Pace::Free => true,
+    }
+}
+
+/// The exit to `target` of a conditional branch whose rel32 (at code
+/// offset `rel32` of the block) is the patch site: only the cold tail,
+/// which the branch goes to until it is chained to the target's body.
+fn cold_tail(ops: &mut Asm, ex: &mut Exits, target: u32, rel32: usize) {
+    ex.sites.push(Site {
+        rel32: ex.base + rel32,
+        target,
+        cold: ex.base + ops.offset().0,
+    });
+    store_next(ops, target);
+    jmp_to(ops, ex.base, epilogue_offset());
+}
+
 /// The start of a guarded piece: go on to its host code (which follows)
 /// while the context byte at `slow_at` is 0, else jump to the local label
 /// `slow` that [`helper_tail`] defines. Flag-free: the byte into RCX for
@@ -487,7 +511,8 @@ impl HostBlock {
     ) -> Result<HostBlock, BuildError> {
         let body_start = ops.offset().0;
         let mut starts = Vec::with_capacity(body.len());
-        // Side exits: (label of the stub, target, count).
+        // Side exits: (label of the stub, target, count, offset of the
+        // branch's rel32).
         let mut sides = SIDES.with(|s| s.take());
         sides.clear();
         for piece in body {
@@ -501,7 +526,7 @@ impl HostBlock {
                 } => {
                     let l = ops.new_dynamic_label();
                     jcc(ops, *cc, l);
-                    sides.push((l, *target, *counted));
+                    sides.push((l, *target, *counted, ops.offset().0 - 4));
                 }
                 Piece::Helper(call) => {
                     let h =
@@ -604,9 +629,14 @@ impl HostBlock {
             }) => {
                 let to_taken = ops.new_dynamic_label();
                 jcc(ops, *cc, to_taken);
+                let rel32 = ops.offset().0 - 4;
                 stub(ops, &mut ex, *not_taken, n);
                 dynasm!(ops ; .arch x64 ; =>to_taken);
-                stub(ops, &mut ex, *taken, n);
+                if bare_exit(span, *taken) {
+                    cold_tail(ops, &mut ex, *taken, rel32);
+                } else {
+                    stub(ops, &mut ex, *taken, n);
+                }
             }
             Some(BlockExit::Loop { taken, not_taken }) => {
                 dynasm!(ops
@@ -659,9 +689,13 @@ impl HostBlock {
                 jmp_to(ops, base, epilogue_offset());
             }
         }
-        for &(l, target, counted) in &sides {
+        for &(l, target, counted, rel32) in &sides {
             dynasm!(ops ; .arch x64 ; =>l);
-            stub(ops, &mut ex, target, counted);
+            if bare_exit(span, target) {
+                cold_tail(ops, &mut ex, target, rel32);
+            } else {
+                stub(ops, &mut ex, target, counted);
+            }
         }
         SIDES.with(|s| s.set(sides));
         let Exits { sites, polls, .. } = ex;
