@@ -259,6 +259,10 @@ impl Bt {
             .copied()
             .filter(|&r| regions.has(u32::from(r)))
             .collect();
+        // Blocks whose links into a volatile region were cut: they are
+        // translated again, with exits through the table (see
+        // `emit::via_table`), instead of being linked and cut again.
+        let mut stale = Vec::new();
         for r in hit {
             let Some(links) = self.cross.remove(&r) else {
                 continue;
@@ -281,10 +285,26 @@ impl Bt {
                 if live {
                     self.unchain(to, l);
                     self.stats.links_cut += 1;
+                    let n = &mut self.cuts[usize::from(r) & 1023];
+                    *n = n.saturating_add(1);
+                    if *n == crate::dispatch::VOLATILE_CUTS {
+                        self.volatile.add(u32::from(r));
+                        self.stats.volatile_regions += 1;
+                    }
+                    if self.volatile.has(u32::from(r)) {
+                        stale.push(l.from);
+                    }
                 }
             }
             if !kept.is_empty() {
                 self.cross.insert(r, kept);
+            }
+        }
+        stale.sort_unstable();
+        stale.dedup();
+        for k in stale {
+            if let Some(e) = self.cache.pop(&k) {
+                self.unlink(k, e);
             }
         }
     }

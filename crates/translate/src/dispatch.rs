@@ -38,6 +38,10 @@ pub const CODE_BUFFER_SIZE: usize = 32 << 20;
 
 /// Chained jumps per dispatcher entry before control comes back.
 pub const CHAIN_BUDGET: u64 = 1 << 16;
+/// Cross-page links cut into a 4 MiB region at address-space switches
+/// after which direct exits into it go through the indirect-branch table
+/// (`Bt::volatile`).
+pub const VOLATILE_CUTS: u16 = 4;
 
 /// The mnemonic of the instruction at `eip`, and is it special
 /// (sensitive or privileged)?
@@ -138,6 +142,12 @@ pub struct Bt {
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
     pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+    /// Regions whose cross-page links keep being cut at address-space
+    /// switches: direct exits into them go through the indirect-branch
+    /// table (see `emit::via_table`); and how many links into each region
+    /// have been cut (up to [`VOLATILE_CUTS`]).
+    pub(crate) volatile: crate::paging::Regions,
+    pub(crate) cuts: Box<[u16; 1024]>,
     /// A block's exit sites while [`Bt::link`] chains them (kept between
     /// links: nothing allocated per block).
     pub(crate) site_scratch: Vec<crate::emit::Site>,
@@ -211,6 +221,8 @@ impl Bt {
             space: None,
             tick: 0,
             shadow_broken: false,
+            volatile: crate::paging::Regions::NONE,
+            cuts: Box::new([0; 1024]),
             site_scratch: Vec::new(),
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),

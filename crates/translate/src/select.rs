@@ -391,6 +391,7 @@ impl Bt {
                 exit.as_ref(),
                 Some(run_helper),
                 table,
+                (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile),
             ) {
                 Ok(c) => {
                     compiled = Some(c);

@@ -73,6 +73,9 @@ pub struct Stats {
     pub mapping_switches: u64,
     /// Cross-page chained jumps cut by those switches.
     pub links_cut: u64,
+    /// 4 MiB regions whose direct exits go through the indirect-branch
+    /// table (their links were cut too often).
+    pub volatile_regions: u64,
     /// Instruction-TLB fills (a walk of the guest tables for a code page).
     pub itlb_fills: u64,
     /// Writes to page-table pages the shadow or translations came from.
@@ -313,6 +316,11 @@ impl Stats {
                 self.mapping_switches,
             ),
             c("links_cut", "cross-page links cut", self.links_cut),
+            c(
+                "volatile_regions",
+                "regions jumped into through the table",
+                self.volatile_regions,
+            ),
             c(
                 "hot_stores",
                 "accesses made helper calls (adaptive)",

@@ -89,6 +89,7 @@ mod tests {
             },
             sites: Vec::new(),
             polls: Vec::new(),
+            via_table: None,
         };
         indirect_exit(&mut ops, &mut ex, 0x1122_3344_5566_7788);
         let out = ops.finalize().unwrap();

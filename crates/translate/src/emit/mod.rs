@@ -48,6 +48,7 @@ use crate::abi::{
     SCRATCH2, SEG_SLOW, TSC_OFFSET, TSC_SLOW,
 };
 use crate::host::CodeBuffer;
+use crate::paging::Regions;
 use flags::flags_fast_path;
 use frame::{ensure_epilogue, frame};
 use indirect::indirect_exit;
@@ -334,12 +335,29 @@ fn helper_call(ops: &mut Asm, base: usize, h: HelperFn, call: &HelperCall) {
 }
 
 /// The exits of a block being built: its patchable jumps and polls.
-pub(crate) struct Exits {
+pub(crate) struct Exits<'r> {
     /// The block's code-buffer offset.
     pub(crate) base: usize,
     pub(crate) span: Span,
     pub(crate) sites: Vec<Site>,
     pub(crate) polls: Vec<Poll>,
+    /// The indirect-branch table and the regions whose links keep being
+    /// cut (see [`via_table`]).
+    pub(crate) via_table: Option<(u64, &'r Regions)>,
+}
+
+/// Does a direct exit to `target` go through the indirect-branch table
+/// instead of a chainable jump? When it leaves the block's pages for a
+/// 4 MiB region whose cross-page links keep being cut at address-space
+/// switches (`Bt::volatile`: a process's code, which every context switch
+/// maps differently): a link there would be cut and made again at every
+/// switch, where the table is emptied for the region at no cost per entry
+/// and filled again by the dispatcher.
+fn via_table(ex: &Exits, target: u32) -> Option<u64> {
+    let (table, volatile) = ex.via_table?;
+    let (first, last) = (ex.span.start >> 12, ex.span.end.wrapping_sub(1) >> 12);
+    let page = target >> 12;
+    (page != first && page != last && volatile.has(target >> 22)).then_some(table)
 }
 
 /// An exit stub to `target`: pace the transfer (`Pace::Counted`: count the
@@ -359,6 +377,17 @@ fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
     const JMP_COLD: [u8; 5] = [0xE9, 0, 0, 0, 0];
     /// `mov rcx, r13`.
     const RCX_BACK: [u8; 3] = [0x4C, 0x89, 0xE9];
+    if let Some(table) = via_table(ex, target) {
+        if ex.span.pace == Pace::Counted {
+            // The instructions and one lookup, in one LEA (as the exit of
+            // an indirect branch).
+            let both = (n as u32 | 1 << LOOKUP_SHIFT) as i32;
+            dynasm!(ops ; .arch x64 ; lea r8, [r8 + both]);
+        }
+        dynasm!(ops ; .arch x64 ; mov r13d, target as i32);
+        indirect_exit(ops, ex, table);
+        return;
+    }
     let (base, sites) = (ex.base, &mut ex.sites);
     match ex.span.pace {
         Pace::Counted => {
@@ -400,10 +429,13 @@ fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
 /// Does an exit to `target` need code before its patchable jump (a count
 /// and the budget, or a poll)? If not, a conditional branch to it can be
 /// the patch site itself ([`cold_tail`]), one host jump less when taken.
-fn bare_exit(span: Span, target: u32) -> bool {
-    match span.pace {
+fn bare_exit(ex: &Exits, target: u32) -> bool {
+    if via_table(ex, target).is_some() {
+        return false;
+    }
+    match ex.span.pace {
         Pace::Counted => false,
-        Pace::Polled(_) => target > span.start,
+        Pace::Polled(_) => target > ex.span.start,
         Pace::Free => true,
     }
 }
@@ -473,8 +505,11 @@ fn jcc(ops: &mut Asm, cc: u8, to: DynamicLabel) {
 impl HostBlock {
     /// Compile translated instructions (host bytes, in order) ending in
     /// `exit` into `buf`. `n` is the number of guest instructions. Fails
-    /// with [`BuildError`] when the buffer is full.
-    pub fn compile_block<'a>(
+    /// with [`BuildError`] when the buffer is full. Direct exits into the
+    /// `volatile` regions look their target up in the `lookup` table
+    /// instead of being chainable.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn compile_block<'a>(
         buf: &mut CodeBuffer,
         body: impl ExactSizeIterator<Item = Piece<'a>>,
         n: usize,
@@ -482,6 +517,7 @@ impl HostBlock {
         exit: Option<&BlockExit>,
         helper: Option<HelperFn>,
         lookup: Option<u64>,
+        volatile: Option<&Regions>,
     ) -> Result<HostBlock, BuildError> {
         ensure_epilogue(buf)?;
         let base = buf.next_offset();
@@ -490,7 +526,9 @@ impl HostBlock {
         let mut ops = ASM
             .with(|a| a.take())
             .unwrap_or_else(|| Asm::new_with_capacity(0, 4096, 16, 0, 8, 32, 8));
-        let built = Self::build(&mut ops, buf, base, body, n, span, exit, helper, lookup);
+        let built = Self::build(
+            &mut ops, buf, base, body, n, span, exit, helper, lookup, volatile,
+        );
         if built.is_ok() {
             ASM.with(|a| a.set(Some(ops)));
         }
@@ -508,6 +546,7 @@ impl HostBlock {
         exit: Option<&BlockExit>,
         helper: Option<HelperFn>,
         lookup: Option<u64>,
+        volatile: Option<&Regions>,
     ) -> Result<HostBlock, BuildError> {
         let body_start = ops.offset().0;
         let mut starts = Vec::with_capacity(body.len());
@@ -619,6 +658,7 @@ impl HostBlock {
                     },
             ),
             polls: Vec::new(),
+            via_table: lookup.zip(volatile),
         };
         match exit {
             Some(BlockExit::Direct(t)) => stub(ops, &mut ex, *t, n),
@@ -632,7 +672,7 @@ impl HostBlock {
                 let rel32 = ops.offset().0 - 4;
                 stub(ops, &mut ex, *not_taken, n);
                 dynasm!(ops ; .arch x64 ; =>to_taken);
-                if bare_exit(span, *taken) {
+                if bare_exit(&ex, *taken) {
                     cold_tail(ops, &mut ex, *taken, rel32);
                 } else {
                     stub(ops, &mut ex, *taken, n);
@@ -691,7 +731,7 @@ impl HostBlock {
         }
         for &(l, target, counted, rel32) in &sides {
             dynasm!(ops ; .arch x64 ; =>l);
-            if bare_exit(span, target) {
+            if bare_exit(&ex, target) {
                 cold_tail(ops, &mut ex, target, rel32);
             } else {
                 stub(ops, &mut ex, target, counted);
@@ -738,7 +778,7 @@ impl HostBlock {
             end: 0,
             pace: Pace::Counted,
         };
-        HostBlock::compile_block(buf, body.into_iter(), n, span, None, None, None)
+        HostBlock::compile_block(buf, body.into_iter(), n, span, None, None, None, None)
     }
 
     /// The index of the translated instruction at host address `rip`, if
