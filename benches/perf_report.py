@@ -1405,6 +1405,26 @@ system call), so it is higher than the warm figure.
   no prologue per block (one shared entry routine loads the state and
   jumps to the body: 60 bytes less per block to copy and to fault in) and
   pieces handed to the emitter as an iterator (-> 1.10 / 2.38 us).
+  Later (measured side by side with criterion's baselines, compute guest):
+  instructions naming ESP or a bare `[disp32]` copied with a REX prefix
+  and a SIB byte patched into their bytes instead of encoded again by
+  iced-x86, the special-instruction table consulted once per instruction,
+  no allocation per block for link sites, side exits and single waiting
+  links (0.92 / 2.15 -> 0.82 / 1.79 us).
+- What made the Linux boot faster (issue 20, boot + script, best of
+  three, one machine): direct exits into the 4 MiB regions whose
+  cross-page links kept being cut at context switches (the processes'
+  code) go through the indirect-branch table (4.0 -> 3.3 s; links cut
+  1.7 M -> 3 k). What remains is mostly the shadow's: about a third of
+  the run is the host kernel mapping, unmapping and protecting shadow
+  pages and delivering the faults that fill them (one host mapping per
+  page where the guest's frames are not consecutive).
+- What made Linux programs faster (issue 20): a conditional branch to an
+  exit that needs no pacing code is its own patch site (a taken branch
+  jumps straight to the target's body; the state kernel 1.36x -> 1.06x
+  native); the page allocator of popek's Linux personality hands out
+  consecutive frames, so a heap freed and grown again is mapped 16 pages
+  per hidden fault (sort: 2107 -> 282 faults, 1.24x -> 1.18x).
 
 The criterion benchmarks (`cargo bench -p popek-bench`) measure the same
 engines and the cost of scanning blocks, with statistical confidence.
