@@ -276,7 +276,8 @@ thread_local! {
     /// copied through, kept between blocks.
     static ASM: std::cell::Cell<Option<Asm>> = const { std::cell::Cell::new(None) };
     static OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    /// A block's side exits while it is built (label, target, count).
+    /// A block's side exits while it is built (label, target, count, offset
+    /// of the branch's rel32).
     static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize, usize)>> =
         const { std::cell::Cell::new(Vec::new()) };
 }
@@ -565,6 +566,8 @@ impl HostBlock {
                 } => {
                     let l = ops.new_dynamic_label();
                     jcc(ops, *cc, l);
+                    // (A jump to a label not defined yet is always a rel32:
+                    // the branch's last four bytes.)
                     sides.push((l, *target, *counted, ops.offset().0 - 4));
                 }
                 Piece::Helper(call) => {
