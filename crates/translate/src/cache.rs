@@ -164,27 +164,40 @@ impl TransCache {
 }
 
 /// Of a translated block, in one allocation: the guest EIP of each
-/// translated instruction, then the EIP after them (`eips`), and for each
+/// translated instruction, then the EIP after them (`eips`); for each
 /// instruction how many instructions before it the block's code counts as
 /// retired (`counted`; helper calls retire theirs through the
-/// interpreter).
+/// interpreter); and where its host code starts in the block's code
+/// (`starts`).
 pub(crate) struct InsnMap(Box<[u32]>);
 
 impl InsnMap {
-    /// From `eips` (one more than instructions) and `counted`.
-    pub(crate) fn new(eips: &[u32], counted: &[u32]) -> InsnMap {
+    /// From `eips` (one more than instructions), `counted` and `starts`.
+    pub(crate) fn new(eips: &[u32], counted: &[u32], starts: &[u32]) -> InsnMap {
         debug_assert_eq!(eips.len(), counted.len() + 1);
-        InsnMap([eips, counted].concat().into_boxed_slice())
+        debug_assert_eq!(counted.len(), starts.len());
+        InsnMap([eips, counted, starts].concat().into_boxed_slice())
+    }
+
+    /// Instructions.
+    fn n(&self) -> usize {
+        (self.0.len() - 1) / 3
     }
 
     /// The EIP of each instruction, then the EIP after them.
     pub(crate) fn eips(&self) -> &[u32] {
-        &self.0[..self.0.len().div_ceil(2)]
+        &self.0[..=self.n()]
     }
 
     /// For each instruction, the instructions before it counted by code.
     pub(crate) fn counted(&self) -> &[u32] {
-        &self.0[self.0.len().div_ceil(2)..]
+        let n = self.n();
+        &self.0[n + 1..2 * n + 1]
+    }
+
+    /// For each instruction, the offset of its host code in the block's.
+    pub(crate) fn starts(&self) -> &[u32] {
+        &self.0[2 * self.n() + 1..]
     }
 }
 
@@ -202,9 +215,6 @@ pub(crate) enum Translation {
         lin: (u32, u32),
         /// Chained jumps that land in this block.
         incoming: Links,
-        /// For each exit stub (as in `code.sites()`), the translation it
-        /// is chained to, if it is.
-        linked: Vec<Option<Key>>,
         /// The guest bytes it was made from (see [`CodeBytes`]).
         bytes: CodeBytes,
     },

@@ -3,7 +3,7 @@
 //! indirect JMP/CALL find their target's translation in host code.
 //!
 //! Each translation records the chained jumps that land in it
-//! (`incoming`) and where its own stubs are chained (`linked`); stubs
+//! (`incoming`) and where its own stubs are chained (`Site::linked`); stubs
 //! whose target is not translated yet wait in `pending`, keyed by target
 //! EIP. When a translation is dropped its incoming jumps are patched back
 //! to their stubs' cold tails (which return to the dispatcher) and wait
@@ -169,9 +169,9 @@ impl Bt {
 
     /// Record in the block holding `l` where its stub is chained.
     fn set_linked(&mut self, l: Link, to: Option<Key>) {
-        if let Some(Translation::Code { code, linked, .. }) = self.cache.peek_mut(&l.from) {
-            if let Some(i) = code.sites().iter().position(|s| s.rel32 == l.rel32) {
-                linked[i] = to;
+        if let Some(Translation::Code { code, .. }) = self.cache.peek_mut(&l.from) {
+            if let Some(s) = code.sites_mut().iter_mut().find(|s| s.rel32 == l.rel32) {
+                s.linked = to;
             }
         }
     }
@@ -322,13 +322,7 @@ impl Bt {
                 }
             }
         }
-        let Translation::Code {
-            code,
-            incoming,
-            linked,
-            ..
-        } = entry
-        else {
+        let Translation::Code { code, incoming, .. } = entry else {
             return;
         };
         self.forget_lookup(key, &code);
@@ -338,9 +332,9 @@ impl Bt {
                 self.unchain(key, l);
             }
         }
-        for (site, to) in code.sites().iter().zip(linked) {
+        for site in code.sites() {
             let gone = |l: &Link| l.from == key && l.rel32 == site.rel32;
-            match to.and_then(|t| self.cache.peek_mut(&t)) {
+            match site.linked.and_then(|t| self.cache.peek_mut(&t)) {
                 Some(Translation::Code { incoming, .. }) => incoming.retain(|l| !gone(l)),
                 _ => {
                     if let Some(list) = self.pending.get_mut(&site.target) {

@@ -142,6 +142,8 @@ pub struct Bt {
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
     pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+    /// Where each instruction's host code starts, while a block is built.
+    pub(crate) starts: Vec<u32>,
     /// Regions whose cross-page links keep being cut at address-space
     /// switches: direct exits into them go through the indirect-branch
     /// table (see `emit::via_table`); and how many links into each region
@@ -224,6 +226,7 @@ impl Bt {
             volatile: crate::paging::Regions::NONE,
             cuts: Box::new([0; 1024]),
             site_scratch: Vec::new(),
+            starts: Vec::new(),
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX + 1),
@@ -575,7 +578,9 @@ impl Bt {
                     0,
                 ),
                 Some(Translation::Code { code, insns, .. }) => {
-                    let done = code.instruction_at(ctx.fault_rip).unwrap_or(0);
+                    let done = code
+                        .instruction_at(ctx.fault_rip, insns.starts())
+                        .unwrap_or(0);
                     let native = u64::from(insns.counted().get(done).copied().unwrap_or(0));
                     (Some(insns.eips()[done]), native)
                 }

@@ -392,6 +392,7 @@ impl Bt {
                 Some(run_helper),
                 table,
                 (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile),
+                &mut self.starts,
             ) {
                 Ok(c) => {
                     compiled = Some(c);
@@ -425,14 +426,12 @@ impl Bt {
             self.dump_block(&block, &how, &code, exit.as_ref());
         }
         eips.push(end);
-        let code_sites = code.sites().len();
         let entry = Translation::Code {
             code,
-            insns: crate::cache::InsnMap::new(&eips, &counted_at),
+            insns: crate::cache::InsnMap::new(&eips, &counted_at, &self.starts),
             pages,
             lin,
             incoming: crate::chain::Links::None,
-            linked: vec![None; code_sites],
             bytes,
         };
         self.scratch = (block.insns, eips, counted_at);

@@ -209,6 +209,9 @@ pub struct Site {
     /// Code-buffer offset the jump goes to while unchained: the stub's cold
     /// tail, which stores the next EIP and returns to the dispatcher.
     pub cold: usize,
+    /// The translation (its cache key) the jump is chained to, if it is
+    /// (kept by the chaining code; None when the block is built).
+    pub linked: Option<u64>,
 }
 
 /// Compiled host code for one block.
@@ -219,8 +222,6 @@ pub struct HostBlock {
     offset: usize,
     /// Code size in bytes.
     len: usize,
-    /// Offset (in the code) of each translated instruction, in order.
-    starts: Box<[usize]>,
     /// End of the translated instructions.
     body_end: usize,
     /// Offset of the first translated instruction: where chained jumps land.
@@ -422,6 +423,7 @@ fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
         rel32,
         target,
         cold: base + ops.offset().0,
+        linked: None,
     });
     store_next(ops, target);
     jmp_to(ops, base, epilogue_offset());
@@ -449,6 +451,7 @@ fn cold_tail(ops: &mut Asm, ex: &mut Exits, target: u32, rel32: usize) {
         rel32: ex.base + rel32,
         target,
         cold: ex.base + ops.offset().0,
+        linked: None,
     });
     store_next(ops, target);
     jmp_to(ops, ex.base, epilogue_offset());
@@ -505,7 +508,8 @@ fn jcc(ops: &mut Asm, cc: u8, to: DynamicLabel) {
 
 impl HostBlock {
     /// Compile translated instructions (host bytes, in order) ending in
-    /// `exit` into `buf`. `n` is the number of guest instructions. Fails
+    /// `exit` into `buf`, with the offset in the code of each piece in
+    /// `starts`. `n` is the number of guest instructions. Fails
     /// with [`BuildError`] when the buffer is full. Direct exits into the
     /// `volatile` regions look their target up in the `lookup` table
     /// instead of being chainable.
@@ -519,6 +523,7 @@ impl HostBlock {
         helper: Option<HelperFn>,
         lookup: Option<u64>,
         volatile: Option<&Regions>,
+        starts: &mut Vec<u32>,
     ) -> Result<HostBlock, BuildError> {
         ensure_epilogue(buf)?;
         let base = buf.next_offset();
@@ -528,7 +533,7 @@ impl HostBlock {
             .with(|a| a.take())
             .unwrap_or_else(|| Asm::new_with_capacity(0, 4096, 16, 0, 8, 32, 8));
         let built = Self::build(
-            &mut ops, buf, base, body, n, span, exit, helper, lookup, volatile,
+            &mut ops, buf, base, body, n, span, exit, helper, lookup, volatile, starts,
         );
         if built.is_ok() {
             ASM.with(|a| a.set(Some(ops)));
@@ -548,15 +553,16 @@ impl HostBlock {
         helper: Option<HelperFn>,
         lookup: Option<u64>,
         volatile: Option<&Regions>,
+        starts: &mut Vec<u32>,
     ) -> Result<HostBlock, BuildError> {
         let body_start = ops.offset().0;
-        let mut starts = Vec::with_capacity(body.len());
+        starts.clear();
         // Side exits: (label of the stub, target, count, offset of the
         // branch's rel32).
         let mut sides = SIDES.with(|s| s.take());
         sides.clear();
         for piece in body {
-            starts.push(ops.offset().0);
+            starts.push(ops.offset().0 as u32);
             match &piece {
                 Piece::Code(b) => dynasm!(ops ; .arch x64 ; .bytes b.iter()),
                 Piece::Side {
@@ -760,7 +766,6 @@ impl HostBlock {
             entry: buf.exec_addr(at),
             offset: at,
             len,
-            starts: starts.into_boxed_slice(),
             body_end,
             body_start,
             sites: sites.into_boxed_slice(),
@@ -781,17 +786,28 @@ impl HostBlock {
             end: 0,
             pace: Pace::Counted,
         };
-        HostBlock::compile_block(buf, body.into_iter(), n, span, None, None, None, None)
+        HostBlock::compile_block(
+            buf,
+            body.into_iter(),
+            n,
+            span,
+            None,
+            None,
+            None,
+            None,
+            &mut Vec::new(),
+        )
     }
 
     /// The index of the translated instruction at host address `rip`, if
-    /// `rip` lies in this block's translated instructions.
-    pub fn instruction_at(&self, rip: u64) -> Option<usize> {
+    /// `rip` lies in this block's translated instructions, whose offsets in
+    /// the code are `starts` (as [`HostBlock::compile_block`] gave them).
+    pub fn instruction_at(&self, rip: u64, starts: &[u32]) -> Option<usize> {
         let off = rip.checked_sub(self.entry as u64)? as usize;
-        if off >= self.body_end || self.starts.first().is_none_or(|s| off < *s) {
+        if off >= self.body_end || starts.first().is_none_or(|&s| off < s as usize) {
             return None;
         }
-        Some(self.starts.partition_point(|s| *s <= off) - 1)
+        Some(starts.partition_point(|&s| s as usize <= off) - 1)
     }
 
     /// Host code size in bytes.
@@ -822,6 +838,11 @@ impl HostBlock {
     /// The patchable exits.
     pub fn sites(&self) -> &[Site] {
         &self.sites
+    }
+
+    /// The patchable exits, to record where they are chained.
+    pub(crate) fn sites_mut(&mut self) -> &mut [Site] {
+        &mut self.sites
     }
 
     /// The poll at host address `rip`, if one is there.
