@@ -199,10 +199,9 @@ impl Bt {
         // The block's sites, copied into a vector kept between links.
         let mut sites = std::mem::take(&mut self.site_scratch);
         sites.clear();
-        match self.cache.peek(&key) {
-            Some(Translation::Code { code, .. }) => sites.extend_from_slice(code.sites()),
-            _ => return,
-        };
+        if let Some(Translation::Code { code, .. }) = self.cache.peek(&key) {
+            sites.extend_from_slice(code.sites());
+        }
         for &site in &sites {
             let link = Link {
                 from: key,

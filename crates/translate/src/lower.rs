@@ -552,10 +552,14 @@ fn is_bcd_or_32bit_only(ins: &Instruction) -> bool {
 /// Does a register operand or address register name ESP/SP (which lives
 /// in R12 on the host)?
 fn uses_esp(ins: &Instruction) -> bool {
-    let esp = |r: Register| matches!(r, Register::ESP | Register::SP);
-    (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Register && esp(ins.op_register(i)))
-        || esp(ins.memory_base())
-        || esp(ins.memory_index())
+    (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Register && is_esp(ins.op_register(i)))
+        || is_esp(ins.memory_base())
+        || is_esp(ins.memory_index())
+}
+
+/// ESP or SP (R12 on the host).
+fn is_esp(r: Register) -> bool {
+    matches!(r, Register::ESP | Register::SP)
 }
 
 /// Does the instruction name AH, CH, DH or BH? Those cannot be encoded
@@ -651,7 +655,6 @@ fn patch_bytes(
     if uses_high_byte(ins) {
         return false;
     }
-    let esp = |r: Register| matches!(r, Register::ESP | Register::SP);
     let mut esp_regs = 0;
     for k in 0..ins.op_count() {
         if ins.op_kind(k) == OpKind::Register {
@@ -659,7 +662,7 @@ fn patch_bytes(
             if !r.is_gpr() {
                 return false;
             }
-            esp_regs += usize::from(esp(r));
+            esp_regs += usize::from(is_esp(r));
         }
     }
     let op = bytes
@@ -679,7 +682,7 @@ fn patch_bytes(
     };
     let modrm_at = op + opcode_len;
     let mut rex = 0x40;
-    if esp(ins.memory_base()) {
+    if is_esp(ins.memory_base()) {
         rex |= 1;
     }
     if in_opcode {
