@@ -147,7 +147,7 @@ specials! {
     MovFromDr => Privileged, Traps, false, "MOV r32, DRn";
     Lmsw => Privileged, Traps, true, "LMSW: loads CR0's low bits";
     Clts => Privileged, Traps, true, "CLTS: clears CR0.TS";
-    Invlpg => Privileged, Traps, true, "INVLPG: invalidates a TLB entry";
+    Invlpg => Privileged, Traps, false, "INVLPG: invalidates a TLB entry";
     Invd => Privileged, Traps, false, "INVD: invalidates caches";
     Wbinvd => Privileged, Traps, false, "WBINVD: writes back and invalidates caches";
     Rdmsr => Privileged, Traps, false, "RDMSR: reads a model-specific register";

@@ -28,7 +28,7 @@ use crate::emit::Pace;
 use crate::helper::{tsc_native, HelperEnv, HotStore};
 use crate::host::{set_gs_base, CodeBuffer, DirectMap, Poller};
 use crate::lower::lower;
-use crate::paging::{seg_bases, translatable, PagingKey, Space};
+use crate::paging::{paging_key, seg_bases, translatable, PagingKey, Space};
 use crate::select::SUPERBLOCK_MAX;
 use crate::stats::{ExitReason, KindCounts, Stats};
 use crate::watch::WriteWatch;
@@ -87,14 +87,28 @@ pub struct Bt {
     /// The shadow address spaces (see [`crate::paging`]); the index of
     /// one is the number of its shadow window in guest RAM.
     pub(crate) spaces: Vec<Space>,
+    /// For each page directory and page table something is derived from,
+    /// the spaces derived from it (so that a table write visits only
+    /// those).
+    pub(crate) table_spaces: FastMap<u32, crate::paging::SpaceSet>,
     /// The current space (None with paging off).
     pub(crate) space: Option<usize>,
+    /// An instruction of translated code whose access raised a page fault
+    /// for the guest: its EIP, the paging mode, and the linear address in
+    /// the shadow. Should the guest's handler return to it, it is retried
+    /// on the interpreter and the page mapped after it, which saves the
+    /// host fault translated code would take there.
+    pub(crate) retry: Option<(u32, PagingKey, u64)>,
     /// The current page directory (its page number) and its entries as
     /// the kept links and lookups assume them (see [`crate::paging`]).
     pub(crate) dir_now: Option<(u32, Box<[u32; 1024]>)>,
     /// Writes to each watched page table since a shadow mapping was last
     /// derived from it (see [`crate::paging::FLOOD_WRITES`]).
     pub(crate) flood: FastMap<u32, u32>,
+    /// How many times each page table was seen written or unshadowed:
+    /// a page a helper call reached through a table whose count moved
+    /// since may have been remapped (see `helper::shadow_lag`).
+    pub(crate) table_epoch: FastMap<u32, u32>,
     /// Counts switches between spaces (for least-recently-used eviction).
     pub(crate) tick: u64,
     /// The host refused to unmap a shadow window: it may grant what the
@@ -202,6 +216,7 @@ impl Bt {
             by_page: FastMap::default(),
             dir_now: None,
             flood: FastMap::default(),
+            table_epoch: FastMap::default(),
             lookup_regions: [crate::paging::Regions::NONE; 2],
             by_offset: BTreeMap::new(),
             stats: Stats::default(),
@@ -220,6 +235,8 @@ impl Bt {
             checked_stores: true,
             watch: WriteWatch::default(),
             spaces: Vec::new(),
+            table_spaces: FastMap::default(),
+            retry: None,
             space: None,
             tick: 0,
             shadow_broken: false,
@@ -427,6 +444,25 @@ impl Bt {
             self.checked_stores = false;
             self.flush();
         }
+        if let Some((at, key, lin)) = self.retry {
+            if cpu.eip == at && paging_key(cpu) == key {
+                // The instruction whose access raised a #PF, back from the
+                // guest's handler: the interpreter retries it and the page
+                // is mapped after it, as a host fault would have (which
+                // the retry in translated code would nearly always take:
+                // the handler changed the entry).
+                self.retry = None;
+                let step = self.interpret(cpu);
+                if let Some(host) = self
+                    .space
+                    .and_then(|i| cpu.ram.shadow(i).ok())
+                    .map(|w| w.base() as u64 + lin)
+                {
+                    self.fill_shadow(cpu, host, key);
+                }
+                return step;
+            }
+        }
         let eip = cpu.eip;
         let Some(key) = self.entry_key(cpu, eip) else {
             // The fetch faults: the interpreter delivers the #PF.
@@ -471,6 +507,11 @@ impl Bt {
             demote: Vec::new(),
             watch: &self.watch,
             space: self.space,
+            virt: match self.space {
+                Some(i) => &mut self.spaces[i].virt,
+                None => std::ptr::null_mut(),
+            },
+            table_epoch: &self.table_epoch,
         };
         let mut ctx = Context {
             regs: cpu.regs,
@@ -635,8 +676,18 @@ impl Bt {
             if ctx.fault_addr != 0 && self.in_window(cpu, ctx.fault_addr) {
                 self.store_fault(cpu, cpu.eip);
             }
+            let (faults, eip) = (cpu.page_faults, cpu.eip);
             let step = self.execute_one(cpu);
             if ctx.fault_addr != 0 {
+                if cpu.page_faults != faults {
+                    // A #PF for the guest: its handler will return to this
+                    // instruction (see `Bt::retry`).
+                    self.retry = self
+                        .space
+                        .and_then(|i| cpu.ram.shadow(i).ok())
+                        .and_then(|w| ctx.fault_addr.checked_sub(w.base() as u64))
+                        .map(|lin| (eip, key, lin));
+                }
                 self.fill_shadow(cpu, ctx.fault_addr, key);
             }
             return step;

@@ -105,30 +105,74 @@ pub(crate) struct HelperEnv {
     pub(crate) watch: *const crate::watch::WriteWatch,
     /// The current shadow address space (None with paging off).
     pub(crate) space: Option<usize>,
+    /// The current space's pages that helper calls reached (null with
+    /// paging off), and `Bt::table_epoch`.
+    pub(crate) virt: *mut FastMap<u32, VirtMap>,
+    pub(crate) table_epoch: *const FastMap<u32, u32>,
 }
 
-/// The first linear page a helper's instruction touched that the shadow
-/// maps but does not grant (for the access made) although the guest's
-/// tables do: host code would have faulted on it, on a page the guest's
-/// own changes revoked (an accessed or dirty bit cleared, rights changed).
-/// A page the shadow never mapped does not count: host code would fault
-/// on it once and map it for good.
-fn shadow_lag(cpu: &Vcpu, space: usize, user: bool) -> Option<u32> {
-    let (pages, n) = cpu.touched;
-    pages
-        .into_iter()
-        .take(usize::from(n))
-        .map(|(lin, write)| (lin >> 12, write))
-        .find(|&(lin, write)| {
-            let revoked = match cpu.ram.shadow_entry(space, lin) {
-                Some((_, popek_memory::Access::Revoked)) => true,
-                Some((_, popek_memory::Access::Read)) => write,
-                _ => false,
-            };
-            revoked && cpu.probe(lin << 12, user).is_some()
-        })
-        .map(|(lin, _)| lin)
+/// A linear page an adaptive helper call reached where the shadow did not
+/// grant the access, as host code would have mapped it then: its physical
+/// page and rights, and the table it was found through with that table's
+/// epoch (`Bt::table_epoch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VirtMap {
+    phys: u32,
+    writable: bool,
+    table: u32,
+    epoch: u32,
 }
+
+/// Would host code have faulted on the pages a helper's instruction
+/// touched, where the shadow does not grant the access (a page revoked
+/// because an entry's rights changed, unmapped because it was remapped,
+/// a table unshadowed, or never mapped)? Host code would fault on such a
+/// page once and then map it, so a page counts only if it is not in
+/// `virt` as the guest's tables map it now: the same physical page and
+/// rights, through a table not written since (its epoch). Records what it
+/// counts. (Accessed and dirty bits to set are counted by the caller.)
+fn shadow_lag(
+    cpu: &Vcpu,
+    space: usize,
+    user: bool,
+    virt: &mut FastMap<u32, VirtMap>,
+    epochs: &FastMap<u32, u32>,
+) -> bool {
+    let (pages, n) = cpu.touched;
+    let mut hit = false;
+    for (lin, write) in pages.into_iter().take(usize::from(n)) {
+        let lin = lin >> 12;
+        let granted = match cpu.ram.shadow_entry(space, lin) {
+            None | Some((_, popek_memory::Access::Revoked)) => false,
+            Some((_, popek_memory::Access::Read)) => !write,
+            Some((_, popek_memory::Access::Write)) => true,
+        };
+        if granted {
+            continue;
+        }
+        let Some(probe) = cpu.probe(lin << 12, user) else {
+            continue;
+        };
+        let table = probe.tables[1].or(probe.tables[0]).unwrap_or(0);
+        let now = VirtMap {
+            phys: probe.phys_page,
+            writable: probe.writable,
+            table,
+            epoch: epochs.get(&table).copied().unwrap_or(0),
+        };
+        if virt.get(&lin) != Some(&now) {
+            if virt.len() >= MAX_VIRT {
+                virt.clear();
+            }
+            virt.insert(lin, now);
+            hit = true;
+        }
+    }
+    hit
+}
+
+/// Pages a space's `virt` holds at most (then it starts over).
+const MAX_VIRT: usize = 1 << 16;
 
 /// An instruction translated as a helper call because its memory accesses
 /// kept faulting in host code (see `Bt::hot_stores`), and its credit: a
@@ -142,24 +186,20 @@ fn shadow_lag(cpu: &Vcpu, space: usize, user: bool) -> Option<u32> {
 /// host code after a few hundred runs of the second.
 ///
 /// Under guest paging a run also counts as a fault when it reached a page
-/// the shadow maps but revoked ([`shadow_lag`]: the guest changed its
-/// entry or cleared its accessed or dirty bit; helpers leave the shadow as
-/// it is, since mapping the page would cost the host call a fault costs,
-/// and revoking it again when the guest next changes its entry another),
-/// unless it is the page the last such run reached: host code would fault
-/// there once and then run.
+/// the shadow does not grant and host code would not have mapped by now
+/// ([`shadow_lag`]: the guest remapped it, changed its rights or cleared
+/// its accessed or dirty bit; helpers leave the shadow as it is, since
+/// mapping the page would cost the host call a fault costs, and revoking
+/// it again when the guest next changes its entry another).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HotStore {
     pub(crate) credit: u32,
-    /// The linear page of the last run that the shadow did not grant.
-    pub(crate) lagged: Option<u32>,
 }
 
 impl Default for HotStore {
     fn default() -> HotStore {
         HotStore {
             credit: START_CREDIT,
-            lagged: None,
         }
     }
 }
@@ -250,11 +290,23 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                 // set an accessed or dirty bit, touched a device, or took
                 // a page fault.)
                 let mut hit = (cpu.slow_accesses, cpu.ram.watched_write_count()) != slow_before;
-                if !hit {
-                    if let Some(space) = env.space {
-                        let lag = shadow_lag(cpu, space, env.key.is_some_and(|k| k.user));
-                        hit = lag.is_some() && lag != h.lagged;
-                        h.lagged = lag.or(h.lagged);
+                if let Some(space) = env.space {
+                    // SAFETY: `virt` points at the current space's map
+                    // and `table_epoch` at the engine's, which the engine
+                    // does not touch while its code runs (with a space,
+                    // `virt` is not null).
+                    let (virt, epochs) = unsafe { (&mut *env.virt, &*env.table_epoch) };
+                    if hit {
+                        // An accessed or dirty bit set: the guest cleared
+                        // it, which host code would have seen as a change
+                        // of the entry (the next access to the page faults
+                        // again), whichever instruction makes it.
+                        let (pages, n) = cpu.touched;
+                        for (lin, _) in pages.into_iter().take(usize::from(n)) {
+                            virt.remove(&(lin >> 12));
+                        }
+                    } else {
+                        hit = shadow_lag(cpu, space, env.key.is_some_and(|k| k.user), virt, epochs);
                     }
                 }
                 if env.key.is_none() {

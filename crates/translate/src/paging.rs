@@ -36,8 +36,47 @@ use crate::cache::{make_key, FastMap, Key};
 use crate::dispatch::Bt;
 use crate::lower::SegBases;
 
-/// Shadow address spaces kept at most (each a 4 GiB host reservation).
-pub const MAX_SPACES: usize = 32;
+/// Shadow address spaces kept at most (each a 4 GiB host reservation of
+/// address space; only the pages mapped in it cost host memory).
+pub const MAX_SPACES: usize = 256;
+
+/// A set of shadow address spaces (bit i: space i).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SpaceSet([u64; MAX_SPACES / 64]);
+
+impl SpaceSet {
+    fn insert(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    fn union(&mut self, other: &SpaceSet) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a |= b;
+        }
+    }
+
+    /// The spaces in the set, lowest first.
+    fn iter(self) -> impl Iterator<Item = usize> {
+        self.0.into_iter().enumerate().flat_map(|(w, bits)| {
+            let mut b = bits;
+            std::iter::from_fn(move || {
+                (b != 0).then(|| {
+                    let i = b.trailing_zeros() as usize;
+                    b &= b - 1;
+                    w * 64 + i
+                })
+            })
+        })
+    }
+}
 
 /// Writes (drains that found one) to a page table with no shadow mapping
 /// derived from it in between, after which it is no longer shadowed: its
@@ -45,7 +84,7 @@ pub const MAX_SPACES: usize = 32;
 /// writes cost nothing until something is derived from it again (a write
 /// flood, as KVM calls it: a freed table reused as data, a table rewritten
 /// wholesale, a clock clearing accessed bits that only helpers read).
-pub const FLOOD_WRITES: u32 = 8;
+pub const FLOOD_WRITES: u32 = 32;
 
 /// The paging mode translations of linear addresses and a shadow window
 /// are valid for.
@@ -65,6 +104,41 @@ impl PagingMode {
     /// The same linear-to-physical mapping (whatever the privilege)?
     fn same_mapping(&self, other: &PagingMode) -> bool {
         self.cr3 == other.cr3 && self.pse == other.pse
+    }
+}
+
+/// What the entry of page table `t` for linear page `l` (just written)
+/// still grants of what shadow `space` (of paging mode `mode`) maps the
+/// page with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// Everything: the same physical page, present and accessed, user if
+    /// the space is, and for a writable mapping writable and dirty (the
+    /// same value written again, a bit set): nothing to do.
+    All,
+    /// A writable mapping that may now only be read (the write right or
+    /// the dirty bit taken away, as for copy-on-write).
+    Read,
+    /// Less: the page goes (or is revoked). Also for a page only in the
+    /// instruction TLB.
+    Less,
+}
+
+fn grant(cpu: &Vcpu, space: usize, mode: PagingMode, t: u32, l: u32) -> Grant {
+    let Some((phys, access)) = cpu.ram.shadow_entry(space, l) else {
+        return Grant::Less;
+    };
+    let pte = cpu.ram.read((t << 12) | ((l & 0x3FF) << 2), 4) as u32;
+    let read = 0x21 | if mode.user { 0x04 } else { 0 };
+    let write = 0x40 | if mode.user || mode.wp { 0x02 } else { 0 };
+    if pte >> 12 != phys || pte & read != read {
+        return Grant::Less;
+    }
+    match access {
+        popek_memory::Access::Revoked => Grant::Less,
+        popek_memory::Access::Read => Grant::All,
+        popek_memory::Access::Write if pte & write == write => Grant::All,
+        popek_memory::Access::Write => Grant::Read,
     }
 }
 
@@ -179,6 +253,10 @@ pub(crate) struct Space {
     /// For each watched page table, the linear pages derived from its
     /// entries in this space (shadow mappings and code pages).
     deps: FastMap<u32, Vec<u32>>,
+    /// The pages adaptive helper calls reached that the shadow does not
+    /// grant, as host code would have mapped them (see
+    /// `helper::shadow_lag`).
+    pub(crate) virt: FastMap<u32, crate::helper::VirtMap>,
     /// The instruction TLB: linear code page to physical page, for the
     /// pages translations were made from or entered on in this space.
     itlb: FastMap<u32, u32>,
@@ -192,6 +270,7 @@ impl Space {
             last_used,
             regions: [0; 16],
             deps: FastMap::default(),
+            virt: FastMap::default(),
             itlb: FastMap::default(),
         }
     }
@@ -257,7 +336,6 @@ impl Bt {
             self.key = key;
             if !same {
                 self.stats.mapping_switches += 1;
-                let old = self.dir_now.take().map(|d| d.0);
                 self.dir_now = key.and_then(|k| directory(cpu, k.cr3));
                 // Kept links rely on the new directory's writes being seen.
                 if let Some((d, _)) = &self.dir_now {
@@ -266,9 +344,10 @@ impl Bt {
                         changed = Regions::ALL;
                     }
                 }
-                if let Some(o) = old {
-                    self.release_table(cpu, o);
-                }
+                // (The old directory stays watched: switching back to it
+                // is common, and watching it again would cost an mprotect
+                // each time; a write flood unwatches it if it becomes
+                // data.)
             }
             if !changed.is_empty() {
                 // What was chained or published into those regions was
@@ -284,7 +363,10 @@ impl Bt {
     /// the least recently used one emptied.
     fn space_for(&mut self, cpu: &mut Vcpu, mode: PagingMode) -> usize {
         self.tick += 1;
-        if let Some(i) = self.spaces.iter().position(|s| s.mode == mode) {
+        let found = self
+            .spaces_of_table(mode.cr3 >> 12)
+            .find(|&i| self.spaces[i].mode == mode);
+        if let Some(i) = found {
             self.spaces[i].last_used = self.tick;
             self.stats.spaces_reused += 1;
             return i;
@@ -293,7 +375,9 @@ impl Bt {
         let fresh = Space::empty(mode, self.tick);
         if self.spaces.len() < MAX_SPACES {
             self.spaces.push(fresh);
-            return self.spaces.len() - 1;
+            let i = self.spaces.len() - 1;
+            self.note_table(mode.cr3 >> 12, i);
+            return i;
         }
         let i = (0..self.spaces.len())
             .min_by_key(|&i| self.spaces[i].last_used)
@@ -302,9 +386,44 @@ impl Bt {
         i
     }
 
+    /// Page table `t` was written or unshadowed (see `Bt::table_epoch`).
+    fn bump_epoch(&mut self, t: u32) {
+        let e = self.table_epoch.entry(t).or_default();
+        *e = e.wrapping_add(1);
+    }
+
+    /// The spaces derived from page directory or page table `t`.
+    fn spaces_of_table(&self, t: u32) -> impl Iterator<Item = usize> {
+        self.table_spaces
+            .get(&t)
+            .copied()
+            .unwrap_or_default()
+            .iter()
+    }
+
+    /// Space `i` is derived from table `t`.
+    fn note_table(&mut self, t: u32, i: usize) {
+        self.table_spaces.entry(t).or_default().insert(i);
+    }
+
+    /// Space `i` is no longer derived from table `t`.
+    fn unnote_table(&mut self, t: u32, i: usize) {
+        if let Some(set) = self.table_spaces.get_mut(&t) {
+            set.remove(i);
+            if set.is_empty() {
+                self.table_spaces.remove(&t);
+            }
+        }
+    }
+
     /// Replace space `i` with `fresh`, dropping everything derived in it.
     fn empty_space(&mut self, cpu: &mut Vcpu, i: usize, fresh: Space) {
+        let new_dir = fresh.mode.cr3 >> 12;
         let old = std::mem::replace(&mut self.spaces[i], fresh);
+        for t in old.deps.keys().copied().chain([old.mode.cr3 >> 12]) {
+            self.unnote_table(t, i);
+        }
+        self.note_table(new_dir, i);
         // Its code pages' translations stay: they are keyed by physical
         // page and entered only through another space's TLB. A link or
         // lookup into a page its TLB held may have had no other voucher
@@ -337,7 +456,8 @@ impl Bt {
             return false;
         }
         let mut stale = Regions::NONE;
-        for i in 0..self.spaces.len() {
+        let users: Vec<usize> = self.spaces_of_table(t).collect();
+        for i in users {
             if self.spaces[i].mode.cr3 >> 12 == t {
                 let fresh = Space::empty(self.spaces[i].mode, self.spaces[i].last_used);
                 self.empty_space(cpu, i, fresh);
@@ -346,6 +466,7 @@ impl Bt {
             let Some(mut lins) = self.spaces[i].deps.remove(&t) else {
                 continue;
             };
+            self.unnote_table(t, i);
             lins.sort_unstable();
             self.spaces[i].itlb.retain(|l, _| {
                 let hit = lins.binary_search(l).is_ok();
@@ -369,6 +490,7 @@ impl Bt {
             }
         }
         self.stats.tables_unshadowed += 1;
+        self.bump_epoch(t);
         self.release_table(cpu, t);
         if !stale.is_empty() {
             self.stats.mapping_invalidations += 1;
@@ -382,7 +504,8 @@ impl Bt {
     fn release_table(&mut self, cpu: &mut Vcpu, t: u32) {
         // (The current directory stays watched: kept links rely on it.)
         let used = self.dir_now.as_ref().is_some_and(|d| d.0 == t)
-            || self.spaces.iter().any(|s| {
+            || self.spaces_of_table(t).any(|i| {
+                let s = &self.spaces[i];
                 s.deps.contains_key(&t)
                     || (s.mode.cr3 >> 12 == t && s.regions.iter().any(|&r| r != 0))
             });
@@ -397,8 +520,10 @@ impl Bt {
     /// the current mapping does not still vouch for.
     fn table_writes(&mut self, cpu: &mut Vcpu, tables: &[(u32, u16, u16)]) {
         let mut stale = Regions::NONE;
-        let mut emptied = Vec::new();
         self.stats.table_writes += tables.len() as u64;
+        for &(t, _, _) in tables {
+            self.bump_epoch(t);
+        }
         // The current directory's entries that changed: links into their
         // regions go, even where no space walked (one made under another
         // space whose entry was equal may have been kept: see
@@ -415,11 +540,20 @@ impl Bt {
                 }
             }
         }
-        for i in 0..self.spaces.len() {
+        let mut users = SpaceSet::default();
+        for &(t, _, _) in tables {
+            if let Some(set) = self.table_spaces.get(&t) {
+                users.union(set);
+            }
+        }
+        let mut released = Vec::new();
+        for i in users.iter() {
             // Runs of linear pages to unmap: (first, count).
             let mut runs: Vec<(u32, u32)> = Vec::new();
             // Page-table entries written: (table, linear page).
             let mut hits: Vec<(u32, u32)> = Vec::new();
+            // Pages that may now only be read (their mapping stays).
+            let mut read_only: Vec<u32> = Vec::new();
             let space = &mut self.spaces[i];
             let dir = space.mode.cr3 >> 12;
             for &(t, lo, hi) in tables {
@@ -433,23 +567,30 @@ impl Bt {
                             runs.push((r << 10, 1024));
                         }
                     }
-                    if space.regions.iter().all(|&r| r == 0) {
-                        emptied.push(t);
-                    }
                 }
                 let Some(deps) = space.deps.get_mut(&t) else {
                     continue;
                 };
+                let mode = space.mode;
                 deps.retain(|&l| {
-                    let hit = (first..=last).contains(&(l & 0x3FF));
-                    if hit {
-                        hits.push((t, l));
+                    if !(first..=last).contains(&(l & 0x3FF)) {
+                        return true;
                     }
-                    !hit
+                    match grant(cpu, i, mode, t, l) {
+                        Grant::All => true,
+                        Grant::Read => {
+                            read_only.push(l);
+                            true
+                        }
+                        Grant::Less => {
+                            hits.push((t, l));
+                            false
+                        }
+                    }
                 });
                 if deps.is_empty() {
                     space.deps.remove(&t);
-                    emptied.push(t);
+                    released.push((t, i));
                 }
             }
             // An entry that still maps the same physical page (an accessed
@@ -466,6 +607,12 @@ impl Bt {
                 match same.then(|| cpu.ram.shadow_revoke(i, l)) {
                     Some(Ok(true)) => revoked.push(l),
                     _ => runs.push((l, 1)),
+                }
+            }
+            for l in read_only {
+                if !cpu.ram.shadow_reprotect(i, l, false) {
+                    // (The host refused: unmap it.)
+                    runs.push((l, 1));
                 }
             }
             self.stats.shadow_unmaps += revoked.len() as u64;
@@ -504,11 +651,17 @@ impl Bt {
                 self.stats.shadow_unmaps += u64::from(n);
             }
         }
-        emptied.sort_unstable();
-        emptied.dedup();
-        for t in emptied {
-            self.release_table(cpu, t);
+        for (t, i) in released {
+            // (A space stays derived from its own directory.)
+            if self.spaces[i].mode.cr3 >> 12 != t {
+                self.unnote_table(t, i);
+            }
         }
+        // (Tables nothing is derived from any more stay watched: the next
+        // walk through them, as when a kernel changes an entry and touches
+        // the page again as kmap does, would watch them anew, an mprotect
+        // each way per write. A table that becomes data is unwatched by
+        // the write-flood rule below.)
         // Tables written again and again with nothing derived from them in
         // between stop being shadowed.
         for &(t, _, _) in tables {
@@ -571,6 +724,7 @@ impl Bt {
                     deps.push(l);
                 }
             }
+            self.note_table(pt, i);
         }
         true
     }
@@ -611,8 +765,8 @@ impl Bt {
         };
         let now = &self.spaces[c].mode;
         [false, true].map(|user| {
-            self.spaces
-                .iter()
+            self.spaces_of_table(now.cr3 >> 12)
+                .map(|i| &self.spaces[i])
                 .find(|s| s.mode.user == user && s.mode.same_mapping(now))
                 .map_or(PhysOf::Unknown, |s| PhysOf::Tlb(&s.itlb))
         })
@@ -720,9 +874,21 @@ impl Bt {
         if !self.depend_on_walk(cpu, run.tables, run.first, run.count) {
             return;
         }
-        let ok = cpu
-            .ram
-            .shadow_map_run(space, run.first, run.phys_first, run.count, run.writable);
+        let mut ok =
+            cpu.ram
+                .shadow_map_run(space, run.first, run.phys_first, run.count, run.writable);
+        if !ok && run.phys_first + run.count <= cpu.ram.size() / 4096 {
+            // RAM the host would not map: out of mappings (each mapped run
+            // is a host VMA, and a process has a bounded number). Empty
+            // the other spaces and try once more.
+            for i in (0..self.spaces.len()).filter(|&i| i != space) {
+                let fresh = Space::empty(self.spaces[i].mode, self.spaces[i].last_used);
+                self.empty_space(cpu, i, fresh);
+            }
+            ok = cpu
+                .ram
+                .shadow_map_run(space, run.first, run.phys_first, run.count, run.writable);
+        }
         if ok {
             self.stats.shadow_maps += 1;
             self.stats.shadow_pages += u64::from(run.count);
@@ -736,6 +902,7 @@ impl Bt {
     pub(crate) fn drop_spaces(&mut self, cpu: &mut Vcpu) {
         self.watch.forget_tables(&mut cpu.ram);
         self.flood.clear();
+        self.table_spaces.clear();
         self.shadow_broken = false;
         for i in 0..self.spaces.len() {
             self.shadow_broken |= cpu.ram.shadow_reset(i).is_err();
