@@ -134,6 +134,8 @@ bundled_tests! {
     codedata_split_resumes_where_it_stopped => "codedata-split",
     dirty_resumes_where_it_stopped => "dirty",
     pv_resumes_where_it_stopped => "pv",
+    ptchurn_resumes_where_it_stopped => "ptchurn",
+    preempt_paging_resumes_where_it_stopped => "preempt-paging",
 }
 
 /// Every bundled bare-metal guest is covered above.

@@ -146,6 +146,12 @@ fn interp_step(
     let exit = m.step(1, out, err);
     if m.cpu.retired > before {
         *mask = (*mask & !to_eflags(defined_by(&ins))) | to_eflags(undefined_by(&ins));
+    } else if read.is_none() && *mask != 0 && m.cpu.eip != eip {
+        // Not retired, gone elsewhere: an exception or interrupt was
+        // delivered, which pushes EFLAGS, undefined flags and all.
+        *read = Some(format!(
+            "EFLAGS pushed by an exception or interrupt at {eip:#010x}"
+        ));
     }
     exit
 }

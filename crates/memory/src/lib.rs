@@ -59,6 +59,35 @@ pub struct GuestRam {
     /// and whether an entry was ever set (else clearing touches nothing).
     fast: Option<MmapMut>,
     fast_set: bool,
+    /// Page-translation tables for checked stores (see
+    /// [`GuestRam::page_deltas`]): all zero (no page), and identity (with
+    /// paging off), made on first use.
+    deltas_zero: Option<MmapMut>,
+    deltas_identity: Option<MmapMut>,
+}
+
+/// Entries of a page-delta table: one per 4 KiB page of the 4 GiB
+/// linear address space (see [`GuestRam::page_deltas`]).
+pub const DELTA_ENTRIES: usize = 1 << 20;
+
+/// What marks a page-delta entry as present (bit 40: above any 32-bit
+/// delta, dropped when translated code adds the entry to a 32-bit
+/// address).
+pub const DELTA_PRESENT: u64 = 1 << 40;
+
+/// A page-delta table: [`DELTA_ENTRIES`] zero entries, touched only where
+/// written.
+pub(crate) fn delta_table() -> Result<MmapMut, RamError> {
+    MmapOptions::new()
+        .len(DELTA_ENTRIES * 8)
+        .map_anon()
+        .map_err(|e| RamError(format!("cannot map a page-delta table: {e}")))
+}
+
+/// Entry `page` of a page-delta table.
+pub(crate) fn delta_entry(t: &mut MmapMut, page: u32) -> &mut [u8] {
+    let at = page as usize * 8;
+    &mut t[at..at + 8]
 }
 
 /// Regions of 64 bytes in the 4 GiB physical address space: the entries
@@ -238,6 +267,8 @@ impl GuestRam {
             writes: Vec::new(),
             watched_count: 0,
             shadows: Vec::new(),
+            deltas_zero: None,
+            deltas_identity: None,
             attention: vec![0; pages.div_ceil(64)],
             backing: backing::State::new(pages),
             fast: None,
@@ -371,12 +402,11 @@ impl GuestRam {
     }
 
     /// The fast-write map: one byte per 64-byte region of the physical
-    /// address space ([`FAST_REGIONS`] of them), followed by as many bytes
-    /// that stay zero. Translated code may store to physical address `a`
-    /// through [`GuestRam::ram_ptr`], bypassing the write watch, when byte
-    /// `a >> 6` is 1 (a store of up to 16 bytes: it may reach into the
-    /// next region). Invariant: an entry is 1 only if it and the next
-    /// region are RAM on pages whose writes need nothing but what the
+    /// address space ([`FAST_REGIONS`] of them). Translated code may store
+    /// to physical address `a` through [`GuestRam::ram_ptr`], bypassing the
+    /// write watch, when byte `a >> 6` is 1 (a store of up to 16 bytes: it
+    /// may reach into the next region). Invariant: an entry is 1 only if it
+    /// is not a page's last region and it and the next region are RAM on pages whose writes need nothing but what the
     /// translator's code watch checks ([`GuestRam::may_write_fast`]), and
     /// the translator, which sets entries ([`GuestRam::set_fast`]), has
     /// found no translated code and no page table there; every change of a
@@ -386,12 +416,45 @@ impl GuestRam {
     pub fn fast_map(&mut self) -> Result<*const u8, RamError> {
         if self.fast.is_none() {
             let m = MmapOptions::new()
-                .len(2 * FAST_REGIONS)
+                .len(FAST_REGIONS)
                 .map_anon()
                 .map_err(|e| RamError(format!("cannot map the fast-write map: {e}")))?;
             self.fast = Some(m);
         }
         Ok(self.fast.as_ref().expect("made above").as_ptr())
+    }
+
+    /// A page-delta table for translated code's checked stores: for each
+    /// 4 KiB page of the address space translated code sees (linear with
+    /// paging on, physical with it off), 0, or [`DELTA_PRESENT`] plus the
+    /// physical page's address less the page's own (mod 2^32), so that a
+    /// store there may add it to the address and go on to the fast-write
+    /// map ([`GuestRam::fast_map`]). With paging off (`space` None): the
+    /// identity for every page of RAM. With paging on: shadow `space`'s
+    /// table (see [`GuestRam::shadow_set_delta`]), or one of zeros while it
+    /// has none. The pointer stays valid until the shadow is reset.
+    pub fn page_deltas(&mut self, space: Option<usize>) -> Result<*const u8, RamError> {
+        let Some(i) = space else {
+            if self.deltas_identity.is_none() {
+                let mut t = delta_table()?;
+                for page in 0..self.size / PAGE_SIZE {
+                    delta_entry(&mut t, page).copy_from_slice(&DELTA_PRESENT.to_le_bytes());
+                }
+                self.deltas_identity = Some(t);
+            }
+            return Ok(self.deltas_identity.as_ref().expect("made above").as_ptr());
+        };
+        if let Some(Some(t)) = self
+            .shadows
+            .get(i)
+            .map(|s| s.as_ref().and_then(|s| s.deltas()))
+        {
+            return Ok(t);
+        }
+        if self.deltas_zero.is_none() {
+            self.deltas_zero = Some(delta_table()?);
+        }
+        Ok(self.deltas_zero.as_ref().expect("made above").as_ptr())
     }
 
     /// The host address of guest physical address 0 in popek's own view of
@@ -413,6 +476,11 @@ impl GuestRam {
     /// that [`GuestRam::may_write_fast`] allows. True if the entry was 0.
     pub fn set_fast(&mut self, addr: u32) -> bool {
         let region = addr / FAST_REGION;
+        if addr % PAGE_SIZE >= PAGE_SIZE - FAST_REGION {
+            // (A store in a page's last region may reach into the next
+            // page, which under paging need not be the next physical one.)
+            return false;
+        }
         let Some(next) = (region * FAST_REGION).checked_add(FAST_REGION) else {
             return false;
         };
@@ -685,7 +753,7 @@ mod tests {
     fn fast_write_regions_open_and_close_by_the_rules() {
         let mut ram = GuestRam::new(4 * 4096).unwrap();
         let map = ram.fast_map().unwrap();
-        // SAFETY: the map is 2 * FAST_REGIONS bytes, readable, owned by
+        // SAFETY: the map is FAST_REGIONS bytes, readable, owned by
         // `ram`, which outlives these reads.
         let at = |r: u32| unsafe { *map.add(r as usize) };
         assert!(ram.set_fast(0x1040));
@@ -698,18 +766,18 @@ mod tests {
         assert!(ram.set_fast(0x1080));
         ram.clear_fast(1, 0x80, 0x90);
         assert_eq!((at(0x1040 / 64), at(0x1080 / 64)), (0, 0));
-        // A change of a page's attention closes the whole page and the
-        // region before it.
-        assert!(ram.set_fast(0x0FC0) && ram.set_fast(0x1100));
+        // A page's last region never opens (a store there may reach into
+        // the next page, which under paging need not follow it).
+        assert!(!ram.set_fast(0x0FC0) && !ram.set_fast(0x1FC8));
+        // A change of a page's attention closes the whole page.
+        assert!(ram.set_fast(0x1100) && ram.set_fast(0x1F80));
         ram.watch_page(1).unwrap();
-        assert_eq!((at(0x0FC0 / 64), at(0x1100 / 64)), (0, 0));
+        assert_eq!((at(0x1100 / 64), at(0x1F80 / 64)), (0, 0));
         // A page the dirty log holds clean does not open.
         ram.start_dirty_log().unwrap();
         assert!(!ram.set_fast(0x2000));
         ram.write(0x2000, 4, 1);
         assert!(ram.is_dirty(2) && ram.set_fast(0x2000), "written: dirty");
-        // The second half of the map stays zero.
-        assert_eq!(at(FAST_REGIONS as u32 + 0x2000 / 64), 0);
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub(crate) struct Shadow {
     /// For each linear page mapped into the shadow, its physical page and
     /// what translated code may do there.
     shadow_of: HashMap<u32, (u32, Access)>,
+    /// The page-delta table of checked stores (see
+    /// [`GuestRam::page_deltas`]), made on first use: an entry only for a
+    /// page mapped here whose guest entry lets it be written without a
+    /// fault or a dirty-bit update, cleared whenever its mapping changes.
+    deltas: Option<memmap2::MmapMut>,
 }
 
 /// What translated code may do on a page mapped into a shadow.
@@ -62,7 +67,20 @@ impl Access {
 }
 
 impl Shadow {
+    /// The page-delta table, if there is one.
+    pub(crate) fn deltas(&self) -> Option<*const u8> {
+        self.deltas.as_ref().map(|t| t.as_ptr())
+    }
+
+    /// No checked store goes to linear page `lin` without the helper.
+    fn clear_delta(&mut self, lin: u32) {
+        if let Some(t) = self.deltas.as_mut() {
+            crate::delta_entry(t, lin).fill(0);
+        }
+    }
+
     fn forget(&mut self, lin: u32) {
+        self.clear_delta(lin);
         if let Some((phys, _)) = self.shadow_of.remove(&lin) {
             if let Some(list) = self.aliases.get_mut(&phys) {
                 list.retain(|&l| l != lin);
@@ -72,6 +90,7 @@ impl Shadow {
 
     /// Change the protection of one mapped page.
     fn protect(&mut self, lin: u32, access: Access) -> Result<(), RamError> {
+        self.clear_delta(lin);
         // SAFETY: the page lies inside the shadow reservation, which
         // `self.window` owns (linear pages are below 2^20); changing its
         // protection affects only translated code's accesses.
@@ -108,6 +127,7 @@ impl GuestRam {
                 window: Window::reserve()?,
                 aliases: HashMap::new(),
                 shadow_of: HashMap::new(),
+                deltas: None,
             });
         }
         Ok(&self.shadows[space].as_ref().expect("created above").window)
@@ -119,6 +139,45 @@ impl GuestRam {
         match self.shadows.get(space) {
             Some(Some(s)) => s.shadow_of.get(&lin).copied(),
             _ => None,
+        }
+    }
+
+    /// Let checked stores to linear page `lin` of shadow `space` go to
+    /// physical page `phys` (see [`GuestRam::page_deltas`]): the caller
+    /// has found the page mapped here to `phys`, and the guest's entry
+    /// letting it be written without a fault or a dirty-bit update. The
+    /// entry goes when the mapping changes ([`GuestRam::shadow_unmap`],
+    /// revoking, reprotecting) or with [`GuestRam::shadow_clear_delta`].
+    /// False if there is no such mapping or no table could be made.
+    pub fn shadow_set_delta(&mut self, space: usize, lin: u32, phys: u32) -> bool {
+        let Some(Some(s)) = self.shadows.get_mut(space) else {
+            return false;
+        };
+        if !s
+            .shadow_of
+            .get(&lin)
+            .is_some_and(|&(p, a)| p == phys && a != Access::Revoked)
+        {
+            return false;
+        }
+        if s.deltas.is_none() {
+            match crate::delta_table() {
+                Ok(t) => s.deltas = Some(t),
+                Err(_) => return false,
+            }
+        }
+        let delta =
+            u64::from(phys.wrapping_sub(lin).wrapping_mul(PAGE_SIZE)) | crate::DELTA_PRESENT;
+        let t = s.deltas.as_mut().expect("made above");
+        crate::delta_entry(t, lin).copy_from_slice(&delta.to_le_bytes());
+        true
+    }
+
+    /// Checked stores to linear page `lin` of shadow `space` go to the
+    /// helper again (its guest entry was written).
+    pub fn shadow_clear_delta(&mut self, space: usize, lin: u32) {
+        if let Some(Some(s)) = self.shadows.get_mut(space) {
+            s.clear_delta(lin);
         }
     }
 
@@ -270,6 +329,7 @@ impl GuestRam {
     /// starting).
     pub(crate) fn readonly_aliases(&mut self) -> Result<(), RamError> {
         for s in self.shadows.iter_mut().flatten() {
+            s.deltas = None;
             let writable: Vec<u32> = s
                 .shadow_of
                 .iter()
@@ -290,6 +350,7 @@ impl GuestRam {
             Some(Some(s)) => {
                 s.aliases.clear();
                 s.shadow_of.clear();
+                s.deltas = None;
                 unreserve(s.window.base(), WINDOW_SIZE)
             }
             _ => Ok(()),

@@ -79,15 +79,18 @@ pub struct Context {
     pub tsc_offset: u64,
     /// Scratch for host code (RDTSC combines EDX:EAX through it).
     pub scratch: u64,
-    /// The fast-write map (`GuestRam::fast_map`) with paging off; its
-    /// second, all-zero half with paging on (no store is fast then: the
-    /// map is indexed by physical address).
+    /// The fast-write map (`GuestRam::fast_map`), indexed by physical
+    /// address.
     pub fast_map: u64,
     /// `GuestRam::ram_ptr`: guest RAM writable whatever the window's
     /// protection, for the stores the fast-write map lets through.
     pub ram_rw: u64,
     /// More scratch for host code (a checked store keeps RCX here).
     pub scratch2: u64,
+    /// The page-delta table a checked store turns its address into a
+    /// physical one with (`GuestRam::page_deltas`: the identity with
+    /// paging off, the current shadow's with paging on).
+    pub page_deltas: u64,
 }
 
 impl Context {
@@ -146,6 +149,8 @@ pub const FAST_MAP: u32 = 144;
 pub const RAM_RW: u32 = 152;
 /// Offset of [`Context::scratch2`] (dynasm code only).
 pub const SCRATCH2: u32 = 160;
+/// Offset of [`Context::page_deltas`] (dynasm code only).
+pub const PAGE_DELTAS: u32 = 168;
 
 const _: () = assert!(offset_of!(Context, regs) == REGS as usize);
 const _: () = assert!(offset_of!(Context, fs_base) == FS_BASE as usize);
@@ -157,6 +162,7 @@ const _: () = assert!(offset_of!(Context, scratch) == SCRATCH as usize);
 const _: () = assert!(offset_of!(Context, fast_map) == FAST_MAP as usize);
 const _: () = assert!(offset_of!(Context, ram_rw) == RAM_RW as usize);
 const _: () = assert!(offset_of!(Context, scratch2) == SCRATCH2 as usize);
+const _: () = assert!(offset_of!(Context, page_deltas) == PAGE_DELTAS as usize);
 const _: () = assert!(offset_of!(Context, eflags) == EFLAGS as usize);
 const _: () = assert!(offset_of!(Context, next_eip) == NEXT_EIP as usize);
 const _: () = assert!(offset_of!(Context, retired) == RETIRED as usize);

@@ -439,7 +439,11 @@ impl Bt {
         }
         // Checked stores read the fast-write map; should the host refuse
         // to map it, none are made any more and those made are dropped.
-        let fast_map = cpu.ram.fast_map().ok();
+        let fast_map = cpu
+            .ram
+            .fast_map()
+            .ok()
+            .zip(cpu.ram.page_deltas(self.space).ok());
         if fast_map.is_none() && self.checked_stores {
             self.checked_stores = false;
             self.flush();
@@ -538,13 +542,12 @@ impl Bt {
             fast_map: 0,
             ram_rw: cpu.ram.ram_ptr() as u64,
             scratch2: 0,
+            page_deltas: 0,
         };
-        match fast_map {
-            // With paging on, addresses are linear: the map's zero half.
-            Some(m) if self.space.is_none() => ctx.fast_map = m as u64,
-            Some(m) => ctx.fast_map = m as u64 + popek_memory::FAST_REGIONS as u64,
-            // (No checked store is left in the cache: see above.)
-            None => ctx.fast_map = 0,
+        // (Without them, no checked store is left in the cache: see above.)
+        if let Some((map, deltas)) = fast_map {
+            ctx.fast_map = map as u64;
+            ctx.page_deltas = deltas as u64;
         }
         ctx.set_eflags(cpu.eflags, cpu.cpl());
         ctx.set_segs(seg_bases(cpu));

@@ -309,18 +309,33 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                         hit = shadow_lag(cpu, space, env.key.is_some_and(|k| k.user), virt, epochs);
                     }
                 }
-                if env.key.is_none() {
-                    // Paging off: let its stores beside translated code
-                    // through in host code from now on (see
-                    // `Piece::Checked`).
-                    // SAFETY: `watch` points at the engine's write watch,
-                    // which the engine does not touch while its code runs.
-                    let watch = unsafe { &*env.watch };
-                    let (done, n) = cpu.touched;
-                    for (a, write) in done.into_iter().take(usize::from(n)) {
-                        if write && watch.fast_ok(a) && cpu.ram.set_fast(a) {
-                            env.fast_regions += 1;
-                        }
+                // Let its stores beside translated code through in host
+                // code from now on (see `Piece::Checked`): with paging
+                // on, where the shadow maps the page as the guest's
+                // tables do and they let it be written as it is.
+                // SAFETY: `watch` points at the engine's write watch,
+                // which the engine does not touch while its code runs.
+                let watch = unsafe { &*env.watch };
+                let (done, n) = cpu.touched;
+                let user = env.key.is_some_and(|k| k.user);
+                for (a, write) in done.into_iter().take(usize::from(n)) {
+                    if !write {
+                        continue;
+                    }
+                    let phys = match env.space {
+                        None => a,
+                        Some(space) => match cpu.probe(a, user) {
+                            Some(p)
+                                if p.writable
+                                    && cpu.ram.shadow_set_delta(space, a >> 12, p.phys_page) =>
+                            {
+                                (p.phys_page << 12) | (a & 0xFFF)
+                            }
+                            _ => continue,
+                        },
+                    };
+                    if watch.fast_ok(phys) && cpu.ram.set_fast(phys) {
+                        env.fast_regions += 1;
                     }
                 }
                 if hit {

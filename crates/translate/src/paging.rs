@@ -554,6 +554,9 @@ impl Bt {
             let mut hits: Vec<(u32, u32)> = Vec::new();
             // Pages that may now only be read (their mapping stays).
             let mut read_only: Vec<u32> = Vec::new();
+            // Pages whose entries were written: checked stores to them go
+            // to the helper until it finds them writable again.
+            let mut written: Vec<u32> = Vec::new();
             let space = &mut self.spaces[i];
             let dir = space.mode.cr3 >> 12;
             for &(t, lo, hi) in tables {
@@ -576,6 +579,7 @@ impl Bt {
                     if !(first..=last).contains(&(l & 0x3FF)) {
                         return true;
                     }
+                    written.push(l);
                     match grant(cpu, i, mode, t, l) {
                         Grant::All => true,
                         Grant::Read => {
@@ -608,6 +612,9 @@ impl Bt {
                     Some(Ok(true)) => revoked.push(l),
                     _ => runs.push((l, 1)),
                 }
+            }
+            for l in written {
+                cpu.ram.shadow_clear_delta(i, l);
             }
             for l in read_only {
                 if !cpu.ram.shadow_reprotect(i, l, false) {

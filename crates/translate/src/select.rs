@@ -139,10 +139,10 @@ impl Bt {
                     continue;
                 }
             }
-            // A hot store with paging off: checked against the fast-write
-            // map in host code (stores beside translated code go through),
-            // the helper otherwise.
-            if hot && self.key.is_none() && self.checked_stores {
+            // A hot store: its address made physical (page-delta table)
+            // and checked against the fast-write map in host code (stores
+            // beside translated code go through), the helper otherwise.
+            if hot && self.checked_stores {
                 if let Ok(split) = lower_checked_store(&i.ins, &mut arena) {
                     eips.push(i.ins.ip32());
                     counted_at.push(counted as u32);

@@ -44,8 +44,8 @@ use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 
 use crate::abi::{
-    BlockEntryFn, Context, HelperFn, FAST_MAP, LOOKUP_SHIFT, NEXT_EIP, RAM_RW, RETIRED, SCRATCH,
-    SCRATCH2, SEG_SLOW, TSC_OFFSET, TSC_SLOW,
+    BlockEntryFn, Context, HelperFn, FAST_MAP, LOOKUP_SHIFT, NEXT_EIP, PAGE_DELTAS, RAM_RW,
+    RETIRED, SCRATCH, SCRATCH2, SEG_SLOW, TSC_OFFSET, TSC_SLOW,
 };
 use crate::host::CodeBuffer;
 use crate::paging::Regions;
@@ -591,18 +591,30 @@ impl HostBlock {
                 Piece::Checked { ea, store, call } => {
                     let h = helper
                         .ok_or_else(|| BuildError("checked store without a helper".into()))?;
-                    // Flag-free: the map's byte for the address's 64-byte
-                    // region (address >> 6: the address times 4, read from
-                    // the scratch slot a byte up) through RCX and JRCXZ,
-                    // RCX kept in scratch2.
+                    // Flag-free, RCX kept in scratch2: the address's page
+                    // (address >> 12: the address times 16, read from the
+                    // scratch slot two bytes up) looked up in the page-delta
+                    // table (none: JRCXZ to the helper), the delta added
+                    // (a 32-bit LEA drops the present bit): the physical
+                    // address; then the fast-write map's byte for its
+                    // 64-byte region (address >> 6: times 4, a byte up).
                     let (sc, sc1, sc2) = (SCRATCH as i32, SCRATCH as i32 + 1, SCRATCH2 as i32);
                     let (map, rw) = (FAST_MAP as i32, RAM_RW as i32);
+                    let (sc_2, deltas) = (SCRATCH as i32 + 2, PAGE_DELTAS as i32);
                     dynasm!(ops ; .arch x64 ; .bytes ea.iter());
                     dynasm!(ops
                         ; .arch x64
+                        ; mov QWORD [r15 + sc2], rcx
+                        ; lea r11, [r13 * 8]
+                        ; lea r11, [r11 * 2]
+                        ; mov QWORD [r15 + sc], r11
+                        ; mov ecx, DWORD [r15 + sc_2]
+                        ; mov r11, QWORD [r15 + deltas]
+                        ; mov rcx, QWORD [r11 + rcx * 8]
+                        ; jrcxz >miss
+                        ; lea r13d, [r13 + rcx]
                         ; lea r11, [r13 * 4]
                         ; mov QWORD [r15 + sc], r11
-                        ; mov QWORD [r15 + sc2], rcx
                         ; mov ecx, DWORD [r15 + sc1]
                         ; mov r11, QWORD [r15 + map]
                         ; movzx ecx, BYTE [r11 + rcx]
