@@ -71,14 +71,19 @@ fn engines(c: &mut Criterion) {
     // paging is the page-table-heavy one (fork, copy-on-write, CR3
     // switches, page-table churn: Adams and Agesen's forkwait and PTE
     // updates in one guest), compared with qemu-system-i386 in
-    // docs/performance.md; codedata keeps its data among its code, and
-    // codedata-split is the same program with the data on pages of its own.
+    // docs/performance.md; ptchurn is page-table microbenchmarks (entries
+    // rewritten and touched, 64 spaces, a clock, kmap windows, ...);
+    // codedata keeps its data among its code, codedata-split is the same
+    // program with the data on pages of its own, codedata-paged the first
+    // with paging on.
     for guest in [
         "compute",
         "selfcheck",
         "paging",
+        "ptchurn",
         "codedata",
         "codedata-split",
+        "codedata-paged",
     ] {
         for engine in [Engine::Interp, Engine::Bt, Engine::Trap] {
             // Count the guest's instructions once so throughput is per instruction.

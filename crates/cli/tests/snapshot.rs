@@ -132,6 +132,7 @@ bundled_tests! {
     echo_resumes_where_it_stopped => "echo",
     clone_resumes_where_it_stopped => "clone",
     codedata_split_resumes_where_it_stopped => "codedata-split",
+    codedata_paged_resumes_where_it_stopped => "codedata-paged",
     dirty_resumes_where_it_stopped => "dirty",
     pv_resumes_where_it_stopped => "pv",
     ptchurn_resumes_where_it_stopped => "ptchurn",

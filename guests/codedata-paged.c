@@ -1,0 +1,3 @@
+/* codedata with paging on (see codedata.c). */
+#define PAGED 1
+#include "codedata.c"
