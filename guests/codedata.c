@@ -34,7 +34,12 @@ __asm__(DATA_SECTION
         "checksum: .long 0\n"
         ".balign 64\n"
         "jit: .fill 128, 1, 0xcc\n"
+        ".balign 16\n"
+        "stack: .fill 2048, 1, 0\n"
+        "stack_top:\n"
         DATA_END);
+
+extern u8 stack_top[];
 
 extern u32 results[N];
 extern volatile u32 counters[16];
@@ -75,6 +80,31 @@ __asm__(".text\n"
 
 extern u32 patch_a(void), patch_b(void);
 extern volatile u32 patch_a_imm, patch_b_imm, near_a, near_b;
+
+/* Recursion whose stack (PUSH, CALL, stores through ESP) shares pages
+ * with the code, as a small kernel's stack in .bss right after its code
+ * does. */
+static u32 fib(u32 k)
+{
+    return k < 2 ? k : fib(k - 1) + fib(k - 2);
+}
+
+/* fib(k) on `stack_top`'s stack, back on ours after. */
+static u32 fib_on_own_stack(u32 k)
+{
+    u32 r;
+    __asm__ volatile("mov %%esp, %%ebx\n"
+                     "mov %[top], %%esp\n"
+                     "push %%ebx\n"
+                     "push %[k]\n"
+                     "call *%[f]\n"
+                     "add $4, %%esp\n"
+                     "pop %%esp"
+                     : "=a"(r)
+                     : [top] "r"(stack_top), [k] "r"(k), [f] "r"(fib)
+                     : "ebx", "ecx", "edx", "memory");
+    return r;
+}
 
 static u32 isqrt(u32 v)
 {
@@ -179,6 +209,9 @@ int kmain(u32 magic, struct mb_info *mbi)
             bad++;
         else
             jitted++;
+        /* fib(12) = 144, 465 calls deep to 12 frames. */
+        if ((round & 3) == 0 && fib_on_own_stack(12) != 144)
+            bad++;
     }
     printf("codedata: %u rounds of %u values, %u wrong\n", ROUNDS, N, bad);
     printf("checksum %x, counters", checksum);

@@ -150,6 +150,34 @@ pub fn lower_checked_store(ins: &Instruction, out: &mut Vec<u8>) -> Result<usize
     }
 }
 
+/// A hot push (`Bt::hot_stores`: the guest's stack shares a page with
+/// translated code) for [`crate::emit::Piece::Checked`]: `lea r13d,
+/// [r12 - 4]` (the first `split` bytes appended to `out`), then the store
+/// on `[r11 + r13]` and ESP moved down. PUSH r32, PUSH imm and CALL rel32
+/// (its return address; the block then exits to the target). Err for
+/// every other instruction (and `out` unchanged).
+pub fn lower_checked_push(ins: &Instruction, out: &mut Vec<u8>) -> Result<usize, &'static str> {
+    let at = MemoryOperand::new(Register::R11, Register::R13, 1, 0, 0, false, Register::None);
+    let store = match ins.code() {
+        Code::Push_r32 => Instruction::with2(Code::Mov_rm32_r32, at, host_reg(ins.op0_register())),
+        Code::Pushd_imm8 | Code::Pushd_imm32 => {
+            Instruction::with2(Code::Mov_rm32_imm32, at, ins.immediate(0) as u32)
+        }
+        Code::Call_rel32_32 => Instruction::with2(Code::Mov_rm32_imm32, at, ins.next_ip32()),
+        _ => return Err("not a push"),
+    }
+    .map_err(|_| "not encodable in 64-bit mode")?;
+    let mark = out.len();
+    out.extend([0x45, 0x8D, 0x6C, 0x24, 0xFC]); // lea r13d, [r12 - 4]
+    let split = out.len() - mark;
+    if enc(&store, out).is_none() {
+        out.truncate(mark);
+        return Err("not encodable in 64-bit mode");
+    }
+    adjust_esp(-4, out);
+    Ok(split)
+}
+
 /// LEA (or MOV of the displacement) of `ins`'s guest effective address
 /// into R13D: flag-free, wrapping at 4 GiB.
 fn ea_into_r13(ins: &Instruction) -> Result<Instruction, iced_x86::IcedError> {

@@ -27,8 +27,8 @@ use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece, Span};
 use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
 use crate::lower::{
-    lower_checked_store, lower_into, lower_seg_override, lower_stack, lower_string,
-    lower_terminator, SegBases,
+    lower_checked_push, lower_checked_store, lower_into, lower_seg_override, lower_stack,
+    lower_string, lower_terminator, SegBases,
 };
 
 /// Where a translated instruction's host code is while a block is built:
@@ -121,6 +121,11 @@ impl Bt {
             let hot = !self.hot_stores.is_empty()
                 && i.class != popek_decode::Class::ControlFlow
                 && self.hot_stores.contains_key(&i.ins.ip32());
+            // (A direct CALL whose push keeps faulting: a checked push,
+            // below.)
+            let hot_call = !self.hot_stores.is_empty()
+                && i.ins.code() == iced_x86::Code::Call_rel32_32
+                && self.hot_stores.contains_key(&i.ins.ip32());
             // An innocuous access through FS or GS: host code adding the
             // base from the context while the segment is flat, else the
             // interpreter (decided at run time, so a segment load changes
@@ -142,8 +147,12 @@ impl Bt {
             // A hot store: its address made physical (page-delta table)
             // and checked against the fast-write map in host code (stores
             // beside translated code go through), the helper otherwise.
-            if hot && self.checked_stores {
-                if let Ok(split) = lower_checked_store(&i.ins, &mut arena) {
+            // A hot push (the guest's stack beside translated code) the
+            // same way; a hot CALL's push too, and the block ends there.
+            if (hot || hot_call) && self.checked_stores {
+                let lowered = lower_checked_store(&i.ins, &mut arena)
+                    .or_else(|_| lower_checked_push(&i.ins, &mut arena));
+                if let Ok(split) = lowered {
                     eips.push(i.ins.ip32());
                     counted_at.push(counted as u32);
                     let call = helper_call(&i.ins, false, helpers.len(), counted);
@@ -153,6 +162,10 @@ impl Bt {
                         how.push("checked store (fast-write map; interpreter otherwise)");
                     }
                     counted += 1;
+                    if i.ins.code() == iced_x86::Code::Call_rel32_32 {
+                        exit = Some(BlockExit::Direct(i.ins.near_branch32()));
+                        break;
+                    }
                     continue;
                 }
             }
