@@ -702,9 +702,19 @@ impl GuestRam {
     pub fn fill_within_page(&mut self, dst: u32, len: u32, v: u32, size: u32) {
         self.note_write(dst, len);
         let pattern = v.to_le_bytes();
+        let size = size.clamp(1, 4) as usize;
+        // Eight bytes at a time (1, 2 and 4 divide 8), then the rest.
+        let mut wide = [0u8; 8];
+        for (i, b) in wide.iter_mut().enumerate() {
+            *b = pattern[i % size];
+        }
         let d = dst as usize;
-        for (i, b) in self.map[d..d + len as usize].iter_mut().enumerate() {
-            *b = pattern[i % size as usize];
+        let mut chunks = self.map[d..d + len as usize].chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&wide);
+        }
+        for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+            *b = pattern[i % size];
         }
     }
 
