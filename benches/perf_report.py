@@ -1484,10 +1484,15 @@ system call), so it is higher than the warm figure.
   three, one machine): direct exits into the 4 MiB regions whose
   cross-page links kept being cut at context switches (the processes'
   code) go through the indirect-branch table (4.0 -> 3.3 s; links cut
-  1.7 M -> 3 k). What remains is mostly the shadow's: about a third of
-  the run is the host kernel mapping, unmapping and protecting shadow
-  pages and delivering the faults that fill them (one host mapping per
-  page where the guest's frames are not consecutive).
+  1.7 M -> 3 k). Then the shadow's own work (issue 16 reopened): a
+  page-table write that leaves a mapping as it was changes nothing, a
+  copy-on-write entry makes its page read-only instead of revoking it,
+  tables stay watched after their last mapping goes, INVLPG no longer
+  ends its block, write floods need 32 writes, and an instruction whose
+  access raised a #PF is retried on the interpreter (3.6 -> 2.9 s). What
+  remains is mostly the host kernel mapping, unmapping and protecting
+  shadow pages and delivering the faults that fill them (one host mapping
+  per page where the guest's frames are not consecutive).
 - What made Linux programs faster (issue 20): a conditional branch to an
   exit that needs no pacing code is its own patch site (a taken branch
   jumps straight to the target's body; the state kernel 1.36x -> 1.06x
