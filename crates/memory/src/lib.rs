@@ -444,10 +444,11 @@ impl GuestRam {
             }
             return Ok(self.deltas_identity.as_ref().expect("made above").as_ptr());
         };
-        if let Some(Some(t)) = self
+        if let Some(t) = self
             .shadows
             .get(i)
-            .map(|s| s.as_ref().and_then(|s| s.deltas()))
+            .and_then(Option::as_ref)
+            .and_then(|s| s.deltas())
         {
             return Ok(t);
         }

@@ -319,22 +319,21 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
                 let (done, n) = cpu.touched;
                 let user = env.key.is_some_and(|k| k.user);
                 for (a, write) in done.into_iter().take(usize::from(n)) {
-                    if !write {
-                        continue;
-                    }
                     let phys = match env.space {
+                        _ if !write => continue,
                         None => a,
-                        Some(space) => match cpu.probe(a, user) {
-                            Some(p)
-                                if p.writable
-                                    && cpu.ram.shadow_set_delta(space, a >> 12, p.phys_page) =>
-                            {
-                                (p.phys_page << 12) | (a & 0xFFF)
-                            }
+                        Some(_) => match cpu.probe(a, user) {
+                            Some(p) if p.writable => (p.phys_page << 12) | (a & 0xFFF),
                             _ => continue,
                         },
                     };
-                    if watch.fast_ok(phys) && cpu.ram.set_fast(phys) {
+                    if !watch.fast_ok(phys) {
+                        continue;
+                    }
+                    let delta_ok = env
+                        .space
+                        .is_none_or(|space| cpu.ram.shadow_set_delta(space, a >> 12, phys >> 12));
+                    if delta_ok && cpu.ram.set_fast(phys) {
                         env.fast_regions += 1;
                     }
                 }

@@ -118,14 +118,12 @@ impl Bt {
                 && popek_interp::x87::is_x87(&i.ins);
             // A store that keeps writing watched pages is a helper call
             // (see `Bt::hot_stores`), unless it transfers control.
-            let hot = !self.hot_stores.is_empty()
-                && i.class != popek_decode::Class::ControlFlow
-                && self.hot_stores.contains_key(&i.ins.ip32());
             // (A direct CALL whose push keeps faulting: a checked push,
             // below.)
-            let hot_call = !self.hot_stores.is_empty()
-                && i.ins.code() == iced_x86::Code::Call_rel32_32
-                && self.hot_stores.contains_key(&i.ins.ip32());
+            let hot_eip =
+                !self.hot_stores.is_empty() && self.hot_stores.contains_key(&i.ins.ip32());
+            let hot = hot_eip && i.class != popek_decode::Class::ControlFlow;
+            let hot_call = hot_eip && i.ins.code() == iced_x86::Code::Call_rel32_32;
             // An innocuous access through FS or GS: host code adding the
             // base from the context while the segment is flat, else the
             // interpreter (decided at run time, so a segment load changes
