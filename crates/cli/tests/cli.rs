@@ -493,23 +493,14 @@ fn page_table_patterns_take_few_host_faults() {
         assert!(stats_json_value(&line, "hot_stores") >= 1, "{test}: {line}");
     }
     let (line, out) = stats("test=6");
+    let get = |k: &str| stats_json_value(&line, k);
     assert!(out.contains("page faults 12800"), "{out}");
-    assert_eq!(
-        stats_json_value(&line, "guest_page_faults"),
-        12_800,
-        "{line}"
-    );
-    assert!(
-        stats_json_value(&line, "faults_in_translated_code") < 1_000,
-        "{line}"
-    );
+    assert_eq!(get("guest_page_faults"), 12_800, "{line}");
+    assert!(get("faults_in_translated_code") < 1_000, "{line}");
     let (line, _) = stats("test=2");
-    let switches = stats_json_value(&line, "mapping_switches");
-    assert!(switches >= 4_000, "{line}");
-    assert!(
-        stats_json_value(&line, "shadow_spaces_created") < 100,
-        "{line}"
-    );
+    let get = |k: &str| stats_json_value(&line, k);
+    assert!(get("mapping_switches") >= 4_000, "{line}");
+    assert!(get("shadow_spaces_created") < 100, "{line}");
 }
 
 /// With paging on, stores beside translated code still go through host
@@ -522,13 +513,11 @@ fn checked_stores_work_with_paging_on() {
     assert_eq!(paged.status.code(), Some(1));
     assert_eq!(paged.stdout, plain.stdout);
     let line = stats_json_line(&paged);
-    assert!(stats_json_value(&line, "fast_regions") >= 1, "{line}");
+    let get = |k: &str| stats_json_value(&line, k);
+    assert!(get("fast_regions") >= 1, "{line}");
     // Far fewer stores left to the interpreter than the guest makes
     // beside its code (a few per round, 250 rounds of 256 values).
-    assert!(
-        stats_json_value(&line, "interpreter_fallbacks") < 20_000,
-        "{line}"
-    );
+    assert!(get("interpreter_fallbacks") < 20_000, "{line}");
 }
 
 /// Stores to data that shares pages with translated code invalidate
