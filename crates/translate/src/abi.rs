@@ -91,6 +91,9 @@ pub struct Context {
     /// physical one with (`GuestRam::page_deltas`: the identity with
     /// paging off, the current shadow's with paging on).
     pub page_deltas: u64,
+    /// The [`HelperFn`] the shared helper routine calls (see
+    /// [`crate::emit::frame::Frame`]'s `call_helper`).
+    pub helper: u64,
 }
 
 impl Context {
@@ -151,6 +154,8 @@ pub const RAM_RW: u32 = 152;
 pub const SCRATCH2: u32 = 160;
 /// Offset of [`Context::page_deltas`] (dynasm code only).
 pub const PAGE_DELTAS: u32 = 168;
+/// Offset of [`Context::helper`] (dynasm code only).
+pub const HELPER: u32 = 176;
 
 const _: () = assert!(offset_of!(Context, regs) == REGS as usize);
 const _: () = assert!(offset_of!(Context, fs_base) == FS_BASE as usize);
@@ -163,6 +168,7 @@ const _: () = assert!(offset_of!(Context, fast_map) == FAST_MAP as usize);
 const _: () = assert!(offset_of!(Context, ram_rw) == RAM_RW as usize);
 const _: () = assert!(offset_of!(Context, scratch2) == SCRATCH2 as usize);
 const _: () = assert!(offset_of!(Context, page_deltas) == PAGE_DELTAS as usize);
+const _: () = assert!(offset_of!(Context, helper) == HELPER as usize);
 const _: () = assert!(offset_of!(Context, eflags) == EFLAGS as usize);
 const _: () = assert!(offset_of!(Context, next_eip) == NEXT_EIP as usize);
 const _: () = assert!(offset_of!(Context, retired) == RETIRED as usize);
@@ -210,10 +216,12 @@ impl Context {
     }
 }
 
-/// The function a helper call in translated code calls:
-/// `helper(ctx, eip, next_eip, arg)`, returning 0 to go on with the block
-/// and 1 to leave it (the guest state is then already in the context).
-pub type HelperFn = extern "sysv64" fn(*mut Context, u32, u32, u32) -> u32;
+/// The function a helper call in translated code calls (through the
+/// shared helper routine): `helper(ctx, arg)`, `arg` the engine's
+/// description of the instruction (which says where its decoded form is,
+/// and so its EIP), returning 0 to go on with the block and 1 to leave it
+/// (the guest state is then already in the context).
+pub type HelperFn = extern "sysv64" fn(*mut Context, u32) -> u32;
 
 /// The type of the shared entry routine (the prologue): it loads the
 /// guest state from the context and jumps to the block body given.

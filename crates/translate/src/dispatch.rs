@@ -21,11 +21,11 @@ use popek_interp::Step;
 use popek_memory::GuestRam;
 use popek_vcpu::Vcpu;
 
-use crate::abi::{Context, LOOKUP_SHIFT};
+use crate::abi::{Context, HelperFn, LOOKUP_SHIFT};
 use crate::cache::{key_eip, FastMap, Key, TransCache, Translation};
 use crate::chain::Link;
 use crate::emit::Pace;
-use crate::helper::{tsc_native, HelperEnv, HotStore};
+use crate::helper::{run_helper, tsc_native, HelperEnv, HotStore};
 use crate::host::{set_gs_base, CodeBuffer, DirectMap, Poller};
 use crate::lower::lower;
 use crate::paging::{paging_key, seg_bases, translatable, PagingKey, Space};
@@ -543,6 +543,7 @@ impl Bt {
             ram_rw: cpu.ram.ram_ptr() as u64,
             scratch2: 0,
             page_deltas: 0,
+            helper: run_helper as HelperFn as usize as u64,
         };
         // (Without them, no checked store is left in the cache: see above.)
         if let Some((map, deltas)) = fast_map {

@@ -4,8 +4,7 @@
 
 use crate::cache::{key_eip, Translation};
 use crate::dispatch::Bt;
-use crate::emit::{epilogue_offset, leave_offset, BlockExit, HostBlock};
-use crate::helper::run_helper;
+use crate::emit::{epilogue_offset, helper_offset, leave_offset, BlockExit, HostBlock};
 
 impl Bt {
     /// Write every translated block (guest instructions, their class and
@@ -111,8 +110,8 @@ impl Bt {
             if addr == base + leave_offset() as u64 {
                 return "leave".into();
             }
-            if addr == run_helper as *const () as u64 {
-                return "run_helper".into();
+            if addr == base + helper_offset() as u64 {
+                return "call_helper".into();
             }
             if let Some(t) = self.lookup.as_ref() {
                 if addr == t[0].addr() {

@@ -224,12 +224,13 @@ fn harmless_writes(cpu: &Vcpu, env: &HelperEnv) -> bool {
     writes.iter().all(|w| watch.harmless(w))
 }
 
-/// Execute the instruction at `eip` in place of translated code: the
+/// Execute the instruction `arg` names (its decoded form, and so its EIP,
+/// is in the engine's table) in place of translated code: the
 /// special instructions' vcpu methods and the interpreter's semantics, the
 /// same as everywhere else. Returns 0 to go on with the block, 1 to leave
 /// it (control went elsewhere, the CPU stopped or halted, a device wants
 /// the dispatcher, or code was written).
-pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32, arg: u32) -> u32 {
+pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, arg: u32) -> u32 {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: `ctx` is the context `Bt::step_within` passed to the running
         // code; its `env` points at the HelperEnv on that call's stack,
@@ -238,9 +239,6 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         let (ctx, env) = unsafe { (&mut *ctx, &mut *((*ctx).env as *mut HelperEnv)) };
         // SAFETY: see above.
         let cpu = unsafe { &mut *env.cpu };
-        cpu.regs = ctx.regs;
-        cpu.eflags = ctx.guest_eflags();
-        cpu.eip = eip;
         let HelperArg {
             special,
             x87,
@@ -251,6 +249,10 @@ pub(crate) extern "sysv64" fn run_helper(ctx: *mut Context, eip: u32, next: u32,
         // does not touch while its code runs; every helper call in the code
         // buffer has its entry (the table is emptied with the buffer).
         let ins = unsafe { &(&*env.insns)[index] };
+        let (eip, next) = (ins.ip32(), ins.next_ip32());
+        cpu.regs = ctx.regs;
+        cpu.eflags = ctx.guest_eflags();
+        cpu.eip = eip;
         let kind = ins.mnemonic();
         // SAFETY: `kinds` points at the engine's counters, which the engine
         // does not touch while its code runs.

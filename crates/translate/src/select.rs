@@ -25,7 +25,7 @@ use popek_vcpu::Vcpu;
 use crate::cache::{key_eip, Key, Translation, NO_BYTES};
 use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece, Span};
-use crate::helper::{helper_call, run_helper, INDEX_SHIFT};
+use crate::helper::{helper_call, INDEX_SHIFT};
 use crate::lower::{
     lower_checked_push, lower_checked_store, lower_into, lower_seg_override, lower_stack,
     lower_string, lower_terminator, SegBases,
@@ -400,7 +400,6 @@ impl Bt {
                     pace,
                 },
                 exit.as_ref(),
-                Some(run_helper),
                 table,
                 (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile),
                 &mut self.starts,

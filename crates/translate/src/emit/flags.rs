@@ -114,20 +114,19 @@ pub(crate) fn flags_fast_path(ops: &mut Asm, op: FlagsOp) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dynasmrt::{x64::X64Relocation, VecAssembler};
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
     /// The fast path of `op`, disassembled, with the slow path right after
     /// it: near-branch targets are shown as "slow" or as the index of the
     /// instruction they land on.
     fn fast_path(op: FlagsOp) -> Vec<String> {
-        let mut ops = VecAssembler::<X64Relocation>::new(0);
+        let mut ops = Asm::new();
         flags_fast_path(&mut ops, op);
         dynasm!(ops
             ; .arch x64
             ; slow:
         );
-        let code = ops.finalize().unwrap();
+        let code = ops.finish().unwrap().to_vec();
         let mut d = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE);
         let mut fmt = IntelFormatter::new();
         let insns: Vec<_> = std::iter::from_fn(|| d.can_decode().then(|| d.decode())).collect();

@@ -8,9 +8,9 @@
 //! Assembled once with dynasm, position-independent.
 
 use dynasm::dynasm;
-use dynasmrt::{x64::X64Relocation, DynasmApi, VecAssembler};
+use dynasmrt::{x64::X64Relocation, DynasmApi, DynasmLabelApi, VecAssembler};
 
-use crate::abi::{CHAIN_BUDGET, EFLAGS, HOST_FLAGS, INDIRECT_MISSES, REGS, RETIRED};
+use crate::abi::{CHAIN_BUDGET, EFLAGS, HELPER, HOST_FLAGS, INDIRECT_MISSES, REGS, RETIRED};
 
 // dynasm-rs cannot be told to use an 8-bit displacement for a constant
 // that is not a literal, so the sequences below spell the context offsets
@@ -49,8 +49,14 @@ pub fn entry_offset() -> usize {
     (leave_offset() + frame().leave.len()).next_multiple_of(16)
 }
 
-/// Put the miss routine, the shared epilogue and the leave routine at the
-/// start of `buf` if it is empty; the epilogue's offset.
+/// Offset of the shared helper routine, which a block's helper call
+/// calls (see [`Frame::call_helper`]).
+pub fn helper_offset() -> usize {
+    (entry_offset() + frame().enter.len()).next_multiple_of(16)
+}
+
+/// Put the miss routine, the shared epilogue, the leave, entry and helper
+/// routines at the start of `buf` if it is empty; the epilogue's offset.
 pub(crate) fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError> {
     if buf.next_offset() == 0 {
         let f = frame();
@@ -67,6 +73,10 @@ pub(crate) fn ensure_epilogue(buf: &mut CodeBuffer) -> Result<usize, BuildError>
             .append(&f.enter)
             .ok_or_else(|| BuildError("code buffer too small".into()))?;
         debug_assert_eq!(at, entry_offset());
+        let at = buf
+            .append(&f.call_helper)
+            .ok_or_else(|| BuildError("code buffer too small".into()))?;
+        debug_assert_eq!(at, helper_offset());
     }
     Ok(epilogue_offset())
 }
@@ -77,10 +87,6 @@ pub(crate) struct Frame {
     /// The shared entry routine: the prologue, then a jump to the body
     /// (RSI, kept in R11).
     pub(crate) enter: Vec<u8>,
-    /// Store the guest registers and flags into the context.
-    pub(crate) store_state: Vec<u8>,
-    /// Load the guest registers and flags from the context.
-    pub(crate) load_state: Vec<u8>,
     /// Store the state and counters, pop the frame, return.
     pub(crate) epilogue: Vec<u8>,
     /// Store the counters, pop the frame, return (state already stored).
@@ -88,6 +94,18 @@ pub(crate) struct Frame {
     /// Store the target of an indirect branch that missed (R13D) as the
     /// next EIP, count the miss and fall into the epilogue.
     pub(crate) miss: Vec<u8>,
+    /// The helper routine a block calls for an instruction host code does
+    /// not do, with the helper's argument pushed (`push imm32; call`: ten
+    /// bytes in the block instead of the whole sequence): store the guest
+    /// state and the count, call the context's helper with the argument;
+    /// then reload the state and return past the argument, or (the helper
+    /// said leave) add the instructions the block retired before the call
+    /// (bits 2-8 of the argument) to the count, drop the return address
+    /// and the argument, and leave as the leave routine does. The block's
+    /// RSP is 8 more than a multiple of 16 (the prologue's six pushes after
+    /// the caller's return address), so the two pushes keep the helper's
+    /// stack aligned with one 8-byte adjustment.
+    pub(crate) call_helper: Vec<u8>,
 }
 
 pub(crate) fn frame() -> &'static Frame {
@@ -156,7 +174,31 @@ pub(crate) fn frame() -> &'static Frame {
             ; pop rbx
             ; ret
         );
-        let leave = ops.finalize().expect("assembles");
+        let leave = ops.take().expect("assembles");
+        let helper = HELPER as i32;
+        dynasm!(ops
+            ; .arch x64
+            ; .bytes store_state.iter()
+            ; mov QWORD [r15 + 48], r8
+            ; mov rdi, r15
+            ; mov esi, DWORD [rsp + 8]
+            ; sub rsp, 8
+            ; call QWORD [r15 + helper]
+            ; add rsp, 8
+            ; mov r8, QWORD [r15 + 48]
+            ; test eax, eax
+            ; jnz >leave
+            ; .bytes load_state.iter()
+            ; ret 8
+            ; leave:
+            ; mov eax, DWORD [rsp + 8]
+            ; shr eax, 2
+            ; and eax, 0x7F
+            ; add r8, rax
+            ; add rsp, 16
+            ; .bytes leave.iter()
+        );
+        let call_helper = ops.finalize().expect("assembles");
         let mut epilogue = store_state.clone();
         epilogue.extend_from_slice(&leave);
         // The body's address (RSI) waits in R11, which the prologue does
@@ -184,8 +226,7 @@ pub(crate) fn frame() -> &'static Frame {
         Frame {
             miss,
             enter,
-            store_state,
-            load_state,
+            call_helper,
             epilogue,
             leave,
         }

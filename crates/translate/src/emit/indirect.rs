@@ -79,7 +79,7 @@ mod tests {
     /// The exit for `pace` at code-buffer offset 0x1000, disassembled:
     /// (text, RIP-relative or branch target, address) per instruction.
     fn exit(pace: Pace) -> Vec<(String, u64, u64)> {
-        let mut ops = Asm::new(0x1000);
+        let mut ops = Asm::new();
         let mut ex = Exits {
             base: 0x1000,
             span: Span {
@@ -92,7 +92,7 @@ mod tests {
             via_table: None,
         };
         indirect_exit(&mut ops, &mut ex, 0x1122_3344_5566_7788);
-        let out = ops.finalize().unwrap();
+        let out = ops.finish().unwrap().to_vec();
         let mut d = Decoder::with_ip(64, &out, 0x1000, DecoderOptions::NONE);
         let mut fmt = IntelFormatter::new();
         let mut got = Vec::new();

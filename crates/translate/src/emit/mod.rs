@@ -33,24 +33,27 @@
 //! Guest memory is reached through GS: the calling thread's GS base must be
 //! the guest window ([`crate::host::set_gs_base`]).
 
+mod asm;
 pub mod flags;
 pub mod frame;
 pub mod indirect;
 
 pub use flags::FlagsOp;
-pub use frame::{entry_offset, epilogue_offset, leave_offset, miss_offset};
+pub use frame::{entry_offset, epilogue_offset, helper_offset, leave_offset, miss_offset};
 
 use dynasm::dynasm;
-use dynasmrt::{x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
+use dynasmrt::{DynamicLabel, DynasmApi, DynasmLabelApi};
+
+pub(crate) use asm::Asm;
 
 use crate::abi::{
-    BlockEntryFn, Context, HelperFn, FAST_MAP, LOOKUP_SHIFT, NEXT_EIP, PAGE_DELTAS, RAM_RW,
-    RETIRED, SCRATCH, SCRATCH2, SEG_SLOW, TSC_OFFSET, TSC_SLOW,
+    BlockEntryFn, Context, FAST_MAP, LOOKUP_SHIFT, NEXT_EIP, PAGE_DELTAS, RAM_RW, SCRATCH,
+    SCRATCH2, SEG_SLOW, TSC_OFFSET, TSC_SLOW,
 };
 use crate::host::CodeBuffer;
 use crate::paging::Regions;
 use flags::flags_fast_path;
-use frame::{ensure_epilogue, frame};
+use frame::ensure_epilogue;
 use indirect::indirect_exit;
 
 /// A piece of a block's body.
@@ -59,7 +62,7 @@ pub enum Piece<'a> {
     /// Host code for one guest instruction.
     Code(&'a [u8]),
     /// One guest instruction executed by a helper call: the guest state is
-    /// stored, `helper(ctx, eip, next_eip, arg)` runs it, and the block
+    /// stored, `helper(ctx, arg)` runs it, and the block
     /// goes on if the helper returns 0, or leaves (the state is already in
     /// the context) if it returns 1.
     Helper(HelperCall),
@@ -242,14 +245,6 @@ unsafe impl Send for HostBlock {}
 #[derive(Debug)]
 pub struct BuildError(pub String);
 
-/// The assembler blocks are built with: dynasm-rs, whose local labels
-/// (`>name` / `name:`) replace hand-counted jump distances within a
-/// block. One assembler (base 0) serves every block of a thread; jumps out
-/// of a block (to the epilogue, the leave routine) and RIP-relative
-/// addresses are computed from the block's code-buffer offset
-/// ([`jmp_to`]).
-pub(crate) type Asm = VecAssembler<X64Relocation>;
-
 /// `lea r8, [r8 + n]` with an 8-bit displacement (n below 128): count
 /// retired guest instructions without touching flags.
 fn count(n: usize) -> [u8; 4] {
@@ -273,10 +268,13 @@ pub(crate) fn poll(ops: &mut Asm, page: u32, polls: &mut Vec<Poll>, target: Opti
 }
 
 thread_local! {
-    /// The assembler blocks are built with, and the vector their bytes are
-    /// copied through, kept between blocks.
+    /// The assembler blocks are built with ([`Asm`]: dynasm-rs's macros,
+    /// whose local labels replace hand-counted jump distances within a
+    /// block), kept between blocks. One assembler (base 0) serves every
+    /// block of a thread; jumps out of a block (to the epilogue, the leave
+    /// routine) and RIP-relative addresses are computed from the block's
+    /// code-buffer offset ([`jmp_to`]).
     static ASM: std::cell::Cell<Option<Asm>> = const { std::cell::Cell::new(None) };
-    static OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     /// A block's side exits while it is built (label, target, count, offset
     /// of the branch's rel32).
     static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize, usize)>> =
@@ -304,35 +302,23 @@ fn store_next(ops: &mut Asm, eip: u32) {
     );
 }
 
-/// One guest instruction run by `helper(ctx, eip, next, arg)`: store the
-/// state and call; leave the block through the leave routine when the
-/// helper says so (counting the `counted_before` instructions done in
-/// host code); otherwise reload the state and go on.
-fn helper_call(ops: &mut Asm, base: usize, h: HelperFn, call: &HelperCall) {
-    const _: () = assert!(RETIRED == 0x30);
-    let f = frame();
-    dynasm!(ops
-        ; .arch x64
-        ; .bytes f.store_state.iter()
-        ; mov QWORD [r15 + 0x30], r8                 // retired
-        ; mov rdi, r15
-        ; mov esi, call.eip as i32
-        ; mov edx, call.next as i32
-        ; mov ecx, call.arg as i32
-        ; mov rax, QWORD h as usize as i64
-        ; sub rsp, 8                                 // 16-byte alignment
-        ; call rax
-        ; add rsp, 8
-        ; mov r8, QWORD [r15 + 0x30]
-        ; test eax, eax
-        ; jz BYTE >go_on
-        ; .bytes count(call.counted_before).iter()
-    );
-    jmp_to(ops, base, leave_offset());
-    dynasm!(ops
-        ; .arch x64
-        ; go_on:
-        ; .bytes f.load_state.iter()
+/// One guest instruction run by the helper: push its argument and call
+/// the shared helper routine ([`frame::Frame::call_helper`]), which stores
+/// the state and calls the helper, and either returns here with the state
+/// reloaded (go on) or leaves the block through the leave routine
+/// (counting the `counted_before` instructions done in host code, which
+/// the argument carries). `push imm32` sign-extends; the routine reads
+/// the low half.
+fn helper_call(ops: &mut Asm, base: usize, call: &HelperCall) {
+    let a = call.arg.to_le_bytes();
+    let rel = (helper_offset() as i64 - (base + ops.offset().0 + 10) as i64) as i32;
+    let r = rel.to_le_bytes();
+    ops.extend(
+        [
+            0x68, a[0], a[1], a[2], a[3], // push arg
+            0xE8, r[0], r[1], r[2], r[3], // call the helper routine
+        ]
+        .iter(),
     );
 }
 
@@ -478,13 +464,13 @@ fn guard(ops: &mut Asm, slow_at: i32) {
 /// at the local label `slow`, which the fast path jumps to when host code
 /// cannot do the instruction. The helper retires the instruction, which
 /// the block's exit counts too: one is taken off.
-fn helper_tail(ops: &mut Asm, base: usize, h: HelperFn, call: &HelperCall) {
+fn helper_tail(ops: &mut Asm, base: usize, call: &HelperCall) {
     dynasm!(ops
         ; .arch x64
         ; jmp >done
         ; slow:
     );
-    helper_call(ops, base, h, call);
+    helper_call(ops, base, call);
     dynasm!(ops
         ; .arch x64
         ; lea r8, [r8 - 1]
@@ -520,7 +506,6 @@ impl HostBlock {
         n: usize,
         span: Span,
         exit: Option<&BlockExit>,
-        helper: Option<HelperFn>,
         lookup: Option<u64>,
         volatile: Option<&Regions>,
         starts: &mut Vec<u32>,
@@ -529,11 +514,10 @@ impl HostBlock {
         let base = buf.next_offset();
         // One assembler per thread, reused (its vector and label maps keep
         // their room: growing them was a fifth of translation time).
-        let mut ops = ASM
-            .with(|a| a.take())
-            .unwrap_or_else(|| Asm::new_with_capacity(0, 4096, 16, 0, 8, 32, 8));
+        let mut ops = ASM.with(|a| a.take()).unwrap_or_else(Asm::new);
+        ops.clear();
         let built = Self::build(
-            &mut ops, buf, base, body, n, span, exit, helper, lookup, volatile, starts,
+            &mut ops, buf, base, body, n, span, exit, lookup, volatile, starts,
         );
         if built.is_ok() {
             ASM.with(|a| a.set(Some(ops)));
@@ -550,7 +534,6 @@ impl HostBlock {
         n: usize,
         span: Span,
         exit: Option<&BlockExit>,
-        helper: Option<HelperFn>,
         lookup: Option<u64>,
         volatile: Option<&Regions>,
         starts: &mut Vec<u32>,
@@ -576,21 +559,13 @@ impl HostBlock {
                     // the branch's last four bytes.)
                     sides.push((l, *target, *counted, ops.offset().0 - 4));
                 }
-                Piece::Helper(call) => {
-                    let h =
-                        helper.ok_or_else(|| BuildError("helper piece without a helper".into()))?;
-                    helper_call(ops, base, h, call);
-                }
+                Piece::Helper(call) => helper_call(ops, base, call),
                 Piece::Segment { fs, code, call } => {
-                    let h = helper
-                        .ok_or_else(|| BuildError("segment piece without a helper".into()))?;
                     guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
                     dynasm!(ops ; .arch x64 ; .bytes code.iter());
-                    helper_tail(ops, base, h, call);
+                    helper_tail(ops, base, call);
                 }
                 Piece::Checked { ea, store, call } => {
-                    let h = helper
-                        .ok_or_else(|| BuildError("checked store without a helper".into()))?;
                     // Flag-free, RCX kept in scratch2: the address's page
                     // (address >> 12: the address times 16, read from the
                     // scratch slot two bytes up) looked up in the page-delta
@@ -630,11 +605,9 @@ impl HostBlock {
                         ; mov rcx, QWORD [r15 + sc2]
                         ; jmp >slow
                     );
-                    helper_tail(ops, base, h, call);
+                    helper_tail(ops, base, call);
                 }
                 Piece::Rdtsc(call) => {
-                    let h =
-                        helper.ok_or_else(|| BuildError("RDTSC piece without a helper".into()))?;
                     // EDX:EAX = host TSC + offset, flag-free: the halves
                     // joined in the scratch slot, added with LEA, split.
                     let (off, scratch) = (TSC_OFFSET as i32, SCRATCH as i32);
@@ -651,14 +624,12 @@ impl HostBlock {
                         ; mov eax, DWORD [r15 + scratch]
                         ; mov edx, DWORD [r15 + scratch + 4]
                     );
-                    helper_tail(ops, base, h, call);
+                    helper_tail(ops, base, call);
                 }
                 Piece::Flags(op, call) => {
                     flags_fast_path(ops, *op);
                     if !matches!(op, FlagsOp::Pushfd { .. }) {
-                        let h = helper
-                            .ok_or_else(|| BuildError("flags piece without a helper".into()))?;
-                        helper_tail(ops, base, h, call);
+                        helper_tail(ops, base, call);
                     }
                 }
             }
@@ -760,19 +731,10 @@ impl HostBlock {
         }
         SIDES.with(|s| s.set(sides));
         let Exits { sites, polls, .. } = ex;
-        let out = OUT.with(|o| {
-            let mut out = o.take();
-            out.clear();
-            out.extend(
-                ops.drain()
-                    .map_err(|e| BuildError(format!("assembling a block: {e:?}")))?,
-            );
-            Ok::<_, BuildError>(out)
-        })?;
-        let at = buf.append(&out);
-        let len = out.len();
-        OUT.with(|o| o.set(out));
-        let at = at.ok_or_else(|| BuildError("code buffer full".into()))?;
+        let len = ops.offset().0;
+        let at = buf
+            .append(ops.finish()?)
+            .ok_or_else(|| BuildError("code buffer full".into()))?;
         debug_assert_eq!(at, base);
         Ok(HostBlock {
             entry: buf.exec_addr(at),
@@ -803,7 +765,6 @@ impl HostBlock {
             body.into_iter(),
             n,
             span,
-            None,
             None,
             None,
             None,
