@@ -104,18 +104,22 @@ impl Bt {
             {
                 break;
             }
-            let i = block.insns[k].clone();
+            // (By reference: a superblock's scan appends to `block.insns`
+            // only after the last use of `i`.)
+            let i = &block.insns[k];
             k += 1;
             let mark = arena.len();
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`).
             // (Every x87 instruction has an escape opcode, D8-DF, or is
             // FWAIT, 9B: an instruction without such a byte is not one.)
-            cpu.fpu.used |= i
-                .bytes
-                .iter()
-                .any(|&b| (0xD8..=0xDF).contains(&b) || b == 0x9B)
-                && popek_interp::x87::is_x87(&i.ins);
+            if !cpu.fpu.used {
+                cpu.fpu.used = i
+                    .bytes
+                    .iter()
+                    .any(|&b| (0xD8..=0xDF).contains(&b) || b == 0x9B)
+                    && popek_interp::x87::is_x87(&i.ins);
+            }
             // A store that keeps writing watched pages is a helper call
             // (see `Bt::hot_stores`), unless it transfers control.
             // (A direct CALL whose push keeps faulting: a checked push,
@@ -316,7 +320,12 @@ impl Bt {
         // The pages go into the current space's instruction TLB.
         let user = self.key.is_some_and(|k| k.user);
         let probe = |cpu: &Vcpu, lin: u32| cpu.probe(lin, user);
-        let (first, last) = (probe(cpu, eip), probe(cpu, last_byte));
+        let first = probe(cpu, eip);
+        let last = if last_byte >> 12 == eip >> 12 {
+            first
+        } else {
+            probe(cpu, last_byte)
+        };
         let lin = (eip >> 12, last_byte >> 12);
         let (lo, end) = (eip & 0xFFF, (last_byte & 0xFFF) + 1);
         let ranges = if lin.0 == lin.1 {
