@@ -255,6 +255,18 @@ CACHE_WORKLOADS = [("compute", []), ("selfcheck", []), ("exceptions", []),
                    ("user-compute", ["3"])]
 
 
+def load_latency():
+    """A dependent load's latency on this host addressed natively, as
+    translated code addresses guest memory (GS) and with a base register
+    (benches/programs/load_latency.c): ns per load."""
+    exe = os.path.join(ROOT, "target", "perf", "load_latency")
+    os.makedirs(os.path.dirname(exe), exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-o", exe,
+                    os.path.join(ROOT, "benches", "programs", "load_latency.c")], check=True)
+    out = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(.+): ([\d.]+) ns$", out, re.M)}
+
+
 def cache_hit_rates():
     """Each workload under bt with translation-cache capacities from tiny to
     unbounded: dispatcher lookups, hits, misses, evictions. Writes
@@ -902,6 +914,10 @@ def main():
     within = ", ".join(f"{n} ({r:.2f}x)" for n, r in ratios if r <= 1.3) or "none"
     above = ", ".join(f"{n} ({r:.2f}x)" for n, r in ratios if r > 1.3) or "none"
     nano, trap, bt_nano, native_call = nano_rows()
+    lat = load_latency()
+    lat_native = lat["native [reg+8]"]
+    lat_gs = lat["translated gs:[reg+8]"]
+    lat_base = lat["base register [base+reg+8]"]
     bt_cli_sti = bt_nano.get("cli/sti", 0)
     cache_rows = cache_hit_rates()
     qemu_version = subprocess.run(["qemu-i386", "--version"], capture_output=True,
@@ -986,6 +1002,18 @@ still costs when it is asked for):
 
 Where the host's time goes running the kernels program (all kernels,
 `perf record` by object): {kernels_profile}
+
+What a guest load costs in host code (benches/programs/load_latency.c,
+a pointer chase inside L1, ns per dependent load, best of 3): natively
+`mov rax, [rax+8]` {lat_native:.3f}; as translated code addresses guest
+memory, `mov eax, gs:[eax+8]`, {lat_gs:.3f} ({lat_gs / lat_native:.2f}x);
+with a base register instead of GS, `mov eax, [r12+rax+8]`,
+{lat_base:.3f} ({lat_base / lat_native:.2f}x). On this host any address
+with a segment base or an index register takes a cycle more, so a guest
+whose time is a chain of loads (a tree, a linked list: CoreMark's list
+processing) runs up to that much slower under bt, and a base register
+would not help: only guest memory at host address 0 (plain
+`[reg+disp]`, as qemu-user with a guest base of 0) would.
 
 CoreMark itself is not in Debian's packages and cannot be vendored here
 (everything in the repository is written here), so the kernels program
@@ -1401,6 +1429,25 @@ system call), so it is higher than the warm figure.
   copied instruction); blocks are appended to one double-mapped code buffer
   (no mmap or mprotect per block). iced-x86's one-time table setup is paid
   when the engine starts, not in the first translation.
+- What made translation cheaper in the 15th session (Linux boot + script,
+  `--stats`, us per translation: 2.8 -> about 2.3; warm superblocks a few
+  percent): a helper call in a block is `push arg; call` to one shared
+  helper routine (10 bytes instead of about 155: host code for the boot
+  16.7 -> 13.0 MB); blocks are assembled with dynasm's macros on an
+  assembler of popek's own (local labels in a short list instead of a
+  hash map, the bytes copied once into the code buffer); a helper thread
+  puts the code buffer's pages into both views ahead of the code (each
+  page used to fault twice, about 0.3 us per translation in the boot); one
+  page walk for a block on one page; no copy of each scanned instruction.
+  `cargo run --release -p popek-bench --example translate_loop` repeats
+  the warm measurement for `perf record`.
+- Tried in the 15th session and taken out (Linux boot + script):
+  *tiered translation*, a basic block with an entry counter first and a
+  superblock after 50 (or 1000) entries: 16 K (4 K) promotions, 1.7-1.9 us
+  per translation but 125-160 ms translating in all (130 before) and the
+  boot 0.15-0.25 s slower (the counter in every first-tier block);
+  fetching a block's bytes straight from RAM at the key's physical page:
+  no difference in the boot.
 - Wall time includes starting the process and booting the guest.
 - Issue 5's target: compute-bound Linux programs within 1.5x of native
   under bt (the bold column of the Linux table; the string row runs other
@@ -1430,9 +1477,16 @@ system call), so it is higher than the warm figure.
   `recursion` row, where every RET is an indirect-branch lookup in host
   code (five host instructions and an indirect JMP, which the host
   predicts from its branch history rather than its return stack).
-  Making guest CALL/RET host CALL/RET (checked against the guest's return
-  address, falling back to the lookup) would let the host predict returns
-  with its return stack; not done. Compute guests within 1.3x of native
+  Guest CALL/RET as host CALL/RET (a host return stack of check values
+  and host return addresses, bounded at 1024 frames, checked against the
+  guest's return address and falling back to the lookup) was built and
+  measured in the 15th session and taken out again: the kernels program
+  (20 rounds, `/usr/bin/time`) went from 0.69 to 1.13 s on recursion and
+  0.48 to 0.52 s on sort, tree unchanged. Ackermann's call tree is deeper
+  than the host's return stack buffer (which then mispredicts, as it does
+  natively: this kernel runs faster under bt than natively because the
+  table's indirect jump is predicted from history), and a host frame costs
+  a count kept flag-free in memory at every call and return. Compute guests within 1.3x of native
   (the bold column of the Linux table): within in this run: {within};
   above: {above}. Where the rest goes: the string row runs other code (no
   SSE2, above); the switch interpreter (bytecode) and glibc's qsort (an

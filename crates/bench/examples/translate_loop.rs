@@ -1,0 +1,47 @@
+//! Translate a bundled guest's blocks over and over, for a profiler:
+//! every basic block reachable from the guest's entry, translated into an
+//! emptied cache (as superblocks, the engine's default, or as basic
+//! blocks), for a number of seconds; prints the time per translation.
+//! The criterion group `translate` measures the same thing with
+//! statistics; this loop is what `perf record` should watch, without the
+//! benchmark harness around it:
+//!
+//! ```text
+//! cargo build --release -p popek-bench --example translate_loop
+//! perf record -F 10000 ./target/release/examples/translate_loop selfcheck 5
+//! ```
+//!
+//! Arguments: guest (default `selfcheck`), seconds (default 5), and `bb`
+//! to translate basic blocks only.
+
+use popek_bench::{blocks_of, boot};
+use popek_translate::Bt;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let name = args.next().unwrap_or_else(|| "selfcheck".into());
+    let secs: f64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let superblocks = args.next().is_none_or(|s| s != "bb");
+    let mut m = boot(&name);
+    let blocks: Vec<u32> = blocks_of(&mut m).iter().map(|b| b.start).collect();
+    let mut bt = Bt::new(None);
+    bt.superblocks = superblocks;
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        bt.flush();
+        for &eip in &blocks {
+            bt.translate_at(&mut m.cpu, eip);
+        }
+        n += blocks.len() as u64;
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64;
+    println!(
+        "{name} ({}): {us:.3} us per translation, {n} translations",
+        if superblocks {
+            "superblocks"
+        } else {
+            "basic blocks"
+        }
+    );
+}
