@@ -310,13 +310,18 @@ impl Bt {
             // microseconds): pay that here, not in the first translation.
             let warm = popek_decode::decode_one(&[0x01, 0xC8], 0, 32);
             let _ = lower(&warm);
-            let (Ok(b), Some(s), Some(u)) = (
+            let (Ok(mut b), Some(s), Some(u)) = (
                 CodeBuffer::new(CODE_BUFFER_SIZE),
                 DirectMap::new(),
                 DirectMap::new(),
             ) else {
                 return false;
             };
+            // The shared routines and the assembler, before the first
+            // translation (a buffer too small for them translates nothing).
+            if crate::emit::prepare(&mut b).is_err() {
+                return false;
+            }
             self.code = Some(b);
             self.lookup = Some(Box::new([s, u]));
         }

@@ -492,6 +492,19 @@ fn jcc(ops: &mut Asm, cc: u8, to: DynamicLabel) {
            8 => js, 9 => jns, 10 => jp, 11 => jnp, 12 => jl, 13 => jge, 14 => jle, 15 => jg);
 }
 
+/// Set up what every block needs before the first is translated: the
+/// shared routines at the start of `buf` (assembled on first use) and this
+/// thread's assembler, so their one-time cost is the engine's start, not
+/// its first translation's.
+pub(crate) fn prepare(buf: &mut CodeBuffer) -> Result<(), BuildError> {
+    ensure_epilogue(buf)?;
+    ASM.with(|a| {
+        let asm = a.take().unwrap_or_else(Asm::new);
+        a.set(Some(asm));
+    });
+    Ok(())
+}
+
 impl HostBlock {
     /// Compile translated instructions (host bytes, in order) ending in
     /// `exit` into `buf`, with the offset in the code of each piece in
