@@ -25,8 +25,6 @@ pub(crate) fn helper_call(
     counted_before: usize,
 ) -> HelperCall {
     HelperCall {
-        eip: ins.ip32(),
-        next: ins.next_ip32(),
         arg: HelperArg {
             special,
             x87: popek_interp::x87::is_x87(ins),
@@ -34,7 +32,6 @@ pub(crate) fn helper_call(
             index,
         }
         .encode(),
-        counted_before,
     }
 }
 
@@ -50,7 +47,13 @@ pub(crate) fn tsc_native(cpu: &Vcpu) -> bool {
 /// argument moves its index by `n`.
 pub(crate) const INDEX_SHIFT: u32 = 9;
 
-/// What a helper call's last argument says about its instruction: bit 0
+/// Where a helper call's argument keeps the instructions its block
+/// retired before it (7 bits): the shared helper routine adds them to the
+/// count when the helper says leave (see `emit::frame`).
+pub(crate) const COUNTED_SHIFT: u32 = 2;
+pub(crate) const COUNTED_MASK: u32 = 0x7F;
+
+/// What a helper call's argument says about its instruction: bit 0
 /// special, bit 1 x87, bits 2-8 the instructions its block retired before
 /// it, the rest the index of its decoded form in `Bt::helper_insns`.
 struct HelperArg {
@@ -62,17 +65,17 @@ struct HelperArg {
 
 impl HelperArg {
     fn encode(&self) -> u32 {
-        debug_assert!(self.counted_before < 128);
+        debug_assert!(self.counted_before as u32 <= COUNTED_MASK);
         u32::from(self.special)
             | u32::from(self.x87) << 1
-            | (self.counted_before as u32) << 2
+            | (self.counted_before as u32) << COUNTED_SHIFT
             | (self.index as u32) << INDEX_SHIFT
     }
     fn decode(arg: u32) -> HelperArg {
         HelperArg {
             special: arg & 1 != 0,
             x87: arg & 2 != 0,
-            counted_before: (arg >> 2 & 0x7F) as usize,
+            counted_before: (arg >> COUNTED_SHIFT & COUNTED_MASK) as usize,
             index: (arg >> INDEX_SHIFT) as usize,
         }
     }

@@ -378,10 +378,7 @@ impl Bt {
             let Some(buf) = self.code.as_mut() else { break };
             let table = self.lookup.as_ref().map(|t| t[usize::from(user)].addr());
             let base = (self.helper_insns.len() as u32) << INDEX_SHIFT;
-            let rebased = |c: HelperCall| HelperCall {
-                arg: c.arg + base,
-                ..c
-            };
+            let rebased = |c: HelperCall| HelperCall { arg: c.arg + base };
             let pieces = parts.iter().map(|p| match p {
                 Part::Code(a, b) => Piece::Code(&arena[*a..*b]),
                 Part::Segment(fs, a, b, call) => Piece::Segment {

@@ -11,6 +11,7 @@ use dynasm::dynasm;
 use dynasmrt::{x64::X64Relocation, DynasmApi, DynasmLabelApi, VecAssembler};
 
 use crate::abi::{CHAIN_BUDGET, EFLAGS, HELPER, HOST_FLAGS, INDIRECT_MISSES, REGS, RETIRED};
+use crate::helper::{COUNTED_MASK, COUNTED_SHIFT};
 
 // dynasm-rs cannot be told to use an 8-bit displacement for a constant
 // that is not a literal, so the sequences below spell the context offsets
@@ -100,7 +101,7 @@ pub(crate) struct Frame {
     /// state and the count, call the context's helper with the argument;
     /// then reload the state and return past the argument, or (the helper
     /// said leave) add the instructions the block retired before the call
-    /// (bits 2-8 of the argument) to the count, drop the return address
+    /// (`helper::COUNTED_SHIFT`, `COUNTED_MASK`) to the count, drop the return address
     /// and the argument, and leave as the leave routine does. The block's
     /// RSP is 8 more than a multiple of 16 (the prologue's six pushes after
     /// the caller's return address), so the two pushes keep the helper's
@@ -176,6 +177,7 @@ pub(crate) fn frame() -> &'static Frame {
         );
         let leave = ops.take().expect("assembles");
         let helper = HELPER as i32;
+        let (shift, mask) = (COUNTED_SHIFT as i8, COUNTED_MASK as i32);
         dynasm!(ops
             ; .arch x64
             ; .bytes store_state.iter()
@@ -192,8 +194,8 @@ pub(crate) fn frame() -> &'static Frame {
             ; ret 8
             ; leave:
             ; mov eax, DWORD [rsp + 8]
-            ; shr eax, 2
-            ; and eax, 0x7F
+            ; shr eax, shift
+            ; and eax, mask
             ; add r8, rax
             ; add rsp, 16
             ; .bytes leave.iter()

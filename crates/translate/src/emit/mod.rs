@@ -109,18 +109,14 @@ pub enum Piece<'a> {
     },
 }
 
-/// A helper call for one guest instruction.
+/// A helper call for one guest instruction: the helper's argument, the
+/// engine's description of the instruction (where its decoded form is,
+/// which gives its EIPs, and how many instructions before it the block
+/// counts: see `helper::HelperArg`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HelperCall {
-    /// The instruction's EIP.
-    pub eip: u32,
-    /// The EIP after it.
-    pub next: u32,
-    /// The helper's last argument (the engine's description of the
-    /// instruction).
+    /// The argument pushed for the shared helper routine.
     pub arg: u32,
-    /// Instructions before it in this block that the block counts.
-    pub counted_before: usize,
 }
 
 /// How a block ends.
@@ -306,9 +302,9 @@ fn store_next(ops: &mut Asm, eip: u32) {
 /// the shared helper routine ([`frame::Frame::call_helper`]), which stores
 /// the state and calls the helper, and either returns here with the state
 /// reloaded (go on) or leaves the block through the leave routine
-/// (counting the `counted_before` instructions done in host code, which
-/// the argument carries). `push imm32` sign-extends; the routine reads
-/// the low half.
+/// (counting the instructions done in host code before it, which the
+/// argument carries). `push imm32` sign-extends; the routine reads the
+/// low half.
 fn helper_call(ops: &mut Asm, base: usize, call: &HelperCall) {
     let a = call.arg.to_le_bytes();
     let rel = (helper_offset() as i64 - (base + ops.offset().0 + 10) as i64) as i32;
