@@ -918,6 +918,9 @@ def main():
     lat_native = lat["native [reg+8]"]
     lat_gs = lat["translated gs:[reg+8]"]
     lat_base = lat["base register [base+reg+8]"]
+    lat_zero = lat.get("translated, window at 0 gs:[reg+8]")
+    lat_zero_text = (f"{lat_zero:.3f} ({lat_zero / lat_native:.2f}x)" if lat_zero is not None
+                     else "not measured (the low address was taken)")
     bt_cli_sti = bt_nano.get("cli/sti", 0)
     cache_rows = cache_hit_rates()
     qemu_version = subprocess.run(["qemu-i386", "--version"], capture_output=True,
@@ -977,6 +980,14 @@ returns weigh most, natively and under bt in one run (milliseconds, mean):
 |---|---|---|---|---|---|
 {chr(10).join(native_rows)}
 
+Host-code layout alone moves a single kernel by up to about 15%: in the
+15th session, shifting every block by 64 bytes took `kernels 1 bytecode`
+from 52 to 48 ms, and this table's bytecode row went from 0.96x to 1.20x
+between two commits that left its hot loop's code unchanged (shorter
+helper calls elsewhere moved every block). Aligning each block to 64 bytes
+helped bytecode and sort and hurt recursion; not done. Read differences
+below that as layout until shown otherwise.
+
 What made the difference (the counting columns show what exact counting
 still costs when it is asked for):
 
@@ -1008,12 +1019,14 @@ a pointer chase inside L1, ns per dependent load, best of 3): natively
 `mov rax, [rax+8]` {lat_native:.3f}; as translated code addresses guest
 memory, `mov eax, gs:[eax+8]`, {lat_gs:.3f} ({lat_gs / lat_native:.2f}x);
 with a base register instead of GS, `mov eax, [r12+rax+8]`,
-{lat_base:.3f} ({lat_base / lat_native:.2f}x). On this host any address
-with a segment base or an index register takes a cycle more, so a guest
-whose time is a chain of loads (a tree, a linked list: CoreMark's list
-processing) runs up to that much slower under bt, and a base register
-would not help: only guest memory at host address 0 (plain
-`[reg+disp]`, as qemu-user with a guest base of 0) would.
+{lat_base:.3f} ({lat_base / lat_native:.2f}x); through GS with a base of
+0, the same instruction as translated code's, {lat_zero_text}. On this
+host an address with a non-zero segment base or an index register takes
+a cycle more, so a guest whose time is a chain of loads (a tree, a linked
+list: CoreMark's list processing) runs up to that much slower under bt; a
+base register would not help, a window at host address 0 (GS base 0, as
+qemu-user with a guest base of 0) would, with no change to the translated
+code.
 
 CoreMark itself is not in Debian's packages and cannot be vendored here
 (everything in the repository is written here), so the kernels program
