@@ -281,12 +281,15 @@ thread_local! {
 /// (the assembler's own base is 0, so that one assembler serves every
 /// block: jumps out of the block are computed here).
 pub(crate) fn jmp_to(ops: &mut Asm, base: usize, to: usize) {
+    branch_to(ops, base, 0xE9, to);
+}
+
+/// `jmp rel32` (opcode 0xE9) or `call rel32` (0xE8) to code-buffer offset
+/// `to`, from a block at offset `base`.
+fn branch_to(ops: &mut Asm, base: usize, opcode: u8, to: usize) {
     let rel = (to as i64 - (base + ops.offset().0 + 5) as i64) as i32;
     let r = rel.to_le_bytes();
-    dynasm!(ops
-        ; .arch x64
-        ; .bytes [0xE9, r[0], r[1], r[2], r[3]].iter()
-    );
+    ops.extend([opcode, r[0], r[1], r[2], r[3]].iter());
 }
 
 /// `mov dword [r15 + next_eip], eip`.
@@ -307,15 +310,8 @@ fn store_next(ops: &mut Asm, eip: u32) {
 /// low half.
 fn helper_call(ops: &mut Asm, base: usize, call: &HelperCall) {
     let a = call.arg.to_le_bytes();
-    let rel = (helper_offset() as i64 - (base + ops.offset().0 + 10) as i64) as i32;
-    let r = rel.to_le_bytes();
-    ops.extend(
-        [
-            0x68, a[0], a[1], a[2], a[3], // push arg
-            0xE8, r[0], r[1], r[2], r[3], // call the helper routine
-        ]
-        .iter(),
-    );
+    ops.extend([0x68, a[0], a[1], a[2], a[3]].iter()); // push arg
+    branch_to(ops, base, 0xE8, helper_offset());
 }
 
 /// The exits of a block being built: its patchable jumps and polls.
@@ -521,8 +517,8 @@ impl HostBlock {
     ) -> Result<HostBlock, BuildError> {
         ensure_epilogue(buf)?;
         let base = buf.next_offset();
-        // One assembler per thread, reused (its vector and label maps keep
-        // their room: growing them was a fifth of translation time).
+        // One assembler per thread, reused (its vectors keep their room:
+        // growing them was a fifth of translation time).
         let mut ops = ASM.with(|a| a.take()).unwrap_or_else(Asm::new);
         ops.clear();
         let built = Self::build(
