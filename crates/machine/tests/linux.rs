@@ -142,3 +142,31 @@ fn a_fault_after_a_flags_helper_in_the_first_block_counts_exactly() {
     assert_eq!(nstatus, 1, "native");
     assert_eq!(exit, Exit::Exited(1));
 }
+
+/// A process's shadow sits at host address 0 when the host allows, and
+/// the host maps nothing below its lowest mappable address
+/// (`vm.mmap_min_addr`): a program that maps linear page 0 and works on
+/// it and on page 1 in a loop gets the same results under bt (whose
+/// accesses to page 0 always fault to the interpreter) as under the
+/// interpreter, and as natively where the host lets it map page 0.
+#[test]
+fn a_program_using_page_zero_runs_like_the_interpreter_says() {
+    // mmap2(0, 8 KiB, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED), then
+    // 1000 rounds adding the counter to [0x10] and 3 to [0x1010]; the
+    // exit status is their sum's low byte: (500500 + 3000) & 0xff = 204.
+    let exe = build(
+        "page0",
+        "mov $192, %eax\n xor %ebx, %ebx\n mov $0x2000, %ecx\n mov $3, %edx\n\
+         mov $0x32, %esi\n mov $-1, %edi\n xor %ebp, %ebp\n int $0x80\n\
+         mov $1000, %ecx\n\
+         again: addl %ecx, 0x10\n addl $3, 0x1010\n loop again\n\
+         mov 0x10, %ebx\n add 0x1010, %ebx\n and $0xff, %ebx\n\
+         mov $1, %eax\n int $0x80",
+    );
+    let ((_, nstatus), (_, exit)) = both(&exe);
+    assert_eq!(exit, Exit::Exited(204));
+    // (A host that refuses page 0 to the native run kills it.)
+    if nstatus != 128 + 11 {
+        assert_eq!(nstatus, 204, "native");
+    }
+}

@@ -228,15 +228,7 @@ impl GuestRam {
         }
         if let Some(w) = &self.window {
             // SAFETY: as above, inside the RAM part of the window.
-            unsafe {
-                map_fixed(
-                    w.base().add(at),
-                    PAGE_SIZE as usize,
-                    libc::PROT_READ,
-                    fd,
-                    off,
-                )?
-            };
+            unsafe { map_fixed(w.at(at), PAGE_SIZE as usize, libc::PROT_READ, fd, off)? };
         }
         self.protect_aliases(page, true)?;
         set_bit(&mut self.backing.shared, page, true);
@@ -405,7 +397,6 @@ impl GuestRam {
         let Some(w) = &self.window else {
             return Ok(());
         };
-        let base = w.base();
         let pages = self.size / PAGE_SIZE;
         let mut p = 0;
         while p < pages {
@@ -423,7 +414,7 @@ impl GuestRam {
                 // memory through it.
                 unsafe {
                     map_fixed(
-                        base.add((p * PAGE_SIZE) as usize),
+                        w.at((p * PAGE_SIZE) as usize),
                         (n * PAGE_SIZE) as usize,
                         libc::PROT_READ,
                         fd,
@@ -499,7 +490,7 @@ impl GuestRam {
         if let Some(w) = &self.window {
             // SAFETY: the page lies inside the RAM part of the window,
             // which `self.window` owns. Read-only until the caller decides.
-            let r = unsafe { map_fixed(w.base().add(at), len, libc::PROT_READ, fd, at as i64) };
+            let r = unsafe { map_fixed(w.at(at), len, libc::PROT_READ, fd, at as i64) };
             if r.is_err() {
                 // The window still shows the file's page, which is what the
                 // memfd holds now: stale only after the next write, so make

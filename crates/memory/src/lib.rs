@@ -17,7 +17,6 @@
 //! destroyed in one place each, with the invariants written beside them.
 
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::ptr::NonNull;
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -49,6 +48,8 @@ pub struct GuestRam {
     /// The shadow windows (linear addresses under guest paging), one per
     /// shadow address space, created on first use; see [`GuestRam::shadow`].
     shadows: Vec<Option<shadow::Shadow>>,
+    /// May a shadow sit at host address 0 ([`GuestRam::set_low_shadow`])?
+    low_shadow: bool,
     /// One bit per page: does a write to it need more than the store
     /// (it is watched, backed by a snapshot file, or logged clean)? The
     /// one bit the write path tests.
@@ -113,18 +114,85 @@ pub const GUARD: usize = 64 << 10;
 /// is `PROT_NONE`, so any access there faults in the host. The base is
 /// 4 GiB-aligned, so the low 32 bits of a host pointer into the window are
 /// the guest address (translated string instructions rely on it).
+///
+/// One shadow window may sit at host address 0 ([`GuestRam::set_low_shadow`]):
+/// translated code then runs with a GS base of 0, and on hosts whose loads
+/// take a cycle more with a non-zero segment base every guest load is that
+/// much faster. Such a window starts at the host's lowest mappable address
+/// (`vm.mmap_min_addr`, its [`Window::floor_page`]): guest pages below it are
+/// never mapped, so translated code's accesses there always fault and are
+/// done by the interpreter.
 pub struct Window {
-    base: NonNull<u8>,
+    /// Host address of guest address 0.
+    base: usize,
+    /// The first byte of the window (an offset from `base`) the host lets
+    /// this process map: 0, or `vm.mmap_min_addr` for a window at 0.
+    floor: usize,
+    /// The host reservation this value owns (guards included).
+    reserved: (usize, usize),
 }
 
-// SAFETY: the window is plain memory owned by this value; moving it to
-// another thread moves the ownership of the mapping.
-unsafe impl Send for Window {}
-
 impl Window {
-    /// Host address of guest address 0.
+    /// Host address of guest address 0 (null for a window at host
+    /// address 0).
     pub fn base(&self) -> *mut u8 {
-        self.base.as_ptr()
+        self.base as *mut u8
+    }
+
+    /// Host address of window offset `off` (only for the host's memory
+    /// calls: it may be null, or below the floor).
+    pub(crate) fn at(&self, off: usize) -> *mut u8 {
+        (self.base + off) as *mut u8
+    }
+
+    /// The first guest page this window can map (0 unless the window sits
+    /// at host address 0).
+    pub fn floor_page(&self) -> u32 {
+        (self.floor / PAGE_SIZE as usize) as u32
+    }
+
+    /// Pages `first..first + count` clipped to those at or above the
+    /// floor: (first, count), count possibly 0.
+    pub(crate) fn clip(&self, first: u32, count: u32) -> (u32, u32) {
+        let floor = self.floor_page();
+        let end = first.saturating_add(count);
+        let first = first.max(floor);
+        (first, end.saturating_sub(first))
+    }
+
+    /// Replace guest pages `first..first + count` of the window (those at
+    /// or above its floor, below 4 GiB + the guard) with fresh `PROT_NONE`
+    /// pages: whatever was mapped there is gone.
+    pub(crate) fn clear(&self, first: u32, count: u32) -> Result<(), RamError> {
+        let (first, count) = self.clip(first, count);
+        let end = (u64::from(first) + u64::from(count))
+            .min((WINDOW_SIZE / PAGE_SIZE as usize) as u64) as usize;
+        let first = first as usize;
+        if end <= first {
+            return Ok(());
+        }
+        let len = (end - first) * PAGE_SIZE as usize;
+        // SAFETY: the range lies inside this window's reservation (clipped
+        // to its floor and its end above), which this value owns; MAP_FIXED
+        // replaces exactly that range with inaccessible anonymous memory,
+        // so nothing else is affected.
+        let r = unsafe {
+            libc::mmap(
+                self.at(first * PAGE_SIZE as usize).cast(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(RamError(format!(
+                "cannot unmap {len} bytes of a guest window: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
     }
 
     /// Reserve a 4 GiB-aligned window of [`WINDOW_SIZE`] bytes with
@@ -169,19 +237,76 @@ impl Window {
             )));
         }
         Ok(Window {
-            base: NonNull::new(base as *mut u8).expect("mmap returned a non-null mapping"),
+            base,
+            floor: 0,
+            reserved: (keep_from, keep_to - keep_from),
         })
     }
+
+    /// Reserve a window at host address 0, from the lowest address the
+    /// host lets a process map to the end of the guard after 4 GiB; None
+    /// when any of that range is taken (or the kernel cannot be asked not
+    /// to replace what is there).
+    fn reserve_low() -> Option<Window> {
+        let floor = mmap_min_addr().next_multiple_of(PAGE_SIZE as usize);
+        if floor >= 1 << 31 {
+            return None;
+        }
+        let len = WINDOW_SIZE - floor;
+        // SAFETY: MAP_FIXED_NOREPLACE maps only if nothing is mapped in
+        // the range (else it fails), so no existing memory is touched; an
+        // anonymous PROT_NONE reservation aliases nothing.
+        let raw = unsafe {
+            libc::mmap(
+                floor as *mut libc::c_void,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return None;
+        }
+        if raw as usize != floor {
+            // A kernel before 4.17 takes the flag as a hint and maps
+            // elsewhere: give that back.
+            // SAFETY: the mapping just made, which nothing else uses.
+            unsafe { libc::munmap(raw, len) };
+            return None;
+        }
+        Some(Window {
+            base: 0,
+            floor,
+            reserved: (floor, len),
+        })
+    }
+}
+
+/// The host's lowest mappable address (`vm.mmap_min_addr`; 64 KiB, a
+/// common setting, if it cannot be read).
+fn mmap_min_addr() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(64 << 10)
+    })
 }
 
 impl Drop for Window {
     fn drop(&mut self) {
         // A failure here could only leave address space reserved; there is
         // no one to report it to in a destructor.
-        // SAFETY: [base - GUARD, base + WINDOW_SIZE) is what `reserve` kept
-        // of its mapping, not unmapped elsewhere.
+        // SAFETY: `reserved` is what `reserve` or `reserve_low` kept of its
+        // mapping, not unmapped elsewhere.
         unsafe {
-            libc::munmap(self.base.as_ptr().sub(GUARD).cast(), GUARD + WINDOW_SIZE);
+            libc::munmap(self.reserved.0 as *mut libc::c_void, self.reserved.1);
         }
     }
 }
@@ -267,6 +392,7 @@ impl GuestRam {
             writes: Vec::new(),
             watched_count: 0,
             shadows: Vec::new(),
+            low_shadow: false,
             deltas_zero: None,
             deltas_identity: None,
             attention: vec![0; pages.div_ceil(64)],
@@ -640,7 +766,7 @@ impl GuestRam {
         // only accesses through the window (translated code).
         let r = unsafe {
             libc::mprotect(
-                w.base().add((page * PAGE_SIZE) as usize).cast(),
+                w.at((page * PAGE_SIZE) as usize).cast(),
                 PAGE_SIZE as usize,
                 prot,
             )

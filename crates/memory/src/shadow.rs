@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 
-use crate::{GuestRam, RamError, Window, PAGE_SIZE, WINDOW_SIZE};
+use crate::{GuestRam, RamError, Window, PAGE_SIZE};
 
 /// One shadow window and what is mapped in it.
 pub(crate) struct Shadow {
@@ -96,7 +96,7 @@ impl Shadow {
         // protection affects only translated code's accesses.
         let r = unsafe {
             libc::mprotect(
-                self.window.base().add((lin * PAGE_SIZE) as usize).cast(),
+                self.window.at((lin * PAGE_SIZE) as usize).cast(),
                 PAGE_SIZE as usize,
                 access.prot(),
             )
@@ -123,14 +123,35 @@ impl GuestRam {
             self.shadows.resize_with(space + 1, || None);
         }
         if self.shadows[space].is_none() {
+            // The window at host address 0, if asked for and no other
+            // shadow holds it.
+            let low = self.low_shadow
+                && !self
+                    .shadows
+                    .iter()
+                    .flatten()
+                    .any(|s| s.window.base().is_null());
+            let window = match low.then(Window::reserve_low).flatten() {
+                Some(w) => w,
+                None => Window::reserve()?,
+            };
             self.shadows[space] = Some(Shadow {
-                window: Window::reserve()?,
+                window,
                 aliases: HashMap::new(),
                 shadow_of: HashMap::new(),
                 deltas: None,
             });
         }
         Ok(&self.shadows[space].as_ref().expect("created above").window)
+    }
+
+    /// Let the next shadow window made sit at host address 0 if the host
+    /// has that range free and no other shadow holds it (see [`Window`]):
+    /// for a guest whose one address space runs nearly all the time (a
+    /// Linux process). Guest pages below the host's lowest mappable
+    /// address are then never mapped in that shadow.
+    pub fn set_low_shadow(&mut self, on: bool) {
+        self.low_shadow = on;
     }
 
     /// The physical page linear page `lin` maps in shadow `space`, and
@@ -257,6 +278,16 @@ impl GuestRam {
         {
             return false;
         }
+        // (Pages below the window's floor are never mapped: translated
+        // code's accesses there always fault.)
+        let Some(Some(s)) = self.shadows.get(space) else {
+            return false;
+        };
+        let (first, count) = s.window.clip(lin, count);
+        if count == 0 {
+            return false;
+        }
+        let (lin, phys) = (first, phys + (first - lin));
         // Where each page comes from (the memfd, or the snapshot file that
         // still backs it) and whether translated code may write it: one
         // host call per stretch that agrees on both.
@@ -273,11 +304,7 @@ impl GuestRam {
         let Some(Some(s)) = self.shadows.get_mut(space) else {
             return false;
         };
-        let at = |l: u32| {
-            // SAFETY: pointer arithmetic inside the shadow reservation
-            // (linear pages are below 2^20, checked above).
-            unsafe { s.window.base().add((l * PAGE_SIZE) as usize) }
-        };
+        let at = |l: u32| s.window.at((l * PAGE_SIZE) as usize);
         let mut i = 0;
         while i < count {
             let (fd, off, w) = plan[i as usize];
@@ -304,7 +331,7 @@ impl GuestRam {
             };
             if r == libc::MAP_FAILED {
                 // Take back what was mapped of the run.
-                let _ = unreserve(at(lin), (count * PAGE_SIZE) as usize);
+                let _ = s.window.clear(lin, count);
                 for l in lin..lin + count {
                     s.forget(l);
                 }
@@ -351,7 +378,7 @@ impl GuestRam {
                 s.aliases.clear();
                 s.shadow_of.clear();
                 s.deltas = None;
-                unreserve(s.window.base(), WINDOW_SIZE)
+                s.window.clear(0, 1 << 20)
             }
             _ => Ok(()),
         }
@@ -365,13 +392,15 @@ impl GuestRam {
         let Some(Some(s)) = self.shadows.get_mut(space) else {
             return Ok(());
         };
+        // (Pages below the window's floor are never mapped.)
+        let (first, count) = s.window.clip(first, count);
+        if count == 0 {
+            return Ok(());
+        }
         for lin in first..first.saturating_add(count) {
             s.forget(lin);
         }
-        // SAFETY: the range lies inside the shadow reservation the shadow
-        // owns (linear pages are below 2^20).
-        let at = unsafe { s.window.base().add((first * PAGE_SIZE) as usize) };
-        unreserve(at, (count * PAGE_SIZE) as usize)
+        s.window.clear(first, count)
     }
 
     /// Write a page-table entry that only grants more than before (a
@@ -404,11 +433,7 @@ impl GuestRam {
             };
             for lin in list.clone() {
                 if writable {
-                    // SAFETY: the page lies inside the shadow reservation,
-                    // which `s.window` owns; replacing it with a PROT_NONE
-                    // page affects only translated code's accesses.
-                    let at = unsafe { s.window.base().add((lin * PAGE_SIZE) as usize) };
-                    unreserve(at, PAGE_SIZE as usize)?;
+                    s.window.clear(lin, 1)?;
                 } else if s.shadow_of.get(&lin).is_some_and(|e| e.1 == Access::Write) {
                     // (A revoked page stays revoked: its next access must
                     // fault, to set the accessed bit.)
@@ -427,37 +452,14 @@ impl GuestRam {
     }
 }
 
-/// Replace `[at, at+len)` of a window with fresh `PROT_NONE` pages.
-fn unreserve(at: *mut u8, len: usize) -> Result<(), RamError> {
-    // SAFETY: callers pass a range inside a window reservation they own;
-    // MAP_FIXED replaces exactly that range with inaccessible anonymous
-    // memory, so nothing else is affected.
-    let r = unsafe {
-        libc::mmap(
-            at.cast(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if r == libc::MAP_FAILED {
-        return Err(RamError(format!(
-            "cannot unmap {len} bytes of a shadow window: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use crate::GuestRam;
 
     fn read(base: *mut u8, at: u32) -> u32 {
+        let p = (base as usize + at as usize) as *const u32;
         // SAFETY: callers read pages the test mapped into the shadow.
-        unsafe { std::ptr::read_unaligned(base.add(at as usize).cast::<u32>()) }
+        unsafe { std::ptr::read_unaligned(p) }
     }
 
     #[test]
@@ -541,5 +543,44 @@ pub(crate) mod tests {
         assert_eq!(ram.shadow_entry(0, 0x80001), None);
         assert!(!ram.shadow_reprotect(0, 0x80001, true));
         ram.shadow_reset(0).unwrap();
+    }
+
+    /// A shadow asked to sit at host address 0 does (the test process has
+    /// nothing mapped in its low 4 GiB), one at a time: linear address `a`
+    /// is host address `a`, pages below the host's lowest mappable address
+    /// are never mapped, and the range is free again once the window goes.
+    #[test]
+    fn one_shadow_sits_at_host_address_zero() {
+        use crate::Access;
+        let mut ram = GuestRam::new(0x10000).unwrap();
+        ram.set_low_shadow(true);
+        assert!(ram.shadow(0).unwrap().base().is_null());
+        assert!(!ram.shadow(1).unwrap().base().is_null(), "only one");
+        let floor = ram.shadow(0).unwrap().floor_page();
+        let min: usize = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(floor as usize, min.div_ceil(4096));
+        // A run across the floor maps the pages from the floor on.
+        assert!(ram.shadow_map_run(0, floor.saturating_sub(1), 2, 2, true));
+        if floor > 0 {
+            assert_eq!(ram.shadow_entry(0, floor - 1), None);
+            assert!(!ram.shadow_map(0, floor - 1, 2, true), "below the floor");
+        }
+        let phys = if floor > 0 { 3 } else { 2 };
+        assert_eq!(ram.shadow_entry(0, floor), Some((phys, Access::Write)));
+        ram.write(phys * 4096 + 8, 4, 0x1234_5678);
+        assert_eq!(read(std::ptr::null_mut(), floor * 4096 + 8), 0x1234_5678);
+        assert_eq!(host_prot(floor as usize * 4096), "rw-s");
+        // Unmapping a range from 0 leaves below the floor alone.
+        ram.shadow_unmap(0, 0, floor + 1).unwrap();
+        assert_eq!(ram.shadow_entry(0, floor), None);
+        assert_eq!(host_prot(floor as usize * 4096), "---p");
+        drop(ram);
+        let mut ram = GuestRam::new(0x10000).unwrap();
+        ram.set_low_shadow(true);
+        assert!(ram.shadow(0).unwrap().base().is_null(), "free again");
     }
 }

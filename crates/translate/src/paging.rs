@@ -846,7 +846,9 @@ impl Bt {
         let Some(lin) = host_addr.checked_sub(w.base() as u64) else {
             return;
         };
-        if lin >= 1 << 32 {
+        // (Below the floor of a window at host address 0 nothing is
+        // mapped: the interpreter does every access there.)
+        if lin >= 1 << 32 || lin >> 12 < u64::from(w.floor_page()) {
             return;
         }
         let lin = lin as u32;

@@ -270,8 +270,11 @@ pub fn load(image: &[u8], start: Start, memory: u64) -> Result<(Vcpu, LinuxProce
     } else {
         0
     };
-    let ram =
+    let mut ram =
         GuestRam::new(memory.max(MIN_MEMORY)).map_err(|e| LoadError::Memory(e.to_string()))?;
+    // A process has one address space, so its shadow can be the window at
+    // host address 0: translated code's loads then carry no segment base.
+    ram.set_low_shadow(true);
     let mut cpu = Vcpu::new(ram);
     let mut mm = AddressSpace::new(&mut cpu);
     let nomem = |_| LoadError::Memory("guest RAM exhausted while loading (try --memory)".into());

@@ -9,14 +9,22 @@
 
 use crate::abi::HOST_FLAGS;
 
+/// What [`GS_BASE`] holds before [`set_gs_base`] is first called on a
+/// thread: no window's base (a new thread's GS base is its creator's, which
+/// may be any window, even the one at host address 0).
+const UNSET: usize = usize::MAX;
+
 thread_local! {
     /// What this thread's GS base was last set to.
-    static GS_BASE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static GS_BASE: std::cell::Cell<usize> = const { std::cell::Cell::new(UNSET) };
 }
 
 /// The GS base [`set_gs_base`] last set on this thread (0 if none).
 pub fn gs_base() -> u64 {
-    GS_BASE.with(|g| g.get()) as u64
+    match GS_BASE.with(|g| g.get()) {
+        UNSET => 0,
+        b => b as u64,
+    }
 }
 
 /// Does the kernel let user code write the GS base itself (WRGSBASE,
