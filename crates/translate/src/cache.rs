@@ -74,6 +74,45 @@ pub(crate) fn key_user(k: Key) -> bool {
     k >> 63 != 0
 }
 
+/// The code-buffer offset of each translation's code, to find the block
+/// a faulting host instruction belongs to. The buffer is filled from the
+/// start and emptied only whole ([`Bt::flush`]), so offsets come in
+/// increasing order: a vector searched by halves (cheaper to add to than a
+/// tree, which cost a few percent of each translation). A dropped
+/// translation leaves its offset with no key.
+#[derive(Default)]
+pub(crate) struct Offsets(Vec<(usize, Key)>);
+
+/// No translation (no key has bits 52-62 set).
+const GONE: Key = u64::MAX;
+
+impl Offsets {
+    /// The translation whose code starts at `off`, after every other.
+    pub(crate) fn push(&mut self, off: usize, key: Key) {
+        debug_assert!(self.0.last().is_none_or(|&(o, _)| o < off));
+        self.0.push((off, key));
+    }
+
+    /// The translation at `off` is gone.
+    pub(crate) fn remove(&mut self, off: usize) {
+        if let Ok(i) = self.0.binary_search_by_key(&off, |e| e.0) {
+            self.0[i].1 = GONE;
+        }
+    }
+
+    /// The translation whose code holds offset `off` (the last one to
+    /// start at or before it), if it is still cached.
+    pub(crate) fn holding(&self, off: usize) -> Option<Key> {
+        let i = self.0.partition_point(|e| e.0 <= off);
+        let key = self.0.get(i.checked_sub(1)?)?.1;
+        (key != GONE).then_some(key)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// The translation cache: least-recently-used order when bounded
 /// (`--cache-blocks N`), else a plain hash map (the default: no order to
 /// keep up on every lookup and no list node per entry, which cost a tenth
@@ -280,18 +319,16 @@ impl Bt {
         let t = std::time::Instant::now();
         let e = self.translate(cpu, key);
         self.stats.translate_ns += t.elapsed().as_nanos() as u64;
+        let pages = e.bytes().map(|b| b.0);
         if let Some((old_key, old)) = self.cache.push(key, e) {
             if old_key != key {
                 self.stats.evictions += 1;
             }
             self.unlink(old_key, old);
         }
-        if let Some(t) = self.cache.peek(&key) {
-            let pages = t.bytes().map(|b| b.0);
-            for (i, &p) in pages.iter().enumerate() {
-                if p != u32::MAX && !pages[..i].contains(&p) {
-                    self.by_page.entry(p).or_default().push(key);
-                }
+        for (i, &p) in pages.iter().enumerate() {
+            if p != u32::MAX && !pages[..i].contains(&p) {
+                self.by_page.entry(p).or_default().push(key);
             }
         }
         self.link(key);

@@ -55,7 +55,13 @@ impl Links {
     pub(crate) fn push(&mut self, l: Link) {
         *self = match std::mem::take(self) {
             Links::None => Links::One(l),
-            Links::One(a) => Links::Many(vec![a, l]),
+            Links::One(a) => {
+                // (Room for a few more: a place two blocks jump to often
+                // has more, and growing by one each time reallocates.)
+                let mut v = Vec::with_capacity(8);
+                v.extend([a, l]);
+                Links::Many(v)
+            }
             Links::Many(mut v) => {
                 v.push(l);
                 Links::Many(v)
@@ -325,7 +331,7 @@ impl Bt {
             return;
         };
         self.forget_lookup(key, &code);
-        self.by_offset.remove(&code.offset());
+        self.by_offset.remove(code.offset());
         for &l in incoming.as_slice() {
             if l.from != key && self.cache.contains(&l.from) {
                 self.unchain(key, l);

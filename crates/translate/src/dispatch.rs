@@ -14,7 +14,6 @@
 //! handle, a block-ending special instruction) the interpreter executes
 //! here, one instruction per step.
 
-use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 
 use popek_interp::Step;
@@ -74,7 +73,7 @@ pub struct Bt {
     /// user) has entries for since it was last emptied.
     pub(crate) lookup_regions: [crate::paging::Regions; 2],
     /// Code-buffer offset of each block's code, to find a faulting block.
-    pub(crate) by_offset: BTreeMap<usize, Key>,
+    pub(crate) by_offset: crate::cache::Offsets,
     /// Counters.
     pub stats: Stats,
     /// Interpreter fallbacks by mnemonic, and special-instruction helper
@@ -218,7 +217,7 @@ impl Bt {
             flood: FastMap::default(),
             table_epoch: FastMap::default(),
             lookup_regions: [crate::paging::Regions::NONE; 2],
-            by_offset: BTreeMap::new(),
+            by_offset: Default::default(),
             stats: Stats::default(),
             by_kind: KindCounts::default(),
             dump: None,
@@ -611,11 +610,7 @@ impl Bt {
                 .is_some_and(|p| p.holds(ctx.fault_addr));
         let fault = (ctx.fault_rip != 0).then(|| {
             let off = ctx.fault_rip - buf.exec_addr(0) as u64;
-            let block = self
-                .by_offset
-                .range(..=off as usize)
-                .next_back()
-                .map(|(_, e)| *e);
+            let block = self.by_offset.holding(off as usize);
             match block.and_then(|b| self.cache.peek(&b)) {
                 // The run loop revoked the poll page: the guest goes on
                 // where the exit was going.

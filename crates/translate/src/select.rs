@@ -111,14 +111,8 @@ impl Bt {
             let mark = arena.len();
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`).
-            // (Every x87 instruction has an escape opcode, D8-DF, or is
-            // FWAIT, 9B: an instruction without such a byte is not one.)
             if !cpu.fpu.used {
-                cpu.fpu.used = i
-                    .bytes
-                    .iter()
-                    .any(|&b| (0xD8..=0xDF).contains(&b) || b == 0x9B)
-                    && popek_interp::x87::is_x87(&i.ins);
+                cpu.fpu.used = popek_interp::x87::is_x87(&i.ins);
             }
             // A store that keeps writing watched pages is a helper call
             // (see `Bt::hot_stores`), unless it transfers control.
@@ -437,7 +431,7 @@ impl Bt {
         };
         self.stats.insns_translated += n as u64;
         self.stats.host_bytes += code.len() as u64;
-        self.by_offset.insert(code.offset(), key);
+        self.by_offset.push(code.offset(), key);
         if self.dump.is_some() {
             self.dump_block(&block, &how, &code, exit.as_ref());
         }
