@@ -318,3 +318,56 @@ fn fs_and_gs_bases_are_honoured_and_followed_when_they_change() {
     assert_eq!(String::from_utf8_lossy(&out), "ABBCCDDZ");
     assert_eq!(e, Exit::DebugExit(1));
 }
+
+/// Code translated under guest paging, paging turned off again, then that
+/// code rewritten: the physical window translated code uses with paging
+/// off (dropped while paging was on, made again now) must keep the code's
+/// page read-only, so the write is noticed and the new bytes run.
+#[test]
+fn code_rewritten_after_paging_goes_off_again_runs_anew() {
+    // f (mov eax, 1; ret) right after a short jump over it: its immediate
+    // is at CODE + 3.
+    let img = image(|a| {
+        let mut f = a.create_label();
+        let mut l = a.create_label();
+        let mut start = a.create_label();
+        a.jmp(start).unwrap();
+        a.set_label(&mut f).unwrap();
+        a.mov(eax, 1u32).unwrap();
+        a.ret().unwrap();
+        a.set_label(&mut start).unwrap();
+        // One 4 MiB identity page (PSE) from a directory at 0x200000.
+        a.mov(dword_ptr(0x20_0000), 0x83u32).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x10).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, 0x20_0000u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32 as i32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        // Translated (and its page watched) with paging on.
+        a.mov(ecx, 100u32).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.call(f).unwrap();
+        a.loop_(l).unwrap();
+        // Paging off; f's immediate becomes 2; f again.
+        a.mov(ebx, cr0).unwrap();
+        a.and(ebx, 0x7FFF_FFFF).unwrap();
+        a.mov(cr0, ebx).unwrap();
+        a.call(f).unwrap();
+        a.mov(ebx, eax).unwrap();
+        a.mov(byte_ptr(CODE + 3), 2u32).unwrap();
+        a.call(f).unwrap();
+        a.lea(eax, eax + ebx * 4 + 0x40).unwrap();
+        a.mov(dx, 0x3F8u32).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(al, 0u32).unwrap();
+        a.out(0xF4, al).unwrap();
+    });
+    let (e, out) = run(&img);
+    // 2 + 1 * 4 + 0x40: the first call after paging went off still ran the
+    // old bytes (1), the one after the write the new ones (2).
+    assert_eq!(out, b"F");
+    assert_eq!(e, Exit::DebugExit(1));
+}

@@ -391,8 +391,8 @@ impl GuestRam {
         self.backing.copied
     }
 
-    /// Map the pages backed by files, and make the pages the dirty log
-    /// holds read-only, in a window just created (which maps the memfd).
+    /// Map the pages backed by files, and make every page whose writes need
+    /// attention read-only, in a window just created (which maps the memfd).
     pub(crate) fn apply_backing_to_window(&mut self) -> Result<(), RamError> {
         let Some(w) = &self.window else {
             return Ok(());
@@ -426,12 +426,36 @@ impl GuestRam {
                 p += 1;
             }
         }
-        if self.backing.logging {
-            for p in 0..pages {
-                if bit(&self.backing.clean, p) && !bit(&self.backing.shared, p) {
-                    self.protect(p, false)?;
-                }
+        // Every page whose writes need attention (watched, backed by a
+        // file, logged clean) is read-only in the window, as `protect`
+        // keeps it: one host call per run of such pages.
+        let mut p = 0;
+        while p < pages {
+            if self.writable(p) {
+                p += 1;
+                continue;
             }
+            let mut n = 1;
+            while p + n < pages && !self.writable(p + n) {
+                n += 1;
+            }
+            // SAFETY: the pages lie inside the RAM part of the window,
+            // which `self.window` owns; read-only affects only translated
+            // code's stores.
+            let r = unsafe {
+                libc::mprotect(
+                    w.at((p * PAGE_SIZE) as usize).cast(),
+                    (n * PAGE_SIZE) as usize,
+                    libc::PROT_READ,
+                )
+            };
+            if r != 0 {
+                return Err(RamError(format!(
+                    "cannot write-protect guest pages in a new window: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            p += n;
         }
         Ok(())
     }

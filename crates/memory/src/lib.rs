@@ -415,6 +415,15 @@ impl GuestRam {
         Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
     }
 
+    /// Drop the guest window (its address space and the host's work of
+    /// keeping each page's protection in it), for a caller that will not
+    /// use it for a while: translated code under guest paging runs on the
+    /// shadows. The next [`GuestRam::window`] makes it again, with every
+    /// page's protection. Whether there was one.
+    pub fn release_window(&mut self) -> bool {
+        self.window.take().is_some()
+    }
+
     /// The guest window, created on first use.
     pub fn window(&mut self) -> Result<&Window, RamError> {
         if self.window.is_none() {

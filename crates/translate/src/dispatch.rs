@@ -72,6 +72,9 @@ pub struct Bt {
     /// The 4 MiB regions of the code each indirect-branch table (index:
     /// user) has entries for since it was last emptied.
     pub(crate) lookup_regions: [crate::paging::Regions; 2],
+    /// Has the physical window been released since guest paging went on
+    /// (see `enter`)?
+    window_released: bool,
     /// Code-buffer offset of each block's code, to find a faulting block.
     pub(crate) by_offset: crate::cache::Offsets,
     /// Counters.
@@ -218,6 +221,7 @@ impl Bt {
             table_epoch: FastMap::default(),
             lookup_regions: [crate::paging::Regions::NONE; 2],
             by_offset: Default::default(),
+            window_released: false,
             stats: Stats::default(),
             by_kind: KindCounts::default(),
             dump: None,
@@ -331,7 +335,16 @@ impl Bt {
             }
         }
         let w = match self.space {
-            Some(i) => ram.shadow(i),
+            Some(i) => {
+                // Under guest paging translated code runs on the shadows:
+                // the physical window goes, and with it a host call per
+                // page watched or unwatched. Once: a guest that turns
+                // paging off again keeps the window it makes then.
+                if !self.window_released && ram.release_window() {
+                    self.window_released = true;
+                }
+                ram.shadow(i)
+            }
             None => ram.window(),
         };
         match w {
