@@ -451,29 +451,39 @@ pub fn scan_block_into(
         if off >= fetched {
             break BlockEnd::FetchFault(eip);
         }
-        let ins = decoder.decode();
-        if ins.is_invalid() {
+        // (Decoded in place, in the vector's next slot: an instruction is
+        // not copied on its way there.)
+        insns.push(Insn {
+            ins: Instruction::default(),
+            bytes: InsnBytes {
+                buf: [0; MAX_INSN_LEN],
+                len: 0,
+            },
+            class: Class::Innocuous,
+            special: None,
+        });
+        let slot = insns.last_mut().expect("pushed above");
+        decoder.decode_out(&mut slot.ins);
+        let ins = &slot.ins;
+        if ins.is_invalid() || ins.code() == Code::Ud2 {
             // Running out of fetched bytes (a fetch fault ahead, not the
             // end of the window) is a fetch fault, not #UD.
-            let short = decoder.last_error() == DecoderError::NoMoreBytes && fetched < want;
+            let short = ins.is_invalid()
+                && decoder.last_error() == DecoderError::NoMoreBytes
+                && fetched < want;
+            insns.pop();
             break if short {
                 BlockEnd::FetchFault(eip)
             } else {
                 BlockEnd::Undecodable(eip)
             };
         }
-        if ins.code() == Code::Ud2 {
-            break BlockEnd::Undecodable(eip);
-        }
         let len = ins.len();
-        let sp = special(&ins);
-        let class = class_of(&ins, sp);
-        insns.push(Insn {
-            ins,
-            bytes: InsnBytes::within(&space, off, len),
-            class,
-            special: sp,
-        });
+        let sp = special(ins);
+        let class = class_of(ins, sp);
+        slot.bytes = InsnBytes::within(&space, off, len);
+        slot.class = class;
+        slot.special = sp;
         off += len;
         if class == Class::ControlFlow {
             break BlockEnd::ControlFlow;
