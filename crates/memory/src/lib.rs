@@ -248,7 +248,11 @@ impl Window {
     /// when any of that range is taken (or the kernel cannot be asked not
     /// to replace what is there).
     fn reserve_low() -> Option<Window> {
-        let floor = mmap_min_addr().next_multiple_of(PAGE_SIZE as usize);
+        // (Never host page 0, even where the host would map it: a null
+        // pointer in popek must not reach guest memory.)
+        let floor = mmap_min_addr()
+            .max(PAGE_SIZE as usize)
+            .next_multiple_of(PAGE_SIZE as usize);
         if floor >= 1 << 31 {
             return None;
         }
