@@ -1022,11 +1022,15 @@ with a base register instead of GS, `mov eax, [r12+rax+8]`,
 {lat_base:.3f} ({lat_base / lat_native:.2f}x); through GS with a base of
 0, the same instruction as translated code's, {lat_zero_text}. On this
 host an address with a non-zero segment base or an index register takes
-a cycle more, so a guest whose time is a chain of loads (a tree, a linked
-list: CoreMark's list processing) runs up to that much slower under bt; a
-base register would not help, a window at host address 0 (GS base 0, as
-qemu-user with a guest base of 0) would, with no change to the translated
-code.
+a cycle more, which a guest whose time is a chain of loads (a tree, a
+linked list: CoreMark's list processing) would pay on every load; a base
+register would not help. So a Linux process's shadow window sits at host
+address 0 when the host has that range free (GS base 0, as qemu-user with
+a guest base of 0; docs/architecture.md), with no change to the
+translated code: the Linux rows above run that way (the tree kernel went
+from 1.17x to 1.07x native when it came, in the 16th session). Bare-metal
+guests keep their windows elsewhere (their poll page is addressed below
+2 GiB).
 
 CoreMark itself is not in Debian's packages and cannot be vendored here
 (everything in the repository is written here), so the kernels program
@@ -1461,6 +1465,24 @@ system call), so it is higher than the warm figure.
   boot 0.15-0.25 s slower (the counter in every first-tier block);
   fetching a block's bytes straight from RAM at the key's physical page:
   no difference in the boot.
+- What made translation cheaper in the 16th session (warm superblocks,
+  `translate_loop`, selfcheck 2.04 -> 1.78 us, compute 1.55 -> 1.49 us;
+  Linux boot + script `--stats` 2.24 -> about 2.0 us): the physical
+  window is dropped while guest paging is on (each code page newly
+  watched cost about 9 us of host calls there, a tenth of the boot's
+  translation time); the x87 test is one table lookup per instruction
+  code instead of a byte scan; each instruction is decoded in place; the
+  code-offset index is a sorted vector (offsets only grow) instead of a
+  tree; links to one place grow in eights. Where the rest goes (warm,
+  `perf record` of translate_loop): scanning about 30% (iced-x86's decode
+  half of it), lowering 15%, assembling 16%, chaining 7%, allocation 5%,
+  the `--stats` clock 3%. In a run each translation also meets cold
+  caches (the guest ran in between): about 1.5x the warm figure.
+- Tried in the 16th session and taken out: translating a new block's
+  direct successors on its page at once (while the translator is warm):
+  1.77 us per translation in the boot instead of 2.0, but 12 K more
+  translations and more time translating in all (the per-block figure
+  would fall only by counting blocks never run).
 - Wall time includes starting the process and booting the guest.
 - Issue 5's target: compute-bound Linux programs within 1.5x of native
   under bt (the bold column of the Linux table; the string row runs other
