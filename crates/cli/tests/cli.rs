@@ -689,3 +689,35 @@ fn img_creates_overlays_and_flattens_them() {
         one_line_error(&out)
     );
 }
+
+/// A process that maps page 0 and keeps using it: its shadow cannot stay
+/// at host address 0 (the host never maps page 0 there), so it moves to a
+/// window anywhere at the first such use, and its accesses there stop
+/// faulting in the host; the results are the program's own arithmetic.
+#[test]
+fn a_process_using_page_zero_moves_its_shadow_once() {
+    // (The pointer goes through a volatile variable: a compiler may treat
+    // a use of one it knows to be null as unreachable.)
+    let src = r#"#include <sys/mman.h>
+static int *volatile where;
+int main(void) {
+    void *m = mmap(0, 8192, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    if (m == MAP_FAILED) return 1;
+    where = m;
+    volatile int *p = where;
+    for (int i = 1000; i > 0; i--) { p[4] += i; p[1028] += 3; }
+    return (p[4] + p[1028]) & 0xff; /* (500500 + 3000) & 0xff */
+}
+"#;
+    let exe = c_program("page0", src, &["-static"]);
+    let out = popek(&["run", "--stats-json", exe.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(204));
+    let line = stats_json_line(&out);
+    let get = |k: &str| stats_json_value(&line, k);
+    // (Moved once where the shadow sat at host address 0, else never.)
+    assert!(get("shadow_moves") <= 1, "{line}");
+    // 2,000 stores and loads to page 0: a host fault for each of them
+    // (the interpreter doing it) if the shadow stayed at 0.
+    assert!(get("faults_in_translated_code") < 50, "{line}");
+}

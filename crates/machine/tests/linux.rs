@@ -143,12 +143,12 @@ fn a_fault_after_a_flags_helper_in_the_first_block_counts_exactly() {
     assert_eq!(exit, Exit::Exited(1));
 }
 
-/// A process's shadow sits at host address 0 when the host allows, and
-/// the host maps nothing below its lowest mappable address
-/// (`vm.mmap_min_addr`): a program that maps linear page 0 and works on
-/// it and on page 1 in a loop gets the same results under bt (whose
-/// accesses to page 0 always fault to the interpreter) as under the
-/// interpreter, and as natively where the host lets it map page 0.
+/// A process's shadow sits at host address 0 when the host allows, where
+/// page 0 can never be mapped: a program that maps linear page 0 and
+/// works on it and on page 1 in a loop (its shadow moves to a window
+/// anywhere at the first use of page 0 under bt) gets the same results
+/// under bt as under the interpreter, and as natively where the host lets
+/// it map page 0.
 #[test]
 fn a_program_using_page_zero_runs_like_the_interpreter_says() {
     // mmap2(0, 8 KiB, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED), then

@@ -154,6 +154,29 @@ impl GuestRam {
         self.low_shadow = on;
     }
 
+    /// Move shadow `space` from host address 0 to a window anywhere,
+    /// emptied (every page is mapped anew on its next use), and give the
+    /// low window to no shadow of this RAM again: for a guest that maps
+    /// and uses pages below that window's floor. False if the shadow was
+    /// not at host address 0 or no other window could be reserved.
+    pub fn shadow_leave_low(&mut self, space: usize) -> bool {
+        self.low_shadow = false;
+        let Some(Some(s)) = self.shadows.get_mut(space) else {
+            return false;
+        };
+        if !s.window.base().is_null() {
+            return false;
+        }
+        let Ok(window) = Window::reserve() else {
+            return false;
+        };
+        s.window = window;
+        s.aliases.clear();
+        s.shadow_of.clear();
+        s.deltas = None;
+        true
+    }
+
     /// The physical page linear page `lin` maps in shadow `space`, and
     /// what translated code may do there, if it is mapped.
     pub fn shadow_entry(&self, space: usize, lin: u32) -> Option<(u32, Access)> {
@@ -577,6 +600,16 @@ pub(crate) mod tests {
         ram.shadow_unmap(0, 0, floor + 1).unwrap();
         assert_eq!(ram.shadow_entry(0, floor), None);
         assert_eq!(host_prot(floor as usize * 4096), "---p");
+        // Moved to a window anywhere: page 0 maps, and no shadow of this
+        // RAM takes the low window again.
+        assert!(ram.shadow_map(0, floor, 2, true));
+        assert!(ram.shadow_leave_low(0));
+        assert!(!ram.shadow(0).unwrap().base().is_null());
+        assert_eq!(ram.shadow_entry(0, floor), None, "emptied");
+        assert_eq!(ram.shadow(0).unwrap().floor_page(), 0);
+        assert!(ram.shadow_map(0, 0, 2, true));
+        assert!(!ram.shadow_leave_low(0), "not at 0 any more");
+        assert!(!ram.shadow(2).unwrap().base().is_null());
         drop(ram);
         let mut ram = GuestRam::new(0x10000).unwrap();
         ram.set_low_shadow(true);

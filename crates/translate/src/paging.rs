@@ -846,11 +846,12 @@ impl Bt {
         let Some(lin) = host_addr.checked_sub(w.base() as u64) else {
             return;
         };
-        // (Below the floor of a window at host address 0 nothing is
-        // mapped: the interpreter does every access there.)
-        if lin >= 1 << 32 || lin >> 12 < u64::from(w.floor_page()) {
+        if lin >= 1 << 32 {
             return;
         }
+        // (Below the floor of a window at host address 0 nothing can be
+        // mapped: see below.)
+        let below_floor = lin >> 12 < u64::from(w.floor_page());
         let lin = lin as u32;
         if let Some((phys, access)) = cpu.ram.shadow_entry(space, lin >> 12) {
             if access != popek_memory::Access::Revoked && cpu.ram.is_watched(phys) {
@@ -873,6 +874,17 @@ impl Bt {
         let Some(mut run) = cpu.probe_run(lin, user) else {
             return;
         };
+        if below_floor {
+            // The guest maps and uses a page the window at host address 0
+            // cannot hold (below the host's lowest mappable address): the
+            // shadow moves to a window anywhere, emptied, and maps this run
+            // there; the process's pages are mapped anew as they are used.
+            // Else every access there would go through a host fault.
+            if !cpu.ram.shadow_leave_low(space) {
+                return;
+            }
+            self.stats.shadow_moves += 1;
+        }
         if run.phys_first + run.count > cpu.ram.size() / 4096 {
             // (A large page reaching beyond RAM: just the page touched.)
             let page = lin >> 12;

@@ -82,6 +82,9 @@ pub struct Stats {
     pub table_writes: u64,
     /// Shadow pages unmapped because a page table they came from changed.
     pub shadow_unmaps: u64,
+    /// Shadows moved from host address 0 because the guest used a page
+    /// below that window's floor (see `GuestRam::shadow_leave_low`).
+    pub shadow_moves: u64,
     /// Page tables no longer shadowed because the guest kept writing them
     /// while nothing was derived from them anew (a write flood: a table
     /// freed and reused as data, or rewritten wholesale).
@@ -294,6 +297,11 @@ impl Stats {
                 "shadow_pages_unmapped",
                 "shadow pages unmapped",
                 self.shadow_unmaps,
+            ),
+            c(
+                "shadow_moves",
+                "shadows moved from host address 0",
+                self.shadow_moves,
             ),
             c(
                 "tables_unshadowed",
