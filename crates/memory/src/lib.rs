@@ -119,9 +119,10 @@ pub const GUARD: usize = 64 << 10;
 /// translated code then runs with a GS base of 0, and on hosts whose loads
 /// take a cycle more with a non-zero segment base every guest load is that
 /// much faster. Such a window starts at the host's lowest mappable address
-/// (`vm.mmap_min_addr`, its [`Window::floor_page`]): guest pages below it are
-/// never mapped, so translated code's accesses there always fault and are
-/// done by the interpreter.
+/// (`vm.mmap_min_addr`, and never below page 1: its [`Window::floor_page`]);
+/// guest pages below it cannot be mapped there, and a guest that uses one
+/// has its shadow moved to a window anywhere
+/// ([`GuestRam::shadow_leave_low`]).
 pub struct Window {
     /// Host address of guest address 0.
     base: usize,

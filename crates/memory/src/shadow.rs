@@ -149,7 +149,8 @@ impl GuestRam {
     /// has that range free and no other shadow holds it (see [`Window`]):
     /// for a guest whose one address space runs nearly all the time (a
     /// Linux process). Guest pages below the host's lowest mappable
-    /// address are then never mapped in that shadow.
+    /// address are then never mapped in that shadow (a guest that uses
+    /// one is moved: [`GuestRam::shadow_leave_low`]).
     pub fn set_low_shadow(&mut self, on: bool) {
         self.low_shadow = on;
     }
@@ -282,9 +283,10 @@ impl GuestRam {
     /// `phys` in shadow `space`, in as few host calls as the pages'
     /// sources allow: read-only unless `writable`; pages whose writes need
     /// attention (watched, backed by a snapshot file, logged clean)
-    /// read-only in any case. False (and nothing
-    /// mapped) when the physical pages are not all RAM or there is no such
-    /// shadow.
+    /// read-only in any case. Pages below the window's floor
+    /// ([`Window::floor_page`]) are left out. False (and nothing mapped)
+    /// when the physical pages are not all RAM, all of them are below the
+    /// floor, or there is no such shadow.
     pub fn shadow_map_run(
         &mut self,
         space: usize,
