@@ -41,6 +41,17 @@ pub(crate) struct Link {
     pub(crate) cold: usize,
 }
 
+/// An indirect-branch table entry as it was set: its EIP, and where the
+/// translation it led to was made (the linear page of its last byte, the
+/// physical pages of its first and last). The entry stays right while the
+/// current mapping maps those pages there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Published {
+    pub(crate) eip: u32,
+    pub(crate) lin1: u32,
+    pub(crate) pages: (u32, u32),
+}
+
 /// Chained jumps into one place: most often one, held inline (no
 /// allocation) until there are two.
 #[derive(Debug, Default)]
@@ -353,8 +364,12 @@ impl Bt {
     /// Make `key`'s translation findable by indirect branches in host code
     /// (in the table of its privilege).
     pub(crate) fn publish_lookup(&mut self, key: Key) {
-        let (Some(Translation::Code { code, lin, .. }), Some(tables)) =
-            (self.cache.peek(&key), self.lookup.as_mut())
+        let (
+            Some(Translation::Code {
+                code, lin, pages, ..
+            }),
+            Some(tables),
+        ) = (self.cache.peek(&key), self.lookup.as_mut())
         else {
             return;
         };
@@ -362,9 +377,14 @@ impl Bt {
         let t = usize::from(key_user(key));
         self.lookup_regions[t].add(lin.0 >> 10);
         self.lookup_regions[t].add(lin.1 >> 10);
-        let was_empty = tables[t].get(eip) == 0;
-        if tables[t].set(eip, code.body_offset() as u32) && was_empty {
-            self.lookup_used[t].push(eip);
+        let body = code.body_offset() as u32;
+        let changed = tables[t].get(eip) != body;
+        if tables[t].set(eip, body) && changed {
+            self.lookup_used[t].push(Published {
+                eip,
+                lin1: lin.1,
+                pages: *pages,
+            });
         }
     }
 

@@ -129,8 +129,10 @@ pub struct Bt {
     /// EIP: one for supervisor translations, one for user ones (made with
     /// the code buffer).
     pub(crate) lookup: Option<Box<[DirectMap; 2]>>,
-    /// The EIPs each table holds a translation for.
-    pub(crate) lookup_used: [Vec<u32>; 2],
+    /// What each table was given since it was last emptied: an entry for
+    /// every EIP whose translation was published, with the pages it was
+    /// made from (see [`crate::chain::Published`]).
+    pub(crate) lookup_used: [Vec<crate::chain::Published>; 2],
     /// Host faults of translated code's memory accesses by guest EIP (a
     /// store to a watched page, an access the shadow does not grant yet:
     /// an accessed or dirty bit to set, a page the guest's tables changed;

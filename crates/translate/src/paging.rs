@@ -205,6 +205,11 @@ impl Regions {
     pub(crate) fn is_empty(&self) -> bool {
         self.0 == [0; 16]
     }
+
+    /// Does the set hold every region?
+    pub(crate) fn is_all(&self) -> bool {
+        self.0 == [u64::MAX; 16]
+    }
 }
 
 /// Where linear code pages map, for [`Bt::itlbs_now`].

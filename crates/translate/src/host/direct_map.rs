@@ -99,7 +99,7 @@ impl DirectMap {
     /// Empty the entries at `used` (every EIP set since the last
     /// clear): one by one when they are few, else the whole table at once
     /// (its memory goes back to the host).
-    pub fn clear(&mut self, used: &[u32]) {
+    pub fn clear(&mut self, used: impl ExactSizeIterator<Item = u32>) {
         if used.len() > 4096 {
             // SAFETY: the range is exactly this mapping; MADV_DONTNEED on a
             // private anonymous mapping makes it read as zeros again.
@@ -108,7 +108,7 @@ impl DirectMap {
                 return;
             }
         }
-        for &eip in used {
+        for eip in used {
             // Setting an entry to 0 cannot fail.
             let _ = self.set(eip, 0);
         }
