@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches};
 
-use crate::run::{is_multiboot, load_image};
+use crate::run::{image_head, is_multiboot};
 use crate::Cli;
 
 /// Parse popek's command line (`argv[0]` included). Err(status) when
@@ -51,7 +51,7 @@ pub(crate) fn parse(argv: Vec<String>) -> Result<Cli, ExitCode> {
     let at = at + 1;
     // An unreadable guest is treated as a program here; running it reports
     // why it cannot be read.
-    let linux = load_image(&guest).map_or(true, |(image, _)| !is_multiboot(&image));
+    let linux = image_head(&guest).is_none_or(|head| !is_multiboot(&head));
     let mut strict_argv: Vec<String> = argv[..=at].to_vec();
     let mut after: Vec<String> = argv[at + 1..].to_vec();
     if linux {

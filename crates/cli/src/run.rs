@@ -586,6 +586,27 @@ pub(crate) fn load_image(guest: &str) -> Result<(Vec<u8>, String), String> {
         })
 }
 
+/// The first [`IMAGE_HEAD`] bytes of a guest image (what [`is_multiboot`]
+/// looks at), without reading the rest: deciding how to parse the command
+/// line should not read a large program twice.
+pub(crate) fn image_head(guest: &str) -> Option<Vec<u8>> {
+    if let Some(g) = popek_guests::find(guest) {
+        if !std::path::Path::new(guest).exists() {
+            return Some(g.elf[..g.elf.len().min(IMAGE_HEAD)].to_vec());
+        }
+    }
+    use std::io::Read;
+    let mut head = Vec::with_capacity(IMAGE_HEAD);
+    std::fs::File::open(guest)
+        .and_then(|f| f.take(IMAGE_HEAD as u64).read_to_end(&mut head))
+        .ok()?;
+    Some(head)
+}
+
+/// How much of an image [`is_multiboot`] reads: the Multiboot header lies
+/// in the first 8 KiB (Multiboot Specification 0.6.96, section 3.1.1).
+const IMAGE_HEAD: usize = 8192;
+
 /// A Multiboot kernel (or not an ELF file at all: the Multiboot loader then
 /// names the problem), else a Linux program.
 pub(crate) fn is_multiboot(image: &[u8]) -> bool {

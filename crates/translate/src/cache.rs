@@ -128,7 +128,7 @@ impl TransCache {
         let hasher = std::hash::BuildHasherDefault::<EipHasher>::default();
         match capacity {
             Some(c) => TransCache::Lru(lru::LruCache::with_hasher(c, hasher)),
-            None => TransCache::Map(FastMap::with_capacity_and_hasher(4096, hasher)),
+            None => TransCache::Map(FastMap::with_capacity_and_hasher(256, hasher)),
         }
     }
 
