@@ -1478,6 +1478,14 @@ system call), so it is higher than the warm figure.
   half of it), lowering 15%, assembling 16%, chaining 7%, allocation 5%,
   the `--stats` clock 3%. In a run each translation also meets cold
   caches (the guest ran in between): about 1.5x the warm figure.
+- A run's fixed start-up cost (`popek run` of a static hello world,
+  about 6.8 ms against 0.5 ms natively) weighs on short runs such as the
+  criterion `native` group's (sort: about 50 ms): most of it is page
+  faults (about 1,200: iced-x86's encoder and decoder tables, the
+  program's bytes read and copied into guest RAM, the indirect-branch
+  tables' chunks, the dynamic loader). The 16th session took out two
+  avoidable sources: the whole program read a second time to parse the
+  command line, and a translation cache allocated for 4096 entries.
 - Tried in the 16th session and taken out: translating a new block's
   direct successors on its page at once (while the translator is warm):
   1.77 us per translation in the boot instead of 2.0, but 12 K more
