@@ -568,13 +568,11 @@ fn crc32(b: &[u8]) -> u32 {
 /// Read a guest image: a bundled guest by name, else a file. Returns the
 /// bytes and the path QEMU would have been given.
 pub(crate) fn load_image(guest: &str) -> Result<(Vec<u8>, String), String> {
-    if let Some(g) = popek_guests::find(guest) {
-        if !std::path::Path::new(guest).exists() {
-            // A Linux program's argv[0] is the file the build left, so that
-            // --engine native (which executes that file) sees the same one.
-            let path = if g.linux { g.path } else { guest };
-            return Ok((g.elf.to_vec(), path.to_string()));
-        }
+    if let Some(g) = bundled(guest) {
+        // A Linux program's argv[0] is the file the build left, so that
+        // --engine native (which executes that file) sees the same one.
+        let path = if g.linux { g.path } else { guest };
+        return Ok((g.elf.to_vec(), path.to_string()));
     }
     std::fs::read(guest)
         .map(|b| (b, guest.to_string()))
@@ -590,10 +588,8 @@ pub(crate) fn load_image(guest: &str) -> Result<(Vec<u8>, String), String> {
 /// looks at), without reading the rest: deciding how to parse the command
 /// line should not read a large program twice.
 pub(crate) fn image_head(guest: &str) -> Option<Vec<u8>> {
-    if let Some(g) = popek_guests::find(guest) {
-        if !std::path::Path::new(guest).exists() {
-            return Some(g.elf[..g.elf.len().min(IMAGE_HEAD)].to_vec());
-        }
+    if let Some(g) = bundled(guest) {
+        return Some(g.elf[..g.elf.len().min(IMAGE_HEAD)].to_vec());
     }
     use std::io::Read;
     let mut head = Vec::with_capacity(IMAGE_HEAD);
@@ -601,6 +597,12 @@ pub(crate) fn image_head(guest: &str) -> Option<Vec<u8>> {
         .and_then(|f| f.take(IMAGE_HEAD as u64).read_to_end(&mut head))
         .ok()?;
     Some(head)
+}
+
+/// The bundled guest `guest` names, unless a file of that name exists (a
+/// path wins over a bundled name).
+fn bundled(guest: &str) -> Option<&'static popek_guests::Guest> {
+    popek_guests::find(guest).filter(|_| !std::path::Path::new(guest).exists())
 }
 
 /// How much of an image [`is_multiboot`] reads: the Multiboot header lies
