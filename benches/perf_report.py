@@ -1418,8 +1418,8 @@ Every block reachable from the guest's entry, scanned and translated into an
 emptied cache, repeatedly: `cargo bench -p popek-bench -- translate`. Once
 as basic blocks (each ends at its first branch) and once as the
 superblocks the engine builds by default (a block goes on past a
-conditional branch's fall-through on its page, up to 64 instructions, so
-one translation covers several basic blocks).
+conditional branch's fall-through and through a direct jump on its page,
+up to 64 instructions, so one translation covers several basic blocks).
 
 | guest | translated as | translations | guest instructions | time per pass (us) | us per translation | ns per guest instruction |
 |---|---|---|---|---|---|---|

@@ -11,7 +11,9 @@
 //! perf record -F 10000 ./target/release/examples/translate_loop selfcheck 5
 //! ```
 //!
-//! Arguments: guest (default `selfcheck`), seconds (default 5), and `bb`
+//! Arguments: guest (default `selfcheck`), seconds (default 5) or a
+//! number of passes over the blocks (`200x`: the same work every run, for
+//! an instruction count such as `valgrind --tool=cachegrind`'s), and `bb`
 //! to translate basic blocks only.
 
 use popek_bench::{blocks_of, boot};
@@ -20,7 +22,9 @@ use popek_translate::Bt;
 fn main() {
     let mut args = std::env::args().skip(1);
     let name = args.next().unwrap_or_else(|| "selfcheck".into());
-    let secs: f64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let how_long = args.next().unwrap_or_else(|| "5".into());
+    let passes: Option<u64> = how_long.strip_suffix('x').and_then(|n| n.parse().ok());
+    let secs: f64 = how_long.parse().unwrap_or(5.0);
     let superblocks = args.next().is_none_or(|s| s != "bb");
     let mut m = boot(&name);
     let blocks: Vec<u32> = blocks_of(&mut m).iter().map(|b| b.start).collect();
@@ -28,7 +32,10 @@ fn main() {
     bt.superblocks = superblocks;
     let start = std::time::Instant::now();
     let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < secs {
+    while match passes {
+        Some(p) => n < p * blocks.len() as u64,
+        None => start.elapsed().as_secs_f64() < secs,
+    } {
         bt.flush();
         for &eip in &blocks {
             bt.translate_at(&mut m.cpu, eip);
@@ -36,8 +43,9 @@ fn main() {
         n += blocks.len() as u64;
     }
     let us = start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64;
+    let insns = bt.stats.insns_translated as f64 / bt.stats.blocks_translated.max(1) as f64;
     println!(
-        "{name} ({}): {us:.3} us per translation, {n} translations",
+        "{name} ({}): {us:.3} us per translation, {insns:.1} guest instructions each, {n} translations",
         if superblocks {
             "superblocks"
         } else {

@@ -279,6 +279,46 @@ pub fn classify(ins: &Instruction) -> Class {
     class_of(ins, special(ins))
 }
 
+/// Instruction codes the memo below holds (iced-x86 has about 4,900).
+const MEMO_CODES: usize = 8192;
+
+/// [`special`] and [`classify`] by instruction code, filled as codes are
+/// first seen: both depend on the code alone (which operand is a segment,
+/// control or debug register, and whether a PUSH or POP names a segment
+/// register, are all distinct codes), so a scan pays one load per
+/// instruction instead of a mnemonic match and a flow-control lookup.
+/// 0: not seen yet; 1: innocuous; 2: control flow; 3 + k: special kind k.
+static MEMO: [std::sync::atomic::AtomicU8; MEMO_CODES] =
+    [const { std::sync::atomic::AtomicU8::new(0) }; MEMO_CODES];
+
+/// [`special`] and [`classify`] of `ins` at once, memoized by its code.
+pub fn special_and_class(ins: &Instruction) -> (Option<Special>, Class) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let code = ins.code() as usize;
+    let memo = MEMO.get(code);
+    match memo.map_or(0, |m| m.load(Relaxed)) {
+        1 => (None, Class::Innocuous),
+        2 => (None, Class::ControlFlow),
+        k @ 3.. => {
+            let s = SPECIALS[usize::from(k - 3)].kind;
+            (Some(s), s.class())
+        }
+        0 => {
+            let sp = special(ins);
+            let class = class_of(ins, sp);
+            let k = match (sp, class) {
+                (Some(s), _) => 3 + s as u8,
+                (None, Class::ControlFlow) => 2,
+                (None, _) => 1,
+            };
+            if let Some(m) = memo {
+                m.store(k, Relaxed);
+            }
+            (sp, class)
+        }
+    }
+}
+
 /// [`classify`] with the instruction's special kind already known.
 fn class_of(ins: &Instruction, special: Option<Special>) -> Class {
     match special {
@@ -396,26 +436,31 @@ pub fn decode_one(bytes: &[u8], eip: u32, bitness: u32) -> Instruction {
 /// how many it could fetch (fewer at an unmapped page or segment limit).
 pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitness: u32) -> Block {
     let mut insns = Vec::with_capacity(16);
-    let end = scan_block_into(fetch, start, bitness, &mut insns, MAX_BLOCK_INSNS);
+    let end = scan_block_into(fetch, start, bitness, &mut insns, MAX_BLOCK_INSNS, false);
     Block { start, insns, end }
 }
 
 /// As [`scan_block`], appending at most `max` instructions to `insns`
 /// (a translator building a superblock scans into one vector); returns
-/// how the block ends ([`BlockEnd::SizeLimit`] after `max`).
+/// how the block ends ([`BlockEnd::SizeLimit`] after `max`). With
+/// `past_jcc`, a conditional branch (Jcc) does not end the scan: it goes
+/// on at the branch's fall-through while that is on the first page (a
+/// superblock's side exits), and the caller finds each Jcc among the
+/// instructions.
 pub fn scan_block_into(
     mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
     start: u32,
     bitness: u32,
     insns: &mut Vec<Insn>,
     max: usize,
+    past_jcc: bool,
 ) -> BlockEnd {
     let first = insns.len();
     // The block's bytes: its instructions start on this page (the last may
     // run into the next) and there are at most MAX_BLOCK_INSNS of at most
     // MAX_INSN_LEN bytes. Most blocks are short, so the bytes are fetched
     // in chunks of FETCH_CHUNK as decoding reaches them.
-    const FETCH_CHUNK: usize = 128;
+    const FETCH_CHUNK: usize = 256;
     let page_left = (PAGE_SIZE - start % PAGE_SIZE) as usize;
     let want = (page_left + MAX_INSN_LEN - 1).min(MAX_BLOCK_INSNS * MAX_INSN_LEN);
     let mut space = [0u8; MAX_BLOCK_INSNS * MAX_INSN_LEN];
@@ -479,13 +524,17 @@ pub fn scan_block_into(
             };
         }
         let len = ins.len();
-        let sp = special(ins);
-        let class = class_of(ins, sp);
+        let (sp, class) = special_and_class(ins);
         slot.bytes = InsnBytes::within(&space, off, len);
         slot.class = class;
         slot.special = sp;
         off += len;
-        if class == Class::ControlFlow {
+        if class == Class::ControlFlow
+            && !(past_jcc
+                && ins.is_jcc_short_or_near()
+                && ins.op0_kind() == OpKind::NearBranch32
+                && off < page_left)
+        {
             break BlockEnd::ControlFlow;
         }
         if let Some(s) = sp {
@@ -619,6 +668,32 @@ mod tests {
         );
         assert_eq!(b.insns.len(), MAX_BLOCK_INSNS);
         assert_eq!(b.end, BlockEnd::SizeLimit);
+    }
+
+    #[test]
+    fn the_memo_by_code_agrees_with_classifying_each_instruction() {
+        // Every one- and two-byte opcode with a spread of ModRM bytes and
+        // prefixes, twice (the second time from the memo).
+        assert!(Code::values().len() <= MEMO_CODES);
+        for round in 0..2 {
+            for pre in [&[][..], &[0x66], &[0x67], &[0xF3], &[0x64]] {
+                for op in 0..0x200u32 {
+                    for modrm in [0x00u8, 0x05, 0x24, 0x44, 0xC0, 0xC4, 0xD8, 0xE1, 0xF8, 0xFF] {
+                        let mut b = pre.to_vec();
+                        if op >= 0x100 {
+                            b.push(0x0F);
+                        }
+                        b.extend([op as u8, modrm, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66]);
+                        let ins = decode_one(&b, 0x1000, 32);
+                        if ins.is_invalid() {
+                            continue;
+                        }
+                        let want = (special(&ins), classify(&ins));
+                        assert_eq!(special_and_class(&ins), want, "round {round}: {b:02x?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

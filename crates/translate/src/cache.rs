@@ -316,9 +316,10 @@ impl Bt {
     /// A cache miss: translate the block at `key`, insert it (evicting the
     /// least recently used block if the cache is full) and link it.
     pub(crate) fn translate_into_cache(&mut self, cpu: &mut Vcpu, key: Key) {
-        let t = std::time::Instant::now();
+        let t = popek_vcpu::state::host_tsc();
         let e = self.translate(cpu, key);
-        self.stats.translate_ns += t.elapsed().as_nanos() as u64;
+        let ticks = popek_vcpu::state::host_tsc().wrapping_sub(t);
+        self.stats.translate_ns += (ticks as f64 * self.ns_per_tick) as u64;
         let pages = e.bytes().map(|b| b.0);
         if let Some((old_key, old)) = self.cache.push(key, e) {
             if old_key != key {

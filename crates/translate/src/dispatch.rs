@@ -79,6 +79,8 @@ pub struct Bt {
     pub(crate) by_offset: crate::cache::Offsets,
     /// Counters.
     pub stats: Stats,
+    /// Host TSC ticks to nanoseconds, for `stats.translate_ns`.
+    pub(crate) ns_per_tick: f64,
     /// Interpreter fallbacks by mnemonic, and special-instruction helper
     /// calls by mnemonic.
     pub by_kind: KindCounts,
@@ -225,6 +227,7 @@ impl Bt {
             by_offset: Default::default(),
             window_released: false,
             stats: Stats::default(),
+            ns_per_tick: popek_vcpu::state::host_tsc_ns_per_tick(),
             by_kind: KindCounts::default(),
             dump: None,
             arena: Vec::with_capacity(4096),

@@ -754,6 +754,71 @@ fn patch_bytes(
     true
 }
 
+/// Does an innocuous instruction's code alone allow copying its bytes
+/// (legacy encoding; no string, stack, BCD or other 32-bit-only
+/// instruction, no 0x82 alias, no short INC/DEC)? Memoized by code, as
+/// the decoder's classification is (see `popek_decode::special_and_class`):
+/// 0 not seen, 1 yes, 2 no.
+fn code_copies(ins: &Instruction) -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+    static MEMO: [AtomicU8; 8192] = [const { AtomicU8::new(0) }; 8192];
+    let memo = MEMO.get(ins.code() as usize);
+    match memo.map_or(0, |m| m.load(Relaxed)) {
+        1 => true,
+        2 => false,
+        _ => {
+            let yes = ins.encoding() == iced_x86::EncodingKind::Legacy
+                && !ins.is_string_instruction()
+                && !ins.is_stack_instruction()
+                && !matches!(ins.mnemonic(), M::Enter | M::Leave)
+                && !is_bcd_or_32bit_only(ins)
+                && !group1_82(ins.code())
+                && !matches!(
+                    ins.code(),
+                    Code::Inc_r32 | Code::Dec_r32 | Code::Inc_r16 | Code::Dec_r16
+                );
+            if let Some(m) = memo {
+                m.store(if yes { 1 } else { 2 }, Relaxed);
+            }
+            yes
+        }
+    }
+}
+
+/// The common case of [`copy_bytes`], decided from the decoded fields
+/// directly: a code that copies ([`code_copies`]), no segment prefix, no
+/// ESP or SP anywhere, and a memory operand (if any) with a 32-bit address
+/// and a base or index register. False leaves it to the full path.
+fn copy_plain(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
+    let esp = |r: Register| matches!(r, Register::ESP | Register::SP);
+    if bytes.len() != ins.len()
+        || ins.segment_prefix() != Register::None
+        || esp(ins.op0_register())
+        || esp(ins.op1_register())
+        || esp(ins.op2_register())
+        || esp(ins.op3_register())
+        || !code_copies(ins)
+    {
+        return false;
+    }
+    let mem = [
+        ins.op0_kind(),
+        ins.op1_kind(),
+        ins.op2_kind(),
+        ins.op3_kind(),
+    ]
+    .contains(&OpKind::Memory);
+    if mem {
+        let (b, i) = (ins.memory_base(), ins.memory_index());
+        if esp(b) || esp(i) || (b == Register::None && i == Register::None) || addr16(ins) {
+            return false;
+        }
+        out.extend([0x65, 0x67]);
+    }
+    out.extend_from_slice(bytes);
+    true
+}
+
 /// [`lower`] for an instruction the decoder already classified innocuous,
 /// with its guest `bytes` when at hand (the fast path copies them): the
 /// host code is appended to `out`, or the reason it cannot be copied is
@@ -763,6 +828,9 @@ pub fn lower_into(
     bytes: Option<&[u8]>,
     out: &mut Vec<u8>,
 ) -> Result<(), &'static str> {
+    if bytes.is_some_and(|b| copy_plain(ins, b, out)) {
+        return Ok(());
+    }
     if ins.is_string_instruction() {
         return Err("string instruction (ES:EDI cannot take a segment override)");
     }
@@ -1163,7 +1231,7 @@ mod tests {
     #[test]
     fn patched_bytes_mean_what_the_encoder_would_emit() {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let (mut esp, mut absolute, mut same) = (0, 0, 0);
+        let (mut esp, mut absolute, mut same, mut plain) = (0, 0, 0, 0);
         for _ in 0..60_000 {
             let mut g = [0u8; 15];
             for b in &mut g {
@@ -1184,6 +1252,14 @@ mod tests {
                 continue;
             }
             let g = &g[..ins.len()];
+            // The plain copy, where it applies, is the full path's bytes.
+            let mut plain_bytes = Vec::new();
+            if copy_plain(&ins, g, &mut plain_bytes) {
+                let mut full = Vec::new();
+                assert!(copy_bytes(&ins, g, &mut full), "{g:02x?}");
+                assert_eq!(plain_bytes, full, "{g:02x?}");
+                plain += 1;
+            }
             let (Lowering::Copied(fast), Lowering::Copied(slow)) =
                 (lower_innocuous(&ins, Some(g)), lower_innocuous(&ins, None))
             else {
@@ -1202,8 +1278,8 @@ mod tests {
             }
         }
         assert!(
-            same > 10_000 && esp > 1_000 && absolute > 500,
-            "{same} {esp} {absolute}"
+            same > 10_000 && esp > 1_000 && absolute > 500 && plain > 5_000,
+            "{same} {esp} {absolute} {plain}"
         );
         // The hand-picked forms.
         for g in [

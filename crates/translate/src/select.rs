@@ -69,12 +69,15 @@ impl Bt {
         insns.clear();
         eips.clear();
         counted_at.clear();
+        // A superblock is scanned in one pass: past each conditional
+        // branch whose fall-through is on the block's page.
         let end = scan_block_into(
             |a, buf| cpu.fetch(a, buf).0,
             eip,
             32,
             &mut insns,
             SUPERBLOCK_MAX,
+            self.superblocks,
         );
         let mut block = popek_decode::Block {
             start: eip,
@@ -104,8 +107,6 @@ impl Bt {
             {
                 break;
             }
-            // (By reference: a superblock's scan appends to `block.insns`
-            // only after the last use of `i`.)
             let i = &block.insns[k];
             k += 1;
             let mark = arena.len();
@@ -193,7 +194,8 @@ impl Bt {
                 counted_at.push(counted as u32);
                 // A superblock: a conditional branch whose fall-through is
                 // on the block's page becomes a side exit, and the block
-                // goes on there (up to SUPERBLOCK_MAX instructions).
+                // goes on there (the scan went on past it, up to
+                // SUPERBLOCK_MAX instructions).
                 if let BlockExit::Cond {
                     cc,
                     taken,
@@ -202,8 +204,7 @@ impl Bt {
                 {
                     if self.superblocks
                         && arena.len() == mark
-                        && k == block.insns.len()
-                        && eips.len() < SUPERBLOCK_MAX
+                        && k < block.insns.len()
                         && not_taken / 4096 == eip / 4096
                     {
                         counted += 1;
@@ -215,13 +216,43 @@ impl Bt {
                         if dumping {
                             how.push("rewritten (side exit; the block goes on)");
                         }
-                        let room = SUPERBLOCK_MAX - eips.len();
+                        continue;
+                    }
+                }
+                // A superblock follows a direct JMP to its own page (not
+                // into instructions it already holds): the jump is no code,
+                // and the block goes on at its target. A switch's
+                // dispatch code then ends each case's block (a copy of it
+                // per case), as in a threaded interpreter; transfers
+                // between blocks stay as the pacing needs them (exits to
+                // a target not above the block's start poll).
+                if let BlockExit::Direct(t) = e {
+                    if self.superblocks
+                        && matches!(
+                            i.ins.code(),
+                            iced_x86::Code::Jmp_rel8_32 | iced_x86::Code::Jmp_rel32_32
+                        )
+                        && k == block.insns.len()
+                        && block.insns.len() < SUPERBLOCK_MAX
+                        && t / 4096 == eip / 4096
+                        && !block
+                            .insns
+                            .iter()
+                            .any(|x| x.ins.ip32() <= t && t < x.ins.next_ip32())
+                    {
+                        parts.push(Part::Code(mark, mark));
+                        if dumping {
+                            how.push("rewritten (jump followed; the block goes on)");
+                        }
+                        counted += 1;
+                        let room = SUPERBLOCK_MAX - block.insns.len();
                         block.end = scan_block_into(
                             |a, buf| cpu.fetch(a, buf).0,
-                            not_taken,
+                            t,
                             32,
                             &mut block.insns,
                             room,
+                            true,
                         );
                         continue;
                     }
@@ -302,11 +333,31 @@ impl Bt {
             counted -= 1;
         }
         let n = eips.len();
-        // (A marker for an instruction left to the interpreter covers that
+        // The bytes from the lowest instruction to the end of the highest
+        // (a superblock that followed a jump holds code on both sides of
+        // its start; every instruction starts on the first page). (A
+        // marker for an instruction left to the interpreter covers that
         // instruction's bytes.)
-        let last_byte = match n {
-            0 => eip.wrapping_add(block.insns.first().map_or(1, |i| i.ins.len() as u32) - 1),
-            _ => block.insns[n - 1].ins.next_ip32().wrapping_sub(1),
+        let (first_byte, last_byte) = match n {
+            0 => (
+                eip,
+                eip.wrapping_add(block.insns.first().map_or(1, |i| i.ins.len() as u32) - 1),
+            ),
+            _ => {
+                let (mut lo, mut hi) = (eip, eip);
+                for i in &block.insns[..n] {
+                    let last = i.ins.next_ip32().wrapping_sub(1);
+                    lo = lo.min(i.ins.ip32());
+                    if last < i.ins.ip32() {
+                        // It runs past the 4 GiB wrap: the last
+                        // instruction a scan can hold.
+                        hi = last;
+                        break;
+                    }
+                    hi = hi.max(last);
+                }
+                (lo, hi)
+            }
         };
         // The physical pages of the code (the same as the linear ones with
         // paging off), and under paging the table entries that map them: a
@@ -321,7 +372,7 @@ impl Bt {
             probe(cpu, last_byte)
         };
         let lin = (eip >> 12, last_byte >> 12);
-        let (lo, end) = (eip & 0xFFF, (last_byte & 0xFFF) + 1);
+        let (lo, end) = (first_byte & 0xFFF, (last_byte & 0xFFF) + 1);
         let ranges = if lin.0 == lin.1 {
             [(first, lin.0, lo, end), (None, 0, 0, 0)]
         } else {
@@ -362,9 +413,17 @@ impl Bt {
             self.scratch = (block.insns, eips, counted_at);
             return Translation::Interpret { pages, lin, bytes };
         }
-        let end = block.insns[n - 1].ins.next_ip32();
         // A block cut short (page boundary, size limit, an instruction left
-        // to the dispatcher) goes on at `end`: a chainable exit too.
+        // to the dispatcher) goes on at `end`: a chainable exit too. After
+        // a jump the block followed (a direct JMP that is not the exit),
+        // that is the jump's target.
+        let last = &block.insns[n - 1].ins;
+        let end = match last.code() {
+            iced_x86::Code::Jmp_rel8_32 | iced_x86::Code::Jmp_rel32_32 if exit.is_none() => {
+                last.near_branch32()
+            }
+            _ => last.next_ip32(),
+        };
         let exit = Some(exit.unwrap_or(BlockExit::Direct(end)));
         let mut compiled = None;
         let pace = self.pace();

@@ -511,3 +511,21 @@ pub fn host_tsc() -> u64 {
     // SAFETY: RDTSC has no preconditions on x86-64; it only reads the counter.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+/// Nanoseconds per tick of the host's time-stamp counter, measured once
+/// per process against the monotonic clock over 50 us (a span timed with
+/// two RDTSCs costs a few nanoseconds, with `Instant` two system-clock
+/// reads; the counter runs at a constant rate on the hosts popek runs on).
+pub fn host_tsc_ns_per_tick() -> f64 {
+    static RATIO: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *RATIO.get_or_init(|| {
+        let (t0, c0) = (std::time::Instant::now(), host_tsc());
+        loop {
+            let ns = t0.elapsed().as_nanos();
+            if ns >= 50_000 {
+                let ticks = host_tsc().wrapping_sub(c0).max(1);
+                break ns as f64 / ticks as f64;
+            }
+        }
+    })
+}

@@ -275,6 +275,9 @@ thread_local! {
     /// of the branch's rel32).
     static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize, usize)>> =
         const { std::cell::Cell::new(Vec::new()) };
+    /// A block's chainable sites and polls while it is built.
+    static EXITS: std::cell::Cell<(Vec<Site>, Vec<Poll>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// `jmp rel32` to code-buffer offset `to`, from a block at offset `base`
@@ -640,21 +643,17 @@ impl HostBlock {
             }
         }
         let body_end = ops.offset().0;
+        // Sites and polls are gathered in vectors kept between blocks and
+        // boxed at their exact length below (one allocation each, none
+        // when empty).
+        let (mut sites, mut polls) = EXITS.with(|s| s.take());
+        sites.clear();
+        polls.clear();
         let mut ex = Exits {
             base,
             span,
-            // As many sites as stubs: one or two for the exit, one per
-            // side exit (so the boxed slice needs no second allocation).
-            sites: Vec::with_capacity(
-                sides.len()
-                    + match exit {
-                        Some(BlockExit::Direct(_)) => 1,
-                        Some(BlockExit::Cond { .. } | BlockExit::Loop { .. })
-                        | Some(BlockExit::Jecxz { .. }) => 2,
-                        _ => 0,
-                    },
-            ),
-            polls: Vec::new(),
+            sites,
+            polls,
             via_table: lookup.zip(volatile),
         };
         match exit {
@@ -736,6 +735,8 @@ impl HostBlock {
         }
         SIDES.with(|s| s.set(sides));
         let Exits { sites, polls, .. } = ex;
+        let boxed = (Box::from(&sites[..]), Box::from(&polls[..]));
+        EXITS.with(|s| s.set((sites, polls)));
         let len = ops.offset().0;
         let at = buf
             .append(ops.finish()?)
@@ -747,8 +748,8 @@ impl HostBlock {
             len,
             body_end,
             body_start,
-            sites: sites.into_boxed_slice(),
-            polls: polls.into_boxed_slice(),
+            sites: boxed.0,
+            polls: boxed.1,
         })
     }
 
