@@ -344,19 +344,18 @@ impl Bt {
                 eip.wrapping_add(block.insns.first().map_or(1, |i| i.ins.len() as u32) - 1),
             ),
             _ => {
-                let (mut lo, mut hi) = (eip, eip);
+                let (mut lo, mut hi, mut wrapped) = (eip, eip, None);
                 for i in &block.insns[..n] {
                     let last = i.ins.next_ip32().wrapping_sub(1);
                     lo = lo.min(i.ins.ip32());
                     if last < i.ins.ip32() {
-                        // It runs past the 4 GiB wrap: the last
-                        // instruction a scan can hold.
-                        hi = last;
-                        break;
+                        // It runs past the 4 GiB wrap: its last byte is
+                        // on page 0, the block's second page.
+                        wrapped = Some(last);
                     }
                     hi = hi.max(last);
                 }
-                (lo, hi)
+                (lo, wrapped.unwrap_or(hi))
             }
         };
         // The physical pages of the code (the same as the linear ones with
