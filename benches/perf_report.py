@@ -1486,10 +1486,13 @@ system call), so it is higher than the warm figure.
   tables' chunks, the dynamic loader). The 16th session took out two
   avoidable sources: the whole program read a second time to parse the
   command line, and a translation cache allocated for 4096 entries.
-- What the 17th session changed (measured on another machine, an Intel
-  Xeon about 1.7x slower than this run's and much noisier, so as
-  instruction counts: `translate_loop GUEST 20x` under `valgrind
-  --tool=cachegrind`, and best-of-3 wall times of the kernels program):
+- What the 17th session changed (on an Intel Xeon about 1.7x slower than
+  the AMD EPYC of the earlier sessions' runs and much noisier: the same
+  run varies by up to a third from one try to the next, so a single row
+  of the tables above can be off by that much, e.g. float, 0.15-0.22 s
+  under bt against 0.18 s natively in repeated runs. Measured as
+  instruction counts, `translate_loop GUEST 20x` under `valgrind
+  --tool=cachegrind`, and as best-of-3 wall times of the kernels program):
   superblocks follow a direct jump to their page (a switch's dispatch
   code then ends every case's block, each with its own indirect jump:
   kernels bytecode 1.22x -> 0.76x native, sort 1.06x -> 0.92x, state
