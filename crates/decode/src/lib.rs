@@ -279,42 +279,63 @@ pub fn classify(ins: &Instruction) -> Class {
     class_of(ins, special(ins))
 }
 
-/// Instruction codes the memo below holds (iced-x86 has about 4,900).
+/// Instruction codes a [`CodeMemo`] holds (iced-x86 has about 4,900).
 const MEMO_CODES: usize = 8192;
 
-/// [`special`] and [`classify`] by instruction code, filled as codes are
-/// first seen: both depend on the code alone (which operand is a segment,
-/// control or debug register, and whether a PUSH or POP names a segment
-/// register, are all distinct codes), so a scan pays one load per
-/// instruction instead of a mnemonic match and a flow-control lookup.
-/// 0: not seen yet; 1: innocuous; 2: control flow; 3 + k: special kind k.
-static MEMO: [std::sync::atomic::AtomicU8; MEMO_CODES] =
-    [const { std::sync::atomic::AtomicU8::new(0) }; MEMO_CODES];
+/// A nonzero byte per instruction code, computed the first time the code
+/// is seen and read with one load after that: for properties of an
+/// instruction that depend on its code alone (a translator asks them of
+/// every instruction it scans).
+pub struct CodeMemo([std::sync::atomic::AtomicU8; MEMO_CODES]);
+
+impl CodeMemo {
+    /// An empty memo (for a `static`).
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> CodeMemo {
+        CodeMemo([const { std::sync::atomic::AtomicU8::new(0) }; MEMO_CODES])
+    }
+
+    /// The byte for `code`: `compute()` (which must not be 0) the first
+    /// time, the remembered value after.
+    pub fn get(&self, code: Code, compute: impl FnOnce() -> u8) -> u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let slot = self.0.get(code as usize);
+        match slot.map_or(0, |m| m.load(Relaxed)) {
+            0 => {
+                let v = compute();
+                debug_assert_ne!(v, 0, "a memo's values are nonzero");
+                if let Some(m) = slot {
+                    m.store(v, Relaxed);
+                }
+                v
+            }
+            v => v,
+        }
+    }
+}
+
+/// [`special`] and [`classify`] by instruction code: both depend on the
+/// code alone (which operand is a segment, control or debug register, and
+/// whether a PUSH or POP names a segment register, are all distinct
+/// codes). 1: innocuous; 2: control flow; 3 + k: special kind k.
+static CLASSES: CodeMemo = CodeMemo::new();
 
 /// [`special`] and [`classify`] of `ins` at once, memoized by its code.
 pub fn special_and_class(ins: &Instruction) -> (Option<Special>, Class) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let code = ins.code() as usize;
-    let memo = MEMO.get(code);
-    match memo.map_or(0, |m| m.load(Relaxed)) {
+    let k = CLASSES.get(ins.code(), || {
+        let sp = special(ins);
+        match (sp, class_of(ins, sp)) {
+            (Some(s), _) => 3 + s as u8,
+            (None, Class::ControlFlow) => 2,
+            (None, _) => 1,
+        }
+    });
+    match k {
         1 => (None, Class::Innocuous),
         2 => (None, Class::ControlFlow),
-        k @ 3.. => {
+        k => {
             let s = SPECIALS[usize::from(k - 3)].kind;
             (Some(s), s.class())
-        }
-        0 => {
-            let sp = special(ins);
-            let class = class_of(ins, sp);
-            let k = match (sp, class) {
-                (Some(s), _) => 3 + s as u8,
-                (None, Class::ControlFlow) => 2,
-                (None, _) => 1,
-            };
-            if let Some(m) = memo {
-                m.store(k, Relaxed);
-            }
-            (sp, class)
         }
     }
 }

@@ -11,24 +11,19 @@ use crate::operand::{effective_address, seg_of};
 
 /// Is this an x87 instruction (FWAIT included)?
 pub fn is_x87(ins: &Instruction) -> bool {
-    // One table lookup by instruction code (the translator asks for every
-    // instruction it lowers, the interpreter for every one it runs).
-    static TABLE: std::sync::OnceLock<Box<[bool]>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        iced_x86::Code::values()
-            .map(|c| {
-                let mut i = Instruction::default();
-                i.set_code(c);
-                i.cpuid_features().iter().any(|f| {
-                    matches!(
-                        f,
-                        CpuidFeature::FPU | CpuidFeature::FPU287 | CpuidFeature::FPU387
-                    )
-                }) || matches!(c.mnemonic(), M::Fisttp)
-            })
-            .collect()
-    });
-    table.get(ins.code() as usize).copied().unwrap_or(false)
+    // One load by instruction code after the first time (the translator
+    // asks for every instruction it lowers, the interpreter for every one
+    // it runs). 1: x87, 2: not.
+    static X87: popek_decode::CodeMemo = popek_decode::CodeMemo::new();
+    let x87 = || {
+        ins.cpuid_features().iter().any(|f| {
+            matches!(
+                f,
+                CpuidFeature::FPU | CpuidFeature::FPU287 | CpuidFeature::FPU387
+            )
+        }) || matches!(ins.mnemonic(), M::Fisttp)
+    };
+    X87.get(ins.code(), || if x87() { 1 } else { 2 }) == 1
 }
 
 /// Does the instruction store its memory operand (rather than load it)?

@@ -9,7 +9,7 @@
 //! with the reason; the translator lowers or calls the interpreter for it.
 
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register};
-use popek_decode::{classify, Class};
+use popek_decode::{classify, Class, CodeMemo};
 
 use crate::emit::BlockExit;
 
@@ -756,33 +756,23 @@ fn patch_bytes(
 
 /// Does an innocuous instruction's code alone allow copying its bytes
 /// (legacy encoding; no string, stack, BCD or other 32-bit-only
-/// instruction, no 0x82 alias, no short INC/DEC)? Memoized by code, as
-/// the decoder's classification is (see `popek_decode::special_and_class`):
-/// 0 not seen, 1 yes, 2 no.
+/// instruction, no 0x82 alias, no short INC/DEC)? Memoized by code
+/// (1 yes, 2 no).
 fn code_copies(ins: &Instruction) -> bool {
-    use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-    static MEMO: [AtomicU8; 8192] = [const { AtomicU8::new(0) }; 8192];
-    let memo = MEMO.get(ins.code() as usize);
-    match memo.map_or(0, |m| m.load(Relaxed)) {
-        1 => true,
-        2 => false,
-        _ => {
-            let yes = ins.encoding() == iced_x86::EncodingKind::Legacy
-                && !ins.is_string_instruction()
-                && !ins.is_stack_instruction()
-                && !matches!(ins.mnemonic(), M::Enter | M::Leave)
-                && !is_bcd_or_32bit_only(ins)
-                && !group1_82(ins.code())
-                && !matches!(
-                    ins.code(),
-                    Code::Inc_r32 | Code::Dec_r32 | Code::Inc_r16 | Code::Dec_r16
-                );
-            if let Some(m) = memo {
-                m.store(if yes { 1 } else { 2 }, Relaxed);
-            }
-            yes
-        }
-    }
+    static COPIES: CodeMemo = CodeMemo::new();
+    let yes = || {
+        ins.encoding() == iced_x86::EncodingKind::Legacy
+            && !ins.is_string_instruction()
+            && !ins.is_stack_instruction()
+            && !matches!(ins.mnemonic(), M::Enter | M::Leave)
+            && !is_bcd_or_32bit_only(ins)
+            && !group1_82(ins.code())
+            && !matches!(
+                ins.code(),
+                Code::Inc_r32 | Code::Dec_r32 | Code::Inc_r16 | Code::Dec_r16
+            )
+    };
+    COPIES.get(ins.code(), || if yes() { 1 } else { 2 }) == 1
 }
 
 /// The common case of [`copy_bytes`], decided from the decoded fields
