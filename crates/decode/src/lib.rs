@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fast;
 pub mod flags;
 
 use iced_x86::{
@@ -352,7 +353,9 @@ fn class_of(ins: &Instruction, special: Option<Special>) -> Class {
 /// One decoded guest instruction in a block.
 #[derive(Debug, Clone)]
 pub struct Insn {
-    /// The decoded instruction (its `ip()` is the guest EIP).
+    /// The decoded instruction (its `ip()` is the guest EIP). For an
+    /// instruction the fast scanner took (`fast` is Some) only its EIP and
+    /// length (`ip32`, `len`, `next_ip32`): [`Insn::decoded`] decodes the rest.
     pub ins: Instruction,
     /// Its bytes.
     pub bytes: InsnBytes,
@@ -360,6 +363,20 @@ pub struct Insn {
     pub class: Class,
     /// Its special kind, for sensitive and privileged instructions.
     pub special: Option<Special>,
+    /// What the fast scanner found, if it took the instruction (scanned
+    /// with `fast`: then it is innocuous and not special).
+    pub fast: Option<fast::Plain>,
+}
+
+impl Insn {
+    /// The whole decoded instruction (decoding the bytes of one the fast
+    /// scanner took).
+    pub fn decoded(&self) -> Instruction {
+        match self.fast {
+            None => self.ins,
+            Some(_) => decode_one(&self.bytes, self.ins.ip32(), 32),
+        }
+    }
 }
 
 /// The bytes of one instruction (at most [`MAX_INSN_LEN`]), held inline:
@@ -382,9 +399,17 @@ impl InsnBytes {
         }
     }
 
+    /// All `MAX_INSN_LEN` bytes held: the instruction's, then whatever
+    /// followed it where it was read (nothing to read; one fixed-size copy).
+    #[inline]
+    pub fn raw(&self) -> &[u8; MAX_INSN_LEN] {
+        &self.buf
+    }
+
     /// The `len` bytes at `off` of `window`, copied as one fixed-size move
     /// when the window has a whole `MAX_INSN_LEN` there (the bytes past
     /// `len` are then the window's, which nothing reads).
+    #[inline(always)]
     fn within(window: &[u8], off: usize, len: usize) -> InsnBytes {
         match window.get(off..off + MAX_INSN_LEN) {
             Some(w) => InsnBytes {
@@ -457,7 +482,15 @@ pub fn decode_one(bytes: &[u8], eip: u32, bitness: u32) -> Instruction {
 /// how many it could fetch (fewer at an unmapped page or segment limit).
 pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitness: u32) -> Block {
     let mut insns = Vec::with_capacity(16);
-    let end = scan_block_into(fetch, start, bitness, &mut insns, MAX_BLOCK_INSNS, false);
+    let end = scan_block_into(
+        fetch,
+        start,
+        bitness,
+        &mut insns,
+        MAX_BLOCK_INSNS,
+        false,
+        false,
+    );
     Block { start, insns, end }
 }
 
@@ -467,7 +500,9 @@ pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitnes
 /// `past_jcc`, a conditional branch (Jcc) does not end the scan: it goes
 /// on at the branch's fall-through while that is on the first page (a
 /// superblock's side exits), and the caller finds each Jcc among the
-/// instructions.
+/// instructions. With `fast` (32-bit code only), the instructions the fast
+/// scanner knows ([`fast::plain`]) are not decoded: their `fast` says what
+/// they are (see [`Insn::ins`]).
 pub fn scan_block_into(
     mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
     start: u32,
@@ -475,7 +510,9 @@ pub fn scan_block_into(
     insns: &mut Vec<Insn>,
     max: usize,
     past_jcc: bool,
+    fast: bool,
 ) -> BlockEnd {
+    let fast = fast && bitness == 32;
     let first = insns.len();
     // The block's bytes: its instructions start on this page (the last may
     // run into the next) and there are at most MAX_BLOCK_INSNS of at most
@@ -487,12 +524,10 @@ pub fn scan_block_into(
     let mut space = [0u8; MAX_BLOCK_INSNS * MAX_INSN_LEN];
     let mut asked = want.min(FETCH_CHUNK);
     let mut fetched = fetch(start, &mut space[..asked]);
-    let mut decoder = Decoder::with_ip(
-        bitness,
-        &space[..fetched],
-        u64::from(start),
-        DecoderOptions::NONE,
-    );
+    // The decoder (made when an instruction needs it: the fast scanner
+    // takes most) over the fetched bytes from `window_at`.
+    let mut decoder: Option<Decoder> = None;
+    let mut window_at = 0usize;
     let mut off = 0usize;
     let end = loop {
         let eip = start.wrapping_add(off as u32);
@@ -505,18 +540,49 @@ pub fn scan_block_into(
         // Less than a whole instruction left of a full chunk: fetch on.
         if fetched == asked && asked < want && fetched - off < MAX_INSN_LEN {
             let more = (asked + FETCH_CHUNK).min(want);
+            decoder = None;
             fetched += fetch(start.wrapping_add(asked as u32), &mut space[asked..more]);
             asked = more;
-            decoder = Decoder::with_ip(
-                bitness,
-                &space[off..fetched],
-                u64::from(eip),
-                DecoderOptions::NONE,
-            );
         }
         if off >= fetched {
             break BlockEnd::FetchFault(eip);
         }
+        if fast {
+            if let Some(p) = fast::plain(&space[off..fetched]) {
+                let len = usize::from(p.len);
+                let mut ins = Instruction::default();
+                ins.set_len(len);
+                ins.set_next_ip(u64::from(eip.wrapping_add(len as u32)));
+                insns.push(Insn {
+                    ins,
+                    bytes: InsnBytes::within(&space, off, len),
+                    class: Class::Innocuous,
+                    special: None,
+                    fast: Some(p),
+                });
+                off += len;
+                continue;
+            }
+        }
+        // The decoder where the fast scanner left off (`off` is inside
+        // its window), or a new one.
+        let reuse = match &mut decoder {
+            Some(d) => d.set_position(off - window_at).is_ok(),
+            None => false,
+        };
+        if !reuse {
+            window_at = off;
+            decoder = None;
+        }
+        let decoder = decoder.get_or_insert_with(|| {
+            Decoder::with_ip(
+                bitness,
+                &space[off..fetched],
+                u64::from(eip),
+                DecoderOptions::NONE,
+            )
+        });
+        decoder.set_ip(u64::from(eip));
         // (Decoded in place, in the vector's next slot: an instruction is
         // not copied on its way there.)
         insns.push(Insn {
@@ -527,6 +593,7 @@ pub fn scan_block_into(
             },
             class: Class::Innocuous,
             special: None,
+            fast: None,
         });
         let slot = insns.last_mut().expect("pushed above");
         decoder.decode_out(&mut slot.ins);

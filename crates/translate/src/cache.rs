@@ -285,19 +285,6 @@ impl Translation {
         }
     }
 
-    /// The physical page behind linear page `lin` as this translation saw
-    /// it, if the translation covers that page.
-    pub(crate) fn phys_of(&self, lin: u32) -> Option<u32> {
-        let (l, p) = (self.lin_pages(), self.pages());
-        if lin == l.0 {
-            Some(p.0)
-        } else if lin == l.1 {
-            Some(p.1)
-        } else {
-            None
-        }
-    }
-
     pub(crate) fn bytes(&self) -> &CodeBytes {
         match self {
             Translation::Code { bytes, .. } | Translation::Interpret { bytes, .. } => bytes,

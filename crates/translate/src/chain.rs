@@ -52,6 +52,28 @@ pub(crate) struct Published {
     pub(crate) pages: (u32, u32),
 }
 
+/// What chaining needs of a translation ([`Bt::shape`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    lin: (u32, u32),
+    pages: (u32, u32),
+    body: Option<usize>,
+}
+
+impl Shape {
+    /// The physical page behind linear page `lin` as the translation saw
+    /// it, if it covers that page.
+    fn phys_of(&self, lin: u32) -> Option<u32> {
+        if lin == self.lin.0 {
+            Some(self.pages.0)
+        } else if lin == self.lin.1 {
+            Some(self.pages.1)
+        } else {
+            None
+        }
+    }
+}
+
 /// Chained jumps into one place: most often one, held inline (no
 /// allocation) until there are two.
 #[derive(Debug, Default)]
@@ -122,66 +144,60 @@ impl Bt {
         }
     }
 
-    /// May a stub of `from` be chained into `to`? Some(cross-page) if so.
-    fn may_link(&self, from: Key, to: Key) -> Option<bool> {
-        if key_user(from) != key_user(to) {
+    /// Where a translation is (for chaining): the linear pages it was made
+    /// from, their physical pages, and its body's code-buffer offset (None
+    /// for a block left to the interpreter).
+    fn shape(&self, k: Key) -> Option<Shape> {
+        let t = self.cache.peek(&k)?;
+        Some(Shape {
+            lin: t.lin_pages(),
+            pages: t.pages(),
+            body: match t {
+                Translation::Code { code, .. } => Some(code.body_offset()),
+                Translation::Interpret { .. } => None,
+            },
+        })
+    }
+
+    /// Patch `l` (a stub of a block shaped `from`) into `to` (shaped
+    /// `target`) if it may be chained there: Some(cross-page) if it was.
+    /// The caller records the link in `to`'s incoming jumps, in the stub's
+    /// site and (cross-page) in `cross`: [`Bt::file_cross`].
+    fn chain_into(&mut self, l: Link, from: &Shape, to: Key, target: &Shape) -> Option<bool> {
+        if key_user(l.from) != key_user(to) {
             return None;
         }
-        let a = self.cache.peek(&from)?;
-        let t = match self.cache.peek(&to)? {
-            t @ Translation::Code { .. } => t,
-            Translation::Interpret { .. } => return None,
-        };
-        let (lin, pages) = (t.lin_pages(), t.pages());
+        let body = target.body?;
         let mut cross = false;
-        for (l, p) in [(lin.0, pages.0), (lin.1, pages.1)] {
-            match a.phys_of(l) {
+        for (lin, p) in [
+            (target.lin.0, target.pages.0),
+            (target.lin.1, target.pages.1),
+        ] {
+            match from.phys_of(lin) {
                 Some(q) if q == p => {}
                 Some(_) => return None,
                 None => {
                     cross = true;
-                    if self.current_phys(l) != Some(p) {
+                    if self.current_phys(lin) != Some(p) {
                         return None;
                     }
                 }
             }
         }
+        if let Some(buf) = self.code.as_mut() {
+            buf.patch_rel32(l.rel32, body);
+        }
         Some(cross)
     }
 
-    /// The translation a stub of `from` jumping to `eip` should land in,
-    /// as far as the current address space tells.
-    fn target_key(&self, from: Key, eip: u32) -> Option<Key> {
-        let page = eip >> 12;
-        let phys = match self.cache.peek(&from).and_then(|a| a.phys_of(page)) {
-            Some(p) => p,
-            None => self.current_phys(page)?,
-        };
-        Some(make_key(eip, phys, key_user(from)))
-    }
-
-    /// Chain `l` into `to` if allowed: true if it was.
-    fn try_chain(&mut self, l: Link, to: Key) -> bool {
-        let Some(cross) = self.may_link(l.from, to) else {
-            return false;
-        };
-        self.patch(l, Some(to));
-        if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&to) {
-            incoming.push(l);
+    /// A cross-page link into `to` (shaped `target`), filed under the
+    /// regions of the target's pages.
+    fn file_cross(&mut self, to: Key, target: &Shape, l: Link) {
+        let (a, b) = ((target.lin.0 >> 10) as u16, (target.lin.1 >> 10) as u16);
+        self.cross.entry(a).or_default().push((to, l));
+        if b != a {
+            self.cross.entry(b).or_default().push((to, l));
         }
-        self.set_linked(l, Some(to));
-        if cross {
-            // Filed under the regions of the target's pages.
-            if let Some(t) = self.cache.peek(&to) {
-                let (a, b) = t.lin_pages();
-                let (a, b) = ((a >> 10) as u16, (b >> 10) as u16);
-                self.cross.entry(a).or_default().push((to, l));
-                if b != a {
-                    self.cross.entry(b).or_default().push((to, l));
-                }
-            }
-        }
-        true
     }
 
     /// Record in the block holding `l` where its stub is chained.
@@ -196,13 +212,33 @@ impl Bt {
     /// Chain the stubs waiting for `key`'s EIP that may land in it.
     pub(crate) fn link_waiting(&mut self, key: Key) {
         let eip = key_eip(key);
+        let Some(me) = self.shape(key) else {
+            return;
+        };
         let Some(waiting) = self.pending.remove(&eip) else {
             return;
         };
         let mut still = Links::None;
+        let mut came = Links::None;
         for &l in waiting.as_slice() {
-            if !self.try_chain(l, key) {
-                still.push(l);
+            let cross = match self.shape(l.from) {
+                Some(from) => self.chain_into(l, &from, key, &me),
+                None => None,
+            };
+            match cross {
+                Some(cross) => {
+                    self.set_linked(l, Some(key));
+                    if cross {
+                        self.file_cross(key, &me, l);
+                    }
+                    came.push(l);
+                }
+                None => still.push(l),
+            }
+        }
+        if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&key) {
+            for &l in came.as_slice() {
+                incoming.push(l);
             }
         }
         if !still.is_empty() {
@@ -213,23 +249,55 @@ impl Bt {
     /// Link a new block: stubs waiting for it, and its own stubs.
     pub(crate) fn link(&mut self, key: Key) {
         self.link_waiting(key);
-        // The block's sites, copied into a vector kept between links.
+        let Some(me) = self.shape(key) else {
+            return;
+        };
+        // The block's sites, copied into a vector kept between links, and
+        // where each was chained (set in the block's sites at the end).
         let mut sites = std::mem::take(&mut self.site_scratch);
         sites.clear();
         if let Some(Translation::Code { code, .. }) = self.cache.peek(&key) {
             sites.extend_from_slice(code.sites());
         }
-        for &site in &sites {
+        let mut any = false;
+        for site in sites.iter_mut() {
             let link = Link {
                 from: key,
                 rel32: site.rel32,
                 cold: site.cold,
             };
-            let chained = self
-                .target_key(key, site.target)
-                .is_some_and(|to| self.try_chain(link, to));
-            if !chained {
-                self.pending.entry(site.target).or_default().push(link);
+            // The target's translation as this block's pages (or else the
+            // current address space) say.
+            let page = site.target >> 12;
+            let to = me
+                .phys_of(page)
+                .or_else(|| self.current_phys(page))
+                .map(|phys| make_key(site.target, phys, key_user(key)));
+            let chained = to.and_then(|to| {
+                let target = if to == key { me } else { self.shape(to)? };
+                let cross = self.chain_into(link, &me, to, &target)?;
+                Some((to, target, cross))
+            });
+            site.linked = None;
+            match chained {
+                Some((to, target, cross)) => {
+                    if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&to) {
+                        incoming.push(link);
+                    }
+                    if cross {
+                        self.file_cross(to, &target, link);
+                    }
+                    site.linked = Some(to);
+                    any = true;
+                }
+                None => self.pending.entry(site.target).or_default().push(link),
+            }
+        }
+        if any {
+            if let Some(Translation::Code { code, .. }) = self.cache.peek_mut(&key) {
+                for (s, done) in code.sites_mut().iter_mut().zip(&sites) {
+                    s.linked = done.linked;
+                }
             }
         }
         self.site_scratch = sites;

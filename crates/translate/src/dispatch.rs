@@ -149,6 +149,11 @@ pub struct Bt {
     /// counts the times: each makes the next promotion take four times
     /// the faults, up to [`MAX_DEMOTIONS`] times).
     pub(crate) hot_stores: FastMap<u32, HotStore>,
+    /// The pages (EIP >> 12) that have held a hot store: a block on any
+    /// other page looks none of its instructions up in `hot_stores`. Only
+    /// grows (a page left here after its hot stores were demoted costs
+    /// only those lookups).
+    pub(crate) hot_pages: FastMap<u32, ()>,
     pub(crate) demotions: FastMap<u32, u32>,
     /// Hot stores a run of host code demoted (acted on at the next drain).
     pub(crate) demoted: Vec<u32>,
@@ -159,6 +164,10 @@ pub struct Bt {
     /// (superblocks)? On by default; the translation-cost benchmark turns
     /// it off to measure basic blocks alone.
     pub superblocks: bool,
+    /// Scan the common innocuous instructions with the fast scanner
+    /// (`popek_decode::fast`) instead of decoding them? On by default; the
+    /// tests compare translations with it off.
+    pub fast_scan: bool,
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
     pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
@@ -236,8 +245,10 @@ impl Bt {
             lookup: None,
             lookup_used: [Vec::new(), Vec::new()],
             superblocks: true,
+            fast_scan: true,
             store_faults: FastMap::default(),
             hot_stores: FastMap::default(),
+            hot_pages: FastMap::default(),
             demotions: FastMap::default(),
             demoted: Vec::new(),
             checked_stores: true,
@@ -775,6 +786,7 @@ impl Bt {
         }
         *n = 0;
         self.hot_stores.insert(eip, HotStore::default());
+        self.hot_pages.insert(eip >> 12, ());
         self.stats.hot_stores += 1;
         self.retranslate_holding(cpu, eip);
     }

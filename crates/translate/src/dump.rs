@@ -54,7 +54,7 @@ impl Bt {
         for (i, insn) in block.insns.iter().enumerate() {
             let bytes: Vec<String> = insn.bytes.iter().map(|b| format!("{b:02x}")).collect();
             let mut text = String::new();
-            fmt.format(&insn.ins, &mut text);
+            fmt.format(&insn.decoded(), &mut text);
             let kind = how
                 .get(i)
                 .copied()

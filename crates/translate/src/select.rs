@@ -27,8 +27,8 @@ use crate::dispatch::Bt;
 use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece, Span};
 use crate::helper::{helper_call, INDEX_SHIFT};
 use crate::lower::{
-    lower_checked_push, lower_checked_store, lower_into, lower_seg_override, lower_stack,
-    lower_string, lower_terminator, SegBases,
+    copy_fast, lower_checked_push, lower_checked_store, lower_into, lower_seg_override,
+    lower_stack, lower_string, lower_terminator, SegBases,
 };
 
 /// Where a translated instruction's host code is while a block is built:
@@ -78,6 +78,7 @@ impl Bt {
             &mut insns,
             SUPERBLOCK_MAX,
             self.superblocks,
+            self.fast_scan,
         );
         let mut block = popek_decode::Block {
             start: eip,
@@ -94,11 +95,15 @@ impl Bt {
         let mut how = Vec::new();
         let dumping = self.dump.is_some();
         let mut counted = 0usize;
+        let mut fast = 0u64;
         // This block's helper instructions; their indices in the pieces are
         // relative until the block is compiled (a full buffer is flushed,
         // and the engine's table with it, between two attempts).
         let mut helpers = Vec::new();
         let host_fixed = crate::host::host_fixed_flags();
+        // Every instruction of a block starts on its first page: if that
+        // page never held a hot store, none is looked up.
+        let hot_page = !self.hot_pages.is_empty() && self.hot_pages.contains_key(&(eip >> 12));
         let mut k = 0;
         while k < block.insns.len() {
             // A debugger's breakpoint: the block ends before it (see
@@ -107,9 +112,31 @@ impl Bt {
             {
                 break;
             }
+            let mark = arena.len();
+            // The fast scanner's instructions are copied as they are (with
+            // `gs addr32` for memory), unless a hot store: decoded in full
+            // for the paths below.
+            if let Some(p) = block.insns[k].fast {
+                let i = &block.insns[k];
+                if !hot_page || !self.hot_stores.contains_key(&i.ins.ip32()) {
+                    k += 1;
+                    copy_fast(p, &i.bytes, &mut arena);
+                    fast += 1;
+                    eips.push(i.ins.ip32());
+                    counted_at.push(counted as u32);
+                    parts.push(Part::Code(mark, arena.len()));
+                    if dumping {
+                        how.push("copied");
+                    }
+                    counted += 1;
+                    continue;
+                }
+                let full = block.insns[k].decoded();
+                block.insns[k].ins = full;
+                block.insns[k].fast = None;
+            }
             let i = &block.insns[k];
             k += 1;
-            let mark = arena.len();
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`).
             if !cpu.fpu.used {
@@ -119,8 +146,7 @@ impl Bt {
             // (see `Bt::hot_stores`), unless it transfers control.
             // (A direct CALL whose push keeps faulting: a checked push,
             // below.)
-            let hot_eip =
-                !self.hot_stores.is_empty() && self.hot_stores.contains_key(&i.ins.ip32());
+            let hot_eip = hot_page && self.hot_stores.contains_key(&i.ins.ip32());
             let hot = hot_eip && i.class != popek_decode::Class::ControlFlow;
             let hot_call = hot_eip && i.ins.code() == iced_x86::Code::Call_rel32_32;
             // An innocuous access through FS or GS: host code adding the
@@ -253,6 +279,7 @@ impl Bt {
                             &mut block.insns,
                             room,
                             true,
+                            self.fast_scan,
                         );
                         continue;
                     }
@@ -488,6 +515,7 @@ impl Bt {
             return Translation::Interpret { pages, lin, bytes };
         };
         self.stats.insns_translated += n as u64;
+        self.stats.insns_fast += fast;
         self.stats.host_bytes += code.len() as u64;
         self.by_offset.push(code.offset(), key);
         if self.dump.is_some() {

@@ -13,6 +13,9 @@ pub struct Stats {
     pub blocks_translated: u64,
     /// Guest instructions translated into host code.
     pub insns_translated: u64,
+    /// Of those, instructions the fast scanner took (`popek_decode::fast`:
+    /// copied without a decode).
+    pub insns_fast: u64,
     /// Host code bytes emitted.
     pub host_bytes: u64,
     /// Dispatcher lookups of the translation cache.
@@ -224,6 +227,11 @@ impl Stats {
                 "guest_instructions_translated",
                 "guest instructions translated",
                 self.insns_translated,
+            ),
+            c(
+                "guest_instructions_fast_scanned",
+                "of those, fast-scanned",
+                self.insns_fast,
             ),
             c("host_bytes", "host bytes emitted", self.host_bytes),
             c("cache_lookups", "cache lookups", self.lookups),

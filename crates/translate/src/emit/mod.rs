@@ -269,8 +269,9 @@ thread_local! {
     /// block), kept between blocks. One assembler (base 0) serves every
     /// block of a thread; jumps out of a block (to the epilogue, the leave
     /// routine) and RIP-relative addresses are computed from the block's
-    /// code-buffer offset ([`jmp_to`]).
-    static ASM: std::cell::Cell<Option<Asm>> = const { std::cell::Cell::new(None) };
+    /// code-buffer offset ([`jmp_to`]). Boxed: taking and putting it back
+    /// moves a pointer, not the assembler.
+    static ASM: std::cell::Cell<Option<Box<Asm>>> = const { std::cell::Cell::new(None) };
     /// A block's side exits while it is built (label, target, count, offset
     /// of the branch's rel32).
     static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize, usize)>> =
@@ -494,7 +495,7 @@ fn jcc(ops: &mut Asm, cc: u8, to: DynamicLabel) {
 pub(crate) fn prepare(buf: &mut CodeBuffer) -> Result<(), BuildError> {
     ensure_epilogue(buf)?;
     ASM.with(|a| {
-        let asm = a.take().unwrap_or_else(Asm::new);
+        let asm = a.take().unwrap_or_else(|| Box::new(Asm::new()));
         a.set(Some(asm));
     });
     Ok(())
@@ -522,7 +523,9 @@ impl HostBlock {
         let base = buf.next_offset();
         // One assembler per thread, reused (its vectors keep their room:
         // growing them was a fifth of translation time).
-        let mut ops = ASM.with(|a| a.take()).unwrap_or_else(Asm::new);
+        let mut ops = ASM
+            .with(|a| a.take())
+            .unwrap_or_else(|| Box::new(Asm::new()));
         ops.clear();
         let built = Self::build(
             &mut ops, buf, base, body, n, span, exit, lookup, volatile, starts,

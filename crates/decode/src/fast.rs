@@ -1,0 +1,292 @@
+//! The fast scanner: the common innocuous instructions of 32-bit code,
+//! recognized from their bytes alone, without a full decode.
+//!
+//! Most of a kernel's or a program's instructions are register and memory
+//! moves and arithmetic with no prefix: MOV, ALU, TEST, LEA, MOVZX/MOVSX,
+//! shifts, INC/DEC, IMUL, SETcc, CMOVcc. For those the translator needs no
+//! decoded operands: their length, where the ModRM byte is (if they address
+//! memory), whether the address is a bare `[disp32]` and whether ESP is in
+//! ModRM (R12 on the host: a REX prefix) say how to copy them (see `popek_translate::lower::copy_fast`). [`plain`] finds that
+//! from the bytes with two lookup tables (opcode map: Intel SDM Vol. 2D,
+//! appendix A.3, one- and two-byte opcode tables; ModRM/SIB lengths: Vol.
+//! 2A, 2.1.5 tables 2-2 and 2-3). Anything else (a prefix, an opcode not
+//! in the tables, AH..BH beside ESP) is None and goes through iced-x86 as
+//! before.
+//!
+//! The translator's test `fast_scanner_agrees_with_the_decoder` holds this
+//! to iced-x86 and the full lowering on every opcode of the tables with
+//! every ModRM and SIB byte.
+
+/// What the fast scanner found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plain {
+    /// The instruction's length in bytes.
+    pub len: u8,
+    /// The offset of its ModRM byte when it addresses memory, else 0.
+    pub modrm: u8,
+    /// The memory operand is a bare `[disp32]` (ModRM mod 00, r/m 101).
+    pub absolute: bool,
+    /// INC or DEC of a register in its one-byte form (0x40-0x4F, a REX
+    /// prefix in 64-bit mode).
+    pub inc_dec: bool,
+    /// The REX prefix the host needs for ESP (R12 there) as ModRM.reg
+    /// (REX.R), as ModRM.rm or as the SIB base (REX.B), else 0.
+    pub rex: u8,
+}
+
+// One opcode's entry: what follows the opcode and what its fields mean.
+/// A recognized opcode.
+const OK: u16 = 1;
+/// A ModRM byte follows the opcode.
+const MODRM: u16 = 1 << 1;
+/// An 8-bit immediate follows (after ModRM, SIB and displacement).
+const IMM8: u16 = 1 << 2;
+/// A 32-bit immediate follows.
+const IMM32: u16 = 1 << 3;
+/// ModRM.reg names a 32-bit register (ESP there is not copyable).
+const REG32: u16 = 1 << 4;
+/// ModRM.rm with mod 11 names a 32-bit or 16-bit register (ESP, SP: no).
+const RM32: u16 = 1 << 5;
+/// Memory operand only (LEA: mod 11 is #UD).
+const MEM_ONLY: u16 = 1 << 6;
+/// The low 3 opcode bits name a 32-bit register (ESP: no); no ModRM.
+const OPREG32: u16 = 1 << 7;
+/// INC/DEC r32 in the one-byte form.
+const INC_DEC: u16 = 1 << 8;
+/// F6/F7: the immediate is there only for /0 (TEST).
+const IMM_IF_TEST: u16 = 1 << 9;
+/// ModRM.reg names a byte register (AH..BH cannot meet a REX prefix).
+const REG8: u16 = 1 << 10;
+/// ModRM.rm with mod 11 names a byte register.
+const RM8: u16 = 1 << 11;
+/// The ModRM.reg values allowed (an opcode group's /digit), in bits 8..16
+/// of the second table.
+const ALL_DIGITS: u8 = 0xFF;
+
+/// An ALU pair of rows (00-05 and the like): r/m8,r8; r/m32,r32; r8,r/m8;
+/// r32,r/m32; AL,imm8; EAX,imm32.
+const fn alu(t: &mut [u16; 256], base: usize) {
+    t[base] = OK | MODRM | REG8 | RM8;
+    t[base + 1] = OK | MODRM | REG32 | RM32;
+    t[base + 2] = OK | MODRM | REG8 | RM8;
+    t[base + 3] = OK | MODRM | REG32 | RM32;
+    t[base + 4] = OK | IMM8;
+    t[base + 5] = OK | IMM32;
+}
+
+/// The one-byte opcode map's recognized entries.
+static ONE: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut k = 0;
+    while k < 8 {
+        alu(&mut t, k * 8);
+        k += 1;
+    }
+    let mut r = 0;
+    while r < 8 {
+        if r != 4 {
+            t[0x40 + r] = OK | OPREG32 | INC_DEC;
+            t[0x48 + r] = OK | OPREG32 | INC_DEC;
+            t[0xB8 + r] = OK | OPREG32 | IMM32;
+            if r != 0 {
+                t[0x90 + r] = OK | OPREG32;
+            }
+        }
+        t[0xB0 + r] = OK | IMM8;
+        r += 1;
+    }
+    t[0x69] = OK | MODRM | REG32 | RM32 | IMM32;
+    t[0x6B] = OK | MODRM | REG32 | RM32 | IMM8;
+    t[0x80] = OK | MODRM | RM8 | IMM8;
+    t[0x81] = OK | MODRM | RM32 | IMM32;
+    t[0x83] = OK | MODRM | RM32 | IMM8;
+    t[0x84] = OK | MODRM | REG8 | RM8;
+    t[0x85] = OK | MODRM | REG32 | RM32;
+    t[0x86] = OK | MODRM | REG8 | RM8;
+    t[0x87] = OK | MODRM | REG32 | RM32;
+    t[0x88] = OK | MODRM | REG8 | RM8;
+    t[0x89] = OK | MODRM | REG32 | RM32;
+    t[0x8A] = OK | MODRM | REG8 | RM8;
+    t[0x8B] = OK | MODRM | REG32 | RM32;
+    t[0x8D] = OK | MODRM | REG32 | MEM_ONLY;
+    t[0x90] = OK;
+    t[0x98] = OK;
+    t[0x99] = OK;
+    t[0xA8] = OK | IMM8;
+    t[0xA9] = OK | IMM32;
+    t[0xC0] = OK | MODRM | RM8 | IMM8;
+    t[0xC1] = OK | MODRM | RM32 | IMM8;
+    t[0xC6] = OK | MODRM | RM8 | IMM8;
+    t[0xC7] = OK | MODRM | RM32 | IMM32;
+    t[0xD0] = OK | MODRM | RM8;
+    t[0xD1] = OK | MODRM | RM32;
+    t[0xD2] = OK | MODRM | RM8;
+    t[0xD3] = OK | MODRM | RM32;
+    t[0xF6] = OK | MODRM | RM8 | IMM8 | IMM_IF_TEST;
+    t[0xF7] = OK | MODRM | RM32 | IMM32 | IMM_IF_TEST;
+    t[0xFE] = OK | MODRM | RM8;
+    t[0xFF] = OK | MODRM | RM32;
+    t
+};
+
+/// The /digits each one-byte group allows (all for a non-group opcode).
+static ONE_DIGITS: [u8; 256] = {
+    let mut t = [ALL_DIGITS; 256];
+    // Group 2 (shifts and rotates): /6 is an undocumented alias of /4.
+    let shifts = !(1u8 << 6);
+    t[0xC0] = shifts;
+    t[0xC1] = shifts;
+    t[0xD0] = shifts;
+    t[0xD1] = shifts;
+    t[0xD2] = shifts;
+    t[0xD3] = shifts;
+    // Group 11: MOV r/m, imm is /0 (C6 F8 and C7 F8 are XABORT, XBEGIN).
+    t[0xC6] = 1;
+    t[0xC7] = 1;
+    // Group 3: TEST /0, NOT, NEG, MUL, IMUL, DIV, IDIV (/1 an alias).
+    t[0xF6] = !(1u8 << 1);
+    t[0xF7] = !(1u8 << 1);
+    // Groups 4 and 5: INC, DEC (the rest of FF transfers control or pushes).
+    t[0xFE] = 0b11;
+    t[0xFF] = 0b11;
+    t
+};
+
+/// The two-byte (0F xx) opcode map's recognized entries.
+static TWO: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut c = 0;
+    while c < 16 {
+        // CMOVcc r32, r/m32 and SETcc r/m8.
+        t[0x40 + c] = OK | MODRM | REG32 | RM32;
+        t[0x90 + c] = OK | MODRM | RM8;
+        c += 1;
+    }
+    t[0xA3] = OK | MODRM | REG32 | RM32;
+    t[0xAB] = OK | MODRM | REG32 | RM32;
+    t[0xB3] = OK | MODRM | REG32 | RM32;
+    t[0xBB] = OK | MODRM | REG32 | RM32;
+    t[0xA4] = OK | MODRM | REG32 | RM32 | IMM8;
+    t[0xAC] = OK | MODRM | REG32 | RM32 | IMM8;
+    t[0xA5] = OK | MODRM | REG32 | RM32;
+    t[0xAD] = OK | MODRM | REG32 | RM32;
+    t[0xAF] = OK | MODRM | REG32 | RM32;
+    t[0xB6] = OK | MODRM | REG32 | RM8;
+    t[0xB7] = OK | MODRM | REG32 | RM32;
+    t[0xBE] = OK | MODRM | REG32 | RM8;
+    t[0xBF] = OK | MODRM | REG32 | RM32;
+    t[0xBA] = OK | MODRM | RM32 | IMM8;
+    t[0xBC] = OK | MODRM | REG32 | RM32;
+    t[0xBD] = OK | MODRM | REG32 | RM32;
+    t
+};
+
+/// The /digits each two-byte group allows.
+static TWO_DIGITS: [u8; 256] = {
+    let mut t = [ALL_DIGITS; 256];
+    // Group 8: BT, BTS, BTR, BTC are /4../7.
+    t[0xBA] = 0xF0;
+    // SETcc's ModRM.reg is not an operand: /0 only, as encoders write it.
+    let mut c = 0;
+    while c < 16 {
+        t[0x90 + c] = 1;
+        c += 1;
+    }
+    t
+};
+
+/// The instruction at the start of `bytes` (32-bit code), if it is one of
+/// the fast scanner's: no prefix, an opcode of its tables, no byte register
+/// AH..BH beside ESP, and all its bytes in `bytes`.
+#[inline(always)]
+pub fn plain(bytes: &[u8]) -> Option<Plain> {
+    let &op = bytes.first()?;
+    let (entry, digits, at) = if op == 0x0F {
+        let &op2 = bytes.get(1)?;
+        (TWO[usize::from(op2)], TWO_DIGITS[usize::from(op2)], 2)
+    } else {
+        (ONE[usize::from(op)], ONE_DIGITS[usize::from(op)], 1)
+    };
+    if entry & OK == 0 {
+        return None;
+    }
+    if entry & OPREG32 != 0 {
+        let len = 1 + if entry & IMM32 != 0 { 4 } else { 0 };
+        return (bytes.len() >= len).then_some(Plain {
+            len: len as u8,
+            modrm: 0,
+            absolute: false,
+            inc_dec: entry & INC_DEC != 0,
+            rex: 0,
+        });
+    }
+    let mut len = at;
+    let mut modrm_at = 0;
+    let mut absolute = false;
+    let mut digit = 0;
+    let mut rex = 0;
+    if entry & MODRM != 0 {
+        let &modrm = bytes.get(at)?;
+        let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
+        digit = reg;
+        if digits & (1 << reg) == 0 {
+            return None;
+        }
+        if entry & REG32 != 0 && reg == 4 {
+            rex |= 0x44;
+        }
+        len += 1;
+        if md == 3 {
+            if entry & MEM_ONLY != 0 {
+                return None;
+            }
+            if entry & RM32 != 0 && rm == 4 {
+                rex |= 0x41;
+            }
+        } else {
+            modrm_at = at as u8;
+            if rm == 4 {
+                let &sib = bytes.get(at + 1)?;
+                let (index, base) = ((sib >> 3) & 7, sib & 7);
+                // ESP as the base is R12 on the host; no base and no index
+                // is a bare [disp32] in a SIB (rare: the full path's).
+                if base == 4 {
+                    rex |= 0x41;
+                } else if base == 5 && md == 0 && index == 4 {
+                    return None;
+                }
+                len += 1;
+                if base == 5 && md == 0 {
+                    len += 4;
+                }
+            } else if rm == 5 && md == 0 {
+                absolute = true;
+                len += 4;
+            }
+            len += match md {
+                1 => 1,
+                2 => 4,
+                _ => 0,
+            };
+        }
+        // A REX prefix makes AH, CH, DH and BH into SPL, BPL, SIL, DIL.
+        if rex != 0 && ((entry & REG8 != 0 && reg >= 4) || (entry & RM8 != 0 && md == 3 && rm >= 4))
+        {
+            return None;
+        }
+    }
+    if entry & IMM_IF_TEST == 0 || digit == 0 {
+        if entry & IMM8 != 0 {
+            len += 1;
+        } else if entry & IMM32 != 0 {
+            len += 4;
+        }
+    }
+    (bytes.len() >= len).then_some(Plain {
+        len: len as u8,
+        modrm: modrm_at,
+        absolute,
+        inc_dec: false,
+        rex,
+    })
+}
