@@ -17,6 +17,8 @@
 //! to iced-x86 and the full lowering on every opcode of the tables with
 //! every ModRM and SIB byte.
 
+use iced_x86::Instruction;
+
 /// What the fast scanner found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plain {
@@ -289,4 +291,137 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
         inc_dec: false,
         rex,
     })
+}
+
+/// The one-byte opcodes [`simple`] builds (their operands are a register in
+/// the opcode, a relative target or none): PUSH r32, POP r32, Jcc rel8,
+/// CALL rel32, JMP rel32, JMP rel8, RET, LEAVE.
+const SIMPLE_ONE: [(u8, u8); 7] = [
+    (0x50, 0x5F),
+    (0x70, 0x7F),
+    (0xE8, 0xE8),
+    (0xE9, 0xE9),
+    (0xEB, 0xEB),
+    (0xC3, 0xC3),
+    (0xC9, 0xC9),
+];
+
+/// The decoded form of each encoding [`simple`] builds, with a zero
+/// displacement at EIP 0 (decoded once by iced-x86, on first use): one-byte
+/// opcodes at their value, `0F 80+cc` (Jcc rel32) at 256 + cc.
+fn templates() -> &'static [Instruction; 272] {
+    static T: std::sync::OnceLock<Box<[Instruction; 272]>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut t = Box::new([Instruction::default(); 272]);
+        for &(lo, hi) in &SIMPLE_ONE {
+            for op in lo..=hi {
+                t[usize::from(op)] = crate::decode_one(&[op, 0, 0, 0, 0], 0, 32);
+            }
+        }
+        for cc in 0..16u8 {
+            t[256 + usize::from(cc)] = crate::decode_one(&[0x0F, 0x80 + cc, 0, 0, 0, 0], 0, 32);
+        }
+        t
+    })
+}
+
+/// The instruction at the start of `bytes` at `eip` (32-bit code), decoded
+/// without the decoder, if it is one of the few the translator meets most
+/// after [`plain`]'s (PUSH/POP r32, Jcc, JMP and CALL with a relative
+/// target, RET, LEAVE) and all its bytes are in `bytes`: the same
+/// `Instruction` iced-x86 decodes (the test
+/// `simple_instructions_are_what_the_decoder_decodes` compares every bit).
+#[inline]
+pub fn simple(bytes: &[u8], eip: u32) -> Option<Instruction> {
+    let &op = bytes.first()?;
+    let (at, rel) = match op {
+        0x50..=0x5F | 0xC3 | 0xC9 => (usize::from(op), None),
+        0x70..=0x7F | 0xEB => (usize::from(op), Some(i32::from(*bytes.get(1)? as i8))),
+        0xE8 | 0xE9 => {
+            let d: [u8; 4] = bytes.get(1..5)?.try_into().ok()?;
+            (usize::from(op), Some(i32::from_le_bytes(d)))
+        }
+        0x0F => match *bytes.get(1)? {
+            cc @ 0x80..=0x8F => {
+                let d: [u8; 4] = bytes.get(2..6)?.try_into().ok()?;
+                (256 + usize::from(cc - 0x80), Some(i32::from_le_bytes(d)))
+            }
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let mut ins = templates()[at];
+    let next = eip.wrapping_add(ins.len() as u32);
+    ins.set_next_ip(u64::from(next));
+    if let Some(rel) = rel {
+        ins.set_near_branch32(next.wrapping_add(rel as u32));
+    }
+    Some(ins)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every encoding `simple` builds, at EIPs near 0, in the middle and
+    /// near the 4 GiB wrap, with displacements of every size and sign: the
+    /// very instruction iced-x86 decodes, bit for bit; and nothing when its
+    /// bytes are cut short.
+    #[test]
+    fn simple_instructions_are_what_the_decoder_decodes() {
+        let mut encodings: Vec<Vec<u8>> = Vec::new();
+        for &(lo, hi) in &SIMPLE_ONE {
+            for op in lo..=hi {
+                match op {
+                    0x70..=0x7F | 0xEB => {
+                        for d in [0u8, 1, 0x7F, 0x80, 0xFE, 0xFF] {
+                            encodings.push(vec![op, d]);
+                        }
+                    }
+                    0xE8 | 0xE9 => {
+                        for d in [0i32, 5, -5, i32::MAX, i32::MIN, 0x1234_5678] {
+                            let mut e = vec![op];
+                            e.extend(d.to_le_bytes());
+                            encodings.push(e);
+                        }
+                    }
+                    _ => encodings.push(vec![op]),
+                }
+            }
+        }
+        for cc in 0x80..=0x8Fu8 {
+            for d in [0i32, -6, 0x7FFF_FFFF, -0x8000_0000] {
+                let mut e = vec![0x0F, cc];
+                e.extend(d.to_le_bytes());
+                encodings.push(e);
+            }
+        }
+        for e in &encodings {
+            for eip in [0u32, 0x10, 0x0040_1000, 0x7FFF_FFF0, 0xFFFF_FFF8] {
+                let mut bytes = e.clone();
+                bytes.extend([0xCC; 8]);
+                let got = simple(&bytes, eip).expect("taken");
+                let want = crate::decode_one(&bytes, eip, 32);
+                assert!(
+                    got.eq_all_bits(&want),
+                    "{e:02X?} at {eip:#x}: {got:?} vs {want:?}"
+                );
+                assert_eq!(got.ip32(), eip);
+                assert!(
+                    simple(&e[..e.len() - 1], eip).is_none(),
+                    "{e:02X?} cut short"
+                );
+            }
+        }
+        // What it does not take: a prefix, another opcode, 0F outside Jcc.
+        for b in [
+            [0x66, 0x50],
+            [0xF3, 0xC3],
+            [0x0F, 0x90],
+            [0xFF, 0xD0],
+            [0xC2, 0x04],
+        ] {
+            assert!(simple(&b, 0).is_none(), "{b:02X?}");
+        }
+    }
 }

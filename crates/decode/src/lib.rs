@@ -502,7 +502,9 @@ pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitnes
 /// superblock's side exits), and the caller finds each Jcc among the
 /// instructions. With `fast` (32-bit code only), the instructions the fast
 /// scanner knows ([`fast::plain`]) are not decoded: their `fast` says what
-/// they are (see [`Insn::ins`]).
+/// they are (see [`Insn::ins`]); and PUSH/POP r32, relative branches, RET
+/// and LEAVE are built from their bytes ([`fast::simple`]), the decoder's
+/// instruction without the decoder.
 pub fn scan_block_into(
     mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
     start: u32,
@@ -564,29 +566,17 @@ pub fn scan_block_into(
                 continue;
             }
         }
-        // The decoder where the fast scanner left off (`off` is inside
-        // its window), or a new one.
-        let reuse = match &mut decoder {
-            Some(d) => d.set_position(off - window_at).is_ok(),
-            None => false,
+        // PUSH/POP, relative branches, RET and LEAVE built without the
+        // decoder (the same instruction it would decode).
+        let simple = if fast {
+            fast::simple(&space[off..fetched], eip)
+        } else {
+            None
         };
-        if !reuse {
-            window_at = off;
-            decoder = None;
-        }
-        let decoder = decoder.get_or_insert_with(|| {
-            Decoder::with_ip(
-                bitness,
-                &space[off..fetched],
-                u64::from(eip),
-                DecoderOptions::NONE,
-            )
-        });
-        decoder.set_ip(u64::from(eip));
         // (Decoded in place, in the vector's next slot: an instruction is
         // not copied on its way there.)
         insns.push(Insn {
-            ins: Instruction::default(),
+            ins: simple.unwrap_or_default(),
             bytes: InsnBytes {
                 buf: [0; MAX_INSN_LEN],
                 len: 0,
@@ -596,21 +586,43 @@ pub fn scan_block_into(
             fast: None,
         });
         let slot = insns.last_mut().expect("pushed above");
-        decoder.decode_out(&mut slot.ins);
-        let ins = &slot.ins;
-        if ins.is_invalid() || ins.code() == Code::Ud2 {
-            // Running out of fetched bytes (a fetch fault ahead, not the
-            // end of the window) is a fetch fault, not #UD.
-            let short = ins.is_invalid()
-                && decoder.last_error() == DecoderError::NoMoreBytes
-                && fetched < want;
-            insns.pop();
-            break if short {
-                BlockEnd::FetchFault(eip)
-            } else {
-                BlockEnd::Undecodable(eip)
+        if simple.is_none() {
+            // The decoder where the fast scanner left off (`off` is inside
+            // its window), or a new one.
+            let reuse = match &mut decoder {
+                Some(d) => d.set_position(off - window_at).is_ok(),
+                None => false,
             };
+            if !reuse {
+                window_at = off;
+                decoder = None;
+            }
+            let decoder = decoder.get_or_insert_with(|| {
+                Decoder::with_ip(
+                    bitness,
+                    &space[off..fetched],
+                    u64::from(eip),
+                    DecoderOptions::NONE,
+                )
+            });
+            decoder.set_ip(u64::from(eip));
+            decoder.decode_out(&mut slot.ins);
+            let ins = &slot.ins;
+            if ins.is_invalid() || ins.code() == Code::Ud2 {
+                // Running out of fetched bytes (a fetch fault ahead, not
+                // the end of the window) is a fetch fault, not #UD.
+                let short = ins.is_invalid()
+                    && decoder.last_error() == DecoderError::NoMoreBytes
+                    && fetched < want;
+                insns.pop();
+                break if short {
+                    BlockEnd::FetchFault(eip)
+                } else {
+                    BlockEnd::Undecodable(eip)
+                };
+            }
         }
+        let ins = &slot.ins;
         let len = ins.len();
         let (sp, class) = special_and_class(ins);
         slot.bytes = InsnBytes::within(&space, off, len);

@@ -126,7 +126,7 @@ impl Bt {
                     counted_at.push(counted as u32);
                     parts.push(Part::Code(mark, arena.len()));
                     if dumping {
-                        how.push("copied");
+                        how.push("copied (fast scanner)");
                     }
                     counted += 1;
                     continue;
