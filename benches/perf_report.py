@@ -1502,6 +1502,29 @@ system call), so it is higher than the warm figure.
   translation, compute guest: 23,366 (22.7 guest instructions) ->
   23,379 (25.4, the longer blocks); selfcheck 23,904 (22.6) -> 32,414
   (33.7): about 10% less per guest instruction, more per block.
+- What the 18th session changed (the same Intel machine, slower again
+  that day: the nanobenchmark's interpreter columns took up to twice
+  the ticks of the 17th session's run, so compare rows within this run
+  only): the fast scanner (docs/architecture.md, `popek_decode::fast`)
+  copies the common prefix-free instructions from their bytes without
+  an iced-x86 decode (two thirds of the Linux boot's translated
+  instructions, four fifths of the selfcheck guest's) and builds PUSH,
+  POP, relative branches, RET and LEAVE from their bytes without the
+  decoder; chaining a new block looks each translation up once per link
+  instead of six times. Host instructions per warm translation
+  (cachegrind, `translate_loop GUEST 12x` minus `2x`): selfcheck 32,570
+  -> 22,638 (35.4 guest instructions), as basic blocks 9,760 -> 7,604
+  (6.9); compute 23,379 -> 16,697 (25.4). In a run the gain is smaller:
+  the boot's `--stats` figure, median of six alternating runs of the
+  two builds, 4.81 -> 4.60 us per block. A translation in the boot costs
+  about three times its warm figure: the guest runs about 100 us between
+  two translations and evicts the translator's code and data. Where it
+  goes there (perf, samples under the translation): building and copying
+  the host code 22%, scanning 16%, chaining 11%, the cache's insert 7%,
+  the block's own loop 6%, the write watch 5%, the instruction map's
+  allocation 3%, the lowerings that still use iced-x86's encoder (FS/GS
+  accesses, checked stores) 5%: no one part whose removal would reach
+  1.5 us.
 - Tried in the 16th session and taken out: translating a new block's
   direct successors on its page at once (while the translator is warm):
   1.77 us per translation in the boot instead of 2.0, but 12 K more

@@ -61,6 +61,10 @@ const IMM_IF_TEST: u16 = 1 << 9;
 const REG8: u16 = 1 << 10;
 /// ModRM.rm with mod 11 names a byte register.
 const RM8: u16 = 1 << 11;
+/// The usual two-operand form: r/m32 and r32 (either way round).
+const RM_R32: u16 = OK | MODRM | REG32 | RM32;
+/// The same with byte registers: r/m8 and r8.
+const RM_R8: u16 = OK | MODRM | REG8 | RM8;
 /// The ModRM.reg values allowed (an opcode group's /digit), in bits 8..16
 /// of the second table.
 const ALL_DIGITS: u8 = 0xFF;
@@ -68,10 +72,10 @@ const ALL_DIGITS: u8 = 0xFF;
 /// An ALU pair of rows (00-05 and the like): r/m8,r8; r/m32,r32; r8,r/m8;
 /// r32,r/m32; AL,imm8; EAX,imm32.
 const fn alu(t: &mut [u16; 256], base: usize) {
-    t[base] = OK | MODRM | REG8 | RM8;
-    t[base + 1] = OK | MODRM | REG32 | RM32;
-    t[base + 2] = OK | MODRM | REG8 | RM8;
-    t[base + 3] = OK | MODRM | REG32 | RM32;
+    t[base] = RM_R8;
+    t[base + 1] = RM_R32;
+    t[base + 2] = RM_R8;
+    t[base + 3] = RM_R32;
     t[base + 4] = OK | IMM8;
     t[base + 5] = OK | IMM32;
 }
@@ -97,19 +101,19 @@ static ONE: [u16; 256] = {
         t[0xB0 + r] = OK | IMM8;
         r += 1;
     }
-    t[0x69] = OK | MODRM | REG32 | RM32 | IMM32;
-    t[0x6B] = OK | MODRM | REG32 | RM32 | IMM8;
+    t[0x69] = RM_R32 | IMM32;
+    t[0x6B] = RM_R32 | IMM8;
     t[0x80] = OK | MODRM | RM8 | IMM8;
     t[0x81] = OK | MODRM | RM32 | IMM32;
     t[0x83] = OK | MODRM | RM32 | IMM8;
-    t[0x84] = OK | MODRM | REG8 | RM8;
-    t[0x85] = OK | MODRM | REG32 | RM32;
-    t[0x86] = OK | MODRM | REG8 | RM8;
-    t[0x87] = OK | MODRM | REG32 | RM32;
-    t[0x88] = OK | MODRM | REG8 | RM8;
-    t[0x89] = OK | MODRM | REG32 | RM32;
-    t[0x8A] = OK | MODRM | REG8 | RM8;
-    t[0x8B] = OK | MODRM | REG32 | RM32;
+    t[0x84] = RM_R8;
+    t[0x85] = RM_R32;
+    t[0x86] = RM_R8;
+    t[0x87] = RM_R32;
+    t[0x88] = RM_R8;
+    t[0x89] = RM_R32;
+    t[0x8A] = RM_R8;
+    t[0x8B] = RM_R32;
     t[0x8D] = OK | MODRM | REG32 | MEM_ONLY;
     t[0x90] = OK;
     t[0x98] = OK;
@@ -160,26 +164,26 @@ static TWO: [u16; 256] = {
     let mut c = 0;
     while c < 16 {
         // CMOVcc r32, r/m32 and SETcc r/m8.
-        t[0x40 + c] = OK | MODRM | REG32 | RM32;
+        t[0x40 + c] = RM_R32;
         t[0x90 + c] = OK | MODRM | RM8;
         c += 1;
     }
-    t[0xA3] = OK | MODRM | REG32 | RM32;
-    t[0xAB] = OK | MODRM | REG32 | RM32;
-    t[0xB3] = OK | MODRM | REG32 | RM32;
-    t[0xBB] = OK | MODRM | REG32 | RM32;
-    t[0xA4] = OK | MODRM | REG32 | RM32 | IMM8;
-    t[0xAC] = OK | MODRM | REG32 | RM32 | IMM8;
-    t[0xA5] = OK | MODRM | REG32 | RM32;
-    t[0xAD] = OK | MODRM | REG32 | RM32;
-    t[0xAF] = OK | MODRM | REG32 | RM32;
+    t[0xA3] = RM_R32;
+    t[0xAB] = RM_R32;
+    t[0xB3] = RM_R32;
+    t[0xBB] = RM_R32;
+    t[0xA4] = RM_R32 | IMM8;
+    t[0xAC] = RM_R32 | IMM8;
+    t[0xA5] = RM_R32;
+    t[0xAD] = RM_R32;
+    t[0xAF] = RM_R32;
     t[0xB6] = OK | MODRM | REG32 | RM8;
-    t[0xB7] = OK | MODRM | REG32 | RM32;
+    t[0xB7] = RM_R32;
     t[0xBE] = OK | MODRM | REG32 | RM8;
-    t[0xBF] = OK | MODRM | REG32 | RM32;
+    t[0xBF] = RM_R32;
     t[0xBA] = OK | MODRM | RM32 | IMM8;
-    t[0xBC] = OK | MODRM | REG32 | RM32;
-    t[0xBD] = OK | MODRM | REG32 | RM32;
+    t[0xBC] = RM_R32;
+    t[0xBD] = RM_R32;
     t
 };
 
