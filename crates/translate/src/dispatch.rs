@@ -165,8 +165,8 @@ pub struct Bt {
     /// it off to measure basic blocks alone.
     pub superblocks: bool,
     /// Scan the common innocuous instructions with the fast scanner
-    /// (`popek_decode::fast`) instead of decoding them? On by default; the
-    /// tests compare translations with it off.
+    /// (`popek_decode::fast`) instead of decoding them? On by default;
+    /// crates/bench/tests/fast_scan.rs compares translations with it off.
     pub fast_scan: bool,
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
