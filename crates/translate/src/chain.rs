@@ -132,15 +132,11 @@ impl Links {
 }
 
 impl Bt {
-    /// Patch a chained jump to land in `target`'s body, or back to its
-    /// stub's cold tail (which returns to the dispatcher).
-    fn patch(&mut self, l: Link, to_body_of: Option<Key>) {
-        let to = match to_body_of.and_then(|t| self.cache.peek(&t)) {
-            Some(Translation::Code { code, .. }) => code.body_offset(),
-            _ => l.cold,
-        };
+    /// Patch a chained jump back to its stub's cold tail (which returns to
+    /// the dispatcher).
+    fn unpatch(&mut self, l: Link) {
         if let Some(buf) = self.code.as_mut() {
-            buf.patch_rel32(l.rel32, to);
+            buf.patch_rel32(l.rel32, l.cold);
         }
     }
 
@@ -212,10 +208,11 @@ impl Bt {
     /// Chain the stubs waiting for `key`'s EIP that may land in it.
     pub(crate) fn link_waiting(&mut self, key: Key) {
         let eip = key_eip(key);
-        let Some(me) = self.shape(key) else {
+        let Some(waiting) = self.pending.remove(&eip) else {
             return;
         };
-        let Some(waiting) = self.pending.remove(&eip) else {
+        let Some(me) = self.shape(key) else {
+            self.pending.insert(eip, waiting);
             return;
         };
         let mut still = Links::None;
@@ -305,7 +302,7 @@ impl Bt {
 
     /// Unchain a link from its target `to` and let it wait again.
     fn unchain(&mut self, to: Key, l: Link) {
-        self.patch(l, None);
+        self.unpatch(l);
         self.set_linked(l, None);
         self.pending.entry(key_eip(to)).or_default().push(l);
     }
