@@ -182,8 +182,6 @@ pub struct Bt {
     /// A block's exit sites while [`Bt::link`] chains them (kept between
     /// links: nothing allocated per block).
     pub(crate) site_scratch: Vec<crate::emit::Site>,
-    /// The parts of the block being translated, kept between translations.
-    pub(crate) parts: Vec<crate::select::Part>,
     /// How translated code paces itself ([`Pacing`]); the poll page and
     /// its timer when polled.
     pub(crate) pacing: Pacing,
@@ -268,7 +266,6 @@ impl Bt {
                 Vec::with_capacity(SUPERBLOCK_MAX + 1),
                 Vec::with_capacity(SUPERBLOCK_MAX),
             ),
-            parts: Vec::with_capacity(SUPERBLOCK_MAX),
             pacing: Pacing::Counted,
             poller: None,
             wake: (u64::MAX, 0),

@@ -24,24 +24,12 @@ use popek_vcpu::Vcpu;
 
 use crate::cache::{key_eip, Key, Translation, NO_BYTES};
 use crate::dispatch::Bt;
-use crate::emit::{BlockExit, FlagsOp, HelperCall, HostBlock, Piece, Span};
+use crate::emit::{BlockExit, Builder, FlagsOp, HelperCall, Piece, Span};
 use crate::helper::{helper_call, INDEX_SHIFT};
 use crate::lower::{
     copy_fast, lower_checked_push, lower_checked_store, lower_into, lower_seg_override,
     lower_stack, lower_string, lower_terminator, SegBases,
 };
-
-/// Where a translated instruction's host code is while a block is built:
-/// a range of the engine's arena, or a helper call.
-pub(crate) enum Part {
-    Code(usize, usize),
-    /// FS (true) or GS, the arena range of the flat case, the helper call.
-    Segment(bool, usize, usize, HelperCall),
-    /// A checked store: the arena ranges of its address and of the store,
-    /// the helper call.
-    Checked(usize, usize, usize, HelperCall),
-    Piece(Piece<'static>),
-}
 
 /// Instructions a block (a superblock too) retires at most, its exit
 /// included: what the machine's exact instruction budget relies on.
@@ -60,8 +48,89 @@ fn flags_op(ins: &iced_x86::Instruction, host_fixed: u32) -> Option<FlagsOp> {
     })
 }
 
+/// One attempt at a translation: done, or the block did not fit in the
+/// code buffer (then what it is instead, the interpreter's with its bytes
+/// still watched, if a flush does not help).
+enum Attempt {
+    Done(Translation),
+    Full(Translation),
+}
+
+/// Where a block's host code goes as its instructions are selected: the
+/// builder, and for each translated instruction its EIP, the instructions
+/// counted before it and where its host code starts (the instruction map
+/// of [`crate::cache::InsnMap`]), and the instructions its helper calls
+/// run.
+struct Out {
+    b: Builder,
+    eips: Vec<u32>,
+    counted_at: Vec<u32>,
+    /// The engine's helper instructions before this block's (its helper
+    /// calls' indices start there).
+    first_helper: u32,
+    helpers: Vec<iced_x86::Instruction>,
+    /// An STI held back until another instruction's host code follows it
+    /// (see `translate_once`): its EIP, the count before it, the
+    /// instruction.
+    sti: Option<(u32, usize, iced_x86::Instruction)>,
+    /// How each instruction was translated, for `--dump`.
+    how: Vec<&'static str>,
+    dumping: bool,
+}
+
+impl Out {
+    /// The next translated instruction starts here: it is the
+    /// `counted`-th of the block.
+    #[inline]
+    fn mark(&mut self, eip: u32, counted: usize, starts: &mut Vec<u32>) {
+        self.eips.push(eip);
+        self.counted_at.push(counted as u32);
+        starts.push(self.b.offset() as u32);
+    }
+
+    /// The helper call for `ins`, the `counted`-th instruction, which the
+    /// engine keeps for the helper.
+    fn call(&mut self, ins: &iced_x86::Instruction, special: bool, counted: usize) -> HelperCall {
+        let c = helper_call(ins, special, self.helpers.len(), counted);
+        self.helpers.push(*ins);
+        HelperCall {
+            arg: c.arg + (self.first_helper << INDEX_SHIFT),
+        }
+    }
+
+    /// The held-back STI's piece, now that something follows it.
+    #[cold]
+    fn flush_sti(&mut self, starts: &mut Vec<u32>) {
+        if let Some((eip, counted, ins)) = self.sti.take() {
+            self.mark(eip, counted, starts);
+            let call = self.call(&ins, true, counted);
+            self.b.piece(&Piece::Flags(FlagsOp::Sti, call));
+            if self.dumping {
+                self.how
+                    .push("rewritten (virtual flags; helper call unless CPL 0)");
+            }
+        }
+    }
+}
+
 impl Bt {
     pub(crate) fn translate(&mut self, cpu: &mut Vcpu, key: Key) -> Translation {
+        self.stats.blocks_translated += 1;
+        match self.translate_once(cpu, key) {
+            Attempt::Done(t) => t,
+            Attempt::Full(_) => {
+                // The code buffer is full: start again after the flush
+                // forgot every translation (and the bytes this attempt
+                // watched).
+                self.flush();
+                match self.translate_once(cpu, key) {
+                    Attempt::Done(t) | Attempt::Full(t) => t,
+                }
+            }
+        }
+    }
+
+    fn translate_once(&mut self, cpu: &mut Vcpu, key: Key) -> Attempt {
         let eip = key_eip(key);
         // Vectors kept between translations (room for a whole superblock):
         // nothing is allocated or grows while a block is built.
@@ -85,21 +154,36 @@ impl Bt {
             insns,
             end,
         };
-        // Host code of the translated instructions, one after another;
-        // `parts` says which bytes (or which helper call) is whose.
+        let user = self.key.is_some_and(|k| k.user);
+        // The host code goes straight into the block being built (the
+        // engine has its code buffer by the time anything is translated).
+        let Some(b) = self.code.as_mut().and_then(|buf| Builder::begin(buf).ok()) else {
+            self.scratch = (block.insns, eips, counted_at);
+            return Attempt::Done(Translation::Interpret {
+                pages: (u32::MAX, u32::MAX),
+                lin: (eip >> 12, eip >> 12),
+                bytes: NO_BYTES,
+            });
+        };
+        let mut out = Out {
+            b,
+            eips,
+            counted_at,
+            first_helper: self.helper_insns.len() as u32,
+            helpers: Vec::new(),
+            sti: None,
+            how: Vec::new(),
+            dumping: self.dump.is_some(),
+        };
+        let mut starts = std::mem::take(&mut self.starts);
+        starts.clear();
+        // Host code lowered before it is wrapped (FS/GS accesses, checked
+        // stores).
         let mut arena = std::mem::take(&mut self.arena);
-        arena.clear();
-        let mut parts = std::mem::take(&mut self.parts);
-        parts.clear();
         let mut exit = None;
-        let mut how = Vec::new();
-        let dumping = self.dump.is_some();
+        let dumping = out.dumping;
         let mut counted = 0usize;
         let mut fast = 0u64;
-        // This block's helper instructions; their indices in the pieces are
-        // relative until the block is compiled (a full buffer is flushed,
-        // and the engine's table with it, between two attempts).
-        let mut helpers = Vec::new();
         let host_fixed = crate::host::host_fixed_flags();
         // Every instruction of a block starts on its first page: if that
         // page never held a hot store, none is looked up.
@@ -112,7 +196,6 @@ impl Bt {
             {
                 break;
             }
-            let mark = arena.len();
             // The fast scanner's instructions are copied as they are (with
             // `gs addr32` for memory), unless a hot store: decoded in full
             // for the paths below.
@@ -120,13 +203,14 @@ impl Bt {
                 let i = &block.insns[k];
                 if !hot_page || !self.hot_stores.contains_key(&i.ins.ip32()) {
                     k += 1;
-                    copy_fast(p, &i.bytes, &mut arena);
+                    if out.sti.is_some() {
+                        out.flush_sti(&mut starts);
+                    }
+                    out.mark(i.ins.ip32(), counted, &mut starts);
+                    copy_fast(p, &i.bytes, out.b.code());
                     fast += 1;
-                    eips.push(i.ins.ip32());
-                    counted_at.push(counted as u32);
-                    parts.push(Part::Code(mark, arena.len()));
                     if dumping {
-                        how.push("copied (fast scanner)");
+                        out.how.push("copied (fast scanner)");
                     }
                     counted += 1;
                     continue;
@@ -137,6 +221,23 @@ impl Bt {
             }
             let i = &block.insns[k];
             k += 1;
+            // STI opens an interrupt shadow over the next instruction,
+            // which host code does not record: an STI that would be the
+            // last instruction of the block's host code (the shadow still
+            // open when the block exits) is left to the dispatcher. So an
+            // STI's piece goes in only when another instruction's follows
+            // (every instruction has host code but one that ends the block
+            // and is no terminator; tried on the side).
+            let ends = i.class == popek_decode::Class::ControlFlow
+                || i.special.is_some_and(|sp| sp.ends_block());
+            if out.sti.is_some()
+                && (!ends || {
+                    arena.clear();
+                    lower_terminator(&i.ins, &mut arena).is_some()
+                })
+            {
+                out.flush_sti(&mut starts);
+            }
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`).
             if !cpu.fpu.used {
@@ -154,14 +255,18 @@ impl Bt {
             // interpreter (decided at run time, so a segment load changes
             // no translation).
             if !hot && i.class == popek_decode::Class::Innocuous && SegBases::used_by(&i.ins) {
+                arena.clear();
                 if let Ok(fs) = lower_seg_override(&i.ins, &mut arena) {
-                    eips.push(i.ins.ip32());
-                    counted_at.push(counted as u32);
-                    let call = helper_call(&i.ins, false, helpers.len(), counted);
-                    parts.push(Part::Segment(fs, mark, arena.len(), call));
-                    helpers.push(i.ins);
+                    out.mark(i.ins.ip32(), counted, &mut starts);
+                    let call = out.call(&i.ins, false, counted);
+                    out.b.piece(&Piece::Segment {
+                        fs,
+                        code: &arena,
+                        call,
+                    });
                     if dumping {
-                        how.push("copied (FS/GS base from the context; interpreter unless flat)");
+                        out.how
+                            .push("copied (FS/GS base from the context; interpreter unless flat)");
                     }
                     counted += 1;
                     continue;
@@ -173,16 +278,20 @@ impl Bt {
             // A hot push (the guest's stack beside translated code) the
             // same way; a hot CALL's push too, and the block ends there.
             if (hot || hot_call) && self.checked_stores {
+                arena.clear();
                 let lowered = lower_checked_store(&i.ins, &mut arena)
                     .or_else(|_| lower_checked_push(&i.ins, &mut arena));
                 if let Ok(split) = lowered {
-                    eips.push(i.ins.ip32());
-                    counted_at.push(counted as u32);
-                    let call = helper_call(&i.ins, false, helpers.len(), counted);
-                    parts.push(Part::Checked(mark, mark + split, arena.len(), call));
-                    helpers.push(i.ins);
+                    out.mark(i.ins.ip32(), counted, &mut starts);
+                    let call = out.call(&i.ins, false, counted);
+                    out.b.piece(&Piece::Checked {
+                        ea: &arena[..split],
+                        store: &arena[split..],
+                        call,
+                    });
                     if dumping {
-                        how.push("checked store (fast-write map; interpreter otherwise)");
+                        out.how
+                            .push("checked store (fast-write map; interpreter otherwise)");
                     }
                     counted += 1;
                     if i.ins.code() == iced_x86::Code::Call_rel32_32 {
@@ -192,32 +301,40 @@ impl Bt {
                     continue;
                 }
             }
+            // Copied or rewritten in place: lowered straight into the
+            // block (each leaves the code as it was when it declines).
+            // `lower_into` refuses stack instructions: PUSH and POP go to
+            // `lower_stack` without asking it.
+            let at = out.b.offset();
+            let code = out.b.code();
             let kind = if hot {
                 None
             } else if i.class == popek_decode::Class::Innocuous
-                && lower_into(&i.ins, Some(&i.bytes), &mut arena).is_ok()
+                && !i.ins.is_stack_instruction()
+                && lower_into(&i.ins, Some(&i.bytes), code).is_ok()
             {
                 Some("copied")
-            } else if lower_stack(&i.ins, &mut arena) {
+            } else if lower_stack(&i.ins, code) {
                 Some("rewritten (guest stack)")
-            } else if lower_string(&i.ins, &i.bytes, &mut arena) {
+            } else if lower_string(&i.ins, &i.bytes, code) {
                 Some("rewritten (string, host pointers)")
             } else {
                 None
             };
             if let Some(kind) = kind {
-                eips.push(i.ins.ip32());
-                counted_at.push(counted as u32);
-                parts.push(Part::Code(mark, arena.len()));
+                out.eips.push(i.ins.ip32());
+                out.counted_at.push(counted as u32);
+                starts.push(at as u32);
                 if dumping {
-                    how.push(kind);
+                    out.how.push(kind);
                 }
                 counted += 1;
                 continue;
             }
-            if let Some(e) = lower_terminator(&i.ins, &mut arena) {
-                eips.push(i.ins.ip32());
-                counted_at.push(counted as u32);
+            if let Some(e) = lower_terminator(&i.ins, out.b.code()) {
+                out.eips.push(i.ins.ip32());
+                out.counted_at.push(counted as u32);
+                starts.push(at as u32);
                 // A superblock: a conditional branch whose fall-through is
                 // on the block's page becomes a side exit, and the block
                 // goes on there (the scan went on past it, up to
@@ -229,18 +346,18 @@ impl Bt {
                 } = e
                 {
                     if self.superblocks
-                        && arena.len() == mark
+                        && out.b.offset() == at
                         && k < block.insns.len()
                         && not_taken / 4096 == eip / 4096
                     {
                         counted += 1;
-                        parts.push(Part::Piece(Piece::Side {
+                        out.b.piece(&Piece::Side {
                             cc,
                             target: taken,
                             counted,
-                        }));
+                        });
                         if dumping {
-                            how.push("rewritten (side exit; the block goes on)");
+                            out.how.push("rewritten (side exit; the block goes on)");
                         }
                         continue;
                     }
@@ -266,9 +383,8 @@ impl Bt {
                             .iter()
                             .any(|x| x.ins.ip32() <= t && t < x.ins.next_ip32())
                     {
-                        parts.push(Part::Code(mark, mark));
                         if dumping {
-                            how.push("rewritten (jump followed; the block goes on)");
+                            out.how.push("rewritten (jump followed; the block goes on)");
                         }
                         counted += 1;
                         let room = SUPERBLOCK_MAX - block.insns.len();
@@ -284,9 +400,8 @@ impl Bt {
                         continue;
                     }
                 }
-                parts.push(Part::Code(mark, arena.len()));
                 if dumping {
-                    how.push("rewritten (block exit)");
+                    out.how.push("rewritten (block exit)");
                 }
                 counted += 1;
                 exit = Some(e);
@@ -295,13 +410,12 @@ impl Bt {
             // RDTSC in host code (a helper call when the TSC counts
             // instructions or CR4.TSD applies: decided at run time).
             if i.ins.mnemonic() == iced_x86::Mnemonic::Rdtsc && !hot {
-                eips.push(i.ins.ip32());
-                counted_at.push(counted as u32);
-                let call = helper_call(&i.ins, true, helpers.len(), counted);
-                parts.push(Part::Piece(Piece::Rdtsc(call)));
-                helpers.push(i.ins);
+                out.mark(i.ins.ip32(), counted, &mut starts);
+                let call = out.call(&i.ins, true, counted);
+                out.b.piece(&Piece::Rdtsc(call));
                 if dumping {
-                    how.push("rewritten (host TSC + offset; helper call when not allowed)");
+                    out.how
+                        .push("rewritten (host TSC + offset; helper call when not allowed)");
                 }
                 counted += 1;
                 continue;
@@ -309,17 +423,19 @@ impl Bt {
             // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
             // (with a helper call where host code cannot do them).
             if let Some(op) = flags_op(&i.ins, host_fixed).filter(|_| !hot) {
-                eips.push(i.ins.ip32());
-                counted_at.push(counted as u32);
-                let call = helper_call(&i.ins, true, helpers.len(), counted);
-                parts.push(Part::Piece(Piece::Flags(op, call)));
-                helpers.push(i.ins);
-                if dumping {
-                    how.push(if matches!(op, FlagsOp::Pushfd { .. }) {
-                        "rewritten (virtual flags)"
-                    } else {
-                        "rewritten (virtual flags; helper call unless CPL 0)"
-                    });
+                if op == FlagsOp::Sti {
+                    out.sti = Some((i.ins.ip32(), counted, i.ins));
+                } else {
+                    out.mark(i.ins.ip32(), counted, &mut starts);
+                    let call = out.call(&i.ins, true, counted);
+                    out.b.piece(&Piece::Flags(op, call));
+                    if dumping {
+                        out.how.push(if matches!(op, FlagsOp::Pushfd { .. }) {
+                            "rewritten (virtual flags)"
+                        } else {
+                            "rewritten (virtual flags; helper call unless CPL 0)"
+                        });
+                    }
                 }
                 counted += 1;
                 continue;
@@ -327,38 +443,32 @@ impl Bt {
             // Anything else that does not transfer control runs in place
             // through a helper call: special instructions on the vcpu
             // methods, the rest on the interpreter.
-            let ends = i.class == popek_decode::Class::ControlFlow
-                || i.special.is_some_and(|sp| sp.ends_block());
             if ends {
                 break;
             }
-            eips.push(i.ins.ip32());
-            counted_at.push(counted as u32);
-            let call = helper_call(&i.ins, i.special.is_some(), helpers.len(), counted);
-            parts.push(Part::Piece(Piece::Helper(call)));
-            helpers.push(i.ins);
+            out.mark(i.ins.ip32(), counted, &mut starts);
+            let call = out.call(&i.ins, i.special.is_some(), counted);
+            out.b.piece(&Piece::Helper(call));
             if dumping {
-                how.push(if i.special.is_some() {
+                out.how.push(if i.special.is_some() {
                     "helper call (vcpu)"
                 } else {
                     "helper call (interpreter fallback)"
                 });
             }
         }
-        // STI opens an interrupt shadow over the next instruction, which
-        // host code does not record: an STI that would be the last
-        // instruction of the block's host code (the shadow still open when
-        // the block exits) is left to the dispatcher.
-        if let Some(Part::Piece(Piece::Flags(FlagsOp::Sti, _))) = parts.last() {
-            parts.pop();
-            eips.pop();
-            counted_at.pop();
-            helpers.pop();
-            if dumping {
-                how.pop();
-            }
+        // An STI nothing followed is the dispatcher's.
+        if out.sti.take().is_some() {
             counted -= 1;
         }
+        let Out {
+            b,
+            mut eips,
+            counted_at,
+            mut helpers,
+            how,
+            ..
+        } = out;
         let n = eips.len();
         // The bytes from the lowest instruction to the end of the highest
         // (a superblock that followed a jump holds code on both sides of
@@ -389,7 +499,6 @@ impl Bt {
         // paging off), and under paging the table entries that map them: a
         // write to the bytes or the entries makes this translation stale.
         // The pages go into the current space's instruction TLB.
-        let user = self.key.is_some_and(|k| k.user);
         let probe = |cpu: &Vcpu, lin: u32| cpu.probe(lin, user);
         let first = probe(cpu, eip);
         let last = if last_byte >> 12 == eip >> 12 {
@@ -433,11 +542,11 @@ impl Bt {
             }
             bytes = NO_BYTES;
         }
-        self.stats.blocks_translated += 1;
+        self.arena = arena;
         if n == 0 || pages.0 == u32::MAX {
-            self.arena = arena;
+            self.starts = starts;
             self.scratch = (block.insns, eips, counted_at);
-            return Translation::Interpret { pages, lin, bytes };
+            return Attempt::Done(Translation::Interpret { pages, lin, bytes });
         }
         // A block cut short (page boundary, size limit, an instruction left
         // to the dispatcher) goes on at `end`: a chainable exit too. After
@@ -451,69 +560,25 @@ impl Bt {
             _ => last.next_ip32(),
         };
         let exit = Some(exit.unwrap_or(BlockExit::Direct(end)));
-        let mut compiled = None;
-        let pace = self.pace();
-        for attempt in 0..2 {
-            let Some(buf) = self.code.as_mut() else { break };
-            let table = self.lookup.as_ref().map(|t| t[usize::from(user)].addr());
-            let base = (self.helper_insns.len() as u32) << INDEX_SHIFT;
-            let rebased = |c: HelperCall| HelperCall { arg: c.arg + base };
-            let pieces = parts.iter().map(|p| match p {
-                Part::Code(a, b) => Piece::Code(&arena[*a..*b]),
-                Part::Segment(fs, a, b, call) => Piece::Segment {
-                    fs: *fs,
-                    code: &arena[*a..*b],
-                    call: rebased(*call),
-                },
-                Part::Checked(a, m, b, call) => Piece::Checked {
-                    ea: &arena[*a..*m],
-                    store: &arena[*m..*b],
-                    call: rebased(*call),
-                },
-                Part::Piece(Piece::Helper(c)) => Piece::Helper(rebased(*c)),
-                Part::Piece(Piece::Flags(op, c)) => Piece::Flags(*op, rebased(*c)),
-                Part::Piece(Piece::Rdtsc(c)) => Piece::Rdtsc(rebased(*c)),
-                Part::Piece(other) => other.clone(),
-            });
-            match HostBlock::compile_block(
-                buf,
-                pieces,
-                counted,
-                Span {
-                    start: eip,
-                    end,
-                    pace,
-                },
-                exit.as_ref(),
-                table,
-                (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile),
-                &mut self.starts,
-            ) {
-                Ok(c) => {
-                    compiled = Some(c);
-                    self.helper_insns.append(&mut helpers);
-                    break;
-                }
-                Err(_) if attempt == 0 => {
-                    // Full: start again, after the flush forgot every
-                    // translation's bytes (this one's too).
-                    self.flush();
-                    for &(page, a, b) in &bytes {
-                        if page != u32::MAX {
-                            self.watch
-                                .watch_code(&mut cpu.ram, page, u32::from(a), u32::from(b));
-                        }
-                    }
-                }
-                Err(_) => {}
-            }
-        }
-        self.arena = arena;
-        self.parts = parts;
-        let Some(code) = compiled else {
-            self.scratch = (block.insns, eips, counted_at);
-            return Translation::Interpret { pages, lin, bytes };
+        let span = Span {
+            start: eip,
+            end,
+            pace: self.pace(),
         };
+        let table = self.lookup.as_ref().map(|t| t[usize::from(user)].addr());
+        let volatile =
+            (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile);
+        let built = self.code.as_mut().ok_or(()).and_then(|buf| {
+            b.finish(buf, counted, span, exit.as_ref(), table, volatile)
+                .map_err(|_| ())
+        });
+        let Ok(code) = built else {
+            self.starts = starts;
+            self.scratch = (block.insns, eips, counted_at);
+            return Attempt::Full(Translation::Interpret { pages, lin, bytes });
+        };
+        self.helper_insns.append(&mut helpers);
+        self.starts = starts;
         self.stats.insns_translated += n as u64;
         self.stats.insns_fast += fast;
         self.stats.host_bytes += code.len() as u64;
@@ -531,6 +596,6 @@ impl Bt {
             bytes,
         };
         self.scratch = (block.insns, eips, counted_at);
-        entry
+        Attempt::Done(entry)
     }
 }

@@ -51,6 +51,12 @@ impl Asm {
         }
     }
 
+    /// The bytes assembled so far, to append host code to directly.
+    #[inline]
+    pub(crate) fn bytes_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.ops
+    }
+
     /// A new dynamic label (defined later with `=>label`).
     pub(crate) fn new_dynamic_label(&mut self) -> DynamicLabel {
         self.dynamic.new_dynamic_label()

@@ -501,150 +501,183 @@ pub(crate) fn prepare(buf: &mut CodeBuffer) -> Result<(), BuildError> {
     Ok(())
 }
 
-impl HostBlock {
-    /// Compile translated instructions (host bytes, in order) ending in
-    /// `exit` into `buf`, with the offset in the code of each piece in
-    /// `starts`. `n` is the number of guest instructions. Fails
-    /// with [`BuildError`] when the buffer is full. Direct exits into the
-    /// `volatile` regions look their target up in the `lookup` table
-    /// instead of being chainable.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn compile_block<'a>(
-        buf: &mut CodeBuffer,
-        body: impl ExactSizeIterator<Item = Piece<'a>>,
-        n: usize,
-        span: Span,
-        exit: Option<&BlockExit>,
-        lookup: Option<u64>,
-        volatile: Option<&Regions>,
-        starts: &mut Vec<u32>,
-    ) -> Result<HostBlock, BuildError> {
+/// A block being built: the translator appends each guest instruction's
+/// host code to it as it selects it ([`Builder::code`] for copied and
+/// rewritten instructions, [`Builder::piece`] for the rest), then
+/// [`Builder::finish`] adds the exits and puts the block into the code
+/// buffer. Building in place: no copy of each instruction's host code
+/// between lowering and the assembler.
+pub(crate) struct Builder {
+    /// The thread's assembler (given back when the builder goes).
+    ops: Option<Box<Asm>>,
+    /// The code-buffer offset the block will have.
+    base: usize,
+    /// Side exits: (label of the stub, target, count, offset of the
+    /// branch's rel32).
+    sides: Vec<(DynamicLabel, u32, usize, usize)>,
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        if let Some(ops) = self.ops.take() {
+            ASM.with(|a| a.set(Some(ops)));
+        }
+        let sides = std::mem::take(&mut self.sides);
+        SIDES.with(|s| s.set(sides));
+    }
+}
+
+impl Builder {
+    /// Start a block at the end of `buf` (the shared routines first if
+    /// `buf` is empty). Its helper calls are relative to the buffer's
+    /// current end: a block that does not fit ([`Builder::finish`] fails)
+    /// is built again after a flush.
+    pub(crate) fn begin(buf: &mut CodeBuffer) -> Result<Builder, BuildError> {
         ensure_epilogue(buf)?;
-        let base = buf.next_offset();
         // One assembler per thread, reused (its vectors keep their room:
         // growing them was a fifth of translation time).
         let mut ops = ASM
             .with(|a| a.take())
             .unwrap_or_else(|| Box::new(Asm::new()));
         ops.clear();
-        let built = Self::build(
-            &mut ops, buf, base, body, n, span, exit, lookup, volatile, starts,
-        );
-        if built.is_ok() {
-            ASM.with(|a| a.set(Some(ops)));
-        }
-        built
+        let mut sides = SIDES.with(|s| s.take());
+        sides.clear();
+        Ok(Builder {
+            ops: Some(ops),
+            base: buf.next_offset(),
+            sides,
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn build<'a>(
-        ops: &mut Asm,
+    fn asm(&mut self) -> &mut Asm {
+        self.ops.as_mut().expect("the assembler is held until drop")
+    }
+
+    /// The host code so far, to append an instruction's host code to.
+    #[inline]
+    pub(crate) fn code(&mut self) -> &mut Vec<u8> {
+        self.asm().bytes_mut()
+    }
+
+    /// Offset in the block's code of the next byte.
+    #[inline]
+    pub(crate) fn offset(&self) -> usize {
+        self.ops.as_ref().map_or(0, |o| o.offset().0)
+    }
+
+    /// Append one piece's host code.
+    pub(crate) fn piece(&mut self, piece: &Piece<'_>) {
+        let base = self.base;
+        let ops = self.ops.as_mut().expect("the assembler is held until drop");
+        let sides = &mut self.sides;
+        match &piece {
+            Piece::Code(b) => dynasm!(ops ; .arch x64 ; .bytes b.iter()),
+            Piece::Side {
+                cc,
+                target,
+                counted,
+            } => {
+                let l = ops.new_dynamic_label();
+                jcc(ops, *cc, l);
+                // (A jump to a label not defined yet is always a rel32:
+                // the branch's last four bytes.)
+                sides.push((l, *target, *counted, ops.offset().0 - 4));
+            }
+            Piece::Helper(call) => helper_call(ops, base, call),
+            Piece::Segment { fs, code, call } => {
+                guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
+                dynasm!(ops ; .arch x64 ; .bytes code.iter());
+                helper_tail(ops, base, call);
+            }
+            Piece::Checked { ea, store, call } => {
+                // Flag-free, RCX kept in scratch2: the address's page
+                // (address >> 12: the address times 16, read from the
+                // scratch slot two bytes up) looked up in the page-delta
+                // table (none: JRCXZ to the helper), the delta added
+                // (a 32-bit LEA drops the present bit): the physical
+                // address; then the fast-write map's byte for its
+                // 64-byte region (address >> 6: times 4, a byte up).
+                let (sc, sc1, sc2) = (SCRATCH as i32, SCRATCH as i32 + 1, SCRATCH2 as i32);
+                let (map, rw) = (FAST_MAP as i32, RAM_RW as i32);
+                let (sc_2, deltas) = (SCRATCH as i32 + 2, PAGE_DELTAS as i32);
+                dynasm!(ops ; .arch x64 ; .bytes ea.iter());
+                dynasm!(ops
+                    ; .arch x64
+                    ; mov QWORD [r15 + sc2], rcx
+                    ; lea r11, [r13 * 8]
+                    ; lea r11, [r11 * 2]
+                    ; mov QWORD [r15 + sc], r11
+                    ; mov ecx, DWORD [r15 + sc_2]
+                    ; mov r11, QWORD [r15 + deltas]
+                    ; mov rcx, QWORD [r11 + rcx * 8]
+                    ; jrcxz >miss
+                    ; lea r13d, [r13 + rcx]
+                    ; lea r11, [r13 * 4]
+                    ; mov QWORD [r15 + sc], r11
+                    ; mov ecx, DWORD [r15 + sc1]
+                    ; mov r11, QWORD [r15 + map]
+                    ; movzx ecx, BYTE [r11 + rcx]
+                    ; jrcxz >miss
+                    ; mov rcx, QWORD [r15 + sc2]
+                    ; mov r11, QWORD [r15 + rw]
+                );
+                dynasm!(ops ; .arch x64 ; .bytes store.iter());
+                dynasm!(ops
+                    ; .arch x64
+                    ; jmp >done
+                    ; miss:
+                    ; mov rcx, QWORD [r15 + sc2]
+                    ; jmp >slow
+                );
+                helper_tail(ops, base, call);
+            }
+            Piece::Rdtsc(call) => {
+                // EDX:EAX = host TSC + offset, flag-free: the halves
+                // joined in the scratch slot, added with LEA, split.
+                let (off, scratch) = (TSC_OFFSET as i32, SCRATCH as i32);
+                guard(ops, i32::from(TSC_SLOW));
+                dynasm!(ops
+                    ; .arch x64
+                    ; rdtsc
+                    ; mov DWORD [r15 + scratch], eax
+                    ; mov DWORD [r15 + scratch + 4], edx
+                    ; mov r13, QWORD [r15 + scratch]
+                    ; mov r11, QWORD [r15 + off]
+                    ; lea r13, [r13 + r11]
+                    ; mov QWORD [r15 + scratch], r13
+                    ; mov eax, DWORD [r15 + scratch]
+                    ; mov edx, DWORD [r15 + scratch + 4]
+                );
+                helper_tail(ops, base, call);
+            }
+            Piece::Flags(op, call) => {
+                flags_fast_path(ops, *op);
+                if !matches!(op, FlagsOp::Pushfd { .. }) {
+                    helper_tail(ops, base, call);
+                }
+            }
+        }
+    }
+
+    /// Add the exit (`exit`, or back to the dispatcher at `span.end`) and
+    /// the side exits' stubs and append the block to `buf`. `n` is the
+    /// number of guest instructions. Fails with [`BuildError`] when the
+    /// buffer is full. Direct exits into the `volatile` regions look their
+    /// target up in the `lookup` table instead of being chainable.
+    pub(crate) fn finish(
+        mut self,
         buf: &mut CodeBuffer,
-        base: usize,
-        body: impl ExactSizeIterator<Item = Piece<'a>>,
         n: usize,
         span: Span,
         exit: Option<&BlockExit>,
         lookup: Option<u64>,
         volatile: Option<&Regions>,
-        starts: &mut Vec<u32>,
     ) -> Result<HostBlock, BuildError> {
-        let body_start = ops.offset().0;
-        starts.clear();
-        // Side exits: (label of the stub, target, count, offset of the
-        // branch's rel32).
-        let mut sides = SIDES.with(|s| s.take());
-        sides.clear();
-        for piece in body {
-            starts.push(ops.offset().0 as u32);
-            match &piece {
-                Piece::Code(b) => dynasm!(ops ; .arch x64 ; .bytes b.iter()),
-                Piece::Side {
-                    cc,
-                    target,
-                    counted,
-                } => {
-                    let l = ops.new_dynamic_label();
-                    jcc(ops, *cc, l);
-                    // (A jump to a label not defined yet is always a rel32:
-                    // the branch's last four bytes.)
-                    sides.push((l, *target, *counted, ops.offset().0 - 4));
-                }
-                Piece::Helper(call) => helper_call(ops, base, call),
-                Piece::Segment { fs, code, call } => {
-                    guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
-                    dynasm!(ops ; .arch x64 ; .bytes code.iter());
-                    helper_tail(ops, base, call);
-                }
-                Piece::Checked { ea, store, call } => {
-                    // Flag-free, RCX kept in scratch2: the address's page
-                    // (address >> 12: the address times 16, read from the
-                    // scratch slot two bytes up) looked up in the page-delta
-                    // table (none: JRCXZ to the helper), the delta added
-                    // (a 32-bit LEA drops the present bit): the physical
-                    // address; then the fast-write map's byte for its
-                    // 64-byte region (address >> 6: times 4, a byte up).
-                    let (sc, sc1, sc2) = (SCRATCH as i32, SCRATCH as i32 + 1, SCRATCH2 as i32);
-                    let (map, rw) = (FAST_MAP as i32, RAM_RW as i32);
-                    let (sc_2, deltas) = (SCRATCH as i32 + 2, PAGE_DELTAS as i32);
-                    dynasm!(ops ; .arch x64 ; .bytes ea.iter());
-                    dynasm!(ops
-                        ; .arch x64
-                        ; mov QWORD [r15 + sc2], rcx
-                        ; lea r11, [r13 * 8]
-                        ; lea r11, [r11 * 2]
-                        ; mov QWORD [r15 + sc], r11
-                        ; mov ecx, DWORD [r15 + sc_2]
-                        ; mov r11, QWORD [r15 + deltas]
-                        ; mov rcx, QWORD [r11 + rcx * 8]
-                        ; jrcxz >miss
-                        ; lea r13d, [r13 + rcx]
-                        ; lea r11, [r13 * 4]
-                        ; mov QWORD [r15 + sc], r11
-                        ; mov ecx, DWORD [r15 + sc1]
-                        ; mov r11, QWORD [r15 + map]
-                        ; movzx ecx, BYTE [r11 + rcx]
-                        ; jrcxz >miss
-                        ; mov rcx, QWORD [r15 + sc2]
-                        ; mov r11, QWORD [r15 + rw]
-                    );
-                    dynasm!(ops ; .arch x64 ; .bytes store.iter());
-                    dynasm!(ops
-                        ; .arch x64
-                        ; jmp >done
-                        ; miss:
-                        ; mov rcx, QWORD [r15 + sc2]
-                        ; jmp >slow
-                    );
-                    helper_tail(ops, base, call);
-                }
-                Piece::Rdtsc(call) => {
-                    // EDX:EAX = host TSC + offset, flag-free: the halves
-                    // joined in the scratch slot, added with LEA, split.
-                    let (off, scratch) = (TSC_OFFSET as i32, SCRATCH as i32);
-                    guard(ops, i32::from(TSC_SLOW));
-                    dynasm!(ops
-                        ; .arch x64
-                        ; rdtsc
-                        ; mov DWORD [r15 + scratch], eax
-                        ; mov DWORD [r15 + scratch + 4], edx
-                        ; mov r13, QWORD [r15 + scratch]
-                        ; mov r11, QWORD [r15 + off]
-                        ; lea r13, [r13 + r11]
-                        ; mov QWORD [r15 + scratch], r13
-                        ; mov eax, DWORD [r15 + scratch]
-                        ; mov edx, DWORD [r15 + scratch + 4]
-                    );
-                    helper_tail(ops, base, call);
-                }
-                Piece::Flags(op, call) => {
-                    flags_fast_path(ops, *op);
-                    if !matches!(op, FlagsOp::Pushfd { .. }) {
-                        helper_tail(ops, base, call);
-                    }
-                }
-            }
-        }
+        let base = self.base;
+        debug_assert_eq!(base, buf.next_offset());
+        let sides = std::mem::take(&mut self.sides);
+        let ops = self.ops.as_mut().expect("the assembler is held until drop");
+        let body_start = 0;
         let body_end = ops.offset().0;
         // Sites and polls are gathered in vectors kept between blocks and
         // boxed at their exact length below (one allocation each, none
@@ -736,7 +769,7 @@ impl HostBlock {
                 stub(ops, &mut ex, target, counted);
             }
         }
-        SIDES.with(|s| s.set(sides));
+        self.sides = sides;
         let Exits { sites, polls, .. } = ex;
         let boxed = (Box::from(&sites[..]), Box::from(&polls[..]));
         EXITS.with(|s| s.set((sites, polls)));
@@ -755,6 +788,31 @@ impl HostBlock {
             polls: boxed.1,
         })
     }
+}
+
+impl HostBlock {
+    /// Compile translated instructions (host bytes, in order) ending in
+    /// `exit` into `buf`, with the offset in the code of each piece in
+    /// `starts` (what the translator does with a [`Builder`], for tests).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn compile_block<'a>(
+        buf: &mut CodeBuffer,
+        body: impl IntoIterator<Item = Piece<'a>>,
+        n: usize,
+        span: Span,
+        exit: Option<&BlockExit>,
+        lookup: Option<u64>,
+        volatile: Option<&Regions>,
+        starts: &mut Vec<u32>,
+    ) -> Result<HostBlock, BuildError> {
+        let mut b = Builder::begin(buf)?;
+        starts.clear();
+        for piece in body {
+            starts.push(b.offset() as u32);
+            b.piece(&piece);
+        }
+        b.finish(buf, n, span, exit, lookup, volatile)
+    }
 
     /// Compile a straight run of instructions that ends by returning to
     /// the dispatcher (used by tests).
@@ -769,16 +827,7 @@ impl HostBlock {
             end: 0,
             pace: Pace::Counted,
         };
-        HostBlock::compile_block(
-            buf,
-            body.into_iter(),
-            n,
-            span,
-            None,
-            None,
-            None,
-            &mut Vec::new(),
-        )
+        HostBlock::compile_block(buf, body, n, span, None, None, None, &mut Vec::new())
     }
 
     /// The index of the translated instruction at host address `rip`, if
