@@ -9,11 +9,11 @@
 //! handful of local labels, each referred to from a few bytes before or
 //! after its definition, so here a forward reference waits in a short list
 //! until the label's next definition patches it, and a backward reference
-//! is patched at once from the latest definition. Dynamic labels (side
-//! exits) keep dynasmrt's registry, which numbers them in a vector.
-//! Global labels are not used by the translator and are an error.
+//! is patched at once from the latest definition. Global and dynamic
+//! labels are not used by the translator (a branch to a stub assembled
+//! later is patched by hand, see `jcc_forward`) and are an error.
 
-use dynasmrt::components::{LabelRegistry, PatchLoc};
+use dynasmrt::components::PatchLoc;
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{
     AssemblyOffset, DynamicLabel, DynasmApi, DynasmError, DynasmLabelApi, LabelKind, TargetKind,
@@ -26,10 +26,6 @@ use crate::emit::BuildError;
 /// see `jmp_to`).
 pub(crate) struct Asm {
     ops: Vec<u8>,
-    /// Dynamic labels and their definitions.
-    dynamic: LabelRegistry,
-    /// References to dynamic labels, patched by [`Asm::finish`].
-    dynamic_refs: Vec<(DynamicLabel, PatchLoc<X64Relocation>)>,
     /// The latest definition of each local label name.
     locals: Vec<(&'static str, usize)>,
     /// References waiting for the next definition of a local label.
@@ -43,8 +39,6 @@ impl Asm {
     pub(crate) fn new() -> Asm {
         Asm {
             ops: Vec::with_capacity(4096),
-            dynamic: LabelRegistry::with_capacity(0, 0, 16),
-            dynamic_refs: Vec::with_capacity(16),
             locals: Vec::with_capacity(8),
             forward: Vec::with_capacity(8),
             error: None,
@@ -57,22 +51,15 @@ impl Asm {
         &mut self.ops
     }
 
-    /// A new dynamic label (defined later with `=>label`).
-    pub(crate) fn new_dynamic_label(&mut self) -> DynamicLabel {
-        self.dynamic.new_dynamic_label()
-    }
-
     /// Empty it for the next block (keeping its room).
     pub(crate) fn clear(&mut self) {
         self.ops.clear();
-        self.dynamic.clear();
-        self.dynamic_refs.clear();
         self.locals.clear();
         self.forward.clear();
         self.error = None;
     }
 
-    /// Resolve the references to dynamic labels; the assembled bytes.
+    /// The assembled bytes, if every label was found.
     pub(crate) fn finish(&mut self) -> Result<&[u8], BuildError> {
         if let Some(e) = self.error.take() {
             return Err(BuildError(format!("assembling a block: {e}")));
@@ -81,13 +68,6 @@ impl Asm {
             return Err(BuildError(format!(
                 "assembling a block: local label {name} referred to but not defined"
             )));
-        }
-        for (id, loc) in self.dynamic_refs.drain(..) {
-            let target = self
-                .dynamic
-                .resolve_dynamic(id)
-                .map_err(|e| BuildError(format!("assembling a block: {e}")))?;
-            patch(&mut self.ops, &loc, target.0)?;
         }
         Ok(&self.ops)
     }
@@ -172,10 +152,7 @@ impl DynasmLabelApi for Asm {
     }
 
     fn dynamic_label(&mut self, id: DynamicLabel) {
-        let at = self.offset();
-        if let Err(e) = self.dynamic.define_dynamic(id, at) {
-            self.fail(e);
-        }
+        self.fail(DynasmError::UnknownLabel(LabelKind::Dynamic(id)));
     }
 
     fn global_relocation(
@@ -192,13 +169,12 @@ impl DynasmLabelApi for Asm {
     fn dynamic_relocation(
         &mut self,
         id: DynamicLabel,
-        target_offset: isize,
-        field_offset: u8,
-        ref_offset: u8,
-        kind: X64Relocation,
+        _target_offset: isize,
+        _field_offset: u8,
+        _ref_offset: u8,
+        _kind: X64Relocation,
     ) {
-        let loc = self.here(target_offset, field_offset, ref_offset, kind);
-        self.dynamic_refs.push((id, loc));
+        self.fail(DynasmError::UnknownLabel(LabelKind::Dynamic(id)));
     }
 
     fn forward_relocation(
@@ -251,13 +227,12 @@ mod tests {
     use super::*;
     use dynasm::dynasm;
 
-    /// Local labels forward and backward, a dynamic label, all patched
-    /// as the x86 encoding says (rel32 from the next instruction), a
-    /// redefined local label found by the references after it.
+    /// Local labels forward and backward, patched as the x86 encoding
+    /// says (rel32 from the next instruction), a redefined local label
+    /// found by the references after it.
     #[test]
     fn labels_resolve() {
         let mut ops = Asm::new();
-        let l = ops.new_dynamic_label();
         dynasm!(ops
             ; .arch x64
             ; jmp >a          // 0: e9 +2
@@ -265,8 +240,8 @@ mod tests {
             ; nop
             ; a:              // 7
             ; jmp <a          // 7: e9 -5
-            ; jmp =>l         // 12: e9 +0
-            ; =>l
+            ; jmp >b          // 12: e9 +0
+            ; b:
             ; a:              // 17
             ; jmp <a          // 17: e9 -5
         );

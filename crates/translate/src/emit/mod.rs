@@ -42,7 +42,7 @@ pub use flags::FlagsOp;
 pub use frame::{entry_offset, epilogue_offset, helper_offset, leave_offset, miss_offset};
 
 use dynasm::dynasm;
-use dynasmrt::{DynamicLabel, DynasmApi, DynasmLabelApi};
+use dynasmrt::{DynasmApi, DynasmLabelApi};
 
 pub(crate) use asm::Asm;
 
@@ -274,7 +274,7 @@ thread_local! {
     static ASM: std::cell::Cell<Option<Box<Asm>>> = const { std::cell::Cell::new(None) };
     /// A block's side exits while it is built (label, target, count, offset
     /// of the branch's rel32).
-    static SIDES: std::cell::Cell<Vec<(dynasmrt::DynamicLabel, u32, usize, usize)>> =
+    static SIDES: std::cell::Cell<Vec<(u32, usize, usize)>> =
         const { std::cell::Cell::new(Vec::new()) };
     /// A block's chainable sites and polls while it is built.
     static EXITS: std::cell::Cell<(Vec<Site>, Vec<Poll>)> =
@@ -474,18 +474,20 @@ fn helper_tail(ops: &mut Asm, base: usize, call: &HelperCall) {
     );
 }
 
-/// `jcc` (x86 condition nibble `cc`, rel32) to a dynamic label.
-fn jcc(ops: &mut Asm, cc: u8, to: DynamicLabel) {
-    macro_rules! jumps {
-        ($($n:literal => $j:ident),*) => {
-            match cc {
-                $($n => dynasm!(ops ; .arch x64 ; $j =>to),)*
-                _ => unreachable!("a condition is a nibble"),
-            }
-        };
-    }
-    jumps!(0 => jo, 1 => jno, 2 => jb, 3 => jae, 4 => je, 5 => jne, 6 => jbe, 7 => ja,
-           8 => js, 9 => jns, 10 => jp, 11 => jnp, 12 => jl, 13 => jge, 14 => jle, 15 => jg);
+/// `jcc rel32` (x86 condition nibble `cc`) to a place not assembled yet:
+/// the offset of its rel32 field, for [`land`].
+fn jcc_forward(ops: &mut Asm, cc: u8) -> usize {
+    debug_assert!(cc < 16);
+    ops.extend([0x0F, 0x80 | cc, 0, 0, 0, 0].iter());
+    ops.offset().0 - 4
+}
+
+/// The branch whose rel32 field is at `rel32` ([`jcc_forward`]) goes to
+/// the next byte assembled.
+fn land(ops: &mut Asm, rel32: usize) {
+    let to = ops.offset().0;
+    let rel = (to - (rel32 + 4)) as i32;
+    ops.bytes_mut()[rel32..rel32 + 4].copy_from_slice(&rel.to_le_bytes());
 }
 
 /// Set up what every block needs before the first is translated: the
@@ -512,9 +514,8 @@ pub(crate) struct Builder {
     ops: Option<Box<Asm>>,
     /// The code-buffer offset the block will have.
     base: usize,
-    /// Side exits: (label of the stub, target, count, offset of the
-    /// branch's rel32).
-    sides: Vec<(DynamicLabel, u32, usize, usize)>,
+    /// Side exits: (target, count, offset of the branch's rel32).
+    sides: Vec<(u32, usize, usize)>,
 }
 
 impl Drop for Builder {
@@ -577,11 +578,8 @@ impl Builder {
                 target,
                 counted,
             } => {
-                let l = ops.new_dynamic_label();
-                jcc(ops, *cc, l);
-                // (A jump to a label not defined yet is always a rel32:
-                // the branch's last four bytes.)
-                sides.push((l, *target, *counted, ops.offset().0 - 4));
+                let rel32 = jcc_forward(ops, *cc);
+                sides.push((*target, *counted, rel32));
             }
             Piece::Helper(call) => helper_call(ops, base, call),
             Piece::Segment { fs, code, call } => {
@@ -699,11 +697,9 @@ impl Builder {
                 taken,
                 not_taken,
             }) => {
-                let to_taken = ops.new_dynamic_label();
-                jcc(ops, *cc, to_taken);
-                let rel32 = ops.offset().0 - 4;
+                let rel32 = jcc_forward(ops, *cc);
                 stub(ops, &mut ex, *not_taken, n);
-                dynasm!(ops ; .arch x64 ; =>to_taken);
+                land(ops, rel32);
                 if bare_exit(&ex, *taken) {
                     cold_tail(ops, &mut ex, *taken, rel32);
                 } else {
@@ -761,8 +757,8 @@ impl Builder {
                 jmp_to(ops, base, epilogue_offset());
             }
         }
-        for &(l, target, counted, rel32) in &sides {
-            dynasm!(ops ; .arch x64 ; =>l);
+        for &(target, counted, rel32) in &sides {
+            land(ops, rel32);
             if bare_exit(&ex, target) {
                 cold_tail(ops, &mut ex, target, rel32);
             } else {
