@@ -1525,6 +1525,27 @@ system call), so it is higher than the warm figure.
   allocation 3%, the lowerings that still use iced-x86's encoder (FS/GS
   accesses, checked stores) 5%: no one part whose removal would reach
   1.5 us.
+- What the 19th session changed: blocks are built in place (each
+  lowering appends straight to the block's assembler, `emit::Builder`:
+  no arena, no list of parts, no copy of each instruction's code before
+  the code buffer), a branch to a stub assembled later is patched by
+  hand instead of through dynasm's dynamic labels, and PUSH/POP go to
+  their lowering without trying the copy first. The host code is byte
+  for byte what it was (`--dump` of every bundled guest whose run does
+  not depend on timing). Host instructions per warm translation
+  (cachegrind, `translate_loop GUEST 12x` minus `2x`): selfcheck 22,638
+  -> 19,474 (35.4 guest instructions), as basic blocks 7,604 -> 7,007
+  (6.9); compute 16,697 -> 14,315 (25.4), as basic blocks 6,622 (6.6).
+  In a run: the boot's `--stats` figure, median of three alternating
+  runs of the two builds, 4.54 -> 3.75 us per block (about 15 guest
+  instructions each). Where that goes now (perf, samples under the
+  translation): scanning 14%, chaining 11%, the cache's insert 9% (a
+  third of it the map growing: new pages and moving 152-byte entries),
+  finishing the block 9%, the write watch 5%, fetching the guest's
+  bytes 4%, the instruction map 4%, checked stores and FS/GS accesses
+  (iced-x86's encoder) 6%. Tried and not kept: boxing the cache's
+  entries (a map a tenth the size; fourteen alternating boots: no
+  difference, and one more allocation per translation warm).
 - Tried in the 16th session and taken out: translating a new block's
   direct successors on its page at once (while the translator is warm):
   1.77 us per translation in the boot instead of 2.0, but 12 K more
