@@ -83,9 +83,17 @@ impl Out {
     /// `counted`-th of the block.
     #[inline]
     fn mark(&mut self, eip: u32, counted: usize, starts: &mut Vec<u32>) {
+        let at = self.b.offset();
+        self.mark_at(eip, counted, at, starts);
+    }
+
+    /// The translated instruction at `eip`, the `counted`-th of the block,
+    /// starts at offset `at` of the block's code.
+    #[inline]
+    fn mark_at(&mut self, eip: u32, counted: usize, at: usize, starts: &mut Vec<u32>) {
         self.eips.push(eip);
         self.counted_at.push(counted as u32);
-        starts.push(self.b.offset() as u32);
+        starts.push(at as u32);
     }
 
     /// The helper call for `ins`, the `counted`-th instruction, which the
@@ -114,6 +122,8 @@ impl Out {
 }
 
 impl Bt {
+    /// Translate the block at `key` (each instruction as the table at the
+    /// top of this file says), or say why it is the interpreter's.
     pub(crate) fn translate(&mut self, cpu: &mut Vcpu, key: Key) -> Translation {
         self.stats.blocks_translated += 1;
         match self.translate_once(cpu, key) {
@@ -322,9 +332,7 @@ impl Bt {
                 None
             };
             if let Some(kind) = kind {
-                out.eips.push(i.ins.ip32());
-                out.counted_at.push(counted as u32);
-                starts.push(at as u32);
+                out.mark_at(i.ins.ip32(), counted, at, &mut starts);
                 if dumping {
                     out.how.push(kind);
                 }
@@ -332,9 +340,7 @@ impl Bt {
                 continue;
             }
             if let Some(e) = lower_terminator(&i.ins, out.b.code()) {
-                out.eips.push(i.ins.ip32());
-                out.counted_at.push(counted as u32);
-                starts.push(at as u32);
+                out.mark_at(i.ins.ip32(), counted, at, &mut starts);
                 // A superblock: a conditional branch whose fall-through is
                 // on the block's page becomes a side exit, and the block
                 // goes on there (the scan went on past it, up to

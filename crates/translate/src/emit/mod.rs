@@ -221,10 +221,9 @@ pub struct HostBlock {
     offset: usize,
     /// Code size in bytes.
     len: usize,
-    /// End of the translated instructions.
+    /// End of the translated instructions (which start at the block's
+    /// first byte, where chained jumps land).
     body_end: usize,
-    /// Offset of the first translated instruction: where chained jumps land.
-    body_start: usize,
     /// The patchable exits.
     sites: Box<[Site]>,
     /// The poll-page loads of its exits (`Pace::Polled`).
@@ -675,7 +674,6 @@ impl Builder {
         debug_assert_eq!(base, buf.next_offset());
         let sides = std::mem::take(&mut self.sides);
         let ops = self.ops.as_mut().expect("the assembler is held until drop");
-        let body_start = 0;
         let body_end = ops.offset().0;
         // Sites and polls are gathered in vectors kept between blocks and
         // boxed at their exact length below (one allocation each, none
@@ -779,7 +777,6 @@ impl Builder {
             offset: at,
             len,
             body_end,
-            body_start,
             sites: boxed.0,
             polls: boxed.1,
         })
@@ -857,9 +854,10 @@ impl HostBlock {
         self.offset
     }
 
-    /// Code-buffer offset where chained jumps into this block land.
+    /// Code-buffer offset where chained jumps into this block land: its
+    /// first translated instruction, the block's first byte.
     pub fn body_offset(&self) -> usize {
-        self.offset + self.body_start
+        self.offset
     }
 
     /// The patchable exits.
