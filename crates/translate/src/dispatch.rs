@@ -615,7 +615,7 @@ impl Bt {
         // shadow window, which maps only what the guest tables grant: the
         // write watch resets it on every page-table write) and installed
         // the fault handler; every block in the buffer was built by
-        // `HostBlock::compile_block` from lowered instructions and is
+        // `emit::Builder` from lowered instructions and is
         // reachable only through links to blocks still cached; `cpu` is
         // not used until the code returns (helpers use `cpu_ptr`).
         unsafe { code.run(buf, &mut ctx) };

@@ -570,7 +570,7 @@ impl Builder {
         let base = self.base;
         let ops = self.ops.as_mut().expect("the assembler is held until drop");
         let sides = &mut self.sides;
-        match &piece {
+        match piece {
             Piece::Code(b) => dynasm!(ops ; .arch x64 ; .bytes b.iter()),
             Piece::Side {
                 cc,
