@@ -160,10 +160,12 @@ fn a_guest_that_keeps_dirtying_memory_arrives_whole() {
         &args,
         5_000_000,
         &[
-            // (16 MiB take 100 ms: as long as the downtime allowed, so the
-            // dirty set never fits until the guest is throttled.)
+            // (16 MiB take 200 ms, twice the downtime allowed: the dirty
+            // set fits only once the guest dirties less than half its
+            // pages in a round, which it does not until it is throttled,
+            // even slowed down by a busy host.)
             "--migrate-bandwidth",
-            "160M",
+            "80M",
             "--migrate-max-downtime",
             "100",
         ],
