@@ -476,6 +476,10 @@ pub fn decode_one(bytes: &[u8], eip: u32, bitness: u32) -> Instruction {
     d.decode()
 }
 
+/// Room for a block's bytes: [`MAX_BLOCK_INSNS`] instructions of at most
+/// [`MAX_INSN_LEN`] bytes.
+pub const SCAN_SPACE: usize = MAX_BLOCK_INSNS * MAX_INSN_LEN;
+
 /// Scan the basic block that starts at `eip`.
 ///
 /// `fetch(eip, buf)` fills `buf` with guest code bytes at `eip` and returns
@@ -490,6 +494,7 @@ pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitnes
         MAX_BLOCK_INSNS,
         false,
         false,
+        &mut [0; SCAN_SPACE],
     );
     Block { start, insns, end }
 }
@@ -504,7 +509,10 @@ pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitnes
 /// scanner knows ([`fast::plain`]) are not decoded: their `fast` says what
 /// they are (see [`Insn::ins`]); and PUSH/POP r32, relative branches, RET
 /// and LEAVE are built from their bytes ([`fast::simple`]), the decoder's
-/// instruction without the decoder.
+/// instruction without the decoder. The bytes are fetched into `space`
+/// (a translator keeps one between scans: nothing is zeroed or allocated
+/// per block; what it held before is never read as code).
+#[allow(clippy::too_many_arguments)]
 pub fn scan_block_into(
     mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
     start: u32,
@@ -513,6 +521,7 @@ pub fn scan_block_into(
     max: usize,
     past_jcc: bool,
     fast: bool,
+    space: &mut [u8; SCAN_SPACE],
 ) -> BlockEnd {
     let fast = fast && bitness == 32;
     let first = insns.len();
@@ -520,10 +529,9 @@ pub fn scan_block_into(
     // run into the next) and there are at most MAX_BLOCK_INSNS of at most
     // MAX_INSN_LEN bytes. Most blocks are short, so the bytes are fetched
     // in chunks of FETCH_CHUNK as decoding reaches them.
-    const FETCH_CHUNK: usize = 256;
+    const FETCH_CHUNK: usize = 128;
     let page_left = (PAGE_SIZE - start % PAGE_SIZE) as usize;
-    let want = (page_left + MAX_INSN_LEN - 1).min(MAX_BLOCK_INSNS * MAX_INSN_LEN);
-    let mut space = [0u8; MAX_BLOCK_INSNS * MAX_INSN_LEN];
+    let want = (page_left + MAX_INSN_LEN - 1).min(SCAN_SPACE);
     let mut asked = want.min(FETCH_CHUNK);
     let mut fetched = fetch(start, &mut space[..asked]);
     // The decoder (made when an instruction needs it: the fast scanner
@@ -557,7 +565,7 @@ pub fn scan_block_into(
                 ins.set_next_ip(u64::from(eip.wrapping_add(len as u32)));
                 insns.push(Insn {
                     ins,
-                    bytes: InsnBytes::within(&space, off, len),
+                    bytes: InsnBytes::within(&space[..], off, len),
                     class: Class::Innocuous,
                     special: None,
                     fast: Some(p),
@@ -625,7 +633,7 @@ pub fn scan_block_into(
         let ins = &slot.ins;
         let len = ins.len();
         let (sp, class) = special_and_class(ins);
-        slot.bytes = InsnBytes::within(&space, off, len);
+        slot.bytes = InsnBytes::within(&space[..], off, len);
         slot.class = class;
         slot.special = sp;
         off += len;

@@ -171,6 +171,8 @@ pub struct Bt {
     /// The instructions, EIPs and counts of the block being translated,
     /// kept between translations.
     pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+    /// The bytes of the block being scanned (kept between translations).
+    pub(crate) scan_space: Box<[u8; popek_decode::SCAN_SPACE]>,
     /// Where each instruction's host code starts, while a block is built.
     pub(crate) starts: Vec<u32>,
     /// Regions whose cross-page links keep being cut at address-space
@@ -261,6 +263,7 @@ impl Bt {
             cuts: Box::new([0; 1024]),
             site_scratch: Vec::new(),
             starts: Vec::new(),
+            scan_space: Box::new([0; popek_decode::SCAN_SPACE]),
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX + 1),

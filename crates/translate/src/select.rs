@@ -158,6 +158,7 @@ impl Bt {
             SUPERBLOCK_MAX,
             self.superblocks,
             self.fast_scan,
+            &mut self.scan_space,
         );
         let mut block = popek_decode::Block {
             start: eip,
@@ -402,6 +403,7 @@ impl Bt {
                             room,
                             true,
                             self.fast_scan,
+                            &mut self.scan_space,
                         );
                         continue;
                     }
