@@ -379,6 +379,16 @@ fn push_imm32(v: u32, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
+/// LEAVE's host code: the saved EBP loaded first (a fault leaves ESP and
+/// EBP as they were), then ESP = EBP + 4 and EBP = the value loaded:
+/// `mov r13d, gs:[ebp]`, `lea r12d, [ebp + 4]`, `mov ebp, r13d` (the test
+/// `leave_is_what_the_encoder_makes` holds the bytes to iced-x86's).
+const LEAVE: [u8; 14] = [
+    0x65, 0x67, 0x44, 0x8B, 0x6D, 0x00, // mov r13d, gs:[ebp]
+    0x67, 0x44, 0x8D, 0x65, 0x04, // lea r12d, [ebp + 4]
+    0x41, 0x8B, 0xED, // mov ebp, r13d
+];
+
 /// PUSH r/m32/imm, POP r32 and LEAVE on the guest stack (32-bit operand size),
 /// appended to `out`. The store or load comes first, so a fault leaves ESP
 /// untouched. False (and `out` unchanged) for every other instruction.
@@ -406,24 +416,8 @@ pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
         // LEAVE: the saved EBP loaded first (a fault leaves ESP and EBP
         // as they were), then ESP = EBP + 4 and EBP = the value loaded.
         Code::Leaved => {
-            let saved =
-                MemoryOperand::new(Register::EBP, Register::None, 1, 0, 0, false, Register::GS);
-            let above = MemoryOperand::new(
-                Register::EBP,
-                Register::None,
-                1,
-                4,
-                1,
-                false,
-                Register::None,
-            );
-            [
-                Instruction::with2(Code::Mov_r32_rm32, Register::R13D, saved),
-                Instruction::with2(Code::Lea_r32_m, Register::R12D, above),
-                Instruction::with2(Code::Mov_r32_rm32, Register::EBP, Register::R13D),
-            ]
-            .into_iter()
-            .try_for_each(|i| i.ok().and_then(|i| enc(&i, out)))
+            out.extend(LEAVE);
+            Some(())
         }
         _ => None,
     };
@@ -1004,6 +998,34 @@ mod tests {
         let want = Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), 0x0804_90F0_u32);
         assert_eq!(one(&b[..store]), iced(want.unwrap()));
         assert_eq!(one(&b[store..]), "lea r12d,[r12d-4]");
+    }
+
+    /// LEAVE's bytes, spelled by hand, are the encoder's for the three
+    /// instructions they stand for.
+    #[test]
+    fn leave_is_what_the_encoder_makes() {
+        let saved = MemoryOperand::new(Register::EBP, Register::None, 1, 0, 0, false, Register::GS);
+        let above = MemoryOperand::new(
+            Register::EBP,
+            Register::None,
+            1,
+            4,
+            1,
+            false,
+            Register::None,
+        );
+        let mut want = Vec::new();
+        for ins in [
+            Instruction::with2(Code::Mov_r32_rm32, Register::R13D, saved),
+            Instruction::with2(Code::Lea_r32_m, Register::R12D, above),
+            Instruction::with2(Code::Mov_r32_rm32, Register::EBP, Register::R13D),
+        ] {
+            enc(&ins.unwrap(), &mut want).unwrap();
+        }
+        assert_eq!(LEAVE[..], want[..]);
+        let mut b = Vec::new();
+        assert!(lower_stack(&guest(&[0xC9]), &mut b));
+        assert_eq!(b, want);
     }
 
     fn guest(bytes: &[u8]) -> Instruction {

@@ -106,6 +106,137 @@ impl Out {
         }
     }
 
+    /// An innocuous access through FS or GS, `counted`-th of the block:
+    /// host code adding the base from the context while the segment is
+    /// flat, else the interpreter (decided at run time, so a segment load
+    /// changes no translation). False (and nothing added) if it cannot be
+    /// lowered so.
+    #[cold]
+    #[inline(never)]
+    fn segment(
+        &mut self,
+        i: &popek_decode::Insn,
+        counted: usize,
+        arena: &mut Vec<u8>,
+        starts: &mut Vec<u32>,
+    ) -> bool {
+        arena.clear();
+        let Ok(fs) = lower_seg_override(&i.ins, arena) else {
+            return false;
+        };
+        self.mark(i.ins.ip32(), counted, starts);
+        let call = self.call(&i.ins, false, counted);
+        self.b.piece(&Piece::Segment {
+            fs,
+            code: arena,
+            call,
+        });
+        if self.dumping {
+            self.how
+                .push("copied (FS/GS base from the context; interpreter unless flat)");
+        }
+        true
+    }
+
+    /// A hot store, `counted`-th of the block: its address made physical
+    /// (page-delta table) and checked against the fast-write map in host
+    /// code (stores beside translated code go through), the helper
+    /// otherwise. A hot push (the guest's stack beside translated code) the
+    /// same way; a hot CALL's push too, and the block ends there (Some(true)).
+    /// None (and nothing added) if it cannot be lowered so.
+    #[cold]
+    #[inline(never)]
+    fn checked(
+        &mut self,
+        i: &popek_decode::Insn,
+        counted: usize,
+        arena: &mut Vec<u8>,
+        starts: &mut Vec<u32>,
+    ) -> Option<bool> {
+        arena.clear();
+        let split = lower_checked_store(&i.ins, arena)
+            .or_else(|_| lower_checked_push(&i.ins, arena))
+            .ok()?;
+        self.mark(i.ins.ip32(), counted, starts);
+        let call = self.call(&i.ins, false, counted);
+        self.b.piece(&Piece::Checked {
+            ea: &arena[..split],
+            store: &arena[split..],
+            call,
+        });
+        if self.dumping {
+            self.how
+                .push("checked store (fast-write map; interpreter otherwise)");
+        }
+        Some(i.ins.code() == iced_x86::Code::Call_rel32_32)
+    }
+
+    /// The `counted`-th instruction of the block when it is none of the
+    /// above (`hot`: a store that keeps writing watched pages; `ends`: it
+    /// ends the block): Some(true) if its host code counts it, Some(false)
+    /// if a helper call (which retires it through the interpreter), None if
+    /// it ends the block here (nothing added).
+    #[cold]
+    #[inline(never)]
+    fn other(
+        &mut self,
+        i: &popek_decode::Insn,
+        counted: usize,
+        hot: bool,
+        ends: bool,
+        starts: &mut Vec<u32>,
+    ) -> Option<bool> {
+        // RDTSC in host code (a helper call when the TSC counts
+        // instructions or CR4.TSD applies: decided at run time).
+        if i.ins.mnemonic() == iced_x86::Mnemonic::Rdtsc && !hot {
+            self.mark(i.ins.ip32(), counted, starts);
+            let call = self.call(&i.ins, true, counted);
+            self.b.piece(&Piece::Rdtsc(call));
+            if self.dumping {
+                self.how
+                    .push("rewritten (host TSC + offset; helper call when not allowed)");
+            }
+            return Some(true);
+        }
+        // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
+        // (with a helper call where host code cannot do them).
+        let host_fixed = crate::host::host_fixed_flags();
+        if let Some(op) = flags_op(&i.ins, host_fixed).filter(|_| !hot) {
+            if op == FlagsOp::Sti {
+                self.sti = Some((i.ins.ip32(), counted, i.ins));
+            } else {
+                self.mark(i.ins.ip32(), counted, starts);
+                let call = self.call(&i.ins, true, counted);
+                self.b.piece(&Piece::Flags(op, call));
+                if self.dumping {
+                    self.how.push(if matches!(op, FlagsOp::Pushfd { .. }) {
+                        "rewritten (virtual flags)"
+                    } else {
+                        "rewritten (virtual flags; helper call unless CPL 0)"
+                    });
+                }
+            }
+            return Some(true);
+        }
+        // Anything else that does not transfer control runs in place
+        // through a helper call: special instructions on the vcpu
+        // methods, the rest on the interpreter.
+        if ends {
+            return None;
+        }
+        self.mark(i.ins.ip32(), counted, starts);
+        let call = self.call(&i.ins, i.special.is_some(), counted);
+        self.b.piece(&Piece::Helper(call));
+        if self.dumping {
+            self.how.push(if i.special.is_some() {
+                "helper call (vcpu)"
+            } else {
+                "helper call (interpreter fallback)"
+            });
+        }
+        Some(false)
+    }
+
     /// The held-back STI's piece, now that something follows it.
     #[cold]
     fn flush_sti(&mut self, starts: &mut Vec<u32>) {
@@ -195,7 +326,6 @@ impl Bt {
         let dumping = out.dumping;
         let mut counted = 0usize;
         let mut fast = 0u64;
-        let host_fixed = crate::host::host_fixed_flags();
         // Every instruction of a block starts on its first page: if that
         // page never held a hot store, none is looked up.
         let hot_page = !self.hot_pages.is_empty() && self.hot_pages.contains_key(&(eip >> 12));
@@ -265,23 +395,13 @@ impl Bt {
             // base from the context while the segment is flat, else the
             // interpreter (decided at run time, so a segment load changes
             // no translation).
-            if !hot && i.class == popek_decode::Class::Innocuous && SegBases::used_by(&i.ins) {
-                arena.clear();
-                if let Ok(fs) = lower_seg_override(&i.ins, &mut arena) {
-                    out.mark(i.ins.ip32(), counted, &mut starts);
-                    let call = out.call(&i.ins, false, counted);
-                    out.b.piece(&Piece::Segment {
-                        fs,
-                        code: &arena,
-                        call,
-                    });
-                    if dumping {
-                        out.how
-                            .push("copied (FS/GS base from the context; interpreter unless flat)");
-                    }
-                    counted += 1;
-                    continue;
-                }
+            if !hot
+                && i.class == popek_decode::Class::Innocuous
+                && SegBases::used_by(&i.ins)
+                && out.segment(i, counted, &mut arena, &mut starts)
+            {
+                counted += 1;
+                continue;
             }
             // A hot store: its address made physical (page-delta table)
             // and checked against the fast-write map in host code (stores
@@ -289,23 +409,9 @@ impl Bt {
             // A hot push (the guest's stack beside translated code) the
             // same way; a hot CALL's push too, and the block ends there.
             if (hot || hot_call) && self.checked_stores {
-                arena.clear();
-                let lowered = lower_checked_store(&i.ins, &mut arena)
-                    .or_else(|_| lower_checked_push(&i.ins, &mut arena));
-                if let Ok(split) = lowered {
-                    out.mark(i.ins.ip32(), counted, &mut starts);
-                    let call = out.call(&i.ins, false, counted);
-                    out.b.piece(&Piece::Checked {
-                        ea: &arena[..split],
-                        store: &arena[split..],
-                        call,
-                    });
-                    if dumping {
-                        out.how
-                            .push("checked store (fast-write map; interpreter otherwise)");
-                    }
+                if let Some(ends) = out.checked(i, counted, &mut arena, &mut starts) {
                     counted += 1;
-                    if i.ins.code() == iced_x86::Code::Call_rel32_32 {
+                    if ends {
                         exit = Some(BlockExit::Direct(i.ins.near_branch32()));
                         break;
                     }
@@ -316,9 +422,10 @@ impl Bt {
             // block (each leaves the code as it was when it declines).
             // `lower_into` refuses stack instructions: PUSH and POP go to
             // `lower_stack` without asking it.
+            // (None of them takes a control transfer.)
             let at = out.b.offset();
             let code = out.b.code();
-            let kind = if hot {
+            let kind = if hot || i.class == popek_decode::Class::ControlFlow {
                 None
             } else if i.class == popek_decode::Class::Innocuous
                 && !i.ins.is_stack_instruction()
@@ -415,54 +522,12 @@ impl Bt {
                 exit = Some(e);
                 break;
             }
-            // RDTSC in host code (a helper call when the TSC counts
-            // instructions or CR4.TSD applies: decided at run time).
-            if i.ins.mnemonic() == iced_x86::Mnemonic::Rdtsc && !hot {
-                out.mark(i.ins.ip32(), counted, &mut starts);
-                let call = out.call(&i.ins, true, counted);
-                out.b.piece(&Piece::Rdtsc(call));
-                if dumping {
-                    out.how
-                        .push("rewritten (host TSC + offset; helper call when not allowed)");
-                }
-                counted += 1;
-                continue;
-            }
-            // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
-            // (with a helper call where host code cannot do them).
-            if let Some(op) = flags_op(&i.ins, host_fixed).filter(|_| !hot) {
-                if op == FlagsOp::Sti {
-                    out.sti = Some((i.ins.ip32(), counted, i.ins));
-                } else {
-                    out.mark(i.ins.ip32(), counted, &mut starts);
-                    let call = out.call(&i.ins, true, counted);
-                    out.b.piece(&Piece::Flags(op, call));
-                    if dumping {
-                        out.how.push(if matches!(op, FlagsOp::Pushfd { .. }) {
-                            "rewritten (virtual flags)"
-                        } else {
-                            "rewritten (virtual flags; helper call unless CPL 0)"
-                        });
-                    }
-                }
-                counted += 1;
-                continue;
-            }
-            // Anything else that does not transfer control runs in place
-            // through a helper call: special instructions on the vcpu
-            // methods, the rest on the interpreter.
-            if ends {
-                break;
-            }
-            out.mark(i.ins.ip32(), counted, &mut starts);
-            let call = out.call(&i.ins, i.special.is_some(), counted);
-            out.b.piece(&Piece::Helper(call));
-            if dumping {
-                out.how.push(if i.special.is_some() {
-                    "helper call (vcpu)"
-                } else {
-                    "helper call (interpreter fallback)"
-                });
+            // Anything else: RDTSC, the flags instructions, helper calls;
+            // or the end of the block.
+            match out.other(i, counted, hot, ends, &mut starts) {
+                Some(true) => counted += 1,
+                Some(false) => {}
+                None => break,
             }
         }
         // An STI nothing followed is the dispatcher's.
