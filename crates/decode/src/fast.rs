@@ -34,6 +34,9 @@ pub struct Plain {
     /// The REX prefix the host needs for ESP (R12 there) as ModRM.reg
     /// (REX.R), as ModRM.rm or as the SIB base (REX.B), else 0.
     pub rex: u8,
+    /// A byte register in ModRM is AH, CH, DH or BH (which a REX prefix
+    /// would make SPL, BPL, SIL or DIL).
+    pub high8: bool,
 }
 
 // One opcode's entry: what follows the opcode and what its fields mean.
@@ -224,6 +227,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
             absolute: false,
             inc_dec: entry & INC_DEC != 0,
             rex: 0,
+            high8: false,
         });
     }
     let mut len = at;
@@ -231,6 +235,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
     let mut absolute = false;
     let mut digit = 0;
     let mut rex = 0;
+    let mut high8 = false;
     if entry & MODRM != 0 {
         let &modrm = bytes.get(at)?;
         let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
@@ -276,8 +281,8 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
             };
         }
         // A REX prefix makes AH, CH, DH and BH into SPL, BPL, SIL, DIL.
-        if rex != 0 && ((entry & REG8 != 0 && reg >= 4) || (entry & RM8 != 0 && md == 3 && rm >= 4))
-        {
+        high8 = (entry & REG8 != 0 && reg >= 4) || (entry & RM8 != 0 && md == 3 && rm >= 4);
+        if rex != 0 && high8 {
             return None;
         }
     }
@@ -294,6 +299,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
         absolute,
         inc_dec: false,
         rex,
+        high8,
     })
 }
 

@@ -108,6 +108,160 @@ pub fn lower_seg_override(ins: &Instruction, out: &mut Vec<u8>) -> Result<bool, 
     }
 }
 
+/// The memory form of an instruction the fast scanner took, in parts:
+/// its opcode bytes, ModRM's reg field, the addressing bytes (ModRM, SIB,
+/// displacement) and the rest (the immediate); REX.R when the reg field
+/// names ESP (R12D on the host) and REX.B when the SIB base does.
+struct MemForm<'a> {
+    op: &'a [u8],
+    reg: u8,
+    addr: &'a [u8],
+    imm: &'a [u8],
+    rex_r: u8,
+    rex_b: u8,
+    absolute: bool,
+}
+
+impl MemForm<'_> {
+    /// `bytes` (no prefix) in parts, if the fast scanner takes them as an
+    /// instruction with a memory operand and no AH..BH (a REX prefix
+    /// would change them).
+    fn of(bytes: &[u8]) -> Option<MemForm<'_>> {
+        let p = popek_decode::fast::plain(bytes)?;
+        let (m, len) = (usize::from(p.modrm), usize::from(p.len));
+        if m == 0 || p.high8 || len != bytes.len() {
+            return None;
+        }
+        let modrm = bytes[m];
+        let (md, rm) = (modrm >> 6, modrm & 7);
+        let mut end = m + 1;
+        if rm == 4 {
+            end += 1;
+            if bytes[m + 1] & 7 == 5 && md == 0 {
+                end += 4;
+            }
+        } else if rm == 5 && md == 0 {
+            end += 4;
+        }
+        end += match md {
+            1 => 1,
+            2 => 4,
+            _ => 0,
+        };
+        Some(MemForm {
+            op: &bytes[..m],
+            reg: (modrm >> 3) & 7,
+            addr: &bytes[m..end],
+            imm: &bytes[end..],
+            rex_r: p.rex & 0x04,
+            rex_b: p.rex & 0x01,
+            absolute: p.absolute,
+        })
+    }
+
+    /// [`ea_into_r13`]'s host code: `mov r13d, disp32` for a bare
+    /// `[disp32]`, else `lea r13d, [the guest's operand]` with 32-bit
+    /// addressing (the guest's ModRM with 5, R13's low bits, as reg),
+    /// given an 8-bit displacement of 0 where it had none (as the encoder
+    /// is asked to).
+    fn ea_into_r13(&self, out: &mut Vec<u8>) {
+        let (modrm, rest) = (self.addr[0], &self.addr[1..]);
+        if self.absolute {
+            out.extend([0x41, 0xBD]);
+            out.extend_from_slice(rest);
+            return;
+        }
+        let (md, mut rm) = (modrm >> 6, modrm & 7);
+        // A SIB with no index and no scale is written without one (but
+        // for an ESP base, which needs it), as the encoder writes the
+        // operand.
+        let (sib, disp) = if rm == 4 {
+            let sib = rest[0];
+            if sib >> 3 == 4 && sib & 7 != 4 {
+                rm = sib & 7;
+                (None, &rest[1..])
+            } else {
+                (Some(sib), &rest[1..])
+            }
+        } else {
+            (None, rest)
+        };
+        let no_base = sib.is_some_and(|s| s & 7 == 5) && md == 0;
+        out.extend([0x67, 0x44 | self.rex_b, 0x8D]);
+        if md == 0 && !no_base {
+            out.push(0x40 | 5 << 3 | rm);
+            out.extend(sib);
+            out.push(0);
+        } else {
+            out.push(md << 6 | 5 << 3 | rm);
+            out.extend(sib);
+            out.extend_from_slice(disp);
+        }
+    }
+}
+
+/// [`lower_seg_override`] for an instruction whose bytes are an FS or GS
+/// prefix and one the fast scanner takes: the same host code spelled from
+/// the bytes (iced-x86 encodes it four times), or None for any other
+/// instruction (the test `byte_lowerings_are_what_the_encoder_makes`
+/// compares the two on every ModRM and SIB byte of the scanner's opcodes).
+pub(crate) fn seg_override_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option<bool> {
+    let fs = match bytes.first()? {
+        0x64 => true,
+        0x65 => false,
+        _ => return None,
+    };
+    let f = MemForm::of(&bytes[1..])?;
+    // LEA takes no segment (and so no base).
+    if f.op == [0x8D] {
+        return None;
+    }
+    f.ea_into_r13(out);
+    let base_at = if fs {
+        crate::abi::FS_BASE
+    } else {
+        crate::abi::GS_BASE
+    };
+    const _: () = assert!(crate::abi::FS_BASE < 0x80 && crate::abi::GS_BASE < 0x80);
+    out.extend([
+        0x45,
+        0x8B,
+        0x5F,
+        base_at, // mov r11d, [r15 + base]
+        0x67,
+        0x47,
+        0x8D,
+        0x6C,
+        0x1D,
+        0x00, // lea r13d, [r13d + r11d]
+        0x65,
+        0x67,
+        0x41 | f.rex_r, // gs addr32, REX.B for R13
+    ]);
+    out.extend_from_slice(f.op);
+    out.extend([0x40 | f.reg << 3 | 5, 0]); // [r13d + 0]
+    out.extend_from_slice(f.imm);
+    Some(fs)
+}
+
+/// [`lower_checked_store`] for an instruction the fast scanner takes (no
+/// prefix, a memory operand, not LEA): the same host code spelled from its
+/// bytes, and where the store starts; None for any other instruction.
+pub(crate) fn checked_store_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    let f = MemForm::of(bytes)?;
+    if f.op == [0x8D] {
+        return None;
+    }
+    let mark = out.len();
+    f.ea_into_r13(out);
+    let split = out.len() - mark;
+    out.push(0x43 | f.rex_r); // REX.X and REX.B: R13 and R11
+    out.extend_from_slice(f.op);
+    out.extend([0x04 | f.reg << 3, 0x2B]); // [r11 + r13]
+    out.extend_from_slice(f.imm);
+    Some(split)
+}
+
 /// A hot store (`Bt::hot_stores`) as two pieces of host code for
 /// [`crate::emit::Piece::Checked`]: its effective address into R13D (LEA,
 /// flag-free; the first `split` bytes of what is appended to `out`), then
@@ -1385,6 +1539,75 @@ mod tests {
 
     /// The fast scanner takes only instructions the decoder calls
     /// innocuous and not special, with the decoder's length, and
+    /// The FS/GS and checked-store lowerings spelled from the bytes are
+    /// the encoder's (`lower_seg_override`, `lower_checked_store`), for
+    /// every opcode the fast scanner takes with every ModRM byte and
+    /// every SIB byte, and displacements and immediates of zero and not;
+    /// and they take every such instruction the encoder's take.
+    #[test]
+    fn byte_lowerings_are_what_the_encoder_makes() {
+        let tails = [
+            [0x11, 0x92, 0x33, 0x84, 0x55, 0x06, 0x77, 0x88, 0x99, 0xAA],
+            [0; 10],
+        ];
+        let mut seq = Vec::with_capacity(16);
+        let (mut seg, mut checked) = (0usize, 0usize);
+        for tail in tails {
+            for two in [false, true] {
+                for op in 0..=255u8 {
+                    if !two && op == 0x0F {
+                        continue;
+                    }
+                    for modrm in 0..=255u8 {
+                        if modrm >> 6 == 3 {
+                            continue;
+                        }
+                        let sibs = if modrm & 7 == 4 { 0..=255u8 } else { 0..=0u8 };
+                        for sib in sibs {
+                            seq.clear();
+                            if two {
+                                seq.push(0x0F);
+                            }
+                            seq.extend([op, modrm, sib]);
+                            seq.extend(tail);
+                            let Some(p) = popek_decode::fast::plain(&seq) else {
+                                continue;
+                            };
+                            let bytes = &seq[..usize::from(p.len)];
+                            let ins = popek_decode::decode_one(bytes, 0x1000, 32);
+                            let what = format!("{bytes:02X?}");
+                            let (mut want, mut got) = (Vec::new(), Vec::new());
+                            let w = lower_checked_store(&ins, &mut want).ok();
+                            let g = checked_store_from_bytes(bytes, &mut got);
+                            if g.is_some() {
+                                checked += 1;
+                                assert_eq!((g, &got), (w, &want), "{what}: checked store");
+                            } else {
+                                assert!(w.is_none() || p.high8 || op == 0x8D, "{what}");
+                            }
+                            for prefix in [0x64u8, 0x65] {
+                                let mut pre = vec![prefix];
+                                pre.extend_from_slice(bytes);
+                                let ins = popek_decode::decode_one(&pre, 0x1000, 32);
+                                let (mut want, mut got) = (Vec::new(), Vec::new());
+                                let w = lower_seg_override(&ins, &mut want).ok();
+                                let g = seg_override_from_bytes(&pre, &mut got);
+                                let what = format!("{pre:02X?}");
+                                if g.is_some() {
+                                    seg += 1;
+                                    assert_eq!((g, &got), (w, &want), "{what}: FS/GS");
+                                } else {
+                                    assert!(w.is_none() || p.high8 || op == 0x8D, "{what}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(seg > 100_000 && checked > 50_000, "{seg} {checked}");
+    }
+
     /// `copy_fast` writes what `lower_into` writes for them: every one- and
     /// two-byte opcode with every ModRM byte and (where one follows) every
     /// SIB byte, no prefix. Also: it takes a fair share of them (the

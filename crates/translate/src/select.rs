@@ -27,8 +27,9 @@ use crate::dispatch::Bt;
 use crate::emit::{BlockExit, Builder, FlagsOp, HelperCall, Piece, Span};
 use crate::helper::{helper_call, INDEX_SHIFT};
 use crate::lower::{
-    copy_fast, lower_checked_push, lower_checked_store, lower_into, lower_seg_override,
-    lower_stack, lower_string, lower_terminator, SegBases,
+    checked_store_from_bytes, copy_fast, lower_checked_push, lower_checked_store, lower_into,
+    lower_seg_override, lower_stack, lower_string, lower_terminator, seg_override_from_bytes,
+    SegBases,
 };
 
 /// Instructions a block (a superblock too) retires at most, its exit
@@ -121,8 +122,13 @@ impl Out {
         starts: &mut Vec<u32>,
     ) -> bool {
         arena.clear();
-        let Ok(fs) = lower_seg_override(&i.ins, arena) else {
-            return false;
+        // Spelled from the bytes when the fast scanner knows the rest.
+        let fs = match seg_override_from_bytes(&i.bytes, arena) {
+            Some(fs) => fs,
+            None => match lower_seg_override(&i.ins, arena) {
+                Ok(fs) => fs,
+                Err(_) => return false,
+            },
         };
         self.mark(i.ins.ip32(), counted, starts);
         let call = self.call(&i.ins, false, counted);
@@ -154,9 +160,12 @@ impl Out {
         starts: &mut Vec<u32>,
     ) -> Option<bool> {
         arena.clear();
-        let split = lower_checked_store(&i.ins, arena)
-            .or_else(|_| lower_checked_push(&i.ins, arena))
-            .ok()?;
+        let split = match checked_store_from_bytes(&i.bytes, arena) {
+            Some(split) => split,
+            None => lower_checked_store(&i.ins, arena)
+                .or_else(|_| lower_checked_push(&i.ins, arena))
+                .ok()?,
+        };
         self.mark(i.ins.ip32(), counted, starts);
         let call = self.call(&i.ins, false, counted);
         self.b.piece(&Piece::Checked {
