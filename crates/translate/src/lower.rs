@@ -200,8 +200,22 @@ impl MemForm<'_> {
     }
 }
 
+/// MOV between the accumulator and a bare `[moffs32]` (A0-A3): its ModRM
+/// form's opcode (as [`moffs_as_modrm`]) and the address.
+fn moffs(bytes: &[u8]) -> Option<(u8, [u8; 4])> {
+    let op = match bytes.first()? {
+        0xA0 => 0x8A,
+        0xA1 => 0x8B,
+        0xA2 => 0x88,
+        0xA3 => 0x89,
+        _ => return None,
+    };
+    (bytes.len() == 5).then(|| (op, bytes[1..5].try_into().expect("4 bytes")))
+}
+
 /// [`lower_seg_override`] for an instruction whose bytes are an FS or GS
-/// prefix and one the fast scanner takes: the same host code spelled from
+/// prefix and one the fast scanner takes (or a MOV of the accumulator to
+/// or from `[moffs32]`, as its ModRM form): the same host code spelled from
 /// the bytes (iced-x86 encodes it four times), or None for any other
 /// instruction (the test `byte_lowerings_are_what_the_encoder_makes`
 /// compares the two on every ModRM and SIB byte of the scanner's opcodes).
@@ -211,7 +225,14 @@ pub(crate) fn seg_override_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option
         0x65 => false,
         _ => return None,
     };
-    let f = MemForm::of(&bytes[1..])?;
+    let m;
+    let f = match moffs(&bytes[1..]) {
+        Some((op, addr)) => {
+            m = [op, 0x05, addr[0], addr[1], addr[2], addr[3]];
+            MemForm::of(&m)?
+        }
+        None => MemForm::of(&bytes[1..])?,
+    };
     // LEA takes no segment (and so no base).
     if f.op == [0x8D] {
         return None;
@@ -245,10 +266,18 @@ pub(crate) fn seg_override_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option
 }
 
 /// [`lower_checked_store`] for an instruction the fast scanner takes (no
-/// prefix, a memory operand, not LEA): the same host code spelled from its
-/// bytes, and where the store starts; None for any other instruction.
+/// prefix, a memory operand, not LEA) or a MOV of the accumulator to or
+/// from `[moffs32]`: the same host code spelled from its bytes, and where
+/// the store starts; None for any other instruction.
 pub(crate) fn checked_store_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-    let f = MemForm::of(bytes)?;
+    let m;
+    let f = match moffs(bytes) {
+        Some((op, addr)) => {
+            m = [op, 0x05, addr[0], addr[1], addr[2], addr[3]];
+            MemForm::of(&m)?
+        }
+        None => MemForm::of(bytes)?,
+    };
     if f.op == [0x8D] {
         return None;
     }
@@ -1602,6 +1631,32 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+        // MOV between the accumulator and [moffs32], with and without an
+        // FS or GS prefix.
+        for op in 0xA0..=0xA3u8 {
+            for addr in [[0u8; 4], [0x11, 0x92, 0x33, 0x84]] {
+                for prefix in [None, Some(0x64u8), Some(0x65)] {
+                    seq.clear();
+                    seq.extend(prefix);
+                    seq.push(op);
+                    seq.extend(addr);
+                    let ins = popek_decode::decode_one(&seq, 0x1000, 32);
+                    let (mut want, mut got) = (Vec::new(), Vec::new());
+                    let (w, g) = match prefix {
+                        None => (
+                            lower_checked_store(&ins, &mut want).ok(),
+                            checked_store_from_bytes(&seq, &mut got),
+                        ),
+                        Some(_) => (
+                            lower_seg_override(&ins, &mut want).ok().map(usize::from),
+                            seg_override_from_bytes(&seq, &mut got).map(usize::from),
+                        ),
+                    };
+                    assert!(g.is_some(), "{seq:02X?}");
+                    assert_eq!((g, &got), (w, &want), "{seq:02X?}");
                 }
             }
         }
