@@ -202,52 +202,13 @@ impl TransCache {
     }
 }
 
-/// Of a translated block, in one allocation: the guest EIP of each
-/// translated instruction, then the EIP after them (`eips`); for each
-/// instruction how many instructions before it the block's code counts as
-/// retired (`counted`; helper calls retire theirs through the
-/// interpreter); and where its host code starts in the block's code
-/// (`starts`).
-pub(crate) struct InsnMap(Box<[u32]>);
-
-impl InsnMap {
-    /// From `eips` (one more than instructions), `counted` and `starts`.
-    pub(crate) fn new(eips: &[u32], counted: &[u32], starts: &[u32]) -> InsnMap {
-        debug_assert_eq!(eips.len(), counted.len() + 1);
-        debug_assert_eq!(counted.len(), starts.len());
-        InsnMap([eips, counted, starts].concat().into_boxed_slice())
-    }
-
-    /// Instructions.
-    fn n(&self) -> usize {
-        (self.0.len() - 1) / 3
-    }
-
-    /// The EIP of each instruction, then the EIP after them.
-    pub(crate) fn eips(&self) -> &[u32] {
-        &self.0[..=self.n()]
-    }
-
-    /// For each instruction, the instructions before it counted by code.
-    pub(crate) fn counted(&self) -> &[u32] {
-        let n = self.n();
-        &self.0[n + 1..2 * n + 1]
-    }
-
-    /// For each instruction, the offset of its host code in the block's.
-    pub(crate) fn starts(&self) -> &[u32] {
-        &self.0[2 * self.n() + 1..]
-    }
-}
-
 /// A cache entry: translated code, or a note that nothing at this EIP can
 /// be translated (so the block is not scanned again).
 pub(crate) enum Translation {
     Code {
+        /// The host code (with the instruction map: see
+        /// [`HostBlock::eips`]).
         code: HostBlock,
-        /// Guest EIP of each translated instruction, then the EIP after
-        /// them; and how many instructions before each the code counts.
-        insns: InsnMap,
         /// Physical pages of its first and last byte.
         pages: (u32, u32),
         /// Linear pages of its first and last byte.

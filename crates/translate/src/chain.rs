@@ -199,8 +199,9 @@ impl Bt {
     /// Record in the block holding `l` where its stub is chained.
     fn set_linked(&mut self, l: Link, to: Option<Key>) {
         if let Some(Translation::Code { code, .. }) = self.cache.peek_mut(&l.from) {
-            if let Some(s) = code.sites_mut().iter_mut().find(|s| s.rel32 == l.rel32) {
-                s.linked = to;
+            let at = code.sites().position(|s| s.rel32 == l.rel32);
+            if let Some(k) = at {
+                code.set_linked(k, to);
             }
         }
     }
@@ -254,7 +255,7 @@ impl Bt {
         let mut sites = std::mem::take(&mut self.site_scratch);
         sites.clear();
         if let Some(Translation::Code { code, .. }) = self.cache.peek(&key) {
-            sites.extend_from_slice(code.sites());
+            sites.extend(code.sites());
         }
         let mut any = false;
         for site in sites.iter_mut() {
@@ -292,8 +293,8 @@ impl Bt {
         }
         if any {
             if let Some(Translation::Code { code, .. }) = self.cache.peek_mut(&key) {
-                for (s, done) in code.sites_mut().iter_mut().zip(&sites) {
-                    s.linked = done.linked;
+                for (k, done) in sites.iter().enumerate() {
+                    code.set_linked(k, done.linked);
                 }
             }
         }

@@ -390,8 +390,8 @@ impl Bt {
             changed.iter().any(|&a| {
                 key_eip(k) == a
                     || match t {
-                        Translation::Code { insns, .. } => {
-                            let eips = insns.eips();
+                        Translation::Code { code, .. } => {
+                            let eips = code.eips();
                             eips[..eips.len() - 1].contains(&a)
                         }
                         Translation::Interpret { .. } => false,
@@ -651,12 +651,12 @@ impl Bt {
                     ),
                     0,
                 ),
-                Some(Translation::Code { code, insns, .. }) => {
+                Some(Translation::Code { code, .. }) => {
                     let done = code
-                        .instruction_at(ctx.fault_rip, insns.starts())
+                        .instruction_at(ctx.fault_rip, code.starts())
                         .unwrap_or(0);
-                    let native = u64::from(insns.counted().get(done).copied().unwrap_or(0));
-                    (Some(insns.eips()[done]), native)
+                    let native = u64::from(code.counted().get(done).copied().unwrap_or(0));
+                    (Some(code.eips()[done]), native)
                 }
                 _ => (None, 0),
             }
@@ -805,8 +805,8 @@ impl Bt {
     /// translated again.
     fn retranslate_holding(&mut self, cpu: &Vcpu, eip: u32) {
         let holds = |t: &Translation| match t {
-            Translation::Code { insns, .. } => {
-                let eips = insns.eips();
+            Translation::Code { code, .. } => {
+                let eips = code.eips();
                 eips[..eips.len() - 1].contains(&eip)
             }
             Translation::Interpret { .. } => false,

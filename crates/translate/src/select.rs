@@ -60,7 +60,7 @@ enum Attempt {
 /// Where a block's host code goes as its instructions are selected: the
 /// builder, and for each translated instruction its EIP, the instructions
 /// counted before it and where its host code starts (the instruction map
-/// of [`crate::cache::InsnMap`]), and the instructions its helper calls
+/// of [`crate::emit::InsnMap`]), and the instructions its helper calls
 /// run.
 struct Out {
     b: Builder,
@@ -650,8 +650,14 @@ impl Bt {
         let table = self.lookup.as_ref().map(|t| t[usize::from(user)].addr());
         let volatile =
             (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile);
+        eips.push(end);
+        let map = crate::emit::InsnMap {
+            eips: &eips,
+            counted: &counted_at,
+            starts: &starts,
+        };
         let built = self.code.as_mut().ok_or(()).and_then(|buf| {
-            b.finish(buf, counted, span, exit.as_ref(), table, volatile)
+            b.finish(buf, counted, span, exit.as_ref(), table, volatile, map)
                 .map_err(|_| ())
         });
         let Ok(code) = built else {
@@ -668,10 +674,8 @@ impl Bt {
         if self.dump.is_some() {
             self.dump_block(&block, &how, &code, exit.as_ref());
         }
-        eips.push(end);
         let entry = Translation::Code {
             code,
-            insns: crate::cache::InsnMap::new(&eips, &counted_at, &self.starts),
             pages,
             lin,
             incoming: crate::chain::Links::None,

@@ -224,10 +224,31 @@ pub struct HostBlock {
     /// End of the translated instructions (which start at the block's
     /// first byte, where chained jumps land).
     body_end: usize,
-    /// The patchable exits.
-    sites: Box<[Site]>,
-    /// The poll-page loads of its exits (`Pace::Polled`).
-    polls: Box<[Poll]>,
+    /// Everything else, in one allocation: the patchable exits, the
+    /// poll-page loads of its exits (`Pace::Polled`) and the instruction
+    /// map, laid out as [`META_HEAD`] says.
+    meta: Box<[u32]>,
+}
+
+/// How [`HostBlock`]'s `meta` is laid out: the numbers of sites, polls and
+/// guest instructions (n), then [`SITE_WORDS`] words per site (rel32,
+/// target, cold, and the linked key's low and high halves, all ones for
+/// none), [`POLL_WORDS`] per poll (at, 1 if it has a target, the target),
+/// then the instruction map: each instruction's EIP and the EIP after them
+/// (n + 1), the instructions its code counts before each (n), and where
+/// each one's host code starts in the block's (n).
+const META_HEAD: usize = 3;
+const SITE_WORDS: usize = 5;
+const POLL_WORDS: usize = 3;
+
+/// A block's instruction map while it is built: for each translated
+/// instruction its EIP (then the EIP after the last), the instructions
+/// counted before it, and the offset of its host code.
+#[derive(Clone, Copy)]
+pub(crate) struct InsnMap<'a> {
+    pub eips: &'a [u32],
+    pub counted: &'a [u32],
+    pub starts: &'a [u32],
 }
 
 // SAFETY: `entry` points into the code buffer of the engine that owns this
@@ -661,6 +682,7 @@ impl Builder {
     /// number of guest instructions. Fails with [`BuildError`] when the
     /// buffer is full. Direct exits into the `volatile` regions look their
     /// target up in the `lookup` table instead of being chainable.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn finish(
         mut self,
         buf: &mut CodeBuffer,
@@ -669,6 +691,7 @@ impl Builder {
         exit: Option<&BlockExit>,
         lookup: Option<u64>,
         volatile: Option<&Regions>,
+        map: InsnMap<'_>,
     ) -> Result<HostBlock, BuildError> {
         let base = self.base;
         debug_assert_eq!(base, buf.next_offset());
@@ -676,8 +699,7 @@ impl Builder {
         let ops = self.ops.as_mut().expect("the assembler is held until drop");
         let body_end = ops.offset().0;
         // Sites and polls are gathered in vectors kept between blocks and
-        // boxed at their exact length below (one allocation each, none
-        // when empty).
+        // laid out with the instruction map in one allocation below.
         let (mut sites, mut polls) = EXITS.with(|s| s.take());
         sites.clear();
         polls.clear();
@@ -765,7 +787,7 @@ impl Builder {
         }
         self.sides = sides;
         let Exits { sites, polls, .. } = ex;
-        let boxed = (Box::from(&sites[..]), Box::from(&polls[..]));
+        let meta = meta(&sites, &polls, map);
         EXITS.with(|s| s.set((sites, polls)));
         let len = ops.offset().0;
         let at = buf
@@ -777,10 +799,42 @@ impl Builder {
             offset: at,
             len,
             body_end,
-            sites: boxed.0,
-            polls: boxed.1,
+            meta,
         })
     }
+}
+
+/// [`HostBlock`]'s `meta` for these sites, polls and instruction map (code
+/// offsets fit in 32 bits: rel32 jumps span the code buffer).
+fn meta(sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> Box<[u32]> {
+    let n = map.counted.len();
+    debug_assert_eq!(map.eips.len(), n + 1);
+    debug_assert_eq!(map.starts.len(), n);
+    let mut m = Vec::with_capacity(
+        META_HEAD + sites.len() * SITE_WORDS + polls.len() * POLL_WORDS + 3 * n + 1,
+    );
+    m.extend([sites.len() as u32, polls.len() as u32, n as u32]);
+    for s in sites {
+        let linked = s.linked.unwrap_or(u64::MAX);
+        m.extend([
+            s.rel32 as u32,
+            s.target,
+            s.cold as u32,
+            linked as u32,
+            (linked >> 32) as u32,
+        ]);
+    }
+    for p in polls {
+        m.extend([
+            p.at as u32,
+            u32::from(p.target.is_some()),
+            p.target.unwrap_or(0),
+        ]);
+    }
+    m.extend_from_slice(map.eips);
+    m.extend_from_slice(map.counted);
+    m.extend_from_slice(map.starts);
+    m.into_boxed_slice()
 }
 
 impl HostBlock {
@@ -804,7 +858,12 @@ impl HostBlock {
             starts.push(b.offset() as u32);
             b.piece(&piece);
         }
-        b.finish(buf, n, span, exit, lookup, volatile)
+        let map = InsnMap {
+            eips: &[span.end],
+            counted: &[],
+            starts: &[],
+        };
+        b.finish(buf, n, span, exit, lookup, volatile, map)
     }
 
     /// Compile a straight run of instructions that ends by returning to
@@ -861,19 +920,70 @@ impl HostBlock {
     }
 
     /// The patchable exits.
-    pub fn sites(&self) -> &[Site] {
-        &self.sites
+    pub fn sites(&self) -> impl ExactSizeIterator<Item = Site> + '_ {
+        let n = self.meta[0] as usize;
+        self.meta[META_HEAD..META_HEAD + n * SITE_WORDS]
+            .chunks_exact(SITE_WORDS)
+            .map(|w| {
+                let linked = u64::from(w[3]) | u64::from(w[4]) << 32;
+                Site {
+                    rel32: w[0] as usize,
+                    target: w[1],
+                    cold: w[2] as usize,
+                    linked: (linked != u64::MAX).then_some(linked),
+                }
+            })
     }
 
-    /// The patchable exits, to record where they are chained.
-    pub(crate) fn sites_mut(&mut self) -> &mut [Site] {
-        &mut self.sites
+    /// Record what the `k`-th patchable exit is chained to.
+    pub(crate) fn set_linked(&mut self, k: usize, linked: Option<u64>) {
+        let at = META_HEAD + k * SITE_WORDS;
+        let linked = linked.unwrap_or(u64::MAX);
+        self.meta[at + 3] = linked as u32;
+        self.meta[at + 4] = (linked >> 32) as u32;
     }
 
     /// The poll at host address `rip`, if one is there.
     pub fn poll_at(&self, rip: u64) -> Option<Poll> {
         let off = rip.checked_sub(self.entry as u64)? as usize;
-        self.polls.iter().find(|p| p.at == off).copied()
+        let at = META_HEAD + self.meta[0] as usize * SITE_WORDS;
+        self.meta[at..at + self.meta[1] as usize * POLL_WORDS]
+            .chunks_exact(POLL_WORDS)
+            .find(|w| w[0] as usize == off)
+            .map(|w| Poll {
+                at: off,
+                target: (w[1] != 0).then_some(w[2]),
+            })
+    }
+
+    /// Where the instruction map starts in `meta`, and the number of
+    /// instructions.
+    fn map_at(&self) -> (usize, usize) {
+        let m = &self.meta;
+        (
+            META_HEAD + m[0] as usize * SITE_WORDS + m[1] as usize * POLL_WORDS,
+            m[2] as usize,
+        )
+    }
+
+    /// The EIP of each translated instruction, then the EIP after them.
+    pub(crate) fn eips(&self) -> &[u32] {
+        let (at, n) = self.map_at();
+        &self.meta[at..=at + n]
+    }
+
+    /// For each translated instruction, the instructions before it its
+    /// code counts (helper calls retire theirs through the interpreter).
+    pub(crate) fn counted(&self) -> &[u32] {
+        let (at, n) = self.map_at();
+        &self.meta[at + n + 1..at + 2 * n + 1]
+    }
+
+    /// For each translated instruction, the offset of its host code in
+    /// the block's.
+    pub(crate) fn starts(&self) -> &[u32] {
+        let (at, n) = self.map_at();
+        &self.meta[at + 2 * n + 1..at + 3 * n + 1]
     }
 
     /// Run the code on `ctx` (and whatever it chains to). If a translated
