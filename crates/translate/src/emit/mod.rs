@@ -233,7 +233,8 @@ pub struct HostBlock {
 /// How [`HostBlock`]'s `meta` is laid out: the numbers of sites, polls and
 /// guest instructions (n), then [`SITE_WORDS`] words per site (rel32,
 /// target, cold, and the linked key's low and high halves, all ones for
-/// none), [`POLL_WORDS`] per poll (at, 1 if it has a target, the target),
+/// none: no key has every bit set, a physical page number being below
+/// 2^20), [`POLL_WORDS`] per poll (at, 1 if it has a target, the target),
 /// then the instruction map: each instruction's EIP and the EIP after them
 /// (n + 1), the instructions its code counts before each (n), and where
 /// each one's host code starts in the block's (n).
