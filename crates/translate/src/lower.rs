@@ -108,36 +108,50 @@ pub fn lower_seg_override(ins: &Instruction, out: &mut Vec<u8>) -> Result<bool, 
     }
 }
 
-/// The memory form of an instruction the fast scanner took, in parts:
+/// The memory form of an instruction the fast scanner took (or of a MOV
+/// between the accumulator and `[moffs32]`, as its ModRM form), in parts:
 /// its opcode bytes, ModRM's reg field, the addressing bytes (ModRM, SIB,
 /// displacement) and the rest (the immediate); REX.R when the reg field
 /// names ESP (R12D on the host) and REX.B when the SIB base does.
-struct MemForm<'a> {
-    op: &'a [u8],
-    reg: u8,
-    addr: &'a [u8],
-    imm: &'a [u8],
+struct MemForm {
+    bytes: [u8; 16],
+    len: usize,
+    /// Where ModRM is, and where the addressing bytes end.
+    m: usize,
+    end: usize,
     rex_r: u8,
     rex_b: u8,
     absolute: bool,
 }
 
-impl MemForm<'_> {
-    /// `bytes` (no prefix) in parts, if the fast scanner takes them as an
-    /// instruction with a memory operand and no AH..BH (a REX prefix
-    /// would change them).
-    fn of(bytes: &[u8]) -> Option<MemForm<'_>> {
-        let p = popek_decode::fast::plain(bytes)?;
-        let (m, len) = (usize::from(p.modrm), usize::from(p.len));
-        if m == 0 || p.high8 || len != bytes.len() {
+impl MemForm {
+    /// `bytes` (no prefix) in parts, if the fast scanner takes them (or
+    /// their ModRM form, for a MOV with `[moffs32]`) as an instruction
+    /// with a memory operand and no AH..BH (a REX prefix would change
+    /// them).
+    fn of(bytes: &[u8]) -> Option<MemForm> {
+        let mut buf = [0u8; 16];
+        let len = match moffs(bytes) {
+            Some((op, a)) => {
+                buf[..6].copy_from_slice(&[op, 0x05, a[0], a[1], a[2], a[3]]);
+                6
+            }
+            None => {
+                buf.get_mut(..bytes.len())?.copy_from_slice(bytes);
+                bytes.len()
+            }
+        };
+        let b = &buf[..len];
+        let p = popek_decode::fast::plain(b)?;
+        let m = usize::from(p.modrm);
+        if m == 0 || p.high8 || usize::from(p.len) != len {
             return None;
         }
-        let modrm = bytes[m];
-        let (md, rm) = (modrm >> 6, modrm & 7);
+        let (md, rm) = (b[m] >> 6, b[m] & 7);
         let mut end = m + 1;
         if rm == 4 {
             end += 1;
-            if bytes[m + 1] & 7 == 5 && md == 0 {
+            if b[m + 1] & 7 == 5 && md == 0 {
                 end += 4;
             }
         } else if rm == 5 && md == 0 {
@@ -149,14 +163,30 @@ impl MemForm<'_> {
             _ => 0,
         };
         Some(MemForm {
-            op: &bytes[..m],
-            reg: (modrm >> 3) & 7,
-            addr: &bytes[m..end],
-            imm: &bytes[end..],
+            bytes: buf,
+            len,
+            m,
+            end,
             rex_r: p.rex & 0x04,
             rex_b: p.rex & 0x01,
             absolute: p.absolute,
         })
+    }
+
+    fn op(&self) -> &[u8] {
+        &self.bytes[..self.m]
+    }
+
+    fn reg(&self) -> u8 {
+        (self.bytes[self.m] >> 3) & 7
+    }
+
+    fn addr(&self) -> &[u8] {
+        &self.bytes[self.m..self.end]
+    }
+
+    fn imm(&self) -> &[u8] {
+        &self.bytes[self.end..self.len]
     }
 
     /// [`ea_into_r13`]'s host code: `mov r13d, disp32` for a bare
@@ -165,7 +195,7 @@ impl MemForm<'_> {
     /// given an 8-bit displacement of 0 where it had none (as the encoder
     /// is asked to).
     fn ea_into_r13(&self, out: &mut Vec<u8>) {
-        let (modrm, rest) = (self.addr[0], &self.addr[1..]);
+        let (modrm, rest) = (self.addr()[0], &self.addr()[1..]);
         if self.absolute {
             out.extend([0x41, 0xBD]);
             out.extend_from_slice(rest);
@@ -225,16 +255,9 @@ pub(crate) fn seg_override_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option
         0x65 => false,
         _ => return None,
     };
-    let m;
-    let f = match moffs(&bytes[1..]) {
-        Some((op, addr)) => {
-            m = [op, 0x05, addr[0], addr[1], addr[2], addr[3]];
-            MemForm::of(&m)?
-        }
-        None => MemForm::of(&bytes[1..])?,
-    };
+    let f = MemForm::of(&bytes[1..])?;
     // LEA takes no segment (and so no base).
-    if f.op == [0x8D] {
+    if f.op() == [0x8D] {
         return None;
     }
     f.ea_into_r13(out);
@@ -244,24 +267,12 @@ pub(crate) fn seg_override_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option
         crate::abi::GS_BASE
     };
     const _: () = assert!(crate::abi::FS_BASE < 0x80 && crate::abi::GS_BASE < 0x80);
-    out.extend([
-        0x45,
-        0x8B,
-        0x5F,
-        base_at, // mov r11d, [r15 + base]
-        0x67,
-        0x47,
-        0x8D,
-        0x6C,
-        0x1D,
-        0x00, // lea r13d, [r13d + r11d]
-        0x65,
-        0x67,
-        0x41 | f.rex_r, // gs addr32, REX.B for R13
-    ]);
-    out.extend_from_slice(f.op);
-    out.extend([0x40 | f.reg << 3 | 5, 0]); // [r13d + 0]
-    out.extend_from_slice(f.imm);
+    out.extend([0x45, 0x8B, 0x5F, base_at]); // mov r11d, [r15 + base]
+    out.extend([0x67, 0x47, 0x8D, 0x6C, 0x1D, 0x00]); // lea r13d, [r13d + r11d]
+    out.extend([0x65, 0x67, 0x41 | f.rex_r]); // gs addr32, REX.B for R13
+    out.extend_from_slice(f.op());
+    out.extend([0x40 | f.reg() << 3 | 5, 0]); // [r13d + 0]
+    out.extend_from_slice(f.imm());
     Some(fs)
 }
 
@@ -270,24 +281,17 @@ pub(crate) fn seg_override_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option
 /// from `[moffs32]`: the same host code spelled from its bytes, and where
 /// the store starts; None for any other instruction.
 pub(crate) fn checked_store_from_bytes(bytes: &[u8], out: &mut Vec<u8>) -> Option<usize> {
-    let m;
-    let f = match moffs(bytes) {
-        Some((op, addr)) => {
-            m = [op, 0x05, addr[0], addr[1], addr[2], addr[3]];
-            MemForm::of(&m)?
-        }
-        None => MemForm::of(bytes)?,
-    };
-    if f.op == [0x8D] {
+    let f = MemForm::of(bytes)?;
+    if f.op() == [0x8D] {
         return None;
     }
     let mark = out.len();
     f.ea_into_r13(out);
     let split = out.len() - mark;
     out.push(0x43 | f.rex_r); // REX.X and REX.B: R13 and R11
-    out.extend_from_slice(f.op);
-    out.extend([0x04 | f.reg << 3, 0x2B]); // [r11 + r13]
-    out.extend_from_slice(f.imm);
+    out.extend_from_slice(f.op());
+    out.extend([0x04 | f.reg() << 3, 0x2B]); // [r11 + r13]
+    out.extend_from_slice(f.imm());
     Some(split)
 }
 

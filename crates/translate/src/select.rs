@@ -38,10 +38,12 @@ pub(crate) const SUPERBLOCK_MAX: usize = popek_decode::MAX_BLOCK_INSNS;
 
 /// The flags instruction `ins` is, if translated code runs it on the
 /// virtual flags (32-bit PUSHF and POPF; the 16-bit forms are helpers).
-fn flags_op(ins: &iced_x86::Instruction, host_fixed: u32) -> Option<FlagsOp> {
+fn flags_op(ins: &iced_x86::Instruction) -> Option<FlagsOp> {
     use iced_x86::Code;
     Some(match ins.code() {
-        Code::Pushfd => FlagsOp::Pushfd { host_fixed },
+        Code::Pushfd => FlagsOp::Pushfd {
+            host_fixed: crate::host::host_fixed_flags(),
+        },
         Code::Popfd => FlagsOp::Popfd,
         Code::Cli => FlagsOp::Cli,
         Code::Sti => FlagsOp::Sti,
@@ -209,8 +211,7 @@ impl Out {
         }
         // PUSHFD, POPFD, CLI and STI on the virtual flags in host code
         // (with a helper call where host code cannot do them).
-        let host_fixed = crate::host::host_fixed_flags();
-        if let Some(op) = flags_op(&i.ins, host_fixed).filter(|_| !hot) {
+        if let Some(op) = flags_op(&i.ins).filter(|_| !hot) {
             if op == FlagsOp::Sti {
                 self.sti = Some((i.ins.ip32(), counted, i.ins));
             } else {
