@@ -18,8 +18,16 @@
 //! memory between translations (as a guest running between them does:
 //! the translator's code and data leave the first- and second-level
 //! caches), timing the translations only (`--stats`' figure in a run).
+//!
+//! The guest may instead be a snapshot (`PATH.snap`, from `popek run
+//! ... --suspend-at-insns N --snapshot PATH.snap --dump PATH.dump`): the
+//! blocks are then those the run had translated, read from the dump
+//! written beside it, translated in the machine's state at the snapshot
+//! (those its current mapping still covers). The Linux kernel's blocks
+//! this way are what the boot's translations cost without the guest
+//! running in between (docs/testing.md says how to make one).
 
-use popek_bench::{blocks_of, boot};
+use popek_bench::{blocks_of, boot, dumped_blocks, resume};
 use popek_translate::Bt;
 
 fn main() {
@@ -32,10 +40,29 @@ fn main() {
     let superblocks = !rest.iter().any(|s| s == "bb");
     let cold = rest.iter().any(|s| s == "cold");
     let mut other = if cold { vec![1u8; 8 << 20] } else { Vec::new() };
-    let mut m = boot(&name);
-    let blocks: Vec<u32> = blocks_of(&mut m).iter().map(|b| b.start).collect();
     let mut bt = Bt::new(None);
     bt.superblocks = superblocks;
+    let (mut m, blocks) = match name.strip_suffix(".snap") {
+        Some(stem) => {
+            let mut m = resume(&name);
+            let dumped = dumped_blocks(&format!("{stem}.dump"));
+            // Those the snapshot's mapping covers, each once.
+            let blocks: Vec<u32> = dumped
+                .into_iter()
+                .filter(|&eip| {
+                    bt.flush();
+                    bt.translate_at(&mut m.cpu, eip)
+                })
+                .collect();
+            bt.stats = Default::default();
+            (m, blocks)
+        }
+        None => {
+            let mut m = boot(&name);
+            let blocks = blocks_of(&mut m).iter().map(|b| b.start).collect();
+            (m, blocks)
+        }
+    };
     let start = std::time::Instant::now();
     let mut n = 0u64;
     while match passes {

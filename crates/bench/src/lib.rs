@@ -21,6 +21,29 @@ pub fn boot_with(name: &str, engine: Engine) -> Machine {
     Machine::multiboot(g.elf, config).expect("boot")
 }
 
+/// Resume a machine from a snapshot file (not run yet), for the
+/// interpreter.
+pub fn resume(path: &str) -> Machine {
+    let config = Config {
+        engine: Engine::Interp,
+        ..Config::default()
+    };
+    Machine::resume(std::path::Path::new(path), config)
+        .unwrap_or_else(|e| panic!("resume {path}: {e}"))
+}
+
+/// The start of every block in a `popek run --dump` file, in the order
+/// written, each once.
+pub fn dumped_blocks(path: &str) -> Vec<u32> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut seen = std::collections::HashSet::new();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("== block 0x"))
+        .filter_map(|l| u32::from_str_radix(l.split(':').next()?, 16).ok())
+        .filter(|&eip| seen.insert(eip))
+        .collect()
+}
+
 /// Every basic block reachable from the guest's entry by direct branches.
 pub fn blocks_of(m: &mut Machine) -> Vec<Block> {
     let entry = m.cpu.eip;

@@ -9,9 +9,11 @@
 //! ModRM (R12 on the host: a REX prefix) say how to copy them (see `popek_translate::lower::copy_fast`). [`plain`] finds that
 //! from the bytes with two lookup tables (opcode map: Intel SDM Vol. 2D,
 //! appendix A.3, one- and two-byte opcode tables; ModRM/SIB lengths: Vol.
-//! 2A, 2.1.5 tables 2-2 and 2-3). Anything else (a prefix, an opcode not
-//! in the tables, AH..BH beside ESP) is None and goes through iced-x86 as
-//! before.
+//! 2A, 2.1.5 tables 2-2 and 2-3). [`take`] also takes them behind a DS,
+//! ES or SS override (flat wherever translated code runs: the host code
+//! drops it) and MOV between the accumulator and `[moffs32]`. Anything
+//! else (another prefix, an opcode not in the tables, AH..BH beside ESP)
+//! is None and goes through iced-x86 as before.
 //!
 //! The translator's test `fast_scanner_agrees_with_the_decoder` holds this
 //! to iced-x86 and the full lowering on every opcode of the tables with
@@ -37,6 +39,13 @@ pub struct Plain {
     /// A byte register in ModRM is AH, CH, DH or BH (which a REX prefix
     /// would make SPL, BPL, SIL or DIL).
     pub high8: bool,
+    /// Bytes of prefix before the instruction that its host code drops (a
+    /// DS, ES or SS override, see [`take`]); `len` counts them, `modrm`
+    /// does not.
+    pub prefix: u8,
+    /// A MOV between the accumulator and `[moffs32]` (A0-A3): memory
+    /// without a ModRM byte.
+    pub moffs: bool,
 }
 
 // One opcode's entry: what follows the opcode and what its fields mean.
@@ -228,6 +237,8 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
             inc_dec: entry & INC_DEC != 0,
             rex: 0,
             high8: false,
+            prefix: 0,
+            moffs: false,
         });
     }
     let mut len = at;
@@ -300,7 +311,54 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
         inc_dec: false,
         rex,
         high8,
+        prefix: 0,
+        moffs: false,
     })
+}
+
+/// What the scanner takes at the start of `bytes` (32-bit code): one of
+/// [`plain`]'s instructions or a MOV between the accumulator and
+/// `[moffs32]` (A0-A3: `mov eax, [addr]` and the like, which compilers
+/// write for globals), either of them behind one DS, ES or SS segment
+/// override (kernels pad with `3E 8D 74 26 00`, a `lea esi, [esi]` with
+/// a DS prefix, and mark some atomics so). Translated code runs only
+/// while CS, DS, ES and SS are flat (base 0, limit 4 GiB), so such an
+/// override changes nothing and the host code leaves it out. (CS's
+/// override is left to the decoder: a write through it faults.)
+#[inline(always)]
+pub fn take(bytes: &[u8]) -> Option<Plain> {
+    match plain(bytes) {
+        Some(p) => Some(p),
+        None if matches!(bytes.first(), Some(0x26 | 0x36 | 0x3E | 0xA0..=0xA3)) => {
+            take_prefixed_or_moffs(bytes)
+        }
+        None => None,
+    }
+}
+
+/// [`take`] for what [`plain`] does not take (the rarer forms, out of the
+/// common path).
+#[inline(never)]
+fn take_prefixed_or_moffs(bytes: &[u8]) -> Option<Plain> {
+    let prefix = usize::from(matches!(bytes.first()?, 0x26 | 0x36 | 0x3E));
+    let rest = &bytes[prefix..];
+    let mut p = match rest.first()? {
+        0xA0..=0xA3 => (rest.len() >= 5).then_some(Plain {
+            len: 5,
+            modrm: 0,
+            absolute: false,
+            inc_dec: false,
+            rex: 0,
+            high8: false,
+            prefix: 0,
+            moffs: true,
+        })?,
+        _ if prefix == 1 => plain(rest)?,
+        _ => return None,
+    };
+    p.len += prefix as u8;
+    p.prefix = prefix as u8;
+    Some(p)
 }
 
 /// The one-byte opcodes [`simple`] builds (their operands are a register in

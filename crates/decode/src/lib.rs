@@ -506,7 +506,7 @@ pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitnes
 /// on at the branch's fall-through while that is on the first page (a
 /// superblock's side exits), and the caller finds each Jcc among the
 /// instructions. With `fast` (32-bit code only), the instructions the fast
-/// scanner knows ([`fast::plain`]) are not decoded: their `fast` says what
+/// scanner knows ([`fast::take`]) are not decoded: their `fast` says what
 /// they are (see [`Insn::ins`]); and PUSH/POP r32, relative branches, RET
 /// and LEAVE are built from their bytes ([`fast::simple`]), the decoder's
 /// instruction without the decoder. The bytes are fetched into `space`
@@ -558,7 +558,7 @@ pub fn scan_block_into(
             break BlockEnd::FetchFault(eip);
         }
         if fast {
-            if let Some(p) = fast::plain(&space[off..fetched]) {
+            if let Some(p) = fast::take(&space[off..fetched]) {
                 let len = usize::from(p.len);
                 let mut ins = Instruction::default();
                 ins.set_len(len);

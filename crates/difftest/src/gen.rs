@@ -5,14 +5,15 @@
 //! never fault (faulting sequences are the exceptions mode, not yet here):
 //! - EBX holds the scratch area's base and is never written; ESP is only
 //!   moved by balanced templates (PUSH/POP, CALL/RET) within the stack area.
-//! - Memory operands are `[ebx + disp8]` inside the scratch area.
+//! - Memory operands are `[ebx + disp8]` inside the scratch area (now and
+//!   then behind a DS, ES or SS override: all flat).
 //! - Divisions are preceded by instructions that make them non-faulting.
 //! - A flag consumer (ADC, SBB, SETcc, CMOVcc, Jcc, LAHF, PUSHF, DAA, ...)
 //!   that reads a flag the previous producers left undefined is preceded
 //!   by a CMP that defines all six arithmetic flags.
 //! - String instructions get ESI/EDI/ECX set up to stay inside scratch.
 
-use iced_x86::{Decoder, DecoderOptions, Instruction};
+use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind, Register};
 pub use popek_decode::flags::{defined_by, to_eflags, undefined_by};
 
 /// Scratch area size in bytes (memory operands and strings stay inside).
@@ -642,7 +643,19 @@ pub fn generate(seed: u64, len: usize) -> Case {
     let mut undefined = 0u32; // arithmetic flags currently undefined (iced bits)
     while count < len {
         let mut group = Vec::new();
-        for bytes in template(&mut r) {
+        for mut bytes in template(&mut r) {
+            // Now and then a DS, ES or SS override on a memory operand (all
+            // three flat: the same access; compilers and kernels write them
+            // as padding and markers).
+            let mem = |i: &Instruction| (0..i.op_count()).any(|k| i.op_kind(k) == OpKind::Memory);
+            let plain = decode(&bytes);
+            if mem(&plain) && plain.segment_prefix() == Register::None && r.one_in(8) {
+                let mut with = bytes.clone();
+                with.insert(0, [0x26, 0x36, 0x3E][r.below(3) as usize]);
+                if decode(&with).len() == with.len() {
+                    bytes = with;
+                }
+            }
             let ins = decode(&bytes);
             assert!(
                 !ins.is_invalid(),

@@ -25,6 +25,7 @@ use popek_vcpu::Vcpu;
 use crate::chain::Links;
 use crate::dispatch::Bt;
 use crate::emit::HostBlock;
+use crate::host::CodeBuffer;
 
 /// A hasher for guest EIPs: one multiply (the keys are not adversarial
 /// for the host, only for hash-table balance).
@@ -252,6 +253,18 @@ impl Translation {
         }
     }
 
+    /// Does it translate the instruction at `eip` (`buf`: the code buffer
+    /// holding its code)?
+    pub(crate) fn holds_insn(&self, buf: Option<&CodeBuffer>, eip: u32) -> bool {
+        match (self, buf) {
+            (Translation::Code { code, .. }, Some(buf)) => {
+                let eips = code.eips(buf);
+                eips[..eips.len() - 1].contains(&eip)
+            }
+            _ => false,
+        }
+    }
+
     /// Was it made from any of bytes `lo..hi` of physical page `page`?
     fn made_from(&self, page: u32, lo: u16, hi: u16) -> bool {
         self.bytes()
@@ -409,16 +422,25 @@ impl Bt {
 
     /// Drop (and unlink) every cached translation `stale` says is stale;
     /// how many.
-    pub(crate) fn drop_where(&mut self, stale: impl Fn(&Translation) -> bool) -> u64 {
-        self.drop_keyed_where(|_, t| stale(t))
+    /// (`stale` is also given the code buffer, where a block's instruction
+    /// map is.)
+    pub(crate) fn drop_where(
+        &mut self,
+        stale: impl Fn(&Translation, Option<&CodeBuffer>) -> bool,
+    ) -> u64 {
+        self.drop_keyed_where(|_, t, buf| stale(t, buf))
     }
 
     /// As [`Bt::drop_where`], deciding on the key too.
-    pub(crate) fn drop_keyed_where(&mut self, stale: impl Fn(Key, &Translation) -> bool) -> u64 {
+    pub(crate) fn drop_keyed_where(
+        &mut self,
+        stale: impl Fn(Key, &Translation, Option<&CodeBuffer>) -> bool,
+    ) -> u64 {
+        let buf = self.code.as_ref();
         let keys: Vec<Key> = self
             .cache
             .iter()
-            .filter(|(k, t)| stale(**k, t))
+            .filter(|(k, t)| stale(**k, t, buf))
             .map(|(k, _)| *k)
             .collect();
         let mut n = 0;

@@ -198,10 +198,12 @@ impl Bt {
 
     /// Record in the block holding `l` where its stub is chained.
     fn set_linked(&mut self, l: Link, to: Option<Key>) {
-        if let Some(Translation::Code { code, .. }) = self.cache.peek_mut(&l.from) {
-            let at = code.sites().position(|s| s.rel32 == l.rel32);
+        if let (Some(Translation::Code { code, .. }), Some(buf)) =
+            (self.cache.peek(&l.from), self.code.as_mut())
+        {
+            let at = code.sites(buf).position(|s| s.rel32 == l.rel32);
             if let Some(k) = at {
-                code.set_linked(k, to);
+                code.set_linked(buf, k, to);
             }
         }
     }
@@ -254,8 +256,10 @@ impl Bt {
         // where each was chained (set in the block's sites at the end).
         let mut sites = std::mem::take(&mut self.site_scratch);
         sites.clear();
-        if let Some(Translation::Code { code, .. }) = self.cache.peek(&key) {
-            sites.extend(code.sites());
+        if let (Some(Translation::Code { code, .. }), Some(buf)) =
+            (self.cache.peek(&key), self.code.as_ref())
+        {
+            sites.extend(code.sites(buf));
         }
         let mut any = false;
         for site in sites.iter_mut() {
@@ -292,9 +296,11 @@ impl Bt {
             }
         }
         if any {
-            if let Some(Translation::Code { code, .. }) = self.cache.peek_mut(&key) {
+            if let (Some(Translation::Code { code, .. }), Some(buf)) =
+                (self.cache.peek(&key), self.code.as_mut())
+            {
                 for (k, done) in sites.iter().enumerate() {
-                    code.set_linked(k, done.linked);
+                    code.set_linked(buf, k, done.linked);
                 }
             }
         }
@@ -414,7 +420,10 @@ impl Bt {
                 self.unchain(key, l);
             }
         }
-        for site in code.sites() {
+        let Some(buf) = self.code.as_ref() else {
+            return;
+        };
+        for site in code.sites(buf) {
             let gone = |l: &Link| l.from == key && l.rel32 == site.rel32;
             match site.linked.and_then(|t| self.cache.peek_mut(&t)) {
                 Some(Translation::Code { incoming, .. }) => incoming.retain(|l| !gone(l)),

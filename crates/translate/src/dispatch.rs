@@ -386,17 +386,10 @@ impl Bt {
             return 0;
         }
         self.breakpoints = bps.clone();
-        let holds = |k: Key, t: &Translation| {
-            changed.iter().any(|&a| {
-                key_eip(k) == a
-                    || match t {
-                        Translation::Code { code, .. } => {
-                            let eips = code.eips();
-                            eips[..eips.len() - 1].contains(&a)
-                        }
-                        Translation::Interpret { .. } => false,
-                    }
-            })
+        let holds = |k: Key, t: &Translation, buf: Option<&CodeBuffer>| {
+            changed
+                .iter()
+                .any(|&a| key_eip(k) == a || t.holds_insn(buf, a))
         };
         let n = self.drop_keyed_where(holds);
         self.stats.invalidations += n;
@@ -645,7 +638,7 @@ impl Bt {
                 // where the exit was going.
                 Some(Translation::Code { code, .. }) if polled => (
                     Some(
-                        code.poll_at(ctx.fault_rip)
+                        code.poll_at(buf, ctx.fault_rip)
                             .and_then(|p| p.target)
                             .unwrap_or(ctx.next_eip),
                     ),
@@ -653,10 +646,10 @@ impl Bt {
                 ),
                 Some(Translation::Code { code, .. }) => {
                     let done = code
-                        .instruction_at(ctx.fault_rip, code.starts())
+                        .instruction_at(ctx.fault_rip, code.starts(buf))
                         .unwrap_or(0);
-                    let native = u64::from(code.counted().get(done).copied().unwrap_or(0));
-                    (Some(code.eips()[done]), native)
+                    let native = u64::from(code.counted(buf).get(done).copied().unwrap_or(0));
+                    (Some(code.eips(buf)[done]), native)
                 }
                 _ => (None, 0),
             }
@@ -804,13 +797,7 @@ impl Bt {
     /// Drop the translations holding the instruction at `eip`, to be
     /// translated again.
     fn retranslate_holding(&mut self, cpu: &Vcpu, eip: u32) {
-        let holds = |t: &Translation| match t {
-            Translation::Code { code, .. } => {
-                let eips = code.eips();
-                eips[..eips.len() - 1].contains(&eip)
-            }
-            Translation::Interpret { .. } => false,
-        };
+        let holds = |t: &Translation, buf: Option<&CodeBuffer>| t.holds_insn(buf, eip);
         // The translations of the physical page the current mapping puts
         // `eip` on (the whole cache if neither the instruction TLB nor the
         // guest's tables know).
@@ -823,7 +810,11 @@ impl Bt {
             return;
         };
         for k in keys {
-            if self.cache.peek(&k).is_some_and(holds) {
+            if self
+                .cache
+                .peek(&k)
+                .is_some_and(|t| holds(t, self.code.as_ref()))
+            {
                 if let Some(e) = self.cache.pop(&k) {
                     self.unlink(k, e);
                 }

@@ -991,19 +991,29 @@ fn copy_plain(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
 }
 
 /// The host code of an instruction the fast scanner took
-/// ([`popek_decode::fast::plain`]), appended to `out`: its bytes, behind
-/// `gs addr32` when it addresses memory, with the REX prefix ESP needs
-/// (R12 on the host), a bare `[disp32]` given a SIB byte with neither base
-/// nor index (as [`patch_bytes`] writes it), and
-/// INC/DEC r32 in their ModRM form (FF /0, FF /1). What [`lower_into`]
-/// gives for the same instruction (the test
-/// `fast_scanner_agrees_with_the_decoder`).
+/// ([`popek_decode::fast::take`]), appended to `out`: its bytes without a
+/// DS, ES or SS override, behind `gs addr32` when it addresses memory
+/// (`[moffs32]` too), with the REX prefix ESP needs (R12 on the host), a
+/// bare `[disp32]` given a SIB byte with neither base nor index (as
+/// [`patch_bytes`] writes it), and INC/DEC r32 in their ModRM form (FF /0,
+/// FF /1). What [`lower_into`] gives for the same instruction without the
+/// override (the tests `fast_scanner_agrees_with_the_decoder` and
+/// `fast_scanner_prefixes_and_moffs`).
 #[inline]
 pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &mut Vec<u8>) {
     // Written as fixed-size moves into a local buffer, appended whole and
     // cut to length: no copy of a variable length per instruction.
     const ROOM: usize = popek_decode::MAX_INSN_LEN + 5;
-    let raw = bytes.raw();
+    // The bytes after a segment prefix the host code leaves out (with room
+    // for the fixed-size moves below past the end).
+    let mut shifted = [0u8; popek_decode::MAX_INSN_LEN + 1];
+    let raw: &[u8] = if p.prefix == 0 {
+        bytes.raw()
+    } else {
+        shifted[..popek_decode::MAX_INSN_LEN - 1].copy_from_slice(&bytes.raw()[1..]);
+        &shifted
+    };
+    let guest_len = usize::from(p.len - p.prefix);
     let mut host = [0u8; ROOM];
     let len = if p.inc_dec {
         host[0] = 0xFF;
@@ -1011,7 +1021,7 @@ pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &m
         2
     } else {
         let mut at = 0;
-        if p.modrm != 0 {
+        if p.modrm != 0 || p.moffs {
             host[..2].copy_from_slice(&[0x65, 0x67]);
             at = 2;
         }
@@ -1020,8 +1030,9 @@ pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &m
             at += 1;
         }
         if !p.absolute {
-            host[at..at + raw.len()].copy_from_slice(raw);
-            at + usize::from(p.len)
+            host[at..at + popek_decode::MAX_INSN_LEN]
+                .copy_from_slice(&raw[..popek_decode::MAX_INSN_LEN]);
+            at + guest_len
         } else {
             // The opcode (one or two bytes), ModRM given a SIB, then the
             // displacement and immediate.
@@ -1030,7 +1041,7 @@ pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &m
             host[at + m] = (raw[m] & 0xF8) | 4;
             host[at + m + 1] = 0x25;
             host[at + m + 2..at + m + 2 + 12].copy_from_slice(&raw[m + 1..m + 13]);
-            at + usize::from(p.len) + 1
+            at + guest_len + 1
         }
     };
     let mark = out.len();
@@ -1718,5 +1729,87 @@ mod tests {
             assert_eq!(popek_decode::fast::plain(&seq[..len - 1]), None, "{what}");
         });
         assert!(taken > checked / 5, "{taken} of {checked}");
+    }
+
+    /// Behind a DS, ES or SS override (and only those), the scanner takes
+    /// what it takes without one, one byte longer, and the host code is
+    /// the one without the override (the decoder sees the same
+    /// instruction with that segment: all four are flat wherever
+    /// translated code runs); a MOV between the accumulator and
+    /// `[moffs32]` is copied as the encoder writes it, with or without such
+    /// an override. None of them when a byte is missing.
+    #[test]
+    fn fast_scanner_prefixes_and_moffs() {
+        use popek_decode::fast::{plain, take};
+        let tail = [0x11, 0x92, 0x33, 0x84, 0x55, 0x06, 0x77, 0x88, 0x99, 0xAA];
+        let copy = |p, seq: &[u8]| {
+            let mut v = Vec::new();
+            copy_fast(p, &popek_decode::InsnBytes::new(seq), &mut v);
+            v
+        };
+        let mut n = 0usize;
+        each_form(&tail, |seq| {
+            if !matches!(seq[0], 0x26 | 0x36 | 0x3E | 0xA0..=0xA3) {
+                assert_eq!(take(seq), plain(seq), "{seq:02X?}");
+            }
+            // (One override at most.)
+            let bare = take(seq).filter(|p| p.prefix == 0);
+            let mut with = vec![0u8; seq.len() + 1];
+            with[1..].copy_from_slice(seq);
+            for prefix in [0x26u8, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0xF0, 0xF3] {
+                with[0] = prefix;
+                let got = take(&with);
+                let Some(p) = bare.filter(|_| matches!(prefix, 0x26 | 0x36 | 0x3E)) else {
+                    assert_eq!(got, None, "{with:02X?}");
+                    continue;
+                };
+                n += 1;
+                let len = usize::from(p.len) + 1;
+                let what = format!("{:02X?}", &with[..len]);
+                assert_eq!(
+                    got.map(|g| (g.len, g.prefix)),
+                    Some((len as u8, 1)),
+                    "{what}"
+                );
+                let ins = popek_decode::decode_one(&with, 0x1000, 32);
+                let plain_ins = popek_decode::decode_one(seq, 0x1000, 32);
+                assert_eq!(ins.len(), len, "{what}: length");
+                assert_eq!(ins.code(), plain_ins.code(), "{what}");
+                assert_eq!(
+                    popek_decode::special_and_class(&ins),
+                    (None, Class::Innocuous),
+                    "{what}: class"
+                );
+                let mut want = Vec::new();
+                assert_eq!(
+                    lower_into(&plain_ins, Some(&seq[..len - 1]), &mut want),
+                    Ok(())
+                );
+                assert_eq!(copy(got.unwrap(), &with), want, "{what}: host bytes");
+                assert_eq!(take(&with[..len - 1]), None, "{what}: cut short");
+            }
+        });
+        assert!(n > 100_000, "{n}");
+        for op in 0xA0..=0xA3u8 {
+            for prefix in [None, Some(0x26u8), Some(0x36), Some(0x3E)] {
+                for addr in [[0u8; 4], [0x40, 0xDD, 0xC3, 0xC1], [0xFF; 4]] {
+                    let bare: Vec<u8> = [op].iter().chain(&addr).copied().collect();
+                    let with: Vec<u8> = prefix.iter().chain(&bare).copied().collect();
+                    let what = format!("{with:02X?}");
+                    let p = take(&with).unwrap_or_else(|| panic!("{what}: not taken"));
+                    assert_eq!(usize::from(p.len), with.len(), "{what}");
+                    let ins = popek_decode::decode_one(&bare, 0x1000, 32);
+                    assert_eq!(
+                        popek_decode::special_and_class(&ins),
+                        (None, Class::Innocuous),
+                        "{what}: class"
+                    );
+                    let mut want = Vec::new();
+                    assert_eq!(lower_into(&ins, Some(&bare), &mut want), Ok(()), "{what}");
+                    assert_eq!(copy(p, &with), want, "{what}: host bytes");
+                    assert_eq!(take(&with[..with.len() - 1]), None, "{what}: cut short");
+                }
+            }
+        }
     }
 }

@@ -224,10 +224,11 @@ pub struct HostBlock {
     /// End of the translated instructions (which start at the block's
     /// first byte, where chained jumps land).
     body_end: usize,
-    /// Everything else, in one allocation: the patchable exits, the
-    /// poll-page loads of its exits (`Pace::Polled`) and the instruction
-    /// map, laid out as [`META_HEAD`] says.
-    meta: Box<[u32]>,
+    /// Where everything else starts in the code buffer's block words
+    /// (`CodeBuffer::meta`): the patchable exits, the poll-page loads of
+    /// its exits (`Pace::Polled`) and the instruction map, laid out as
+    /// [`META_HEAD`] says.
+    meta: u32,
 }
 
 /// How [`HostBlock`]'s `meta` is laid out: the numbers of sites, polls and
@@ -788,7 +789,7 @@ impl Builder {
         }
         self.sides = sides;
         let Exits { sites, polls, .. } = ex;
-        let meta = meta(&sites, &polls, map);
+        let meta = meta(buf.meta_words(), &sites, &polls, map);
         EXITS.with(|s| s.set((sites, polls)));
         let len = ops.offset().0;
         let at = buf
@@ -805,15 +806,14 @@ impl Builder {
     }
 }
 
-/// [`HostBlock`]'s `meta` for these sites, polls and instruction map (code
-/// offsets fit in 32 bits: rel32 jumps span the code buffer).
-fn meta(sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> Box<[u32]> {
+/// Append [`HostBlock`]'s words for these sites, polls and instruction
+/// map to `m` (code offsets fit in 32 bits: rel32 jumps span the code
+/// buffer); where they start.
+fn meta(m: &mut Vec<u32>, sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> u32 {
     let n = map.counted.len();
     debug_assert_eq!(map.eips.len(), n + 1);
     debug_assert_eq!(map.starts.len(), n);
-    let mut m = Vec::with_capacity(
-        META_HEAD + sites.len() * SITE_WORDS + polls.len() * POLL_WORDS + 3 * n + 1,
-    );
+    let at = m.len() as u32;
     m.extend([sites.len() as u32, polls.len() as u32, n as u32]);
     for s in sites {
         let linked = s.linked.unwrap_or(u64::MAX);
@@ -835,7 +835,7 @@ fn meta(sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> Box<[u32]> {
     m.extend_from_slice(map.eips);
     m.extend_from_slice(map.counted);
     m.extend_from_slice(map.starts);
-    m.into_boxed_slice()
+    at
 }
 
 impl HostBlock {
@@ -920,10 +920,11 @@ impl HostBlock {
         self.offset
     }
 
-    /// The patchable exits.
-    pub fn sites(&self) -> impl ExactSizeIterator<Item = Site> + '_ {
-        let n = self.meta[0] as usize;
-        self.meta[META_HEAD..META_HEAD + n * SITE_WORDS]
+    /// The patchable exits (`buf`: the code buffer holding the block).
+    pub fn sites<'b>(&self, buf: &'b CodeBuffer) -> impl ExactSizeIterator<Item = Site> + 'b {
+        let m = buf.meta(self.meta);
+        let n = m[0] as usize;
+        m[META_HEAD..META_HEAD + n * SITE_WORDS]
             .chunks_exact(SITE_WORDS)
             .map(|w| {
                 let linked = u64::from(w[3]) | u64::from(w[4]) << 32;
@@ -937,18 +938,20 @@ impl HostBlock {
     }
 
     /// Record what the `k`-th patchable exit is chained to.
-    pub(crate) fn set_linked(&mut self, k: usize, linked: Option<u64>) {
+    pub(crate) fn set_linked(&self, buf: &mut CodeBuffer, k: usize, linked: Option<u64>) {
         let at = META_HEAD + k * SITE_WORDS;
         let linked = linked.unwrap_or(u64::MAX);
-        self.meta[at + 3] = linked as u32;
-        self.meta[at + 4] = (linked >> 32) as u32;
+        let m = buf.meta_mut(self.meta);
+        m[at + 3] = linked as u32;
+        m[at + 4] = (linked >> 32) as u32;
     }
 
     /// The poll at host address `rip`, if one is there.
-    pub fn poll_at(&self, rip: u64) -> Option<Poll> {
+    pub fn poll_at(&self, buf: &CodeBuffer, rip: u64) -> Option<Poll> {
         let off = rip.checked_sub(self.entry as u64)? as usize;
-        let at = META_HEAD + self.meta[0] as usize * SITE_WORDS;
-        self.meta[at..at + self.meta[1] as usize * POLL_WORDS]
+        let m = buf.meta(self.meta);
+        let at = META_HEAD + m[0] as usize * SITE_WORDS;
+        m[at..at + m[1] as usize * POLL_WORDS]
             .chunks_exact(POLL_WORDS)
             .find(|w| w[0] as usize == off)
             .map(|w| Poll {
@@ -957,34 +960,32 @@ impl HostBlock {
             })
     }
 
-    /// Where the instruction map starts in `meta`, and the number of
-    /// instructions.
-    fn map_at(&self) -> (usize, usize) {
-        let m = &self.meta;
-        (
-            META_HEAD + m[0] as usize * SITE_WORDS + m[1] as usize * POLL_WORDS,
-            m[2] as usize,
-        )
+    /// The block's words from where the instruction map starts, and the
+    /// number of instructions.
+    fn map<'b>(&self, buf: &'b CodeBuffer) -> (&'b [u32], usize) {
+        let m = buf.meta(self.meta);
+        let at = META_HEAD + m[0] as usize * SITE_WORDS + m[1] as usize * POLL_WORDS;
+        (&m[at..], m[2] as usize)
     }
 
     /// The EIP of each translated instruction, then the EIP after them.
-    pub(crate) fn eips(&self) -> &[u32] {
-        let (at, n) = self.map_at();
-        &self.meta[at..=at + n]
+    pub(crate) fn eips<'b>(&self, buf: &'b CodeBuffer) -> &'b [u32] {
+        let (m, n) = self.map(buf);
+        &m[..=n]
     }
 
     /// For each translated instruction, the instructions before it its
     /// code counts (helper calls retire theirs through the interpreter).
-    pub(crate) fn counted(&self) -> &[u32] {
-        let (at, n) = self.map_at();
-        &self.meta[at + n + 1..at + 2 * n + 1]
+    pub(crate) fn counted<'b>(&self, buf: &'b CodeBuffer) -> &'b [u32] {
+        let (m, n) = self.map(buf);
+        &m[n + 1..2 * n + 1]
     }
 
     /// For each translated instruction, the offset of its host code in
     /// the block's.
-    pub(crate) fn starts(&self) -> &[u32] {
-        let (at, n) = self.map_at();
-        &self.meta[at + 2 * n + 1..at + 3 * n + 1]
+    pub(crate) fn starts<'b>(&self, buf: &'b CodeBuffer) -> &'b [u32] {
+        let (m, n) = self.map(buf);
+        &m[2 * n + 1..3 * n + 1]
     }
 
     /// Run the code on `ctx` (and whatever it chains to). If a translated

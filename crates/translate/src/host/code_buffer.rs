@@ -49,6 +49,11 @@ pub struct CodeBuffer {
     /// Bytes from the start asked of the prefault thread so far.
     asked: usize,
     prefault: Option<Prefault>,
+    /// What the engine keeps of each block besides its code (exits, polls,
+    /// instruction map: `emit::HostBlock`), appended word by word as
+    /// blocks are built and emptied with the code: no allocation per
+    /// block, and one block's words follow the last one's in memory.
+    meta: Vec<u32>,
 }
 
 // SAFETY: the mappings are owned by this value alone.
@@ -95,6 +100,7 @@ impl CodeBuffer {
             used: 0,
             asked: 0,
             prefault: None,
+            meta: Vec::new(),
         })
     }
 
@@ -190,6 +196,23 @@ impl CodeBuffer {
     /// Forget all code (the caller drops every translation first).
     pub fn reset(&mut self) {
         self.used = 0;
+        self.meta.clear();
+    }
+
+    /// The block words from index `at` on (see `meta`).
+    pub(crate) fn meta(&self, at: u32) -> &[u32] {
+        &self.meta[at as usize..]
+    }
+
+    /// The block words from index `at` on, to change.
+    pub(crate) fn meta_mut(&mut self, at: u32) -> &mut [u32] {
+        &mut self.meta[at as usize..]
+    }
+
+    /// The words of the blocks, to append a block's to (its index is the
+    /// length before).
+    pub(crate) fn meta_words(&mut self) -> &mut Vec<u32> {
+        &mut self.meta
     }
 
     /// Bytes in use.
