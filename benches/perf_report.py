@@ -1579,6 +1579,36 @@ system call), so it is higher than the warm figure.
   the code buffer's next lines at the start of a translation made no
   measurable difference (the data misses overlap already; the code
   misses are what stall).
+- What the 21st session changed: the fast scanner also takes its
+  instructions behind a DS, ES or SS override (dropped in the host code)
+  and MOV with `[moffs32]` (Linux pads with `3E 8D 74 26 00` in a fifth of
+  its blocks: three in four of its blocks now need no iced-x86 decode,
+  58% before), and a block's exit sites, polls and instruction map are
+  words appended to the code buffer's instead of an allocation per block.
+  Host instructions per warm translation (cachegrind): the Linux kernel's
+  own blocks (`translate_loop` on a snapshot of the boot at 3 G
+  instructions: 26,000 blocks of 11.5 guest instructions, see
+  docs/testing.md) 9,298 -> 8,755; selfcheck 18,796 -> 18,096, as basic
+  blocks 6,423 -> 5,973; compute as basic blocks 6,122 -> 5,985;
+  exceptions as basic blocks 5,695 -> 5,503. That lab also corrects the
+  previous note: the kernel's blocks cost 1.4-1.8 us each warm (about
+  790 host instructions per guest instruction: short blocks, paging
+  bookkeeping, FS accesses), and in the same run 2.3-2.4 us each in the
+  boot: in a run a translation costs about 1.5x its warm cost, not 3x
+  (the cold lab evicts everything; a guest between two translations
+  does not). Per kernel block: scanning about 2,000 host instructions,
+  selecting and copying 2,100, finishing the block (exits, stubs, block
+  words) 1,000, paging and the write watch 600, and outside the timed
+  part chaining and the cache 1,450.
+- Tried in the 21st session and not kept: a streaming scanner that lets
+  the translator copy the fast scanner's instructions as they are scanned
+  (no `Insn` for them; host code byte for byte the same on every block of
+  every bundled guest) ran 2-3% more host instructions per translation
+  (moving each step through memory cost more than the record it saved);
+  ending a superblock where its continuation is already translated left
+  the boot's translation count unchanged (superblocks come first);
+  transparent huge pages for the heap and prefetching the translator's
+  own code before each translation: within the noise.
 - Tried in the 16th session and taken out: translating a new block's
   direct successors on its page at once (while the translator is warm):
   1.77 us per translation in the boot instead of 2.0, but 12 K more
