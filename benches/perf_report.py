@@ -1582,7 +1582,7 @@ system call), so it is higher than the warm figure.
 - What the 21st session changed: the fast scanner also takes its
   instructions behind a DS, ES or SS override (dropped in the host code)
   and MOV with `[moffs32]` (Linux pads with `3E 8D 74 26 00` in a fifth of
-  its blocks: three in four of its blocks now need no iced-x86 decode,
+  its blocks: 73% of its blocks now need no iced-x86 decode,
   58% before), and a block's exit sites, polls and instruction map are
   words appended to the code buffer's instead of an allocation per block.
   Host instructions per warm translation (cachegrind): the Linux kernel's
@@ -1592,7 +1592,7 @@ system call), so it is higher than the warm figure.
   blocks 6,423 -> 5,973; compute as basic blocks 6,122 -> 5,985;
   exceptions as basic blocks 5,695 -> 5,503. That lab also corrects the
   previous note: the kernel's blocks cost 1.4-1.8 us each warm (about
-  790 host instructions per guest instruction: short blocks, paging
+  760 host instructions per guest instruction: short blocks, paging
   bookkeeping, FS accesses), and in the same run 2.3-2.4 us each in the
   boot: in a run a translation costs about 1.5x its warm cost, not 3x
   (the cold lab evicts everything; a guest between two translations
