@@ -1590,13 +1590,14 @@ system call), so it is higher than the warm figure.
   instructions: 26,000 blocks of 11.5 guest instructions, see
   docs/testing.md) 9,298 -> 8,755; selfcheck 18,796 -> 18,096, as basic
   blocks 6,423 -> 5,973; compute as basic blocks 6,122 -> 5,985;
-  exceptions as basic blocks 5,695 -> 5,503. That lab also corrects the
-  previous note: the kernel's blocks cost 1.4-1.8 us each warm (about
-  760 host instructions per guest instruction: short blocks, paging
-  bookkeeping, FS accesses), and in the same run 2.3-2.4 us each in the
-  boot: in a run a translation costs about 1.5x its warm cost, not 3x
-  (the cold lab evicts everything; a guest between two translations
-  does not). Per kernel block: scanning about 2,000 host instructions,
+  exceptions as basic blocks 5,695 -> 5,503. Retranslating the cached
+  kernel blocks in a loop inside the boot itself (a throwaway patch, at
+  30,000 translations) corrects the previous note: 1.4-1.8 us each warm
+  (about 760 host instructions per guest instruction: short blocks,
+  paging bookkeeping, FS accesses), against 2.3-2.4 us each for that
+  run's own translations up to then: in a run a translation costs about
+  1.5x its warm cost, not 3x (the cold lab evicts everything; a guest
+  between two translations does not). Per kernel block: scanning about 2,000 host instructions,
   selecting and copying 2,100, finishing the block (exits, stubs, block
   words) 1,000, paging and the write watch 600, and outside the timed
   part chaining and the cache 1,450.
