@@ -46,6 +46,10 @@ pub struct Plain {
     /// A MOV between the accumulator and `[moffs32]` (A0-A3): memory
     /// without a ModRM byte.
     pub moffs: bool,
+    /// PUSH r32 or POP r32 in the one-byte form (0x50-0x5F, ESP too): host
+    /// code addressing the guest's stack (see
+    /// `popek_translate::lower::copy_fast`), not the guest's bytes.
+    pub stack: bool,
 }
 
 // One opcode's entry: what follows the opcode and what its fields mean.
@@ -63,7 +67,8 @@ const REG32: u16 = 1 << 4;
 const RM32: u16 = 1 << 5;
 /// Memory operand only (LEA: mod 11 is #UD).
 const MEM_ONLY: u16 = 1 << 6;
-/// The low 3 opcode bits name a 32-bit register (ESP: no); no ModRM.
+/// The low 3 opcode bits name a 32-bit register (ESP: no, but for
+/// STACK); no ModRM.
 const OPREG32: u16 = 1 << 7;
 /// INC/DEC r32 in the one-byte form.
 const INC_DEC: u16 = 1 << 8;
@@ -73,6 +78,8 @@ const IMM_IF_TEST: u16 = 1 << 9;
 const REG8: u16 = 1 << 10;
 /// ModRM.rm with mod 11 names a byte register.
 const RM8: u16 = 1 << 11;
+/// PUSH r32 or POP r32 (0x50-0x5F): any register, ESP too.
+const STACK: u16 = 1 << 12;
 /// The usual two-operand form: r/m32 and r32 (either way round).
 const RM_R32: u16 = OK | MODRM | REG32 | RM32;
 /// The same with byte registers: r/m8 and r8.
@@ -111,6 +118,8 @@ static ONE: [u16; 256] = {
             }
         }
         t[0xB0 + r] = OK | IMM8;
+        t[0x50 + r] = OK | OPREG32 | STACK;
+        t[0x58 + r] = OK | OPREG32 | STACK;
         r += 1;
     }
     t[0x69] = RM_R32 | IMM32;
@@ -239,6 +248,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
             high8: false,
             prefix: 0,
             moffs: false,
+            stack: entry & STACK != 0,
         });
     }
     let mut len = at;
@@ -313,6 +323,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
         high8,
         prefix: 0,
         moffs: false,
+        stack: false,
     })
 }
 
@@ -352,6 +363,7 @@ fn take_prefixed_or_moffs(bytes: &[u8]) -> Option<Plain> {
             high8: false,
             prefix: 0,
             moffs: true,
+            stack: false,
         })?,
         _ if prefix == 1 => plain(rest)?,
         _ => return None,

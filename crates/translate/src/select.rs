@@ -361,7 +361,10 @@ impl Bt {
                     copy_fast(p, &i.bytes, out.b.code());
                     fast += 1;
                     if dumping {
-                        out.how.push("copied (fast scanner)");
+                        out.how.push(match p.stack {
+                            true => "rewritten (guest stack)",
+                            false => "copied (fast scanner)",
+                        });
                     }
                     counted += 1;
                     continue;
