@@ -369,6 +369,22 @@ pub struct Insn {
 }
 
 impl Insn {
+    /// An instruction the fast scanner took at `eip` (see [`Insn::ins`]).
+    #[inline]
+    pub fn fast(eip: u32, plain: fast::Plain, bytes: InsnBytes) -> Insn {
+        let len = usize::from(plain.len);
+        let mut ins = Instruction::default();
+        ins.set_len(len);
+        ins.set_next_ip(u64::from(eip.wrapping_add(len as u32)));
+        Insn {
+            ins,
+            bytes,
+            class: Class::Innocuous,
+            special: None,
+            fast: Some(plain),
+        }
+    }
+
     /// The whole decoded instruction (decoding the bytes of one the fast
     /// scanner took).
     pub fn decoded(&self) -> Instruction {
@@ -507,11 +523,12 @@ pub fn scan_block(fetch: impl FnMut(u32, &mut [u8]) -> usize, start: u32, bitnes
 /// superblock's side exits), and the caller finds each Jcc among the
 /// instructions. With `fast` (32-bit code only), the instructions the fast
 /// scanner knows ([`fast::take`]) are not decoded: their `fast` says what
-/// they are (see [`Insn::ins`]); and PUSH/POP r32, relative branches, RET
-/// and LEAVE are built from their bytes ([`fast::simple`]), the decoder's
-/// instruction without the decoder. The bytes are fetched into `space`
-/// (a translator keeps one between scans: nothing is zeroed or allocated
-/// per block; what it held before is never read as code).
+/// they are (see [`Insn::ins`]); and relative branches, RET and LEAVE are
+/// built from their bytes ([`fast::simple`]), the decoder's instruction
+/// without the decoder. The bytes are fetched into `space` (a translator
+/// keeps one between scans: nothing is zeroed or allocated per block; what
+/// it held before is never read as code). (A [`Scanner`] run to the end,
+/// keeping every instruction.)
 #[allow(clippy::too_many_arguments)]
 pub fn scan_block_into(
     mut fetch: impl FnMut(u32, &mut [u8]) -> usize,
@@ -523,135 +540,263 @@ pub fn scan_block_into(
     fast: bool,
     space: &mut [u8; SCAN_SPACE],
 ) -> BlockEnd {
-    let fast = fast && bitness == 32;
-    let first = insns.len();
-    // The block's bytes: its instructions start on this page (the last may
-    // run into the next) and there are at most MAX_BLOCK_INSNS of at most
-    // MAX_INSN_LEN bytes. Most blocks are short, so the bytes are fetched
-    // in chunks of FETCH_CHUNK as decoding reaches them.
-    const FETCH_CHUNK: usize = 128;
-    let page_left = (PAGE_SIZE - start % PAGE_SIZE) as usize;
-    let want = (page_left + MAX_INSN_LEN - 1).min(SCAN_SPACE);
-    let mut asked = want.min(FETCH_CHUNK);
-    let mut fetched = fetch(start, &mut space[..asked]);
-    // The decoder (made when an instruction needs it: the fast scanner
-    // takes most) over the fetched bytes from `window_at`.
-    let mut decoder: Option<Decoder> = None;
-    let mut window_at = 0usize;
-    let mut off = 0usize;
-    let end = loop {
-        let eip = start.wrapping_add(off as u32);
-        if insns.len() - first >= max.min(MAX_BLOCK_INSNS) {
-            break BlockEnd::SizeLimit;
+    let mut sc = Scanner::new(&mut fetch, start, bitness, max, past_jcc, fast, space);
+    loop {
+        if let Step::End(end) = sc.run(&mut fetch, space, insns, true, |_, _, _| true) {
+            return end;
         }
-        if off >= page_left {
-            break BlockEnd::PageBoundary;
-        }
-        // Less than a whole instruction left of a full chunk: fetch on.
-        if fetched == asked && asked < want && fetched - off < MAX_INSN_LEN {
-            let more = (asked + FETCH_CHUNK).min(want);
-            decoder = None;
-            fetched += fetch(start.wrapping_add(asked as u32), &mut space[asked..more]);
-            asked = more;
-        }
-        if off >= fetched {
-            break BlockEnd::FetchFault(eip);
-        }
-        if fast {
-            if let Some(p) = fast::take(&space[off..fetched]) {
-                let len = usize::from(p.len);
-                let mut ins = Instruction::default();
-                ins.set_len(len);
-                ins.set_next_ip(u64::from(eip.wrapping_add(len as u32)));
-                insns.push(Insn {
-                    ins,
-                    bytes: InsnBytes::within(&space[..], off, len),
-                    class: Class::Innocuous,
-                    special: None,
-                    fast: Some(p),
-                });
-                off += len;
-                continue;
-            }
-        }
-        // PUSH/POP, relative branches, RET and LEAVE built without the
-        // decoder (the same instruction it would decode).
-        let simple = if fast {
-            fast::simple(&space[off..fetched], eip)
-        } else {
-            None
+    }
+}
+
+/// Where a [`Scanner::run`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// At an instruction the caller has to look at: pushed onto its
+    /// vector (one the fast scanner did not take, decoded, or one the
+    /// caller's sink declined).
+    Pushed,
+    /// The scan ends here (and says so from then on).
+    End(BlockEnd),
+}
+
+/// Bytes fetched at a time: most blocks are short.
+const FETCH_CHUNK: usize = 128;
+
+/// A block's scan, run in stretches: a translator hands the fast
+/// scanner's instructions ([`fast::take`]) to a sink as they are scanned
+/// (no [`Insn`] for them, the scan's state in registers meanwhile), and
+/// gets every other instruction pushed onto its vector, in order, one
+/// [`Scanner::run`] each. The bytes are fetched into a `space` the caller
+/// keeps (and passes again with the fetch function at each run) in
+/// chunks of `FETCH_CHUNK` as decoding reaches them.
+#[derive(Debug)]
+pub struct Scanner {
+    /// The first instruction of this stretch of code.
+    start: u32,
+    bitness: u32,
+    /// The most instructions to scan from `start`.
+    max: usize,
+    past_jcc: bool,
+    fast: bool,
+    /// Bytes from `start` to the end of its page, and to fetch at most
+    /// (the last instruction may run into the next page).
+    page_left: usize,
+    want: usize,
+    /// Bytes asked of `fetch` so far, and fetched.
+    asked: usize,
+    fetched: usize,
+    /// Where the next instruction starts (from `start`).
+    off: usize,
+    /// Instructions found from `start`, and since [`Scanner::new`].
+    taken: usize,
+    total: usize,
+    done: Option<BlockEnd>,
+}
+
+impl Scanner {
+    /// A scan at `start` of at most `max` instructions (see
+    /// [`scan_block_into`] for `past_jcc` and `fast`); fetches the first
+    /// chunk.
+    pub fn new(
+        fetch: &mut impl FnMut(u32, &mut [u8]) -> usize,
+        start: u32,
+        bitness: u32,
+        max: usize,
+        past_jcc: bool,
+        fast: bool,
+        space: &mut [u8; SCAN_SPACE],
+    ) -> Scanner {
+        let mut sc = Scanner {
+            start,
+            bitness,
+            max,
+            past_jcc,
+            fast: fast && bitness == 32,
+            page_left: 0,
+            want: 0,
+            asked: 0,
+            fetched: 0,
+            off: 0,
+            taken: 0,
+            total: 0,
+            done: None,
         };
-        // (Decoded in place, in the vector's next slot: an instruction is
-        // not copied on its way there.)
-        insns.push(Insn {
-            ins: simple.unwrap_or_default(),
-            bytes: InsnBytes {
-                buf: [0; MAX_INSN_LEN],
-                len: 0,
-            },
-            class: Class::Innocuous,
-            special: None,
-            fast: None,
-        });
-        let slot = insns.last_mut().expect("pushed above");
-        if simple.is_none() {
-            // The decoder where the fast scanner left off (`off` is inside
-            // its window), or a new one.
-            let reuse = match &mut decoder {
-                Some(d) => d.set_position(off - window_at).is_ok(),
-                None => false,
-            };
-            if !reuse {
-                window_at = off;
-                decoder = None;
+        sc.restart(fetch, start, max, past_jcc, space);
+        sc
+    }
+
+    /// Scan on at `start` instead (a superblock following a jump), at
+    /// most `max` instructions more.
+    pub fn restart(
+        &mut self,
+        fetch: &mut impl FnMut(u32, &mut [u8]) -> usize,
+        start: u32,
+        max: usize,
+        past_jcc: bool,
+        space: &mut [u8; SCAN_SPACE],
+    ) {
+        // The instructions start on this page (the last may run into the
+        // next), at most MAX_BLOCK_INSNS of at most MAX_INSN_LEN bytes.
+        self.start = start;
+        self.max = max.min(MAX_BLOCK_INSNS);
+        self.past_jcc = past_jcc;
+        self.page_left = (PAGE_SIZE - start % PAGE_SIZE) as usize;
+        self.want = (self.page_left + MAX_INSN_LEN - 1).min(SCAN_SPACE);
+        self.asked = self.want.min(FETCH_CHUNK);
+        self.fetched = fetch(start, &mut space[..self.asked]);
+        self.off = 0;
+        self.taken = 0;
+        self.done = None;
+    }
+
+    /// Where this stretch of code starts, and the bytes scanned from
+    /// there.
+    pub fn stretch(&self) -> (u32, u32) {
+        (self.start, self.off as u32)
+    }
+
+    /// Instructions found since [`Scanner::new`].
+    pub fn scanned(&self) -> usize {
+        self.total
+    }
+
+    /// Scan on: each instruction the fast scanner takes goes to `sink`
+    /// (its EIP, what the scanner found, its bytes), which says whether
+    /// it took it (else it is pushed onto `insns` and the run stops
+    /// there); stop at the next other instruction (decoded and pushed onto
+    /// `insns`) or at the end of the block. With `keep`, the instructions
+    /// the sink took are pushed onto `insns` too.
+    #[inline]
+    pub fn run(
+        &mut self,
+        fetch: &mut impl FnMut(u32, &mut [u8]) -> usize,
+        space: &mut [u8; SCAN_SPACE],
+        insns: &mut Vec<Insn>,
+        keep: bool,
+        mut sink: impl FnMut(u32, fast::Plain, &InsnBytes) -> bool,
+    ) -> Step {
+        if let Some(e) = self.done {
+            return Step::End(e);
+        }
+        let (start, page_left, want, max) = (self.start, self.page_left, self.want, self.max);
+        let (mut off, mut asked, mut fetched, mut taken) =
+            (self.off, self.asked, self.fetched, self.taken);
+        let first = taken;
+        let mut done = None;
+        loop {
+            let eip = start.wrapping_add(off as u32);
+            if taken >= max {
+                done = Some(BlockEnd::SizeLimit);
+                break;
             }
-            let decoder = decoder.get_or_insert_with(|| {
-                Decoder::with_ip(
-                    bitness,
+            if off >= page_left {
+                done = Some(BlockEnd::PageBoundary);
+                break;
+            }
+            // Less than a whole instruction left of a full chunk: fetch on.
+            if fetched == asked && asked < want && fetched - off < MAX_INSN_LEN {
+                let more = (asked + FETCH_CHUNK).min(want);
+                fetched += fetch(start.wrapping_add(asked as u32), &mut space[asked..more]);
+                asked = more;
+            }
+            if off >= fetched {
+                done = Some(BlockEnd::FetchFault(eip));
+                break;
+            }
+            if self.fast {
+                if let Some(p) = fast::take(&space[off..fetched]) {
+                    let len = usize::from(p.len);
+                    let bytes = InsnBytes::within(&space[..], off, len);
+                    off += len;
+                    taken += 1;
+                    if sink(eip, p, &bytes) {
+                        if keep {
+                            insns.push(Insn::fast(eip, p, bytes));
+                        }
+                        continue;
+                    }
+                    insns.push(Insn::fast(eip, p, bytes));
+                    break;
+                }
+            }
+            // Relative branches, RET and LEAVE built without the decoder
+            // (the same instruction it would decode).
+            let simple = if self.fast {
+                fast::simple(&space[off..fetched], eip)
+            } else {
+                None
+            };
+            // (Decoded in place, in the vector's next slot: an instruction
+            // is not copied on its way there.)
+            insns.push(Insn {
+                ins: simple.unwrap_or_default(),
+                bytes: InsnBytes {
+                    buf: [0; MAX_INSN_LEN],
+                    len: 0,
+                },
+                class: Class::Innocuous,
+                special: None,
+                fast: None,
+            });
+            let slot = insns.last_mut().expect("pushed above");
+            if simple.is_none() {
+                let mut decoder = Decoder::with_ip(
+                    self.bitness,
                     &space[off..fetched],
                     u64::from(eip),
                     DecoderOptions::NONE,
-                )
-            });
-            decoder.set_ip(u64::from(eip));
-            decoder.decode_out(&mut slot.ins);
+                );
+                decoder.decode_out(&mut slot.ins);
+                let ins = &slot.ins;
+                if ins.is_invalid() || ins.code() == Code::Ud2 {
+                    // Running out of fetched bytes (a fetch fault ahead,
+                    // not the end of the window) is a fetch fault, not #UD.
+                    let short = ins.is_invalid()
+                        && decoder.last_error() == DecoderError::NoMoreBytes
+                        && fetched < want;
+                    insns.pop();
+                    done = Some(if short {
+                        BlockEnd::FetchFault(eip)
+                    } else {
+                        BlockEnd::Undecodable(eip)
+                    });
+                    break;
+                }
+            }
             let ins = &slot.ins;
-            if ins.is_invalid() || ins.code() == Code::Ud2 {
-                // Running out of fetched bytes (a fetch fault ahead, not
-                // the end of the window) is a fetch fault, not #UD.
-                let short = ins.is_invalid()
-                    && decoder.last_error() == DecoderError::NoMoreBytes
-                    && fetched < want;
-                insns.pop();
-                break if short {
-                    BlockEnd::FetchFault(eip)
-                } else {
-                    BlockEnd::Undecodable(eip)
-                };
+            let len = ins.len();
+            let (sp, class) = special_and_class(ins);
+            slot.bytes = InsnBytes::within(&space[..], off, len);
+            slot.class = class;
+            slot.special = sp;
+            off += len;
+            taken += 1;
+            if class == Class::ControlFlow
+                && !(self.past_jcc
+                    && ins.is_jcc_short_or_near()
+                    && ins.op0_kind() == OpKind::NearBranch32
+                    && off < page_left)
+            {
+                // Looked at by the caller first: the end is the next run's.
+                self.done = Some(BlockEnd::ControlFlow);
+            } else if let Some(s) = sp.filter(|s| s.ends_block()) {
+                self.done = Some(BlockEnd::Special(s));
             }
+            break;
         }
-        let ins = &slot.ins;
-        let len = ins.len();
-        let (sp, class) = special_and_class(ins);
-        slot.bytes = InsnBytes::within(&space[..], off, len);
-        slot.class = class;
-        slot.special = sp;
-        off += len;
-        if class == Class::ControlFlow
-            && !(past_jcc
-                && ins.is_jcc_short_or_near()
-                && ins.op0_kind() == OpKind::NearBranch32
-                && off < page_left)
-        {
-            break BlockEnd::ControlFlow;
-        }
-        if let Some(s) = sp {
-            if s.ends_block() {
-                break BlockEnd::Special(s);
+        self.off = off;
+        self.asked = asked;
+        self.fetched = fetched;
+        self.taken = taken;
+        self.total += taken - first;
+        match done {
+            Some(e) => {
+                self.done = Some(e);
+                Step::End(e)
             }
+            None => Step::Pushed,
         }
-    };
-    end
+    }
 }
 
 /// Every basic block reachable from `entry` by following direct near and
@@ -752,6 +897,66 @@ mod tests {
         // a truncated instruction at the end of available bytes is a fetch fault
         let b = block(&[0x90, 0xB8, 0x01]);
         assert_eq!(b.end, BlockEnd::FetchFault(0x1001));
+    }
+
+    /// A scan in runs hands the sink the fast scanner's instructions and
+    /// pushes the others, in order: together, the instructions (EIP,
+    /// bytes, what the fast scanner found) and the end that
+    /// `scan_block_into` keeps, past Jcc's and up to the page's end,
+    /// whether the sink takes every instruction, none or every other (one
+    /// it declines is pushed and ends the run).
+    #[test]
+    fn scanner_runs_hand_over_what_a_whole_scan_keeps() {
+        // MOV, PUSH, ADD imm8, a JZ past the NOP, DS-prefixed LEA, POP,
+        // a NOP, a MOV from [moffs32], CPUID, again and again; the last
+        // instructions run into the next page.
+        let unit: &[u8] = &[
+            0x89, 0xD8, 0x55, 0x83, 0xC0, 0x05, 0x74, 0x01, 0x90, 0x3E, 0x8D, 0x74, 0x26, 0x00,
+            0x5D, 0x90, 0xA1, 0x44, 0x33, 0x22, 0x11, 0x0F, 0xA2,
+        ];
+        let code: Vec<u8> = unit.iter().copied().cycle().take(8192).collect();
+        let mut fetch = |eip: u32, buf: &mut [u8]| {
+            let off = eip as usize;
+            let n = code.len().saturating_sub(off).min(buf.len());
+            buf[..n].copy_from_slice(&code[off..off + n]);
+            n
+        };
+        let key = |i: &Insn| (i.ins.ip32(), i.ins.len(), i.bytes, i.fast);
+        let mut space = [0u8; SCAN_SPACE];
+        for start in [0u32, 3, 0xF80, 0xFE9] {
+            let mut whole = Vec::new();
+            let end = scan_block_into(
+                &mut fetch, start, 32, &mut whole, 64, true, true, &mut space,
+            );
+            let whole: Vec<_> = whole.iter().map(key).collect();
+            assert!(
+                whole.iter().filter(|k| k.3.is_some()).count() > 3,
+                "{start:#x}"
+            );
+            for policy in 0..3 {
+                let mut sc = Scanner::new(&mut fetch, start, 32, 64, true, true, &mut space);
+                let (mut got, mut insns, mut k) = (Vec::new(), Vec::new(), 0usize);
+                let step = loop {
+                    let before = insns.len();
+                    let step = sc.run(&mut fetch, &mut space, &mut insns, false, |eip, p, b| {
+                        k += 1;
+                        let take = policy == 0 || (policy == 2 && k % 2 == 0);
+                        if take {
+                            got.push(key(&Insn::fast(eip, p, *b)));
+                        }
+                        take
+                    });
+                    assert!(insns.len() <= before + 1, "{start:#x}: one pushed at most");
+                    got.extend(insns[before..].iter().map(key));
+                    if let Step::End(e) = step {
+                        break e;
+                    }
+                };
+                assert_eq!(got, whole, "{start:#x}, policy {policy}");
+                assert_eq!(step, end, "{start:#x}, policy {policy}");
+                assert_eq!(sc.scanned(), whole.len(), "{start:#x}, policy {policy}");
+            }
+        }
     }
 
     #[test]

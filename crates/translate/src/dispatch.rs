@@ -168,9 +168,9 @@ pub struct Bt {
     /// (`popek_decode::fast`) instead of decoding them? On by default;
     /// crates/bench/tests/fast_scan.rs compares translations with it off.
     pub fast_scan: bool,
-    /// The instructions, EIPs and counts of the block being translated,
-    /// kept between translations.
-    pub(crate) scratch: (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>),
+    /// The instructions, EIPs, counts and stretches of code (start,
+    /// length) of the block being translated, kept between translations.
+    pub(crate) scratch: crate::select::Scratch,
     /// The bytes of the block being scanned (kept between translations).
     pub(crate) scan_space: Box<[u8; popek_decode::SCAN_SPACE]>,
     /// Where each instruction's host code starts, while a block is built.
@@ -267,6 +267,7 @@ impl Bt {
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX + 1),
+                Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX),
             ),
             pacing: Pacing::Counted,

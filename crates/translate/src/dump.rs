@@ -15,7 +15,8 @@ impl Bt {
 
     pub(crate) fn dump_block(
         &mut self,
-        block: &popek_decode::Block,
+        start: u32,
+        insns: &[popek_decode::Insn],
         how: &[&str],
         code: &HostBlock,
         exit: Option<&BlockExit>,
@@ -30,7 +31,7 @@ impl Bt {
         let _ = writeln!(
             s,
             "== block {:#010x}: {} guest instructions translated, {} host bytes at code offset {:#x}, exit {}",
-            block.start,
+            start,
             how.len(),
             code.len(),
             code.offset(),
@@ -51,7 +52,7 @@ impl Bt {
                 None => "to the dispatcher (next instruction not translated)".into(),
             }
         );
-        for (i, insn) in block.insns.iter().enumerate() {
+        for (i, insn) in insns.iter().enumerate() {
             let bytes: Vec<String> = insn.bytes.iter().map(|b| format!("{b:02x}")).collect();
             let mut text = String::new();
             fmt.format(&insn.decoded(), &mut text);

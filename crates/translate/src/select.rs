@@ -19,7 +19,7 @@
 //! vcpu its method and `popek_decode` its class, and it runs through a
 //! helper call with no change here.
 
-use popek_decode::scan_block_into;
+use popek_decode::{Scanner, Step};
 use popek_vcpu::Vcpu;
 
 use crate::cache::{key_eip, Key, Translation, NO_BYTES};
@@ -51,6 +51,17 @@ fn flags_op(ins: &iced_x86::Instruction) -> Option<FlagsOp> {
     })
 }
 
+/// The vectors a translation works in, kept between translations: the
+/// instructions looked at one by one, the EIPs and counts of the
+/// instruction map, and the stretches of code (start, length) of a
+/// superblock that followed jumps.
+pub(crate) type Scratch = (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>, Vec<(u32, u32)>);
+
+/// Guest code bytes for the scanner, fetched through `cpu`'s mapping.
+fn fetcher(cpu: &mut Vcpu) -> impl FnMut(u32, &mut [u8]) -> usize + '_ {
+    move |a, buf| cpu.fetch(a, buf).0
+}
+
 /// One attempt at a translation: done, or the block did not fit in the
 /// code buffer (then what it is instead, the interpreter's with its bytes
 /// still watched, if a flush does not help).
@@ -68,6 +79,11 @@ struct Out {
     b: Builder,
     eips: Vec<u32>,
     counted_at: Vec<u32>,
+    /// The EIP after the last translated instruction (its bytes end
+    /// there), and where the block goes on after it: the target of a
+    /// direct JMP the block followed while that JMP is the last.
+    next: u32,
+    followed: Option<u32>,
     /// The engine's helper instructions before this block's (its helper
     /// calls' indices start there).
     first_helper: u32,
@@ -82,21 +98,24 @@ struct Out {
 }
 
 impl Out {
-    /// The next translated instruction starts here: it is the
-    /// `counted`-th of the block.
+    /// The next translated instruction (at `eip`, the next one at `next`)
+    /// starts here: it is the `counted`-th of the block.
     #[inline]
-    fn mark(&mut self, eip: u32, counted: usize, starts: &mut Vec<u32>) {
+    fn mark(&mut self, eip: u32, next: u32, counted: usize, starts: &mut Vec<u32>) {
         let at = self.b.offset();
-        self.mark_at(eip, counted, at, starts);
+        self.mark_at(eip, next, counted, at, starts);
     }
 
-    /// The translated instruction at `eip`, the `counted`-th of the block,
-    /// starts at offset `at` of the block's code.
+    /// The translated instruction at `eip` (the next one at `next`), the
+    /// `counted`-th of the block, starts at offset `at` of the block's
+    /// code.
     #[inline]
-    fn mark_at(&mut self, eip: u32, counted: usize, at: usize, starts: &mut Vec<u32>) {
+    fn mark_at(&mut self, eip: u32, next: u32, counted: usize, at: usize, starts: &mut Vec<u32>) {
         self.eips.push(eip);
         self.counted_at.push(counted as u32);
         starts.push(at as u32);
+        self.next = next;
+        self.followed = None;
     }
 
     /// The helper call for `ins`, the `counted`-th instruction, which the
@@ -132,7 +151,7 @@ impl Out {
                 Err(_) => return false,
             },
         };
-        self.mark(i.ins.ip32(), counted, starts);
+        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
         let call = self.call(&i.ins, false, counted);
         self.b.piece(&Piece::Segment {
             fs,
@@ -168,7 +187,7 @@ impl Out {
                 .or_else(|_| lower_checked_push(&i.ins, arena))
                 .ok()?,
         };
-        self.mark(i.ins.ip32(), counted, starts);
+        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
         let call = self.call(&i.ins, false, counted);
         self.b.piece(&Piece::Checked {
             ea: &arena[..split],
@@ -200,7 +219,7 @@ impl Out {
         // RDTSC in host code (a helper call when the TSC counts
         // instructions or CR4.TSD applies: decided at run time).
         if i.ins.mnemonic() == iced_x86::Mnemonic::Rdtsc && !hot {
-            self.mark(i.ins.ip32(), counted, starts);
+            self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
             let call = self.call(&i.ins, true, counted);
             self.b.piece(&Piece::Rdtsc(call));
             if self.dumping {
@@ -215,7 +234,7 @@ impl Out {
             if op == FlagsOp::Sti {
                 self.sti = Some((i.ins.ip32(), counted, i.ins));
             } else {
-                self.mark(i.ins.ip32(), counted, starts);
+                self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
                 let call = self.call(&i.ins, true, counted);
                 self.b.piece(&Piece::Flags(op, call));
                 if self.dumping {
@@ -234,7 +253,7 @@ impl Out {
         if ends {
             return None;
         }
-        self.mark(i.ins.ip32(), counted, starts);
+        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
         let call = self.call(&i.ins, i.special.is_some(), counted);
         self.b.piece(&Piece::Helper(call));
         if self.dumping {
@@ -247,11 +266,24 @@ impl Out {
         Some(false)
     }
 
+    /// A conditional branch, the block's `counted`-th instruction, as a
+    /// side exit to `target` (the block goes on past it).
+    fn side(&mut self, cc: u8, target: u32, counted: usize) {
+        self.b.piece(&Piece::Side {
+            cc,
+            target,
+            counted,
+        });
+        if self.dumping {
+            self.how.push("rewritten (side exit; the block goes on)");
+        }
+    }
+
     /// The held-back STI's piece, now that something follows it.
     #[cold]
     fn flush_sti(&mut self, starts: &mut Vec<u32>) {
         if let Some((eip, counted, ins)) = self.sti.take() {
-            self.mark(eip, counted, starts);
+            self.mark(eip, ins.next_ip32(), counted, starts);
             let call = self.call(&ins, true, counted);
             self.b.piece(&Piece::Flags(FlagsOp::Sti, call));
             if self.dumping {
@@ -285,32 +317,17 @@ impl Bt {
         let eip = key_eip(key);
         // Vectors kept between translations (room for a whole superblock):
         // nothing is allocated or grows while a block is built.
-        let (mut insns, mut eips, mut counted_at) = std::mem::take(&mut self.scratch);
+        let (mut insns, mut eips, mut counted_at, mut stretches) =
+            std::mem::take(&mut self.scratch);
         insns.clear();
         eips.clear();
         counted_at.clear();
-        // A superblock is scanned in one pass: past each conditional
-        // branch whose fall-through is on the block's page.
-        let end = scan_block_into(
-            |a, buf| cpu.fetch(a, buf).0,
-            eip,
-            32,
-            &mut insns,
-            SUPERBLOCK_MAX,
-            self.superblocks,
-            self.fast_scan,
-            &mut self.scan_space,
-        );
-        let mut block = popek_decode::Block {
-            start: eip,
-            insns,
-            end,
-        };
+        stretches.clear();
         let user = self.key.is_some_and(|k| k.user);
         // The host code goes straight into the block being built (the
         // engine has its code buffer by the time anything is translated).
         let Some(b) = self.code.as_mut().and_then(|buf| Builder::begin(buf).ok()) else {
-            self.scratch = (block.insns, eips, counted_at);
+            self.scratch = (insns, eips, counted_at, stretches);
             return Attempt::Done(Translation::Interpret {
                 pages: (u32::MAX, u32::MAX),
                 lin: (eip >> 12, eip >> 12),
@@ -321,6 +338,8 @@ impl Bt {
             b,
             eips,
             counted_at,
+            next: eip,
+            followed: None,
             first_helper: self.helper_insns.len() as u32,
             helpers: Vec::new(),
             sti: None,
@@ -339,42 +358,96 @@ impl Bt {
         // Every instruction of a block starts on its first page: if that
         // page never held a hot store, none is looked up.
         let hot_page = !self.hot_pages.is_empty() && self.hot_pages.contains_key(&(eip >> 12));
-        let mut k = 0;
-        while k < block.insns.len() {
-            // A debugger's breakpoint: the block ends before it (see
-            // `Bt::set_breakpoints`).
-            if !self.breakpoints.is_empty() && self.breakpoints.contains(&block.insns[k].ins.ip32())
-            {
-                break;
-            }
-            // The fast scanner's instructions are copied as they are (with
-            // `gs addr32` for memory), unless a hot store: decoded in full
-            // for the paths below.
-            if let Some(p) = block.insns[k].fast {
-                let i = &block.insns[k];
-                if !hot_page || !self.hot_stores.contains_key(&i.ins.ip32()) {
-                    k += 1;
+        // A superblock is scanned as it is translated: past each
+        // conditional branch whose fall-through is on the block's page.
+        // The fast scanner's instructions are copied as they are scanned
+        // (with `gs addr32` for memory; no `Insn` for them unless for
+        // `--dump`), but for a hot store or a debugger's breakpoint: the
+        // scan stops there (the paths below). Every other instruction is
+        // pushed onto `insns` and looked at in turn.
+        let space: &mut [u8; popek_decode::SCAN_SPACE] = &mut self.scan_space;
+        let mut sc = Scanner::new(
+            &mut fetcher(cpu),
+            eip,
+            32,
+            SUPERBLOCK_MAX,
+            self.superblocks,
+            self.fast_scan,
+            space,
+        );
+        // A conditional branch that becomes a side exit if the scan goes
+        // on past it (else it is the block's exit): decided by what the
+        // scan finds next.
+        let mut side: Option<(u8, u32, u32)> = None;
+        // The instructions translated before the current stretch of code
+        // (the stretches before it, after a followed jump, are in
+        // `stretches`).
+        let mut stretch_from = 0usize;
+        let (hot_stores, breakpoints) = (&self.hot_stores, &self.breakpoints);
+        loop {
+            let step = sc.run(
+                &mut fetcher(cpu),
+                space,
+                &mut insns,
+                dumping,
+                |at, p, bytes| {
+                    if (hot_page && hot_stores.contains_key(&at))
+                        || (!breakpoints.is_empty() && breakpoints.contains(&at))
+                    {
+                        return false;
+                    }
+                    if let Some((cc, taken, _)) = side.take() {
+                        counted += 1;
+                        out.side(cc, taken, counted);
+                    }
                     if out.sti.is_some() {
                         out.flush_sti(&mut starts);
                     }
-                    out.mark(i.ins.ip32(), counted, &mut starts);
-                    copy_fast(p, &i.bytes, out.b.code());
+                    out.mark(at, at.wrapping_add(u32::from(p.len)), counted, &mut starts);
+                    copy_fast(p, bytes, out.b.code());
                     fast += 1;
+                    counted += 1;
                     if dumping {
                         out.how.push(match p.stack {
                             true => "rewritten (guest stack)",
                             false => "copied (fast scanner)",
                         });
                     }
-                    counted += 1;
-                    continue;
+                    true
+                },
+            );
+            if let Some((cc, taken, not_taken)) = side.take() {
+                counted += 1;
+                if let Step::End(_) = step {
+                    if dumping {
+                        out.how.push("rewritten (block exit)");
+                    }
+                    exit = Some(BlockExit::Cond {
+                        cc,
+                        taken,
+                        not_taken,
+                    });
+                    break;
                 }
-                let full = block.insns[k].decoded();
-                block.insns[k].ins = full;
-                block.insns[k].fast = None;
+                out.side(cc, taken, counted);
             }
-            let i = &block.insns[k];
-            k += 1;
+            if let Step::End(_) = step {
+                break;
+            }
+            let k = insns.len() - 1;
+            // A debugger's breakpoint: the block ends before it (see
+            // `Bt::set_breakpoints`).
+            if !self.breakpoints.is_empty() && self.breakpoints.contains(&insns[k].ins.ip32()) {
+                break;
+            }
+            // A hot store the fast scanner took: decoded in full for the
+            // paths below.
+            if insns[k].fast.is_some() {
+                let full = insns[k].decoded();
+                insns[k].ins = full;
+                insns[k].fast = None;
+            }
+            let i = &insns[k];
             // STI opens an interrupt shadow over the next instruction,
             // which host code does not record: an STI that would be the
             // last instruction of the block's host code (the shadow still
@@ -453,7 +526,7 @@ impl Bt {
                 None
             };
             if let Some(kind) = kind {
-                out.mark_at(i.ins.ip32(), counted, at, &mut starts);
+                out.mark_at(i.ins.ip32(), i.ins.next_ip32(), counted, at, &mut starts);
                 if dumping {
                     out.how.push(kind);
                 }
@@ -461,37 +534,26 @@ impl Bt {
                 continue;
             }
             if let Some(e) = lower_terminator(&i.ins, out.b.code()) {
-                out.mark_at(i.ins.ip32(), counted, at, &mut starts);
+                out.mark_at(i.ins.ip32(), i.ins.next_ip32(), counted, at, &mut starts);
                 // A superblock: a conditional branch whose fall-through is
                 // on the block's page becomes a side exit, and the block
-                // goes on there (the scan went on past it, up to
-                // SUPERBLOCK_MAX instructions).
+                // goes on there, if the scan goes on past it (up to
+                // SUPERBLOCK_MAX instructions): see `side` above.
                 if let BlockExit::Cond {
                     cc,
                     taken,
                     not_taken,
                 } = e
                 {
-                    if self.superblocks
-                        && out.b.offset() == at
-                        && k < block.insns.len()
-                        && not_taken / 4096 == eip / 4096
-                    {
-                        counted += 1;
-                        out.b.piece(&Piece::Side {
-                            cc,
-                            target: taken,
-                            counted,
-                        });
-                        if dumping {
-                            out.how.push("rewritten (side exit; the block goes on)");
-                        }
+                    if self.superblocks && out.b.offset() == at && not_taken / 4096 == eip / 4096 {
+                        side = Some((cc, taken, not_taken));
                         continue;
                     }
                 }
                 // A superblock follows a direct JMP to its own page (not
-                // into instructions it already holds): the jump is no code,
-                // and the block goes on at its target. A switch's
+                // into instructions it already holds; the jump ended the
+                // scan, as every transfer but a Jcc does): the jump is no
+                // code, and the block goes on at its target. A switch's
                 // dispatch code then ends each case's block (a copy of it
                 // per case), as in a threaded interpreter; transfers
                 // between blocks stay as the pacing needs them (exits to
@@ -502,29 +564,22 @@ impl Bt {
                             i.ins.code(),
                             iced_x86::Code::Jmp_rel8_32 | iced_x86::Code::Jmp_rel32_32
                         )
-                        && k == block.insns.len()
-                        && block.insns.len() < SUPERBLOCK_MAX
+                        && sc.scanned() < SUPERBLOCK_MAX
                         && t / 4096 == eip / 4096
-                        && !block
-                            .insns
+                        && !stretches
                             .iter()
-                            .any(|x| x.ins.ip32() <= t && t < x.ins.next_ip32())
+                            .chain([&sc.stretch()])
+                            .any(|&(from, len)| t.wrapping_sub(from) < len)
                     {
                         if dumping {
                             out.how.push("rewritten (jump followed; the block goes on)");
                         }
                         counted += 1;
-                        let room = SUPERBLOCK_MAX - block.insns.len();
-                        block.end = scan_block_into(
-                            |a, buf| cpu.fetch(a, buf).0,
-                            t,
-                            32,
-                            &mut block.insns,
-                            room,
-                            true,
-                            self.fast_scan,
-                            &mut self.scan_space,
-                        );
+                        out.followed = Some(t);
+                        stretches.push(sc.stretch());
+                        stretch_from = out.eips.len();
+                        let room = SUPERBLOCK_MAX - sc.scanned();
+                        sc.restart(&mut fetcher(cpu), t, room, true, space);
                         continue;
                     }
                 }
@@ -553,6 +608,8 @@ impl Bt {
             counted_at,
             mut helpers,
             how,
+            next,
+            followed,
             ..
         } = out;
         let n = eips.len();
@@ -564,16 +621,22 @@ impl Bt {
         let (first_byte, last_byte) = match n {
             0 => (
                 eip,
-                eip.wrapping_add(block.insns.first().map_or(1, |i| i.ins.len() as u32) - 1),
+                eip.wrapping_add(insns.first().map_or(1, |i| i.ins.len() as u32) - 1),
             ),
             _ => {
+                // The stretches of code the block's instructions came from
+                // (all of each but the last, up to its last translated
+                // instruction).
+                let (from, _) = sc.stretch();
+                let current = (n > stretch_from).then_some((from, next.wrapping_sub(from)));
                 let (mut lo, mut hi, mut wrapped) = (eip, eip, None);
-                for i in &block.insns[..n] {
-                    let last = i.ins.next_ip32().wrapping_sub(1);
-                    lo = lo.min(i.ins.ip32());
-                    if last < i.ins.ip32() {
-                        // It runs past the 4 GiB wrap: its last byte is
-                        // on page 0, the block's second page.
+                for &(from, len) in stretches.iter().chain(&current) {
+                    let last = from.wrapping_add(len).wrapping_sub(1);
+                    lo = lo.min(from);
+                    if last < from {
+                        // Its last instruction runs past the 4 GiB wrap:
+                        // its last byte is on page 0, the block's second
+                        // page.
                         wrapped = Some(last);
                     }
                     hi = hi.max(last);
@@ -631,19 +694,16 @@ impl Bt {
         self.arena = arena;
         if n == 0 || pages.0 == u32::MAX {
             self.starts = starts;
-            self.scratch = (block.insns, eips, counted_at);
+            self.scratch = (insns, eips, counted_at, stretches);
             return Attempt::Done(Translation::Interpret { pages, lin, bytes });
         }
         // A block cut short (page boundary, size limit, an instruction left
         // to the dispatcher) goes on at `end`: a chainable exit too. After
         // a jump the block followed (a direct JMP that is not the exit),
         // that is the jump's target.
-        let last = &block.insns[n - 1].ins;
-        let end = match last.code() {
-            iced_x86::Code::Jmp_rel8_32 | iced_x86::Code::Jmp_rel32_32 if exit.is_none() => {
-                last.near_branch32()
-            }
-            _ => last.next_ip32(),
+        let end = match followed {
+            Some(t) if exit.is_none() => t,
+            _ => next,
         };
         let exit = Some(exit.unwrap_or(BlockExit::Direct(end)));
         let span = Span {
@@ -666,7 +726,7 @@ impl Bt {
         });
         let Ok(code) = built else {
             self.starts = starts;
-            self.scratch = (block.insns, eips, counted_at);
+            self.scratch = (insns, eips, counted_at, stretches);
             return Attempt::Full(Translation::Interpret { pages, lin, bytes });
         };
         self.helper_insns.append(&mut helpers);
@@ -676,7 +736,7 @@ impl Bt {
         self.stats.host_bytes += code.len() as u64;
         self.by_offset.push(code.offset(), key);
         if self.dump.is_some() {
-            self.dump_block(&block, &how, &code, exit.as_ref());
+            self.dump_block(eip, &insns, &how, &code, exit.as_ref());
         }
         let entry = Translation::Code {
             code,
@@ -685,7 +745,7 @@ impl Bt {
             incoming: crate::chain::Links::None,
             bytes,
         };
-        self.scratch = (block.insns, eips, counted_at);
+        self.scratch = (insns, eips, counted_at, stretches);
         Attempt::Done(entry)
     }
 }
