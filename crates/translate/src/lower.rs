@@ -1000,7 +1000,7 @@ fn copy_plain(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
 /// [`lower_into`] (`lower_stack` for PUSH and POP) gives for the same
 /// instruction without the override (the tests
 /// `fast_scanner_agrees_with_the_decoder` and `fast_scanner_prefixes_and_moffs`).
-#[inline]
+#[inline(always)]
 pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &mut Vec<u8>) {
     // Written as fixed-size moves into a local buffer, appended whole and
     // cut to length: no copy of a variable length per instruction.

@@ -375,51 +375,66 @@ impl Bt {
             self.fast_scan,
             space,
         );
-        // A conditional branch that becomes a side exit if the scan goes
-        // on past it (else it is the block's exit): decided by what the
-        // scan finds next.
+        // A conditional branch made a side exit because the scan went on
+        // past it: the block's exit instead if the scan ends right there
+        // (decided by what the scan finds next).
         let mut side: Option<(u8, u32, u32)> = None;
         // The instructions translated before the current stretch of code
         // (the stretches before it, after a followed jump, are in
         // `stretches`).
         let mut stretch_from = 0usize;
-        let (hot_stores, breakpoints) = (&self.hot_stores, &self.breakpoints);
+        // The fast scanner's instructions go straight into the block, but
+        // after an STI held back, and on a page with hot stores or with a
+        // debugger's breakpoints: then each goes through the paths below.
+        let direct = !hot_page && self.breakpoints.is_empty();
         loop {
-            let step = sc.run(
-                &mut fetcher(cpu),
-                space,
-                &mut insns,
-                dumping,
-                |at, p, bytes| {
-                    if (hot_page && hot_stores.contains_key(&at))
-                        || (!breakpoints.is_empty() && breakpoints.contains(&at))
-                    {
-                        return false;
-                    }
-                    if let Some((cc, taken, _)) = side.take() {
+            let scanned = sc.scanned();
+            let step = if direct && out.sti.is_none() {
+                let Out {
+                    b,
+                    eips,
+                    counted_at,
+                    next,
+                    followed,
+                    how,
+                    ..
+                } = &mut out;
+                let code = b.code();
+                let at_start = &mut starts;
+                sc.run(
+                    &mut fetcher(cpu),
+                    space,
+                    &mut insns,
+                    dumping,
+                    |at, p, bytes| {
+                        // (`Out::mark`.)
+                        eips.push(at);
+                        counted_at.push(counted as u32);
+                        at_start.push(code.len() as u32);
+                        *next = at.wrapping_add(u32::from(p.len));
+                        *followed = None;
+                        copy_fast(p, bytes, code);
+                        fast += 1;
                         counted += 1;
-                        out.side(cc, taken, counted);
-                    }
-                    if out.sti.is_some() {
-                        out.flush_sti(&mut starts);
-                    }
-                    out.mark(at, at.wrapping_add(u32::from(p.len)), counted, &mut starts);
-                    copy_fast(p, bytes, out.b.code());
-                    fast += 1;
-                    counted += 1;
-                    if dumping {
-                        out.how.push(match p.stack {
-                            true => "rewritten (guest stack)",
-                            false => "copied (fast scanner)",
-                        });
-                    }
-                    true
-                },
-            );
+                        if dumping {
+                            how.push(match p.stack {
+                                true => "rewritten (guest stack)",
+                                false => "copied (fast scanner)",
+                            });
+                        }
+                        true
+                    },
+                )
+            } else {
+                sc.run(&mut fetcher(cpu), space, &mut insns, dumping, |_, _, _| {
+                    false
+                })
+            };
             if let Some((cc, taken, not_taken)) = side.take() {
-                counted += 1;
-                if let Step::End(_) = step {
+                if sc.scanned() == scanned {
+                    out.b.unside();
                     if dumping {
+                        out.how.pop();
                         out.how.push("rewritten (block exit)");
                     }
                     exit = Some(BlockExit::Cond {
@@ -429,7 +444,6 @@ impl Bt {
                     });
                     break;
                 }
-                out.side(cc, taken, counted);
             }
             if let Step::End(_) = step {
                 break;
@@ -440,9 +454,27 @@ impl Bt {
             if !self.breakpoints.is_empty() && self.breakpoints.contains(&insns[k].ins.ip32()) {
                 break;
             }
-            // A hot store the fast scanner took: decoded in full for the
-            // paths below.
-            if insns[k].fast.is_some() {
+            // The fast scanner's instructions are copied as they are (with
+            // `gs addr32` for memory), unless a hot store: decoded in full
+            // for the paths below.
+            if let Some(p) = insns[k].fast {
+                let i = &insns[k];
+                if !hot_page || !self.hot_stores.contains_key(&i.ins.ip32()) {
+                    if out.sti.is_some() {
+                        out.flush_sti(&mut starts);
+                    }
+                    out.mark(i.ins.ip32(), i.ins.next_ip32(), counted, &mut starts);
+                    copy_fast(p, &i.bytes, out.b.code());
+                    fast += 1;
+                    if dumping {
+                        out.how.push(match p.stack {
+                            true => "rewritten (guest stack)",
+                            false => "copied (fast scanner)",
+                        });
+                    }
+                    counted += 1;
+                    continue;
+                }
                 let full = insns[k].decoded();
                 insns[k].ins = full;
                 insns[k].fast = None;
@@ -546,6 +578,8 @@ impl Bt {
                 } = e
                 {
                     if self.superblocks && out.b.offset() == at && not_taken / 4096 == eip / 4096 {
+                        counted += 1;
+                        out.side(cc, taken, counted);
                         side = Some((cc, taken, not_taken));
                         continue;
                     }

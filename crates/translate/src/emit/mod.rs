@@ -582,6 +582,14 @@ impl Builder {
         self.asm().bytes_mut()
     }
 
+    /// Take back the side exit just added (a [`Piece::Side`], the last
+    /// piece): the conditional branch is the block's exit after all.
+    pub(crate) fn unside(&mut self) {
+        if let Some((_, _, rel32)) = self.sides.pop() {
+            self.asm().bytes_mut().truncate(rel32 - 2);
+        }
+    }
+
     /// Offset in the block's code of the next byte.
     #[inline]
     pub(crate) fn offset(&self) -> usize {
