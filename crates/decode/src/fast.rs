@@ -21,35 +21,134 @@
 
 use iced_x86::Instruction;
 
-/// What the fast scanner found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plain {
-    /// The instruction's length in bytes.
-    pub len: u8,
+/// What the fast scanner found: one word (built and handed on in a
+/// register, as the scanner's inner loop wants), read through its methods.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Plain(std::num::NonZeroU32);
+
+/// Where [`Plain`]'s fields are in its word: the length (bits 0-7), the
+/// REX prefix (8-15), the ModRM offset (16-17), then one bit each; bit 31
+/// always set (the word is never zero: `Option<Plain>` is one word too).
+const P_REX: u32 = 8;
+const P_MODRM: u32 = 16;
+const P_ABSOLUTE: u32 = 1 << 18;
+const P_INC_DEC: u32 = 1 << 19;
+const P_HIGH8: u32 = 1 << 20;
+const P_PREFIX: u32 = 1 << 21;
+const P_MOFFS: u32 = 1 << 22;
+const P_STACK: u32 = 1 << 23;
+const P_SET: u32 = 1 << 31;
+
+impl Plain {
+    /// From its fields (see the methods).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        len: usize,
+        modrm: usize,
+        absolute: bool,
+        inc_dec: bool,
+        rex: u8,
+        high8: bool,
+        moffs: bool,
+        stack: bool,
+    ) -> Plain {
+        let bit = |on: bool, b: u32| if on { b } else { 0 };
+        let w = P_SET
+            | len as u32
+            | u32::from(rex) << P_REX
+            | (modrm as u32) << P_MODRM
+            | bit(absolute, P_ABSOLUTE)
+            | bit(inc_dec, P_INC_DEC)
+            | bit(high8, P_HIGH8)
+            | bit(moffs, P_MOFFS)
+            | bit(stack, P_STACK);
+        Plain(std::num::NonZeroU32::new(w).unwrap_or(std::num::NonZeroU32::MAX))
+    }
+
+    /// The instruction's length in bytes (never 0: no `is_empty`).
+    #[inline(always)]
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(self) -> u8 {
+        self.0.get() as u8
+    }
+
     /// The offset of its ModRM byte when it addresses memory, else 0.
-    pub modrm: u8,
+    #[inline(always)]
+    pub fn modrm(self) -> u8 {
+        (self.0.get() >> P_MODRM) as u8 & 3
+    }
+
     /// The memory operand is a bare `[disp32]` (ModRM mod 00, r/m 101).
-    pub absolute: bool,
+    #[inline(always)]
+    pub fn absolute(self) -> bool {
+        self.0.get() & P_ABSOLUTE != 0
+    }
+
     /// INC or DEC of a register in its one-byte form (0x40-0x4F, a REX
     /// prefix in 64-bit mode).
-    pub inc_dec: bool,
+    #[inline(always)]
+    pub fn inc_dec(self) -> bool {
+        self.0.get() & P_INC_DEC != 0
+    }
+
     /// The REX prefix the host needs for ESP (R12 there) as ModRM.reg
     /// (REX.R), as ModRM.rm or as the SIB base (REX.B), else 0.
-    pub rex: u8,
+    #[inline(always)]
+    pub fn rex(self) -> u8 {
+        (self.0.get() >> P_REX) as u8
+    }
+
     /// A byte register in ModRM is AH, CH, DH or BH (which a REX prefix
     /// would make SPL, BPL, SIL or DIL).
-    pub high8: bool,
+    #[inline(always)]
+    pub fn high8(self) -> bool {
+        self.0.get() & P_HIGH8 != 0
+    }
+
     /// Bytes of prefix before the instruction that its host code drops (a
     /// DS, ES or SS override, see [`take`]); `len` counts them, `modrm`
     /// does not.
-    pub prefix: u8,
+    #[inline(always)]
+    pub fn prefix(self) -> u8 {
+        u8::from(self.0.get() & P_PREFIX != 0)
+    }
+
     /// A MOV between the accumulator and `[moffs32]` (A0-A3): memory
     /// without a ModRM byte.
-    pub moffs: bool,
+    #[inline(always)]
+    pub fn moffs(self) -> bool {
+        self.0.get() & P_MOFFS != 0
+    }
+
     /// PUSH r32 or POP r32 in the one-byte form (0x50-0x5F, ESP too): host
     /// code addressing the guest's stack (see
     /// `popek_translate::lower::copy_fast`), not the guest's bytes.
-    pub stack: bool,
+    #[inline(always)]
+    pub fn stack(self) -> bool {
+        self.0.get() & P_STACK != 0
+    }
+
+    /// The same behind a one-byte prefix the host code drops.
+    fn prefixed(self) -> Plain {
+        Plain(self.0.saturating_add(1 | P_PREFIX))
+    }
+}
+
+impl std::fmt::Debug for Plain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plain")
+            .field("len", &self.len())
+            .field("modrm", &self.modrm())
+            .field("absolute", &self.absolute())
+            .field("inc_dec", &self.inc_dec())
+            .field("rex", &self.rex())
+            .field("high8", &self.high8())
+            .field("prefix", &self.prefix())
+            .field("moffs", &self.moffs())
+            .field("stack", &self.stack())
+            .finish()
+    }
 }
 
 // One opcode's entry: what follows the opcode and what its fields mean.
@@ -239,20 +338,21 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
     }
     if entry & OPREG32 != 0 {
         let len = 1 + if entry & IMM32 != 0 { 4 } else { 0 };
-        return (bytes.len() >= len).then_some(Plain {
-            len: len as u8,
-            modrm: 0,
-            absolute: false,
-            inc_dec: entry & INC_DEC != 0,
-            rex: 0,
-            high8: false,
-            prefix: 0,
-            moffs: false,
-            stack: entry & STACK != 0,
+        return (bytes.len() >= len).then(|| {
+            Plain::new(
+                len,
+                0,
+                false,
+                entry & INC_DEC != 0,
+                0,
+                false,
+                false,
+                entry & STACK != 0,
+            )
         });
     }
     let mut len = at;
-    let mut modrm_at = 0;
+    let mut modrm_at = 0usize;
     let mut absolute = false;
     let mut digit = 0;
     let mut rex = 0;
@@ -276,7 +376,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
                 rex |= 0x41;
             }
         } else {
-            modrm_at = at as u8;
+            modrm_at = at;
             if rm == 4 {
                 let &sib = bytes.get(at + 1)?;
                 let (index, base) = ((sib >> 3) & 7, sib & 7);
@@ -314,17 +414,8 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
             len += 4;
         }
     }
-    (bytes.len() >= len).then_some(Plain {
-        len: len as u8,
-        modrm: modrm_at,
-        absolute,
-        inc_dec: false,
-        rex,
-        high8,
-        prefix: 0,
-        moffs: false,
-        stack: false,
-    })
+    (bytes.len() >= len)
+        .then(|| Plain::new(len, modrm_at, absolute, false, rex, high8, false, false))
 }
 
 /// What the scanner takes at the start of `bytes` (32-bit code): one of
@@ -353,24 +444,14 @@ pub fn take(bytes: &[u8]) -> Option<Plain> {
 fn take_prefixed_or_moffs(bytes: &[u8]) -> Option<Plain> {
     let prefix = usize::from(matches!(bytes.first()?, 0x26 | 0x36 | 0x3E));
     let rest = &bytes[prefix..];
-    let mut p = match rest.first()? {
-        0xA0..=0xA3 => (rest.len() >= 5).then_some(Plain {
-            len: 5,
-            modrm: 0,
-            absolute: false,
-            inc_dec: false,
-            rex: 0,
-            high8: false,
-            prefix: 0,
-            moffs: true,
-            stack: false,
-        })?,
+    let p = match rest.first()? {
+        0xA0..=0xA3 => {
+            (rest.len() >= 5).then(|| Plain::new(5, 0, false, false, 0, false, true, false))?
+        }
         _ if prefix == 1 => plain(rest)?,
         _ => return None,
     };
-    p.len += prefix as u8;
-    p.prefix = prefix as u8;
-    Some(p)
+    Some(if prefix == 1 { p.prefixed() } else { p })
 }
 
 /// The one-byte opcodes [`simple`] builds (their operands are a register in

@@ -372,7 +372,7 @@ impl Insn {
     /// An instruction the fast scanner took at `eip` (see [`Insn::ins`]).
     #[inline]
     pub fn fast(eip: u32, plain: fast::Plain, bytes: InsnBytes) -> Insn {
-        let len = usize::from(plain.len);
+        let len = usize::from(plain.len());
         let mut ins = Instruction::default();
         ins.set_len(len);
         ins.set_next_ip(u64::from(eip.wrapping_add(len as u32)));
@@ -705,7 +705,7 @@ impl Scanner {
             }
             if self.fast {
                 if let Some(p) = fast::take(&space[off..fetched]) {
-                    let len = usize::from(p.len);
+                    let len = usize::from(p.len());
                     let bytes = InsnBytes::within(&space[..], off, len);
                     off += len;
                     taken += 1;

@@ -143,8 +143,8 @@ impl MemForm {
         };
         let b = &buf[..len];
         let p = popek_decode::fast::plain(b)?;
-        let m = usize::from(p.modrm);
-        if m == 0 || p.high8 || usize::from(p.len) != len {
+        let m = usize::from(p.modrm());
+        if m == 0 || p.high8() || usize::from(p.len()) != len {
             return None;
         }
         let (md, rm) = (b[m] >> 6, b[m] & 7);
@@ -167,9 +167,9 @@ impl MemForm {
             len,
             m,
             end,
-            rex_r: p.rex & 0x04,
-            rex_b: p.rex & 0x01,
-            absolute: p.absolute,
+            rex_r: p.rex() & 0x04,
+            rex_b: p.rex() & 0x01,
+            absolute: p.absolute(),
         })
     }
 
@@ -1008,15 +1008,15 @@ pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &m
     // The bytes after a segment prefix the host code leaves out (with room
     // for the fixed-size moves below past the end).
     let mut shifted = [0u8; popek_decode::MAX_INSN_LEN + 1];
-    let raw: &[u8] = if p.prefix == 0 {
+    let raw: &[u8] = if p.prefix() == 0 {
         bytes.raw()
     } else {
         shifted[..popek_decode::MAX_INSN_LEN - 1].copy_from_slice(&bytes.raw()[1..]);
         &shifted
     };
-    let guest_len = usize::from(p.len - p.prefix);
+    let guest_len = usize::from(p.len() - p.prefix());
     let mut host = [0u8; ROOM];
-    let len = if p.stack {
+    let len = if p.stack() {
         // `lower_stack`'s: PUSH is `mov gs:[r12d - 4], r32` and `lea r12d,
         // [r12d - 4]`; POP is `mov r32, gs:[r12d]` and `lea r12d, [r12d +
         // 4]` (not for POP ESP: ESP is the value loaded). ESP is R12D.
@@ -1063,28 +1063,28 @@ pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &m
                 12
             }
         }
-    } else if p.inc_dec {
+    } else if p.inc_dec() {
         host[0] = 0xFF;
         host[1] = 0xC0 | (raw[0] & 0x0F);
         2
     } else {
         let mut at = 0;
-        if p.modrm != 0 || p.moffs {
+        if p.modrm() != 0 || p.moffs() {
             host[..2].copy_from_slice(&[0x65, 0x67]);
             at = 2;
         }
-        if p.rex != 0 {
-            host[at] = p.rex;
+        if p.rex() != 0 {
+            host[at] = p.rex();
             at += 1;
         }
-        if !p.absolute {
+        if !p.absolute() {
             host[at..at + popek_decode::MAX_INSN_LEN]
                 .copy_from_slice(&raw[..popek_decode::MAX_INSN_LEN]);
             at + guest_len
         } else {
             // The opcode (one or two bytes), ModRM given a SIB, then the
             // displacement and immediate.
-            let m = usize::from(p.modrm);
+            let m = usize::from(p.modrm());
             host[at..at + 2].copy_from_slice(&raw[..2]);
             host[at + m] = (raw[m] & 0xF8) | 4;
             host[at + m + 1] = 0x25;
@@ -1675,10 +1675,10 @@ mod tests {
                 let Some(p) = popek_decode::fast::plain(seq) else {
                     return;
                 };
-                let bytes = &seq[..usize::from(p.len)];
+                let bytes = &seq[..usize::from(p.len())];
                 // LEA and AH..BH beside the REX prefix the host code needs
                 // are the encoder's to refuse.
-                let theirs = p.high8 || bytes[0] == 0x8D;
+                let theirs = p.high8() || bytes[0] == 0x8D;
                 let ins = popek_decode::decode_one(bytes, 0x1000, 32);
                 let what = format!("{bytes:02X?}");
                 let (mut want, mut got) = (Vec::new(), Vec::new());
@@ -1746,7 +1746,7 @@ mod tests {
         bytes: &[u8],
     ) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        let done = match p.stack {
+        let done = match p.stack() {
             true => lower_stack(ins, &mut out),
             false => lower_into(ins, Some(bytes), &mut out).is_ok(),
         };
@@ -1770,7 +1770,7 @@ mod tests {
                 return;
             };
             taken += 1;
-            let len = usize::from(p.len);
+            let len = usize::from(p.len());
             let ins = popek_decode::decode_one(seq, 0x1000, 32);
             let what = format!("{:02X?} ({p:?})", &seq[..len]);
             assert!(!ins.is_invalid(), "{what}: invalid");
@@ -1812,7 +1812,7 @@ mod tests {
                 assert_eq!(take(seq), plain(seq), "{seq:02X?}");
             }
             // (One override at most.)
-            let bare = take(seq).filter(|p| p.prefix == 0);
+            let bare = take(seq).filter(|p| p.prefix() == 0);
             let mut with = vec![0u8; seq.len() + 1];
             with[1..].copy_from_slice(seq);
             for prefix in [0x26u8, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0xF0, 0xF3] {
@@ -1823,10 +1823,10 @@ mod tests {
                     continue;
                 };
                 n += 1;
-                let len = usize::from(p.len) + 1;
+                let len = usize::from(p.len()) + 1;
                 let what = format!("{:02X?}", &with[..len]);
                 assert_eq!(
-                    got.map(|g| (g.len, g.prefix)),
+                    got.map(|g| (g.len(), g.prefix())),
                     Some((len as u8, 1)),
                     "{what}"
                 );
@@ -1852,7 +1852,7 @@ mod tests {
                     let with: Vec<u8> = prefix.iter().chain(&bare).copied().collect();
                     let what = format!("{with:02X?}");
                     let p = take(&with).unwrap_or_else(|| panic!("{what}: not taken"));
-                    assert_eq!(usize::from(p.len), with.len(), "{what}");
+                    assert_eq!(usize::from(p.len()), with.len(), "{what}");
                     let ins = popek_decode::decode_one(&bare, 0x1000, 32);
                     assert_eq!(
                         popek_decode::special_and_class(&ins),

@@ -411,13 +411,13 @@ impl Bt {
                         eips.push(at);
                         counted_at.push(counted as u32);
                         at_start.push(code.len() as u32);
-                        *next = at.wrapping_add(u32::from(p.len));
+                        *next = at.wrapping_add(u32::from(p.len()));
                         *followed = None;
                         copy_fast(p, bytes, code);
                         fast += 1;
                         counted += 1;
                         if dumping {
-                            how.push(match p.stack {
+                            how.push(match p.stack() {
                                 true => "rewritten (guest stack)",
                                 false => "copied (fast scanner)",
                             });
@@ -467,7 +467,7 @@ impl Bt {
                     copy_fast(p, &i.bytes, out.b.code());
                     fast += 1;
                     if dumping {
-                        out.how.push(match p.stack {
+                        out.how.push(match p.stack() {
                             true => "rewritten (guest stack)",
                             false => "copied (fast scanner)",
                         });
