@@ -379,10 +379,6 @@ fn via_table(ex: &Exits, target: u32) -> Option<u64> {
 /// one to three stubs; a label costs a hash-map insertion): the golden
 /// listings (tests/golden/emit.txt) show what they disassemble to.
 fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
-    /// `jmp rel32` to the next instruction: the cold tail, until chained.
-    const JMP_COLD: [u8; 5] = [0xE9, 0, 0, 0, 0];
-    /// `mov rcx, r13`.
-    const RCX_BACK: [u8; 3] = [0x4C, 0x89, 0xE9];
     if let Some(table) = via_table(ex, target) {
         if ex.span.pace == Pace::Counted {
             // The instructions and one lookup, in one LEA (as the exit of
@@ -394,43 +390,77 @@ fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
         indirect_exit(ops, ex, table);
         return;
     }
-    let (base, sites) = (ex.base, &mut ex.sites);
-    match ex.span.pace {
+    // Each stub is laid out in one piece: its bytes with the count, the
+    // target and the jump to the epilogue put in, appended at once.
+    let (base, at) = (ex.base, ops.offset().0);
+    let t = target.to_le_bytes();
+    // The stub's last 13 bytes (its cold tail): `mov dword [r15 + 0x24],
+    // target` (the next EIP, see `store_next`), `jmp epilogue` (its rel32
+    // put in below).
+    const _: () = assert!(NEXT_EIP == 0x24);
+    let tail = [
+        0x41, 0xC7, 0x47, 0x24, t[0], t[1], t[2], t[3], 0xE9, 0, 0, 0, 0,
+    ];
+    // The length before the cold tail and where the patchable jump's rel32
+    // is in it.
+    let (head, rel32) = match ex.span.pace {
         Pace::Counted => {
             let c = count(n);
-            ops.extend(c.iter());
-            ops.extend(
-                [
-                    0x49, 0x89, 0xCD, // mov r13, rcx
-                    0x49, 0x8D, 0x4E, 0xFF, // lea rcx, [r14 - 1]
-                    0x49, 0x89, 0xCE, // mov r14, rcx
-                    0xE3, 0x08, // jrcxz budget_out (over the next 8 bytes)
-                ]
-                .iter(),
-            );
-            ops.extend(RCX_BACK.iter());
-            // jmp cold, over budget_out's `mov rcx, r13`.
-            ops.extend([0xE9, 3, 0, 0, 0].iter());
+            let mut s = [0u8; 40];
+            s[..27].copy_from_slice(&[
+                c[0], c[1], c[2], c[3], // lea r8, [r8 + n]
+                0x49, 0x89, 0xCD, // mov r13, rcx
+                0x49, 0x8D, 0x4E, 0xFF, // lea rcx, [r14 - 1]
+                0x49, 0x89, 0xCE, // mov r14, rcx
+                0xE3, 0x08, // jrcxz budget_out (over the next 8 bytes)
+                0x4C, 0x89, 0xE9, // mov rcx, r13
+                0xE9, 3, 0, 0, 0, // jmp cold, over budget_out's `mov rcx, r13`
+                0x4C, 0x89, 0xE9, // budget_out: mov rcx, r13 (then the cold tail)
+            ]);
+            s[27..].copy_from_slice(&tail);
+            put_epilogue_jump(&mut s, base + at);
+            ops.extend(s.iter());
+            (27, 20)
         }
         Pace::Polled(page) if target <= ex.span.start => {
-            poll(ops, page, &mut ex.polls, Some(target));
-            ops.extend(JMP_COLD.iter());
+            // `poll` and `jmp cold` (the next byte).
+            ex.polls.push(Poll {
+                at,
+                target: Some(target),
+            });
+            let a = page.to_le_bytes();
+            let mut s = [0u8; 26];
+            s[..13].copy_from_slice(&[
+                0x44, 0x8B, 0x0C, 0x25, a[0], a[1], a[2], a[3], 0xE9, 0, 0, 0, 0,
+            ]);
+            s[13..].copy_from_slice(&tail);
+            put_epilogue_jump(&mut s, base + at);
+            ops.extend(s.iter());
+            (13, 9)
         }
-        Pace::Polled(_) | Pace::Free => ops.extend(JMP_COLD.iter()),
-    }
-    let rel32 = base + ops.offset().0 - 4;
-    if ex.span.pace == Pace::Counted {
-        // budget_out: then on into the cold tail.
-        ops.extend(RCX_BACK.iter());
-    }
-    sites.push(Site {
-        rel32,
+        Pace::Polled(_) | Pace::Free => {
+            let mut s = [0u8; 18];
+            s[..5].copy_from_slice(&[0xE9, 0, 0, 0, 0]);
+            s[5..].copy_from_slice(&tail);
+            put_epilogue_jump(&mut s, base + at);
+            ops.extend(s.iter());
+            (5, 1)
+        }
+    };
+    ex.sites.push(Site {
+        rel32: base + at + rel32,
         target,
-        cold: base + ops.offset().0,
+        cold: base + at + head,
         linked: None,
     });
-    store_next(ops, target);
-    jmp_to(ops, base, epilogue_offset());
+}
+
+/// The rel32 of the `jmp epilogue` that ends `stub`, a stub laid out at
+/// code-buffer offset `at`.
+fn put_epilogue_jump(stub: &mut [u8], at: usize) {
+    let end = stub.len();
+    let rel = (epilogue_offset() as i64 - (at + end) as i64) as i32;
+    stub[end - 4..].copy_from_slice(&rel.to_le_bytes());
 }
 
 /// Does an exit to `target` need code before its patchable jump (a count
