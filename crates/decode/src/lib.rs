@@ -683,25 +683,40 @@ impl Scanner {
             (self.off, self.asked, self.fetched, self.taken);
         let first = taken;
         let mut done = None;
+        // Below `bound` an instruction starts on the page with a whole
+        // MAX_INSN_LEN fetched (or all there is): the checks below it are
+        // skipped.
+        let bound = |fetched: usize, asked: usize| {
+            let whole = match fetched == asked && asked < want {
+                true => fetched.saturating_sub(MAX_INSN_LEN - 1),
+                false => fetched,
+            };
+            whole.min(page_left)
+        };
+        let mut below = bound(fetched, asked);
         loop {
             let eip = start.wrapping_add(off as u32);
             if taken >= max {
                 done = Some(BlockEnd::SizeLimit);
                 break;
             }
-            if off >= page_left {
-                done = Some(BlockEnd::PageBoundary);
-                break;
-            }
-            // Less than a whole instruction left of a full chunk: fetch on.
-            if fetched == asked && asked < want && fetched - off < MAX_INSN_LEN {
-                let more = (asked + FETCH_CHUNK).min(want);
-                fetched += fetch(start.wrapping_add(asked as u32), &mut space[asked..more]);
-                asked = more;
-            }
-            if off >= fetched {
-                done = Some(BlockEnd::FetchFault(eip));
-                break;
+            if off >= below {
+                if off >= page_left {
+                    done = Some(BlockEnd::PageBoundary);
+                    break;
+                }
+                // Less than a whole instruction left of a full chunk:
+                // fetch on.
+                if fetched == asked && asked < want && fetched - off < MAX_INSN_LEN {
+                    let more = (asked + FETCH_CHUNK).min(want);
+                    fetched += fetch(start.wrapping_add(asked as u32), &mut space[asked..more]);
+                    asked = more;
+                    below = bound(fetched, asked);
+                }
+                if off >= fetched {
+                    done = Some(BlockEnd::FetchFault(eip));
+                    break;
+                }
             }
             if self.fast {
                 if let Some(p) = fast::take(&space[off..fetched]) {
