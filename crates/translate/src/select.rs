@@ -498,8 +498,9 @@ impl Bt {
                 out.flush_sti(&mut starts);
             }
             // Translated code runs x87 instructions on the host FPU, with
-            // the guest's state loaded (see `step_within`).
-            if !cpu.fpu.used {
+            // the guest's state loaded (see `step_within`). (No control
+            // transfer is one.)
+            if !cpu.fpu.used && i.class != popek_decode::Class::ControlFlow {
                 cpu.fpu.used = popek_interp::x87::is_x87(&i.ins);
             }
             // A store that keeps writing watched pages is a helper call
