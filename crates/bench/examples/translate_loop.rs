@@ -17,7 +17,10 @@
 //! `bb` to translate basic blocks only and `cold` to write over 8 MiB of
 //! memory between translations (as a guest running between them does:
 //! the translator's code and data leave the first- and second-level
-//! caches), timing the translations only (`--stats`' figure in a run).
+//! caches), timing the translations only (`--stats`' figure in a run), and
+//! `polled` for the exits a run without instruction counting builds
+//! (`Pacing::Polled`, as in the Linux boot; the engine's default, counted
+//! exits, otherwise).
 //!
 //! The guest may instead be a snapshot (`PATH.snap`, from `popek run
 //! ... --suspend-at-insns N --snapshot PATH.snap --dump PATH.dump`): the
@@ -39,9 +42,13 @@ fn main() {
     let rest: Vec<String> = args.collect();
     let superblocks = !rest.iter().any(|s| s == "bb");
     let cold = rest.iter().any(|s| s == "cold");
+    let polled = rest.iter().any(|s| s == "polled");
     let mut other = if cold { vec![1u8; 8 << 20] } else { Vec::new() };
     let mut bt = Bt::new(None);
     bt.superblocks = superblocks;
+    if polled {
+        bt.set_pacing(popek_translate::Pacing::Polled);
+    }
     let (mut m, blocks) = match name.strip_suffix(".snap") {
         Some(stem) => {
             let mut m = resume(&name);
