@@ -285,22 +285,37 @@ pub(crate) fn poll(ops: &mut Asm, page: u32, polls: &mut Vec<Poll>, target: Opti
     );
 }
 
+/// What a block is built in, kept between blocks: the assembler
+/// ([`Asm`]: dynasm-rs's macros, whose local labels replace hand-counted
+/// jump distances within a block), the side exits (target, count, offset
+/// of the branch's rel32) and the chainable sites and polls. One per
+/// thread (its vectors keep their room: growing them was a fifth of
+/// translation time); one assembler (base 0) serves every block, jumps
+/// out of a block (to the epilogue, the leave routine) and RIP-relative
+/// addresses are computed from the block's code-buffer offset
+/// ([`jmp_to`]).
+struct Room {
+    asm: Asm,
+    sides: Vec<(u32, usize, usize)>,
+    sites: Vec<Site>,
+    polls: Vec<Poll>,
+}
+
+impl Room {
+    fn new() -> Box<Room> {
+        Box::new(Room {
+            asm: Asm::new(),
+            sides: Vec::new(),
+            sites: Vec::new(),
+            polls: Vec::new(),
+        })
+    }
+}
+
 thread_local! {
-    /// The assembler blocks are built with ([`Asm`]: dynasm-rs's macros,
-    /// whose local labels replace hand-counted jump distances within a
-    /// block), kept between blocks. One assembler (base 0) serves every
-    /// block of a thread; jumps out of a block (to the epilogue, the leave
-    /// routine) and RIP-relative addresses are computed from the block's
-    /// code-buffer offset ([`jmp_to`]). Boxed: taking and putting it back
-    /// moves a pointer, not the assembler.
-    static ASM: std::cell::Cell<Option<Box<Asm>>> = const { std::cell::Cell::new(None) };
-    /// A block's side exits while it is built (label, target, count, offset
-    /// of the branch's rel32).
-    static SIDES: std::cell::Cell<Vec<(u32, usize, usize)>> =
-        const { std::cell::Cell::new(Vec::new()) };
-    /// A block's chainable sites and polls while it is built.
-    static EXITS: std::cell::Cell<(Vec<Site>, Vec<Poll>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// This thread's [`Room`] (boxed: taking it and putting it back moves
+    /// a pointer).
+    static ROOM: std::cell::Cell<Option<Box<Room>>> = const { std::cell::Cell::new(None) };
 }
 
 /// `jmp rel32` to code-buffer offset `to`, from a block at offset `base`
@@ -548,9 +563,9 @@ fn land(ops: &mut Asm, rel32: usize) {
 /// its first translation's.
 pub(crate) fn prepare(buf: &mut CodeBuffer) -> Result<(), BuildError> {
     ensure_epilogue(buf)?;
-    ASM.with(|a| {
-        let asm = a.take().unwrap_or_else(|| Box::new(Asm::new()));
-        a.set(Some(asm));
+    ROOM.with(|r| {
+        let room = r.take().unwrap_or_else(Room::new);
+        r.set(Some(room));
     });
     Ok(())
 }
@@ -562,21 +577,17 @@ pub(crate) fn prepare(buf: &mut CodeBuffer) -> Result<(), BuildError> {
 /// buffer. Building in place: no copy of each instruction's host code
 /// between lowering and the assembler.
 pub(crate) struct Builder {
-    /// The thread's assembler (given back when the builder goes).
-    ops: Option<Box<Asm>>,
+    /// The thread's [`Room`] (given back when the builder goes).
+    room: Option<Box<Room>>,
     /// The code-buffer offset the block will have.
     base: usize,
-    /// Side exits: (target, count, offset of the branch's rel32).
-    sides: Vec<(u32, usize, usize)>,
 }
 
 impl Drop for Builder {
     fn drop(&mut self) {
-        if let Some(ops) = self.ops.take() {
-            ASM.with(|a| a.set(Some(ops)));
+        if let Some(room) = self.room.take() {
+            ROOM.with(|r| r.set(Some(room)));
         }
-        let sides = std::mem::take(&mut self.sides);
-        SIDES.with(|s| s.set(sides));
     }
 }
 
@@ -587,23 +598,21 @@ impl Builder {
     /// is built again after a flush.
     pub(crate) fn begin(buf: &mut CodeBuffer) -> Result<Builder, BuildError> {
         ensure_epilogue(buf)?;
-        // One assembler per thread, reused (its vectors keep their room:
-        // growing them was a fifth of translation time).
-        let mut ops = ASM
-            .with(|a| a.take())
-            .unwrap_or_else(|| Box::new(Asm::new()));
-        ops.clear();
-        let mut sides = SIDES.with(|s| s.take());
-        sides.clear();
+        let mut room = ROOM.with(|r| r.take()).unwrap_or_else(Room::new);
+        room.asm.clear();
+        room.sides.clear();
         Ok(Builder {
-            ops: Some(ops),
+            room: Some(room),
             base: buf.next_offset(),
-            sides,
         })
     }
 
+    fn room(&mut self) -> &mut Room {
+        self.room.as_mut().expect("the room is held until drop")
+    }
+
     fn asm(&mut self) -> &mut Asm {
-        self.ops.as_mut().expect("the assembler is held until drop")
+        &mut self.room().asm
     }
 
     /// The host code so far, to append an instruction's host code to.
@@ -615,22 +624,23 @@ impl Builder {
     /// Take back the side exit just added (a [`Piece::Side`], the last
     /// piece): the conditional branch is the block's exit after all.
     pub(crate) fn unside(&mut self) {
-        if let Some((_, _, rel32)) = self.sides.pop() {
-            self.asm().bytes_mut().truncate(rel32 - 2);
+        let room = self.room();
+        if let Some((_, _, rel32)) = room.sides.pop() {
+            room.asm.bytes_mut().truncate(rel32 - 2);
         }
     }
 
     /// Offset in the block's code of the next byte.
     #[inline]
     pub(crate) fn offset(&self) -> usize {
-        self.ops.as_ref().map_or(0, |o| o.offset().0)
+        self.room.as_ref().map_or(0, |r| r.asm.offset().0)
     }
 
     /// Append one piece's host code.
     pub(crate) fn piece(&mut self, piece: &Piece<'_>) {
         let base = self.base;
-        let ops = self.ops.as_mut().expect("the assembler is held until drop");
-        let sides = &mut self.sides;
+        let room = self.room.as_mut().expect("the room is held until drop");
+        let (ops, sides) = (&mut room.asm, &mut room.sides);
         match piece {
             Piece::Code(b) => dynasm!(ops ; .arch x64 ; .bytes b.iter()),
             Piece::Side {
@@ -735,12 +745,16 @@ impl Builder {
     ) -> Result<HostBlock, BuildError> {
         let base = self.base;
         debug_assert_eq!(base, buf.next_offset());
-        let sides = std::mem::take(&mut self.sides);
-        let ops = self.ops.as_mut().expect("the assembler is held until drop");
+        let room = self.room.as_mut().expect("the room is held until drop");
+        let sides = std::mem::take(&mut room.sides);
+        let ops = &mut room.asm;
         let body_end = ops.offset().0;
         // Sites and polls are gathered in vectors kept between blocks and
-        // laid out with the instruction map in one allocation below.
-        let (mut sites, mut polls) = EXITS.with(|s| s.take());
+        // laid out with the instruction map in the code buffer's words.
+        let (mut sites, mut polls) = (
+            std::mem::take(&mut room.sites),
+            std::mem::take(&mut room.polls),
+        );
         sites.clear();
         polls.clear();
         let mut ex = Exits {
@@ -825,10 +839,10 @@ impl Builder {
                 stub(ops, &mut ex, target, counted);
             }
         }
-        self.sides = sides;
+        room.sides = sides;
         let Exits { sites, polls, .. } = ex;
         let meta = meta(buf.meta_words(), &sites, &polls, map);
-        EXITS.with(|s| s.set((sites, polls)));
+        (room.sites, room.polls) = (sites, polls);
         let len = ops.offset().0;
         let at = buf
             .append(ops.finish()?)
