@@ -408,14 +408,8 @@ fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
     // Each stub is laid out in one piece: its bytes with the count, the
     // target and the jump to the epilogue put in, appended at once.
     let (base, at) = (ex.base, ops.offset().0);
-    let t = target.to_le_bytes();
-    // The stub's last 13 bytes (its cold tail): `mov dword [r15 + 0x24],
-    // target` (the next EIP, see `store_next`), `jmp epilogue` (its rel32
-    // put in below).
-    const _: () = assert!(NEXT_EIP == 0x24);
-    let tail = [
-        0x41, 0xC7, 0x47, 0x24, t[0], t[1], t[2], t[3], 0xE9, 0, 0, 0, 0,
-    ];
+    // The stub's last 13 bytes: its cold tail.
+    let tail = cold_bytes(target);
     // The length before the cold tail and where the patchable jump's rel32
     // is in it.
     let (head, rel32) = match ex.span.pace {
@@ -502,8 +496,20 @@ fn cold_tail(ops: &mut Asm, ex: &mut Exits, target: u32, rel32: usize) {
         cold: ex.base + ops.offset().0,
         linked: None,
     });
-    store_next(ops, target);
-    jmp_to(ops, ex.base, epilogue_offset());
+    let mut s = cold_bytes(target);
+    put_epilogue_jump(&mut s, ex.base + ops.offset().0);
+    ops.extend(s.iter());
+}
+
+/// A stub's cold tail: `mov dword [r15 + 0x24], target` (the next EIP, see
+/// `store_next`) and `jmp epilogue` (its rel32 left for
+/// [`put_epilogue_jump`]).
+fn cold_bytes(target: u32) -> [u8; 13] {
+    const _: () = assert!(NEXT_EIP == 0x24);
+    let t = target.to_le_bytes();
+    [
+        0x41, 0xC7, 0x47, 0x24, t[0], t[1], t[2], t[3], 0xE9, 0, 0, 0, 0,
+    ]
 }
 
 /// The start of a guarded piece: go on to its host code (which follows)
