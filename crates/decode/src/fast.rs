@@ -3,7 +3,8 @@
 //!
 //! Most of a kernel's or a program's instructions are register and memory
 //! moves and arithmetic with no prefix: MOV, ALU, TEST, LEA, MOVZX/MOVSX,
-//! shifts, INC/DEC, IMUL, SETcc, CMOVcc. For those the translator needs no
+//! shifts, INC/DEC, IMUL, SETcc, CMOVcc, and PUSH/POP of a register (whose
+//! host code is a template with the register put in). For those the translator needs no
 //! decoded operands: their length, where the ModRM byte is (if they address
 //! memory), whether the address is a bare `[disp32]` and whether ESP is in
 //! ModRM (R12 on the host: a REX prefix) say how to copy them (see `popek_translate::lower::copy_fast`). [`plain`] finds that

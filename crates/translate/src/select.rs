@@ -57,6 +57,14 @@ fn flags_op(ins: &iced_x86::Instruction) -> Option<FlagsOp> {
 /// superblock that followed jumps.
 pub(crate) type Scratch = (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>, Vec<(u32, u32)>);
 
+/// How `--dump` says an instruction the fast scanner took was translated.
+fn fast_kind(p: popek_decode::fast::Plain) -> &'static str {
+    match p.stack() {
+        true => "rewritten (guest stack)",
+        false => "copied (fast scanner)",
+    }
+}
+
 /// Guest code bytes for the scanner, fetched through `cpu`'s mapping.
 fn fetcher(cpu: &mut Vcpu) -> impl FnMut(u32, &mut [u8]) -> usize + '_ {
     move |a, buf| cpu.fetch(a, buf).0
@@ -362,9 +370,8 @@ impl Bt {
         // conditional branch whose fall-through is on the block's page.
         // The fast scanner's instructions are copied as they are scanned
         // (with `gs addr32` for memory; no `Insn` for them unless for
-        // `--dump`), but for a hot store or a debugger's breakpoint: the
-        // scan stops there (the paths below). Every other instruction is
-        // pushed onto `insns` and looked at in turn.
+        // `--dump`) by the sink below; every other instruction is pushed
+        // onto `insns` and looked at in turn.
         let space: &mut [u8; popek_decode::SCAN_SPACE] = &mut self.scan_space;
         let mut sc = Scanner::new(
             &mut fetcher(cpu),
@@ -417,10 +424,7 @@ impl Bt {
                         fast += 1;
                         counted += 1;
                         if dumping {
-                            how.push(match p.stack() {
-                                true => "rewritten (guest stack)",
-                                false => "copied (fast scanner)",
-                            });
+                            how.push(fast_kind(p));
                         }
                         true
                     },
@@ -467,10 +471,7 @@ impl Bt {
                     copy_fast(p, &i.bytes, out.b.code());
                     fast += 1;
                     if dumping {
-                        out.how.push(match p.stack() {
-                            true => "rewritten (guest stack)",
-                            false => "copied (fast scanner)",
-                        });
+                        out.how.push(fast_kind(p));
                     }
                     counted += 1;
                     continue;
