@@ -1588,14 +1588,16 @@ system call), so it is higher than the warm figure.
   which returned at every instruction, had cost more than the two
   passes. PUSH/POP r32 (a sixth of the kernel's instructions) go through
   the fast scanner too (`lower_stack`'s bytes from a template); the
-  scanner's finding is one word (`fast::Plain`); each exit stub is laid
-  out in one piece. The host code is byte for byte what it was (`--dump`
-  of 18 guests compared with the previous build). Host instructions per
-  warm translation (cachegrind): kernel blocks 8,755 -> 7,772 (as the
-  boot builds them, `polled`: 8,634 -> 7,745); selfcheck superblocks
-  18,096 -> 15,478, basic blocks 5,973 -> 5,421; compute superblocks
-  13,854 -> 11,835, basic blocks 5,985 -> 5,441; exceptions basic blocks
-  5,503 -> 5,085. In the cold lab (selfcheck superblocks, 2 MiB last
+  scanner's finding is one word (`fast::Plain`); each exit stub and cold
+  tail is laid out in one piece; the assembler, side exits, sites and
+  polls are one thread-local taken once per block (three before, each
+  taken and put back). The host code is byte for byte what it was
+  (`--dump` of 18 guests compared with the previous build). Host
+  instructions per warm translation (cachegrind): kernel blocks 8,755 ->
+  7,627 (as the boot builds them, `polled`: 8,634 -> 7,581); selfcheck
+  superblocks 18,096 -> 15,381, basic blocks 5,973 -> 5,264; compute
+  superblocks 13,854 -> 11,710, basic blocks 5,985 -> 5,283; exceptions
+  basic blocks 5,503 -> 4,933. In the cold lab (selfcheck superblocks, 2 MiB last
   level): 236 -> 207 instruction-line and 155 -> 123 written-line misses
   per translation. The snapshot lab had been measuring counted exits
   (the engine's default) while the boot builds polled ones: `translate_loop
