@@ -455,11 +455,10 @@ fn take_prefixed_or_moffs(bytes: &[u8]) -> Option<Plain> {
     Some(if prefix == 1 { p.prefixed() } else { p })
 }
 
-/// The one-byte opcodes [`simple`] builds (their operands are a register in
-/// the opcode, a relative target or none): PUSH r32, POP r32, Jcc rel8,
-/// CALL rel32, JMP rel32, JMP rel8, RET, LEAVE.
-const SIMPLE_ONE: [(u8, u8); 7] = [
-    (0x50, 0x5F),
+/// The one-byte opcodes [`simple`] builds (their operands are a relative
+/// target or none): Jcc rel8, CALL rel32, JMP rel32, JMP rel8, RET, LEAVE.
+/// (PUSH and POP r32 are [`take`]'s.)
+const SIMPLE_ONE: [(u8, u8); 6] = [
     (0x70, 0x7F),
     (0xE8, 0xE8),
     (0xE9, 0xE9),
@@ -489,15 +488,15 @@ fn templates() -> &'static [Instruction; 272] {
 
 /// The instruction at the start of `bytes` at `eip` (32-bit code), decoded
 /// without the decoder, if it is one of the few the translator meets most
-/// after [`plain`]'s (PUSH/POP r32, Jcc, JMP and CALL with a relative
-/// target, RET, LEAVE) and all its bytes are in `bytes`: the same
+/// after [`take`]'s (Jcc, JMP and CALL with a relative target, RET,
+/// LEAVE) and all its bytes are in `bytes`: the same
 /// `Instruction` iced-x86 decodes (the test
 /// `simple_instructions_are_what_the_decoder_decodes` compares every bit).
 #[inline]
 pub fn simple(bytes: &[u8], eip: u32) -> Option<Instruction> {
     let &op = bytes.first()?;
     let (at, rel) = match op {
-        0x50..=0x5F | 0xC3 | 0xC9 => (usize::from(op), None),
+        0xC3 | 0xC9 => (usize::from(op), None),
         0x70..=0x7F | 0xEB => (usize::from(op), Some(i32::from(*bytes.get(1)? as i8))),
         0xE8 | 0xE9 => {
             let d: [u8; 4] = bytes.get(1..5)?.try_into().ok()?;
