@@ -431,29 +431,22 @@ fn stub(ops: &mut Asm, ex: &mut Exits, target: u32, n: usize) {
             ops.extend(s.iter());
             (27, 20)
         }
-        Pace::Polled(page) if target <= ex.span.start => {
-            // `poll` and `jmp cold` (the next byte).
-            ex.polls.push(Poll {
-                at,
-                target: Some(target),
-            });
-            let a = page.to_le_bytes();
-            let mut s = [0u8; 26];
-            s[..13].copy_from_slice(&[
-                0x44, 0x8B, 0x0C, 0x25, a[0], a[1], a[2], a[3], 0xE9, 0, 0, 0, 0,
-            ]);
-            s[13..].copy_from_slice(&tail);
-            put_epilogue_jump(&mut s, base + at);
-            ops.extend(s.iter());
-            (13, 9)
-        }
         Pace::Polled(_) | Pace::Free => {
+            // A poll first if the exit may close a loop; then `jmp cold`
+            // (the next byte) and the cold tail.
+            let polled = match ex.span.pace {
+                Pace::Polled(page) if target <= ex.span.start => {
+                    poll(ops, page, &mut ex.polls, Some(target));
+                    ops.offset().0 - at
+                }
+                _ => 0,
+            };
             let mut s = [0u8; 18];
             s[..5].copy_from_slice(&[0xE9, 0, 0, 0, 0]);
             s[5..].copy_from_slice(&tail);
-            put_epilogue_jump(&mut s, base + at);
+            put_epilogue_jump(&mut s, base + at + polled);
             ops.extend(s.iter());
-            (5, 1)
+            (polled + 5, polled + 1)
         }
     };
     ex.sites.push(Site {
