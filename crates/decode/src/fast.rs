@@ -520,6 +520,26 @@ pub fn simple(bytes: &[u8], eip: u32) -> Option<Instruction> {
     Some(ins)
 }
 
+/// A conditional branch at the start of `bytes` at `eip` (70-7F with an
+/// 8-bit displacement, 0F 80-8F with a 32-bit one, no prefix): its length,
+/// condition nibble and target.
+#[inline(always)]
+pub fn jcc(bytes: &[u8], eip: u32) -> Option<(usize, u8, u32)> {
+    let (len, cc, rel) = match *bytes.first()? {
+        op @ 0x70..=0x7F => (2, op & 0x0F, i32::from(*bytes.get(1)? as i8)),
+        0x0F => match *bytes.get(1)? {
+            op @ 0x80..=0x8F => {
+                let d: [u8; 4] = bytes.get(2..6)?.try_into().ok()?;
+                (6, op & 0x0F, i32::from_le_bytes(d))
+            }
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let next = eip.wrapping_add(len as u32);
+    Some((len, cc, next.wrapping_add(rel as u32)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -385,6 +385,25 @@ impl Insn {
         }
     }
 
+    /// What a [`Scanner::run`] handed its sink at `eip`, as an `Insn`
+    /// (what [`scan_block_into`] keeps).
+    pub fn taken(eip: u32, t: Taken, bytes: InsnBytes) -> Insn {
+        match t {
+            Taken::Plain(p) => Insn::fast(eip, p, bytes),
+            Taken::Jcc { .. } => {
+                let ins = fast::simple(bytes.raw(), eip).unwrap_or_default();
+                let (special, class) = special_and_class(&ins);
+                Insn {
+                    ins,
+                    bytes,
+                    class,
+                    special,
+                    fast: None,
+                }
+            }
+        }
+    }
+
     /// The whole decoded instruction (decoding the bytes of one the fast
     /// scanner took).
     pub fn decoded(&self) -> Instruction {
@@ -548,6 +567,23 @@ pub fn scan_block_into(
     }
 }
 
+/// What a [`Scanner::run`] hands its sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// One of the fast scanner's instructions ([`fast::take`]).
+    Plain(fast::Plain),
+    /// A conditional branch (70-7F, or 0F 80-8F with a 32-bit
+    /// displacement) in a scan that goes on past them, its fall-through
+    /// on the page: condition `cc` (the opcode's low nibble, Intel SDM
+    /// Vol. 2D appendix B.1.4.7) and `target`.
+    Jcc {
+        /// The condition nibble.
+        cc: u8,
+        /// Where it jumps when taken.
+        target: u32,
+    },
+}
+
 /// Where a [`Scanner::run`] stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -660,12 +696,13 @@ impl Scanner {
         self.total
     }
 
-    /// Scan on: each instruction the fast scanner takes goes to `sink`
-    /// (its EIP, what the scanner found, its bytes), which says whether
-    /// it took it (else it is pushed onto `insns` and the run stops
-    /// there); stop at the next other instruction (decoded and pushed onto
-    /// `insns`) or at the end of the block. With `keep`, the instructions
-    /// the sink took are pushed onto `insns` too.
+    /// Scan on: each instruction the fast scanner takes, and each
+    /// conditional branch the scan goes on past, goes to `sink` (its EIP,
+    /// what the scanner found, its bytes), which says whether it took it
+    /// (else it is pushed onto `insns` and the run stops there); stop at
+    /// the next other instruction (decoded and pushed onto `insns`) or at
+    /// the end of the block. With `keep`, the instructions the sink took
+    /// are pushed onto `insns` too.
     #[inline]
     pub fn run(
         &mut self,
@@ -673,7 +710,7 @@ impl Scanner {
         space: &mut [u8; SCAN_SPACE],
         insns: &mut Vec<Insn>,
         keep: bool,
-        mut sink: impl FnMut(u32, fast::Plain, &InsnBytes) -> bool,
+        mut sink: impl FnMut(u32, Taken, &InsnBytes) -> bool,
     ) -> Step {
         if let Some(e) = self.done {
             return Step::End(e);
@@ -719,19 +756,33 @@ impl Scanner {
                 }
             }
             if self.fast {
-                if let Some(p) = fast::take(&space[off..fetched]) {
-                    let len = usize::from(p.len());
+                // One of the fast scanner's, or a conditional branch the
+                // scan goes on past (as below: its fall-through on the
+                // page). (One call of the sink: inlined.)
+                let found = match fast::take(&space[off..fetched]) {
+                    Some(p) => Some((Taken::Plain(p), usize::from(p.len()))),
+                    None if self.past_jcc => fast::jcc(&space[off..fetched], eip)
+                        .filter(|&(len, _, _)| off + len < page_left)
+                        .map(|(len, cc, target)| (Taken::Jcc { cc, target }, len)),
+                    None => None,
+                };
+                if let Some((t, len)) = found {
                     let bytes = InsnBytes::within(&space[..], off, len);
-                    off += len;
-                    taken += 1;
-                    if sink(eip, p, &bytes) {
+                    if sink(eip, t, &bytes) {
+                        off += len;
+                        taken += 1;
                         if keep {
-                            insns.push(Insn::fast(eip, p, bytes));
+                            insns.push(Insn::taken(eip, t, bytes));
                         }
                         continue;
                     }
-                    insns.push(Insn::fast(eip, p, bytes));
-                    break;
+                    // A declined branch goes the way of the others, below.
+                    if let Taken::Plain(p) = t {
+                        off += len;
+                        taken += 1;
+                        insns.push(Insn::fast(eip, p, bytes));
+                        break;
+                    }
                 }
             }
             // Relative branches, RET and LEAVE built without the decoder
@@ -953,11 +1004,11 @@ mod tests {
                 let (mut got, mut insns, mut k) = (Vec::new(), Vec::new(), 0usize);
                 let step = loop {
                     let before = insns.len();
-                    let step = sc.run(&mut fetch, &mut space, &mut insns, false, |eip, p, b| {
+                    let step = sc.run(&mut fetch, &mut space, &mut insns, false, |eip, t, b| {
                         k += 1;
                         let take = policy == 0 || (policy == 2 && k % 2 == 0);
                         if take {
-                            got.push(key(&Insn::fast(eip, p, *b)));
+                            got.push(key(&Insn::taken(eip, t, *b)));
                         }
                         take
                     });

@@ -19,7 +19,7 @@
 //! vcpu its method and `popek_decode` its class, and it runs through a
 //! helper call with no change here.
 
-use popek_decode::{Scanner, Step};
+use popek_decode::{Scanner, Step, Taken};
 use popek_vcpu::Vcpu;
 
 use crate::cache::{key_eip, Key, Translation, NO_BYTES};
@@ -383,8 +383,9 @@ impl Bt {
             space,
         );
         // A conditional branch made a side exit because the scan went on
-        // past it: the block's exit instead if the scan ends right there
-        // (decided by what the scan finds next).
+        // past it (condition, target, fall-through), while it is the last
+        // instruction scanned: the block's exit instead if the scan ends
+        // right there.
         let mut side: Option<(u8, u32, u32)> = None;
         // The instructions translated before the current stretch of code
         // (the stretches before it, after a followed jump, are in
@@ -395,7 +396,6 @@ impl Bt {
         // debugger's breakpoints: then each goes through the paths below.
         let direct = !hot_page && self.breakpoints.is_empty();
         loop {
-            let scanned = sc.scanned();
             let step = if direct && out.sti.is_none() {
                 let Out {
                     b,
@@ -406,25 +406,45 @@ impl Bt {
                     how,
                     ..
                 } = &mut out;
-                let code = b.code();
                 let at_start = &mut starts;
+                let side = &mut side;
                 sc.run(
                     &mut fetcher(cpu),
                     space,
                     &mut insns,
                     dumping,
-                    |at, p, bytes| {
+                    |at, t, bytes| {
                         // (`Out::mark`.)
+                        let code = b.code();
                         eips.push(at);
                         counted_at.push(counted as u32);
                         at_start.push(code.len() as u32);
-                        *next = at.wrapping_add(u32::from(p.len()));
+                        let after = at.wrapping_add(bytes.len() as u32);
+                        *next = after;
                         *followed = None;
-                        copy_fast(p, bytes, code);
-                        fast += 1;
                         counted += 1;
-                        if dumping {
-                            how.push(fast_kind(p));
+                        match t {
+                            Taken::Plain(p) => {
+                                copy_fast(p, bytes, code);
+                                fast += 1;
+                                *side = None;
+                                if dumping {
+                                    how.push(fast_kind(p));
+                                }
+                            }
+                            // (As the general path below does it:
+                            // `Out::side`.)
+                            Taken::Jcc { cc, target } => {
+                                b.piece(&Piece::Side {
+                                    cc,
+                                    target,
+                                    counted,
+                                });
+                                *side = Some((cc, target, after));
+                                if dumping {
+                                    how.push("rewritten (side exit; the block goes on)");
+                                }
+                            }
                         }
                         true
                     },
@@ -434,8 +454,10 @@ impl Bt {
                     false
                 })
             };
+            // (A run that ends pushed nothing: the side exit is the last
+            // instruction scanned.)
             if let Some((cc, taken, not_taken)) = side.take() {
-                if sc.scanned() == scanned {
+                if let Step::End(_) = step {
                     out.b.unside();
                     if dumping {
                         out.how.pop();
