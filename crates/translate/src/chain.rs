@@ -29,6 +29,9 @@
 
 use crate::cache::{key_eip, key_user, make_key, Key, Translation};
 use crate::dispatch::Bt;
+#[cfg(doc)]
+use crate::emit::HostBlock;
+use crate::emit::{set_linked_of, sites_of};
 use crate::paging::Regions;
 
 /// A chained jump into a block: the block holding the jump and the
@@ -57,7 +60,9 @@ pub(crate) struct Published {
 pub(crate) struct Shape {
     lin: (u32, u32),
     pages: (u32, u32),
-    body: Option<usize>,
+    /// Its body's code-buffer offset and where its words start
+    /// ([`HostBlock::words`]), for translated code.
+    body: Option<(usize, u32)>,
 }
 
 impl Shape {
@@ -86,20 +91,18 @@ pub(crate) enum Links {
 
 impl Links {
     pub(crate) fn push(&mut self, l: Link) {
-        *self = match std::mem::take(self) {
-            Links::None => Links::One(l),
+        // (In place: the vector is not moved out and back.)
+        match self {
+            Links::None => *self = Links::One(l),
             Links::One(a) => {
                 // (Room for a few more: a place two blocks jump to often
                 // has more, and growing by one each time reallocates.)
                 let mut v = Vec::with_capacity(8);
-                v.extend([a, l]);
-                Links::Many(v)
+                v.extend([*a, l]);
+                *self = Links::Many(v);
             }
-            Links::Many(mut v) => {
-                v.push(l);
-                Links::Many(v)
-            }
-        };
+            Links::Many(v) => v.push(l),
+        }
     }
 
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Link) -> bool) {
@@ -149,7 +152,7 @@ impl Bt {
             lin: t.lin_pages(),
             pages: t.pages(),
             body: match t {
-                Translation::Code { code, .. } => Some(code.body_offset()),
+                Translation::Code { code, .. } => Some((code.body_offset(), code.words())),
                 Translation::Interpret { .. } => None,
             },
         })
@@ -163,7 +166,7 @@ impl Bt {
         if key_user(l.from) != key_user(to) {
             return None;
         }
-        let body = target.body?;
+        let (body, _) = target.body?;
         let mut cross = false;
         for (lin, p) in [
             (target.lin.0, target.pages.0),
@@ -198,12 +201,17 @@ impl Bt {
 
     /// Record in the block holding `l` where its stub is chained.
     fn set_linked(&mut self, l: Link, to: Option<Key>) {
-        if let (Some(Translation::Code { code, .. }), Some(buf)) =
-            (self.cache.peek(&l.from), self.code.as_mut())
-        {
-            let at = code.sites(buf).position(|s| s.rel32 == l.rel32);
+        if let Some(from) = self.shape(l.from) {
+            self.set_linked_in(&from, l, to);
+        }
+    }
+
+    /// The same, the block holding `l` shaped `from`.
+    fn set_linked_in(&mut self, from: &Shape, l: Link, to: Option<Key>) {
+        if let (Some((_, words)), Some(buf)) = (from.body, self.code.as_mut()) {
+            let at = sites_of(buf, words).position(|s| s.rel32 == l.rel32);
             if let Some(k) = at {
-                code.set_linked(buf, k, to);
+                set_linked_of(buf, words, k, to);
             }
         }
     }
@@ -221,19 +229,20 @@ impl Bt {
         let mut still = Links::None;
         let mut came = Links::None;
         for &l in waiting.as_slice() {
-            let cross = match self.shape(l.from) {
-                Some(from) => self.chain_into(l, &from, key, &me),
+            let from = self.shape(l.from);
+            let cross = match &from {
+                Some(from) => self.chain_into(l, from, key, &me),
                 None => None,
             };
-            match cross {
-                Some(cross) => {
-                    self.set_linked(l, Some(key));
+            match (cross, from) {
+                (Some(cross), Some(from)) => {
+                    self.set_linked_in(&from, l, Some(key));
                     if cross {
                         self.file_cross(key, &me, l);
                     }
                     came.push(l);
                 }
-                None => still.push(l),
+                _ => still.push(l),
             }
         }
         if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&key) {
@@ -256,10 +265,8 @@ impl Bt {
         // where each was chained (set in the block's sites at the end).
         let mut sites = std::mem::take(&mut self.site_scratch);
         sites.clear();
-        if let (Some(Translation::Code { code, .. }), Some(buf)) =
-            (self.cache.peek(&key), self.code.as_ref())
-        {
-            sites.extend(code.sites(buf));
+        if let (Some((_, words)), Some(buf)) = (me.body, self.code.as_ref()) {
+            sites.extend(sites_of(buf, words));
         }
         let mut any = false;
         for site in sites.iter_mut() {
@@ -296,11 +303,9 @@ impl Bt {
             }
         }
         if any {
-            if let (Some(Translation::Code { code, .. }), Some(buf)) =
-                (self.cache.peek(&key), self.code.as_mut())
-            {
+            if let (Some((_, words)), Some(buf)) = (me.body, self.code.as_mut()) {
                 for (k, done) in sites.iter().enumerate() {
-                    code.set_linked(buf, k, done.linked);
+                    set_linked_of(buf, words, k, done.linked);
                 }
             }
         }

@@ -168,13 +168,11 @@ pub struct Bt {
     /// (`popek_decode::fast`) instead of decoding them? On by default;
     /// crates/bench/tests/fast_scan.rs compares translations with it off.
     pub fast_scan: bool,
-    /// The instructions, EIPs, counts and stretches of code (start,
+    /// The instructions, instruction map and stretches of code (start,
     /// length) of the block being translated, kept between translations.
     pub(crate) scratch: crate::select::Scratch,
     /// The bytes of the block being scanned (kept between translations).
     pub(crate) scan_space: Box<[u8; popek_decode::SCAN_SPACE]>,
-    /// Where each instruction's host code starts, while a block is built.
-    pub(crate) starts: Vec<u32>,
     /// Regions whose cross-page links keep being cut at address-space
     /// switches: direct exits into them go through the indirect-branch
     /// table (see `emit::via_table`); and how many links into each region
@@ -262,11 +260,9 @@ impl Bt {
             volatile: crate::paging::Regions::NONE,
             cuts: Box::new([0; 1024]),
             site_scratch: Vec::new(),
-            starts: Vec::new(),
             scan_space: Box::new([0; popek_decode::SCAN_SPACE]),
             scratch: (
                 Vec::with_capacity(SUPERBLOCK_MAX),
-                Vec::with_capacity(SUPERBLOCK_MAX + 1),
                 Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX),
             ),

@@ -52,10 +52,10 @@ fn flags_op(ins: &iced_x86::Instruction) -> Option<FlagsOp> {
 }
 
 /// The vectors a translation works in, kept between translations: the
-/// instructions looked at one by one, the EIPs and counts of the
-/// instruction map, and the stretches of code (start, length) of a
+/// instructions looked at one by one, the instruction map (see
+/// [`Out::map`]), and the stretches of code (start, length) of a
 /// superblock that followed jumps.
-pub(crate) type Scratch = (Vec<popek_decode::Insn>, Vec<u32>, Vec<u32>, Vec<(u32, u32)>);
+pub(crate) type Scratch = (Vec<popek_decode::Insn>, Vec<[u32; 3]>, Vec<(u32, u32)>);
 
 /// How `--dump` says an instruction the fast scanner took was translated.
 fn fast_kind(p: popek_decode::fast::Plain) -> &'static str {
@@ -79,14 +79,14 @@ enum Attempt {
 }
 
 /// Where a block's host code goes as its instructions are selected: the
-/// builder, and for each translated instruction its EIP, the instructions
-/// counted before it and where its host code starts (the instruction map
-/// of [`crate::emit::InsnMap`]), and the instructions its helper calls
+/// builder, the instruction map, and the instructions its helper calls
 /// run.
 struct Out {
     b: Builder,
-    eips: Vec<u32>,
-    counted_at: Vec<u32>,
+    /// For each translated instruction its EIP, the instructions counted
+    /// before it and where its host code starts (one push each: the
+    /// instruction map of [`crate::emit::InsnMap`]).
+    map: Vec<[u32; 3]>,
     /// The EIP after the last translated instruction (its bytes end
     /// there), and where the block goes on after it: the target of a
     /// direct JMP the block followed while that JMP is the last.
@@ -109,19 +109,17 @@ impl Out {
     /// The next translated instruction (at `eip`, the next one at `next`)
     /// starts here: it is the `counted`-th of the block.
     #[inline]
-    fn mark(&mut self, eip: u32, next: u32, counted: usize, starts: &mut Vec<u32>) {
+    fn mark(&mut self, eip: u32, next: u32, counted: usize) {
         let at = self.b.offset();
-        self.mark_at(eip, next, counted, at, starts);
+        self.mark_at(eip, next, counted, at);
     }
 
     /// The translated instruction at `eip` (the next one at `next`), the
     /// `counted`-th of the block, starts at offset `at` of the block's
     /// code.
     #[inline]
-    fn mark_at(&mut self, eip: u32, next: u32, counted: usize, at: usize, starts: &mut Vec<u32>) {
-        self.eips.push(eip);
-        self.counted_at.push(counted as u32);
-        starts.push(at as u32);
+    fn mark_at(&mut self, eip: u32, next: u32, counted: usize, at: usize) {
+        self.map.push([eip, counted as u32, at as u32]);
         self.next = next;
         self.followed = None;
     }
@@ -143,13 +141,7 @@ impl Out {
     /// lowered so.
     #[cold]
     #[inline(never)]
-    fn segment(
-        &mut self,
-        i: &popek_decode::Insn,
-        counted: usize,
-        arena: &mut Vec<u8>,
-        starts: &mut Vec<u32>,
-    ) -> bool {
+    fn segment(&mut self, i: &popek_decode::Insn, counted: usize, arena: &mut Vec<u8>) -> bool {
         arena.clear();
         // Spelled from the bytes when the fast scanner knows the rest.
         let fs = match seg_override_from_bytes(&i.bytes, arena) {
@@ -159,7 +151,7 @@ impl Out {
                 Err(_) => return false,
             },
         };
-        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
+        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted);
         let call = self.call(&i.ins, false, counted);
         self.b.piece(&Piece::Segment {
             fs,
@@ -186,7 +178,6 @@ impl Out {
         i: &popek_decode::Insn,
         counted: usize,
         arena: &mut Vec<u8>,
-        starts: &mut Vec<u32>,
     ) -> Option<bool> {
         arena.clear();
         let split = match checked_store_from_bytes(&i.bytes, arena) {
@@ -195,7 +186,7 @@ impl Out {
                 .or_else(|_| lower_checked_push(&i.ins, arena))
                 .ok()?,
         };
-        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
+        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted);
         let call = self.call(&i.ins, false, counted);
         self.b.piece(&Piece::Checked {
             ea: &arena[..split],
@@ -222,12 +213,11 @@ impl Out {
         counted: usize,
         hot: bool,
         ends: bool,
-        starts: &mut Vec<u32>,
     ) -> Option<bool> {
         // RDTSC in host code (a helper call when the TSC counts
         // instructions or CR4.TSD applies: decided at run time).
         if i.ins.mnemonic() == iced_x86::Mnemonic::Rdtsc && !hot {
-            self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
+            self.mark(i.ins.ip32(), i.ins.next_ip32(), counted);
             let call = self.call(&i.ins, true, counted);
             self.b.piece(&Piece::Rdtsc(call));
             if self.dumping {
@@ -242,7 +232,7 @@ impl Out {
             if op == FlagsOp::Sti {
                 self.sti = Some((i.ins.ip32(), counted, i.ins));
             } else {
-                self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
+                self.mark(i.ins.ip32(), i.ins.next_ip32(), counted);
                 let call = self.call(&i.ins, true, counted);
                 self.b.piece(&Piece::Flags(op, call));
                 if self.dumping {
@@ -261,7 +251,7 @@ impl Out {
         if ends {
             return None;
         }
-        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted, starts);
+        self.mark(i.ins.ip32(), i.ins.next_ip32(), counted);
         let call = self.call(&i.ins, i.special.is_some(), counted);
         self.b.piece(&Piece::Helper(call));
         if self.dumping {
@@ -289,9 +279,9 @@ impl Out {
 
     /// The held-back STI's piece, now that something follows it.
     #[cold]
-    fn flush_sti(&mut self, starts: &mut Vec<u32>) {
+    fn flush_sti(&mut self) {
         if let Some((eip, counted, ins)) = self.sti.take() {
-            self.mark(eip, ins.next_ip32(), counted, starts);
+            self.mark(eip, ins.next_ip32(), counted);
             let call = self.call(&ins, true, counted);
             self.b.piece(&Piece::Flags(FlagsOp::Sti, call));
             if self.dumping {
@@ -325,17 +315,15 @@ impl Bt {
         let eip = key_eip(key);
         // Vectors kept between translations (room for a whole superblock):
         // nothing is allocated or grows while a block is built.
-        let (mut insns, mut eips, mut counted_at, mut stretches) =
-            std::mem::take(&mut self.scratch);
+        let (mut insns, mut map, mut stretches) = std::mem::take(&mut self.scratch);
         insns.clear();
-        eips.clear();
-        counted_at.clear();
+        map.clear();
         stretches.clear();
         let user = self.key.is_some_and(|k| k.user);
         // The host code goes straight into the block being built (the
         // engine has its code buffer by the time anything is translated).
         let Some(b) = self.code.as_mut().and_then(|buf| Builder::begin(buf).ok()) else {
-            self.scratch = (insns, eips, counted_at, stretches);
+            self.scratch = (insns, map, stretches);
             return Attempt::Done(Translation::Interpret {
                 pages: (u32::MAX, u32::MAX),
                 lin: (eip >> 12, eip >> 12),
@@ -344,8 +332,7 @@ impl Bt {
         };
         let mut out = Out {
             b,
-            eips,
-            counted_at,
+            map,
             next: eip,
             followed: None,
             first_helper: self.helper_insns.len() as u32,
@@ -354,8 +341,6 @@ impl Bt {
             how: Vec::new(),
             dumping: self.dump.is_some(),
         };
-        let mut starts = std::mem::take(&mut self.starts);
-        starts.clear();
         // Host code lowered before it is wrapped (FS/GS accesses, checked
         // stores).
         let mut arena = std::mem::take(&mut self.arena);
@@ -399,14 +384,12 @@ impl Bt {
             let step = if direct && out.sti.is_none() {
                 let Out {
                     b,
-                    eips,
-                    counted_at,
+                    map,
                     next,
                     followed,
                     how,
                     ..
                 } = &mut out;
-                let at_start = &mut starts;
                 let side = &mut side;
                 sc.run(
                     &mut fetcher(cpu),
@@ -416,9 +399,7 @@ impl Bt {
                     |at, t, bytes| {
                         // (`Out::mark`.)
                         let code = b.code();
-                        eips.push(at);
-                        counted_at.push(counted as u32);
-                        at_start.push(code.len() as u32);
+                        map.push([at, counted as u32, code.len() as u32]);
                         let after = at.wrapping_add(bytes.len() as u32);
                         *next = after;
                         *followed = None;
@@ -487,9 +468,9 @@ impl Bt {
                 let i = &insns[k];
                 if !hot_page || !self.hot_stores.contains_key(&i.ins.ip32()) {
                     if out.sti.is_some() {
-                        out.flush_sti(&mut starts);
+                        out.flush_sti();
                     }
-                    out.mark(i.ins.ip32(), i.ins.next_ip32(), counted, &mut starts);
+                    out.mark(i.ins.ip32(), i.ins.next_ip32(), counted);
                     copy_fast(p, &i.bytes, out.b.code());
                     fast += 1;
                     if dumping {
@@ -518,7 +499,7 @@ impl Bt {
                     lower_terminator(&i.ins, &mut arena).is_some()
                 })
             {
-                out.flush_sti(&mut starts);
+                out.flush_sti();
             }
             // Translated code runs x87 instructions on the host FPU, with
             // the guest's state loaded (see `step_within`). (No control
@@ -540,7 +521,7 @@ impl Bt {
             if !hot
                 && i.class == popek_decode::Class::Innocuous
                 && SegBases::used_by(&i.ins)
-                && out.segment(i, counted, &mut arena, &mut starts)
+                && out.segment(i, counted, &mut arena)
             {
                 counted += 1;
                 continue;
@@ -551,7 +532,7 @@ impl Bt {
             // A hot push (the guest's stack beside translated code) the
             // same way; a hot CALL's push too, and the block ends there.
             if (hot || hot_call) && self.checked_stores {
-                if let Some(ends) = out.checked(i, counted, &mut arena, &mut starts) {
+                if let Some(ends) = out.checked(i, counted, &mut arena) {
                     counted += 1;
                     if ends {
                         exit = Some(BlockExit::Direct(i.ins.near_branch32()));
@@ -582,7 +563,7 @@ impl Bt {
                 None
             };
             if let Some(kind) = kind {
-                out.mark_at(i.ins.ip32(), i.ins.next_ip32(), counted, at, &mut starts);
+                out.mark_at(i.ins.ip32(), i.ins.next_ip32(), counted, at);
                 if dumping {
                     out.how.push(kind);
                 }
@@ -590,7 +571,7 @@ impl Bt {
                 continue;
             }
             if let Some(e) = lower_terminator(&i.ins, out.b.code()) {
-                out.mark_at(i.ins.ip32(), i.ins.next_ip32(), counted, at, &mut starts);
+                out.mark_at(i.ins.ip32(), i.ins.next_ip32(), counted, at);
                 // A superblock: a conditional branch whose fall-through is
                 // on the block's page becomes a side exit, and the block
                 // goes on there, if the scan goes on past it (up to
@@ -635,7 +616,7 @@ impl Bt {
                         counted += 1;
                         out.followed = Some(t);
                         stretches.push(sc.stretch());
-                        stretch_from = out.eips.len();
+                        stretch_from = out.map.len();
                         let room = SUPERBLOCK_MAX - sc.scanned();
                         sc.restart(&mut fetcher(cpu), t, room, true, space);
                         continue;
@@ -650,7 +631,7 @@ impl Bt {
             }
             // Anything else: RDTSC, the flags instructions, helper calls;
             // or the end of the block.
-            match out.other(i, counted, hot, ends, &mut starts) {
+            match out.other(i, counted, hot, ends) {
                 Some(true) => counted += 1,
                 Some(false) => {}
                 None => break,
@@ -662,15 +643,14 @@ impl Bt {
         }
         let Out {
             b,
-            mut eips,
-            counted_at,
+            map,
             mut helpers,
             how,
             next,
             followed,
             ..
         } = out;
-        let n = eips.len();
+        let n = map.len();
         // The bytes from the lowest instruction to the end of the highest
         // (a superblock that followed a jump holds code on both sides of
         // its start; every instruction starts on the first page). (A
@@ -751,8 +731,7 @@ impl Bt {
         }
         self.arena = arena;
         if n == 0 || pages.0 == u32::MAX {
-            self.starts = starts;
-            self.scratch = (insns, eips, counted_at, stretches);
+            self.scratch = (insns, map, stretches);
             return Attempt::Done(Translation::Interpret { pages, lin, bytes });
         }
         // A block cut short (page boundary, size limit, an instruction left
@@ -772,23 +751,16 @@ impl Bt {
         let table = self.lookup.as_ref().map(|t| t[usize::from(user)].addr());
         let volatile =
             (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile);
-        eips.push(end);
-        let map = crate::emit::InsnMap {
-            eips: &eips,
-            counted: &counted_at,
-            starts: &starts,
-        };
+        let insn_map = crate::emit::InsnMap { insns: &map, end };
         let built = self.code.as_mut().ok_or(()).and_then(|buf| {
-            b.finish(buf, counted, span, exit.as_ref(), table, volatile, map)
+            b.finish(buf, counted, span, exit.as_ref(), table, volatile, insn_map)
                 .map_err(|_| ())
         });
         let Ok(code) = built else {
-            self.starts = starts;
-            self.scratch = (insns, eips, counted_at, stretches);
+            self.scratch = (insns, map, stretches);
             return Attempt::Full(Translation::Interpret { pages, lin, bytes });
         };
         self.helper_insns.append(&mut helpers);
-        self.starts = starts;
         self.stats.insns_translated += n as u64;
         self.stats.insns_fast += fast;
         self.stats.host_bytes += code.len() as u64;
@@ -803,7 +775,7 @@ impl Bt {
             incoming: crate::chain::Links::None,
             bytes,
         };
-        self.scratch = (insns, eips, counted_at, stretches);
+        self.scratch = (insns, map, stretches);
         Attempt::Done(entry)
     }
 }

@@ -244,13 +244,13 @@ const SITE_WORDS: usize = 5;
 const POLL_WORDS: usize = 3;
 
 /// A block's instruction map while it is built: for each translated
-/// instruction its EIP (then the EIP after the last), the instructions
-/// counted before it, and the offset of its host code.
+/// instruction its EIP, the instructions counted before it, and the offset
+/// of its host code; and the EIP after the last (laid out in the block's
+/// words as three arrays: every EIP then `end`, the counts, the offsets).
 #[derive(Clone, Copy)]
 pub(crate) struct InsnMap<'a> {
-    pub eips: &'a [u32],
-    pub counted: &'a [u32],
-    pub starts: &'a [u32],
+    pub insns: &'a [[u32; 3]],
+    pub end: u32,
 }
 
 // SAFETY: `entry` points into the code buffer of the engine that owns this
@@ -861,9 +861,7 @@ impl Builder {
 /// map to `m` (code offsets fit in 32 bits: rel32 jumps span the code
 /// buffer); where they start.
 fn meta(m: &mut Vec<u32>, sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> u32 {
-    let n = map.counted.len();
-    debug_assert_eq!(map.eips.len(), n + 1);
-    debug_assert_eq!(map.starts.len(), n);
+    let n = map.insns.len();
     let at = m.len() as u32;
     m.extend([sites.len() as u32, polls.len() as u32, n as u32]);
     for s in sites {
@@ -883,10 +881,39 @@ fn meta(m: &mut Vec<u32>, sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> u
             p.target.unwrap_or(0),
         ]);
     }
-    m.extend_from_slice(map.eips);
-    m.extend_from_slice(map.counted);
-    m.extend_from_slice(map.starts);
+    m.extend(map.insns.iter().map(|e| e[0]));
+    m.push(map.end);
+    m.extend(map.insns.iter().map(|e| e[1]));
+    m.extend(map.insns.iter().map(|e| e[2]));
     at
+}
+
+/// The patchable exits of the block whose words start at `meta`
+/// ([`HostBlock::words`]).
+pub(crate) fn sites_of(buf: &CodeBuffer, meta: u32) -> impl ExactSizeIterator<Item = Site> + '_ {
+    let m = buf.meta(meta);
+    let n = m[0] as usize;
+    m[META_HEAD..META_HEAD + n * SITE_WORDS]
+        .chunks_exact(SITE_WORDS)
+        .map(|w| {
+            let linked = u64::from(w[3]) | u64::from(w[4]) << 32;
+            Site {
+                rel32: w[0] as usize,
+                target: w[1],
+                cold: w[2] as usize,
+                linked: (linked != u64::MAX).then_some(linked),
+            }
+        })
+}
+
+/// Record what the `k`-th patchable exit of the block whose words start at
+/// `meta` is chained to.
+pub(crate) fn set_linked_of(buf: &mut CodeBuffer, meta: u32, k: usize, linked: Option<u64>) {
+    let at = META_HEAD + k * SITE_WORDS;
+    let linked = linked.unwrap_or(u64::MAX);
+    let m = buf.meta_mut(meta);
+    m[at + 3] = linked as u32;
+    m[at + 4] = (linked >> 32) as u32;
 }
 
 impl HostBlock {
@@ -911,9 +938,8 @@ impl HostBlock {
             b.piece(&piece);
         }
         let map = InsnMap {
-            eips: &[span.end],
-            counted: &[],
-            starts: &[],
+            insns: &[],
+            end: span.end,
         };
         b.finish(buf, n, span, exit, lookup, volatile, map)
     }
@@ -973,28 +999,13 @@ impl HostBlock {
 
     /// The patchable exits (`buf`: the code buffer holding the block).
     pub fn sites<'b>(&self, buf: &'b CodeBuffer) -> impl ExactSizeIterator<Item = Site> + 'b {
-        let m = buf.meta(self.meta);
-        let n = m[0] as usize;
-        m[META_HEAD..META_HEAD + n * SITE_WORDS]
-            .chunks_exact(SITE_WORDS)
-            .map(|w| {
-                let linked = u64::from(w[3]) | u64::from(w[4]) << 32;
-                Site {
-                    rel32: w[0] as usize,
-                    target: w[1],
-                    cold: w[2] as usize,
-                    linked: (linked != u64::MAX).then_some(linked),
-                }
-            })
+        sites_of(buf, self.meta)
     }
 
-    /// Record what the `k`-th patchable exit is chained to.
-    pub(crate) fn set_linked(&self, buf: &mut CodeBuffer, k: usize, linked: Option<u64>) {
-        let at = META_HEAD + k * SITE_WORDS;
-        let linked = linked.unwrap_or(u64::MAX);
-        let m = buf.meta_mut(self.meta);
-        m[at + 3] = linked as u32;
-        m[at + 4] = (linked >> 32) as u32;
+    /// Where the block's words start in the code buffer (for
+    /// [`sites_of`] and [`set_linked_of`] without the block at hand).
+    pub(crate) fn words(&self) -> u32 {
+        self.meta
     }
 
     /// The poll at host address `rip`, if one is there.
