@@ -218,14 +218,21 @@ impl Bt {
 
     /// Chain the stubs waiting for `key`'s EIP that may land in it.
     pub(crate) fn link_waiting(&mut self, key: Key) {
+        if !self.pending.contains_key(&key_eip(key)) {
+            return;
+        }
+        if let Some(me) = self.shape(key) {
+            self.link_waiting_as(key, &me);
+        }
+    }
+
+    /// The same, `key`'s translation shaped `me`.
+    fn link_waiting_as(&mut self, key: Key, me: &Shape) {
         let eip = key_eip(key);
         let Some(waiting) = self.pending.remove(&eip) else {
             return;
         };
-        let Some(me) = self.shape(key) else {
-            self.pending.insert(eip, waiting);
-            return;
-        };
+        let me = *me;
         let mut still = Links::None;
         let mut came = Links::None;
         for &l in waiting.as_slice() {
@@ -245,9 +252,11 @@ impl Bt {
                 _ => still.push(l),
             }
         }
-        if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&key) {
-            for &l in came.as_slice() {
-                incoming.push(l);
+        if !came.is_empty() {
+            if let Some(Translation::Code { incoming, .. }) = self.cache.peek_mut(&key) {
+                for &l in came.as_slice() {
+                    incoming.push(l);
+                }
             }
         }
         if !still.is_empty() {
@@ -257,10 +266,10 @@ impl Bt {
 
     /// Link a new block: stubs waiting for it, and its own stubs.
     pub(crate) fn link(&mut self, key: Key) {
-        self.link_waiting(key);
         let Some(me) = self.shape(key) else {
             return;
         };
+        self.link_waiting_as(key, &me);
         // The block's sites, copied into a vector kept between links, and
         // where each was chained (set in the block's sites at the end).
         let mut sites = std::mem::take(&mut self.site_scratch);
