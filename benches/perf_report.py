@@ -1579,6 +1579,43 @@ system call), so it is higher than the warm figure.
   the code buffer's next lines at the start of a translation made no
   measurable difference (the data misses overlap already; the code
   misses are what stall).
+- What the 23rd session changed: release builds are one code unit with
+  fat LTO (the translator, decoder and virtual CPU inlined across
+  crates): on the kernel snapshot lab 5% fewer host instructions per
+  translation, and in the cold lab (`translate_loop ... cold`, 2 MiB last
+  level) 186 -> 141 instruction lines and 123 -> 113 data lines read per
+  translation. A superblock's conditional branches go to the scanner's
+  sink like the fast scanner's instructions (`Taken::Jcc`: the side exit
+  is written at once; no `Insn`, no return from the scanner's run): 2.4%
+  fewer per kernel block, 4% per compute superblock (at first the sink was
+  called at two places in the run and stopped being inlined: 1% more;
+  one call site fixed it). Chaining reads a block's exit sites through its
+  words (`Shape` holds where they are) instead of looking the block up in
+  the cache for each waiting link and site, and `Links::push` works in
+  place. The host code is byte for byte what it was (`--dump` of 18
+  guests). Host instructions per warm translation (cachegrind): kernel
+  blocks 7,627 -> 6,815 (`polled` 7,581 -> 6,786); selfcheck superblocks
+  15,381 -> 13,862, basic blocks 5,264 -> 4,798; compute superblocks
+  11,710 -> 10,453, basic blocks 5,283 -> 4,803; exceptions basic blocks
+  4,933 -> 4,467. In a run (the boot + script with `--stats`, four
+  alternating runs of each build while the host's speed swung by half):
+  3.15 / 4.47 / 3.96 / 2.71 -> 2.58 / 3.65 / 3.12 / 2.47 us per block
+  (each pair 9-21% less), 3.37-3.42% -> 3.01-3.19% of the run.
+  Retranslating each block at once in the boot (a throwaway patch timing
+  both): the first translation 3.0-3.7 us, the second 1.8-2.3 us, the
+  ratio as before (1.6x): the cold part of a translation is still the
+  larger lever. The host's speed swung by half within minutes while this
+  report was made (a first run of it had every criterion figure 30-100%
+  slower and was thrown away); in this one the selfcheck superblocks row
+  is the outlier: the same criterion benchmark alone minutes later gave
+  1.87 us, and `translate_loop selfcheck` alternating the two builds
+  2.80 / 2.90 / 3.97 us (previous build) against 1.84 / 2.69 / 1.85 us.
+- Tried in the 23rd session and not kept: the fast scanner's ModRM rules
+  as a 256-entry table ANDed with the opcode's entry (no change in host
+  instructions: the branches it replaced were already cheap). The
+  instruction map became one vector of (EIP, count, offset) instead of
+  three, for simplicity only: the two pushes it saves per instruction are
+  paid back when the block's words are written.
 - What the 22nd session changed: a block is translated as it is
   scanned. `popek_decode::Scanner::run` hands each of the fast scanner's
   instructions to the translator's sink (which marks it in the
