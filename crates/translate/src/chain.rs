@@ -218,20 +218,22 @@ impl Bt {
 
     /// Chain the stubs waiting for `key`'s EIP that may land in it.
     pub(crate) fn link_waiting(&mut self, key: Key) {
-        if !self.pending.contains_key(&key_eip(key)) {
-            return;
-        }
-        if let Some(me) = self.shape(key) {
-            self.link_waiting_as(key, &me);
-        }
-    }
-
-    /// The same, `key`'s translation shaped `me`.
-    fn link_waiting_as(&mut self, key: Key, me: &Shape) {
         let eip = key_eip(key);
         let Some(waiting) = self.pending.remove(&eip) else {
             return;
         };
+        match self.shape(key) {
+            Some(me) => self.link_waiting_as(key, &me, waiting),
+            None => {
+                self.pending.insert(eip, waiting);
+            }
+        }
+    }
+
+    /// The same for the stubs `waiting` (taken out of `pending`), `key`'s
+    /// translation shaped `me`.
+    fn link_waiting_as(&mut self, key: Key, me: &Shape, waiting: Links) {
+        let eip = key_eip(key);
         let me = *me;
         let mut still = Links::None;
         let mut came = Links::None;
@@ -269,7 +271,9 @@ impl Bt {
         let Some(me) = self.shape(key) else {
             return;
         };
-        self.link_waiting_as(key, &me);
+        if let Some(waiting) = self.pending.remove(&key_eip(key)) {
+            self.link_waiting_as(key, &me, waiting);
+        }
         // The block's sites, copied into a vector kept between links, and
         // where each was chained (set in the block's sites at the end).
         let mut sites = std::mem::take(&mut self.site_scratch);
