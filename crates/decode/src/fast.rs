@@ -605,4 +605,54 @@ mod tests {
             assert!(simple(&b, 0).is_none(), "{b:02X?}");
         }
     }
+
+    /// `jcc` on every conditional branch (70-7F, 0F 80-8F) with
+    /// displacements of every size and sign, at EIPs near 0, in the middle
+    /// and near the 4 GiB wrap: iced-x86's length, condition and target
+    /// (the translator's condition nibble is iced's condition code less
+    /// one); nothing when cut short, for any other opcode or behind a
+    /// prefix.
+    #[test]
+    fn jcc_is_what_the_decoder_decodes() {
+        let mut encodings: Vec<Vec<u8>> = Vec::new();
+        for op in 0x70..=0x7Fu8 {
+            for d in [0u8, 1, 0x7F, 0x80, 0xFE, 0xFF] {
+                encodings.push(vec![op, d]);
+            }
+        }
+        for op in 0x80..=0x8Fu8 {
+            for d in [0i32, -6, 5, 0x7FFF_FFFF, -0x8000_0000] {
+                let mut e = vec![0x0F, op];
+                e.extend(d.to_le_bytes());
+                encodings.push(e);
+            }
+        }
+        for e in &encodings {
+            for eip in [0u32, 0x10, 0x0040_1000, 0x7FFF_FFF0, 0xFFFF_FFF8] {
+                let mut bytes = e.clone();
+                bytes.extend([0xCC; 8]);
+                let (len, cc, target) = jcc(&bytes, eip).expect("a Jcc");
+                let want = crate::decode_one(&bytes, eip, 32);
+                assert!(want.is_jcc_short_or_near(), "{e:02X?}");
+                assert_eq!(len, want.len(), "{e:02X?} at {eip:#x}");
+                assert_eq!(
+                    cc,
+                    (want.condition_code() as u8).wrapping_sub(1),
+                    "{e:02X?} at {eip:#x}"
+                );
+                assert_eq!(target, want.near_branch32(), "{e:02X?} at {eip:#x}");
+                assert!(jcc(&e[..e.len() - 1], eip).is_none(), "{e:02X?} cut short");
+            }
+        }
+        for b in [
+            [0x66, 0x74, 0x00],
+            [0x3E, 0x74, 0x00],
+            [0xEB, 0x00, 0x00],
+            [0x0F, 0x90, 0xC0],
+            [0x0F, 0x7F, 0x00],
+            [0xE3, 0x00, 0x00],
+        ] {
+            assert!(jcc(&b, 0).is_none(), "{b:02X?}");
+        }
+    }
 }
