@@ -570,15 +570,9 @@ mod tests {
                 }
             }
         }
-        for cc in 0x80..=0x8Fu8 {
-            for d in [0i32, -6, 0x7FFF_FFFF, -0x8000_0000] {
-                let mut e = vec![0x0F, cc];
-                e.extend(d.to_le_bytes());
-                encodings.push(e);
-            }
-        }
+        encodings.extend(near_jcc_encodings());
         for e in &encodings {
-            for eip in [0u32, 0x10, 0x0040_1000, 0x7FFF_FFF0, 0xFFFF_FFF8] {
+            for eip in TEST_EIPS {
                 let mut bytes = e.clone();
                 bytes.extend([0xCC; 8]);
                 let got = simple(&bytes, eip).expect("taken");
@@ -606,6 +600,23 @@ mod tests {
         }
     }
 
+    /// EIPs the branch tests decode at: near 0, in the middle, near the
+    /// 4 GiB wrap.
+    const TEST_EIPS: [u32; 5] = [0, 0x10, 0x0040_1000, 0x7FFF_FFF0, 0xFFFF_FFF8];
+
+    /// 0F 80-8F (Jcc rel32) with displacements of every size and sign.
+    fn near_jcc_encodings() -> Vec<Vec<u8>> {
+        let mut encodings = Vec::new();
+        for op in 0x80..=0x8Fu8 {
+            for d in [0i32, -6, 5, 0x7FFF_FFFF, -0x8000_0000] {
+                let mut e = vec![0x0F, op];
+                e.extend(d.to_le_bytes());
+                encodings.push(e);
+            }
+        }
+        encodings
+    }
+
     /// `jcc` on every conditional branch (70-7F, 0F 80-8F) with
     /// displacements of every size and sign, at EIPs near 0, in the middle
     /// and near the 4 GiB wrap: iced-x86's length, condition and target
@@ -620,15 +631,9 @@ mod tests {
                 encodings.push(vec![op, d]);
             }
         }
-        for op in 0x80..=0x8Fu8 {
-            for d in [0i32, -6, 5, 0x7FFF_FFFF, -0x8000_0000] {
-                let mut e = vec![0x0F, op];
-                e.extend(d.to_le_bytes());
-                encodings.push(e);
-            }
-        }
+        encodings.extend(near_jcc_encodings());
         for e in &encodings {
-            for eip in [0u32, 0x10, 0x0040_1000, 0x7FFF_FFF0, 0xFFFF_FFF8] {
+            for eip in TEST_EIPS {
                 let mut bytes = e.clone();
                 bytes.extend([0xCC; 8]);
                 let (len, cc, target) = jcc(&bytes, eip).expect("a Jcc");
