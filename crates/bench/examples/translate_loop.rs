@@ -17,10 +17,12 @@
 //! `bb` to translate basic blocks only and `cold` to write over 8 MiB of
 //! memory between translations (as a guest running between them does:
 //! the translator's code and data leave the first- and second-level
-//! caches), timing the translations only (`--stats`' figure in a run), and
-//! `polled` for the exits a run without instruction counting builds
-//! (`Pacing::Polled`, as in the Linux boot; the engine's default, counted
-//! exits, otherwise).
+//! caches; `cold=KIB` over that many KiB), timing the translations only
+//! (`--stats`' figure in a run), `polled` for the exits a run without
+//! instruction counting builds (`Pacing::Polled`, as in the Linux boot;
+//! the engine's default, counted exits, otherwise), and `every=N` for
+//! every Nth of a snapshot's blocks only (a shorter run, for cachegrind's
+//! cache simulation with `cold`).
 //!
 //! The guest may instead be a snapshot (`PATH.snap`, from `popek run
 //! ... --suspend-at-insns N --snapshot PATH.snap --dump PATH.dump`): the
@@ -41,9 +43,23 @@ fn main() {
     let secs: f64 = how_long.parse().unwrap_or(5.0);
     let rest: Vec<String> = args.collect();
     let superblocks = !rest.iter().any(|s| s == "bb");
-    let cold = rest.iter().any(|s| s == "cold");
+    let arg = |name: &str| {
+        rest.iter().find_map(|s| {
+            s.strip_prefix(name)?
+                .strip_prefix('=')?
+                .parse::<usize>()
+                .ok()
+        })
+    };
+    let cold = rest.iter().any(|s| s == "cold" || s.starts_with("cold="));
+    let cold_kib = arg("cold").unwrap_or(8 << 10);
+    let every = arg("every").unwrap_or(1).max(1);
     let polled = rest.iter().any(|s| s == "polled");
-    let mut other = if cold { vec![1u8; 8 << 20] } else { Vec::new() };
+    let mut other = if cold {
+        vec![1u8; cold_kib << 10]
+    } else {
+        Vec::new()
+    };
     let mut bt = Bt::new(None);
     bt.superblocks = superblocks;
     if polled {
@@ -56,6 +72,7 @@ fn main() {
             // Those the snapshot's mapping covers, each once.
             let blocks: Vec<u32> = dumped
                 .into_iter()
+                .step_by(every)
                 .filter(|&eip| {
                     bt.flush();
                     bt.translate_at(&mut m.cpu, eip)

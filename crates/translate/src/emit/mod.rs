@@ -840,7 +840,11 @@ impl Builder {
         }
         room.sides = sides;
         let Exits { sites, polls, .. } = ex;
-        let meta = meta(buf.meta_words(), &sites, &polls, map);
+        let n = meta_len(&sites, &polls, map);
+        let Some(words) = buf.meta_words(n) else {
+            return Err(BuildError("block words full".into()));
+        };
+        let meta = meta(words, &sites, &polls, map);
         (room.sites, room.polls) = (sites, polls);
         let len = ops.offset().0;
         let at = buf
@@ -855,6 +859,11 @@ impl Builder {
             meta,
         })
     }
+}
+
+/// How many words [`meta`] appends.
+fn meta_len(sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> usize {
+    META_HEAD + sites.len() * SITE_WORDS + polls.len() * POLL_WORDS + 3 * map.insns.len() + 1
 }
 
 /// Append [`HostBlock`]'s words for these sites, polls and instruction
@@ -885,6 +894,7 @@ fn meta(m: &mut Vec<u32>, sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> u
     m.push(map.end);
     m.extend(map.insns.iter().map(|e| e[1]));
     m.extend(map.insns.iter().map(|e| e[2]));
+    debug_assert_eq!(m.len() - at as usize, meta_len(sites, polls, map));
     at
 }
 
