@@ -1778,6 +1778,33 @@ system call), so it is higher than the warm figure.
   remains is mostly the host kernel mapping, unmapping and protecting
   shadow pages and delivering the faults that fill them (one host mapping
   per page where the guest's frames are not consecutive).
+- Where a translation's time goes in a run (issue 20, 24th session,
+  Linux boot + script, TSC ticks at phase boundaries in a throwaway
+  build): scanning and lowering about half, assembling and appending a
+  fifth, the pages' walks and write watch a sixth; every phase about
+  twice what it costs in `translate_loop` (warm). The translator's code
+  and data have left the first-level caches while the guest ran: in the
+  cold lab (`translate_loop k.snap 3x cold=2560 every=8` under
+  cachegrind's cache simulation, docs/testing.md) a kernel translation
+  misses some 128 instruction lines and 190 data lines, spread over a
+  hundred places, no one structure. Warm, a kernel translation already
+  costs about 1.6 us before it is linked (inserting and linking, which
+  the `--stats` figure leaves out, about 0.65 us more). The median
+  translation in the boot took about 2 us; a tenth took over 8 us and
+  40% of the time: blocks with many special instructions, the first
+  watch of a code page (an mprotect per writable alias, about 5 us), and
+  page faults, 3,300 translations, most of them on the blocks' words as
+  their vector grew. Those words now have their room reserved and the
+  code buffer's prefault thread populates them (630 translations still
+  fault: the helper instructions' table, the offsets index): best of
+  five boots 2.18 -> 2.02 us per translation, alternating the builds.
+  Tried and not kept: prefetching the code buffer's next lines (no
+  change); translating the direct exits' targets ahead on pages the
+  instruction TLB holds (each cost as much as a miss's translation, and
+  half were never run: translation time +25%); iced-x86 and the decoder
+  at opt-level "s" (more instruction-line misses); the heap on huge pages
+  (glibc.malloc.hugetlb=1) and the binary's text copied onto a 2 MiB page
+  (no change: not TLB misses).
 - What made Linux programs faster (issue 20): a conditional branch to an
   exit that needs no pacing code is its own patch site (a taken branch
   jumps straight to the target's body; the state kernel 1.36x -> 1.06x
