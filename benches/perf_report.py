@@ -1791,7 +1791,9 @@ system call), so it is higher than the warm figure.
   costs about 1.6 us before it is linked (inserting and linking, which
   the `--stats` figure leaves out, about 0.65 us more). The median
   translation in the boot took about 2 us; a tenth took over 8 us and
-  40% of the time: blocks with many special instructions, the first
+  40% of the time: long blocks (40 instructions, 4 helper calls: the
+  general path cost them 5x per instruction what it costs others; an FS
+  access, Linux's per-CPU data, takes about 0.5 us to lower), the first
   watch of a code page (an mprotect per writable alias, about 5 us), and
   page faults, 3,300 translations, most of them on the blocks' words as
   their vector grew. Those words now have their room reserved and the
