@@ -111,8 +111,9 @@ fn main() {
         start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64
     };
     let insns = bt.stats.insns_translated as f64 / bt.stats.blocks_translated.max(1) as f64;
+    let basic = bt.stats.basic_blocks_translated as f64 / bt.stats.blocks_translated.max(1) as f64;
     println!(
-        "{name} ({}): {us:.3} us per translation, {insns:.1} guest instructions each, {n} translations",
+        "{name} ({}): {us:.3} us per translation, {insns:.1} guest instructions and {basic:.2} basic blocks each, {n} translations",
         if superblocks {
             "superblocks"
         } else {

@@ -157,10 +157,12 @@ pub(crate) fn print_stats(m: &Machine, elapsed: std::time::Duration) {
         }
         let us = s.translate_ns as f64 / 1000.0;
         eprintln!(
-            "  {:<42}{us:.0} us total, {:.2} us per block, {:.2}% of run time",
+            "  {:<42}{us:.0} us total, {:.2} us per block, {:.2}% of run time, \
+             {:.2} us per basic block",
             "translation time",
             us / s.blocks_translated.max(1) as f64,
-            100.0 * us / 1e6 / elapsed.as_secs_f64().max(1e-9)
+            100.0 * us / 1e6 / elapsed.as_secs_f64().max(1e-9),
+            us / s.basic_blocks_translated.max(1) as f64,
         );
         let top = |m| {
             let v = popek_translate::KindCounts::named(m);

@@ -297,6 +297,7 @@ impl Bt {
     /// top of this file says), or say why it is the interpreter's.
     pub(crate) fn translate(&mut self, cpu: &mut Vcpu, key: Key) -> Translation {
         self.stats.blocks_translated += 1;
+        self.stats.basic_blocks_translated += 1;
         match self.translate_once(cpu, key) {
             Attempt::Done(t) => t,
             Attempt::Full(_) => {
@@ -348,6 +349,10 @@ impl Bt {
         let dumping = out.dumping;
         let mut counted = 0usize;
         let mut fast = 0u64;
+        // How many instructions the block held when it last went on past a
+        // branch (a side exit, a followed jump): if nothing came after,
+        // that starts no basic block of the translation's.
+        let mut split_at = usize::MAX;
         // Every instruction of a block starts on its first page: if that
         // page never held a hot store, none is looked up.
         let hot_page = !self.hot_pages.is_empty() && self.hot_pages.contains_key(&(eip >> 12));
@@ -391,6 +396,7 @@ impl Bt {
                     ..
                 } = &mut out;
                 let side = &mut side;
+                let split_at = &mut split_at;
                 sc.run(
                     &mut fetcher(cpu),
                     space,
@@ -422,6 +428,7 @@ impl Bt {
                                     counted,
                                 });
                                 *side = Some((cc, target, after));
+                                *split_at = map.len();
                                 if dumping {
                                     how.push("rewritten (side exit; the block goes on)");
                                 }
@@ -440,6 +447,7 @@ impl Bt {
             if let Some((cc, taken, not_taken)) = side.take() {
                 if let Step::End(_) = step {
                     out.b.unside();
+                    split_at = usize::MAX;
                     if dumping {
                         out.how.pop();
                         out.how.push("rewritten (block exit)");
@@ -585,6 +593,7 @@ impl Bt {
                     if self.superblocks && out.b.offset() == at && not_taken / 4096 == eip / 4096 {
                         counted += 1;
                         out.side(cc, taken, counted);
+                        split_at = out.map.len();
                         side = Some((cc, taken, not_taken));
                         continue;
                     }
@@ -615,6 +624,7 @@ impl Bt {
                         }
                         counted += 1;
                         out.followed = Some(t);
+                        split_at = out.map.len();
                         stretches.push(sc.stretch());
                         stretch_from = out.map.len();
                         let room = SUPERBLOCK_MAX - sc.scanned();
@@ -752,6 +762,11 @@ impl Bt {
         let volatile =
             (self.space.is_some() && !self.volatile.is_empty()).then_some(&self.volatile);
         let insn_map = crate::emit::InsnMap { insns: &map, end };
+        // The guest basic blocks this translation covers besides its first:
+        // one after each conditional branch it went on past and at each
+        // jump it followed, if an instruction of it was translated.
+        let basic_blocks =
+            (b.side_exits() + stretches.len()).saturating_sub(usize::from(split_at == n)) as u64;
         let built = self.code.as_mut().ok_or(()).and_then(|buf| {
             b.finish(buf, counted, span, exit.as_ref(), table, volatile, insn_map)
                 .map_err(|_| ())
@@ -762,6 +777,7 @@ impl Bt {
         };
         self.helper_insns.append(&mut helpers);
         self.stats.insns_translated += n as u64;
+        self.stats.basic_blocks_translated += basic_blocks;
         self.stats.insns_fast += fast;
         self.stats.host_bytes += code.len() as u64;
         self.by_offset.push(code.offset(), key);

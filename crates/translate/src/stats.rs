@@ -11,6 +11,12 @@ use crate::cache::EipHasher;
 pub struct Stats {
     /// Blocks translated (including interpret-only markers).
     pub blocks_translated: u64,
+    /// The guest basic blocks those translations cover: one per
+    /// translation, and in a superblock one more after each conditional
+    /// branch it went on past and at each jump it followed (what a
+    /// translator of basic blocks, such as QEMU's, or VMware's
+    /// translation units, would have translated one by one).
+    pub basic_blocks_translated: u64,
     /// Guest instructions translated into host code.
     pub insns_translated: u64,
     /// Of those, instructions the fast scanner took (`popek_decode::fast`:
@@ -222,6 +228,11 @@ impl Stats {
                 "blocks_translated",
                 "blocks translated",
                 self.blocks_translated,
+            ),
+            c(
+                "basic_blocks_translated",
+                "guest basic blocks they cover",
+                self.basic_blocks_translated,
             ),
             c(
                 "guest_instructions_translated",

@@ -629,6 +629,12 @@ impl Builder {
         }
     }
 
+    /// The side exits added so far (conditional branches the block went
+    /// on past).
+    pub(crate) fn side_exits(&self) -> usize {
+        self.room.as_ref().map_or(0, |r| r.sides.len())
+    }
+
     /// Offset in the block's code of the next byte.
     #[inline]
     pub(crate) fn offset(&self) -> usize {
