@@ -45,8 +45,9 @@ fn translate(c: &mut Criterion) {
                 "basic blocks"
             };
             eprintln!(
-                "translate/{name} ({kind}): {} guest instructions in {} translations",
+                "translate/{name} ({kind}): {} guest instructions, {} basic blocks in {} translations",
                 bt.stats.insns_translated,
+                bt.stats.basic_blocks_translated,
                 blocks.len()
             );
             g.bench_function(format!("{name} ({} {kind})", blocks.len()), |b| {

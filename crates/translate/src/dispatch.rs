@@ -153,7 +153,7 @@ pub struct Bt {
     /// other page looks none of its instructions up in `hot_stores`. Only
     /// grows (a page left here after its hot stores were demoted costs
     /// only those lookups).
-    pub(crate) hot_pages: FastMap<u32, ()>,
+    pub(crate) hot_pages: PageSet,
     pub(crate) demotions: FastMap<u32, u32>,
     /// Hot stores a run of host code demoted (acted on at the next drain).
     pub(crate) demoted: Vec<u32>,
@@ -246,7 +246,7 @@ impl Bt {
             fast_scan: true,
             store_faults: FastMap::default(),
             hot_stores: FastMap::default(),
-            hot_pages: FastMap::default(),
+            hot_pages: PageSet::default(),
             demotions: FastMap::default(),
             demoted: Vec::new(),
             checked_stores: true,
@@ -776,7 +776,7 @@ impl Bt {
         }
         *n = 0;
         self.hot_stores.insert(eip, HotStore::default());
-        self.hot_pages.insert(eip >> 12, ());
+        self.hot_pages.insert(eip >> 12);
         self.stats.hot_stores += 1;
         self.retranslate_holding(cpu, eip);
     }
@@ -832,5 +832,29 @@ impl Bt {
         self.stats.code_writes_missed += written.code_missed;
         self.invalidate(&written.code);
         self.sync_paging(cpu, &written.tables);
+    }
+}
+
+/// A set of 4 KiB pages of the 4 GiB linear space: one bit each, the
+/// 128 KiB of bits allocated with the first page (a lookup reads one
+/// word: a translation asks once, and in a run the word is seldom in the
+/// cache).
+#[derive(Debug, Default)]
+pub(crate) struct PageSet(Vec<u64>);
+
+impl PageSet {
+    /// Add `page` (a linear address >> 12).
+    pub(crate) fn insert(&mut self, page: u32) {
+        if self.0.is_empty() {
+            self.0 = vec![0; 1 << 14];
+        }
+        self.0[(page as usize >> 6) & ((1 << 14) - 1)] |= 1 << (page & 63);
+    }
+
+    /// Is `page` in the set?
+    pub(crate) fn contains(&self, page: u32) -> bool {
+        self.0
+            .get(page as usize >> 6)
+            .is_some_and(|w| w & 1 << (page & 63) != 0)
     }
 }

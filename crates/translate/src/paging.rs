@@ -203,12 +203,13 @@ impl Regions {
 
     /// Is the set empty?
     pub(crate) fn is_empty(&self) -> bool {
-        self.0 == [0; 16]
+        // (Folded: a comparison with an array is a memcmp call.)
+        self.0.iter().fold(0, |a, w| a | w) == 0
     }
 
     /// Does the set hold every region?
     pub(crate) fn is_all(&self) -> bool {
-        self.0 == [u64::MAX; 16]
+        self.0.iter().fold(u64::MAX, |a, w| a & w) == u64::MAX
     }
 }
 

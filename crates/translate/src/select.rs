@@ -355,7 +355,7 @@ impl Bt {
         let mut split_at = usize::MAX;
         // Every instruction of a block starts on its first page: if that
         // page never held a hot store, none is looked up.
-        let hot_page = !self.hot_pages.is_empty() && self.hot_pages.contains_key(&(eip >> 12));
+        let hot_page = self.hot_pages.contains(eip >> 12);
         // A superblock is scanned as it is translated: past each
         // conditional branch whose fall-through is on the block's page.
         // The fast scanner's instructions are copied as they are scanned

@@ -93,6 +93,13 @@ impl Asm {
     }
 }
 
+/// Are two label names the same? (The same literal, most often: the
+/// bytes are compared only if the pointers differ.)
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
 /// Write `target` into the field `loc` describes.
 fn patch(ops: &mut [u8], loc: &PatchLoc<X64Relocation>, target: usize) -> Result<(), BuildError> {
     loc.patch(&mut ops[loc.range(0)], 0, target)
@@ -132,7 +139,7 @@ impl DynasmLabelApi for Asm {
         let at = self.ops.len();
         let mut i = 0;
         while i < self.forward.len() {
-            if self.forward[i].0 == name {
+            if same(self.forward[i].0, name) {
                 let (_, loc) = self.forward.swap_remove(i);
                 if patch(&mut self.ops, &loc, at).is_err() {
                     self.fail(DynasmError::ImpossibleRelocation(TargetKind::Local(name)));
@@ -141,7 +148,7 @@ impl DynasmLabelApi for Asm {
                 i += 1;
             }
         }
-        match self.locals.iter_mut().find(|(n, _)| *n == name) {
+        match self.locals.iter_mut().find(|(n, _)| same(n, name)) {
             Some(l) => l.1 = at,
             None => self.locals.push((name, at)),
         }
@@ -198,7 +205,7 @@ impl DynasmLabelApi for Asm {
         kind: X64Relocation,
     ) {
         let loc = self.here(target_offset, field_offset, ref_offset, kind);
-        match self.locals.iter().find(|(n, _)| *n == name) {
+        match self.locals.iter().find(|(n, _)| same(n, name)) {
             Some(&(_, at)) => {
                 if patch(&mut self.ops, &loc, at).is_err() {
                     self.fail(DynasmError::ImpossibleRelocation(TargetKind::Local(name)));
