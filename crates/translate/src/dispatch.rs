@@ -265,6 +265,7 @@ impl Bt {
                 Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX),
                 Vec::with_capacity(SUPERBLOCK_MAX),
+                Vec::with_capacity(SUPERBLOCK_MAX),
             ),
             pacing: Pacing::Counted,
             poller: None,

@@ -53,9 +53,15 @@ fn flags_op(ins: &iced_x86::Instruction) -> Option<FlagsOp> {
 
 /// The vectors a translation works in, kept between translations: the
 /// instructions looked at one by one, the instruction map (see
-/// [`Out::map`]), and the stretches of code (start, length) of a
-/// superblock that followed jumps.
-pub(crate) type Scratch = (Vec<popek_decode::Insn>, Vec<[u32; 3]>, Vec<(u32, u32)>);
+/// [`Out::map`]), the stretches of code (start, length) of a superblock
+/// that followed jumps, and the instructions made helper calls (see
+/// `Out::helpers`).
+pub(crate) type Scratch = (
+    Vec<popek_decode::Insn>,
+    Vec<[u32; 3]>,
+    Vec<(u32, u32)>,
+    Vec<iced_x86::Instruction>,
+);
 
 /// How `--dump` says an instruction the fast scanner took was translated.
 fn fast_kind(p: popek_decode::fast::Plain) -> &'static str {
@@ -316,15 +322,16 @@ impl Bt {
         let eip = key_eip(key);
         // Vectors kept between translations (room for a whole superblock):
         // nothing is allocated or grows while a block is built.
-        let (mut insns, mut map, mut stretches) = std::mem::take(&mut self.scratch);
+        let (mut insns, mut map, mut stretches, mut helpers) = std::mem::take(&mut self.scratch);
         insns.clear();
         map.clear();
         stretches.clear();
+        helpers.clear();
         let user = self.key.is_some_and(|k| k.user);
         // The host code goes straight into the block being built (the
         // engine has its code buffer by the time anything is translated).
         let Some(b) = self.code.as_mut().and_then(|buf| Builder::begin(buf).ok()) else {
-            self.scratch = (insns, map, stretches);
+            self.scratch = (insns, map, stretches, helpers);
             return Attempt::Done(Translation::Interpret {
                 pages: (u32::MAX, u32::MAX),
                 lin: (eip >> 12, eip >> 12),
@@ -337,7 +344,7 @@ impl Bt {
             next: eip,
             followed: None,
             first_helper: self.helper_insns.len() as u32,
-            helpers: Vec::new(),
+            helpers,
             sti: None,
             how: Vec::new(),
             dumping: self.dump.is_some(),
@@ -741,7 +748,7 @@ impl Bt {
         }
         self.arena = arena;
         if n == 0 || pages.0 == u32::MAX {
-            self.scratch = (insns, map, stretches);
+            self.scratch = (insns, map, stretches, helpers);
             return Attempt::Done(Translation::Interpret { pages, lin, bytes });
         }
         // A block cut short (page boundary, size limit, an instruction left
@@ -772,7 +779,7 @@ impl Bt {
                 .map_err(|_| ())
         });
         let Ok(code) = built else {
-            self.scratch = (insns, map, stretches);
+            self.scratch = (insns, map, stretches, helpers);
             return Attempt::Full(Translation::Interpret { pages, lin, bytes });
         };
         self.helper_insns.append(&mut helpers);
@@ -791,7 +798,7 @@ impl Bt {
             incoming: crate::chain::Links::None,
             bytes,
         };
-        self.scratch = (insns, map, stretches);
+        self.scratch = (insns, map, stretches, helpers);
         Attempt::Done(entry)
     }
 }
