@@ -50,3 +50,23 @@ pub fn blocks_of(m: &mut Machine) -> Vec<Block> {
     let cpu = &mut m.cpu;
     reachable_blocks(|eip, buf| cpu.fetch(eip, buf).0, entry, 32, 100_000)
 }
+
+/// Each bundled Multiboot guest booted (not run yet), with the starts of
+/// the first `limit` blocks reachable from its entry: what the tests that
+/// translate every guest's blocks two ways go over.
+pub fn bundled_block_starts(
+    limit: usize,
+) -> impl Iterator<Item = (&'static str, Machine, Vec<u32>)> {
+    popek_guests::GUESTS
+        .iter()
+        .filter(|g| !g.linux)
+        .map(move |g| {
+            let mut m = boot(g.name);
+            let starts = blocks_of(&mut m)
+                .iter()
+                .take(limit)
+                .map(|b| b.start)
+                .collect();
+            (g.name, m, starts)
+        })
+}

@@ -8,7 +8,7 @@
 //! instructions, and the blocks walked must be the count the translator
 //! gave. With superblocks off each translation is one basic block.
 
-use popek_bench::{blocks_of, boot};
+use popek_bench::bundled_block_starts;
 use popek_decode::{scan_block, BlockEnd};
 use popek_translate::Bt;
 
@@ -48,13 +48,7 @@ fn walked(m: &mut popek_machine::Machine, start: u32, n: u64) -> u64 {
 #[test]
 fn each_translation_counts_the_basic_blocks_it_covers() {
     let mut superblocks_spanning_several = 0;
-    for g in popek_guests::GUESTS.iter().filter(|g| !g.linux) {
-        let mut m = boot(g.name);
-        let starts: Vec<u32> = blocks_of(&mut m)
-            .iter()
-            .take(400)
-            .map(|b| b.start)
-            .collect();
+    for (name, mut m, starts) in bundled_block_starts(400) {
         for superblocks in [true, false] {
             let mut bt = Bt::new(None);
             bt.superblocks = superblocks;
@@ -75,7 +69,7 @@ fn each_translation_counts_the_basic_blocks_it_covers() {
                 assert_eq!(
                     got, want,
                     "{}: the translation at {eip:#x} ({n} instructions, superblocks {superblocks})",
-                    g.name
+                    name
                 );
                 if want > 1 {
                     superblocks_spanning_several += 1;

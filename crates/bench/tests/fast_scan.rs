@@ -6,19 +6,13 @@
 //! instruction for instruction, with it and without it (the decoder's
 //! path, checked against the interpreter by the difftest and lockstep).
 
-use popek_bench::{blocks_of, boot};
+use popek_bench::bundled_block_starts;
 use popek_translate::Bt;
 
 #[test]
 fn every_bundled_block_translates_alike_with_and_without_the_fast_scanner() {
     let mut fast_in_all = 0;
-    for g in popek_guests::GUESTS.iter().filter(|g| !g.linux) {
-        let mut m = boot(g.name);
-        let starts: Vec<u32> = blocks_of(&mut m)
-            .iter()
-            .take(400)
-            .map(|b| b.start)
-            .collect();
+    for (name, mut m, starts) in bundled_block_starts(400) {
         let mut with = Bt::new(None);
         let mut without = Bt::new(None);
         without.fast_scan = false;
@@ -29,15 +23,15 @@ fn every_bundled_block_translates_alike_with_and_without_the_fast_scanner() {
                 with.listing(eip),
                 without.listing(eip),
                 "{}: the block at {eip:#x}",
-                g.name
+                name
             );
         }
         assert_eq!(
             with.stats.insns_translated, without.stats.insns_translated,
             "{}",
-            g.name
+            name
         );
-        assert_eq!(without.stats.insns_fast, 0, "{}", g.name);
+        assert_eq!(without.stats.insns_fast, 0, "{}", name);
         fast_in_all += with.stats.insns_fast;
     }
     // (The comparison means something only if the scanner took some.)
