@@ -24,7 +24,9 @@ fn walked(m: &mut popek_machine::Machine, start: u32, n: u64) -> u64 {
             return count;
         }
         left -= k;
-        let last = &b.insns[k as usize - 1].ins;
+        let Some(last) = b.insns.last().map(|i| &i.ins) else {
+            panic!("the translation at {start:#x} holds {left} instructions past {at:#x}, where none decodes");
+        };
         at = match b.end {
             BlockEnd::ControlFlow if last.is_jcc_short_or_near() => {
                 count += 1;
