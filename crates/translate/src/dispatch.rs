@@ -140,8 +140,22 @@ pub struct Bt {
     /// an accessed or dirty bit to set, a page the guest's tables changed;
     /// a device's registers): an instruction that takes
     /// [`HOT_STORE_FAULTS`] becomes a helper call (`hot_stores`) when its
-    /// block is translated again.
+    /// block is translated again. Counted in quarters
+    /// ([`FAULT_QUARTERS`]): a fault that went away for good (the shadow
+    /// mapped the page, or the guest took its #PF) on a page the
+    /// instruction had not faulted on before counts one quarter: an
+    /// instruction touching fresh page after fresh page (zeroing a new
+    /// process's memory, copying to it) faults once per page, and a
+    /// helper call would cost every run of it, and its block's
+    /// translations twice (promoted, then demoted). Every other fault
+    /// counts whole: a store to a watched page faults every time, and a
+    /// page faulted on before had its mapping come and go (a kmap-style
+    /// window, a clock clearing accessed bits, demand-zero pages freed and
+    /// faulted in again).
     pub(crate) store_faults: FastMap<u32, u32>,
+    /// The (EIP, host page) pairs that faulted since the shadow spaces last
+    /// changed (one emptied, all dropped), for `store_faults`.
+    pub(crate) fault_pages: FastMap<(u32, u64), ()>,
     /// Guest EIPs of instructions translated as helper calls: adaptive
     /// binary translation (Adams and Agesen, ASPLOS 2006), a call instead
     /// of a host fault for an instruction whose accesses keep faulting;
@@ -245,6 +259,7 @@ impl Bt {
             superblocks: true,
             fast_scan: true,
             store_faults: FastMap::default(),
+            fault_pages: FastMap::default(),
             hot_stores: FastMap::default(),
             hot_pages: PageSet::default(),
             demotions: FastMap::default(),
@@ -697,11 +712,11 @@ impl Bt {
                 cpu.eip = eip;
             }
             let key = self.key;
-            if ctx.fault_addr != 0 && self.in_window(cpu, ctx.fault_addr) {
-                self.store_fault(cpu, cpu.eip);
-            }
+            let in_window = ctx.fault_addr != 0 && self.in_window(cpu, ctx.fault_addr);
             let (faults, eip) = (cpu.page_faults, cpu.eip);
             let step = self.execute_one(cpu);
+            // Did the fault go away for good (see `Bt::store_faults`)?
+            let mut resolved = false;
             if ctx.fault_addr != 0 {
                 if cpu.page_faults != faults {
                     // A #PF for the guest: its handler will return to this
@@ -711,8 +726,14 @@ impl Bt {
                         .and_then(|i| cpu.ram.shadow(i).ok())
                         .and_then(|w| ctx.fault_addr.checked_sub(w.base() as u64))
                         .map(|lin| (eip, key, lin));
+                    resolved = true;
                 }
+                let maps = self.stats.shadow_maps;
                 self.fill_shadow(cpu, ctx.fault_addr, key);
+                resolved |= self.stats.shadow_maps != maps;
+            }
+            if in_window {
+                self.store_fault(cpu, eip, ctx.fault_addr >> 12, resolved);
             }
             return step;
         }
@@ -738,6 +759,10 @@ impl Bt {
 /// first time; see `Bt::hot_stores`).
 pub const HOT_STORE_FAULTS: u32 = 2;
 
+/// The units of a fault in `Bt::store_faults` (a fault on a fresh page
+/// that went away for good counts one).
+pub const FAULT_QUARTERS: u32 = 4;
+
 /// Demotions after which the faults a promotion takes stop growing
 /// (`HOT_STORE_FAULTS << 2 * MAX_DEMOTIONS` then).
 pub const MAX_DEMOTIONS: u32 = 4;
@@ -760,9 +785,15 @@ impl Bt {
     /// after [`HOT_STORE_FAULTS`] of those (four times more after each
     /// demotion), drop the translations that hold it so that it is
     /// translated again as a helper call.
-    fn store_fault(&mut self, cpu: &Vcpu, eip: u32) {
+    /// `host_page`: the host page the access faulted on; `resolved`: the
+    /// fault went away for good (see `Bt::store_faults`).
+    fn store_fault(&mut self, cpu: &Vcpu, eip: u32, host_page: u64, resolved: bool) {
         if self.hot_stores.contains_key(&eip) {
             return;
+        }
+        let before = self.fault_pages.insert((eip, host_page), ()).is_some();
+        if self.fault_pages.len() > 1 << 20 {
+            self.fault_pages.clear();
         }
         let demoted = self
             .demotions
@@ -771,8 +802,12 @@ impl Bt {
             .unwrap_or(0)
             .min(MAX_DEMOTIONS);
         let n = self.store_faults.entry(eip).or_default();
-        *n += 1;
-        if *n < HOT_STORE_FAULTS << (2 * demoted) {
+        *n += if resolved && !before {
+            1
+        } else {
+            FAULT_QUARTERS
+        };
+        if *n < (HOT_STORE_FAULTS * FAULT_QUARTERS) << (2 * demoted) {
             return;
         }
         *n = 0;
@@ -857,5 +892,65 @@ impl PageSet {
         self.0
             .get(page as usize >> 6)
             .is_some_and(|w| w & 1 << (page & 63) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> (Bt, Vcpu) {
+        (
+            Bt::new(None),
+            Vcpu::new(GuestRam::new(1 << 20).expect("guest RAM")),
+        )
+    }
+
+    /// An instruction that faults on one fresh page after another, each
+    /// fault going away (the shadow mapped the page), stays host code for
+    /// eight faults; faults that do not go away, or on a page it faulted
+    /// on before, make it a helper call after two or three.
+    #[test]
+    fn fresh_page_faults_weigh_a_quarter() {
+        let (mut bt, cpu) = engine();
+        let eip = 0x1000;
+        for page in 0..7 {
+            bt.store_fault(&cpu, eip, 0x7000 + page, true);
+        }
+        assert!(!bt.hot_stores.contains_key(&eip));
+        bt.store_fault(&cpu, eip, 0x7007, true);
+        assert!(bt.hot_stores.contains_key(&eip), "the eighth fresh page");
+
+        // A store to a watched page faults every time.
+        let eip = 0x2000;
+        bt.store_fault(&cpu, eip, 0x7000, false);
+        assert!(!bt.hot_stores.contains_key(&eip));
+        bt.store_fault(&cpu, eip, 0x7000, false);
+        assert!(bt.hot_stores.contains_key(&eip), "two unresolved faults");
+
+        // A mapping that comes and goes (a kmap-style window): the first
+        // fault on the page is fresh, the next two are not.
+        let eip = 0x3000;
+        bt.store_fault(&cpu, eip, 0x9000, true);
+        bt.store_fault(&cpu, eip, 0x9000, true);
+        assert!(!bt.hot_stores.contains_key(&eip));
+        bt.store_fault(&cpu, eip, 0x9000, true);
+        assert!(bt.hot_stores.contains_key(&eip), "the same page again");
+    }
+
+    /// Once the shadow spaces change, a page faulted on before is fresh
+    /// again (another process's memory at the same host address).
+    #[test]
+    fn pages_are_fresh_again_after_the_spaces_change() {
+        let (mut bt, mut cpu) = engine();
+        let eip = 0x4000;
+        bt.store_fault(&cpu, eip, 0x9000, true);
+        bt.store_fault(&cpu, eip, 0x9000, true);
+        bt.drop_spaces(&mut cpu);
+        bt.store_fault(&cpu, eip, 0x9000, true);
+        assert!(
+            !bt.hot_stores.contains_key(&eip),
+            "1 + 4 + 1 quarters: not yet"
+        );
     }
 }

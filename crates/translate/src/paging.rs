@@ -424,6 +424,7 @@ impl Bt {
 
     /// Replace space `i` with `fresh`, dropping everything derived in it.
     fn empty_space(&mut self, cpu: &mut Vcpu, i: usize, fresh: Space) {
+        self.fault_pages.clear();
         let new_dir = fresh.mode.cr3 >> 12;
         let old = std::mem::replace(&mut self.spaces[i], fresh);
         for t in old.deps.keys().copied().chain([old.mode.cr3 >> 12]) {
@@ -927,6 +928,7 @@ impl Bt {
     /// refuse to unmap a shadow, translated code does not use the shadows
     /// until a reset succeeds (see `enter`).
     pub(crate) fn drop_spaces(&mut self, cpu: &mut Vcpu) {
+        self.fault_pages.clear();
         self.watch.forget_tables(&mut cpu.ram);
         self.flood.clear();
         self.table_spaces.clear();

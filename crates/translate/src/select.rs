@@ -389,9 +389,11 @@ impl Bt {
         // `stretches`).
         let mut stretch_from = 0usize;
         // The fast scanner's instructions go straight into the block, but
-        // after an STI held back, and on a page with hot stores or with a
-        // debugger's breakpoints: then each goes through the paths below.
-        let direct = !hot_page && self.breakpoints.is_empty();
+        // after an STI held back and while a debugger has breakpoints:
+        // then each goes through the paths below, as does a hot store
+        // (the sink declines it).
+        let direct = self.breakpoints.is_empty();
+        let hot_stores = &self.hot_stores;
         loop {
             let step = if direct && out.sti.is_none() {
                 let Out {
@@ -410,6 +412,11 @@ impl Bt {
                     &mut insns,
                     dumping,
                     |at, t, bytes| {
+                        // A hot store (on a page that has one) is the
+                        // general path's, below.
+                        if hot_page && hot_stores.contains_key(&at) {
+                            return false;
+                        }
                         // (`Out::mark`.)
                         let code = b.code();
                         map.push([at, counted as u32, code.len() as u32]);
