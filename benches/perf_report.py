@@ -1850,6 +1850,38 @@ system call), so it is higher than the warm figure.
   about 110 instruction lines and 186 data lines; the instruction-line
   count moves by 20 either way with changes elsewhere in the binary
   (where code lands in the simulated cache's sets).
+- What made the boot's translations cheaper (issue 20, 26th session):
+  fewer of the translations the adaptive scheme itself causes. A
+  throwaway build timing each translation in the boot + script found
+  18.5% of them were of a block translated before, taking 37% of the
+  time: 8,300 on pages holding a hot store, made again because an
+  instruction became a helper call or went back to host code (2,450
+  promotions, 1,370 demotions), about 10,500 TSC ticks each against
+  3,400 for a first translation (27 instructions and 2.7 helper calls
+  against 12 and 0.14). Most promotions came from faults that went away
+  at once, the shadow mapping a page the guest's tables grant or the
+  guest taking its #PF, one per fresh page (the kernel copying to or
+  zeroing a new process's memory). Such a fault now counts a quarter
+  unless the instruction faulted on that page since the shadow spaces
+  last changed (`FAULT_QUARTERS`, docs/architecture.md): promotions
+  2,450 -> 1,150, translations 50,500 -> 46,500, host faults 34,100 ->
+  34,900; alternating the two builds, three boots each: 2.4-3.6 -> 1.8-2.3
+  us per translation, 121-182 -> 82-106 ms translating. Tried on the way:
+  every such fault ignored (ptchurn's rewritten entries, accessed-bit
+  scan and demand-zero pages then took 20,000-158,000 host faults instead
+  of 25-36), only a fault on the same page as the last counted (misses
+  rotations over 64 or 256 pages), and a threshold of 8 for every fault
+  (1,090 promotions but 4,500 more faults, stores to watched pages among
+  them); a fresh page at an eighth or a sixteenth (800 and 540
+  promotions, 700 and 1,500 more faults: no better in all). Where the
+  rest of a translation's time goes in the boot, from the same build: the
+  first watch of a page, an mprotect of each writable shadow alias of a
+  code page (1,050 translations) or of the page table mapping it (500),
+  11-23 us each and about a fifth of the time translating (an mprotect
+  costs 1.3-2.7 us in a microbenchmark on this host, about 8 us in the
+  boot under `perf trace`, with some 75,000 host mappings in the
+  process); the shadow's own mmap calls (75,700 in the boot to a shell)
+  are about 9% of the whole boot.
 - What made Linux programs faster (issue 20): a conditional branch to an
   exit that needs no pacing code is its own patch site (a taken branch
   jumps straight to the target's body; the state kernel 1.36x -> 1.06x
