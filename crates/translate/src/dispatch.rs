@@ -784,9 +784,9 @@ impl Bt {
     /// The instruction at `eip` faulted on guest memory in host code:
     /// after [`HOT_STORE_FAULTS`] of those (four times more after each
     /// demotion), drop the translations that hold it so that it is
-    /// translated again as a helper call.
-    /// `host_page`: the host page the access faulted on; `resolved`: the
-    /// fault went away for good (see `Bt::store_faults`).
+    /// translated again as a helper call (faults are counted as
+    /// `Bt::store_faults` says). `host_page`: the host page the access
+    /// faulted on; `resolved`: the fault went away for good.
     fn store_fault(&mut self, cpu: &Vcpu, eip: u32, host_page: u64, resolved: bool) {
         if self.hot_stores.contains_key(&eip) {
             return;
