@@ -763,6 +763,10 @@ pub const HOT_STORE_FAULTS: u32 = 2;
 /// that went away for good counts one).
 pub const FAULT_QUARTERS: u32 = 4;
 
+/// At most this many (EIP, host page) pairs in `Bt::fault_pages` (about
+/// a megabyte).
+pub const FAULT_PAGES_KEPT: usize = 1 << 15;
+
 /// Demotions after which the faults a promotion takes stop growing
 /// (`HOT_STORE_FAULTS << 2 * MAX_DEMOTIONS` then).
 pub const MAX_DEMOTIONS: u32 = 4;
@@ -792,7 +796,8 @@ impl Bt {
             return;
         }
         let before = self.fault_pages.insert((eip, host_page), ()).is_some();
-        if self.fault_pages.len() > 1 << 20 {
+        if self.fault_pages.len() > FAULT_PAGES_KEPT {
+            // (Every page fresh again: promotions only come later.)
             self.fault_pages.clear();
         }
         let demoted = self

@@ -257,7 +257,9 @@ pub(crate) struct Space {
     /// space was derived from: a write to that entry unmaps the region.
     regions: [u64; 16],
     /// For each watched page table, the linear pages derived from its
-    /// entries in this space (shadow mappings and code pages).
+    /// entries in this space (shadow mappings and code pages), in
+    /// increasing order (a table's list holds up to 1,024 pages per
+    /// directory entry using it: looked up by halves).
     deps: FastMap<u32, Vec<u32>>,
     /// The pages adaptive helper calls reached that the shadow does not
     /// grant, as host code would have mapped them (see
@@ -470,11 +472,10 @@ impl Bt {
                 self.empty_space(cpu, i, fresh);
                 continue;
             }
-            let Some(mut lins) = self.spaces[i].deps.remove(&t) else {
+            let Some(lins) = self.spaces[i].deps.remove(&t) else {
                 continue;
             };
             self.unnote_table(t, i);
-            lins.sort_unstable();
             self.spaces[i].itlb.retain(|l, _| {
                 let hit = lins.binary_search(l).is_ok();
                 if hit {
@@ -734,8 +735,8 @@ impl Bt {
         if let Some(pt) = tables[1] {
             let deps = space.deps.entry(pt).or_default();
             for l in first..first + count {
-                if !deps.contains(&l) {
-                    deps.push(l);
+                if let Err(at) = deps.binary_search(&l) {
+                    deps.insert(at, l);
                 }
             }
             self.note_table(pt, i);
