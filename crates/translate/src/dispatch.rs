@@ -728,9 +728,7 @@ impl Bt {
                         .map(|lin| (eip, key, lin));
                     resolved = true;
                 }
-                let maps = self.stats.shadow_maps;
-                self.fill_shadow(cpu, ctx.fault_addr, key);
-                resolved |= self.stats.shadow_maps != maps;
+                resolved |= self.fill_shadow(cpu, ctx.fault_addr, key);
             }
             if in_window {
                 self.store_fault(cpu, eip, ctx.fault_addr >> 12, resolved);

@@ -839,23 +839,28 @@ impl Bt {
     /// After the interpreter redid an instruction that faulted on the
     /// shadow window, map the page it touched (if the guest tables allow
     /// the access now) so the next access runs at host speed: a hidden
-    /// page fault, which the guest never sees.
-    pub(crate) fn fill_shadow(&mut self, cpu: &mut Vcpu, host_addr: u64, key: PagingKey) {
+    /// page fault, which the guest never sees. True when it mapped the
+    /// page (the access will not fault again while the mapping stays).
+    pub(crate) fn fill_shadow(&mut self, cpu: &mut Vcpu, host_addr: u64, key: PagingKey) -> bool {
         let Some(PagingMode { user, .. }) = key else {
-            return;
+            return false;
         };
-        let Some(space) = self.space else { return };
+        let Some(space) = self.space else {
+            return false;
+        };
         // (A table write still waiting in the watch is drained before
         // translated code runs again, and unmaps this page if it must.)
         if paging_key(cpu) != key {
-            return;
+            return false;
         }
-        let Ok(w) = cpu.ram.shadow(space) else { return };
+        let Ok(w) = cpu.ram.shadow(space) else {
+            return false;
+        };
         let Some(lin) = host_addr.checked_sub(w.base() as u64) else {
-            return;
+            return false;
         };
         if lin >= 1 << 32 {
-            return;
+            return false;
         }
         // (Below the floor of a window at host address 0 nothing can be
         // mapped: see below.)
@@ -865,7 +870,7 @@ impl Bt {
             if access != popek_memory::Access::Revoked && cpu.ram.is_watched(phys) {
                 // A write to a watched page (code, a page table): it stays
                 // read-only, and the rest of its run is mapped already.
-                return;
+                return false;
             }
             // Revoked, or read-only until the dirty bit was set: if the
             // tables still map it there, grant what they grant now.
@@ -875,12 +880,13 @@ impl Bt {
                 {
                     self.stats.shadow_maps += 1;
                     self.stats.shadow_pages += 1;
+                    return true;
                 }
-                return;
+                return false;
             }
         }
         let Some(mut run) = cpu.probe_run(lin, user) else {
-            return;
+            return false;
         };
         if below_floor {
             // The guest maps and uses a page the window at host address 0
@@ -889,7 +895,7 @@ impl Bt {
             // there; the process's pages are mapped anew as they are used.
             // Else every access there would go through a host fault.
             if !cpu.ram.shadow_leave_low(space) {
-                return;
+                return false;
             }
             self.stats.shadow_moves += 1;
         }
@@ -901,7 +907,7 @@ impl Bt {
             run.count = 1;
         }
         if !self.depend_on_walk(cpu, run.tables, run.first, run.count) {
-            return;
+            return false;
         }
         let mut ok =
             cpu.ram
@@ -922,6 +928,7 @@ impl Bt {
             self.stats.shadow_maps += 1;
             self.stats.shadow_pages += u64::from(run.count);
         }
+        ok
     }
 
     /// Drop every shadow address space (every window reset) and stop
