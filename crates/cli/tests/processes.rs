@@ -98,6 +98,53 @@ fn threads_run_as_natively() {
     }
 }
 
+/// Sockets (Unix, loopback TCP and UDP, socketcall and the direct calls,
+/// descriptors passed with SCM_RIGHTS, options), positioned I/O, record
+/// locks, epoll, eventfd, timerfd, inotify, select and its relatives, ids
+/// and scheduling, in a static glibc program.
+#[test]
+fn sockets_events_and_ids_as_natively() {
+    let exe = build(
+        "syscalls",
+        include_str!("programs/syscalls.c"),
+        &["-static"],
+    );
+    let dir = std::env::temp_dir().join(format!("popek-syscalls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    same_as_native(&[exe.to_str().unwrap(), dir.to_str().unwrap()]);
+}
+
+/// busybox's network and identity applets: httpd serving wget over
+/// loopback TCP (both under popek), nc, id, mkfifo, ionice.
+#[test]
+fn busybox_serves_and_fetches_over_loopback_as_natively() {
+    let bb = busybox();
+    // A port nothing listens on now (the kernel's pick).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // (SIGPIPE ends the server: a shell announces a job that another
+    // signal killed, or not, as the timing of its reaping goes.)
+    let script = r#"
+d=/tmp/popek-www-$$; mkdir -p $d; echo "<p>served</p>" > $d/index.html
+httpd -f -p 127.0.0.1:PORT -h $d & h=$!
+i=0
+while ! wget -q -O - http://127.0.0.1:PORT/index.html 2>/dev/null; do
+  i=$((i+1)); [ $i -gt 100 ] && echo "no server" && break; sleep 0.1
+done
+wget -q -O - http://127.0.0.1:PORT/missing.html; echo "missing: $?"
+echo "from nc" | nc 127.0.0.1 PORT | head -n 1
+kill -PIPE $h; wait $h; echo "httpd ended $?"
+id -u; id -g; id -G | wc -w; id -un
+mkfifo $d/f; ls -l $d/f | cut -c1; rm -r $d
+ionice -p $$
+"#
+    .replace("PORT", &port.to_string());
+    same_as_native(&[bb.to_str().unwrap(), "sh", "-c", &script]);
+}
+
 /// busybox sh: pipelines, subshells, command substitution, background
 /// jobs and wait, traps, kill, exit statuses, SIGPIPE, exec, a #! script
 /// whose interpreter is busybox, links, ownership, truncation, statfs.

@@ -218,3 +218,218 @@ pub(super) fn sys_priority(_pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, E
         }
     }
 }
+
+/// A 64-bit offset from two registers (low word first).
+fn off64(lo: u32, hi: u32) -> i64 {
+    (u64::from(hi) << 32 | u64::from(lo)) as i64
+}
+
+/// pread64 (180), pwrite64 (181): the offset in two registers.
+pub(super) fn sys_pread(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let h = pr.seekable(a[0])?;
+    let off = off64(a[3], a[4]);
+    if n == 180 {
+        let mut buf = vec![0u8; a[2].min(1 << 24) as usize];
+        // SAFETY: `buf` has room for its length.
+        let k = check(unsafe { libc::pread(h, buf.as_mut_ptr().cast(), buf.len(), off) } as _)?;
+        pr.mm.write(cpu, a[1], &buf[..k as usize])?;
+        Ok(k)
+    } else {
+        let data = pr.mm.read(cpu, a[1], a[2].min(1 << 24))?;
+        // SAFETY: `data` holds its length.
+        check(unsafe { libc::pwrite(h, data.as_ptr().cast(), data.len(), off) } as _)
+    }
+}
+
+/// preadv (333), pwritev (334), preadv2 (378), pwritev2 (379): through
+/// one buffer; offset -1 (the 2 forms) is the file position. (preadv2's
+/// flags, hints such as RWF_HIPRI, are not passed on.)
+pub(super) fn sys_preadv(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let h = pr.seekable(a[0])?;
+    let off = off64(a[3], a[4]);
+    let current = (n == 378 || n == 379) && off == -1;
+    let vecs = pr.iovecs(cpu, a[1], a[2])?;
+    let total: usize = vecs
+        .iter()
+        .map(|&(_, l)| l as usize)
+        .sum::<usize>()
+        .min(1 << 24);
+    if n == 333 || n == 378 {
+        let mut buf = vec![0u8; total];
+        // SAFETY: `buf` has room for its length.
+        let k = check(unsafe {
+            if current {
+                libc::read(h, buf.as_mut_ptr().cast(), buf.len())
+            } else {
+                libc::pread(h, buf.as_mut_ptr().cast(), buf.len(), off)
+            }
+        } as _)?;
+        let mut at = 0usize;
+        for (base, len) in vecs {
+            let take = (len as usize).min(k as usize - at);
+            if take == 0 {
+                break;
+            }
+            pr.mm.write(cpu, base, &buf[at..at + take])?;
+            at += take;
+        }
+        Ok(k)
+    } else {
+        let mut data = Vec::with_capacity(total);
+        for (base, len) in vecs {
+            data.extend(pr.mm.read(cpu, base, len)?);
+        }
+        data.truncate(total);
+        // SAFETY: `data` holds its length.
+        check(unsafe {
+            if current {
+                libc::write(h, data.as_ptr().cast(), data.len())
+            } else {
+                libc::pwrite(h, data.as_ptr().cast(), data.len(), off)
+            }
+        } as _)
+    }
+}
+
+/// flock (143), fchdir (133), readahead (225), fallocate (324),
+/// sync_file_range (314), fadvise64 (250): a descriptor and plain
+/// arguments (64-bit ones in two registers).
+pub(super) fn sys_fd_op(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, a, .. } = c;
+    let h = pr.host_fd(a[0])?;
+    // SAFETY: plain arguments on a descriptor this process owns.
+    check(unsafe {
+        match n {
+            143 => libc::flock(h, a[1] as i32),
+            133 => libc::fchdir(h),
+            225 => libc::readahead(h, off64(a[1], a[2]), a[3] as usize) as i32,
+            324 => libc::fallocate(h, a[1] as i32, off64(a[2], a[3]), off64(a[4], a[5])),
+            314 => libc::sync_file_range(h, off64(a[1], a[2]), off64(a[3], a[4]), a[5]),
+            _ => libc::posix_fadvise(h, off64(a[1], a[2]), i64::from(a[3]), a[4] as i32),
+        }
+    })
+}
+
+/// mknod (14), mknodat (297): the device number as the i386 call encodes
+/// it (the same as the host's for 32-bit numbers).
+pub(super) fn sys_mknod(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (dir, path, mode, dev) = if n == 14 {
+        (libc::AT_FDCWD, a[0], a[1], a[2])
+    } else {
+        (pr.dirfd(a[0])?, a[1], a[2], a[3])
+    };
+    let p = pr.path(cpu, path)?;
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { libc::mknodat(dir, p.as_ptr(), mode, u64::from(dev)) })
+}
+
+/// chroot (61): the host's (popek's own root changes with it, as
+/// qemu-i386's does).
+pub(super) fn sys_chroot(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let p = pr.path(cpu, a[0])?;
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { libc::chroot(p.as_ptr()) })
+}
+
+/// close_range (436): close (or with CLOSE_RANGE_CLOEXEC, mark
+/// close-on-exec) the guest's descriptors `first..=last`.
+pub(super) fn sys_close_range(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { a, .. } = c;
+    const UNSHARE: u32 = 1 << 1;
+    const CLOEXEC: u32 = 1 << 2;
+    if a[0] > a[1] || a[2] & !(UNSHARE | CLOEXEC) != 0 {
+        return Err(EINVAL);
+    }
+    let last = a[1].min(pr.files.len().saturating_sub(1) as u32);
+    for fd in a[0]..=last {
+        if pr.file(fd).is_ok() {
+            if a[2] & CLOEXEC != 0 {
+                pr.set_cloexec(fd as i32, true);
+            } else {
+                pr.close(fd);
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// msync (144), mlock (150), munlock (151), mlockall (152), munlockall
+/// (153), mlock2 (376), mincore (218): guest memory is never written back
+/// to a file or swapped out, so these only check the range (ENOMEM where
+/// nothing is mapped); mincore says every mapped page is resident.
+pub(super) fn sys_mem_hint(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    if n == 152 || n == 153 {
+        return Ok(0);
+    }
+    let (start, len) = if n == 144 || n == 218 {
+        if a[0] & (super::mm::PAGE - 1) != 0 {
+            return Err(EINVAL);
+        }
+        (a[0], a[1])
+    } else {
+        (
+            a[0] & !(super::mm::PAGE - 1),
+            a[1] + (a[0] & (super::mm::PAGE - 1)),
+        )
+    };
+    let end = start.checked_add(super::mm::page_up(len)).ok_or(ENOMEM)?;
+    if len > 0 && !pr.mm.is_mapped(start, end) {
+        return Err(ENOMEM);
+    }
+    if n == 218 {
+        let pages = ((end - start) / super::mm::PAGE) as usize;
+        pr.mm.write(cpu, a[2], &vec![1u8; pages])?;
+    }
+    Ok(0)
+}
+
+/// memfd_create (356): a host memfd in the guest's table (the guest's
+/// MFD_CLOEXEC kept as its flag).
+pub(super) fn sys_memfd_create(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let name = std::ffi::CString::new(pr.mm.read_cstr(cpu, a[0])?).map_err(|_| EINVAL)?;
+    // SAFETY: a NUL-terminated name; popek's descriptors are close-on-exec.
+    let h = check(unsafe { libc::memfd_create(name.as_ptr(), a[1] | libc::MFD_CLOEXEC) })?;
+    let g = pr.install(super::process::File::Host(h), 0);
+    pr.set_cloexec(g, a[1] & libc::MFD_CLOEXEC != 0);
+    Ok(g)
+}
+
+/// copy_file_range (377): the host's, the two optional offsets (64-bit
+/// words in guest memory) read and written back.
+pub(super) fn sys_copy_file_range(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let (fin, fout) = (pr.host_fd(a[0])?, pr.host_fd(a[2])?);
+    let read_off = |pr: &LinuxProcess, at: u32| -> Result<Option<i64>, Errno> {
+        if at == 0 {
+            return Ok(None);
+        }
+        let b = pr.mm.read(cpu, at, 8)?;
+        Ok(Some(i64::from_le_bytes(b.try_into().expect("8 bytes"))))
+    };
+    let (mut oin, mut oout) = (read_off(pr, a[1])?, read_off(pr, a[3])?);
+    let ptr = |o: &mut Option<i64>| o.as_mut().map_or(std::ptr::null_mut(), |v| v as *mut i64);
+    // SAFETY: the offsets point at locals or are null.
+    let r = unsafe {
+        libc::copy_file_range(
+            fin,
+            ptr(&mut oin),
+            fout,
+            ptr(&mut oout),
+            a[4] as usize,
+            a[5],
+        )
+    };
+    let r = check(r as libc::c_int)?;
+    for (at, o) in [(a[1], oin), (a[3], oout)] {
+        if let Some(v) = o {
+            pr.mm.write(cpu, at, &v.to_le_bytes())?;
+        }
+    }
+    Ok(r)
+}

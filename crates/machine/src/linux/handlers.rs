@@ -617,10 +617,55 @@ pub(super) fn sys_getdents64(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, 
     Ok(r as i32)
 }
 
-/// fcntl64.
+/// fcntl (55), fcntl64 (221). Record locks are the host's, their
+/// `struct flock` converted: i386's has 32-bit offsets (F_GETLK 5,
+/// F_SETLK 6, F_SETLKW 7), its `flock64` 64-bit ones 4-byte aligned, 24
+/// bytes (F_GETLK64 12 ... F_SETLKW64 14, and the open-file-description
+/// locks 36-38).
 pub(super) fn sys_fcntl64(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { a, .. } = c;
-    pr.fcntl(a)
+    let Call { cpu, a, .. } = c;
+    let (host_cmd, wide) = match a[1] {
+        5..=7 => (a[1] as i32, false),
+        12..=14 => (a[1] as i32 - 7, true),
+        36..=38 => (a[1] as i32, true),
+        _ => return pr.fcntl(a),
+    };
+    let h = pr.host_fd(a[0])?;
+    let b = pr.mm.read(cpu, a[2], if wide { 24 } else { 16 })?;
+    let h16 = |i: usize| i16::from_le_bytes([b[i], b[i + 1]]);
+    let w32 = |i: usize| i32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+    let w64 = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    // SAFETY: an all-zero flock is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = h16(0);
+    fl.l_whence = h16(2);
+    if wide {
+        (fl.l_start, fl.l_len, fl.l_pid) = (w64(4), w64(12), w32(20));
+    } else {
+        (fl.l_start, fl.l_len, fl.l_pid) = (w32(4).into(), w32(8).into(), w32(12));
+    }
+    // SAFETY: `fl` is a valid flock for the lock command.
+    let r = unsafe { libc::fcntl(h, host_cmd, &mut fl) };
+    if r < 0 {
+        return Err(host_errno());
+    }
+    if matches!(a[1], 5 | 12 | 36) {
+        let mut out = fl.l_type.to_le_bytes().to_vec();
+        out.extend(fl.l_whence.to_le_bytes());
+        if wide {
+            out.extend(fl.l_start.to_le_bytes());
+            out.extend(fl.l_len.to_le_bytes());
+        } else {
+            if fl.l_start > i64::from(i32::MAX) || fl.l_len > i64::from(i32::MAX) {
+                return Err(EOVERFLOW);
+            }
+            out.extend((fl.l_start as i32).to_le_bytes());
+            out.extend((fl.l_len as i32).to_le_bytes());
+        }
+        out.extend(fl.l_pid.to_le_bytes());
+        pr.mm.write(cpu, a[2], &out)?;
+    }
+    Ok(r)
 }
 
 /// set_thread_area.

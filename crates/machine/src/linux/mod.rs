@@ -19,10 +19,13 @@
 //! Signals: handlers are recorded but never run; a CPU exception ends the
 //! process as an unhandled signal does.
 
+mod creds;
 pub mod errno;
+mod events;
 mod files;
 mod handlers;
 pub mod mm;
+mod net;
 pub mod process;
 pub mod procs;
 pub mod signals;
@@ -359,6 +362,7 @@ pub fn load(image: &[u8], start: Start, memory: u64) -> Result<(Vcpu, LinuxProce
     };
     cpu.set_tsc(0);
     let process = LinuxProcess::new(mm, start);
+    process.mirror_at_start();
     Ok((cpu, process))
 }
 

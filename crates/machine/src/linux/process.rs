@@ -269,14 +269,20 @@ impl LinuxProcess {
                 // action ends the process (popek itself ignores SIGPIPE,
                 // as Rust programs do, and sees EPIPE).
                 if e == EPIPE {
-                    match self.disposition(13) {
-                        0 => self.killed = Some(13),
-                        1 => {}
-                        _ => self.pending |= 1 << 13,
-                    }
+                    self.raise_sigpipe();
                 }
                 -e
             }
+        }
+    }
+
+    /// SIGPIPE for the guest (a write or send that met EPIPE): its
+    /// default action ends the process.
+    pub(super) fn raise_sigpipe(&mut self) {
+        match self.disposition(13) {
+            0 if self.blocked & 1 << 13 == 0 => self.killed = Some(13),
+            1 => {}
+            _ => self.pending |= 1 << 13,
         }
     }
 
@@ -412,8 +418,11 @@ impl LinuxProcess {
                 self.set_cloexec(a[0] as i32, a[2] & 1 != 0);
                 Ok(0)
             }
-            // F_GETFL, F_SETFL
-            3 | 4 => {
+            // F_GETFL, F_SETFL, and those that take and return an int:
+            // F_SETOWN, F_GETOWN, F_SETSIG, F_GETSIG, F_SETLEASE,
+            // F_GETLEASE, F_NOTIFY, F_SETPIPE_SZ, F_GETPIPE_SZ,
+            // F_ADD_SEALS, F_GET_SEALS.
+            3 | 4 | 8..=11 | 1024..=1026 | 1031..=1034 => {
                 let h = self.host_fd(a[0])?;
                 // SAFETY: plain fcntl on an fd.
                 Ok(host(

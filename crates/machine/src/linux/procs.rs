@@ -466,8 +466,8 @@ impl LinuxProcess {
     }
 }
 
-/// poll (168), ppoll (309): the host's, on the host descriptors behind
-/// the guest's (struct pollfd is the same on i386).
+/// poll (168), ppoll (309), ppoll_time64 (414): the host's, on the host
+/// descriptors behind the guest's (struct pollfd is the same on i386).
 pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
     let count = a[1];
@@ -498,6 +498,13 @@ pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         a[2] as i32
     } else if a[2] == 0 {
         -1
+    } else if n == 414 {
+        let t = pr.mm.read(cpu, a[2], 16)?;
+        let s = i64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
+        let ns = i64::from_le_bytes(t[8..16].try_into().expect("8 bytes"));
+        s.saturating_mul(1000)
+            .saturating_add(ns / 1_000_000)
+            .clamp(0, i64::from(i32::MAX)) as i32
     } else {
         let t = pr.mm.read(cpu, a[2], 8)?;
         let s = i32::from_le_bytes(t[0..4].try_into().expect("4 bytes"));
@@ -517,11 +524,15 @@ pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
     Ok(r)
 }
 
-/// _newselect (142): the host's select on the host descriptors behind the
-/// guest's (fd_set's bit layout is the same on i386; the timeval is two
-/// 32-bit words).
+/// _newselect (142), pselect6 (308), pselect6_time64 (413): the host's
+/// select on the host descriptors behind the guest's (fd_set's bit layout
+/// is the same on i386). The timeout is a timeval of two 32-bit words
+/// (142) or a timespec of two 32-bit (308) or 64-bit (413) words, the time
+/// left written back as Linux does; pselect's signal mask is not applied
+/// (popek delivers the guest's signals between system calls).
 pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { cpu, a, .. } = c;
+    let Call { cpu, n, a, .. } = c;
+    let size = if n == 413 { 16 } else { 8 };
     let nfds = a[0].min(1024);
     let bytes = nfds.div_ceil(8);
     let mut sets: [Option<Vec<u8>>; 3] = [None, None, None];
@@ -559,10 +570,25 @@ pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
         }
     }
     let mut tv = if a[4] != 0 {
-        let t = pr.mm.read(cpu, a[4], 8)?;
+        let t = pr.mm.read(cpu, a[4], size)?;
+        let (s, frac) = if n == 413 {
+            (
+                i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
+                i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
+            )
+        } else {
+            (
+                i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
+                i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
+            )
+        };
+        if n != 142 && !(0..1_000_000_000).contains(&frac) {
+            return Err(EINVAL);
+        }
         Some(libc::timeval {
-            tv_sec: i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
-            tv_usec: i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
+            tv_sec: s,
+            // (A timespec's nanoseconds, rounded up to microseconds.)
+            tv_usec: if n == 142 { frac } else { (frac + 999) / 1000 },
         })
     } else {
         None
@@ -598,6 +624,15 @@ pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     if let (Some(t), true) = (tv, a[4] != 0) {
         let mut b = (t.tv_sec as i32).to_le_bytes().to_vec();
         b.extend_from_slice(&(t.tv_usec as i32).to_le_bytes());
+        let b = match n {
+            142 => b,
+            308 => [
+                (t.tv_sec as i32).to_le_bytes(),
+                (t.tv_usec as i32 * 1000).to_le_bytes(),
+            ]
+            .concat(),
+            _ => [t.tv_sec.to_le_bytes(), (t.tv_usec * 1000).to_le_bytes()].concat(),
+        };
         pr.mm.write(cpu, a[4], &b)?;
     }
     Ok(r)

@@ -98,9 +98,12 @@ impl LinuxProcess {
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = match h {
-                // popek keeps SIGPIPE ignored and turns EPIPE into the
-                // guest's SIGPIPE itself.
-                0 if sig == libc::SIGPIPE => libc::SIG_IGN,
+                // SIGPIPE with the default action is caught, not taken:
+                // popek's own writes must see EPIPE (and turn it into the
+                // guest's SIGPIPE themselves), while one sent by another
+                // process is the guest's, delivered (and fatal) as
+                // pending signals are.
+                0 if sig == libc::SIGPIPE => on_host_signal as extern "C" fn(libc::c_int) as usize,
                 0 => libc::SIG_DFL,
                 1 => libc::SIG_IGN,
                 _ => on_host_signal as extern "C" fn(libc::c_int) as usize,
@@ -136,19 +139,19 @@ impl LinuxProcess {
     }
 
     fn mirror_default(&self, sig: i32) {
-        if !reserved(sig) {
-            // SAFETY: SIG_DFL (SIGPIPE stays ignored for popek).
-            unsafe {
-                libc::signal(
-                    sig,
-                    if sig == libc::SIGPIPE {
-                        libc::SIG_IGN
-                    } else {
-                        libc::SIG_DFL
-                    },
-                )
-            };
+        if sig == libc::SIGPIPE {
+            // (Caught: see `mirror`.)
+            self.mirror(sig);
+        } else if !reserved(sig) {
+            // SAFETY: SIG_DFL.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
+    }
+
+    /// The host's dispositions at the start of a process: SIGPIPE caught
+    /// (see `mirror`; the Rust runtime ignores it).
+    pub(super) fn mirror_at_start(&self) {
+        self.mirror(libc::SIGPIPE);
     }
 
     /// Is a signal waiting that the guest may take now?

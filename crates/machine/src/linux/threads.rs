@@ -37,7 +37,7 @@ const SLICE: Duration = Duration::from_millis(4);
 
 /// Guest thread ids: above any host pid (pid_max is at most 2^22) and
 /// within FUTEX_TID_MASK.
-const TID_BASE: u32 = 1 << 28;
+pub(super) const TID_BASE: u32 = 1 << 28;
 
 /// A process's threads: the lock they take turns with, and what the
 /// holder has while the others wait.

@@ -1,0 +1,358 @@
+/* System calls beyond files and processes: sockets (socketcall and the
+ * direct calls, Unix and loopback TCP and UDP, descriptors passed with
+ * SCM_RIGHTS, socket options), positioned I/O, record locks, event
+ * descriptors (epoll, eventfd, timerfd, inotify), select and its
+ * relatives, ids and scheduling. Every line printed must read the same
+ * under popek as natively: no pids, ports or times. argv[1]: a directory
+ * to work in. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/file.h>
+#include <sys/inotify.h>
+#include <sys/mman.h>
+#include <sys/personality.h>
+#include <sys/resource.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/timerfd.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define T(x)                                                                      \
+    do {                                                                          \
+        errno = 0;                                                                \
+        long r_ = (long)(x);                                                      \
+        printf("%-48s -> %ld %s\n", #x, r_, r_ < 0 ? strerror(errno) : "");      \
+        fflush(stdout);                                                           \
+    } while (0)
+
+static char dir[200];
+static char *in_dir(const char *name) {
+    static char p[2][300];
+    static int k;
+    k ^= 1;
+    snprintf(p[k], sizeof p[k], "%s/%s", dir, name);
+    return p[k];
+}
+
+static void positioned_io(void) {
+    int fd = open(in_dir("pio"), O_RDWR | O_CREAT | O_TRUNC, 0644);
+    char b[32] = {0};
+    T(pwrite(fd, "abcdefgh", 8, 4));
+    T(pread(fd, b, 4, 6));
+    printf("pread: %s\n", b);
+    struct iovec iv[2] = {{b, 2}, {b + 2, 2}};
+    T(preadv(fd, iv, 2, 4));
+    T(pwritev(fd, iv, 2, 20));
+    T(lseek(fd, 0, SEEK_CUR));
+    T(fallocate(fd, 0, 0, 8192));
+    T(lseek(fd, 0, SEEK_END));
+    T(readahead(fd, 0, 4096));
+    T(sync_file_range(fd, 0, 0, 0));
+    T(posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL));
+    T(flock(fd, LOCK_EX));
+    T(flock(fd, LOCK_UN));
+    T(pread(1000, b, 1, 0));
+    /* Record locks: the child sees the parent's. */
+    struct flock l = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 2, .l_len = 3};
+    T(fcntl(fd, F_SETLK, &l));
+    pid_t ch = fork();
+    if (ch == 0) {
+        struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 10};
+        fcntl(fd, F_GETLK, &q);
+        printf("child sees lock type %d start %ld len %ld by its parent %d\n", q.l_type,
+               (long)q.l_start, (long)q.l_len, q.l_pid == getppid());
+        errno = 0;
+        int r = fcntl(fd, F_SETLK, &q);
+        printf("child's lock: %d %s\n", r, strerror(errno));
+        fflush(stdout);
+        _exit(0);
+    }
+    waitpid(ch, 0, 0);
+    l.l_type = F_UNLCK;
+    T(fcntl(fd, F_SETLK, &l));
+    close(fd);
+    int mf = memfd_create("m", MFD_CLOEXEC);
+    T(write(mf, "memfd!", 6));
+    memset(b, 0, sizeof b);
+    T(pread(mf, b, 6, 0));
+    printf("memfd: %s\n", b);
+    T(fcntl(mf, F_GETFD));
+}
+
+static void paths_and_ids(void) {
+    T(mknod(in_dir("fifo"), S_IFIFO | 0644, 0));
+    struct stat st;
+    T(stat(in_dir("fifo"), &st));
+    printf("a fifo: %d\n", S_ISFIFO(st.st_mode));
+    T(unlink(in_dir("fifo")));
+    int d = open(dir, O_RDONLY | O_DIRECTORY);
+    T(fchdir(d));
+    close(d);
+    char cwd[300];
+    printf("cwd is the directory: %d\n", getcwd(cwd, sizeof cwd) && strcmp(cwd, dir) == 0);
+    T(chroot("/nonexistent"));
+    T(setuid(getuid()));
+    T(setgid(getgid()));
+    T(setreuid(-1, -1));
+    T(setresgid(-1, -1, -1));
+    uid_t r, e, s;
+    T(getresuid(&r, &e, &s));
+    printf("resuid matches: %d\n", r == getuid() && e == geteuid());
+    T(getresgid(&r, &e, &s));
+    gid_t gs[256];
+    int n = getgroups(256, gs);
+    printf("getgroups: %d\n", n >= 0 && n == getgroups(0, NULL));
+    printf("uid16 %ld gid16 %ld\n", syscall(24) == (long)(getuid() & 0xffff),
+           syscall(47) == (long)(getgid() & 0xffff));
+    struct sched_param sp;
+    T(sched_getscheduler(0));
+    T(sched_getparam(0, &sp));
+    T(sched_get_priority_max(SCHED_FIFO));
+    T(sched_get_priority_min(SCHED_RR));
+    cpu_set_t cs;
+    CPU_ZERO(&cs);
+    sched_getaffinity(0, sizeof cs, &cs);
+    T(sched_setaffinity(0, sizeof cs, &cs));
+    struct timespec ts;
+    T(clock_getres(CLOCK_MONOTONIC, &ts));
+    T(personality(0xffffffff));
+    T(sched_getcpu() >= 0);
+    T(syscall(SYS_ioprio_get, 1, 0) >= 0);
+    char *pg = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pg[0] = 1;
+    unsigned char vec[2];
+    T(mincore(pg, 8192, vec));
+    printf("resident: %d\n", vec[0] & 1);
+    T(msync(pg, 4096, MS_SYNC));
+    T(mlock(pg, 100));
+    T(munlock(pg, 100));
+    T(munmap(pg + 4096, 4096));
+    T(msync(pg, 8192, MS_SYNC));
+    int hi = dup2(0, 60);
+    T(close_range(hi, hi + 5, 0));
+    T(fcntl(hi, F_GETFD));
+}
+
+static void events(void) {
+    int p[2];
+    pipe(p);
+    write(p[1], "z", 1);
+    fd_set rs;
+    FD_ZERO(&rs);
+    FD_SET(p[0], &rs);
+    struct timeval tv = {0, 1000};
+    T(select(p[0] + 1, &rs, 0, 0, &tv));
+    FD_ZERO(&rs);
+    FD_SET(p[0], &rs);
+    struct timespec ts = {0, 1000};
+    T(pselect(p[0] + 1, &rs, 0, 0, &ts, 0));
+    struct pollfd pf = {p[0], POLLIN, 0};
+    T(ppoll(&pf, 1, &ts, 0));
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event e = {.events = EPOLLIN, .data.u64 = 0x1122334455667788ULL};
+    T(epoll_ctl(ep, EPOLL_CTL_ADD, p[0], &e));
+    struct epoll_event o = {0};
+    T(epoll_wait(ep, &o, 1, 1000));
+    printf("epoll data %llx events %x\n", (unsigned long long)o.data.u64, o.events);
+    T(epoll_ctl(ep, EPOLL_CTL_DEL, p[0], NULL));
+    T(epoll_pwait(ep, &o, 1, 0, 0));
+    int tf = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+    struct itimerspec it = {{0, 0}, {0, 20000000}}, cur;
+    T(timerfd_settime(tf, 0, &it, 0));
+    T(timerfd_gettime(tf, &cur));
+    printf("armed: %d\n", cur.it_value.tv_sec == 0 && cur.it_value.tv_nsec > 0);
+    unsigned long long v = 0;
+    T(read(tf, &v, 8));
+    printf("expirations: %llu\n", v);
+    int ev = eventfd(3, EFD_SEMAPHORE);
+    T(read(ev, &v, 8));
+    printf("semaphore: %llu\n", v);
+    v = 5;
+    T(write(ev, &v, 8));
+    int in = inotify_init1(IN_CLOEXEC);
+    T(inotify_add_watch(in, dir, IN_CREATE) > 0);
+    close(open(in_dir("watched"), O_CREAT | O_WRONLY, 0644));
+    char ib[256];
+    long n = read(in, ib, sizeof ib);
+    struct inotify_event *ie = (void *)ib;
+    printf("inotify: %d mask %x name %s\n", n > 0, ie->mask, ie->name);
+    unlink(in_dir("watched"));
+}
+
+static void sockets(void) {
+    /* A socketpair, and a pipe's read end passed over it. */
+    int sv[2];
+    T(socketpair(AF_UNIX, SOCK_STREAM, 0, sv));
+    int p[2];
+    pipe(p);
+    write(p[1], "through the passed fd", 21);
+    close(p[1]);
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    memset(cbuf, 0, sizeof cbuf);
+    struct iovec io = {"x", 1};
+    struct msghdr m = {0};
+    m.msg_iov = &io;
+    m.msg_iovlen = 1;
+    m.msg_control = cbuf;
+    m.msg_controllen = sizeof cbuf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &p[0], sizeof(int));
+    T(sendmsg(sv[0], &m, 0));
+    close(p[0]);
+    char rb[8], rc[CMSG_SPACE(sizeof(int))];
+    struct iovec ri = {rb, 8};
+    struct msghdr rm = {0};
+    rm.msg_iov = &ri;
+    rm.msg_iovlen = 1;
+    rm.msg_control = rc;
+    rm.msg_controllen = sizeof rc;
+    T(recvmsg(sv[1], &rm, MSG_CMSG_CLOEXEC));
+    struct cmsghdr *rcm = CMSG_FIRSTHDR(&rm);
+    if (rcm && rcm->cmsg_type == SCM_RIGHTS) {
+        int got;
+        memcpy(&got, CMSG_DATA(rcm), sizeof got);
+        char t[32] = {0};
+        T(read(got, t, 31));
+        printf("read: %s; controllen %u, flags %x, cloexec %d\n", t, (unsigned)rm.msg_controllen,
+               rm.msg_flags, fcntl(got, F_GETFD));
+    }
+    T(shutdown(sv[0], SHUT_WR));
+    T(read(sv[1], rb, 8));
+    T(send(sv[1], "x", 1, MSG_NOSIGNAL));
+    close(sv[0]);
+    T(send(sv[1], "x", 1, MSG_NOSIGNAL));
+
+    /* A Unix stream server and a child that connects. */
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", in_dir("sock"));
+    T(bind(s, (void *)&a, sizeof a));
+    T(listen(s, 1));
+    if (fork() == 0) {
+        int k = socket(AF_UNIX, SOCK_STREAM, 0);
+        connect(k, (void *)&a, sizeof a);
+        write(k, "hi!", 3);
+        _exit(0);
+    }
+    struct sockaddr_un peer;
+    socklen_t pl = sizeof peer;
+    int k = accept(s, (void *)&peer, &pl);
+    memset(rb, 0, sizeof rb);
+    T(read(k, rb, 3));
+    printf("accepted: %s (address length %d)\n", rb, (int)pl);
+    wait(0);
+    unlink(a.sun_path);
+
+    /* Loopback TCP, a port the kernel picks. */
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in in = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int one = 1;
+    T(setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one));
+    T(bind(ls, (void *)&in, sizeof in));
+    socklen_t il = sizeof in;
+    T(getsockname(ls, (void *)&in, &il));
+    T(listen(ls, 4));
+    int cl = socket(AF_INET, SOCK_STREAM, 0);
+    T(connect(cl, (void *)&in, sizeof in));
+    int sc = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+    printf("accept4: %d cloexec %d\n", sc >= 0, fcntl(sc, F_GETFD));
+    struct sockaddr_in pa;
+    socklen_t pal = sizeof pa;
+    T(getpeername(sc, (void *)&pa, &pal));
+    printf("peer: %s\n", inet_ntoa(pa.sin_addr));
+    T(send(cl, "over tcp", 8, 0));
+    memset(rb, 0, sizeof rb);
+    T(recv(sc, rb, 8, MSG_WAITALL));
+    printf("tcp: %.8s\n", rb);
+    int v = 0;
+    socklen_t vl = sizeof v;
+    T(getsockopt(sc, SOL_SOCKET, SO_TYPE, &v, &vl));
+    printf("type %d len %d\n", v, (int)vl);
+
+    /* UDP, sendmmsg and recvmmsg, a receive timeout. */
+    int u1 = socket(AF_INET, SOCK_DGRAM, 0), u2 = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in ua = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    T(bind(u1, (void *)&ua, sizeof ua));
+    socklen_t ual = sizeof ua;
+    getsockname(u1, (void *)&ua, &ual);
+    T(sendto(u2, "datagram", 8, 0, (void *)&ua, sizeof ua));
+    char ub[16] = {0};
+    struct sockaddr_in from;
+    socklen_t fl = sizeof from;
+    T(recvfrom(u1, ub, 16, 0, (void *)&from, &fl));
+    printf("udp: %s from %s\n", ub, inet_ntoa(from.sin_addr));
+    struct mmsghdr mm[2];
+    struct iovec mi[2] = {{"one", 3}, {"two", 3}};
+    memset(mm, 0, sizeof mm);
+    for (int i = 0; i < 2; i++) {
+        mm[i].msg_hdr.msg_iov = &mi[i];
+        mm[i].msg_hdr.msg_iovlen = 1;
+        mm[i].msg_hdr.msg_name = &ua;
+        mm[i].msg_hdr.msg_namelen = sizeof ua;
+    }
+    T(sendmmsg(u2, mm, 2, 0));
+    printf("sent %u %u\n", mm[0].msg_len, mm[1].msg_len);
+    struct mmsghdr rmm[2];
+    char b0[8] = {0}, b1[8] = {0};
+    struct iovec rio[2] = {{b0, 8}, {b1, 8}};
+    memset(rmm, 0, sizeof rmm);
+    for (int i = 0; i < 2; i++) {
+        rmm[i].msg_hdr.msg_iov = &rio[i];
+        rmm[i].msg_hdr.msg_iovlen = 1;
+    }
+    T(recvmmsg(u1, rmm, 2, 0, NULL));
+    printf("received %s %s (%u %u)\n", b0, b1, rmm[0].msg_len, rmm[1].msg_len);
+    struct timeval tv = {1, 500000}, tv2 = {0, 0};
+    T(setsockopt(u1, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv));
+    socklen_t tl = sizeof tv2;
+    T(getsockopt(u1, SOL_SOCKET, SO_RCVTIMEO, &tv2, &tl));
+    printf("timeout %ld.%06ld (%d bytes)\n", (long)tv2.tv_sec, (long)tv2.tv_usec, (int)tl);
+    struct timeval brief = {0, 50000};
+    setsockopt(u1, SOL_SOCKET, SO_RCVTIMEO, &brief, sizeof brief);
+    T(recv(u1, ub, 16, 0));
+
+    /* The direct system calls (glibc uses socketcall). */
+    int dp[2];
+    T(syscall(360, AF_UNIX, SOCK_DGRAM, 0, dp));
+    T(syscall(369, dp[0], "direct", 6, 0, 0, 0));
+    char db[8] = {0};
+    T(syscall(371, dp[1], db, 8, 0, 0, 0));
+    printf("direct: %s\n", db);
+    T(syscall(359, AF_INET, SOCK_STREAM, 0) >= 0);
+    T(syscall(102, 99, NULL));
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2)
+        return 2;
+    snprintf(dir, sizeof dir, "%s", argv[1]);
+    signal(SIGPIPE, SIG_IGN);
+    positioned_io();
+    paths_and_ids();
+    events();
+    sockets();
+    return 0;
+}

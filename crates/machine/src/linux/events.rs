@@ -1,0 +1,204 @@
+//! Event descriptors: epoll, eventfd, timerfd and inotify, the host's.
+//! Each is a host descriptor in the guest's table; reading and writing
+//! them is `read` and `write` (their records have the same layout on
+//! both). `struct epoll_event` is packed to 12 bytes on i386 and x86-64
+//! alike, so the guest's events go to the host as they are (the data word
+//! is the guest's, handed back untouched); only the descriptor epoll_ctl
+//! names is the guest's and made the host's. The signal masks of
+//! epoll_pwait and epoll_pwait2 are not applied (popek delivers the
+//! guest's signals itself, between system calls).
+
+use super::errno::*;
+use super::process::{host_errno, File, LinuxProcess};
+use super::syscalls::Call;
+
+fn check(r: libc::c_long) -> Result<i32, Errno> {
+    if r < 0 {
+        Err(host_errno())
+    } else {
+        Ok(r as i32)
+    }
+}
+
+/// A host descriptor made for the guest, close-on-exec for the guest if
+/// `flags` has O_CLOEXEC (EPOLL_CLOEXEC, EFD_CLOEXEC, TFD_CLOEXEC and
+/// IN_CLOEXEC are all O_CLOEXEC).
+fn install(pr: &mut LinuxProcess, h: i32, flags: u32) -> i32 {
+    let g = pr.install(File::Host(h), 0);
+    pr.set_cloexec(g, flags & libc::O_CLOEXEC as u32 != 0);
+    g
+}
+
+/// epoll_create (254), epoll_create1 (329), epoll_ctl (255), epoll_wait
+/// (256), epoll_pwait (319), epoll_pwait2 (441).
+pub(super) fn sys_epoll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    match n {
+        254 | 329 => {
+            if n == 254 && a[0] as i32 <= 0 {
+                return Err(EINVAL);
+            }
+            let flags = if n == 329 { a[0] } else { 0 };
+            // SAFETY: plain arguments; popek's descriptors are close-on-exec.
+            let h = check(
+                unsafe { libc::epoll_create1((flags | libc::O_CLOEXEC as u32) as i32) } as _,
+            )?;
+            Ok(install(pr, h, flags))
+        }
+        255 => {
+            let (ep, fd) = (pr.host_fd(a[0])?, pr.host_fd(a[2])?);
+            let mut ev = if a[3] == 0 {
+                vec![0u8; 12]
+            } else {
+                pr.mm.read(cpu, a[3], 12)?
+            };
+            let p = if a[3] == 0 {
+                std::ptr::null_mut()
+            } else {
+                ev.as_mut_ptr().cast::<libc::epoll_event>()
+            };
+            // SAFETY: `ev` holds one packed epoll_event (12 bytes).
+            check(unsafe { libc::epoll_ctl(ep, a[1] as i32, fd, p) } as _)
+        }
+        _ => {
+            let ep = pr.host_fd(a[0])?;
+            let max = a[2] as i32;
+            if max <= 0 || max > 1 << 16 {
+                return Err(EINVAL);
+            }
+            let timeout = if n == 441 {
+                if a[3] == 0 {
+                    -1
+                } else {
+                    let t = pr.mm.read(cpu, a[3], 16)?;
+                    let s = i64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
+                    let ns = i64::from_le_bytes(t[8..16].try_into().expect("8 bytes"));
+                    s.saturating_mul(1000)
+                        .saturating_add((ns + 999_999) / 1_000_000)
+                        .min(i64::from(i32::MAX)) as i32
+                }
+            } else {
+                a[3] as i32
+            };
+            let mut out = vec![0u8; 12 * max as usize];
+            // SAFETY: `out` has room for `max` packed epoll_events.
+            let k =
+                check(unsafe { libc::epoll_wait(ep, out.as_mut_ptr().cast(), max, timeout) } as _)?;
+            pr.mm.write(cpu, a[1], &out[..12 * k as usize])?;
+            Ok(k)
+        }
+    }
+}
+
+/// eventfd (323), eventfd2 (328).
+pub(super) fn sys_eventfd(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { n, a, .. } = c;
+    let flags = if n == 328 { a[1] } else { 0 };
+    // SAFETY: plain arguments.
+    let h = check(unsafe { libc::eventfd(a[0], (flags | libc::O_CLOEXEC as u32) as i32) } as _)?;
+    Ok(install(pr, h, flags))
+}
+
+/// An i386 itimerspec (four 32-bit words, or 64-bit with `wide`).
+fn itimerspec(b: &[u8], wide: bool) -> libc::itimerspec {
+    let v = |i: usize| {
+        if wide {
+            i64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+        } else {
+            i64::from(i32::from_le_bytes(
+                b[4 * i..4 * i + 4].try_into().expect("4 bytes"),
+            ))
+        }
+    };
+    libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: v(0),
+            tv_nsec: v(1),
+        },
+        it_value: libc::timespec {
+            tv_sec: v(2),
+            tv_nsec: v(3),
+        },
+    }
+}
+
+fn itimerspec_bytes(t: &libc::itimerspec, wide: bool) -> Vec<u8> {
+    let v = [
+        t.it_interval.tv_sec,
+        t.it_interval.tv_nsec,
+        t.it_value.tv_sec,
+        t.it_value.tv_nsec,
+    ];
+    v.iter()
+        .flat_map(|&x| {
+            if wide {
+                x.to_le_bytes().to_vec()
+            } else {
+                (x as i32).to_le_bytes().to_vec()
+            }
+        })
+        .collect()
+}
+
+/// timerfd_create (322), timerfd_settime (325, 411), timerfd_gettime
+/// (326, 410).
+pub(super) fn sys_timerfd(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let wide = n == 410 || n == 411;
+    let size = if wide { 32 } else { 16 };
+    // SAFETY: an all-zero itimerspec is valid.
+    let mut old: libc::itimerspec = unsafe { std::mem::zeroed() };
+    match n {
+        322 => {
+            // SAFETY: plain arguments.
+            let h = check(unsafe {
+                libc::timerfd_create(a[0] as i32, (a[1] | libc::O_CLOEXEC as u32) as i32)
+            } as _)?;
+            Ok(install(pr, h, a[1]))
+        }
+        325 | 411 => {
+            let h = pr.host_fd(a[0])?;
+            let new = itimerspec(&pr.mm.read(cpu, a[2], size)?, wide);
+            // SAFETY: `new` and `old` are valid itimerspecs.
+            check(unsafe { libc::timerfd_settime(h, a[1] as i32, &new, &mut old) } as _)?;
+            if a[3] != 0 {
+                pr.mm.write(cpu, a[3], &itimerspec_bytes(&old, wide))?;
+            }
+            Ok(0)
+        }
+        _ => {
+            let h = pr.host_fd(a[0])?;
+            // SAFETY: `old` is valid to fill.
+            check(unsafe { libc::timerfd_gettime(h, &mut old) } as _)?;
+            pr.mm.write(cpu, a[1], &itimerspec_bytes(&old, wide))?;
+            Ok(0)
+        }
+    }
+}
+
+/// inotify_init (291), inotify_init1 (332), inotify_add_watch (292),
+/// inotify_rm_watch (293).
+pub(super) fn sys_inotify(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    match n {
+        291 | 332 => {
+            let flags = if n == 332 { a[0] } else { 0 };
+            // SAFETY: plain arguments.
+            let h = check(
+                unsafe { libc::inotify_init1((flags | libc::O_CLOEXEC as u32) as i32) } as _,
+            )?;
+            Ok(install(pr, h, flags))
+        }
+        292 => {
+            let h = pr.host_fd(a[0])?;
+            let path = pr.path(cpu, a[1])?;
+            // SAFETY: a NUL-terminated path.
+            check(unsafe { libc::inotify_add_watch(h, path.as_ptr(), a[2]) } as _)
+        }
+        _ => {
+            let h = pr.host_fd(a[0])?;
+            // SAFETY: plain arguments.
+            check(unsafe { libc::inotify_rm_watch(h, a[1] as i32) } as _)
+        }
+    }
+}
