@@ -19,6 +19,14 @@
 //!
 //! Both feed one per-page bit, [`GuestRam`]'s `attention`, which is what
 //! the write path tests.
+//!
+//! **Linked pages.** A page may instead be mapped from a file *writable*
+//! ([`GuestRam::link_page`]): a Linux process's `MAP_SHARED` mapping of a
+//! file, or of a memfd standing for shared anonymous memory. Every view
+//! (host, window, shadows) maps the file's page, so the guest's stores go
+//! to the host's page cache, coherent with the file's readers and writers
+//! and with other processes mapping it; a fork keeps the page linked in
+//! both (its copy of RAM leaves it out) instead of copying it.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -60,6 +68,9 @@ pub(crate) struct State {
     broken: Vec<u64>,
     /// Pages given back to the host.
     pub(crate) released: u64,
+    /// One bit per page: linked to a file page, writable (see the module's
+    /// notes); its file page in `source`.
+    linked: Vec<u64>,
 }
 
 impl State {
@@ -74,6 +85,7 @@ impl State {
             copied: 0,
             broken: vec![0; pages.div_ceil(64)],
             released: 0,
+            linked: vec![0; pages.div_ceil(64)],
         }
     }
 
@@ -84,7 +96,7 @@ impl State {
 
     /// The file and byte offset page `page` is mapped from, if any.
     pub(crate) fn source_of(&self, page: u32) -> Option<(i32, i64)> {
-        if !bit(&self.shared, page) {
+        if !bit(&self.shared, page) && !bit(&self.linked, page) {
             return None;
         }
         let (f, fp) = self.source[page as usize];
@@ -247,6 +259,99 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Map page `page` of RAM from page `file_page` of registered file
+    /// `file` ([`GuestRam::register_backing`]), writable, in every view: a
+    /// shared mapping's page (see the module's notes). The machine's own
+    /// copy is freed. The file page must exist (a page past the end of the
+    /// file would fault in popek's own accesses).
+    pub fn link_page(&mut self, page: u32, file: u32, file_page: u32) -> Result<(), RamError> {
+        if page >= self.size / PAGE_SIZE || bit(&self.backing.shared, page) {
+            return Err(RamError(format!("page {page:#x} cannot be linked")));
+        }
+        let Some(fd) = self.backing.files.get(file as usize).map(|f| f.as_raw_fd()) else {
+            return Err(RamError("no such backing file".into()));
+        };
+        let at = (page * PAGE_SIZE) as usize;
+        let off = i64::from(file_page) * i64::from(PAGE_SIZE);
+        // SAFETY: the page lies inside the host view, which `self.map`
+        // owns; no reference into it is held (`&mut self`).
+        unsafe {
+            map_fixed(
+                self.map.as_mut_ptr().add(at),
+                PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                fd,
+                off,
+            )?;
+        }
+        set_bit(&mut self.backing.linked, page, true);
+        self.backing.source[page as usize] = (file, file_page);
+        self.remap_in_window(page)?;
+        self.protect_aliases(page, true)?;
+        // SAFETY: fallocate on the memfd this value owns: its copy of the
+        // page is no longer mapped anywhere.
+        unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at as i64,
+                i64::from(PAGE_SIZE),
+            );
+        }
+        Ok(())
+    }
+
+    /// Map a linked page from the machine's own memory again (its shared
+    /// mapping went away): it reads as zeros.
+    pub fn unlink_page(&mut self, page: u32) -> Result<(), RamError> {
+        if !self.is_linked(page) {
+            return Ok(());
+        }
+        let at = (page * PAGE_SIZE) as usize;
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: as in `link_page`; the memfd's page was punched, so the
+        // view shows zeros.
+        unsafe {
+            map_fixed(
+                self.map.as_mut_ptr().add(at),
+                PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                fd,
+                at as i64,
+            )?;
+        }
+        set_bit(&mut self.backing.linked, page, false);
+        self.remap_in_window(page)?;
+        self.protect_aliases(page, true)
+    }
+
+    /// Is the page linked to a file page ([`GuestRam::link_page`])?
+    pub fn is_linked(&self, page: u32) -> bool {
+        bit(&self.backing.linked, page)
+    }
+
+    /// Map page `page` in the window (if there is one) from where it comes
+    /// from now, with the rights its attention bit allows.
+    fn remap_in_window(&mut self, page: u32) -> Result<(), RamError> {
+        let Some(w) = &self.window else {
+            return Ok(());
+        };
+        let at = (page * PAGE_SIZE) as usize;
+        let (fd, off) = self
+            .backing
+            .source_of(page)
+            .unwrap_or((self.fd.as_raw_fd(), at as i64));
+        let prot = libc::PROT_READ
+            | if self.writable(page) {
+                libc::PROT_WRITE
+            } else {
+                0
+            };
+        // SAFETY: the page lies inside the RAM part of the window, which
+        // `self.window` owns; only translated code reaches memory there.
+        unsafe { map_fixed(w.at(at), PAGE_SIZE as usize, prot, fd, off) }
+    }
+
     /// Free page `page` of a file of pages (a page-sharing store whose
     /// page no guest maps any more): it reads as zeros and costs no host
     /// memory. False if the file system cannot punch holes.
@@ -337,7 +442,12 @@ impl GuestRam {
         let err = |e: std::io::Error| RamError(format!("cannot copy guest RAM: {e}"));
         let f = GuestRam::anonymous_file().map_err(err)?;
         f.set_len(u64::from(self.size)).map_err(err)?;
-        let pages = self.maybe_nonzero_pages();
+        // (Linked pages stay linked in the child: not copied.)
+        let pages: Vec<u32> = self
+            .maybe_nonzero_pages()
+            .into_iter()
+            .filter(|&p| !self.is_linked(p))
+            .collect();
         let mut i = 0;
         while i < pages.len() {
             let first = pages[i];
@@ -357,9 +467,10 @@ impl GuestRam {
 
     /// Go on with `file` (a [`GuestRam::duplicate`] made before a fork) as
     /// this RAM's memory: the forked child's own copy, no longer shared
-    /// with the parent. The window and the shadows are dropped (made again
-    /// on first use), watches and the dirty log forgotten: the engine that
-    /// used them starts afresh.
+    /// with the parent, but for linked pages, which stay mapped from their
+    /// files. The window and the shadows are dropped (made again on first
+    /// use), watches and the dirty log forgotten: the engine that used them
+    /// starts afresh.
     pub fn adopt(&mut self, file: File) -> Result<(), RamError> {
         let fd = file.as_raw_fd();
         // SAFETY: the host view, which `self.map` owns, is replaced by the
@@ -382,7 +493,41 @@ impl GuestRam {
         self.writes.clear();
         self.attention.fill(0);
         self.clear_fast_all();
-        self.backing = State::new((self.size / PAGE_SIZE) as usize);
+        let old = std::mem::replace(
+            &mut self.backing,
+            State::new((self.size / PAGE_SIZE) as usize),
+        );
+        if old.linked.iter().any(|&w| w != 0) {
+            self.backing.files = old.files;
+            self.backing.source = old.source;
+            self.backing.linked = old.linked;
+            self.relink_all()?;
+        }
+        Ok(())
+    }
+
+    /// Map every linked page from its file again, in the host view and the
+    /// window (after a mapping of all of RAM replaced them).
+    fn relink_all(&mut self) -> Result<(), RamError> {
+        for p in 0..self.size / PAGE_SIZE {
+            if !self.is_linked(p) {
+                continue;
+            }
+            if let Some((fd, off)) = self.backing.source_of(p) {
+                // SAFETY: one page of the host view, which `self.map` owns;
+                // no reference into it is held (`&mut self`).
+                unsafe {
+                    map_fixed(
+                        self.map.as_mut_ptr().add((p * PAGE_SIZE) as usize),
+                        PAGE_SIZE as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        fd,
+                        off,
+                    )?;
+                }
+                self.remap_in_window(p)?;
+            }
+        }
         Ok(())
     }
 
@@ -409,6 +554,12 @@ impl GuestRam {
                 {
                     n += 1;
                 }
+                // (Linked pages writable, until the loop below.)
+                let prot = if self.is_linked(p) {
+                    libc::PROT_READ | libc::PROT_WRITE
+                } else {
+                    libc::PROT_READ
+                };
                 // SAFETY: the pages lie inside the RAM part of the window,
                 // which `self.window` owns; only translated code reaches
                 // memory through it.
@@ -416,7 +567,7 @@ impl GuestRam {
                     map_fixed(
                         w.at((p * PAGE_SIZE) as usize),
                         (n * PAGE_SIZE) as usize,
-                        libc::PROT_READ,
+                        prot,
                         fd,
                         off,
                     )?;
@@ -562,7 +713,7 @@ impl GuestRam {
             // SAFETY: the RAM part of the window, which `self.window` owns.
             let _ = unsafe { map_fixed(w.base(), self.size as usize, libc::PROT_READ, fd, 0) };
         }
-        if host.is_err() {
+        if host.is_err() || self.relink_all().is_err() {
             // Nothing sound is left to do: the view is the file's,
             // read-only, and the next write would fault in popek itself.
             eprintln!("popek: cannot map guest RAM over its own view: the host is out of mappings (vm.max_map_count)");
@@ -821,5 +972,57 @@ mod tests {
         use std::os::unix::fs::FileExt;
         store.read_exact_at(&mut x, 0).unwrap();
         assert_eq!(x, [1; 4], "the store is never written");
+    }
+
+    /// A linked page is the file's page in every view: stores through the
+    /// host view, the window and a shadow reach the file, and the file's
+    /// writes show in all three; a copy of RAM for a fork leaves it out
+    /// and the adopting RAM links it again; unlinked, it reads as zeros and
+    /// leaves the file alone.
+    #[test]
+    fn linked_pages_are_the_files_in_every_view() {
+        use std::os::unix::fs::FileExt;
+        let file = image(2);
+        let mut ram = GuestRam::new(8 * PAGE_SIZE as u64).unwrap();
+        let win = ram.window().unwrap().base() as usize;
+        let sh = ram.shadow(0).unwrap().base() as usize;
+        ram.load(0x3000, &[7u8; 4096]);
+        let f = ram.register_backing(&file).unwrap();
+        ram.link_page(3, f, 1).unwrap();
+        assert!(ram.is_linked(3));
+        assert_eq!(ram.read(0x3010, 1), 2, "file page 1 (of 2s)");
+        assert!(ram.shadow_map_run(0, 0x10, 0, 8, true));
+        assert_eq!(host_prot(win + 0x3000), "rw-s");
+        assert_eq!(host_prot(sh + 0x13000), "rw-s");
+        ram.write(0x3000, 1, 0xA1);
+        // SAFETY: page 3 is mapped writable in the window and at linear
+        // page 0x13 of the shadow (asserted above).
+        unsafe {
+            *((win + 0x3001) as *mut u8) = 0xA2;
+            *((sh + 0x13002) as *mut u8) = 0xA3;
+        }
+        let mut x = [0u8; 4];
+        file.read_exact_at(&mut x, u64::from(PAGE_SIZE)).unwrap();
+        assert_eq!(x, [0xA1, 0xA2, 0xA3, 2], "every view's store is the file's");
+        file.write_all_at(&[0x5A], u64::from(PAGE_SIZE) + 3)
+            .unwrap();
+        assert_eq!(ram.read(0x3003, 1), 0x5A, "the file's write shows");
+        // A fork's copy of RAM: the linked page stays linked.
+        let copy = ram.duplicate().unwrap();
+        let mut other = [0u8; 1];
+        copy.read_exact_at(&mut other, 0x3000).unwrap();
+        assert_eq!(other, [0], "not copied");
+        ram.adopt(copy).unwrap();
+        assert!(ram.is_linked(3));
+        ram.write(0x3004, 1, 0xB4);
+        file.read_exact_at(&mut x, u64::from(PAGE_SIZE) + 4)
+            .unwrap();
+        assert_eq!(x[0], 0xB4, "still the file's after adopting");
+        ram.unlink_page(3).unwrap();
+        assert!(!ram.is_linked(3));
+        assert_eq!(ram.read(0x3000, 4), 0, "the machine's own page again");
+        ram.write(0x3000, 1, 0xCC);
+        file.read_exact_at(&mut x, u64::from(PAGE_SIZE)).unwrap();
+        assert_eq!(x[0], 0xA1, "the file no longer sees the page's stores");
     }
 }

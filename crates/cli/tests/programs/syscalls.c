@@ -2,7 +2,8 @@
  * direct calls, Unix and loopback TCP and UDP, descriptors passed with
  * SCM_RIGHTS, socket options), positioned I/O, record locks, event
  * descriptors (epoll, eventfd, timerfd, inotify), select and its
- * relatives, ids and scheduling. Every line printed must read the same
+ * relatives, ids and scheduling, shared memory (anonymous across a fork,
+ * and files mapped MAP_SHARED). Every line printed must read the same
  * under popek as natively: no pids, ports or times. argv[1]: a directory
  * to work in. */
 #define _GNU_SOURCE
@@ -345,6 +346,69 @@ static void sockets(void) {
     T(syscall(102, 99, NULL));
 }
 
+static void shared_memory(void) {
+    /* Shared anonymous memory is shared with a forked child. */
+    volatile int *sh = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    int go[2], back[2];
+    pipe(go);
+    pipe(back);
+    sh[0] = 1;
+    sh[1024] = 5;
+    if (fork() == 0) {
+        char c;
+        for (int i = 0; i < 3; i++) {
+            read(go[0], &c, 1);
+            sh[0] += 10;
+            write(back[1], "k", 1);
+        }
+        sh[1024] = 99;
+        _exit(0);
+    }
+    char c;
+    for (int i = 0; i < 3; i++) {
+        sh[0] += 1;
+        write(go[1], "g", 1);
+        read(back[0], &c, 1);
+    }
+    wait(0);
+    printf("shared counter %d, second page %d\n", sh[0], sh[1024]);
+    /* A file mapped shared: stores reach the file and the file's writes
+     * reach the mapping, without msync; two mappings of one page agree. */
+    int fd = open(in_dir("shared"), O_RDWR | O_CREAT | O_TRUNC, 0644);
+    ftruncate(fd, 8192);
+    char *m = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    char *m2 = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 4096);
+    printf("mapped: %d %d\n", m != MAP_FAILED, m2 != MAP_FAILED);
+    strcpy(m, "stored through the mapping");
+    strcpy(m + 4096, "second page");
+    char b[40] = {0};
+    T(pread(fd, b, 39, 0));
+    printf("file: %s; other mapping: %s\n", b, m2);
+    T(pwrite(fd, "PWRITE", 6, 0));
+    printf("mapping: %.26s\n", m);
+    if (fork() == 0) {
+        strcpy(m + 100, "from the child");
+        _exit(0);
+    }
+    wait(0);
+    printf("child's store: %s\n", m + 100);
+    T(msync(m, 8192, MS_SYNC));
+    T(munmap(m, 8192));
+    char *fresh = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    fresh[0] = 'z';
+    memset(b, 0, sizeof b);
+    T(pread(fd, b, 6, 0));
+    printf("file after unmapping and reusing memory: %s, fresh page %d\n", b, fresh[1]);
+    /* A private mapping is a copy. */
+    char *pv = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    pv[0] = 'p';
+    memset(b, 0, sizeof b);
+    T(pread(fd, b, 1, 0));
+    printf("private store leaves the file: %s\n", b);
+    close(fd);
+    printf("other mapping still: %s\n", m2);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2)
         return 2;
@@ -354,5 +418,6 @@ int main(int argc, char **argv) {
     paths_and_ids();
     events();
     sockets();
+    shared_memory();
     return 0;
 }

@@ -337,3 +337,18 @@ pub(super) fn sys_clock_getres(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32
     }
     Ok(0)
 }
+
+/// syslog (103): the kernel log, the host's (klogctl: a command, a buffer
+/// and its length).
+pub(super) fn sys_syslog(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let len = (a[2] as i32).clamp(0, 1 << 24) as usize;
+    let mut buf = vec![0u8; len];
+    // SAFETY: `buf` has room for `len` bytes.
+    let r = check(unsafe { libc::klogctl(a[0] as i32, buf.as_mut_ptr().cast(), len as i32) } as _)?;
+    // SYSLOG_ACTION_READ (2), READ_ALL (3), READ_CLEAR (4) fill the buffer.
+    if matches!(a[0], 2..=4) && r > 0 {
+        pr.mm.write(cpu, a[1], &buf[..r as usize])?;
+    }
+    Ok(r)
+}

@@ -214,17 +214,29 @@ impl AddressSpace {
         }
     }
 
-    /// munmap: free the pages of `[start, end)`.
+    /// munmap: free the pages of `[start, end)` (a page of a shared
+    /// mapping is unlinked from its file first).
     pub fn unmap(&mut self, cpu: &mut Vcpu, start: u32, end: u32) {
         let mut lin = start;
         while lin < end {
             if let Some((at, e)) = self.backing(cpu, lin) {
                 cpu.ram.write(at, 4, 0);
-                self.free.insert(e & !0xFFF);
+                let frame = e & !0xFFF;
+                if cpu.ram.is_linked(frame / PAGE) && cpu.ram.unlink_page(frame / PAGE).is_err() {
+                    // Still the file's page: never handed out again.
+                    lin += PAGE;
+                    continue;
+                }
+                self.free.insert(frame);
             }
             lin += PAGE;
         }
         self.cut(start, end);
+    }
+
+    /// The physical page behind mapped page `lin`.
+    pub fn frame(&self, cpu: &Vcpu, lin: u32) -> Option<u32> {
+        self.entry(cpu, lin).map(|e| e & !0xFFF)
     }
 
     /// mprotect. ENOMEM if part of the range is not mapped.

@@ -5,6 +5,7 @@
 
 use std::ffi::CString;
 use std::io::Write;
+use std::os::fd::FromRawFd;
 
 use popek_vcpu::{SegReg, Vcpu};
 
@@ -79,6 +80,9 @@ pub struct LinuxProcess {
     pub block: Option<super::threads::Block>,
     /// This thread called exit (not exit_group) while others run.
     pub thread_exited: Option<i32>,
+    /// Files shared mappings were made of, by device and inode: their
+    /// index among guest RAM's backing files (one descriptor each).
+    pub(super) shared_files: std::collections::HashMap<(u64, u64), u32>,
 }
 
 pub(super) const AT_FDCWD: i32 = -100;
@@ -132,6 +136,7 @@ impl LinuxProcess {
             new_threads: Vec::new(),
             block: None,
             thread_exited: None,
+            shared_files: Default::default(),
         }
     }
 
@@ -497,10 +502,6 @@ impl LinuxProcess {
                 File::Host(h) => *h,
                 _ => return Err(EACCES),
             };
-            if flags & SHARED != 0 && pr & prot::WRITE != 0 {
-                // Shared writable file mappings would need write-back.
-                return Err(EINVAL);
-            }
             Some(h)
         } else {
             None
@@ -528,7 +529,12 @@ impl LinuxProcess {
             self.mm.find_free(len).ok_or(ENOMEM)?
         };
         self.mm.map(cpu, start, start + len, pr & 7, true)?;
-        if let Some(h) = file {
+        if flags & SHARED != 0 {
+            if let Err(e) = self.link_shared(cpu, start, len, file, pgoff) {
+                self.mm.unmap(cpu, start, start + len);
+                return Err(e);
+            }
+        } else if let Some(h) = file {
             let mut buf = vec![0u8; len as usize];
             let mut got = 0usize;
             let off = i64::from(pgoff) * i64::from(PAGE);
@@ -552,6 +558,77 @@ impl LinuxProcess {
             }
         }
         Ok(start as i32)
+    }
+
+    /// A shared mapping at `[start, start + len)` (frames just mapped):
+    /// each page linked to its page of the file (`file`, from page
+    /// `pgoff`), or of a new memfd for shared anonymous memory, so that
+    /// stores reach the file and a fork shares the pages. Pages past the
+    /// end of the file stay the process's own (Linux would raise SIGBUS
+    /// on them).
+    fn link_shared(
+        &mut self,
+        cpu: &mut Vcpu,
+        start: u32,
+        len: u32,
+        file: Option<i32>,
+        pgoff: u32,
+    ) -> Result<(), Errno> {
+        let (index, pages) = match file {
+            Some(h) => {
+                // SAFETY: an all-zero stat is valid to fill.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: `st` is valid; `h` is a descriptor this process owns.
+                if unsafe { libc::fstat(h, &mut st) } < 0 {
+                    return Err(host_errno());
+                }
+                let key = (st.st_dev, st.st_ino);
+                let index = match self.shared_files.get(&key) {
+                    Some(&i) => i,
+                    None => {
+                        // SAFETY: `h` is a descriptor this process owns.
+                        let d = unsafe { libc::fcntl(h, libc::F_DUPFD_CLOEXEC, 3) };
+                        if d < 0 {
+                            return Err(host_errno());
+                        }
+                        // SAFETY: `d` is a new descriptor nothing else owns.
+                        let f =
+                            std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(d) });
+                        let i = cpu.ram.register_backing(&f).map_err(|_| ENOMEM)?;
+                        self.shared_files.insert(key, i);
+                        i
+                    }
+                };
+                let size_pages = (st.st_size.max(0) as u64).div_ceil(u64::from(PAGE));
+                let n = size_pages
+                    .saturating_sub(u64::from(pgoff))
+                    .min(u64::from(len / PAGE)) as u32;
+                (index, n)
+            }
+            None => {
+                // SAFETY: a NUL-terminated name.
+                let raw =
+                    unsafe { libc::memfd_create(c"popek-shared".as_ptr(), libc::MFD_CLOEXEC) };
+                if raw < 0 {
+                    return Err(host_errno());
+                }
+                // SAFETY: `raw` is a new descriptor nothing else owns.
+                let f = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) });
+                f.set_len(u64::from(len)).map_err(|_| ENOMEM)?;
+                (
+                    cpu.ram.register_backing(&f).map_err(|_| ENOMEM)?,
+                    len / PAGE,
+                )
+            }
+        };
+        let first = if file.is_some() { pgoff } else { 0 };
+        for i in 0..pages {
+            let frame = self.mm.frame(cpu, start + i * PAGE).ok_or(EFAULT)?;
+            cpu.ram
+                .link_page(frame / PAGE, index, first + i)
+                .map_err(|_| ENOMEM)?;
+        }
+        Ok(())
     }
 
     pub(super) fn mremap(&mut self, cpu: &mut Vcpu, a: [u32; 6]) -> Result<i32, Errno> {

@@ -87,7 +87,7 @@ pub(super) struct Call<'a> {
 
 use super::creds::{
     sys_capability, sys_clock_getres, sys_getcpu, sys_getresids, sys_groups, sys_ids16, sys_ioprio,
-    sys_personality, sys_sched, sys_setids,
+    sys_personality, sys_sched, sys_setids, sys_syslog,
 };
 use super::events::{sys_epoll, sys_eventfd, sys_inotify, sys_timerfd};
 use super::files::{
@@ -170,6 +170,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 96, name: "getpriority", args: &[D, D], run: sys_priority },
     Syscall { nr: 97, name: "setpriority", args: &[D, D, D], run: sys_priority },
     Syscall { nr: 102, name: "socketcall", args: &[D, X], run: sys_socketcall },
+    Syscall { nr: 103, name: "syslog", args: &[D, X, D], run: sys_syslog },
     Syscall { nr: 104, name: "setitimer", args: &[D, X, X], run: sys_itimer },
     Syscall { nr: 105, name: "getitimer", args: &[D, X], run: sys_itimer },
     Syscall { nr: 114, name: "wait4", args: &[D, X, X, X], run: sys_wait4 },
