@@ -2,7 +2,8 @@
  * direct calls, Unix and loopback TCP and UDP, descriptors passed with
  * SCM_RIGHTS, socket options), positioned I/O, record locks, event
  * descriptors (epoll, eventfd, timerfd, inotify), select and its
- * relatives, ids and scheduling, shared memory (anonymous across a fork,
+ * relatives, ids and scheduling, signalfd, splice and tee, extended
+ * attributes, the old time calls, shared memory (anonymous across a fork,
  * and files mapped MAP_SHARED). Every line printed must read the same
  * under popek as natively: no pids, ports or times. argv[1]: a directory
  * to work in. */
@@ -23,6 +24,8 @@
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/inotify.h>
+#include <sys/signalfd.h>
+#include <sys/xattr.h>
 #include <sys/mman.h>
 #include <sys/personality.h>
 #include <sys/resource.h>
@@ -37,6 +40,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <utime.h>
 
 #define T(x)                                                                      \
     do {                                                                          \
@@ -346,6 +350,56 @@ static void sockets(void) {
     T(syscall(102, 99, NULL));
 }
 
+static void more_calls(void) {
+    /* A signal the process blocks, read from a signalfd. */
+    sigset_t m;
+    sigemptyset(&m);
+    sigaddset(&m, SIGUSR2);
+    sigprocmask(SIG_BLOCK, &m, 0);
+    int sf = signalfd(-1, &m, SFD_CLOEXEC);
+    kill(getpid(), SIGUSR2);
+    struct signalfd_siginfo si;
+    T(read(sf, &si, sizeof si));
+    printf("signalfd: signal %u from itself %d\n", si.ssi_signo, si.ssi_pid == (unsigned)getpid());
+    /* splice and tee through pipes. */
+    int p[2], p2[2];
+    pipe(p);
+    pipe(p2);
+    write(p[1], "splice me", 9);
+    int fd = open(in_dir("spliced"), O_RDWR | O_CREAT | O_TRUNC, 0644);
+    loff_t off = 3;
+    T(splice(p[0], NULL, fd, &off, 9, 0));
+    char b[16] = {0};
+    pread(fd, b + 3, 9, 3);
+    printf("spliced to offset 3, now %lld: %s\n", (long long)off, b + 3);
+    write(p[1], "tee", 3);
+    T(tee(p[0], p2[1], 3, 0));
+    memset(b, 0, sizeof b);
+    read(p2[0], b, 3);
+    printf("tee: %s\n", b);
+    /* Old time calls, extended attributes, nice. */
+    struct utimbuf ub = {1000000000, 1000000001};
+    T(utime(in_dir("spliced"), &ub));
+    struct stat st;
+    stat(in_dir("spliced"), &st);
+    printf("mtime %ld\n", (long)st.st_mtime);
+    struct timeval tv[2] = {{5, 0}, {6, 0}};
+    T(futimesat(AT_FDCWD, in_dir("spliced"), tv));
+    stat(in_dir("spliced"), &st);
+    printf("mtime %ld\n", (long)st.st_mtime);
+    T(setxattr(in_dir("spliced"), "user.popek", "val", 3, 0));
+    char xv[16] = {0};
+    T(getxattr(in_dir("spliced"), "user.popek", xv, sizeof xv));
+    T(fgetxattr(fd, "user.popek", NULL, 0));
+    char list[64] = {0};
+    T(listxattr(in_dir("spliced"), list, sizeof list));
+    printf("xattr %s, list %s\n", xv, list);
+    T(removexattr(in_dir("spliced"), "user.popek"));
+    T(lgetxattr(in_dir("spliced"), "user.popek", xv, sizeof xv));
+    T(nice(0));
+    close(fd);
+}
+
 static void shared_memory(void) {
     /* Shared anonymous memory is shared with a forked child. */
     volatile int *sh = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -418,6 +472,7 @@ int main(int argc, char **argv) {
     paths_and_ids();
     events();
     sockets();
+    more_calls();
     shared_memory();
     return 0;
 }

@@ -352,3 +352,23 @@ pub(super) fn sys_syslog(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     }
     Ok(r)
 }
+
+/// nice (34): the host process's niceness, raised (or, as root, lowered)
+/// by the increment.
+pub(super) fn sys_nice(_pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let inc = c.a[0] as i32;
+    // SAFETY: plain host calls; errno is cleared before getpriority, whose
+    // -1 may be a valid result.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if now == -1 && *libc::__errno_location() != 0 {
+            return Err(host_errno());
+        }
+        let want = (now + inc.clamp(-40, 40)).clamp(-20, 19);
+        // (setpriority says EACCES where nice says EPERM.)
+        check(libc::setpriority(libc::PRIO_PROCESS, 0, want) as _)
+            .map(|_| 0)
+            .map_err(|e| if e == EACCES { EPERM } else { e })
+    }
+}

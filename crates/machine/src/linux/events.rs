@@ -202,3 +202,41 @@ pub(super) fn sys_inotify(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Err
         }
     }
 }
+
+/// signalfd (321), signalfd4 (327): the host's. popek keeps the host's
+/// blocked mask the guest's, so a signal the guest blocks to read it this
+/// way stays pending on the host, where the descriptor reads it
+/// (`signalfd_siginfo` has the same layout on both). Signals popek raises
+/// for the guest itself (SIGPIPE from EPIPE, faults) do not show there.
+pub(super) fn sys_signalfd(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    if a[2] != 8 {
+        return Err(EINVAL);
+    }
+    let flags = if n == 327 { a[3] } else { 0 };
+    let b = pr.mm.read(cpu, a[1], 8)?;
+    let mask = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    // SAFETY: sigemptyset/sigaddset fill a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in 1..=64 {
+            if mask >> (sig - 1) & 1 != 0 {
+                libc::sigaddset(&mut set, sig);
+            }
+        }
+        set
+    };
+    let (fd, existing) = if a[0] as i32 == -1 {
+        (-1, false)
+    } else {
+        (pr.host_fd(a[0])?, true)
+    };
+    // SAFETY: `set` is a valid signal set.
+    let h =
+        check(unsafe { libc::signalfd(fd, &set, (flags | libc::O_CLOEXEC as u32) as i32) } as _)?;
+    if existing {
+        return Ok(a[0] as i32);
+    }
+    Ok(install(pr, h, flags))
+}

@@ -99,18 +99,23 @@ pub(super) fn sys_sync(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
 }
 
 /// utimensat (320, two i386 timespecs), utimensat_time64 (412), utimes
-/// (271, two timevals).
+/// (271, two timevals), futimesat (299, a directory and two timevals),
+/// utime (30, a utimbuf: two seconds).
 pub(super) fn sys_utimensat(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
-    let (dir, path, times, flags) = if n == 271 {
-        (libc::AT_FDCWD as u32, a[0], a[1], 0)
-    } else {
-        (a[0], a[1], a[2], a[3])
+    let (dir, path, times, flags) = match n {
+        271 | 30 => (libc::AT_FDCWD as u32, a[0], a[1], 0),
+        299 => (a[0], a[1], a[2], 0),
+        _ => (a[0], a[1], a[2], a[3]),
     };
     let ts = if times == 0 {
         None
     } else {
-        let words = if n == 412 { 8 } else { 4 };
+        let words = match n {
+            412 => 8,
+            30 => 2,
+            _ => 4,
+        };
         let b = pr.mm.read(cpu, times, 4 * words)?;
         let w = |i: usize| i32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"));
         let q = |i: usize| i64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"));
@@ -119,9 +124,13 @@ pub(super) fn sys_utimensat(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, E
                 tv_sec: q(2 * k),
                 tv_nsec: q(2 * k + 1),
             },
-            271 => libc::timespec {
+            271 | 299 => libc::timespec {
                 tv_sec: w(2 * k).into(),
                 tv_nsec: i64::from(w(2 * k + 1)) * 1000,
+            },
+            30 => libc::timespec {
+                tv_sec: w(k).into(),
+                tv_nsec: 0,
             },
             _ => libc::timespec {
                 tv_sec: w(2 * k).into(),
@@ -432,4 +441,115 @@ pub(super) fn sys_copy_file_range(pr: &mut LinuxProcess, c: Call<'_>) -> Result<
         }
     }
     Ok(r)
+}
+
+/// splice (313), tee (315): the host's, splice's two optional offsets
+/// (64-bit words in guest memory) read and written back.
+pub(super) fn sys_splice(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    if n == 315 {
+        let (fin, fout) = (pr.host_fd(a[0])?, pr.host_fd(a[1])?);
+        // SAFETY: plain arguments on descriptors this process owns.
+        return check(unsafe { libc::tee(fin, fout, a[2] as usize, a[3]) } as libc::c_int);
+    }
+    let (fin, fout) = (pr.host_fd(a[0])?, pr.host_fd(a[2])?);
+    let read_off = |pr: &LinuxProcess, at: u32| -> Result<Option<i64>, Errno> {
+        if at == 0 {
+            return Ok(None);
+        }
+        let b = pr.mm.read(cpu, at, 8)?;
+        Ok(Some(i64::from_le_bytes(b.try_into().expect("8 bytes"))))
+    };
+    let (mut oin, mut oout) = (read_off(pr, a[1])?, read_off(pr, a[3])?);
+    let ptr = |o: &mut Option<i64>| o.as_mut().map_or(std::ptr::null_mut(), |v| v as *mut i64);
+    // SAFETY: the offsets point at locals or are null.
+    let r = unsafe {
+        libc::splice(
+            fin,
+            ptr(&mut oin),
+            fout,
+            ptr(&mut oout),
+            a[4] as usize,
+            a[5],
+        )
+    };
+    let r = check(r as libc::c_int)?;
+    for (at, o) in [(a[1], oin), (a[3], oout)] {
+        if let Some(v) = o {
+            pr.mm.write(cpu, at, &v.to_le_bytes())?;
+        }
+    }
+    Ok(r)
+}
+
+/// The extended-attribute calls: setxattr (226), lsetxattr (227),
+/// fsetxattr (228), getxattr (229), lgetxattr (230), fgetxattr (231),
+/// listxattr (232), llistxattr (233), flistxattr (234), removexattr (235),
+/// lremovexattr (236), fremovexattr (237): the host's.
+pub(super) fn sys_xattr(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    // Which form: by path (0), by path not following a link (1), by
+    // descriptor (2).
+    let form = (n - 226) % 3;
+    let op = (n - 226) / 3;
+    let path = if form == 2 {
+        None
+    } else {
+        Some(pr.path(cpu, a[0])?)
+    };
+    let fd = if form == 2 { pr.host_fd(a[0])? } else { -1 };
+    let p = path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr());
+    let name = |at: u32| std::ffi::CString::new(pr.mm.read_cstr(cpu, at)?).map_err(|_| EINVAL);
+    match op {
+        // set: name, value, size, flags
+        0 => {
+            let nm = name(a[1])?;
+            let v = pr.mm.read(cpu, a[2], a[3].min(1 << 16))?;
+            let (vp, len, flags) = (v.as_ptr().cast(), v.len(), a[4] as i32);
+            // SAFETY: NUL-terminated strings and a buffer of `len` bytes.
+            check(unsafe {
+                match form {
+                    0 => libc::setxattr(p, nm.as_ptr(), vp, len, flags),
+                    1 => libc::lsetxattr(p, nm.as_ptr(), vp, len, flags),
+                    _ => libc::fsetxattr(fd, nm.as_ptr(), vp, len, flags),
+                }
+            })
+        }
+        // get: name, value, size; list: list, size
+        1 | 2 => {
+            let nm = if op == 1 { Some(name(a[1])?) } else { None };
+            let (buf_at, size) = if op == 1 { (a[2], a[3]) } else { (a[1], a[2]) };
+            let mut buf = vec![0u8; size.min(1 << 16) as usize];
+            let (bp, len) = (buf.as_mut_ptr().cast(), buf.len());
+            let np = nm.as_ref().map_or(std::ptr::null(), |n| n.as_ptr());
+            // SAFETY: NUL-terminated strings and a buffer of `len` bytes.
+            let r = unsafe {
+                match (op, form) {
+                    (1, 0) => libc::getxattr(p, np, bp, len),
+                    (1, 1) => libc::lgetxattr(p, np, bp, len),
+                    (1, _) => libc::fgetxattr(fd, np, bp, len),
+                    (_, 0) => libc::listxattr(p, bp.cast(), len),
+                    (_, 1) => libc::llistxattr(p, bp.cast(), len),
+                    _ => libc::flistxattr(fd, bp.cast(), len),
+                }
+            };
+            let r = check(r as libc::c_int)?;
+            if size > 0 {
+                pr.mm.write(cpu, buf_at, &buf[..r as usize])?;
+            }
+            Ok(r)
+        }
+        // remove: name
+        _ => {
+            let nm = name(a[1])?;
+            // SAFETY: NUL-terminated strings.
+            check(unsafe {
+                match form {
+                    0 => libc::removexattr(p, nm.as_ptr()),
+                    1 => libc::lremovexattr(p, nm.as_ptr()),
+                    _ => libc::fremovexattr(fd, nm.as_ptr()),
+                }
+            })
+        }
+    }
 }

@@ -87,13 +87,13 @@ pub(super) struct Call<'a> {
 
 use super::creds::{
     sys_capability, sys_clock_getres, sys_getcpu, sys_getresids, sys_groups, sys_ids16, sys_ioprio,
-    sys_personality, sys_sched, sys_setids, sys_syslog,
+    sys_nice, sys_personality, sys_sched, sys_setids, sys_syslog,
 };
-use super::events::{sys_epoll, sys_eventfd, sys_inotify, sys_timerfd};
+use super::events::{sys_epoll, sys_eventfd, sys_inotify, sys_signalfd, sys_timerfd};
 use super::files::{
     sys_chown, sys_chroot, sys_close_range, sys_copy_file_range, sys_fd_op, sys_getaffinity,
     sys_link, sys_mem_hint, sys_memfd_create, sys_mknod, sys_pread, sys_preadv, sys_priority,
-    sys_statfs64, sys_sync, sys_truncate, sys_utimensat,
+    sys_splice, sys_statfs64, sys_sync, sys_truncate, sys_utimensat, sys_xattr,
 };
 use super::net::{sys_socket, sys_socketcall};
 use super::procs::{
@@ -131,7 +131,9 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 24, name: "getuid", args: &[], run: sys_ids16 },
     Syscall { nr: 27, name: "alarm", args: &[D], run: sys_alarm },
     Syscall { nr: 29, name: "pause", args: &[], run: sys_pause },
+    Syscall { nr: 30, name: "utime", args: &[S, X], run: sys_utimensat },
     Syscall { nr: 33, name: "access", args: &[S, X], run: sys_access },
+    Syscall { nr: 34, name: "nice", args: &[D], run: sys_nice },
     Syscall { nr: 36, name: "sync", args: &[], run: sys_sync },
     Syscall { nr: 37, name: "kill", args: &[D, D], run: sys_kill },
     Syscall { nr: 38, name: "rename", args: &[S, S], run: sys_rename },
@@ -259,6 +261,18 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 221, name: "fcntl64", args: &[D, D, X], run: sys_fcntl64 },
     Syscall { nr: 224, name: "gettid", args: &[], run: sys_getpid },
     Syscall { nr: 225, name: "readahead", args: &[D, D, D, D], run: sys_fd_op },
+    Syscall { nr: 226, name: "setxattr", args: &[S, S, X, D, X], run: sys_xattr },
+    Syscall { nr: 227, name: "lsetxattr", args: &[S, S, X, D, X], run: sys_xattr },
+    Syscall { nr: 228, name: "fsetxattr", args: &[D, S, X, D, X], run: sys_xattr },
+    Syscall { nr: 229, name: "getxattr", args: &[S, S, X, D], run: sys_xattr },
+    Syscall { nr: 230, name: "lgetxattr", args: &[S, S, X, D], run: sys_xattr },
+    Syscall { nr: 231, name: "fgetxattr", args: &[D, S, X, D], run: sys_xattr },
+    Syscall { nr: 232, name: "listxattr", args: &[S, X, D], run: sys_xattr },
+    Syscall { nr: 233, name: "llistxattr", args: &[S, X, D], run: sys_xattr },
+    Syscall { nr: 234, name: "flistxattr", args: &[D, X, D], run: sys_xattr },
+    Syscall { nr: 235, name: "removexattr", args: &[S, S], run: sys_xattr },
+    Syscall { nr: 236, name: "lremovexattr", args: &[S, S], run: sys_xattr },
+    Syscall { nr: 237, name: "fremovexattr", args: &[D, S], run: sys_xattr },
     Syscall { nr: 238, name: "tkill", args: &[D, D], run: sys_kill },
     Syscall { nr: 239, name: "sendfile64", args: &[D, D, X, D], run: sys_sendfile },
     Syscall { nr: 240, name: "futex", args: &[X, D, D, X, X, X], run: sys_futex },
@@ -289,6 +303,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 296, name: "mkdirat", args: &[Dirfd, S, X], run: sys_mkdir },
     Syscall { nr: 297, name: "mknodat", args: &[Dirfd, S, X, X], run: sys_mknod },
     Syscall { nr: 298, name: "fchownat", args: &[Dirfd, S, D, D, X], run: sys_chown },
+    Syscall { nr: 299, name: "futimesat", args: &[Dirfd, S, X], run: sys_utimensat },
     Syscall { nr: 300, name: "fstatat64", args: &[Dirfd, S, X, X], run: sys_stat64 },
     Syscall { nr: 301, name: "unlinkat", args: &[Dirfd, S, X], run: sys_unlink },
     Syscall { nr: 302, name: "renameat", args: &[Dirfd, S, Dirfd, S], run: sys_rename },
@@ -300,15 +315,19 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 308, name: "pselect6", args: &[D, X, X, X, X, X], run: sys_select },
     Syscall { nr: 309, name: "ppoll", args: &[X, D, X, X, D], run: sys_poll },
     Syscall { nr: 311, name: "set_robust_list", args: &[X, D], run: sys_accept },
+    Syscall { nr: 313, name: "splice", args: &[D, X, D, X, D, X], run: sys_splice },
     Syscall { nr: 314, name: "sync_file_range", args: &[D, D, D, D, D, X], run: sys_fd_op },
+    Syscall { nr: 315, name: "tee", args: &[D, D, D, X], run: sys_splice },
     Syscall { nr: 318, name: "getcpu", args: &[X, X, X], run: sys_getcpu },
     Syscall { nr: 319, name: "epoll_pwait", args: &[D, X, D, D, X], run: sys_epoll },
     Syscall { nr: 320, name: "utimensat", args: &[Dirfd, S, X, X], run: sys_utimensat },
+    Syscall { nr: 321, name: "signalfd", args: &[D, X, D], run: sys_signalfd },
     Syscall { nr: 322, name: "timerfd_create", args: &[D, X], run: sys_timerfd },
     Syscall { nr: 323, name: "eventfd", args: &[D], run: sys_eventfd },
     Syscall { nr: 324, name: "fallocate", args: &[D, D, D, D, D, D], run: sys_fd_op },
     Syscall { nr: 325, name: "timerfd_settime", args: &[D, X, X, X], run: sys_timerfd },
     Syscall { nr: 326, name: "timerfd_gettime", args: &[D, X], run: sys_timerfd },
+    Syscall { nr: 327, name: "signalfd4", args: &[D, X, D, X], run: sys_signalfd },
     Syscall { nr: 328, name: "eventfd2", args: &[D, X], run: sys_eventfd },
     Syscall { nr: 329, name: "epoll_create1", args: &[X], run: sys_epoll },
     Syscall { nr: 330, name: "dup3", args: &[D, D, X], run: sys_dup2 },
