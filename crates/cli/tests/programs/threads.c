@@ -4,7 +4,8 @@
  * reading a pipe another thread writes, sleeps, a signal sent to one
  * thread (pthread_kill), fork from a thread, and code one thread writes
  * while another runs it (a JIT's pattern: the second thread must run
- * the new code). */
+ * the new code), and blocking calls (accept, recv, poll, epoll_wait,
+ * recvmsg) that another thread's work ends. */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +13,12 @@
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
+#include <poll.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 
@@ -84,6 +91,94 @@ static void *runner(void *arg)
     return (void *)(long)(a * 10 + b);
 }
 
+/* A client thread for the main thread's loopback server, a thread that
+ * wakes the main thread's poll and epoll_wait, one that sends it a
+ * message: each blocking call must let the other threads run. */
+static struct sockaddr_in server;
+static void *client(void *arg)
+{
+    (void)arg;
+    usleep(20000);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    connect(c, (void *)&server, sizeof server);
+    usleep(20000);
+    send(c, "from a thread", 13, 0);
+    char b[8] = {0};
+    recv(c, b, 4, MSG_WAITALL);
+    close(c);
+    return (void *)(long)(strcmp(b, "pong") == 0);
+}
+
+static int wake[2];
+static void *waker(void *arg)
+{
+    (void)arg;
+    usleep(20000);
+    write(wake[1], "w", 1);
+    return NULL;
+}
+
+static int pair[2];
+static void *messenger(void *arg)
+{
+    (void)arg;
+    usleep(20000);
+    struct iovec io = {"message", 7};
+    struct msghdr m = {0};
+    m.msg_iov = &io;
+    m.msg_iovlen = 1;
+    return (void *)(long)sendmsg(pair[0], &m, 0);
+}
+
+static void blocking_calls(void)
+{
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    server.sin_family = AF_INET;
+    server.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(ls, (void *)&server, sizeof server);
+    socklen_t l = sizeof server;
+    getsockname(ls, (void *)&server, &l);
+    listen(ls, 1);
+    pthread_t t;
+    void *ok;
+    pthread_create(&t, NULL, client, NULL);
+    int s = accept(ls, NULL, NULL);
+    char b[32] = {0};
+    long n = recv(s, b, 13, MSG_WAITALL);
+    send(s, "pong", 4, 0);
+    pthread_join(t, &ok);
+    printf("accept and recv while a thread connects: %ld %s, client %ld\n", n, b, (long)ok);
+    close(s);
+    close(ls);
+
+    pipe(wake);
+    pthread_create(&t, NULL, waker, NULL);
+    struct pollfd pf = {wake[0], POLLIN, 0};
+    printf("poll woken by a thread: %d\n", poll(&pf, 1, 5000));
+    pthread_join(t, NULL);
+    char c;
+    read(wake[0], &c, 1);
+    int ep = epoll_create1(0);
+    struct epoll_event e = {.events = EPOLLIN, .data.fd = wake[0]};
+    epoll_ctl(ep, EPOLL_CTL_ADD, wake[0], &e);
+    pthread_create(&t, NULL, waker, NULL);
+    struct epoll_event o;
+    int k = epoll_wait(ep, &o, 1, 5000);
+    printf("epoll_wait woken by a thread: %d, its fd %d\n", k, o.data.fd == wake[0]);
+    pthread_join(t, NULL);
+
+    socketpair(AF_UNIX, SOCK_STREAM, 0, pair);
+    pthread_create(&t, NULL, messenger, NULL);
+    char mb[16] = {0};
+    struct iovec io = {mb, sizeof mb};
+    struct msghdr m = {0};
+    m.msg_iov = &io;
+    m.msg_iovlen = 1;
+    n = recvmsg(pair[1], &m, 0);
+    pthread_join(t, &ok);
+    printf("recvmsg from a thread: %ld %s (sent %ld)\n", n, mb, (long)ok);
+}
+
 int main(void)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -140,5 +235,6 @@ int main(void)
     pthread_mutex_unlock(&mu);
     pthread_join(j, &ok);
     printf("code written by one thread, run by another: %ld\n", (long)ok);
+    blocking_calls();
     return 0;
 }

@@ -80,12 +80,29 @@ pub(super) fn sys_epoll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
             } else {
                 a[3] as i32
             };
-            let mut out = vec![0u8; 12 * max as usize];
-            // SAFETY: `out` has room for `max` packed epoll_events.
-            let k =
-                check(unsafe { libc::epoll_wait(ep, out.as_mut_ptr().cast(), max, timeout) } as _)?;
-            pr.mm.write(cpu, a[1], &out[..12 * k as usize])?;
-            Ok(k)
+            let at = a[1];
+            pr.blocking(
+                cpu,
+                move || {
+                    let mut out = vec![0u8; 12 * max as usize];
+                    // SAFETY: `out` has room for `max` packed epoll_events.
+                    let k = unsafe { libc::epoll_wait(ep, out.as_mut_ptr().cast(), max, timeout) };
+                    if k < 0 {
+                        return (-i64::from(host_errno()), Vec::new());
+                    }
+                    out.truncate(12 * k as usize);
+                    (i64::from(k), out)
+                },
+                move |pr, cpu, k, out| {
+                    if k < 0 {
+                        return k as i32;
+                    }
+                    match pr.mm.write(cpu, at, &out) {
+                        Ok(()) => k as i32,
+                        Err(e) => -e,
+                    }
+                },
+            )
         }
     }
 }

@@ -112,12 +112,29 @@ fn check(r: libc::c_long) -> Result<i32, Errno> {
     }
 }
 
-/// The guest's SIGPIPE for a send that met EPIPE without MSG_NOSIGNAL.
-fn sigpipe(pr: &mut LinuxProcess, r: Result<i32, Errno>, flags: u32) -> Result<i32, Errno> {
-    if r == Err(EPIPE) && flags & MSG_NOSIGNAL == 0 {
+/// A host call's result, or the negated errno.
+fn result(r: isize) -> i64 {
+    if r < 0 {
+        -i64::from(host_errno())
+    } else {
+        r as i64
+    }
+}
+
+/// A send's result for the guest: EPIPE without MSG_NOSIGNAL raises the
+/// guest's SIGPIPE too.
+fn sent(pr: &mut LinuxProcess, r: i64, flags: u32) -> i32 {
+    if r == -i64::from(EPIPE) && flags & MSG_NOSIGNAL == 0 {
         pr.raise_sigpipe();
     }
-    r
+    r as i32
+}
+
+/// The last four bytes of `b` as a number, taken off.
+fn take_u32(b: &mut Vec<u8>) -> u32 {
+    let at = b.len().saturating_sub(4);
+    let v = b.split_off(at);
+    u32::from_le_bytes(v.try_into().unwrap_or([0; 4]))
 }
 
 /// A socket address from the guest (`len` bytes at `addr`; none at 0).
@@ -201,18 +218,27 @@ fn socket_op(pr: &mut LinuxProcess, cpu: &mut Vcpu, call: u32, a: [u32; 6]) -> R
             pr.mm.write(cpu, a[3], &b)?;
             Ok(0)
         }
-        op::BIND | op::CONNECT => {
+        op::BIND => {
             let h = pr.host_fd(a[0])?;
             let addr = read_addr(pr, cpu, a[1], a[2])?;
-            let (p, len) = (addr.as_ptr().cast(), addr.len() as libc::socklen_t);
-            // SAFETY: `addr` holds `len` bytes of the guest's address.
-            check(unsafe {
-                if call == op::BIND {
-                    libc::bind(h, p, len)
-                } else {
-                    libc::connect(h, p, len)
-                }
-            } as _)
+            // SAFETY: `addr` holds the guest's address.
+            check(
+                unsafe { libc::bind(h, addr.as_ptr().cast(), addr.len() as libc::socklen_t) } as _,
+            )
+        }
+        op::CONNECT => {
+            let h = pr.host_fd(a[0])?;
+            let addr = read_addr(pr, cpu, a[1], a[2])?;
+            pr.blocking(
+                cpu,
+                move || {
+                    let len = addr.len() as libc::socklen_t;
+                    // SAFETY: `addr` holds the guest's address.
+                    let r = unsafe { libc::connect(h, addr.as_ptr().cast(), len) };
+                    (result(r as isize), Vec::new())
+                },
+                |_, _, r, _| r as i32,
+            )
         }
         op::LISTEN => {
             let h = pr.host_fd(a[0])?;
@@ -222,19 +248,41 @@ fn socket_op(pr: &mut LinuxProcess, cpu: &mut Vcpu, call: u32, a: [u32; 6]) -> R
         op::ACCEPT | op::ACCEPT4 => {
             let h = pr.host_fd(a[0])?;
             let flags = if call == op::ACCEPT4 { a[3] } else { 0 };
-            let (mut s, mut len) = addr_room();
-            // SAFETY: `s` has room for `len` bytes.
-            let c = check(unsafe {
-                libc::accept4(
-                    h,
-                    (&mut s as *mut libc::sockaddr_storage).cast(),
-                    &mut len,
-                    (flags | SOCK_CLOEXEC) as i32,
-                )
-            } as _)?;
-            let g = install(pr, c, flags & SOCK_CLOEXEC != 0);
-            write_addr(pr, cpu, a[1], a[2], &storage_bytes(&s, len))?;
-            Ok(g)
+            let (addr_at, len_at) = (a[1], a[2]);
+            pr.blocking(
+                cpu,
+                move || {
+                    let (mut s, mut len) = addr_room();
+                    // SAFETY: `s` has room for `len` bytes.
+                    let c = unsafe {
+                        libc::accept4(
+                            h,
+                            (&mut s as *mut libc::sockaddr_storage).cast(),
+                            &mut len,
+                            (flags | SOCK_CLOEXEC) as i32,
+                        )
+                    };
+                    let r = result(c as isize);
+                    (
+                        r,
+                        if r >= 0 {
+                            storage_bytes(&s, len)
+                        } else {
+                            Vec::new()
+                        },
+                    )
+                },
+                move |pr, cpu, r, addr| {
+                    if r < 0 {
+                        return r as i32;
+                    }
+                    let g = install(pr, r as i32, flags & SOCK_CLOEXEC != 0);
+                    match write_addr(pr, cpu, addr_at, len_at, &addr) {
+                        Ok(()) => g,
+                        Err(e) => -e,
+                    }
+                },
+            )
         }
         op::GETSOCKNAME | op::GETPEERNAME => {
             let h = pr.host_fd(a[0])?;
@@ -262,51 +310,99 @@ fn socket_op(pr: &mut LinuxProcess, cpu: &mut Vcpu, call: u32, a: [u32; 6]) -> R
             } else {
                 Vec::new()
             };
-            let (p, len) = if addr.is_empty() {
-                (std::ptr::null(), 0)
-            } else {
-                (addr.as_ptr().cast(), addr.len() as libc::socklen_t)
-            };
-            // SAFETY: `data` and `addr` are buffers of the lengths given.
-            let r = check(unsafe {
-                libc::sendto(
-                    h,
-                    data.as_ptr().cast(),
-                    data.len(),
-                    (a[3] | MSG_NOSIGNAL) as i32,
-                    p,
-                    len,
-                )
-            } as _);
-            sigpipe(pr, r, a[3])
+            let flags = a[3];
+            pr.blocking(
+                cpu,
+                move || {
+                    let (p, len) = if addr.is_empty() {
+                        (std::ptr::null(), 0)
+                    } else {
+                        (addr.as_ptr().cast(), addr.len() as libc::socklen_t)
+                    };
+                    // SAFETY: `data` and `addr` are buffers of the lengths
+                    // given.
+                    let r = unsafe {
+                        libc::sendto(
+                            h,
+                            data.as_ptr().cast(),
+                            data.len(),
+                            (flags | MSG_NOSIGNAL) as i32,
+                            p,
+                            len,
+                        )
+                    };
+                    (result(r), Vec::new())
+                },
+                move |pr, _, r, _| sent(pr, r, flags),
+            )
         }
         op::RECV | op::RECVFROM => {
             let h = pr.host_fd(a[0])?;
-            let mut buf = vec![0u8; a[2].min(1 << 24) as usize];
-            let (mut s, mut len) = addr_room();
-            let from = call == op::RECVFROM && a[4] != 0;
-            // SAFETY: `buf` and `s` are buffers of the lengths given.
-            let n = check(unsafe {
-                libc::recvfrom(
-                    h,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    a[3] as i32,
-                    if from {
-                        (&mut s as *mut libc::sockaddr_storage).cast()
+            let cap = a[2].min(1 << 24) as usize;
+            let (buf_at, flags) = (a[1], a[3]);
+            let (from_at, from_len_at) = if call == op::RECVFROM {
+                (a[4], a[5])
+            } else {
+                (0, 0)
+            };
+            pr.blocking(
+                cpu,
+                move || {
+                    let mut buf = vec![0u8; cap];
+                    let (mut s, mut len) = addr_room();
+                    let from = from_at != 0;
+                    // SAFETY: `buf` and `s` are buffers of the lengths given.
+                    let n = unsafe {
+                        libc::recvfrom(
+                            h,
+                            buf.as_mut_ptr().cast(),
+                            cap,
+                            flags as i32,
+                            if from {
+                                (&mut s as *mut libc::sockaddr_storage).cast()
+                            } else {
+                                std::ptr::null_mut()
+                            },
+                            if from { &mut len } else { std::ptr::null_mut() },
+                        )
+                    };
+                    let r = result(n);
+                    if r < 0 {
+                        return (r, Vec::new());
+                    }
+                    // (MSG_TRUNC may say more than the buffer held.) The
+                    // sender's address follows the data, then the data's
+                    // length.
+                    buf.truncate((r as usize).min(cap));
+                    let addr = if from {
+                        storage_bytes(&s, len)
                     } else {
-                        std::ptr::null_mut()
-                    },
-                    if from { &mut len } else { std::ptr::null_mut() },
-                )
-            } as _)?;
-            // (MSG_TRUNC may say more than the buffer held.)
-            pr.mm
-                .write(cpu, a[1], &buf[..(n as usize).min(buf.len())])?;
-            if from {
-                write_addr(pr, cpu, a[4], a[5], &storage_bytes(&s, len))?;
-            }
-            Ok(n)
+                        Vec::new()
+                    };
+                    let k = buf.len() as u32;
+                    buf.extend(&addr);
+                    buf.extend(k.to_le_bytes());
+                    (r, buf)
+                },
+                move |pr, cpu, r, mut b| {
+                    if r < 0 {
+                        return r as i32;
+                    }
+                    let k = take_u32(&mut b) as usize;
+                    let addr = b.split_off(k);
+                    let done = pr.mm.write(cpu, buf_at, &b).and_then(|()| {
+                        if from_at != 0 {
+                            write_addr(pr, cpu, from_at, from_len_at, &addr)
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    match done {
+                        Ok(()) => r as i32,
+                        Err(e) => -e,
+                    }
+                },
+            )
         }
         op::SHUTDOWN => {
             let h = pr.host_fd(a[0])?;
@@ -355,19 +451,25 @@ fn socket_op(pr: &mut LinuxProcess, cpu: &mut Vcpu, call: u32, a: [u32; 6]) -> R
             Ok(0)
         }
         op::SENDMSG => {
-            let r = sendmsg(pr, cpu, a[0], a[1], a[2]);
-            sigpipe(pr, r, a[2])
+            let (run, finish) = sendmsg(pr, cpu, a[0], a[1], a[2])?;
+            pr.blocking(cpu, run, finish)
         }
-        op::RECVMSG => recvmsg(pr, cpu, a[0], a[1], a[2]),
+        op::RECVMSG => {
+            let (run, finish) = recvmsg(pr, cpu, a[0], a[1], a[2])?;
+            pr.blocking(cpu, run, finish)
+        }
         op::SENDMMSG => {
             // struct mmsghdr: a msghdr, then the bytes sent (msg_len).
+            // (Each message at once, under the process lock.)
             let mut done = 0;
             for i in 0..a[2].min(1024) {
                 let at = a[1] + i * (MSGHDR + 4);
-                match sendmsg(pr, cpu, a[0], at, a[3]) {
-                    Ok(n) => pr.mm.write_u32(cpu, at + MSGHDR, n as u32)?,
-                    Err(e) if done == 0 => return sigpipe(pr, Err(e), a[3]),
-                    Err(_) => break,
+                let (run, finish) = sendmsg(pr, cpu, a[0], at, a[3])?;
+                let (r, d) = run();
+                match finish(pr, cpu, r, d) {
+                    n @ 0.. => pr.mm.write_u32(cpu, at + MSGHDR, n as u32)?,
+                    e if done == 0 => return Err(-e),
+                    _ => break,
                 }
                 done += 1;
             }
@@ -379,10 +481,12 @@ fn socket_op(pr: &mut LinuxProcess, cpu: &mut Vcpu, call: u32, a: [u32; 6]) -> R
             let mut flags = a[3];
             for i in 0..a[2].min(1024) {
                 let at = a[1] + i * (MSGHDR + 4);
-                match recvmsg(pr, cpu, a[0], at, flags & !MSG_WAITFORONE) {
-                    Ok(n) => pr.mm.write_u32(cpu, at + MSGHDR, n as u32)?,
-                    Err(e) if done == 0 => return Err(e),
-                    Err(_) => break,
+                let (run, finish) = recvmsg(pr, cpu, a[0], at, flags & !MSG_WAITFORONE)?;
+                let (r, d) = run();
+                match finish(pr, cpu, r, d) {
+                    n @ 0.. => pr.mm.write_u32(cpu, at + MSGHDR, n as u32)?,
+                    e if done == 0 => return Err(-e),
+                    _ => break,
                 }
                 done += 1;
                 if a[3] & MSG_WAITFORONE != 0 {
@@ -521,13 +625,20 @@ fn cmsgs_to_guest(
     (out, truncated)
 }
 
+/// A blocking call's host part and its guest part
+/// (`LinuxProcess::blocking`).
+type Run = Box<dyn FnOnce() -> (i64, Vec<u8>) + Send>;
+type Finish = super::threads::Finish;
+
+/// sendmsg: the guest's message read now (control messages made the
+/// host's), sent by the host part.
 fn sendmsg(
     pr: &mut LinuxProcess,
     cpu: &mut Vcpu,
     fd: u32,
     at: u32,
     flags: u32,
-) -> Result<i32, Errno> {
+) -> Result<(Run, Finish), Errno> {
     let h = pr.host_fd(fd)?;
     let [name, namelen, iov, iovlen, control, controllen, _] = read_msghdr(pr, cpu, at)?;
     let addr = read_addr(pr, cpu, name, namelen)?;
@@ -535,103 +646,167 @@ fn sendmsg(
     for (base, len) in pr.iovecs(cpu, iov, iovlen)? {
         bufs.push(pr.mm.read(cpu, base, len)?);
     }
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
     let guest_control = if control == 0 {
         Vec::new()
     } else {
         pr.mm.read(cpu, control, controllen.min(1 << 16))?
     };
     let mut host_control = cmsgs_to_host(pr, &guest_control)?;
-    // SAFETY: all-zero is a valid empty msghdr.
-    let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
-    if !addr.is_empty() {
-        m.msg_name = addr.as_ptr() as *mut libc::c_void;
-        m.msg_namelen = addr.len() as libc::socklen_t;
-    }
-    m.msg_iov = iovs.as_mut_ptr();
-    m.msg_iovlen = iovs.len();
-    if !host_control.is_empty() {
-        m.msg_control = host_control.as_mut_ptr().cast();
-        m.msg_controllen = host_control.len();
-    }
-    // SAFETY: every pointer in `m` points into a buffer above of the
-    // length given.
-    check(unsafe { libc::sendmsg(h, &m, (flags | MSG_NOSIGNAL) as i32) } as _)
+    let run: Run = Box::new(move || {
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: all-zero is a valid empty msghdr.
+        let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+        if !addr.is_empty() {
+            m.msg_name = addr.as_ptr() as *mut libc::c_void;
+            m.msg_namelen = addr.len() as libc::socklen_t;
+        }
+        m.msg_iov = iovs.as_mut_ptr();
+        m.msg_iovlen = iovs.len();
+        if !host_control.is_empty() {
+            m.msg_control = host_control.as_mut_ptr().cast();
+            m.msg_controllen = host_control.len();
+        }
+        // SAFETY: every pointer in `m` points into a buffer above of the
+        // length given.
+        let r = unsafe { libc::sendmsg(h, &m, (flags | MSG_NOSIGNAL) as i32) };
+        (result(r), Vec::new())
+    });
+    Ok((run, Box::new(move |pr, _, r, _| sent(pr, r, flags))))
 }
 
+/// recvmsg: the guest's message header read now; the host part receives
+/// into buffers of its own and hands back the data, the sender's address,
+/// the control messages, their lengths and the flags; the guest part
+/// writes them (descriptors received installed in the guest's table).
 fn recvmsg(
     pr: &mut LinuxProcess,
     cpu: &mut Vcpu,
     fd: u32,
     at: u32,
     flags: u32,
-) -> Result<i32, Errno> {
+) -> Result<(Run, Finish), Errno> {
     let h = pr.host_fd(fd)?;
     let [name, _, iov, iovlen, control, controllen, _] = read_msghdr(pr, cpu, at)?;
     let vecs = pr.iovecs(cpu, iov, iovlen)?;
-    let mut bufs: Vec<Vec<u8>> = vecs
-        .iter()
-        .map(|&(_, len)| vec![0u8; len.min(1 << 24) as usize])
-        .collect();
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let (mut s, len) = addr_room();
-    // Room for the host's form of as many control bytes as the guest has
-    // (each header 4 bytes longer, each message padded to 8).
-    let mut host_control = vec![0u8; 2 * controllen.min(1 << 16) as usize + 64];
-    // SAFETY: all-zero is a valid empty msghdr.
-    let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
-    if name != 0 {
-        m.msg_name = (&mut s as *mut libc::sockaddr_storage).cast();
-        m.msg_namelen = len;
-    }
-    m.msg_iov = iovs.as_mut_ptr();
-    m.msg_iovlen = iovs.len();
-    if control != 0 && controllen > 0 {
-        m.msg_control = host_control.as_mut_ptr().cast();
-        m.msg_controllen = host_control.len();
-    }
-    // SAFETY: every pointer in `m` points into a buffer above of the
-    // length given; the host's descriptors come back close-on-exec.
-    let n = check(unsafe { libc::recvmsg(h, &mut m, (flags | MSG_CMSG_CLOEXEC) as i32) } as _)?;
-    let mut left = n as usize;
-    for (&(base, _), b) in vecs.iter().zip(&bufs) {
-        let k = left.min(b.len());
-        if k == 0 {
-            break;
+    let sizes: Vec<usize> = vecs.iter().map(|&(_, l)| l.min(1 << 24) as usize).collect();
+    let want_control = control != 0 && controllen > 0;
+    let run: Run = Box::new(move || {
+        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let (mut s, len) = addr_room();
+        // Room for the host's form of as many control bytes as the guest
+        // has (each header 4 bytes longer, each message padded to 8).
+        let mut host_control = vec![0u8; 2 * controllen.min(1 << 16) as usize + 64];
+        // SAFETY: all-zero is a valid empty msghdr.
+        let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+        if name != 0 {
+            m.msg_name = (&mut s as *mut libc::sockaddr_storage).cast();
+            m.msg_namelen = len;
         }
-        pr.mm.write(cpu, base, &b[..k])?;
-        left -= k;
-    }
-    // (The host echoes MSG_CMSG_CLOEXEC, which popek always asks for.)
-    let mut msg_flags = m.msg_flags as u32 & !MSG_CMSG_CLOEXEC | flags & MSG_CMSG_CLOEXEC;
-    let mut guest_controllen = 0;
-    if control != 0 && controllen > 0 {
-        let got = &host_control[..m.msg_controllen.min(host_control.len())];
-        let (out, truncated) =
-            cmsgs_to_guest(pr, got, controllen as usize, flags & MSG_CMSG_CLOEXEC != 0);
-        if truncated {
-            msg_flags |= libc::MSG_CTRUNC as u32;
+        m.msg_iov = iovs.as_mut_ptr();
+        m.msg_iovlen = iovs.len();
+        if want_control {
+            m.msg_control = host_control.as_mut_ptr().cast();
+            m.msg_controllen = host_control.len();
         }
-        pr.mm.write(cpu, control, &out)?;
-        guest_controllen = out.len() as u32;
-    }
-    if name != 0 {
-        let bytes = storage_bytes(&s, m.msg_namelen);
-        write_addr(pr, cpu, name, at + 4, &bytes)?;
-    }
-    pr.mm.write_u32(cpu, at + 20, guest_controllen)?;
-    pr.mm.write_u32(cpu, at + 24, msg_flags)?;
-    Ok(n)
+        // SAFETY: every pointer in `m` points into a buffer above of the
+        // length given; the host's descriptors come back close-on-exec.
+        let n = unsafe { libc::recvmsg(h, &mut m, (flags | MSG_CMSG_CLOEXEC) as i32) };
+        let r = result(n);
+        if r < 0 {
+            return (r, Vec::new());
+        }
+        // The data, the address, the control messages, then the three
+        // lengths and the flags.
+        let mut out = Vec::new();
+        let mut left = r as usize;
+        for b in &bufs {
+            let k = left.min(b.len());
+            out.extend(&b[..k]);
+            left -= k;
+        }
+        let data_len = out.len() as u32;
+        let addr = if name != 0 {
+            storage_bytes(&s, m.msg_namelen)
+        } else {
+            Vec::new()
+        };
+        out.extend(&addr);
+        let got = if want_control {
+            &host_control[..m.msg_controllen.min(host_control.len())]
+        } else {
+            &[][..]
+        };
+        out.extend(got);
+        for v in [
+            data_len,
+            addr.len() as u32,
+            got.len() as u32,
+            m.msg_flags as u32,
+        ] {
+            out.extend(v.to_le_bytes());
+        }
+        (r, out)
+    });
+    let finish: Finish = Box::new(move |pr, cpu, r, mut b| {
+        if r < 0 {
+            return r as i32;
+        }
+        let msg_flags = take_u32(&mut b);
+        let _control_len = take_u32(&mut b);
+        let addr_len = take_u32(&mut b) as usize;
+        let data_len = take_u32(&mut b) as usize;
+        let host_control = b.split_off(data_len + addr_len);
+        let addr = b.split_off(data_len);
+        let mut put = || -> Result<(), Errno> {
+            let mut done = 0usize;
+            for &(base, len) in &vecs {
+                let k = (data_len - done).min(len as usize);
+                if k == 0 {
+                    break;
+                }
+                pr.mm.write(cpu, base, &b[done..done + k])?;
+                done += k;
+            }
+            // (The host echoes MSG_CMSG_CLOEXEC, which popek always asks
+            // for.)
+            let mut msg_flags = msg_flags & !MSG_CMSG_CLOEXEC | flags & MSG_CMSG_CLOEXEC;
+            let mut guest_controllen = 0;
+            if want_control {
+                let (out, truncated) = cmsgs_to_guest(
+                    pr,
+                    &host_control,
+                    controllen as usize,
+                    flags & MSG_CMSG_CLOEXEC != 0,
+                );
+                if truncated {
+                    msg_flags |= libc::MSG_CTRUNC as u32;
+                }
+                pr.mm.write(cpu, control, &out)?;
+                guest_controllen = out.len() as u32;
+            }
+            if name != 0 {
+                write_addr(pr, cpu, name, at + 4, &addr)?;
+            }
+            pr.mm.write_u32(cpu, at + 20, guest_controllen)?;
+            pr.mm.write_u32(cpu, at + 24, msg_flags)
+        };
+        match put() {
+            Ok(()) => r as i32,
+            Err(e) => -e,
+        }
+    });
+    Ok((run, finish))
 }

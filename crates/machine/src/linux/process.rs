@@ -281,6 +281,30 @@ impl LinuxProcess {
         }
     }
 
+    /// A host call that may block (`run`, which owns what it needs), then
+    /// its result put into the guest (`finish`, returning EAX): at once,
+    /// or, in a process with several threads, outside the process lock so
+    /// that the others run meanwhile (see `threads::Block::Host`).
+    pub(super) fn blocking(
+        &mut self,
+        cpu: &mut Vcpu,
+        run: impl FnOnce() -> (i64, Vec<u8>) + Send + 'static,
+        finish: impl FnOnce(&mut LinuxProcess, &mut Vcpu, i64, Vec<u8>) -> i32 + Send + 'static,
+    ) -> Result<i32, Errno> {
+        if self.group.is_some() {
+            self.block = Some(super::threads::Block::Host {
+                run: Box::new(run),
+                finish: Box::new(finish),
+            });
+            return Ok(0);
+        }
+        let (r, data) = run();
+        match finish(self, cpu, r, data) {
+            e @ -4095..=-1 => Err(-e),
+            v => Ok(v),
+        }
+    }
+
     /// SIGPIPE for the guest (a write or send that met EPIPE): its
     /// default action ends the process.
     pub(super) fn raise_sigpipe(&mut self) {

@@ -467,7 +467,8 @@ impl LinuxProcess {
 }
 
 /// poll (168), ppoll (309), ppoll_time64 (414): the host's, on the host
-/// descriptors behind the guest's (struct pollfd is the same on i386).
+/// descriptors behind the guest's (struct pollfd is the same on i386);
+/// outside the process lock in a threaded process.
 pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
     let count = a[1];
@@ -511,17 +512,31 @@ pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         let ns = i32::from_le_bytes(t[4..8].try_into().expect("4 bytes"));
         s.saturating_mul(1000).saturating_add(ns / 1_000_000)
     };
-    // SAFETY: `fds` holds `count` pollfds.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-    if r < 0 {
-        return Err(host_errno());
-    }
-    let mut out = raw;
-    for (i, f) in fds.iter().enumerate() {
-        out[8 * i + 6..8 * i + 8].copy_from_slice(&f.revents.to_le_bytes());
-    }
-    pr.mm.write(cpu, a[0], &out)?;
-    Ok(r)
+    let at = a[0];
+    pr.blocking(
+        cpu,
+        move || {
+            // SAFETY: `fds` holds `count` pollfds.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if r < 0 {
+                return (-i64::from(host_errno()), Vec::new());
+            }
+            let mut out = raw;
+            for (i, f) in fds.iter().enumerate() {
+                out[8 * i + 6..8 * i + 8].copy_from_slice(&f.revents.to_le_bytes());
+            }
+            (i64::from(r), out)
+        },
+        move |pr, cpu, r, out| {
+            if r < 0 {
+                return r as i32;
+            }
+            match pr.mm.write(cpu, at, &out) {
+                Ok(()) => r as i32,
+                Err(e) => -e,
+            }
+        },
+    )
 }
 
 /// _newselect (142), pselect6 (308), pselect6_time64 (413): the host's
