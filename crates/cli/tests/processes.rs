@@ -147,7 +147,8 @@ ionice -p $$
 
 /// busybox sh: pipelines, subshells, command substitution, background
 /// jobs and wait, traps, kill, exit statuses, SIGPIPE, exec, a #! script
-/// whose interpreter is busybox, links, ownership, truncation, statfs.
+/// whose interpreter is busybox, links, ownership, truncation, statfs,
+/// resource limits.
 #[test]
 fn busybox_shell_scripts_run_as_natively() {
     let bb = busybox();
@@ -178,6 +179,7 @@ d=/tmp/popek-sh-dir-$$; mkdir -p $d; cd $d
 echo hi > a; ln a b; ln -s a c; ls -l | wc -l; readlink c; chown $(id -u) a
 truncate -s 100 a; wc -c < a; sync; df / > /dev/null; echo "df $?"
 cp -p a d; mv d e; ls | tr '\n' ' '; echo; cd /; rm -r $d
+(ulimit -n 512; ulimit -n; ulimit -s 4096; ulimit -s; ulimit -v 100000; ulimit -v)
 echo "end"
 exit 3
 "#

@@ -2,7 +2,7 @@
  * direct calls, Unix and loopback TCP and UDP, descriptors passed with
  * SCM_RIGHTS, socket options), positioned I/O, record locks, event
  * descriptors (epoll, eventfd, timerfd, inotify), select and its
- * relatives, ids and scheduling, signalfd, splice and tee, extended
+ * relatives, ids and scheduling, POSIX timers, signalfd, splice and tee, extended
  * attributes, the old time calls, shared memory (anonymous across a fork,
  * and files mapped MAP_SHARED). Every line printed must read the same
  * under popek as natively: no pids, ports or times. argv[1]: a directory
@@ -350,6 +350,38 @@ static void sockets(void) {
     T(syscall(102, 99, NULL));
 }
 
+static volatile sig_atomic_t ticks;
+static void on_tick(int s) {
+    (void)s;
+    ticks++;
+}
+
+static void posix_timers(void) {
+    signal(SIGUSR1, on_tick);
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_SIGNAL;
+    sev.sigev_signo = SIGUSR1;
+    timer_t t;
+    T(timer_create(CLOCK_MONOTONIC, &sev, &t));
+    struct itimerspec it = {{0, 10000000}, {0, 10000000}}, cur;
+    T(timer_settime(t, 0, &it, 0));
+    while (ticks < 3)
+        pause();
+    T(timer_gettime(t, &cur));
+    printf("interval %ld ns, ticked %d\n", cur.it_interval.tv_nsec, ticks >= 3);
+    T(timer_getoverrun(t) >= 0);
+    T(timer_delete(t));
+    T(timer_delete(t));
+    sev.sigev_notify = SIGEV_NONE;
+    T(timer_create(CLOCK_REALTIME, &sev, &t));
+    struct itimerspec later = {{0, 0}, {100, 0}};
+    T(timer_settime(t, 0, &later, 0));
+    T(timer_gettime(t, &cur));
+    printf("armed for later: %d\n", cur.it_value.tv_sec > 90);
+    T(timer_delete(t));
+}
+
 static void more_calls(void) {
     /* A signal the process blocks, read from a signalfd. */
     sigset_t m;
@@ -473,6 +505,7 @@ int main(int argc, char **argv) {
     events();
     sockets();
     more_calls();
+    posix_timers();
     shared_memory();
     return 0;
 }

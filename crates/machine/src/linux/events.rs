@@ -257,3 +257,98 @@ pub(super) fn sys_signalfd(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Er
     }
     Ok(install(pr, h, flags))
 }
+
+/// timer_create (259), timer_settime (260, 409), timer_gettime (261,
+/// 408), timer_getoverrun (262), timer_delete (263): POSIX timers, the
+/// host's (their ids are the kernel's). A timer signals the host process,
+/// so the signal reaches the guest as any other from outside does (its
+/// siginfo carries the signal number only). SIGEV_SIGNAL and SIGEV_NONE
+/// are supported, and SIGEV_THREAD_ID naming the calling thread; another
+/// thread (glibc's SIGEV_THREAD helper) is refused with EINVAL.
+pub(super) fn sys_timer(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    const SIGEV_SIGNAL: i32 = 0;
+    const SIGEV_NONE: i32 = 1;
+    const SIGEV_THREAD_ID: i32 = 4;
+    match n {
+        259 => {
+            // SAFETY: an all-zero sigevent is valid.
+            let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+            if a[1] == 0 {
+                sev.sigev_notify = SIGEV_SIGNAL;
+                sev.sigev_signo = libc::SIGALRM;
+            } else {
+                let b = pr.mm.read(cpu, a[1], 16)?;
+                let w = |i: usize| i32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4"));
+                sev.sigev_value = libc::sigval {
+                    sival_ptr: w(0) as u32 as usize as *mut libc::c_void,
+                };
+                sev.sigev_signo = w(1);
+                sev.sigev_notify = w(2);
+                match sev.sigev_notify {
+                    SIGEV_SIGNAL | SIGEV_NONE => {}
+                    SIGEV_THREAD_ID if w(3) as u32 == pr.tid => {
+                        // SAFETY: gettid cannot fail.
+                        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+                    }
+                    _ => return Err(EINVAL),
+                }
+            }
+            let mut id: i32 = 0;
+            // SAFETY: `sev` and `id` are valid for the call.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_timer_create,
+                    a[0] as i32,
+                    &sev as *const libc::sigevent,
+                    &mut id as *mut i32,
+                )
+            })?;
+            pr.mm.write_u32(cpu, a[2], id as u32)?;
+            Ok(0)
+        }
+        260 | 409 => {
+            let wide = n == 409;
+            let new = itimerspec(&pr.mm.read(cpu, a[2], if wide { 32 } else { 16 })?, wide);
+            // SAFETY: an all-zero itimerspec is valid.
+            let mut old: libc::itimerspec = unsafe { std::mem::zeroed() };
+            // SAFETY: `new` and `old` are valid itimerspecs.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_timer_settime,
+                    a[0] as i32,
+                    a[1] as i32,
+                    &new as *const libc::itimerspec,
+                    &mut old as *mut libc::itimerspec,
+                )
+            })?;
+            if a[3] != 0 {
+                pr.mm.write(cpu, a[3], &itimerspec_bytes(&old, wide))?;
+            }
+            Ok(0)
+        }
+        261 | 408 => {
+            // SAFETY: an all-zero itimerspec is valid.
+            let mut now: libc::itimerspec = unsafe { std::mem::zeroed() };
+            // SAFETY: `now` is valid to fill.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_timer_gettime,
+                    a[0] as i32,
+                    &mut now as *mut libc::itimerspec,
+                )
+            })?;
+            pr.mm.write(cpu, a[1], &itimerspec_bytes(&now, n == 408))?;
+            Ok(0)
+        }
+        _ => {
+            let call = if n == 262 {
+                libc::SYS_timer_getoverrun
+            } else {
+                libc::SYS_timer_delete
+            };
+            // SAFETY: a plain argument.
+            check(unsafe { libc::syscall(call, a[0] as i32) })
+        }
+    }
+}

@@ -523,35 +523,92 @@ pub(super) fn sys_getcwd(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     Ok(b.len() as i32)
 }
 
-/// ugetrlimit, prlimit64.
-pub(super) fn sys_ugetrlimit(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+/// getrlimit (76), setrlimit (75), ugetrlimit (191), prlimit64 (340).
+/// The limits are the host process's (a guest that lowers its descriptor
+/// limit lowers popek's), but for those on the address space (RLIMIT_DATA,
+/// RLIMIT_STACK, RLIMIT_RSS, RLIMIT_AS), which would bound popek's own
+/// reservations: the guest's are kept in the process, reported back and
+/// not enforced. The i386 `rlimit` has 32-bit words (infinity
+/// 0xffffffff; getrlimit, the old call, says 0x7fffffff); prlimit64's are
+/// 64-bit.
+pub(super) fn sys_rlimit(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    const INFINITY: u64 = u64::MAX;
     let Call { cpu, n, a, .. } = c;
-    let (res, new, old) = if n == 191 {
-        (a[0], 0, a[1])
-    } else {
-        if a[0] != 0 && a[0] != std::process::id() {
-            return Err(ESRCH);
+    let (res, new, old) = match n {
+        76 | 191 => (a[0], 0, a[1]),
+        75 => (a[0], a[1], 0),
+        _ => {
+            let pid = a[0];
+            if pid != 0 && pid != std::process::id() && pid != pr.tid && pid < 1 << 28 {
+                return Err(ESRCH);
+            }
+            (a[1], a[2], a[3])
         }
-        (a[1], a[2], a[3])
     };
-    let _ = new;
-    // SAFETY: a zeroed rlimit is valid for getrlimit to fill.
-    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `rl` is valid.
-    if unsafe { libc::getrlimit(res as _, &mut rl) } < 0 {
-        return Err(host_errno());
+    if res >= 16 {
+        return Err(EINVAL);
+    }
+    let kept = matches!(res, 2 | 3 | 5 | 9);
+    let now = match pr.rlimits[res as usize] {
+        Some(v) if kept => v,
+        _ => {
+            // SAFETY: a zeroed rlimit is valid for getrlimit to fill.
+            let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+            // SAFETY: `rl` is valid.
+            if unsafe { libc::getrlimit(res as _, &mut rl) } < 0 {
+                return Err(host_errno());
+            }
+            (rl.rlim_cur, rl.rlim_max)
+        }
+    };
+    if new != 0 {
+        let (cur, max) = if n == 75 {
+            let b = pr.mm.read(cpu, new, 8)?;
+            let w = |i: usize| match u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4"))
+            {
+                u32::MAX => INFINITY,
+                v => u64::from(v),
+            };
+            (w(0), w(1))
+        } else {
+            let b = pr.mm.read(cpu, new, 16)?;
+            let q = |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8"));
+            (q(0), q(1))
+        };
+        if cur > max {
+            return Err(EINVAL);
+        }
+        if kept {
+            // SAFETY: geteuid cannot fail.
+            if max > now.1 && unsafe { libc::geteuid() } != 0 {
+                return Err(EPERM);
+            }
+            pr.rlimits[res as usize] = Some((cur, max));
+        } else {
+            let rl = libc::rlimit {
+                rlim_cur: cur,
+                rlim_max: max,
+            };
+            // SAFETY: `rl` is valid.
+            if unsafe { libc::setrlimit(res as _, &rl) } < 0 {
+                return Err(host_errno());
+            }
+        }
     }
     if old != 0 {
-        if n == 191 {
-            let c = |v: u64| v.min(u64::from(u32::MAX)) as u32;
-            let mut b = c(rl.rlim_cur).to_le_bytes().to_vec();
-            b.extend(c(rl.rlim_max).to_le_bytes());
-            pr.mm.write(cpu, old, &b)?;
-        } else {
-            let mut b = rl.rlim_cur.to_le_bytes().to_vec();
-            b.extend(rl.rlim_max.to_le_bytes());
-            pr.mm.write(cpu, old, &b)?;
-        }
+        let b = match n {
+            340 => [now.0.to_le_bytes(), now.1.to_le_bytes()].concat(),
+            _ => {
+                let top = if n == 76 {
+                    0x7FFF_FFFF
+                } else {
+                    u64::from(u32::MAX)
+                };
+                let c = |v: u64| v.min(top) as u32;
+                [c(now.0).to_le_bytes(), c(now.1).to_le_bytes()].concat()
+            }
+        };
+        pr.mm.write(cpu, old, &b)?;
     }
     Ok(0)
 }

@@ -83,6 +83,10 @@ pub struct LinuxProcess {
     /// Files shared mappings were made of, by device and inode: their
     /// index among guest RAM's backing files (one descriptor each).
     pub(super) shared_files: std::collections::HashMap<(u64, u64), u32>,
+    /// The limits on the address space the guest set (RLIMIT_DATA,
+    /// RLIMIT_STACK, RLIMIT_RSS, RLIMIT_AS: soft, hard), kept rather than
+    /// applied to popek (see `sys_rlimit`); None: the host's.
+    pub(super) rlimits: [Option<(u64, u64)>; 16],
 }
 
 pub(super) const AT_FDCWD: i32 = -100;
@@ -137,6 +141,7 @@ impl LinuxProcess {
             block: None,
             thread_exited: None,
             shared_files: Default::default(),
+            rlimits: [None; 16],
         }
     }
 

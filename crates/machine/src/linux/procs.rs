@@ -453,6 +453,7 @@ impl LinuxProcess {
         next.forked = self.forked;
         next.reset_handlers_for_exec(self);
         next.pending = self.pending;
+        next.rlimits = self.rlimits;
     }
 
     fn report_unsupported(&mut self, n: u32, what: &str, err: &mut dyn Write) {
