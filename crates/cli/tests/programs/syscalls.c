@@ -2,7 +2,7 @@
  * direct calls, Unix and loopback TCP and UDP, descriptors passed with
  * SCM_RIGHTS, socket options), positioned I/O, record locks, event
  * descriptors (epoll, eventfd, timerfd, inotify), select and its
- * relatives, ids and scheduling, POSIX timers, signalfd, splice and tee, extended
+ * relatives, ids and scheduling, POSIX timers, sigqueue, signalfd, splice and tee, extended
  * attributes, the old time calls, shared memory (anonymous across a fork,
  * and files mapped MAP_SHARED). Every line printed must read the same
  * under popek as natively: no pids, ports or times. argv[1]: a directory
@@ -382,6 +382,37 @@ static void posix_timers(void) {
     T(timer_delete(t));
 }
 
+static volatile int queued_value = -1, queued_code;
+static void on_queued(int s, siginfo_t *si, void *u) {
+    (void)s;
+    (void)u;
+    queued_value = si->si_value.sival_int;
+    queued_code = si->si_code;
+}
+
+static void queued_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_queued;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGRTMIN + 1, &sa, 0);
+    union sigval v = {.sival_int = 4242};
+    T(sigqueue(getpid(), SIGRTMIN + 1, v));
+    printf("handler: value %d, SI_QUEUE %d\n", queued_value, queued_code == SI_QUEUE);
+    sigset_t m;
+    sigemptyset(&m);
+    sigaddset(&m, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &m, 0);
+    v.sival_int = 7;
+    T(sigqueue(getpid(), SIGUSR1, v));
+    siginfo_t si;
+    T(sigwaitinfo(&m, &si));
+    printf("sigwaitinfo: value %d, SI_QUEUE %d\n", si.si_value.sival_int, si.si_code == SI_QUEUE);
+    T(kill(getpid(), SIGUSR1));
+    T(sigwaitinfo(&m, &si));
+    printf("sigwaitinfo: SI_USER %d, from itself %d\n", si.si_code == SI_USER, si.si_pid == getpid());
+}
+
 static void more_calls(void) {
     /* A signal the process blocks, read from a signalfd. */
     sigset_t m;
@@ -506,6 +537,7 @@ int main(int argc, char **argv) {
     sockets();
     more_calls();
     posix_timers();
+    queued_signals();
     shared_memory();
     return 0;
 }

@@ -675,9 +675,15 @@ pub(super) fn sys_rt_sigtimedwait(pr: &mut LinuxProcess, c: Call<'_>) -> Result<
         if pr.pending & want != 0 {
             let sig = (pr.pending & want).trailing_zeros() as i32;
             pr.pending &= !bit(sig);
+            let words = pr
+                .siginfo
+                .remove(&sig)
+                .unwrap_or([sig as u32, 0, 0, 0, 0, 0, 0, 0]);
             if a[1] != 0 {
                 let mut info = [0u8; 128];
-                info[..4].copy_from_slice(&(sig as u32).to_le_bytes());
+                for (i, w) in words.iter().enumerate() {
+                    info[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+                }
                 pr.mm.write(cpu, a[1], &info)?;
             }
             return Ok(sig);
@@ -691,16 +697,23 @@ pub(super) fn sys_rt_sigtimedwait(pr: &mut LinuxProcess, c: Call<'_>) -> Result<
             tv_sec: l.as_secs() as i64,
             tv_nsec: i64::from(l.subsec_nanos()),
         });
-        // SAFETY: a valid set and timespec (or NULL: no limit).
+        let mut host = [0u8; 128];
+        // SAFETY: a valid set, room for a siginfo and a timespec (or
+        // NULL: no limit).
         let r = unsafe {
             libc::sigtimedwait(
                 &set,
-                std::ptr::null_mut(),
+                host.as_mut_ptr().cast(),
                 ts.as_ref().map_or(std::ptr::null(), |t| t as *const _),
             )
         };
         if r > 0 {
             pr.pending |= bit(r);
+            // The host's siginfo (signo, errno, code, a pad, pid, uid,
+            // value) in i386's layout.
+            let h = |k: usize| u32::from_ne_bytes(host[k..k + 4].try_into().expect("4 bytes"));
+            pr.siginfo
+                .insert(r, [r as u32, h(4), h(8), h(16), h(20), h(24), 0, 0]);
         } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
             return Err(EAGAIN);
         } else if !pr.signal_pending() {
@@ -709,4 +722,69 @@ pub(super) fn sys_rt_sigtimedwait(pr: &mut LinuxProcess, c: Call<'_>) -> Result<
             return Err(EINTR);
         }
     }
+}
+
+/// rt_sigqueueinfo (178), rt_tgsigqueueinfo (335): a signal with the
+/// sender's siginfo (sigqueue's value). To the process itself it is
+/// queued with that siginfo, so an SA_SIGINFO handler sees si_code and
+/// si_value; to a thread of it, or to another process (through the host,
+/// whose siginfo layout differs: converted), it arrives as a plain signal.
+pub(super) fn sys_rt_sigqueueinfo(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    let (pid, tid, sig, at) = if n == 178 {
+        (a[0], None, a[1] as i32, a[2])
+    } else {
+        (a[0], Some(a[1]), a[2] as i32, a[3])
+    };
+    if !(1..=64).contains(&sig) {
+        return Err(EINVAL);
+    }
+    let b = pr.mm.read(cpu, at, 32)?;
+    let w = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    let me = std::process::id();
+    if pid == me && tid.is_none_or(|t| t == pr.tid) {
+        let mut info = [0u32; 8];
+        for (i, v) in info.iter_mut().enumerate() {
+            *v = w(i);
+        }
+        info[0] = sig as u32;
+        pr.siginfo.insert(sig, info);
+        pr.pending |= bit(sig);
+        return Ok(0);
+    }
+    if let Some(t) = tid {
+        if pid == me && super::threads::signal_thread(pr, t, sig) {
+            return Ok(0);
+        }
+    }
+    // The host's siginfo: signo, errno, code, a pad, then pid, uid and the
+    // value (8 bytes).
+    let mut host = [0u8; 128];
+    for (k, v) in [
+        (0, sig as u32),
+        (4, w(1)),
+        (8, w(2)),
+        (16, w(3)),
+        (20, w(4)),
+        (24, w(5)),
+    ] {
+        host[k..k + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: `host` is a siginfo's 128 bytes.
+    let r = unsafe {
+        match tid {
+            None => libc::syscall(libc::SYS_rt_sigqueueinfo, pid as i32, sig, host.as_ptr()),
+            Some(t) => libc::syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                pid as i32,
+                t as i32,
+                sig,
+                host.as_ptr(),
+            ),
+        }
+    };
+    if r < 0 {
+        return Err(super::process::host_errno());
+    }
+    Ok(0)
 }

@@ -102,7 +102,8 @@ use super::procs::{
 };
 use super::signals::{
     sys_alarm, sys_itimer, sys_kill, sys_pause, sys_rt_sigaction, sys_rt_sigpending,
-    sys_rt_sigprocmask, sys_rt_sigsuspend, sys_rt_sigtimedwait, sys_sigaltstack, sys_sigreturn,
+    sys_rt_sigprocmask, sys_rt_sigqueueinfo, sys_rt_sigsuspend, sys_rt_sigtimedwait,
+    sys_sigaltstack, sys_sigreturn,
 };
 use super::threads::{sys_futex, sys_sched_yield};
 use A::{Dirfd, In, Out, D, S, X};
@@ -222,6 +223,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 175, name: "rt_sigprocmask", args: &[D, X, X, D], run: sys_rt_sigprocmask },
     Syscall { nr: 176, name: "rt_sigpending", args: &[X, D], run: sys_rt_sigpending },
     Syscall { nr: 177, name: "rt_sigtimedwait", args: &[X, X, X, D], run: sys_rt_sigtimedwait },
+    Syscall { nr: 178, name: "rt_sigqueueinfo", args: &[D, D, X], run: sys_rt_sigqueueinfo },
     Syscall { nr: 179, name: "rt_sigsuspend", args: &[X, D], run: sys_rt_sigsuspend },
     Syscall { nr: 180, name: "pread64", args: &[D, Out, D, D, D], run: sys_pread },
     Syscall { nr: 181, name: "pwrite64", args: &[D, In, D, D, D], run: sys_pread },
@@ -342,6 +344,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 332, name: "inotify_init1", args: &[X], run: sys_inotify },
     Syscall { nr: 333, name: "preadv", args: &[D, X, D, D, D], run: sys_preadv },
     Syscall { nr: 334, name: "pwritev", args: &[D, X, D, D, D], run: sys_preadv },
+    Syscall { nr: 335, name: "rt_tgsigqueueinfo", args: &[D, D, D, X], run: sys_rt_sigqueueinfo },
     Syscall { nr: 337, name: "recvmmsg", args: &[D, X, D, X, X], run: sys_socket },
     Syscall { nr: 340, name: "prlimit64", args: &[D, D, X, X], run: sys_rlimit },
     Syscall { nr: 344, name: "syncfs", args: &[D], run: sys_sync },
