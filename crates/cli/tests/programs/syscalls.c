@@ -2,7 +2,8 @@
  * direct calls, Unix and loopback TCP and UDP, descriptors passed with
  * SCM_RIGHTS, socket options), positioned I/O, record locks, event
  * descriptors (epoll, eventfd, timerfd, inotify), select and its
- * relatives, ids and scheduling, POSIX timers, sigqueue, signalfd, splice and tee, extended
+ * relatives, ids and scheduling, POSIX timers, sigqueue, System V
+ * message queues and semaphores, signalfd, splice and tee, extended
  * attributes, the old time calls, shared memory (anonymous across a fork,
  * and files mapped MAP_SHARED). Every line printed must read the same
  * under popek as natively: no pids, ports or times. argv[1]: a directory
@@ -24,6 +25,9 @@
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/inotify.h>
+#include <sys/ipc.h>
+#include <sys/msg.h>
+#include <sys/sem.h>
 #include <sys/signalfd.h>
 #include <sys/xattr.h>
 #include <sys/mman.h>
@@ -413,6 +417,61 @@ static void queued_signals(void) {
     printf("sigwaitinfo: SI_USER %d, from itself %d\n", si.si_code == SI_USER, si.si_pid == getpid());
 }
 
+struct message {
+    long type;
+    char text[32];
+};
+union semun {
+    int val;
+    unsigned short *array;
+};
+
+static void sysv_ipc(void) {
+    int q = msgget(IPC_PRIVATE, 0600);
+    printf("msgget: %d\n", q >= 0);
+    struct message m = {2, "second"};
+    T(msgsnd(q, &m, 7, 0));
+    m.type = 1;
+    strcpy(m.text, "first");
+    T(msgsnd(q, &m, 6, 0));
+    struct message r;
+    memset(&r, 0, sizeof r);
+    T(msgrcv(q, &r, sizeof r.text, 1, 0));
+    printf("type %ld: %s\n", r.type, r.text);
+    fflush(stdout);
+    if (fork() == 0) {
+        struct message c;
+        memset(&c, 0, sizeof c);
+        long n = msgrcv(q, &c, sizeof c.text, 0, 0);
+        printf("child: %ld bytes, type %ld: %s\n", n, c.type, c.text);
+        fflush(stdout);
+        _exit(0);
+    }
+    wait(0);
+    T(msgrcv(q, &r, sizeof r.text, 0, IPC_NOWAIT));
+    T(msgctl(q, IPC_RMID, 0));
+    int s = semget(IPC_PRIVATE, 2, 0600);
+    printf("semget: %d\n", s >= 0);
+    union semun u;
+    u.val = 3;
+    T(semctl(s, 0, SETVAL, u));
+    T(semctl(s, 0, GETVAL));
+    unsigned short all[2] = {5, 6}, got[2] = {0, 0};
+    u.array = all;
+    T(semctl(s, 0, SETALL, u));
+    u.array = got;
+    T(semctl(s, 0, GETALL, u));
+    printf("values %d %d\n", got[0], got[1]);
+    struct sembuf op = {1, -2, 0};
+    T(semop(s, &op, 1));
+    T(semctl(s, 1, GETVAL));
+    struct sembuf wait_op = {0, -9, 0};
+    struct timespec ts = {0, 10000000};
+    T(semtimedop(s, &wait_op, 1, &ts));
+    T(semctl(s, 1, GETPID) == getpid());
+    T(semctl(s, 0, IPC_RMID));
+}
+
 static void more_calls(void) {
     /* A signal the process blocks, read from a signalfd. */
     sigset_t m;
@@ -538,6 +597,7 @@ int main(int argc, char **argv) {
     more_calls();
     posix_timers();
     queued_signals();
+    sysv_ipc();
     shared_memory();
     return 0;
 }

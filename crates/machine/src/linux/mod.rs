@@ -24,6 +24,7 @@ pub mod errno;
 mod events;
 mod files;
 mod handlers;
+mod ipc;
 pub mod mm;
 mod net;
 pub mod process;

@@ -95,6 +95,7 @@ use super::files::{
     sys_link, sys_mem_hint, sys_memfd_create, sys_mknod, sys_pread, sys_preadv, sys_priority,
     sys_splice, sys_statfs64, sys_sync, sys_truncate, sys_utimensat, sys_xattr,
 };
+use super::ipc::{sys_ipc, sys_sysv};
 use super::net::{sys_socket, sys_socketcall};
 use super::procs::{
     sys_chmod, sys_execve, sys_fork, sys_getrusage, sys_pgrp, sys_poll, sys_select, sys_times,
@@ -180,6 +181,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 105, name: "getitimer", args: &[D, X], run: sys_itimer },
     Syscall { nr: 114, name: "wait4", args: &[D, X, X, X], run: sys_wait4 },
     Syscall { nr: 116, name: "sysinfo", args: &[X], run: sys_sysinfo },
+    Syscall { nr: 117, name: "ipc", args: &[D, D, D, D, X, D], run: sys_ipc },
     Syscall { nr: 118, name: "fsync", args: &[D], run: sys_sync },
     Syscall { nr: 119, name: "sigreturn", args: &[], run: sys_sigreturn },
     Syscall { nr: 120, name: "clone", args: &[X, X, X, X, X], run: sys_fork },
@@ -372,6 +374,12 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 379, name: "pwritev2", args: &[D, X, D, D, D, X], run: sys_preadv },
     Syscall { nr: 383, name: "statx", args: &[Dirfd, S, X, X, X], run: sys_statx },
     Syscall { nr: 386, name: "rseq", args: &[X, D, X, X], run: sys_unknown },
+    Syscall { nr: 393, name: "semget", args: &[D, D, X], run: sys_sysv },
+    Syscall { nr: 394, name: "semctl", args: &[D, D, D, X], run: sys_sysv },
+    Syscall { nr: 399, name: "msgget", args: &[D, X], run: sys_sysv },
+    Syscall { nr: 400, name: "msgsnd", args: &[D, X, D, X], run: sys_sysv },
+    Syscall { nr: 401, name: "msgrcv", args: &[D, X, D, D, X], run: sys_sysv },
+    Syscall { nr: 402, name: "msgctl", args: &[D, D, X], run: sys_sysv },
     Syscall { nr: 403, name: "clock_gettime64", args: &[D, X], run: sys_clock_gettime },
     Syscall { nr: 406, name: "clock_getres_time64", args: &[D, X], run: sys_clock_getres },
     Syscall { nr: 407, name: "clock_nanosleep_time64", args: &[D, D, X, X], run: sys_clock_nanosleep },
@@ -383,6 +391,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 413, name: "pselect6_time64", args: &[D, X, X, X, X, X], run: sys_select },
     Syscall { nr: 414, name: "ppoll_time64", args: &[X, D, X, X, D], run: sys_poll },
     Syscall { nr: 417, name: "recvmmsg_time64", args: &[D, X, D, X, X], run: sys_socket },
+    Syscall { nr: 420, name: "semtimedop_time64", args: &[D, X, D, X], run: sys_sysv },
     Syscall { nr: 421, name: "rt_sigtimedwait_time64", args: &[X, X, X, D], run: sys_rt_sigtimedwait },
     Syscall { nr: 422, name: "futex_time64", args: &[X, D, D, X, X, X], run: sys_futex },
     Syscall { nr: 423, name: "sched_rr_get_interval_time64", args: &[D, X], run: sys_sched },

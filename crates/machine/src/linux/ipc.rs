@@ -1,0 +1,293 @@
+//! System V message queues and semaphores: the host's (so they are shared
+//! with every process on the host, popek's or not), through `ipc` (117,
+//! the i386 multiplexer Debian's glibc uses) or the direct calls (393 ...
+//! 402, semtimedop_time64 420). What differs on i386 is converted: a
+//! message's type is a 32-bit long, semtimedop's timeout a 32-bit
+//! timespec. The `*_ds` structures (IPC_STAT, IPC_SET, the INFO calls)
+//! are not converted: those commands return EINVAL. Shared memory
+//! segments (shmget, shmat) are not supported (ENOSYS).
+
+use popek_vcpu::Vcpu;
+
+use super::errno::*;
+use super::process::{host_errno, LinuxProcess};
+use super::syscalls::Call;
+
+fn check(r: libc::c_long) -> Result<i32, Errno> {
+    if r < 0 {
+        Err(host_errno())
+    } else {
+        Ok(r as i32)
+    }
+}
+
+/// The `ipc` multiplexer's calls (linux/ipc.h).
+mod call {
+    pub const SEMOP: u32 = 1;
+    pub const SEMGET: u32 = 2;
+    pub const SEMCTL: u32 = 3;
+    pub const SEMTIMEDOP: u32 = 4;
+    pub const MSGSND: u32 = 11;
+    pub const MSGRCV: u32 = 12;
+    pub const MSGGET: u32 = 13;
+    pub const MSGCTL: u32 = 14;
+}
+
+/// ipc (117): call, first, second, third, ptr, fifth.
+pub(super) fn sys_ipc(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, a, .. } = c;
+    let (first, second, third, ptr, fifth) = (a[1], a[2], a[3], a[4], a[5]);
+    match a[0] & 0xFFFF {
+        call::SEMOP => semop(pr, cpu, first, ptr, second, None),
+        call::SEMTIMEDOP => semop(pr, cpu, first, ptr, second, Some((fifth, false))),
+        call::SEMGET => semget(first, second, third),
+        // (The fourth argument is a pointer to the union.)
+        call::SEMCTL => {
+            let arg = if ptr == 0 {
+                0
+            } else {
+                pr.mm.read_u32(cpu, ptr)?
+            };
+            semctl(pr, cpu, first, second, third, arg)
+        }
+        call::MSGSND => msgsnd(pr, cpu, first, ptr, second, third),
+        // Version 0 passes the buffer and type in a struct (ipc_kludge).
+        call::MSGRCV => {
+            let (buf, typ) = if a[0] >> 16 == 0 {
+                (pr.mm.read_u32(cpu, ptr)?, pr.mm.read_u32(cpu, ptr + 4)?)
+            } else {
+                (ptr, fifth)
+            };
+            msgrcv(pr, cpu, first, buf, second, typ as i32, third)
+        }
+        call::MSGGET => msgget(first, second),
+        call::MSGCTL => msgctl(first, second),
+        // (shmat, shmdt, shmget, shmctl: 21-24.)
+        _ => Err(ENOSYS),
+    }
+}
+
+/// The direct calls: semget (393), semctl (394), msgget (399), msgsnd
+/// (400), msgrcv (401), msgctl (402), semtimedop_time64 (420).
+pub(super) fn sys_sysv(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
+    let Call { cpu, n, a, .. } = c;
+    match n {
+        393 => semget(a[0], a[1], a[2]),
+        394 => semctl(pr, cpu, a[0], a[1], a[2], a[3]),
+        399 => msgget(a[0], a[1]),
+        400 => msgsnd(pr, cpu, a[0], a[1], a[2], a[3]),
+        401 => msgrcv(pr, cpu, a[0], a[1], a[2], a[3] as i32, a[4]),
+        402 => msgctl(a[0], a[1]),
+        _ => semop(pr, cpu, a[0], a[1], a[2], Some((a[3], true))),
+    }
+}
+
+fn semget(key: u32, n: u32, flags: u32) -> Result<i32, Errno> {
+    // SAFETY: plain arguments.
+    check(unsafe { libc::semget(key as i32, n as i32, flags as i32) } as _)
+}
+
+fn msgget(key: u32, flags: u32) -> Result<i32, Errno> {
+    // SAFETY: plain arguments.
+    check(unsafe { libc::msgget(key as i32, flags as i32) } as _)
+}
+
+/// semop and semtimedop (the timeout a 32-bit timespec, or a 64-bit one
+/// if `wide`): `struct sembuf` is the same on both.
+fn semop(
+    pr: &mut LinuxProcess,
+    cpu: &mut Vcpu,
+    id: u32,
+    sops: u32,
+    nsops: u32,
+    timeout: Option<(u32, bool)>,
+) -> Result<i32, Errno> {
+    if nsops == 0 || nsops > 500 {
+        return Err(if nsops == 0 { EINVAL } else { E2BIG });
+    }
+    let ops = pr.mm.read(cpu, sops, 6 * nsops)?;
+    let ts = match timeout {
+        Some((at, wide)) if at != 0 => {
+            let t = pr.mm.read(cpu, at, if wide { 16 } else { 8 })?;
+            Some(if wide {
+                libc::timespec {
+                    tv_sec: i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
+                    tv_nsec: i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
+                }
+            } else {
+                libc::timespec {
+                    tv_sec: i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
+                    tv_nsec: i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
+                }
+            })
+        }
+        _ => None,
+    };
+    pr.blocking(
+        cpu,
+        move || {
+            let tp = ts
+                .as_ref()
+                .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+            // SAFETY: `ops` holds `nsops` sembufs; `tp` a timespec or null.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_semtimedop,
+                    id as i32,
+                    ops.as_ptr(),
+                    nsops as usize,
+                    tp,
+                )
+            };
+            let r = if r < 0 { -i64::from(host_errno()) } else { r };
+            (r, Vec::new())
+        },
+        |_, _, r, _| r as i32,
+    )
+}
+
+/// semctl: the value commands, GETALL and SETALL (arrays of 16-bit
+/// values), IPC_RMID; the `semid_ds` ones are refused.
+fn semctl(
+    pr: &mut LinuxProcess,
+    cpu: &mut Vcpu,
+    id: u32,
+    num: u32,
+    cmd: u32,
+    arg: u32,
+) -> Result<i32, Errno> {
+    const IPC_RMID: u32 = 0;
+    const GETPID: u32 = 11;
+    const GETVAL: u32 = 12;
+    const GETALL: u32 = 13;
+    const GETNCNT: u32 = 14;
+    const GETZCNT: u32 = 15;
+    const SETVAL: u32 = 16;
+    const SETALL: u32 = 17;
+    let (id, num) = (id as i32, num as i32);
+    // (IPC_64, which glibc adds to the command, changes only the *_ds
+    // layouts.)
+    let cmd = cmd & !0x100;
+    // SAFETY: plain arguments, or an array of the semaphores' count.
+    unsafe {
+        match cmd {
+            IPC_RMID | GETPID | GETVAL | GETNCNT | GETZCNT => {
+                check(libc::semctl(id, num, cmd as i32) as _)
+            }
+            SETVAL => check(libc::semctl(id, num, cmd as i32, arg as i32) as _),
+            GETALL | SETALL => {
+                let n = sem_count(id)?;
+                let mut vals = vec![0u16; n];
+                if cmd == SETALL {
+                    let b = pr.mm.read(cpu, arg, 2 * n as u32)?;
+                    for (v, c) in vals.iter_mut().zip(b.chunks(2)) {
+                        *v = u16::from_le_bytes([c[0], c[1]]);
+                    }
+                }
+                let r = check(libc::semctl(id, 0, cmd as i32, vals.as_mut_ptr()) as _)?;
+                if cmd == GETALL {
+                    let b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    pr.mm.write(cpu, arg, &b)?;
+                }
+                Ok(r)
+            }
+            _ => Err(EINVAL),
+        }
+    }
+}
+
+/// How many semaphores set `id` has (IPC_STAT on the host).
+fn sem_count(id: i32) -> Result<usize, Errno> {
+    // SAFETY: an all-zero semid_ds is valid to fill.
+    let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: `ds` is valid to fill.
+    check(unsafe { libc::semctl(id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) } as _)?;
+    Ok(ds.sem_nsems as usize)
+}
+
+/// msgsnd: the i386 message (a 32-bit type, then the text) made the
+/// host's (a 64-bit type).
+fn msgsnd(
+    pr: &mut LinuxProcess,
+    cpu: &mut Vcpu,
+    id: u32,
+    msg: u32,
+    size: u32,
+    flags: u32,
+) -> Result<i32, Errno> {
+    if size > 1 << 20 {
+        return Err(EINVAL);
+    }
+    let typ = pr.mm.read_u32(cpu, msg)? as i32;
+    let text = pr.mm.read(cpu, msg + 4, size)?;
+    let mut host = i64::from(typ).to_ne_bytes().to_vec();
+    host.extend(text);
+    pr.blocking(
+        cpu,
+        move || {
+            // SAFETY: `host` holds a type and `size` bytes of text.
+            let r = unsafe {
+                libc::msgsnd(id as i32, host.as_ptr().cast(), size as usize, flags as i32)
+            };
+            (if r < 0 { -i64::from(host_errno()) } else { 0 }, Vec::new())
+        },
+        |_, _, r, _| r as i32,
+    )
+}
+
+/// msgrcv: the host's message made the i386 one.
+fn msgrcv(
+    pr: &mut LinuxProcess,
+    cpu: &mut Vcpu,
+    id: u32,
+    msg: u32,
+    size: u32,
+    typ: i32,
+    flags: u32,
+) -> Result<i32, Errno> {
+    if size > 1 << 20 {
+        return Err(EINVAL);
+    }
+    pr.blocking(
+        cpu,
+        move || {
+            let mut host = vec![0u8; 8 + size as usize];
+            // SAFETY: `host` has room for a type and `size` bytes.
+            let r = unsafe {
+                libc::msgrcv(
+                    id as i32,
+                    host.as_mut_ptr().cast(),
+                    size as usize,
+                    libc::c_long::from(typ),
+                    flags as i32,
+                )
+            };
+            if r < 0 {
+                return (-i64::from(host_errno()), Vec::new());
+            }
+            host.truncate(8 + r as usize);
+            (r as i64, host)
+        },
+        move |pr, cpu, r, host| {
+            if r < 0 {
+                return r as i32;
+            }
+            let t = i64::from_ne_bytes(host[..8].try_into().expect("8 bytes")) as i32;
+            let mut out = t.to_le_bytes().to_vec();
+            out.extend(&host[8..]);
+            match pr.mm.write(cpu, msg, &out) {
+                Ok(()) => r as i32,
+                Err(e) => -e,
+            }
+        },
+    )
+}
+
+/// msgctl: IPC_RMID; the `msqid_ds` commands are refused.
+fn msgctl(id: u32, cmd: u32) -> Result<i32, Errno> {
+    match cmd & !0x100 {
+        // SAFETY: IPC_RMID takes no buffer.
+        0 => check(unsafe { libc::msgctl(id as i32, 0, std::ptr::null_mut()) } as _),
+        _ => Err(EINVAL),
+    }
+}
