@@ -221,11 +221,8 @@ impl GuestRam {
         if page >= self.size / PAGE_SIZE || bit(&self.backing.shared, page) {
             return Ok(());
         }
-        let Some(fd) = self.backing.files.get(file as usize).map(|f| f.as_raw_fd()) else {
-            return Err(RamError("no such backing file".into()));
-        };
+        let (fd, off) = self.file_page(file, file_page)?;
         let at = (page * PAGE_SIZE) as usize;
-        let off = i64::from(file_page) * i64::from(PAGE_SIZE);
         // SAFETY: the page lies inside the host view, which `self.map`
         // owns; the file page holds the same bytes (the caller checked),
         // so nothing that reads the view sees a change.
@@ -246,17 +243,32 @@ impl GuestRam {
         set_bit(&mut self.backing.shared, page, true);
         self.backing.source[page as usize] = (file, file_page);
         self.update_attention(page);
-        // SAFETY: fallocate on the memfd this value owns: the machine's
-        // own copy of the page is freed (nothing maps it any more).
+        self.free_own_copy(page);
+        Ok(())
+    }
+
+    /// The descriptor and byte offset of page `file_page` of registered
+    /// file `file`.
+    fn file_page(&self, file: u32, file_page: u32) -> Result<(i32, i64), RamError> {
+        let Some(fd) = self.backing.files.get(file as usize).map(|f| f.as_raw_fd()) else {
+            return Err(RamError("no such backing file".into()));
+        };
+        Ok((fd, i64::from(file_page) * i64::from(PAGE_SIZE)))
+    }
+
+    /// Free the memfd's copy of page `page`, which nothing maps any more
+    /// (it reads as zeros when mapped again).
+    fn free_own_copy(&self, page: u32) {
+        // SAFETY: fallocate on the memfd this value owns; punching a hole
+        // changes only the memfd's contents.
         unsafe {
             libc::fallocate(
                 self.fd.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                at as i64,
+                i64::from(page * PAGE_SIZE),
                 i64::from(PAGE_SIZE),
             );
         }
-        Ok(())
     }
 
     /// Map page `page` of RAM from page `file_page` of registered file
@@ -268,11 +280,8 @@ impl GuestRam {
         if page >= self.size / PAGE_SIZE || bit(&self.backing.shared, page) {
             return Err(RamError(format!("page {page:#x} cannot be linked")));
         }
-        let Some(fd) = self.backing.files.get(file as usize).map(|f| f.as_raw_fd()) else {
-            return Err(RamError("no such backing file".into()));
-        };
+        let (fd, off) = self.file_page(file, file_page)?;
         let at = (page * PAGE_SIZE) as usize;
-        let off = i64::from(file_page) * i64::from(PAGE_SIZE);
         // SAFETY: the page lies inside the host view, which `self.map`
         // owns; no reference into it is held (`&mut self`).
         unsafe {
@@ -288,16 +297,7 @@ impl GuestRam {
         self.backing.source[page as usize] = (file, file_page);
         self.remap_in_window(page)?;
         self.protect_aliases(page, true)?;
-        // SAFETY: fallocate on the memfd this value owns: its copy of the
-        // page is no longer mapped anywhere.
-        unsafe {
-            libc::fallocate(
-                self.fd.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                at as i64,
-                i64::from(PAGE_SIZE),
-            );
-        }
+        self.free_own_copy(page);
         Ok(())
     }
 

@@ -17,6 +17,20 @@ fn check(r: libc::c_long) -> Result<i32, Errno> {
     }
 }
 
+/// A timespec as i386 has it: two 32-bit words, or two 64-bit ones for
+/// the `_time64` calls (`wide`).
+fn timespec_bytes(ts: &libc::timespec, wide: bool) -> Vec<u8> {
+    if wide {
+        [ts.tv_sec.to_le_bytes(), ts.tv_nsec.to_le_bytes()].concat()
+    } else {
+        [
+            (ts.tv_sec as u32).to_le_bytes(),
+            (ts.tv_nsec as u32).to_le_bytes(),
+        ]
+        .concat()
+    }
+}
+
 /// An id as a 16-bit call takes it (0xFFFF: unchanged, -1).
 fn id16(v: u32) -> u32 {
     match v & 0xFFFF {
@@ -202,16 +216,7 @@ pub(super) fn sys_sched(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
             let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
             // SAFETY: `ts` is valid to fill.
             check(unsafe { libc::sched_rr_get_interval(host_pid(pr, a[0]), &mut ts) } as _)?;
-            let b = if n == 161 {
-                [
-                    (ts.tv_sec as u32).to_le_bytes(),
-                    (ts.tv_nsec as u32).to_le_bytes(),
-                ]
-                .concat()
-            } else {
-                [ts.tv_sec.to_le_bytes(), ts.tv_nsec.to_le_bytes()].concat()
-            };
-            pr.mm.write(cpu, a[1], &b)?;
+            pr.mm.write(cpu, a[1], &timespec_bytes(&ts, n == 423))?;
             Ok(0)
         }
         _ => {
@@ -324,16 +329,7 @@ pub(super) fn sys_clock_getres(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32
     // SAFETY: `ts` is valid to fill.
     check(unsafe { libc::clock_getres(a[0] as i32, &mut ts) } as _)?;
     if a[1] != 0 {
-        let b = if n == 266 {
-            [
-                (ts.tv_sec as u32).to_le_bytes(),
-                (ts.tv_nsec as u32).to_le_bytes(),
-            ]
-            .concat()
-        } else {
-            [ts.tv_sec.to_le_bytes(), ts.tv_nsec.to_le_bytes()].concat()
-        };
-        pr.mm.write(cpu, a[1], &b)?;
+        pr.mm.write(cpu, a[1], &timespec_bytes(&ts, n == 406))?;
     }
     Ok(0)
 }

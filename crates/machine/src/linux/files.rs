@@ -409,42 +409,9 @@ pub(super) fn sys_memfd_create(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32
     Ok(g)
 }
 
-/// copy_file_range (377): the host's, the two optional offsets (64-bit
-/// words in guest memory) read and written back.
-pub(super) fn sys_copy_file_range(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
-    let Call { cpu, a, .. } = c;
-    let (fin, fout) = (pr.host_fd(a[0])?, pr.host_fd(a[2])?);
-    let read_off = |pr: &LinuxProcess, at: u32| -> Result<Option<i64>, Errno> {
-        if at == 0 {
-            return Ok(None);
-        }
-        let b = pr.mm.read(cpu, at, 8)?;
-        Ok(Some(i64::from_le_bytes(b.try_into().expect("8 bytes"))))
-    };
-    let (mut oin, mut oout) = (read_off(pr, a[1])?, read_off(pr, a[3])?);
-    let ptr = |o: &mut Option<i64>| o.as_mut().map_or(std::ptr::null_mut(), |v| v as *mut i64);
-    // SAFETY: the offsets point at locals or are null.
-    let r = unsafe {
-        libc::copy_file_range(
-            fin,
-            ptr(&mut oin),
-            fout,
-            ptr(&mut oout),
-            a[4] as usize,
-            a[5],
-        )
-    };
-    let r = check(r as libc::c_int)?;
-    for (at, o) in [(a[1], oin), (a[3], oout)] {
-        if let Some(v) = o {
-            pr.mm.write(cpu, at, &v.to_le_bytes())?;
-        }
-    }
-    Ok(r)
-}
-
-/// splice (313), tee (315): the host's, splice's two optional offsets
-/// (64-bit words in guest memory) read and written back.
+/// copy_file_range (377), splice (313), tee (315): the host's, the two
+/// optional offsets of the first two (64-bit words in guest memory) read
+/// and written back.
 pub(super) fn sys_splice(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
     if n == 315 {
@@ -462,16 +429,15 @@ pub(super) fn sys_splice(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     };
     let (mut oin, mut oout) = (read_off(pr, a[1])?, read_off(pr, a[3])?);
     let ptr = |o: &mut Option<i64>| o.as_mut().map_or(std::ptr::null_mut(), |v| v as *mut i64);
+    let (pin, pout) = (ptr(&mut oin), ptr(&mut oout));
+    let (len, flags) = (a[4] as usize, a[5]);
     // SAFETY: the offsets point at locals or are null.
     let r = unsafe {
-        libc::splice(
-            fin,
-            ptr(&mut oin),
-            fout,
-            ptr(&mut oout),
-            a[4] as usize,
-            a[5],
-        )
+        if n == 377 {
+            libc::copy_file_range(fin, pin, fout, pout, len, flags)
+        } else {
+            libc::splice(fin, pin, fout, pout, len, flags)
+        }
     };
     let r = check(r as libc::c_int)?;
     for (at, o) in [(a[1], oin), (a[3], oout)] {

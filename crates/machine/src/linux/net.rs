@@ -625,6 +625,16 @@ fn cmsgs_to_guest(
     (out, truncated)
 }
 
+/// Host iovecs over `bufs`.
+fn host_iovecs(bufs: &mut [Vec<u8>]) -> Vec<libc::iovec> {
+    bufs.iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect()
+}
+
 /// A blocking call's host part and its guest part
 /// (`LinuxProcess::blocking`).
 type Run = Box<dyn FnOnce() -> (i64, Vec<u8>) + Send>;
@@ -653,13 +663,7 @@ fn sendmsg(
     };
     let mut host_control = cmsgs_to_host(pr, &guest_control)?;
     let run: Run = Box::new(move || {
-        let mut iovs: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
+        let mut iovs = host_iovecs(&mut bufs);
         // SAFETY: all-zero is a valid empty msghdr.
         let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
         if !addr.is_empty() {
@@ -698,13 +702,7 @@ fn recvmsg(
     let want_control = control != 0 && controllen > 0;
     let run: Run = Box::new(move || {
         let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
-        let mut iovs: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
+        let mut iovs = host_iovecs(&mut bufs);
         let (mut s, len) = addr_room();
         // Room for the host's form of as many control bytes as the guest
         // has (each header 4 bytes longer, each message padded to 8).

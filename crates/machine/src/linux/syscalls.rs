@@ -91,9 +91,9 @@ use super::creds::{
 };
 use super::events::{sys_epoll, sys_eventfd, sys_inotify, sys_signalfd, sys_timer, sys_timerfd};
 use super::files::{
-    sys_chown, sys_chroot, sys_close_range, sys_copy_file_range, sys_fd_op, sys_getaffinity,
-    sys_link, sys_mem_hint, sys_memfd_create, sys_mknod, sys_pread, sys_preadv, sys_priority,
-    sys_splice, sys_statfs64, sys_sync, sys_truncate, sys_utimensat, sys_xattr,
+    sys_chown, sys_chroot, sys_close_range, sys_fd_op, sys_getaffinity, sys_link, sys_mem_hint,
+    sys_memfd_create, sys_mknod, sys_pread, sys_preadv, sys_priority, sys_splice, sys_statfs64,
+    sys_sync, sys_truncate, sys_utimensat, sys_xattr,
 };
 use super::ipc::{sys_ipc, sys_sysv};
 use super::net::{sys_socket, sys_socketcall};
@@ -369,7 +369,7 @@ pub(super) static SYSCALLS: &[Syscall] = &[
     Syscall { nr: 372, name: "recvmsg", args: &[D, X, X], run: sys_socket },
     Syscall { nr: 373, name: "shutdown", args: &[D, D], run: sys_socket },
     Syscall { nr: 376, name: "mlock2", args: &[X, X, X], run: sys_mem_hint },
-    Syscall { nr: 377, name: "copy_file_range", args: &[D, X, D, X, D, X], run: sys_copy_file_range },
+    Syscall { nr: 377, name: "copy_file_range", args: &[D, X, D, X, D, X], run: sys_splice },
     Syscall { nr: 378, name: "preadv2", args: &[D, X, D, D, D, X], run: sys_preadv },
     Syscall { nr: 379, name: "pwritev2", args: &[D, X, D, D, D, X], run: sys_preadv },
     Syscall { nr: 383, name: "statx", args: &[Dirfd, S, X, X, X], run: sys_statx },
