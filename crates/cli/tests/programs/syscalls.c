@@ -3,7 +3,7 @@
  * SCM_RIGHTS, socket options), positioned I/O, record locks, event
  * descriptors (epoll, eventfd, timerfd, inotify), select and its
  * relatives, ids and scheduling, POSIX timers, sigqueue, System V
- * message queues and semaphores, signalfd, splice and tee, extended
+ * message queues and semaphores, futexes shared between processes, signalfd, splice and tee, extended
  * attributes, the old time calls, shared memory (anonymous across a fork,
  * and files mapped MAP_SHARED). Every line printed must read the same
  * under popek as natively: no pids, ports or times. argv[1]: a directory
@@ -15,7 +15,9 @@
 #include <grp.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -583,6 +585,48 @@ static void shared_memory(void) {
     printf("private store leaves the file: %s\n", b);
     close(fd);
     printf("other mapping still: %s\n", m2);
+    /* Futexes in shared memory wake waiters in other processes: a POSIX
+     * shared-memory object and named semaphore, an unnamed semaphore in
+     * shared anonymous memory, a process-shared mutex. */
+    int sfd = shm_open("/popek-syscalls-test", O_CREAT | O_RDWR, 0600);
+    ftruncate(sfd, 4096);
+    char *p = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, sfd, 0);
+    shm_unlink("/popek-syscalls-test");
+    sem_t *named = sem_open("/popek-syscalls-sem", O_CREAT, 0600, 0);
+    sem_unlink("/popek-syscalls-sem");
+    sem_t *unnamed = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    sem_init(unnamed, 1, 0);
+    fflush(stdout);
+    if (fork() == 0) {
+        usleep(50000);
+        strcpy(p, "posix shared memory");
+        sem_post(named);
+        usleep(50000);
+        sem_post(unnamed);
+        _exit(0);
+    }
+    T(sem_wait(named));
+    printf("after the child's post: %s\n", p);
+    T(sem_wait(unnamed));
+    wait(0);
+    pthread_mutex_t *mu = (void *)(p + 1024);
+    pthread_mutexattr_t at;
+    pthread_mutexattr_init(&at);
+    pthread_mutexattr_setpshared(&at, PTHREAD_PROCESS_SHARED);
+    pthread_mutex_init(mu, &at);
+    pthread_mutex_lock(mu);
+    strcpy(p + 2048, "parent");
+    if (fork() == 0) {
+        pthread_mutex_lock(mu);
+        printf("the child holds the mutex after the %s\n", p + 2048);
+        fflush(stdout);
+        pthread_mutex_unlock(mu);
+        _exit(0);
+    }
+    usleep(50000);
+    strcpy(p + 2048, "parent let go");
+    pthread_mutex_unlock(mu);
+    wait(0);
 }
 
 int main(int argc, char **argv) {

@@ -258,6 +258,93 @@ pub(super) fn clone_thread(
     Ok(tid)
 }
 
+/// The host address of guest word `lin` if it lies in a page of a shared
+/// mapping (linked to a file page: see `GuestRam::link_page`).
+fn shared_word(pr: &LinuxProcess, cpu: &mut Vcpu, lin: u32) -> Option<usize> {
+    let frame = pr.mm.frame(cpu, lin & !0xFFF)?;
+    if !cpu.ram.is_linked(frame >> 12) || lin & 3 != 0 {
+        return None;
+    }
+    Some(cpu.ram.as_mut_slice().as_mut_ptr() as usize + (frame | (lin & 0xFFF)) as usize)
+}
+
+/// A futex operation on words of shared mappings: the host's (waits
+/// outside the process lock in a threaded process). The priority-
+/// inheritance operations, whose words hold thread ids the host does not
+/// know, are refused.
+fn host_futex(
+    pr: &mut LinuxProcess,
+    cpu: &mut Vcpu,
+    n: u32,
+    a: [u32; 6],
+    host: usize,
+) -> Result<i32, Errno> {
+    let [_, op, val, timeout, uaddr2, val3] = a;
+    let cmd = op & 0x7F;
+    let (ts, host2) = match cmd {
+        // WAIT, WAIT_BITSET: a timespec (relative, or absolute for
+        // WAIT_BITSET), 32-bit or 64-bit (futex_time64).
+        0 | 9 => {
+            let ts = if timeout == 0 {
+                None
+            } else {
+                let wide = n == 422;
+                let t = pr.mm.read(cpu, timeout, if wide { 16 } else { 8 })?;
+                Some(if wide {
+                    libc::timespec {
+                        tv_sec: i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
+                        tv_nsec: i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
+                    }
+                } else {
+                    libc::timespec {
+                        tv_sec: i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
+                        tv_nsec: i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
+                    }
+                })
+            };
+            (ts, 0)
+        }
+        // WAKE, WAKE_BITSET.
+        1 | 10 => (None, 0),
+        // REQUEUE, CMP_REQUEUE, WAKE_OP: a second word, in shared memory
+        // too.
+        3..=5 => (None, shared_word(pr, cpu, uaddr2).ok_or(EINVAL)?),
+        _ => return Err(ENOSYS),
+    };
+    let run = move || {
+        let tp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // (REQUEUE's and WAKE_OP's fourth argument is a count, not a
+        // pointer.)
+        let fourth = if matches!(cmd, 3..=5) {
+            timeout as usize
+        } else {
+            tp as usize
+        };
+        // SAFETY: `host` (and `host2`) are words of popek's view of guest
+        // RAM, mapped while the process lives; `tp` is a timespec or null.
+        let r =
+            unsafe { libc::syscall(libc::SYS_futex, host, op as i32, val, fourth, host2, val3) };
+        let r = if r < 0 {
+            -i64::from(super::process::host_errno())
+        } else {
+            r
+        };
+        (r, Vec::new())
+    };
+    if matches!(cmd, 0 | 9) {
+        pr.blocking(cpu, run, |_, _, r, _| r as i32)
+    } else {
+        let (r, _) = run();
+        if r < 0 {
+            Err(-r as Errno)
+        } else {
+            Ok(r as i32)
+        }
+    }
+}
+
 /// tkill/tgkill to a thread of this process: true if `tid` is one (the
 /// signal is then pending for it).
 pub(super) fn signal_thread(pr: &mut LinuxProcess, tid: u32, sig: i32) -> bool {
@@ -293,6 +380,12 @@ pub(super) fn sys_futex(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
     let Call { cpu, n, a, .. } = c;
     let [uaddr, op, val, timeout, uaddr2, val3] = a;
     let cmd = op & 0x7F;
+    // A futex in a shared mapping may have waiters in other processes:
+    // the host's futex on popek's own view of the page (the kernel keys it
+    // by the file page, as it does the guest's under Linux).
+    if let Some(host) = shared_word(pr, cpu, uaddr) {
+        return host_futex(pr, cpu, n, a, host);
+    }
     let realtime = op & 256 != 0;
     let read = |pr: &LinuxProcess, cpu: &Vcpu, at: u32| pr.mm.read_u32(cpu, at);
     // A wait needs another thread to wake it: without one, only a
