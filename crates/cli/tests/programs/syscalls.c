@@ -3,7 +3,7 @@
  * SCM_RIGHTS, socket options), positioned I/O, record locks, event
  * descriptors (epoll, eventfd, timerfd, inotify), select and its
  * relatives, ids and scheduling, POSIX timers, sigqueue, System V
- * message queues and semaphores, futexes shared between processes, signalfd, splice and tee, extended
+ * message queues, semaphores and shared memory, futexes shared between processes, signalfd, splice and tee, extended
  * attributes, the old time calls, shared memory (anonymous across a fork,
  * and files mapped MAP_SHARED). Every line printed must read the same
  * under popek as natively: no pids, ports or times. argv[1]: a directory
@@ -30,6 +30,7 @@
 #include <sys/ipc.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
+#include <sys/shm.h>
 #include <sys/signalfd.h>
 #include <sys/xattr.h>
 #include <sys/mman.h>
@@ -472,6 +473,38 @@ static void sysv_ipc(void) {
     T(semtimedop(s, &wait_op, 1, &ts));
     T(semctl(s, 1, GETPID) == getpid());
     T(semctl(s, 0, IPC_RMID));
+    /* A shared memory segment, attached before a fork and again in the
+     * child. */
+    int id = shmget(IPC_PRIVATE, 10000, IPC_CREAT | 0600);
+    printf("shmget: %d\n", id >= 0);
+    char *p = shmat(id, 0, 0);
+    printf("shmat: %d\n", p != (void *)-1);
+    strcpy(p, "parent");
+    fflush(stdout);
+    if (fork() == 0) {
+        printf("child sees %s\n", p);
+        strcpy(p + 5000, "child wrote");
+        char *again = shmat(id, 0, SHM_RDONLY);
+        printf("child's second attachment sees %s\n", again + 5000);
+        shmdt(again);
+        fflush(stdout);
+        _exit(0);
+    }
+    wait(0);
+    printf("parent sees %s\n", p + 5000);
+    struct shmid_ds ds;
+    T(shmctl(id, IPC_STAT, &ds));
+    printf("segment size %u\n", (unsigned)ds.shm_segsz);
+    T(shmdt(p));
+    T(shmdt(p));
+    T(shmctl(id, IPC_RMID, 0));
+    T(shmat(id, 0, 0) == (void *)-1);
+    /* (One an earlier run left behind goes first.) */
+    shmctl(shmget(0x5eedf00d, 0, 0), IPC_RMID, 0);
+    int k = shmget(0x5eedf00d, 4096, IPC_CREAT | IPC_EXCL | 0600);
+    printf("keyed: %d\n", k >= 0 && shmget(0x5eedf00d, 4096, 0) == k);
+    T(shmget(0x5eedf00d, 4096, IPC_CREAT | IPC_EXCL | 0600));
+    T(shmctl(k, IPC_RMID, 0));
 }
 
 static void more_calls(void) {

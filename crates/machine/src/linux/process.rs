@@ -87,6 +87,8 @@ pub struct LinuxProcess {
     /// RLIMIT_STACK, RLIMIT_RSS, RLIMIT_AS: soft, hard), kept rather than
     /// applied to popek (see `sys_rlimit`); None: the host's.
     pub(super) rlimits: [Option<(u64, u64)>; 16],
+    /// System V shared memory attached (see `ipc::Shm`).
+    pub(super) shm: super::ipc::Shm,
 }
 
 pub(super) const AT_FDCWD: i32 = -100;
@@ -142,6 +144,7 @@ impl LinuxProcess {
             thread_exited: None,
             shared_files: Default::default(),
             rlimits: [None; 16],
+            shm: Default::default(),
         }
     }
 
@@ -595,7 +598,7 @@ impl LinuxProcess {
     /// stores reach the file and a fork shares the pages. Pages past the
     /// end of the file stay the process's own (Linux would raise SIGBUS
     /// on them).
-    fn link_shared(
+    pub(super) fn link_shared(
         &mut self,
         cpu: &mut Vcpu,
         start: u32,
