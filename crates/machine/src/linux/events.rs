@@ -70,9 +70,7 @@ pub(super) fn sys_epoll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
                 if a[3] == 0 {
                     -1
                 } else {
-                    let t = pr.mm.read(cpu, a[3], 16)?;
-                    let s = i64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
-                    let ns = i64::from_le_bytes(t[8..16].try_into().expect("8 bytes"));
+                    let (s, ns) = pr.read_timespec(cpu, a[3], true)?;
                     s.saturating_mul(1000)
                         .saturating_add((ns + 999_999) / 1_000_000)
                         .min(i64::from(i32::MAX)) as i32

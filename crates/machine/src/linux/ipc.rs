@@ -125,18 +125,8 @@ fn semop(
     let ops = pr.mm.read(cpu, sops, 6 * nsops)?;
     let ts = match timeout {
         Some((at, wide)) if at != 0 => {
-            let t = pr.mm.read(cpu, at, if wide { 16 } else { 8 })?;
-            Some(if wide {
-                libc::timespec {
-                    tv_sec: i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
-                    tv_nsec: i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
-                }
-            } else {
-                libc::timespec {
-                    tv_sec: i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
-                    tv_nsec: i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
-                }
-            })
+            let (tv_sec, tv_nsec) = pr.read_timespec(cpu, at, wide)?;
+            Some(libc::timespec { tv_sec, tv_nsec })
         }
         _ => None,
     };

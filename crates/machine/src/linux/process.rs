@@ -289,6 +289,28 @@ impl LinuxProcess {
         }
     }
 
+    /// A timespec from guest memory: two 32-bit words, or two 64-bit ones
+    /// for the `_time64` calls (`wide`); (seconds, nanoseconds).
+    pub(super) fn read_timespec(
+        &self,
+        cpu: &Vcpu,
+        at: u32,
+        wide: bool,
+    ) -> Result<(i64, i64), Errno> {
+        let t = self.mm.read(cpu, at, if wide { 16 } else { 8 })?;
+        Ok(if wide {
+            (
+                i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
+                i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
+            )
+        } else {
+            (
+                i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
+                i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
+            )
+        })
+    }
+
     /// A host call that may block (`run`, which owns what it needs), then
     /// its result put into the guest (`finish`, returning EAX): at once,
     /// or, in a process with several threads, outside the process lock so

@@ -500,18 +500,13 @@ pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
         a[2] as i32
     } else if a[2] == 0 {
         -1
-    } else if n == 414 {
-        let t = pr.mm.read(cpu, a[2], 16)?;
-        let s = i64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
-        let ns = i64::from_le_bytes(t[8..16].try_into().expect("8 bytes"));
+    } else {
+        let (s, ns) = pr.read_timespec(cpu, a[2], n == 414)?;
+        // (A negative 32-bit timeout waits for ever, as it did.)
+        let least = if n == 414 { 0 } else { i64::from(i32::MIN) };
         s.saturating_mul(1000)
             .saturating_add(ns / 1_000_000)
-            .clamp(0, i64::from(i32::MAX)) as i32
-    } else {
-        let t = pr.mm.read(cpu, a[2], 8)?;
-        let s = i32::from_le_bytes(t[0..4].try_into().expect("4 bytes"));
-        let ns = i32::from_le_bytes(t[4..8].try_into().expect("4 bytes"));
-        s.saturating_mul(1000).saturating_add(ns / 1_000_000)
+            .clamp(least, i64::from(i32::MAX)) as i32
     };
     let at = a[0];
     pr.blocking(
@@ -548,7 +543,6 @@ pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
 /// (popek delivers the guest's signals between system calls).
 pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
-    let size = if n == 413 { 16 } else { 8 };
     let nfds = a[0].min(1024);
     let bytes = nfds.div_ceil(8);
     let mut sets: [Option<Vec<u8>>; 3] = [None, None, None];
@@ -586,18 +580,8 @@ pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
         }
     }
     let mut tv = if a[4] != 0 {
-        let t = pr.mm.read(cpu, a[4], size)?;
-        let (s, frac) = if n == 413 {
-            (
-                i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
-                i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
-            )
-        } else {
-            (
-                i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
-                i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
-            )
-        };
+        // (A timeval has the same two 32-bit words.)
+        let (s, frac) = pr.read_timespec(cpu, a[4], n == 413)?;
         if n != 142 && !(0..1_000_000_000).contains(&frac) {
             return Err(EINVAL);
         }

@@ -98,12 +98,9 @@ impl LinuxProcess {
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = match h {
-                // SIGPIPE with the default action is caught, not taken:
-                // popek's own writes must see EPIPE (and turn it into the
-                // guest's SIGPIPE themselves), while one sent by another
-                // process is the guest's, delivered (and fatal) as
-                // pending signals are.
-                0 if sig == libc::SIGPIPE => on_host_signal as extern "C" fn(libc::c_int) as usize,
+                // (SIGPIPE too: the Rust runtime ignores it, but the
+                // guest's write to a pipe nobody reads, or another
+                // process's kill, ends the process as natively.)
                 0 => libc::SIG_DFL,
                 1 => libc::SIG_IGN,
                 _ => on_host_signal as extern "C" fn(libc::c_int) as usize,
@@ -139,17 +136,14 @@ impl LinuxProcess {
     }
 
     fn mirror_default(&self, sig: i32) {
-        if sig == libc::SIGPIPE {
-            // (Caught: see `mirror`.)
-            self.mirror(sig);
-        } else if !reserved(sig) {
+        if !reserved(sig) {
             // SAFETY: SIG_DFL.
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
     }
 
-    /// The host's dispositions at the start of a process: SIGPIPE caught
-    /// (see `mirror`; the Rust runtime ignores it).
+    /// The host's dispositions at the start of a process: SIGPIPE's
+    /// default action (the Rust runtime ignores it).
     pub(super) fn mirror_at_start(&self) {
         self.mirror(libc::SIGPIPE);
     }
@@ -651,18 +645,7 @@ pub(super) fn sys_rt_sigtimedwait(pr: &mut LinuxProcess, c: Call<'_>) -> Result<
     let deadline = if a[2] == 0 {
         None
     } else {
-        let t = pr.mm.read(cpu, a[2], if n == 421 { 16 } else { 8 })?;
-        let (s, ns) = if n == 421 {
-            (
-                i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
-                i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
-            )
-        } else {
-            (
-                i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
-                i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
-            )
-        };
+        let (s, ns) = pr.read_timespec(cpu, a[2], n == 421)?;
         Some(
             std::time::Instant::now()
                 + std::time::Duration::from_secs(s.max(0) as u64)

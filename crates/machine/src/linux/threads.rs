@@ -288,19 +288,8 @@ fn host_futex(
             let ts = if timeout == 0 {
                 None
             } else {
-                let wide = n == 422;
-                let t = pr.mm.read(cpu, timeout, if wide { 16 } else { 8 })?;
-                Some(if wide {
-                    libc::timespec {
-                        tv_sec: i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
-                        tv_nsec: i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
-                    }
-                } else {
-                    libc::timespec {
-                        tv_sec: i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
-                        tv_nsec: i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
-                    }
-                })
+                let (tv_sec, tv_nsec) = pr.read_timespec(cpu, timeout, n == 422)?;
+                Some(libc::timespec { tv_sec, tv_nsec })
             };
             (ts, 0)
         }
@@ -402,18 +391,7 @@ pub(super) fn sys_futex(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno
             let deadline = if timeout == 0 {
                 None
             } else {
-                let t = pr.mm.read(cpu, timeout, if n == 422 { 16 } else { 8 })?;
-                let (s, ns) = if n == 422 {
-                    (
-                        i64::from_le_bytes(t[0..8].try_into().expect("8 bytes")),
-                        i64::from_le_bytes(t[8..16].try_into().expect("8 bytes")),
-                    )
-                } else {
-                    (
-                        i32::from_le_bytes(t[0..4].try_into().expect("4 bytes")).into(),
-                        i32::from_le_bytes(t[4..8].try_into().expect("4 bytes")).into(),
-                    )
-                };
+                let (s, ns) = pr.read_timespec(cpu, timeout, n == 422)?;
                 let mut d =
                     Duration::from_secs(s.max(0) as u64) + Duration::from_nanos(ns.max(0) as u64);
                 if cmd == 9 {
