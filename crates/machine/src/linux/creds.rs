@@ -6,16 +6,8 @@
 //! overflow id 65534, as the kernel's do.
 
 use super::errno::*;
-use super::process::{host_errno, LinuxProcess};
+use super::process::{check, host_errno, LinuxProcess};
 use super::syscalls::Call;
-
-fn check(r: libc::c_long) -> Result<i32, Errno> {
-    if r < 0 {
-        Err(host_errno())
-    } else {
-        Ok(r as i32)
-    }
-}
 
 /// A timespec as i386 has it: two 32-bit words, or two 64-bit ones for
 /// the `_time64` calls (`wide`).

@@ -9,16 +9,8 @@
 //! guest's signals itself, between system calls).
 
 use super::errno::*;
-use super::process::{host_errno, File, LinuxProcess};
+use super::process::{check, host_errno, File, LinuxProcess};
 use super::syscalls::Call;
-
-fn check(r: libc::c_long) -> Result<i32, Errno> {
-    if r < 0 {
-        Err(host_errno())
-    } else {
-        Ok(r as i32)
-    }
-}
 
 /// A host descriptor made for the guest, close-on-exec for the guest if
 /// `flags` has O_CLOEXEC (EPOLL_CLOEXEC, EFD_CLOEXEC, TFD_CLOEXEC and

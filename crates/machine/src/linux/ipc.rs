@@ -10,16 +10,8 @@
 use popek_vcpu::Vcpu;
 
 use super::errno::*;
-use super::process::{host_errno, LinuxProcess};
+use super::process::{check, host_errno, LinuxProcess};
 use super::syscalls::Call;
-
-fn check(r: libc::c_long) -> Result<i32, Errno> {
-    if r < 0 {
-        Err(host_errno())
-    } else {
-        Ok(r as i32)
-    }
-}
 
 /// The `ipc` multiplexer's calls (linux/ipc.h).
 mod call {

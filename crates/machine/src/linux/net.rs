@@ -18,7 +18,7 @@
 use popek_vcpu::Vcpu;
 
 use super::errno::*;
-use super::process::{host_errno, File, LinuxProcess};
+use super::process::{check, host_errno, File, LinuxProcess};
 use super::syscalls::Call;
 
 /// socketcall's call numbers (linux/net.h).
@@ -102,14 +102,6 @@ pub(super) fn sys_socket(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
         _ => return Err(ENOSYS),
     };
     socket_op(pr, cpu, call, a)
-}
-
-fn check(r: libc::c_long) -> Result<i32, Errno> {
-    if r < 0 {
-        Err(host_errno())
-    } else {
-        Ok(r as i32)
-    }
 }
 
 /// A host call's result, or the negated errno.

@@ -99,6 +99,15 @@ pub(super) fn host_errno() -> Errno {
         .unwrap_or(EIO)
 }
 
+/// A host call's result, or its errno.
+pub(super) fn check(r: libc::c_long) -> Result<i32, Errno> {
+    if r < 0 {
+        Err(host_errno())
+    } else {
+        Ok(r as i32)
+    }
+}
+
 /// A host call's result as Linux returns it.
 pub(super) fn host(r: libc::c_long) -> i32 {
     if r < 0 {
