@@ -4,8 +4,8 @@
  * reading a pipe another thread writes, sleeps, a signal sent to one
  * thread (pthread_kill), fork from a thread, and code one thread writes
  * while another runs it (a JIT's pattern: the second thread must run
- * the new code), and blocking calls (accept, recv, poll, epoll_wait,
- * recvmsg) that another thread's work ends. */
+ * the new code), and blocking calls (accept, recv, poll, select,
+ * epoll_wait, recvmsg) that another thread's work ends. */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +14,7 @@
 #include <signal.h>
 #include <unistd.h>
 #include <poll.h>
+#include <sys/select.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/epoll.h>
@@ -157,6 +158,15 @@ static void blocking_calls(void)
     printf("poll woken by a thread: %d\n", poll(&pf, 1, 5000));
     pthread_join(t, NULL);
     char c;
+    read(wake[0], &c, 1);
+    pthread_create(&t, NULL, waker, NULL);
+    fd_set rs;
+    FD_ZERO(&rs);
+    FD_SET(wake[0], &rs);
+    struct timeval tv = {5, 0};
+    int ready = select(wake[0] + 1, &rs, NULL, NULL, &tv);
+    printf("select woken by a thread: %d, set %d\n", ready, FD_ISSET(wake[0], &rs) != 0);
+    pthread_join(t, NULL);
     read(wake[0], &c, 1);
     int ep = epoll_create1(0);
     struct epoll_event e = {.events = EPOLLIN, .data.fd = wake[0]};

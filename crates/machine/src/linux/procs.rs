@@ -540,7 +540,8 @@ pub(super) fn sys_poll(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno>
 /// is the same on i386). The timeout is a timeval of two 32-bit words
 /// (142) or a timespec of two 32-bit (308) or 64-bit (413) words, the time
 /// left written back as Linux does; pselect's signal mask is not applied
-/// (popek delivers the guest's signals between system calls).
+/// (popek delivers the guest's signals between system calls). Outside the
+/// process lock in a threaded process.
 pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errno> {
     let Call { cpu, n, a, .. } = c;
     let nfds = a[0].min(1024);
@@ -579,7 +580,7 @@ pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
             }
         }
     }
-    let mut tv = if a[4] != 0 {
+    let tv = if a[4] != 0 {
         // (A timeval has the same two 32-bit words.)
         let (s, frac) = pr.read_timespec(cpu, a[4], n == 413)?;
         if n != 142 && !(0..1_000_000_000).contains(&frac) {
@@ -593,49 +594,91 @@ pub(super) fn sys_select(pr: &mut LinuxProcess, c: Call<'_>) -> Result<i32, Errn
     } else {
         None
     };
-    let ptr = |k: usize, host: &mut [libc::fd_set; 3]| {
-        if sets[k].is_some() {
-            &mut host[k] as *mut libc::fd_set
-        } else {
-            std::ptr::null_mut()
+    // The host's select outside the process lock in a threaded process:
+    // the sets and the time left come back as bytes.
+    let present = [sets[0].is_some(), sets[1].is_some(), sets[2].is_some()];
+    let run = move || {
+        let mut host = host;
+        let mut tv = tv;
+        let mut ptrs = [std::ptr::null_mut::<libc::fd_set>(); 3];
+        for (k, p) in ptrs.iter_mut().enumerate() {
+            if present[k] {
+                *p = &mut host[k];
+            }
         }
+        let tvp = tv
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |t| t as *mut libc::timeval);
+        // SAFETY: the sets and timeval are locals (or null).
+        let r = unsafe { libc::select(max + 1, ptrs[0], ptrs[1], ptrs[2], tvp) };
+        if r < 0 {
+            return (-i64::from(host_errno()), Vec::new());
+        }
+        let mut out = Vec::new();
+        for (k, &(g, h)) in (0..3).flat_map(|k| map.iter().map(move |m| (k, m))) {
+            // SAFETY: h < FD_SETSIZE (checked above).
+            let hit = h < libc::FD_SETSIZE as i32 && unsafe { libc::FD_ISSET(h, &host[k]) };
+            if present[k] && hit {
+                out.push((k as u32, g));
+            }
+        }
+        let mut b: Vec<u8> = out
+            .iter()
+            .flat_map(|&(k, g)| [k.to_le_bytes(), g.to_le_bytes()].concat())
+            .collect();
+        let t = tv.unwrap_or(libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        });
+        b.extend(t.tv_sec.to_le_bytes());
+        b.extend(t.tv_usec.to_le_bytes());
+        (i64::from(r), b)
     };
-    let (p0, p1, p2) = (ptr(0, &mut host), ptr(1, &mut host), ptr(2, &mut host));
-    let tvp = tv
-        .as_mut()
-        .map_or(std::ptr::null_mut(), |t| t as *mut libc::timeval);
-    // SAFETY: the sets and timeval are locals (or null).
-    let r = unsafe { libc::select(max + 1, p0, p1, p2, tvp) };
-    if r < 0 {
-        return Err(host_errno());
-    }
-    for (k, set) in sets.iter_mut().enumerate() {
-        if let Some(s) = set {
-            s.fill(0);
-            for &(g, h) in &map {
-                // SAFETY: h < FD_SETSIZE (checked above).
-                if h < libc::FD_SETSIZE as i32 && unsafe { libc::FD_ISSET(h, &host[k]) } {
-                    s[(g / 8) as usize] |= 1 << (g % 8);
+    let finish = move |pr: &mut LinuxProcess, cpu: &mut Vcpu, r: i64, b: Vec<u8>| {
+        if r < 0 {
+            return r as i32;
+        }
+        let (hits, t) = b.split_at(b.len() - 16);
+        let tv_sec = i64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
+        let tv_usec = i64::from_le_bytes(t[8..16].try_into().expect("8 bytes"));
+        let mut put = || -> Result<(), Errno> {
+            for (k, set) in sets.iter_mut().enumerate() {
+                if let Some(s) = set {
+                    s.fill(0);
+                    for h in hits.chunks(8) {
+                        let kk = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+                        let g = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+                        if kk as usize == k {
+                            s[(g / 8) as usize] |= 1 << (g % 8);
+                        }
+                    }
+                    pr.mm.write(cpu, a[1 + k], s)?;
                 }
             }
-            pr.mm.write(cpu, a[1 + k], s)?;
-        }
-    }
-    if let (Some(t), true) = (tv, a[4] != 0) {
-        let mut b = (t.tv_sec as i32).to_le_bytes().to_vec();
-        b.extend_from_slice(&(t.tv_usec as i32).to_le_bytes());
-        let b = match n {
-            142 => b,
-            308 => [
-                (t.tv_sec as i32).to_le_bytes(),
-                (t.tv_usec as i32 * 1000).to_le_bytes(),
-            ]
-            .concat(),
-            _ => [t.tv_sec.to_le_bytes(), (t.tv_usec * 1000).to_le_bytes()].concat(),
+            if a[4] != 0 {
+                let b = match n {
+                    142 => [
+                        (tv_sec as i32).to_le_bytes(),
+                        (tv_usec as i32).to_le_bytes(),
+                    ]
+                    .concat(),
+                    308 => [
+                        (tv_sec as i32).to_le_bytes(),
+                        (tv_usec as i32 * 1000).to_le_bytes(),
+                    ]
+                    .concat(),
+                    _ => [tv_sec.to_le_bytes(), (tv_usec * 1000).to_le_bytes()].concat(),
+                };
+                pr.mm.write(cpu, a[4], &b)?;
+            }
+            Ok(())
         };
-        pr.mm.write(cpu, a[4], &b)?;
-    }
-    Ok(r)
+        match put() {
+            Ok(()) => r as i32,
+            Err(e) => -e,
+        }
+    };
+    pr.blocking(cpu, run, finish)
 }
 
 /// times (43): the i386 struct tms (four clock_t of 32 bits), in the
