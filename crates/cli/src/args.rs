@@ -47,12 +47,22 @@ pub(crate) fn parse(argv: Vec<String>) -> Result<Cli, ExitCode> {
         return Cli::from_arg_matches(&m).map_err(report);
     };
     let guest = guest.clone();
-    // `index_of` counts argv from the first argument after the binary.
-    let at = at + 1;
+    let Some(at) = guest_position(&argv, at, &guest) else {
+        return Cli::from_arg_matches(&m).map_err(report);
+    };
     // An unreadable guest is treated as a program here; running it reports
     // why it cannot be read.
     let linux = image_head(&guest).is_none_or(|head| !is_multiboot(&head));
-    let mut strict_argv: Vec<String> = argv[..=at].to_vec();
+    // The strict pass sees popek's options, then the guest under a name
+    // that cannot be taken for an option (a `--` the user put before the
+    // guest only ended popek's options, which the strict pass does by its
+    // own `--`); the guest's real name goes back in after parsing.
+    let before = match at.checked_sub(1).map(|b| argv[b].as_str()) {
+        Some("--") => at - 1,
+        _ => at,
+    };
+    let mut strict_argv: Vec<String> = argv[..before].to_vec();
+    strict_argv.push("guest".into());
     let mut after: Vec<String> = argv[at + 1..].to_vec();
     if linux {
         // Everything after the program is the program's (a `--` right
@@ -80,8 +90,9 @@ pub(crate) fn parse(argv: Vec<String>) -> Result<Cli, ExitCode> {
         }
         Err(e) => return Err(report(e)),
     };
-    let cli = Cli::from_arg_matches(&m).map_err(report)?;
-    if let crate::Cmd::Run(r) = &cli.cmd {
+    let mut cli = Cli::from_arg_matches(&m).map_err(report)?;
+    if let crate::Cmd::Run(r) = &mut cli.cmd {
+        r.guest = guest.clone();
         if !linux {
             if let Some(first) = r.args.first() {
                 return Err(kernel_takes_no_arguments(&guest, first));
@@ -89,6 +100,39 @@ pub(crate) fn parse(argv: Vec<String>) -> Result<Cli, ExitCode> {
         }
     }
     Ok(cli)
+}
+
+/// Where in `argv` (the binary at 0) the guest is, which clap's
+/// `index_of` says is its `index`-th argument: clap counts from the first
+/// argument after the binary, an attached value (`--dump=FILE`, `-LDIR`)
+/// as an argument of its own, and not the first `--`. (If that does not
+/// land on the guest's name, its first occurrence after the subcommand.)
+fn guest_position(argv: &[String], index: usize, guest: &str) -> Option<usize> {
+    let mut n = 0usize;
+    let mut ended = false;
+    for (p, a) in argv.iter().enumerate().skip(1) {
+        if n == index && a == guest && (ended || a != "--") {
+            return Some(p);
+        }
+        n += match a.as_str() {
+            "--" if !ended => {
+                ended = true;
+                0
+            }
+            _ if ended => 1,
+            long if long.starts_with("--") && long.contains('=') => 2,
+            short if short.starts_with('-') && !short.starts_with("--") && short.len() > 2 => 2,
+            _ => 1,
+        };
+        if n > index {
+            break;
+        }
+    }
+    argv.iter()
+        .enumerate()
+        .skip(2)
+        .find(|(_, a)| *a == guest)
+        .map(|(p, _)| p)
 }
 
 /// Print a clap error (or help, or the version) and say how to end.

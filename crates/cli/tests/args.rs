@@ -112,3 +112,47 @@ fn everything_after_a_linux_program_is_its_own() {
     assert_eq!(out.stdout, native_user_hello(&["one", "two"]));
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 }
+
+/// However popek's options before the guest are spelled (a value
+/// attached with `=` or given apart, a `--` ending them), the guest is
+/// found where the user put it and runs as it does without them; a
+/// Linux program gets the arguments after it, as natively.
+#[test]
+fn options_before_the_guest_in_every_spelling() {
+    let dir = std::env::temp_dir().join(format!("popek-args-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dump = dir.join("blocks.txt");
+    let dump_eq = format!("--dump={}", dump.display());
+    let dump_path = dump.display().to_string();
+    let plain = popek(&["run", "hello"]);
+    for argv in [
+        &["run", dump_eq.as_str(), "hello"][..],
+        &["run", "--dump", dump_path.as_str(), "hello"],
+        &["run", dump_eq.as_str(), "--max-insns=100000000", "hello"],
+        &["run", "--", "hello"],
+        &["run", dump_eq.as_str(), "--", "hello"],
+    ] {
+        let _ = std::fs::remove_file(&dump);
+        let out = popek(argv);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), plain.status.code(), "{argv:?}: {err}");
+        assert_eq!(out.stdout, plain.stdout, "{argv:?}");
+        assert!(!err.contains("panicked"), "{argv:?}: {err}");
+        if argv.iter().any(|a| a.contains("dump")) {
+            let text = std::fs::read_to_string(&dump).expect("the dump was written");
+            assert!(text.contains("== block"), "{argv:?}");
+        }
+    }
+    let out = popek(&["run", dump_eq.as_str(), "user-hello", "a", "--stats"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.stdout, native_user_hello(&["a", "--stats"]));
+    // A guest whose name starts with `-`, after `--`: looked for as a file.
+    let out = popek(&["run", "--", "-no-such-guest"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot read guest \"-no-such-guest\""),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
