@@ -561,7 +561,7 @@ pub fn scan_block_into(
 ) -> BlockEnd {
     let mut sc = Scanner::new(&mut fetch, start, bitness, max, past_jcc, fast, space);
     loop {
-        if let Step::End(end) = sc.run(&mut fetch, space, insns, true, |_, _, _| true) {
+        if let Step::End(end) = sc.run(&mut fetch, space, insns, true, &mut |_, _, _: &_| true) {
             return end;
         }
     }
@@ -582,6 +582,33 @@ pub enum Taken {
         /// Where it jumps when taken.
         target: u32,
     },
+}
+
+/// Where a [`Scanner::run`] hands the instructions it takes: the fast
+/// scanner's, and the conditional branches the scan goes on past. Each
+/// says whether it took the instruction (else it is pushed onto the run's
+/// vector and the run stops there). (Two methods on one value, so that the
+/// common one, `plain`, does no more than it must.)
+pub trait Sink {
+    /// One of the fast scanner's instructions at `eip` ([`fast::take`]);
+    /// `raw` holds its bytes first, then whatever followed them.
+    fn plain(&mut self, eip: u32, p: fast::Plain, raw: &[u8; MAX_INSN_LEN]) -> bool;
+    /// A conditional branch at `eip` (see [`Taken::Jcc`]), its bytes.
+    fn jcc(&mut self, eip: u32, cc: u8, target: u32, bytes: &InsnBytes) -> bool;
+}
+
+/// A function of what was taken as a [`Sink`].
+impl<F: FnMut(u32, Taken, &InsnBytes) -> bool> Sink for F {
+    fn plain(&mut self, eip: u32, p: fast::Plain, raw: &[u8; MAX_INSN_LEN]) -> bool {
+        let bytes = InsnBytes {
+            buf: *raw,
+            len: p.len().min(MAX_INSN_LEN as u8),
+        };
+        self(eip, Taken::Plain(p), &bytes)
+    }
+    fn jcc(&mut self, eip: u32, cc: u8, target: u32, bytes: &InsnBytes) -> bool {
+        self(eip, Taken::Jcc { cc, target }, bytes)
+    }
 }
 
 /// Where a [`Scanner::run`] stopped.
@@ -697,12 +724,13 @@ impl Scanner {
     }
 
     /// Scan on: each instruction the fast scanner takes, and each
-    /// conditional branch the scan goes on past, goes to `sink` (its EIP,
-    /// what the scanner found, its bytes), which says whether it took it
-    /// (else it is pushed onto `insns` and the run stops there); stop at
-    /// the next other instruction (decoded and pushed onto `insns`) or at
-    /// the end of the block. With `keep`, the instructions the sink took
-    /// are pushed onto `insns` too.
+    /// conditional branch the scan goes on past, goes to `sink` (see
+    /// [`Sink`]; a function of its EIP, what the scanner found and its
+    /// bytes is one), which says whether it took it (else it is pushed
+    /// onto `insns` and the run stops there); stop at the next other
+    /// instruction (decoded and pushed onto `insns`) or at the end of the
+    /// block. With `keep`, the instructions the sink took are pushed onto
+    /// `insns` too.
     #[inline]
     pub fn run(
         &mut self,
@@ -710,7 +738,7 @@ impl Scanner {
         space: &mut [u8; SCAN_SPACE],
         insns: &mut Vec<Insn>,
         keep: bool,
-        mut sink: impl FnMut(u32, Taken, &InsnBytes) -> bool,
+        sink: &mut impl Sink,
     ) -> Step {
         if let Some(e) = self.done {
             return Step::End(e);
@@ -732,6 +760,46 @@ impl Scanner {
         };
         let mut below = bound(fetched, asked);
         loop {
+            // The common case first: the fast scanner's instructions one
+            // after another, each with a whole MAX_INSN_LEN fetched at it
+            // on the page (none of the checks below applies to them, and
+            // their bytes are read in place).
+            if self.fast {
+                let solid = fetched.saturating_sub(MAX_INSN_LEN - 1).min(page_left);
+                while off < solid && taken < max {
+                    let Some(raw) = space
+                        .get(off..off + MAX_INSN_LEN)
+                        .and_then(|w| <&[u8; MAX_INSN_LEN]>::try_from(w).ok())
+                    else {
+                        break;
+                    };
+                    let Some(p) = fast::take(raw) else {
+                        break;
+                    };
+                    let eip = start.wrapping_add(off as u32);
+                    let len = usize::from(p.len());
+                    let took = sink.plain(eip, p, raw);
+                    off += len;
+                    taken += 1;
+                    let bytes = || InsnBytes {
+                        buf: *raw,
+                        len: len as u8,
+                    };
+                    if !took {
+                        // Declined: the caller's, as the others below.
+                        insns.push(Insn::fast(eip, p, bytes()));
+                        self.off = off;
+                        self.asked = asked;
+                        self.fetched = fetched;
+                        self.taken = taken;
+                        self.total += taken - first;
+                        return Step::Pushed;
+                    }
+                    if keep {
+                        insns.push(Insn::fast(eip, p, bytes()));
+                    }
+                }
+            }
             let eip = start.wrapping_add(off as u32);
             if taken >= max {
                 done = Some(BlockEnd::SizeLimit);
@@ -768,7 +836,11 @@ impl Scanner {
                 };
                 if let Some((t, len)) = found {
                     let bytes = InsnBytes::within(&space[..], off, len);
-                    if sink(eip, t, &bytes) {
+                    let took = match t {
+                        Taken::Plain(p) => sink.plain(eip, p, bytes.raw()),
+                        Taken::Jcc { cc, target } => sink.jcc(eip, cc, target, &bytes),
+                    };
+                    if took {
                         off += len;
                         taken += 1;
                         if keep {
@@ -1004,14 +1076,20 @@ mod tests {
                 let (mut got, mut insns, mut k) = (Vec::new(), Vec::new(), 0usize);
                 let step = loop {
                     let before = insns.len();
-                    let step = sc.run(&mut fetch, &mut space, &mut insns, false, |eip, t, b| {
-                        k += 1;
-                        let take = policy == 0 || (policy == 2 && k % 2 == 0);
-                        if take {
-                            got.push(key(&Insn::taken(eip, t, *b)));
-                        }
-                        take
-                    });
+                    let step = sc.run(
+                        &mut fetch,
+                        &mut space,
+                        &mut insns,
+                        false,
+                        &mut |eip, t, b: &_| {
+                            k += 1;
+                            let take = policy == 0 || (policy == 2 && k % 2 == 0);
+                            if take {
+                                got.push(key(&Insn::taken(eip, t, *b)));
+                            }
+                            take
+                        },
+                    );
                     assert!(insns.len() <= before + 1, "{start:#x}: one pushed at most");
                     got.extend(insns[before..].iter().map(key));
                     if let Step::End(e) = step {

@@ -208,7 +208,7 @@ impl TransCache {
 pub(crate) enum Translation {
     Code {
         /// The host code (with the instruction map: see
-        /// [`HostBlock::eips`]).
+        /// [`HostBlock::insns`]).
         code: HostBlock,
         /// Physical pages of its first and last byte.
         pages: (u32, u32),
@@ -258,8 +258,7 @@ impl Translation {
     pub(crate) fn holds_insn(&self, buf: Option<&CodeBuffer>, eip: u32) -> bool {
         match (self, buf) {
             (Translation::Code { code, .. }, Some(buf)) => {
-                let eips = code.eips(buf);
-                eips[..eips.len() - 1].contains(&eip)
+                code.insns(buf).1.iter().any(|e| e[0] == eip)
             }
             _ => false,
         }

@@ -658,11 +658,12 @@ impl Bt {
                     0,
                 ),
                 Some(Translation::Code { code, .. }) => {
-                    let done = code
-                        .instruction_at(ctx.fault_rip, code.starts(buf))
-                        .unwrap_or(0);
-                    let native = u64::from(code.counted(buf).get(done).copied().unwrap_or(0));
-                    (Some(code.eips(buf)[done]), native)
+                    let (end, insns) = code.insns(buf);
+                    let done = code.insn_at(ctx.fault_rip, insns).unwrap_or(0);
+                    match insns.get(done) {
+                        Some([eip, native, _]) => (Some(eip), u64::from(native)),
+                        None => (Some(end), 0),
+                    }
                 }
                 _ => (None, 0),
             }

@@ -9,7 +9,7 @@
 //! with the reason; the translator lowers or calls the interpreter for it.
 
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Mnemonic as M, OpKind, Register};
-use popek_decode::{classify, Class, CodeMemo, InsnBytes};
+use popek_decode::{classify, Class, CodeMemo};
 
 use crate::emit::BlockExit;
 
@@ -1001,7 +1001,11 @@ fn copy_plain(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
 /// instruction without the override (the tests
 /// `fast_scanner_agrees_with_the_decoder` and `fast_scanner_prefixes_and_moffs`).
 #[inline(always)]
-pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &mut Vec<u8>) {
+pub(crate) fn copy_fast(
+    p: popek_decode::fast::Plain,
+    raw: &[u8; popek_decode::MAX_INSN_LEN],
+    out: &mut Vec<u8>,
+) {
     // Written as fixed-size moves into a local buffer, appended whole and
     // cut to length: no copy of a variable length per instruction.
     const ROOM: usize = popek_decode::MAX_INSN_LEN + 5;
@@ -1009,9 +1013,9 @@ pub(crate) fn copy_fast(p: popek_decode::fast::Plain, bytes: &InsnBytes, out: &m
     // for the fixed-size moves below past the end).
     let mut shifted = [0u8; popek_decode::MAX_INSN_LEN + 1];
     let raw: &[u8] = if p.prefix() == 0 {
-        bytes.raw()
+        raw
     } else {
-        shifted[..popek_decode::MAX_INSN_LEN - 1].copy_from_slice(&bytes.raw()[1..]);
+        shifted[..popek_decode::MAX_INSN_LEN - 1].copy_from_slice(&raw[1..]);
         &shifted
     };
     let guest_len = usize::from(p.len() - p.prefix());
@@ -1783,7 +1787,7 @@ mod tests {
             assert!(!popek_interp::x87::is_x87(&ins), "{what}: x87");
             let want = full_lowering(p, &ins, &seq[..len]).expect(&what);
             let mut got = Vec::new();
-            copy_fast(p, &popek_decode::InsnBytes::new(seq), &mut got);
+            copy_fast(p, popek_decode::InsnBytes::new(seq).raw(), &mut got);
             assert_eq!(got, want, "{what}: host bytes");
             assert_eq!(popek_decode::fast::plain(&seq[..len - 1]), None, "{what}");
         });
@@ -1803,7 +1807,7 @@ mod tests {
         let tail = [0x11, 0x92, 0x33, 0x84, 0x55, 0x06, 0x77, 0x88, 0x99, 0xAA];
         let copy = |p, seq: &[u8]| {
             let mut v = Vec::new();
-            copy_fast(p, &popek_decode::InsnBytes::new(seq), &mut v);
+            copy_fast(p, popek_decode::InsnBytes::new(seq).raw(), &mut v);
             v
         };
         let mut n = 0usize;

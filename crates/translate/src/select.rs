@@ -19,7 +19,7 @@
 //! vcpu its method and `popek_decode` its class, and it runs through a
 //! helper call with no change here.
 
-use popek_decode::{Scanner, Step, Taken};
+use popek_decode::{Scanner, Step};
 use popek_vcpu::Vcpu;
 
 use crate::cache::{key_eip, Key, Translation, NO_BYTES};
@@ -298,6 +298,101 @@ impl Out {
     }
 }
 
+/// The sink of a superblock's scan (see `Bt::translate_once`): the fast
+/// scanner's instructions copied straight into the block as they are
+/// scanned (no `Insn` for them unless for `--dump`), and the conditional
+/// branches the scan goes on past made side exits. `CHECKED`: on a page
+/// with a hot store (declined: the general path's) or for `--dump`; the
+/// common case checks neither.
+struct Direct<'a, const CHECKED: bool> {
+    body: crate::emit::Body<'a>,
+    map: &'a mut Vec<[u32; 3]>,
+    how: &'a mut Vec<&'static str>,
+    /// The instructions the block's code counts so far, and of those the
+    /// side exits.
+    counted: usize,
+    sides: u64,
+    /// The last side exit made (see `side` in `translate_once`).
+    side: Option<(u8, u32, u32, usize)>,
+    split_at: usize,
+    hot_page: bool,
+    hot_stores: &'a crate::cache::FastMap<u32, crate::helper::HotStore>,
+    dumping: bool,
+}
+
+impl<const CHECKED: bool> Direct<'_, CHECKED> {
+    /// Is the instruction at `at` one to decline (a hot store)?
+    #[inline(always)]
+    fn declines(&self, at: u32) -> bool {
+        CHECKED && self.hot_page && self.hot_stores.contains_key(&at)
+    }
+}
+
+impl<const CHECKED: bool> popek_decode::Sink for Direct<'_, CHECKED> {
+    #[inline(always)]
+    fn plain(
+        &mut self,
+        at: u32,
+        p: popek_decode::fast::Plain,
+        raw: &[u8; popek_decode::MAX_INSN_LEN],
+    ) -> bool {
+        if self.declines(at) {
+            return false;
+        }
+        // (`Out::mark`.)
+        let code = &mut *self.body.code;
+        self.map.push([at, self.counted as u32, code.len() as u32]);
+        self.counted += 1;
+        copy_fast(p, raw, code);
+        if CHECKED && self.dumping {
+            self.how.push(fast_kind(p));
+        }
+        true
+    }
+
+    // (As the general path does it: `Out::side`.)
+    fn jcc(&mut self, at: u32, cc: u8, target: u32, bytes: &popek_decode::InsnBytes) -> bool {
+        if self.declines(at) {
+            return false;
+        }
+        self.map
+            .push([at, self.counted as u32, self.body.code.len() as u32]);
+        self.counted += 1;
+        self.sides += 1;
+        self.body.side(cc, target, self.counted);
+        let after = at.wrapping_add(bytes.len() as u32);
+        self.split_at = self.map.len();
+        self.side = Some((cc, target, after, self.split_at));
+        if CHECKED && self.dumping {
+            self.how.push("rewritten (side exit; the block goes on)");
+        }
+        true
+    }
+}
+
+/// One [`Scanner::run`] with a [`Direct`] sink: how it ended, and the
+/// instructions it took (counted, side exits among them), its last side
+/// exit and where the last basic block split.
+macro_rules! direct_run {
+    ($checked:expr, $sc:expr, $fetch:expr, $space:expr, $insns:expr, $out:expr, $counted:expr,
+     $split_at:expr, $hot_page:expr, $hot_stores:expr, $dumping:expr) => {{
+        let mut d = Direct::<{ $checked }> {
+            body: $out.b.body(),
+            map: &mut $out.map,
+            how: &mut $out.how,
+            counted: $counted,
+            sides: 0,
+            side: None,
+            split_at: $split_at,
+            hot_page: $hot_page,
+            hot_stores: $hot_stores,
+            dumping: $dumping,
+        };
+        let step = $sc.run($fetch, $space, $insns, $dumping, &mut d);
+        (step, d.counted, d.sides, d.side, d.split_at)
+    }};
+}
+
 impl Bt {
     /// Translate the block at `key` (each instruction as the table at the
     /// top of this file says), or say why it is the interpreter's.
@@ -380,10 +475,10 @@ impl Bt {
             space,
         );
         // A conditional branch made a side exit because the scan went on
-        // past it (condition, target, fall-through), while it is the last
-        // instruction scanned: the block's exit instead if the scan ends
-        // right there.
-        let mut side: Option<(u8, u32, u32)> = None;
+        // past it (condition, target, fall-through, the instruction map's
+        // length after it): the block's exit instead if the scan ends
+        // right there, nothing translated after it.
+        let mut side: Option<(u8, u32, u32, usize)> = None;
         // The instructions translated before the current stretch of code
         // (the stretches before it, after a followed jump, are in
         // `stretches`).
@@ -395,71 +490,53 @@ impl Bt {
         let direct = self.breakpoints.is_empty();
         let hot_stores = &self.hot_stores;
         loop {
+            let before = out.map.len();
             let step = if direct && out.sti.is_none() {
-                let Out {
-                    b,
-                    map,
-                    next,
-                    followed,
-                    how,
-                    ..
-                } = &mut out;
-                let side = &mut side;
-                let split_at = &mut split_at;
+                let fetch = &mut fetcher(cpu);
+                let (step, now, sides, last_side, split) = if hot_page || dumping {
+                    direct_run!(
+                        true, sc, fetch, space, &mut insns, out, counted, split_at, hot_page,
+                        hot_stores, dumping
+                    )
+                } else {
+                    direct_run!(
+                        false, sc, fetch, space, &mut insns, out, counted, split_at, hot_page,
+                        hot_stores, dumping
+                    )
+                };
+                fast += (now - counted) as u64 - sides;
+                counted = now;
+                split_at = split;
+                if last_side.is_some() {
+                    side = last_side;
+                }
+                step
+            } else {
                 sc.run(
                     &mut fetcher(cpu),
                     space,
                     &mut insns,
                     dumping,
-                    |at, t, bytes| {
-                        // A hot store (on a page that has one) is the
-                        // general path's, below.
-                        if hot_page && hot_stores.contains_key(&at) {
-                            return false;
-                        }
-                        // (`Out::mark`.)
-                        let code = b.code();
-                        map.push([at, counted as u32, code.len() as u32]);
-                        let after = at.wrapping_add(bytes.len() as u32);
-                        *next = after;
-                        *followed = None;
-                        counted += 1;
-                        match t {
-                            Taken::Plain(p) => {
-                                copy_fast(p, bytes, code);
-                                fast += 1;
-                                *side = None;
-                                if dumping {
-                                    how.push(fast_kind(p));
-                                }
-                            }
-                            // (As the general path below does it:
-                            // `Out::side`.)
-                            Taken::Jcc { cc, target } => {
-                                b.piece(&Piece::Side {
-                                    cc,
-                                    target,
-                                    counted,
-                                });
-                                *side = Some((cc, target, after));
-                                *split_at = map.len();
-                                if dumping {
-                                    how.push("rewritten (side exit; the block goes on)");
-                                }
-                            }
-                        }
-                        true
-                    },
+                    &mut |_, _, _: &_| false,
                 )
-            } else {
-                sc.run(&mut fetcher(cpu), space, &mut insns, dumping, |_, _, _| {
-                    false
-                })
             };
+            // What the sink took: the block goes on after the last of
+            // them (the instruction pushed, if one was, starts there; else
+            // the scan stopped there).
+            if out.map.len() > before {
+                out.next = match step {
+                    Step::Pushed => insns.last().map_or(out.next, |i| i.ins.ip32()),
+                    Step::End(_) => {
+                        let (from, len) = sc.stretch();
+                        from.wrapping_add(len)
+                    }
+                };
+                out.followed = None;
+            }
             // (A run that ends pushed nothing: the side exit is the last
-            // instruction scanned.)
-            if let Some((cc, taken, not_taken)) = side.take() {
-                if let Step::End(_) = step {
+            // instruction scanned if nothing was translated after it.)
+            if let Some((cc, taken, not_taken, at)) = side.take() {
+                if let (Step::End(_), true) = (step, out.map.len() == at) {
                     out.b.unside();
                     split_at = usize::MAX;
                     if dumping {
@@ -493,7 +570,7 @@ impl Bt {
                         out.flush_sti();
                     }
                     out.mark(i.ins.ip32(), i.ins.next_ip32(), counted);
-                    copy_fast(p, &i.bytes, out.b.code());
+                    copy_fast(p, i.bytes.raw(), out.b.code());
                     fast += 1;
                     if dumping {
                         out.how.push(fast_kind(p));
@@ -608,7 +685,7 @@ impl Bt {
                         counted += 1;
                         out.side(cc, taken, counted);
                         split_at = out.map.len();
-                        side = Some((cc, taken, not_taken));
+                        side = Some((cc, taken, not_taken, split_at));
                         continue;
                     }
                 }

@@ -236,9 +236,9 @@ pub struct HostBlock {
 /// target, cold, and the linked key's low and high halves, all ones for
 /// none: no key has every bit set, a physical page number being below
 /// 2^20), [`POLL_WORDS`] per poll (at, 1 if it has a target, the target),
-/// then the instruction map: each instruction's EIP and the EIP after them
-/// (n + 1), the instructions its code counts before each (n), and where
-/// each one's host code starts in the block's (n).
+/// then the instruction map: the EIP after the instructions, then for
+/// each its EIP, the instructions its code counts before it and where its
+/// host code starts in the block's (as built: one copy).
 const META_HEAD: usize = 3;
 const SITE_WORDS: usize = 5;
 const POLL_WORDS: usize = 3;
@@ -246,11 +246,33 @@ const POLL_WORDS: usize = 3;
 /// A block's instruction map while it is built: for each translated
 /// instruction its EIP, the instructions counted before it, and the offset
 /// of its host code; and the EIP after the last (laid out in the block's
-/// words as three arrays: every EIP then `end`, the counts, the offsets).
+/// words as `end`, then the entries as they are).
 #[derive(Clone, Copy)]
 pub(crate) struct InsnMap<'a> {
     pub insns: &'a [[u32; 3]],
     pub end: u32,
+}
+
+/// A block's instruction map as its words hold it ([`HostBlock::insns`]):
+/// three words per instruction.
+#[derive(Clone, Copy)]
+pub(crate) struct Insns<'b>(&'b [u32]);
+
+impl Insns<'_> {
+    /// The number of instructions.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len() / 3
+    }
+
+    /// The `k`-th instruction's EIP, count before it and code offset.
+    pub(crate) fn get(&self, k: usize) -> Option<[u32; 3]> {
+        self.0.get(3 * k..3 * k + 3).map(|e| [e[0], e[1], e[2]])
+    }
+
+    /// Each instruction's EIP, count before it and code offset.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = [u32; 3]> + '_ {
+        self.0.chunks_exact(3).map(|e| [e[0], e[1], e[2]])
+    }
 }
 
 // SAFETY: `entry` points into the code buffer of the engine that owns this
@@ -582,6 +604,25 @@ pub(crate) struct Builder {
     base: usize,
 }
 
+/// A block's code and side exits while it is built ([`Builder::body`]).
+pub(crate) struct Body<'a> {
+    /// The host code so far.
+    pub(crate) code: &'a mut Vec<u8>,
+    sides: &'a mut Vec<(u32, usize, usize)>,
+}
+
+impl Body<'_> {
+    /// A side exit (as [`Piece::Side`]): a conditional branch on `cc` to
+    /// `target`, the `counted`-th instruction, whose stub comes after
+    /// the block's exit.
+    #[inline]
+    pub(crate) fn side(&mut self, cc: u8, target: u32, counted: usize) {
+        debug_assert!(cc < 16);
+        self.code.extend([0x0F, 0x80 | cc, 0, 0, 0, 0]);
+        self.sides.push((target, counted, self.code.len() - 4));
+    }
+}
+
 impl Drop for Builder {
     fn drop(&mut self) {
         if let Some(room) = self.room.take() {
@@ -618,6 +659,18 @@ impl Builder {
     #[inline]
     pub(crate) fn code(&mut self) -> &mut Vec<u8> {
         self.asm().bytes_mut()
+    }
+
+    /// The code so far and the side exits, to add copied instructions and
+    /// side exits to (what [`Builder::code`] and a [`Piece::Side`] do)
+    /// without going through the builder for each.
+    #[inline]
+    pub(crate) fn body(&mut self) -> Body<'_> {
+        let room = self.room.as_mut().expect("the room is held until drop");
+        Body {
+            code: room.asm.bytes_mut(),
+            sides: &mut room.sides,
+        }
     }
 
     /// Take back the side exit just added (a [`Piece::Side`], the last
@@ -896,10 +949,8 @@ fn meta(m: &mut Vec<u32>, sites: &[Site], polls: &[Poll], map: InsnMap<'_>) -> u
             p.target.unwrap_or(0),
         ]);
     }
-    m.extend(map.insns.iter().map(|e| e[0]));
     m.push(map.end);
-    m.extend(map.insns.iter().map(|e| e[1]));
-    m.extend(map.insns.iter().map(|e| e[2]));
+    m.extend_from_slice(map.insns.as_flattened());
     debug_assert_eq!(m.len() - at as usize, meta_len(sites, polls, map));
     at
 }
@@ -980,11 +1031,28 @@ impl HostBlock {
     /// `rip` lies in this block's translated instructions, whose offsets in
     /// the code are `starts` (as [`HostBlock::compile_block`] gave them).
     pub fn instruction_at(&self, rip: u64, starts: &[u32]) -> Option<usize> {
+        self.index_at(rip, starts.len(), |k| starts[k])
+    }
+
+    /// The index of the instruction (of `n`, the `k`-th's code at offset
+    /// `start(k)`, in order) whose code holds host address `rip`.
+    fn index_at(&self, rip: u64, n: usize, start: impl Fn(usize) -> u32) -> Option<usize> {
         let off = rip.checked_sub(self.entry as u64)? as usize;
-        if off >= self.body_end || starts.first().is_none_or(|&s| off < s as usize) {
+        let starts_by = |k: usize| start(k) as usize <= off;
+        if off >= self.body_end || n == 0 || !starts_by(0) {
             return None;
         }
-        Some(starts.partition_point(|&s| s as usize <= off) - 1)
+        // The last one whose code starts at or before `off`.
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if starts_by(mid) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Some(lo - 1)
     }
 
     /// Host code size in bytes.
@@ -1038,32 +1106,21 @@ impl HostBlock {
             })
     }
 
-    /// The block's words from where the instruction map starts, and the
-    /// number of instructions.
-    fn map<'b>(&self, buf: &'b CodeBuffer) -> (&'b [u32], usize) {
+    /// The block's instruction map: the EIP after its instructions, and
+    /// for each its EIP, the instructions its code counts before it
+    /// (helper calls retire theirs through the interpreter) and the
+    /// offset of its host code in the block's.
+    pub(crate) fn insns<'b>(&self, buf: &'b CodeBuffer) -> (u32, Insns<'b>) {
         let m = buf.meta(self.meta);
         let at = META_HEAD + m[0] as usize * SITE_WORDS + m[1] as usize * POLL_WORDS;
-        (&m[at..], m[2] as usize)
+        let n = m[2] as usize;
+        (m[at], Insns(&m[at + 1..at + 1 + 3 * n]))
     }
 
-    /// The EIP of each translated instruction, then the EIP after them.
-    pub(crate) fn eips<'b>(&self, buf: &'b CodeBuffer) -> &'b [u32] {
-        let (m, n) = self.map(buf);
-        &m[..=n]
-    }
-
-    /// For each translated instruction, the instructions before it its
-    /// code counts (helper calls retire theirs through the interpreter).
-    pub(crate) fn counted<'b>(&self, buf: &'b CodeBuffer) -> &'b [u32] {
-        let (m, n) = self.map(buf);
-        &m[n + 1..2 * n + 1]
-    }
-
-    /// For each translated instruction, the offset of its host code in
-    /// the block's.
-    pub(crate) fn starts<'b>(&self, buf: &'b CodeBuffer) -> &'b [u32] {
-        let (m, n) = self.map(buf);
-        &m[2 * n + 1..3 * n + 1]
+    /// The index of the translated instruction at host address `rip` in
+    /// this block's instruction map `insns` ([`HostBlock::insns`]).
+    pub(crate) fn insn_at(&self, rip: u64, insns: Insns<'_>) -> Option<usize> {
+        self.index_at(rip, insns.len(), |k| insns.0[3 * k + 2])
     }
 
     /// Run the code on `ctx` (and whatever it chains to). If a translated
@@ -1101,5 +1158,51 @@ impl HostBlock {
         };
         f(ctx, self.entry);
         crate::host::fault::set_active(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every host offset of a block's body finds the piece whose code
+    /// holds it (a linear scan of the pieces' starts says which); the exit
+    /// and anything outside the block find none.
+    #[test]
+    fn host_offsets_find_their_instruction() {
+        let mut buf = CodeBuffer::new(1 << 20).expect("code buffer");
+        let lens = [1usize, 3, 7, 2, 15, 1, 4];
+        let nops: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0x90; n]).collect();
+        let span = Span {
+            start: 0,
+            end: 0,
+            pace: Pace::Counted,
+        };
+        let mut starts = Vec::new();
+        let body = nops.iter().map(|b| Piece::Code(b));
+        let block = HostBlock::compile_block(
+            &mut buf,
+            body,
+            lens.len(),
+            span,
+            None,
+            None,
+            None,
+            &mut starts,
+        )
+        .expect("compiled");
+        let body_end: usize = lens.iter().sum();
+        let entry = block.entry as u64;
+        for off in 0..block.len() + 8 {
+            let want = (off < body_end)
+                .then(|| starts.iter().rposition(|&s| s as usize <= off))
+                .flatten();
+            assert_eq!(
+                block.instruction_at(entry + off as u64, &starts),
+                want,
+                "{off}"
+            );
+        }
+        assert_eq!(block.instruction_at(entry.wrapping_sub(1), &starts), None);
     }
 }
