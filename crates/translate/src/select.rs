@@ -815,8 +815,17 @@ impl Bt {
             if watched {
                 bytes[k] = (p.phys_page, a as u16, b as u16);
             }
-            if watched && self.depend_on_walk(cpu, p.tables, lin_page, 1) {
-                self.itlb_insert(lin_page, p.phys_page);
+            // A page the current space's instruction TLB holds where the
+            // walk found it had its walk depended on when it went in (and
+            // leaves the TLB when a table it came through is written): only
+            // another one's is recorded here.
+            let known = self.space.is_some()
+                && self.flood.is_empty()
+                && self.current_phys(lin_page) == Some(p.phys_page);
+            if watched && (known || self.depend_on_walk(cpu, p.tables, lin_page, 1)) {
+                if !known {
+                    self.itlb_insert(lin_page, p.phys_page);
+                }
             } else {
                 // A write could not be noticed: translate nothing here.
                 pages = (u32::MAX, u32::MAX);
