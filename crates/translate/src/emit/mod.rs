@@ -638,6 +638,7 @@ impl Builder {
     /// is built again after a flush.
     pub(crate) fn begin(buf: &mut CodeBuffer) -> Result<Builder, BuildError> {
         ensure_epilogue(buf)?;
+        buf.prefetch_next();
         let mut room = ROOM.with(|r| r.take()).unwrap_or_else(Room::new);
         room.asm.clear();
         room.sides.clear();

@@ -36,6 +36,10 @@ use std::sync::Arc;
 const PREFAULT_FROM: usize = 256 << 10;
 /// How far ahead of the code the helper thread keeps pages ready.
 const PREFAULT_AHEAD: usize = 2 << 20;
+/// Cache lines [`CodeBuffer::prefetch_next`] asks for: about a block's
+/// code (some 240 bytes in the Linux boot) and its words.
+const PREFETCH_CODE_LINES: usize = 5;
+const PREFETCH_WORD_LINES: usize = 3;
 /// What [`Prefault::want`] holds to stop the thread.
 const STOP: usize = usize::MAX;
 
@@ -178,6 +182,34 @@ impl CodeBuffer {
     /// Where the next [`CodeBuffer::append`] will put code.
     pub fn next_offset(&self) -> usize {
         self.used.next_multiple_of(16)
+    }
+
+    /// Ask for the cache lines the next block's code and words will be
+    /// written to, while that block is still being built: a translation in
+    /// a run writes to lines no cache holds, and its stores otherwise wait
+    /// for each (a prefetch is only a hint: it never faults, past the end
+    /// of the buffer either).
+    #[inline]
+    pub fn prefetch_next(&self) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let code = self
+            .rw
+            .as_ptr()
+            .cast_const()
+            .wrapping_add(self.next_offset());
+        let words = self
+            .meta
+            .as_ptr()
+            .wrapping_add(self.meta.len())
+            .cast::<u8>();
+        for (at, lines) in [(code, PREFETCH_CODE_LINES), (words, PREFETCH_WORD_LINES)] {
+            for k in 0..lines {
+                // SAFETY: a prefetch reads nothing the program sees and
+                // never faults, whatever the address (SSE is part of
+                // x86_64).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * k).cast::<i8>()) };
+            }
+        }
     }
 
     /// Overwrite code already in the buffer (to patch a jump). The caller
