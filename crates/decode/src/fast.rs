@@ -520,6 +520,40 @@ pub fn simple(bytes: &[u8], eip: u32) -> Option<Instruction> {
     Some(ins)
 }
 
+/// What ends most blocks, without a prefix: a direct CALL or JMP, or a
+/// RET (see [`exit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// CALL rel32 (E8) to its target.
+    Call(u32),
+    /// JMP rel32 (E9) or rel8 (EB) to its target.
+    Jmp(u32),
+    /// RET (C3).
+    Ret,
+}
+
+/// The block exit at the start of `bytes` at `eip` (a CALL rel32, a JMP
+/// rel32 or rel8 or a RET, no prefix), if all its bytes are there: its
+/// length and what it is (Intel SDM Vol. 2A, CALL, JMP; Vol. 2B, RET).
+#[inline(always)]
+pub fn exit(bytes: &[u8], eip: u32) -> Option<(usize, Exit)> {
+    let rel32 = || -> Option<i32> { Some(i32::from_le_bytes(bytes.get(1..5)?.try_into().ok()?)) };
+    let (len, rel) = match *bytes.first()? {
+        0xC3 => return Some((1, Exit::Ret)),
+        0xE8 | 0xE9 => (5, rel32()?),
+        0xEB => (2, i32::from(*bytes.get(1)? as i8)),
+        _ => return None,
+    };
+    let target = eip.wrapping_add(len as u32).wrapping_add(rel as u32);
+    Some((
+        len,
+        match bytes[0] {
+            0xE8 => Exit::Call(target),
+            _ => Exit::Jmp(target),
+        },
+    ))
+}
+
 /// A conditional branch at the start of `bytes` at `eip` (70-7F with an
 /// 8-bit displacement, 0F 80-8F with a 32-bit one, no prefix): its length,
 /// condition nibble and target.
@@ -543,6 +577,56 @@ pub fn jcc(bytes: &[u8], eip: u32) -> Option<(usize, u8, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every block exit `exit` finds (CALL rel32, JMP rel32 and rel8, RET)
+    /// at EIPs near 0, in the middle and near the 4 GiB wrap, with
+    /// displacements of every size and sign: the length, kind and target
+    /// iced-x86 decodes; nothing when its bytes are cut short or for any
+    /// other first byte.
+    #[test]
+    fn exits_are_what_the_decoder_decodes() {
+        use iced_x86::Code;
+        let mut encodings: Vec<Vec<u8>> = vec![vec![0xC3]];
+        for d in [0u8, 1, 0x7F, 0x80, 0xFE, 0xFF] {
+            encodings.push(vec![0xEB, d]);
+        }
+        for d in [0i32, 1, -1, 0x7FFF_FFFF, i32::MIN, 0x1234, -0x1234] {
+            for op in [0xE8u8, 0xE9] {
+                let mut e = vec![op];
+                e.extend(d.to_le_bytes());
+                encodings.push(e);
+            }
+        }
+        for eip in [
+            0u32,
+            0x10,
+            0x0804_8000,
+            0x7FFF_FFF0,
+            0xFFFF_FFF0,
+            0xFFFF_FFFE,
+        ] {
+            for e in &encodings {
+                let ins = crate::decode_one(e, eip, 32);
+                let want = match ins.code() {
+                    Code::Retnd => Exit::Ret,
+                    Code::Call_rel32_32 => Exit::Call(ins.near_branch32()),
+                    Code::Jmp_rel32_32 | Code::Jmp_rel8_32 => Exit::Jmp(ins.near_branch32()),
+                    c => panic!("{e:02x?}: {c:?}"),
+                };
+                assert_eq!(
+                    exit(e, eip),
+                    Some((ins.len(), want)),
+                    "{e:02x?} at {eip:#x}"
+                );
+                assert_eq!(exit(&e[..e.len() - 1], eip), None, "{e:02x?} cut short");
+            }
+        }
+        for op in 0..=255u8 {
+            if !matches!(op, 0xC3 | 0xE8 | 0xE9 | 0xEB) {
+                assert_eq!(exit(&[op, 0, 0, 0, 0, 0], 0), None, "{op:#x}");
+            }
+        }
+    }
 
     /// Every encoding `simple` builds, at EIPs near 0, in the middle and
     /// near the 4 GiB wrap, with displacements of every size and sign: the

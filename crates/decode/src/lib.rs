@@ -390,7 +390,7 @@ impl Insn {
     pub fn taken(eip: u32, t: Taken, bytes: InsnBytes) -> Insn {
         match t {
             Taken::Plain(p) => Insn::fast(eip, p, bytes),
-            Taken::Jcc { .. } => {
+            Taken::Jcc { .. } | Taken::Exit(_) => {
                 let ins = fast::simple(bytes.raw(), eip).unwrap_or_default();
                 let (special, class) = special_and_class(&ins);
                 Insn {
@@ -582,6 +582,9 @@ pub enum Taken {
         /// Where it jumps when taken.
         target: u32,
     },
+    /// A direct CALL or JMP or a RET ([`fast::exit`]): taken, the scan
+    /// ends after it.
+    Exit(fast::Exit),
 }
 
 /// Where a [`Scanner::run`] hands the instructions it takes: the fast
@@ -595,6 +598,9 @@ pub trait Sink {
     fn plain(&mut self, eip: u32, p: fast::Plain, raw: &[u8; MAX_INSN_LEN]) -> bool;
     /// A conditional branch at `eip` (see [`Taken::Jcc`]), its bytes.
     fn jcc(&mut self, eip: u32, cc: u8, target: u32, bytes: &InsnBytes) -> bool;
+    /// A block exit at `eip` (see [`Taken::Exit`]), its bytes. Taken, it
+    /// ends the scan.
+    fn exit(&mut self, eip: u32, e: fast::Exit, bytes: &InsnBytes) -> bool;
 }
 
 /// A function of what was taken as a [`Sink`].
@@ -608,6 +614,9 @@ impl<F: FnMut(u32, Taken, &InsnBytes) -> bool> Sink for F {
     }
     fn jcc(&mut self, eip: u32, cc: u8, target: u32, bytes: &InsnBytes) -> bool {
         self(eip, Taken::Jcc { cc, target }, bytes)
+    }
+    fn exit(&mut self, eip: u32, e: fast::Exit, bytes: &InsnBytes) -> bool {
+        self(eip, Taken::Exit(e), bytes)
     }
 }
 
@@ -827,24 +836,34 @@ impl Scanner {
                 // One of the fast scanner's, or a conditional branch the
                 // scan goes on past (as below: its fall-through on the
                 // page). (One call of the sink: inlined.)
-                let found = match fast::take(&space[off..fetched]) {
+                let window = &space[off..fetched];
+                let found = match fast::take(window) {
                     Some(p) => Some((Taken::Plain(p), usize::from(p.len()))),
-                    None if self.past_jcc => fast::jcc(&space[off..fetched], eip)
+                    None => self
+                        .past_jcc
+                        .then(|| fast::jcc(window, eip))
+                        .flatten()
                         .filter(|&(len, _, _)| off + len < page_left)
-                        .map(|(len, cc, target)| (Taken::Jcc { cc, target }, len)),
-                    None => None,
+                        .map(|(len, cc, target)| (Taken::Jcc { cc, target }, len))
+                        .or_else(|| fast::exit(window, eip).map(|(len, e)| (Taken::Exit(e), len))),
                 };
                 if let Some((t, len)) = found {
                     let bytes = InsnBytes::within(&space[..], off, len);
                     let took = match t {
                         Taken::Plain(p) => sink.plain(eip, p, bytes.raw()),
                         Taken::Jcc { cc, target } => sink.jcc(eip, cc, target, &bytes),
+                        Taken::Exit(e) => sink.exit(eip, e, &bytes),
                     };
                     if took {
                         off += len;
                         taken += 1;
                         if keep {
                             insns.push(Insn::taken(eip, t, bytes));
+                        }
+                        if let Taken::Exit(_) = t {
+                            // The block ends with it.
+                            done = Some(BlockEnd::ControlFlow);
+                            break;
                         }
                         continue;
                     }

@@ -669,12 +669,43 @@ pub fn lower_terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExi
     r
 }
 
+/// The host code of a block exit the fast scanner found
+/// ([`popek_decode::fast::exit`]) at an instruction that ends at `next`,
+/// appended to `out`: what [`lower_terminator`] gives for the same
+/// instruction.
+pub(crate) fn exit_code(e: popek_decode::fast::Exit, next: u32, out: &mut Vec<u8>) -> BlockExit {
+    use popek_decode::fast::Exit;
+    match e {
+        Exit::Jmp(target) => BlockExit::Direct(target),
+        Exit::Call(target) => {
+            push_call(next, out);
+            BlockExit::Direct(target)
+        }
+        Exit::Ret => {
+            ret(0, out);
+            BlockExit::Stored
+        }
+    }
+}
+
+/// A CALL's push of its return address `next`.
+fn push_call(next: u32, out: &mut Vec<u8>) {
+    let _ = push_imm32(next, out);
+}
+
+/// RET's host code: the return address into R13D, then ESP past it and
+/// `imm` bytes more.
+fn ret(imm: i64, out: &mut Vec<u8>) {
+    let _ = stack_mov(false, Register::R13D, 0, out);
+    adjust_esp(4 + imm, out);
+}
+
 fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExit> {
     let next = ins.next_ip32();
     match ins.code() {
         Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => Some(BlockExit::Direct(ins.near_branch32())),
         Code::Call_rel32_32 => {
-            push_imm32(next, out)?;
+            push_call(next, out);
             Some(BlockExit::Direct(ins.near_branch32()))
         }
         Code::Retnd | Code::Retnd_imm16 => {
@@ -683,8 +714,7 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExit> {
             } else {
                 0
             };
-            stack_mov(false, Register::R13D, 0, out)?;
-            adjust_esp(4 + imm, out);
+            ret(imm, out);
             Some(BlockExit::Stored)
         }
         Code::Jmp_rm32 | Code::Call_rm32 => {

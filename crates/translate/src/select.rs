@@ -309,9 +309,15 @@ struct Direct<'a, const CHECKED: bool> {
     map: &'a mut Vec<[u32; 3]>,
     how: &'a mut Vec<&'static str>,
     /// The instructions the block's code counts so far, and of those the
-    /// side exits.
+    /// side exits and the exit (not the fast scanner's).
     counted: usize,
-    sides: u64,
+    others: u64,
+    /// The block's exit, if the sink took it ([`popek_decode::Sink::exit`]).
+    exit: Option<BlockExit>,
+    /// The block's first instruction, and whether it may go on through a
+    /// jump to its page (superblocks: the general path's to decide).
+    start: u32,
+    superblocks: bool,
     /// The last side exit made (see `side` in `translate_once`).
     side: Option<(u8, u32, u32, usize)>,
     split_at: usize,
@@ -358,13 +364,41 @@ impl<const CHECKED: bool> popek_decode::Sink for Direct<'_, CHECKED> {
         self.map
             .push([at, self.counted as u32, self.body.code.len() as u32]);
         self.counted += 1;
-        self.sides += 1;
+        self.others += 1;
         self.body.side(cc, target, self.counted);
         let after = at.wrapping_add(bytes.len() as u32);
         self.split_at = self.map.len();
         self.side = Some((cc, target, after, self.split_at));
         if CHECKED && self.dumping {
             self.how.push("rewritten (side exit; the block goes on)");
+        }
+        true
+    }
+
+    // (As the general path does it: `lower_terminator`, then the exit.)
+    fn exit(
+        &mut self,
+        at: u32,
+        e: popek_decode::fast::Exit,
+        bytes: &popek_decode::InsnBytes,
+    ) -> bool {
+        if self.declines(at) {
+            return false;
+        }
+        if let popek_decode::fast::Exit::Jmp(t) = e {
+            if self.superblocks && t / 4096 == self.start / 4096 {
+                // It may be followed.
+                return false;
+            }
+        }
+        let code = &mut *self.body.code;
+        self.map.push([at, self.counted as u32, code.len() as u32]);
+        self.counted += 1;
+        self.others += 1;
+        let next = at.wrapping_add(bytes.len() as u32);
+        self.exit = Some(crate::lower::exit_code(e, next, code));
+        if CHECKED && self.dumping {
+            self.how.push("rewritten (block exit)");
         }
         true
     }
@@ -375,13 +409,17 @@ impl<const CHECKED: bool> popek_decode::Sink for Direct<'_, CHECKED> {
 /// exit and where the last basic block split.
 macro_rules! direct_run {
     ($checked:expr, $sc:expr, $fetch:expr, $space:expr, $insns:expr, $out:expr, $counted:expr,
-     $split_at:expr, $hot_page:expr, $hot_stores:expr, $dumping:expr) => {{
+     $split_at:expr, $hot_page:expr, $hot_stores:expr, $dumping:expr, $start:expr,
+     $superblocks:expr) => {{
         let mut d = Direct::<{ $checked }> {
             body: $out.b.body(),
             map: &mut $out.map,
             how: &mut $out.how,
             counted: $counted,
-            sides: 0,
+            others: 0,
+            exit: None,
+            start: $start,
+            superblocks: $superblocks,
             side: None,
             split_at: $split_at,
             hot_page: $hot_page,
@@ -389,7 +427,7 @@ macro_rules! direct_run {
             dumping: $dumping,
         };
         let step = $sc.run($fetch, $space, $insns, $dumping, &mut d);
-        (step, d.counted, d.sides, d.side, d.split_at)
+        (step, d.counted, d.others, d.side, d.split_at, d.exit)
     }};
 }
 
@@ -493,22 +531,26 @@ impl Bt {
             let before = out.map.len();
             let step = if direct && out.sti.is_none() {
                 let fetch = &mut fetcher(cpu);
-                let (step, now, sides, last_side, split) = if hot_page || dumping {
+                let sb = self.superblocks;
+                let (step, now, others, last_side, split, end) = if hot_page || dumping {
                     direct_run!(
                         true, sc, fetch, space, &mut insns, out, counted, split_at, hot_page,
-                        hot_stores, dumping
+                        hot_stores, dumping, eip, sb
                     )
                 } else {
                     direct_run!(
                         false, sc, fetch, space, &mut insns, out, counted, split_at, hot_page,
-                        hot_stores, dumping
+                        hot_stores, dumping, eip, sb
                     )
                 };
-                fast += (now - counted) as u64 - sides;
+                fast += (now - counted) as u64 - others;
                 counted = now;
                 split_at = split;
                 if last_side.is_some() {
                     side = last_side;
+                }
+                if end.is_some() {
+                    exit = end;
                 }
                 step
             } else {
@@ -532,6 +574,10 @@ impl Bt {
                     }
                 };
                 out.followed = None;
+            }
+            if exit.is_some() {
+                // The sink took the block's exit.
+                break;
             }
             // (A run that ends pushed nothing: the side exit is the last
             // instruction scanned if nothing was translated after it.)
