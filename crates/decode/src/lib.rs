@@ -588,10 +588,11 @@ pub enum Taken {
 }
 
 /// Where a [`Scanner::run`] hands the instructions it takes: the fast
-/// scanner's, and the conditional branches the scan goes on past. Each
-/// says whether it took the instruction (else it is pushed onto the run's
-/// vector and the run stops there). (Two methods on one value, so that the
-/// common one, `plain`, does no more than it must.)
+/// scanner's, the conditional branches the scan goes on past and the
+/// block exits it knows. Each says whether it took the instruction (else
+/// it is pushed onto the run's vector and the run stops there). (A method
+/// each on one value, so that the common one, `plain`, does no more than
+/// it must.)
 pub trait Sink {
     /// One of the fast scanner's instructions at `eip` ([`fast::take`]);
     /// `raw` holds its bytes first, then whatever followed them.
@@ -732,14 +733,14 @@ impl Scanner {
         self.total
     }
 
-    /// Scan on: each instruction the fast scanner takes, and each
-    /// conditional branch the scan goes on past, goes to `sink` (see
-    /// [`Sink`]; a function of its EIP, what the scanner found and its
-    /// bytes is one), which says whether it took it (else it is pushed
-    /// onto `insns` and the run stops there); stop at the next other
-    /// instruction (decoded and pushed onto `insns`) or at the end of the
-    /// block. With `keep`, the instructions the sink took are pushed onto
-    /// `insns` too.
+    /// Scan on: each instruction the fast scanner takes, each conditional
+    /// branch the scan goes on past and a block exit it knows go to `sink`
+    /// (see [`Sink`]; a function of its EIP, what the scanner found and
+    /// its bytes is one), which says whether it took it (else it is pushed
+    /// onto `insns` and the run stops there; a block exit taken ends the
+    /// scan); stop at the next other instruction (decoded and pushed onto
+    /// `insns`) or at the end of the block. With `keep`, the instructions
+    /// the sink took are pushed onto `insns` too.
     #[inline]
     pub fn run(
         &mut self,
@@ -768,7 +769,7 @@ impl Scanner {
             whole.min(page_left)
         };
         let mut below = bound(fetched, asked);
-        loop {
+        'scan: loop {
             // The common case first: the fast scanner's instructions one
             // after another, each with a whole MAX_INSN_LEN fetched at it
             // on the page (none of the checks below applies to them, and
@@ -797,12 +798,7 @@ impl Scanner {
                     if !took {
                         // Declined: the caller's, as the others below.
                         insns.push(Insn::fast(eip, p, bytes()));
-                        self.off = off;
-                        self.asked = asked;
-                        self.fetched = fetched;
-                        self.taken = taken;
-                        self.total += taken - first;
-                        return Step::Pushed;
+                        break 'scan;
                     }
                     if keep {
                         insns.push(Insn::fast(eip, p, bytes()));
