@@ -300,8 +300,9 @@ impl Out {
 
 /// The sink of a superblock's scan (see `Bt::translate_once`): the fast
 /// scanner's instructions copied straight into the block as they are
-/// scanned (no `Insn` for them unless for `--dump`), and the conditional
-/// branches the scan goes on past made side exits. `CHECKED`: on a page
+/// scanned (no `Insn` for them unless for `--dump`), the conditional
+/// branches the scan goes on past made side exits, and a direct CALL, a
+/// RET or a JMP off the block's page made its exit. `CHECKED`: on a page
 /// with a hot store (declined: the general path's) or for `--dump`; the
 /// common case checks neither.
 struct Direct<'a, const CHECKED: bool> {
@@ -404,9 +405,10 @@ impl<const CHECKED: bool> popek_decode::Sink for Direct<'_, CHECKED> {
     }
 }
 
-/// One [`Scanner::run`] with a [`Direct`] sink: how it ended, and the
-/// instructions it took (counted, side exits among them), its last side
-/// exit and where the last basic block split.
+/// One [`Scanner::run`] with a [`Direct`] sink: how it ended, the
+/// instructions counted (and how many of those it took that are not the
+/// fast scanner's), its last side exit, where the last basic block split
+/// and the block's exit if it took it.
 macro_rules! direct_run {
     ($checked:expr, $sc:expr, $fetch:expr, $space:expr, $insns:expr, $out:expr, $counted:expr,
      $split_at:expr, $hot_page:expr, $hot_stores:expr, $dumping:expr, $start:expr,
@@ -582,7 +584,7 @@ impl Bt {
             // (A run that ends pushed nothing: the side exit is the last
             // instruction scanned if nothing was translated after it.)
             if let Some((cc, taken, not_taken, at)) = side.take() {
-                if let (Step::End(_), true) = (step, out.map.len() == at) {
+                if matches!(step, Step::End(_)) && out.map.len() == at {
                     out.b.unside();
                     split_at = usize::MAX;
                     if dumping {
