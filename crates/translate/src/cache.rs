@@ -65,6 +65,11 @@ pub(crate) fn make_key(eip: u32, phys_page: u32, user: bool) -> Key {
     u64::from(eip) | u64::from(phys_page) << 32 | u64::from(user) << 63
 }
 
+/// The physical page of a key's EIP (its linear page with paging off).
+pub(crate) fn key_phys(k: Key) -> u32 {
+    (k >> 32) as u32 & 0x7FFF_FFFF
+}
+
 /// The guest EIP of a key.
 pub(crate) fn key_eip(k: Key) -> u32 {
     k as u32

@@ -22,7 +22,7 @@
 use popek_decode::{Scanner, Step};
 use popek_vcpu::Vcpu;
 
-use crate::cache::{key_eip, Key, Translation, NO_BYTES};
+use crate::cache::{key_eip, key_phys, Key, Translation, NO_BYTES};
 use crate::dispatch::Bt;
 use crate::emit::{BlockExit, Builder, FlagsOp, HelperCall, Piece, Span};
 use crate::helper::{helper_call, INDEX_SHIFT};
@@ -71,9 +71,28 @@ fn fast_kind(p: popek_decode::fast::Plain) -> &'static str {
     }
 }
 
-/// Guest code bytes for the scanner, fetched through `cpu`'s mapping.
-fn fetcher(cpu: &mut Vcpu) -> impl FnMut(u32, &mut [u8]) -> usize + '_ {
-    move |a, buf| cpu.fetch(a, buf).0
+/// Guest code bytes for the scanner, fetched through `cpu`'s mapping; on
+/// `known`, a linear page the current space's instruction TLB holds (and
+/// the physical page it maps it to), read from that page without a walk
+/// of the guest's tables (the TLB has them: a write to one drops the
+/// entry; the walk that filled it found the page present, accessed and
+/// allowed to this privilege).
+fn fetcher(cpu: &mut Vcpu, known: Option<(u32, u32)>) -> impl FnMut(u32, &mut [u8]) -> usize + '_ {
+    move |a, buf| {
+        if let Some((lin, phys)) = known.filter(|&(lin, _)| a >> 12 == lin) {
+            let at = (phys as usize) << 12 | (a & 0xFFF) as usize;
+            let n = buf.len().min(0x1000 - (a & 0xFFF) as usize);
+            if let Some(src) = cpu.ram.as_slice().get(at..at + n) {
+                buf[..n].copy_from_slice(src);
+                if n == buf.len() {
+                    return n;
+                }
+                let rest = lin.wrapping_add(1) << 12;
+                return n + cpu.fetch(rest, &mut buf[n..]).0;
+            }
+        }
+        cpu.fetch(a, buf).0
+    }
 }
 
 /// One attempt at a translation: done, or the block did not fit in the
@@ -504,9 +523,15 @@ impl Bt {
         // (with `gs addr32` for memory; no `Insn` for them unless for
         // `--dump`) by the sink below; every other instruction is pushed
         // onto `insns` and looked at in turn.
+        // The block's first page as the instruction TLB has it (the key's
+        // physical page: the entry key came from there), if it does.
+        let first_page = {
+            let (lin, phys) = (eip >> 12, key_phys(key));
+            (self.current_phys(lin) == Some(phys)).then_some((lin, phys))
+        };
         let space: &mut [u8; popek_decode::SCAN_SPACE] = &mut self.scan_space;
         let mut sc = Scanner::new(
-            &mut fetcher(cpu),
+            &mut fetcher(cpu, first_page),
             eip,
             32,
             SUPERBLOCK_MAX,
@@ -532,7 +557,7 @@ impl Bt {
         loop {
             let before = out.map.len();
             let step = if direct && out.sti.is_none() {
-                let fetch = &mut fetcher(cpu);
+                let fetch = &mut fetcher(cpu, first_page);
                 let sb = self.superblocks;
                 let (step, now, others, last_side, split, end) = if hot_page || dumping {
                     direct_run!(
@@ -557,7 +582,7 @@ impl Bt {
                 step
             } else {
                 sc.run(
-                    &mut fetcher(cpu),
+                    &mut fetcher(cpu, first_page),
                     space,
                     &mut insns,
                     dumping,
@@ -767,7 +792,7 @@ impl Bt {
                         stretches.push(sc.stretch());
                         stretch_from = out.map.len();
                         let room = SUPERBLOCK_MAX - sc.scanned();
-                        sc.restart(&mut fetcher(cpu), t, room, true, space);
+                        sc.restart(&mut fetcher(cpu, first_page), t, room, true, space);
                         continue;
                     }
                 }
@@ -836,7 +861,16 @@ impl Bt {
         // write to the bytes or the entries makes this translation stale.
         // The pages go into the current space's instruction TLB.
         let probe = |cpu: &Vcpu, lin: u32| cpu.probe(lin, user);
-        let first = probe(cpu, eip);
+        // The first page: the instruction TLB's if it holds it (its tables
+        // were depended on when it went in: see the loop below), else a walk.
+        let first = match first_page {
+            Some((_, phys)) if self.flood.is_empty() => Some(popek_vcpu::mmu::Probe {
+                phys_page: phys,
+                writable: false,
+                tables: [None, None],
+            }),
+            _ => probe(cpu, eip),
+        };
         let last = if last_byte >> 12 == eip >> 12 {
             first
         } else {
