@@ -1894,7 +1894,10 @@ system call), so it is higher than the warm figure.
   second walk record for a code page the instruction TLB already holds
   -> 6,077 (kernel); a block's exit that is a direct CALL, a RET or a JMP
   off the page taken by the sink from its bytes instead of decoded and
-  walked through the general path -> 12,021 / 5,928. In the cold lab
+  walked through the general path -> 12,021 / 5,928; the block's first
+  page read without a walk of the guest's tables when the instruction
+  TLB holds it (and not probed again at the end) -> 12,005 / 5,841
+  (after this report's run). In the cold lab
   (caches thrashed between translations, cachegrind's simulation) the
   instruction-cache lines missed per kernel translation went 127 -> 88.
   In the boot, where the guest runs between translations, the code
@@ -1903,7 +1906,7 @@ system call), so it is higher than the warm figure.
   throwaway build timing each phase of a translation in the boot found,
   per translation, 953-988 ns scanning and selecting, 285-299 ns
   finishing (exits, words, append), 302-306 ns for the watch and the
-  walk (mostly the first watch's mprotect, a tenth of the time), 150-190
+  walk (mostly the first watch's mprotect, a tenth of the time), 180-195
   ns the rest (1.72-1.78 us in all), against 1,200 / 380 / 363 / 240 ns
   (2.18 us) at the session's start; alternating the builds, eight boots
   each, the prefetch alone took the median from about 2.0 to 1.75 us.
