@@ -1910,6 +1910,14 @@ system call), so it is higher than the warm figure.
   ns the rest (1.72-1.78 us in all), against 1,200 / 380 / 363 / 240 ns
   (2.18 us) at the session's start; alternating the builds, eight boots
   each, the prefetch alone took the median from about 2.0 to 1.75 us.
+  Alternating the session's first and last builds at its end (after
+  this report's run): the kernel lab 1.43 / 1.37 / 1.60 / 1.57 against
+  1.25 / 1.27 / 1.39 / 1.24 us per translation warm, 3.47 / 2.33 / 2.76 /
+  2.53 against 1.95 / 1.88 / 2.27 / 2.05 with the caches thrashed, but
+  the boot only 2.11 against 2.03 us (medians of eight boots each, from
+  1.64 to 2.65 either way): what a translation costs in the boot is not
+  yet mostly what the labs measure (the first watches' mprotect, the
+  general path's cold code, guest memory no cache holds).
   Time in the boot that is still the general path's (a followed jump,
   an FS/GS access, a non-fast copy: about 0.5 per translation) is about
   200-400 ns each in a run against 30 warm: code and data no cache
