@@ -635,6 +635,13 @@ impl GuestRam {
         std::mem::replace(&mut m[region as usize], 1) == 0
     }
 
+    /// May translated code store fast to the region of physical address
+    /// `addr` (its entry in the fast-write map is 1)?
+    pub fn is_fast(&self, addr: u32) -> bool {
+        let region = (addr / FAST_REGION) as usize;
+        self.fast_set && self.fast.as_ref().is_some_and(|m| m[region] != 0)
+    }
+
     /// Translated code may no longer store fast to bytes `lo..hi` of
     /// `page` (nor to the region before them, whose stores may reach in).
     pub fn clear_fast(&mut self, page: u32, lo: u32, hi: u32) {

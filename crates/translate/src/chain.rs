@@ -312,7 +312,10 @@ impl Bt {
                     site.linked = Some(to);
                     any = true;
                 }
-                None => self.pending.entry(site.target).or_default().push(link),
+                None => {
+                    crate::cache::grow_fourfold(&mut self.pending);
+                    self.pending.entry(site.target).or_default().push(link);
+                }
             }
         }
         if any {
@@ -329,6 +332,7 @@ impl Bt {
     fn unchain(&mut self, to: Key, l: Link) {
         self.unpatch(l);
         self.set_linked(l, None);
+        crate::cache::grow_fourfold(&mut self.pending);
         self.pending.entry(key_eip(to)).or_default().push(l);
     }
 

@@ -72,7 +72,7 @@ impl Asm {
         Ok(&self.ops)
     }
 
-    fn fail(&mut self, e: DynasmError) {
+    pub(crate) fn fail(&mut self, e: DynasmError) {
         self.error.get_or_insert(e);
     }
 

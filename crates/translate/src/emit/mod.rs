@@ -528,27 +528,58 @@ fn cold_bytes(target: u32) -> [u8; 13] {
 }
 
 /// The start of a guarded piece: go on to its host code (which follows)
-/// while the context byte at `slow_at` is 0, else jump to the local label
-/// `slow` that [`helper_tail`] defines. Flag-free: the byte into RCX for
-/// JRCXZ (whose 127-byte reach is why the helper call comes last).
-fn guard(ops: &mut Asm, slow_at: i32) {
+/// while the context byte at `slow_at` is 0, else jump to the slow path
+/// [`helper_tail`] lands (the offset of that jump's rel32 field is
+/// returned). Flag-free: the byte into RCX for JRCXZ.
+///
+/// (The branches of the pieces made for instructions, this and the
+/// helper tail, are patched by hand rather than through local labels:
+/// the assembler's labels cost a few hundred host instructions each, a
+/// piece took five, and a retranslated block on a page of hot stores
+/// makes nearly one checked store per block.)
+fn guard(ops: &mut Asm, slow_at: i32) -> usize {
     dynasm!(ops
         ; .arch x64
         ; mov r11, rcx
         ; movzx ecx, BYTE [r15 + slow_at]
-        ; jrcxz >fast
-        ; mov rcx, r11
-        ; jmp >slow
-        ; fast:
+    );
+    let fast = jrcxz_forward(ops);
+    dynasm!(ops
+        ; .arch x64
         ; mov rcx, r11
     );
+    let slow = jmp_forward(ops);
+    land8(ops, fast);
+    dynasm!(ops
+        ; .arch x64
+        ; mov rcx, r11
+    );
+    slow
 }
 
 /// The end of a piece with a fast path in host code: past the helper call
-/// at the local label `slow`, which the fast path jumps to when host code
-/// cannot do the instruction. The helper retires the instruction, which
+/// (the slow path), which the jumps at `slow` (their rel32 fields) go to
+/// when host code cannot do the instruction; the jumps at `done` go past
+/// it, as the fast path does. The helper retires the instruction, which
 /// the block's exit counts too: one is taken off.
-fn helper_tail(ops: &mut Asm, base: usize, call: &HelperCall) {
+fn helper_tail(ops: &mut Asm, base: usize, call: &HelperCall, slow: &[usize], done: &[usize]) {
+    let skip = jmp_forward(ops);
+    for &at in slow {
+        land(ops, at);
+    }
+    helper_call(ops, base, call);
+    dynasm!(ops
+        ; .arch x64
+        ; lea r8, [r8 - 1]
+    );
+    for &at in done.iter().chain([&skip]) {
+        land(ops, at);
+    }
+}
+
+/// [`helper_tail`] for a fast path that jumps to the local label `slow`
+/// (the flags instructions').
+fn helper_tail_at_label(ops: &mut Asm, base: usize, call: &HelperCall) {
     dynasm!(ops
         ; .arch x64
         ; jmp >done
@@ -560,6 +591,33 @@ fn helper_tail(ops: &mut Asm, base: usize, call: &HelperCall) {
         ; lea r8, [r8 - 1]
         ; done:
     );
+}
+
+/// `jmp rel32` to a place not assembled yet: the offset of its rel32
+/// field, for [`land`].
+fn jmp_forward(ops: &mut Asm) -> usize {
+    ops.extend([0xE9, 0, 0, 0, 0].iter());
+    ops.offset().0 - 4
+}
+
+/// `jrcxz rel8` to a place not assembled yet: the offset of its rel8
+/// field, for [`land8`].
+fn jrcxz_forward(ops: &mut Asm) -> usize {
+    ops.extend([0xE3, 0].iter());
+    ops.offset().0 - 1
+}
+
+/// The short branch whose rel8 field is at `rel8` ([`jrcxz_forward`])
+/// goes to the next byte assembled (an error of the block's if that is
+/// out of its reach).
+fn land8(ops: &mut Asm, rel8: usize) {
+    let to = ops.offset().0;
+    match i8::try_from(to - (rel8 + 1)) {
+        Ok(rel) => ops.bytes_mut()[rel8] = rel as u8,
+        Err(_) => ops.fail(dynasmrt::DynasmError::ImpossibleRelocation(
+            dynasmrt::TargetKind::Local("a short branch"),
+        )),
+    }
 }
 
 /// `jcc rel32` (x86 condition nibble `cc`) to a place not assembled yet:
@@ -712,9 +770,9 @@ impl Builder {
             }
             Piece::Helper(call) => helper_call(ops, base, call),
             Piece::Segment { fs, code, call } => {
-                guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
-                dynasm!(ops ; .arch x64 ; .bytes code.iter());
-                helper_tail(ops, base, call);
+                let slow = guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
+                ops.extend(code.iter());
+                helper_tail(ops, base, call, &[slow], &[]);
             }
             Piece::Checked { ea, store, call } => {
                 // Flag-free, RCX kept in scratch2: the address's page
@@ -727,7 +785,7 @@ impl Builder {
                 let (sc, sc1, sc2) = (SCRATCH as i32, SCRATCH as i32 + 1, SCRATCH2 as i32);
                 let (map, rw) = (FAST_MAP as i32, RAM_RW as i32);
                 let (sc_2, deltas) = (SCRATCH as i32 + 2, PAGE_DELTAS as i32);
-                dynasm!(ops ; .arch x64 ; .bytes ea.iter());
+                ops.extend(ea.iter());
                 dynasm!(ops
                     ; .arch x64
                     ; mov QWORD [r15 + sc2], rcx
@@ -737,32 +795,39 @@ impl Builder {
                     ; mov ecx, DWORD [r15 + sc_2]
                     ; mov r11, QWORD [r15 + deltas]
                     ; mov rcx, QWORD [r11 + rcx * 8]
-                    ; jrcxz >miss
+                );
+                let no_page = jrcxz_forward(ops);
+                dynasm!(ops
+                    ; .arch x64
                     ; lea r13d, [r13 + rcx]
                     ; lea r11, [r13 * 4]
                     ; mov QWORD [r15 + sc], r11
                     ; mov ecx, DWORD [r15 + sc1]
                     ; mov r11, QWORD [r15 + map]
                     ; movzx ecx, BYTE [r11 + rcx]
-                    ; jrcxz >miss
+                );
+                let not_fast = jrcxz_forward(ops);
+                dynasm!(ops
+                    ; .arch x64
                     ; mov rcx, QWORD [r15 + sc2]
                     ; mov r11, QWORD [r15 + rw]
                 );
-                dynasm!(ops ; .arch x64 ; .bytes store.iter());
+                ops.extend(store.iter());
+                let done = jmp_forward(ops);
+                land8(ops, no_page);
+                land8(ops, not_fast);
                 dynasm!(ops
                     ; .arch x64
-                    ; jmp >done
-                    ; miss:
                     ; mov rcx, QWORD [r15 + sc2]
-                    ; jmp >slow
                 );
-                helper_tail(ops, base, call);
+                let slow = jmp_forward(ops);
+                helper_tail(ops, base, call, &[slow], &[done]);
             }
             Piece::Rdtsc(call) => {
                 // EDX:EAX = host TSC + offset, flag-free: the halves
                 // joined in the scratch slot, added with LEA, split.
                 let (off, scratch) = (TSC_OFFSET as i32, SCRATCH as i32);
-                guard(ops, i32::from(TSC_SLOW));
+                let slow = guard(ops, i32::from(TSC_SLOW));
                 dynasm!(ops
                     ; .arch x64
                     ; rdtsc
@@ -775,12 +840,12 @@ impl Builder {
                     ; mov eax, DWORD [r15 + scratch]
                     ; mov edx, DWORD [r15 + scratch + 4]
                 );
-                helper_tail(ops, base, call);
+                helper_tail(ops, base, call, &[slow], &[]);
             }
             Piece::Flags(op, call) => {
                 flags_fast_path(ops, *op);
                 if !matches!(op, FlagsOp::Pushfd { .. }) {
-                    helper_tail(ops, base, call);
+                    helper_tail_at_label(ops, base, call);
                 }
             }
         }
