@@ -48,6 +48,9 @@ pub struct GuestRam {
     /// The shadow windows (linear addresses under guest paging), one per
     /// shadow address space, created on first use; see [`GuestRam::shadow`].
     shadows: Vec<Option<shadow::Shadow>>,
+    /// The shadow translated code runs on (see
+    /// [`GuestRam::set_running_shadow`]).
+    running_shadow: Option<usize>,
     /// May a shadow sit at host address 0 ([`GuestRam::set_low_shadow`])?
     low_shadow: bool,
     /// One bit per page: does a write to it need more than the store
@@ -397,6 +400,7 @@ impl GuestRam {
             writes: Vec::new(),
             watched_count: 0,
             shadows: Vec::new(),
+            running_shadow: None,
             low_shadow: false,
             deltas_zero: None,
             deltas_identity: None,

@@ -42,6 +42,11 @@ pub(crate) struct Shadow {
     /// page mapped here whose guest entry lets it be written without a
     /// fault or a dirty-bit update, cleared whenever its mapping changes.
     deltas: Option<memmap2::MmapMut>,
+    /// Linear pages made read-only here while another shadow ran (their
+    /// entry says [`Access::Read`]) whose host protection is still
+    /// read-write: made so before this shadow runs again
+    /// ([`GuestRam::set_running_shadow`]).
+    deferred: Vec<u32>,
 }
 
 /// What translated code may do on a page mapped into a shadow.
@@ -79,6 +84,57 @@ impl Shadow {
         }
     }
 
+    /// Give the pages [`Shadow::deferred`] lists the protection their
+    /// entries say (read-only where they still say so: a page unmapped,
+    /// revoked or mapped anew since has the protection that set), in runs
+    /// of neighbouring pages (one host call each).
+    fn apply_deferred(&mut self) -> Result<(), RamError> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let mut pages = std::mem::take(&mut self.deferred);
+        pages.sort_unstable();
+        pages.dedup();
+        pages.retain(|lin| self.shadow_of.get(lin).is_some_and(|e| e.1 == Access::Read));
+        let mut k = 0;
+        while k < pages.len() {
+            let first = pages[k];
+            let mut n = 1;
+            while k + n < pages.len() && pages[k + n] == first + n as u32 {
+                n += 1;
+            }
+            if let Err(e) = self.mprotect(first, n as u32, Access::Read) {
+                // (Still to do: translated code must not run here.)
+                self.deferred.extend_from_slice(&pages[k..]);
+                return Err(e);
+            }
+            k += n;
+        }
+        Ok(())
+    }
+
+    /// The host protection of `count` mapped pages from `lin`.
+    fn mprotect(&mut self, lin: u32, count: u32, access: Access) -> Result<(), RamError> {
+        // SAFETY: the pages lie inside the shadow reservation, which
+        // `self.window` owns (linear pages are below 2^20); changing their
+        // protection affects only translated code's accesses.
+        let r = unsafe {
+            libc::mprotect(
+                self.window.at((lin * PAGE_SIZE) as usize).cast(),
+                (count * PAGE_SIZE) as usize,
+                access.prot(),
+            )
+        };
+        if r != 0 {
+            return Err(RamError(format!(
+                "cannot change the protection of linear page {:#010x} in a shadow: {}",
+                lin * PAGE_SIZE,
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     fn forget(&mut self, lin: u32) {
         self.clear_delta(lin);
         if let Some((phys, _)) = self.shadow_of.remove(&lin) {
@@ -91,23 +147,7 @@ impl Shadow {
     /// Change the protection of one mapped page.
     fn protect(&mut self, lin: u32, access: Access) -> Result<(), RamError> {
         self.clear_delta(lin);
-        // SAFETY: the page lies inside the shadow reservation, which
-        // `self.window` owns (linear pages are below 2^20); changing its
-        // protection affects only translated code's accesses.
-        let r = unsafe {
-            libc::mprotect(
-                self.window.at((lin * PAGE_SIZE) as usize).cast(),
-                PAGE_SIZE as usize,
-                access.prot(),
-            )
-        };
-        if r != 0 {
-            return Err(RamError(format!(
-                "cannot change the protection of linear page {:#010x} in a shadow: {}",
-                lin * PAGE_SIZE,
-                std::io::Error::last_os_error()
-            )));
-        }
+        self.mprotect(lin, 1, access)?;
         if let Some(e) = self.shadow_of.get_mut(&lin) {
             e.1 = access;
         }
@@ -140,6 +180,7 @@ impl GuestRam {
                 aliases: HashMap::new(),
                 shadow_of: HashMap::new(),
                 deltas: None,
+                deferred: Vec::new(),
             });
         }
         Ok(&self.shadows[space].as_ref().expect("created above").window)
@@ -175,6 +216,7 @@ impl GuestRam {
         s.aliases.clear();
         s.shadow_of.clear();
         s.deltas = None;
+        s.deferred.clear();
         true
     }
 
@@ -403,6 +445,7 @@ impl GuestRam {
                 s.aliases.clear();
                 s.shadow_of.clear();
                 s.deltas = None;
+                s.deferred.clear();
                 s.window.clear(0, 1 << 20)
             }
             _ => Ok(()),
@@ -448,21 +491,50 @@ impl GuestRam {
         }
     }
 
+    /// The shadow translated code runs on from now (None: none, or not
+    /// known), until the next call: pages of the others made read-only are
+    /// made so on the host only when each runs again (a kernel's code page
+    /// watched for the first time has a writable alias in every process's
+    /// shadow that touched it: one host call each, which the Linux boot's
+    /// translations paid, against one for the running shadow now and runs
+    /// of neighbouring pages for each other shadow when it next runs, if
+    /// it is not reset first). This shadow's pages deferred so are made
+    /// read-only here.
+    pub fn set_running_shadow(&mut self, space: Option<usize>) -> Result<(), RamError> {
+        self.running_shadow = space;
+        match space.and_then(|i| self.shadows.get_mut(i)) {
+            Some(Some(s)) => s.apply_deferred(),
+            _ => Ok(()),
+        }
+    }
+
     /// Make the shadow aliases of a physical page read-only, or (when it
     /// may be writable again) drop them, to be mapped again with the guest
-    /// tables' rights on their next use; in every shadow.
+    /// tables' rights on their next use; in every shadow (on the host at
+    /// once in the running one, see [`GuestRam::set_running_shadow`]).
     pub(crate) fn protect_aliases(&mut self, phys: u32, writable: bool) -> Result<(), RamError> {
-        for s in self.shadows.iter_mut().flatten() {
+        let running = self.running_shadow;
+        for (i, s) in self.shadows.iter_mut().enumerate() {
+            let Some(s) = s else { continue };
             let Some(list) = s.aliases.get(&phys) else {
                 continue;
             };
+            let defer = running.is_some_and(|r| r != i);
             for lin in list.clone() {
                 if writable {
                     s.window.clear(lin, 1)?;
                 } else if s.shadow_of.get(&lin).is_some_and(|e| e.1 == Access::Write) {
                     // (A revoked page stays revoked: its next access must
                     // fault, to set the accessed bit.)
-                    s.protect(lin, Access::Read)?;
+                    if defer {
+                        s.clear_delta(lin);
+                        if let Some(e) = s.shadow_of.get_mut(&lin) {
+                            e.1 = Access::Read;
+                        }
+                        s.deferred.push(lin);
+                    } else {
+                        s.protect(lin, Access::Read)?;
+                    }
                 }
             }
             if writable {
@@ -568,6 +640,48 @@ pub(crate) mod tests {
         assert_eq!(ram.shadow_entry(0, 0x80001), None);
         assert!(!ram.shadow_reprotect(0, 0x80001, true));
         ram.shadow_reset(0).unwrap();
+    }
+
+    /// A page watched while another shadow runs is read-only at once in
+    /// the running shadow and, in the others, by the time each runs again
+    /// (their entries say read-only at once); an alias unmapped, revoked
+    /// or unwatched in between keeps what that made of it.
+    #[test]
+    fn other_shadows_are_protected_before_they_run() {
+        use crate::Access;
+        let mut ram = GuestRam::new(0x10000).unwrap();
+        let b0 = ram.shadow(0).unwrap().base() as usize;
+        let b1 = ram.shadow(1).unwrap().base() as usize;
+        for space in [0, 1] {
+            assert!(ram.shadow_map_run(space, 0x80000, 2, 4, true));
+        }
+        ram.set_running_shadow(Some(0)).unwrap();
+        ram.watch_page(2).unwrap();
+        assert_eq!(host_prot(b0 + (0x80000 << 12)), "r--s");
+        assert_eq!(ram.shadow_entry(1, 0x80000), Some((2, Access::Read)));
+        assert_eq!(host_prot(b1 + (0x80000 << 12)), "rw-s", "deferred");
+        // Revoked, or unwatched, before shadow 1 runs: left so.
+        ram.watch_page(3).unwrap();
+        ram.watch_page(4).unwrap();
+        assert!(ram.shadow_revoke(1, 0x80001).unwrap());
+        ram.unwatch_page(4).unwrap();
+        assert_eq!(ram.shadow_entry(1, 0x80002), None);
+        ram.set_running_shadow(Some(1)).unwrap();
+        assert_eq!(host_prot(b1 + (0x80000 << 12)), "r--s");
+        assert_eq!(host_prot(b1 + (0x80001 << 12)), "---s");
+        assert_eq!(
+            host_prot(b1 + (0x80002 << 12)),
+            host_prot(b1 + (0x90000 << 12))
+        );
+        assert_eq!(host_prot(b1 + (0x80003 << 12)), "rw-s", "not watched");
+        // With none running, every shadow at once.
+        ram.set_running_shadow(None).unwrap();
+        ram.watch_page(5).unwrap();
+        assert_eq!(host_prot(b0 + (0x80003 << 12)), "r--s");
+        assert_eq!(host_prot(b1 + (0x80003 << 12)), "r--s");
+        for space in [0, 1] {
+            ram.shadow_reset(space).unwrap();
+        }
     }
 
     /// A shadow asked to sit at host address 0 does (the test process has

@@ -372,9 +372,18 @@ impl Bt {
                 if !self.window_released && ram.release_window() {
                     self.window_released = true;
                 }
+                // (Its pages made read-only while another ran are made so
+                // on the host now.)
+                if ram.set_running_shadow(Some(i)).is_err() {
+                    return false;
+                }
                 ram.shadow(i)
             }
-            None => ram.window(),
+            None => {
+                // (No shadow runs: every one is protected at once.)
+                let _ = ram.set_running_shadow(None);
+                ram.window()
+            }
         };
         match w {
             Ok(w) => set_gs_base(w.base()).is_ok(),
