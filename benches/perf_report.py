@@ -1922,6 +1922,49 @@ system call), so it is higher than the warm figure.
   an FS/GS access, a non-fast copy: about 0.5 per translation) is about
   200-400 ns each in a run against 30 warm: code and data no cache
   holds, not instructions.
+- What made the boot's translations cheaper (issue 20, 29th session),
+  found with a profile of the boot itself rather than of the labs (perf
+  record -e cpu-clock with DWARF call graphs; 2,000-2,700 samples a boot
+  under the translator's entry): growing the translation cache's map
+  (each doubling moved every 112-byte entry into a fresh allocation
+  whose pages fault in, about 2 us a page on this host: 7% of the time
+  translating) and the pending links' map (1%); the first watch of a
+  code page, an mprotect (5.5 us here) for the window and for the
+  writable alias in every shadow that had touched the page (a kernel
+  page: every process's; 10%); a line of the 64 MiB fast-write map
+  touched by every translation; local labels in the FS/GS, RDTSC and
+  checked-store pieces (a segment piece took 1,334 host instructions,
+  850 of them the labels). Now the maps grow fourfold (a third of the
+  entries moved on the way to the same size); another shadow's aliases
+  are made read-only when it next runs (`GuestRam::set_running_shadow`;
+  first-watch translations in the phase build 1,338-1,551 at 7.2-7.6 us
+  -> 1,100-1,124 at 6.5-6.9 us; mprotect calls in a boot 5,271 ->
+  4,962); the fast-write map is left alone where every chunk of the
+  code held code already; the pieces' branches are patched by hand
+  (a segment piece 761 host instructions; translations byte for byte the
+  same, bundled guests, the boot's and busybox's). Host instructions per
+  warm translation: selfcheck 12,005 -> 11,918, the kernel lab 5,841 ->
+  5,760; instruction-cache lines missed per translation in the cold lab
+  81.5 -> 74.5. Retranslations are 13% of the boot's translations and
+  26% of its time translating (5.1 us each against 2.2: they are
+  superblocks twice as long, on pages with hot stores, with a checked
+  store each on average). Timed, the host's noise hid the difference:
+  alternating boots, medians of seven 1.95 (first build) and 2.0 us
+  (last) per translation, five pairs run side by side on the two cores
+  0.85-1.09 (last over first). Tried and not kept: a mask of the
+  64-byte chunks holding hot stores, tested per instruction (3% more
+  host instructions in the scanner's loop: one more live register);
+  the heap on huge pages (the cache map's growth then zeroes 2 MiB
+  pages: 13% of the time translating instead of 7%); pre-faulting large
+  allocations (MADV_POPULATE_WRITE: 2.4 ms against 3.8 ms of faults for
+  7 MiB). Measured on this host for the next step: RDTSC 20 ns (two a
+  translation, for `--stats`' clock), an mprotect of one page 5.5 us, an
+  anonymous page fault about 2 us. This report's run fell in a slow hour
+  of the host: the warm selfcheck row's 2.18 us per translation against
+  1.59 in the last report is the host's (the same `translate_loop` binary
+  timed 1.6 and 2.6 us minutes apart; cachegrind counts 0.7% fewer host
+  instructions per translation than at the last report), as is the
+  boot's 1.99 us against 1.92.
 - What made Linux programs faster (issue 20): a conditional branch to an
   exit that needs no pacing code is its own patch site (a taken branch
   jumps straight to the target's body; the state kernel 1.36x -> 1.06x
