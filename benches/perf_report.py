@@ -1935,7 +1935,9 @@ system call), so it is higher than the warm figure.
   touched by every translation; local labels in the FS/GS, RDTSC and
   checked-store pieces (a segment piece took 1,334 host instructions,
   850 of them the labels). Now the maps grow fourfold (a third of the
-  entries moved on the way to the same size); another shadow's aliases
+  entries moved on the way to the same size; the growth still took 6-8%
+  in the profile after it: the last table's pages fault in either way);
+  another shadow's aliases
   are made read-only when it next runs (`GuestRam::set_running_shadow`;
   first-watch translations in the phase build 1,338-1,551 at 7.2-7.6 us
   -> 1,100-1,124 at 6.5-6.9 us; mprotect calls in a boot 5,271 ->
