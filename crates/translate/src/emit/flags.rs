@@ -14,7 +14,7 @@
 //! [`Context::sys`]: crate::abi::Context::sys
 
 use dynasm::dynasm;
-use dynasmrt::{DynasmApi, DynasmLabelApi};
+use dynasmrt::DynasmApi;
 use popek_vcpu::flags::{FIXED1, IF, TF};
 
 use crate::abi::{HOST_FLAGS, POPF_KEEPS, POPF_SYS, SLOW, SYS, VIF};
@@ -41,15 +41,17 @@ pub enum FlagsOp {
 }
 
 /// Emit the host code of a [`FlagsOp`]'s fast path into `ops`. Where host
-/// code cannot do the instruction it jumps to the local label `slow`,
-/// which the caller defines after it (a helper call); PUSHFD never does.
+/// code cannot do the instruction it jumps to the slow path, a helper call
+/// the caller assembles after it: the offsets of those jumps' rel32 fields
+/// are returned, for the caller to land there ([`super::helper_tail`]);
+/// PUSHFD has none.
 ///
 /// Everything before a jump to the slow path leaves the guest's flags as
 /// they were, except POPF's TF test, after which the helper's POPF sets
 /// every arithmetic flag anyway (its load has just succeeded). The only
 /// instruction that can fault comes first (the guest stack access), so a
 /// fault finds the guest state as it was before the instruction.
-pub(crate) fn flags_fast_path(ops: &mut Asm, op: FlagsOp) {
+pub(crate) fn flags_fast_path(ops: &mut Asm, op: FlagsOp) -> [Option<usize>; 2] {
     // Context offsets as literals, for 8-bit displacements.
     const _: () = assert!(SYS == 0x68 && VIF == 0x6C && SLOW == 0x70 && FIXED1 == 2);
     if let FlagsOp::Pushfd { host_fixed } = op {
@@ -64,19 +66,16 @@ pub(crate) fn flags_fast_path(ops: &mut Asm, op: FlagsOp) {
             ; gs mov DWORD [r12d - 4], r11d
             ; lea r12d, [r12 - 4]
         );
-        return;
+        return [None, None];
     }
     // CPL 0? Flag-free: `slow` through RCX for JRCXZ.
     dynasm!(ops
         ; .arch x64
         ; mov r11, rcx
         ; mov ecx, DWORD [r15 + 0x70]                            // slow
-        ; jrcxz >fast
-        ; mov rcx, r11
-        ; jmp >slow
-        ; fast:
-        ; mov rcx, r11
     );
+    let cpl = super::guard_tail(ops);
+    let mut tf = None;
     match op {
         FlagsOp::Cli | FlagsOp::Sti => {
             let vif = if op == FlagsOp::Sti { IF } else { 0 };
@@ -90,7 +89,11 @@ pub(crate) fn flags_fast_path(ops: &mut Asm, op: FlagsOp) {
                 ; .arch x64
                 ; gs mov r11d, DWORD [r12d]
                 ; test r11d, TF as i32
-                ; jnz >slow                                      // single-stepping
+            );
+            // Single-stepping: JNZ to the slow path.
+            tf = Some(super::jcc_forward(ops, 0x5));
+            dynasm!(ops
+                ; .arch x64
                 ; lea r12d, [r12 + 4]
                 ; mov r13d, r11d
                 ; and r13d, IF as i32
@@ -109,6 +112,7 @@ pub(crate) fn flags_fast_path(ops: &mut Asm, op: FlagsOp) {
         }
         FlagsOp::Pushfd { .. } => unreachable!("handled above"),
     }
+    [Some(cpl), tf]
 }
 
 #[cfg(test)]
@@ -121,11 +125,9 @@ mod tests {
     /// instruction they land on.
     fn fast_path(op: FlagsOp) -> Vec<String> {
         let mut ops = Asm::new();
-        flags_fast_path(&mut ops, op);
-        dynasm!(ops
-            ; .arch x64
-            ; slow:
-        );
+        for at in flags_fast_path(&mut ops, op).into_iter().flatten() {
+            crate::emit::land(&mut ops, at);
+        }
         let code = ops.finish().unwrap().to_vec();
         let mut d = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE);
         let mut fmt = IntelFormatter::new();

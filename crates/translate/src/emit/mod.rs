@@ -543,6 +543,12 @@ fn guard(ops: &mut Asm, slow_at: i32) -> usize {
         ; mov r11, rcx
         ; movzx ecx, BYTE [r15 + slow_at]
     );
+    guard_tail(ops)
+}
+
+/// [`guard`] once RCX is saved in R11 and the value that sends the piece
+/// to its slow path is in ECX (the flags instructions' load a word).
+fn guard_tail(ops: &mut Asm) -> usize {
     let fast = jrcxz_forward(ops);
     dynasm!(ops
         ; .arch x64
@@ -562,9 +568,15 @@ fn guard(ops: &mut Asm, slow_at: i32) -> usize {
 /// when host code cannot do the instruction; the jumps at `done` go past
 /// it, as the fast path does. The helper retires the instruction, which
 /// the block's exit counts too: one is taken off.
-fn helper_tail(ops: &mut Asm, base: usize, call: &HelperCall, slow: &[usize], done: &[usize]) {
+fn helper_tail(
+    ops: &mut Asm,
+    base: usize,
+    call: &HelperCall,
+    slow: impl IntoIterator<Item = usize>,
+    done: impl IntoIterator<Item = usize>,
+) {
     let skip = jmp_forward(ops);
-    for &at in slow {
+    for at in slow {
         land(ops, at);
     }
     helper_call(ops, base, call);
@@ -572,25 +584,9 @@ fn helper_tail(ops: &mut Asm, base: usize, call: &HelperCall, slow: &[usize], do
         ; .arch x64
         ; lea r8, [r8 - 1]
     );
-    for &at in done.iter().chain([&skip]) {
+    for at in done.into_iter().chain([skip]) {
         land(ops, at);
     }
-}
-
-/// [`helper_tail`] for a fast path that jumps to the local label `slow`
-/// (the flags instructions').
-fn helper_tail_at_label(ops: &mut Asm, base: usize, call: &HelperCall) {
-    dynasm!(ops
-        ; .arch x64
-        ; jmp >done
-        ; slow:
-    );
-    helper_call(ops, base, call);
-    dynasm!(ops
-        ; .arch x64
-        ; lea r8, [r8 - 1]
-        ; done:
-    );
 }
 
 /// `jmp rel32` to a place not assembled yet: the offset of its rel32
@@ -772,7 +768,7 @@ impl Builder {
             Piece::Segment { fs, code, call } => {
                 let slow = guard(ops, i32::from(SEG_SLOW) + i32::from(!*fs));
                 ops.extend(code.iter());
-                helper_tail(ops, base, call, &[slow], &[]);
+                helper_tail(ops, base, call, [slow], []);
             }
             Piece::Checked { ea, store, call } => {
                 // Flag-free, RCX kept in scratch2: the address's page
@@ -821,7 +817,7 @@ impl Builder {
                     ; mov rcx, QWORD [r15 + sc2]
                 );
                 let slow = jmp_forward(ops);
-                helper_tail(ops, base, call, &[slow], &[done]);
+                helper_tail(ops, base, call, [slow], [done]);
             }
             Piece::Rdtsc(call) => {
                 // EDX:EAX = host TSC + offset, flag-free: the halves
@@ -840,12 +836,12 @@ impl Builder {
                     ; mov eax, DWORD [r15 + scratch]
                     ; mov edx, DWORD [r15 + scratch + 4]
                 );
-                helper_tail(ops, base, call, &[slow], &[]);
+                helper_tail(ops, base, call, [slow], []);
             }
             Piece::Flags(op, call) => {
-                flags_fast_path(ops, *op);
+                let slow = flags_fast_path(ops, *op);
                 if !matches!(op, FlagsOp::Pushfd { .. }) {
-                    helper_tail_at_label(ops, base, call);
+                    helper_tail(ops, base, call, slow.into_iter().flatten(), []);
                 }
             }
         }
