@@ -557,13 +557,12 @@ fn load_r13d(ins: &Instruction, out: &mut Vec<u8>) -> Option<()> {
 
 /// PUSH imm32 on the guest stack: the store first, then ESP, so a fault
 /// leaves ESP untouched.
-fn push_imm32(v: u32, out: &mut Vec<u8>) -> Option<()> {
+fn push_imm32(v: u32, out: &mut Vec<u8>) {
     // mov dword gs:[r12d - 4], imm32
     out.extend([0x65, 0x67, 0x41, 0xC7]);
     r12_operand(0, -4, out);
     out.extend(v.to_le_bytes());
     adjust_esp(-4, out);
-    Some(())
 }
 
 /// LEAVE's host code: the saved EBP loaded first (a fault leaves ESP and
@@ -585,7 +584,10 @@ pub fn lower_stack(ins: &Instruction, out: &mut Vec<u8>) -> bool {
         Code::Push_r32 => {
             stack_mov(true, host_reg(ins.op0_register()), -4, out).map(|()| adjust_esp(-4, out))
         }
-        Code::Pushd_imm8 | Code::Pushd_imm32 => push_imm32(ins.immediate(0) as u32, out),
+        Code::Pushd_imm8 | Code::Pushd_imm32 => {
+            push_imm32(ins.immediate(0) as u32, out);
+            Some(())
+        }
         // PUSH r/m32: the operand's address uses ESP before the push
         // (Intel SDM PUSH), as the load through R13D does.
         Code::Push_rm32 => load_r13d(ins, out)
@@ -678,7 +680,7 @@ pub(crate) fn exit_code(e: popek_decode::fast::Exit, next: u32, out: &mut Vec<u8
     match e {
         Exit::Jmp(target) => BlockExit::Direct(target),
         Exit::Call(target) => {
-            push_call(next, out);
+            push_imm32(next, out);
             BlockExit::Direct(target)
         }
         Exit::Ret => {
@@ -688,14 +690,10 @@ pub(crate) fn exit_code(e: popek_decode::fast::Exit, next: u32, out: &mut Vec<u8
     }
 }
 
-/// A CALL's push of its return address `next`.
-fn push_call(next: u32, out: &mut Vec<u8>) {
-    let _ = push_imm32(next, out);
-}
-
 /// RET's host code: the return address into R13D, then ESP past it and
 /// `imm` bytes more.
 fn ret(imm: i64, out: &mut Vec<u8>) {
+    // (A 32-bit register: `stack_mov` refuses only others.)
     let _ = stack_mov(false, Register::R13D, 0, out);
     adjust_esp(4 + imm, out);
 }
@@ -705,7 +703,7 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExit> {
     match ins.code() {
         Code::Jmp_rel8_32 | Code::Jmp_rel32_32 => Some(BlockExit::Direct(ins.near_branch32())),
         Code::Call_rel32_32 => {
-            push_call(next, out);
+            push_imm32(next, out);
             Some(BlockExit::Direct(ins.near_branch32()))
         }
         Code::Retnd | Code::Retnd_imm16 => {
@@ -722,7 +720,7 @@ fn terminator(ins: &Instruction, out: &mut Vec<u8>) -> Option<BlockExit> {
             // CALL's push; the exit looks the target up.
             load_r13d(ins, out)?;
             if ins.code() == Code::Call_rm32 {
-                push_imm32(next, out)?;
+                push_imm32(next, out);
             }
             Some(BlockExit::Stored)
         }
@@ -1273,7 +1271,7 @@ mod tests {
             assert_eq!(one(&b), iced(want.unwrap()), "lea {disp}");
         }
         let mut b = Vec::new();
-        push_imm32(0x0804_90F0, &mut b).unwrap();
+        push_imm32(0x0804_90F0, &mut b);
         let store = b.len() - 6;
         let want = Instruction::with2(Code::Mov_rm32_imm32, stack_slot(-4), 0x0804_90F0_u32);
         assert_eq!(one(&b[..store]), iced(want.unwrap()));
