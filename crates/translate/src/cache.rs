@@ -143,7 +143,64 @@ impl Offsets {
 /// of each translation in the Linux boot).
 pub(crate) enum TransCache {
     Lru(lru::LruCache<Key, Translation, std::hash::BuildHasherDefault<EipHasher>>),
-    Map(FastMap<Key, Translation>),
+    Map(Slab),
+}
+
+/// The unbounded cache: keys map to slots of a vector of translations.
+/// The hash table holds 16-byte entries, not the 112 of a key with its
+/// translation: its growth (every entry moved into a fresh table whose
+/// pages fault in, inside whichever translation inserts then) took 6-7%
+/// of the Linux boot's time translating with the translations in it; the
+/// vector only grows at its end (a large one is moved by remapping its
+/// pages, not copied), and lookups probe a table a seventh the size.
+pub(crate) struct Slab {
+    slot: FastMap<Key, u32>,
+    entries: Vec<Option<Translation>>,
+    /// Slots of `entries` emptied by `pop`, for the next pushes.
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn get(&self, k: &Key) -> Option<&Translation> {
+        let &i = self.slot.get(k)?;
+        self.entries.get(i as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, k: &Key) -> Option<&mut Translation> {
+        let &i = self.slot.get(k)?;
+        self.entries.get_mut(i as usize)?.as_mut()
+    }
+
+    fn push(&mut self, k: Key, t: Translation) -> Option<Translation> {
+        if let Some(&i) = self.slot.get(&k) {
+            return self.entries[i as usize].replace(t);
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.entries[i as usize] = Some(t);
+                i
+            }
+            None => {
+                self.entries.push(Some(t));
+                (self.entries.len() - 1) as u32
+            }
+        };
+        grow_fourfold(&mut self.slot);
+        self.slot.insert(k, i);
+        None
+    }
+
+    fn pop(&mut self, k: &Key) -> Option<Translation> {
+        let i = self.slot.remove(k)?;
+        self.free.push(i);
+        self.entries.get_mut(i as usize)?.take()
+    }
+
+    fn clear(&mut self) {
+        self.slot.clear();
+        self.entries.clear();
+        self.free.clear();
+    }
 }
 
 impl TransCache {
@@ -152,7 +209,11 @@ impl TransCache {
         let hasher = std::hash::BuildHasherDefault::<EipHasher>::default();
         match capacity {
             Some(c) => TransCache::Lru(lru::LruCache::with_hasher(c, hasher)),
-            None => TransCache::Map(FastMap::with_capacity_and_hasher(256, hasher)),
+            None => TransCache::Map(Slab {
+                slot: FastMap::with_capacity_and_hasher(256, hasher),
+                entries: Vec::with_capacity(256),
+                free: Vec::new(),
+            }),
         }
     }
 
@@ -184,10 +245,7 @@ impl TransCache {
     pub(crate) fn push(&mut self, k: Key, t: Translation) -> Option<(Key, Translation)> {
         match self {
             TransCache::Lru(c) => c.push(k, t),
-            TransCache::Map(m) => {
-                grow_fourfold(m);
-                m.insert(k, t).map(|old| (k, old))
-            }
+            TransCache::Map(m) => m.push(k, t).map(|old| (k, old)),
         }
     }
 
@@ -195,7 +253,7 @@ impl TransCache {
     pub(crate) fn pop(&mut self, k: &Key) -> Option<Translation> {
         match self {
             TransCache::Lru(c) => c.pop(k),
-            TransCache::Map(m) => m.remove(k),
+            TransCache::Map(m) => m.pop(k),
         }
     }
 
@@ -208,7 +266,7 @@ impl TransCache {
     pub(crate) fn is_empty(&self) -> bool {
         match self {
             TransCache::Lru(c) => c.is_empty(),
-            TransCache::Map(m) => m.is_empty(),
+            TransCache::Map(m) => m.slot.is_empty(),
         }
     }
 
@@ -224,7 +282,11 @@ impl TransCache {
     pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = (&Key, &Translation)> + '_> {
         match self {
             TransCache::Lru(c) => Box::new(c.iter()),
-            TransCache::Map(m) => Box::new(m.iter()),
+            TransCache::Map(m) => Box::new(
+                m.slot
+                    .iter()
+                    .filter_map(|(k, &i)| Some((k, m.entries.get(i as usize)?.as_ref()?))),
+            ),
         }
     }
 }
