@@ -371,7 +371,12 @@ impl Bt {
             .collect();
         // Blocks whose links into a volatile region were cut: they are
         // translated again, with exits through the table (see
-        // `emit::via_table`), instead of being linked and cut again.
+        // `emit::via_table`), instead of being linked and cut again. Not
+        // when the jump's target is on the block's own pages: a link there
+        // is cross-page only because the target's translation runs on
+        // into another page, and the block made again would be linked
+        // (and cut) the same way (the Linux boot translated some blocks
+        // over a hundred times so).
         let mut stale = Vec::new();
         for r in hit {
             let Some(links) = self.cross.remove(&r) else {
@@ -401,7 +406,12 @@ impl Bt {
                         self.volatile.add(u32::from(r));
                         self.stats.volatile_regions += 1;
                     }
-                    if self.volatile.has(u32::from(r)) {
+                    let page = key_eip(to) >> 12;
+                    let elsewhere = self.cache.peek(&l.from).is_some_and(|t| {
+                        let (first, last) = t.lin_pages();
+                        page != first && page != last
+                    });
+                    if elsewhere && self.volatile.has(u32::from(r)) {
                         stale.push(l.from);
                     }
                 }
