@@ -38,6 +38,7 @@ const P_HIGH8: u32 = 1 << 20;
 const P_PREFIX: u32 = 1 << 21;
 const P_MOFFS: u32 = 1 << 22;
 const P_STACK: u32 = 1 << 23;
+const P_OPSIZE: u32 = 1 << 24;
 const P_SET: u32 = 1 << 31;
 
 impl Plain {
@@ -108,11 +109,20 @@ impl Plain {
     }
 
     /// Bytes of prefix before the instruction that its host code drops (a
-    /// DS, ES or SS override, see [`take`]); `len` counts them, `modrm`
-    /// does not.
+    /// DS, ES or SS override, see [`take`]) or puts back in its own place
+    /// (the operand-size prefix, [`Plain::opsize`]); `len` counts them,
+    /// `modrm` does not.
     #[inline(always)]
     pub fn prefix(self) -> u8 {
         u8::from(self.0.get() & P_PREFIX != 0)
+    }
+
+    /// Behind an operand-size prefix (0x66: 16-bit operands and
+    /// immediates), which the host code keeps: after `gs addr32`, before
+    /// the REX prefix.
+    #[inline(always)]
+    pub fn opsize(self) -> bool {
+        self.0.get() & P_OPSIZE != 0
     }
 
     /// A MOV between the accumulator and `[moffs32]` (A0-A3): memory
@@ -134,6 +144,11 @@ impl Plain {
     fn prefixed(self) -> Plain {
         Plain(self.0.saturating_add(1 | P_PREFIX))
     }
+
+    /// The same behind an operand-size prefix (the host code's too).
+    fn sized16(self) -> Plain {
+        Plain(self.0.saturating_add(1 | P_PREFIX | P_OPSIZE))
+    }
 }
 
 impl std::fmt::Debug for Plain {
@@ -148,6 +163,7 @@ impl std::fmt::Debug for Plain {
             .field("prefix", &self.prefix())
             .field("moffs", &self.moffs())
             .field("stack", &self.stack())
+            .field("opsize", &self.opsize())
             .finish()
     }
 }
@@ -159,7 +175,7 @@ const OK: u16 = 1;
 const MODRM: u16 = 1 << 1;
 /// An 8-bit immediate follows (after ModRM, SIB and displacement).
 const IMM8: u16 = 1 << 2;
-/// A 32-bit immediate follows.
+/// A 32-bit immediate follows (16-bit behind an operand-size prefix).
 const IMM32: u16 = 1 << 3;
 /// ModRM.reg names a 32-bit register (ESP there is not copyable).
 const REG32: u16 = 1 << 4;
@@ -327,6 +343,13 @@ static TWO_DIGITS: [u8; 256] = {
 /// AH..BH beside ESP, and all its bytes in `bytes`.
 #[inline(always)]
 pub fn plain(bytes: &[u8]) -> Option<Plain> {
+    plain_sized(bytes, 4)
+}
+
+/// [`plain`] with `imm` bytes for a full-size immediate (4, or 2 behind
+/// an operand-size prefix).
+#[inline(always)]
+fn plain_sized(bytes: &[u8], imm: usize) -> Option<Plain> {
     let &op = bytes.first()?;
     let (entry, digits, at) = if op == 0x0F {
         let &op2 = bytes.get(1)?;
@@ -338,7 +361,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
         return None;
     }
     if entry & OPREG32 != 0 {
-        let len = 1 + if entry & IMM32 != 0 { 4 } else { 0 };
+        let len = 1 + if entry & IMM32 != 0 { imm } else { 0 };
         return (bytes.len() >= len).then(|| {
             Plain::new(
                 len,
@@ -412,7 +435,7 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
         if entry & IMM8 != 0 {
             len += 1;
         } else if entry & IMM32 != 0 {
-            len += 4;
+            len += imm;
         }
     }
     (bytes.len() >= len)
@@ -427,12 +450,17 @@ pub fn plain(bytes: &[u8]) -> Option<Plain> {
 /// a DS prefix, and mark some atomics so). Translated code runs only
 /// while CS, DS, ES and SS are flat (base 0, limit 4 GiB), so such an
 /// override changes nothing and the host code leaves it out. (CS's
-/// override is left to the decoder: a write through it faults.)
+/// override is left to the decoder: a write through it faults.) Also one
+/// of [`plain`]'s behind an operand-size prefix (16-bit operands: three
+/// in four of the Linux boot's instructions the scanner left to the
+/// decoder and copied all the same), with a 16-bit immediate where a
+/// 32-bit one was, but PUSH, POP and the one-byte INC and DEC (whose
+/// host code is not their bytes) and AH..BH operands.
 #[inline(always)]
 pub fn take(bytes: &[u8]) -> Option<Plain> {
     match plain(bytes) {
         Some(p) => Some(p),
-        None if matches!(bytes.first(), Some(0x26 | 0x36 | 0x3E | 0xA0..=0xA3)) => {
+        None if matches!(bytes.first(), Some(0x26 | 0x36 | 0x3E | 0x66 | 0xA0..=0xA3)) => {
             take_prefixed_or_moffs(bytes)
         }
         None => None,
@@ -443,6 +471,12 @@ pub fn take(bytes: &[u8]) -> Option<Plain> {
 /// common path).
 #[inline(never)]
 fn take_prefixed_or_moffs(bytes: &[u8]) -> Option<Plain> {
+    if bytes.first() == Some(&0x66) {
+        let p = plain_sized(&bytes[1..], 2)?;
+        // (A byte register AH..BH: the decoder's path writes those anew,
+        // without the prefix, which means nothing there.)
+        return (!p.stack() && !p.inc_dec() && !p.high8()).then(|| p.sized16());
+    }
     let prefix = usize::from(matches!(bytes.first()?, 0x26 | 0x36 | 0x3E));
     let rest = &bytes[prefix..];
     let p = match rest.first()? {

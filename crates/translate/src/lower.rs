@@ -1020,7 +1020,8 @@ fn copy_plain(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
 
 /// The host code of an instruction the fast scanner took
 /// ([`popek_decode::fast::take`]), appended to `out`: its bytes without a
-/// DS, ES or SS override, behind `gs addr32` when it addresses memory
+/// DS, ES or SS override (an operand-size prefix after `gs addr32` and
+/// before REX, where the decoder's path puts it), behind `gs addr32` when it addresses memory
 /// (`[moffs32]` too), with the REX prefix ESP needs (R12 on the host), a
 /// bare `[disp32]` given a SIB byte with neither base nor index (as
 /// [`patch_bytes`] writes it), and INC/DEC r32 in their ModRM form (FF /0,
@@ -1104,6 +1105,10 @@ pub(crate) fn copy_fast(
         if p.modrm() != 0 || p.moffs() {
             host[..2].copy_from_slice(&[0x65, 0x67]);
             at = 2;
+        }
+        if p.opsize() {
+            host[at] = 0x66;
+            at += 1;
         }
         if p.rex() != 0 {
             host[at] = p.rex();
@@ -1822,6 +1827,56 @@ mod tests {
         assert!(taken > checked / 5, "{taken} of {checked}");
     }
 
+    /// Behind an operand-size prefix the scanner takes what it takes
+    /// without one but PUSH, POP, the one-byte INC and DEC and byte
+    /// operands in AH..BH, with the
+    /// decoder's length (16-bit immediates), innocuous and not special,
+    /// and `copy_fast` writes what `lower_into` writes for the same bytes
+    /// (the prefix kept); every one- and two-byte opcode with every ModRM
+    /// and SIB byte; none when a byte is missing, none behind two
+    /// prefixes.
+    #[test]
+    fn fast_scanner_operand_size() {
+        use popek_decode::fast::{plain, take};
+        let tail = [0x11, 0x92, 0x33, 0x84, 0x55, 0x06, 0x77, 0x88, 0x99, 0xAA];
+        let mut n = 0usize;
+        let mut with = Vec::with_capacity(20);
+        each_form(&tail, |seq| {
+            with.clear();
+            with.push(0x66);
+            with.extend_from_slice(seq);
+            let got = take(&with);
+            let bare = plain(seq).filter(|p| !p.stack() && !p.inc_dec() && !p.high8());
+            assert_eq!(got.is_some(), bare.is_some(), "{with:02X?}");
+            let Some(p) = got else {
+                return;
+            };
+            n += 1;
+            let len = usize::from(p.len());
+            let what = format!("{:02X?} ({p:?})", &with[..len]);
+            assert!(p.opsize() && p.prefix() == 1, "{what}");
+            let ins = popek_decode::decode_one(&with, 0x1000, 32);
+            assert!(!ins.is_invalid(), "{what}: invalid");
+            assert_eq!(ins.len(), len, "{what}: length");
+            assert_eq!(
+                popek_decode::special_and_class(&ins),
+                (None, Class::Innocuous),
+                "{what}: class"
+            );
+            let want = full_lowering(p, &ins, &with[..len]).expect(&what);
+            let mut got = Vec::new();
+            copy_fast(p, popek_decode::InsnBytes::new(&with).raw(), &mut got);
+            assert_eq!(got, want, "{what}: host bytes");
+            assert_eq!(take(&with[..len - 1]), None, "{what}: cut short");
+            for other in [0x26u8, 0x3E, 0x66, 0xF0] {
+                let mut two = vec![other];
+                two.extend_from_slice(&with);
+                assert_eq!(take(&two), None, "{other:02X} {what}");
+            }
+        });
+        assert!(n > 500_000, "{n}");
+    }
+
     /// Behind a DS, ES or SS override (and only those), the scanner takes
     /// what it takes without one, one byte longer, and the host code is
     /// the one without the override (the decoder sees the same
@@ -1840,14 +1895,15 @@ mod tests {
         };
         let mut n = 0usize;
         each_form(&tail, |seq| {
-            if !matches!(seq[0], 0x26 | 0x36 | 0x3E | 0xA0..=0xA3) {
+            if !matches!(seq[0], 0x26 | 0x36 | 0x3E | 0x66 | 0xA0..=0xA3) {
                 assert_eq!(take(seq), plain(seq), "{seq:02X?}");
             }
             // (One override at most.)
             let bare = take(seq).filter(|p| p.prefix() == 0);
             let mut with = vec![0u8; seq.len() + 1];
             with[1..].copy_from_slice(seq);
-            for prefix in [0x26u8, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0xF0, 0xF3] {
+            // (0x66: `fast_scanner_operand_size`.)
+            for prefix in [0x26u8, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0, 0xF3] {
                 with[0] = prefix;
                 let got = take(&with);
                 let Some(p) = bare.filter(|_| matches!(prefix, 0x26 | 0x36 | 0x3E)) else {
