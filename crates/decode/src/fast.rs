@@ -12,13 +12,15 @@
 //! appendix A.3, one- and two-byte opcode tables; ModRM/SIB lengths: Vol.
 //! 2A, 2.1.5 tables 2-2 and 2-3). [`take`] also takes them behind a DS,
 //! ES or SS override (flat wherever translated code runs: the host code
-//! drops it) and MOV between the accumulator and `[moffs32]`. Anything
+//! drops it), behind an operand-size prefix (kept: 16-bit operands and
+//! immediates) and MOV between the accumulator and `[moffs32]`. Anything
 //! else (another prefix, an opcode not in the tables, AH..BH beside ESP)
 //! is None and goes through iced-x86 as before.
 //!
-//! The translator's test `fast_scanner_agrees_with_the_decoder` holds this
-//! to iced-x86 and the full lowering on every opcode of the tables with
-//! every ModRM and SIB byte.
+//! The translator's tests `fast_scanner_agrees_with_the_decoder`,
+//! `fast_scanner_prefixes_and_moffs` and `fast_scanner_operand_size` hold
+//! this to iced-x86 and the full lowering on every opcode of the tables
+//! with every ModRM and SIB byte.
 
 use iced_x86::Instruction;
 
@@ -473,8 +475,8 @@ pub fn take(bytes: &[u8]) -> Option<Plain> {
 fn take_prefixed_or_moffs(bytes: &[u8]) -> Option<Plain> {
     if bytes.first() == Some(&0x66) {
         let p = plain_sized(&bytes[1..], 2)?;
-        // (A byte register AH..BH: the decoder's path writes those anew,
-        // without the prefix, which means nothing there.)
+        // (Not with AH..BH: the decoder's path writes some of those anew,
+        // without the prefix, which means nothing to a byte operand.)
         return (!p.stack() && !p.inc_dec() && !p.high8()).then(|| p.sized16());
     }
     let prefix = usize::from(matches!(bytes.first()?, 0x26 | 0x36 | 0x3E));
