@@ -1790,6 +1790,28 @@ mod tests {
         done.then_some(out)
     }
 
+    /// `p`, taken at the start of `bytes`, is what the decoder finds there
+    /// (its length, innocuous, not special, not x87), and `copy_fast`
+    /// writes what `lower_into` writes for it; what it is, for messages.
+    fn agrees_with_the_decoder(p: popek_decode::fast::Plain, bytes: &[u8]) -> String {
+        let len = usize::from(p.len());
+        let what = format!("{:02X?} ({p:?})", &bytes[..len]);
+        let ins = popek_decode::decode_one(bytes, 0x1000, 32);
+        assert!(!ins.is_invalid(), "{what}: invalid");
+        assert_eq!(ins.len(), len, "{what}: length");
+        assert_eq!(
+            popek_decode::special_and_class(&ins),
+            (None, Class::Innocuous),
+            "{what}: class"
+        );
+        assert!(!popek_interp::x87::is_x87(&ins), "{what}: x87");
+        let want = full_lowering(p, &ins, &bytes[..len]).expect(&what);
+        let mut got = Vec::new();
+        copy_fast(p, popek_decode::InsnBytes::new(bytes).raw(), &mut got);
+        assert_eq!(got, want, "{what}: host bytes");
+        what
+    }
+
     /// The fast scanner takes only instructions the decoder calls
     /// innocuous and not special, with the decoder's length, and
     /// `copy_fast` writes what `lower_into` writes for them: every one- and
@@ -1808,20 +1830,7 @@ mod tests {
             };
             taken += 1;
             let len = usize::from(p.len());
-            let ins = popek_decode::decode_one(seq, 0x1000, 32);
-            let what = format!("{:02X?} ({p:?})", &seq[..len]);
-            assert!(!ins.is_invalid(), "{what}: invalid");
-            assert_eq!(ins.len(), len, "{what}: length");
-            assert_eq!(
-                popek_decode::special_and_class(&ins),
-                (None, Class::Innocuous),
-                "{what}: class"
-            );
-            assert!(!popek_interp::x87::is_x87(&ins), "{what}: x87");
-            let want = full_lowering(p, &ins, &seq[..len]).expect(&what);
-            let mut got = Vec::new();
-            copy_fast(p, popek_decode::InsnBytes::new(seq).raw(), &mut got);
-            assert_eq!(got, want, "{what}: host bytes");
+            let what = agrees_with_the_decoder(p, seq);
             assert_eq!(popek_decode::fast::plain(&seq[..len - 1]), None, "{what}");
         });
         assert!(taken > checked / 5, "{taken} of {checked}");
@@ -1853,20 +1862,8 @@ mod tests {
             };
             n += 1;
             let len = usize::from(p.len());
-            let what = format!("{:02X?} ({p:?})", &with[..len]);
+            let what = agrees_with_the_decoder(p, &with);
             assert!(p.opsize() && p.prefix() == 1, "{what}");
-            let ins = popek_decode::decode_one(&with, 0x1000, 32);
-            assert!(!ins.is_invalid(), "{what}: invalid");
-            assert_eq!(ins.len(), len, "{what}: length");
-            assert_eq!(
-                popek_decode::special_and_class(&ins),
-                (None, Class::Innocuous),
-                "{what}: class"
-            );
-            let want = full_lowering(p, &ins, &with[..len]).expect(&what);
-            let mut got = Vec::new();
-            copy_fast(p, popek_decode::InsnBytes::new(&with).raw(), &mut got);
-            assert_eq!(got, want, "{what}: host bytes");
             assert_eq!(take(&with[..len - 1]), None, "{what}: cut short");
             for other in [0x26u8, 0x3E, 0x66, 0xF0] {
                 let mut two = vec![other];
