@@ -407,11 +407,13 @@ impl Bt {
                         self.stats.volatile_regions += 1;
                     }
                     let page = key_eip(to) >> 12;
-                    let elsewhere = self.cache.peek(&l.from).is_some_and(|t| {
-                        let (first, last) = t.lin_pages();
-                        page != first && page != last
-                    });
-                    if elsewhere && self.volatile.has(u32::from(r)) {
+                    let elsewhere = |bt: &Bt| {
+                        bt.cache.peek(&l.from).is_some_and(|t| {
+                            let (first, last) = t.lin_pages();
+                            page != first && page != last
+                        })
+                    };
+                    if self.volatile.has(u32::from(r)) && elsewhere(self) {
                         stale.push(l.from);
                     }
                 }

@@ -1021,7 +1021,8 @@ fn copy_plain(ins: &Instruction, bytes: &[u8], out: &mut Vec<u8>) -> bool {
 /// The host code of an instruction the fast scanner took
 /// ([`popek_decode::fast::take`]), appended to `out`: its bytes without a
 /// DS, ES or SS override (an operand-size prefix after `gs addr32` and
-/// before REX, where the decoder's path puts it), behind `gs addr32` when it addresses memory
+/// before REX, where the decoder's path puts it), behind `gs addr32`
+/// when it addresses memory
 /// (`[moffs32]` too), with the REX prefix ESP needs (R12 on the host), a
 /// bare `[disp32]` given a SIB byte with neither base nor index (as
 /// [`patch_bytes`] writes it), and INC/DEC r32 in their ModRM form (FF /0,
@@ -1838,12 +1839,11 @@ mod tests {
 
     /// Behind an operand-size prefix the scanner takes what it takes
     /// without one but PUSH, POP, the one-byte INC and DEC and byte
-    /// operands in AH..BH, with the
-    /// decoder's length (16-bit immediates), innocuous and not special,
-    /// and `copy_fast` writes what `lower_into` writes for the same bytes
-    /// (the prefix kept); every one- and two-byte opcode with every ModRM
-    /// and SIB byte; none when a byte is missing, none behind two
-    /// prefixes.
+    /// operands in AH..BH, with the decoder's length (16-bit immediates),
+    /// innocuous and not special, and `copy_fast` writes what `lower_into`
+    /// writes for the same bytes (the prefix kept); every one- and
+    /// two-byte opcode with every ModRM and SIB byte; none when a byte is
+    /// missing, none behind two prefixes.
     #[test]
     fn fast_scanner_operand_size() {
         use popek_decode::fast::{plain, take};
