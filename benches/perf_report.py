@@ -66,6 +66,29 @@ def translation_bench():
     return rows
 
 
+def predictor_rows():
+    """Translation with the host's branch predictors warm and cold
+    (`translate_loop GUEST 1.5 cold=0` and `... btb=16384`, the
+    translations alone timed; medians of three alternating runs); rows of
+    (guest, kind, warm us, cold us)."""
+    subprocess.run(["cargo", "build", "-q", "--release", "-p", "popek-bench", "--example",
+                    "translate_loop"], cwd=ROOT, check=True)
+    loop = os.path.join(ROOT, "target", "release", "examples", "translate_loop")
+    rows = []
+    for guest in ["compute", "selfcheck", "exceptions"]:
+        for kind in ["superblocks", "basic blocks"]:
+            extra = [] if kind == "superblocks" else ["bb"]
+            t = {"cold=0": [], "btb=16384": []}
+            for _ in range(3):
+                for how in t:
+                    p = subprocess.run([loop, guest, "1.5", how] + extra, capture_output=True,
+                                       text=True, check=True)
+                    t[how].append(float(re.search(r"([\d.]+) us per translation", p.stdout).group(1)))
+            warm, cold = (sorted(v)[1] for v in t.values())
+            rows.append(f"| {guest} | {kind} | {warm:.2f} | **{cold:.2f}** | {cold / warm:.1f}x |")
+    return rows
+
+
 def native_bench():
     """The criterion `native` group (issue 20): kernels natively, under bt
     as `popek run` runs them, and under bt counting every instruction;
@@ -909,6 +932,7 @@ def main():
                      for g, (tp, tq) in cd_paged.items()]
     cd_paged_ratio = cd_paged["codedata"][0] / cd_paged["codedata-split"][0]
     bench_rows = translation_bench()
+    predictor = predictor_rows()
     native_rows = native_bench()
     linux_rows, ratios = linux_programs()
     shares = dso_shares([POPEK, "run", os.path.join(ROOT, "target", "perf", "kernels"), "2"])
@@ -1444,6 +1468,20 @@ basic block counts in each translation that covers it).
 The `--stats` figure above is measured inside one run and includes cold
 caches and the first-time write protection of each code page (an mprotect
 system call), so it is higher than the warm figure.
+
+## Translation with the host's branch predictors cold
+
+What makes a translation in a run cost two to three times its warm cost
+is mostly the host's branch predictors: between two translations the
+guest runs, and the predictors forget the translator's branches.
+`translate_loop GUEST 1.5 btb=16384` runs 16,384 taken branches, each at
+its own address (32 KiB of code: the caches keep nearly all of the
+translator's code and data), between translations and times the
+translations alone; `cold=0` times them with nothing in between.
+
+| guest | translated as | us per translation, predictors warm | us per translation, predictors cold | cold / warm |
+|---|---|---|---|---|
+{chr(10).join(predictor)}
 
 ## Notes
 
@@ -1998,6 +2036,42 @@ system call), so it is higher than the warm figure.
   promotions and demotions (about 3,200 dropped translations) and the
   volatile regions' one-time drops (1,500); 7,400 invalidations by code
   writes are mostly the kernel freeing its init text (never run again).
+- What the 31st session found (issue 20): why a translation in a run
+  costs two to three times its warm cost. Not the caches: prefetching
+  the translator's 150-500 most-missed code lines (cachegrind's list) at
+  the start of each translation made the cold lab slower; LLVM's ext-TSP
+  block placement (`-C llvm-args=-enable-ext-tsp-block-placement`) cut
+  the instruction lines a translation misses there by a third (99 -> 67)
+  and made the boot 5% slower (twelve alternating pairs); hot/cold
+  splitting (99 -> 81 lines), `opt-level = "s"` for the translator
+  (5% fewer lines, more instructions) and fewer jump tables changed
+  nothing measurable; glibc's malloc on transparent huge pages
+  (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) took a lab that thrashes
+  only the TLB from 1.93 to 1.32 us but left the boot where it was (ten
+  alternating pairs, geometric mean of the ratios 1.005). The branch
+  predictors are: `translate_loop ... btb=16384` (16,384 taken branches
+  between translations, in 32 KiB of code) takes the kernel snapshot's
+  blocks from 0.71-0.85 to 2.4-2.8 us per translation, the table above
+  shows the same for every guest, and the extra is about the same for a
+  basic block as for a superblock (each branch of the translator's path
+  is met once per translation and mispredicted then). In the boot, a
+  throwaway build that translated each block twice in a row: the first
+  1.55 us on average (median 0.92), the second 0.77 (0.50). A linear fit
+  of the boot's translation times: 750 ns a translation, 35 ns per
+  instruction the fast scanner took, 280 ns per other instruction
+  (exits, side exits, the general path). Outside the timed part, linking
+  a new block costs 0.5 us and inserting it into the cache and the page
+  lists 0.2 us (22.5 and 9.4 ms a boot). The first translation on each
+  of the boot's 1,467 code pages costs 9.9 us (14.6 ms in all): the
+  watch's mprotect of a page not protected before costs 3.3-5 us here
+  (splitting the mapping; the same page toggled costs 0.2 us). Tried and
+  not kept: translating a new block's untranslated successors on its
+  page at once (while the predictors know the translator): 44,600 ->
+  56,000 translations and more time translating, most successors never
+  run; only the return site of a block ending in a CALL: 46,400
+  translations, 5 ms more translating (eight alternating pairs). What would meet the target: fewer distinct branches on the path
+  of one translation (its setup and finish, stubs, the code buffer's
+  append, the watch, the cache insert), judged with `btb=16384`.
 - What made Linux programs faster (issue 20): a conditional branch to an
   exit that needs no pacing code is its own patch site (a taken branch
   jumps straight to the target's body; the state kernel 1.36x -> 1.06x
