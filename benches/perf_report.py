@@ -2069,9 +2069,10 @@ translations alone; `cold=0` times them with nothing in between.
   page at once (while the predictors know the translator): 44,600 ->
   56,000 translations and more time translating, most successors never
   run; only the return site of a block ending in a CALL: 46,400
-  translations, 5 ms more translating (eight alternating pairs). What would meet the target: fewer distinct branches on the path
-  of one translation (its setup and finish, stubs, the code buffer's
-  append, the watch, the cache insert), judged with `btb=16384`.
+  translations, 5 ms more translating (eight alternating pairs). What
+  would meet the target: fewer distinct branches on the path of one
+  translation (its setup and finish, stubs, the code buffer's append,
+  the watch, the cache insert), judged with `btb=16384`.
 - What made Linux programs faster (issue 20): a conditional branch to an
   exit that needs no pacing code is its own patch site (a taken branch
   jumps straight to the target's body; the state kernel 1.36x -> 1.06x
