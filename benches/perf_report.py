@@ -2048,7 +2048,8 @@ translations alone; `cold=0` times them with nothing in between.
   nothing measurable; glibc's malloc on transparent huge pages
   (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) took a lab that thrashes
   only the TLB from 1.93 to 1.32 us but left the boot where it was (ten
-  alternating pairs, geometric mean of the ratios 1.005). The branch
+  alternating pairs, geometric mean of the ratios 1.005; the 25th
+  session's finding too). The branch
   predictors are: `translate_loop ... btb=16384` (16,384 taken branches
   between translations, in 32 KiB of code) takes the kernel snapshot's
   blocks from 0.71-0.85 to 2.4-2.8 us per translation, the table above
@@ -2068,7 +2069,7 @@ translations alone; `cold=0` times them with nothing in between.
   not kept: translating a new block's untranslated successors on its
   page at once (while the predictors know the translator): 44,600 ->
   56,000 translations and more time translating, most successors never
-  run; only the return site of a block ending in a CALL: 46,400
+  run (as the 25th session found for targets on other pages); only the return site of a block ending in a CALL: 46,400
   translations, 5 ms more translating (eight alternating pairs). What
   would meet the target: fewer distinct branches on the path of one
   translation (its setup and finish, stubs, the code buffer's append,
