@@ -2052,7 +2052,7 @@ translations alone; `cold=0` times them with nothing in between.
   session's finding too). The branch
   predictors are: `translate_loop ... btb=16384` (16,384 taken branches
   between translations, in 32 KiB of code) takes the kernel snapshot's
-  blocks from 0.71-0.85 to 2.4-2.8 us per translation, the table above
+  blocks from 0.71-0.85 to 1.8-2.8 us per translation, the table above
   shows the same for every guest, and the extra is about the same for a
   basic block as for a superblock (each branch of the translator's path
   is met once per translation and mispredicted then). In the boot, a
