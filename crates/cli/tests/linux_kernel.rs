@@ -412,25 +412,64 @@ fn debian_kernel_migrates_mid_boot() {
     );
 }
 
-/// The virtio modules, in load order (Debian's linux-image ships them; .ci/test
-/// copies them into target/distro/modules/).
-const VIRTIO_MODULES: [&str; 6] = [
-    "virtio",
-    "virtio_ring",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
-    "virtio_blk",
-];
+/// The modules a virtio driver needs, in an order `insmod` accepts: the
+/// PCI transport (`virtio_pci`) and `driver`, each after the modules its
+/// `.modinfo` section's `depends=` names (Debian's linux-image ships them;
+/// .ci/test copies them into target/distro/modules/). The order comes from
+/// the modules themselves because it changes between Debian's kernel
+/// updates: 6.1.176's virtio.ko depended on nothing, 6.1.192's needs
+/// virtio_ring.
+fn virtio_modules(driver: &str) -> Vec<String> {
+    fn visit(m: &str, order: &mut Vec<String>, path: &mut Vec<String>) {
+        if order.iter().any(|o| o == m) {
+            return;
+        }
+        assert!(
+            !path.iter().any(|p| p == m),
+            "modules depend on each other in a cycle: {path:?} -> {m}"
+        );
+        path.push(m.to_string());
+        let ko = std::fs::read(distro(&format!("modules/{m}.ko"))).unwrap();
+        for dep in module_depends(&ko) {
+            visit(&dep, order, path);
+        }
+        path.pop();
+        order.push(m.to_string());
+    }
+    let mut order = Vec::new();
+    for m in ["virtio_pci", driver] {
+        visit(m, &mut order, &mut Vec::new());
+    }
+    order
+}
 
-/// An /init that loads Debian's virtio modules, `last` (the device's
-/// driver) at the end, then runs `body`.
-fn virtio_init(last: &str, body: &str) -> String {
+/// The `depends=` entry of a module's `.modinfo` section (NUL-separated
+/// `key=value` strings): the modules it needs loaded first.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"\0depends=";
+    let at = ko
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("a kernel module without a depends= entry")
+        + key.len();
+    let end = ko[at..].iter().position(|&b| b == 0).unwrap() + at;
+    std::str::from_utf8(&ko[at..end])
+        .unwrap()
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// An /init that loads `modules` (from [`virtio_modules`]) in order, then
+/// runs `body`.
+fn virtio_init(modules: &[String], body: &str) -> String {
     format!(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\n\
-         for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci {last}; do\n\
-         \x20 insmod /lib/$m.ko || echo \"insmod $m failed\"\ndone\n{body}"
+         for m in {}; do\n\
+         \x20 insmod /lib/$m.ko || echo \"insmod $m failed\"\ndone\n{body}",
+        modules.join(" ")
     )
 }
 
@@ -483,7 +522,7 @@ fn user_lines(b: &[u8]) -> String {
 
 /// `popek initramfs --add` arguments putting `modules` (from
 /// target/distro/modules/) into /lib.
-fn module_adds(modules: &[&str]) -> Vec<String> {
+fn module_adds(modules: &[String]) -> Vec<String> {
     modules
         .iter()
         .map(|m| {
@@ -498,8 +537,9 @@ fn module_adds(modules: &[&str]) -> Vec<String> {
 /// The disk tests' initramfs (Debian's virtio modules, the disk script)
 /// and a 4 MiB image beside it: (initramfs, directory, image).
 fn disk_setup(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let add = module_adds(&VIRTIO_MODULES);
-    let rd = initramfs_with(tag, Some(&virtio_init("virtio_blk", DISK_INIT_BODY)), &add);
+    let modules = virtio_modules("virtio_blk");
+    let add = module_adds(&modules);
+    let rd = initramfs_with(tag, Some(&virtio_init(&modules, DISK_INIT_BODY)), &add);
     let dir = rd.parent().unwrap().to_path_buf();
     let original = dir.join("original.img");
     disk_image(&original, 4);
@@ -633,17 +673,11 @@ printf '\x10' | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
 /// the guest deflate (MemTotal back).
 #[test]
 fn debian_kernel_inflates_and_deflates_its_balloon() {
-    let add = module_adds(&[
-        "virtio",
-        "virtio_ring",
-        "virtio_pci_legacy_dev",
-        "virtio_pci_modern_dev",
-        "virtio_pci",
-        "virtio_balloon",
-    ]);
+    let modules = virtio_modules("virtio_balloon");
+    let add = module_adds(&modules);
     let rd = initramfs_with(
         "balloon",
-        Some(&virtio_init("virtio_balloon", BALLOON_INIT_BODY)),
+        Some(&virtio_init(&modules, BALLOON_INIT_BODY)),
         &add,
     );
     let sock = rd.parent().unwrap().join("balloon.sock");
